@@ -1,0 +1,70 @@
+"""nd.load: a sharded model folder -> MoEModel with the trunk here and experts behind an executor."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from neuro_dask.model.config import MoEConfig
+from neuro_dask.model.model import GenerationDefaults, MoEModel
+from neuro_dask.model.moe import ExpertExecutor, LocalExpertExecutor
+from neuro_dask.model.tokenizer import Tokenizer
+from neuro_dask.model.trunk import Trunk
+from neuro_dask.store.shard_store import ShardStore
+
+log = logging.getLogger(__name__)
+
+
+def load(
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    executor: ExpertExecutor | None = None,
+    verify: bool = True,
+) -> MoEModel:
+    """Load a folder written by `neuro-dask shard`.
+
+    With no executor, every expert is loaded into this process (LocalExpertExecutor), each
+    file sha256-verified against the manifest. `dtype` applies to trunk and experts.
+    """
+    store = ShardStore(path, verify=verify)
+    cfg = store.config
+    trunk = build_trunk(cfg, store.read_trunk(), dtype, str(store.path(store.manifest.trunk)))
+    if executor is None:
+        weights = {
+            (layer, e): store.read_expert(layer, e, dtype)
+            for layer in cfg.moe_layers
+            for e in range(cfg.num_experts)
+        }
+        executor = LocalExpertExecutor(weights)
+    tok_path = store.tokenizer_path()
+    return MoEModel(
+        config=cfg,
+        trunk=trunk,
+        executor=executor,
+        tokenizer=Tokenizer.from_file(tok_path) if tok_path else None,
+        generation=generation_defaults(cfg, store.manifest.generation_config),
+        source=str(store.root),
+    )
+
+
+def build_trunk(cfg: MoEConfig, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, where: str) -> Trunk:
+    """Build on the meta device and assign the loaded tensors: no throwaway random init."""
+    with torch.device("meta"):
+        trunk = Trunk(cfg)
+    trunk.load_tensors({k: v.to(dtype) for k, v in tensors.items()}, where)
+    return trunk.eval()
+
+
+def generation_defaults(cfg: MoEConfig, generation_config: Mapping[str, Any] | None) -> GenerationDefaults:
+    gen = dict(generation_config or {})
+    eos = gen.get("eos_token_id", list(cfg.eos_token_id))
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+    pad = gen.get("pad_token_id", cfg.pad_token_id)
+    bos = gen.get("bos_token_id", cfg.bos_token_id)
+    # An EOS outside the vocabulary (OLMoE's tiny test configs) can never be produced.
+    eos_ids = tuple(i for i in eos_ids if 0 <= i < cfg.vocab_size)
+    return GenerationDefaults(eos_ids, pad, bos)

@@ -1,0 +1,128 @@
+"""manifest.json of a sharded model: the config, and every artifact with its role, size and sha256."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from neuro_dask.errors import ManifestError, MissingConfigError
+from neuro_dask.model.config import MoEConfig
+
+FORMAT = "neuro-dask-shards"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+ROLE_TRUNK = "trunk"
+ROLE_EXPERT = "expert"
+ROLE_TOKENIZER = "tokenizer"
+
+
+def expert_path(layer: int, expert: int) -> str:
+    return f"experts/layer-{layer:03d}/expert-{expert:03d}.safetensors"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    path: str  # relative to the store root, '/'-separated
+    role: str
+    sha256: str
+    bytes: int
+    dtype: str | None = None
+    layer: int | None = None
+    expert: int | None = None
+    parameters: int = 0
+
+
+@dataclass(frozen=True)
+class Manifest:
+    architecture: str
+    config: dict[str, Any]  # the checkpoint's own config.json, verbatim
+    artifacts: tuple[Artifact, ...]
+    generation_config: dict[str, Any] | None = None
+    tokenizer_files: tuple[str, ...] = ()
+    source: str = ""
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+    _by_key: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for a in self.artifacts:
+            self._by_key[(a.role, a.layer, a.expert, a.path if a.role == ROLE_TOKENIZER else None)] = a
+
+    @property
+    def model_config(self) -> MoEConfig:
+        return MoEConfig.from_hf(self.config, f"{MANIFEST_NAME}:config")
+
+    @property
+    def trunk(self) -> Artifact:
+        return self._get(ROLE_TRUNK, None, None)
+
+    def expert(self, layer: int, expert: int) -> Artifact:
+        return self._get(ROLE_EXPERT, layer, expert)
+
+    @property
+    def experts(self) -> tuple[Artifact, ...]:
+        return tuple(a for a in self.artifacts if a.role == ROLE_EXPERT)
+
+    def tokenizer(self, name: str = "tokenizer.json") -> Artifact | None:
+        return self._by_key.get((ROLE_TOKENIZER, None, None, name))
+
+    def _get(self, role: str, layer: int | None, expert: int | None) -> Artifact:
+        try:
+            return self._by_key[(role, layer, expert, None)]
+        except KeyError:
+            what = role if layer is None else f"{role} layer {layer} expert {expert}"
+            raise ManifestError(MANIFEST_NAME, f"lists no {what}; re-run `neuro-dask shard`") from None
+
+    def to_json(self) -> str:
+        d = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+        d["artifacts"] = [asdict(a) for a in self.artifacts]
+        d["tokenizer_files"] = list(self.tokenizer_files)
+        return json.dumps(d, indent=1, sort_keys=True)
+
+    def write(self, root: Path) -> Path:
+        path = Path(root) / MANIFEST_NAME
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_text(self.to_json())
+        tmp.replace(path)  # the manifest appears last, so a half-written store has none
+        return path
+
+    @classmethod
+    def read(cls, root: str | Path) -> Manifest:
+        path = Path(root) / MANIFEST_NAME
+        if not path.is_file():
+            if (Path(root) / "config.json").is_file():
+                raise ManifestError(
+                    str(path), f"is missing: {root} is a Hugging Face checkpoint, not a sharded one. "
+                    f"Run `neuro-dask shard {root} DST` and load DST."
+                )
+            raise MissingConfigError(str(root))
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ManifestError(str(path), f"is not valid JSON ({exc}); re-run `neuro-dask shard`") from exc
+        return cls.from_dict(raw, str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str = MANIFEST_NAME) -> Manifest:
+        if raw.get("format") != FORMAT:
+            raise ManifestError(where, f"is not a neuro_dask manifest (format {raw.get('format')!r})")
+        if raw.get("format_version") != FORMAT_VERSION:
+            raise ManifestError(
+                where, f"has format_version {raw.get('format_version')}, this neuro_dask reads "
+                f"{FORMAT_VERSION}; re-shard with this version"
+            )
+        try:
+            artifacts = tuple(Artifact(**a) for a in raw["artifacts"])
+            return cls(
+                architecture=raw["architecture"],
+                config=raw["config"],
+                artifacts=artifacts,
+                generation_config=raw.get("generation_config"),
+                tokenizer_files=tuple(raw.get("tokenizer_files", ())),
+                source=raw.get("source", ""),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ManifestError(where, f"is malformed ({exc}); re-run `neuro-dask shard`") from exc

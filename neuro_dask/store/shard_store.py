@@ -1,0 +1,56 @@
+"""Reading a sharded model: every artifact sha256-verified before its tensors are trusted."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from neuro_dask.errors import TensorShapeError
+from neuro_dask.model.keymap import expert_shapes
+from neuro_dask.model.moe import ExpertWeights
+from neuro_dask.store.manifest import Artifact, Manifest
+from neuro_dask.store.safetensors_io import read_tensors, verify_sha256
+
+log = logging.getLogger(__name__)
+
+
+class ShardStore:
+    def __init__(self, root: str | Path, verify: bool = True):
+        self.root = Path(root)
+        self.manifest = Manifest.read(self.root)
+        self.config = self.manifest.model_config
+        self.verify = verify
+
+    def path(self, artifact: Artifact) -> Path:
+        return self.root / artifact.path
+
+    def _read(self, artifact: Artifact) -> dict[str, torch.Tensor]:
+        path = self.path(artifact)
+        if self.verify:
+            verify_sha256(path, artifact.sha256)
+        return read_tensors(path)
+
+    def read_trunk(self) -> dict[str, torch.Tensor]:
+        return self._read(self.manifest.trunk)
+
+    def read_expert(self, layer: int, expert: int, dtype: torch.dtype | None = None) -> ExpertWeights:
+        artifact = self.manifest.expert(layer, expert)
+        tensors = self._read(artifact)
+        for name, shape in expert_shapes(self.config).items():
+            actual = tuple(tensors[name].shape) if name in tensors else ()
+            if actual != shape:
+                raise TensorShapeError(name, str(self.path(artifact)), shape, actual)
+        if dtype is not None:
+            tensors = {k: v.to(dtype) for k, v in tensors.items()}
+        return ExpertWeights(**{name: tensors[name] for name in ExpertWeights.TENSOR_NAMES})
+
+    def tokenizer_path(self) -> Path | None:
+        artifact = self.manifest.tokenizer()
+        if artifact is None:
+            return None
+        path = self.path(artifact)
+        if self.verify:
+            verify_sha256(path, artifact.sha256)
+        return path

@@ -1,0 +1,53 @@
+"""The CLI as a user runs it: real processes, real exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+CLI = [sys.executable, "-m", "neuro_dask.cli"]
+
+
+def run(*args, check=True):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=300, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def test_shard_then_inspect_then_generate(hf_checkpoint, tmp_path):
+    dst = tmp_path / "sharded"
+    out = run("shard", hf_checkpoint("qwen2_moe"), dst)
+    assert "manifest.json" in out.stdout
+    summary = json.loads(run("inspect", dst, "--json").stdout)
+    assert summary["architecture"] == "qwen2_moe"
+    assert summary["expert_files"] == 2 * 6  # two MoE layers, one dense
+    assert summary["parameters_active_per_token"] < summary["parameters_total"]
+    assert "active per token" in run("inspect", dst).stdout
+
+
+def test_demo_answers_held_out_problems():
+    out = run("demo", "-n", "100", "--show", "3")
+    assert "exact match on 100 held-out problems" in out.stdout
+    pct = float(out.stdout.split("held-out problems: ")[1].split("%")[0])
+    assert pct >= 95.0
+
+
+def test_demo_with_prompts():
+    out = run("demo", "--prompt", "12+30=", "999+1=")
+    assert out.stdout.splitlines()[-2:] == ["12+30=42", "999+1=1000"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["inspect", "/nonexistent/model"], "no config.json"),
+    (["shard", "/nonexistent/src", "/tmp/x"], "no config.json"),
+])
+def test_errors_exit_2_with_a_message_and_no_traceback(args, message):
+    proc = run(*args, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
