@@ -36,7 +36,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - started
     for problem, answer in list(zip(problems, answers))[: args.show]:
         mark = "ok" if answer.strip() == problem.answer else f"WRONG (expected {problem.answer})"
-        print(f"  {problem.prompt}{answer:<5} {mark}")
+        print(f"  {problem.prompt + answer:<13} {mark}")
     print(f"exact match on {len(problems)} held-out problems: {accuracy:.1%} "
           f"({elapsed:.2f} s, {len(problems) / elapsed:.0f} problems/s)")
     return 0 if accuracy >= args.min_accuracy else 1
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     g.set_defaults(func=_cmd_generate)
 
-    t = sub.add_parser("train-demo", help="retrain the bundled demo model (about 5-14 minutes on 2 cores)")
+    t = sub.add_parser("train-demo", help="retrain the bundled demo model (about 5 minutes on 2 cores, capped at --minutes)")
     t.add_argument("--minutes", type=float, default=14.0, help="time budget")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", help="output folder (default: the bundled asset folder)")
