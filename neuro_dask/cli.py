@@ -1,10 +1,11 @@
-"""`neuro-dask`: demo, shard, inspect, generate, train-demo."""
+"""`neuro-dask`: demo, scheduler, worker, shard, inspect, generate, train-demo."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import random
 import sys
 import time
@@ -17,15 +18,46 @@ log = logging.getLogger("neuro_dask.cli")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from neuro_dask.demo.addition import ASSET_DIR, evaluate, sample_problems
-    from neuro_dask.loading import load
+    from neuro_dask.demo.addition import ASSET_DIR
 
     path = Path(args.model or ASSET_DIR)
-    started = time.perf_counter()
-    model = load(path)
-    print(f"loaded {path} ({model.config.model_type}, {model.config.num_experts} experts x "
-          f"{len(model.config.moe_layers)} layers, top-{model.config.num_experts_per_tok}) "
-          f"in {time.perf_counter() - started:.2f} s; experts run in this process")
+    if args.local:
+        from neuro_dask.loading import load
+
+        started = time.perf_counter()
+        model = load(path)
+        print(f"loaded {path} in {time.perf_counter() - started:.2f} s; experts run in this process")
+        return _ask(model, args)
+    from neuro_dask.cluster import connect
+    from neuro_dask.loading import load
+
+    where = args.scheduler or f"a local cluster of {args.workers} worker processes"
+    print(f"starting {where} with the neuro_scheduler and neuro_worker plugins ...", flush=True)
+    client, cluster = connect(args.scheduler, n_workers=args.workers)
+    model = None
+    try:
+        print(f"dashboard: {client.dashboard_link}")
+        started = time.perf_counter()
+        model = load(path, client=client, transport=args.transport)
+        routes = model.executor.routes.routes
+        workers = sorted({w for ws in routes.values() for w in ws})
+        print(f"published {path.name}: {len(routes)} experts on {len(workers)} workers, "
+              f"{args.transport or 'direct'} transport, ready in {time.perf_counter() - started:.1f} s")
+        return _ask(model, args)
+    finally:
+        if model is not None:
+            model.close()
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _ask(model, args: argparse.Namespace) -> int:
+    from neuro_dask.demo.addition import evaluate, sample_problems
+
+    cfg = model.config
+    print(f"model: {cfg.model_type}, {cfg.num_experts} experts x {len(cfg.moe_layers)} layers, "
+          f"top-{cfg.num_experts_per_tok}")
     if args.prompt:
         for prompt, answer in zip(args.prompt, model.generate_text(args.prompt, max_new_tokens=args.max_new_tokens)):
             print(f"{prompt}{answer}")
@@ -34,12 +66,33 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     accuracy, answers = evaluate(model, problems)
     elapsed = time.perf_counter() - started
+    tokens = sum(len(a) + 1 for a in answers)  # digits plus the EOS that ended each answer
     for problem, answer in list(zip(problems, answers))[: args.show]:
         mark = "ok" if answer.strip() == problem.answer else f"WRONG (expected {problem.answer})"
         print(f"  {problem.prompt + answer:<13} {mark}")
     print(f"exact match on {len(problems)} held-out problems: {accuracy:.1%} "
-          f"({elapsed:.2f} s, {len(problems) / elapsed:.0f} problems/s)")
+          f"({elapsed:.2f} s, {tokens / elapsed:.0f} tokens/s)")
     return 0 if accuracy >= args.min_accuracy else 1
+
+
+def _cmd_scheduler(args: argparse.Namespace, extra: list[str]) -> int:
+    argv = [sys.executable, "-m", "dask", "scheduler", "--preload", "neuro_scheduler"]
+    if args.replicas:
+        argv += ["--neuro-replicas", str(args.replicas)]
+    os.execv(sys.executable, argv + extra)
+    return 0  # not reached
+
+
+def _cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
+    argv = [sys.executable, "-m", "dask", "worker", args.scheduler, "--preload", "neuro_worker",
+            "--nthreads", str(args.nthreads)]
+    for flag, value in (("--neuro-store", args.store), ("--neuro-cache-dir", args.cache_dir),
+                        ("--neuro-memory-budget", args.memory_budget), ("--neuro-device", args.device),
+                        ("--neuro-owner", args.owner)):
+        if value:
+            argv += [flag, str(value)]
+    os.execv(sys.executable, argv + extra)
+    return 0  # not reached
 
 
 def _cmd_shard(args: argparse.Namespace) -> int:
@@ -89,9 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="answer held-out addition problems with the bundled MoE")
+    d = sub.add_parser("demo", help="start a local cluster and answer addition problems with the bundled MoE")
     d.add_argument("--model", help="a sharded model folder (default: the bundled adder)")
-    d.add_argument("-n", type=int, default=200, help="how many held-out problems (default 200)")
+    d.add_argument("--workers", type=int, default=3, help="worker processes of the local cluster (default 3)")
+    d.add_argument("--transport", choices=["direct", "futures"], help="how expert calls travel (default direct)")
+    d.add_argument("--scheduler", help="run against an existing cluster at this address instead")
+    d.add_argument("--local", action="store_true", help="no cluster: run the experts in this process")
+    d.add_argument("-n", type=int, default=100, help="how many held-out problems (default 100)")
     d.add_argument("--show", type=int, default=10, help="how many answers to print")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--prompt", nargs="+", help="ask these prompts instead, e.g. 123+456=")
@@ -121,6 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     g.set_defaults(func=_cmd_generate)
 
+    sc = sub.add_parser("scheduler", help="dask scheduler --preload neuro_scheduler (other flags go to dask)")
+    sc.add_argument("--replicas", type=int, help="target replicas per expert")
+    sc.set_defaults(func=_cmd_scheduler, passthrough=True)
+
+    w = sub.add_parser("worker", help="dask worker ADDR --preload neuro_worker (other flags go to dask)")
+    w.add_argument("scheduler", help="scheduler address, e.g. tcp://HOST:8786")
+    w.add_argument("--memory-budget", help="bytes or e.g. 4GiB for expert weights (default: half the free RAM)")
+    w.add_argument("--cache-dir", help="where verified expert files are cached")
+    w.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    w.add_argument("--owner", help="owner id: replicas of one expert never share an owner")
+    w.add_argument("--store", help="a mirror of the model store to fetch experts from")
+    w.add_argument("--nthreads", type=int, default=1)
+    w.set_defaults(func=_cmd_worker, passthrough=True)
+
     t = sub.add_parser("train-demo", help="retrain the bundled demo model (about 5 minutes on 2 cores, capped at --minutes)")
     t.add_argument("--minutes", type=float, default=14.0, help="time budget")
     t.add_argument("--seed", type=int, default=0)
@@ -130,11 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra and not getattr(args, "passthrough", False):
+        build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
+        return args.func(args, extra) if getattr(args, "passthrough", False) else args.func(args)
     except NeuroDaskError as exc:
         print(f"neuro-dask: error: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,18 @@ from typing import Iterable
 class NeuroDaskError(Exception):
     """Root of every error neuro_dask raises on purpose."""
 
+    def __reduce__(self):
+        # Subclasses take their fields, not the message, in __init__: rebuild without calling it,
+        # so that an error pickled by Dask (or a test's subprocess) comes back whole.
+        return _rebuild, (type(self), self.args, self.__dict__)
+
+
+def _rebuild(cls: type, args: tuple, state: dict) -> Exception:
+    err = cls.__new__(cls)
+    Exception.__init__(err, *args)
+    err.__dict__.update(state)
+    return err
+
 
 class ConfigError(NeuroDaskError, ValueError):
     """A configuration (config.json, configs/*.yaml, a keyword) is missing, malformed or unsupported."""

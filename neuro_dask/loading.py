@@ -24,15 +24,24 @@ def load(
     dtype: torch.dtype = torch.float32,
     executor: ExpertExecutor | None = None,
     verify: bool = True,
+    client: Any = None,
+    transport: str | None = None,
 ) -> MoEModel:
     """Load a folder written by `neuro-dask shard`.
 
-    With no executor, every expert is loaded into this process (LocalExpertExecutor), each
-    file sha256-verified against the manifest. `dtype` applies to trunk and experts.
+    Without a client, every expert is loaded into this process (LocalExpertExecutor), each
+    file sha256-verified against the manifest. With a Dask `client` whose scheduler runs the
+    `neuro_scheduler` preload, the model is published there, the experts run on workers with
+    the `neuro_worker` preload, and calls go out by `transport` ("direct" or "futures"; default
+    from Dask config `neuro.client.transport`). `path` may then also be a URL the workers can
+    read (file://, http(s)://, any fsspec URL). `dtype` applies to trunk and local experts.
     """
+    if client is not None:
+        from neuro_dask.dispatch.session import load_distributed
+
+        return load_distributed(path, client, transport=transport, dtype=dtype, verify=verify)
     store = ShardStore(path, verify=verify)
     cfg = store.config
-    trunk = build_trunk(cfg, store.read_trunk(), dtype, str(store.path(store.manifest.trunk)))
     if executor is None:
         weights = {
             (layer, e): store.read_expert(layer, e, dtype)
@@ -40,6 +49,13 @@ def load(
             for e in range(cfg.num_experts)
         }
         executor = LocalExpertExecutor(weights)
+    return assemble_model(store, executor, dtype)
+
+
+def assemble_model(store: ShardStore, executor: ExpertExecutor, dtype: torch.dtype) -> MoEModel:
+    """Trunk and tokenizer from the store, experts behind `executor`."""
+    cfg = store.config
+    trunk = build_trunk(cfg, store.read_trunk(), dtype, str(store.path(store.manifest.trunk)))
     tok_path = store.tokenizer_path()
     return MoEModel(
         config=cfg,

@@ -1,17 +1,140 @@
 """Dask preload for operators: `dask scheduler --preload neuro_scheduler`.
 
-This adapter translates Dask scheduler hooks into neuro_dask cores. Placement, routing and
-reputation arrive with the distributed-experts work (issue 3); until then the preload only
-announces itself.
+A thin adapter over neuro_dask.coordinator.Coordinator: Dask's add_worker/remove_worker hooks
+and our comm handlers become Coordinator events; the LoadExperts/DropExperts actions it returns
+become messages to workers. Handlers:
+  neuro_publish(store_url)              a client publishes a sharded model; returns its id
+  neuro_routes(model)                   expert -> serving workers, fastest first
+  neuro_experts_loaded(worker, model, loaded, failed)   a worker reports what it can serve
+  neuro_unreachable(worker, model, experts)             a client could not get an answer
+  neuro_report_load(model, load)        clients report how often each expert was called
+  neuro_status()                        workers, models and placement, for tools and tests
+
+Options (preload arguments, or Dask config under `neuro.scheduler`):
+  --neuro-replicas N   target replicas per expert (default 2)
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from typing import Any
 
-log = logging.getLogger("neuro_dask.plugins.scheduler")
+import click
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+from neuro_dask.coordinator import Coordinator, DropExperts, LoadExperts, PublishedModel
+from neuro_dask.errors import NeuroDaskError
+from neuro_dask.placement import PlacementPolicy, WorkerCapacity
+from neuro_dask.settings import SchedulerSettings
+from neuro_dask.store.remote import read_manifest
+from neuro_dask.store.summary import summarize
+
+log = logging.getLogger("neuro_dask.scheduler")
 
 
-def dask_setup(scheduler) -> None:  # called by `dask scheduler --preload neuro_scheduler`
-    log.warning("neuro_scheduler preload loaded on %s: expert placement is not available in this version",
-                getattr(scheduler, "address", scheduler))
+class NeuroSchedulerPlugin(SchedulerPlugin):
+    name = "neuro"
+
+    def __init__(self, scheduler, settings: SchedulerSettings):
+        self.scheduler = scheduler
+        self.settings = settings
+        self.coordinator = Coordinator(PlacementPolicy(settings.replicas, settings.hot_extra_replicas,
+                                                       settings.hot_threshold))
+        self._tasks: set[asyncio.Task] = set()
+        scheduler.handlers.update({
+            "neuro_publish": self.publish, "neuro_routes": self.routes,
+            "neuro_experts_loaded": self.experts_loaded, "neuro_unreachable": self.unreachable,
+            "neuro_report_load": self.report_load, "neuro_status": self.status,
+        })
+        scheduler.extensions["neuro"] = self
+
+    # ---- Dask hooks -> events ----------------------------------------------------------------
+
+    def add_worker(self, scheduler, worker: str) -> None:
+        info = scheduler.workers[worker].extra.get("neuro")
+        if not info:
+            return  # a plain Dask worker: it runs ordinary tasks, hosts no experts
+        capacity = WorkerCapacity(worker, int(info["memory_budget"]), float(info["speed"]) or 1.0,
+                                  str(info.get("owner") or ""))
+        self._enact(self.coordinator.worker_joined(capacity))
+
+    def remove_worker(self, scheduler, worker: str, **kwargs) -> None:
+        self._enact(self.coordinator.worker_left(worker))
+
+    # ---- handlers ------------------------------------------------------------------------------
+
+    async def publish(self, store_url: str) -> dict[str, Any]:
+        try:
+            manifest = await asyncio.to_thread(read_manifest, store_url)
+        except NeuroDaskError as exc:
+            return {"status": "error", "message": str(exc)}
+        model_id = f"{manifest.architecture}-{manifest.trunk.sha256[:12]}"  # same content, same id
+        experts = {(a.layer, a.expert): a.bytes for a in manifest.experts}
+        if model_id not in self.coordinator.models:
+            log.info("publishing %s from %s: %d experts", model_id, store_url, len(experts))
+            self.scheduler.log_event("neuro", {"action": "publish", "model": model_id, "store": store_url})
+            self._enact(self.coordinator.model_published(
+                PublishedModel(model_id, store_url, experts, summarize(manifest))))
+        return {"status": "OK", "model": model_id, "summary": self.coordinator.models[model_id].summary}
+
+    def routes(self, model: str) -> dict[str, Any]:
+        if model not in self.coordinator.models:
+            return {"status": "error", "message": f"model {model!r} is not published on this scheduler"}
+        snap = self.coordinator.routes(model)
+        return {"status": "OK", "version": snap.version,
+                "routes": [[l, e, list(ws)] for (l, e), ws in snap.routes.items()],
+                "missing": [list(k) for k in snap.missing]}
+
+    def experts_loaded(self, worker: str, model: str, loaded: list, failed: list) -> dict[str, Any]:
+        self.coordinator.experts_loaded(worker, model, [tuple(p) for p in loaded])
+        if failed:
+            log.warning("worker %s failed to load %d experts of %s, e.g. %s", worker, len(failed), model, failed[0])
+            self.scheduler.log_event("neuro", {"action": "load-failed", "worker": worker, "model": model,
+                                               "failed": failed[:20]})
+            self._enact(self.coordinator.load_failed(worker, model, [(l, e) for l, e, _ in failed]))
+        return {"status": "OK"}
+
+    def unreachable(self, worker: str, model: str, experts: list) -> dict[str, Any]:
+        self.coordinator.worker_unreachable(worker, model, [tuple(p) for p in experts])
+        return {"status": "OK"}
+
+    def report_load(self, model: str, load: list) -> dict[str, Any]:
+        self._enact(self.coordinator.report_load({(model, int(l), int(e)): float(n) for l, e, n in load}))
+        return {"status": "OK"}
+
+    def status(self) -> dict[str, Any]:
+        c = self.coordinator
+        return {
+            "workers": {a: {"speed": w.speed, "memory_budget": w.memory_budget, "owner": w.owner,
+                            "serving": sorted([list(k) for k in c.serving.get(a, ())])}
+                        for a, w in c.workers.items()},
+            "models": {m: {"store_url": p.store_url, "experts": len(p.experts), "summary": p.summary}
+                       for m, p in c.models.items()},
+        }
+
+    # ---- actions -> messages -------------------------------------------------------------------
+
+    def _enact(self, actions) -> None:
+        for action in actions:
+            task = asyncio.get_running_loop().create_task(self._send(action))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, action: LoadExperts | DropExperts) -> None:
+        try:
+            if isinstance(action, LoadExperts):
+                await self.scheduler.rpc(action.worker).neuro_assign(
+                    model=action.model, store_url=action.store_url, experts=[list(p) for p in action.experts])
+            else:
+                await self.scheduler.rpc(action.worker).neuro_drop(
+                    model=action.model, experts=[list(p) for p in action.experts])
+        except Exception as exc:  # the worker is gone or going: remove_worker will re-plan
+            log.info("could not send %s to %s: %s", type(action).__name__, action.worker, exc)
+
+
+@click.command()
+@click.option("--neuro-replicas", type=int, default=None, help="target replicas per expert")
+def dask_setup(scheduler, neuro_replicas) -> None:
+    settings = SchedulerSettings.load(replicas=neuro_replicas)
+    scheduler.add_plugin(NeuroSchedulerPlugin(scheduler, settings))

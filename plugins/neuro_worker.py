@@ -1,17 +1,138 @@
 """Dask preload for volunteers: `dask worker tcp://HOST:8786 --preload neuro_worker`.
 
-This adapter translates Dask worker hooks into neuro_dask cores. Serving experts from a worker
-arrives with the distributed-experts work (issue 3); until then the preload only announces
-itself, so that a worker started with it still runs ordinary Dask work.
+A thin adapter: it profiles the machine, tells the scheduler what this worker can host
+(startup information and heartbeat metrics), and translates Dask comm messages into calls on
+neuro_dask's ExpertHost. Loading and computing run in threads, never on the event loop.
+
+Options (preload arguments, or Dask config under `neuro.worker`):
+  --neuro-store URL        a mirror of the model store to fetch experts from
+  --neuro-cache-dir DIR    where verified expert files are cached across restarts
+  --neuro-memory-budget N  bytes or e.g. 4GiB for expert weights (default: half the free RAM)
+  --neuro-device D         auto | cpu | cuda | mps
+  --neuro-owner ID         owner id: replicas of one expert never share an owner
+  --neuro-no-benchmark     skip the expert-FFN micro-benchmark at start
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
-log = logging.getLogger("neuro_dask.plugins.worker")
+import click
+
+from neuro_dask.errors import NeuroDaskError
+from neuro_dask.runtime.expert_host import ExpertHost
+from neuro_dask.runtime.expert_memory import ExpertMemory
+from neuro_dask.runtime.machine import benchmark_expert_ffn, pick_device, profile_machine
+from neuro_dask.settings import WorkerSettings
+from neuro_dask.store.remote import ExpertFileCache
+from neuro_dask.wire import WireFormatError, decode_request, encode_error, encode_response
+
+log = logging.getLogger("neuro_dask.worker")
 
 
-def dask_setup(worker) -> None:  # called by `dask worker --preload neuro_worker`
-    log.warning("neuro_worker preload loaded on %s: expert hosting is not available in this version",
-                getattr(worker, "address", worker))
+class NeuroWorker:
+    """What the preload attaches to a Dask worker as `worker.extensions["neuro"]`."""
+
+    def __init__(self, worker, settings: WorkerSettings):
+        self.worker = worker
+        self.settings = settings
+        self.profile = profile_machine()
+        self.device = pick_device(settings.device)
+        self.budget = settings.budget_bytes(self.profile.memory_available)
+        self.speed = 0.0
+        self.host = ExpertHost(ExpertFileCache(settings.resolved_cache_dir()), ExpertMemory(self.budget),
+                               device=self.device, store_override=settings.store)
+        # One thread computes (expert calls are short and ordered), another loads (slow I/O).
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix="neuro-compute")
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="neuro-load")
+
+    async def start(self) -> None:
+        if self.settings.benchmark:
+            self.speed = await asyncio.get_running_loop().run_in_executor(
+                self._compute, lambda: benchmark_expert_ffn(device=self.device))
+        self.speed = self.speed or 1.0
+        w = self.worker
+        w.handlers.update({"neuro_expert": self.handle_expert, "neuro_assign": self.handle_assign,
+                           "neuro_drop": self.handle_drop, "neuro_status": self.handle_status})
+        w.startup_information["neuro"] = lambda _w: self.info()
+        w.metrics["neuro"] = lambda _w: self.host.status()
+        w.extensions["neuro"] = self
+        if self.profile.cuda and self.device == "cuda":
+            w.state.total_resources.setdefault("GPU", len(self.profile.cuda))
+            w.state.available_resources.setdefault("GPU", len(self.profile.cuda))
+        log.info("neuro_worker ready: device %s, budget %d bytes, expert FFN %.1f GFLOP/s",
+                 self.device, self.budget, self.speed)
+
+    def info(self) -> dict[str, Any]:
+        return {"profile": self.profile.to_dict(), "speed": self.speed, "memory_budget": self.budget,
+                "owner": self.settings.owner, "device": self.device}
+
+    # ---- serving ------------------------------------------------------------------------------
+
+    def serve(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Run one expert call; never raises, so no exception is ever pickled back to a client."""
+        try:
+            return encode_response(self.host.run(decode_request(msg)))
+        except (NeuroDaskError, WireFormatError) as exc:
+            return encode_error(str(exc))
+        except Exception as exc:
+            log.exception("expert call failed")
+            return encode_error(f"{type(exc).__name__}: {exc}")
+
+    async def handle_expert(self, **msg) -> dict[str, Any]:
+        return await asyncio.get_running_loop().run_in_executor(self._compute, self.serve, msg)
+
+    async def handle_assign(self, model: str, store_url: str, experts: list) -> dict[str, Any]:
+        pairs = [(int(l), int(e)) for l, e in experts]
+        asyncio.get_running_loop().create_task(self._load_and_report(model, store_url, pairs))
+        return {"status": "OK"}
+
+    async def _load_and_report(self, model: str, store_url: str, pairs: list[tuple[int, int]]) -> None:
+        result = await asyncio.get_running_loop().run_in_executor(
+            self._loader, self.host.load, model, store_url, pairs)
+        failed = [[l, e, why] for (l, e), why in result.failed.items()]
+        if failed:
+            self.worker.log_event("neuro", {"action": "load-failed", "model": model, "failed": failed[:20]})
+        try:
+            await self.worker.scheduler.neuro_experts_loaded(
+                worker=self.worker.address, model=model,
+                loaded=[list(p) for p in result.loaded], failed=failed)
+        except Exception:
+            log.warning("could not tell the scheduler which experts are loaded", exc_info=True)
+
+    def handle_drop(self, model: str, experts: list) -> dict[str, Any]:
+        self.host.drop(model, [(int(l), int(e)) for l, e in experts])
+        return {"status": "OK"}
+
+    def handle_status(self) -> dict[str, Any]:
+        return {**self.host.status(), **self.info(), "hosted": {m: [list(p) for p in ps]
+                                                              for m, ps in self.host.hosted().items()}}
+
+    def close(self) -> None:
+        self._compute.shutdown(wait=False, cancel_futures=True)
+        self._loader.shutdown(wait=False, cancel_futures=True)
+
+
+@click.command(context_settings={"ignore_unknown_options": False})
+@click.option("--neuro-store", default=None, help="model store mirror URL")
+@click.option("--neuro-cache-dir", default=None, help="expert file cache directory")
+@click.option("--neuro-memory-budget", default=None, help="bytes or e.g. 4GiB for expert weights")
+@click.option("--neuro-device", default=None, type=click.Choice(["auto", "cpu", "cuda", "mps"]))
+@click.option("--neuro-owner", default=None, help="owner id of this machine")
+@click.option("--neuro-no-benchmark", is_flag=True, default=False, help="skip the start-up micro-benchmark")
+async def dask_setup(worker, neuro_store, neuro_cache_dir, neuro_memory_budget, neuro_device, neuro_owner,
+                     neuro_no_benchmark) -> None:
+    settings = WorkerSettings.load(store=neuro_store, cache_dir=neuro_cache_dir, memory_budget=neuro_memory_budget,
+                                   device=neuro_device, owner=neuro_owner,
+                                   benchmark=False if neuro_no_benchmark else None)
+    adapter = NeuroWorker(worker, settings)
+    await adapter.start()
+
+
+def dask_teardown(worker) -> None:
+    adapter = worker.extensions.get("neuro")
+    if adapter is not None:
+        adapter.close()

@@ -214,6 +214,18 @@ class MoEModel:
         stops = set(self.generation.eos_token_ids) | set(options.get("stop_token_ids", ()))
         return [tok.decode(_until_stop(row[width:].tolist(), stops)) for row in out]
 
+    def close(self) -> None:
+        """Release the executor's connections (a distributed model); a local model has none."""
+        close = getattr(self.executor, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "MoEModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             raise TokenizerMissingError(self.source)

@@ -8,12 +8,25 @@ from pathlib import Path
 import torch
 
 from neuro_dask.errors import TensorShapeError
+from neuro_dask.model.config import MoEConfig
 from neuro_dask.model.keymap import expert_shapes
 from neuro_dask.model.moe import ExpertWeights
 from neuro_dask.store.manifest import Artifact, Manifest
 from neuro_dask.store.safetensors_io import read_tensors, verify_sha256
 
 log = logging.getLogger(__name__)
+
+
+def read_expert_file(path: Path, config: MoEConfig, dtype: torch.dtype | None = None) -> ExpertWeights:
+    """One expert's file -> ExpertWeights, every tensor's presence and shape checked."""
+    tensors = read_tensors(path)
+    for name, shape in expert_shapes(config).items():
+        actual = tuple(tensors[name].shape) if name in tensors else ()
+        if actual != shape:
+            raise TensorShapeError(name, str(path), shape, actual)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    return ExpertWeights(**{name: tensors[name] for name in ExpertWeights.TENSOR_NAMES})
 
 
 class ShardStore:
@@ -37,14 +50,10 @@ class ShardStore:
 
     def read_expert(self, layer: int, expert: int, dtype: torch.dtype | None = None) -> ExpertWeights:
         artifact = self.manifest.expert(layer, expert)
-        tensors = self._read(artifact)
-        for name, shape in expert_shapes(self.config).items():
-            actual = tuple(tensors[name].shape) if name in tensors else ()
-            if actual != shape:
-                raise TensorShapeError(name, str(self.path(artifact)), shape, actual)
-        if dtype is not None:
-            tensors = {k: v.to(dtype) for k, v in tensors.items()}
-        return ExpertWeights(**{name: tensors[name] for name in ExpertWeights.TENSOR_NAMES})
+        path = self.path(artifact)
+        if self.verify:
+            verify_sha256(path, artifact.sha256)
+        return read_expert_file(path, self.config, dtype)
 
     def tokenizer_path(self) -> Path | None:
         artifact = self.manifest.tokenizer()

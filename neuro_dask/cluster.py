@@ -1,0 +1,36 @@
+"""A local Dask cluster with neuro_dask's scheduler and worker plugins: the embedded default."""
+
+from __future__ import annotations
+
+from distributed import Client, LocalCluster
+
+
+def local_cluster(n_workers: int = 3, processes: bool = True, replicas: int | None = None,
+                  worker_args: list[str] | None = None, dashboard_address: str | None = ":0",
+                  **kwargs) -> LocalCluster:
+    """Scheduler with `--preload neuro_scheduler`, workers with `--preload neuro_worker`.
+
+    One thread per worker: expert calls run in the plugin's own thread, and two workers on one
+    core would only fight over it.
+    """
+    scheduler_argv = ["--neuro-replicas", str(replicas)] if replicas else []
+    return LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=1,
+        processes=processes,
+        host="127.0.0.1",
+        protocol="tcp://",
+        dashboard_address=dashboard_address,
+        scheduler_kwargs={"preload": ["neuro_scheduler"], "preload_argv": [scheduler_argv]},
+        preload=["neuro_worker"],
+        preload_argv=[list(worker_args or [])],
+        **kwargs,
+    )
+
+
+def connect(scheduler: str | None = None, **cluster_options) -> tuple[Client, LocalCluster | None]:
+    """A client to `scheduler`, or to a new local cluster (returned so the caller can close it)."""
+    if scheduler:
+        return Client(scheduler), None
+    cluster = local_cluster(**cluster_options)
+    return Client(cluster), cluster

@@ -1,0 +1,169 @@
+"""The scheduler's decisions about models, workers and routes, as a pure state machine.
+
+Events in (a worker joined or left, a model was published, a worker loaded or failed to load
+experts, clients reported load), actions out (tell a worker to load or drop experts). The
+`neuro_scheduler` plugin feeds Dask's hooks in and carries the actions out; it decides nothing.
+
+A route lists only replicas that have reported their experts loaded: a worker that was told to
+load an expert serves nothing until it says it can.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+from neuro_dask.placement import (
+    ExpertSpec,
+    Placement,
+    PlacementPolicy,
+    WorkerCapacity,
+    diff_assignments,
+    plan_placement,
+)
+
+log = logging.getLogger(__name__)
+
+ExpertKey = tuple  # (model_id, layer, expert)
+
+
+@dataclass(frozen=True)
+class LoadExperts:
+    worker: str
+    model: str
+    store_url: str
+    experts: tuple[tuple[int, int], ...]  # (layer, expert)
+
+
+@dataclass(frozen=True)
+class DropExperts:
+    worker: str
+    model: str
+    experts: tuple[tuple[int, int], ...]
+
+
+Action = LoadExperts | DropExperts
+
+
+@dataclass
+class PublishedModel:
+    model_id: str
+    store_url: str
+    experts: dict[tuple[int, int], int]  # (layer, expert) -> bytes
+    summary: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RouteSnapshot:
+    version: int
+    routes: dict[tuple[int, int], tuple[str, ...]]  # (layer, expert) -> serving workers, fastest first
+    missing: tuple[tuple[int, int], ...]  # experts with no serving replica
+
+
+class Coordinator:
+    def __init__(self, policy: PlacementPolicy = PlacementPolicy()):
+        self.policy = policy
+        self.workers: dict[str, WorkerCapacity] = {}
+        self.models: dict[str, PublishedModel] = {}
+        self.placement: Placement | None = None
+        self.serving: dict[str, set[ExpertKey]] = {}  # worker -> experts it reported loaded
+        self.failed: dict[str, set[ExpertKey]] = {}  # worker -> experts it could not load (never retried there)
+        self.load: dict[ExpertKey, float] = {}
+        self.version = 0
+
+    # ---- events --------------------------------------------------------------------------------
+
+    def worker_joined(self, capacity: WorkerCapacity) -> list[Action]:
+        self.workers[capacity.address] = capacity
+        self.serving.setdefault(capacity.address, set())
+        return self._replan()
+
+    def worker_left(self, address: str) -> list[Action]:
+        if self.workers.pop(address, None) is None:
+            return []
+        self.serving.pop(address, None)
+        self.failed.pop(address, None)
+        self.version += 1
+        return self._replan()
+
+    def model_published(self, model: PublishedModel) -> list[Action]:
+        self.models[model.model_id] = model
+        return self._replan()
+
+    def experts_loaded(self, worker: str, model: str, experts: Iterable[tuple[int, int]]) -> None:
+        if worker not in self.workers:
+            return
+        self.serving[worker].update((model, int(l), int(e)) for l, e in experts)
+        self.version += 1
+
+    def load_failed(self, worker: str, model: str, experts: Iterable[tuple[int, int]]) -> list[Action]:
+        """A worker that cannot load an expert (bad store path, corrupt file) never hosts it again."""
+        keys = {(model, int(l), int(e)) for l, e in experts}
+        self.failed.setdefault(worker, set()).update(keys)
+        self.serving.get(worker, set()).difference_update(keys)
+        self.version += 1
+        return self._replan()
+
+    def worker_unreachable(self, worker: str, model: str, experts: Iterable[tuple[int, int]]) -> None:
+        """A client could not get an answer: stop routing those experts there until it reloads them."""
+        keys = {(model, int(l), int(e)) for l, e in experts}
+        if self.serving.get(worker, set()) & keys:
+            self.serving[worker] -= keys
+            self.version += 1
+
+    def report_load(self, load: Mapping[ExpertKey, float]) -> list[Action]:
+        for key, value in load.items():
+            self.load[key] = self.load.get(key, 0.0) + float(value)
+        return self._replan()
+
+    # ---- queries -------------------------------------------------------------------------------
+
+    def routes(self, model_id: str) -> RouteSnapshot:
+        model = self.models[model_id]
+        routes: dict[tuple[int, int], tuple[str, ...]] = {}
+        missing = []
+        for le in sorted(model.experts):
+            key = (model_id, *le)
+            planned = self.placement.workers_for(key) if self.placement else ()
+            serving = tuple(w for w in planned if key in self.serving.get(w, ()))
+            # A replica may still serve an expert it loaded before a re-plan moved it elsewhere.
+            extra = tuple(sorted((w for w, keys in self.serving.items() if key in keys and w not in planned),
+                                 key=lambda w: (-self.workers[w].speed, w)))
+            routes[le] = serving + extra
+            if not routes[le]:
+                missing.append(le)
+        return RouteSnapshot(self.version, routes, tuple(missing))
+
+    # ---- planning ------------------------------------------------------------------------------
+
+    def _capacities(self) -> list[WorkerCapacity]:
+        return [self.workers[a] for a in sorted(self.workers)]
+
+    def _replan(self) -> list[Action]:
+        specs = [ExpertSpec((m.model_id, l, e), nbytes)
+                 for m in self.models.values() for (l, e), nbytes in sorted(m.experts.items())]
+        excluded = {(w, k) for w, keys in self.failed.items() for k in keys}
+        new = plan_placement(specs, self._capacities(), self.policy, self.placement, self.load, exclude=excluded)
+        actions = self._actions(diff_assignments(self.placement, new))
+        self.placement = new
+        self.version += 1
+        return actions
+
+    def _actions(self, diff: Mapping[str, tuple[frozenset, frozenset]]) -> list[Action]:
+        actions: list[Action] = []
+        for worker, (added, dropped) in sorted(diff.items()):
+            for model_id, pairs in _by_model(added).items():
+                if model_id in self.models and worker in self.workers:
+                    actions.append(LoadExperts(worker, model_id, self.models[model_id].store_url, pairs))
+            for model_id, pairs in _by_model(dropped).items():
+                if worker in self.workers:
+                    actions.append(DropExperts(worker, model_id, pairs))
+        return actions
+
+
+def _by_model(keys: Iterable[ExpertKey]) -> dict[str, tuple[tuple[int, int], ...]]:
+    out: dict[str, list[tuple[int, int]]] = {}
+    for model_id, layer, expert in sorted(keys):
+        out.setdefault(model_id, []).append((layer, expert))
+    return {m: tuple(v) for m, v in out.items()}

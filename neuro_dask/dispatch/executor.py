@@ -1,0 +1,95 @@
+"""DistributedExecutor: one layer's expert calls to volunteer workers, re-sent until answered.
+
+Per layer: plan one message per worker (RouteTable.plan), send them all at once, keep every
+valid answer, and re-plan what failed onto other replicas (the failed worker is excluded for
+the rest of the layer and reported to the scheduler). Experts with no live replica make it ask
+the scheduler for fresh routes, for at most `missing_expert_wait` seconds, then raise
+ExpertUnavailableError: never a hang.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Mapping
+
+import torch
+from distributed import Client
+
+from neuro_dask.dispatch.routes import ExpertUnavailableError, RouteTable
+from neuro_dask.dispatch.transports import Transport
+from neuro_dask.settings import ClientSettings
+from neuro_dask.wire import decode_response, encode_request
+
+log = logging.getLogger(__name__)
+
+
+class DistributedExecutor:
+    def __init__(self, client: Client, model_id: str, transport: Transport, settings: ClientSettings,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
+        self.client = client
+        self.model_id = model_id
+        self.transport = transport
+        self.settings = settings
+        self.clock = clock
+        self.sleep = sleep
+        self.routes = self.fetch_routes()
+        self.calls = 0
+        self.resent = 0
+
+    def fetch_routes(self) -> RouteTable:
+        msg = self.client.sync(self.client.scheduler.neuro_routes, model=self.model_id)
+        return RouteTable.from_message(msg)
+
+    def _report_unreachable(self, worker: str, layer: int, experts: list[int]) -> None:
+        try:
+            self.client.sync(self.client.scheduler.neuro_unreachable, worker=worker, model=self.model_id,
+                             experts=[[layer, e] for e in experts])
+        except Exception:  # reporting is best effort; the call itself is already being re-sent
+            log.debug("could not report %s as unreachable", worker, exc_info=True)
+
+    def run_layer(self, layer: int, groups: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        pending = dict(groups)
+        results: dict[int, torch.Tensor] = {}
+        exclude: set[str] = set()
+        waited_since: float | None = None
+        while pending:
+            plan, unroutable = self.routes.plan(layer, {e: x.shape[0] for e, x in pending.items()}, exclude)
+            if unroutable and not plan:
+                waited_since = self._wait_for_routes(layer, unroutable, waited_since)
+                exclude.clear()  # fresh routes: give every worker another chance
+                continue
+            calls = {w: encode_request(self.model_id, layer, {e: pending[e] for e in experts})
+                     for w, experts in plan.items()}
+            self.calls += len(calls)
+            outcomes = self.transport.call_many(calls, self.settings.deadline)
+            for worker, experts in plan.items():
+                sent = {e: pending[e] for e in experts}
+                try:
+                    outcome = outcomes[worker]
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+                    answer = decode_response(outcome, sent)
+                except Exception as exc:  # refused, closed, timed out or malformed: all a failed call
+                    log.warning("layer %d: call to %s failed (%s); re-sending experts %s elsewhere",
+                                layer, worker, exc, experts)
+                    exclude.add(worker)
+                    self.resent += 1
+                    self._report_unreachable(worker, layer, experts)
+                    continue
+                results.update(answer)
+                for e in experts:
+                    del pending[e]
+        return results
+
+    def _wait_for_routes(self, layer: int, unroutable: list[int], since: float | None) -> float:
+        now = self.clock()
+        since = now if since is None else since
+        if now - since >= self.settings.missing_expert_wait:
+            raise ExpertUnavailableError(self.model_id, layer, unroutable, now - since)
+        self.sleep(0.05)  # poll: the scheduler re-places experts as soon as it hears of a loss
+        self.routes = self.fetch_routes()
+        return since
+
+    def close(self) -> None:
+        self.transport.close()

@@ -1,0 +1,55 @@
+"""Which worker gets which expert call, from the scheduler's routes. Pure: no Dask here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+from neuro_dask.errors import NeuroDaskError
+
+
+class ExpertUnavailableError(NeuroDaskError):
+    def __init__(self, model: str, layer: int, experts: Iterable[int], waited: float):
+        self.model, self.layer, self.experts, self.waited = model, layer, sorted(experts), waited
+        super().__init__(
+            f"no live worker serves expert(s) {self.experts} of layer {layer} of model {model!r} "
+            f"(waited {waited:.1f} s): start more workers with `--preload neuro_worker`, or check "
+            "the scheduler's events for workers that failed to load them"
+        )
+
+
+@dataclass(frozen=True)
+class RouteTable:
+    version: int
+    routes: Mapping[tuple[int, int], tuple[str, ...]]  # (layer, expert) -> workers, fastest first
+
+    @classmethod
+    def from_message(cls, msg: Mapping[str, Any]) -> "RouteTable":
+        routes = {(int(l), int(e)): tuple(ws) for l, e, ws in msg["routes"]}
+        return cls(int(msg["version"]), routes)
+
+    @property
+    def missing(self) -> list[tuple[int, int]]:
+        return [k for k, ws in self.routes.items() if not ws]
+
+    def plan(self, layer: int, rows: Mapping[int, int], exclude: set[str] = frozenset()
+             ) -> tuple[dict[str, list[int]], list[int]]:
+        """Group a layer's experts by worker: one message per worker per layer.
+
+        rows: expert -> how many rows it carries. Each expert goes to the live replica with the
+        fewest rows planned so far in this layer (ties: the faster, listed first), so a layer's
+        work spreads over workers that compute in parallel. Returns (worker -> experts, experts
+        with no live replica).
+        """
+        planned: dict[str, list[int]] = {}
+        load: dict[str, int] = {}
+        unroutable: list[int] = []
+        for expert in sorted(rows):
+            candidates = [w for w in self.routes.get((layer, expert), ()) if w not in exclude]
+            if not candidates:
+                unroutable.append(expert)
+                continue
+            best = min(candidates, key=lambda w: load.get(w, 0))  # min is stable: ties keep route order
+            planned.setdefault(best, []).append(expert)
+            load[best] = load.get(best, 0) + rows[expert]
+        return planned, unroutable

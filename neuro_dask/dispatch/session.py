@@ -1,0 +1,117 @@
+"""nd.load(..., client=...): publish the model, wait until every expert is served, build the model.
+
+The trunk and tokenizer are read here (from the folder, or fetched and verified from a URL);
+the experts stay on the workers. The model returned has exactly the local model's API.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from distributed import Client
+from tqdm import tqdm
+
+from neuro_dask.dispatch.executor import DistributedExecutor
+from neuro_dask.dispatch.routes import ExpertUnavailableError, RouteTable
+from neuro_dask.dispatch.transports import make_transport
+from neuro_dask.errors import NeuroDaskError
+from neuro_dask.loading import assemble_model
+from neuro_dask.model.model import MoEModel
+from neuro_dask.settings import ClientSettings
+from neuro_dask.store.manifest import MANIFEST_NAME
+from neuro_dask.store.remote import ExpertFileCache, read_manifest
+from neuro_dask.store.shard_store import ShardStore
+
+log = logging.getLogger(__name__)
+
+
+class SchedulerPluginMissingError(NeuroDaskError):
+    def __init__(self, address: str, detail: str):
+        super().__init__(
+            f"the scheduler at {address} does not run neuro_dask's plugin ({detail}); start it with "
+            "`neuro-dask scheduler` or `dask scheduler --preload neuro_scheduler`"
+        )
+
+
+def _is_local(path_or_url: str | Path) -> bool:
+    text = str(path_or_url)
+    return "://" not in text or text.startswith("file://")
+
+
+def _local_path(path_or_url: str | Path) -> Path:
+    text = str(path_or_url)
+    return Path(text[len("file://"):] if text.startswith("file://") else text).resolve()
+
+
+def open_store(path_or_url: str | Path, verify: bool, cache_dir: Path | None = None) -> tuple[str, ShardStore]:
+    """(the URL workers should read, a local ShardStore holding at least manifest, trunk, tokenizer)."""
+    if _is_local(path_or_url):
+        local = _local_path(path_or_url)
+        return str(local), ShardStore(local, verify=verify)
+    url = str(path_or_url).rstrip("/")
+    manifest = read_manifest(url)
+    cache = ExpertFileCache(cache_dir or Path(os.path.expanduser("~/.cache/neuro_dask")))
+    mirror = cache.root / "clients" / manifest.trunk.sha256[:16]
+    mirror.mkdir(parents=True, exist_ok=True)
+    (mirror / MANIFEST_NAME).write_text(manifest.to_json())
+    for artifact in [manifest.trunk, *(a for a in manifest.artifacts if a.role == "tokenizer")]:
+        target = mirror / artifact.path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(cache.fetch(url, artifact), target)
+    return url, ShardStore(mirror, verify=verify)
+
+
+def publish(client: Client, store_url: str) -> dict[str, Any]:
+    try:
+        reply = client.sync(client.scheduler.neuro_publish, store_url=store_url)
+    except Exception as exc:  # distributed raises a bare ValueError/KeyError for an unknown handler
+        if "neuro_publish" in str(exc):
+            raise SchedulerPluginMissingError(client.scheduler.address, str(exc)) from None
+        raise
+    if reply.get("status") != "OK":
+        raise NeuroDaskError(f"the scheduler refused to publish {store_url}: {reply.get('message')}")
+    return reply
+
+
+def wait_until_served(client: Client, model_id: str, timeout: float, clock=time.monotonic) -> RouteTable:
+    """Poll the scheduler until every expert has a serving replica; a progress bar on a terminal."""
+    started = clock()
+    bar = None
+    while True:
+        table = RouteTable.from_message(client.sync(client.scheduler.neuro_routes, model=model_id))
+        total, missing = len(table.routes), table.missing
+        if bar is None and missing:
+            bar = tqdm(total=total, desc="experts served", unit="expert", disable=not sys.stderr.isatty())
+        if bar is not None:
+            bar.n = total - len(missing)
+            bar.refresh()
+        if not missing:
+            if bar is not None:
+                bar.close()
+            return table
+        if clock() - started > timeout:
+            if bar is not None:
+                bar.close()
+            layer = missing[0][0]
+            raise ExpertUnavailableError(model_id, layer, [e for l, e in missing if l == layer], clock() - started)
+        time.sleep(0.05)  # poll: workers report loaded experts as they finish
+
+
+def load_distributed(path_or_url: str | Path, client: Client, *, transport: str | None = None,
+                     dtype: torch.dtype = torch.float32, verify: bool = True) -> MoEModel:
+    settings = ClientSettings.load(transport=transport)
+    store_url, store = open_store(path_or_url, verify)
+    reply = publish(client, store_url)
+    model_id = reply["model"]
+    wait_until_served(client, model_id, settings.load_timeout)
+    executor = DistributedExecutor(client, model_id, make_transport(settings.transport, client), settings)
+    model = assemble_model(store, executor, dtype)
+    log.info("loaded %s as %s over %s; experts on workers", store_url, model_id, settings.transport)
+    return model

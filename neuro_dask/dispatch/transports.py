@@ -1,0 +1,124 @@
+"""Two ways to carry one layer's expert calls to workers, behind one method.
+
+`call_many({worker: request message}, timeout)` sends every call at once and returns, per
+worker, the response message or the exception that stands for a failed call. Neither transport
+ever unpickles what a worker returns: responses are plain msgpack (ints, strings, bytes).
+
+- direct:  the worker's `neuro_expert` comm handler over Dask's comms, bypassing the scheduler
+           (sub-millisecond on loopback; the interactive default).
+- futures: one pinned Dask future per worker call with a distinct key (visible on Dask's
+           dashboard, resilient through the scheduler; for large offline batches).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import uuid
+from typing import Any, Mapping, Protocol
+
+import msgpack
+from distributed import Client, wait
+from distributed.core import ConnectionPool
+
+from neuro_dask.dispatch.tasks import serve_expert_call
+
+log = logging.getLogger(__name__)
+
+Outcome = Mapping[str, Any] | BaseException
+
+
+class CallTimeoutError(TimeoutError):
+    def __init__(self, worker: str, timeout: float):
+        self.worker = worker
+        super().__init__(f"worker {worker} gave no answer within the {timeout:.1f} s deadline")
+
+
+class Transport(Protocol):
+    name: str
+
+    def call_many(self, calls: Mapping[str, dict[str, Any]], timeout: float) -> dict[str, Outcome]: ...
+
+    def close(self) -> None: ...
+
+
+class DirectTransport:
+    name = "direct"
+
+    def __init__(self, client: Client):
+        self.client = client
+        # Our own pool: it deserializes msgpack only, so a worker cannot make us unpickle.
+        self.pool = ConnectionPool(limit=256, deserializers=["msgpack"], serializers=["msgpack"],
+                                   connection_args=client.connection_args, timeout=10)
+        self._started = False
+
+    async def _call(self, worker: str, msg: dict[str, Any], timeout: float) -> Outcome:
+        try:
+            return await asyncio.wait_for(self.pool(worker).neuro_expert(**msg), timeout)
+        except asyncio.TimeoutError:
+            return CallTimeoutError(worker, timeout)
+        except Exception as exc:  # connection refused, comm closed, remote error: all a failed call
+            return exc
+
+    async def _call_all(self, calls: Mapping[str, dict[str, Any]], timeout: float) -> dict[str, Outcome]:
+        if not self._started:
+            started = self.pool.start()
+            if asyncio.iscoroutine(started):
+                await started
+            self._started = True
+        results = await asyncio.gather(*(self._call(w, m, timeout) for w, m in calls.items()))
+        return dict(zip(calls, results, strict=True))
+
+    def call_many(self, calls: Mapping[str, dict[str, Any]], timeout: float) -> dict[str, Outcome]:
+        return self.client.sync(self._call_all, calls, timeout)
+
+    def close(self) -> None:
+        if self._started:
+            try:
+                self.client.sync(self.pool.close)
+            except Exception:  # the client's loop may already be gone at interpreter exit
+                log.debug("closing the direct transport's pool failed", exc_info=True)
+
+
+class FuturesTransport:
+    name = "futures"
+    _counter = itertools.count()
+
+    def __init__(self, client: Client):
+        self.client = client
+        self._session = uuid.uuid4().hex[:8]
+
+    def call_many(self, calls: Mapping[str, dict[str, Any]], timeout: float) -> dict[str, Outcome]:
+        futures = {}
+        for worker, msg in calls.items():
+            key = f"neuro-expert-{msg['layer']}-{self._session}-{next(self._counter)}"
+            futures[worker] = self.client.submit(
+                serve_expert_call, msgpack.packb(msg, use_bin_type=True), key=key,
+                workers=[worker], allow_other_workers=False, pure=False,
+            )
+        try:
+            wait(list(futures.values()), timeout=timeout, return_when="ALL_COMPLETED")
+        except TimeoutError:
+            pass  # whatever did not finish is reported as a timed-out call below
+        out: dict[str, Outcome] = {}
+        for worker, fut in futures.items():
+            if fut.status == "finished":
+                try:
+                    out[worker] = msgpack.unpackb(fut.result(), raw=False)
+                except Exception as exc:
+                    out[worker] = exc
+            elif fut.status == "error":
+                # The remote exception is not fetched: that would unpickle what a worker sent.
+                out[worker] = RuntimeError(f"expert task on {worker} failed")
+            else:
+                out[worker] = CallTimeoutError(worker, timeout)
+            fut.cancel()  # a pinned task stranded on a dead worker must not linger
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def make_transport(name: str, client: Client) -> Transport:
+    return {"direct": DirectTransport, "futures": FuturesTransport}[name](client)

@@ -1,0 +1,102 @@
+"""Settings for workers, the scheduler and clients: frozen dataclasses from Dask's `neuro.*` config.
+
+Defaults live in neuro_dask/neuro.yaml, registered into Dask's config on import, so that
+~/.config/dask files, DASK_NEURO__... environment variables and `dask.config.set` all apply.
+Unknown keys are rejected with an error that names them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import dask.config
+import yaml
+
+from neuro_dask.errors import ConfigFieldError
+
+_DEFAULTS = Path(__file__).with_name("neuro.yaml")
+dask.config.update_defaults(yaml.safe_load(_DEFAULTS.read_text()))
+
+_SIZE = re.compile(r"^\s*([0-9.]+)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40}
+
+
+def parse_bytes(value: Any, field: str) -> int:
+    if isinstance(value, int) and value > 0:
+        return value
+    match = _SIZE.match(str(value))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ConfigFieldError("neuro config", field, f"must be a size such as 4GiB or 2000000000, got {value!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def _build(cls, section: str, overrides: Mapping[str, Any] | None):
+    raw = dict(dask.config.get(f"neuro.{section}", default={}) or {})
+    raw.update({k.replace("_", "-"): v for k, v in (overrides or {}).items() if v is not None})
+    known = {f.name.replace("_", "-"): f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigFieldError(f"neuro.{section}", unknown[0], f"is not a setting; known: {', '.join(sorted(known))}")
+    return cls(**{known[k]: v for k, v in raw.items()})
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    store: str | None = None
+    cache_dir: str | None = None
+    memory_budget: Any = "auto"
+    device: str = "auto"
+    backend: str = "torch"
+    owner: str = ""
+    benchmark: bool = True
+
+    def __post_init__(self) -> None:
+        if self.backend != "torch":
+            raise ConfigFieldError("neuro.worker", "backend", f"is {self.backend!r}; this version runs 'torch'")
+        if self.device not in ("auto", "cpu", "cuda", "mps"):
+            raise ConfigFieldError("neuro.worker", "device", f"must be auto, cpu, cuda or mps, got {self.device!r}")
+
+    @classmethod
+    def load(cls, **overrides) -> "WorkerSettings":
+        return _build(cls, "worker", overrides)
+
+    def resolved_cache_dir(self) -> Path:
+        return Path(os.path.expanduser(self.cache_dir or "~/.cache/neuro_dask"))
+
+    def budget_bytes(self, available: int) -> int:
+        return available // 2 if self.memory_budget in (None, "auto") else parse_bytes(self.memory_budget, "memory-budget")
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    replicas: int = 2
+    hot_extra_replicas: int = 1
+    hot_threshold: float = 2.0
+
+    @classmethod
+    def load(cls, **overrides) -> "SchedulerSettings":
+        return _build(cls, "scheduler", overrides)
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    transport: str = "direct"
+    deadline: float = 10.0
+    missing_expert_wait: float = 20.0
+    load_timeout: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.transport not in ("direct", "futures"):
+            raise ConfigFieldError("neuro.client", "transport", f"must be 'direct' or 'futures', got {self.transport!r}")
+        for name in ("deadline", "missing_expert_wait", "load_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigFieldError("neuro.client", name.replace("_", "-"), "must be a positive number of seconds")
+
+    @classmethod
+    def load(cls, **overrides) -> "ClientSettings":
+        return _build(cls, "client", overrides)
