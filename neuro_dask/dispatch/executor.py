@@ -1,8 +1,9 @@
 """DistributedExecutor: one layer's expert calls to volunteer workers, re-sent until answered.
 
 Per layer: plan one message per worker (RouteTable.plan), send them all at once, keep every
-valid answer, and re-plan what failed onto other replicas (the failed worker is excluded for
-the rest of the layer and reported to the scheduler). Experts with no live replica make it ask
+valid answer, and re-plan what failed onto other replicas. A worker that failed a call becomes
+a suspect: skipped by every layer for `suspect_cooldown` seconds (so a dead worker costs one
+failed call, not one per layer) and reported to the scheduler. Experts with no live replica make it ask
 the scheduler for fresh routes, for at most `missing_expert_wait` seconds, then raise
 ExpertUnavailableError: never a hang.
 """
@@ -36,6 +37,7 @@ class DistributedExecutor:
         self.routes = self.fetch_routes()
         self.calls = 0
         self.resent = 0
+        self.suspects: dict[str, float] = {}  # worker -> until when it is skipped
 
     def fetch_routes(self) -> RouteTable:
         msg = self.client.sync(self.client.scheduler.neuro_routes, model=self.model_id)
@@ -51,13 +53,16 @@ class DistributedExecutor:
     def run_layer(self, layer: int, groups: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         pending = dict(groups)
         results: dict[int, torch.Tensor] = {}
-        exclude: set[str] = set()
+        now = self.clock()
+        self.suspects = {w: until for w, until in self.suspects.items() if until > now}
+        exclude: set[str] = set(self.suspects)
         waited_since: float | None = None
         while pending:
             plan, unroutable = self.routes.plan(layer, {e: x.shape[0] for e, x in pending.items()}, exclude)
             if unroutable and not plan:
                 waited_since = self._wait_for_routes(layer, unroutable, waited_since)
-                exclude.clear()  # fresh routes: give every worker another chance
+                exclude = set()  # fresh routes: give every worker, suspects too, another chance
+                self.suspects.clear()
                 continue
             calls = {w: encode_request(self.model_id, layer, {e: pending[e] for e in experts})
                      for w, experts in plan.items()}
@@ -74,6 +79,7 @@ class DistributedExecutor:
                     log.warning("layer %d: call to %s failed (%s); re-sending experts %s elsewhere",
                                 layer, worker, exc, experts)
                     exclude.add(worker)
+                    self.suspects[worker] = self.clock() + self.settings.suspect_cooldown
                     self.resent += 1
                     self._report_unreachable(worker, layer, experts)
                     continue

@@ -46,11 +46,11 @@ class Transport(Protocol):
 class DirectTransport:
     name = "direct"
 
-    def __init__(self, client: Client):
+    def __init__(self, client: Client, connect_timeout: float = 3.0):
         self.client = client
         # Our own pool: it deserializes msgpack only, so a worker cannot make us unpickle.
         self.pool = ConnectionPool(limit=256, deserializers=["msgpack"], serializers=["msgpack"],
-                                   connection_args=client.connection_args, timeout=10)
+                                   connection_args=client.connection_args, timeout=connect_timeout)
         self._started = False
 
     async def _call(self, worker: str, msg: dict[str, Any], timeout: float) -> Outcome:
@@ -85,7 +85,7 @@ class FuturesTransport:
     name = "futures"
     _counter = itertools.count()
 
-    def __init__(self, client: Client):
+    def __init__(self, client: Client, connect_timeout: float = 3.0):
         self.client = client
         self._session = uuid.uuid4().hex[:8]
 
@@ -120,5 +120,5 @@ class FuturesTransport:
         pass
 
 
-def make_transport(name: str, client: Client) -> Transport:
-    return {"direct": DirectTransport, "futures": FuturesTransport}[name](client)
+def make_transport(name: str, client: Client, connect_timeout: float = 3.0) -> Transport:
+    return {"direct": DirectTransport, "futures": FuturesTransport}[name](client, connect_timeout)

@@ -1,0 +1,64 @@
+"""Distributed generation over 3 workers equals local nd.load and transformers, either transport."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import neuro_dask as nd
+from tiny_models import ARCHITECTURES, build_hf_model, padded_batch
+
+from cluster_helpers import worker_status
+
+
+@pytest.fixture(scope="module")
+def models(shared_cluster, sharded):
+    _, client = shared_cluster
+    cache = {}
+
+    def get(variant, transport):
+        if (variant, transport) not in cache:
+            cache[(variant, transport)] = nd.load(sharded(variant), client=client, transport=transport)
+        return cache[(variant, transport)]
+
+    yield get
+    for model in cache.values():
+        model.close()
+
+
+@pytest.mark.parametrize("transport", ["direct", "futures"])
+@pytest.mark.parametrize("variant", ARCHITECTURES)
+def test_distributed_matches_local_and_transformers(models, sharded, variant, transport):
+    remote = models(variant, transport)
+    local = nd.load(sharded(variant))
+    hf = build_hf_model(variant)
+    ids, mask = padded_batch((5, 9, 13), seed=1)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    real = mask.bool()
+    with torch.no_grad():
+        expected_logits = hf(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        expected = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
+    logits = remote.forward(ids, mask)
+    torch.testing.assert_close(logits[real], expected_logits[real], atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits[real], local.forward(ids, mask)[real], atol=1e-5, rtol=0)
+    out = remote.generate(ids, mask, max_new_tokens=24)
+    assert torch.equal(out, local.generate(ids, mask, max_new_tokens=24))
+    assert torch.equal(out[:, ids.shape[1]:], expected[:, ids.shape[1]:])
+
+
+def test_every_worker_serves_and_every_expert_has_two_replicas(models, shared_cluster):
+    cluster, client = shared_cluster
+    model = models("mixtral", "direct")
+    routes = model.executor.fetch_routes().routes
+    assert all(len(set(ws)) == 2 for ws in routes.values())
+    model.generate([[5, 6, 7, 8]], max_new_tokens=8)
+    served = [worker_status(client, a)["calls_served"] for a in cluster.scheduler.workers]
+    assert all(n > 0 for n in served), served
+
+
+def test_bundled_adder_answers_over_the_cluster(shared_cluster):
+    from neuro_dask.demo.addition import ASSET_DIR
+
+    _, client = shared_cluster
+    with nd.load(ASSET_DIR, client=client) as model:
+        assert model.generate_text(["123+456=", "999+1="], max_new_tokens=5) == ["579", "1000"]
