@@ -36,7 +36,8 @@ def parse_bytes(value: Any, field: str) -> int:
 
 
 def _build(cls, section: str, overrides: Mapping[str, Any] | None):
-    raw = dict(dask.config.get(f"neuro.{section}", default={}) or {})
+    # Dask treats - and _ alike (DASK_NEURO__WORKER__CACHE_DIR arrives as cache_dir): so do we.
+    raw = {k.replace("_", "-"): v for k, v in (dask.config.get(f"neuro.{section}", default={}) or {}).items()}
     raw.update({k.replace("_", "-"): v for k, v in (overrides or {}).items() if v is not None})
     known = {f.name.replace("_", "-"): f.name for f in fields(cls)}
     unknown = sorted(set(raw) - set(known))

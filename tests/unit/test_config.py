@@ -94,3 +94,21 @@ def test_invalid_json_is_a_config_error(tmp_path):
 def test_qwen_sliding_window_is_refused_not_silently_ignored():
     with pytest.raises(ConfigFieldError, match="use_sliding_window"):
         MoEConfig.from_hf(dict(RAW["qwen2_moe"], use_sliding_window=True))
+
+
+def test_settings_take_dask_config_with_either_spelling_and_reject_unknown_keys():
+    import dask
+
+    from neuro_dask.settings import ClientSettings, WorkerSettings, parse_bytes
+
+    with dask.config.set({"neuro.worker.cache_dir": "/tmp/x", "neuro.worker.memory-budget": "2GiB"}):
+        s = WorkerSettings.load()
+    assert s.cache_dir == "/tmp/x" and s.budget_bytes(10**12) == 2 * 2**30
+    assert WorkerSettings.load(memory_budget=None).budget_bytes(1000) == 500
+    with dask.config.set({"neuro.client.deadlin": 3}):
+        with pytest.raises(ConfigFieldError, match="deadlin"):
+            ClientSettings.load()
+    with pytest.raises(ConfigFieldError, match="transport"):
+        ClientSettings.load(transport="carrier-pigeon")
+    with pytest.raises(ConfigFieldError, match="memory-budget"):
+        parse_bytes("lots", "memory-budget")

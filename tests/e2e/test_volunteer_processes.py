@@ -1,0 +1,68 @@
+"""The volunteer path for real: `dask scheduler --preload neuro_scheduler`, two
+`dask worker --preload neuro_worker` processes (one through `neuro-dask worker`), and a client."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from distributed import Client
+
+import neuro_dask as nd
+from tiny_models import padded_batch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def processes(tmp_path):
+    procs = []
+
+    def spawn(*argv):
+        log = open(tmp_path / f"proc-{len(procs)}.log", "w")
+        proc = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=dict(os.environ, DASK_NEURO__WORKER__CACHE_DIR=str(tmp_path / f"cache{len(procs)}")))
+        procs.append((proc, log))
+        return proc
+
+    yield spawn
+    for proc, log in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def test_cli_scheduler_two_workers_and_a_client_generate_like_local(processes, sharded, tmp_path):
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    dask_cli = [sys.executable, "-m", "dask"]
+    processes(*dask_cli, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0",
+              "--preload", "neuro_scheduler")
+    processes(*dask_cli, "worker", address, "--nthreads", "1", "--preload", "neuro_worker",
+              "--neuro-no-benchmark")
+    processes(sys.executable, "-m", "neuro_dask.cli", "worker", address, "--memory-budget", "512MiB",
+              "--owner", "volunteer-b", "--no-dashboard")
+    ids, mask = padded_batch((5, 9, 13), seed=6)
+    expected = nd.load(sharded("qwen2_moe")).generate(ids, mask, max_new_tokens=24)
+    with Client(address, timeout=60) as client:
+        client.wait_for_workers(2, timeout=120)
+        with nd.load(sharded("qwen2_moe"), client=client) as model:
+            assert torch.equal(model.generate(ids, mask, max_new_tokens=24), expected)
+            status = client.sync(client.scheduler.neuro_status)
+    owners = sorted(w["owner"] for w in status["workers"].values())
+    assert owners == ["", "volunteer-b"]
+    assert all(w["serving"] for w in status["workers"].values())
+    assert any(w["memory_budget"] == 512 * 2**20 for w in status["workers"].values())
