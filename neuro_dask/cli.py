@@ -202,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
+    if not args.verbose:  # Dask logs cluster start and shutdown at INFO, tracebacks included
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     if extra and not getattr(args, "passthrough", False):
         build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

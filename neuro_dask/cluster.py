@@ -33,4 +33,7 @@ def connect(scheduler: str | None = None, **cluster_options) -> tuple[Client, Lo
     if scheduler:
         return Client(scheduler), None
     cluster = local_cluster(**cluster_options)
-    return Client(cluster), cluster
+    client = Client(cluster)
+    # Publish only once every worker is in: placement spreads experts over the workers it sees.
+    client.wait_for_workers(len(cluster.worker_spec), timeout=120)
+    return client, cluster

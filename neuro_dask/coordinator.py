@@ -59,6 +59,7 @@ class RouteSnapshot:
     version: int
     routes: dict[tuple[int, int], tuple[str, ...]]  # (layer, expert) -> serving workers, fastest first
     missing: tuple[tuple[int, int], ...]  # experts with no serving replica
+    pending: tuple[tuple[int, int], ...] = ()  # experts whose planned replicas are not all serving yet
 
 
 class Coordinator:
@@ -122,7 +123,7 @@ class Coordinator:
     def routes(self, model_id: str) -> RouteSnapshot:
         model = self.models[model_id]
         routes: dict[tuple[int, int], tuple[str, ...]] = {}
-        missing = []
+        missing, pending = [], []
         for le in sorted(model.experts):
             key = (model_id, *le)
             planned = self.placement.workers_for(key) if self.placement else ()
@@ -133,7 +134,9 @@ class Coordinator:
             routes[le] = serving + extra
             if not routes[le]:
                 missing.append(le)
-        return RouteSnapshot(self.version, routes, tuple(missing))
+            if len(serving) < len(planned):
+                pending.append(le)
+        return RouteSnapshot(self.version, routes, tuple(missing), tuple(pending))
 
     # ---- planning ------------------------------------------------------------------------------
 

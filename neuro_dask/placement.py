@@ -152,8 +152,8 @@ def plan_placement(
        its experts re-homed and a joining one receives only replicas some expert lacks; nothing
        is moved to re-balance.
     5. A new replica goes to a feasible worker (room, not already hosting the expert) of an
-       unused owner if any, best score first: speed * free_bytes / memory_budget (0 for a zero
-       budget), ties by address.
+       unused owner if any, best score first: speed * free_bytes / memory_budget / (1 + experts
+       it hosts) (0 for a zero budget), ties by address.
     6. Experts are served hot first, then larger bytes first, then key order; new replicas are
        added in rounds (every expert's 1st, then every expert's 2nd, ...) so scarce memory
        gives each expert one copy before any gets a second.
@@ -261,6 +261,7 @@ class _Ledger:
         self.workers = by_addr
         self.excluded = excluded
         self.free = {addr: w.memory_budget for addr, w in by_addr.items()}
+        self.hosted = dict.fromkeys(by_addr, 0)
         self.hosts: dict[ExpertKey, list[str]] = {spec.key: [] for spec in experts}
         self.owners: dict[ExpertKey, set[str]] = {spec.key: set() for spec in experts}
 
@@ -272,13 +273,20 @@ class _Ledger:
 
     def assign(self, addr: str, spec: ExpertSpec) -> None:
         self.free[addr] -= spec.bytes
+        self.hosted[addr] += 1
         self.hosts[spec.key].append(addr)
         self.owners[spec.key].add(self.workers[addr].owner_id)
 
     def score(self, addr: str) -> float:
-        """Rule 5: speed-weighted free fraction of the budget; a zero budget scores 0."""
+        """Rule 5: speed x free fraction of the budget / (1 + experts hosted); a zero budget scores 0.
+
+        The count term spreads experts when they are small against the budgets (the usual case:
+        MBs of experts, GBs of RAM), where the free fraction alone would pile every expert on the
+        two fastest workers."""
         budget = self.workers[addr].memory_budget
-        return self.workers[addr].speed * self.free[addr] / budget if budget else 0.0
+        if not budget:
+            return 0.0
+        return self.workers[addr].speed * self.free[addr] / budget / (1 + self.hosted[addr])
 
 
 def _keep_previous(
@@ -315,15 +323,15 @@ def _add_replicas(order: Sequence[ExpertSpec], targets: Mapping[ExpertKey, int],
             index.refresh(addr)
 
 
-_Entry = tuple  # (-score, address, free bytes when listed): heap order is rule 5's preference
+_Entry = tuple  # (-score, address, free bytes and hosted count when listed): heap order is rule 5's
 
 
 class _WorkerIndex:
     """Workers grouped by owner for rule 5's choice, without scanning every worker per replica.
 
     Each owner's workers sit in a heap by (-score, address); owners sit in a heap by their best
-    worker. Entries go stale instead of being removed: a worker entry when its free bytes change
-    (free only shrinks, so an old value never comes back), an owner entry when its version is
+    worker. Entries go stale instead of being removed: a worker entry when its hosted count
+    changes (it only grows, so an old value never comes back), an owner entry when its version is
     bumped. Only the chosen worker changes per step, so one push per step keeps both heaps right.
     Skipping the expert's own owners then costs one pop per used owner, not one per worker.
     """
@@ -344,10 +352,10 @@ class _WorkerIndex:
         self.listed_free = dict(ledger.free)
 
     def _entry(self, addr: str) -> _Entry:
-        return (-self.ledger.score(addr), addr, self.ledger.free[addr])
+        return (-self.ledger.score(addr), addr, self.ledger.free[addr], self.ledger.hosted[addr])
 
     def _is_stale(self, entry: _Entry) -> bool:
-        return entry[2] != self.ledger.free[entry[1]]
+        return entry[2] != self.ledger.free[entry[1]] or entry[3] != self.ledger.hosted[entry[1]]
 
     def _top(self, owner: str) -> tuple[float, str]:
         """(-score, address) of the owner's best worker; every worker keeps one live entry."""
@@ -357,13 +365,12 @@ class _WorkerIndex:
         return group[0][:2]
 
     def refresh(self, addr: str) -> None:
-        """Re-list a worker whose free bytes changed."""
+        """Re-list a worker after it took an expert (its score fell: fewer free bytes, one more hosted)."""
         old, new = self.listed_free[addr], self.ledger.free[addr]
-        if new == old:  # a 0-byte expert: the live entry is still right, a push would duplicate it
-            return
-        del self.frees[bisect_left(self.frees, old)]
-        insort(self.frees, new)
-        self.listed_free[addr] = new
+        if new != old:
+            del self.frees[bisect_left(self.frees, old)]
+            insort(self.frees, new)
+            self.listed_free[addr] = new
         owner = self.ledger.workers[addr].owner_id
         heapq.heappush(self.groups[owner], self._entry(addr))
         self.version[owner] += 1

@@ -84,7 +84,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         snap = self.coordinator.routes(model)
         return {"status": "OK", "version": snap.version,
                 "routes": [[l, e, list(ws)] for (l, e), ws in snap.routes.items()],
-                "missing": [list(k) for k in snap.missing]}
+                "missing": [list(k) for k in snap.missing], "pending": [list(k) for k in snap.pending]}
 
     def experts_loaded(self, worker: str, model: str, loaded: list, failed: list) -> dict[str, Any]:
         self.coordinator.experts_loaded(worker, model, [tuple(p) for p in loaded])

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import click
+from distributed.core import Status
 
 from neuro_dask.errors import NeuroDaskError
 from neuro_dask.runtime.expert_host import ExpertHost
@@ -83,7 +84,10 @@ class NeuroWorker:
             return encode_error(f"{type(exc).__name__}: {exc}")
 
     async def handle_expert(self, **msg) -> dict[str, Any]:
-        return await asyncio.get_running_loop().run_in_executor(self._compute, self.serve, msg)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._compute, self.serve, msg)
+        except RuntimeError:  # the executor is shut down: this worker is closing
+            return encode_error(f"{self.worker.address} is closing")
 
     async def handle_assign(self, model: str, store_url: str, experts: list) -> dict[str, Any]:
         pairs = [(int(l), int(e)) for l, e in experts]
@@ -91,8 +95,11 @@ class NeuroWorker:
         return {"status": "OK"}
 
     async def _load_and_report(self, model: str, store_url: str, pairs: list[tuple[int, int]]) -> None:
-        result = await asyncio.get_running_loop().run_in_executor(
-            self._loader, self.host.load, model, store_url, pairs)
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(
+                self._loader, self.host.load, model, store_url, pairs)
+        except RuntimeError:  # the executor is shut down: this worker is closing
+            return
         failed = [[l, e, why] for (l, e), why in result.failed.items()]
         if failed:
             self.worker.log_event("neuro", {"action": "load-failed", "model": model, "failed": failed[:20]})
@@ -100,8 +107,9 @@ class NeuroWorker:
             await self.worker.scheduler.neuro_experts_loaded(
                 worker=self.worker.address, model=model,
                 loaded=[list(p) for p in result.loaded], failed=failed)
-        except Exception:
-            log.warning("could not tell the scheduler which experts are loaded", exc_info=True)
+        except Exception as exc:
+            if self.worker.status == Status.running:  # while closing, the scheduler is gone anyway
+                log.warning("could not tell the scheduler which experts are loaded: %s", exc)
 
     def handle_drop(self, model: str, experts: list) -> dict[str, Any]:
         self.host.drop(model, [(int(l), int(e)) for l, e in experts])

@@ -80,13 +80,23 @@ def publish(client: Client, store_url: str) -> dict[str, Any]:
     return reply
 
 
-def wait_until_served(client: Client, model_id: str, timeout: float, clock=time.monotonic) -> RouteTable:
-    """Poll the scheduler until every expert has a serving replica; a progress bar on a terminal."""
+def wait_until_served(client: Client, model_id: str, timeout: float, clock=time.monotonic,
+                      redundancy_grace: float = 10.0) -> RouteTable:
+    """Poll the scheduler until every expert has a serving replica; a progress bar on a terminal.
+
+    Once every expert is served, wait up to `redundancy_grace` more seconds for the planned
+    replicas still loading, so the first generation already has a replica to fall back on.
+    """
     started = clock()
+    served_at = None
     bar = None
     while True:
-        table = RouteTable.from_message(client.sync(client.scheduler.neuro_routes, model=model_id))
+        msg = client.sync(client.scheduler.neuro_routes, model=model_id)
+        table = RouteTable.from_message(msg)
         total, missing = len(table.routes), table.missing
+        if not missing and msg.get("pending") and clock() - (served_at := served_at or clock()) < redundancy_grace:
+            time.sleep(0.05)  # poll
+            continue
         if bar is None and missing:
             bar = tqdm(total=total, desc="experts served", unit="expert", disable=not sys.stderr.isatty())
         if bar is not None:

@@ -171,6 +171,15 @@ def test_score_weights_speed_by_free_fraction_of_budget():
     assert p.workers_for(K(1)) == ("a",)
 
 
+def test_small_experts_spread_over_workers_of_different_speeds():
+    # Budgets dwarf the experts: the free fraction barely moves, the hosted count must spread them.
+    ws = [W("a", 10**12, 1.0), W("b", 10**12, 2.0), W("c", 10**12, 3.0)]
+    p = plan_placement(experts(16), ws, PlacementPolicy(replicas=2))
+    counts = {w: len(v) for w, v in p.assignments().items()}
+    assert all(counts.values()), counts
+    assert counts["c"] >= counts["b"] >= counts["a"]
+
+
 def test_load_spreads_over_workers():
     p = plan_placement(experts(40), workers(8, budget=10_000), PlacementPolicy(replicas=2))
     counts = [len(v) for v in p.assignments().values()]
@@ -481,7 +490,8 @@ def scan_plan(es, ws, policy):
 
             def key(a):
                 budget = by_addr[a].memory_budget
-                return (-(by_addr[a].speed * free[a] / budget if budget else 0.0), a)
+                hosted = sum(a in h for h in hosts.values())
+                return (-(by_addr[a].speed * free[a] / budget / (1 + hosted) if budget else 0.0), a)
 
             if fresh or feasible:
                 best = min(fresh or feasible, key=key)
