@@ -31,15 +31,19 @@ def test_shard_then_inspect_then_generate(hf_checkpoint, tmp_path):
     assert "active per token" in run("inspect", dst).stdout
 
 
-def test_demo_answers_held_out_problems():
-    out = run("demo", "-n", "100", "--show", "3")
-    assert "exact match on 100 held-out problems" in out.stdout
+@pytest.mark.parametrize("args", [[], ["--transport", "futures", "--workers", "2"], ["--local"]])
+def test_demo_answers_held_out_problems(args):
+    out = run("demo", "-n", "60", "--show", "3", *args)
+    assert "exact match on 60 held-out problems" in out.stdout
     pct = float(out.stdout.split("held-out problems: ")[1].split("%")[0])
     assert pct >= 95.0
+    if "--local" not in args:
+        assert "dashboard: http" in out.stdout and "tokens/s" in out.stdout
+        assert "Traceback" not in out.stderr
 
 
 def test_demo_with_prompts():
-    out = run("demo", "--prompt", "12+30=", "999+1=")
+    out = run("demo", "--prompt", "12+30=", "999+1=", "--workers", "2")
     assert out.stdout.splitlines()[-2:] == ["12+30=42", "999+1=1000"]
 
 
