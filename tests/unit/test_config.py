@@ -112,3 +112,19 @@ def test_settings_take_dask_config_with_either_spelling_and_reject_unknown_keys(
         ClientSettings.load(transport="carrier-pigeon")
     with pytest.raises(ConfigFieldError, match="memory-budget"):
         parse_bytes("lots", "memory-budget")
+
+
+def test_configs_example_lists_exactly_the_settings_and_defaults_the_code_has():
+    from pathlib import Path
+
+    import yaml
+
+    from neuro_dask.settings import ClientSettings, SchedulerSettings, WorkerSettings
+
+    root = Path(__file__).resolve().parents[2]
+    example = yaml.safe_load((root / "configs" / "neuro.yaml").read_text())["neuro"]
+    packaged = yaml.safe_load((root / "neuro_dask" / "neuro.yaml").read_text())["neuro"]
+    assert example == packaged
+    for section, cls in (("worker", WorkerSettings), ("scheduler", SchedulerSettings), ("client", ClientSettings)):
+        assert {f.replace("_", "-") for f in cls.__dataclass_fields__} == set(example[section])
+        assert cls.load() == cls(**{k.replace("-", "_"): v for k, v in example[section].items()})
