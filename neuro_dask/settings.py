@@ -90,13 +90,14 @@ class ClientSettings:
     deadline: float = 10.0
     connect_timeout: float = 3.0
     suspect_cooldown: float = 30.0
+    routes_refresh: float = 5.0
     missing_expert_wait: float = 20.0
     load_timeout: float = 120.0
 
     def __post_init__(self) -> None:
         if self.transport not in ("direct", "futures"):
             raise ConfigFieldError("neuro.client", "transport", f"must be 'direct' or 'futures', got {self.transport!r}")
-        for name in ("deadline", "connect_timeout", "suspect_cooldown", "missing_expert_wait", "load_timeout"):
+        for name in ("deadline", "connect_timeout", "suspect_cooldown", "routes_refresh", "missing_expert_wait", "load_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigFieldError("neuro.client", name.replace("_", "-"), "must be a positive number of seconds")
 

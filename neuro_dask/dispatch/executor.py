@@ -41,6 +41,7 @@ class DistributedExecutor:
 
     def fetch_routes(self) -> RouteTable:
         msg = self.client.sync(self.client.scheduler.neuro_routes, model=self.model_id)
+        self._routes_at = self.clock()
         return RouteTable.from_message(msg)
 
     def _report_unreachable(self, worker: str, layer: int, experts: list[int]) -> None:
@@ -54,6 +55,8 @@ class DistributedExecutor:
         pending = dict(groups)
         results: dict[int, torch.Tensor] = {}
         now = self.clock()
+        if now - self._routes_at > self.settings.routes_refresh:  # new replicas, re-placed experts
+            self.routes = self.fetch_routes()
         self.suspects = {w: until for w, until in self.suspects.items() if until > now}
         exclude: set[str] = set(self.suspects)
         waited_since: float | None = None

@@ -46,16 +46,21 @@ def test_worker_closed_mid_generation_changes_no_token(sharded, tmp_path):
 def test_joining_worker_receives_experts_and_serves(sharded, tmp_path):
     ids, mask = padded_batch((4, 7), seed=3)
     expected = nd.load(sharded("qwen3_moe")).generate(ids, mask, max_new_tokens=16)
-    with neuro_cluster(2, replicas=3, tmp_path=tmp_path) as (cluster, client), \
+    with dask.config.set({"neuro.client.routes-refresh": 0.2}), \
+            neuro_cluster(2, replicas=3, tmp_path=tmp_path) as (cluster, client), \
             nd.load(sharded("qwen3_moe"), client=client) as model:
         before = set(cluster.scheduler.workers)
         cluster.scale(3)
         _poll(lambda: len(cluster.scheduler.workers) == 3, what="the third worker")
         (new,) = set(cluster.scheduler.workers) - before
         _poll(lambda: scheduler_status(client)["workers"][new]["serving"], what="the new worker to serve")
-        model.executor.routes = model.executor.fetch_routes()
-        assert torch.equal(model.generate(ids, mask, max_new_tokens=16), expected)
-        assert worker_status(client, new)["calls_served"] > 0
+
+        def generates_right_and_reaches_the_new_worker():
+            assert torch.equal(model.generate(ids, mask, max_new_tokens=16), expected)
+            return worker_status(client, new)["calls_served"] > 0
+
+        # No manual refresh: the client's routes age past routes-refresh and pick the worker up.
+        _poll(generates_right_and_reaches_the_new_worker, what="calls to reach the new worker")
 
 
 def test_all_replicas_gone_raises_a_clear_error(sharded, tmp_path):
