@@ -38,11 +38,23 @@ class DistributedExecutor:
         self.calls = 0
         self.resent = 0
         self.suspects: dict[str, float] = {}  # worker -> until when it is skipped
+        self.load: dict[tuple[int, int], int] = {}  # (layer, expert) -> rows since the last report
 
     def fetch_routes(self) -> RouteTable:
         msg = self.client.sync(self.client.scheduler.neuro_routes, model=self.model_id)
         self._routes_at = self.clock()
         return RouteTable.from_message(msg)
+
+    def _report_load(self) -> None:
+        """Tell the scheduler how many rows each expert got, so it can add replicas to hot ones."""
+        if not self.load:
+            return
+        load, self.load = self.load, {}
+        try:
+            self.client.sync(self.client.scheduler.neuro_report_load, model=self.model_id,
+                             load=[[l, e, n] for (l, e), n in load.items()])
+        except Exception:  # best effort: placement works without it
+            log.debug("could not report expert load", exc_info=True)
 
     def _report_unreachable(self, worker: str, layer: int, experts: list[int]) -> None:
         try:
@@ -56,7 +68,10 @@ class DistributedExecutor:
         results: dict[int, torch.Tensor] = {}
         now = self.clock()
         if now - self._routes_at > self.settings.routes_refresh:  # new replicas, re-placed experts
+            self._report_load()
             self.routes = self.fetch_routes()
+        for e, rows in groups.items():
+            self.load[(layer, e)] = self.load.get((layer, e), 0) + rows.shape[0]
         self.suspects = {w: until for w, until in self.suspects.items() if until > now}
         exclude: set[str] = set(self.suspects)
         waited_since: float | None = None

@@ -62,3 +62,16 @@ def test_bundled_adder_answers_over_the_cluster(shared_cluster):
     _, client = shared_cluster
     with nd.load(ASSET_DIR, client=client) as model:
         assert model.generate_text(["123+456=", "999+1="], max_new_tokens=5) == ["579", "1000"]
+
+
+def test_clients_report_expert_load_to_the_scheduler(shared_cluster, sharded):
+    import dask
+
+    cluster, client = shared_cluster
+    with dask.config.set({"neuro.client.routes-refresh": 0.001}), \
+            nd.load(sharded("olmoe"), client=client) as model:
+        model.generate([[5, 6, 7, 8, 9]], max_new_tokens=6)
+        model_id = model.executor.model_id
+    load = cluster.scheduler.extensions["neuro"].coordinator.load
+    reported = {k: v for k, v in load.items() if k[0] == model_id}
+    assert reported and all(v > 0 for v in reported.values())

@@ -1,0 +1,84 @@
+"""The scheduler's decisions, without a scheduler: events in, actions out."""
+
+from __future__ import annotations
+
+from neuro_dask.coordinator import Coordinator, DropExperts, LoadExperts, PublishedModel
+from neuro_dask.placement import PlacementPolicy, WorkerCapacity
+
+MODEL = PublishedModel("m", "/store", {(0, e): 100 for e in range(4)} | {(1, e): 100 for e in range(4)})
+
+
+def W(addr, speed=1.0, owner=""):
+    return WorkerCapacity(addr, 10_000, speed, owner)
+
+
+def loads(actions):
+    return {a.worker: set(a.experts) for a in actions if isinstance(a, LoadExperts)}
+
+
+def coordinator(workers=("a", "b", "c"), replicas=2):
+    c = Coordinator(PlacementPolicy(replicas=replicas))
+    for w in workers:
+        c.worker_joined(W(w))
+    return c
+
+
+def test_publishing_tells_workers_to_load_every_expert_twice():
+    c = coordinator()
+    actions = c.model_published(MODEL)
+    assert all(isinstance(a, LoadExperts) and a.store_url == "/store" for a in actions)
+    placed = [(w, le) for w, les in loads(actions).items() for le in les]
+    assert len(placed) == 16 and {le for _, le in placed} == set(MODEL.experts)
+
+
+def test_routes_list_only_replicas_that_reported_loaded():
+    c = coordinator()
+    actions = loads(c.model_published(MODEL))
+    assert c.routes("m").missing == tuple(sorted(MODEL.experts))
+    worker, experts = next(iter(actions.items()))
+    c.experts_loaded(worker, "m", experts)
+    snap = c.routes("m")
+    assert all(snap.routes[le] == (worker,) for le in experts)
+    assert set(snap.missing) == set(MODEL.experts) - experts
+    assert set(snap.pending) >= set(experts)  # their second replica is not loaded yet
+
+
+def test_a_leaving_worker_gets_its_experts_re_placed_on_the_others():
+    c = coordinator(("a", "b", "c", "d"))
+    first = loads(c.model_published(MODEL))
+    for w, les in first.items():
+        c.experts_loaded(w, "m", les)
+    actions = loads(c.worker_left("a"))
+    assert set().union(*actions.values()) == first.get("a", set())
+    assert "a" not in actions
+    assert all("a" not in ws for ws in c.routes("m").routes.values())
+
+
+def test_a_failed_load_is_never_planned_on_that_worker_again():
+    c = coordinator()
+    first = loads(c.model_published(MODEL))
+    worker, experts = next(iter(first.items()))
+    bad = sorted(experts)[0]
+    actions = c.load_failed(worker, "m", [bad])
+    new_homes = [w for w, les in loads(actions).items() if bad in les]
+    assert new_homes and worker not in new_homes
+    assert worker not in c.placement.workers_for(("m", *bad))
+
+
+def test_unreachable_report_stops_routing_until_reloaded():
+    c = coordinator()
+    for w, les in loads(c.model_published(MODEL)).items():
+        c.experts_loaded(w, "m", les)
+    le = (0, 0)
+    victim = c.routes("m").routes[le][0]
+    c.worker_unreachable(victim, "m", [le])
+    assert victim not in c.routes("m").routes[le]
+
+
+def test_hot_experts_get_an_extra_replica():
+    c = coordinator(("a", "b", "c", "d"))
+    c.model_published(MODEL)
+    actions = c.report_load({("m", 0, 0): 1000.0, **{("m", *le): 1.0 for le in MODEL.experts if le != (0, 0)}})
+    assert len(c.placement.workers_for(("m", 0, 0))) == 3
+    assert any((0, 0) in les for les in loads(actions).values())
+    assert not [a for a in actions if isinstance(a, DropExperts)]
