@@ -63,7 +63,7 @@ class WorkerSettings:
             raise ConfigFieldError("neuro.worker", "device", f"must be auto, cpu, cuda or mps, got {self.device!r}")
 
     @classmethod
-    def load(cls, **overrides) -> "WorkerSettings":
+    def load(cls, **overrides) -> WorkerSettings:
         return _build(cls, "worker", overrides)
 
     def resolved_cache_dir(self) -> Path:
@@ -80,7 +80,7 @@ class SchedulerSettings:
     hot_threshold: float = 2.0
 
     @classmethod
-    def load(cls, **overrides) -> "SchedulerSettings":
+    def load(cls, **overrides) -> SchedulerSettings:
         return _build(cls, "scheduler", overrides)
 
 
@@ -102,5 +102,5 @@ class ClientSettings:
                 raise ConfigFieldError("neuro.client", name.replace("_", "-"), "must be a positive number of seconds")
 
     @classmethod
-    def load(cls, **overrides) -> "ClientSettings":
+    def load(cls, **overrides) -> ClientSettings:
         return _build(cls, "client", overrides)

@@ -24,7 +24,7 @@ class RouteTable:
     routes: Mapping[tuple[int, int], tuple[str, ...]]  # (layer, expert) -> workers, fastest first
 
     @classmethod
-    def from_message(cls, msg: Mapping[str, Any]) -> "RouteTable":
+    def from_message(cls, msg: Mapping[str, Any]) -> RouteTable:
         routes = {(int(l), int(e)): tuple(ws) for l, e, ws in msg["routes"]}
         return cls(int(msg["version"]), routes)
 

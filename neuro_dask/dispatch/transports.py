@@ -56,7 +56,7 @@ class DirectTransport:
     async def _call(self, worker: str, msg: dict[str, Any], timeout: float) -> Outcome:
         try:
             return await asyncio.wait_for(self.pool(worker).neuro_expert(**msg), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return CallTimeoutError(worker, timeout)
         except Exception as exc:  # connection refused, comm closed, remote error: all a failed call
             return exc

@@ -220,7 +220,7 @@ class MoEModel:
         if close is not None:
             close()
 
-    def __enter__(self) -> "MoEModel":
+    def __enter__(self) -> MoEModel:
         return self
 
     def __exit__(self, *exc) -> None:

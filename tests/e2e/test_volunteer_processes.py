@@ -12,9 +12,9 @@ import sys
 import pytest
 import torch
 from distributed import Client
+from tiny_models import padded_batch
 
 import neuro_dask as nd
-from tiny_models import padded_batch
 
 
 def _free_port() -> int:

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import pytest
-
 from cluster_helpers import neuro_cluster
 
 

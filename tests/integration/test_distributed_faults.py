@@ -8,14 +8,14 @@ import time
 import dask
 import pytest
 import torch
+from cluster_helpers import neuro_cluster, scheduler_status, worker_status
 from distributed import Worker
+from tiny_models import padded_batch
 
 import neuro_dask as nd
-from cluster_helpers import neuro_cluster, scheduler_status, worker_status
 from neuro_dask.dispatch.routes import ExpertUnavailableError
 from neuro_dask.store.manifest import Manifest, expert_path
 from neuro_dask.store.remote import ExpertFileCache
-from tiny_models import padded_batch
 
 
 def _poll(condition, timeout=20.0, what="condition"):

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import neuro_dask as nd
+from cluster_helpers import worker_status
 from tiny_models import ARCHITECTURES, build_hf_model, padded_batch
 
-from cluster_helpers import worker_status
+import neuro_dask as nd
 
 
 @pytest.fixture(scope="module")
