@@ -1,0 +1,1 @@
+"""Pure trust cores: validation, quorums, reputation, replication, hedging. Events in, decisions out."""
