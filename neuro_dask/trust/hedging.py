@@ -1,0 +1,85 @@
+"""Hedged duplicates and deadlines, from each worker's measured latency.
+
+Rules:
+  1. Latency is tracked per worker over its last `window` calls, per row of work
+     (seconds / rows, since a call's cost grows with the rows it carries).
+  2. Hedge: a call not answered after the worker's `hedge_quantile` (default p95) latency for
+     its size, times `hedge_slack`, goes to a second replica; the first valid answer wins.
+     A worker with fewer than `min_samples` calls uses the cluster-wide estimate, or
+     `default_latency` when nothing is known yet.
+  3. Hedges are capped: at most `hedge_cap` (default 10%) of calls may be hedged; past the cap
+     a slow call waits for its deadline instead.
+  4. Deadline: `deadline_factor` x the same estimate, never below `min_deadline`; a call past it
+     is re-sent (and counted late if it answers after all).
+Time is passed in, never read here.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from neuro_dask.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class HedgePolicy:
+    hedge_quantile: float = 0.95
+    hedge_slack: float = 1.5
+    hedge_cap: float = 0.10
+    deadline_factor: float = 10.0
+    min_deadline: float = 0.5
+    default_latency: float = 0.05  # seconds for a call of one row, before anything is measured
+    window: int = 200
+    min_samples: int = 10
+
+    def __post_init__(self) -> None:
+        if not 0 < self.hedge_quantile < 1 or not 0 <= self.hedge_cap <= 1:
+            raise ConfigError("hedge_quantile must be in (0, 1) and hedge_cap in [0, 1]")
+        if self.hedge_slack < 1 or self.deadline_factor < 1 or self.min_deadline <= 0:
+            raise ConfigError("hedge_slack and deadline_factor must be >= 1, min_deadline > 0")
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass
+class LatencyTracker:
+    policy: HedgePolicy = field(default_factory=HedgePolicy)
+    per_worker: dict[str, deque] = field(default_factory=dict)
+    everyone: deque = field(default_factory=lambda: deque(maxlen=1000))
+    calls: int = 0
+    hedges: int = 0
+
+    def observe(self, worker: str, seconds: float, rows: int) -> None:
+        per_row = seconds / max(rows, 1)
+        self.per_worker.setdefault(worker, deque(maxlen=self.policy.window)).append(per_row)
+        self.everyone.append(per_row)
+
+    def _per_row(self, worker: str) -> float:
+        mine = self.per_worker.get(worker)
+        if mine is not None and len(mine) >= self.policy.min_samples:
+            return _quantile(list(mine), self.policy.hedge_quantile)
+        if len(self.everyone) >= self.policy.min_samples:
+            return _quantile(list(self.everyone), self.policy.hedge_quantile)
+        return self.policy.default_latency
+
+    def hedge_after(self, worker: str, rows: int) -> float:
+        """Rule 2: seconds after which a call to `worker` with `rows` rows is hedged."""
+        return self._per_row(worker) * max(rows, 1) * self.policy.hedge_slack
+
+    def deadline(self, worker: str, rows: int) -> float:
+        """Rule 4."""
+        return max(self.policy.min_deadline, self._per_row(worker) * max(rows, 1) * self.policy.deadline_factor)
+
+    def count_call(self) -> None:
+        self.calls += 1
+
+    def may_hedge(self) -> bool:
+        """Rule 3: within the cap of hedged calls."""
+        return self.hedges + 1 <= self.policy.hedge_cap * max(self.calls, 1)
+
+    def count_hedge(self) -> None:
+        self.hedges += 1
