@@ -71,6 +71,7 @@ class Coordinator:
         self.serving: dict[str, set[ExpertKey]] = {}  # worker -> experts it reported loaded
         self.failed: dict[str, set[ExpertKey]] = {}  # worker -> experts it could not load (never retried there)
         self.load: dict[ExpertKey, float] = {}
+        self.anchors: set[str] = set()  # operator-trusted workers: a replica of every expert
         self.version = 0
 
     # ---- events --------------------------------------------------------------------------------
@@ -80,7 +81,12 @@ class Coordinator:
         self.serving.setdefault(capacity.address, set())
         return self._replan()
 
+    def set_anchor(self, address: str, anchor: bool = True) -> list[Action]:
+        (self.anchors.add if anchor else self.anchors.discard)(address)
+        return self._replan() if address in self.workers else []
+
     def worker_left(self, address: str) -> list[Action]:
+        self.anchors.discard(address)
         if self.workers.pop(address, None) is None:
             return []
         self.serving.pop(address, None)
@@ -147,7 +153,8 @@ class Coordinator:
         specs = [ExpertSpec((m.model_id, l, e), nbytes)
                  for m in self.models.values() for (l, e), nbytes in sorted(m.experts.items())]
         excluded = {(w, k) for w, keys in self.failed.items() for k in keys}
-        new = plan_placement(specs, self._capacities(), self.policy, self.placement, self.load, exclude=excluded)
+        new = plan_placement(specs, self._capacities(), self.policy, self.placement, self.load, exclude=excluded,
+                             anchors=self.anchors)
         actions = self._actions(diff_assignments(self.placement, new))
         self.placement = new
         self.version += 1

@@ -137,6 +137,7 @@ def plan_placement(
     previous: Placement | None = None,
     load: Mapping[ExpertKey, float] | None = None,
     exclude: Collection[tuple[str, ExpertKey]] = (),
+    anchors: Collection[str] = (),
 ) -> Placement:
     """Decide which workers host each expert.
 
@@ -163,6 +164,9 @@ def plan_placement(
        and the next joining worker will receive it. No workers gives everything unplaced.
     9. `exclude` lists (worker, expert) pairs that must never be planned (that worker failed to
        load that expert: a bad store path, a corrupt file); the expert goes elsewhere.
+    10. `anchors` (operator-trusted workers) take a replica of every expert they have room for,
+       after the previous pairs and before any other new replica; the replica counts toward the
+       expert's target.
 
     Bad input (duplicate worker addresses or expert keys, negative or non-finite load) raises
     ConfigError. Cost: O(E log E + E * R * log W) heap work in the usual case. Measured (one
@@ -181,6 +185,7 @@ def plan_placement(
     ledger = _Ledger(by_addr, experts, frozenset(exclude))
     if previous is not None:
         _keep_previous(order, previous, targets, ledger)
+    _anchor(order, sorted(a for a in anchors if a in by_addr), targets, ledger)
     _add_replicas(order, targets, ledger)
     return _to_placement(order, wanted, ledger)
 
@@ -303,6 +308,16 @@ def _keep_previous(
                     continue
                 if distinct_only and ledger.workers[addr].owner_id in ledger.owners[spec.key]:
                     continue
+                ledger.assign(addr, spec)
+
+
+def _anchor(order: Sequence[ExpertSpec], anchors: Sequence[str], targets: Mapping[ExpertKey, int],
+            ledger: _Ledger) -> None:
+    """Rule 10: every anchor (an operator-trusted worker) hosts every expert it has room for, so
+    each expert has a replica whose result can decide a quorum and serve as the fallback."""
+    for addr in anchors:
+        for spec in order:
+            if len(ledger.hosts[spec.key]) < targets[spec.key] and ledger.can_host(addr, spec):
                 ledger.assign(addr, spec)
 
 

@@ -55,6 +55,7 @@ class WorkerSettings:
     backend: str = "torch"
     owner: str = ""
     benchmark: bool = True
+    adversary: Any = None
 
     def __post_init__(self) -> None:
         if self.backend != "torch":
@@ -78,6 +79,13 @@ class SchedulerSettings:
     replicas: int = 2
     hot_extra_replicas: int = 1
     hot_threshold: float = 2.0
+    trusted: tuple = ()
+    reputation_file: str | None = None
+    min_reputation: float = 0.5
+    establish_after: int = 20
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "trusted", tuple(str(w) for w in self.trusted or ()))
 
     @classmethod
     def load(cls, **overrides) -> SchedulerSettings:
@@ -91,6 +99,8 @@ class ClientSettings:
     connect_timeout: float = 3.0
     suspect_cooldown: float = 30.0
     routes_refresh: float = 5.0
+    trust: bool = False
+    seed: int | None = None
     missing_expert_wait: float = 20.0
     load_timeout: float = 120.0
 

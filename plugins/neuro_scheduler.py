@@ -8,6 +8,8 @@ become messages to workers. Handlers:
   neuro_experts_loaded(worker, model, loaded, failed)   a worker reports what it can serve
   neuro_unreachable(worker, model, experts)             a client could not get an answer
   neuro_report_load(model, load)        clients report how often each expert was called
+  neuro_report_outcomes(model, outcomes)   clients report judged replies (trust layer)
+  neuro_trust(worker, trusted)          the operator marks a worker trusted (or not)
   neuro_status()                        workers, models and placement, for tools and tests
 
 Options (preload arguments, or Dask config under `neuro.scheduler`):
@@ -17,7 +19,10 @@ Options (preload arguments, or Dask config under `neuro.scheduler`):
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import time
 from typing import Any
 
 import click
@@ -29,6 +34,7 @@ from neuro_dask.placement import PlacementPolicy, WorkerCapacity
 from neuro_dask.settings import SchedulerSettings
 from neuro_dask.store.remote import read_manifest
 from neuro_dask.store.summary import summarize
+from neuro_dask.trust.reputation import Reputation, ReputationPolicy
 
 log = logging.getLogger("neuro_dask.scheduler")
 
@@ -42,7 +48,10 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         self.coordinator = Coordinator(PlacementPolicy(settings.replicas, settings.hot_extra_replicas,
                                                        settings.hot_threshold))
         self._tasks: set[asyncio.Task] = set()
+        self.reputation = self._load_reputation()
+        self.identity: dict[str, str] = {}  # address -> worker name: reputation follows the name
         scheduler.handlers.update({
+            "neuro_report_outcomes": self.report_outcomes, "neuro_trust": self.trust,
             "neuro_publish": self.publish, "neuro_routes": self.routes,
             "neuro_experts_loaded": self.experts_loaded, "neuro_unreachable": self.unreachable,
             "neuro_report_load": self.report_load, "neuro_status": self.status,
@@ -52,14 +61,24 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
     # ---- Dask hooks -> events ----------------------------------------------------------------
 
     def add_worker(self, scheduler, worker: str) -> None:
-        info = scheduler.workers[worker].extra.get("neuro")
+        ws = scheduler.workers[worker]
+        info = ws.extra.get("neuro")
         if not info:
             return  # a plain Dask worker: it runs ordinary tasks, hosts no experts
         capacity = WorkerCapacity(worker, int(info["memory_budget"]), float(info["speed"]) or 1.0,
                                   str(info.get("owner") or ""))
+        name = self.identity[worker] = str(ws.name)
+        trusted = name in self.settings.trusted or worker in self.settings.trusted
+        change = self.reputation.join(name, capacity.owner, trusted=trusted, now=time.time())
+        self._publish_change(change)
+        if self.reputation.record(name).trusted:
+            self.coordinator.anchors.add(worker)
         self._enact(self.coordinator.worker_joined(capacity))
 
     def remove_worker(self, scheduler, worker: str, **kwargs) -> None:
+        name = self.identity.pop(worker, None)
+        if name is not None:
+            self.reputation.leave(name, time.time())
         self._enact(self.coordinator.worker_left(worker))
 
     # ---- handlers ------------------------------------------------------------------------------
@@ -82,8 +101,11 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         if model not in self.coordinator.models:
             return {"status": "error", "message": f"model {model!r} is not published on this scheduler"}
         snap = self.coordinator.routes(model)
+        score = {a: self.reputation.score(n) for a, n in self.identity.items()}
+        ranked = {le: sorted(ws, key=lambda w: -score.get(w, 0.5)) for le, ws in snap.routes.items()}  # stable
         return {"status": "OK", "version": snap.version,
-                "routes": [[l, e, list(ws)] for (l, e), ws in snap.routes.items()],
+                "routes": [[l, e, list(ws)] for (l, e), ws in ranked.items()],
+                "standing": {a: self._standing(a) for a in {w for ws in ranked.values() for w in ws}},
                 "missing": [list(k) for k in snap.missing], "pending": [list(k) for k in snap.pending]}
 
     def experts_loaded(self, worker: str, model: str, loaded: list, failed: list) -> dict[str, Any]:
@@ -103,11 +125,66 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         self._enact(self.coordinator.report_load({(model, int(l), int(e)): float(n) for l, e, n in load}))
         return {"status": "OK"}
 
+    # ---- reputation ----------------------------------------------------------------------------
+
+    def _standing(self, address: str) -> dict[str, Any]:
+        name = self.identity.get(address, address)
+        r = self.reputation.record(name)
+        return {"trusted": r.trusted, "established": r.established, "consecutive_valid": r.consecutive_valid,
+                "owner": r.owner, "score": r.score, "routable": r.routable}
+
+    def report_outcomes(self, model: str, outcomes: list) -> dict[str, Any]:
+        """Clients report every judged reply; reputation moves, and each move is a Dask event."""
+        now = time.time()
+        events = {"validated": self.reputation.validated, "invalid": self.reputation.invalid,
+                  "late": self.reputation.late, "timeout": self.reputation.timeout, "error": self.reputation.crash}
+        for worker, kind, cause_id, layer, expert in outcomes:
+            if kind not in events or worker not in self.identity:
+                continue
+            change = events[kind](self.identity[worker], str(cause_id), now)
+            if kind != "validated" or change.before < self.reputation.policy.min_reputation <= change.after:
+                self.scheduler.log_event("neuro-trust", {"action": kind, "worker": worker, "model": model,
+                                                         "layer": layer, "expert": expert, "cause_id": cause_id,
+                                                         "reputation": change.after})
+        self._save_reputation()
+        return {"status": "OK"}
+
+    def trust(self, worker: str, trusted: bool = True) -> dict[str, Any]:
+        address = next((a for a, n in self.identity.items() if worker in (a, n)), worker)
+        name = self.identity.get(address, worker)
+        self._publish_change(self.reputation.mark_trusted(name, trusted))
+        self._enact(self.coordinator.set_anchor(address, trusted))
+        self._save_reputation()
+        return {"status": "OK", "worker": name, "trusted": trusted}
+
+    def _publish_change(self, change) -> None:
+        self.scheduler.log_event("neuro-trust", {"action": change.cause, "worker": change.worker,
+                                                 "reputation": change.after, "cause_id": change.cause_id})
+
+    def _load_reputation(self) -> Reputation:
+        policy = ReputationPolicy(establish_after=self.settings.establish_after,
+                                  min_reputation=self.settings.min_reputation)
+        path = self.settings.reputation_file
+        if path and os.path.exists(path):
+            with open(path) as fh:
+                return Reputation.from_dict(json.load(fh), policy)
+        return Reputation(policy)
+
+    def _save_reputation(self) -> None:
+        path = self.settings.reputation_file
+        if not path:
+            return
+        tmp = f"{path}.partial"
+        with open(tmp, "w") as fh:
+            json.dump(self.reputation.to_dict(), fh)
+        os.replace(tmp, path)  # atomic: a crash mid-write keeps the previous file
+
     def status(self) -> dict[str, Any]:
         c = self.coordinator
         return {
             "workers": {a: {"speed": w.speed, "memory_budget": w.memory_budget, "owner": w.owner,
-                            "serving": sorted([list(k) for k in c.serving.get(a, ())])}
+                            "serving": sorted([list(k) for k in c.serving.get(a, ())]),
+                            "name": self.identity.get(a, a), **{f"trust_{k}": v for k, v in self._standing(a).items()}}
                         for a, w in c.workers.items()},
             "models": {m: {"store_url": p.store_url, "experts": len(p.experts), "summary": p.summary}
                        for m, p in c.models.items()},

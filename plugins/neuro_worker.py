@@ -11,11 +11,13 @@ Options (preload arguments, or Dask config under `neuro.worker`):
   --neuro-device D         auto | cpu | cuda | mps
   --neuro-owner ID         owner id: replicas of one expert never share an owner
   --neuro-no-benchmark     skip the expert-FFN micro-benchmark at start
+  --neuro-adversary JSON   drills only: behave as an adversary (neuro_dask/testing/adversary.py)
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -28,6 +30,7 @@ from neuro_dask.runtime.expert_host import ExpertHost
 from neuro_dask.runtime.expert_memory import ExpertMemory
 from neuro_dask.runtime.machine import benchmark_expert_ffn, pick_device, profile_machine
 from neuro_dask.settings import WorkerSettings
+from neuro_dask.testing import AdversaryCrash, make_adversary
 from neuro_dask.store.remote import ExpertFileCache
 from neuro_dask.wire import WireFormatError, decode_request, encode_error, encode_response
 
@@ -44,6 +47,7 @@ class NeuroWorker:
         self.device = pick_device(settings.device)
         self.budget = settings.budget_bytes(self.profile.memory_available)
         self.speed = 0.0
+        self.adversary = make_adversary(settings.adversary)  # honest unless a drill says otherwise
         self.host = ExpertHost(ExpertFileCache(settings.resolved_cache_dir()), ExpertMemory(self.budget),
                                device=self.device, store_override=settings.store)
         # One thread computes (expert calls are short and ordered), another loads (slow I/O).
@@ -76,7 +80,15 @@ class NeuroWorker:
     def serve(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Run one expert call; never raises, so no exception is ever pickled back to a client."""
         try:
-            return encode_response(self.host.run(decode_request(msg)))
+            request = decode_request(msg)
+            outputs = self.host.run(request)
+            if not self.adversary.is_honest:
+                outputs = self.adversary.apply(request.layer, request.inputs, outputs)
+            return encode_response(outputs)
+        except AdversaryCrash:
+            log.warning("drill: adversary crash after %d calls; closing this worker", self.adversary.calls)
+            self.worker.loop.add_callback(self.worker.close, reason="neuro-drill-crash", nanny=False)
+            return encode_error("crashed")
         except (NeuroDaskError, WireFormatError) as exc:
             return encode_error(str(exc))
         except Exception as exc:
@@ -131,11 +143,13 @@ class NeuroWorker:
 @click.option("--neuro-device", default=None, type=click.Choice(["auto", "cpu", "cuda", "mps"]))
 @click.option("--neuro-owner", default=None, help="owner id of this machine")
 @click.option("--neuro-no-benchmark", is_flag=True, default=False, help="skip the start-up micro-benchmark")
+@click.option("--neuro-adversary", default=None, help='drills only: JSON such as {"mode": "perturb"}')
 async def dask_setup(worker, neuro_store, neuro_cache_dir, neuro_memory_budget, neuro_device, neuro_owner,
-                     neuro_no_benchmark) -> None:
+                     neuro_no_benchmark, neuro_adversary) -> None:
     settings = WorkerSettings.load(store=neuro_store, cache_dir=neuro_cache_dir, memory_budget=neuro_memory_budget,
                                    device=neuro_device, owner=neuro_owner,
-                                   benchmark=False if neuro_no_benchmark else None)
+                                   benchmark=False if neuro_no_benchmark else None,
+                                   adversary=json.loads(neuro_adversary) if neuro_adversary else None)
     adapter = NeuroWorker(worker, settings)
     await adapter.start()
 

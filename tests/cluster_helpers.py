@@ -26,3 +26,18 @@ def scheduler_status(client):
 
 def worker_status(client, address):
     return client.sync(client.rpc(address).neuro_status)
+
+
+def add_worker(client, scheduler_address, name, *args):
+    """Start one more in-process worker with the neuro_worker preload and extra preload args."""
+    from distributed import Worker
+
+    async def start():
+        return await Worker(scheduler_address, nthreads=1, name=name, preload=["neuro_worker"],
+                            preload_argv=[["--neuro-no-benchmark", *args]])
+
+    return client.sync(start)
+
+
+def trust_events(client):
+    return [e for _, e in client.get_events("neuro-trust")]

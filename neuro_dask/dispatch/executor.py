@@ -11,6 +11,7 @@ ExpertUnavailableError: never a hang.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from typing import Callable, Mapping
 
@@ -19,6 +20,7 @@ from distributed import Client
 
 from neuro_dask.dispatch.routes import ExpertUnavailableError, RouteTable
 from neuro_dask.dispatch.transports import Transport
+from neuro_dask.dispatch.trusted import Outcome, TrustedLayerRunner, TrustPolicy
 from neuro_dask.settings import ClientSettings
 from neuro_dask.wire import decode_response, encode_request
 
@@ -39,6 +41,9 @@ class DistributedExecutor:
         self.resent = 0
         self.suspects: dict[str, float] = {}  # worker -> until when it is skipped
         self.load: dict[tuple[int, int], int] = {}  # (layer, expert) -> rows since the last report
+        self.outcomes: list[Outcome] = []  # trust outcomes not yet reported to the scheduler
+        self.trusted = TrustedLayerRunner(model_id, transport, TrustPolicy(), random.Random(settings.seed),
+                                          deadline=lambda _w, _rows: settings.deadline) if settings.trust else None
 
     def fetch_routes(self) -> RouteTable:
         msg = self.client.sync(self.client.scheduler.neuro_routes, model=self.model_id)
@@ -69,10 +74,13 @@ class DistributedExecutor:
         now = self.clock()
         if now - self._routes_at > self.settings.routes_refresh:  # new replicas, re-placed experts
             self._report_load()
+            self._report_outcomes()
             self.routes = self.fetch_routes()
         for e, rows in groups.items():
             self.load[(layer, e)] = self.load.get((layer, e), 0) + rows.shape[0]
         self.suspects = {w: until for w, until in self.suspects.items() if until > now}
+        if self.trusted is not None:
+            return self._run_trusted(layer, groups)
         exclude: set[str] = set(self.suspects)
         waited_since: float | None = None
         while pending:
@@ -106,6 +114,36 @@ class DistributedExecutor:
                     del pending[e]
         return results
 
+    def _run_trusted(self, layer: int, groups: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Quorums and adaptive replication; a worker caught returning a wrong result is skipped
+        at once and reported at once, everything else is reported with the next route refresh."""
+        waited_since: float | None = None
+        while True:
+            try:
+                results, outcomes = self.trusted.run(layer, groups, self.routes, set(self.suspects))
+                break
+            except ExpertUnavailableError as exc:
+                waited_since = self._wait_for_routes(layer, exc.experts, waited_since)
+                self.suspects.clear()
+        self.outcomes += outcomes
+        self.calls += sum(1 for _ in outcomes)
+        bad = {o.worker for o in outcomes if o.kind != "validated"}
+        for worker in bad:
+            self.suspects[worker] = self.clock() + self.settings.suspect_cooldown
+        if any(o.kind == "invalid" for o in outcomes):
+            self._report_outcomes()
+        return results
+
+    def _report_outcomes(self) -> None:
+        if not self.outcomes:
+            return
+        outcomes, self.outcomes = self.outcomes, []
+        try:
+            self.client.sync(self.client.scheduler.neuro_report_outcomes, model=self.model_id,
+                             outcomes=[[o.worker, o.kind, o.cause_id, o.layer, o.expert] for o in outcomes])
+        except Exception:  # best effort; the output is already decided
+            log.debug("could not report trust outcomes", exc_info=True)
+
     def _wait_for_routes(self, layer: int, unroutable: list[int], since: float | None) -> float:
         now = self.clock()
         since = now if since is None else since
@@ -116,4 +154,5 @@ class DistributedExecutor:
         return since
 
     def close(self) -> None:
+        self._report_outcomes()
         self.transport.close()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from neuro_dask.errors import NeuroDaskError
+from neuro_dask.trust.replication import Standing
 
 
 class ExpertUnavailableError(NeuroDaskError):
@@ -21,12 +22,29 @@ class ExpertUnavailableError(NeuroDaskError):
 @dataclass(frozen=True)
 class RouteTable:
     version: int
-    routes: Mapping[tuple[int, int], tuple[str, ...]]  # (layer, expert) -> workers, fastest first
+    routes: Mapping[tuple[int, int], tuple[str, ...]]  # (layer, expert) -> workers, best first
+    standing: Mapping[str, Standing] = field(default_factory=dict)  # from the scheduler's reputation
+    routable: frozenset[str] | None = None  # None: every listed worker may get primary work
 
     @classmethod
     def from_message(cls, msg: Mapping[str, Any]) -> RouteTable:
         routes = {(int(l), int(e)): tuple(ws) for l, e, ws in msg["routes"]}
-        return cls(int(msg["version"]), routes)
+        raw = msg.get("standing") or {}
+        standing = {w: Standing(bool(s["trusted"]), bool(s["established"]), int(s["consecutive_valid"]),
+                                str(s.get("owner") or "")) for w, s in raw.items()}
+        routable = frozenset(w for w, s in raw.items() if s.get("routable", True)) if raw else None
+        return cls(int(msg["version"]), routes, standing, routable)
+
+    def standing_of(self, worker: str) -> Standing:
+        return self.standing.get(worker, Standing())
+
+    def ranked(self, layer: int, expert: int) -> list[str]:
+        """Replicas of one expert, routable ones first (in the scheduler's order), then the rest,
+        which may still receive spot-check replicas to earn their way back."""
+        workers = list(self.routes.get((layer, expert), ()))
+        if self.routable is None:
+            return workers
+        return [w for w in workers if w in self.routable] + [w for w in workers if w not in self.routable]
 
     @property
     def missing(self) -> list[tuple[int, int]]:

@@ -518,3 +518,12 @@ def test_excluded_pairs_are_never_planned_and_the_expert_goes_elsewhere():
     assert len(again.workers_for(("m", 0, 1))) == 2
     only = plan_placement(experts, workers[:1], PlacementPolicy(replicas=1), exclude={("w0", ("m", 0, 2))})
     assert ("m", 0, 2) in only.unplaced
+
+
+def test_anchors_take_a_replica_of_every_expert_that_fits():
+    ws = [W(f"w{i}") for i in range(5)]
+    p = plan_placement(experts(12), ws, PlacementPolicy(replicas=2), anchors={"w3"})
+    assert all("w3" in p.workers_for(e.key) and len(p.workers_for(e.key)) == 2 for e in experts(12))
+    small = [W("a", 250), W("b"), W("c")]
+    q = plan_placement(experts(4), small, PlacementPolicy(replicas=2), anchors={"a"})
+    assert sum("a" in q.workers_for(e.key) for e in experts(4)) == 2  # only what fits its budget

@@ -1,0 +1,159 @@
+"""One MoE layer's expert calls under the trust policy: replicas, quorums, fallbacks, outcomes.
+
+Each (layer, expert) is a unit of work with its own Quorum. Replication (trust/replication.py)
+picks the unit's workers; units are then grouped by worker so that one message per worker per
+round still carries all of that worker's units. Rounds repeat until every unit is accepted:
+disagreement or errors add one replica at a time; an exhausted unit falls back to a trusted
+worker or raises QuorumExhaustedError. Every validated, invalid or failed reply becomes an
+Outcome for the scheduler's reputation.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+
+from neuro_dask.dispatch.routes import ExpertUnavailableError, RouteTable
+from neuro_dask.dispatch.transports import CallTimeoutError, Transport
+from neuro_dask.trust.quorum import Accepted, Exhausted, Quorum, QuorumExhaustedError, QuorumPolicy
+from neuro_dask.trust.replication import ReplicationPolicy, Standing, plan_call
+from neuro_dask.trust.validation import ValidationPolicy
+from neuro_dask.wire import decode_response, encode_request
+
+
+@dataclass(frozen=True)
+class Outcome:
+    worker: str
+    kind: str  # validated | invalid | timeout | error
+    cause_id: str
+    layer: int
+    expert: int
+
+
+@dataclass
+class TrustPolicy:
+    quorum: QuorumPolicy = field(default_factory=QuorumPolicy)
+    replication: ReplicationPolicy = field(default_factory=ReplicationPolicy)
+    validation: ValidationPolicy = field(default_factory=ValidationPolicy)
+
+
+@dataclass
+class _Unit:
+    expert: int
+    rows: torch.Tensor
+    quorum: Quorum
+    candidates: list[str]
+    tried: set[str] = field(default_factory=set)
+    owners: set[str] = field(default_factory=set)
+    result: torch.Tensor | None = None
+
+
+class TrustedLayerRunner:
+    def __init__(self, model_id: str, transport: Transport, policy: TrustPolicy, rng: random.Random,
+                 deadline: Callable[[str, int], float]):
+        self.model_id = model_id
+        self.transport = transport
+        self.policy = policy
+        self.rng = rng
+        self.deadline = deadline
+        self.replicas_sent = 0
+        self.units = 0
+        self.unchecked = 0
+        self.accepted_from: Counter[tuple[str, ...]] = Counter()  # which workers' agreement decided
+
+    def run(self, layer: int, groups: Mapping[int, torch.Tensor], routes: RouteTable,
+            exclude: set[str]) -> tuple[dict[int, torch.Tensor], list[Outcome]]:
+        standing = routes.standing_of
+        anchorless = not any(s.trusted or s.established for s in routes.standing.values())
+        units: dict[int, _Unit] = {}
+        for expert, rows in groups.items():
+            candidates = [w for w in routes.ranked(layer, expert) if w not in exclude]
+            if not candidates:
+                raise ExpertUnavailableError(self.model_id, layer, [expert], 0.0)
+            plan = plan_call(candidates, standing, self.policy.replication, self.rng)
+            self.unchecked += plan.unchecked
+            quorum = Quorum(self.policy.quorum, counts=lambda w: standing(w).trusted or standing(w).established,
+                            quorum=plan.quorum, validation=self.policy.validation, anchorless=anchorless,
+                            owner_of=lambda w: standing(w).owner or w)
+            units[expert] = _Unit(expert, rows, quorum, candidates)
+            for w in plan.workers:
+                self._assign(units[expert], w, standing)
+        self.units += len(units)
+        outcomes: list[Outcome] = []
+        cause = uuid.uuid4().hex[:12]
+        round_work = {e: list(u.tried) for e, u in units.items()}
+        while round_work:
+            replies = self._send(layer, units, round_work)
+            round_work = {}
+            for expert, unit in units.items():
+                if unit.result is not None:
+                    continue
+                for worker, reply in replies.get(expert, {}).items():
+                    if isinstance(reply, BaseException):
+                        unit.quorum.add_error(worker)
+                        kind = "timeout" if isinstance(reply, (CallTimeoutError, TimeoutError)) else "error"
+                        outcomes.append(Outcome(worker, kind, cause, layer, expert))
+                    else:
+                        unit.quorum.add_result(worker, {expert: reply})
+                decision = unit.quorum.decide()
+                if isinstance(decision, Accepted):
+                    unit.result = decision.canonical[expert]
+                    self.accepted_from[tuple(sorted(decision.valid))] += 1
+                    outcomes += [Outcome(w, "validated", cause, layer, expert) for w in decision.valid]
+                    outcomes += [Outcome(w, "invalid", cause, layer, expert) for w in decision.invalid]
+                    continue
+                nxt = self._next_worker(unit, standing, fallback=isinstance(decision, Exhausted))
+                if nxt is None:
+                    d = decision if isinstance(decision, Exhausted) else Exhausted(0, len(unit.quorum.groups), 0)
+                    raise QuorumExhaustedError(layer, [expert], d.results, d.groups, d.errors)
+                if isinstance(decision, Exhausted):  # a trusted worker's answer is taken as it is
+                    unit.quorum = Quorum(self.policy.quorum, counts=lambda w: True, quorum=1,
+                                         validation=self.policy.validation)
+                self._assign(unit, nxt, standing)
+                round_work[expert] = [nxt]
+        return {e: u.result for e, u in units.items()}, outcomes
+
+    def _assign(self, unit: _Unit, worker: str, standing: Callable[[str], Standing]) -> None:
+        unit.tried.add(worker)
+        unit.owners.add(standing(worker).owner or worker)
+        self.replicas_sent += 1
+
+    def _next_worker(self, unit: _Unit, standing: Callable[[str], Standing], fallback: bool) -> str | None:
+        """One more replica: an untried worker of a new owner, workers with a record first;
+        on exhaustion only a trusted worker (rule 4 of the quorum)."""
+        fresh = [w for w in unit.candidates if w not in unit.tried]
+        if fallback:
+            return next((w for w in fresh if standing(w).trusted), None)
+        new_owner = [w for w in fresh if (standing(w).owner or w) not in unit.owners] or fresh
+        anchored = [w for w in new_owner if standing(w).trusted or standing(w).established]
+        return (anchored or new_owner or [None])[0]
+
+    def _send(self, layer: int, units: Mapping[int, _Unit], work: Mapping[int, list[str]]
+              ) -> dict[int, dict[str, torch.Tensor | BaseException]]:
+        """One round: every worker's units in one message; replies split back per unit."""
+        by_worker: dict[str, list[int]] = {}
+        for expert, workers in work.items():
+            for w in workers:
+                by_worker.setdefault(w, []).append(expert)
+        calls = {w: encode_request(self.model_id, layer, {e: units[e].rows for e in es}) for w, es in by_worker.items()}
+        timeout = max(self.deadline(w, sum(units[e].rows.shape[0] for e in es)) for w, es in by_worker.items())
+        answers = self.transport.call_many(calls, timeout)
+        replies: dict[int, dict[str, torch.Tensor | BaseException]] = {}
+        for w, es in by_worker.items():
+            sent = {e: units[e].rows for e in es}
+            try:
+                outcome = answers[w]
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                decoded = decode_response(outcome, sent)
+                for e in es:
+                    replies.setdefault(e, {})[w] = decoded[e]
+            except Exception as exc:  # refused, closed, timed out or malformed: a failed reply
+                for e in es:
+                    replies.setdefault(e, {})[w] = exc
+        return replies
