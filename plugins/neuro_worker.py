@@ -30,8 +30,8 @@ from neuro_dask.runtime.expert_host import ExpertHost
 from neuro_dask.runtime.expert_memory import ExpertMemory
 from neuro_dask.runtime.machine import benchmark_expert_ffn, pick_device, profile_machine
 from neuro_dask.settings import WorkerSettings
-from neuro_dask.testing import AdversaryCrash, make_adversary
 from neuro_dask.store.remote import ExpertFileCache
+from neuro_dask.testing import AdversaryCrash, make_adversary
 from neuro_dask.wire import WireFormatError, decode_request, encode_error, encode_response
 
 log = logging.getLogger("neuro_dask.worker")

@@ -107,11 +107,22 @@ class TrustedLayerRunner:
                     outcomes += [Outcome(w, "validated", cause, layer, expert) for w in decision.valid]
                     outcomes += [Outcome(w, "invalid", cause, layer, expert) for w in decision.invalid]
                     continue
-                nxt = self._next_worker(unit, standing, fallback=isinstance(decision, Exhausted))
+                exhausted = isinstance(decision, Exhausted)
+                nxt = None if exhausted else self._next_worker(unit, standing, fallback=False)
                 if nxt is None:
-                    d = decision if isinstance(decision, Exhausted) else Exhausted(0, len(unit.quorum.groups), 0)
-                    raise QuorumExhaustedError(layer, [expert], d.results, d.groups, d.errors)
-                if isinstance(decision, Exhausted):  # a trusted worker's answer is taken as it is
+                    # Fallback (quorum rule 4): a trusted worker's answer decides, as it is.
+                    anchored = next((g for g in unit.quorum.groups if any(standing(w).trusted for w, _ in g)), None)
+                    if anchored is not None:
+                        unit.result = anchored[0][1][expert]
+                        valid = {w for w, _ in anchored}
+                        self.accepted_from[tuple(sorted(valid))] += 1
+                        outcomes += [Outcome(w, "validated" if w in valid else "invalid", cause, layer, expert)
+                                     for g in unit.quorum.groups for w, _ in g]
+                        continue
+                    nxt = self._next_worker(unit, standing, fallback=True)
+                    if nxt is None:
+                        groups, errors = len(unit.quorum.groups), len(unit.quorum.errors)
+                        raise QuorumExhaustedError(layer, [expert], sum(map(len, unit.quorum.groups)), groups, errors)
                     unit.quorum = Quorum(self.policy.quorum, counts=lambda w: True, quorum=1,
                                          validation=self.policy.validation)
                 self._assign(unit, nxt, standing)

@@ -1,0 +1,55 @@
+"""Adversary drills on an in-process cluster: wrong or colluding volunteers change no output."""
+
+from __future__ import annotations
+
+import json
+
+import dask
+import torch
+from cluster_helpers import add_worker, neuro_cluster, scheduler_status
+from tiny_models import padded_batch
+
+import neuro_dask as nd
+
+TRUST = {"neuro.scheduler.trusted": ["0"], "neuro.client.trust": True, "neuro.client.seed": 0}
+
+
+def _drill(sharded, tmp_path, adversary: dict, honest: int = 7, bad: int = 3, prompts: int = 10, tokens: int = 32):
+    rows = [padded_batch((3 + i % 7,), seed=100 + i)[0][0].tolist() for i in range(prompts)]
+    reference = nd.load(sharded("mixtral")).generate(rows, max_new_tokens=tokens)
+    with dask.config.set(TRUST), neuro_cluster(honest, tmp_path=tmp_path) as (cluster, client):
+        adversaries = [add_worker(client, cluster.scheduler_address, f"bad{i}", "--neuro-adversary",
+                                  json.dumps({**adversary, "seed": i}), "--neuro-owner", f"mallory{i}")
+                       for i in range(bad)]
+        try:
+            client.wait_for_workers(honest + bad)
+            with nd.load(sharded("mixtral"), client=client) as model:
+                out = model.generate(rows, max_new_tokens=tokens)
+                runner = model.executor.trusted
+                model.executor.routes = model.executor.fetch_routes()
+            bad_addresses = {w.address for w in adversaries}
+            status = scheduler_status(client)["workers"]
+            return out, reference, runner, bad_addresses, status
+        finally:
+            for w in adversaries:
+                client.sync(w.close)
+
+
+def _wrong_accepted(runner, bad_addresses):
+    return sum(n for group, n in runner.accepted_from.items() if set(group) <= bad_addresses)
+
+
+def test_thirty_percent_perturbing_changes_nothing(sharded, tmp_path):
+    out, reference, runner, bad, status = _drill(sharded, tmp_path, {"mode": "perturb", "scale": 0.05})
+    assert torch.equal(out, reference)
+    assert _wrong_accepted(runner, bad) == 0
+    assert runner.replicas_sent / runner.units <= 3
+    assert all(not status[a]["trust_routable"] for a in bad)
+
+
+def test_colluders_with_identical_wrong_results_never_win(sharded, tmp_path):
+    out, reference, runner, bad, status = _drill(sharded, tmp_path, {"mode": "collude", "scale": 0.05})
+    assert torch.equal(out, reference)
+    assert _wrong_accepted(runner, bad) == 0
+    assert all(not status[a]["trust_established"] for a in bad)
+    assert all(not status[a]["trust_routable"] for a in bad)
