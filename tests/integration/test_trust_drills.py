@@ -6,7 +6,7 @@ import json
 
 import dask
 import torch
-from cluster_helpers import add_worker, neuro_cluster, scheduler_status
+from cluster_helpers import add_worker, neuro_cluster, scheduler_status, trust_events
 from tiny_models import padded_batch
 
 import neuro_dask as nd
@@ -53,3 +53,28 @@ def test_colluders_with_identical_wrong_results_never_win(sharded, tmp_path):
     assert _wrong_accepted(runner, bad) == 0
     assert all(not status[a]["trust_established"] for a in bad)
     assert all(not status[a]["trust_routable"] for a in bad)
+
+
+def test_a_defector_with_a_record_is_caught_at_its_first_check(sharded, tmp_path):
+    rows = [padded_batch((4 + i % 5,), seed=200 + i)[0][0].tolist() for i in range(8)]
+    with dask.config.set(TRUST), neuro_cluster(3, tmp_path=tmp_path) as (cluster, client):
+        defector = add_worker(client, cluster.scheduler_address, "defector", "--neuro-adversary",
+                              json.dumps({"mode": "defect", "after": 40, "seed": 7}), "--neuro-owner", "eve")
+        try:
+            client.wait_for_workers(4)
+            with nd.load(sharded("mixtral"), client=client) as model:
+                for _ in range(12):
+                    model.generate(rows, max_new_tokens=24)
+                runner = model.executor.trusted
+            status = scheduler_status(client)["workers"][defector.address]
+            caught = [e for e in trust_events(client) if e.get("worker") == defector.address and e["action"] == "invalid"]
+            served = client.sync(client.rpc(defector.address).neuro_status)["calls_served"]
+        finally:
+            client.sync(defector.close)
+    assert served > 40, "the drill must run past the defection point"
+    assert not status["trust_routable"] and caught
+    print(f"defector: {served} calls served, {runner.accepted_from.get((defector.address,), 0)} accepted alone")
+    # Wrong answers it got accepted alone, unchecked, before its first spot check: bounded by the
+    # replication probability max(5%, 20 / record) once it defected (a seeded, repeatable drill).
+    alone = runner.accepted_from.get((defector.address,), 0)
+    assert alone <= 40
