@@ -1,4 +1,4 @@
-"""`neuro-dask`: demo, scheduler, worker, shard, inspect, generate, train-demo."""
+"""`neuro-dask`: demo, drill, scheduler, worker, shard, inspect, generate, train-demo."""
 
 from __future__ import annotations
 
@@ -73,6 +73,16 @@ def _ask(model, args: argparse.Namespace) -> int:
     print(f"exact match on {len(problems)} held-out problems: {accuracy:.1%} "
           f"({elapsed:.2f} s, {tokens / elapsed:.0f} tokens/s)")
     return 0 if accuracy >= args.min_accuracy else 1
+
+
+def _cmd_drill(args: argparse.Namespace) -> int:
+    from neuro_dask.demo.addition import ASSET_DIR
+    from neuro_dask.drill import run_drill
+
+    report = run_drill(args.model or ASSET_DIR, workers=args.workers, adversaries=args.adversaries, mode=args.mode,
+                       trusted=args.trusted, seed=args.seed, prompts=args.prompts, tokens=args.tokens)
+    print(report.to_json() if args.json else report.summary())
+    return 0 if report.identical and report.wrong_accepted == 0 else 1
 
 
 def _cmd_scheduler(args: argparse.Namespace, extra: list[str]) -> int:
@@ -177,6 +187,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float)
     g.add_argument("--seed", type=int)
     g.set_defaults(func=_cmd_generate)
+
+    dr = sub.add_parser("drill", help="run a local cluster with adversarial workers and report what trust did")
+    dr.add_argument("--workers", type=int, default=10)
+    dr.add_argument("--adversaries", type=float, default=0.3, help="fraction of workers that misbehave")
+    dr.add_argument("--mode", default="perturb", choices=["perturb", "collude", "defect"])
+    dr.add_argument("--trusted", type=int, default=1, help="operator-trusted honest workers")
+    dr.add_argument("--seed", type=int, default=0)
+    dr.add_argument("--prompts", type=int, default=10)
+    dr.add_argument("--tokens", type=int, default=32)
+    dr.add_argument("--model", help="sharded model folder (default: the bundled adder)")
+    dr.add_argument("--json", action="store_true")
+    dr.set_defaults(func=_cmd_drill)
 
     sc = sub.add_parser("scheduler", help="dask scheduler --preload neuro_scheduler (other flags go to dask)")
     sc.add_argument("--replicas", type=int, help="target replicas per expert")

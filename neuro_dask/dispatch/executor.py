@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import deque
 from typing import Callable, Mapping
 
 import torch
@@ -41,6 +42,7 @@ class DistributedExecutor:
         self.resent = 0
         self.suspects: dict[str, float] = {}  # worker -> until when it is skipped
         self.load: dict[tuple[int, int], int] = {}  # (layer, expert) -> rows since the last report
+        self.layer_seconds: deque[float] = deque(maxlen=100_000)  # per-layer latency, for drills and reports
         self.outcomes: list[Outcome] = []  # trust outcomes not yet reported to the scheduler
         self.trusted = TrustedLayerRunner(model_id, transport, TrustPolicy(), random.Random(settings.seed),
                                           deadline=lambda _w, _rows: settings.deadline) if settings.trust else None
@@ -69,6 +71,13 @@ class DistributedExecutor:
             log.debug("could not report %s as unreachable", worker, exc_info=True)
 
     def run_layer(self, layer: int, groups: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        started = self.clock()
+        try:
+            return self._run_layer(layer, groups)
+        finally:
+            self.layer_seconds.append(self.clock() - started)
+
+    def _run_layer(self, layer: int, groups: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         pending = dict(groups)
         results: dict[int, torch.Tensor] = {}
         now = self.clock()

@@ -71,10 +71,13 @@ class TrustedLayerRunner:
         standing = routes.standing_of
         anchorless = not any(s.trusted or s.established for s in routes.standing.values())
         units: dict[int, _Unit] = {}
+        planned_rows: dict[str, int] = {}
         for expert, rows in groups.items():
-            candidates = [w for w in routes.ranked(layer, expert) if w not in exclude]
+            candidates = self._primary_first([w for w in routes.ranked(layer, expert) if w not in exclude],
+                                             routes, planned_rows)
             if not candidates:
                 raise ExpertUnavailableError(self.model_id, layer, [expert], 0.0)
+            planned_rows[candidates[0]] = planned_rows.get(candidates[0], 0) + rows.shape[0]
             plan = plan_call(candidates, standing, self.policy.replication, self.rng)
             self.unchecked += plan.unchecked
             quorum = Quorum(self.policy.quorum, counts=lambda w: standing(w).trusted or standing(w).established,
@@ -128,6 +131,17 @@ class TrustedLayerRunner:
                 self._assign(unit, nxt, standing)
                 round_work[expert] = [nxt]
         return {e: u.result for e, u in units.items()}, outcomes
+
+    @staticmethod
+    def _primary_first(candidates: list[str], routes: RouteTable, planned_rows: Mapping[str, int]) -> list[str]:
+        """The primary is the routable candidate with the fewest rows planned in this layer (ties:
+        the scheduler's order), so a layer's work spreads over workers instead of piling on the
+        best-ranked one; every other candidate keeps its order for replicas."""
+        routable = [w for w in candidates if routes.routable is None or w in routes.routable]
+        if not routable:
+            return candidates
+        primary = min(routable, key=lambda w: planned_rows.get(w, 0))
+        return [primary] + [w for w in candidates if w != primary]
 
     def _assign(self, unit: _Unit, worker: str, standing: Callable[[str], Standing]) -> None:
         unit.tried.add(worker)

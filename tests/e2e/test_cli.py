@@ -55,3 +55,17 @@ def test_errors_exit_2_with_a_message_and_no_traceback(args, message):
     proc = run(*args, check=False)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("mode", ["perturb", "collude"])
+def test_drill_reports_json_and_catches_every_adversary(mode):
+    out = run("drill", "--workers", "10", "--adversaries", "0.3", "--mode", mode, "--prompts", "40", "--json")
+    report = json.loads(out.stdout)
+    assert report["identical"] is True and report["wrong_accepted"] == 0
+    # Every adversary that received a call is out of routing; one hosting only experts the router
+    # never picked had nothing to catch (the adder's routing is skewed) and is listed as such.
+    assert len(report["adversaries"]) == 3
+    assert sorted(report["caught"] + report["unexercised"]) == report["adversaries"]
+    assert len(report["caught"]) >= 2
+    assert 1.0 <= report["replicas_per_call"] <= 3.0
+    assert {"hedges", "layer_p50_ms", "layer_p99_ms"} <= set(report)
