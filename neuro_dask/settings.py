@@ -101,6 +101,26 @@ class ClientSettings:
     routes_refresh: float = 5.0
     trust: bool = False
     seed: int | None = None
+    spot_check: float = 0.05
+    min_quorum: int = 2
+    max_total_replicas: int = 5
+    max_error_replicas: int = 3
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    exact: bool = False
+
+    def trust_policy(self):
+        """The trust cores' policies from these settings (each validates its own fields)."""
+        from neuro_dask.dispatch.trusted import TrustPolicy
+        from neuro_dask.trust.quorum import QuorumPolicy
+        from neuro_dask.trust.replication import ReplicationPolicy
+        from neuro_dask.trust.validation import ValidationPolicy
+
+        return TrustPolicy(
+            QuorumPolicy(self.min_quorum, max(self.min_quorum, 2), self.max_total_replicas, self.max_error_replicas),
+            ReplicationPolicy(spot_check=self.spot_check, min_quorum=self.min_quorum),
+            ValidationPolicy(self.atol, self.rtol, self.exact),
+        )
     missing_expert_wait: float = 20.0
     load_timeout: float = 120.0
 

@@ -21,7 +21,7 @@ from distributed import Client
 
 from neuro_dask.dispatch.routes import ExpertUnavailableError, RouteTable
 from neuro_dask.dispatch.transports import Transport
-from neuro_dask.dispatch.trusted import Outcome, TrustedLayerRunner, TrustPolicy
+from neuro_dask.dispatch.trusted import Outcome, TrustedLayerRunner
 from neuro_dask.settings import ClientSettings
 from neuro_dask.wire import decode_response, encode_request
 
@@ -44,7 +44,7 @@ class DistributedExecutor:
         self.load: dict[tuple[int, int], int] = {}  # (layer, expert) -> rows since the last report
         self.layer_seconds: deque[float] = deque(maxlen=100_000)  # per-layer latency, for drills and reports
         self.outcomes: list[Outcome] = []  # trust outcomes not yet reported to the scheduler
-        self.trusted = TrustedLayerRunner(model_id, transport, TrustPolicy(), random.Random(settings.seed),
+        self.trusted = TrustedLayerRunner(model_id, transport, settings.trust_policy(), random.Random(settings.seed),
                                           deadline=lambda _w, _rows: settings.deadline) if settings.trust else None
 
     def fetch_routes(self) -> RouteTable:

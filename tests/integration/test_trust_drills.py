@@ -78,3 +78,16 @@ def test_a_defector_with_a_record_is_caught_at_its_first_check(sharded, tmp_path
     # replication probability max(5%, 20 / record) once it defected (a seeded, repeatable drill).
     alone = runner.accepted_from.get((defector.address,), 0)
     assert alone <= 40
+
+
+def test_reputation_survives_a_scheduler_restart(sharded, tmp_path):
+    settings = {**TRUST, "neuro.scheduler.reputation-file": str(tmp_path / "reputation.json")}
+    rows = [padded_batch((6,), seed=300)[0][0].tolist()]
+    with dask.config.set(settings):
+        with neuro_cluster(2, tmp_path=tmp_path) as (_, client), nd.load(sharded("mixtral"), client=client) as model:
+            model.generate(rows, max_new_tokens=12)
+        with neuro_cluster(2, tmp_path=tmp_path) as (_, client):
+            status = scheduler_status(client)["workers"]
+    records = {w["name"]: w for w in status.values()}
+    assert records["1"]["trust_consecutive_valid"] > 0  # worker "1" came back under its name with its record
+    assert records["0"]["trust_trusted"]
