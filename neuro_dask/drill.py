@@ -94,7 +94,7 @@ def run_drill(model_path: str | Path, workers: int = 10, adversaries: float = 0.
     times = sorted(1000 * t for t in executor.layer_seconds) or [0.0]
     return DrillReport(
         identical=bool(torch.equal(out, reference)), wrong_accepted=wrong,
-        replicas_per_call=runner.replicas_sent / max(runner.units, 1), hedges=0, caught=caught,
+        replicas_per_call=runner.replicas_sent / max(runner.units, 1), hedges=runner.hedges, caught=caught,
         adversaries=sorted(bad_addresses.values()),
         unexercised=sorted(name for a, name in bad_addresses.items() if not served.get(a)), layer_p50_ms=statistics.median(times),
         layer_p99_ms=times[min(len(times) - 1, int(0.99 * len(times)))], tokens=int(out.shape[0] * tokens),

@@ -108,10 +108,13 @@ class ClientSettings:
     atol: float = 1e-4
     rtol: float = 1e-3
     exact: bool = False
+    hedge_quantile: float = 0.95
+    hedge_cap: float = 0.1
 
     def trust_policy(self):
         """The trust cores' policies from these settings (each validates its own fields)."""
         from neuro_dask.dispatch.trusted import TrustPolicy
+        from neuro_dask.trust.hedging import HedgePolicy
         from neuro_dask.trust.quorum import QuorumPolicy
         from neuro_dask.trust.replication import ReplicationPolicy
         from neuro_dask.trust.validation import ValidationPolicy
@@ -120,6 +123,7 @@ class ClientSettings:
             QuorumPolicy(self.min_quorum, max(self.min_quorum, 2), self.max_total_replicas, self.max_error_replicas),
             ReplicationPolicy(spot_check=self.spot_check, min_quorum=self.min_quorum),
             ValidationPolicy(self.atol, self.rtol, self.exact),
+            HedgePolicy(hedge_quantile=self.hedge_quantile, hedge_cap=self.hedge_cap),
         )
     missing_expert_wait: float = 20.0
     load_timeout: float = 120.0

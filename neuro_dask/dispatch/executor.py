@@ -44,8 +44,8 @@ class DistributedExecutor:
         self.load: dict[tuple[int, int], int] = {}  # (layer, expert) -> rows since the last report
         self.layer_seconds: deque[float] = deque(maxlen=100_000)  # per-layer latency, for drills and reports
         self.outcomes: list[Outcome] = []  # trust outcomes not yet reported to the scheduler
-        self.trusted = TrustedLayerRunner(model_id, transport, settings.trust_policy(), random.Random(settings.seed),
-                                          deadline=lambda _w, _rows: settings.deadline) if settings.trust else None
+        self.trusted = TrustedLayerRunner(model_id, transport, settings.trust_policy(),
+                                          random.Random(settings.seed)) if settings.trust else None
 
     def fetch_routes(self) -> RouteTable:
         msg = self.client.sync(self.client.scheduler.neuro_routes, model=self.model_id)

@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 import uuid
-from typing import Any, Mapping, Protocol
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Protocol
 
 import msgpack
 from distributed import Client, wait
@@ -35,10 +37,28 @@ class CallTimeoutError(TimeoutError):
         super().__init__(f"worker {worker} gave no answer within the {timeout:.1f} s deadline")
 
 
+@dataclass(frozen=True)
+class HedgedCall:
+    msg: dict[str, Any]
+    hedge_after: float  # seconds without an answer before the duplicate goes out
+    alternate: str | None  # a worker that hosts the same experts (another owner), or None
+
+
+@dataclass(frozen=True)
+class Reply:
+    worker: str  # who answered: the primary, or the alternate when the hedge won
+    outcome: Outcome
+    seconds: float
+    hedged: bool
+
+
 class Transport(Protocol):
     name: str
 
     def call_many(self, calls: Mapping[str, dict[str, Any]], timeout: float) -> dict[str, Outcome]: ...
+
+    def call_hedged(self, calls: Mapping[str, HedgedCall], timeout: float,
+                    may_hedge: Callable[[], bool]) -> dict[str, Reply]: ...
 
     def close(self) -> None: ...
 
@@ -61,17 +81,57 @@ class DirectTransport:
         except Exception as exc:  # connection refused, comm closed, remote error: all a failed call
             return exc
 
-    async def _call_all(self, calls: Mapping[str, dict[str, Any]], timeout: float) -> dict[str, Outcome]:
+    async def _ensure_started(self) -> None:
         if not self._started:
             started = self.pool.start()
             if asyncio.iscoroutine(started):
                 await started
             self._started = True
+
+    async def _call_all(self, calls: Mapping[str, dict[str, Any]], timeout: float) -> dict[str, Outcome]:
+        await self._ensure_started()
         results = await asyncio.gather(*(self._call(w, m, timeout) for w, m in calls.items()))
         return dict(zip(calls, results, strict=True))
 
     def call_many(self, calls: Mapping[str, dict[str, Any]], timeout: float) -> dict[str, Outcome]:
         return self.client.sync(self._call_all, calls, timeout)
+
+    async def _hedged_one(self, worker: str, call: HedgedCall, timeout: float,
+                          may_hedge: Callable[[], bool]) -> Reply:
+        """The primary; after `hedge_after` without an answer, the same call to the alternate.
+        The first answer that is not a failure wins; the other call is abandoned (cancelled)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        tasks = {asyncio.ensure_future(self._call(worker, call.msg, timeout)): worker}
+        hedged = False
+        done, _ = await asyncio.wait(tasks, timeout=call.hedge_after)
+        if not done and call.alternate is not None and may_hedge():
+            tasks[asyncio.ensure_future(self._call(call.alternate, call.msg, timeout))] = call.alternate
+            hedged = True
+        last: Reply | None = None
+        pending = set(tasks)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                outcome = task.result()
+                last = Reply(tasks[task], outcome, loop.time() - started, hedged)
+                failed = isinstance(outcome, BaseException) or (isinstance(outcome, Mapping)
+                                                                and outcome.get("status") != "OK")
+                if not failed:
+                    for other in pending:
+                        other.cancel()
+                    return last
+        return last
+
+    async def _hedged_all(self, calls: Mapping[str, HedgedCall], timeout: float,
+                          may_hedge: Callable[[], bool]) -> dict[str, Reply]:
+        await self._ensure_started()
+        replies = await asyncio.gather(*(self._hedged_one(w, c, timeout, may_hedge) for w, c in calls.items()))
+        return dict(zip(calls, replies, strict=True))
+
+    def call_hedged(self, calls: Mapping[str, HedgedCall], timeout: float,
+                    may_hedge: Callable[[], bool]) -> dict[str, Reply]:
+        return self.client.sync(self._hedged_all, calls, timeout, may_hedge)
 
     def close(self) -> None:
         if self._started:
@@ -115,6 +175,14 @@ class FuturesTransport:
                 out[worker] = CallTimeoutError(worker, timeout)
             fut.cancel()  # a pinned task stranded on a dead worker must not linger
         return out
+
+    def call_hedged(self, calls: Mapping[str, HedgedCall], timeout: float,
+                    may_hedge: Callable[[], bool]) -> dict[str, Reply]:
+        """No hedging on the futures transport (offline batches): every call waits for its deadline."""
+        started = time.monotonic()
+        outcomes = self.call_many({w: c.msg for w, c in calls.items()}, timeout)
+        elapsed = time.monotonic() - started
+        return {w: Reply(w, outcome, elapsed, False) for w, outcome in outcomes.items()}
 
     def close(self) -> None:
         pass

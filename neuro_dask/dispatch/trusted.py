@@ -19,7 +19,8 @@ from typing import Callable, Mapping
 import torch
 
 from neuro_dask.dispatch.routes import ExpertUnavailableError, RouteTable
-from neuro_dask.dispatch.transports import CallTimeoutError, Transport
+from neuro_dask.dispatch.transports import CallTimeoutError, HedgedCall, Transport
+from neuro_dask.trust.hedging import HedgePolicy, LatencyTracker
 from neuro_dask.trust.quorum import Accepted, Exhausted, Quorum, QuorumExhaustedError, QuorumPolicy
 from neuro_dask.trust.replication import ReplicationPolicy, Standing, plan_call
 from neuro_dask.trust.validation import ValidationPolicy
@@ -40,6 +41,7 @@ class TrustPolicy:
     quorum: QuorumPolicy = field(default_factory=QuorumPolicy)
     replication: ReplicationPolicy = field(default_factory=ReplicationPolicy)
     validation: ValidationPolicy = field(default_factory=ValidationPolicy)
+    hedging: HedgePolicy = field(default_factory=HedgePolicy)
 
 
 @dataclass
@@ -55,12 +57,13 @@ class _Unit:
 
 class TrustedLayerRunner:
     def __init__(self, model_id: str, transport: Transport, policy: TrustPolicy, rng: random.Random,
-                 deadline: Callable[[str, int], float]):
+                 latency: LatencyTracker | None = None):
         self.model_id = model_id
         self.transport = transport
         self.policy = policy
         self.rng = rng
-        self.deadline = deadline
+        self.latency = latency or LatencyTracker(policy.hedging)
+        self.hedges = 0
         self.replicas_sent = 0
         self.units = 0
         self.unchecked = 0
@@ -91,7 +94,8 @@ class TrustedLayerRunner:
         cause = uuid.uuid4().hex[:12]
         round_work = {e: list(u.tried) for e, u in units.items()}
         while round_work:
-            replies = self._send(layer, units, round_work)
+            replies, lost = self._send(layer, units, round_work, standing)
+            outcomes += [Outcome(w, "late", cause, layer, -1) for w in lost]
             round_work = {}
             for expert, unit in units.items():
                 if unit.result is not None:
@@ -158,27 +162,59 @@ class TrustedLayerRunner:
         anchored = [w for w in new_owner if standing(w).trusted or standing(w).established]
         return (anchored or new_owner or [None])[0]
 
-    def _send(self, layer: int, units: Mapping[int, _Unit], work: Mapping[int, list[str]]
-              ) -> dict[int, dict[str, torch.Tensor | BaseException]]:
-        """One round: every worker's units in one message; replies split back per unit."""
+    def _send(self, layer: int, units: Mapping[int, _Unit], work: Mapping[int, list[str]],
+              standing: Callable[[str], Standing]) -> tuple[dict[int, dict[str, torch.Tensor | BaseException]], list[str]]:
+        """One round: every worker's units in one message, hedged to an alternate host when the
+        primary is slower than its latency estimate; replies split back per unit.
+        Returns (expert -> {responder: outputs or failure}, primaries that lost to a hedge)."""
         by_worker: dict[str, list[int]] = {}
         for expert, workers in work.items():
             for w in workers:
                 by_worker.setdefault(w, []).append(expert)
-        calls = {w: encode_request(self.model_id, layer, {e: units[e].rows for e in es}) for w, es in by_worker.items()}
-        timeout = max(self.deadline(w, sum(units[e].rows.shape[0] for e in es)) for w, es in by_worker.items())
-        answers = self.transport.call_many(calls, timeout)
-        replies: dict[int, dict[str, torch.Tensor | BaseException]] = {}
+        calls = {}
         for w, es in by_worker.items():
+            rows = sum(units[e].rows.shape[0] for e in es)
+            calls[w] = HedgedCall(encode_request(self.model_id, layer, {e: units[e].rows for e in es}),
+                                  self.latency.hedge_after(w, rows), self._alternate(w, es, units, standing))
+            self.latency.count_call()
+        timeout = max(self.latency.deadline(w, sum(units[e].rows.shape[0] for e in es)) for w, es in by_worker.items())
+
+        def may_hedge() -> bool:
+            if not self.latency.may_hedge():
+                return False
+            self.latency.count_hedge()
+            return True
+
+        answers = self.transport.call_hedged(calls, timeout, may_hedge)
+        replies: dict[int, dict[str, torch.Tensor | BaseException]] = {}
+        lost: list[str] = []
+        for w, es in by_worker.items():
+            reply = answers[w]
+            if reply.hedged:
+                self.hedges += 1
+                if reply.worker != w:
+                    lost.append(w)
+                    for e in es:
+                        units[e].tried.add(reply.worker)
             sent = {e: units[e].rows for e in es}
             try:
-                outcome = answers[w]
-                if isinstance(outcome, BaseException):
-                    raise outcome
-                decoded = decode_response(outcome, sent)
+                if isinstance(reply.outcome, BaseException):
+                    raise reply.outcome
+                decoded = decode_response(reply.outcome, sent)
+                self.latency.observe(reply.worker, reply.seconds, sum(x.shape[0] for x in sent.values()))
                 for e in es:
-                    replies.setdefault(e, {})[w] = decoded[e]
+                    replies.setdefault(e, {})[reply.worker] = decoded[e]
             except Exception as exc:  # refused, closed, timed out or malformed: a failed reply
                 for e in es:
-                    replies.setdefault(e, {})[w] = exc
-        return replies
+                    replies.setdefault(e, {})[reply.worker] = exc
+        return replies, lost
+
+    @staticmethod
+    def _alternate(worker: str, experts: list[int], units: Mapping[int, _Unit],
+                   standing: Callable[[str], Standing]) -> str | None:
+        """A hedge target: hosts every expert of the message, is not yet used for any of them,
+        and belongs to another owner than the primary (preferred order kept)."""
+        owner = standing(worker).owner or worker
+        common = [w for w in units[experts[0]].candidates
+                  if all(w in units[e].candidates and w not in units[e].tried for e in experts)]
+        return next((w for w in common if w != worker and (standing(w).owner or w) != owner), None)

@@ -1,8 +1,10 @@
 """Hedged duplicates and deadlines, from each worker's measured latency.
 
 Rules:
-  1. Latency is tracked per worker over its last `window` calls, per row of work
-     (seconds / rows, since a call's cost grows with the rows it carries).
+  1. Latency is tracked per worker over its last `window` calls, with each call's rows. The
+     estimate for a call of r rows is the quantile of recent call times, scaled by r / (median
+     rows of those calls) only when r is larger: a call's fixed cost (the hop, the dispatch)
+     dominates small calls, so time per row would overstate them.
   2. Hedge: a call not answered after the worker's `hedge_quantile` (default p95) latency for
      its size, times `hedge_slack`, goes to a second replica; the first valid answer wins.
      A worker with fewer than `min_samples` calls uses the cluster-wide estimate, or
@@ -54,25 +56,29 @@ class LatencyTracker:
     hedges: int = 0
 
     def observe(self, worker: str, seconds: float, rows: int) -> None:
-        per_row = seconds / max(rows, 1)
-        self.per_worker.setdefault(worker, deque(maxlen=self.policy.window)).append(per_row)
-        self.everyone.append(per_row)
+        sample = (seconds, max(rows, 1))
+        self.per_worker.setdefault(worker, deque(maxlen=self.policy.window)).append(sample)
+        self.everyone.append(sample)
 
-    def _per_row(self, worker: str) -> float:
+    def _estimate(self, worker: str, rows: int) -> float:
         mine = self.per_worker.get(worker)
         if mine is not None and len(mine) >= self.policy.min_samples:
-            return _quantile(list(mine), self.policy.hedge_quantile)
-        if len(self.everyone) >= self.policy.min_samples:
-            return _quantile(list(self.everyone), self.policy.hedge_quantile)
-        return self.policy.default_latency
+            samples = list(mine)
+        elif len(self.everyone) >= self.policy.min_samples:
+            samples = list(self.everyone)
+        else:
+            return self.policy.default_latency * max(rows, 1)
+        seconds = _quantile([t for t, _ in samples], self.policy.hedge_quantile)
+        typical = sorted(r for _, r in samples)[len(samples) // 2]
+        return seconds * max(1.0, rows / typical)
 
     def hedge_after(self, worker: str, rows: int) -> float:
         """Rule 2: seconds after which a call to `worker` with `rows` rows is hedged."""
-        return self._per_row(worker) * max(rows, 1) * self.policy.hedge_slack
+        return self._estimate(worker, rows) * self.policy.hedge_slack
 
     def deadline(self, worker: str, rows: int) -> float:
         """Rule 4."""
-        return max(self.policy.min_deadline, self._per_row(worker) * max(rows, 1) * self.policy.deadline_factor)
+        return max(self.policy.min_deadline, self._estimate(worker, rows) * self.policy.deadline_factor)
 
     def count_call(self) -> None:
         self.calls += 1

@@ -91,3 +91,17 @@ def test_reputation_survives_a_scheduler_restart(sharded, tmp_path):
     records = {w["name"]: w for w in status.values()}
     assert records["1"]["trust_consecutive_valid"] > 0  # worker "1" came back under its name with its record
     assert records["0"]["trust_trusted"]
+
+
+def test_stragglers_are_hedged_within_the_cap_and_change_nothing(sharded, tmp_path):
+    rows = [padded_batch((3 + i % 7,), seed=400 + i)[0][0].tolist() for i in range(6)]
+    reference = nd.load(sharded("mixtral")).generate(rows, max_new_tokens=16)
+    straggle = json.dumps({"mode": "straggle", "probability": 0.2, "delay": 0.05})
+    with dask.config.set(TRUST), neuro_cluster(4, replicas=3, tmp_path=tmp_path,
+                                               worker_args=["--neuro-adversary", straggle]) as (_, client):
+        with nd.load(sharded("mixtral"), client=client) as model:
+            model.generate(rows, max_new_tokens=8)  # latency samples for the estimates
+            out = model.generate(rows, max_new_tokens=16)
+            latency = model.executor.trusted.latency
+    assert torch.equal(out, reference)
+    assert 0 < latency.hedges <= 0.1 * latency.calls + 1
