@@ -108,7 +108,7 @@ class ClientSettings:
     atol: float = 1e-4
     rtol: float = 1e-3
     exact: bool = False
-    hedge_quantile: float = 0.95
+    hedge_quantile: float = 0.9
     hedge_cap: float = 0.1
 
     def trust_policy(self):

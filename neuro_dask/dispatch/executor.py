@@ -23,6 +23,7 @@ from neuro_dask.dispatch.routes import ExpertUnavailableError, RouteTable
 from neuro_dask.dispatch.transports import Transport
 from neuro_dask.dispatch.trusted import Outcome, TrustedLayerRunner
 from neuro_dask.settings import ClientSettings
+from neuro_dask.trust.quorum import QuorumExhaustedError
 from neuro_dask.wire import decode_response, encode_request
 
 log = logging.getLogger(__name__)
@@ -134,9 +135,13 @@ class DistributedExecutor:
             except ExpertUnavailableError as exc:
                 waited_since = self._wait_for_routes(layer, exc.experts, waited_since)
                 self.suspects.clear()
+            except QuorumExhaustedError:
+                if not self.suspects:
+                    raise
+                self.suspects.clear()  # a skipped trusted worker may be what the quorum lacks
         self.outcomes += outcomes
         self.calls += sum(1 for _ in outcomes)
-        bad = {o.worker for o in outcomes if o.kind != "validated"}
+        bad = {o.worker for o in outcomes if o.kind in ("invalid", "timeout", "error")}  # late only costs reputation
         for worker in bad:
             self.suspects[worker] = self.clock() + self.settings.suspect_cooldown
         if any(o.kind == "invalid" for o in outcomes):

@@ -40,16 +40,20 @@ class CallTimeoutError(TimeoutError):
 @dataclass(frozen=True)
 class HedgedCall:
     msg: dict[str, Any]
-    hedge_after: float  # seconds without an answer before the duplicate goes out
-    alternate: str | None  # a worker that hosts the same experts (another owner), or None
+    hedge_after: float  # seconds without an answer before the duplicates go out
+    alternates: tuple[tuple[str, dict[str, Any]], ...] = ()  # (worker, message) covering the same work
 
 
 @dataclass(frozen=True)
 class Reply:
-    worker: str  # who answered: the primary, or the alternate when the hedge won
-    outcome: Outcome
+    parts: tuple[tuple[str, Outcome], ...]  # (who answered, what): the primary, or the alternates
     seconds: float
-    hedged: bool
+    hedged: bool  # duplicates went out
+    primary: str = ""
+
+    @property
+    def by_primary(self) -> bool:
+        return len(self.parts) == 1 and self.parts[0][0] == self.primary
 
 
 class Transport(Protocol):
@@ -98,30 +102,33 @@ class DirectTransport:
 
     async def _hedged_one(self, worker: str, call: HedgedCall, timeout: float,
                           may_hedge: Callable[[], bool]) -> Reply:
-        """The primary; after `hedge_after` without an answer, the same call to the alternate.
-        The first answer that is not a failure wins; the other call is abandoned (cancelled)."""
+        """The primary; after `hedge_after` without an answer, the same work to the alternates
+        (one or several workers that together host it). The first side that answers without a
+        failure wins; the other is cancelled."""
         loop = asyncio.get_running_loop()
         started = loop.time()
-        tasks = {asyncio.ensure_future(self._call(worker, call.msg, timeout)): worker}
-        hedged = False
-        done, _ = await asyncio.wait(tasks, timeout=call.hedge_after)
-        if not done and call.alternate is not None and may_hedge():
-            tasks[asyncio.ensure_future(self._call(call.alternate, call.msg, timeout))] = call.alternate
-            hedged = True
-        last: Reply | None = None
-        pending = set(tasks)
+        primary = asyncio.ensure_future(self._call(worker, call.msg, timeout))
+        done, _ = await asyncio.wait({primary}, timeout=call.hedge_after)
+        sides = {primary: "primary"}
+        if not done and call.alternates and may_hedge():
+            sides[asyncio.ensure_future(asyncio.gather(
+                *(self._call(w, m, timeout) for w, m in call.alternates)))] = "hedge"
+        pending = set(sides)
+        reply = None
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
-                outcome = task.result()
-                last = Reply(tasks[task], outcome, loop.time() - started, hedged)
-                failed = isinstance(outcome, BaseException) or (isinstance(outcome, Mapping)
-                                                                and outcome.get("status") != "OK")
-                if not failed:
+                if sides[task] == "primary":
+                    parts = ((worker, task.result()),)
+                else:
+                    parts = tuple((w, o) for (w, _), o in zip(call.alternates, task.result(), strict=True))
+                reply = Reply(parts, loop.time() - started, len(sides) > 1, worker)
+                if not any(_failed(o) for _, o in parts):
                     for other in pending:
                         other.cancel()
-                    return last
-        return last
+                        other.add_done_callback(_retrieve)  # a cancelled gather must not warn
+                    return reply
+        return reply
 
     async def _hedged_all(self, calls: Mapping[str, HedgedCall], timeout: float,
                           may_hedge: Callable[[], bool]) -> dict[str, Reply]:
@@ -182,10 +189,21 @@ class FuturesTransport:
         started = time.monotonic()
         outcomes = self.call_many({w: c.msg for w, c in calls.items()}, timeout)
         elapsed = time.monotonic() - started
-        return {w: Reply(w, outcome, elapsed, False) for w, outcome in outcomes.items()}
+        return {w: Reply(((w, outcome),), elapsed, False, w) for w, outcome in outcomes.items()}
 
     def close(self) -> None:
         pass
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    try:
+        future.exception()
+    except BaseException:  # CancelledError: exactly what we asked for
+        pass
+
+
+def _failed(outcome: Outcome) -> bool:
+    return isinstance(outcome, BaseException) or (isinstance(outcome, Mapping) and outcome.get("status") != "OK")
 
 
 def make_transport(name: str, client: Client, connect_timeout: float = 3.0) -> Transport:

@@ -52,6 +52,7 @@ class _Unit:
     candidates: list[str]
     tried: set[str] = field(default_factory=set)
     owners: set[str] = field(default_factory=set)
+    hedge_hosts: set[str] = field(default_factory=set)  # where this unit's hedges may go
     result: torch.Tensor | None = None
 
 
@@ -156,15 +157,16 @@ class TrustedLayerRunner:
         """One more replica: an untried worker of a new owner, workers with a record first;
         on exhaustion only a trusted worker (rule 4 of the quorum)."""
         fresh = [w for w in unit.candidates if w not in unit.tried]
-        if fallback:
-            return next((w for w in fresh if standing(w).trusted), None)
+        if fallback:  # a trusted worker that has not answered yet (it may have lost a hedge race)
+            answered = {w for g in unit.quorum.groups for w, _ in g} | set(unit.quorum.errors)
+            return next((w for w in unit.candidates if standing(w).trusted and w not in answered), None)
         new_owner = [w for w in fresh if (standing(w).owner or w) not in unit.owners] or fresh
         anchored = [w for w in new_owner if standing(w).trusted or standing(w).established]
         return (anchored or new_owner or [None])[0]
 
     def _send(self, layer: int, units: Mapping[int, _Unit], work: Mapping[int, list[str]],
               standing: Callable[[str], Standing]) -> tuple[dict[int, dict[str, torch.Tensor | BaseException]], list[str]]:
-        """One round: every worker's units in one message, hedged to an alternate host when the
+        """One round: every worker's units in one message, hedged to alternate hosts when the
         primary is slower than its latency estimate; replies split back per unit.
         Returns (expert -> {responder: outputs or failure}, primaries that lost to a hedge)."""
         by_worker: dict[str, list[int]] = {}
@@ -174,8 +176,10 @@ class TrustedLayerRunner:
         calls = {}
         for w, es in by_worker.items():
             rows = sum(units[e].rows.shape[0] for e in es)
+            alternates = tuple((aw, encode_request(self.model_id, layer, {e: units[e].rows for e in aes}))
+                               for aw, aes in self._alternates(w, es, units, standing).items())
             calls[w] = HedgedCall(encode_request(self.model_id, layer, {e: units[e].rows for e in es}),
-                                  self.latency.hedge_after(w, rows), self._alternate(w, es, units, standing))
+                                  self.latency.hedge_after(w, rows), alternates)
             self.latency.count_call()
         timeout = max(self.latency.deadline(w, sum(units[e].rows.shape[0] for e in es)) for w, es in by_worker.items())
 
@@ -190,31 +194,41 @@ class TrustedLayerRunner:
         lost: list[str] = []
         for w, es in by_worker.items():
             reply = answers[w]
-            if reply.hedged:
-                self.hedges += 1
-                if reply.worker != w:
-                    lost.append(w)
-                    for e in es:
-                        units[e].tried.add(reply.worker)
-            sent = {e: units[e].rows for e in es}
-            try:
-                if isinstance(reply.outcome, BaseException):
-                    raise reply.outcome
-                decoded = decode_response(reply.outcome, sent)
-                self.latency.observe(reply.worker, reply.seconds, sum(x.shape[0] for x in sent.values()))
-                for e in es:
-                    replies.setdefault(e, {})[reply.worker] = decoded[e]
-            except Exception as exc:  # refused, closed, timed out or malformed: a failed reply
-                for e in es:
-                    replies.setdefault(e, {})[reply.worker] = exc
+            self.hedges += reply.hedged
+            if not reply.by_primary:
+                lost.append(w)
+            for responder, outcome in reply.parts:
+                mine = es if reply.by_primary else [e for e in es if responder in units[e].hedge_hosts]
+                sent = {e: units[e].rows for e in mine}
+                if not reply.by_primary:
+                    for e in mine:
+                        units[e].tried.add(responder)
+                try:
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+                    decoded = decode_response(outcome, sent)
+                    self.latency.observe(responder, reply.seconds, sum(x.shape[0] for x in sent.values()))
+                    for e in mine:
+                        replies.setdefault(e, {})[responder] = decoded[e]
+                except Exception as exc:  # refused, closed, timed out or malformed: a failed reply
+                    for e in mine:
+                        replies.setdefault(e, {})[responder] = exc
         return replies, lost
 
     @staticmethod
-    def _alternate(worker: str, experts: list[int], units: Mapping[int, _Unit],
-                   standing: Callable[[str], Standing]) -> str | None:
-        """A hedge target: hosts every expert of the message, is not yet used for any of them,
-        and belongs to another owner than the primary (preferred order kept)."""
+    def _alternates(worker: str, experts: list[int], units: Mapping[int, _Unit],
+                    standing: Callable[[str], Standing]) -> dict[str, list[int]]:
+        """Hedge targets covering every unit of the message: for each unit a host not yet used
+        for it and of another owner than the primary, reusing a target already picked when it
+        can (fewer messages). Empty when some unit has no such host."""
         owner = standing(worker).owner or worker
-        common = [w for w in units[experts[0]].candidates
-                  if all(w in units[e].candidates and w not in units[e].tried for e in experts)]
-        return next((w for w in common if w != worker and (standing(w).owner or w) != owner), None)
+        picked: dict[str, list[int]] = {}
+        for e in experts:
+            hosts = [w for w in units[e].candidates if w not in units[e].tried and w != worker
+                     and (standing(w).owner or w) != owner]
+            if not hosts:
+                return {}
+            target = next((w for w in hosts if w in picked), hosts[0])
+            picked.setdefault(target, []).append(e)
+            units[e].hedge_hosts.add(target)
+        return picked
