@@ -27,6 +27,7 @@ class DrillReport:
     caught: list[str]
     adversaries: list[str]
     unexercised: list[str]  # adversaries that never received a call, so there was nothing to catch
+    unchecked: int  # calls that had to go out unreplicated for lack of another owner (replication rule 5)
     layer_p50_ms: float
     layer_p99_ms: float
     tokens: int
@@ -38,7 +39,8 @@ class DrillReport:
         return "\n".join([
             f"tokens identical to the honest reference: {'yes' if self.identical else 'NO'} ({self.tokens} tokens)",
             f"wrong results accepted: {self.wrong_accepted}",
-            f"replicas per call: {self.replicas_per_call:.2f}; hedges sent: {self.hedges}",
+            f"replicas per call: {self.replicas_per_call:.2f}; hedges sent: {self.hedges}; "
+            f"unchecked for lack of another owner: {self.unchecked}",
             f"per-layer latency: p50 {self.layer_p50_ms:.2f} ms, p99 {self.layer_p99_ms:.2f} ms",
             f"adversaries: {', '.join(self.adversaries) or 'none'}",
             f"caught (out of routing): {', '.join(self.caught) or 'none'}",
@@ -96,6 +98,7 @@ def run_drill(model_path: str | Path, workers: int = 10, adversaries: float = 0.
         identical=bool(torch.equal(out, reference)), wrong_accepted=wrong,
         replicas_per_call=runner.replicas_sent / max(runner.units, 1), hedges=runner.hedges, caught=caught,
         adversaries=sorted(bad_addresses.values()),
-        unexercised=sorted(name for a, name in bad_addresses.items() if not served.get(a)), layer_p50_ms=statistics.median(times),
+        unexercised=sorted(name for a, name in bad_addresses.items() if not served.get(a)),
+        unchecked=runner.unchecked, layer_p50_ms=statistics.median(times),
         layer_p99_ms=times[min(len(times) - 1, int(0.99 * len(times)))], tokens=int(out.shape[0] * tokens),
     )

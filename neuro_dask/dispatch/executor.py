@@ -39,8 +39,6 @@ class DistributedExecutor:
         self.clock = clock
         self.sleep = sleep
         self.routes = self.fetch_routes()
-        self.calls = 0
-        self.resent = 0
         self.suspects: dict[str, float] = {}  # worker -> until when it is skipped
         self.load: dict[tuple[int, int], int] = {}  # (layer, expert) -> rows since the last report
         self.layer_seconds: deque[float] = deque(maxlen=100_000)  # per-layer latency, for drills and reports
@@ -102,7 +100,6 @@ class DistributedExecutor:
                 continue
             calls = {w: encode_request(self.model_id, layer, {e: pending[e] for e in experts})
                      for w, experts in plan.items()}
-            self.calls += len(calls)
             outcomes = self.transport.call_many(calls, self.settings.deadline)
             for worker, experts in plan.items():
                 sent = {e: pending[e] for e in experts}
@@ -116,7 +113,6 @@ class DistributedExecutor:
                                 layer, worker, exc, experts)
                     exclude.add(worker)
                     self.suspects[worker] = self.clock() + self.settings.suspect_cooldown
-                    self.resent += 1
                     self._report_unreachable(worker, layer, experts)
                     continue
                 results.update(answer)
@@ -140,7 +136,6 @@ class DistributedExecutor:
                     raise
                 self.suspects.clear()  # a skipped trusted worker may be what the quorum lacks
         self.outcomes += outcomes
-        self.calls += sum(1 for _ in outcomes)
         bad = {o.worker for o in outcomes if o.kind in ("invalid", "timeout", "error")}  # late only costs reputation
         for worker in bad:
             self.suspects[worker] = self.clock() + self.settings.suspect_cooldown
