@@ -66,10 +66,15 @@ def _unpack_rows(msg: Mapping[str, Any], hidden: int | None = None) -> dict[int,
     return dict(zip((int(e) for e in experts), torch.split(rows, counts), strict=True))
 
 
-def encode_request(model: str, layer: int, groups: Mapping[int, torch.Tensor]) -> dict[str, Any]:
+def encode_request(model: str, layer: int, groups: Mapping[int, torch.Tensor],
+                   call: str | None = None) -> dict[str, Any]:
+    """`call` names the request so that a worker can be told to drop it (a lost hedge race)."""
     experts, counts, dtype, hidden, data = _pack_rows(groups)
-    return {"model": model, "layer": int(layer), "experts": experts, "counts": counts,
-            "dtype": dtype, "hidden": hidden, "data": data}
+    msg = {"model": model, "layer": int(layer), "experts": experts, "counts": counts,
+           "dtype": dtype, "hidden": hidden, "data": data}
+    if call is not None:
+        msg["call"] = str(call)
+    return msg
 
 
 def decode_request(msg: Mapping[str, Any]) -> ExpertRequest:

@@ -26,6 +26,7 @@ import click
 from distributed.core import Status
 
 from neuro_dask.errors import NeuroDaskError
+from neuro_dask.runtime.drop_list import DropList
 from neuro_dask.runtime.expert_host import ExpertHost
 from neuro_dask.runtime.expert_memory import ExpertMemory
 from neuro_dask.runtime.machine import benchmark_expert_ffn, pick_device, profile_machine
@@ -47,12 +48,13 @@ class NeuroWorker:
         self.device = pick_device(settings.device)
         self.budget = settings.budget_bytes(self.profile.memory_available)
         self.speed = 0.0
-        self.adversary = make_adversary(settings.adversary)  # honest unless a drill says otherwise
+        self.adversary = make_adversary(settings.adversary, salt=str(worker.name))  # honest unless a drill says so
         self.host = ExpertHost(ExpertFileCache(settings.resolved_cache_dir()), ExpertMemory(self.budget),
                                device=self.device, store_override=settings.store)
         # One thread computes (expert calls are short and ordered), another loads (slow I/O).
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="neuro-compute")
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="neuro-load")
+        self.dropped = DropList()
 
     async def start(self) -> None:
         if self.settings.benchmark:
@@ -60,7 +62,8 @@ class NeuroWorker:
                 self._compute, lambda: benchmark_expert_ffn(device=self.device))
         self.speed = self.speed or 1.0
         w = self.worker
-        w.handlers.update({"neuro_expert": self.handle_expert, "neuro_assign": self.handle_assign,
+        w.handlers.update({"neuro_expert": self.handle_expert, "neuro_cancel": self.handle_cancel,
+                           "neuro_assign": self.handle_assign,
                            "neuro_drop": self.handle_drop, "neuro_status": self.handle_status})
         w.startup_information["neuro"] = lambda _w: self.info()
         w.metrics["neuro"] = lambda _w: self.host.status()
@@ -77,29 +80,41 @@ class NeuroWorker:
 
     # ---- serving ------------------------------------------------------------------------------
 
-    def serve(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """Run one expert call; never raises, so no exception is ever pickled back to a client."""
+    def serve(self, msg: dict[str, Any]) -> tuple[dict[str, Any], float]:
+        """Run one expert call: (response, seconds to hold it back, nonzero only in straggle
+        drills). Never raises, so no exception is ever pickled back to a client."""
         try:
+            if self.dropped.take(msg.get("call")):
+                return encode_error("dropped: the client no longer needs this call"), 0.0
             request = decode_request(msg)
-            outputs = self.host.run(request)
+            outputs, delay = self.host.run(request), 0.0
             if not self.adversary.is_honest:
-                outputs = self.adversary.apply(request.layer, request.inputs, outputs)
-            return encode_response(outputs)
+                outputs, delay = self.adversary.respond(request.layer, request.inputs, outputs)
+            return encode_response(outputs), delay
         except AdversaryCrash:
             log.warning("drill: adversary crash after %d calls; closing this worker", self.adversary.calls)
             self.worker.loop.add_callback(self.worker.close, reason="neuro-drill-crash", nanny=False)
-            return encode_error("crashed")
+            return encode_error("crashed"), 0.0
         except (NeuroDaskError, WireFormatError) as exc:
-            return encode_error(str(exc))
+            return encode_error(str(exc)), 0.0
         except Exception as exc:
             log.exception("expert call failed")
-            return encode_error(f"{type(exc).__name__}: {exc}")
+            return encode_error(f"{type(exc).__name__}: {exc}"), 0.0
 
     async def handle_expert(self, **msg) -> dict[str, Any]:
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._compute, self.serve, msg)
+            response, delay = await asyncio.get_running_loop().run_in_executor(self._compute, self.serve, msg)
         except RuntimeError:  # the executor is shut down: this worker is closing
             return encode_error(f"{self.worker.address} is closing")
+        if delay:
+            await asyncio.sleep(delay)  # a straggle drill: this answer is late, the next call is not
+        return response
+
+    def handle_cancel(self, calls: list) -> dict[str, Any]:
+        """The client won a hedge race elsewhere: skip these calls if they have not started."""
+        for call in calls[:1000]:
+            self.dropped.add(str(call))
+        return {"status": "OK"}
 
     async def handle_assign(self, model: str, store_url: str, experts: list) -> dict[str, Any]:
         pairs = [(int(l), int(e)) for l, e in experts]

@@ -10,6 +10,8 @@ ExpertUnavailableError: never a hang.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import random
 import time
@@ -39,6 +41,7 @@ class DistributedExecutor:
         self.clock = clock
         self.sleep = sleep
         self.routes = self.fetch_routes()
+        self._refreshing: concurrent.futures.Future | None = None  # a background refresh in flight
         self.suspects: dict[str, float] = {}  # worker -> until when it is skipped
         self.load: dict[tuple[int, int], int] = {}  # (layer, expert) -> rows since the last report
         self.layer_seconds: deque[float] = deque(maxlen=100_000)  # per-layer latency, for drills and reports
@@ -51,16 +54,40 @@ class DistributedExecutor:
         self._routes_at = self.clock()
         return RouteTable.from_message(msg)
 
-    def _report_load(self) -> None:
-        """Tell the scheduler how many rows each expert got, so it can add replicas to hot ones."""
-        if not self.load:
-            return
-        load, self.load = self.load, {}
+    def _refresh_in_background(self, now: float) -> None:
+        """Every `routes_refresh` seconds: report load and trust outcomes and fetch fresh routes,
+        on the client's event loop while tokens keep flowing; the new table is swapped in at the
+        first layer after it arrives. The scheduler round trips never sit on the token path."""
+        if self._refreshing is not None and self._refreshing.done():
+            try:
+                self.routes = self._refreshing.result()
+            except Exception:  # keep the old table; the next refresh tries again
+                log.warning("route refresh failed", exc_info=True)
+            self._refreshing = None
+        if self._refreshing is None and now - self._routes_at > self.settings.routes_refresh:
+            self._routes_at = now
+            load, self.load = self.load, {}
+            outcomes, self.outcomes = self.outcomes, []
+            self._refreshing = asyncio.run_coroutine_threadsafe(self._refresh(load, outcomes),
+                                                                self.client.loop.asyncio_loop)
+
+    async def _refresh(self, load: dict[tuple[int, int], int], outcomes: list[Outcome]) -> RouteTable:
+        scheduler = self.client.scheduler
+        if load:  # best effort: placement works without it
+            try:
+                await scheduler.neuro_report_load(model=self.model_id, load=[[l, e, n] for (l, e), n in load.items()])
+            except Exception:
+                log.debug("could not report expert load", exc_info=True)
+        if outcomes:
+            await self._send_outcomes(outcomes)
+        return RouteTable.from_message(await scheduler.neuro_routes(model=self.model_id))
+
+    async def _send_outcomes(self, outcomes: list[Outcome]) -> None:
         try:
-            self.client.sync(self.client.scheduler.neuro_report_load, model=self.model_id,
-                             load=[[l, e, n] for (l, e), n in load.items()])
-        except Exception:  # best effort: placement works without it
-            log.debug("could not report expert load", exc_info=True)
+            await self.client.scheduler.neuro_report_outcomes(
+                model=self.model_id, outcomes=[[o.worker, o.kind, o.cause_id, o.layer, o.expert] for o in outcomes])
+        except Exception:  # best effort; the output is already decided
+            log.debug("could not report trust outcomes", exc_info=True)
 
     def _report_unreachable(self, worker: str, layer: int, experts: list[int]) -> None:
         try:
@@ -80,10 +107,7 @@ class DistributedExecutor:
         pending = dict(groups)
         results: dict[int, torch.Tensor] = {}
         now = self.clock()
-        if now - self._routes_at > self.settings.routes_refresh:  # new replicas, re-placed experts
-            self._report_load()
-            self._report_outcomes()
-            self.routes = self.fetch_routes()
+        self._refresh_in_background(now)  # new replicas, re-placed experts, reputation
         for e, rows in groups.items():
             self.load[(layer, e)] = self.load.get((layer, e), 0) + rows.shape[0]
         self.suspects = {w: until for w, until in self.suspects.items() if until > now}
@@ -139,19 +163,26 @@ class DistributedExecutor:
         bad = {o.worker for o in outcomes if o.kind in ("invalid", "timeout", "error")}  # late only costs reputation
         for worker in bad:
             self.suspects[worker] = self.clock() + self.settings.suspect_cooldown
-        if any(o.kind == "invalid" for o in outcomes):
-            self._report_outcomes()
+        if any(o.kind == "invalid" for o in outcomes):  # a caught worker is reported at once, off the token path
+            caught, self.outcomes = self.outcomes, []
+            asyncio.run_coroutine_threadsafe(self._send_outcomes(caught), self.client.loop.asyncio_loop)
         return results
 
-    def _report_outcomes(self) -> None:
-        if not self.outcomes:
-            return
+    def flush_reports(self) -> None:
+        """Report pending load and outcomes now and wait for it (drills, tests, close)."""
+        if self._refreshing is not None:
+            try:
+                self._refreshing.result(timeout=self.settings.connect_timeout)
+            except Exception:
+                log.debug("route refresh failed", exc_info=True)
+            self._refreshing = None
+        load, self.load = self.load, {}
         outcomes, self.outcomes = self.outcomes, []
         try:
-            self.client.sync(self.client.scheduler.neuro_report_outcomes, model=self.model_id,
-                             outcomes=[[o.worker, o.kind, o.cause_id, o.layer, o.expert] for o in outcomes])
-        except Exception:  # best effort; the output is already decided
-            log.debug("could not report trust outcomes", exc_info=True)
+            self.routes = self.client.sync(self._refresh, load, outcomes)
+        except Exception:
+            log.debug("could not flush reports", exc_info=True)
+        self._routes_at = self.clock()
 
     def _wait_for_routes(self, layer: int, unroutable: list[int], since: float | None) -> float:
         now = self.clock()
@@ -163,5 +194,5 @@ class DistributedExecutor:
         return since
 
     def close(self) -> None:
-        self._report_outcomes()
+        self.flush_reports()
         self.transport.close()

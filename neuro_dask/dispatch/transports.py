@@ -17,8 +17,9 @@ import itertools
 import logging
 import time
 import uuid
+from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import msgpack
 from distributed import Client, wait
@@ -37,23 +38,124 @@ class CallTimeoutError(TimeoutError):
         super().__init__(f"worker {worker} gave no answer within the {timeout:.1f} s deadline")
 
 
+Alternates = tuple[tuple[str, dict[str, Any]], ...]  # (worker, message) pairs covering the same work
+
+
+@dataclass(frozen=True)
+class HedgeView:
+    """The round as it stands when a hedge is due."""
+
+    missing: frozenset[int]  # experts of the message without an answer yet
+    avoid: frozenset[str]  # workers with a call of this round past its patience: slow right now
+    occupied: frozenset[str]  # workers answering a call of this round or an abandoned one (a hedge might queue)
+    answered: Mapping[int, frozenset[str]]  # expert -> workers whose answer for it is already in, this round
+
+
 @dataclass(frozen=True)
 class HedgedCall:
     msg: dict[str, Any]
     hedge_after: float  # seconds without an answer before the duplicates go out
-    alternates: tuple[tuple[str, dict[str, Any]], ...] = ()  # (worker, message) covering the same work
+    # Chosen only when a hedge is due, from what the round looks like then: (alternates to send,
+    # experts settled by answers already in, which need no hedge).
+    alternates: Callable[[HedgeView], tuple[Alternates, frozenset[int]]] = lambda view: ((), frozenset())
 
 
 @dataclass(frozen=True)
 class Reply:
-    parts: tuple[tuple[str, Outcome], ...]  # (who answered, what): the primary, or the alternates
-    seconds: float
+    """How one primary call ended: the answers that together cover its work (the primary's
+    alone, or hedges' that each cover part of it), or the failures when nothing covered it."""
+
+    parts: tuple[tuple[str, Outcome], ...]  # (who answered, what)
+    seconds: float  # from the round's start until the work was covered (or given up)
     hedged: bool  # duplicates went out
     primary: str = ""
+    abandoned: tuple[str, ...] = ()  # call ids still in flight when it ended, whose answers may come late
+    settled: frozenset[int] = frozenset()  # experts left to another replica's answer (HedgedCall.alternates)
+    calls: tuple[str | None, ...] = ()  # the call id each part answers, when the message had one
+    durations: tuple[float, ...] = ()  # seconds each part took from when it was sent
 
     @property
     def by_primary(self) -> bool:
-        return len(self.parts) == 1 and self.parts[0][0] == self.primary
+        """The primary answered (or failed) itself, rather than being overtaken by hedges."""
+        return any(w == self.primary for w, _ in self.parts)
+
+
+@dataclass(frozen=True)
+class LateReply:
+    """What an abandoned call (the loser of a hedge race) answered after all."""
+
+    worker: str
+    call: str  # the request's call id
+    outcome: Outcome
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _Flight:
+    """One message in flight for a primary's work: the primary itself or a hedge."""
+
+    worker: str
+    msg: dict[str, Any]
+    task: asyncio.Future
+    sent: float
+
+    @property
+    def experts(self) -> frozenset[int]:
+        return frozenset(int(e) for e in self.msg.get("experts", ()))
+
+
+PeerPatience = Callable[[list[float], int], "float | None"]  # (peers' seconds, round size) -> patience
+
+
+class _Round:
+    """The primaries of one round, sent together: who is slow right now, and how patient to be."""
+
+    def __init__(self, started: float, primaries: dict[str, asyncio.Future], calls: Mapping[str, HedgedCall],
+                 peer_patience: PeerPatience | None, loop: asyncio.AbstractEventLoop):
+        self.started = started
+        self.primaries = primaries
+        self.calls = calls
+        self.peer_patience = peer_patience
+        self.finished: list[float] = []  # seconds each answered primary took
+        self.answered: dict[int, set[str]] = {}  # expert -> workers whose valid-looking answer is in
+        self.progress = asyncio.Event()  # set (and replaced) whenever a primary answers
+        self._loop = loop
+        for task in primaries.values():
+            task.add_done_callback(self._answered)
+
+    def _answered(self, task: asyncio.Future) -> None:
+        self.finished.append(self._loop.time() - self.started)
+        worker = next(w for w, t in self.primaries.items() if t is task)
+        if not _failed(task.result()):
+            self.note_answer(worker, self.calls[worker].msg.get("experts", ()))
+        event, self.progress = self.progress, asyncio.Event()
+        event.set()
+
+    def patience(self, call: HedgedCall) -> float:
+        peers = self.peer_patience(self.finished, len(self.primaries)) if self.peer_patience else None
+        return call.hedge_after if peers is None else min(call.hedge_after, peers)
+
+    def note_answer(self, worker: str, experts: Iterable[int]) -> None:
+        for e in experts:
+            self.answered.setdefault(int(e), set()).add(worker)
+
+    def view(self, missing: frozenset[int], lingering: Mapping[str, int]) -> HedgeView:
+        """The round for choosing hedge targets now. An abandoned call does not put its worker
+        in `avoid`: a straggling answer may be late on the network while the worker itself is
+        idle, which the client cannot tell apart."""
+        elapsed = self._loop.time() - self.started
+        in_flight = {w for w, task in self.primaries.items() if not task.done()}
+        overdue = {w for w in in_flight if elapsed >= self.patience(self.calls[w])}
+        return HedgeView(missing, frozenset(overdue), frozenset(in_flight | set(lingering)),
+                         {e: frozenset(ws) for e, ws in self.answered.items()})
+
+
+class HedgeBudget(Protocol):
+    """The cap on hedges (trust/hedging.py rule 3): asked before, told after each hedge sent."""
+
+    def may_hedge(self) -> bool: ...
+
+    def count_hedge(self) -> None: ...
 
 
 class Transport(Protocol):
@@ -61,8 +163,12 @@ class Transport(Protocol):
 
     def call_many(self, calls: Mapping[str, dict[str, Any]], timeout: float) -> dict[str, Outcome]: ...
 
-    def call_hedged(self, calls: Mapping[str, HedgedCall], timeout: float,
-                    may_hedge: Callable[[], bool]) -> dict[str, Reply]: ...
+    def call_hedged(self, calls: Mapping[str, HedgedCall], timeout: float, budget: HedgeBudget,
+                    peer_patience: PeerPatience | None = None) -> dict[str, Reply]: ...
+
+    def busy(self) -> set[str]: ...
+
+    def drain_late(self) -> list[LateReply]: ...
 
     def close(self) -> None: ...
 
@@ -75,7 +181,11 @@ class DirectTransport:
         # Our own pool: it deserializes msgpack only, so a worker cannot make us unpickle.
         self.pool = ConnectionPool(limit=256, deserializers=["msgpack"], serializers=["msgpack"],
                                    connection_args=client.connection_args, timeout=connect_timeout)
+        self.connect_timeout = connect_timeout
         self._started = False
+        self._lingering: Counter[str] = Counter()  # worker -> abandoned calls still running there
+        # Answers of abandoned calls, oldest first; appended on the event loop, drained by the caller.
+        self.late: deque[LateReply] = deque(maxlen=10_000)
 
     async def _call(self, worker: str, msg: dict[str, Any], timeout: float) -> Outcome:
         try:
@@ -101,44 +211,124 @@ class DirectTransport:
         return self.client.sync(self._call_all, calls, timeout)
 
     async def _hedged_one(self, worker: str, call: HedgedCall, timeout: float,
-                          may_hedge: Callable[[], bool]) -> Reply:
-        """The primary; after `hedge_after` without an answer, the same work to the alternates
-        (one or several workers that together host it). The first side that answers without a
-        failure wins; the other is cancelled."""
+                          budget: HedgeBudget, rnd: _Round) -> Reply:
+        """The primary; each time the newest message has waited out its patience (the call's
+        `hedge_after`, or sooner by its round's peers) with part of the work still unanswered,
+        that part goes to fresh alternates (workers that together host it), while hosts and the
+        hedge cap allow: a hedge can straggle too. Each expert's first valid answer counts, from
+        whichever message; the call ends once every expert has one. Messages still in flight
+        then are abandoned, not cancelled: their workers are told to drop them, an answer that
+        comes anyway lands in `late` (to be compared and credited), and their connections go
+        back to the pool instead of being torn down mid-message."""
         loop = asyncio.get_running_loop()
-        started = loop.time()
-        primary = asyncio.ensure_future(self._call(worker, call.msg, timeout))
-        done, _ = await asyncio.wait({primary}, timeout=call.hedge_after)
-        sides = {primary: "primary"}
-        if not done and call.alternates and may_hedge():
-            sides[asyncio.ensure_future(asyncio.gather(
-                *(self._call(w, m, timeout) for w, m in call.alternates)))] = "hedge"
-        pending = set(sides)
-        reply = None
-        while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        need = frozenset(int(e) for e in call.msg["experts"])
+        flights = [_Flight(worker, call.msg, rnd.primaries[worker], rnd.started)]
+        in_flight = {flights[0].task: flights[0]}
+        answered: list[tuple[_Flight, Outcome, float]] = []
+        failed: list[tuple[_Flight, Outcome, float]] = []
+        covered: set[int] = set()
+        settled: set[int] = set()
+        mode = "patient"  # patient: hedge when patience runs out; stuck: no host free, retry when a peer
+        while in_flight:  # answers; capped: the hedge budget is spent, wait for what is in flight
+            timeout_s = max(0.0, flights[-1].sent + rnd.patience(call) - loop.time()) if mode == "patient" else None
+            listen = mode != "capped" and timeout_s != 0.0
+            woken = asyncio.ensure_future(rnd.progress.wait()) if listen else None  # a peer answered
+            done, _ = await asyncio.wait(set(in_flight) | ({woken} if woken else set()), timeout=timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if woken is not None:
+                woken.cancel()
+                done.discard(woken)
             for task in done:
-                if sides[task] == "primary":
-                    parts = ((worker, task.result()),)
+                flight = in_flight.pop(task)
+                outcome = task.result()
+                entry = (flight, outcome, loop.time() - flight.sent)
+                if _failed(outcome):
+                    failed.append(entry)
                 else:
-                    parts = tuple((w, o) for (w, _), o in zip(call.alternates, task.result(), strict=True))
-                reply = Reply(parts, loop.time() - started, len(sides) > 1, worker)
-                if not any(_failed(o) for _, o in parts):
-                    for other in pending:
-                        other.cancel()
-                        other.add_done_callback(_retrieve)  # a cancelled gather must not warn
-                    return reply
-        return reply
+                    answered.append(entry)
+                    covered |= flight.experts
+                    rnd.note_answer(flight.worker, flight.experts)
+            if covered | settled >= need:
+                return self._ended(worker, answered, len(flights) > 1, in_flight.values(), loop.time() - rnd.started,
+                                   frozenset(settled - covered))
+            if done or mode == "capped" or (mode == "patient" and loop.time() < flights[-1].sent + rnd.patience(call)):
+                continue  # a failure, or a peer's answer that moved the patience
+            if not budget.may_hedge():
+                mode = "capped"
+                continue
+            alternates, settles = call.alternates(rnd.view(need - covered - settled, self._lingering))
+            settled |= settles
+            if covered | settled >= need:
+                continue  # ends at the top of the loop
+            if not alternates:
+                mode = "stuck"
+                continue
+            budget.count_hedge()
+            mode = "patient"
+            now = loop.time()
+            for w, m in alternates:
+                flight = _Flight(w, m, asyncio.ensure_future(self._call(w, m, timeout)), now)
+                flights.append(flight)
+                in_flight[flight.task] = flight
+        return self._ended(worker, answered + failed, len(flights) > 1, (), loop.time() - rnd.started)
 
-    async def _hedged_all(self, calls: Mapping[str, HedgedCall], timeout: float,
-                          may_hedge: Callable[[], bool]) -> dict[str, Reply]:
+    def _ended(self, primary: str, parts: list[tuple[_Flight, Outcome, float]], hedged: bool,
+               still_flying: Iterable[_Flight], seconds: float, settled: frozenset[int] = frozenset()) -> Reply:
+        abandoned = []
+        for flight in still_flying:
+            self._abandon(flight.worker, flight.msg, flight.task, flight.sent)
+            if "call" in flight.msg:
+                abandoned.append(flight.msg["call"])
+        return Reply(tuple((f.worker, o) for f, o, _ in parts), seconds, hedged, primary, tuple(abandoned),
+                     settled, tuple(f.msg.get("call") for f, _, _ in parts), tuple(d for _, _, d in parts))
+
+    def _abandon(self, worker: str, msg: dict[str, Any], task: asyncio.Future, started: float) -> None:
+        """Leave a losing call to finish on its own; tell its worker to drop it if not started."""
+        if task.done():
+            return
+        self._lingering[worker] += 1
+        call_id = msg.get("call")
+        loop = asyncio.get_running_loop()
+
+        def finished(t: asyncio.Future) -> None:
+            self._lingering[worker] -= 1
+            if self._lingering[worker] <= 0:
+                del self._lingering[worker]
+            if not t.cancelled() and call_id is not None:
+                self.late.append(LateReply(worker, call_id, t.result(), loop.time() - started))
+
+        task.add_done_callback(finished)
+        if call_id is not None:
+            loop.create_task(self._tell_drop(worker, call_id))
+
+    async def _tell_drop(self, worker: str, call_id: str) -> None:
+        try:
+            await asyncio.wait_for(self.pool(worker).neuro_cancel(calls=[call_id]), self.connect_timeout)
+        except Exception:  # best effort: the call may already be done, or the worker gone
+            log.debug("could not tell %s to drop call %s", worker, call_id, exc_info=True)
+
+    def busy(self) -> set[str]:
+        """Workers still working on an abandoned call (they would queue a new one behind it)."""
+        return set(self._lingering)
+
+    def drain_late(self) -> list[LateReply]:
+        late = []
+        while self.late:
+            late.append(self.late.popleft())
+        return late
+
+    async def _hedged_all(self, calls: Mapping[str, HedgedCall], timeout: float, budget: HedgeBudget,
+                          peer_patience: PeerPatience | None) -> dict[str, Reply]:
         await self._ensure_started()
-        replies = await asyncio.gather(*(self._hedged_one(w, c, timeout, may_hedge) for w, c in calls.items()))
+        loop = asyncio.get_running_loop()
+        primaries = {w: asyncio.ensure_future(self._call(w, c.msg, timeout)) for w, c in calls.items()}
+        rnd = _Round(loop.time(), primaries, calls, peer_patience, loop)
+        replies = await asyncio.gather(*(self._hedged_one(w, c, timeout, budget, rnd) for w, c in calls.items()))
         return dict(zip(calls, replies, strict=True))
 
-    def call_hedged(self, calls: Mapping[str, HedgedCall], timeout: float,
-                    may_hedge: Callable[[], bool]) -> dict[str, Reply]:
-        return self.client.sync(self._hedged_all, calls, timeout, may_hedge)
+    def call_hedged(self, calls: Mapping[str, HedgedCall], timeout: float, budget: HedgeBudget,
+                    peer_patience: PeerPatience | None = None) -> dict[str, Reply]:
+        return self.client.sync(self._hedged_all, calls, timeout, budget, peer_patience)
 
     def close(self) -> None:
         if self._started:
@@ -183,22 +373,22 @@ class FuturesTransport:
             fut.cancel()  # a pinned task stranded on a dead worker must not linger
         return out
 
-    def call_hedged(self, calls: Mapping[str, HedgedCall], timeout: float,
-                    may_hedge: Callable[[], bool]) -> dict[str, Reply]:
+    def call_hedged(self, calls: Mapping[str, HedgedCall], timeout: float, budget: HedgeBudget,
+                    peer_patience: PeerPatience | None = None) -> dict[str, Reply]:
         """No hedging on the futures transport (offline batches): every call waits for its deadline."""
         started = time.monotonic()
         outcomes = self.call_many({w: c.msg for w, c in calls.items()}, timeout)
         elapsed = time.monotonic() - started
-        return {w: Reply(((w, outcome),), elapsed, False, w) for w, outcome in outcomes.items()}
+        return {w: Reply(((w, outcome),), elapsed, False, w, calls=(calls[w].msg.get("call"),), durations=(elapsed,))
+                for w, outcome in outcomes.items()}
+
+    def busy(self) -> set[str]:
+        return set()
+
+    def drain_late(self) -> list[LateReply]:
+        return []
 
     def close(self) -> None:
-        pass
-
-
-def _retrieve(future: asyncio.Future) -> None:
-    try:
-        future.exception()
-    except BaseException:  # CancelledError: exactly what we asked for
         pass
 
 

@@ -12,19 +12,22 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Mapping
 
 import torch
 
 from neuro_dask.dispatch.routes import ExpertUnavailableError, RouteTable
-from neuro_dask.dispatch.transports import CallTimeoutError, HedgedCall, Transport
+from neuro_dask.dispatch.transports import CallTimeoutError, HedgedCall, HedgeView, Transport
 from neuro_dask.trust.hedging import HedgePolicy, LatencyTracker
 from neuro_dask.trust.quorum import Accepted, Exhausted, Quorum, QuorumExhaustedError, QuorumPolicy
 from neuro_dask.trust.replication import ReplicationPolicy, Standing, plan_call
-from neuro_dask.trust.validation import ValidationPolicy
+from neuro_dask.trust.validation import ValidationPolicy, agree
 from neuro_dask.wire import decode_response, encode_request
+
+AWAIT_LIMIT = 1024  # abandoned calls remembered for a late comparison; older ones are forgotten
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ class _Unit:
     candidates: list[str]
     tried: set[str] = field(default_factory=set)
     owners: set[str] = field(default_factory=set)
-    hedge_hosts: set[str] = field(default_factory=set)  # where this unit's hedges may go
+    hedge_hosts: set[str] = field(default_factory=set)  # where this unit's hedges went
     result: torch.Tensor | None = None
 
 
@@ -69,16 +72,21 @@ class TrustedLayerRunner:
         self.units = 0
         self.unchecked = 0
         self.accepted_from: Counter[tuple[str, ...]] = Counter()  # which workers' agreement decided
+        # Abandoned calls (hedge losers) whose answer may still come: call id -> (cause, layer, units)
+        self._awaiting: OrderedDict[str, tuple[str, int, list[_Unit]]] = OrderedDict()
+        self.late_checked = 0
 
     def run(self, layer: int, groups: Mapping[int, torch.Tensor], routes: RouteTable,
             exclude: set[str]) -> tuple[dict[int, torch.Tensor], list[Outcome]]:
         standing = routes.standing_of
         anchorless = not any(s.trusted or s.established for s in routes.standing.values())
+        outcomes: list[Outcome] = self._check_late()
+        busy = self.transport.busy()
         units: dict[int, _Unit] = {}
         planned_rows: dict[str, int] = {}
         for expert, rows in groups.items():
             candidates = self._primary_first([w for w in routes.ranked(layer, expert) if w not in exclude],
-                                             routes, planned_rows)
+                                             routes, planned_rows, busy)
             if not candidates:
                 raise ExpertUnavailableError(self.model_id, layer, [expert], 0.0)
             planned_rows[candidates[0]] = planned_rows.get(candidates[0], 0) + rows.shape[0]
@@ -91,11 +99,10 @@ class TrustedLayerRunner:
             for w in plan.workers:
                 self._assign(units[expert], w, standing)
         self.units += len(units)
-        outcomes: list[Outcome] = []
         cause = uuid.uuid4().hex[:12]
         round_work = {e: list(u.tried) for e, u in units.items()}
         while round_work:
-            replies, lost = self._send(layer, units, round_work, standing)
+            replies, lost = self._send(layer, cause, units, round_work, standing)
             outcomes += [Outcome(w, "late", cause, layer, -1) for w in lost]
             round_work = {}
             for expert, unit in units.items():
@@ -138,15 +145,48 @@ class TrustedLayerRunner:
         return {e: u.result for e, u in units.items()}, outcomes
 
     @staticmethod
-    def _primary_first(candidates: list[str], routes: RouteTable, planned_rows: Mapping[str, int]) -> list[str]:
-        """The primary is the routable candidate with the fewest rows planned in this layer (ties:
+    def _primary_first(candidates: list[str], routes: RouteTable, planned_rows: Mapping[str, int],
+                       busy: set[str] = frozenset()) -> list[str]:
+        """The primary is the routable candidate that is not still busy with an abandoned call
+        (a new call would queue behind it) and has the fewest rows planned in this layer (ties:
         the scheduler's order), so a layer's work spreads over workers instead of piling on the
-        best-ranked one; every other candidate keeps its order for replicas."""
-        routable = [w for w in candidates if routes.routable is None or w in routes.routable]
+        best-ranked one. The others keep their order for replicas, busy workers last."""
+        ordered = [w for w in candidates if w not in busy] + [w for w in candidates if w in busy]
+        routable = [w for w in ordered if routes.routable is None or w in routes.routable]
         if not routable:
-            return candidates
-        primary = min(routable, key=lambda w: planned_rows.get(w, 0))
-        return [primary] + [w for w in candidates if w != primary]
+            return ordered
+        primary = min(routable, key=lambda w: (w in busy, planned_rows.get(w, 0)))
+        return [primary] + [w for w in ordered if w != primary]
+
+    def _check_late(self) -> list[Outcome]:
+        """Quorum rule: a result that arrives after the decision is still compared, and credited
+        only if it agrees with the canonical result (under the same cause id, so a primary that
+        was late earns correctness but not timeliness)."""
+        outcomes = []
+        for late in self.transport.drain_late():
+            entry = self._awaiting.pop(late.call, None)
+            if entry is None:
+                continue
+            cause, layer, units = entry
+            decided = [u for u in units if u.result is not None]
+            if not decided:
+                continue
+            try:
+                if isinstance(late.outcome, BaseException):
+                    raise late.outcome
+                got = decode_response(late.outcome, {u.expert: u.rows for u in units})
+            except Exception:  # dropped on our request, or failed: nothing to compare
+                continue
+            self.late_checked += 1
+            for u in decided:
+                ok = agree({u.expert: u.result}, {u.expert: got[u.expert]}, self.policy.validation)
+                outcomes.append(Outcome(late.worker, "validated" if ok else "invalid", cause, layer, u.expert))
+        return outcomes
+
+    def _await_late(self, call: str, cause: str, layer: int, units: list[_Unit]) -> None:
+        self._awaiting[call] = (cause, layer, units)
+        while len(self._awaiting) > AWAIT_LIMIT:
+            self._awaiting.popitem(last=False)
 
     def _assign(self, unit: _Unit, worker: str, standing: Callable[[str], Standing]) -> None:
         unit.tried.add(worker)
@@ -164,7 +204,7 @@ class TrustedLayerRunner:
         anchored = [w for w in new_owner if standing(w).trusted or standing(w).established]
         return (anchored or new_owner or [None])[0]
 
-    def _send(self, layer: int, units: Mapping[int, _Unit], work: Mapping[int, list[str]],
+    def _send(self, layer: int, cause: str, units: Mapping[int, _Unit], work: Mapping[int, list[str]],
               standing: Callable[[str], Standing]) -> tuple[dict[int, dict[str, torch.Tensor | BaseException]], list[str]]:
         """One round: every worker's units in one message, hedged to alternate hosts when the
         primary is slower than its latency estimate; replies split back per unit.
@@ -174,40 +214,36 @@ class TrustedLayerRunner:
             for w in workers:
                 by_worker.setdefault(w, []).append(expert)
         calls = {}
+        covers: dict[str, list[int]] = {}  # call id -> the experts it carries
         for w, es in by_worker.items():
             rows = sum(units[e].rows.shape[0] for e in es)
-            alternates = tuple((aw, encode_request(self.model_id, layer, {e: units[e].rows for e in aes}))
-                               for aw, aes in self._alternates(w, es, units, standing).items())
-            calls[w] = HedgedCall(encode_request(self.model_id, layer, {e: units[e].rows for e in es}),
-                                  self.latency.hedge_after(w, rows), alternates)
+            calls[w] = HedgedCall(self._request(layer, units, es, covers), self.latency.hedge_after(w, rows),
+                                  partial(self._hedge_requests, layer, w, es, units, standing, covers))
             self.latency.count_call()
         timeout = max(self.latency.deadline(w, sum(units[e].rows.shape[0] for e in es)) for w, es in by_worker.items())
 
-        def may_hedge() -> bool:
-            if not self.latency.may_hedge():
-                return False
-            self.latency.count_hedge()
-            return True
-
-        answers = self.transport.call_hedged(calls, timeout, may_hedge)
+        answers = self.transport.call_hedged(calls, timeout, self.latency, self.latency.peer_patience)
         replies: dict[int, dict[str, torch.Tensor | BaseException]] = {}
         lost: list[str] = []
-        for w, es in by_worker.items():
+        for w in by_worker:
             reply = answers[w]
             self.hedges += reply.hedged
             if not reply.by_primary:
                 lost.append(w)
-            for responder, outcome in reply.parts:
-                mine = es if reply.by_primary else [e for e in es if responder in units[e].hedge_hosts]
+            for call in reply.abandoned:  # the losing side may still answer: compare it then
+                self._await_late(call, cause, layer, [units[e] for e in covers[call]])
+            for e in reply.settled:  # its other replica's answer stands alone (quorum rule 7)
+                units[e].quorum.waive()
+            for (responder, outcome), call, seconds in zip(reply.parts, reply.calls, reply.durations, strict=True):
+                mine = covers[call]
                 sent = {e: units[e].rows for e in mine}
-                if not reply.by_primary:
-                    for e in mine:
-                        units[e].tried.add(responder)
+                for e in mine:
+                    units[e].tried.add(responder)
                 try:
                     if isinstance(outcome, BaseException):
                         raise outcome
                     decoded = decode_response(outcome, sent)
-                    self.latency.observe(responder, reply.seconds, sum(x.shape[0] for x in sent.values()))
+                    self.latency.observe(responder, seconds, sum(x.shape[0] for x in sent.values()))
                     for e in mine:
                         replies.setdefault(e, {})[responder] = decoded[e]
                 except Exception as exc:  # refused, closed, timed out or malformed: a failed reply
@@ -215,20 +251,53 @@ class TrustedLayerRunner:
                         replies.setdefault(e, {})[responder] = exc
         return replies, lost
 
+    def _request(self, layer: int, units: Mapping[int, _Unit], experts: list[int],
+                 covers: dict[str, list[int]]) -> dict:
+        call = uuid.uuid4().hex
+        covers[call] = experts
+        return encode_request(self.model_id, layer, {e: units[e].rows for e in experts}, call=call)
+
+    def _hedge_requests(self, layer: int, worker: str, experts: list[int], units: Mapping[int, _Unit],
+                        standing: Callable[[str], Standing], covers: dict[str, list[int]],
+                        view: HedgeView) -> tuple[tuple[tuple[str, dict], ...], frozenset[int]]:
+        """Called by the transport when a hedge is due (on its event loop, while `run` waits):
+        (hedge messages for the message's unanswered experts, experts settled without one)."""
+        todo = [e for e in experts if e in view.missing]
+        settled = frozenset(e for e in todo if self._settled_elsewhere(units[e], worker, view, standing))
+        todo = [e for e in todo if e not in settled]
+        picked = self._alternates(worker, todo, units, standing, view.avoid, view.occupied) if todo else {}
+        if todo and not picked:
+            return (), frozenset()
+        return tuple((aw, self._request(layer, units, aes, covers)) for aw, aes in picked.items()), settled
+
+    @staticmethod
+    def _settled_elsewhere(unit: _Unit, worker: str, view: HedgeView, standing: Callable[[str], Standing]) -> bool:
+        """Quorum rule 7: `worker` only made a replicated unit's quorum, and another replica that
+        counts has already answered for it, so that answer can stand alone if `worker` is late."""
+        if unit.quorum.anchorless or unit.quorum.quorum < 2:
+            return False
+        return any(w != worker and w in unit.tried and (standing(w).trusted or standing(w).established)
+                   for w in view.answered.get(unit.expert, ()))
+
     @staticmethod
     def _alternates(worker: str, experts: list[int], units: Mapping[int, _Unit],
-                    standing: Callable[[str], Standing]) -> dict[str, list[int]]:
+                    standing: Callable[[str], Standing], avoid: frozenset[str] = frozenset(),
+                    occupied: frozenset[str] = frozenset()) -> dict[str, list[int]]:
         """Hedge targets covering every unit of the message: for each unit a host not yet used
-        for it and of another owner than the primary, reusing a target already picked when it
-        can (fewer messages). Empty when some unit has no such host."""
+        or hedged to for it, of another owner than the primary and not slow right now (`avoid`), idle hosts
+        before occupied ones (the hedge might queue behind their call), reusing a target
+        already picked when it can (fewer messages). Empty when some unit has no such host."""
         owner = standing(worker).owner or worker
         picked: dict[str, list[int]] = {}
         for e in experts:
-            hosts = [w for w in units[e].candidates if w not in units[e].tried and w != worker
-                     and (standing(w).owner or w) != owner]
+            hosts = [w for w in units[e].candidates if w not in units[e].tried and w not in units[e].hedge_hosts
+                     and w != worker and w not in avoid and (standing(w).owner or w) != owner]
+            hosts = [w for w in hosts if w not in occupied] + [w for w in hosts if w in occupied]
             if not hosts:
                 return {}
             target = next((w for w in hosts if w in picked), hosts[0])
             picked.setdefault(target, []).append(e)
-            units[e].hedge_hosts.add(target)
+        for target, es in picked.items():
+            for e in es:
+                units[e].hedge_hosts.add(target)
         return picked

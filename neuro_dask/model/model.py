@@ -14,6 +14,7 @@ import torch
 from neuro_dask.errors import GenerationOptionError, TokenizerMissingError
 from neuro_dask.model.cache import KVCache
 from neuro_dask.model.config import MoEConfig
+from neuro_dask.model.gc_pause import collect_young, full_collections_deferred
 from neuro_dask.model.generation import (
     Batch,
     SamplingOptions,
@@ -167,10 +168,11 @@ class MoEModel:
         key_valid[:, :t] = batch.mask
         positions = positions_from_mask(batch.mask)
         unfinished = torch.ones(b, dtype=torch.bool)
-        with torch.inference_mode():
+        with torch.inference_mode(), full_collections_deferred():
             hidden = self._hidden(batch.ids, positions, key_valid[:, :t], cache, batch.mask)
             next_pos = positions[:, -1:] + 1
             for step in range(max_new_tokens):
+                collect_young()
                 logits = self.trunk.lm_head(hidden[:, -1]).float()
                 token = select_next(logits, opts, generator)
                 token = torch.where(unfinished, token, torch.full_like(token, pad))

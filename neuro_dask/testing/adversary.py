@@ -9,12 +9,19 @@ One `Adversary` per worker sits between `ExpertHost.run` and the response. Modes
 - collude:  every call, a wrong result that all colluders of one `group` share: the noise is
             seeded from a blake2b hash of (group, layer, expert, input bytes) only, never from the
             worker's own seed or call count, so colluders fed the same input agree bit for bit.
-- straggle: with `probability`, sleep(delay) first; outputs unchanged.
+- straggle: with `probability`, the answer comes `delay` seconds late; outputs unchanged. By
+            default only that answer is late (`respond` returns the delay for the caller to
+            wait out off the compute thread: each call straggles independently, like a slow
+            network path); `blocking: true` sleeps in the compute thread instead, so the calls
+            queued behind it are late too (a slow or overloaded machine).
 - crash:    honest for `after` calls, then every later call invokes exit().
 - defect:   honest for `after` calls, then perturbed on every later call (`probability` ignored).
 
-Coins (perturb, straggle) come from random.Random(seed). Input and output tensors are never
-modified; a changed output is a new tensor with the original's shape, dtype and device.
+Coins (perturb, straggle) come from random.Random(seed). A worker passes its name as `salt`,
+which is mixed into the coins and the perturb noise: one config shared by many workers (the usual
+`neuro.worker.adversary`) must not make them straggle on the same calls or perturb alike, which
+would be collusion by accident. Input and output tensors are never modified; a changed output is
+a new tensor with the original's shape, dtype and device.
 """
 
 from __future__ import annotations
@@ -63,6 +70,7 @@ class AdversarySpec:
     after: int = 0  # crash: calls before exiting; defect: honest calls before perturbing
     group: str = "cabal"  # collude: colluders of one group return the same wrong result
     seed: int = 0
+    blocking: bool = False  # straggle: hold the compute thread (later calls queue behind it)
 
     def __post_init__(self) -> None:
         if not isinstance(self.mode, str) or self.mode not in MODES:
@@ -84,6 +92,8 @@ class AdversarySpec:
             raise ConfigError(f"adversary delay={self.delay} must be >= 0 seconds")
         if self.after < 0:
             raise ConfigError(f"adversary after={self.after} must be >= 0 calls")
+        if not isinstance(self.blocking, bool):
+            raise ConfigError(f"adversary blocking={self.blocking!r} must be true or false")
         if not isinstance(self.group, str) or not self.group:
             raise ConfigError(f"adversary group={self.group!r} must be a non-empty string")
 
@@ -143,12 +153,13 @@ class Adversary:
     """
 
     def __init__(self, spec: AdversarySpec, sleep: Callable[[float], None] = time.sleep,
-                 exit: Callable[[], None] = _default_exit):
+                 exit: Callable[[], None] = _default_exit, salt: str = ""):
         self.spec = spec
         self.calls = 0
         self._sleep = sleep
         self._exit = exit
-        self._rng = random.Random(spec.seed)
+        self._salt = salt
+        self._rng = random.Random(_seed("coins", spec.seed, salt) if salt else spec.seed)
         self._lock = threading.Lock()
 
     @property
@@ -158,9 +169,20 @@ class Adversary:
 
     def apply(self, layer: int, inputs: Mapping[int, torch.Tensor],
               outputs: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """The outputs this worker returns for one request, per the spec's mode.
+        """The outputs this worker returns for one request, after any straggle delay (slept here).
 
         Always a new dict; unchanged outputs are the very tensors passed in, changed ones are new.
+        """
+        outputs, delay = self.respond(layer, inputs, outputs)
+        if delay:
+            self._sleep(delay)
+        return outputs
+
+    def respond(self, layer: int, inputs: Mapping[int, torch.Tensor],
+                outputs: dict[int, torch.Tensor]) -> tuple[dict[int, torch.Tensor], float]:
+        """(outputs, seconds the caller must hold the answer back without blocking its compute).
+
+        A blocking straggle sleeps here instead and returns 0.
         """
         spec = self.spec
         with self._lock:  # the plugin may serve calls from several threads
@@ -169,19 +191,21 @@ class Adversary:
             coin = self._rng.random() if spec.mode in ("perturb", "straggle") else 0.0
         mode = spec.mode
         if (mode == "perturb" and coin < spec.probability) or (mode == "defect" and index >= spec.after):
-            return self._perturbed(layer, index, outputs)
+            return self._perturbed(layer, index, outputs), 0.0
         if mode == "collude":
-            return self._colluded(layer, inputs, outputs)
+            return self._colluded(layer, inputs, outputs), 0.0
         if mode == "straggle" and coin < spec.probability:
+            if not spec.blocking:
+                return dict(outputs), spec.delay
             self._sleep(spec.delay)
         if mode == "crash" and index >= spec.after:
             self._exit()
             raise AdversaryCrash(f"adversary: crashed on call {index + 1} (after={spec.after})")
-        return dict(outputs)
+        return dict(outputs), 0.0
 
     def _perturbed(self, layer: int, index: int, outputs: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         # Seeded per expert so the noise does not depend on the dict's order.
-        return {e: _noisy(out, self.spec.scale, _seed("perturb", self.spec.seed, index, layer, int(e)))
+        return {e: _noisy(out, self.spec.scale, _seed("perturb", self.spec.seed, self._salt, index, layer, int(e)))
                 for e, out in outputs.items()}
 
     def _colluded(self, layer: int, inputs: Mapping[int, torch.Tensor],
@@ -198,6 +222,7 @@ class Adversary:
         return result
 
 
-def make_adversary(raw_config: Mapping | None, **injected: Callable) -> Adversary:
-    """An Adversary from a config mapping (see AdversarySpec.from_config); `injected` is sleep/exit."""
-    return Adversary(AdversarySpec.from_config(raw_config), **injected)
+def make_adversary(raw_config: Mapping | None, salt: str = "", **injected: Callable) -> Adversary:
+    """An Adversary from a config mapping (see AdversarySpec.from_config); `salt` is the worker's
+    name, `injected` is sleep/exit."""
+    return Adversary(AdversarySpec.from_config(raw_config), salt=salt, **injected)

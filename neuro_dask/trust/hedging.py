@@ -9,6 +9,11 @@ Rules:
      its size, times `hedge_slack`, goes to a second replica; the first valid answer wins.
      A worker with fewer than `min_samples` calls uses the cluster-wide estimate, or
      `default_latency` when nothing is known yet.
+  2b. Peers: the calls of one round (one layer's messages, sent together, of similar size) are
+     the freshest estimate there is. Once `peer_quorum` (default half) of a round has answered,
+     a call still unanswered after `peer_factor` (default 2) x the slowest answer so far is
+     hedged too, if that comes before rule 2. The same patience applies to each further hedge,
+     measured from when it went out: a hedge can straggle as well.
   3. Hedges are capped: at most `hedge_cap` (default 10%) of calls may be hedged; past the cap
      a slow call waits for its deadline instead.
   4. Deadline: `deadline_factor` x the same estimate, never below `min_deadline`; a call past it
@@ -18,6 +23,7 @@ Time is passed in, never read here.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -28,6 +34,8 @@ from neuro_dask.errors import ConfigError
 class HedgePolicy:
     hedge_quantile: float = 0.95
     hedge_slack: float = 1.5
+    peer_factor: float = 2.0
+    peer_quorum: float = 0.5
     hedge_cap: float = 0.10
     deadline_factor: float = 10.0
     min_deadline: float = 0.5
@@ -38,6 +46,8 @@ class HedgePolicy:
     def __post_init__(self) -> None:
         if not 0 < self.hedge_quantile < 1 or not 0 <= self.hedge_cap <= 1:
             raise ConfigError("hedge_quantile must be in (0, 1) and hedge_cap in [0, 1]")
+        if self.peer_factor < 1 or not 0 < self.peer_quorum <= 1:
+            raise ConfigError("peer_factor must be >= 1 and peer_quorum in (0, 1]")
         if self.hedge_slack < 1 or self.deadline_factor < 1 or self.min_deadline <= 0:
             raise ConfigError("hedge_slack and deadline_factor must be >= 1, min_deadline > 0")
 
@@ -75,6 +85,14 @@ class LatencyTracker:
     def hedge_after(self, worker: str, rows: int) -> float:
         """Rule 2: seconds after which a call to `worker` with `rows` rows is hedged."""
         return self._estimate(worker, rows) * self.policy.hedge_slack
+
+    def peer_patience(self, finished: list[float], total: int) -> float | None:
+        """Rule 2b: seconds without an answer after which a call of a round of `total` calls is
+        hedged, given the seconds its `finished` peers took; None while too few have answered."""
+        needed = max(1, math.ceil(self.policy.peer_quorum * total))
+        if total < 2 or len(finished) < needed:
+            return None
+        return self.policy.peer_factor * max(finished)
 
     def deadline(self, worker: str, rows: int) -> float:
         """Rule 4."""

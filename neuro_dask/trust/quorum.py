@@ -19,6 +19,11 @@ Rules:
   6. `anchorless=True` (no trusted worker and no established one exists yet, as at a network's
      first start) lets agreement of `quorum` results from distinct owners count. It guarantees
      only that no single owner changed the output; the dispatcher logs that plainly.
+  7. A replica abandoned unanswered (it lost a hedge race while another replica of the call had
+     already answered) may be waived: the call then needs one result fewer, never below 1, and
+     still a counting one. A check whose subject did not answer in time checks nothing, and the
+     remaining answer is accepted only if it would have been acceptable unreplicated. Never in
+     anchorless mode, where agreement is the only safeguard.
 """
 
 from __future__ import annotations
@@ -103,6 +108,13 @@ class Quorum:
 
     def add_error(self, worker: str) -> None:
         self.errors.append(worker)
+
+    def waive(self) -> bool:
+        """Rule 7: one result fewer is needed; False (and no change) in anchorless mode."""
+        if self.anchorless or self.decided is not None:
+            return False
+        self.quorum = max(1, self.quorum - 1)
+        return True
 
     def _accepts(self, group: list[tuple[str, Result]]) -> bool:
         if len(group) < self.quorum:
