@@ -83,7 +83,7 @@ def main() -> int:
         print(f"{name}: {r['warmups']} warm-up generations, steady state reached: {r['steady']}")
     print(f"fault-free   p50 {clean['p50_ms']:.2f} ms   p99 {clean['p99_ms']:.2f} ms")
     print(f"stragglers   p50 {slow['p50_ms']:.2f} ms   p99 {slow['p99_ms']:.2f} ms   "
-          f"hedges {slow['hedges']} of {slow['calls']} calls ({slow['hedges'] / max(slow['calls'], 1):.1%})")
+          f"extra calls (hedges) {slow['hedges']} of {slow['calls']} ({slow['hedges'] / max(slow['calls'], 1):.1%})")
     print(f"p99 with stragglers / fault-free p50 = {slow['p99_ms'] / clean['p50_ms']:.1f} (target <= 2)")
     return 0
 

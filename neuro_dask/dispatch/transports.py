@@ -155,7 +155,7 @@ class HedgeBudget(Protocol):
 
     def may_hedge(self) -> bool: ...
 
-    def count_hedge(self) -> None: ...
+    def count_hedge(self, messages: int = 1) -> None: ...
 
 
 class Transport(Protocol):
@@ -263,7 +263,7 @@ class DirectTransport:
             if not alternates:
                 mode = "stuck"
                 continue
-            budget.count_hedge()
+            budget.count_hedge(len(alternates))
             mode = "patient"
             now = loop.time()
             for w, m in alternates:

@@ -67,7 +67,6 @@ class TrustedLayerRunner:
         self.policy = policy
         self.rng = rng
         self.latency = latency or LatencyTracker(policy.hedging)
-        self.hedges = 0
         self.replicas_sent = 0
         self.units = 0
         self.unchecked = 0
@@ -75,6 +74,11 @@ class TrustedLayerRunner:
         # Abandoned calls (hedge losers) whose answer may still come: call id -> (cause, layer, units)
         self._awaiting: OrderedDict[str, tuple[str, int, list[_Unit]]] = OrderedDict()
         self.late_checked = 0
+
+    @property
+    def hedges(self) -> int:
+        """Extra calls sent as hedges (rule 3 of trust/hedging.py caps them)."""
+        return self.latency.hedges
 
     def run(self, layer: int, groups: Mapping[int, torch.Tensor], routes: RouteTable,
             exclude: set[str]) -> tuple[dict[int, torch.Tensor], list[Outcome]]:
@@ -227,7 +231,6 @@ class TrustedLayerRunner:
         lost: list[str] = []
         for w in by_worker:
             reply = answers[w]
-            self.hedges += reply.hedged
             if not reply.by_primary:
                 lost.append(w)
             for call in reply.abandoned:  # the losing side may still answer: compare it then

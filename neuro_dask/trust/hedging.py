@@ -14,8 +14,9 @@ Rules:
      a call still unanswered after `peer_factor` (default 2) x the slowest answer so far is
      hedged too, if that comes before rule 2. The same patience applies to each further hedge,
      measured from when it went out: a hedge can straggle as well.
-  3. Hedges are capped: at most `hedge_cap` (default 10%) of calls may be hedged; past the cap
-     a slow call waits for its deadline instead.
+  3. Hedges are capped: the extra calls hedges send may reach at most `hedge_cap` (default 10%)
+     of calls (checked before each hedge; a hedge of k messages counts k); past the cap a slow
+     call waits for its answer or its deadline instead.
   4. Deadline: `deadline_factor` x the same estimate, never below `min_deadline`; a call past it
      is re-sent (and counted late if it answers after all).
 Time is passed in, never read here.
@@ -105,5 +106,6 @@ class LatencyTracker:
         """Rule 3: within the cap of hedged calls."""
         return self.hedges + 1 <= self.policy.hedge_cap * max(self.calls, 1)
 
-    def count_hedge(self) -> None:
-        self.hedges += 1
+    def count_hedge(self, messages: int = 1) -> None:
+        """A hedge went out as `messages` extra calls (alternates that together host the work)."""
+        self.hedges += messages

@@ -102,6 +102,9 @@ def test_stragglers_are_hedged_within_the_cap_and_change_nothing(sharded, tmp_pa
         with nd.load(sharded("mixtral"), client=client) as model:
             model.generate(rows, max_new_tokens=8)  # latency samples for the estimates
             out = model.generate(rows, max_new_tokens=16)
-            latency = model.executor.trusted.latency
+            runner = model.executor.trusted
+            latency = runner.latency
     assert torch.equal(out, reference)
-    assert 0 < latency.hedges <= 0.1 * latency.calls + 1
+    # The cap is checked before each hedge, and one hedge may need up to 3 messages (one per host).
+    assert 0 < latency.hedges <= 0.1 * latency.calls + 3
+    assert runner.late_checked > 0  # abandoned stragglers answered after all, and were compared

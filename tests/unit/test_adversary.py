@@ -158,6 +158,31 @@ def test_straggle_always_sleeps_with_probability_one_and_returns_honest_outputs(
     assert slept == [0.25, 0.25, 0.25] and adv.calls == 3
 
 
+def test_straggle_by_default_only_delays_the_answer_and_blocking_holds_the_thread():
+    slept: list[float] = []
+    inputs, outputs = request()
+    late = Adversary(AdversarySpec(mode="straggle", delay=0.25), sleep=slept.append)
+    answer, delay = late.respond(0, inputs, outputs)
+    assert identical(answer, outputs) and delay == 0.25 and slept == []  # the caller waits, off its compute
+    blocking = Adversary(AdversarySpec(mode="straggle", delay=0.25, blocking=True), sleep=slept.append)
+    answer, delay = blocking.respond(0, inputs, outputs)
+    assert identical(answer, outputs) and delay == 0.0 and slept == [0.25]
+
+
+def test_workers_sharing_one_config_straggle_and_perturb_independently():
+    def coins(salt: str) -> list[float]:
+        slept: list[float] = []
+        adv = Adversary(AdversarySpec(mode="straggle", probability=0.3, delay=1.0), sleep=slept.append, salt=salt)
+        return [adv.respond(0, *request())[1] for _ in range(60)]
+
+    assert coins("worker-a") == coins("worker-a")  # repeatable per worker
+    assert coins("worker-a") != coins("worker-b")  # but not in lockstep across workers
+    inputs, outputs = request()
+    a = Adversary(AdversarySpec(mode="perturb"), salt="worker-a").apply(0, inputs, outputs)
+    b = Adversary(AdversarySpec(mode="perturb"), salt="worker-b").apply(0, inputs, outputs)
+    assert beyond_tolerance(a, b)  # two perturbers never agree by accident
+
+
 def test_straggle_never_sleeps_with_probability_zero():
     slept: list[float] = []
     adv = Adversary(AdversarySpec(mode="straggle", probability=0.0), sleep=slept.append)

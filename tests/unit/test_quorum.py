@@ -134,3 +134,34 @@ def test_late_results_are_credited_only_if_they_agree():
 def test_bad_quorum_policy(kw):
     with pytest.raises(ConfigError):
         QuorumPolicy(**kw)
+
+
+# --- rule 7: a check whose subject did not answer is waived ---------------------------------
+
+def test_waiving_an_abandoned_replica_lets_a_counting_answer_stand_alone():
+    q = quorum(q=2)
+    q.add_result("est1", res())
+    assert isinstance(q.decide(), NeedMore)
+    assert q.waive() and q.quorum == 1
+    decision = q.decide()
+    assert isinstance(decision, Accepted) and decision.valid == ("est1",)
+
+
+def test_waiving_never_lets_a_newcomer_decide_alone():
+    q = quorum(q=2)
+    q.add_result("new1", res())
+    assert q.waive()
+    assert isinstance(q.decide(), NeedMore)  # rule 2 still holds: one counting result is needed
+
+
+def test_waiving_stops_at_one_and_never_applies_when_anchorless_or_decided():
+    q = quorum(q=2)
+    q.waive()
+    q.waive()
+    assert q.quorum == 1
+    anchorless = quorum(q=2, anchorless=True)
+    assert not anchorless.waive() and anchorless.quorum == 2
+    decided = quorum(q=1)
+    decided.add_result("est1", res())
+    decided.decide()
+    assert not decided.waive()

@@ -90,3 +90,23 @@ def test_hedges_are_capped_at_ten_percent_of_calls():
 def test_bad_hedge_policy(kw):
     with pytest.raises(ConfigError):
         HedgePolicy(**kw)
+
+
+@pytest.mark.parametrize("finished, total, expected", [
+    ([], 4, None),  # nobody has answered yet
+    ([0.002], 4, None),  # one of four: below the peer quorum of half
+    ([0.001, 0.002], 4, 0.004),  # half answered: 2 x the slowest of them
+    ([0.001, 0.002, 0.003], 4, 0.006),
+    ([0.002], 1, None),  # a call alone in its round has no peers
+    ([0.002], 2, 0.004),
+])
+def test_peer_patience(finished, total, expected):
+    t = LatencyTracker(HedgePolicy(peer_factor=2.0, peer_quorum=0.5))
+    got = t.peer_patience(finished, total)
+    assert got == (None if expected is None else pytest.approx(expected))
+
+
+@pytest.mark.parametrize("kw", [dict(peer_factor=0.5), dict(peer_quorum=0), dict(peer_quorum=1.5)])
+def test_bad_peer_policy(kw):
+    with pytest.raises(ConfigError):
+        HedgePolicy(**kw)

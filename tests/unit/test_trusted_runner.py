@@ -1,0 +1,150 @@
+"""The trusted layer runner against a scripted transport: late answers, moot checks, hedge targets.
+
+The transport here answers at once or plays a straggler that loses its hedge race, as the
+direct transport would report it; every expert computes rows * 2 (a wrong worker adds 1).
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from neuro_dask.dispatch.routes import RouteTable
+from neuro_dask.dispatch.transports import HedgeView, LateReply, Reply
+from neuro_dask.dispatch.trusted import TrustedLayerRunner, TrustPolicy, _Unit
+from neuro_dask.trust.quorum import Quorum, QuorumPolicy
+from neuro_dask.trust.replication import ReplicationPolicy, Standing
+from neuro_dask.wire import decode_request, encode_response
+
+TRUSTED, EST, NEW = Standing(trusted=True), Standing(established=True, consecutive_valid=10_000), Standing()
+
+
+class ScriptedTransport:
+    """behave: worker -> "ok" | "wrong" | "slow" (loses a hedge race, answers late and right) |
+    "slow-wrong" (the same, but its late answer is wrong)."""
+
+    name = "scripted"
+
+    def __init__(self, behave: dict[str, str]):
+        self.behave = behave
+        self.sent: list[tuple[str, list[int]]] = []
+        self._late: list[LateReply] = []
+
+    def respond(self, worker: str, msg: dict) -> dict:
+        outputs = {e: x * 2 for e, x in decode_request(msg).inputs.items()}
+        if self.behave.get(worker, "ok").endswith("wrong"):
+            outputs = {e: y + 1 for e, y in outputs.items()}
+        return encode_response(outputs)
+
+    def call_hedged(self, calls, timeout, budget, peer_patience=None):
+        slow = {w for w in calls if self.behave.get(w, "ok").startswith("slow")}
+        answered: dict[int, set[str]] = {}
+        for w, call in calls.items():
+            self.sent.append((w, list(call.msg["experts"])))
+            if w not in slow:
+                for e in call.msg["experts"]:
+                    answered.setdefault(e, set()).add(w)
+        replies = {}
+        for w, call in calls.items():
+            if w not in slow:
+                replies[w] = Reply(((w, self.respond(w, call.msg)),), 0.001, False, w, calls=(call.msg["call"],),
+                                   durations=(0.001,))
+                continue
+            view = HedgeView(frozenset(call.msg["experts"]), frozenset(slow), frozenset(),
+                             {e: frozenset(ws) for e, ws in answered.items()})
+            alternates, settled = call.alternates(view)
+            if not alternates and not settled:  # nobody to hedge to: the straggler's answer is waited for
+                replies[w] = Reply(((w, self.respond(w, call.msg)),), 0.05, False, w, calls=(call.msg["call"],),
+                                   durations=(0.05,))
+                continue
+            budget.count_hedge(len(alternates))
+            self.sent += [(aw, list(m["experts"])) for aw, m in alternates]
+            self._late.append(LateReply(w, call.msg["call"], self.respond(w, call.msg), 0.05))
+            replies[w] = Reply(tuple((aw, self.respond(aw, m)) for aw, m in alternates), 0.01, True, w,
+                               abandoned=(call.msg["call"],), settled=frozenset(settled),
+                               calls=tuple(m["call"] for _, m in alternates), durations=(0.001,) * len(alternates))
+        return replies
+
+    def busy(self) -> set[str]:
+        return set()
+
+    def drain_late(self) -> list[LateReply]:
+        late, self._late = self._late, []
+        return late
+
+
+def runner(behave: dict[str, str], spot_check: float) -> tuple[TrustedLayerRunner, ScriptedTransport]:
+    transport = ScriptedTransport(behave)
+    policy = TrustPolicy(replication=ReplicationPolicy(spot_check=spot_check))
+    return TrustedLayerRunner("m", transport, policy, random.Random(0)), transport
+
+
+def routes(hosts: list[str], standing: dict[str, Standing]) -> RouteTable:
+    return RouteTable(1, {(0, 0): tuple(hosts)}, standing)
+
+
+ROWS = {0: torch.arange(8.0).reshape(2, 4)}
+
+
+def kinds(outcomes, worker: str) -> list[str]:
+    return [o.kind for o in outcomes if o.worker == worker]
+
+
+def test_a_straggler_loses_to_its_hedge_and_its_late_answer_is_credited_when_it_agrees():
+    r, transport = runner({"b": "slow"}, spot_check=0.0)
+    table = routes(["b", "a"], {"a": TRUSTED, "b": EST})
+    results, outcomes = r.run(0, ROWS, table, set())
+    assert torch.equal(results[0], ROWS[0] * 2)
+    assert kinds(outcomes, "b") == ["late"] and kinds(outcomes, "a") == ["validated"]
+    assert ("a", [0]) in transport.sent  # the hedge
+    _, later = r.run(0, ROWS, table, set())  # the late answer is compared at the next layer
+    assert "validated" in kinds(later, "b") and r.late_checked == 1
+    cause = next(o.cause_id for o in outcomes if o.worker == "b")
+    assert any(o.cause_id == cause and o.kind == "validated" for o in later if o.worker == "b")
+
+
+def test_a_late_answer_that_disagrees_is_invalid():
+    r, _ = runner({"b": "slow-wrong"}, spot_check=0.0)
+    table = routes(["b", "a"], {"a": TRUSTED, "b": EST})
+    r.run(0, ROWS, table, set())
+    _, later = r.run(0, ROWS, table, set())
+    assert "invalid" in kinds(later, "b")
+
+
+def test_a_check_whose_subject_straggles_is_waived_when_the_checker_counts():
+    r, transport = runner({"b": "slow"}, spot_check=1.0)  # every call replicated: b checked by a
+    table = routes(["b", "a"], {"a": EST, "b": EST})  # (a trusted checker would also win by fallback)
+    results, outcomes = r.run(0, ROWS, table, set())
+    assert torch.equal(results[0], ROWS[0] * 2)
+    assert sorted(transport.sent) == [("a", [0]), ("b", [0])]  # no hedge message: a's answer was already in
+    assert r.accepted_from == {("a",): 1}
+    assert kinds(outcomes, "b") == ["late"]
+
+
+def test_a_check_is_never_waived_for_a_checker_without_a_record():
+    r, transport = runner({"b": "slow"}, spot_check=1.0)
+    table = routes(["b", "n"], {"b": EST, "n": NEW})
+    results, _ = r.run(0, ROWS, table, set())
+    assert torch.equal(results[0], ROWS[0] * 2)
+    assert r.accepted_from == {("b", "n"): 1}  # the newcomer alone would not do: b's answer was waited for
+
+
+def unit(expert: int, candidates: list[str], tried: set[str], hedged: set[str] = frozenset()) -> _Unit:
+    q = Quorum(QuorumPolicy(), counts=lambda w: True)
+    return _Unit(expert, torch.zeros(1, 4), q, candidates, tried=set(tried), hedge_hosts=set(hedged))
+
+
+def test_hedge_targets_skip_tried_hedged_slow_and_same_owner_hosts_and_prefer_idle_ones():
+    standing = {"p": Standing(owner="o1"), "twin": Standing(owner="o1")}.get
+    units = {0: unit(0, ["p", "tried", "hedged", "slow", "twin", "busy", "idle"], {"p", "tried"}, {"hedged"})}
+    picked = TrustedLayerRunner._alternates("p", [0], units, lambda w: standing(w) or Standing(),
+                                            avoid=frozenset({"slow"}), occupied=frozenset({"busy"}))
+    assert picked == {"idle": [0]}
+    assert units[0].hedge_hosts == {"hedged", "idle"}
+
+
+def test_no_hedge_target_for_one_unit_means_no_hedge_and_nothing_recorded():
+    units = {0: unit(0, ["p", "x"], {"p"}), 1: unit(1, ["p"], {"p"})}
+    assert TrustedLayerRunner._alternates("p", [0, 1], units, lambda w: Standing()) == {}
+    assert units[0].hedge_hosts == set()
