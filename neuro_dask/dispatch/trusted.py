@@ -139,6 +139,11 @@ class TrustedLayerRunner:
                                      for g in unit.quorum.groups for w, _ in g]
                         continue
                     nxt = self._next_worker(unit, standing, fallback=True)
+                    if nxt is None and len(unit.quorum.groups) <= 1:
+                        # No dispute, just too few live hosts that can decide (dead, unreachable,
+                        # or without a record): a matter of availability, so the caller waits
+                        # for fresh routes (replacements, re-placed experts) and runs it again.
+                        raise ExpertUnavailableError(self.model_id, layer, [expert], 0.0)
                     if nxt is None:
                         groups, errors = len(unit.quorum.groups), len(unit.quorum.errors)
                         raise QuorumExhaustedError(layer, [expert], sum(map(len, unit.quorum.groups)), groups, errors)
