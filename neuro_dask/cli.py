@@ -80,7 +80,8 @@ def _cmd_drill(args: argparse.Namespace) -> int:
     from neuro_dask.drill import run_drill
 
     report = run_drill(args.model or ASSET_DIR, workers=args.workers, adversaries=args.adversaries, mode=args.mode,
-                       trusted=args.trusted, seed=args.seed, prompts=args.prompts, tokens=args.tokens)
+                       trusted=args.trusted, seed=args.seed, prompts=args.prompts, tokens=args.tokens,
+                       probability=args.probability, delay=args.delay, after=args.after, blocking=args.blocking)
     print(report.to_json() if args.json else report.summary())
     return 0 if report.identical and report.wrong_accepted == 0 else 1
 
@@ -191,7 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     dr = sub.add_parser("drill", help="run a local cluster with adversarial workers and report what trust did")
     dr.add_argument("--workers", type=int, default=10)
     dr.add_argument("--adversaries", type=float, default=0.3, help="fraction of workers that misbehave")
-    dr.add_argument("--mode", default="perturb", choices=["perturb", "collude", "defect"])
+    dr.add_argument("--mode", default="perturb", choices=["perturb", "collude", "defect", "straggle", "crash"])
+    dr.add_argument("--probability", type=float,
+                    help="chance per call of misbehaving (perturb, straggle; default 1, straggle 0.05)")
+    dr.add_argument("--delay", type=float, default=0.05, help="straggle: seconds late (default 0.05)")
+    dr.add_argument("--blocking", action="store_true", help="straggle: hold the worker while late (a slow machine)")
+    dr.add_argument("--after", type=int, help="crash, defect: honest calls first (default crash 3, defect 20)")
     dr.add_argument("--trusted", type=int, default=1, help="operator-trusted honest workers")
     dr.add_argument("--seed", type=int, default=0)
     dr.add_argument("--prompts", type=int, default=10)

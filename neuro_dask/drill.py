@@ -28,6 +28,9 @@ class DrillReport:
     adversaries: list[str]
     unexercised: list[str]  # adversaries that never received a call, so there was nothing to catch
     unchecked: int  # calls that had to go out unreplicated for lack of another owner (replication rule 5)
+    departed: list[str]  # adversaries no longer connected at the end (crash drills)
+    extra_calls: float  # hedges sent per call (the cap is trust/hedging.py rule 3)
+    late_checked: int  # answers of abandoned (hedged) calls compared after the fact
     layer_p50_ms: float
     layer_p99_ms: float
     tokens: int
@@ -39,12 +42,14 @@ class DrillReport:
         return "\n".join([
             f"tokens identical to the honest reference: {'yes' if self.identical else 'NO'} ({self.tokens} tokens)",
             f"wrong results accepted: {self.wrong_accepted}",
-            f"replicas per call: {self.replicas_per_call:.2f}; hedges sent: {self.hedges}; "
+            f"replicas per call: {self.replicas_per_call:.2f}; hedges sent: {self.hedges} "
+            f"({self.extra_calls:.1%} extra calls; {self.late_checked} late answers compared); "
             f"unchecked for lack of another owner: {self.unchecked}",
             f"per-layer latency: p50 {self.layer_p50_ms:.2f} ms, p99 {self.layer_p99_ms:.2f} ms",
             f"adversaries: {', '.join(self.adversaries) or 'none'}",
             f"caught (out of routing): {', '.join(self.caught) or 'none'}",
             f"never called (nothing to catch): {', '.join(self.unexercised) or 'none'}",
+            f"gone by the end (crashed): {', '.join(self.departed) or 'none'}",
         ])
 
 
@@ -57,10 +62,37 @@ def _prompts(model, n: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(3, model.config.vocab_size) for _ in range(rng.randint(3, 12))] for _ in range(n)]
 
 
+DEFAULTS = {  # per mode, what an unset drill option means
+    "probability": {"straggle": 0.05},  # otherwise 1.0: every call
+    "after": {"crash": 3, "defect": 20},  # otherwise 0 (20: a defector first builds a record)
+}
+
+
+def adversary_spec(mode: str, seed: int, scale: float = 0.05, probability: float | None = None,
+                   delay: float = 0.05, after: int | None = None, blocking: bool = False) -> dict:
+    """The `neuro.worker.adversary` mapping one drill adversary gets."""
+    return {"mode": mode, "scale": scale, "seed": seed, "delay": delay, "blocking": blocking,
+            "probability": DEFAULTS["probability"].get(mode, 1.0) if probability is None else probability,
+            "after": DEFAULTS["after"].get(mode, 0) if after is None else after}
+
+
+def _calls_served(client: Client, worker: Worker) -> int:
+    """Calls a drill adversary answered; a crashed one can no longer say, but it must have had
+    its `after` calls to crash at all, so it counts as exercised."""
+    if worker.status.name != "running":
+        return worker.extensions["neuro"].adversary.calls if "neuro" in worker.extensions else 1
+    return client.sync(client.rpc(worker.address).neuro_status)["calls_served"]
+
+
 def run_drill(model_path: str | Path, workers: int = 10, adversaries: float = 0.3, mode: str = "perturb",
               trusted: int = 1, seed: int = 0, prompts: int = 10, tokens: int = 32,
-              scale: float = 0.05) -> DrillReport:
-    """In-process workers (threads) so a 10-worker drill fits a laptop; the trust policy is on."""
+              scale: float = 0.05, probability: float | None = None, delay: float = 0.05,
+              after: int | None = None, blocking: bool = False) -> DrillReport:
+    """In-process workers (threads) so a 10-worker drill fits a laptop; the trust policy is on.
+
+    Modes as in neuro_dask.testing: perturb, collude, defect (honest for `after` calls), straggle
+    (`probability` of a `delay`, `blocking` to hold the worker meanwhile), crash (after `after`
+    calls). Unset options take the mode's default (DEFAULTS)."""
     n_bad = round(workers * adversaries)
     n_good = workers - n_bad
     if trusted > n_good:
@@ -73,7 +105,7 @@ def run_drill(model_path: str | Path, workers: int = 10, adversaries: float = 0.
     with dask.config.set(settings), local_cluster(n_good, processes=False, worker_args=["--neuro-no-benchmark"],
                                                    dashboard_address=None) as cluster, Client(cluster) as client:
         async def start(i: int) -> Worker:
-            spec = {"mode": mode, "scale": scale, "seed": seed * 1000 + i}
+            spec = adversary_spec(mode, seed * 1000 + i, scale, probability, delay, after, blocking)
             return await Worker(cluster.scheduler_address, nthreads=1, name=f"adversary-{i}", preload=["neuro_worker"],
                                 preload_argv=[["--neuro-no-benchmark", "--neuro-owner", f"adversary-{i}",
                                                "--neuro-adversary", json.dumps(spec)]])
@@ -85,7 +117,7 @@ def run_drill(model_path: str | Path, workers: int = 10, adversaries: float = 0.
                 out = model.generate(rows, max_new_tokens=tokens)
                 executor = model.executor
             status = client.sync(client.scheduler.neuro_status)["workers"]
-            served = {w.address: client.sync(client.rpc(w.address).neuro_status)["calls_served"] for w in bad}
+            served = {w.address: _calls_served(client, w) for w in bad}
         finally:
             for w in bad:
                 client.sync(w.close)
@@ -99,6 +131,8 @@ def run_drill(model_path: str | Path, workers: int = 10, adversaries: float = 0.
         replicas_per_call=runner.replicas_sent / max(runner.units, 1), hedges=runner.hedges, caught=caught,
         adversaries=sorted(bad_addresses.values()),
         unexercised=sorted(name for a, name in bad_addresses.items() if not served.get(a)),
-        unchecked=runner.unchecked, layer_p50_ms=statistics.median(times),
+        unchecked=runner.unchecked, departed=sorted(n for a, n in bad_addresses.items() if a not in status),
+        extra_calls=runner.hedges / max(runner.latency.calls, 1), late_checked=runner.late_checked,
+        layer_p50_ms=statistics.median(times),
         layer_p99_ms=times[min(len(times) - 1, int(0.99 * len(times)))], tokens=int(out.shape[0] * tokens),
     )

@@ -98,7 +98,7 @@ class ClientSettings:
     deadline: float = 10.0
     connect_timeout: float = 3.0
     suspect_cooldown: float = 30.0
-    routes_refresh: float = 5.0
+    routes_refresh: float = 2.0
     trust: bool = False
     seed: int | None = None
     spot_check: float = 0.05
@@ -110,6 +110,9 @@ class ClientSettings:
     exact: bool = False
     hedge_quantile: float = 0.9
     hedge_cap: float = 0.1
+    hedge_peer_factor: float = 2.0
+    missing_expert_wait: float = 20.0
+    load_timeout: float = 120.0
 
     def trust_policy(self):
         """The trust cores' policies from these settings (each validates its own fields)."""
@@ -123,10 +126,9 @@ class ClientSettings:
             QuorumPolicy(self.min_quorum, max(self.min_quorum, 2), self.max_total_replicas, self.max_error_replicas),
             ReplicationPolicy(spot_check=self.spot_check, min_quorum=self.min_quorum),
             ValidationPolicy(self.atol, self.rtol, self.exact),
-            HedgePolicy(hedge_quantile=self.hedge_quantile, hedge_cap=self.hedge_cap),
+            HedgePolicy(hedge_quantile=self.hedge_quantile, hedge_cap=self.hedge_cap,
+                        peer_factor=self.hedge_peer_factor),
         )
-    missing_expert_wait: float = 20.0
-    load_timeout: float = 120.0
 
     def __post_init__(self) -> None:
         if self.transport not in ("direct", "futures"):

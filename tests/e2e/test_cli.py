@@ -69,3 +69,19 @@ def test_drill_reports_json_and_catches_every_adversary(mode):
     assert len(report["caught"]) >= 2
     assert 1.0 <= report["replicas_per_call"] <= 3.0
     assert {"hedges", "layer_p50_ms", "layer_p99_ms"} <= set(report)
+
+
+def test_crash_drill_loses_nothing_when_adversaries_die_mid_generation():
+    out = run("drill", "--workers", "6", "--adversaries", "0.34", "--mode", "crash", "--after", "2", "--json")
+    report = json.loads(out.stdout)
+    assert report["identical"] is True and report["wrong_accepted"] == 0
+    assert report["departed"] == report["adversaries"] and len(report["adversaries"]) == 2
+
+
+def test_straggle_drill_hedges_within_the_cap():
+    out = run("drill", "--workers", "6", "--adversaries", "0.5", "--mode", "straggle", "--probability", "0.3",
+              "--delay", "0.05", "--json")
+    report = json.loads(out.stdout)
+    assert report["identical"] is True and report["wrong_accepted"] == 0
+    assert report["extra_calls"] <= 0.1 + 0.01  # the cap is checked before each hedge
+    assert report["hedges"] + report["late_checked"] > 0  # stragglers were overtaken, not waited for

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
-from neuro_dask.dispatch.routes import RouteTable
+from neuro_dask.dispatch.routes import ExpertUnavailableError, RouteTable
 from neuro_dask.dispatch.transports import HedgeView, LateReply, Reply
 from neuro_dask.dispatch.trusted import TrustedLayerRunner, TrustPolicy, _Unit
-from neuro_dask.trust.quorum import Quorum, QuorumPolicy
+from neuro_dask.trust.quorum import Quorum, QuorumExhaustedError, QuorumPolicy
 from neuro_dask.trust.replication import ReplicationPolicy, Standing
 from neuro_dask.wire import decode_request, encode_response
 
@@ -22,7 +23,7 @@ TRUSTED, EST, NEW = Standing(trusted=True), Standing(established=True, consecuti
 
 class ScriptedTransport:
     """behave: worker -> "ok" | "wrong" | "slow" (loses a hedge race, answers late and right) |
-    "slow-wrong" (the same, but its late answer is wrong)."""
+    "slow-wrong" (the same, but its late answer is wrong) | "dead" (connection refused)."""
 
     name = "scripted"
 
@@ -31,7 +32,9 @@ class ScriptedTransport:
         self.sent: list[tuple[str, list[int]]] = []
         self._late: list[LateReply] = []
 
-    def respond(self, worker: str, msg: dict) -> dict:
+    def respond(self, worker: str, msg: dict) -> dict | BaseException:
+        if self.behave.get(worker) == "dead":
+            return ConnectionRefusedError(f"{worker} is gone")
         outputs = {e: x * 2 for e, x in decode_request(msg).inputs.items()}
         if self.behave.get(worker, "ok").endswith("wrong"):
             outputs = {e: y + 1 for e, y in outputs.items()}
@@ -148,3 +151,20 @@ def test_no_hedge_target_for_one_unit_means_no_hedge_and_nothing_recorded():
     units = {0: unit(0, ["p", "x"], {"p"}), 1: unit(1, ["p"], {"p"})}
     assert TrustedLayerRunner._alternates("p", [0, 1], units, lambda w: Standing()) == {}
     assert units[0].hedge_hosts == set()
+
+
+@pytest.mark.parametrize("behave, standing", [
+    ({"a": "dead", "b": "dead"}, {"a": TRUSTED, "b": EST}),  # every host gone
+    ({"a": "dead"}, {"a": TRUSTED, "n": NEW}),  # the only answer is a newcomer's: it cannot decide alone
+])
+def test_too_few_live_hosts_is_an_availability_wait_not_an_exhausted_quorum(behave, standing):
+    r, _ = runner(behave, spot_check=1.0)
+    with pytest.raises(ExpertUnavailableError):  # the executor waits for fresh routes and runs it again
+        r.run(0, ROWS, routes(list(standing), standing), set())
+
+
+def test_a_dispute_nobody_can_settle_exhausts_the_quorum():
+    r, _ = runner({"n2": "wrong"}, spot_check=1.0)
+    standing = {"n1": NEW, "n2": NEW, "e": EST}  # e could settle it, but is excluded (a suspect)
+    with pytest.raises(QuorumExhaustedError):
+        r.run(0, ROWS, routes(["n1", "n2", "e"], standing), {"e"})
