@@ -1,0 +1,57 @@
+"""Ledger errors: each names what was refused and why; nothing is written when one is raised."""
+
+from __future__ import annotations
+
+from neuro_dask.errors import NeuroDaskError
+
+
+class LedgerError(NeuroDaskError):
+    """Root of the ledger's refusals."""
+
+
+class BadAmountError(LedgerError, ValueError):
+    def __init__(self, amount: object, why: str = "must be a positive integer of the smallest NEURO unit"):
+        self.amount = amount
+        super().__init__(f"amount {amount!r} {why}")
+
+
+class UnknownAccountError(LedgerError, KeyError):
+    def __init__(self, account: str):
+        self.account = account
+        super().__init__(f"no account {account!r}: open it first (users with `neuro-dask ledger open`, "
+                         "providers when they stake)")
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.args[0]
+
+
+class AccountExistsError(LedgerError):
+    def __init__(self, account: str):
+        self.account = account
+        super().__init__(f"account {account!r} already exists")
+
+
+class InsufficientFundsError(LedgerError):
+    def __init__(self, account: str, needed: int, available: int):
+        self.account, self.needed, self.available = account, needed, available
+        super().__init__(f"{account} holds {available} units, {needed} needed: nothing was moved")
+
+
+class IdempotencyConflictError(LedgerError):
+    def __init__(self, idem: str):
+        self.idem = idem
+        super().__init__(f"entry id {idem!r} was already used for a different movement")
+
+
+class ParamError(LedgerError, ValueError):
+    def __init__(self, name: str, value: object, why: str):
+        self.name, self.value = name, value
+        super().__init__(f"parameter {name}={value!r}: {why}")
+
+
+class GovernanceError(LedgerError):
+    """A proposal or vote that the rules refuse (no stake, closed, unknown, twice)."""
+
+
+class VestingError(LedgerError):
+    """Something tried to move tokens that have not vested."""

@@ -1,0 +1,150 @@
+"""Protocol parameters: integer values, their bounds (which no vote can cross), and genesis.
+
+Every parameter is an integer: amounts in units (policy.UNIT per NEURO), shares in basis points,
+times in seconds. `neuro.ledger` in configs/neuro.yaml gives the starting values in friendlier
+terms (NEURO, fractions); `LedgerConfig.from_dask_config` converts them. Governance changes the
+live values stored in the ledger, always inside BOUNDS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from neuro_dask.ledger.errors import ParamError
+from neuro_dask.ledger.policy import BPS, UNIT
+
+# name -> (lowest, highest): the range a vote may move the parameter in.
+BOUNDS: dict[str, tuple[int, int]] = {
+    "price_per_expert_token": (0, 1_000 * UNIT),
+    "price_per_request": (0, 1_000_000 * UNIT),
+    "treasury_bps": (0, 5_000),
+    "burn_bps": (0, BPS),
+    "min_stake": (0, 10_000_000 * UNIT),
+    "unbonding_seconds": (0, 90 * 24 * 3600),
+    "epoch_seconds": (60, 30 * 24 * 3600),
+    "emission_initial": (0, 100_000_000 * UNIT),
+    "emission_decay_bps": (0, BPS),
+    "slash_bps": (0, BPS),
+    "slash_correlation_bps": (0, 10 * BPS),
+    "slash_max_bps": (0, BPS),
+    "slash_burn_bps": (0, BPS),
+    "slash_window_seconds": (0, 30 * 24 * 3600),
+    "spot_check_bps": (100, BPS),  # never below 1%: no vote can switch checking off
+    "min_quorum": (2, 5),
+    "voting_seconds": (60, 90 * 24 * 3600),
+    "gov_quorum_bps": (1_000, BPS),
+    "gov_threshold_bps": (5_000, BPS),
+}
+# Parameters the scheduler plugin hands to clients with the routes (the trust policy's knobs).
+TRUST_PARAMS = ("spot_check_bps", "min_quorum")
+
+ALLOCATIONS = ("community", "treasury", "team", "investors", "liquidity")
+
+
+def check_param(name: str, value: object) -> int:
+    if name not in BOUNDS:
+        raise ParamError(name, value, f"unknown; governable parameters are {', '.join(sorted(BOUNDS))}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ParamError(name, value, "must be an integer (units, basis points or seconds)")
+    low, high = BOUNDS[name]
+    if not low <= value <= high:
+        raise ParamError(name, value, f"outside its bounds [{low}, {high}], which no vote can cross")
+    return value
+
+
+@dataclass(frozen=True)
+class Vesting:
+    months: int = 48
+    cliff_months: int = 12
+
+
+@dataclass(frozen=True)
+class LedgerConfig:
+    """Genesis and starting parameters (integers throughout)."""
+
+    max_supply: int = 1_000_000_000 * UNIT
+    allocation_bps: Mapping[str, int] = field(default_factory=lambda: {
+        "community": 4_000, "treasury": 2_000, "team": 2_000, "investors": 1_500, "liquidity": 500})
+    emission_pool_bps: int = 7_500  # of the community allocation, set aside for provider emissions
+    vesting: Mapping[str, Vesting] = field(default_factory=lambda: {"team": Vesting(), "investors": Vesting()})
+    params: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_PARAMS))
+
+    def __post_init__(self) -> None:
+        if sorted(self.allocation_bps) != sorted(ALLOCATIONS) or sum(self.allocation_bps.values()) != BPS:
+            raise ParamError("allocations", dict(self.allocation_bps),
+                             f"must give each of {', '.join(ALLOCATIONS)} a share, summing to 100%")
+        if not 0 < self.max_supply < 2**62:
+            raise ParamError("max_supply", self.max_supply, "must be positive and fit a 64-bit integer")
+        if not 0 <= self.emission_pool_bps <= BPS:
+            raise ParamError("emission_pool_bps", self.emission_pool_bps, "must be within [0, 10000]")
+        for name, value in self.params.items():
+            check_param(name, value)
+        missing = sorted(set(BOUNDS) - set(self.params))
+        if missing:
+            raise ParamError("params", missing, "are missing")
+
+    def allocation(self, name: str) -> int:
+        """Units allocated to `name` at genesis; the rounding remainder goes to the community."""
+        amounts = {n: self.max_supply * bps // BPS for n, bps in self.allocation_bps.items()}
+        amounts["community"] += self.max_supply - sum(amounts.values())
+        return amounts[name]
+
+    @classmethod
+    def from_dask_config(cls, raw: Mapping | None = None) -> LedgerConfig:
+        """From `neuro.ledger` (NEURO amounts and fractions, as in configs/neuro.yaml)."""
+        import dask.config
+
+        import neuro_dask.settings  # noqa: F401  (registers neuro.yaml's defaults with Dask)
+
+        raw = dict(dask.config.get("neuro.ledger", {}) if raw is None else raw)
+        raw = {k.replace("_", "-"): v for k, v in raw.items()}  # Dask treats - and _ alike
+
+        def units(key: str) -> int:
+            return int(round(float(raw[key]) * UNIT))
+
+        def bps(key: str) -> int:
+            return int(round(float(raw[key]) * BPS))
+
+        vest = raw.get("vesting", {})
+        params = {
+            "price_per_expert_token": units("price-per-expert-token"), "price_per_request": units("price-per-request"),
+            "treasury_bps": bps("treasury-share"), "burn_bps": bps("burn-share"), "min_stake": units("min-stake"),
+            "unbonding_seconds": int(raw["unbonding-seconds"]), "epoch_seconds": int(raw["epoch-seconds"]),
+            "emission_initial": units("emission-initial"), "emission_decay_bps": bps("emission-decay"),
+            "slash_bps": bps("slash-fraction"), "slash_correlation_bps": bps("slash-correlation"),
+            "slash_max_bps": bps("slash-max-fraction"), "slash_burn_bps": bps("slash-burn-share"),
+            "slash_window_seconds": int(raw["slash-window-seconds"]), "spot_check_bps": bps("spot-check"),
+            "min_quorum": int(raw["min-quorum"]), "voting_seconds": int(raw["voting-seconds"]),
+            "gov_quorum_bps": bps("vote-quorum"), "gov_threshold_bps": bps("vote-threshold"),
+        }
+        return cls(
+            max_supply=units("max-supply"),
+            allocation_bps={k: int(round(float(v) * BPS)) for k, v in raw["allocations"].items()},
+            emission_pool_bps=bps("emission-pool-share"),
+            vesting={k: Vesting(int(v["months"]), int(v["cliff-months"])) for k, v in vest.items()},
+            params=params,
+        )
+
+
+DEFAULT_PARAMS: dict[str, int] = {
+    "price_per_expert_token": UNIT // 1_000,  # 0.001 NEURO
+    "price_per_request": UNIT // 100,  # 0.01 NEURO
+    "treasury_bps": 1_000,
+    "burn_bps": 2_000,
+    "min_stake": 1_000 * UNIT,
+    "unbonding_seconds": 7 * 24 * 3600,
+    "epoch_seconds": 3600,
+    "emission_initial": 10_000 * UNIT,
+    "emission_decay_bps": 9_990,
+    "slash_bps": 1_000,
+    "slash_correlation_bps": 10_000,
+    "slash_max_bps": BPS,
+    "slash_burn_bps": 5_000,
+    "slash_window_seconds": 3600,
+    "spot_check_bps": 500,
+    "min_quorum": 2,
+    "voting_seconds": 3 * 24 * 3600,
+    "gov_quorum_bps": 3_300,
+    "gov_threshold_bps": 5_000,
+}
