@@ -7,13 +7,27 @@
 
 from __future__ import annotations
 
+import importlib
+
+# Registers neuro.yaml's defaults with Dask's config as soon as any part of the package is
+# imported: registered later, inside a `dask.config.set` block, they would vanish with it.
+from neuro_dask import settings as _settings  # noqa: F401
 from neuro_dask.errors import NeuroDaskError
-from neuro_dask.loading import load
-from neuro_dask.model.config import SUPPORTED_MODEL_TYPES, MoEConfig
-from neuro_dask.model.model import MoEModel
-from neuro_dask.store.sharder import shard_checkpoint
 
 __version__ = "0.1.0"
+
+# Imported on first use, so that light tools (the ledger CLI, a ledger writer) never load torch.
+_LAZY = {"load": "neuro_dask.loading", "MoEConfig": "neuro_dask.model.config",
+         "SUPPORTED_MODEL_TYPES": "neuro_dask.model.config", "MoEModel": "neuro_dask.model.model",
+         "shard_checkpoint": "neuro_dask.store.sharder"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'neuro_dask' has no attribute {name!r}")
 
 __all__ = [
     "MoEConfig",

@@ -111,6 +111,7 @@ class ClientSettings:
     hedge_quantile: float = 0.9
     hedge_cap: float = 0.1
     hedge_peer_factor: float = 2.0
+    account: str | None = None
     missing_expert_wait: float = 20.0
     load_timeout: float = 120.0
 

@@ -11,9 +11,15 @@ become messages to workers. Handlers:
   neuro_report_outcomes(model, outcomes)   clients report judged replies (trust layer)
   neuro_trust(worker, trusted)          the operator marks a worker trusted (or not)
   neuro_status()                        workers, models and placement, for tools and tests
+  neuro_ledger_hold(account, request, expert_tokens)   quote and hold a request's fee (ledger on)
+  neuro_ledger_settle(request)          charge the validated work, pay providers, refund the rest
+  neuro_ledger_report()                 the transparency report
 
 Options (preload arguments, or Dask config under `neuro.scheduler`):
   --neuro-replicas N   target replicas per expert (default 2)
+  --neuro-ledger URL   the NEURO ledger's database (default `neuro.ledger.url`; none = no ledger)
+With a ledger, only workers with the minimum stake are routed to, clients are charged per
+request, validated work is paid, and proven fraud is slashed (neuro_dask/ledger/service.py).
 """
 
 from __future__ import annotations
@@ -23,13 +29,16 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import click
 from distributed.diagnostics.plugin import SchedulerPlugin
+from tornado.ioloop import PeriodicCallback
 
 from neuro_dask.coordinator import Coordinator, DropExperts, LoadExperts, PublishedModel
 from neuro_dask.errors import NeuroDaskError
+from neuro_dask.ledger.service import Judged, LedgerService
 from neuro_dask.placement import PlacementPolicy, WorkerCapacity
 from neuro_dask.settings import SchedulerSettings
 from neuro_dask.store.remote import read_manifest
@@ -42,9 +51,15 @@ log = logging.getLogger("neuro_dask.scheduler")
 class NeuroSchedulerPlugin(SchedulerPlugin):
     name = "neuro"
 
-    def __init__(self, scheduler, settings: SchedulerSettings):
+    def __init__(self, scheduler, settings: SchedulerSettings, ledger_url: str | None = None):
         self.scheduler = scheduler
         self.settings = settings
+        # Ledger calls touch disk: one thread runs them in order, off the event loop.
+        self.ledger = LedgerService.open(ledger_url, now=time.time()) if ledger_url else None
+        self._ledger_thread = ThreadPoolExecutor(1, thread_name_prefix="neuro-ledger") if self.ledger else None
+        self._staked: set[str] = set()  # worker names with the minimum stake (ledger on)
+        self._trust_params: dict[str, int] = self.ledger.trust_params() if self.ledger else {}
+        self._ledger_tick = PeriodicCallback(self._refresh_ledger, 2000) if self.ledger else None
         self.coordinator = Coordinator(PlacementPolicy(settings.replicas, settings.hot_extra_replicas,
                                                        settings.hot_threshold))
         self._tasks: set[asyncio.Task] = set()
@@ -55,8 +70,21 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             "neuro_publish": self.publish, "neuro_routes": self.routes,
             "neuro_experts_loaded": self.experts_loaded, "neuro_unreachable": self.unreachable,
             "neuro_report_load": self.report_load, "neuro_status": self.status,
+            "neuro_ledger_hold": self.ledger_hold, "neuro_ledger_settle": self.ledger_settle,
+            "neuro_ledger_report": self.ledger_report,
         })
         scheduler.extensions["neuro"] = self
+
+    async def start(self, scheduler) -> None:
+        if self._ledger_tick is not None:
+            self._ledger_tick.start()
+            await self._refresh_ledger()
+
+    async def close(self) -> None:
+        if self._ledger_tick is not None:
+            self._ledger_tick.stop()
+            self._ledger_thread.shutdown(wait=True)
+            self.ledger.ledger.close()
 
     # ---- Dask hooks -> events ----------------------------------------------------------------
 
@@ -73,6 +101,8 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         self._publish_change(change)
         if self.reputation.record(name).trusted:
             self.coordinator.anchors.add(worker)
+        if self.ledger is not None:
+            self._in_ledger(self.ledger.join, name, capacity.owner)
         self._enact(self.coordinator.worker_joined(capacity))
 
     def remove_worker(self, scheduler, worker: str, **kwargs) -> None:
@@ -102,8 +132,9 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             return {"status": "error", "message": f"model {model!r} is not published on this scheduler"}
         snap = self.coordinator.routes(model)
         score = {a: self.reputation.score(n) for a, n in self.identity.items()}
-        ranked = {le: sorted(ws, key=lambda w: -score.get(w, 0.5)) for le, ws in snap.routes.items()}  # stable
-        return {"status": "OK", "version": snap.version,
+        ranked = {le: sorted((w for w in ws if self._stake_ok(w)), key=lambda w: -score.get(w, 0.5))
+                  for le, ws in snap.routes.items()}  # sorted is stable
+        return {"status": "OK", "version": snap.version, "params": self._trust_params,
                 "routes": [[l, e, list(ws)] for (l, e), ws in ranked.items()],
                 "standing": {a: self._standing(a) for a in {w for ws in ranked.values() for w in ws}},
                 "missing": [list(k) for k in snap.missing], "pending": [list(k) for k in snap.pending]}
@@ -133,21 +164,74 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         return {"trusted": r.trusted, "established": r.established, "consecutive_valid": r.consecutive_valid,
                 "owner": r.owner, "score": r.score, "routable": r.routable}
 
-    def report_outcomes(self, model: str, outcomes: list) -> dict[str, Any]:
-        """Clients report every judged reply; reputation moves, and each move is a Dask event."""
+    def report_outcomes(self, model: str, outcomes: list, batch: str = "") -> dict[str, Any]:
+        """Clients report every judged reply: [worker, kind, cause_id, layer, expert, rows, request,
+        proven]. Reputation moves, each move is a Dask event, and the ledger (when on) credits
+        validated work and slashes proven fraud."""
         now = time.time()
         events = {"validated": self.reputation.validated, "invalid": self.reputation.invalid,
                   "late": self.reputation.late, "timeout": self.reputation.timeout, "error": self.reputation.crash}
-        for worker, kind, cause_id, layer, expert in outcomes:
+        judged = []
+        for worker, kind, cause_id, layer, expert, *extra in outcomes:
             if kind not in events or worker not in self.identity:
                 continue
-            change = events[kind](self.identity[worker], str(cause_id), now)
+            name = self.identity[worker]
+            change = events[kind](name, str(cause_id), now)
             if kind != "validated" or change.before < self.reputation.policy.min_reputation <= change.after:
                 self.scheduler.log_event("neuro-trust", {"action": kind, "worker": worker, "model": model,
                                                          "layer": layer, "expert": expert, "cause_id": cause_id,
                                                          "reputation": change.after})
+            rows, request, proven = (list(extra) + [0, "", False])[:3]
+            judged.append(Judged(name, kind, str(cause_id), int(rows), str(request), bool(proven)))
         self._save_reputation()
+        if self.ledger is not None and judged:
+            self._in_ledger(self._record, judged, now, batch or f"outcomes:{now}:{id(judged)}")
         return {"status": "OK"}
+
+    # ---- ledger --------------------------------------------------------------------------------
+
+    def _stake_ok(self, address: str) -> bool:
+        return self.ledger is None or self.identity.get(address) in self._staked
+
+    def _in_ledger(self, fn, *args) -> asyncio.Future:
+        """Run a ledger call on the ledger's thread, in submission order; failures are logged."""
+        future = asyncio.get_running_loop().run_in_executor(self._ledger_thread, fn, *args)
+        future.add_done_callback(_log_failure)
+        return future
+
+    def _record(self, judged: list, now: float, batch: str) -> None:
+        for name in self.ledger.record(judged, now, batch):
+            self.scheduler.log_event("neuro-ledger", {"action": "slash", "worker": name, "at": now})
+
+    async def _refresh_ledger(self) -> None:
+        """Who has the stake to be routed to, the governed trust parameters, epoch emissions."""
+        names = set(self.identity.values())
+
+        def refresh():
+            self.ledger.tick(time.time())
+            return self.ledger.staked(names), self.ledger.trust_params()
+
+        try:
+            self._staked, self._trust_params = await self._in_ledger(refresh)
+        except Exception:
+            pass  # logged by _in_ledger; the previous view stands
+
+    async def ledger_hold(self, account: str, request: str, expert_tokens: int) -> dict[str, Any]:
+        if self.ledger is None:
+            return {"status": "OK", "held": 0, "ledger": False}
+        return await self._in_ledger(self.ledger.hold, account, request, int(expert_tokens), time.time())
+
+    async def ledger_settle(self, request: str) -> dict[str, Any]:
+        if self.ledger is None:
+            return {"status": "OK", "fee": 0, "ledger": False}
+        result = await self._in_ledger(self.ledger.settle, request, time.time())
+        self.scheduler.log_event("neuro-ledger", {"action": "settle", "request": request, **result})
+        return result
+
+    async def ledger_report(self) -> dict[str, Any]:
+        if self.ledger is None:
+            return {"status": "error", "message": "this scheduler runs no ledger (set neuro.ledger.url)"}
+        return {"status": "OK", "report": await self._in_ledger(self.ledger.report)}
 
     def trust(self, worker: str, trusted: bool = True) -> dict[str, Any]:
         address = next((a for a, n in self.identity.items() if worker in (a, n)), worker)
@@ -210,8 +294,17 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             log.info("could not send %s to %s: %s", type(action).__name__, action.worker, exc)
 
 
+def _log_failure(future: asyncio.Future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("ledger call failed", exc_info=future.exception())
+
+
 @click.command()
 @click.option("--neuro-replicas", type=int, default=None, help="target replicas per expert")
-def dask_setup(scheduler, neuro_replicas) -> None:
+@click.option("--neuro-ledger", default=None, help="NEURO ledger database URL (default: neuro.ledger.url)")
+def dask_setup(scheduler, neuro_replicas, neuro_ledger) -> None:
+    import dask.config
+
     settings = SchedulerSettings.load(replicas=neuro_replicas)
-    scheduler.add_plugin(NeuroSchedulerPlugin(scheduler, settings))
+    ledger_url = neuro_ledger or dask.config.get("neuro.ledger.url", default=None)
+    scheduler.add_plugin(NeuroSchedulerPlugin(scheduler, settings, ledger_url))

@@ -15,6 +15,7 @@ import concurrent.futures
 import logging
 import random
 import time
+import uuid
 from collections import deque
 from typing import Callable, Mapping
 
@@ -24,11 +25,21 @@ from distributed import Client
 from neuro_dask.dispatch.routes import ExpertUnavailableError, RouteTable
 from neuro_dask.dispatch.transports import Transport
 from neuro_dask.dispatch.trusted import Outcome, TrustedLayerRunner
+from neuro_dask.errors import NeuroDaskError
 from neuro_dask.settings import ClientSettings
 from neuro_dask.trust.quorum import QuorumExhaustedError
 from neuro_dask.wire import decode_response, encode_request
 
 log = logging.getLogger(__name__)
+
+
+class PaymentRefusedError(NeuroDaskError):
+    """The scheduler's ledger refused to hold this request's fee: no work was sent."""
+
+    def __init__(self, account: str | None, request: str, why: str):
+        self.account, self.request, self.why = account, request, why
+        hint = "" if account else " (set neuro.client.account to the ledger user that pays)"
+        super().__init__(f"request refused before any work was sent: {why}{hint}")
 
 
 class DistributedExecutor:
@@ -45,7 +56,9 @@ class DistributedExecutor:
         self.suspects: dict[str, float] = {}  # worker -> until when it is skipped
         self.load: dict[tuple[int, int], int] = {}  # (layer, expert) -> rows since the last report
         self.layer_seconds: deque[float] = deque(maxlen=100_000)  # per-layer latency, for drills and reports
-        self.outcomes: list[Outcome] = []  # trust outcomes not yet reported to the scheduler
+        self.outcomes: list[tuple[Outcome, str]] = []  # (trust outcome, request id) not yet reported
+        self.request = ""  # the generation request whose work is being done (ledger on)
+        self.settlements: list[dict] = []  # what the scheduler charged, per request
         self.trusted = TrustedLayerRunner(model_id, transport, settings.trust_policy(),
                                           random.Random(settings.seed)) if settings.trust else None
 
@@ -71,7 +84,7 @@ class DistributedExecutor:
             self._refreshing = asyncio.run_coroutine_threadsafe(self._refresh(load, outcomes),
                                                                 self.client.loop.asyncio_loop)
 
-    async def _refresh(self, load: dict[tuple[int, int], int], outcomes: list[Outcome]) -> RouteTable:
+    async def _refresh(self, load: dict[tuple[int, int], int], outcomes: list[tuple[Outcome, str]]) -> RouteTable:
         scheduler = self.client.scheduler
         if load:  # best effort: placement works without it
             try:
@@ -82,10 +95,12 @@ class DistributedExecutor:
             await self._send_outcomes(outcomes)
         return RouteTable.from_message(await scheduler.neuro_routes(model=self.model_id))
 
-    async def _send_outcomes(self, outcomes: list[Outcome]) -> None:
+    async def _send_outcomes(self, outcomes: list[tuple[Outcome, str]]) -> None:
         try:
             await self.client.scheduler.neuro_report_outcomes(
-                model=self.model_id, outcomes=[[o.worker, o.kind, o.cause_id, o.layer, o.expert] for o in outcomes])
+                model=self.model_id, batch=uuid.uuid4().hex,  # the ledger's idempotency id for this batch
+                outcomes=[[o.worker, o.kind, o.cause_id, o.layer, o.expert, o.rows, request, o.proven]
+                          for o, request in outcomes])
         except Exception:  # best effort; the output is already decided
             log.debug("could not report trust outcomes", exc_info=True)
 
@@ -159,7 +174,7 @@ class DistributedExecutor:
                 if not self.suspects:
                     raise
                 self.suspects.clear()  # a skipped trusted worker may be what the quorum lacks
-        self.outcomes += outcomes
+        self.outcomes += [(o, self.request) for o in outcomes]
         bad = {o.worker for o in outcomes if o.kind in ("invalid", "timeout", "error")}  # late only costs reputation
         for worker in bad:
             self.suspects[worker] = self.clock() + self.settings.suspect_cooldown
@@ -183,6 +198,31 @@ class DistributedExecutor:
         except Exception:
             log.debug("could not flush reports", exc_info=True)
         self._routes_at = self.clock()
+
+    # ---- requests (the ledger's holds and settlements) ---------------------------------------
+
+    def begin_request(self, expert_tokens: int) -> None:
+        """Before any work: the scheduler quotes and holds the request's fee (when it runs a
+        ledger), or refuses it, and then nothing is sent."""
+        self.request = uuid.uuid4().hex
+        reply = self.client.sync(self.client.scheduler.neuro_ledger_hold, account=self.settings.account or "",
+                                 request=self.request, expert_tokens=int(expert_tokens))
+        if reply.get("status") != "OK":
+            request, self.request = self.request, ""
+            raise PaymentRefusedError(self.settings.account, request, str(reply.get("message")))
+        if reply.get("ledger") is False:
+            self.request = ""  # a scheduler without a ledger charges nothing: nothing to settle
+
+    def end_request(self) -> None:
+        """After the work: report every judged reply, then settle by the validated work."""
+        if not self.request:
+            return
+        request, self.request = self.request, ""
+        self.flush_reports()
+        reply = self.client.sync(self.client.scheduler.neuro_ledger_settle, request=request)
+        self.settlements.append({"request": request, **reply})
+        if reply.get("status") != "OK":
+            log.warning("request %s could not be settled: %s", request, reply.get("message"))
 
     def _wait_for_routes(self, layer: int, unroutable: list[int], since: float | None) -> float:
         now = self.clock()

@@ -25,6 +25,7 @@ class RouteTable:
     routes: Mapping[tuple[int, int], tuple[str, ...]]  # (layer, expert) -> workers, best first
     standing: Mapping[str, Standing] = field(default_factory=dict)  # from the scheduler's reputation
     routable: frozenset[str] | None = None  # None: every listed worker may get primary work
+    params: Mapping[str, int] = field(default_factory=dict)  # governed trust parameters (ledger on)
 
     @classmethod
     def from_message(cls, msg: Mapping[str, Any]) -> RouteTable:
@@ -33,7 +34,7 @@ class RouteTable:
         standing = {w: Standing(bool(s["trusted"]), bool(s["established"]), int(s["consecutive_valid"]),
                                 str(s.get("owner") or "")) for w, s in raw.items()}
         routable = frozenset(w for w, s in raw.items() if s.get("routable", True)) if raw else None
-        return cls(int(msg["version"]), routes, standing, routable)
+        return cls(int(msg["version"]), routes, standing, routable, dict(msg.get("params") or {}))
 
     def standing_of(self, worker: str) -> Standing:
         return self.standing.get(worker, Standing())

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 import uuid
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Callable, Mapping
 
@@ -33,10 +33,12 @@ AWAIT_LIMIT = 1024  # abandoned calls remembered for a late comparison; older on
 @dataclass(frozen=True)
 class Outcome:
     worker: str
-    kind: str  # validated | invalid | timeout | error
+    kind: str  # validated | invalid | late | timeout | error
     cause_id: str
     layer: int
     expert: int
+    rows: int = 0  # validated: (token, expert) pairs computed, the unit of work that is paid
+    proven: bool = False  # invalid: refuted by the quorum and by an operator-trusted worker (slashable)
 
 
 @dataclass
@@ -82,6 +84,7 @@ class TrustedLayerRunner:
 
     def run(self, layer: int, groups: Mapping[int, torch.Tensor], routes: RouteTable,
             exclude: set[str]) -> tuple[dict[int, torch.Tensor], list[Outcome]]:
+        self.apply_params(routes.params)
         standing = routes.standing_of
         anchorless = not any(s.trusted or s.established for s in routes.standing.values())
         outcomes: list[Outcome] = self._check_late()
@@ -123,8 +126,11 @@ class TrustedLayerRunner:
                 if isinstance(decision, Accepted):
                     unit.result = decision.canonical[expert]
                     self.accepted_from[tuple(sorted(decision.valid))] += 1
-                    outcomes += [Outcome(w, "validated", cause, layer, expert) for w in decision.valid]
-                    outcomes += [Outcome(w, "invalid", cause, layer, expert) for w in decision.invalid]
+                    n = unit.rows.shape[0]
+                    outcomes += [Outcome(w, "validated", cause, layer, expert, n) for w in decision.valid]
+                    if decision.invalid:
+                        proven = self._proven(layer, unit, decision.valid, standing)
+                        outcomes += [Outcome(w, "invalid", cause, layer, expert, 0, proven) for w in decision.invalid]
                     continue
                 exhausted = isinstance(decision, Exhausted)
                 nxt = None if exhausted else self._next_worker(unit, standing, fallback=False)
@@ -135,7 +141,10 @@ class TrustedLayerRunner:
                         unit.result = anchored[0][1][expert]
                         valid = {w for w, _ in anchored}
                         self.accepted_from[tuple(sorted(valid))] += 1
-                        outcomes += [Outcome(w, "validated" if w in valid else "invalid", cause, layer, expert)
+                        n = unit.rows.shape[0]
+                        # The trusted worker's answer decided: whoever disagreed is refuted by it.
+                        outcomes += [Outcome(w, "validated", cause, layer, expert, n) if w in valid else
+                                     Outcome(w, "invalid", cause, layer, expert, 0, True)
                                      for g in unit.quorum.groups for w, _ in g]
                         continue
                     nxt = self._next_worker(unit, standing, fallback=True)
@@ -167,6 +176,39 @@ class TrustedLayerRunner:
         primary = min(routable, key=lambda w: (w in busy, planned_rows.get(w, 0)))
         return [primary] + [w for w in ordered if w != primary]
 
+    def _proven(self, layer: int, unit: _Unit, valid: tuple[str, ...], standing: Callable[[str], Standing]) -> bool:
+        """Slashing needs proof beyond the quorum: an operator-trusted worker's own answer agreeing
+        with the canonical result. One among the valid answers suffices; otherwise one trusted
+        host that has not answered recomputes the unit now (fraud is rare, so this is too)."""
+        if any(standing(w).trusted for w in valid):
+            return True
+        host = next((w for w in unit.candidates if standing(w).trusted and w not in unit.tried), None)
+        if host is None:
+            return False
+        unit.tried.add(host)
+        self.replicas_sent += 1
+        msg = encode_request(self.model_id, layer, {unit.expert: unit.rows}, call=uuid.uuid4().hex)
+        outcome = self.transport.call_many({host: msg}, self.latency.deadline(host, unit.rows.shape[0]))[host]
+        try:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            answer = decode_response(outcome, {unit.expert: unit.rows})
+        except Exception:  # no proof today; reputation has already counted the wrong result
+            return False
+        return agree(answer, {unit.expert: unit.result}, self.policy.validation)
+
+    def apply_params(self, params: Mapping[str, int]) -> None:
+        """Governed trust parameters handed out with the routes (ledger on): spot-check, quorum."""
+        if not params:
+            return
+        replication = replace(self.policy.replication, spot_check=params.get("spot_check_bps", 0) / 10_000
+                              or self.policy.replication.spot_check,
+                              min_quorum=int(params.get("min_quorum", self.policy.replication.min_quorum)))
+        quorum = replace(self.policy.quorum, min_quorum=replication.min_quorum,
+                         target_replicas=max(self.policy.quorum.target_replicas, replication.min_quorum),
+                         max_total_replicas=max(self.policy.quorum.max_total_replicas, replication.min_quorum))
+        self.policy = replace(self.policy, replication=replication, quorum=quorum)
+
     def _check_late(self) -> list[Outcome]:
         """Quorum rule: a result that arrives after the decision is still compared, and credited
         only if it agrees with the canonical result (under the same cause id, so a primary that
@@ -189,7 +231,8 @@ class TrustedLayerRunner:
             self.late_checked += 1
             for u in decided:
                 ok = agree({u.expert: u.result}, {u.expert: got[u.expert]}, self.policy.validation)
-                outcomes.append(Outcome(late.worker, "validated" if ok else "invalid", cause, layer, u.expert))
+                outcomes.append(Outcome(late.worker, "validated", cause, layer, u.expert, u.rows.shape[0]) if ok else
+                                Outcome(late.worker, "invalid", cause, layer, u.expert))
         return outcomes
 
     def _await_late(self, call: str, cause: str, layer: int, units: list[_Unit]) -> None:

@@ -5,6 +5,7 @@ Shape legend: B batch, T tokens this step, S cache slots, D hidden, V vocabulary
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -168,7 +169,7 @@ class MoEModel:
         key_valid[:, :t] = batch.mask
         positions = positions_from_mask(batch.mask)
         unfinished = torch.ones(b, dtype=torch.bool)
-        with torch.inference_mode(), full_collections_deferred():
+        with torch.inference_mode(), full_collections_deferred(), self._request(b * (t + max_new_tokens)):
             hidden = self._hidden(batch.ids, positions, key_valid[:, :t], cache, batch.mask)
             next_pos = positions[:, -1:] + 1
             for step in range(max_new_tokens):
@@ -184,6 +185,21 @@ class MoEModel:
                 hidden = self._hidden(token[:, None], next_pos, key_valid[:, :t + step + 1], cache,
                                       unfinished[:, None])
                 next_pos = next_pos + 1
+
+    @contextlib.contextmanager
+    def _request(self, tokens: int) -> Iterator[None]:
+        """An executor that charges for work (a scheduler with a ledger) is told where a request
+        starts and ends: it holds the fee for at most `tokens` x layers x top-k x 2 (one check per
+        call) expert-tokens before any work and settles by the validated work after."""
+        begin = getattr(self.executor, "begin_request", None)
+        if begin is None:
+            yield
+            return
+        begin(tokens * self.config.num_hidden_layers * self.config.num_experts_per_tok * 2)
+        try:
+            yield
+        finally:
+            self.executor.end_request()
 
     def generate(
         self,

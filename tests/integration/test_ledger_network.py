@@ -1,0 +1,76 @@
+"""The NEURO ledger on the network: clients pay, honest providers earn, proven liars are slashed,
+unstaked workers get no work, and a client without funds is refused before any work is sent."""
+
+from __future__ import annotations
+
+import dask
+import pytest
+from cluster_helpers import neuro_cluster, scheduler_status, worker_status
+
+import neuro_dask as nd
+from neuro_dask.dispatch.executor import PaymentRefusedError
+from neuro_dask.drill import run_drill
+from neuro_dask.ledger import Ledger, LedgerConfig, neuro, provider
+
+
+def test_a_drill_charges_the_client_pays_the_honest_and_slashes_the_proven_perturbers(sharded, tmp_path):
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    report = run_drill(sharded("mixtral"), workers=6, adversaries=0.34, mode="perturb", seed=3, prompts=6,
+                       tokens=16, ledger=url)
+    assert report.identical and report.wrong_accepted == 0
+    effect = report.ledger
+    assert effect["problems"] == []
+    assert effect["charged"] > 0 and sum(effect["earned"].values()) > 0
+    assert effect["adversaries_earned"] == {}  # a perturber's answers are never validated
+    exercised = sorted(set(report.adversaries) - set(report.unexercised))
+    assert exercised and effect["slashed"] == exercised
+    books = effect["report"]
+    assert books["fees"] == effect["charged"]  # a fresh database: this drill's fee is all of them
+    assert books["minted"] == books["balances_total"] + books["burned"] == books["max_supply"]
+    assert books["slashed"] > 0 and books["burned"] > 0
+    # The honest providers' fee income is the fee less the treasury's share (which pays the burn).
+    p = Ledger(url, LedgerConfig.from_dask_config()).params()
+    treasury_share = effect["charged"] * p["treasury_bps"] // 10_000
+    assert sum(effect["earned"].values()) <= effect["charged"] - treasury_share
+
+
+@pytest.fixture
+def ledger_url(tmp_path):
+    url = f"sqlite:///{tmp_path}/net.db"
+    ledger = Ledger.open(url, LedgerConfig.from_dask_config())
+    ledger.open_user("pauper")
+    ledger.open_user("alice")
+    ledger.deposit("alice", neuro(100), "alice-funds")
+    ledger.close()
+    return url
+
+
+def stake(url: str, *names: str) -> None:
+    ledger = Ledger(url, LedgerConfig.from_dask_config())
+    minimum = ledger.params()["min_stake"]
+    for name in names:
+        ledger.open_provider(name, exist_ok=True)
+        ledger.transfer("genesis:community", provider(name), minimum, f"fund-{name}")
+        ledger.stake(name, minimum, f"stake-{name}")
+    ledger.close()
+
+
+def test_only_staked_workers_are_routed_to_and_a_client_without_funds_is_refused(sharded, ledger_url, tmp_path):
+    stake(ledger_url, "0", "1")  # worker "2" stakes nothing
+    config = {"neuro.ledger.url": ledger_url, "neuro.client.trust": True, "neuro.scheduler.trusted": ["0"]}
+    with dask.config.set(config), neuro_cluster(3, replicas=3, tmp_path=tmp_path) as (_, client):
+        workers = {w["name"]: a for a, w in scheduler_status(client)["workers"].items()}
+        with dask.config.set({"neuro.client.account": "alice"}), nd.load(sharded("mixtral"), client=client) as model:
+            routed = {w for ws in model.executor.fetch_routes().routes.values() for w in ws}
+            assert routed == {workers["0"], workers["1"]}
+            model.generate([[5, 6, 7]], max_new_tokens=4)
+            settled = model.executor.settlements[-1]
+        assert settled["status"] == "OK" and settled["fee"] > 0
+        assert worker_status(client, workers["2"])["calls_served"] == 0
+        for account in ("pauper", "nobody"):
+            with dask.config.set({"neuro.client.account": account}), nd.load(sharded("mixtral"),
+                                                                             client=client) as model:
+                served = sum(worker_status(client, a)["calls_served"] for a in workers.values())
+                with pytest.raises(PaymentRefusedError):
+                    model.generate([[5, 6, 7]], max_new_tokens=4)
+                assert sum(worker_status(client, a)["calls_served"] for a in workers.values()) == served
