@@ -3,6 +3,8 @@ unstaked workers get no work, and a client without funds is refused before any w
 
 from __future__ import annotations
 
+import time
+
 import dask
 import pytest
 from cluster_helpers import neuro_cluster, scheduler_status, worker_status
@@ -74,3 +76,27 @@ def test_only_staked_workers_are_routed_to_and_a_client_without_funds_is_refused
                 with pytest.raises(PaymentRefusedError):
                     model.generate([[5, 6, 7]], max_new_tokens=4)
                 assert sum(worker_status(client, a)["calls_served"] for a in workers.values()) == served
+
+
+def test_a_passed_proposal_changes_the_clients_trust_policy(sharded, ledger_url, tmp_path):
+    stake(ledger_url, "0", "1")
+    ledger = Ledger(ledger_url, LedgerConfig.from_dask_config())
+    proposal = ledger.propose("0", "spot_check_bps", 10_000, now=0.0, idem="check-everything")
+    ledger.vote(proposal, "0", True, now=1.0)
+    ledger.vote(proposal, "1", True, now=1.0)
+    config = {"neuro.ledger.url": ledger_url, "neuro.client.trust": True, "neuro.scheduler.trusted": ["0"],
+              "neuro.client.account": "alice"}
+    with dask.config.set(config), neuro_cluster(2, replicas=2, tmp_path=tmp_path) as (_, client):
+        with nd.load(sharded("mixtral"), client=client) as model:
+            model.generate([[5, 6, 7]], max_new_tokens=2)
+            assert model.executor.trusted.policy.replication.spot_check == 0.05
+            assert ledger.tally(proposal, now=10 * 24 * 3600.0)["status"] == "passed"
+            ledger.close()
+            # The scheduler re-reads the live parameters every 2 s and hands them out with the routes.
+            deadline = time.monotonic() + 30
+            while model.executor.fetch_routes().params.get("spot_check_bps") != 10_000:
+                assert time.monotonic() < deadline, "the passed proposal never reached the routes"
+                time.sleep(0.1)  # poll
+            model.executor.routes = model.executor.fetch_routes()
+            model.generate([[5, 6, 7]], max_new_tokens=2)
+            assert model.executor.trusted.policy.replication.spot_check == 1.0
