@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from neuro_dask.errors import NeuroDaskError
+from neuro_dask.ledger_cli import register as register_ledger
 
 log = logging.getLogger("neuro_dask.cli")
 
@@ -81,7 +82,8 @@ def _cmd_drill(args: argparse.Namespace) -> int:
 
     report = run_drill(args.model or ASSET_DIR, workers=args.workers, adversaries=args.adversaries, mode=args.mode,
                        trusted=args.trusted, seed=args.seed, prompts=args.prompts, tokens=args.tokens,
-                       probability=args.probability, delay=args.delay, after=args.after, blocking=args.blocking)
+                       probability=args.probability, delay=args.delay, after=args.after, blocking=args.blocking,
+                       ledger=args.ledger)
     print(report.to_json() if args.json else report.summary())
     return 0 if report.identical and report.wrong_accepted == 0 else 1
 
@@ -198,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--delay", type=float, default=0.05, help="straggle: seconds late (default 0.05)")
     dr.add_argument("--blocking", action="store_true", help="straggle: hold the worker while late (a slow machine)")
     dr.add_argument("--after", type=int, help="crash, defect: honest calls first (default crash 3, defect 20)")
+    dr.add_argument("--ledger", metavar="URL",
+                    help="run the NEURO ledger in this database: fund the client, stake the workers, report the economics")
     dr.add_argument("--trusted", type=int, default=1, help="operator-trusted honest workers")
     dr.add_argument("--seed", type=int, default=0)
     dr.add_argument("--prompts", type=int, default=10)
@@ -225,13 +229,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", help="output folder (default: the bundled asset folder)")
     t.set_defaults(func=_cmd_train_demo)
+
+    register_ledger(sub)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
     if not args.verbose:  # Dask logs cluster start and shutdown at INFO, tracebacks included
-        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # for worker processes
+        import dask.config  # already read (neuro_dask registers its defaults): set it here too
+
+        if "distributed" not in sys.modules:  # distributed reads this when first imported
+            dask.config.set({"logging.distributed": os.environ["DASK_LOGGING__DISTRIBUTED"]})
     if extra and not getattr(args, "passthrough", False):
         build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

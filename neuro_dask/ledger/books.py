@@ -30,12 +30,16 @@ from neuro_dask.ledger.errors import (
     IdempotencyConflictError,
     InsufficientFundsError,
     LedgerError,
+    ParamError,
     UnknownAccountError,
 )
-from neuro_dask.ledger.params import BOUNDS, LedgerConfig, check_param
+from neuro_dask.ledger.params import BOUNDS, LedgerConfig, check_consistent, check_param
 
 SYSTEM = {"issuance": "issuance", "treasury": "treasury", "burn": "burn", "emission": "emission", "escrow": "escrow"}
 TRANSFERABLE = ("user", "provider", "genesis", "treasury")  # kinds a plain transfer may draw from
+# The ids the ledger derives for its own entries: a caller's id must not take one (it would block
+# that entry for good: a release, an emission, a slash).
+RESERVED_IDEMS = ("hold:", "settle:", "emission:", "slash:", "unbonded:", "vest:")
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,12 @@ def _amount(value: object) -> int:
     return value
 
 
+def _caller_idem(idem: str) -> None:
+    if isinstance(idem, str) and (idem == "genesis" or idem.startswith(RESERVED_IDEMS)):
+        raise LedgerError(f"entry id {idem!r} is reserved for the ledger's own entries "
+                          f"(genesis, {', '.join(p + '...' for p in RESERVED_IDEMS)}): choose another")
+
+
 def _fingerprint(kind: str, request: Mapping) -> str:
     return hashlib.sha256(json.dumps([kind, request], sort_keys=True, default=str).encode()).hexdigest()
 
@@ -94,8 +104,19 @@ class Ledger:
     def open(cls, url: str | Path, config: LedgerConfig | None = None, now: float = 0.0) -> Ledger:
         """Open (creating the schema) and run genesis once."""
         ledger = cls(url, config)
-        ledger.genesis(now)
+        if ledger.genesis_time() is None:  # a read first: an open ledger needs no write lock
+            ledger.genesis(now)
         return ledger
+
+    def genesis_time(self) -> float | None:
+        with self.db.read() as cur:
+            return cur.execute("SELECT at FROM entries WHERE idem = 'genesis'").scalar()
+
+    def epoch(self, now: float) -> int:
+        """Epochs count from genesis, every `epoch_seconds` (fixed at genesis)."""
+        with self.db.read() as cur:
+            start = cur.execute("SELECT at FROM entries WHERE idem = 'genesis'").scalar(0.0)
+            return max(0, int((now - start) // self._param(cur, "epoch_seconds")))
 
     def close(self) -> None:
         self.db.close()
@@ -198,6 +219,7 @@ class Ledger:
         """Spendable to spendable (users, providers, genesis pools, treasury); never from locked,
         unvested, escrowed or burned funds."""
         request = {"source": source, "dest": dest, "amount": amount}
+        _caller_idem(idem)
         with self.db.write() as cur:
             if (done := self._replay(cur, idem, kind, request)) is not None:
                 return done
@@ -220,6 +242,7 @@ class Ledger:
 
     def stake(self, name: str, amount: int, idem: str, now: float = 0.0) -> Receipt:
         request = {"provider": name, "amount": amount}
+        _caller_idem(idem)
         with self.db.write() as cur:
             if (done := self._replay(cur, idem, "stake", request)) is not None:
                 return done
@@ -230,6 +253,7 @@ class Ledger:
     def unstake(self, name: str, amount: int, idem: str, now: float) -> Receipt:
         """Locked stake starts unbonding: spendable after `unbonding_seconds`, slashable until then."""
         request = {"provider": name, "amount": amount}
+        _caller_idem(idem)
         with self.db.write() as cur:
             if (done := self._replay(cur, idem, "unstake", request)) is not None:
                 return done
@@ -309,6 +333,7 @@ class Ledger:
         """Validated work (expert-tokens) per worker: worker -> (owner, units), for emissions and
         the leaderboard. Credits are not money; the entry only makes the report idempotent."""
         spec = {"epoch": epoch, "work": {w: list(v) for w, v in sorted(work.items())}}
+        _caller_idem(idem)
         with self.db.write() as cur:
             if self._replay(cur, idem, "credit", spec) is not None:
                 return
@@ -408,6 +433,7 @@ class Ledger:
                     raise IdempotencyConflictError(idem)
                 return row[0]
             check_param(param, value)
+            check_consistent({**self._params(cur), param: value})
             if not self._exists(cur, stake_account(proposer)) or self._balance(cur, stake_account(proposer)) <= 0:
                 raise GovernanceError(f"{proposer} has no stake: only staked providers propose")
             ends = now + self._param(cur, "voting_seconds")
@@ -437,7 +463,12 @@ class Ledger:
             return weight
 
     def tally(self, proposal: int, now: float) -> dict:
-        """After the voting period: policy rule 5; a passed change becomes the live value."""
+        """After the voting period: policy rule 5; a passed change becomes the live value.
+
+        Weights are counted now: each vote weighs the least of its stake when cast and its stake
+        still bonded (locked or unbonding) now, against all bonded stake now. Stake that voted
+        and left counts no more, and cannot vote again elsewhere within the period (unbonding
+        lasts at least as long: params.check_consistent)."""
         with self.db.write() as cur:
             row = cur.execute("SELECT param, value, ends_at, status, yes, no FROM proposals WHERE id = ?",
                               (proposal,)).one()
@@ -448,16 +479,31 @@ class Ledger:
                 return {"proposal": proposal, "status": status, "param": param, "value": value, "yes": yes, "no": no}
             if now < ends:
                 raise GovernanceError(f"proposal {proposal} is open until {ends}; tally it after")
-            total = cur.execute("SELECT COALESCE(SUM(balance), 0) FROM accounts WHERE kind = 'stake'").scalar(0)
+            total = cur.execute("SELECT COALESCE(SUM(balance), 0) FROM accounts "
+                                "WHERE kind IN ('stake', 'unbonding')").scalar(0)
+            yes = no = 0
+            for voter, voted_yes, weight in cur.execute("SELECT voter, yes, weight FROM votes WHERE proposal = ?",
+                                                        (proposal,)).all():
+                bonded = self._balance(cur, stake_account(voter)) + self._balance(cur, unbonding_account(voter))
+                if voted_yes:
+                    yes += min(weight, bonded)
+                else:
+                    no += min(weight, bonded)
             p = self._params(cur)
             result = policy.tally(yes, no, total, p["gov_quorum_bps"], p["gov_threshold_bps"])
-            status = "passed" if result.passed else ("rejected" if result.quorum_met else "no-quorum")
-            if result.passed:
-                check_param(param, value)
+            passed = result.passed
+            if passed:
+                try:
+                    check_param(param, value)
+                    check_consistent({**p, param: value})
+                except ParamError:
+                    passed = False  # another change since the proposal made this one inconsistent
+            status = "passed" if passed else ("rejected" if result.quorum_met else "no-quorum")
+            if passed:
                 cur.execute("INSERT INTO param_changes (name, old, new, proposal, at) VALUES (?, ?, ?, ?, ?)",
                             (param, p[param], value, proposal, now))
                 cur.execute("UPDATE params SET value = ? WHERE name = ?", (value, param))
-            cur.execute("UPDATE proposals SET status = ? WHERE id = ?", (status, proposal))
+            cur.execute("UPDATE proposals SET status = ?, yes = ?, no = ? WHERE id = ?", (status, yes, no, proposal))
             return {"proposal": proposal, "status": status, "param": param, "value": value, "yes": yes, "no": no,
                     "total_stake": total}
 

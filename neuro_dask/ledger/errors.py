@@ -18,8 +18,8 @@ class BadAmountError(LedgerError, ValueError):
 class UnknownAccountError(LedgerError, KeyError):
     def __init__(self, account: str):
         self.account = account
-        super().__init__(f"no account {account!r}: open it first (users with `neuro-dask ledger open`, "
-                         "providers when they stake)")
+        super().__init__(f"no account {account!r}: open it first (`neuro-dask ledger open USER`, or "
+                         "`neuro-dask ledger open-provider NAME`; a scheduler with a ledger opens its workers)")
 
     def __str__(self) -> str:  # KeyError would quote the message
         return self.args[0]

@@ -22,7 +22,6 @@ BOUNDS: dict[str, tuple[int, int]] = {
     "burn_bps": (0, BPS),
     "min_stake": (0, 10_000_000 * UNIT),
     "unbonding_seconds": (0, 90 * 24 * 3600),
-    "epoch_seconds": (60, 30 * 24 * 3600),
     "emission_initial": (0, 100_000_000 * UNIT),
     "emission_decay_bps": (0, BPS),
     "slash_bps": (0, BPS),
@@ -34,8 +33,10 @@ BOUNDS: dict[str, tuple[int, int]] = {
     "min_quorum": (2, 5),
     "voting_seconds": (60, 90 * 24 * 3600),
     "gov_quorum_bps": (1_000, BPS),
-    "gov_threshold_bps": (5_000, BPS),
+    "gov_threshold_bps": (5_000, 9_000),  # at 100% nothing could pass again, not even a way back
 }
+# Fixed at genesis, never voted on: renumbering epochs would pay some twice and skip others.
+FIXED = ("epoch_seconds",)
 # Parameters the scheduler plugin hands to clients with the routes (the trust policy's knobs).
 TRUST_PARAMS = ("spot_check_bps", "min_quorum")
 
@@ -51,6 +52,15 @@ def check_param(name: str, value: object) -> int:
     if not low <= value <= high:
         raise ParamError(name, value, f"outside its bounds [{low}, {high}], which no vote can cross")
     return value
+
+
+def check_consistent(params: Mapping[str, int]) -> None:
+    """Rules across parameters: stake that voted cannot leave and vote again within one vote
+    (unbonding lasts at least the voting period)."""
+    if params.get("unbonding_seconds", 0) < params.get("voting_seconds", 0):
+        raise ParamError("unbonding_seconds", params.get("unbonding_seconds"),
+                         f"must be at least voting_seconds ({params.get('voting_seconds')}), so that stake "
+                         "cannot vote, leave and vote again within one vote")
 
 
 @dataclass(frozen=True)
@@ -79,8 +89,13 @@ class LedgerConfig:
         if not 0 <= self.emission_pool_bps <= BPS:
             raise ParamError("emission_pool_bps", self.emission_pool_bps, "must be within [0, 10000]")
         for name, value in self.params.items():
+            if name in FIXED:
+                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                    raise ParamError(name, value, "must be a positive integer of seconds")
+                continue
             check_param(name, value)
-        missing = sorted(set(BOUNDS) - set(self.params))
+        check_consistent(self.params)
+        missing = sorted((set(BOUNDS) | set(FIXED)) - set(self.params))
         if missing:
             raise ParamError("params", missing, "are missing")
 
@@ -135,8 +150,8 @@ DEFAULT_PARAMS: dict[str, int] = {
     "min_stake": 1_000 * UNIT,
     "unbonding_seconds": 7 * 24 * 3600,
     "epoch_seconds": 3600,
-    "emission_initial": 10_000 * UNIT,
-    "emission_decay_bps": 9_990,
+    "emission_initial": 30_000 * UNIT,  # x 1 / (1 - 0.9999) = the 300 M NEURO pool, over the years
+    "emission_decay_bps": 9_999,
     "slash_bps": 1_000,
     "slash_correlation_bps": 10_000,
     "slash_max_bps": BPS,

@@ -51,7 +51,7 @@ class LedgerService:
         return cls(Ledger.open(url, config or LedgerConfig.from_dask_config(), now=now))
 
     def epoch(self, now: float) -> int:
-        return int(now // self.ledger.params()["epoch_seconds"])
+        return self.ledger.epoch(now)
 
     # ---- providers --------------------------------------------------------------------------
 
