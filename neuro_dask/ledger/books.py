@@ -91,6 +91,13 @@ def _caller_idem(idem: str) -> None:
                           f"(genesis, {', '.join(p + '...' for p in RESERVED_IDEMS)}): choose another")
 
 
+def _units(value: object, what: str = "work units") -> int:
+    """A count of work (expert-tokens): an integer >= 0 that fits the books."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**62:
+        raise BadAmountError(value, f"{what} must be an integer >= 0 (and below 2**62)")
+    return value
+
+
 def _fingerprint(kind: str, request: Mapping) -> str:
     return hashlib.sha256(json.dumps([kind, request], sort_keys=True, default=str).encode()).hexdigest()
 
@@ -220,6 +227,8 @@ class Ledger:
         unvested, escrowed or burned funds."""
         request = {"source": source, "dest": dest, "amount": amount}
         _caller_idem(idem)
+        if kind not in ("transfer", "deposit"):
+            raise LedgerError(f"a transfer is recorded as 'transfer' or 'deposit', not {kind!r}")
         with self.db.write() as cur:
             if (done := self._replay(cur, idem, kind, request)) is not None:
                 return done
@@ -318,7 +327,7 @@ class Ledger:
                 raise LedgerError(f"request {request!r} is already settled")
             charged = min(fee, held)
             p = self._params(cur)
-            known = {w: u for w, u in work.items() if self._exists(cur, provider(w))}
+            known = {w: _units(u) for w, u in work.items() if self._exists(cur, provider(w))}
             split = policy.split_fee(charged, known, p["treasury_bps"], p["burn_bps"])
             postings = [Posting("escrow", provider(w), a) for w, a in split.providers.items()]
             postings += [Posting("escrow", "treasury", split.treasury), Posting("escrow", "burn", split.burn),
@@ -338,8 +347,7 @@ class Ledger:
             if self._replay(cur, idem, "credit", spec) is not None:
                 return
             for worker, (owner, units) in work.items():
-                if isinstance(units, bool) or not isinstance(units, int) or units < 0:
-                    raise BadAmountError(units, "work units must be integers >= 0")
+                _units(units)
                 row = cur.execute("SELECT units FROM credits WHERE worker = ? AND epoch = ?", (worker, epoch)).one()
                 if row is None:
                     cur.execute("INSERT INTO credits (worker, owner, epoch, units) VALUES (?, ?, ?, ?)",
@@ -351,6 +359,7 @@ class Ledger:
 
     def emit(self, epoch: int, now: float = 0.0) -> Receipt:
         """Policy rule 2 for one epoch, once: the emission pool pays providers by their credits."""
+        _units(epoch, "an epoch")
         idem = f"emission:{epoch}"
         with self.db.write() as cur:
             if (done := self._replay(cur, idem, "emission", {"epoch": epoch})) is not None:

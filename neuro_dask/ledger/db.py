@@ -15,6 +15,7 @@ import contextlib
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,19 @@ class Database:
             return psycopg.connect(self._target, autocommit=True)
         conn = sqlite3.connect(self._target, timeout=60.0, isolation_level=None, check_same_thread=False)
         if self._target != ":memory:":
-            conn.execute("PRAGMA journal_mode=WAL")
+            # Switching a new file to WAL takes an exclusive lock and SQLite answers "database is
+            # locked" at once, without its busy timeout, while another connection (a second
+            # process opening the same new ledger) holds any lock: retry for the same 60 s.
+            deadline = time.monotonic() + 60.0
+            while True:
+                try:
+                    conn.execute("PRAGMA journal_mode=WAL")
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or time.monotonic() > deadline:
+                        conn.close()
+                        raise
+                    time.sleep(0.01)  # poll: nothing to wait on but the other connection's lock
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
         return conn
