@@ -14,6 +14,10 @@ become messages to workers. Handlers:
   neuro_ledger_hold(account, request, expert_tokens)   quote and hold a request's fee (ledger on)
   neuro_ledger_settle(request)          charge the validated work, pay providers, refund the rest
   neuro_ledger_report()                 the transparency report
+  neuro_report_calls(model, calls, transport)   clients report recent expert calls (dashboard)
+
+The operator's dashboard pages (`/neuro/network`, ...) and the `neuro_*` Prometheus series read
+`dashboard_view()` and `feed` (neuro_dask/dashboard/).
 
 Options (preload arguments, or Dask config under `neuro.scheduler`):
   --neuro-replicas N   target replicas per expert (default 2)
@@ -29,6 +33,7 @@ import json
 import logging
 import os
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -37,6 +42,10 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from tornado.ioloop import PeriodicCallback
 
 from neuro_dask.coordinator import Coordinator, DropExperts, LoadExperts, PublishedModel
+from neuro_dask.dashboard import metrics as neuro_metrics
+from neuro_dask.dashboard.feed import CallRecord, Feed
+from neuro_dask.dashboard.pages import register as register_dashboard_pages
+from neuro_dask.dashboard.views import NetworkView, WorkerView
 from neuro_dask.errors import NeuroDaskError
 from neuro_dask.ledger.service import Judged, LedgerService
 from neuro_dask.placement import PlacementPolicy, WorkerCapacity
@@ -46,6 +55,9 @@ from neuro_dask.store.summary import summarize
 from neuro_dask.trust.reputation import Reputation, ReputationPolicy
 
 log = logging.getLogger("neuro_dask.scheduler")
+
+# Dask imports a preload before it starts the dashboard server: register the pages now.
+register_dashboard_pages()
 
 
 class NeuroSchedulerPlugin(SchedulerPlugin):
@@ -60,6 +72,10 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         self._staked: set[str] = set()  # worker names with the minimum stake (ledger on)
         self._trust_params: dict[str, int] = self.ledger.trust_params() if self.ledger else {}
         self._ledger_tick = PeriodicCallback(self._refresh_ledger, 2000) if self.ledger else None
+        self.feed = Feed()  # recent calls, outcome counts, reputation and economy over time
+        self.events: deque = deque(maxlen=5_000)  # our trust and ledger events, for the dashboard
+        self.ledger_view: dict | None = None  # report, stakes, leaderboards, proposals (ledger on)
+        self._sampler = PeriodicCallback(self._sample, 2000)
         self.coordinator = Coordinator(PlacementPolicy(settings.replicas, settings.hot_extra_replicas,
                                                        settings.hot_threshold))
         self._tasks: set[asyncio.Task] = set()
@@ -71,16 +87,19 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             "neuro_experts_loaded": self.experts_loaded, "neuro_unreachable": self.unreachable,
             "neuro_report_load": self.report_load, "neuro_status": self.status,
             "neuro_ledger_hold": self.ledger_hold, "neuro_ledger_settle": self.ledger_settle,
-            "neuro_ledger_report": self.ledger_report,
+            "neuro_ledger_report": self.handle_ledger_report, "neuro_report_calls": self.report_calls,
         })
         scheduler.extensions["neuro"] = self
+        neuro_metrics.register(self)
 
     async def start(self, scheduler) -> None:
+        self._sampler.start()
         if self._ledger_tick is not None:
             self._ledger_tick.start()
             await self._refresh_ledger()
 
     async def close(self) -> None:
+        self._sampler.stop()
         if self._ledger_tick is not None:
             self._ledger_tick.stop()
             self._ledger_thread.shutdown(wait=True)
@@ -178,15 +197,114 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             name = self.identity[worker]
             change = events[kind](name, str(cause_id), now)
             if kind != "validated" or change.before < self.reputation.policy.min_reputation <= change.after:
-                self.scheduler.log_event("neuro-trust", {"action": kind, "worker": worker, "model": model,
+                self._event("neuro-trust", {"action": kind, "worker": worker, "model": model,
                                                          "layer": layer, "expert": expert, "cause_id": cause_id,
                                                          "reputation": change.after})
+            self.feed.count(kind)
             rows, request, proven = (list(extra) + [0, "", False])[:3]
             judged.append(Judged(name, kind, str(cause_id), int(rows), str(request), bool(proven)))
         self._save_reputation()
         if self.ledger is not None and judged:
             self._in_ledger(self._record, judged, now, batch or f"outcomes:{now}:{id(judged)}")
         return {"status": "OK"}
+
+    # ---- dashboard -----------------------------------------------------------------------------
+
+    def _event(self, topic: str, msg: dict) -> None:
+        """A Dask event (for clients, the ledger, any subscriber) kept here too for the dashboard."""
+        self.scheduler.log_event(topic, msg)
+        self.events.append({"time": time.time(), "topic": topic, **msg})
+
+    def report_calls(self, model: str, calls: list, transport: str = "") -> dict[str, Any]:
+        now = time.time()
+        records = []
+        for raw in calls[:1_000]:
+            try:
+                records.append(CallRecord.from_report(raw, model, now))
+            except (TypeError, ValueError):
+                continue  # a malformed record is dropped, not the batch
+        self.feed.add_calls(records)
+        return {"status": "OK"}
+
+    async def _sample(self) -> None:
+        """Every 2 s: reputation scores over time; with a ledger, its figures for the economy page."""
+        now = time.time()
+        self.feed.sample_reputation({n: self.reputation.score(n) for n in self.identity.values()}, now)
+        if self.ledger is None:
+            return
+
+        def read():
+            books = self.ledger.ledger
+            return {"report": books.report(), "stakes": books.balances("stake"),
+                    "leaderboard": books.leaderboard("worker"), "owners": books.leaderboard("owner"),
+                    "proposals": [p for p in books.proposals() if p["status"] == "open"][-50:]}
+
+        try:
+            self.ledger_view = await self._in_ledger(read)
+        except Exception:
+            return  # logged; the last view stands
+        self.feed.sample_economy(self.ledger_view["report"], now)
+
+    @property
+    def ledger_report(self) -> dict:
+        """The last ledger report read (for /metrics), without touching the database."""
+        return (self.ledger_view or {}).get("report", {})
+
+    # What /metrics reads (neuro_dask/dashboard/metrics.py).
+    @property
+    def metrics_counts(self) -> dict[str, int]:
+        return dict(self.feed.counts)
+
+    @property
+    def latency_buckets(self) -> list[tuple[float, int]]:
+        return self.feed.latency_buckets()
+
+    @property
+    def latency_sum(self) -> float:
+        return self.feed.latency_sum
+
+    @property
+    def latency_count(self) -> int:
+        return self.feed.latency_count
+
+    def dashboard_view(self) -> NetworkView:
+        """Everything the dashboard shows, copied out of this plugin's and the scheduler's state."""
+        c = self.coordinator
+        model = next(reversed(c.models), "") if c.models else ""
+        stakes = (self.ledger_view or {}).get("stakes", {})
+        planned = c.placement.assignments() if c.placement else {}
+        workers = []
+        for address, capacity in list(c.workers.items()):
+            ws = self.scheduler.workers.get(address)
+            profile = ((ws.extra.get("neuro") or {}).get("profile") or {}) if ws is not None else {}
+            name = self.identity.get(address, address)
+            rec = self.reputation.record(name)
+            hosted, assigned = len(c.serving.get(address, ())), len(planned.get(address, ()))
+            status = "serving" if hosted else "loading" if assigned else "idle"
+            if ws is not None and ws.status.name in ("paused", "closing", "closing_gracefully"):
+                status = ws.status.name.replace("_gracefully", "")
+            gpus = profile.get("cuda") or []
+            metrics = (ws.metrics.get("neuro") or {}) if ws is not None else {}
+            workers.append(WorkerView(
+                address=address, name=name, owner=capacity.owner, status=status,
+                cores=int(profile.get("cores", 0)), memory=int(profile.get("memory_total", 0)),
+                budget=capacity.memory_budget, gpus=len(gpus), vram=sum(int(g.get("total_memory", 0)) for g in gpus),
+                speed=capacity.speed, score=rec.score, correctness=rec.correctness, timeliness=rec.timeliness,
+                speed_score=rec.speed, uptime=rec.uptime, trusted=rec.trusted, established=rec.established,
+                routable=rec.routable, stake=int(stakes.get(f"stake:{name}", 0)), hosted=hosted, assigned=assigned,
+                calls_served=int(metrics.get("calls_served", 0))))
+        keys = [k for k in (c.models[model].experts if model else {})]
+        serving_count: dict[tuple[int, int], int] = {}
+        for keys_served in c.serving.values():
+            for m, layer, expert in keys_served:
+                if m == model:
+                    serving_count[(layer, expert)] = serving_count.get((layer, expert), 0) + 1
+        target = {k: len(c.placement.workers_for((model, *k))) if c.placement else 0 for k in keys}
+        load = {(l, e): v for (m, l, e), v in c.load.items() if m == model}
+        events = list(self.events)
+        return NetworkView(workers=workers, layers=1 + max((l for l, _ in keys), default=-1),
+                           experts=1 + max((e for _, e in keys), default=-1), replicas=serving_count, target=target,
+                           load=load, events=events, ledger=self.ledger_view if self.ledger else None, model=model)
 
     # ---- ledger --------------------------------------------------------------------------------
 
@@ -201,7 +319,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
 
     def _record(self, judged: list, now: float, batch: str) -> None:
         for name in self.ledger.record(judged, now, batch):
-            self.scheduler.log_event("neuro-ledger", {"action": "slash", "worker": name, "at": now})
+            self._event("neuro-ledger", {"action": "slash", "worker": name, "at": now})
 
     async def _refresh_ledger(self) -> None:
         """Who has the stake to be routed to, the governed trust parameters, epoch emissions."""
@@ -225,10 +343,10 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         if self.ledger is None:
             return {"status": "OK", "fee": 0, "ledger": False}
         result = await self._in_ledger(self.ledger.settle, request, time.time())
-        self.scheduler.log_event("neuro-ledger", {"action": "settle", "request": request, **result})
+        self._event("neuro-ledger", {"action": "settle", "request": request, **result})
         return result
 
-    async def ledger_report(self) -> dict[str, Any]:
+    async def handle_ledger_report(self) -> dict[str, Any]:
         if self.ledger is None:
             return {"status": "error", "message": "this scheduler runs no ledger (set neuro.ledger.url)"}
         return {"status": "OK", "report": await self._in_ledger(self.ledger.report)}
@@ -242,7 +360,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         return {"status": "OK", "worker": name, "trusted": trusted}
 
     def _publish_change(self, change) -> None:
-        self.scheduler.log_event("neuro-trust", {"action": change.cause, "worker": change.worker,
+        self._event("neuro-trust", {"action": change.cause, "worker": change.worker,
                                                  "reputation": change.after, "cause_id": change.cause_id})
 
     def _load_reputation(self) -> Reputation:

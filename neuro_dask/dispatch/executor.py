@@ -59,6 +59,7 @@ class DistributedExecutor:
         self.outcomes: list[tuple[Outcome, str]] = []  # (trust outcome, request id) not yet reported
         self.request = ""  # the generation request whose work is being done (ledger on)
         self.settlements: list[dict] = []  # what the scheduler charged, per request
+        self.calls: list[list] = []  # recent layer calls for the dashboard, not yet reported
         self.trusted = TrustedLayerRunner(model_id, transport, settings.trust_policy(),
                                           random.Random(settings.seed)) if settings.trust else None
 
@@ -81,10 +82,12 @@ class DistributedExecutor:
             self._routes_at = now
             load, self.load = self.load, {}
             outcomes, self.outcomes = self.outcomes, []
-            self._refreshing = asyncio.run_coroutine_threadsafe(self._refresh(load, outcomes),
+            calls, self.calls = self.calls, []
+            self._refreshing = asyncio.run_coroutine_threadsafe(self._refresh(load, outcomes, calls),
                                                                 self.client.loop.asyncio_loop)
 
-    async def _refresh(self, load: dict[tuple[int, int], int], outcomes: list[tuple[Outcome, str]]) -> RouteTable:
+    async def _refresh(self, load: dict[tuple[int, int], int], outcomes: list[tuple[Outcome, str]],
+                       calls: list[list] = ()) -> RouteTable:
         scheduler = self.client.scheduler
         if load:  # best effort: placement works without it
             try:
@@ -93,6 +96,11 @@ class DistributedExecutor:
                 log.debug("could not report expert load", exc_info=True)
         if outcomes:
             await self._send_outcomes(outcomes)
+        if calls:
+            try:
+                await scheduler.neuro_report_calls(model=self.model_id, calls=calls, transport=self.transport.name)
+            except Exception:  # the dashboard's feed is best effort
+                log.debug("could not report calls", exc_info=True)
         return RouteTable.from_message(await scheduler.neuro_routes(model=self.model_id))
 
     async def _send_outcomes(self, outcomes: list[tuple[Outcome, str]]) -> None:
@@ -113,10 +121,19 @@ class DistributedExecutor:
 
     def run_layer(self, layer: int, groups: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         started = self.clock()
+        runner = self.trusted
+        replicas, hedges = (runner.replicas_sent, runner.hedges) if runner else (0, 0)
+        self._layer_workers: set[str] = set()
+        self._layer_outcome = "failed"
         try:
             return self._run_layer(layer, groups)
         finally:
-            self.layer_seconds.append(self.clock() - started)
+            seconds = self.clock() - started
+            self.layer_seconds.append(seconds)
+            if len(self.calls) < 500:  # for the dashboard's call stream, sent with the next refresh
+                sent = runner.replicas_sent - replicas if runner else len(groups)
+                self.calls.append([layer, len(groups), sorted(self._layer_workers), seconds, sent,
+                                   runner.hedges - hedges if runner else 0, self._layer_outcome, self.transport.name])
 
     def _run_layer(self, layer: int, groups: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         pending = dict(groups)
@@ -155,8 +172,10 @@ class DistributedExecutor:
                     self._report_unreachable(worker, layer, experts)
                     continue
                 results.update(answer)
+                self._layer_workers.add(worker)
                 for e in experts:
                     del pending[e]
+        self._layer_outcome = "ok" if len(self._layer_workers) >= len(plan) else "retried"
         return results
 
     def _run_trusted(self, layer: int, groups: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -175,6 +194,9 @@ class DistributedExecutor:
                     raise
                 self.suspects.clear()  # a skipped trusted worker may be what the quorum lacks
         self.outcomes += [(o, self.request) for o in outcomes]
+        self._layer_workers = {o.worker for o in outcomes if o.kind == "validated"}
+        kinds = {o.kind for o in outcomes}
+        self._layer_outcome = "caught" if "invalid" in kinds else "checked" if len(outcomes) > len(groups) else "ok"
         bad = {o.worker for o in outcomes if o.kind in ("invalid", "timeout", "error")}  # late only costs reputation
         for worker in bad:
             self.suspects[worker] = self.clock() + self.settings.suspect_cooldown
@@ -193,8 +215,9 @@ class DistributedExecutor:
             self._refreshing = None
         load, self.load = self.load, {}
         outcomes, self.outcomes = self.outcomes, []
+        calls, self.calls = self.calls, []
         try:
-            self.routes = self.client.sync(self._refresh, load, outcomes)
+            self.routes = self.client.sync(self._refresh, load, outcomes, calls)
         except Exception:
             log.debug("could not flush reports", exc_info=True)
         self._routes_at = self.clock()

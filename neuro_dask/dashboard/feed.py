@@ -1,0 +1,89 @@
+"""What the scheduler plugin remembers for the dashboard and /metrics: bounded, pure, no Dask.
+
+- calls: the latest expert calls clients report (one record per layer call: layer, experts,
+  workers, seconds, replicas, hedges, outcome, transport), newest last.
+- counts: expert-call outcomes by kind (validated, invalid, late, timeout, error) and hedges.
+- latency: a cumulative histogram of reported layer-call seconds (Prometheus buckets).
+- reputation: each worker's score sampled over time (for the trust page's chart).
+- economy: the ledger's transparency report sampled over time (for the economy page).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    time: float
+    model: str
+    layer: int
+    experts: int  # experts in the layer call
+    workers: tuple[str, ...]  # who answered (addresses)
+    seconds: float
+    replicas: int  # expert evaluations sent (1 per expert without checks)
+    hedges: int
+    outcome: str  # ok | checked | caught | failed
+    transport: str
+
+    @classmethod
+    def from_report(cls, raw: Iterable, model: str, now: float) -> CallRecord:
+        """From a client's [layer, experts, workers, seconds, replicas, hedges, outcome, transport]."""
+        layer, experts, workers, seconds, replicas, hedges, outcome, transport = raw
+        return cls(now, str(model), int(layer), int(experts), tuple(str(w) for w in workers)[:16],
+                   max(0.0, float(seconds)), int(replicas), int(hedges), str(outcome)[:16], str(transport)[:16])
+
+
+@dataclass
+class Feed:
+    max_calls: int = 2_000
+    max_samples: int = 720  # 24 minutes of 2-second samples
+    calls: deque = field(default_factory=deque)
+    counts: dict[str, int] = field(default_factory=dict)
+    latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    latency_sum: float = 0.0
+    reputation: dict[str, deque] = field(default_factory=dict)  # worker name -> (time, score)
+    economy: deque = field(default_factory=deque)  # (time, report)
+
+    def add_calls(self, records: Iterable[CallRecord]) -> None:
+        for r in records:
+            self.calls.append(r)
+            self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, r.seconds)] += 1
+            self.latency_sum += r.seconds
+            self.counts["hedges"] = self.counts.get("hedges", 0) + r.hedges
+        while len(self.calls) > self.max_calls:
+            self.calls.popleft()
+
+    def count(self, kind: str, n: int = 1) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + n
+
+    @property
+    def latency_count(self) -> int:
+        return sum(self.latency_counts)
+
+    def latency_buckets(self) -> list[tuple[float, int]]:
+        """Cumulative (upper bound, count) pairs, the last one +inf."""
+        out, total = [], 0
+        for bound, n in zip((*LATENCY_BUCKETS, float("inf")), self.latency_counts, strict=True):
+            total += n
+            out.append((bound, total))
+        return out
+
+    def sample_reputation(self, scores: Mapping[str, float], now: float) -> None:
+        for worker, score in scores.items():
+            series = self.reputation.setdefault(worker, deque(maxlen=self.max_samples))
+            series.append((now, float(score)))
+
+    def sample_economy(self, report: Mapping[str, int], now: float) -> None:
+        self.economy.append((now, dict(report)))
+        while len(self.economy) > self.max_samples:
+            self.economy.popleft()
+
+    def recent_latency(self, worker: str, window: int = 500) -> list[float]:
+        """Seconds of the latest calls `worker` answered (for its p50 and p95)."""
+        return [r.seconds for r in list(self.calls)[-window:] if worker in r.workers]

@@ -1,0 +1,119 @@
+"""The operator dashboard: each chart built on a scheduler with plugin state, and each page served.
+
+One in-process cluster with a dashboard runs a generation with trust on and a perturbing worker,
+so that every page has something to show: workers, placement and load, calls, caught results.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+
+import dask
+import pytest
+from cluster_helpers import add_worker
+
+import neuro_dask as nd
+from neuro_dask.cluster import local_cluster
+from neuro_dask.dashboard import charts
+
+TRUST = {"neuro.scheduler.trusted": ["0"], "neuro.client.trust": True, "neuro.client.seed": 0}
+
+
+@pytest.fixture(scope="module")
+def network(sharded, tmp_path_factory):
+    from distributed import Client
+
+    cache = tmp_path_factory.mktemp("dash-cache")
+    with dask.config.set({**TRUST, "neuro.worker.cache-dir": str(cache)}), \
+            local_cluster(3, processes=False, worker_args=["--neuro-no-benchmark"],
+                          dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
+        bad = add_worker(client, cluster.scheduler_address, "bad0", "--neuro-adversary",
+                         json.dumps({"mode": "perturb", "seed": 1}), "--neuro-owner", "mallory")
+        client.wait_for_workers(4)
+        with nd.load(sharded("mixtral"), client=client) as model:
+            model.generate([[5 + i, 6, 7, 8] for i in range(6)], max_new_tokens=12)
+        plugin = cluster.scheduler.extensions["neuro"]
+        deadline = time.monotonic() + 20  # calls served arrive with the workers' heartbeats
+        while sum(w.calls_served for w in plugin.dashboard_view().workers) == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)  # poll
+        yield plugin, client.dashboard_link.rsplit("/", 1)[0], bad.address
+        client.sync(bad.close)
+
+
+def test_the_network_table_lists_every_worker_with_its_standing(network):
+    plugin, _, bad = network
+    table = charts.NetworkTable(plugin)
+    table.update()
+    data = table.source.data
+    assert sorted(data["name"]) == ["0", "1", "2", "bad0"]
+    row = data["address"].index(bad)
+    assert data["owner"][row] == "mallory" and data["trust"][row] == "out of routing"
+    assert data["trust"][data["name"].index("0")] == "trusted"
+    assert all(h > 0 for h in data["hosted"]) and sum(data["calls"]) > 0
+    assert "4</b> workers" in table.totals.text
+
+
+def test_the_heatmap_has_a_cell_per_expert_with_replicas_and_target(network):
+    plugin, _, _ = network
+    heat = charts.ExpertHeatmap(plugin)
+    heat.update()
+    data = heat.source.data
+    view = plugin.dashboard_view()
+    assert len(data["layer"]) == view.layers * view.experts == 3 * 8
+    assert all(r >= 1 for r in data["replicas"]) and all(t >= 1 for t in data["target"])
+    assert sum(data["load"]) > 0  # the generation's load was reported
+    assert list(heat.load.x_range.factors) == [str(e) for e in range(8)]
+
+
+def test_the_call_stream_and_histograms_show_the_generation(network):
+    plugin, _, _ = network
+    stream, hist = charts.CallStream(plugin), charts.LatencyHistograms(plugin)
+    stream.update()
+    hist.update()
+    assert len(stream.source.data["layer"]) > 0
+    assert "caught" in stream.source.data["outcome"]  # the perturber's wrong results were refuted
+    assert sum(hist.sources["direct"].data["count"]) == sum(t == "direct" for t in stream.source.data["transport"])
+
+
+def test_the_trust_page_shows_the_caught_results_and_reputation_over_time(network):
+    plugin, _, bad = network
+    feed, chart = charts.TrustFeed(plugin), charts.ReputationChart(plugin)
+    plugin.feed.sample_reputation({n: plugin.reputation.score(n) for n in plugin.identity.values()}, 1e9)
+    feed.update()
+    chart.update()
+    events = feed.source.data
+    assert "invalid" in events["action"] and bad in events["worker"]
+    assert "bad0" in chart.picker.options
+    assert any(len(s.data["score"]) > 0 for s in chart.sources)
+
+
+def test_the_economy_page_says_when_there_is_no_ledger(network):
+    plugin, _, _ = network
+    economy = charts.Economy(plugin)
+    economy.update()
+    assert "no ledger" in economy.summary.text
+
+
+@pytest.mark.parametrize("page", charts.PAGES)
+def test_each_page_is_served_on_the_schedulers_dashboard(network, page):
+    _, base, _ = network
+    with urllib.request.urlopen(f"{base}/neuro/{page}", timeout=30) as reply:
+        html = reply.read().decode()
+    assert reply.status == 200
+    assert f"neuro_dask: {page}" in html and "Bokeh" in html
+
+
+def test_the_stock_dashboard_links_to_the_network_page(network):
+    _, base, _ = network
+    with urllib.request.urlopen(f"{base}/status", timeout=30) as reply:
+        assert 'href="neuro/network"' in reply.read().decode()
+
+
+def test_metrics_carry_the_neuro_series(network):
+    _, base, bad = network
+    with urllib.request.urlopen(f"{base}/metrics", timeout=30) as reply:
+        text = reply.read().decode()
+    assert "neuro_worker_reputation" in text and "neuro_worker_hosted_experts" in text
+    assert f'worker="{bad}"' in text or 'worker="bad0"' in text
