@@ -1,0 +1,103 @@
+"""The dashboard's pure parts: the feed the plugin keeps, and the columns each chart shows."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from neuro_dask.dashboard import views
+from neuro_dask.dashboard.feed import LATENCY_BUCKETS, CallRecord, Feed
+
+
+def worker(name: str, **kw) -> views.WorkerView:
+    base = dict(address=f"tcp://{name}:1", name=name, owner="", status="serving", cores=4, memory=8 * views.GiB,
+                budget=4 * views.GiB, gpus=0, vram=0, speed=10.0, score=0.5, correctness=0.5, timeliness=0.5,
+                speed_score=0.5, uptime=0.5, trusted=False, established=False, routable=True, stake=0, hosted=2,
+                assigned=2, calls_served=0)
+    return views.WorkerView(**{**base, **kw})
+
+
+def call(seconds: float, workers=("tcp://a:1",), transport="direct", outcome="ok", hedges=0, t=0.0) -> CallRecord:
+    return CallRecord(t, "m", 1, 2, tuple(workers), seconds, 2, hedges, outcome, transport)
+
+
+def test_network_columns_rank_by_reputation_and_name_the_trust_tier():
+    feed = Feed()
+    feed.add_calls([call(0.010, ["tcp://b:1"]), call(0.030, ["tcp://b:1"]), call(0.020, ["tcp://b:1"])])
+    view = views.NetworkView(workers=[
+        worker("a", score=0.2, routable=False), worker("b", score=0.9, trusted=True, gpus=2, vram=48 * views.GiB),
+        worker("c", score=0.6, established=True, owner="carol", stake=5 * 10**9)])
+    cols = views.network_columns(view, feed)
+    assert cols["name"] == ["b", "c", "a"]
+    assert cols["trust"] == ["trusted", "established", "out of routing"]
+    assert cols["hardware"][0] == "4 CPU, 2 GPU" and cols["vram_gib"][0] == 48.0
+    assert cols["owner"] == ["b", "carol", "a"]  # no owner: its own
+    assert cols["stake"][1] == 5.0
+    assert cols["p50_ms"][0] == 20.0 and cols["p95_ms"][0] == 30.0
+    assert math.isnan(cols["p50_ms"][2])  # no calls: no latency rather than a made-up one
+    totals = views.network_totals(view)
+    assert totals == {"workers": 3, "serving": 3, "gpus": 2, "memory_gib": 24.0, "vram_gib": 48.0,
+                      "expert_memory_gib": 12.0, "owners": 3, "trusted": 1}
+
+
+def test_the_heatmap_shows_load_against_the_mean_and_experts_short_of_their_target():
+    view = views.NetworkView(layers=1, experts=3, replicas={(0, 0): 2, (0, 1): 1, (0, 2): 0},
+                             target={(0, 0): 2, (0, 1): 2, (0, 2): 2}, load={(0, 0): 30.0, (0, 1): 0.0, (0, 2): 0.0})
+    cols = views.heatmap_columns(view)
+    assert cols["expert"] == ["0", "1", "2"] and cols["layer"] == ["0", "0", "0"]
+    assert cols["load"] == [3.0, 0.0, 0.0]  # 30 against a mean of 10: a hot expert
+    assert cols["short"] == [0, 1, 2]
+
+
+def test_calls_newest_first_and_bounded():
+    feed = Feed(max_calls=5)
+    feed.add_calls([call(0.001 * i, t=float(i)) for i in range(8)])
+    assert len(feed.calls) == 5
+    cols = views.calls_columns(feed, limit=3)
+    assert cols["ms"] == [7.0, 6.0, 5.0]
+
+
+def test_latency_counts_are_cumulative_prometheus_buckets():
+    feed = Feed()
+    feed.add_calls([call(0.0005), call(0.003), call(0.003), call(30.0, hedges=2)])
+    buckets = feed.latency_buckets()
+    assert buckets[0] == (LATENCY_BUCKETS[0], 1)
+    assert dict(buckets)[0.005] == 3 and buckets[-1] == (float("inf"), 4)
+    assert feed.latency_count == 4 and feed.latency_sum == pytest.approx(30.0065)
+    assert feed.counts["hedges"] == 2
+
+
+def test_the_latency_histogram_counts_each_call_of_its_transport_once():
+    feed = Feed()
+    feed.add_calls([call(s) for s in (0.001, 0.002, 0.004, 0.05)] + [call(0.2, transport="futures")])
+    hist = views.latency_histogram(feed, "direct", bins=5)
+    assert sum(hist["count"]) == 4 and len(hist["left"]) == 5
+    assert hist["left"][0] == pytest.approx(1.0) and hist["right"][-1] == pytest.approx(50.0)
+    assert views.latency_histogram(feed, "nothing") == {"left": [], "right": [], "count": []}
+
+
+def test_the_trust_feed_keeps_what_an_operator_must_see_newest_first():
+    events = [{"time": 1.0, "action": "validated", "worker": "a"}, {"time": 2.0, "action": "invalid", "worker": "b",
+              "reputation": 0.25, "cause_id": "c1"}, {"time": 3.0, "action": "slash", "worker": "b"}]
+    cols = views.trust_event_columns(views.NetworkView(events=events))
+    assert cols["action"] == ["slash", "invalid"]
+    assert cols["reputation"][1] == 0.25 and math.isnan(cols["reputation"][0])
+
+
+def test_reputation_and_economy_over_time():
+    feed = Feed(max_samples=2)
+    for t in (1.0, 2.0, 3.0):
+        feed.sample_reputation({"a": t / 10}, t)
+        feed.sample_economy({"treasury": int(t * 1e9), "burned": 0}, t)
+    assert views.reputation_series(feed, ["a", "z"]) == {"a": {"time": [2000.0, 3000.0], "score": [0.2, 0.3]},
+                                                        "z": {"time": [], "score": []}}
+    series = views.economy_series(feed)
+    assert series["treasury"] == [2.0, 3.0] and series["time"] == [2000.0, 3000.0]
+
+
+def test_a_malformed_call_report_is_refused():
+    with pytest.raises(ValueError):
+        CallRecord.from_report([1, 2, ["w"], "slow", 1, 0, "ok", "direct"], "m", 0.0)
+    with pytest.raises(ValueError):
+        CallRecord.from_report([1, 2], "m", 0.0)
