@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 PIN    := -c constraints.txt
 
-.PHONY: setup setup-test demo test test-fast test-slow bench clean
+.PHONY: setup setup-test browser demo test test-fast test-slow bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,17 @@ $(VENV)/.runtime: $(BIN)/python pyproject.toml constraints.txt
 
 $(VENV)/.test: $(VENV)/.runtime
 	$(PIP) install --quiet $(PIN) -e '.[test]'
+	$(MAKE) --no-print-directory browser
 	touch $@
+
+# Headless Chromium for the dashboard's browser test (Debian's packages). Without root or apt the
+# test skips and says why; nothing else depends on it.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
+			>/dev/null) || echo "could not install chromium: the dashboard's browser test will skip"; \
+	else echo "no root or apt-get: chromium not installed, the dashboard's browser test will skip"; fi
 
 setup: $(VENV)/.runtime
 setup-test: $(VENV)/.test

@@ -56,6 +56,7 @@ class Feed:
             self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, r.seconds)] += 1
             self.latency_sum += r.seconds
             self.counts["hedges"] = self.counts.get("hedges", 0) + r.hedges
+            self.count(f"quorum_{r.outcome}")  # ok, checked, caught, retried, failed (neuro_quorum_total)
         while len(self.calls) > self.max_calls:
             self.calls.popleft()
 

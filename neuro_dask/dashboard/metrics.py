@@ -109,7 +109,7 @@ def _samples(plugin: Any) -> Samples:
     known = getattr(coordinator, "workers", None) or {}
     reputation = _attr(plugin, "reputation", None)
     workers = []
-    for address in sorted({*identity, *list(known), *serving}):
+    for address in sorted({*identity, *known, *serving}):
         name = str(identity.get(address, address))
         rec = reputation.record(name) if reputation is not None else None
         workers.append(WorkerSample(
