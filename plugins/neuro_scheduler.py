@@ -197,7 +197,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             name = self.identity[worker]
             change = events[kind](name, str(cause_id), now)
             if kind != "validated" or change.before < self.reputation.policy.min_reputation <= change.after:
-                self._event("neuro-trust", {"action": kind, "worker": worker, "model": model,
+                self._event("neuro-trust", {"action": kind, "worker": worker, "name": name, "model": model,
                                                          "layer": layer, "expert": expert, "cause_id": cause_id,
                                                          "reputation": change.after})
             self.feed.count(kind)

@@ -35,14 +35,21 @@ def nav(current: str, prefix: str = "/") -> Div:
                name="neuro-nav")
 
 
+WIDE = {"address": 200, "workers": 320, "hardware": 110, "model": 160, "cause": 120, "provider": 160,
+        "worker": 200, "owner": 140, "param": 150}
+
+
 def _table(columns: dict, names: tuple[str, ...], height: int = 500, name: str | None = None,
-           numbers: tuple[str, ...] = ()) -> tuple[ColumnDataSource, DataTable]:
+           numbers: tuple[str, ...] = (), width: int | None = None) -> tuple[ColumnDataSource, DataTable]:
     source = ColumnDataSource(columns)
-    cols = [TableColumn(field=c, title=c.replace("_", " "),
-                        formatter=NumberFormatter(format="0,0.[000]") if c in numbers else None) if c in numbers
-            else TableColumn(field=c, title=c.replace("_", " ")) for c in names]
-    return source, DataTable(source=source, columns=cols, height=height, sizing_mode="stretch_width", name=name,
-                             index_position=None)
+    cols = []
+    for c in names:
+        extra = {"formatter": NumberFormatter(format="0,0.[000]")} if c in numbers else {}
+        cols.append(TableColumn(field=c, title=c.replace("_", " "), width=WIDE.get(c, 70), **extra))
+    # Fixed-width tables keep their column widths; the others stretch them to the page
+    # (BokehJS 3.9's "fit_columns" autosizing throws while rendering: not used).
+    sizing = {"width": width, "autosize_mode": "none"} if width else {"sizing_mode": "stretch_width"}
+    return source, DataTable(source=source, columns=cols, height=height, name=name, index_position=None, **sizing)
 
 
 class NetworkTable:
@@ -200,17 +207,17 @@ class Economy:
             self.fig.line("time", key, source=self.series, color=Category10_10[i], legend_label=key, line_width=2)
         self.fig.legend.location = "top_left"
         self.stakes, stakes_table = _table({"provider": [], "neuro": []}, ("provider", "neuro"), 260, "stakes",
-                                           numbers=("neuro",))
+                                           numbers=("neuro",), width=330)
         self.workers, workers_table = _table({"rank": [], "worker": [], "units": []}, ("rank", "worker", "units"),
-                                             260, "leaderboard-workers")
+                                             260, "leaderboard-workers", width=390)
         self.owners, owners_table = _table({"rank": [], "owner": [], "units": []}, ("rank", "owner", "units"), 260,
-                                           "leaderboard-owners")
+                                           "leaderboard-owners", width=330)
         self.proposals, proposals_table = _table({c: [] for c in views.PROPOSAL_COLUMNS}, views.PROPOSAL_COLUMNS,
                                                  200, "proposals")
         self.root = column(self.summary, self.fig,
                            row(column(Div(text="<b>stakes</b>"), stakes_table),
                                column(Div(text="<b>credits by worker</b>"), workers_table),
-                               column(Div(text="<b>credits by owner</b>"), owners_table), sizing_mode="stretch_width"),
+                               column(Div(text="<b>credits by owner</b>"), owners_table)),
                            Div(text="<b>open governance proposals</b>"), proposals_table, sizing_mode="stretch_width")
 
     def update(self) -> None:

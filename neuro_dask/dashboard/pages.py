@@ -29,10 +29,16 @@ def _doc(page: str):
     def make(scheduler, extra, doc) -> None:
         from distributed.dashboard.components import add_periodic_callback
         from distributed.dashboard.components.scheduler import BOKEH_THEME
+        from jinja2 import Template
 
-        prefix = extra.get("prefix", "/")
+        # Dask passes "//" for no prefix; our pages sit one level deeper than Dask's, so the
+        # relative script paths Dask's Bokeh server writes need a <base> at the server's root.
+        prefix = "/" + (extra.get("prefix") or "").strip("/") + "/"
+        prefix = "/" if prefix == "//" else prefix
         plugin = scheduler.extensions.get("neuro")
         doc.title = f"neuro_dask: {page}"
+        doc.template = Template('{% extends base %}{% block preamble %}<base href="{{ prefix }}">{% endblock %}')
+        doc.template_variables["prefix"] = prefix
         doc.theme = BOKEH_THEME
         if plugin is None:
             doc.add_root(column(charts.nav(page, prefix), Div(

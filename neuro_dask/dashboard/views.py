@@ -178,7 +178,7 @@ def trust_event_columns(view: NetworkView, limit: int = 300,
     for e in reversed(picked):
         cols["time"].append(time.strftime("%H:%M:%S", time.localtime(float(e.get("time", 0.0)))))
         cols["action"].append(str(e.get("action")))
-        cols["worker"].append(str(e.get("worker", "")))
+        cols["worker"].append(str(e.get("name") or e.get("worker", "")))  # names where the event has one
         cols["layer"].append(e.get("layer", ""))
         cols["expert"].append(e.get("expert", ""))
         rep = e.get("reputation")
