@@ -17,7 +17,7 @@ from neuro_dask.errors import NeuroDaskError
 __version__ = "0.1.0"
 
 # Imported on first use, so that light tools (the ledger CLI, a ledger writer) never load torch.
-_LAZY = {"load": "neuro_dask.loading", "MoEConfig": "neuro_dask.model.config",
+_LAZY = {"load": "neuro_dask.loading", "MapFailure": "neuro_dask.mapping", "failures": "neuro_dask.mapping", "MoEConfig": "neuro_dask.model.config",
          "SUPPORTED_MODEL_TYPES": "neuro_dask.model.config", "MoEModel": "neuro_dask.model.model",
          "shard_checkpoint": "neuro_dask.store.sharder"}
 
@@ -30,6 +30,8 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'neuro_dask' has no attribute {name!r}")
 
 __all__ = [
+    "MapFailure",
+    "failures",
     "MoEConfig",
     "MoEModel",
     "NeuroDaskError",

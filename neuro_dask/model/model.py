@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
 
 from neuro_dask.errors import GenerationOptionError, TokenizerMissingError
+from neuro_dask.model.batching import GenerationBatcher, StepCoalescer
 from neuro_dask.model.cache import KVCache
 from neuro_dask.model.config import MoEConfig
 from neuro_dask.model.gc_pause import collect_young, full_collections_deferred
@@ -50,6 +52,21 @@ class GenerationDefaults:
         return self.eos_token_ids[0] if self.eos_token_ids else 0
 
 
+@dataclass(frozen=True)
+class ScoreResult:
+    tokens: list[int]
+    logprobs: list[float]  # one per token after the first
+
+    @property
+    def total(self) -> float:
+        """The log-likelihood of the text (after its first token)."""
+        return float(sum(self.logprobs))
+
+    @property
+    def perplexity(self) -> float:
+        return float(math.exp(-self.total / len(self.logprobs))) if self.logprobs else float("nan")
+
+
 @dataclass
 class MoEModel:
     config: MoEConfig
@@ -61,6 +78,9 @@ class MoEModel:
 
     def __post_init__(self) -> None:
         self.rotary = RotaryEmbedding(self.config.head_dim, self.config.rope_theta)
+        # Concurrent generations (threads) share each expert call: see model/batching.py.
+        self.batching = StepCoalescer(lambda layer, groups: self.executor.run_layer(layer, groups))
+        self.batcher = GenerationBatcher(self._generate_rows)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -102,7 +122,7 @@ class MoEModel:
                 layer.router(rows), self.config.num_experts_per_tok, self.config.norm_topk_prob
             )
             groups = group_by_expert(rows, experts)
-            outputs = self.executor.run_layer(layer.index, groups.inputs)
+            outputs = self.batching.run_layer(layer.index, groups.inputs)
             moe = combine(groups, outputs, weights, rows)
             shared = layer.shared_output(rows)
             out[routed] = moe if shared is None else moe + shared
@@ -169,7 +189,8 @@ class MoEModel:
         key_valid[:, :t] = batch.mask
         positions = positions_from_mask(batch.mask)
         unfinished = torch.ones(b, dtype=torch.bool)
-        with torch.inference_mode(), full_collections_deferred(), self._request(b * (t + max_new_tokens)):
+        with torch.inference_mode(), full_collections_deferred(), self._request(b * (t + max_new_tokens)), \
+                self.batching.participant():
             hidden = self._hidden(batch.ids, positions, key_valid[:, :t], cache, batch.mask)
             next_pos = positions[:, -1:] + 1
             for step in range(max_new_tokens):
@@ -177,7 +198,8 @@ class MoEModel:
                 logits = self.trunk.lm_head(hidden[:, -1]).float()
                 token = select_next(logits, opts, generator)
                 token = torch.where(unfinished, token, torch.full_like(token, pad))
-                yield token
+                with self.batching.idle():  # the reader holds the token: the others go on without us
+                    yield token
                 unfinished &= ~torch.isin(token, stops)
                 if step == max_new_tokens - 1 or not bool(unfinished.any()):
                     return
@@ -213,14 +235,81 @@ class MoEModel:
         seed: int | None = None,
         stop_token_ids: Sequence[int] = (),
     ) -> torch.Tensor:
-        """LongTensor [B, T + new], prompt included (left-padded), as transformers returns it."""
+        """LongTensor [B, T + new], prompt included (left-padded), as transformers returns it.
+
+        Calls from several threads with the same decoding options (and no seed) are batched
+        together (model/batching.py): each caller gets exactly its own rows back."""
         batch = self._batch(input_ids, attention_mask)
-        steps = list(self.stream(batch.ids, batch.mask, max_new_tokens, do_sample, temperature,
-                                 top_k, top_p, seed, stop_token_ids))
         prompt = torch.where(batch.mask, batch.ids, torch.full_like(batch.ids, self.generation.pad_or_eos))
-        if not steps:
+        SamplingOptions(do_sample, temperature, top_k, top_p)  # refuse bad options before queueing
+        if max_new_tokens < 0:
+            raise GenerationOptionError("max_new_tokens", max_new_tokens, "must be >= 0")
+        if max_new_tokens == 0:
             return prompt
-        return torch.cat([prompt, torch.stack(steps, dim=1)], dim=1)
+        rows = [batch.ids[r][batch.mask[r]].tolist() for r in range(batch.ids.shape[0])]
+        if do_sample and seed is not None:  # a seeded sample must not depend on who else is asking
+            new = self._generate_rows((do_sample, temperature, top_k, top_p, seed, tuple(stop_token_ids)),
+                                      rows, max_new_tokens)
+        else:
+            key = (do_sample, temperature, top_k, top_p, None, tuple(stop_token_ids))
+            new = self.batcher.generate(key, rows, max_new_tokens)
+        steps = self._steps_taken(new, stop_token_ids, max_new_tokens)
+        if steps == 0:
+            return prompt
+        return torch.cat([prompt, torch.stack([t[:steps] for t in new])], dim=1)
+
+    def _generate_rows(self, key: tuple, rows: list[list[int]], max_new_tokens: int) -> list[torch.Tensor]:
+        """Each row's new tokens (pad once it stopped), max_new_tokens long."""
+        do_sample, temperature, top_k, top_p, seed, stops = key
+        batch = self._batch(rows, None)
+        steps = list(self.stream(batch.ids, batch.mask, max_new_tokens, do_sample, temperature, top_k, top_p,
+                                 seed, stops))
+        pad = self.generation.pad_or_eos
+        new = torch.stack(steps, dim=1) if steps else torch.empty(len(rows), 0, dtype=torch.long)
+        if new.shape[1] < max_new_tokens:  # every row stopped early: the rest is padding
+            new = torch.cat([new, torch.full((len(rows), max_new_tokens - new.shape[1]), pad)], dim=1)
+        return list(new)
+
+    def _steps_taken(self, new: list[torch.Tensor], stop_token_ids: Sequence[int], max_new_tokens: int) -> int:
+        """How many steps a batch of just these rows would have run: until every row stopped."""
+        stops = set(self.generation.eos_token_ids) | set(stop_token_ids)
+        last = 0
+        for row in new:
+            hits = [i for i, t in enumerate(row.tolist()) if t in stops]
+            last = max(last, hits[0] + 1 if hits else max_new_tokens)
+        return min(last, max_new_tokens)
+
+    def score(self, texts_or_ids: str | Sequence[str] | PromptIds) -> list[ScoreResult]:
+        """Per-token log-probabilities of each text (or id row) under the model, from one prefill:
+        token t's log p(t | the tokens before it); the first token has no context and no score."""
+        if isinstance(texts_or_ids, str):
+            texts_or_ids = [texts_or_ids]
+        if len(texts_or_ids) and isinstance(texts_or_ids[0], str):
+            rows = self.require_tokenizer().encode_batch(list(texts_or_ids))
+        else:
+            rows = texts_or_ids
+        batch = self._batch(rows, None)
+        check_length(batch.mask, 0, self.config.max_position_embeddings)
+        with torch.inference_mode():
+            logprobs = torch.log_softmax(self._forward_logits(batch).float(), dim=-1)
+        results = []
+        for r in range(batch.ids.shape[0]):
+            ids = batch.ids[r][batch.mask[r]]
+            lp = logprobs[r][batch.mask[r]]
+            scores = lp[:-1].gather(1, ids[1:, None])[:, 0].tolist() if ids.numel() > 1 else []
+            results.append(ScoreResult(ids.tolist(), scores))
+        return results
+
+    def map(self, collection, task: str = "generate", batch_size: int = 32, max_new_tokens: int = 32,
+            progress: bool = True, **options):
+        """Generate for (or score) every prompt of a list, a dask Bag or a dask/pandas Series, in
+        batches so that each expert call carries many tokens; returns the same kind of collection.
+        A prompt that fails becomes a `MapFailure` (with the error) and the others are delivered.
+        See neuro_dask/mapping.py."""
+        from neuro_dask.mapping import map_collection
+
+        return map_collection(self, collection, task=task, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                              progress=progress, **options)
 
     def generate_text(self, prompts: str | Sequence[str], max_new_tokens: int = 32, **options) -> list[str]:
         """Encode, generate, and decode only the new tokens (cut at the first EOS/stop token)."""

@@ -82,3 +82,18 @@ def test_stream_yields_what_generate_returns(pair):
     steps = list(model.stream(ids, mask, max_new_tokens=10))
     out = model.generate(ids, mask, max_new_tokens=10)
     assert torch.equal(torch.stack(steps, 1), out[:, ids.shape[1]:])
+
+
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe"])
+def test_scores_match_transformers_loss(pair, variant):
+    """model.score: each text's log-likelihood equals minus transformers' loss times its tokens."""
+    hf, model = pair(variant)
+    rows = [[5, 9, 17, 33, 60], [7, 8, 9, 10, 11, 12, 13, 14, 15]]
+    scores = model.score(rows)
+    for row, result in zip(rows, scores, strict=True):
+        ids = torch.tensor([row])
+        with torch.no_grad():
+            loss = hf(input_ids=ids, labels=ids).loss  # mean NLL of tokens 2..n given their prefix
+        assert len(result.logprobs) == len(row) - 1 and result.tokens == row
+        assert result.total == pytest.approx(-loss.item() * (len(row) - 1), abs=1e-3)
+        assert result.perplexity == pytest.approx(torch.exp(loss).item(), rel=1e-4)
