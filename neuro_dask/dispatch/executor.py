@@ -14,6 +14,7 @@ import asyncio
 import concurrent.futures
 import logging
 import random
+import threading
 import time
 import uuid
 from collections import deque
@@ -57,11 +58,22 @@ class DistributedExecutor:
         self.load: dict[tuple[int, int], int] = {}  # (layer, expert) -> rows since the last report
         self.layer_seconds: deque[float] = deque(maxlen=100_000)  # per-layer latency, for drills and reports
         self.outcomes: list[tuple[Outcome, str]] = []  # (trust outcome, request id) not yet reported
-        self.request = ""  # the generation request whose work is being done (ledger on)
+        self._requests = threading.local()  # each thread's generation request (ledger on)
         self.settlements: list[dict] = []  # what the scheduler charged, per request
         self.calls: list[list] = []  # recent layer calls for the dashboard, not yet reported
         self.trusted = TrustedLayerRunner(model_id, transport, settings.trust_policy(),
                                           random.Random(settings.seed)) if settings.trust else None
+
+    @property
+    def request(self) -> str:
+        """The request this thread's generation is doing work for ("" when none is charged).
+        Concurrent streams merge their expert calls (model/batching.py): the work of a merged
+        call is credited to the request of the thread that ran it; the client pays for all."""
+        return getattr(self._requests, "id", "")
+
+    @request.setter
+    def request(self, value: str) -> None:
+        self._requests.id = value
 
     def fetch_routes(self) -> RouteTable:
         msg = self.client.sync(self.client.scheduler.neuro_routes, model=self.model_id)
