@@ -139,6 +139,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from neuro_dask.gateway.server import serve
+
+    return serve(args.scheduler, args.model, host=args.host, port=args.port, api_keys=args.api_keys,
+                 workers=args.workers, model_id=args.model_id, transport=args.transport)
+
+
 def _cmd_train_demo(args: argparse.Namespace) -> int:
     from neuro_dask.demo.addition import ASSET_DIR
     from neuro_dask.demo.train import TrainSettings, train_and_ship
@@ -223,6 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--store", help="a mirror of the model store to fetch experts from")
     w.add_argument("--nthreads", type=int, default=1)
     w.set_defaults(func=_cmd_worker, passthrough=True)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)")
+    sv.add_argument("--scheduler", help="serve through an existing cluster (default: start a local one)")
+    sv.add_argument("--model", help="sharded model folder or URL (default: the bundled adder)")
+    sv.add_argument("--model-id", help="the id clients ask for (default: the model folder's name)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 = any free port)")
+    sv.add_argument("--api-keys", metavar="FILE",
+                    help='JSON {"key": "ledger account"}: require Authorization: Bearer KEY (default: open)')
+    sv.add_argument("--workers", type=int, default=3, help="worker processes of the local cluster (default 3)")
+    sv.add_argument("--transport", choices=["direct", "futures"], help="how expert calls travel (default direct)")
+    sv.set_defaults(func=_cmd_serve)
 
     t = sub.add_parser("train-demo", help="retrain the bundled demo model (about 5 minutes on 2 cores, capped at --minutes)")
     t.add_argument("--minutes", type=float, default=14.0, help="time budget")

@@ -69,6 +69,19 @@ def build_tokenizer():
     return tok
 
 
+# The chat template (tokenizer_config.json, as transformers reads it): the model answers the last
+# user message, which must be a problem such as "123+456=". The gateway's chat endpoint uses it.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages if message['role'] == 'user' %}"
+    "{% if loop.last %}{{ message['content'] | trim }}{% endif %}{% endfor %}"
+)
+
+
+def tokenizer_config() -> dict:
+    return {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": PAD, "chat_template": CHAT_TEMPLATE,
+            "tokenizer_class": "PreTrainedTokenizerFast"}
+
+
 def exact_match(predictions: Iterable[str], problems: Iterable[Problem]) -> float:
     pairs = list(zip(predictions, problems, strict=True))
     return sum(p.strip() == q.answer for p, q in pairs) / max(len(pairs), 1)

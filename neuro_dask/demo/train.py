@@ -26,7 +26,17 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from neuro_dask.demo.addition import ASSET_DIR, BOS, EOS, PAD, SYMBOLS, build_tokenizer, evaluate, sample_problems
+from neuro_dask.demo.addition import (
+    ASSET_DIR,
+    BOS,
+    EOS,
+    PAD,
+    SYMBOLS,
+    build_tokenizer,
+    evaluate,
+    sample_problems,
+    tokenizer_config,
+)
 from neuro_dask.loading import generation_defaults
 from neuro_dask.model.config import MoEConfig
 from neuro_dask.model.generation import Batch
@@ -171,7 +181,8 @@ def train(settings: TrainSettings, progress: Callable[[str], None] = log.info) -
 
 
 def write_hf_checkpoint(model: MoEModel, out: Path) -> None:
-    """config.json, generation_config.json, model.safetensors (Mixtral's own key names), tokenizer.json."""
+    """config.json, generation_config.json, model.safetensors (Mixtral's own key names), tokenizer.json,
+    tokenizer_config.json (with the chat template)."""
     cfg = model.config
     out.mkdir(parents=True, exist_ok=True)
     legacy_names = {f"model.layers.{layer}.block_sparse_moe.gate.weight" for layer in cfg.moe_layers}
@@ -188,6 +199,7 @@ def write_hf_checkpoint(model: MoEModel, out: Path) -> None:
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": list(cfg.eos_token_id)[0], "pad_token_id": cfg.pad_token_id}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
     build_tokenizer().save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2))
 
 
 def train_and_ship(settings: TrainSettings, out: Path = ASSET_DIR, progress: Callable[[str], None] = log.info) -> Path:

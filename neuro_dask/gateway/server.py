@@ -1,0 +1,623 @@
+"""The gateway's HTTP side: a tornado application on its own thread and event loop, and a pool of
+threads in which each request's generation runs (docs/gateway.md).
+
+The event loop only parses, authenticates and writes; tokenizing and generating happen in the
+pool, so that many requests generate at once. MoEModel.stream may be called from many threads:
+concurrent requests share the model (and, with continuous batching, its decode steps).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hmac
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import tornado.httpserver
+import tornado.iostream
+import tornado.netutil
+import tornado.web
+
+from neuro_dask.errors import ConfigError
+from neuro_dask.gateway.protocol import (
+    SSE_DONE,
+    ChatRequest,
+    ChatTemplate,
+    CompletionRequest,
+    ProtocolError,
+    SamplingParams,
+    TextAssembler,
+    chat_chunk,
+    chat_response,
+    check_prompt_ids,
+    completion_chunk,
+    completion_response,
+    drop_duplicate_bos,
+    error_for_exception,
+    load_chat_template,
+    model_card,
+    models_list,
+    new_id,
+    parse_chat,
+    parse_completion,
+    parse_json,
+    resolve_max_tokens,
+    sse,
+    usage,
+    usage_chunk,
+)
+
+log = logging.getLogger(__name__)
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context left
+MAX_BODY_BYTES = 4 * 2**20
+
+
+class GatewayConfigError(ConfigError):
+    def __init__(self, where: str, problem: str):
+        self.where, self.problem = where, problem
+        super().__init__(f"{where}: {problem}")
+
+
+def load_api_keys(source: str | Path | Mapping[str, Any] | None) -> dict[str, str | None]:
+    """API keys -> the ledger account each pays with: a JSON file {"key": "account" or null}
+    (or a list of keys, accounts unset), or such a mapping as is (Dask config neuro.gateway.api-keys)."""
+    if source is None:
+        return {}
+    where = "neuro.gateway.api-keys"
+    raw: Any = source
+    if isinstance(source, (str, Path)):
+        where = str(source)
+        try:
+            raw = json.loads(Path(source).read_text())
+        except OSError as exc:
+            raise GatewayConfigError(where, f"cannot read the API key file ({exc.strerror})") from None
+        except ValueError as exc:
+            raise GatewayConfigError(where, f"is not valid JSON ({exc})") from None
+    if isinstance(raw, list):
+        raw = {key: None for key in raw}
+    if not isinstance(raw, Mapping):
+        raise GatewayConfigError(where, 'must be a JSON object {"API key": "ledger account"}')
+    keys: dict[str, str | None] = {}
+    for key, account in raw.items():
+        if not isinstance(key, str) or not key.strip():
+            raise GatewayConfigError(where, "API keys must be non-empty strings")
+        if account is not None and not isinstance(account, str):
+            raise GatewayConfigError(where, f"the account of a key must be a string or null, got {account!r}")
+        keys[key] = account
+    return keys
+
+
+def configured_api_keys(path: str | Path | None) -> dict[str, str | None]:
+    """--api-keys FILE, else Dask config neuro.gateway.api-keys (a file path or a mapping), else none."""
+    if path is not None:
+        return load_api_keys(path)
+    import dask.config
+
+    return load_api_keys(dask.config.get("neuro.gateway.api-keys", default=None))
+
+
+def default_model_id(source: str) -> str:
+    """The model's name as clients ask for it: the last part of its folder or URL ("adder")."""
+    return Path(str(source).rstrip("/")).name or "model"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request's generation, ready to run."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    params: SamplingParams
+    # The ledger account of the request's API key. TODO(batching): the executor takes one account,
+    # neuro.client.account, at load time; once requests carry their own, pass this one down.
+    account: str | None = None
+
+
+@dataclass(frozen=True)
+class Result:
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop string), "length" (max_tokens) or "cancelled"
+    prompt_tokens: int
+    completion_tokens: int  # every token the model produced, the EOS that ended the text included
+
+    @property
+    def usage(self) -> dict[str, int]:
+        return usage(self.prompt_tokens, self.completion_tokens)
+
+
+class Gateway:
+    """What the handlers serve: one model under one id, the API keys, the chat template, and the
+    threads that run generation."""
+
+    def __init__(self, model, model_id: str | None = None, api_keys: Mapping[str, str | None] | None = None,
+                 chat_template: ChatTemplate | None = None, threads: int = 64):
+        self.model = model
+        self.tokenizer = model.require_tokenizer()  # text in and out: a model without one cannot be served
+        self.model_id = model_id or default_model_id(model.source)
+        self.api_keys = dict(api_keys or {})
+        folder = Path(model.source)
+        self.chat_template = chat_template or load_chat_template(folder if folder.is_dir() else None)
+        self.context = int(model.config.max_position_embeddings)
+        self.vocab_size = int(model.config.vocab_size)
+        self.eos_ids = frozenset(model.generation.eos_token_ids)
+        self.created = int(time.time())
+        self.pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="gateway-generate")
+        self._active: set[threading.Event] = set()  # cancel flags of requests in flight
+        self._lock = threading.Lock()
+        if not self.api_keys:
+            log.warning("no API keys configured: the gateway serves anyone who can reach it "
+                        "(give --api-keys FILE to require Authorization: Bearer KEY)")
+        log.info("serving %s as %r; chat template: %s", model.source, self.model_id, self.chat_template.origin)
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def authenticate(self, authorization: str | None) -> str | None:
+        """The account of the request's key (None: no keys configured, or the key has none)."""
+        if not self.api_keys:
+            return None
+        scheme, _, key = (authorization or "").partition(" ")
+        key = key.strip()
+        if scheme.lower() != "bearer" or not key:
+            raise ProtocolError(401, "Missing API key: send the header 'Authorization: Bearer YOUR_KEY'",
+                                "invalid_request_error", None, "invalid_api_key")
+        found = None
+        for candidate, account in self.api_keys.items():  # compare every key in constant time
+            if hmac.compare_digest(candidate.encode(), key.encode()):
+                found = (account,)
+        if found is None:
+            raise ProtocolError(401, "Incorrect API key provided", "invalid_request_error", None, "invalid_api_key")
+        return found[0]
+
+    def prepare_completion(self, request: CompletionRequest, account: str | None) -> Job:
+        ids = list(request.prompt) if isinstance(request.prompt, tuple) else self.tokenizer.encode(request.prompt)
+        return self._job(ids, request.params, account, COMPLETION_DEFAULT_MAX_TOKENS, "prompt")
+
+    def prepare_chat(self, request: ChatRequest, account: str | None) -> Job:
+        text = self.chat_template.render(request.messages)
+        ids = drop_duplicate_bos(self.tokenizer.encode(text), self.model.generation.bos_token_id)
+        return self._job(ids, request.params, account, None, "messages")
+
+    def _job(self, ids: list[int], params: SamplingParams, account: str | None, default: int | None,
+             param: str) -> Job:
+        check_prompt_ids(ids, self.vocab_size, param)
+        return Job(ids, resolve_max_tokens(params.max_tokens, len(ids), self.context, default), params, account)
+
+    def run(self, job: Job, on_delta: Callable[[str], None] | None = None,
+            on_first_token: Callable[[], None] | None = None, cancelled: threading.Event | None = None) -> Result:
+        """Generate (in the calling thread): text deltas to `on_delta` as they become safe to send,
+        ending at EOS, a stop string, max_tokens, or `cancelled` (checked after every token)."""
+        assembler = TextAssembler(self.tokenizer.decode, job.params.stop, context=job.prompt_ids)
+        steps = self.model.stream([job.prompt_ids], max_new_tokens=job.max_tokens, **job.params.model_options())
+        produced, finish = 0, "length"
+        try:
+            for step in steps:
+                produced += 1
+                if produced == 1 and on_first_token is not None:
+                    on_first_token()
+                token = int(step[0])
+                if token in self.eos_ids:
+                    finish = "stop"
+                    break
+                delta = assembler.push(token)
+                if delta and on_delta is not None:
+                    on_delta(delta)
+                if assembler.stopped:
+                    finish = "stop"
+                    break
+                if cancelled is not None and cancelled.is_set():
+                    finish = "cancelled"
+                    break
+        finally:
+            close = getattr(steps, "close", None)
+            if close is not None:
+                close()  # ends the model's request (and its ledger hold) when we stop early
+        tail = assembler.finish()
+        if tail and on_delta is not None:
+            on_delta(tail)
+        return Result(assembler.text, finish, len(job.prompt_ids), produced)
+
+    def cancel_flag(self) -> threading.Event:
+        flag = threading.Event()
+        with self._lock:
+            self._active.add(flag)
+        return flag
+
+    def release(self, flag: threading.Event) -> None:
+        with self._lock:
+            self._active.discard(flag)
+
+    def cancel_all(self) -> None:
+        with self._lock:
+            for flag in self._active:
+                flag.set()
+
+    def close(self) -> None:
+        """Stop every generation in flight (at its next token) and the threads."""
+        self.cancel_all()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def application(self) -> tornado.web.Application:
+        return tornado.web.Application(
+            [
+                (r"/v1/models", ModelsHandler, {"gateway": self}),
+                (r"/v1/models/(.+)", ModelHandler, {"gateway": self}),
+                (r"/v1/completions", CompletionsHandler, {"gateway": self}),
+                (r"/v1/chat/completions", ChatCompletionsHandler, {"gateway": self}),
+                (r"/health", HealthHandler, {"gateway": self}),
+            ],
+            default_handler_class=NotFoundHandler,
+            default_handler_args={"gateway": self},
+        )
+
+
+# ---- handlers ---------------------------------------------------------------------------------------
+
+class BaseHandler(tornado.web.RequestHandler):
+    """Every error, tornado's own 404 and 405 included, in OpenAI's shape."""
+
+    def initialize(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.cancelled: threading.Event | None = None
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json")
+
+    def check_xsrf_cookie(self) -> None:  # an API: bearer keys, no cookies
+        pass
+
+    def write_json(self, payload: Mapping[str, Any]) -> None:
+        self.finish(json.dumps(payload))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, tornado.web.HTTPError) or exc is None:
+            status = exc.status_code if isinstance(exc, tornado.web.HTTPError) else status_code
+            err = _http_error(status, self.request.method, self.request.path)
+        else:
+            err = error_for_exception(exc)
+        self.set_status(err.status)
+        if err.status == 401:
+            self.set_header("WWW-Authenticate", "Bearer")
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(err.body()))
+
+    def log_exception(self, typ, value, tb) -> None:
+        if isinstance(value, tornado.web.HTTPError):
+            return super().log_exception(typ, value, tb)
+        err = error_for_exception(value)
+        if err.status >= 500 and not isinstance(value, ProtocolError) and err.code is None:
+            log.error("internal error on %s %s", self.request.method, self.request.path, exc_info=(typ, value, tb))
+        else:
+            log.info("%s %s -> %d: %s", self.request.method, self.request.path, err.status, err.message)
+
+    def authenticate(self) -> str | None:
+        return self.gateway.authenticate(self.request.headers.get("Authorization"))
+
+    def on_connection_close(self) -> None:  # the client went away: stop generating for it
+        if self.cancelled is not None:
+            self.cancelled.set()
+
+    async def in_pool(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.gateway.pool, fn, *args)
+
+
+def _http_error(status: int, method: str, path: str) -> ProtocolError:
+    if status == 404:
+        return ProtocolError(404, f"Unknown route: {method} {path} (this gateway serves GET /v1/models, "
+                             "POST /v1/completions and POST /v1/chat/completions)", "invalid_request_error",
+                             None, "unknown_url")
+    if status == 405:
+        return ProtocolError(405, f"Method {method} is not allowed on {path}", "invalid_request_error", None,
+                             "method_not_allowed")
+    if status < 500:
+        return ProtocolError(status, f"bad request ({status})", "invalid_request_error", None, None)
+    return ProtocolError(status, f"internal error ({status})", "server_error", None, None)
+
+
+class NotFoundHandler(BaseHandler):
+    def prepare(self) -> None:
+        raise tornado.web.HTTPError(404)
+
+
+class HealthHandler(BaseHandler):
+    def get(self) -> None:
+        self.write_json({"status": "ok", "model": self.gateway.model_id})
+
+
+class ModelsHandler(BaseHandler):
+    def get(self) -> None:
+        self.authenticate()
+        self.write_json(models_list([self.gateway.model_id], self.gateway.created))
+
+
+class ModelHandler(BaseHandler):
+    def get(self, model_id: str) -> None:
+        self.authenticate()
+        if model_id != self.gateway.model_id:
+            raise ProtocolError(404, f"The model '{model_id}' does not exist", "invalid_request_error", "model",
+                                "model_not_found")
+        self.write_json(model_card(model_id, self.gateway.created))
+
+
+class GenerationHandler(BaseHandler):
+    """POST: authenticate, parse, tokenize (in the pool), then answer whole or as server-sent events."""
+
+    object_name = ""
+    id_prefix = ""
+
+    def parse(self, data: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def prepare_job(self, request: Any, account: str | None) -> Job:
+        raise NotImplementedError
+
+    def response(self, id: str, created: int, result: Result) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def chunk(self, id: str, created: int, delta: str | None, finish_reason: str | None = None) -> dict[str, Any]:
+        """delta None: the opening chunk (chat sends the role first); "" with a finish_reason: the last."""
+        raise NotImplementedError
+
+    async def post(self) -> None:
+        account = self.authenticate()
+        request = self.parse(parse_json(self.request.body))
+        job = await self.in_pool(self.prepare_job, request, account)
+        self.cancelled = self.gateway.cancel_flag()
+        try:
+            if self.request.connection.stream.closed():
+                return
+            if job.params.stream:
+                await self.stream(job)
+            else:
+                result = await self.in_pool(self.gateway.run, job, None, None, self.cancelled)
+                if result.finish_reason != "cancelled":
+                    self.write_json(self.response(new_id(self.id_prefix), int(time.time()), result))
+        finally:
+            self.gateway.release(self.cancelled)
+
+    async def stream(self, job: Job) -> None:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        cancelled = self.cancelled
+
+        def put(kind: str, payload: Any = None) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
+            except RuntimeError:  # the event loop is gone (server stopped): stop generating
+                cancelled.set()
+
+        def work() -> None:
+            try:
+                result = self.gateway.run(job, lambda d: put("delta", d), lambda: put("started"), cancelled)
+            except BaseException as exc:  # reported to the handler, which logs and answers it
+                put("error", exc)
+            else:
+                put("done", result)
+
+        self.gateway.pool.submit(work)
+        kind, payload = await events.get()
+        if kind == "error":
+            raise payload  # nothing sent yet: an ordinary error response with its status
+        id, created = new_id(self.id_prefix), int(time.time())
+        self.set_header("Content-Type", "text/event-stream")
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("X-Accel-Buffering", "no")
+        opening = self.chunk(id, created, None)
+        if opening:
+            self.write(sse(opening))
+        try:
+            while True:
+                if kind == "delta":
+                    self.write(sse(self.chunk(id, created, payload)))
+                elif kind == "done":
+                    result: Result = payload
+                    if result.finish_reason == "cancelled":
+                        return
+                    self.write(sse(self.chunk(id, created, "", result.finish_reason)))
+                    if job.params.include_usage:
+                        self.write(sse(usage_chunk(id, created, self.gateway.model_id, self.object_name,
+                                                   result.usage)))
+                    self.write(SSE_DONE)
+                    await self.flush()
+                    self.finish()
+                    return
+                elif kind == "error":
+                    self.log_exception(type(payload), payload, payload.__traceback__)
+                    self.write(sse(error_for_exception(payload).body()))
+                    await self.flush()
+                    self.finish()
+                    return
+                if events.empty():
+                    await self.flush()  # backpressure: one flush per batch of events
+                kind, payload = await events.get()
+        except tornado.iostream.StreamClosedError:
+            cancelled.set()  # the client went away mid-stream
+
+
+class CompletionsHandler(GenerationHandler):
+    object_name = "text_completion"
+    id_prefix = "cmpl"
+
+    def parse(self, data: dict[str, Any]) -> CompletionRequest:
+        return parse_completion(data, [self.gateway.model_id])
+
+    def prepare_job(self, request: CompletionRequest, account: str | None) -> Job:
+        return self.gateway.prepare_completion(request, account)
+
+    def response(self, id: str, created: int, result: Result) -> dict[str, Any]:
+        return completion_response(id, created, self.gateway.model_id, result.text, result.finish_reason,
+                                   result.usage)
+
+    def chunk(self, id: str, created: int, delta: str | None, finish_reason: str | None = None):
+        if delta is None:
+            return None
+        return completion_chunk(id, created, self.gateway.model_id, delta, finish_reason)
+
+
+class ChatCompletionsHandler(GenerationHandler):
+    object_name = "chat.completion.chunk"
+    id_prefix = "chatcmpl"
+
+    def parse(self, data: dict[str, Any]) -> ChatRequest:
+        return parse_chat(data, [self.gateway.model_id])
+
+    def prepare_job(self, request: ChatRequest, account: str | None) -> Job:
+        return self.gateway.prepare_chat(request, account)
+
+    def response(self, id: str, created: int, result: Result) -> dict[str, Any]:
+        return chat_response(id, created, self.gateway.model_id, result.text, result.finish_reason, result.usage)
+
+    def chunk(self, id: str, created: int, delta: str | None, finish_reason: str | None = None):
+        if delta is None:
+            body = {"role": "assistant", "content": ""}
+        elif finish_reason is not None:
+            body = {}
+        else:
+            body = {"content": delta}
+        return chat_chunk(id, created, self.gateway.model_id, body, finish_reason)
+
+
+# ---- the server -------------------------------------------------------------------------------------
+
+class GatewayServer:
+    """The gateway's tornado server on its own thread and event loop: start(), then stop().
+
+    port 0 picks a free port (see .port after start). The socket is bound in start(), so a port
+    already in use raises there.
+    """
+
+    def __init__(self, gateway: Gateway, host: str = "127.0.0.1", port: int = 8000):
+        self.gateway = gateway
+        self.host = host
+        self.port = port
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
+        return f"http://{host}:{self.port}/v1"
+
+    def start(self, timeout: float = 10.0) -> GatewayServer:
+        sockets = tornado.netutil.bind_sockets(self.port, self.host or None)
+        self.port = sockets[0].getsockname()[1]
+        self._thread = threading.Thread(target=self._run, args=(sockets,), name="neuro-gateway", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise RuntimeError("the gateway's event loop did not start")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def _run(self, sockets) -> None:
+        try:
+            asyncio.run(self._serve(sockets))
+        except BaseException as exc:  # surfaced by start() when it happens there
+            self._error = exc
+            self._ready.set()
+            log.exception("the gateway's event loop stopped")
+
+    async def _serve(self, sockets) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        server = tornado.httpserver.HTTPServer(self.gateway.application(), max_body_size=MAX_BODY_BYTES,
+                                               idle_connection_timeout=300)
+        server.add_sockets(sockets)
+        self._ready.set()
+        await self._stopping.wait()
+        server.stop()  # no new connections
+        self.gateway.cancel_all()  # generations in flight end at their next token
+        try:
+            await asyncio.wait_for(server.close_all_connections(), 10)
+        except TimeoutError:
+            log.warning("some gateway connections did not close within 10 s")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self._thread is None:
+            return
+        if self._loop is not None and self._stopping is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(self._stopping.set)
+            except RuntimeError:  # the loop already closed
+                pass
+        self._thread.join(timeout)
+        self._thread = None
+
+    def __enter__(self) -> GatewayServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# ---- `neuro-dask serve` -------------------------------------------------------------------------------
+
+def curl_example(url: str, model_id: str, prompt: str, key: bool) -> str:
+    auth = ' -H "Authorization: Bearer $NEURO_API_KEY"' if key else ""
+    body = json.dumps({"model": model_id, "prompt": prompt, "max_tokens": 8, "temperature": 0})
+    return f"curl {url}/completions -H 'Content-Type: application/json'{auth} -d '{body}'"
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops the gateway as Ctrl-C does
+
+
+def serve(scheduler: str | None = None, model_path: str | Path | None = None, host: str = "127.0.0.1",
+          port: int = 8000, api_keys: str | Path | None = None, workers: int = 3, model_id: str | None = None,
+          transport: str | None = None) -> int:
+    """Load the model (on `scheduler`'s cluster, or an embedded local one) and serve it until
+    interrupted (Ctrl-C or SIGTERM). Without a model: the bundled adder."""
+    import signal
+
+    from neuro_dask.cluster import connect
+    from neuro_dask.demo.addition import ASSET_DIR
+    from neuro_dask.loading import load
+
+    keys = configured_api_keys(api_keys)
+    path = model_path or ASSET_DIR
+    where = f"connecting to {scheduler}" if scheduler else f"starting a local cluster of {workers} worker processes"
+    print(f"{where} ...", flush=True)
+    client, cluster = connect(scheduler, n_workers=workers)
+    model = gateway = server = None
+    previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    try:
+        model = load(path, client=client, transport=transport)
+        gateway = Gateway(model, model_id=model_id or default_model_id(str(path)), api_keys=keys)
+        try:
+            server = GatewayServer(gateway, host, port).start()
+        except OSError as exc:  # the port is taken, or the host is not this machine's
+            raise GatewayConfigError(f"{host}:{port}", f"cannot listen there ({exc.strerror or exc})") from None
+        bundled = Path(str(path)).resolve() == ASSET_DIR.resolve() if "://" not in str(path) else False
+        print(f"serving model {gateway.model_id!r} at {server.url} (OpenAI API: /models, /completions, "
+              f"/chat/completions)")
+        print("try:\n  " + curl_example(server.url, gateway.model_id, "123+456=" if bundled else "Hello", bool(keys)),
+              flush=True)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            print("stopping the gateway", flush=True)
+        return 0
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        if server is not None:
+            server.stop()
+        if gateway is not None:
+            gateway.close()
+        if model is not None:
+            model.close()
+        client.close()
+        if cluster is not None:
+            cluster.close()
