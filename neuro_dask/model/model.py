@@ -9,7 +9,7 @@ import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 
@@ -50,6 +50,11 @@ class GenerationDefaults:
         if self.pad_token_id is not None:
             return self.pad_token_id
         return self.eos_token_ids[0] if self.eos_token_ids else 0
+
+
+class TextStep(NamedTuple):
+    token: int
+    text: str
 
 
 @dataclass(frozen=True)
@@ -148,7 +153,7 @@ class MoEModel:
 
     def stream(
         self,
-        input_ids: PromptIds,
+        input_ids: PromptIds | str,
         attention_mask: torch.Tensor | None = None,
         max_new_tokens: int = 32,
         do_sample: bool = False,
@@ -157,17 +162,36 @@ class MoEModel:
         top_p: float | None = None,
         seed: int | None = None,
         stop_token_ids: Sequence[int] = (),
-    ) -> Iterator[torch.Tensor]:
-        """Yield the next token of every row [B] per step; finished rows get the pad id.
+    ) -> Iterator[torch.Tensor] | Iterator[TextStep]:
+        """Ids in: yield the next token of every row [B] per step; finished rows get the pad id.
+        A prompt string in: yield a `TextStep(token, text)` per new token, `text` being what it
+        adds to the answer (print it with end="" as it comes).
 
         Ends when every row has produced an EOS or stop token, or after max_new_tokens.
         """
         opts = SamplingOptions(do_sample, temperature, top_k, top_p)
         if max_new_tokens < 0:
             raise GenerationOptionError("max_new_tokens", max_new_tokens, "must be >= 0")
+        if isinstance(input_ids, str):
+            ids = self.require_tokenizer().encode(input_ids)
+            steps = self.stream([ids], None, max_new_tokens, do_sample, temperature, top_k, top_p, seed,
+                                stop_token_ids)
+            return self._text_steps(steps, set(self.generation.eos_token_ids) | set(stop_token_ids))
         batch = self._batch(input_ids, attention_mask)
         check_length(batch.mask, max_new_tokens, self.config.max_position_embeddings)
         return self._stream(batch, max_new_tokens, opts, make_generator(seed), stop_token_ids)
+
+    def _text_steps(self, steps: Iterator[torch.Tensor], stops: set[int]) -> Iterator[TextStep]:
+        """Decode as tokens come: each step's text is what the answer so far adds to the last."""
+        tok, new, said = self.require_tokenizer(), [], ""
+        for step in steps:
+            token = int(step[0])
+            if token in stops:
+                return
+            new.append(token)
+            text = tok.decode(new)
+            yield TextStep(token, text[len(said):] if text.startswith(said) else text)
+            said = text
 
     def _stream(
         self,

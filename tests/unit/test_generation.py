@@ -108,3 +108,13 @@ def test_attention_mask_is_causal_hides_pads_and_never_empties_a_row():
 def test_sliding_window_limits_how_far_back_a_query_sees():
     m = attention_mask(torch.ones(1, 5, dtype=torch.bool), 0, 5, 2)[0, 0]
     assert m[4].tolist() == [False, False, False, True, True]
+
+
+def test_streaming_a_prompt_string_yields_the_answer_as_text_pieces():
+    import neuro_dask as nd
+    from neuro_dask.demo.addition import ASSET_DIR
+
+    model = nd.load(ASSET_DIR)
+    steps = list(model.stream("123+456=", max_new_tokens=8))
+    assert all(isinstance(s.token, int) and isinstance(s.text, str) for s in steps)
+    assert "".join(s.text for s in steps) == model.generate_text(["123+456="], max_new_tokens=8)[0] == "579"
