@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import random
 import threading
 import time
 import uuid
 from collections import deque
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 from distributed import Client
@@ -74,6 +75,21 @@ class DistributedExecutor:
     @request.setter
     def request(self, value: str) -> None:
         self._requests.id = value
+
+    @contextlib.contextmanager
+    def charging(self, account: str | None) -> Iterator[None]:
+        """Generations this thread starts inside the block are paid by `account` (a ledger user)
+        instead of neuro.client.account: a gateway serving many API keys, for example."""
+        before = getattr(self._requests, "account", None)
+        self._requests.account = account
+        try:
+            yield
+        finally:
+            self._requests.account = before
+
+    @property
+    def account(self) -> str | None:
+        return getattr(self._requests, "account", None) or self.settings.account
 
     def fetch_routes(self) -> RouteTable:
         msg = self.client.sync(self.client.scheduler.neuro_routes, model=self.model_id)
@@ -240,11 +256,11 @@ class DistributedExecutor:
         """Before any work: the scheduler quotes and holds the request's fee (when it runs a
         ledger), or refuses it, and then nothing is sent."""
         self.request = uuid.uuid4().hex
-        reply = self.client.sync(self.client.scheduler.neuro_ledger_hold, account=self.settings.account or "",
+        reply = self.client.sync(self.client.scheduler.neuro_ledger_hold, account=self.account or "",
                                  request=self.request, expert_tokens=int(expert_tokens))
         if reply.get("status") != "OK":
             request, self.request = self.request, ""
-            raise PaymentRefusedError(self.settings.account, request, str(reply.get("message")))
+            raise PaymentRefusedError(self.account, request, str(reply.get("message")))
         if reply.get("ledger") is False:
             self.request = ""  # a scheduler without a ledger charges nothing: nothing to settle
 

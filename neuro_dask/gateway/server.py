@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import hmac
 import json
 import logging
@@ -115,8 +116,7 @@ class Job:
     prompt_ids: list[int]
     max_tokens: int
     params: SamplingParams
-    # The ledger account of the request's API key. TODO(batching): the executor takes one account,
-    # neuro.client.account, at load time; once requests carry their own, pass this one down.
+    # The ledger account of the request's API key: it pays for this request (model.charging).
     account: str | None = None
 
 
@@ -194,6 +194,11 @@ class Gateway:
         """Generate (in the calling thread): text deltas to `on_delta` as they become safe to send,
         ending at EOS, a stop string, max_tokens, or `cancelled` (checked after every token)."""
         assembler = TextAssembler(self.tokenizer.decode, job.params.stop, context=job.prompt_ids)
+        charging = getattr(self.model, "charging", None)  # models without a ledger hook pay nothing
+        with charging(job.account) if charging is not None else contextlib.nullcontext():
+            return self._run(job, assembler, on_delta, on_first_token, cancelled)
+
+    def _run(self, job: Job, assembler, on_delta, on_first_token, cancelled) -> Result:
         steps = self.model.stream([job.prompt_ids], max_new_tokens=job.max_tokens, **job.params.model_options())
         produced, finish = 0, "length"
         try:

@@ -275,7 +275,8 @@ class MoEModel:
             new = self._generate_rows((do_sample, temperature, top_k, top_p, seed, tuple(stop_token_ids)),
                                       rows, max_new_tokens)
         else:
-            key = (do_sample, temperature, top_k, top_p, None, tuple(stop_token_ids))
+            # One batch is one paid request: only calls paid by the same account share it.
+            key = (do_sample, temperature, top_k, top_p, None, tuple(stop_token_ids), self._payer())
             new = self.batcher.generate(key, rows, max_new_tokens)
         steps = self._steps_taken(new, stop_token_ids, max_new_tokens)
         if steps == 0:
@@ -284,7 +285,7 @@ class MoEModel:
 
     def _generate_rows(self, key: tuple, rows: list[list[int]], max_new_tokens: int) -> list[torch.Tensor]:
         """Each row's new tokens (pad once it stopped), max_new_tokens long."""
-        do_sample, temperature, top_k, top_p, seed, stops = key
+        do_sample, temperature, top_k, top_p, seed, stops = key[:6]
         batch = self._batch(rows, None)
         steps = list(self.stream(batch.ids, batch.mask, max_new_tokens, do_sample, temperature, top_k, top_p,
                                  seed, stops))
@@ -302,6 +303,15 @@ class MoEModel:
             hits = [i for i, t in enumerate(row.tolist()) if t in stops]
             last = max(last, hits[0] + 1 if hits else max_new_tokens)
         return min(last, max_new_tokens)
+
+    def charging(self, account: str | None):
+        """`with model.charging("alice"): ...`: generations started in this thread inside the block
+        are paid by that ledger account (a scheduler with a ledger); a no-op for local models."""
+        charging = getattr(self.executor, "charging", None)
+        return charging(account) if charging is not None and account else contextlib.nullcontext()
+
+    def _payer(self) -> str | None:
+        return getattr(self.executor, "account", None)
 
     def score(self, texts_or_ids: str | Sequence[str] | PromptIds) -> list[ScoreResult]:
         """Per-token log-probabilities of each text (or id row) under the model, from one prefill:

@@ -100,3 +100,23 @@ def test_a_passed_proposal_changes_the_clients_trust_policy(sharded, ledger_url,
             model.executor.routes = model.executor.fetch_routes()
             model.generate([[5, 6, 7]], max_new_tokens=2)
             assert model.executor.trusted.policy.replication.spot_check == 1.0
+
+
+def test_charging_picks_the_account_that_pays_per_thread(sharded, ledger_url, tmp_path):
+    stake(ledger_url, "0", "1")
+    ledger = Ledger(ledger_url, LedgerConfig.from_dask_config())
+    ledger.open_user("bob")
+    ledger.deposit("bob", neuro(50), "bob-funds")
+    config = {"neuro.ledger.url": ledger_url, "neuro.client.trust": True, "neuro.scheduler.trusted": ["0"],
+              "neuro.client.account": "alice"}
+    with dask.config.set(config), neuro_cluster(2, replicas=2, tmp_path=tmp_path) as (_, client):
+        with nd.load(sharded("mixtral"), client=client) as model:
+            alice, bob = ledger.balance("user:alice"), ledger.balance("user:bob")
+            with model.charging("bob"):
+                model.generate([[5, 6, 7]], max_new_tokens=3)
+            assert ledger.balance("user:bob") < bob and ledger.balance("user:alice") == alice
+            with model.charging("pauper"), pytest.raises(PaymentRefusedError):
+                model.generate([[5, 6, 7]], max_new_tokens=3)
+            model.generate([[5, 6, 7]], max_new_tokens=3)  # the configured account again
+            assert ledger.balance("user:alice") < alice
+    ledger.close()
