@@ -87,7 +87,7 @@ class TrustedLayerRunner:
         self.apply_params(routes.params)
         standing = routes.standing_of
         anchorless = not any(s.trusted or s.established for s in routes.standing.values())
-        outcomes: list[Outcome] = self._check_late()
+        outcomes: list[Outcome] = self.check_late()
         busy = self.transport.busy()
         units: dict[int, _Unit] = {}
         planned_rows: dict[str, int] = {}
@@ -209,7 +209,7 @@ class TrustedLayerRunner:
                          max_total_replicas=max(self.policy.quorum.max_total_replicas, replication.min_quorum))
         self.policy = replace(self.policy, replication=replication, quorum=quorum)
 
-    def _check_late(self) -> list[Outcome]:
+    def check_late(self) -> list[Outcome]:
         """Quorum rule: a result that arrives after the decision is still compared, and credited
         only if it agrees with the canonical result (under the same cause id, so a primary that
         was late earns correctness but not timeliness)."""
