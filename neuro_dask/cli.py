@@ -140,7 +140,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from neuro_dask.gateway.server import serve
+    from neuro_dask.gateway.serve_cli import serve
 
     return serve(args.scheduler, args.model, host=args.host, port=args.port, api_keys=args.api_keys,
                  workers=args.workers, model_id=args.model_id, transport=args.transport)

@@ -320,7 +320,7 @@ class SlowModel:
 
         try:
             for _ in range(max_new_tokens):
-                time.sleep(0.02)
+                time.sleep(0.02)  # a slow model: each token takes this long (the behaviour under test, not a wait)
                 self.produced += 1
                 yield torch.tensor([5])  # "2"
         finally:
@@ -339,7 +339,7 @@ def test_a_client_that_goes_away_mid_stream_stops_its_generation(server, api, mo
     conn.close()  # mid-stream
     deadline = time.monotonic() + 10
     while (server.gateway._active or not slow.closed) and time.monotonic() < deadline:
-        time.sleep(0.02)
+        time.sleep(0.02)  # poll
     assert slow.closed and slow.produced < 45, slow.produced
     assert not server.gateway._active
     monkeypatch.undo()

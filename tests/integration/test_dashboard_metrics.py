@@ -210,7 +210,7 @@ def test_a_schedulers_metrics_endpoint(sharded, tmp_path, monkeypatch):
                 serving = {a: len(plugin.coordinator.serving.get(a, ())) for a in plugin.identity}
                 if hosted == serving and sum(hosted.values()) > 0:
                     break
-                time.sleep(0.2)
+                time.sleep(0.2)  # poll
             assert hosted == serving and sum(hosted.values()) > 0
 
             # Figures are read live: a reported invalid result shows on the next scrape.
