@@ -53,8 +53,10 @@ def _unpack_rows(msg: Mapping[str, Any], hidden: int | None = None) -> dict[int,
         raise WireFormatError(f"expert message data must be bytes, got {type(data).__name__}")
     if hidden is not None and width != hidden:
         raise WireFormatError(f"hidden size {width} differs from the expected {hidden}")
-    if len(experts) != len(counts) or any(not isinstance(c, int) or c < 0 for c in counts):
+    if len(experts) != len(counts) or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts):
         raise WireFormatError("expert message has mismatched experts/counts")
+    if any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in experts) or len(set(experts)) != len(experts):
+        raise WireFormatError("expert message must name distinct experts by integer id")
     total = sum(counts)
     if total > MAX_ROWS or width <= 0:
         raise WireFormatError(f"expert message of {total} rows x {width} is out of bounds")
@@ -78,6 +80,8 @@ def encode_request(model: str, layer: int, groups: Mapping[int, torch.Tensor],
 
 
 def decode_request(msg: Mapping[str, Any]) -> ExpertRequest:
+    if not isinstance(msg, Mapping):
+        raise WireFormatError(f"expert request must be a mapping, got {type(msg).__name__}")
     model, layer = msg.get("model"), msg.get("layer")
     if not isinstance(model, str) or not isinstance(layer, int):
         raise WireFormatError("expert request needs a string 'model' and an integer 'layer'")

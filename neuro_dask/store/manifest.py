@@ -34,6 +34,23 @@ class Artifact:
     expert: int | None = None
     parameters: int = 0
 
+    def __post_init__(self) -> None:
+        """A manifest may come from an untrusted mirror: every field is checked before use."""
+        parts = self.path.split("/") if isinstance(self.path, str) else []
+        if not parts or self.path.startswith("/") or any(p in ("", ".", "..") or "\\" in p for p in parts):
+            raise ValueError(f"artifact path {self.path!r} must be a relative path inside the store")
+        if not isinstance(self.role, str) or not isinstance(self.sha256, str) or len(self.sha256) != 64 \
+                or any(c not in "0123456789abcdef" for c in self.sha256):
+            raise ValueError(f"artifact {self.path!r} needs a string role and a sha256 of 64 hex digits")
+        for name in ("bytes", "parameters", "layer", "expert"):
+            value = getattr(self, name)
+            if value is None and name in ("layer", "expert"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"artifact {self.path!r}: {name} must be an integer >= 0, got {value!r}")
+        if self.dtype is not None and not isinstance(self.dtype, str):
+            raise ValueError(f"artifact {self.path!r}: dtype must be a string")
+
 
 @dataclass(frozen=True)
 class Manifest:
@@ -107,6 +124,8 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = MANIFEST_NAME) -> Manifest:
+        if not isinstance(raw, dict):
+            raise ManifestError(where, f"must be a JSON object, not {type(raw).__name__}")
         if raw.get("format") != FORMAT:
             raise ManifestError(where, f"is not a neuro_dask manifest (format {raw.get('format')!r})")
         if raw.get("format_version") != FORMAT_VERSION:
@@ -115,6 +134,8 @@ class Manifest:
                 f"{FORMAT_VERSION}; re-shard with this version"
             )
         try:
+            if not isinstance(raw["architecture"], str) or not isinstance(raw["config"], dict):
+                raise TypeError("architecture must be a string and config an object")
             artifacts = tuple(Artifact(**a) for a in raw["artifacts"])
             return cls(
                 architecture=raw["architecture"],
@@ -124,5 +145,5 @@ class Manifest:
                 tokenizer_files=tuple(raw.get("tokenizer_files", ())),
                 source=raw.get("source", ""),
             )
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise ManifestError(where, f"is malformed ({exc}); re-run `neuro-dask shard`") from exc

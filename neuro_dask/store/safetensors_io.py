@@ -82,6 +82,26 @@ def verify_sha256(path: Path, expected: str) -> None:
         raise IntegrityError(str(path), expected, actual)
 
 
+def _entry_problem(entry: object) -> str | None:
+    """Why one header entry cannot describe a tensor (files may come from untrusted mirrors)."""
+    if not isinstance(entry, dict):
+        return "not an object"
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _TORCH_DTYPES:
+        return f"unknown dtype {dtype!r}"
+    if not isinstance(shape, list) or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
+        return f"shape {shape!r} is not a list of sizes"
+    if not isinstance(offsets, list) or len(offsets) != 2 or any(
+            isinstance(o, bool) or not isinstance(o, int) for o in offsets) or not 0 <= offsets[0] <= offsets[1]:
+        return f"data_offsets {offsets!r} are not [begin, end]"
+    numel = 1
+    for d in shape:
+        numel *= d
+    if offsets[1] - offsets[0] != numel * torch.empty((), dtype=_TORCH_DTYPES[dtype]).element_size():
+        return f"{offsets[1] - offsets[0]} bytes for a {dtype} tensor of shape {shape}"
+    return None
+
+
 class SafetensorsFile:
     """A safetensors file read with plain positioned reads (no mmap).
 
@@ -103,18 +123,22 @@ class SafetensorsFile:
             raise TruncatedFileError(str(path), "file does not exist") from None
         except (struct.error, ValueError, UnicodeDecodeError) as exc:
             raise TruncatedFileError(str(path), f"bad header: {exc}") from exc
-        self.metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(header, dict):
+            raise TruncatedFileError(str(path), f"bad header: a JSON object is needed, not {type(header).__name__}")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise TruncatedFileError(str(path), "bad header: __metadata__ must be an object")
+        self.metadata = metadata
         self._data_start = 8 + n
         self._entries = header
         for name, entry in header.items():
-            try:
-                _TORCH_DTYPES[entry["dtype"]]
-                begin, end = entry["data_offsets"]
-            except (KeyError, TypeError, ValueError) as exc:
-                raise TruncatedFileError(str(path), f"bad header entry for {name!r}: {exc}") from exc
-            if self._data_start + end > size:
+            problem = _entry_problem(entry)
+            if problem:
+                raise TruncatedFileError(str(path), f"bad header entry for {name!r}: {problem}")
+            if self._data_start + entry["data_offsets"][1] > size:
                 raise TruncatedFileError(
-                    str(path), f"tensor {name!r} ends at byte {self._data_start + end}, file has {size}")
+                    str(path), f"tensor {name!r} ends at byte {self._data_start + entry['data_offsets'][1]}, "
+                    f"file has {size}")
 
     def keys(self) -> list[str]:
         return list(self._entries)
