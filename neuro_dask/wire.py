@@ -98,7 +98,8 @@ def encode_error(message: str) -> dict[str, Any]:
 
 
 def decode_response(msg: Any, sent: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-    """Outputs keyed by expert; exactly the experts sent, each with its input's shape and dtype."""
+    """Outputs keyed by expert; exactly the experts sent, each with its input's shape and dtype,
+    and every value finite: a worker's answer is data, checked before the router combines it."""
     if not isinstance(msg, Mapping):
         raise WireFormatError(f"expert response must be a mapping, got {type(msg).__name__}")
     if msg.get("status") != "OK":
@@ -110,4 +111,6 @@ def decode_response(msg: Any, sent: Mapping[int, torch.Tensor]) -> dict[int, tor
     for e, rows in outputs.items():
         if rows.shape != sent[e].shape:
             raise WireFormatError(f"expert {e}: response rows {tuple(rows.shape)} for request {tuple(sent[e].shape)}")
+        if rows.numel() and not bool(torch.isfinite(rows).all()):
+            raise WireFormatError(f"expert {e}: the response holds NaN or infinite values")
     return {e: rows.to(first.dtype) for e, rows in outputs.items()}

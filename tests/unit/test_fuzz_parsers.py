@@ -10,6 +10,7 @@ import json
 import os
 import struct
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -18,7 +19,7 @@ from neuro_dask.errors import NeuroDaskError
 from neuro_dask.gateway.protocol import ProtocolError, parse_chat, parse_completion, parse_json
 from neuro_dask.store.manifest import Manifest
 from neuro_dask.store.safetensors_io import SafetensorsFile
-from neuro_dask.wire import WireFormatError, decode_request, decode_response, encode_request
+from neuro_dask.wire import WireFormatError, decode_request, decode_response, encode_request, encode_response
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
                     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5),
@@ -113,3 +114,24 @@ def test_the_gateway_parser_refuses_only_with_protocol_errors(body):
             parse(parse_json(body), ["adder"])
         except ProtocolError:
             pass
+
+
+# ---- a worker's answer is data ------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_response_with_non_finite_values_is_refused_before_the_router_sees_it(bad):
+    sent = {0: torch.ones(2, 4), 3: torch.zeros(1, 4)}
+    good = {0: torch.full((2, 4), 0.5), 3: torch.zeros(1, 4)}
+    assert torch.equal(decode_response(encode_response(good), sent)[0], good[0])
+    poisoned = {0: good[0].clone(), 3: good[3]}
+    poisoned[0][1, 2] = bad
+    with pytest.raises(WireFormatError, match="NaN or infinite"):
+        decode_response(encode_response(poisoned), sent)
+
+
+def test_a_response_for_other_experts_or_shapes_is_refused():
+    sent = {0: torch.ones(2, 4)}
+    with pytest.raises(WireFormatError, match="covers experts"):
+        decode_response(encode_response({1: torch.ones(2, 4)}), sent)
+    with pytest.raises(WireFormatError):
+        decode_response(encode_response({0: torch.ones(3, 4)}), sent)
