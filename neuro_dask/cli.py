@@ -37,7 +37,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     client, cluster = connect(args.scheduler, n_workers=args.workers)
     model = None
     try:
-        print(f"dashboard: {client.dashboard_link}")
+        print(f"dashboard: {client.dashboard_link}  (the network: {client.dashboard_link.rsplit('/', 1)[0]}"
+              "/neuro/network)")
         started = time.perf_counter()
         model = load(path, client=client, transport=args.transport)
         routes = model.executor.routes.routes
