@@ -84,7 +84,3 @@ class Feed:
         self.economy.append((now, dict(report)))
         while len(self.economy) > self.max_samples:
             self.economy.popleft()
-
-    def recent_latency(self, worker: str, window: int = 500) -> list[float]:
-        """Seconds of the latest calls `worker` answered (for its p50 and p95)."""
-        return [r.seconds for r in list(self.calls)[-window:] if worker in r.workers]

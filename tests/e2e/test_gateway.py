@@ -308,10 +308,13 @@ def test_an_internal_error_is_a_logged_500_in_shape(server, api, monkeypatch, ca
 
 
 class SlowModel:
-    """Stands in for the model: one digit every 20 ms, never an EOS, and says when it was closed."""
+    """Stands in for the model: one digit at once, the next ones only when `release()` says so
+    (a model still computing while the client does something), then as fast as asked; never an
+    EOS; says when it was closed."""
 
-    def __init__(self, model):
+    def __init__(self, model, release=lambda: True):
         self.model = model
+        self.release = release
         self.produced = 0
         self.closed = False
 
@@ -319,8 +322,10 @@ class SlowModel:
         import torch
 
         try:
-            for _ in range(max_new_tokens):
-                time.sleep(0.02)  # a slow model: each token takes this long (the behaviour under test, not a wait)
+            for i in range(max_new_tokens):
+                deadline = time.monotonic() + 10
+                while i == 1 and not self.release() and time.monotonic() < deadline:
+                    time.sleep(0.01)  # poll
                 self.produced += 1
                 yield torch.tensor([5])  # "2"
         finally:
@@ -328,7 +333,8 @@ class SlowModel:
 
 
 def test_a_client_that_goes_away_mid_stream_stops_its_generation(server, api, monkeypatch):
-    slow = SlowModel(server.gateway.model)
+    # The second token comes only once the server has noticed the client is gone.
+    slow = SlowModel(server.gateway.model, release=lambda: any(f.is_set() for f in list(server.gateway._active)))
     monkeypatch.setattr(server.gateway, "model", slow)
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     conn.request("POST", "/v1/completions", json.dumps(
