@@ -141,3 +141,39 @@ class ClientSettings:
     @classmethod
     def load(cls, **overrides) -> ClientSettings:
         return _build(cls, "client", overrides)
+
+
+@dataclass(frozen=True)
+class SecuritySettings:
+    """Hardened mode, TLS and the limits on what one peer may ask (docs/security.md)."""
+
+    hardened: bool = False
+    tls_dir: str | None = None
+    max_message_bytes: Any = 268435456
+    max_rows: int = 8192
+    max_prompt_tokens: int = 8192
+    max_new_tokens: int = 4096
+    max_batch: int = 1024
+    requests_per_minute: int = 600
+    dashboard_token: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "max_message_bytes", parse_bytes(self.max_message_bytes, "max-message-bytes"))
+        for name in ("max_rows", "max_prompt_tokens", "max_new_tokens", "max_batch"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigFieldError("neuro.security", name.replace("_", "-"), f"must be a positive integer, got {value!r}")
+        if not isinstance(self.requests_per_minute, int) or self.requests_per_minute < 0:
+            raise ConfigFieldError("neuro.security", "requests-per-minute",
+                                   f"must be 0 (unlimited) or a positive integer, got {self.requests_per_minute!r}")
+
+    def __repr__(self) -> str:  # the token is a secret: never in a log line or a traceback
+        token = "***" if self.dashboard_token else None
+        return (f"SecuritySettings(hardened={self.hardened}, tls_dir={self.tls_dir!r}, "
+                f"max_message_bytes={self.max_message_bytes}, max_rows={self.max_rows}, "
+                f"max_prompt_tokens={self.max_prompt_tokens}, max_new_tokens={self.max_new_tokens}, "
+                f"max_batch={self.max_batch}, requests_per_minute={self.requests_per_minute}, dashboard_token={token})")
+
+    @classmethod
+    def load(cls, **overrides) -> SecuritySettings:
+        return _build(cls, "security", overrides)
