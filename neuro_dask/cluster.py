@@ -7,13 +7,13 @@ from distributed import Client, LocalCluster
 
 def local_cluster(n_workers: int = 3, processes: bool = True, replicas: int | None = None,
                   worker_args: list[str] | None = None, dashboard_address: str | None = ":0",
-                  **kwargs) -> LocalCluster:
+                  scheduler_args: list[str] | None = None, **kwargs) -> LocalCluster:
     """Scheduler with `--preload neuro_scheduler`, workers with `--preload neuro_worker`.
 
     One thread per worker: expert calls run in the plugin's own thread, and two workers on one
     core would only fight over it.
     """
-    scheduler_argv = ["--neuro-replicas", str(replicas)] if replicas else []
+    scheduler_argv = (["--neuro-replicas", str(replicas)] if replicas else []) + list(scheduler_args or [])
     return LocalCluster(
         n_workers=n_workers,
         threads_per_worker=1,

@@ -158,3 +158,22 @@ class TokenizerMissingError(NeuroDaskError):
             f"{self.path}: this model ships no tokenizer.json, so text in or out is impossible; "
             "pass token ids to generate(), or shard a checkpoint that includes tokenizer.json."
         )
+
+
+class CertificateError(NeuroDaskError, ValueError):
+    """A certificate, key or certificate folder of mutual TLS (`neuro-dask certs`) is missing or unusable."""
+
+
+class LimitExceededError(InputError):
+    """A request asks for more than neuro.security allows one peer (docs/security.md)."""
+
+    def __init__(self, field: str, limit: int, got: int, subject: str | None = None, fix: str | None = None):
+        self.field = field  # the setting: neuro.security.<field>
+        self.limit = limit
+        self.got = got
+        what = subject or field.replace("-", " ")
+        fix = f"{fix}, or " if fix else ""
+        super().__init__(
+            f"{what} is {got}, above the limit of {limit}: {fix}raise neuro.security.{field} "
+            f"(Dask config, or DASK_NEURO__SECURITY__{field.replace('-', '_').upper()}={got})"
+        )

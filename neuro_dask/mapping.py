@@ -4,8 +4,10 @@ The model's trunk runs in this process, so the prompts come here partition by pa
 are grouped into batches of `batch_size` across partition boundaries (so each expert call
 carries many tokens), results go back into a collection of the same kind and shape. A prompt
 that cannot be run (not a string or id list, empty, too long for the model, refused by the
-tokenizer, or failing on its own after its batch failed) becomes a `MapFailure` in its place;
-the rest are delivered. A progress bar shows the prompts done (tqdm's notebook bar in Jupyter).
+tokenizer, longer than neuro.security.max-prompt-tokens, or failing on its own after its batch
+failed) becomes a `MapFailure` in its place; the rest are delivered. neuro.security.max-batch
+bounds each batch (batch_size), not the whole input; max_new_tokens above max-new-tokens or a
+batch_size above max-batch raise LimitExceededError before any work. A progress bar shows the prompts done (tqdm's notebook bar in Jupyter).
 `model.last_map_stats` keeps each batch's size and seconds.
 """
 
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from neuro_dask.errors import NeuroDaskError
+from neuro_dask.security.limits import RequestLimits, check_batch, check_new_tokens, check_prompt_tokens
 
 
 @dataclass(frozen=True)
@@ -42,8 +45,19 @@ def failures(results) -> list[MapFailure]:
     return [r for r in values if isinstance(r, MapFailure)]
 
 
-def _prepare(model, prompt, max_new_tokens: int) -> list[int]:
-    """The prompt's token ids, or a ValueError saying why it cannot run."""
+def request_limits(task: str, batch_size: int, max_new_tokens: int) -> RequestLimits:
+    """neuro.security's limits now; a batch_size or max_new_tokens above them is refused here."""
+    from neuro_dask.settings import SecuritySettings
+
+    limits = RequestLimits.from_settings(SecuritySettings.load())
+    check_batch(batch_size, limits.max_batch, "pass a smaller batch_size to model.map")
+    if task == "generate":
+        check_new_tokens(max_new_tokens, limits.max_new_tokens)
+    return limits
+
+
+def _prepare(model, prompt, max_new_tokens: int, index: int = 0, max_prompt_tokens: int | None = None) -> list[int]:
+    """The prompt's token ids, or a ValueError (or LimitExceededError) saying why it cannot run."""
     if isinstance(prompt, str):
         if not prompt:
             raise ValueError("empty prompt")
@@ -54,6 +68,8 @@ def _prepare(model, prompt, max_new_tokens: int) -> list[int]:
         raise ValueError(f"a prompt must be a string or a list of token ids, not {type(prompt).__name__}")
     if not ids:
         raise ValueError("the prompt has no tokens")
+    if max_prompt_tokens is not None:
+        check_prompt_tokens([len(ids)], max_prompt_tokens, start=index)
     limit = model.config.max_position_embeddings
     if len(ids) + max_new_tokens > limit:
         raise ValueError(f"{len(ids)} prompt tokens + {max_new_tokens} new exceed the model's {limit} positions")
@@ -76,15 +92,18 @@ def _run_batch(model, task: str, rows: list[list[int]], max_new_tokens: int, opt
 
 
 def run_prompts(model, prompts: list, task: str, batch_size: int, max_new_tokens: int, progress: bool,
-                options: dict) -> list:
+                options: dict, limits: RequestLimits | None = None) -> list:
     """Results in the prompts' order: text (generate), log-likelihood (score), or MapFailure."""
     if task not in ("generate", "score"):
         raise ValueError(f"task must be 'generate' or 'score', not {task!r}")
+    if limits is None:
+        limits = request_limits(task, batch_size, max_new_tokens)
     results: list = [None] * len(prompts)
     ready: list[tuple[int, list[int]]] = []
     for i, prompt in enumerate(prompts):
         try:
-            ready.append((i, _prepare(model, prompt, max_new_tokens if task == "generate" else 0)))
+            ready.append((i, _prepare(model, prompt, max_new_tokens if task == "generate" else 0, i,
+                                      limits.max_prompt_tokens)))
         except (ValueError, NeuroDaskError) as exc:
             results[i] = MapFailure(prompt, str(exc))
     stats = model.last_map_stats = []
@@ -115,9 +134,22 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, disable=not enabled, desc="neuro_dask map", unit="prompt")
 
 
+def _partition_scheduler() -> str | None:
+    """Where the input's partitions are computed: with Dask's default (your cluster, if one is
+    active) normally; in this process when hardened mode is on, because a hardened network's
+    volunteers run neuro_dask's expert tasks only, never a data pipeline (docs/security.md)."""
+    from neuro_dask.security.hardening import is_installed
+
+    return "threads" if is_installed() else None
+
+
 def map_collection(model, collection, task: str = "generate", batch_size: int = 32, max_new_tokens: int = 32,
                    progress: bool = True, **options):
-    run = lambda prompts: run_prompts(model, prompts, task, batch_size, max_new_tokens, progress, options)  # noqa: E731
+    if task not in ("generate", "score"):
+        raise ValueError(f"task must be 'generate' or 'score', not {task!r}")
+    limits = request_limits(task, batch_size, max_new_tokens)  # before any partition is computed
+    run = lambda prompts: run_prompts(model, prompts, task, batch_size, max_new_tokens, progress, options,  # noqa: E731
+                                      limits)
     if isinstance(collection, (list, tuple)):
         return run(list(collection))
     kind = type(collection).__module__.split(".")[0] + "." + type(collection).__name__
@@ -128,7 +160,7 @@ def map_collection(model, collection, task: str = "generate", batch_size: int = 
     if kind.startswith("dask") and type(collection).__name__ == "Bag":
         import dask.bag as db
 
-        parts = [list(p.compute()) for p in collection.to_delayed()]
+        parts = [list(p.compute(scheduler=_partition_scheduler())) for p in collection.to_delayed()]
         flat = run([x for p in parts for x in p])
         out, i = [], 0
         for p in parts:
@@ -139,7 +171,7 @@ def map_collection(model, collection, task: str = "generate", batch_size: int = 
         import dask.dataframe as dd
         import pandas as pd
 
-        parts = [p.compute() for p in collection.to_delayed()]
+        parts = [p.compute(scheduler=_partition_scheduler()) for p in collection.to_delayed()]
         flat = run([x for p in parts for x in p.tolist()])
         out, i = [], 0
         for p in parts:

@@ -42,7 +42,7 @@ def _pack_rows(groups: Mapping[int, torch.Tensor]) -> tuple[list[int], list[int]
     return experts, counts, _DTYPE_NAMES[first.dtype], int(first.shape[1]), data
 
 
-def _unpack_rows(msg: Mapping[str, Any], hidden: int | None = None) -> dict[int, torch.Tensor]:
+def _unpack_rows(msg: Mapping[str, Any], hidden: int | None = None, max_rows: int = MAX_ROWS) -> dict[int, torch.Tensor]:
     try:
         experts, counts = list(msg["experts"]), list(msg["counts"])
         dtype = WIRE_DTYPES[msg["dtype"]]
@@ -58,7 +58,7 @@ def _unpack_rows(msg: Mapping[str, Any], hidden: int | None = None) -> dict[int,
     if any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in experts) or len(set(experts)) != len(experts):
         raise WireFormatError("expert message must name distinct experts by integer id")
     total = sum(counts)
-    if total > MAX_ROWS or width <= 0:
+    if total > max_rows or width <= 0:
         raise WireFormatError(f"expert message of {total} rows x {width} is out of bounds")
     itemsize = torch.empty((), dtype=dtype).element_size()
     if len(data) != total * width * itemsize:
@@ -79,13 +79,14 @@ def encode_request(model: str, layer: int, groups: Mapping[int, torch.Tensor],
     return msg
 
 
-def decode_request(msg: Mapping[str, Any]) -> ExpertRequest:
+def decode_request(msg: Mapping[str, Any], max_rows: int = MAX_ROWS) -> ExpertRequest:
+    """`max_rows` is the worker's neuro.security.max-rows: a bigger call is refused before any compute."""
     if not isinstance(msg, Mapping):
         raise WireFormatError(f"expert request must be a mapping, got {type(msg).__name__}")
     model, layer = msg.get("model"), msg.get("layer")
     if not isinstance(model, str) or not isinstance(layer, int):
         raise WireFormatError("expert request needs a string 'model' and an integer 'layer'")
-    return ExpertRequest(model, layer, _unpack_rows(msg))
+    return ExpertRequest(model, layer, _unpack_rows(msg, max_rows=max_rows))
 
 
 def encode_response(outputs: Mapping[int, torch.Tensor]) -> dict[str, Any]:

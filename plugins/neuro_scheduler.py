@@ -49,7 +49,7 @@ from neuro_dask.dashboard.views import NetworkView, WorkerView
 from neuro_dask.errors import NeuroDaskError
 from neuro_dask.ledger.service import Judged, LedgerService
 from neuro_dask.placement import PlacementPolicy, WorkerCapacity
-from neuro_dask.settings import SchedulerSettings
+from neuro_dask.settings import SchedulerSettings, SecuritySettings
 from neuro_dask.store.remote import read_manifest
 from neuro_dask.store.summary import summarize
 from neuro_dask.trust.reputation import Reputation, ReputationPolicy
@@ -81,6 +81,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         self._tasks: set[asyncio.Task] = set()
         self.reputation = self._load_reputation()
         self.identity: dict[str, str] = {}  # address -> worker name: reputation follows the name
+        self._unsubscribe_security = None  # hardened mode: stop forwarding security events
         scheduler.handlers.update({
             "neuro_report_outcomes": self.report_outcomes, "neuro_trust": self.trust,
             "neuro_publish": self.publish, "neuro_routes": self.routes,
@@ -93,12 +94,16 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         neuro_metrics.register(self)
 
     async def start(self, scheduler) -> None:
+        if self._unsubscribe_security is not None:
+            self._drop_worker_plugins()
         self._sampler.start()
         if self._ledger_tick is not None:
             self._ledger_tick.start()
             await self._refresh_ledger()
 
     async def close(self) -> None:
+        if self._unsubscribe_security is not None:
+            self._unsubscribe_security()
         self._sampler.stop()
         if self._ledger_tick is not None:
             self._ledger_tick.stop()
@@ -207,6 +212,42 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         if self.ledger is not None and judged:
             self._in_ledger(self._record, judged, now, batch or f"outcomes:{now}:{id(judged)}")
         return {"status": "OK"}
+
+    # ---- hardened mode -------------------------------------------------------------------------
+
+    def harden(self, security: SecuritySettings) -> None:
+        """Restricted unpickling in this process and role checks on every handler (docs/security.md).
+        Each refusal becomes a Dask event and, when the peer's certificate names a worker we
+        know, a trust event against it."""
+        from neuro_dask.security.events import security_log
+        from neuro_dask.security.guards import guard_scheduler
+        from neuro_dask.security.hardening import install
+
+        install(max_message_bytes=security.max_message_bytes)
+        guard_scheduler(self.scheduler)
+        # Worker plugins travel as pickles of arbitrary classes, Dask's own P2P shuffle plugin
+        # among them (its scheduler plugin registers it when it starts): a hardened network
+        # sends none, and its workers would refuse them.
+        self.scheduler.plugins.pop("shuffle", None)
+        self._drop_worker_plugins()
+        self._unsubscribe_security = security_log.subscribe(
+            lambda event: self.scheduler.loop.add_callback(self._security_event, event))
+
+    def _drop_worker_plugins(self) -> None:
+        dropped = sorted(self.scheduler.worker_plugins)
+        self.scheduler.worker_plugins.clear()
+        if dropped:
+            log.info("hardened mode: not sending worker plugins %s", ", ".join(dropped))
+
+    def _security_event(self, event) -> None:
+        from neuro_dask.security.events import TOPIC
+
+        self._event(TOPIC, event.to_dict())
+        role, _, name = (event.identity or "").partition(":")
+        if role == "worker" and name in self.reputation:
+            change = self.reputation.invalid(name, f"security:{event.kind}:{event.time}", event.time)
+            self._event("neuro-trust", {"action": "security", "name": name, "reputation": change.after,
+                                        "detail": event.detail})
 
     # ---- dashboard -----------------------------------------------------------------------------
 
@@ -420,9 +461,15 @@ def _log_failure(future: asyncio.Future) -> None:
 @click.command()
 @click.option("--neuro-replicas", type=int, default=None, help="target replicas per expert")
 @click.option("--neuro-ledger", default=None, help="NEURO ledger database URL (default: neuro.ledger.url)")
-def dask_setup(scheduler, neuro_replicas, neuro_ledger) -> None:
+@click.option("--neuro-hardened/--neuro-no-hardened", default=None,
+              help="hardened mode (default: neuro.security.hardened)")
+def dask_setup(scheduler, neuro_replicas, neuro_ledger, neuro_hardened) -> None:
     import dask.config
 
     settings = SchedulerSettings.load(replicas=neuro_replicas)
     ledger_url = neuro_ledger or dask.config.get("neuro.ledger.url", default=None)
-    scheduler.add_plugin(NeuroSchedulerPlugin(scheduler, settings, ledger_url))
+    security = SecuritySettings.load(hardened=neuro_hardened)
+    plugin = NeuroSchedulerPlugin(scheduler, settings, ledger_url)
+    if security.hardened:
+        plugin.harden(security)
+    scheduler.add_plugin(plugin)

@@ -12,6 +12,10 @@ Options (preload arguments, or Dask config under `neuro.worker`):
   --neuro-owner ID         owner id: replicas of one expert never share an owner
   --neuro-no-benchmark     skip the expert-FFN micro-benchmark at start
   --neuro-adversary JSON   drills only: behave as an adversary (neuro_dask/testing/adversary.py)
+  --neuro-hardened / --neuro-no-hardened
+                           hardened mode (default: neuro.security.hardened; `neuro-dask worker` turns
+                           it on): only allow-listed pickles load, only neuro_dask's expert tasks run,
+                           remote code (client.run, plugins, uploads) is refused (docs/security.md)
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from neuro_dask.runtime.drop_list import DropList
 from neuro_dask.runtime.expert_host import ExpertHost
 from neuro_dask.runtime.expert_memory import ExpertMemory
 from neuro_dask.runtime.machine import benchmark_expert_ffn, pick_device, profile_machine
-from neuro_dask.settings import WorkerSettings
+from neuro_dask.settings import SecuritySettings, WorkerSettings
 from neuro_dask.store.remote import ExpertFileCache
 from neuro_dask.testing import AdversaryCrash, make_adversary
 from neuro_dask.wire import WireFormatError, decode_request, encode_error, encode_response
@@ -41,9 +45,10 @@ log = logging.getLogger("neuro_dask.worker")
 class NeuroWorker:
     """What the preload attaches to a Dask worker as `worker.extensions["neuro"]`."""
 
-    def __init__(self, worker, settings: WorkerSettings):
+    def __init__(self, worker, settings: WorkerSettings, security: SecuritySettings | None = None):
         self.worker = worker
         self.settings = settings
+        self.security = security or SecuritySettings.load()
         self.profile = profile_machine()
         self.device = pick_device(settings.device)
         self.budget = settings.budget_bytes(self.profile.memory_available)
@@ -86,7 +91,7 @@ class NeuroWorker:
         try:
             if self.dropped.take(msg.get("call")):
                 return encode_error("dropped: the client no longer needs this call"), 0.0
-            request = decode_request(msg)
+            request = decode_request(msg, max_rows=self.security.max_rows)
             outputs, delay = self.host.run(request), 0.0
             if not self.adversary.is_honest:
                 outputs, delay = self.adversary.respond(request.layer, request.inputs, outputs)
@@ -159,17 +164,42 @@ class NeuroWorker:
 @click.option("--neuro-owner", default=None, help="owner id of this machine")
 @click.option("--neuro-no-benchmark", is_flag=True, default=False, help="skip the start-up micro-benchmark")
 @click.option("--neuro-adversary", default=None, help='drills only: JSON such as {"mode": "perturb"}')
+@click.option("--neuro-hardened/--neuro-no-hardened", default=None,
+              help="hardened mode (default: neuro.security.hardened)")
 async def dask_setup(worker, neuro_store, neuro_cache_dir, neuro_memory_budget, neuro_device, neuro_owner,
-                     neuro_no_benchmark, neuro_adversary) -> None:
+                     neuro_no_benchmark, neuro_adversary, neuro_hardened) -> None:
     settings = WorkerSettings.load(store=neuro_store, cache_dir=neuro_cache_dir, memory_budget=neuro_memory_budget,
                                    device=neuro_device, owner=neuro_owner,
                                    benchmark=False if neuro_no_benchmark else None,
                                    adversary=json.loads(neuro_adversary) if neuro_adversary else None)
-    adapter = NeuroWorker(worker, settings)
+    security = SecuritySettings.load(hardened=neuro_hardened)
+    if security.hardened:
+        harden_worker(worker, security)
+    adapter = NeuroWorker(worker, settings, security)
     await adapter.start()
 
 
+def harden_worker(worker, security: SecuritySettings) -> None:
+    """Restricted unpickling in this process, role checks on every handler, neuro tasks only;
+    each refusal goes to the scheduler's event log as well as this worker's."""
+    from neuro_dask.security.events import TOPIC, security_log
+    from neuro_dask.security.guards import guard_worker
+    from neuro_dask.security.hardening import install
+
+    install(max_message_bytes=security.max_message_bytes)
+    guard_worker(worker)
+
+    def forward(event) -> None:
+        if worker.status == Status.running:
+            worker.loop.add_callback(worker.log_event, TOPIC, event.to_dict())
+
+    worker._neuro_unsubscribe_security = security_log.subscribe(forward)
+
+
 def dask_teardown(worker) -> None:
+    unsubscribe = getattr(worker, "_neuro_unsubscribe_security", None)
+    if unsubscribe is not None:
+        unsubscribe()
     adapter = worker.extensions.get("neuro")
     if adapter is not None:
         adapter.close()

@@ -11,12 +11,12 @@ from neuro_dask.cluster import local_cluster
 
 
 @contextlib.contextmanager
-def neuro_cluster(n_workers=3, replicas=None, tmp_path=None, worker_args=()):
+def neuro_cluster(n_workers=3, replicas=None, tmp_path=None, worker_args=(), scheduler_args=()):
     """In-process cluster over TCP with both plugins; each worker gets its own expert cache."""
     args = ["--neuro-no-benchmark", *worker_args]
     with dask.config.set({"neuro.worker.cache-dir": str(tmp_path / "cache") if tmp_path else None}):
         with local_cluster(n_workers=n_workers, processes=False, replicas=replicas, worker_args=args,
-                           dashboard_address=None) as cluster, Client(cluster) as client:
+                           scheduler_args=list(scheduler_args), dashboard_address=None) as cluster, Client(cluster) as client:
             yield cluster, client
 
 

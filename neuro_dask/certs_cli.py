@@ -1,0 +1,164 @@
+"""`neuro-dask certs ...`: the certificate authority and role certificates of mutual TLS.
+
+Wiring it into neuro_dask/cli.py's parser (the handlers take `args` and return an exit code;
+a refusal is a `CertificateError`, a NeuroDaskError, which `neuro-dask`'s main prints and exits 2 on):
+
+    from neuro_dask.certs_cli import add_parser as add_certs_parser
+    add_certs_parser(sub)  # sub = the parser's add_subparsers(...) object
+
+Standalone: `python -m neuro_dask.certs_cli certs init DIR` (the same commands, same output).
+
+Commands:
+
+    neuro-dask certs init DIR [--name NAME] [--days N]
+        create the CA: DIR/ca.pem (public, every peer needs it) and DIR/ca-key.pem (mode 0600,
+        stays with the operator). Refuses when DIR already holds a CA.
+    neuro-dask certs issue DIR --role ROLE --name NAME [--days N] [--overwrite]
+        sign a certificate with DIR's CA: DIR/<role>-<name>.pem and DIR/<role>-<name>.key (0600).
+        ROLE is scheduler, worker, client or operator; a worker's NAME is its volunteer's ledger
+        identity (1-64 of A-Z a-z 0-9 . _ -).
+    neuro-dask certs show DIR
+        list the certificates in DIR: role, name, expiry (UTC), sha256 fingerprint.
+    neuro-dask certs quickstart DIR
+        a CA plus scheduler-scheduler, client-client, operator-operator and worker-worker-1:
+        everything to try TLS on one machine.
+
+A peer's TLS folder (neuro.security.tls-dir) needs only ca.pem and its own certificate and key;
+ca-key.pem belongs on no worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from neuro_dask.security.identity import ROLES  # pure and light: no cryptography for `--help`
+
+# The certificates `quickstart` makes: (role, name).
+QUICKSTART = (("scheduler", "scheduler"), ("client", "client"), ("operator", "operator"), ("worker", "worker-1"))
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from neuro_dask.security.certs import CA_KEY, create_ca, describe
+
+    ca = create_ca(args.dir, name=args.name, days=args.days)
+    info = describe(ca)
+    print(f"created the CA {args.name!r} in {args.dir}, valid until {info['not_after']:%Y-%m-%d}")
+    print(f"  {ca}  (public: every peer's TLS folder needs it)")
+    print(f"  {Path(args.dir) / CA_KEY}  (secret, mode 0600: keep it here, give it to no peer)")
+    print(f"next: neuro-dask certs issue {args.dir} --role scheduler --name scheduler  (and one per worker, client)")
+    return 0
+
+
+def _cmd_issue(args: argparse.Namespace) -> int:
+    from neuro_dask.security.certs import describe, issue
+
+    cert, key = issue(args.dir, args.role, args.name, days=args.days, overwrite=args.overwrite)
+    info = describe(cert)
+    print(f"issued a {args.role} certificate for {args.name!r}, valid until {info['not_after']:%Y-%m-%d}")
+    print(f"  {cert}")
+    print(f"  {key}  (secret, mode 0600)")
+    print(f"  sha256 {info['fingerprint']}")
+    print(f"give the {args.role} a folder with ca.pem, {cert.name} and {key.name}; point neuro.security.tls-dir "
+          "(DASK_NEURO__SECURITY__TLS_DIR) at it")
+    print(_dask_cli_hint(args.dir, args.role, cert, key))
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from neuro_dask.errors import CertificateError
+    from neuro_dask.security.certs import CA_KEY, certificates, describe
+
+    paths = certificates(args.dir)
+    if not paths:
+        raise CertificateError(f"{args.dir}: no certificates here; `neuro-dask certs init {args.dir}` creates a CA")
+    print(f"{'ROLE':<10} {'NAME':<24} {'EXPIRES (UTC)':<17} SHA-256 FINGERPRINT")
+    for path in paths:
+        info = describe(path)
+        role = info["role"] or ("ca" if info["is_ca"] else "?")
+        name = info["name"] or info["common_name"] or info["subject"]
+        flag = "  EXPIRED" if info["expired"] else ""
+        print(f"{role:<10} {name:<24} {info['not_after']:%Y-%m-%d %H:%M}  {info['fingerprint']}{flag}")
+    if (Path(args.dir) / CA_KEY).exists():
+        print(f"{CA_KEY} is here: this is the CA's folder; give peers only ca.pem and their own pair")
+    return 0
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from neuro_dask.security.certs import create_ca, issue
+
+    folder = Path(args.dir)
+    create_ca(folder)
+    made = {role: issue(folder, role, name) for role, name in QUICKSTART}
+    print(f"created a CA and {len(made)} certificates in {folder} (for trying TLS on one machine):")
+    print(f"  {folder / 'ca.pem'}, {folder / 'ca-key.pem'}")
+    for role, (cert, key) in made.items():
+        print(f"  {role:<9} {cert.name}, {key.name}")
+    print(f"neuro_dask: set neuro.security.tls-dir (DASK_NEURO__SECURITY__TLS_DIR={folder}); in Python, "
+          f"Client('tls://HOST:8786', security=security_for('client', {str(folder)!r})) "
+          "with security_for from neuro_dask.security.tls")
+    for role in ("scheduler", "worker"):
+        print(_dask_cli_hint(folder, role, *made[role]))
+    return 0
+
+
+def _dask_cli_hint(folder: str | Path, role: str, cert: Path, key: Path) -> str:
+    """How Dask's own CLI takes this certificate (for the roles that have a Dask command)."""
+    ca = Path(folder) / "ca.pem"
+    flags = f"--tls-ca-file {ca} --tls-cert {cert} --tls-key {key}"
+    if role == "scheduler":
+        return f"dask scheduler: dask scheduler {flags}"
+    if role == "worker":
+        return f"dask worker:    dask worker tls://SCHEDULER:8786 {flags}"
+    return f"a {role} connects with Client('tls://SCHEDULER:8786', security=security_for({role!r}, FOLDER))"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add `certs` (init, issue, show, quickstart) to neuro-dask's subcommands; returns its parser."""
+    certs = sub.add_parser("certs", help="mutual TLS: a certificate authority and role certificates",
+                           description="The certificate authority and role certificates of mutual TLS.")
+    cs = certs.add_subparsers(dest="certs_command", required=True, metavar="COMMAND")
+
+    p = cs.add_parser("init", help="create the CA (ca.pem, ca-key.pem) in DIR; refuses when one exists")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--name", default="neuro-dask-ca", help="the CA's common name (default neuro-dask-ca)")
+    p.add_argument("--days", type=int, default=3650, help="days the CA is valid (default 3650)")
+    p.set_defaults(func=_cmd_init)
+
+    p = cs.add_parser("issue", help="sign a role certificate (<role>-<name>.pem and .key) with DIR's CA")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--role", required=True, choices=ROLES)
+    p.add_argument("--name", required=True, help="the peer's name; a worker's is its ledger identity "
+                                                 "(1-64 of A-Z a-z 0-9 . _ -)")
+    p.add_argument("--days", type=int, default=825, help="days the certificate is valid (default 825)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing certificate and key")
+    p.set_defaults(func=_cmd_issue)
+
+    p = cs.add_parser("show", help="list DIR's certificates: role, name, expiry, fingerprint")
+    p.add_argument("dir", metavar="DIR")
+    p.set_defaults(func=_cmd_show)
+
+    p = cs.add_parser("quickstart", help="a CA and one scheduler, client, operator and worker certificate in DIR")
+    p.add_argument("dir", metavar="DIR")
+    p.set_defaults(func=_cmd_quickstart)
+    return certs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m neuro_dask.certs_cli certs ...`: the same commands without the rest of neuro-dask."""
+    from neuro_dask.errors import NeuroDaskError
+
+    parser = argparse.ArgumentParser(prog="python -m neuro_dask.certs_cli")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except NeuroDaskError as exc:
+        print(f"neuro-dask: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

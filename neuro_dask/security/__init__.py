@@ -1,0 +1,1 @@
+"""Hardened mode: restricted unpickling, role checks and mutual TLS with role certificates."""

@@ -1,0 +1,152 @@
+"""Hardened mode, server side: every handler of a scheduler or worker asks roles.py first.
+
+`guard_scheduler` and `guard_worker` swap the server's handler table for one that checks the
+caller's role (from its TLS certificate) before each operation, refuses the operations no one
+may use, and reports each refusal with the peer's address. `guard_worker` also checks every
+task the scheduler hands the worker: only neuro_dask's own task functions run. Thin: the
+decisions are roles.py's and allowlist.py's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from distributed.core import _expects_comm, error_message
+
+from neuro_dask.security.allowlist import is_task_function
+from neuro_dask.security.errors import RequestRefusedError, TaskRefusedError
+from neuro_dask.security.hardening import report
+from neuro_dask.security.identity import PeerIdentity, identity_from_peercert
+from neuro_dask.security.roles import Decision, scheduler_decision, worker_decision
+
+log = logging.getLogger(__name__)
+
+Decide = Callable[[str, "str | None"], Decision]
+
+
+def comm_identity(comm) -> PeerIdentity | None:
+    extra = getattr(comm, "extra_info", None) or {}
+    return identity_from_peercert(extra.get("peercert"))
+
+
+def _describe(identity: PeerIdentity | None) -> str | None:
+    return f"{identity.role}:{identity.name}" if identity else None
+
+
+class GuardedHandlers(dict):
+    """A server's handler table whose lookups return a role-checking wrapper.
+
+    Wrapping at lookup, not at install, covers the handlers plugins add later (ours add
+    theirs once the worker has benchmarked itself) without a second pass.
+    """
+
+    def __init__(self, handlers: dict, decide: Decide, rewrite: Callable | None = None):
+        super().__init__(handlers)
+        self.decide = decide
+        self.rewrite = rewrite
+
+    def __getitem__(self, op: str) -> Callable:
+        handler = dict.__getitem__(self, op)
+        decide, rewrite = self.decide, self.rewrite
+
+        def guarded(comm, **msg):
+            identity = comm_identity(comm)
+            role = identity.role if identity else None
+            decision = decide(op, role)
+            if not decision.allowed:
+                report("refused-op", comm.peer_address, f"{op}: {decision.why}", _describe(identity))
+                return _refusal(op, role, comm.peer_address, decision.why)
+            if rewrite is not None:
+                rewrite(op, identity, msg)
+            return handler(comm, **msg) if _expects_comm(handler) else handler(**msg)
+
+        guarded.__name__ = getattr(handler, "__name__", op)
+        return guarded
+
+
+def _refusal(op: str, role: str | None, peer: str, why: str) -> dict[str, Any]:
+    try:
+        raise RequestRefusedError(op, role, peer, why)
+    except RequestRefusedError as exc:
+        # "uncaught-error" is the status distributed's rpc re-raises in the caller.
+        return error_message(exc, status="uncaught-error")
+
+
+def _bind_worker_name(op: str, identity: PeerIdentity | None, msg: dict) -> None:
+    """A worker's name (its reputation and ledger identity) is the name on its certificate."""
+    if op == "register-worker" and identity is not None and identity.role == "worker":
+        if msg.get("name") not in (identity.name, None):
+            log.info("worker at %s asked to be called %r; its certificate names it %r", msg.get("address"),
+                     msg.get("name"), identity.name)
+        msg["name"] = identity.name
+
+
+def roles_required_for(server) -> bool:
+    """Roles are enforced whenever the server listens with TLS: every peer then has a certificate."""
+    return any(str(address).startswith("tls://") for address in _listen_addresses(server))
+
+
+def _listen_addresses(server) -> list[str]:
+    return [listener.listen_address for listener in getattr(server, "listeners", [])]
+
+
+def guard_scheduler(scheduler) -> None:
+    if isinstance(scheduler.handlers, GuardedHandlers):
+        return
+    required = roles_required_for(scheduler)
+    scheduler.handlers = GuardedHandlers(
+        scheduler.handlers, lambda op, role: scheduler_decision(op, role, roles_required=required),
+        rewrite=_bind_worker_name)
+
+
+def guard_worker(worker) -> None:
+    if isinstance(worker.handlers, GuardedHandlers):
+        return
+    required = roles_required_for(worker)
+    worker.handlers = GuardedHandlers(worker.handlers,
+                                      lambda op, role: worker_decision(op, role, roles_required=required))
+    compute = worker.stream_handlers["compute-task"]
+    worker.stream_handlers["compute-task"] = _checked_compute_task(worker, compute)
+
+
+def _checked_compute_task(worker, original: Callable) -> Callable:
+    def compute_task(**msg):
+        spec = msg.get("run_spec")
+        refused = refused_function(spec)
+        if refused is not None:
+            key = msg.get("key")
+            report("task", getattr(worker.scheduler, "address", None), f"task {key!r} calls {refused}")
+            msg["run_spec"] = _refusing_task(key, refused)
+        return original(**msg)
+
+    return compute_task
+
+
+def refused_function(spec: Any) -> str | None:
+    """The name of the first function in a task spec that is not neuro_dask's, or None."""
+    from dask._task_spec import Task
+
+    if not isinstance(spec, Task):
+        return f"a {type(spec).__name__} (not a task)"
+    func = spec.func
+    module, name = getattr(func, "__module__", None), getattr(func, "__qualname__", None)
+    if not (isinstance(module, str) and isinstance(name, str) and is_task_function(module, name)):
+        return f"{module}.{name}"
+    for arg in (*spec.args, *spec.kwargs.values()):
+        if isinstance(arg, Task):
+            inner = refused_function(arg)
+            if inner is not None:
+                return inner
+    return None
+
+
+def _refusing_task(key, function: str):
+    from dask._task_spec import Task
+
+    return Task(key, refuse_task, str(key), function)
+
+
+def refuse_task(key: str, function: str):
+    raise TaskRefusedError(key, function)

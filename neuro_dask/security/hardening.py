@@ -1,0 +1,201 @@
+"""Hardened mode, process side: distributed loads pickles only through the allow-list.
+
+distributed loads pickles in a handful of places (dask/distributed#9283): the comm protocol's
+`__Pickled__` frames and pickle serialization family, the `dask` family's type headers, numpy's
+object arrays, exceptions and tracebacks, plugins, `run`/`run_on_scheduler`, warnings forwarded
+to clients, P2P shuffles. Almost all of them call `distributed.protocol.pickle.loads`; the rest
+call the stdlib `pickle` module that client.py, scheduler.py and the shuffle modules import.
+`install()` replaces exactly those names (PICKLE_SITES) with the restricted loader, caps the
+size of a message before its bytes are allocated, and remembers which peer each message came
+from so that a refusal is reported with its address. tests/unit/test_hardening.py re-reads
+distributed's source and fails when a loads call appears anywhere this list does not cover,
+and `install()` refuses to run on a distributed version it was not verified against.
+
+Process-wide by nature (it patches modules), so one switch per process: `neuro-dask
+scheduler|worker` and `neuro_dask.harden()` turn it on; `uninstall()` exists for tests.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import importlib
+import logging
+import pickle as stdlib_pickle
+import types
+from collections.abc import Callable
+from typing import Any
+
+import distributed
+
+from neuro_dask.security.allowlist import SUBSTITUTES, is_allowed, is_named_only
+from neuro_dask.security.errors import PickleRefusedError, UnverifiedDistributedError
+from neuro_dask.security.events import SecurityEvent, security_log
+
+log = logging.getLogger(__name__)
+
+VERIFIED_DISTRIBUTED: tuple[str, ...] = ("2026.8.0",)
+
+# (module, attribute) pairs that hold a pickle loader: a function named `loads`, or the module
+# `pickle` whose `.loads` the module calls.
+PICKLE_SITES: tuple[tuple[str, str], ...] = (
+    ("distributed.protocol.pickle", "loads"),   # protocol, serialize, numpy, cuda, core, worker, nanny
+    ("distributed.client", "loads"),
+    ("distributed.client", "pickle"),           # warnings forwarded from workers
+    ("distributed.scheduler", "loads"),
+    ("distributed.scheduler", "pickle"),        # run_on_scheduler, keys of stimulus messages
+    ("distributed.shuffle._core", "pickle"),
+    ("distributed.shuffle._pickle", "pickle"),
+)
+
+# Where distributed turns an error message back into an exception. Hardened mode loads the
+# exception through the allow-list and drops the remote traceback: tblib rebuilds tracebacks
+# by compiling code objects, and distributed's own fallback (a traceback as text) trips an
+# assert in the original.
+CLEAN_EXCEPTION_SITES: tuple[str, ...] = ("distributed.core", "distributed.client",
+                                          "distributed.shuffle._worker_plugin", "distributed.shuffle._comms")
+
+current_peer: contextvars.ContextVar[str | None] = contextvars.ContextVar("neuro_current_peer", default=None)
+
+_installed: dict[tuple[str, str], Any] = {}
+_max_message_bytes: list[int] = [0]
+
+
+def check_distributed_version(version: str | None = None) -> None:
+    found = version or distributed.__version__
+    if found not in VERIFIED_DISTRIBUTED:
+        raise UnverifiedDistributedError(found, VERIFIED_DISTRIBUTED)
+
+
+def hardened_loads(x, *, buffers=()) -> Any:
+    """Drop-in for distributed.protocol.pickle.loads and pickle.loads."""
+    peer = current_peer.get()
+    try:
+        if buffers:
+            return _restricted(x, buffers, peer)
+        return _restricted(x, None, peer)
+    except PickleRefusedError as exc:
+        report("pickle", peer, f"{exc.module}.{exc.name}")
+        raise
+
+
+def _restricted(x, buffers, peer):
+    from neuro_dask.security.unpickle import restricted_loads
+
+    return restricted_loads(x, allowed=is_allowed, buffers=buffers, peer=peer, named_only=is_named_only,
+                            substitutes=SUBSTITUTES)
+
+
+def hardened_clean_exception(exception=None, traceback=None, **_ignored):
+    """Drop-in for distributed.core.clean_exception: (type, exception, None)."""
+    if isinstance(exception, (bytes, bytearray, memoryview)):
+        try:
+            exception = hardened_loads(exception)
+        except Exception:
+            exception = Exception("a remote error that hardened mode would not unpickle")
+    elif isinstance(exception, str):
+        exception = Exception(exception)
+    if exception is not None and not isinstance(exception, Exception):
+        exception = Exception(repr(exception)[:2000])
+    return type(exception), exception, None
+
+
+def report(kind: str, peer: str | None, detail: str, identity: str | None = None) -> SecurityEvent:
+    event = security_log.record(kind, peer, detail, identity)
+    log.warning("security: refused %s from %s%s: %s", kind, peer or "an unknown peer",
+                f" ({identity})" if identity else "", detail)
+    return event
+
+
+class _PickleModule(types.ModuleType):
+    """Stands in for the stdlib `pickle` inside one distributed module: loads is restricted."""
+
+    def __init__(self) -> None:
+        super().__init__("pickle", "the stdlib pickle with hardened mode's restricted loads")
+
+    @staticmethod
+    def loads(data, /, *, buffers=(), **_ignored):
+        return hardened_loads(data, buffers=buffers)
+
+    def load(self, file, /, **_ignored):
+        return hardened_loads(file.read())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(stdlib_pickle, name)
+
+
+def _limited_read_bytes_rw(original: Callable) -> Callable:
+    async def read_bytes_rw(stream, n: int):
+        limit = _max_message_bytes[0]
+        if limit and n > limit:
+            # Refuse before allocating: the frame size is the peer's claim, not data we hold.
+            report("message-size", current_peer.get(), f"{n} bytes announced, limit {limit}")
+            raise ValueError(f"message of {n} bytes exceeds neuro.security.max-message-bytes ({limit})")
+        return await original(stream, n)
+
+    read_bytes_rw.__wrapped__ = original
+    return read_bytes_rw
+
+
+def _peer_tagging_read(original: Callable) -> Callable:
+    async def read(self, deserializers=None):
+        # Set in the reading task's context, so the handler that runs next sees it too.
+        current_peer.set(self.peer_address)
+        return await original(self, deserializers)
+
+    read.__wrapped__ = original
+    return read
+
+
+def _reporting_prepare_stream(original: Callable) -> Callable:
+    async def _prepare_stream(self, stream, address):
+        prepared = await original(self, stream, address)
+        if prepared is None:
+            report("tls-handshake", str(address), "no valid certificate from this network's CA")
+        return prepared
+
+    _prepare_stream.__wrapped__ = original
+    return _prepare_stream
+
+
+def _patch(module_name: str, attribute: str, value: Any) -> None:
+    module = importlib.import_module(module_name)
+    key = (module_name, attribute)
+    if key not in _installed:
+        _installed[key] = getattr(module, attribute)
+    setattr(module, attribute, value)
+
+
+def install(*, max_message_bytes: int = 0) -> None:
+    """Turn hardened loading on in this process (idempotent)."""
+    check_distributed_version()
+    _max_message_bytes[0] = int(max_message_bytes)
+    if is_installed():
+        return
+    shim = _PickleModule()
+    for module_name, attribute in PICKLE_SITES:
+        _patch(module_name, attribute, shim if attribute == "pickle" else hardened_loads)
+    for module_name in CLEAN_EXCEPTION_SITES:
+        _patch(module_name, "clean_exception", hardened_clean_exception)
+    from distributed.comm import tcp
+
+    _patch("distributed.comm.tcp", "read_bytes_rw", _limited_read_bytes_rw(tcp.read_bytes_rw))
+    tcp.TCP.read = _peer_tagging_read(tcp.TCP.read)
+    tcp.TLSListener._prepare_stream = _reporting_prepare_stream(tcp.TLSListener._prepare_stream)
+    log.info("hardened mode: restricted unpickling on (distributed %s)", distributed.__version__)
+
+
+def uninstall() -> None:
+    """Undo install() (tests run hardened and ordinary clusters in one process)."""
+    from distributed.comm import tcp
+
+    for (module_name, attribute), original in _installed.items():
+        setattr(importlib.import_module(module_name), attribute, original)
+    _installed.clear()
+    for cls, name in ((tcp.TCP, "read"), (tcp.TLSListener, "_prepare_stream")):
+        method = getattr(cls, name)
+        if hasattr(method, "__wrapped__"):
+            setattr(cls, name, method.__wrapped__)
+
+
+def is_installed() -> bool:
+    return bool(_installed)

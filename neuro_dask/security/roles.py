@@ -1,0 +1,94 @@
+"""Who may ask a hardened scheduler or worker for what. Pure: operation names in, decisions out.
+
+A peer's role comes from its TLS certificate (neuro_dask/security/identity.py): scheduler,
+worker, client or operator. Without TLS there is no role; hardened mode then still refuses
+the operations no one may use (remote code, plugins, raw data uploads), and the deployment
+guide (docs/security.md) says to turn TLS on before opening the port to strangers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Remote code execution, plugins and arbitrary data: no peer of a hardened network uses them.
+SCHEDULER_NEVER = frozenset({
+    "run_function",                      # client.run_on_scheduler
+    "broadcast",                         # client.run, and any message to every worker
+    "register_scheduler_plugin", "unregister_scheduler_plugin",
+    "register_worker_plugin", "unregister_worker_plugin",
+    "register_nanny_plugin", "unregister_nanny_plugin",
+    "dump_cluster_state_to_url",         # writes wherever the URL says
+    "proxy",                             # relays arbitrary messages to a worker
+    "scatter", "update_data", "replicate", "rebalance",
+    "shuffle_barrier", "shuffle_get", "shuffle_get_or_create", "shuffle_restrict_task",
+    "benchmark_hardware", "memory_sampler_start", "memory_sampler_stop",
+})
+
+# What a volunteer's worker (or its nanny) needs from the scheduler. A worker certificate
+# cannot do anything else: it cannot register as a client, submit work or read others' data.
+SCHEDULER_WORKER_OPS = frozenset({
+    "register-worker", "heartbeat_worker", "unregister", "register_nanny", "log_event",
+    "identity", "echo", "versions", "who_has", "neuro_experts_loaded", "connection_stream",
+})
+
+# A peer with one of these ops is a worker, so a client certificate may not use them.
+SCHEDULER_WORKER_ONLY = frozenset({"register-worker", "heartbeat_worker", "register_nanny", "unregister",
+                                   "neuro_experts_loaded"})
+
+# Cluster-wide control and other people's logs: the operator's certificate only.
+SCHEDULER_OPERATOR_ONLY = frozenset({
+    "restart", "restart_workers", "retire_workers", "workers_to_close", "terminate", "adaptive_target",
+    "set_resources", "set_restrictions", "dump_state", "get_cluster_state", "get_logs", "logs",
+    "worker_logs", "call_stack", "profile", "neuro_publish",
+})
+
+WORKER_NEVER = frozenset({
+    "run", "run_coroutine", "plugin-add", "plugin-remove", "upload_file", "actor_execute", "actor_attribute",
+    "update_data", "benchmark_disk", "benchmark_memory", "benchmark_network", "shuffle_inputs_done",
+    "shuffle_receive",
+})
+
+# What anyone with a certificate of this network may ask a worker: expert calls and their data.
+WORKER_ANYONE = frozenset({"neuro_expert", "neuro_cancel", "neuro_status", "get_data", "identity", "echo",
+                           "ping", "versions", "connection_stream"})
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    why: str = ""
+
+
+ALLOW = Decision(True)
+
+
+def scheduler_decision(op: str, role: str | None, *, roles_required: bool) -> Decision:
+    if op in SCHEDULER_NEVER:
+        return Decision(False, "hardened mode never runs remote code, plugins or raw data uploads")
+    if role is None:
+        if roles_required:
+            return Decision(False, "this scheduler requires a certificate from its network's CA")
+        return ALLOW
+    if role == "worker":
+        if op in SCHEDULER_WORKER_OPS:
+            return ALLOW
+        return Decision(False, "a worker certificate may only register and report as a worker")
+    if op in SCHEDULER_WORKER_ONLY:
+        return Decision(False, f"only a worker certificate may {op}")
+    if op in SCHEDULER_OPERATOR_ONLY and role not in ("operator", "scheduler"):
+        return Decision(False, "only the operator's certificate may do this")
+    return ALLOW
+
+
+def worker_decision(op: str, role: str | None, *, roles_required: bool) -> Decision:
+    if op in WORKER_NEVER:
+        return Decision(False, "a hardened worker runs neuro_dask's expert work only")
+    if role is None:
+        if roles_required:
+            return Decision(False, "this worker requires a certificate from its network's CA")
+        return ALLOW
+    if op in WORKER_ANYONE:
+        return ALLOW
+    if role == "scheduler":
+        return ALLOW
+    return Decision(False, "only the scheduler may ask a worker for this")
