@@ -19,7 +19,8 @@ __version__ = "0.1.0"
 # Imported on first use, so that light tools (the ledger CLI, a ledger writer) never load torch.
 _LAZY = {"load": "neuro_dask.loading", "MapFailure": "neuro_dask.mapping", "failures": "neuro_dask.mapping", "MoEConfig": "neuro_dask.model.config",
          "SUPPORTED_MODEL_TYPES": "neuro_dask.model.config", "MoEModel": "neuro_dask.model.model",
-         "shard_checkpoint": "neuro_dask.store.sharder"}
+         "shard_checkpoint": "neuro_dask.store.sharder", "harden": "neuro_dask.security.hardening",
+         "security_for": "neuro_dask.security.tls"}
 
 
 def __getattr__(name: str):
@@ -37,6 +38,8 @@ __all__ = [
     "NeuroDaskError",
     "SUPPORTED_MODEL_TYPES",
     "load",
+    "harden",
+    "security_for",
     "shard_checkpoint",
     "__version__",
 ]

@@ -1,4 +1,4 @@
-"""`neuro-dask`: demo, drill, scheduler, worker, shard, inspect, generate, train-demo."""
+"""`neuro-dask`: demo, drill, scheduler, worker, certs, shard, inspect, generate, serve, train-demo, ledger."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from neuro_dask.certs_cli import add_parser as register_certs
 from neuro_dask.errors import NeuroDaskError
 from neuro_dask.ledger_cli import register as register_ledger
 
@@ -89,15 +90,40 @@ def _cmd_drill(args: argparse.Namespace) -> int:
     return 0 if report.identical and report.wrong_accepted == 0 else 1
 
 
-def _cmd_scheduler(args: argparse.Namespace, extra: list[str]) -> int:
+def _has_flag(extra: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in extra)
+
+
+def _tls_args(role: str, folder: str | None, name: str | None = None) -> list[str]:
+    """Dask's TLS flags for a `role` certificate in `folder` (made by `neuro-dask certs`)."""
+    if not folder:
+        return []
+    from neuro_dask.security.tls import certificate_files
+
+    ca, cert, key, name = certificate_files(role, folder, name)
+    return ["--tls-ca-file", str(ca), "--tls-cert", str(cert), "--tls-key", str(key)]
+
+
+def _hardened_flag(args: argparse.Namespace) -> list[str]:
+    return ["--neuro-hardened" if args.hardened else "--neuro-no-hardened"]
+
+
+def scheduler_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
     argv = [sys.executable, "-m", "dask", "scheduler", "--preload", "neuro_scheduler"]
     if args.replicas:
         argv += ["--neuro-replicas", str(args.replicas)]
-    os.execv(sys.executable, argv + extra)
-    return 0  # not reached
+    argv += _hardened_flag(args)
+    if args.tls:
+        argv += _tls_args("scheduler", args.tls)
+        if not _has_flag(extra, "--protocol"):
+            argv += ["--protocol", "tls"]
+    if not _has_flag(extra, "--dashboard-address"):
+        # The dashboard shows every worker and call: on this machine only, unless asked otherwise.
+        argv += ["--dashboard-address", "127.0.0.1:8787"]
+    return argv + extra
 
 
-def _cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
+def worker_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
     argv = [sys.executable, "-m", "dask", "worker", args.scheduler, "--preload", "neuro_worker",
             "--nthreads", str(args.nthreads)]
     for flag, value in (("--neuro-store", args.store), ("--neuro-cache-dir", args.cache_dir),
@@ -105,8 +131,44 @@ def _cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
                         ("--neuro-owner", args.owner)):
         if value:
             argv += [flag, str(value)]
-    os.execv(sys.executable, argv + extra)
+    argv += _hardened_flag(args)
+    if args.tls:
+        argv += _tls_args("worker", args.tls, args.name)
+    if args.name and not _has_flag(extra, "--name"):
+        argv += ["--name", args.name]
+    if not _has_flag(extra, "--dashboard-address") and not _has_flag(extra, "--no-dashboard"):
+        argv += ["--dashboard-address", "127.0.0.1:0"]  # a volunteer's worker page stays on its machine
+    return argv + extra
+
+
+def _cmd_scheduler(args: argparse.Namespace, extra: list[str]) -> int:
+    os.execv(sys.executable, scheduler_argv(args, extra))
     return 0  # not reached
+
+
+def _cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
+    os.execv(sys.executable, worker_argv(args, extra))
+    return 0  # not reached
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from distributed import Client
+
+    from neuro_dask.dispatch.session import publish, wait_until_served
+    from neuro_dask.settings import ClientSettings
+
+    security = None
+    if args.tls:
+        from neuro_dask.security.tls import security_for
+
+        security = security_for("operator", args.tls)
+    with Client(args.scheduler, security=security, timeout=args.timeout) as client:
+        reply = publish(client, str(args.model))
+        print(f"published {reply['model']} from {args.model}")
+        if args.wait:
+            wait_until_served(client, reply["model"], ClientSettings.load().load_timeout)
+            print(f"{reply['model']}: every expert is served")
+    return 0
 
 
 def _cmd_shard(args: argparse.Namespace) -> int:
@@ -156,6 +218,13 @@ def _cmd_train_demo(args: argparse.Namespace) -> int:
     train_and_ship(settings, Path(args.out or ASSET_DIR),
                    progress=lambda msg: print(f"[{time.perf_counter() - started:6.0f} s] {msg}", flush=True))
     return 0
+
+
+def _add_security_arguments(parser: argparse.ArgumentParser, role: str) -> None:
+    parser.add_argument("--tls", metavar="DIR",
+                        help=f"mutual TLS with the {role} certificate in DIR (made by `neuro-dask certs`; docs/security.md)")
+    parser.add_argument("--hardened", action=argparse.BooleanOptionalAction, default=True,
+                        help="hardened mode: allow-listed unpickling, no remote code, role checks (default: on)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sc = sub.add_parser("scheduler", help="dask scheduler --preload neuro_scheduler (other flags go to dask)")
     sc.add_argument("--replicas", type=int, help="target replicas per expert")
+    _add_security_arguments(sc, "scheduler")
     sc.set_defaults(func=_cmd_scheduler, passthrough=True)
 
     w = sub.add_parser("worker", help="dask worker ADDR --preload neuro_worker (other flags go to dask)")
@@ -230,7 +300,22 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--owner", help="owner id: replicas of one expert never share an owner")
     w.add_argument("--store", help="a mirror of the model store to fetch experts from")
     w.add_argument("--nthreads", type=int, default=1)
+    w.add_argument("--name", help="this worker's name; with --tls, the NAME of the worker-NAME.pem to use "
+                                  "(its ledger identity; default: the folder's only worker certificate)")
+    _add_security_arguments(w, "worker")
     w.set_defaults(func=_cmd_worker, passthrough=True)
+
+    register_certs(sub)
+
+    pb = sub.add_parser("publish", help="operator: have a scheduler place a sharded model's experts on its workers")
+    pb.add_argument("model", help="sharded model folder or URL, as the workers will fetch it")
+    pb.add_argument("--scheduler", required=True, help="scheduler address, e.g. tls://HOST:8786")
+    pb.add_argument("--tls", metavar="DIR", help="the operator certificate's folder (hardened networks: only the "
+                                                 "operator publishes)")
+    pb.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
+                    help="wait until every expert is served (default: on)")
+    pb.add_argument("--timeout", type=float, default=30.0, help="seconds to connect")
+    pb.set_defaults(func=_cmd_publish)
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)")
     sv.add_argument("--scheduler", help="serve through an existing cluster (default: start a local one)")

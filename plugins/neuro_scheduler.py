@@ -142,7 +142,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             manifest = await asyncio.to_thread(read_manifest, store_url)
         except NeuroDaskError as exc:
             return {"status": "error", "message": str(exc)}
-        model_id = f"{manifest.architecture}-{manifest.trunk.sha256[:12]}"  # same content, same id
+        model_id = manifest.model_id
         experts = {(a.layer, a.expert): a.bytes for a in manifest.experts}
         if model_id not in self.coordinator.models:
             log.info("publishing %s from %s: %d experts", model_id, store_url, len(experts))

@@ -41,3 +41,51 @@ def add_worker(client, scheduler_address, name, *args):
 
 def trust_events(client):
     return [e for _, e in client.get_events("neuro-trust")]
+
+
+def make_certs(folder, workers=3):
+    """A CA with scheduler, client, operator and worker-1..N certificates (neuro-dask certs)."""
+    from neuro_dask.security.certs import create_ca, issue
+
+    create_ca(folder)
+    for role, name in (("scheduler", "scheduler"), ("client", "client"), ("operator", "operator"),
+                       *(("worker", f"worker-{i}") for i in range(1, workers + 1))):
+        issue(folder, role, name)
+    return folder
+
+
+@contextlib.contextmanager
+def hardened_tls_cluster(tmp_path, n_workers=3, worker_args=(), client_role="client"):
+    """In-process hardened network over mutual TLS: each worker with its own certificate, the
+    client with a client certificate. Undoes the process-wide hardening afterwards."""
+    from distributed import Scheduler, SpecCluster, Worker
+
+    from neuro_dask.security.hardening import uninstall
+    from neuro_dask.security.tls import security_for
+
+    certs = make_certs(tmp_path / "certs", n_workers)
+    scheduler = {"cls": Scheduler, "options": {
+        "host": "127.0.0.1", "protocol": "tls", "dashboard_address": "127.0.0.1:0",
+        "security": security_for("scheduler", certs),
+        "preload": ["neuro_scheduler"], "preload_argv": [["--neuro-hardened"]]}}
+    workers = {f"worker-{i}": {"cls": Worker, "options": {
+        "nthreads": 1, "host": "127.0.0.1", "dashboard": False, "security": security_for("worker", certs, f"worker-{i}"),
+        "preload": ["neuro_worker"], "preload_argv": [["--neuro-no-benchmark", "--neuro-hardened", *worker_args]]}}
+        for i in range(1, n_workers + 1)}
+    try:
+        with dask.config.set({"neuro.worker.cache-dir": str(tmp_path / "cache")}):
+            with SpecCluster(workers=workers, scheduler=scheduler, security=security_for("operator", certs)) as cluster, \
+                    Client(cluster.scheduler_address, security=security_for(client_role, certs)) as client:
+                client.wait_for_workers(n_workers, timeout=60)
+                yield cluster, client, certs
+    finally:
+        uninstall()
+
+
+def publish_as_operator(scheduler_address, certs, path):
+    """On a hardened network only the operator's certificate publishes a model."""
+    from neuro_dask.dispatch.session import publish
+    from neuro_dask.security.tls import security_for
+
+    with Client(scheduler_address, security=security_for("operator", certs)) as operator:
+        return publish(operator, str(path))["model"]

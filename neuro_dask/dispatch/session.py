@@ -24,7 +24,7 @@ from neuro_dask.dispatch.transports import make_transport
 from neuro_dask.errors import NeuroDaskError
 from neuro_dask.loading import assemble_model
 from neuro_dask.model.model import MoEModel
-from neuro_dask.settings import ClientSettings
+from neuro_dask.settings import ClientSettings, SecuritySettings
 from neuro_dask.store.manifest import MANIFEST_NAME
 from neuro_dask.store.remote import ExpertFileCache, read_manifest
 from neuro_dask.store.shard_store import ShardStore
@@ -68,10 +68,16 @@ def open_store(path_or_url: str | Path, verify: bool, cache_dir: Path | None = N
     return url, ShardStore(mirror, verify=verify)
 
 
-def publish(client: Client, store_url: str) -> dict[str, Any]:
+def publish(client: Client, store_url: str, model_id: str | None = None) -> dict[str, Any]:
+    """Ask the scheduler to serve the model at `store_url`. On a hardened network only the
+    operator publishes: a client then finds the model among those already published."""
+    if model_id is not None and _is_published(client, model_id):
+        return {"status": "OK", "model": model_id}
     try:
         reply = client.sync(client.scheduler.neuro_publish, store_url=store_url)
     except Exception as exc:  # distributed raises a bare ValueError/KeyError for an unknown handler
+        if "only the operator" in str(exc) and model_id is not None:
+            return _published_by_operator(client, store_url, model_id)
         if "neuro_publish" in str(exc):
             raise SchedulerPluginMissingError(client.scheduler.address, str(exc)) from None
         raise
@@ -114,11 +120,31 @@ def wait_until_served(client: Client, model_id: str, timeout: float, clock=time.
         time.sleep(0.05)  # poll: workers report loaded experts as they finish
 
 
+def _is_published(client: Client, model_id: str) -> bool:
+    try:
+        return client.sync(client.scheduler.neuro_routes, model=model_id).get("status") == "OK"
+    except Exception:  # no neuro plugin: publish() says so in words
+        return False
+
+
+def _published_by_operator(client: Client, store_url: str, model_id: str) -> dict[str, Any]:
+    if not _is_published(client, model_id):
+        raise NeuroDaskError(
+            f"{store_url} ({model_id}) is not published on {client.scheduler.address}, and on this hardened "
+            "network only the operator publishes models: ask them to run "
+            f"`neuro-dask publish {store_url} --scheduler {client.scheduler.address} --tls DIR`")
+    return {"status": "OK", "model": model_id}
+
+
 def load_distributed(path_or_url: str | Path, client: Client, *, transport: str | None = None,
                      dtype: torch.dtype = torch.float32, verify: bool = True) -> MoEModel:
     settings = ClientSettings.load(transport=transport)
+    if SecuritySettings.load().hardened:
+        from neuro_dask.security.hardening import harden
+
+        harden()
     store_url, store = open_store(path_or_url, verify)
-    reply = publish(client, store_url)
+    reply = publish(client, store_url, store.manifest.model_id)
     model_id = reply["model"]
     wait_until_served(client, model_id, settings.load_timeout)
     executor = DistributedExecutor(client, model_id, make_transport(settings.transport, client, settings.connect_timeout), settings)

@@ -178,7 +178,9 @@ class DirectTransport:
 
     def __init__(self, client: Client, connect_timeout: float = 3.0):
         self.client = client
-        # Our own pool: it deserializes msgpack only, so a worker cannot make us unpickle.
+        # Our own pool deserializes msgpack only. distributed still loads `__Pickled__` frames
+        # whatever the deserializers say (dask/distributed#9283): hardened mode (nd.harden())
+        # puts those behind the allow-list too.
         self.pool = ConnectionPool(limit=256, deserializers=["msgpack"], serializers=["msgpack"],
                                    connection_args=client.connection_args, timeout=connect_timeout)
         self.connect_timeout = connect_timeout

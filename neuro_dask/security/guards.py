@@ -109,6 +109,22 @@ def guard_worker(worker) -> None:
                                       lambda op, role: worker_decision(op, role, roles_required=required))
     compute = worker.stream_handlers["compute-task"]
     worker.stream_handlers["compute-task"] = _checked_compute_task(worker, compute)
+    worker.plugin_add = _refusing_plugin_add(worker, worker.plugin_add)
+
+
+def _refusing_plugin_add(worker, original: Callable) -> Callable:
+    """Plugins from the scheduler arrive pickled at registration (an ordinary scheduler sends
+    Dask's shuffle plugin): refuse them without loading, so the worker still starts. Plugin
+    objects handed to Worker(...) in this process are not remote and pass."""
+
+    async def plugin_add(plugin, name: str | None = None, catch_errors: bool = True):
+        if isinstance(plugin, (bytes, bytearray, memoryview)):
+            report("plugin", getattr(worker.scheduler, "address", None), f"worker plugin {name!r} not loaded")
+            return {"status": "error", "exception": None, "traceback": None,
+                    "exception_text": "hardened workers load no plugins", "traceback_text": ""}
+        return await original(plugin=plugin, name=name, catch_errors=catch_errors)
+
+    return plugin_add
 
 
 def _checked_compute_task(worker, original: Callable) -> Callable:

@@ -184,6 +184,16 @@ def install(*, max_message_bytes: int = 0) -> None:
     log.info("hardened mode: restricted unpickling on (distributed %s)", distributed.__version__)
 
 
+def harden(*, max_message_bytes: int | None = None) -> None:
+    """Hardened mode in this process: what a data scientist calls before talking to a network of
+    strangers (nd.load does it when neuro.security.hardened is set)."""
+    if max_message_bytes is None:
+        from neuro_dask.settings import SecuritySettings
+
+        max_message_bytes = SecuritySettings.load().max_message_bytes
+    install(max_message_bytes=max_message_bytes)
+
+
 def uninstall() -> None:
     """Undo install() (tests run hardened and ordinary clusters in one process)."""
     from distributed.comm import tcp

@@ -38,14 +38,7 @@ def security_for(role: str, directory: str | os.PathLike, name: str | None = Non
     Uses `<role>-<name>.pem` and its key; with name=None, the one certificate of that role in the
     folder (an error names the candidates when there are several or none).
     """
-    folder = Path(directory).absolute()  # a process that changes directory keeps its certificates
-    check_role(role)
-    ca = folder / CA_CERT
-    if not ca.is_file():
-        raise CertificateError(f"{folder}: no {CA_CERT}; copy the network's {CA_CERT} here, or create a "
-                               f"network with `neuro-dask certs quickstart {folder}`")
-    cert, key, name = _certificate_for(folder, role, name)
-    _check_usable(cert, key, role, name)
+    ca, cert, key, name = certificate_files(role, directory, name)
     # Every Dask role named: one left out would be read from Dask's config (distributed.comm.tls.*).
     files: dict[str, str | None] = {}
     for dask_role in ("scheduler", "worker", "client"):
@@ -54,6 +47,20 @@ def security_for(role: str, directory: str | os.PathLike, name: str | None = Non
         files[f"tls_{dask_role}_key"] = str(key) if plays else None
     log.debug("TLS as %s with %s", role, cert)
     return Security(tls_ca_file=str(ca), require_encryption=True, **files)
+
+
+def certificate_files(role: str, directory: str | os.PathLike, name: str | None = None) -> tuple[Path, Path, Path, str]:
+    """(ca.pem, certificate, key, name) of a `role` peer in `directory`, checked to be usable:
+    what `dask scheduler|worker --tls-ca-file --tls-cert --tls-key` take."""
+    folder = Path(directory).absolute()  # a process that changes directory keeps its certificates
+    check_role(role)
+    ca = folder / CA_CERT
+    if not ca.is_file():
+        raise CertificateError(f"{folder}: no {CA_CERT}; copy the network's {CA_CERT} here, or create a "
+                               f"network with `neuro-dask certs quickstart {folder}`")
+    cert, key, name = _certificate_for(folder, role, name)
+    _check_usable(cert, key, role, name)
+    return ca, cert, key, name
 
 
 def peer_identity(comm: object) -> PeerIdentity | None:

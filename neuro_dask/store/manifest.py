@@ -73,6 +73,11 @@ class Manifest:
         return MoEConfig.from_hf(self.config, f"{MANIFEST_NAME}:config")
 
     @property
+    def model_id(self) -> str:
+        """The id a scheduler publishes this model under: same content, same id."""
+        return f"{self.architecture}-{self.trunk.sha256[:12]}"
+
+    @property
     def trunk(self) -> Artifact:
         return self._get(ROLE_TRUNK, None, None)
 

@@ -1,13 +1,27 @@
-"""Distributed generation over 3 workers equals local nd.load and transformers, either transport."""
+"""Distributed generation over 3 workers equals local nd.load and transformers, either transport,
+on an ordinary cluster and on a hardened one over mutual TLS (docs/security.md)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from cluster_helpers import worker_status
+from cluster_helpers import hardened_tls_cluster, neuro_cluster, worker_status
 from tiny_models import ARCHITECTURES, build_hf_model, padded_batch
 
 import neuro_dask as nd
+
+
+@pytest.fixture(scope="module", params=["tcp", "hardened-tls"])
+def shared_cluster(request, tmp_path_factory):
+    """The same tests on both networks. The hardened one's client holds the operator's
+    certificate, because these tests publish models (test_hardened_cluster.py covers clients)."""
+    tmp = tmp_path_factory.mktemp("cluster")
+    if request.param == "tcp":
+        with neuro_cluster(3, tmp_path=tmp) as (cluster, client):
+            yield cluster, client
+    else:
+        with hardened_tls_cluster(tmp, client_role="operator") as (cluster, client, _certs):
+            yield cluster, client
 
 
 @pytest.fixture(scope="module")
