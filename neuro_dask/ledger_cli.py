@@ -63,18 +63,19 @@ def _open(args: argparse.Namespace, create: bool = False):
     """The ledger at --db. Only `ledger open` and `open-provider` create a new SQLite file:
     a mistyped path would otherwise start a second ledger (and its vesting clock) silently."""
     from neuro_dask.ledger import IdempotencyConflictError, Ledger, LedgerConfig, LedgerError
+    from neuro_dask.security.redact import redact_url
 
     url = _url(args)
     path = _sqlite_file(url)
     if not create and path is not None and not os.path.exists(path):
-        raise LedgerError(f"no ledger at {path}: `neuro-dask ledger open USER --db {url}` creates one")
+        raise LedgerError(f"no ledger at {path}: `neuro-dask ledger open USER --db {redact_url(url)}` creates one")
     try:
         return Ledger.open(url, LedgerConfig.from_dask_config(), now=_now(args))
     except IdempotencyConflictError as exc:
         if exc.idem != "genesis":
             raise
-        raise LedgerError(f"the ledger at {url} was created with another genesis: neuro.ledger's max-supply, "
-                          "allocations or emission-pool-share differ from the config now; "
+        raise LedgerError(f"the ledger at {redact_url(url)} was created with another genesis: neuro.ledger's "
+                          "max-supply, allocations or emission-pool-share differ from the config now; "
                           "run with the config it was created with") from None
 
 

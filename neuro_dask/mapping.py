@@ -7,7 +7,8 @@ that cannot be run (not a string or id list, empty, too long for the model, refu
 tokenizer, longer than neuro.security.max-prompt-tokens, or failing on its own after its batch
 failed) becomes a `MapFailure` in its place; the rest are delivered. neuro.security.max-batch
 bounds each batch (batch_size), not the whole input; max_new_tokens above max-new-tokens or a
-batch_size above max-batch raise LimitExceededError before any work. A progress bar shows the prompts done (tqdm's notebook bar in Jupyter).
+batch_size above max-batch raise LimitExceededError before any work. A progress bar shows the
+prompts done (tqdm's notebook bar in Jupyter).
 `model.last_map_stats` keeps each batch's size and seconds.
 """
 

@@ -15,23 +15,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection, Mapping, Sequence
 
+from neuro_dask.errors import LimitExceededError
+from neuro_dask.security.limits import NEW_TOKENS, PROMPT_TOKENS
+
 # ---- errors ---------------------------------------------------------------------------------------
 
 INVALID_REQUEST = "invalid_request_error"
 SERVER_ERROR = "server_error"
+RATE_LIMIT = "rate_limit_error"
 
 
 class ProtocolError(Exception):
-    """An error the gateway answers in OpenAI's shape: {"error": {message, type, param, code}}."""
+    """An error the gateway answers in OpenAI's shape: {"error": {message, type, param, code}},
+    with `headers` added to the response (Retry-After on a 429)."""
 
     def __init__(self, status: int, message: str, type: str = INVALID_REQUEST, param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: Mapping[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type
         self.param = param
         self.code = code
+        self.headers = dict(headers or {})
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code)
@@ -46,10 +52,25 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return ProtocolError(400, message, INVALID_REQUEST, param, code)
 
 
+def rate_limited(wait_seconds: float, requests_per_minute: int, per: str = "API key") -> ProtocolError:
+    """429 in OpenAI's shape, with Retry-After: the whole seconds until the next request may come."""
+    wait = max(1, math.ceil(wait_seconds))
+    return ProtocolError(
+        429, f"Rate limit reached: this gateway allows {requests_per_minute} requests per minute per {per} "
+        f"(neuro.security.requests-per-minute). Please try again in {wait} s.", RATE_LIMIT, None,
+        "rate_limit_exceeded", {"Retry-After": str(wait)})
+
+
+def limit_error(exc: LimitExceededError, param: str, code: str = "invalid_value") -> ProtocolError:
+    """A request above neuro.security's limits: 400 naming the parameter and the setting."""
+    return bad_request(str(exc), param, code)
+
+
 # neuro_dask's own exceptions, by class name (anywhere in the MRO) so that this module imports
 # nothing from the model or the dispatch layer: (status, type, code).
 _EXCEPTION_MAP: dict[str, tuple[int, str, str | None]] = {
     "PromptTooLongError": (400, INVALID_REQUEST, "context_length_exceeded"),
+    "LimitExceededError": (400, INVALID_REQUEST, "invalid_value"),
     "TokenOutOfRangeError": (400, INVALID_REQUEST, "invalid_value"),
     "GenerationOptionError": (400, INVALID_REQUEST, "invalid_value"),
     "InputError": (400, INVALID_REQUEST, None),
@@ -306,17 +327,32 @@ def check_prompt_ids(ids: Sequence[int], vocab_size: int, param: str = "prompt")
                           "invalid_value")
 
 
-def resolve_max_tokens(requested: int | None, prompt_tokens: int, context: int, default: int | None) -> int:
+def resolve_max_tokens(requested: int | None, prompt_tokens: int, context: int, default: int | None,
+                       limit: int | None = None) -> int:
     """How many tokens to generate: `requested`, else `default` (None: all the context left),
-    capped by what the context leaves. A request that cannot fit is a 400 context_length_exceeded."""
+    capped by what the context leaves and by `limit` (neuro.security.max-new-tokens). A request
+    that cannot fit is a 400 context_length_exceeded; one that asks for more than `limit`, a 400
+    on max_tokens."""
     room = context - prompt_tokens
     if requested is None:
         if room < 1:
             raise _too_long(context, prompt_tokens, 1)
-        return room if default is None else min(default, room)
+        chosen = room if default is None else min(default, room)
+        return chosen if limit is None else min(chosen, limit)
+    if limit is not None and requested > limit:
+        raise limit_error(LimitExceededError(NEW_TOKENS, limit, requested, "max_tokens", "ask for fewer tokens"),
+                          "max_tokens")
     if requested > room:
         raise _too_long(context, prompt_tokens, requested)
     return requested
+
+
+def check_prompt_limit(prompt_tokens: int, limit: int, param: str = "prompt") -> None:
+    """A prompt longer than neuro.security.max-prompt-tokens: 400 context_length_exceeded."""
+    if prompt_tokens > limit:
+        exc = LimitExceededError(PROMPT_TOKENS, limit, prompt_tokens, "the prompt's length in tokens",
+                                 "shorten the prompt")
+        raise limit_error(exc, param, "context_length_exceeded")
 
 
 def _too_long(context: int, prompt_tokens: int, completion: int) -> ProtocolError:

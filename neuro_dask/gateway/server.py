@@ -37,6 +37,7 @@ from neuro_dask.gateway.protocol import (
     chat_chunk,
     chat_response,
     check_prompt_ids,
+    check_prompt_limit,
     completion_chunk,
     completion_response,
     drop_duplicate_bos,
@@ -48,11 +49,15 @@ from neuro_dask.gateway.protocol import (
     parse_chat,
     parse_completion,
     parse_json,
+    rate_limited,
     resolve_max_tokens,
     sse,
     usage,
     usage_chunk,
 )
+from neuro_dask.security.limits import RateLimiter, RequestLimits
+from neuro_dask.security.redact import redact_url
+from neuro_dask.settings import SecuritySettings
 
 log = logging.getLogger(__name__)
 
@@ -133,11 +138,14 @@ class Result:
 
 
 class Gateway:
-    """What the handlers serve: one model under one id, the API keys, the chat template, and the
-    threads that run generation."""
+    """What the handlers serve: one model under one id, the API keys, the chat template, the
+    limits on what one client may ask (neuro.security: prompt tokens, max_tokens, requests per
+    minute per API key, or per client address when no keys are configured), and the threads that
+    run generation."""
 
     def __init__(self, model, model_id: str | None = None, api_keys: Mapping[str, str | None] | None = None,
-                 chat_template: ChatTemplate | None = None, threads: int = 64):
+                 chat_template: ChatTemplate | None = None, threads: int = 64,
+                 security: SecuritySettings | None = None, clock: Callable[[], float] = time.monotonic):
         self.model = model
         self.tokenizer = model.require_tokenizer()  # text in and out: a model without one cannot be served
         self.model_id = model_id or default_model_id(model.source)
@@ -151,10 +159,17 @@ class Gateway:
         self.pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="gateway-generate")
         self._active: set[threading.Event] = set()  # cancel flags of requests in flight
         self._lock = threading.Lock()
+        security = security or SecuritySettings.load()
+        self.limits = RequestLimits.from_settings(security)
+        # Used on the event loop's thread only (admit), so it needs no lock.
+        self.rate = RateLimiter(security.requests_per_minute, clock)
         if not self.api_keys:
             log.warning("no API keys configured: the gateway serves anyone who can reach it "
                         "(give --api-keys FILE to require Authorization: Bearer KEY)")
-        log.info("serving %s as %r; chat template: %s", model.source, self.model_id, self.chat_template.origin)
+        log.info("serving %s as %r; chat template: %s; limits: %d prompt tokens, %d new tokens, %s requests "
+                 "per minute per %s", redact_url(model.source), self.model_id, self.chat_template.origin,
+                 self.limits.max_prompt_tokens, self.limits.max_new_tokens,
+                 security.requests_per_minute or "unlimited", "API key" if self.api_keys else "client address")
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -175,6 +190,19 @@ class Gateway:
             raise ProtocolError(401, "Incorrect API key provided", "invalid_request_error", None, "invalid_api_key")
         return found[0]
 
+    def admit(self, authorization: str | None, remote_ip: str | None) -> None:
+        """Count one request against its API key's budget (its address's, with no keys configured):
+        a 429 with Retry-After when the budget is spent. Call after authenticate()."""
+        if self.rate.unlimited:
+            return
+        if self.api_keys:
+            key, per = ("key", (authorization or "").partition(" ")[2].strip()), "API key"
+        else:
+            key, per = ("ip", remote_ip or ""), "client address"
+        wait = self.rate.take(key)
+        if wait > 0:
+            raise rate_limited(wait, self.rate.requests_per_minute, per)
+
     def prepare_completion(self, request: CompletionRequest, account: str | None) -> Job:
         ids = list(request.prompt) if isinstance(request.prompt, tuple) else self.tokenizer.encode(request.prompt)
         return self._job(ids, request.params, account, COMPLETION_DEFAULT_MAX_TOKENS, "prompt")
@@ -187,7 +215,10 @@ class Gateway:
     def _job(self, ids: list[int], params: SamplingParams, account: str | None, default: int | None,
              param: str) -> Job:
         check_prompt_ids(ids, self.vocab_size, param)
-        return Job(ids, resolve_max_tokens(params.max_tokens, len(ids), self.context, default), params, account)
+        check_prompt_limit(len(ids), self.limits.max_prompt_tokens, param)
+        max_tokens = resolve_max_tokens(params.max_tokens, len(ids), self.context, default,
+                                        self.limits.max_new_tokens)
+        return Job(ids, max_tokens, params, account)
 
     def run(self, job: Job, on_delta: Callable[[str], None] | None = None,
             on_first_token: Callable[[], None] | None = None, cancelled: threading.Event | None = None) -> Result:
@@ -290,6 +321,8 @@ class BaseHandler(tornado.web.RequestHandler):
         self.set_status(err.status)
         if err.status == 401:
             self.set_header("WWW-Authenticate", "Bearer")
+        for name, value in err.headers.items():
+            self.set_header(name, value)
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(err.body()))
 
@@ -372,6 +405,7 @@ class GenerationHandler(BaseHandler):
 
     async def post(self) -> None:
         account = self.authenticate()
+        self.gateway.admit(self.request.headers.get("Authorization"), self.request.remote_ip)
         request = self.parse(parse_json(self.request.body))
         job = await self.in_pool(self.prepare_job, request, account)
         self.cancelled = self.gateway.cancel_flag()

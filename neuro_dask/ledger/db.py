@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from neuro_dask.errors import ConfigError
+from neuro_dask.ledger.errors import LedgerConnectionError
+from neuro_dask.security.redact import redact_secrets, redact_url
 
 _ADVISORY_KEY = 0x4E4555524F  # "NEURO"
 
@@ -90,6 +92,9 @@ class Database:
                 if statement.strip():
                     cur.execute(statement)
 
+    def __repr__(self) -> str:  # the URL may hold a password: never in a log line or a traceback
+        return f"Database({redact_url(self.url)!r})"
+
     @property
     def _serial(self) -> str:
         # AUTOINCREMENT: SQLite would otherwise reuse a deleted row's id, and ids name entries
@@ -101,7 +106,11 @@ class Database:
                 import psycopg
             except ImportError:
                 raise ConfigError("a postgresql:// ledger URL needs psycopg: pip install 'psycopg[binary]'") from None
-            return psycopg.connect(self._target, autocommit=True)
+            try:
+                return psycopg.connect(self._target, autocommit=True)
+            except psycopg.Error as exc:  # its message may quote the URL, password included
+                detail = " ".join(redact_secrets(exc, self._target).split())
+                raise LedgerConnectionError(redact_url(self.url), detail) from None
         conn = sqlite3.connect(self._target, timeout=60.0, isolation_level=None, check_same_thread=False)
         if self._target != ":memory:":
             # Switching a new file to WAL takes an exclusive lock and SQLite answers "database is

@@ -55,3 +55,15 @@ class GovernanceError(LedgerError):
 
 class VestingError(LedgerError):
     """Something tried to move tokens that have not vested."""
+
+
+class LedgerConnectionError(LedgerError, ConnectionError):
+    """The ledger's database cannot be reached or its URL is not one the driver understands.
+
+    The message names the URL with its password as *** (neuro_dask/security/redact.py)."""
+
+    def __init__(self, url: str, detail: str):
+        self.url = url  # already redacted
+        self.detail = detail
+        super().__init__(f"cannot open the ledger database at {url}: {detail}. Check that the server runs "
+                         "and accepts this user, and the URL (--db, --neuro-ledger or neuro.ledger.url)")

@@ -31,6 +31,8 @@ from neuro_dask.model.layers import RotaryEmbedding, attention_mask
 from neuro_dask.model.moe import ExpertExecutor, combine, group_by_expert, route_tokens
 from neuro_dask.model.tokenizer import Tokenizer
 from neuro_dask.model.trunk import Trunk, TrunkLayer
+from neuro_dask.security.limits import RequestLimits, check_request_limits
+from neuro_dask.settings import SecuritySettings
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +140,21 @@ class MoEModel:
     def _batch(self, input_ids: PromptIds, attention_mask: torch.Tensor | None) -> Batch:
         return prepare_batch(input_ids, attention_mask, self.generation.pad_or_eos, self.config.vocab_size)
 
+    @staticmethod
+    def request_limits() -> RequestLimits:
+        """What one call may ask (neuro.security.max-prompt-tokens, max-new-tokens, max-batch), read
+        from Dask's config at each call (a few microseconds), so `dask.config.set` applies at once."""
+        return RequestLimits.from_settings(SecuritySettings.load())
+
+    def _check_limits(self, batch: Batch, max_new_tokens: int | None) -> None:
+        """Refuse (LimitExceededError) a call above neuro.security's limits, before any work."""
+        check_request_limits(self.request_limits(), batch.mask.sum(-1).tolist(), max_new_tokens,
+                             batch=batch.ids.shape[0])
+
     def forward(self, input_ids: PromptIds, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, V] (float32 when the trunk is float32); rows left-padded as given."""
         batch = self._batch(input_ids, attention_mask)
+        self._check_limits(batch, None)
         check_length(batch.mask, 0, self.config.max_position_embeddings)
         with torch.inference_mode():
             return self._forward_logits(batch)
@@ -168,6 +182,8 @@ class MoEModel:
         adds to the answer (print it with end="" as it comes).
 
         Ends when every row has produced an EOS or stop token, or after max_new_tokens.
+        A call above neuro.security's limits (prompt length, max_new_tokens, prompts) raises
+        LimitExceededError before any work.
         """
         opts = SamplingOptions(do_sample, temperature, top_k, top_p)
         if max_new_tokens < 0:
@@ -178,6 +194,7 @@ class MoEModel:
                                 stop_token_ids)
             return self._text_steps(steps, set(self.generation.eos_token_ids) | set(stop_token_ids))
         batch = self._batch(input_ids, attention_mask)
+        self._check_limits(batch, max_new_tokens)
         check_length(batch.mask, max_new_tokens, self.config.max_position_embeddings)
         return self._stream(batch, max_new_tokens, opts, make_generator(seed), stop_token_ids)
 
@@ -262,14 +279,19 @@ class MoEModel:
         """LongTensor [B, T + new], prompt included (left-padded), as transformers returns it.
 
         Calls from several threads with the same decoding options (and no seed) are batched
-        together (model/batching.py): each caller gets exactly its own rows back."""
+        together (model/batching.py): each caller gets exactly its own rows back. A call above
+        neuro.security's limits raises LimitExceededError before it is queued (the limits are
+        per call: a batch formed of several calls may hold more prompts than max-batch)."""
         batch = self._batch(input_ids, attention_mask)
         prompt = torch.where(batch.mask, batch.ids, torch.full_like(batch.ids, self.generation.pad_or_eos))
         SamplingOptions(do_sample, temperature, top_k, top_p)  # refuse bad options before queueing
         if max_new_tokens < 0:
             raise GenerationOptionError("max_new_tokens", max_new_tokens, "must be >= 0")
+        self._check_limits(batch, max_new_tokens)
         if max_new_tokens == 0:
             return prompt
+        # Before queueing: one caller's too-long row must not fail the others batched with it.
+        check_length(batch.mask, max_new_tokens, self.config.max_position_embeddings)
         rows = [batch.ids[r][batch.mask[r]].tolist() for r in range(batch.ids.shape[0])]
         if do_sample and seed is not None:  # a seeded sample must not depend on who else is asking
             new = self._generate_rows((do_sample, temperature, top_k, top_p, seed, tuple(stop_token_ids)),
@@ -286,9 +308,10 @@ class MoEModel:
     def _generate_rows(self, key: tuple, rows: list[list[int]], max_new_tokens: int) -> list[torch.Tensor]:
         """Each row's new tokens (pad once it stopped), max_new_tokens long."""
         do_sample, temperature, top_k, top_p, seed, stops = key[:6]
-        batch = self._batch(rows, None)
-        steps = list(self.stream(batch.ids, batch.mask, max_new_tokens, do_sample, temperature, top_k, top_p,
-                                 seed, stops))
+        batch = self._batch(rows, None)  # every caller's rows: checked per call in generate, not here
+        check_length(batch.mask, max_new_tokens, self.config.max_position_embeddings)
+        steps = list(self._stream(batch, max_new_tokens, SamplingOptions(do_sample, temperature, top_k, top_p),
+                                  make_generator(seed), stops))
         pad = self.generation.pad_or_eos
         new = torch.stack(steps, dim=1) if steps else torch.empty(len(rows), 0, dtype=torch.long)
         if new.shape[1] < max_new_tokens:  # every row stopped early: the rest is padding
@@ -323,6 +346,7 @@ class MoEModel:
         else:
             rows = texts_or_ids
         batch = self._batch(rows, None)
+        self._check_limits(batch, None)
         check_length(batch.mask, 0, self.config.max_position_embeddings)
         with torch.inference_mode():
             logprobs = torch.log_softmax(self._forward_logits(batch).float(), dim=-1)
@@ -338,8 +362,10 @@ class MoEModel:
             progress: bool = True, **options):
         """Generate for (or score) every prompt of a list, a dask Bag or a dask/pandas Series, in
         batches so that each expert call carries many tokens; returns the same kind of collection.
-        A prompt that fails becomes a `MapFailure` (with the error) and the others are delivered.
-        See neuro_dask/mapping.py."""
+        A prompt that fails (one longer than neuro.security.max-prompt-tokens included) becomes a
+        `MapFailure` (with the error) and the others are delivered. max_new_tokens above
+        neuro.security.max-new-tokens, or a batch_size above max-batch, raise LimitExceededError
+        before any work. See neuro_dask/mapping.py."""
         from neuro_dask.mapping import map_collection
 
         return map_collection(self, collection, task=task, batch_size=batch_size, max_new_tokens=max_new_tokens,
