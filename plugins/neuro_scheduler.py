@@ -3,7 +3,7 @@
 A thin adapter over neuro_dask.coordinator.Coordinator: Dask's add_worker/remove_worker hooks
 and our comm handlers become Coordinator events; the LoadExperts/DropExperts actions it returns
 become messages to workers. Handlers:
-  neuro_publish(store_url)              a client publishes a sharded model; returns its id
+  neuro_publish(store_url)              publishes a sharded model (hardened TLS: the operator only); returns its id
   neuro_routes(model)                   expert -> serving workers, fastest first
   neuro_experts_loaded(worker, model, loaded, failed)   a worker reports what it can serve
   neuro_unreachable(worker, model, experts)             a client could not get an answer
@@ -49,6 +49,7 @@ from neuro_dask.dashboard.views import NetworkView, WorkerView
 from neuro_dask.errors import NeuroDaskError
 from neuro_dask.ledger.service import Judged, LedgerService
 from neuro_dask.placement import PlacementPolicy, WorkerCapacity
+from neuro_dask.security.redact import redact_secrets, redact_url
 from neuro_dask.settings import SchedulerSettings, SecuritySettings
 from neuro_dask.store.remote import read_manifest
 from neuro_dask.store.summary import summarize
@@ -141,12 +142,12 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         try:
             manifest = await asyncio.to_thread(read_manifest, store_url)
         except NeuroDaskError as exc:
-            return {"status": "error", "message": str(exc)}
+            return {"status": "error", "message": redact_secrets(str(exc), store_url)}
         model_id = manifest.model_id
         experts = {(a.layer, a.expert): a.bytes for a in manifest.experts}
         if model_id not in self.coordinator.models:
-            log.info("publishing %s from %s: %d experts", model_id, store_url, len(experts))
-            self.scheduler.log_event("neuro", {"action": "publish", "model": model_id, "store": store_url})
+            log.info("publishing %s from %s: %d experts", model_id, redact_url(store_url), len(experts))
+            self.scheduler.log_event("neuro", {"action": "publish", "model": model_id, "store": redact_url(store_url)})
             self._enact(self.coordinator.model_published(
                 PublishedModel(model_id, store_url, experts, summarize(manifest))))
         return {"status": "OK", "model": model_id, "summary": self.coordinator.models[model_id].summary}
@@ -429,7 +430,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
                             "serving": sorted([list(k) for k in c.serving.get(a, ())]),
                             "name": self.identity.get(a, a), **{f"trust_{k}": v for k, v in self._standing(a).items()}}
                         for a, w in c.workers.items()},
-            "models": {m: {"store_url": p.store_url, "experts": len(p.experts), "summary": p.summary}
+            "models": {m: {"store_url": redact_url(p.store_url), "experts": len(p.experts), "summary": p.summary}
                        for m, p in c.models.items()},
         }
 
@@ -466,9 +467,15 @@ def _log_failure(future: asyncio.Future) -> None:
 def dask_setup(scheduler, neuro_replicas, neuro_ledger, neuro_hardened) -> None:
     import dask.config
 
+    security = SecuritySettings.load(hardened=neuro_hardened)
+    if security.dashboard_token:
+        # First: distributed only logs a preload's exception and goes on, so anything raising
+        # before this line would leave the dashboard open.
+        from neuro_dask.dashboard.access import protect_dashboard
+
+        protect_dashboard(scheduler, security.dashboard_token)
     settings = SchedulerSettings.load(replicas=neuro_replicas)
     ledger_url = neuro_ledger or dask.config.get("neuro.ledger.url", default=None)
-    security = SecuritySettings.load(hardened=neuro_hardened)
     plugin = NeuroSchedulerPlugin(scheduler, settings, ledger_url)
     if security.hardened:
         plugin.harden(security)

@@ -24,6 +24,7 @@ from neuro_dask.dispatch.transports import make_transport
 from neuro_dask.errors import NeuroDaskError
 from neuro_dask.loading import assemble_model
 from neuro_dask.model.model import MoEModel
+from neuro_dask.security.redact import redact_url
 from neuro_dask.settings import ClientSettings, SecuritySettings
 from neuro_dask.store.manifest import MANIFEST_NAME
 from neuro_dask.store.remote import ExpertFileCache, read_manifest
@@ -82,7 +83,7 @@ def publish(client: Client, store_url: str, model_id: str | None = None) -> dict
             raise SchedulerPluginMissingError(client.scheduler.address, str(exc)) from None
         raise
     if reply.get("status") != "OK":
-        raise NeuroDaskError(f"the scheduler refused to publish {store_url}: {reply.get('message')}")
+        raise NeuroDaskError(f"the scheduler refused to publish {redact_url(store_url)}: {reply.get('message')}")
     return reply
 
 
@@ -130,9 +131,9 @@ def _is_published(client: Client, model_id: str) -> bool:
 def _published_by_operator(client: Client, store_url: str, model_id: str) -> dict[str, Any]:
     if not _is_published(client, model_id):
         raise NeuroDaskError(
-            f"{store_url} ({model_id}) is not published on {client.scheduler.address}, and on this hardened "
+            f"{redact_url(store_url)} ({model_id}) is not published on {client.scheduler.address}, and on this hardened "
             "network only the operator publishes models: ask them to run "
-            f"`neuro-dask publish {store_url} --scheduler {client.scheduler.address} --tls DIR`")
+            f"`neuro-dask publish {redact_url(store_url)} --scheduler {client.scheduler.address} --tls DIR`")
     return {"status": "OK", "model": model_id}
 
 
@@ -149,5 +150,5 @@ def load_distributed(path_or_url: str | Path, client: Client, *, transport: str 
     wait_until_served(client, model_id, settings.load_timeout)
     executor = DistributedExecutor(client, model_id, make_transport(settings.transport, client, settings.connect_timeout), settings)
     model = assemble_model(store, executor, dtype)
-    log.info("loaded %s as %s over %s; experts on workers", store_url, model_id, settings.transport)
+    log.info("loaded %s as %s over %s; experts on workers", redact_url(store_url), model_id, settings.transport)
     return model

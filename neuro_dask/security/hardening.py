@@ -55,6 +55,8 @@ CLEAN_EXCEPTION_SITES: tuple[str, ...] = ("distributed.core", "distributed.clien
                                           "distributed.shuffle._worker_plugin", "distributed.shuffle._comms")
 
 current_peer: contextvars.ContextVar[str | None] = contextvars.ContextVar("neuro_current_peer", default=None)
+# "role:name" from the peer's certificate, on TLS comms.
+current_identity: contextvars.ContextVar[str | None] = contextvars.ContextVar("neuro_current_identity", default=None)
 
 _installed: dict[tuple[str, str], Any] = {}
 _max_message_bytes: list[int] = [0]
@@ -74,7 +76,7 @@ def hardened_loads(x, *, buffers=()) -> Any:
             return _restricted(x, buffers, peer)
         return _restricted(x, None, peer)
     except PickleRefusedError as exc:
-        report("pickle", peer, f"{exc.module}.{exc.name}")
+        report("pickle", peer, f"{exc.module}.{exc.name}", current_identity.get())
         raise
 
 
@@ -128,7 +130,7 @@ def _limited_read_bytes_rw(original: Callable) -> Callable:
         limit = _max_message_bytes[0]
         if limit and n > limit:
             # Refuse before allocating: the frame size is the peer's claim, not data we hold.
-            report("message-size", current_peer.get(), f"{n} bytes announced, limit {limit}")
+            report("message-size", current_peer.get(), f"{n} bytes announced, limit {limit}", current_identity.get())
             raise ValueError(f"message of {n} bytes exceeds neuro.security.max-message-bytes ({limit})")
         return await original(stream, n)
 
@@ -140,10 +142,22 @@ def _peer_tagging_read(original: Callable) -> Callable:
     async def read(self, deserializers=None):
         # Set in the reading task's context, so the handler that runs next sees it too.
         current_peer.set(self.peer_address)
+        current_identity.set(_comm_identity(self))
         return await original(self, deserializers)
 
     read.__wrapped__ = original
     return read
+
+
+def _comm_identity(comm) -> str | None:
+    try:
+        return comm._neuro_identity
+    except AttributeError:
+        from neuro_dask.security.identity import identity_from_peercert
+
+        identity = identity_from_peercert((getattr(comm, "extra_info", None) or {}).get("peercert"))
+        comm._neuro_identity = f"{identity.role}:{identity.name}" if identity else None
+        return comm._neuro_identity
 
 
 def _reporting_prepare_stream(original: Callable) -> Callable:
