@@ -39,7 +39,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     model = None
     try:
         print(f"dashboard: {client.dashboard_link}  (the network: {client.dashboard_link.rsplit('/', 1)[0]}"
-              "/neuro/network)")
+              "/neuro/network)" + _token_hint())
         started = time.perf_counter()
         model = load(path, client=client, transport=args.transport)
         routes = model.executor.routes.routes
@@ -53,6 +53,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def _token_hint() -> str:
+    from neuro_dask.settings import SecuritySettings
+
+    return "; add ?token=<neuro.security.dashboard-token> to open it" if SecuritySettings.load().dashboard_token else ""
 
 
 def _ask(model, args: argparse.Namespace) -> int:
@@ -94,6 +100,13 @@ def _has_flag(extra: list[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in extra)
 
 
+def _tls_folder(args: argparse.Namespace) -> str | None:
+    """--tls, else neuro.security.tls-dir."""
+    from neuro_dask.settings import SecuritySettings
+
+    return args.tls or SecuritySettings.load().tls_dir
+
+
 def _tls_args(role: str, folder: str | None, name: str | None = None) -> list[str]:
     """Dask's TLS flags for a `role` certificate in `folder` (made by `neuro-dask certs`)."""
     if not folder:
@@ -113,8 +126,8 @@ def scheduler_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
     if args.replicas:
         argv += ["--neuro-replicas", str(args.replicas)]
     argv += _hardened_flag(args)
-    if args.tls:
-        argv += _tls_args("scheduler", args.tls)
+    if tls := _tls_folder(args):
+        argv += _tls_args("scheduler", tls)
         if not _has_flag(extra, "--protocol"):
             argv += ["--protocol", "tls"]
     if not _has_flag(extra, "--dashboard-address"):
@@ -132,8 +145,8 @@ def worker_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
         if value:
             argv += [flag, str(value)]
     argv += _hardened_flag(args)
-    if args.tls:
-        argv += _tls_args("worker", args.tls, args.name)
+    if tls := _tls_folder(args):
+        argv += _tls_args("worker", tls, args.name)
     if args.name and not _has_flag(extra, "--name"):
         argv += ["--name", args.name]
     if not _has_flag(extra, "--dashboard-address") and not _has_flag(extra, "--no-dashboard"):
@@ -158,10 +171,10 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     from neuro_dask.settings import ClientSettings
 
     security = None
-    if args.tls:
+    if tls := _tls_folder(args):
         from neuro_dask.security.tls import security_for
 
-        security = security_for("operator", args.tls)
+        security = security_for("operator", tls)
     with Client(args.scheduler, security=security, timeout=args.timeout) as client:
         reply = publish(client, str(args.model))
         print(f"published {reply['model']} from {args.model}")
@@ -222,7 +235,8 @@ def _cmd_train_demo(args: argparse.Namespace) -> int:
 
 def _add_security_arguments(parser: argparse.ArgumentParser, role: str) -> None:
     parser.add_argument("--tls", metavar="DIR",
-                        help=f"mutual TLS with the {role} certificate in DIR (made by `neuro-dask certs`; docs/security.md)")
+                        help=f"mutual TLS with the {role} certificate in DIR (made by `neuro-dask certs`; "
+                             "default: neuro.security.tls-dir; docs/security.md)")
     parser.add_argument("--hardened", action=argparse.BooleanOptionalAction, default=True,
                         help="hardened mode: allow-listed unpickling, no remote code, role checks (default: on)")
 

@@ -97,6 +97,11 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
     async def start(self, scheduler) -> None:
         if self._unsubscribe_security is not None:
             self._drop_worker_plugins()
+            from neuro_dask.security.guards import roles_required_for
+
+            if not roles_required_for(scheduler):
+                log.warning("hardened mode without TLS: pickles are allow-listed and remote code is refused, but "
+                            "roles are not enforced; start with --tls DIR before opening the port (docs/security.md)")
         self._sampler.start()
         if self._ledger_tick is not None:
             self._ledger_tick.start()
