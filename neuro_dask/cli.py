@@ -167,7 +167,7 @@ def _cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
 def _cmd_publish(args: argparse.Namespace) -> int:
     from distributed import Client
 
-    from neuro_dask.dispatch.session import publish, wait_until_served
+    from neuro_dask.dispatch.session import publish, store_url_for, wait_until_served
     from neuro_dask.settings import ClientSettings
 
     security = None
@@ -176,7 +176,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
 
         security = security_for("operator", tls)
     with Client(args.scheduler, security=security, timeout=args.timeout) as client:
-        reply = publish(client, str(args.model))
+        reply = publish(client, store_url_for(args.model))
         print(f"published {reply['model']} from {args.model}")
         if args.wait:
             wait_until_served(client, reply["model"], ClientSettings.load().load_timeout)

@@ -230,7 +230,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         from neuro_dask.security.hardening import install
 
         install(max_message_bytes=security.max_message_bytes)
-        guard_scheduler(self.scheduler)
+        guard_scheduler(self.scheduler, security.requests_per_minute)
         # Worker plugins travel as pickles of arbitrary classes, Dask's own P2P shuffle plugin
         # among them (its scheduler plugin registers it when it starts): a hardened network
         # sends none, and its workers would refuse them.
@@ -248,7 +248,8 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
     def _security_event(self, event) -> None:
         from neuro_dask.security.events import TOPIC
 
-        self._event(TOPIC, event.to_dict())
+        self._event(TOPIC, {**event.to_dict(), "action": f"security:{event.kind}",
+                            "worker": event.identity or event.peer or "", "cause": event.detail})
         role, _, name = (event.identity or "").partition(":")
         if role == "worker" and name in self.reputation:
             change = self.reputation.invalid(name, f"security:{event.kind}:{event.time}", event.time)

@@ -171,10 +171,12 @@ EVENT_COLUMNS = ("time", "action", "worker", "layer", "expert", "reputation", "c
 def trust_event_columns(view: NetworkView, limit: int = 300,
                         actions: Iterable[str] = ("invalid", "late", "timeout", "error", "hedged", "slash",
                                                   "crash", "joined", "trusted", "untrusted")) -> dict[str, list]:
-    """The latest trust and ledger events worth an operator's eye (validated results are not)."""
+    """The latest trust and ledger events worth an operator's eye (validated results are not),
+    and every refusal of hardened mode (actions "security" and "security:<kind>")."""
     keep = set(actions)
     cols: dict[str, list] = {c: [] for c in EVENT_COLUMNS}
-    picked = [e for e in view.events if e.get("action") in keep][-limit:]
+    picked = [e for e in view.events
+              if e.get("action") in keep or str(e.get("action", "")).startswith("security")][-limit:]
     for e in reversed(picked):
         cols["time"].append(time.strftime("%H:%M:%S", time.localtime(float(e.get("time", 0.0)))))
         cols["action"].append(str(e.get("action")))

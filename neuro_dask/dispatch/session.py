@@ -51,6 +51,12 @@ def _local_path(path_or_url: str | Path) -> Path:
     return Path(text[len("file://"):] if text.startswith("file://") else text).resolve()
 
 
+def store_url_for(path_or_url: str | Path) -> str:
+    """What workers and the scheduler should read: a local path made absolute (their working
+    directories are not the caller's), a URL as it is."""
+    return str(_local_path(path_or_url)) if _is_local(path_or_url) else str(path_or_url)
+
+
 def open_store(path_or_url: str | Path, verify: bool, cache_dir: Path | None = None) -> tuple[str, ShardStore]:
     """(the URL workers should read, a local ShardStore holding at least manifest, trunk, tokenizer)."""
     if _is_local(path_or_url):

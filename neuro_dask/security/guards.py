@@ -10,6 +10,7 @@ decisions are roles.py's and allowlist.py's.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,7 @@ from neuro_dask.security.allowlist import is_task_function
 from neuro_dask.security.errors import RequestRefusedError, TaskRefusedError
 from neuro_dask.security.hardening import report
 from neuro_dask.security.identity import PeerIdentity, identity_from_peercert
+from neuro_dask.security.limits import RateLimiter
 from neuro_dask.security.roles import Decision, scheduler_decision, worker_decision
 
 log = logging.getLogger(__name__)
@@ -42,28 +44,53 @@ class GuardedHandlers(dict):
     theirs once the worker has benchmarked itself) without a second pass.
     """
 
-    def __init__(self, handlers: dict, decide: Decide, rewrite: Callable | None = None):
+    def __init__(self, handlers: dict, decide: Decide, rewrite: Callable | None = None,
+                 limiter: RateLimiter | None = None, limited: frozenset[str] = frozenset()):
         super().__init__(handlers)
         self.decide = decide
         self.rewrite = rewrite
+        self.limiter = limiter
+        self.limited = limited
+        self._expects_comm: dict[str, tuple[Callable, bool]] = {}  # op -> (handler, wants comm)
+
+    def _wants_comm(self, op: str, handler: Callable) -> bool:
+        # inspect.signature costs ~10 us: once per handler, not once per expert call.
+        cached = self._expects_comm.get(op)
+        if cached is None or cached[0] is not handler:
+            cached = self._expects_comm[op] = (handler, _expects_comm(handler))
+        return cached[1]
 
     def __getitem__(self, op: str) -> Callable:
         handler = dict.__getitem__(self, op)
         decide, rewrite = self.decide, self.rewrite
+        wants_comm = self._wants_comm(op, handler)
+        limiter = self.limiter if op in self.limited else None
 
         def guarded(comm, **msg):
             identity = comm_identity(comm)
             role = identity.role if identity else None
             decision = decide(op, role)
+            if decision.allowed and limiter is not None and role not in ("operator", "scheduler"):
+                wait = limiter.take(_rate_key(identity, comm.peer_address))
+                if wait:
+                    decision = Decision(False, f"too many requests: retry in {wait:.1f} s "
+                                               "(neuro.security.requests-per-minute)")
             if not decision.allowed:
                 report("refused-op", comm.peer_address, f"{op}: {decision.why}", _describe(identity))
                 return _refusal(op, role, comm.peer_address, decision.why)
             if rewrite is not None:
                 rewrite(op, identity, msg)
-            return handler(comm, **msg) if _expects_comm(handler) else handler(**msg)
+            return handler(comm, **msg) if wants_comm else handler(**msg)
 
         guarded.__name__ = getattr(handler, "__name__", op)
         return guarded
+
+
+def _rate_key(identity: PeerIdentity | None, peer: str) -> str:
+    """A client is its certificate; without one, its host (its port changes per connection)."""
+    if identity is not None:
+        return f"{identity.role}:{identity.name}"
+    return peer.rsplit(":", 1)[0]
 
 
 def _refusal(op: str, role: str | None, peer: str, why: str) -> dict[str, Any]:
@@ -92,21 +119,27 @@ def _listen_addresses(server) -> list[str]:
     return [listener.listen_address for listener in getattr(server, "listeners", [])]
 
 
-def guard_scheduler(scheduler) -> None:
+# A client's requests at the scheduler: one registration per connection, one ledger hold per
+# generation request (with a ledger), publications.
+RATE_LIMITED_SCHEDULER_OPS = frozenset({"register-client", "neuro_ledger_hold", "neuro_publish"})
+
+
+def guard_scheduler(scheduler, requests_per_minute: int = 0, clock: Callable[[], float] = time.monotonic) -> None:
     if isinstance(scheduler.handlers, GuardedHandlers):
         return
-    required = roles_required_for(scheduler)
+    # Decided per call: the scheduler's listeners (tls:// or not) exist only once it has started.
     scheduler.handlers = GuardedHandlers(
-        scheduler.handlers, lambda op, role: scheduler_decision(op, role, roles_required=required),
-        rewrite=_bind_worker_name)
+        scheduler.handlers,
+        lambda op, role: scheduler_decision(op, role, roles_required=roles_required_for(scheduler)),
+        rewrite=_bind_worker_name, limiter=RateLimiter(requests_per_minute, clock),
+        limited=RATE_LIMITED_SCHEDULER_OPS)
 
 
 def guard_worker(worker) -> None:
     if isinstance(worker.handlers, GuardedHandlers):
         return
-    required = roles_required_for(worker)
-    worker.handlers = GuardedHandlers(worker.handlers,
-                                      lambda op, role: worker_decision(op, role, roles_required=required))
+    worker.handlers = GuardedHandlers(
+        worker.handlers, lambda op, role: worker_decision(op, role, roles_required=roles_required_for(worker)))
     compute = worker.stream_handlers["compute-task"]
     worker.stream_handlers["compute-task"] = _checked_compute_task(worker, compute)
     worker.plugin_add = _refusing_plugin_add(worker, worker.plugin_add)

@@ -3,50 +3,25 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
 import sys
 
 import pytest
 import torch
 from distributed import Client
+from process_helpers import Processes, free_port
 from tiny_models import padded_batch
 
 import neuro_dask as nd
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def processes(tmp_path):
-    procs = []
-
-    def spawn(*argv):
-        log = open(tmp_path / f"proc-{len(procs)}.log", "w")
-        proc = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=dict(os.environ, DASK_NEURO__WORKER__CACHE_DIR=str(tmp_path / f"cache{len(procs)}")))
-        procs.append((proc, log))
-        return proc
-
-    yield spawn
-    for proc, log in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+    with Processes(tmp_path) as spawn:
+        yield spawn
 
 
 def test_cli_scheduler_two_workers_and_a_client_generate_like_local(processes, sharded, tmp_path):
-    port = _free_port()
+    port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     dask_cli = [sys.executable, "-m", "dask"]
     processes(*dask_cli, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0",

@@ -85,6 +85,15 @@ def test_the_trust_feed_keeps_what_an_operator_must_see_newest_first():
     assert cols["reputation"][1] == 0.25 and math.isnan(cols["reputation"][0])
 
 
+def test_the_trust_feed_shows_hardened_mode_refusals_with_their_peer():
+    events = [{"time": 1.0, "action": "security:pickle", "worker": "worker:mallory", "cause": "io.open"},
+              {"time": 2.0, "action": "security", "name": "mallory", "reputation": 0.1},
+              {"time": 3.0, "action": "validated", "worker": "a"}]
+    cols = views.trust_event_columns(views.NetworkView(events=events))
+    assert cols["action"] == ["security", "security:pickle"]
+    assert cols["worker"] == ["mallory", "worker:mallory"] and cols["cause"][1] == "io.open"
+
+
 def test_reputation_and_economy_over_time():
     feed = Feed(max_samples=2)
     for t in (1.0, 2.0, 3.0):
