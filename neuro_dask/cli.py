@@ -35,7 +35,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     where = args.scheduler or f"a local cluster of {args.workers} worker processes"
     print(f"starting {where} with the neuro_scheduler and neuro_worker plugins ...", flush=True)
-    client, cluster = connect(args.scheduler, n_workers=args.workers)
+    client, cluster = connect(args.scheduler, tls=args.tls, n_workers=args.workers)
     model = None
     try:
         print(f"dashboard: {client.dashboard_link}  (the network: {client.dashboard_link.rsplit('/', 1)[0]}"
@@ -219,7 +219,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from neuro_dask.gateway.serve_cli import serve
 
     return serve(args.scheduler, args.model, host=args.host, port=args.port, api_keys=args.api_keys,
-                 workers=args.workers, model_id=args.model_id, transport=args.transport)
+                 workers=args.workers, model_id=args.model_id, transport=args.transport, tls=args.tls)
 
 
 def _cmd_train_demo(args: argparse.Namespace) -> int:
@@ -251,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=3, help="worker processes of the local cluster (default 3)")
     d.add_argument("--transport", choices=["direct", "futures"], help="how expert calls travel (default direct)")
     d.add_argument("--scheduler", help="run against an existing cluster at this address instead")
+    d.add_argument("--tls", metavar="DIR", help="with --scheduler: a client certificate's folder (hardened network)")
     d.add_argument("--local", action="store_true", help="no cluster: run the experts in this process")
     d.add_argument("-n", type=int, default=100, help="how many held-out problems (default 100)")
     d.add_argument("--show", type=int, default=10, help="how many answers to print")
@@ -333,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)")
     sv.add_argument("--scheduler", help="serve through an existing cluster (default: start a local one)")
+    sv.add_argument("--tls", metavar="DIR", help="with --scheduler: a client certificate's folder (hardened network)")
     sv.add_argument("--model", help="sharded model folder or URL (default: the bundled adder)")
     sv.add_argument("--model-id", help="the id clients ask for (default: the model folder's name)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")

@@ -28,10 +28,21 @@ def local_cluster(n_workers: int = 3, processes: bool = True, replicas: int | No
     )
 
 
-def connect(scheduler: str | None = None, **cluster_options) -> tuple[Client, LocalCluster | None]:
-    """A client to `scheduler`, or to a new local cluster (returned so the caller can close it)."""
+def connect(scheduler: str | None = None, tls: str | None = None,
+            **cluster_options) -> tuple[Client, LocalCluster | None]:
+    """A client to `scheduler`, or to a new local cluster (returned so the caller can close it).
+
+    `tls`: a folder from `neuro-dask certs` holding a client certificate. Talking to a network
+    over TLS means talking to strangers, so this process is hardened too (docs/security.md).
+    """
     if scheduler:
-        return Client(scheduler), None
+        if not tls:
+            return Client(scheduler), None
+        from neuro_dask.security.hardening import harden
+        from neuro_dask.security.tls import security_for
+
+        harden()
+        return Client(scheduler, security=security_for("client", tls)), None
     cluster = local_cluster(**cluster_options)
     client = Client(cluster)
     # Publish only once every worker is in: placement spreads experts over the workers it sees.

@@ -484,5 +484,12 @@ def dask_setup(scheduler, neuro_replicas, neuro_ledger, neuro_hardened) -> None:
     ledger_url = neuro_ledger or dask.config.get("neuro.ledger.url", default=None)
     plugin = NeuroSchedulerPlugin(scheduler, settings, ledger_url)
     if security.hardened:
-        plugin.harden(security)
+        try:
+            plugin.harden(security)
+        except Exception:
+            # distributed only logs a preload's failure and starts anyway: an operator who asked
+            # for hardened mode must not get an open scheduler instead.
+            log.critical("hardened mode could not start: closing this scheduler", exc_info=True)
+            scheduler.loop.add_callback(scheduler.close, reason="neuro-hardening-failed")
+            raise
     scheduler.add_plugin(plugin)

@@ -174,7 +174,14 @@ async def dask_setup(worker, neuro_store, neuro_cache_dir, neuro_memory_budget, 
                                    adversary=json.loads(neuro_adversary) if neuro_adversary else None)
     security = SecuritySettings.load(hardened=neuro_hardened)
     if security.hardened:
-        harden_worker(worker, security)
+        try:
+            harden_worker(worker, security)
+        except Exception:
+            # distributed only logs a preload's failure and starts anyway: a volunteer who asked
+            # for hardened mode must not get an open worker instead.
+            log.critical("hardened mode could not start: closing this worker", exc_info=True)
+            worker.loop.add_callback(worker.close, reason="neuro-hardening-failed", nanny=True)
+            raise
     adapter = NeuroWorker(worker, settings, security)
     await adapter.start()
 

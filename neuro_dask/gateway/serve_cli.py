@@ -22,9 +22,10 @@ def _interrupt(signum, frame) -> None:
 
 def serve(scheduler: str | None = None, model_path: str | Path | None = None, host: str = "127.0.0.1",
           port: int = 8000, api_keys: str | Path | None = None, workers: int = 3, model_id: str | None = None,
-          transport: str | None = None) -> int:
+          transport: str | None = None, tls: str | None = None) -> int:
     """Load the model (on `scheduler`'s cluster, or an embedded local one) and serve it until
-    interrupted (Ctrl-C or SIGTERM). Without a model: the bundled adder."""
+    interrupted (Ctrl-C or SIGTERM). Without a model: the bundled adder. `tls`: a folder with a
+    client certificate for a hardened network (docs/security.md)."""
     import signal
 
     from neuro_dask.cluster import connect
@@ -35,7 +36,7 @@ def serve(scheduler: str | None = None, model_path: str | Path | None = None, ho
     path = model_path or ASSET_DIR
     where = f"connecting to {scheduler}" if scheduler else f"starting a local cluster of {workers} worker processes"
     print(f"{where} ...", flush=True)
-    client, cluster = connect(scheduler, n_workers=workers)
+    client, cluster = connect(scheduler, tls=tls, n_workers=workers)
     model = gateway = server = None
     previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     try:
