@@ -13,6 +13,7 @@ driver's error message that quotes part of the URL.
 
 from __future__ import annotations
 
+import logging
 import re
 from urllib.parse import unquote
 
@@ -104,3 +105,36 @@ def redact_secrets(text: object, url: object) -> str:
     for secret in url_secrets(url):
         out = out.replace(secret, MASK)
     return out
+
+
+_URL_IN_TEXT = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
+
+
+def redact_text(text: object) -> str:
+    """Every URL inside a free text, redacted (a third-party log line that quotes a URL)."""
+    return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), str(text))
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that redacts URLs in the records of a logger it is attached to."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken record is the logger's problem, not a reason to drop it
+            return True
+        if "://" in message:
+            record.msg, record.args = redact_text(message), ()
+        return True
+
+
+# Loggers of libraries that quote the URLs they open (fsspec logs "Retrieve file size for URL").
+THIRD_PARTY_URL_LOGGERS = ("fsspec", "fsspec.http", "fsspec.implementations.http", "fsspec.implementations.local")
+
+
+def redact_library_logs(names=THIRD_PARTY_URL_LOGGERS) -> None:
+    """Attach RedactingFilter to those loggers once (a filter sees only its own logger's records)."""
+    for name in names:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactingFilter) for f in logger.filters):
+            logger.addFilter(RedactingFilter())

@@ -21,10 +21,12 @@ import fsspec
 import fsspec.core
 
 from neuro_dask.errors import IntegrityError, ManifestError, NeuroDaskError
+from neuro_dask.security.redact import redact_library_logs, redact_secrets, redact_url
 from neuro_dask.store.manifest import MANIFEST_NAME, Artifact, Manifest
 from neuro_dask.store.safetensors_io import sha256_file
 
 log = logging.getLogger(__name__)
+redact_library_logs()  # fsspec quotes the URLs it opens, credentials included
 
 _CHUNK = 1 << 22  # 4 MiB: large enough for throughput, small enough that memory stays flat
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -55,24 +57,25 @@ def join_url(base: str, relative: str) -> str:
 def read_manifest(store_url: str) -> Manifest:
     """The manifest at <store_url>/manifest.json; ManifestError when it is missing or unreadable."""
     url = join_url(str(store_url), MANIFEST_NAME)
+    shown = redact_url(url)  # a store URL may carry credentials: errors and logs never do
     try:
         with fsspec.open(url, "rb") as fh:
             data = fh.read()
     except FileNotFoundError:
         raise ManifestError(
-            url, f"is missing: {store_url} is not a sharded model folder. Run "
+            shown, f"is missing: {redact_url(store_url)} is not a sharded model folder. Run "
             "`neuro-dask shard SRC DST` and point at DST (a path or a URL that serves it)."
         ) from None
     except (OSError, ValueError, ImportError) as exc:
-        raise ManifestError(url, f"cannot be read ({_describe(exc)}); check the store URL and that "
-                                 "this machine can reach it") from exc
+        raise ManifestError(shown, f"cannot be read ({redact_secrets(_describe(exc), url)}); check the store URL "
+                                   "and that this machine can reach it") from None
     try:
         raw = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ManifestError(url, f"is not valid JSON ({exc}); re-run `neuro-dask shard`") from exc
+        raise ManifestError(shown, f"is not valid JSON ({exc}); re-run `neuro-dask shard`") from exc
     if not isinstance(raw, dict):
-        raise ManifestError(url, "is not a JSON object; re-run `neuro-dask shard`")
-    return Manifest.from_dict(raw, url)
+        raise ManifestError(shown, "is not a JSON object; re-run `neuro-dask shard`")
+    return Manifest.from_dict(raw, shown)
 
 
 class ExpertFileCache:
@@ -115,7 +118,7 @@ class ExpertFileCache:
             return path
         url = join_url(str(store_url), artifact.path)
         _download(url, artifact, path)
-        log.info("fetched %s (%d bytes) into %s", url, artifact.bytes, path)
+        log.info("fetched %s (%d bytes) into %s", redact_url(url), artifact.bytes, path)
         return path
 
     def _valid_cached(self, path: Path, artifact: Artifact) -> bool:
@@ -140,7 +143,7 @@ def _download(url: str, artifact: Artifact, path: Path) -> None:
         with os.fdopen(fd, "wb") as out:
             actual = _copy_hashing(url, out, artifact.bytes)
         if actual != artifact.sha256:
-            raise IntegrityError(url, artifact.sha256, actual)
+            raise IntegrityError(redact_url(url), artifact.sha256, actual)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -168,16 +171,16 @@ def _open_source(url: str) -> BinaryIO:
         fs, path = fsspec.core.url_to_fs(url)
         return fs.open(path, "rb")
     except FileNotFoundError:
-        raise StoreUnreachableError(url, "no such file") from None
+        raise StoreUnreachableError(redact_url(url), "no such file") from None
     except (OSError, ValueError, ImportError) as exc:
-        raise StoreUnreachableError(url, _describe(exc)) from exc
+        raise StoreUnreachableError(redact_url(url), redact_secrets(_describe(exc), url)) from None
 
 
 def _read_source(src: BinaryIO, size: int, url: str) -> bytes:
     try:
         return src.read(size)
     except (OSError, ValueError) as exc:
-        raise StoreUnreachableError(url, _describe(exc)) from exc
+        raise StoreUnreachableError(redact_url(url), redact_secrets(_describe(exc), url)) from None
 
 
 def _describe(exc: BaseException) -> str:

@@ -94,3 +94,32 @@ def test_the_database_repr_hides_the_password():
     db.url = "postgresql://bob:s3cr3t@db/neuro"  # what a PostgreSQL ledger would hold
     assert repr(db) == "Database('postgresql://bob:***@db/neuro')"
     db.close()
+
+
+def test_a_store_url_with_credentials_never_reaches_an_error_or_a_log(caplog, tmp_path):
+    import logging
+
+    import pytest
+
+    from neuro_dask.errors import ManifestError, NeuroDaskError
+    from neuro_dask.store.manifest import Artifact
+    from neuro_dask.store.remote import ExpertFileCache, read_manifest
+
+    url = "http://volunteer:s3cret-pass@127.0.0.1:1/store?token=t0ps3cret"
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(ManifestError) as manifest_error:
+        read_manifest(url)
+    artifact = Artifact(path="experts/l0/e0.safetensors", sha256="0" * 64, bytes=4, role="expert", layer=0, expert=0)
+    with pytest.raises(NeuroDaskError) as fetch_error:
+        ExpertFileCache(tmp_path).fetch(url, artifact)
+    seen = [str(manifest_error.value), str(fetch_error.value), *(r.getMessage() for r in caplog.records)]
+    assert all("s3cret-pass" not in text and "t0ps3cret" not in text for text in seen), seen
+    assert "127.0.0.1:1" in str(manifest_error.value)  # still says where it looked
+
+
+def test_urls_inside_free_text_are_redacted():
+    from neuro_dask.security.redact import redact_text
+
+    line = "Retrieve file size for http://u:pw1@h/x/manifest.json and s3://k?token=abc then done"
+    assert redact_text(line) == "Retrieve file size for http://u:***@h/x/manifest.json and s3://k?token=*** then done"
+    assert redact_text("no url here: user:pw@host") == "no url here: user:pw@host"
