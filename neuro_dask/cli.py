@@ -145,6 +145,9 @@ def worker_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
         if value:
             argv += [flag, str(value)]
     argv += _hardened_flag(args)
+    if args.hardened:
+        # The nanny (which starts and restarts the worker) answers peers too: harden it as well.
+        argv += ["--preload-nanny", "neuro_worker"]
     if tls := _tls_folder(args):
         argv += _tls_args("worker", tls, args.name)
     if args.name and not _has_flag(extra, "--name"):
@@ -160,7 +163,9 @@ def _cmd_scheduler(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
-    os.execv(sys.executable, worker_argv(args, extra))
+    # The nanny's preload reads hardened mode from config (it gets no preload arguments).
+    env = {**os.environ, "DASK_NEURO__SECURITY__HARDENED": "True" if args.hardened else "False"}
+    os.execve(sys.executable, worker_argv(args, extra), env)
     return 0  # not reached
 
 

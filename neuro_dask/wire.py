@@ -20,6 +20,7 @@ from neuro_dask.errors import NeuroDaskError
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DTYPE_NAMES = {v: k for k, v in WIRE_DTYPES.items()}
 MAX_ROWS = 1 << 20
+MAX_HIDDEN = 1 << 18  # far above any model's hidden size; torch.empty(0, 2**63) would not raise our error
 
 
 class WireFormatError(NeuroDaskError):
@@ -47,7 +48,7 @@ def _unpack_rows(msg: Mapping[str, Any], hidden: int | None = None, max_rows: in
         experts, counts = list(msg["experts"]), list(msg["counts"])
         dtype = WIRE_DTYPES[msg["dtype"]]
         width, data = int(msg["hidden"]), msg["data"]
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:  # OverflowError: hidden = inf
         raise WireFormatError(f"malformed expert message: missing or bad field ({exc!r})") from None
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise WireFormatError(f"expert message data must be bytes, got {type(data).__name__}")
@@ -58,7 +59,7 @@ def _unpack_rows(msg: Mapping[str, Any], hidden: int | None = None, max_rows: in
     if any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in experts) or len(set(experts)) != len(experts):
         raise WireFormatError("expert message must name distinct experts by integer id")
     total = sum(counts)
-    if total > max_rows or width <= 0:
+    if total > max_rows or not 0 < width <= MAX_HIDDEN:
         raise WireFormatError(f"expert message of {total} rows x {width} is out of bounds")
     itemsize = torch.empty((), dtype=dtype).element_size()
     if len(data) != total * width * itemsize:

@@ -240,8 +240,9 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             lambda event: self.scheduler.loop.add_callback(self._security_event, event))
 
     def _drop_worker_plugins(self) -> None:
-        dropped = sorted(self.scheduler.worker_plugins)
+        dropped = sorted(self.scheduler.worker_plugins) + sorted(self.scheduler.nanny_plugins)
         self.scheduler.worker_plugins.clear()
+        self.scheduler.nanny_plugins.clear()
         if dropped:
             log.info("hardened mode: not sending worker plugins %s", ", ".join(dropped))
 

@@ -13,6 +13,7 @@ Options (preload arguments, or Dask config under `neuro.worker`):
   --neuro-no-benchmark     skip the expert-FFN micro-benchmark at start
   --neuro-adversary JSON   drills only: behave as an adversary (neuro_dask/testing/adversary.py)
   --neuro-hardened / --neuro-no-hardened
+                           (also `--preload-nanny neuro_worker`: the nanny is hardened too)
                            hardened mode (default: neuro.security.hardened; `neuro-dask worker` turns
                            it on): only allow-listed pickles load, only neuro_dask's expert tasks run,
                            remote code (client.run, plugins, uploads) is refused (docs/security.md)
@@ -27,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import click
+from distributed import Nanny
 from distributed.core import Status
 
 from neuro_dask.errors import NeuroDaskError
@@ -173,6 +175,10 @@ async def dask_setup(worker, neuro_store, neuro_cache_dir, neuro_memory_budget, 
                                    benchmark=False if neuro_no_benchmark else None,
                                    adversary=json.loads(neuro_adversary) if neuro_adversary else None)
     security = SecuritySettings.load(hardened=neuro_hardened)
+    if isinstance(worker, Nanny):  # `--preload-nanny neuro_worker`: harden the nanny, host nothing
+        if security.hardened:
+            harden_nanny(worker, security)
+        return
     if security.hardened:
         try:
             harden_worker(worker, security)
@@ -184,6 +190,30 @@ async def dask_setup(worker, neuro_store, neuro_cache_dir, neuro_memory_budget, 
             raise
     adapter = NeuroWorker(worker, settings, security)
     await adapter.start()
+
+
+def harden_nanny(nanny, security: SecuritySettings) -> None:
+    """A nanny starts, restarts and can run code in its worker's machine: it is hardened like the
+    worker (restricted unpickling, no `run`, no plugins, control from the scheduler only)."""
+    from neuro_dask.security.events import TOPIC, security_log
+    from neuro_dask.security.guards import guard_nanny
+    from neuro_dask.security.hardening import install
+
+    try:
+        install(max_message_bytes=security.max_message_bytes)
+        guard_nanny(nanny)
+    except Exception:
+        log.critical("hardened mode could not start: closing this nanny", exc_info=True)
+        nanny.loop.add_callback(nanny.close, reason="neuro-hardening-failed")
+        raise
+
+    async def tell_scheduler(event) -> None:
+        try:
+            await nanny.scheduler.log_event(topic=TOPIC, msg=event.to_dict())
+        except Exception as exc:  # the scheduler is away: the nanny's own log has the event
+            log.debug("could not forward a security event: %s", exc)
+
+    security_log.subscribe(lambda event: nanny.loop.add_callback(tell_scheduler, event))
 
 
 def harden_worker(worker, security: SecuritySettings) -> None:

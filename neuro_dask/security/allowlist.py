@@ -75,7 +75,6 @@ ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
         # distributed's own message types and errors
         ("distributed.core", "Status"),
         ("distributed.utils_comm", "WrappedKey"),
-        ("distributed.worker", "TaskRefusedError"),
         ("distributed.protocol.serialize", "Serialize"),
         ("distributed.protocol.serialize", "ToPickle"),
         ("distributed.client", "FutureCancelledError"),

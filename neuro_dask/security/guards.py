@@ -21,7 +21,7 @@ from neuro_dask.security.errors import RequestRefusedError, TaskRefusedError
 from neuro_dask.security.hardening import report
 from neuro_dask.security.identity import PeerIdentity, identity_from_peercert
 from neuro_dask.security.limits import RateLimiter
-from neuro_dask.security.roles import Decision, scheduler_decision, worker_decision
+from neuro_dask.security.roles import Decision, nanny_decision, scheduler_decision, worker_decision
 
 log = logging.getLogger(__name__)
 
@@ -150,14 +150,24 @@ def _refusing_plugin_add(worker, original: Callable) -> Callable:
     Dask's shuffle plugin): refuse them without loading, so the worker still starts. Plugin
     objects handed to Worker(...) in this process are not remote and pass."""
 
-    async def plugin_add(plugin, name: str | None = None, catch_errors: bool = True):
+    async def plugin_add(plugin, name: str | None = None, **kwargs):
         if isinstance(plugin, (bytes, bytearray, memoryview)):
-            report("plugin", getattr(worker.scheduler, "address", None), f"worker plugin {name!r} not loaded")
+            scheduler = getattr(getattr(worker, "scheduler", None), "address", None)
+            report("plugin", scheduler, f"{type(worker).__name__.lower()} plugin {name!r} not loaded")
             return {"status": "error", "exception": None, "traceback": None,
-                    "exception_text": "hardened workers load no plugins", "traceback_text": ""}
-        return await original(plugin=plugin, name=name, catch_errors=catch_errors)
+                    "exception_text": "hardened workers and nannies load no plugins", "traceback_text": ""}
+        return await original(plugin=plugin, name=name, **kwargs)
 
     return plugin_add
+
+
+def guard_nanny(nanny) -> None:
+    """The nanny of a volunteer's worker: no `run`, no plugins, control from the scheduler only."""
+    if isinstance(nanny.handlers, GuardedHandlers):
+        return
+    nanny.handlers = GuardedHandlers(
+        nanny.handlers, lambda op, role: nanny_decision(op, role, roles_required=roles_required_for(nanny)))
+    nanny.plugin_add = _refusing_plugin_add(nanny, nanny.plugin_add)
 
 
 def _checked_compute_task(worker, original: Callable) -> Callable:

@@ -7,7 +7,7 @@ to clients, P2P shuffles. Almost all of them call `distributed.protocol.pickle.l
 call the stdlib `pickle` module that client.py, scheduler.py and the shuffle modules import.
 `install()` replaces exactly those names (PICKLE_SITES) with the restricted loader, caps the
 size of a message before its bytes are allocated, and remembers which peer each message came
-from so that a refusal is reported with its address. tests/unit/test_hardening.py re-reads
+from so that a refusal is reported with its address. tests/unit/test_hardening_install.py re-reads
 distributed's source and fails when a loads call appears anywhere this list does not cover,
 and `install()` refuses to run on a distributed version it was not verified against.
 

@@ -43,7 +43,7 @@ SCHEDULER_OPERATOR_ONLY = frozenset({
 })
 
 WORKER_NEVER = frozenset({
-    "run", "run_coroutine", "plugin-add", "plugin-remove", "upload_file", "actor_execute", "actor_attribute",
+    "run", "run_coroutine", "plugin-add", "plugin-remove", "plugin_add", "plugin_remove", "upload_file", "actor_execute", "actor_attribute",
     "update_data", "benchmark_disk", "benchmark_memory", "benchmark_network", "shuffle_inputs_done",
     "shuffle_receive",
 })
@@ -51,6 +51,12 @@ WORKER_NEVER = frozenset({
 # What anyone with a certificate of this network may ask a worker: expert calls and their data.
 WORKER_ANYONE = frozenset({"neuro_expert", "neuro_cancel", "neuro_status", "get_data", "identity", "echo",
                            "ping", "versions", "connection_stream"})
+
+
+# A volunteer's nanny (the process that starts and restarts its worker): code and plugins from
+# no one; start, stop and logs for the scheduler only.
+NANNY_NEVER = frozenset({"run", "plugin_add", "plugin_remove", "plugin-add", "plugin-remove"})
+NANNY_ANYONE = frozenset({"identity", "echo", "connection_stream"})
 
 
 @dataclass(frozen=True)
@@ -92,3 +98,15 @@ def worker_decision(op: str, role: str | None, *, roles_required: bool) -> Decis
     if role == "scheduler":
         return ALLOW
     return Decision(False, "only the scheduler may ask a worker for this")
+
+
+def nanny_decision(op: str, role: str | None, *, roles_required: bool) -> Decision:
+    if op in NANNY_NEVER:
+        return Decision(False, "a hardened nanny runs no remote code and loads no plugins")
+    if role is None:
+        if roles_required:
+            return Decision(False, "this nanny requires a certificate from its network's CA")
+        return ALLOW
+    if op in NANNY_ANYONE or role == "scheduler":
+        return ALLOW
+    return Decision(False, "only the scheduler may ask a nanny for this")

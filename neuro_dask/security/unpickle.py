@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import pickle
 import pickletools
+import types
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -32,8 +33,22 @@ def calls_anything(data: bytes | bytearray | memoryview) -> bool:
         return True
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """pickle.Unpickler whose find_class consults `allowed(module, name)` before importing."""
+# State may be applied only to instances. BUILD on an allow-listed *class* (or function) would
+# set its attributes for the whole process: one message could break or subvert every later
+# task graph (e.g. rewrite a task function's __module__ to pass the worker's task check).
+_NOT_INSTANCES = (type, types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.ModuleType)
+
+
+class RestrictedUnpickler(pickle._Unpickler):
+    """An unpickler whose find_class consults `allowed(module, name)` before importing, and
+    which applies state (BUILD) to instances only.
+
+    The pure-Python unpickler, because the C one's BUILD cannot be intercepted; what a hardened
+    network pickles is small (task specs, exceptions, array headers; array data travels as
+    out-of-band buffers), so the cost stays in microseconds (docs/security.md).
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, data, *, allowed: Allowed, buffers: Iterable[Any] | None = None, peer: str | None = None,
                  named_only: Allowed | None = None, substitutes: Mapping[tuple[str, str], Any] | None = None):
@@ -54,6 +69,16 @@ class RestrictedUnpickler(pickle.Unpickler):
         if self._named_only is not None and self._named_only(module, name) and not calls_anything(self._data):
             return super().find_class(module, name)
         raise PickleRefusedError(module, name, self._peer)
+
+    def load_build(self) -> None:
+        target = self.stack[-2] if len(self.stack) > 1 else None  # [..., target, state]
+        if isinstance(target, _NOT_INSTANCES):
+            raise PickleRefusedError(getattr(target, "__module__", None) or "?",
+                                     f"{getattr(target, '__qualname__', type(target).__name__)} (state applied to it)",
+                                     self._peer)
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
 
     def persistent_load(self, pid: Any) -> Any:
         # Persistent ids reach into the loader's own world (torch uses them for storages):

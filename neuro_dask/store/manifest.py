@@ -122,9 +122,11 @@ class Manifest:
                 )
             raise MissingConfigError(str(root))
         try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+            raw = json.loads(path.read_bytes().decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ManifestError(str(path), f"is not valid JSON ({exc}); re-run `neuro-dask shard`") from exc
+        except RecursionError:  # a hostile store's "[[[[..." nests deeper than any manifest
+            raise ManifestError(str(path), "nests too deeply to be a manifest; re-run `neuro-dask shard`") from None
         return cls.from_dict(raw, str(path))
 
     @classmethod

@@ -82,6 +82,12 @@ def verify_sha256(path: Path, expected: str) -> None:
         raise IntegrityError(str(path), expected, actual)
 
 
+# torch refuses sizes past int64 and strides that overflow; an empty tensor ([0, 2**62]) has 0
+# bytes, so the byte count alone does not catch them. No real tensor comes near these.
+_MAX_DIM = 1 << 40
+_MAX_DIMS = 8
+
+
 def _entry_problem(entry: object) -> str | None:
     """Why one header entry cannot describe a tensor (files may come from untrusted mirrors)."""
     if not isinstance(entry, dict):
@@ -89,8 +95,9 @@ def _entry_problem(entry: object) -> str | None:
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in _TORCH_DTYPES:
         return f"unknown dtype {dtype!r}"
-    if not isinstance(shape, list) or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
-        return f"shape {shape!r} is not a list of sizes"
+    if not isinstance(shape, list) or len(shape) > _MAX_DIMS or any(
+            isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= _MAX_DIM for d in shape):
+        return f"shape {shape!r} is not a list of at most {_MAX_DIMS} sizes below 2**40"
     if not isinstance(offsets, list) or len(offsets) != 2 or any(
             isinstance(o, bool) or not isinstance(o, int) for o in offsets) or not 0 <= offsets[0] <= offsets[1]:
         return f"data_offsets {offsets!r} are not [begin, end]"
@@ -123,6 +130,8 @@ class SafetensorsFile:
             raise TruncatedFileError(str(path), "file does not exist") from None
         except (struct.error, ValueError, UnicodeDecodeError) as exc:
             raise TruncatedFileError(str(path), f"bad header: {exc}") from exc
+        except RecursionError:  # "[[[[..." from an untrusted mirror: no real header nests
+            raise TruncatedFileError(str(path), "bad header: nested too deeply") from None
         if not isinstance(header, dict):
             raise TruncatedFileError(str(path), f"bad header: a JSON object is needed, not {type(header).__name__}")
         metadata = header.pop("__metadata__", None) or {}

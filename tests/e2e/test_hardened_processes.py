@@ -134,11 +134,14 @@ def test_a_hardened_worker_refuses_client_run(network, tmp_path):
         since = time.time()
         with pytest.raises(Exception, match="refused 'broadcast'"):  # the scheduler relays it to no worker
             client.run(payload)
-        workers = list(client.scheduler_info()["workers"])
-        assert len(workers) == 2
-        # A client that skips the scheduler and asks each worker directly is refused there.
+        info = client.scheduler_info()["workers"]
+        workers = list(info)
+        nannies = [w["nanny"] for w in info.values()]
+        assert len(workers) == 2 and all(nannies), info
+        # A client that skips the scheduler and asks each worker, or the nanny that runs it,
+        # directly is refused there.
         args = nd.security_for("client", network.certs).get_connection_args("client")
-        for address in workers:
+        for address in workers + nannies:
             async def run_on_worker(address=address):
                 async with rpc(address, connection_args=args) as worker:
                     return await worker.run(function=dumps(payload))
@@ -146,8 +149,8 @@ def test_a_hardened_worker_refuses_client_run(network, tmp_path):
             with pytest.raises(Exception, match="refused 'run'"):
                 client.sync(run_on_worker)
         assert [e["identity"] for e in _refusals(client, since, "broadcast")] == ["client:client"]
-        by_workers = _refusals(client, since, "run", count=2)
-        assert [e["identity"] for e in by_workers] == ["client:client"] * 2, by_workers
+        by_workers = _refusals(client, since, "run", count=4)  # two workers, two nannies, all forwarded
+        assert [e["identity"] for e in by_workers] == ["client:client"] * 4, by_workers
     network.processes.check_alive()
     assert not marker.exists(), "client.run ran on a hardened network"
 

@@ -1,0 +1,341 @@
+"""Who may ask a hardened scheduler or worker for what (neuro_dask/security/roles.py), the task check
+of a hardened worker (guards.refused_function) and the handler table that enforces both
+(guards.GuardedHandlers), with peer certificates made by neuro_dask.security.certs."""
+
+from __future__ import annotations
+
+import pytest
+from dask._task_spec import DataNode, List, Task
+
+from neuro_dask.dispatch.tasks import serve_expert_call
+from neuro_dask.security import roles
+from neuro_dask.security.certs import as_peercert, create_ca, issue, load_certificate
+from neuro_dask.security.events import security_log
+from neuro_dask.security.guards import GuardedHandlers, _bind_worker_name, comm_identity, refused_function
+from neuro_dask.security.identity import ROLES, PeerIdentity
+
+EVERY_ROLE = (None, *ROLES)
+CERT_ROLES = frozenset(ROLES)
+NEVER = "never"
+
+# op -> the certificate roles that may use it on a scheduler, or NEVER (refused to everyone).
+SCHEDULER_TABLE: dict[str, frozenset[str] | str] = {
+    # a volunteer's worker registering and reporting
+    "register-worker": frozenset({"worker"}),
+    "heartbeat_worker": frozenset({"worker"}),
+    "neuro_experts_loaded": frozenset({"worker"}),
+    "register_nanny": frozenset({"worker"}),
+    "unregister": frozenset({"worker"}),
+    # what a worker shares with every other peer
+    "identity": CERT_ROLES,
+    "who_has": CERT_ROLES,
+    "versions": CERT_ROLES,
+    # a client's work: not for worker certificates
+    "register-client": frozenset({"scheduler", "client", "operator"}),
+    "update-graph": frozenset({"scheduler", "client", "operator"}),
+    "gather": frozenset({"scheduler", "client", "operator"}),
+    "neuro_routes": frozenset({"scheduler", "client", "operator"}),
+    "neuro_report_calls": frozenset({"scheduler", "client", "operator"}),
+    # cluster control and other people's logs: the operator (and the scheduler itself)
+    "neuro_publish": frozenset({"scheduler", "operator"}),
+    "retire_workers": frozenset({"scheduler", "operator"}),
+    "restart": frozenset({"scheduler", "operator"}),
+    "terminate": frozenset({"scheduler", "operator"}),
+    "get_logs": frozenset({"scheduler", "operator"}),
+    "dump_state": frozenset({"scheduler", "operator"}),
+    # remote code, plugins, raw data: nobody
+    "run_function": NEVER,
+    "broadcast": NEVER,
+    "register_worker_plugin": NEVER,
+    "register_scheduler_plugin": NEVER,
+    "register_nanny_plugin": NEVER,
+    "scatter": NEVER,
+    "update_data": NEVER,
+    "proxy": NEVER,
+    "dump_cluster_state_to_url": NEVER,
+    "rebalance": NEVER,
+    "replicate": NEVER,
+}
+
+WORKER_TABLE: dict[str, frozenset[str] | str] = {
+    "run": NEVER,
+    "run_coroutine": NEVER,
+    "plugin-add": NEVER,
+    "plugin-remove": NEVER,
+    "upload_file": NEVER,
+    "update_data": NEVER,
+    "actor_execute": NEVER,
+    "neuro_assign": frozenset({"scheduler"}),
+    "neuro_drop": frozenset({"scheduler"}),
+    "terminate": frozenset({"scheduler"}),
+    "free_keys": frozenset({"scheduler"}),
+    "close": frozenset({"scheduler"}),
+    "neuro_expert": CERT_ROLES,
+    "neuro_cancel": CERT_ROLES,
+    "get_data": CERT_ROLES,
+    "ping": CERT_ROLES,
+    "identity": CERT_ROLES,
+}
+
+
+def _expected(allowed: frozenset[str] | str, role: str | None, roles_required: bool) -> bool:
+    if allowed == NEVER:
+        return False
+    if role is None:
+        return not roles_required
+    return role in allowed
+
+
+def _cases(table):
+    return [pytest.param(op, role, required, _expected(allowed, role, required),
+                         id=f"{op}-{role or 'no-cert'}-{'required' if required else 'optional'}")
+            for op, allowed in table.items() for role in EVERY_ROLE for required in (True, False)]
+
+
+@pytest.mark.parametrize("op, role, required, allowed", _cases(SCHEDULER_TABLE))
+def test_scheduler_decision(op, role, required, allowed):
+    decision = roles.scheduler_decision(op, role, roles_required=required)
+    assert decision.allowed is allowed
+    assert bool(decision.why) is not allowed  # every refusal says why
+
+
+@pytest.mark.parametrize("op, role, required, allowed", _cases(WORKER_TABLE))
+def test_worker_decision(op, role, required, allowed):
+    decision = roles.worker_decision(op, role, roles_required=required)
+    assert decision.allowed is allowed
+    assert bool(decision.why) is not allowed
+
+
+@pytest.mark.parametrize("decide, op, role, required, words", [
+    (roles.scheduler_decision, "run_function", "operator", False, "never"),
+    (roles.scheduler_decision, "retire_workers", None, True, "certificate"),
+    (roles.scheduler_decision, "register-worker", "client", True, "worker certificate"),
+    (roles.scheduler_decision, "register-client", "worker", True, "worker certificate"),
+    (roles.scheduler_decision, "neuro_publish", "client", True, "operator"),
+    (roles.worker_decision, "run", "scheduler", True, "hardened worker"),
+    (roles.worker_decision, "neuro_assign", "client", True, "only the scheduler"),
+    (roles.worker_decision, "get_data", None, True, "certificate"),
+])
+def test_refusals_say_why(decide, op, role, required, words):
+    decision = decide(op, role, roles_required=required)
+    assert not decision.allowed and words in decision.why
+
+
+def test_the_tables_cover_every_role_and_each_kind_of_rule():
+    assert set(EVERY_ROLE) == {None, "scheduler", "worker", "client", "operator"}
+    for table in (SCHEDULER_TABLE, WORKER_TABLE):
+        kinds = {allowed if allowed == NEVER else len(allowed) for allowed in table.values()}
+        assert NEVER in kinds and 1 in kinds and 4 in kinds
+
+
+def test_the_rule_sets_do_not_contradict_each_other():
+    # A worker op that is also never-allowed or operator-only would be silently refused (or granted).
+    assert not roles.SCHEDULER_WORKER_OPS & roles.SCHEDULER_NEVER
+    assert not roles.SCHEDULER_WORKER_OPS & roles.SCHEDULER_OPERATOR_ONLY
+    assert not roles.SCHEDULER_OPERATOR_ONLY & roles.SCHEDULER_NEVER
+    # Each worker-only op is one a worker certificate may actually use.
+    assert roles.SCHEDULER_WORKER_ONLY <= roles.SCHEDULER_WORKER_OPS
+    assert not roles.WORKER_ANYONE & roles.WORKER_NEVER
+
+
+@pytest.mark.parametrize("op", sorted(roles.SCHEDULER_NEVER))
+def test_every_scheduler_never_op_is_refused_to_everyone(op):
+    for role in EVERY_ROLE:
+        for required in (True, False):
+            assert not roles.scheduler_decision(op, role, roles_required=required).allowed
+
+
+@pytest.mark.parametrize("op", sorted(roles.WORKER_NEVER))
+def test_every_worker_never_op_is_refused_to_everyone(op):
+    for role in EVERY_ROLE:
+        for required in (True, False):
+            assert not roles.worker_decision(op, role, roles_required=required).allowed
+
+
+# ---- the task check of a hardened worker --------------------------------------------------------
+
+
+def _len_task():
+    return Task("inner", len, "abc")
+
+
+@pytest.mark.parametrize("spec, refused", [
+    (Task("k", serve_expert_call, b"req"), None),
+    (Task("k", len, "abc"), "builtins.len"),
+    (Task("k", serve_expert_call, _len_task()), "builtins.len"),
+    (Task("k", serve_expert_call, b"req", extra=_len_task()), "builtins.len"),
+    (Task("k", serve_expert_call, Task("mid", serve_expert_call, _len_task())), "builtins.len"),
+    (Task("k", serve_expert_call, Task("mid", serve_expert_call, b"req")), None),
+    # A container node runs the tasks inside it: refused, though its own function is Dask's.
+    (Task("k", serve_expert_call, List(_len_task())), "dask._task_spec.NestedContainer.to_container"),
+    (Task("k", print, "x"), "builtins.print"),
+], ids=["expert", "len", "nested-arg", "nested-kwarg", "two-deep", "nested-expert", "List", "print"])
+def test_refused_function(spec, refused):
+    assert refused_function(spec) == refused
+
+
+@pytest.mark.parametrize("spec", [DataNode("d", 1), None, "a string", b"bytes", {"k": 1}],
+                         ids=["DataNode", "None", "str", "bytes", "dict"])
+def test_anything_but_a_task_is_refused(spec):
+    refused = refused_function(spec)
+    assert refused is not None and type(spec).__name__ in refused
+
+
+def test_a_task_inside_plain_data_is_not_run_and_not_refused():
+    # Dask passes plain containers to the function as they are: the inner task is data, never run.
+    inner = _len_task()
+    assert Task("k", lambda x: x, [inner])() == [inner]
+    assert refused_function(Task("k", serve_expert_call, [inner])) is None
+
+
+def test_a_lambda_is_refused_by_its_name():
+    refused = refused_function(Task("k", lambda: 1))
+    assert refused is not None and refused.endswith("<lambda>") and __name__ in refused
+
+
+# ---- the handler table ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def peercerts(tmp_path_factory):
+    """role -> getpeercert()-shaped dict of a certificate issued by a test CA; names as the role."""
+    folder = tmp_path_factory.mktemp("certs")
+    create_ca(folder)
+    certs = {role: as_peercert(load_certificate(issue(folder, role, role)[0])) for role in ROLES}
+    certs["worker-1"] = as_peercert(load_certificate(issue(folder, "worker", "worker-1")[0]))
+    return certs
+
+
+class FakeComm:
+    def __init__(self, peercert=None, peer_address="tls://203.0.113.9:40123"):
+        self.peer_address = peer_address
+        self.extra_info = {"peercert": peercert} if peercert is not None else {}
+
+
+@pytest.fixture
+def events():
+    security_log.clear()
+    yield security_log
+    security_log.clear()
+
+
+def _worker_handlers(calls):
+    def neuro_assign(x):
+        calls.append(("neuro_assign", x))
+        return x
+
+    def echo(comm, x):
+        calls.append(("echo", comm, x))
+        return x
+
+    return GuardedHandlers({"echo": echo, "neuro_assign": neuro_assign},
+                           decide=lambda op, role: roles.worker_decision(op, role, roles_required=True))
+
+
+def test_the_certificates_name_their_roles(peercerts):
+    for role in ROLES:
+        assert comm_identity(FakeComm(peercerts[role])) == PeerIdentity(role, role)
+    assert comm_identity(FakeComm(peercerts["worker-1"])) == PeerIdentity("worker", "worker-1")
+    assert comm_identity(FakeComm()) is None
+
+
+def test_a_scheduler_certificate_may_assign_experts(peercerts, events):
+    calls: list = []
+    handlers = _worker_handlers(calls)
+    assert handlers["neuro_assign"](FakeComm(peercerts["scheduler"]), x=1) == 1
+    assert calls == [("neuro_assign", 1)]
+    assert events.events() == []
+
+
+@pytest.mark.parametrize("role", ["client", "worker", "operator"])
+def test_other_certificates_may_not_assign_experts(peercerts, events, role):
+    calls: list = []
+    handlers = _worker_handlers(calls)
+    comm = FakeComm(peercerts[role])
+    reply = handlers["neuro_assign"](comm, x=1)
+    assert calls == []  # the handler never ran
+    assert isinstance(reply, dict) and reply["status"] == "uncaught-error"
+    assert "neuro_assign" in reply["exception_text"] and role in reply["exception_text"]
+    [event] = events.events()
+    assert event.kind == "refused-op"
+    assert event.identity == f"{role}:{role}"
+    assert event.peer == comm.peer_address
+    assert event.detail.startswith("neuro_assign:")
+
+
+def test_a_client_refusal_is_recorded_with_its_identity_and_address(peercerts, events):
+    handlers = _worker_handlers([])
+    comm = FakeComm(peercerts["client"], peer_address="tls://198.51.100.4:5555")
+    reply = handlers["neuro_assign"](comm, x=1)
+    assert reply["status"] == "uncaught-error"
+    assert [(e.kind, e.identity, e.peer) for e in events.events()] == [
+        ("refused-op", "client:client", "tls://198.51.100.4:5555")]
+    assert events.counts == {"refused-op": 1}
+
+
+@pytest.mark.parametrize("peercert_role, allowed", [("client", True), ("worker", True), (None, False)])
+def test_a_handler_that_takes_the_comm_gets_it(peercerts, events, peercert_role, allowed):
+    calls: list = []
+    handlers = _worker_handlers(calls)
+    comm = FakeComm(peercerts[peercert_role] if peercert_role else None)
+    reply = handlers["echo"](comm, x=5)
+    if allowed:
+        assert reply == 5 and calls == [("echo", comm, 5)]
+        assert events.events() == []
+    else:  # roles required and no certificate
+        assert reply["status"] == "uncaught-error" and calls == []
+        assert [(e.kind, e.identity) for e in events.events()] == [("refused-op", None)]
+
+
+def test_a_forged_certificate_dict_has_no_role(peercerts, events):
+    forged = dict(peercerts["scheduler"])
+    forged["subjectAltName"] = (("URI", "neuro-dask://scheduler/someone-else"),)
+    reply = _worker_handlers([])["neuro_assign"](FakeComm(forged), x=1)
+    assert reply["status"] == "uncaught-error"
+    assert events.events()[0].identity is None
+
+
+def test_guarded_handlers_look_up_like_a_dict():
+    handlers = _worker_handlers([])
+    assert handlers["neuro_assign"].__name__ == "neuro_assign"
+    assert set(handlers) == {"echo", "neuro_assign"} and "echo" in handlers
+    with pytest.raises(KeyError):
+        handlers["run"]
+    handlers["later"] = lambda: "added by a plugin"
+    # Added later (as plugins add theirs), guarded too: no certificate, refused.
+    assert handlers["later"](FakeComm())["status"] == "uncaught-error"
+
+
+# ---- a worker's name is the name on its certificate ----------------------------------------------
+
+
+@pytest.mark.parametrize("op, identity, name, expected", [
+    ("register-worker", PeerIdentity("worker", "worker-1"), "evil", "worker-1"),
+    ("register-worker", PeerIdentity("worker", "worker-1"), None, "worker-1"),
+    ("register-worker", PeerIdentity("worker", "worker-1"), "worker-1", "worker-1"),
+    ("register-worker", PeerIdentity("client", "client"), "evil", "evil"),
+    ("register-worker", None, "evil", "evil"),
+    ("heartbeat_worker", PeerIdentity("worker", "worker-1"), "evil", "evil"),
+])
+def test_bind_worker_name(op, identity, name, expected):
+    msg = {"name": name, "address": "tls://203.0.113.9:1"}
+    _bind_worker_name(op, identity, msg)
+    assert msg["name"] == expected
+
+
+def test_register_worker_through_the_guard_takes_the_certificate_name(peercerts, events):
+    registered: list = []
+
+    def register_worker(comm, name, address):
+        registered.append(name)
+        return {"status": "OK"}
+
+    handlers = GuardedHandlers({"register-worker": register_worker},
+                               decide=lambda op, role: roles.scheduler_decision(op, role, roles_required=True),
+                               rewrite=_bind_worker_name)
+    reply = handlers["register-worker"](FakeComm(peercerts["worker-1"]), name="evil", address="tls://203.0.113.9:1")
+    assert reply == {"status": "OK"} and registered == ["worker-1"]
+    # A client certificate may not register a worker at all.
+    refused = handlers["register-worker"](FakeComm(peercerts["client"]), name="evil", address="tls://203.0.113.9:2")
+    assert refused["status"] == "uncaught-error" and registered == ["worker-1"]
+    assert [e.identity for e in events.events()] == ["client:client"]
