@@ -19,7 +19,7 @@ import dask
 import pytest
 import torch
 from distributed import Client
-from test_volunteer_processes import _free_port, processes  # noqa: F401  (the fixture)
+from process_helpers import Processes, free_port
 from tiny_models import padded_batch
 
 import neuro_dask as nd
@@ -30,8 +30,14 @@ TOKENS = 200
 MEAN_GAP = 2.0  # seconds between kills, exponentially distributed
 
 
-def test_killing_workers_mid_generation_changes_nothing(processes, sharded, tmp_path):  # noqa: F811
-    port = _free_port()
+@pytest.fixture
+def processes(tmp_path):
+    with Processes(tmp_path) as spawn:
+        yield spawn
+
+
+def test_killing_workers_mid_generation_changes_nothing(processes, sharded, tmp_path):
+    port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     dask_cli = [sys.executable, "-m", "dask"]
     processes(*dask_cli, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0",
