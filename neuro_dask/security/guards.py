@@ -111,12 +111,9 @@ def _bind_worker_name(op: str, identity: PeerIdentity | None, msg: dict) -> None
 
 
 def roles_required_for(server) -> bool:
-    """Roles are enforced whenever the server listens with TLS: every peer then has a certificate."""
-    return any(str(address).startswith("tls://") for address in _listen_addresses(server))
-
-
-def _listen_addresses(server) -> list[str]:
-    return [listener.listen_address for listener in getattr(server, "listeners", [])]
+    """Roles are enforced whenever the server listens with TLS: every peer then has a certificate.
+    (The listener's kind, not its address: a stopping listener has none.)"""
+    return any(getattr(listener, "prefix", "") == "tls://" for listener in getattr(server, "listeners", []))
 
 
 # A client's requests at the scheduler: one registration per connection, one ledger hold per
