@@ -12,6 +12,7 @@ import json
 
 import dask
 import pytest
+from doubles import CountingExecutor
 from test_gateway import assert_error_shape, raw
 
 from neuro_dask.gateway.protocol import ProtocolError, check_prompt_limit, rate_limited, resolve_max_tokens
@@ -27,16 +28,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-class CountingExecutor:
-    def __init__(self, inner):
-        self.inner = inner
-        self.calls = 0
-
-    def run_layer(self, layer, groups):
-        self.calls += 1
-        return self.inner.run_layer(layer, groups)
 
 
 @pytest.fixture(scope="module")

@@ -5,19 +5,12 @@ from __future__ import annotations
 
 import sys
 
-import pytest
 import torch
 from distributed import Client
-from process_helpers import Processes, free_port
+from process_helpers import free_port
 from tiny_models import padded_batch
 
 import neuro_dask as nd
-
-
-@pytest.fixture
-def processes(tmp_path):
-    with Processes(tmp_path) as spawn:
-        yield spawn
 
 
 def test_cli_scheduler_two_workers_and_a_client_generate_like_local(processes, sharded, tmp_path):

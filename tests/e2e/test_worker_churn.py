@@ -19,7 +19,7 @@ import dask
 import pytest
 import torch
 from distributed import Client
-from process_helpers import Processes, free_port
+from process_helpers import free_port
 from tiny_models import padded_batch
 
 import neuro_dask as nd
@@ -28,12 +28,6 @@ pytestmark = pytest.mark.slow  # ~40-60 s: replacements are real processes that 
 
 TOKENS = 200
 MEAN_GAP = 2.0  # seconds between kills, exponentially distributed
-
-
-@pytest.fixture
-def processes(tmp_path):
-    with Processes(tmp_path) as spawn:
-        yield spawn
 
 
 def test_killing_workers_mid_generation_changes_nothing(processes, sharded, tmp_path):

@@ -8,6 +8,7 @@ import pickle
 
 import dask
 import pytest
+from doubles import CountingExecutor
 
 from neuro_dask.errors import InputError, LimitExceededError, NeuroDaskError
 from neuro_dask.security.limits import (
@@ -168,16 +169,6 @@ def test_limits_from_settings():
 
 
 # ---- the model API -------------------------------------------------------------------------------------
-
-class CountingExecutor:
-    def __init__(self, inner):
-        self.inner = inner
-        self.calls = 0
-
-    def run_layer(self, layer, groups):
-        self.calls += 1
-        return self.inner.run_layer(layer, groups)
-
 
 @pytest.fixture(scope="module")
 def adder():

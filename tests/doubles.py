@@ -1,0 +1,16 @@
+"""Test doubles shared by several test modules."""
+
+from __future__ import annotations
+
+
+class CountingExecutor:
+    """Wraps a model's executor and counts the layers it runs: proves that a refused request
+    sent no work at all."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.calls = 0
+
+    def run_layer(self, layer, groups):
+        self.calls += 1
+        return self.inner.run_layer(layer, groups)
