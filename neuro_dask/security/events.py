@@ -7,6 +7,7 @@ own to the scheduler. The log is bounded: a flood of refusals cannot grow memory
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -15,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 TOPIC = "neuro-security"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class SecurityLog:
             try:
                 listener(event)
             except Exception:  # a broken listener must not turn a refusal into a crash
-                pass
+                log.exception("security event listener failed")
         return event
 
     def events(self, kind: str | None = None) -> list[SecurityEvent]:

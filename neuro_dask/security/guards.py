@@ -18,19 +18,14 @@ from distributed.core import _expects_comm, error_message
 
 from neuro_dask.security.allowlist import is_task_function
 from neuro_dask.security.errors import RequestRefusedError, TaskRefusedError
-from neuro_dask.security.hardening import report
-from neuro_dask.security.identity import PeerIdentity, identity_from_peercert
+from neuro_dask.security.hardening import comm_identity, report
+from neuro_dask.security.identity import PeerIdentity
 from neuro_dask.security.limits import RateLimiter
 from neuro_dask.security.roles import Decision, nanny_decision, scheduler_decision, worker_decision
 
 log = logging.getLogger(__name__)
 
 Decide = Callable[[str, "str | None"], Decision]
-
-
-def comm_identity(comm) -> PeerIdentity | None:
-    extra = getattr(comm, "extra_info", None) or {}
-    return identity_from_peercert(extra.get("peercert"))
 
 
 def _describe(identity: PeerIdentity | None) -> str | None:

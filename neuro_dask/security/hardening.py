@@ -149,15 +149,25 @@ def _peer_tagging_read(original: Callable) -> Callable:
     return read
 
 
-def _comm_identity(comm) -> str | None:
+def comm_identity(comm):
+    """The PeerIdentity a comm's certificate states (None without TLS), parsed once per comm:
+    hardened handlers ask on every message, expert calls included."""
     try:
         return comm._neuro_identity
     except AttributeError:
         from neuro_dask.security.identity import identity_from_peercert
 
         identity = identity_from_peercert((getattr(comm, "extra_info", None) or {}).get("peercert"))
-        comm._neuro_identity = f"{identity.role}:{identity.name}" if identity else None
-        return comm._neuro_identity
+        try:
+            comm._neuro_identity = identity
+        except AttributeError:  # a comm class with __slots__: parse again next time
+            pass
+        return identity
+
+
+def _comm_identity(comm) -> str | None:
+    identity = comm_identity(comm)
+    return f"{identity.role}:{identity.name}" if identity else None
 
 
 def _reporting_prepare_stream(original: Callable) -> Callable:
