@@ -114,6 +114,10 @@ class ClientSettings:
     account: str | None = None
     missing_expert_wait: float = 20.0
     load_timeout: float = 120.0
+    micro_batches: int = 1
+    wire_dtype: str | None = None
+    latency_aware: bool = True
+    simulated_latency: Any = None
 
     def trust_policy(self):
         """The trust cores' policies from these settings (each validates its own fields)."""
@@ -137,6 +141,11 @@ class ClientSettings:
         for name in ("deadline", "connect_timeout", "suspect_cooldown", "routes_refresh", "missing_expert_wait", "load_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigFieldError("neuro.client", name.replace("_", "-"), "must be a positive number of seconds")
+        if isinstance(self.micro_batches, bool) or not isinstance(self.micro_batches, int) or self.micro_batches < 1:
+            raise ConfigFieldError("neuro.client", "micro-batches", f"must be a positive integer, got {self.micro_batches!r}")
+        if self.wire_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ConfigFieldError("neuro.client", "wire-dtype",
+                                   f"must be null, float32, bfloat16 or float16, got {self.wire_dtype!r}")
 
     @classmethod
     def load(cls, **overrides) -> ClientSettings:
