@@ -53,13 +53,23 @@ class WorkerSettings:
     memory_budget: Any = "auto"
     device: str = "auto"
     backend: str = "torch"
+    precision: str = "float32"
     owner: str = ""
     benchmark: bool = True
     adversary: Any = None
 
+    BACKENDS = ("torch", "onnx")
+    PRECISIONS = ("auto", "float32", "bfloat16", "int8", "int4")
+
     def __post_init__(self) -> None:
-        if self.backend != "torch":
-            raise ConfigFieldError("neuro.worker", "backend", f"is {self.backend!r}; this version runs 'torch'")
+        if self.backend not in self.BACKENDS:
+            raise ConfigFieldError("neuro.worker", "backend", f"must be torch or onnx, got {self.backend!r}")
+        if self.precision not in self.PRECISIONS:
+            raise ConfigFieldError("neuro.worker", "precision",
+                                   f"must be one of {', '.join(self.PRECISIONS)}, got {self.precision!r}")
+        if self.backend == "onnx" and self.precision not in ("auto", "float32"):
+            raise ConfigFieldError("neuro.worker", "precision", f"is {self.precision!r} but the onnx backend runs "
+                                   "float32 experts; use backend torch for bfloat16, int8 or int4")
         if self.device not in ("auto", "cpu", "cuda", "mps"):
             raise ConfigFieldError("neuro.worker", "device", f"must be auto, cpu, cuda or mps, got {self.device!r}")
 
@@ -90,6 +100,11 @@ class SchedulerSettings:
     @classmethod
     def load(cls, **overrides) -> SchedulerSettings:
         return _build(cls, "scheduler", overrides)
+
+
+# Answers that travel as bfloat16 or float16 are rounded after the expert ran: two honest
+# replicas may land a rounding step apart, so the validator allows two units in the last place.
+WIRE_RTOL = {"bfloat16": 2.0**-6, "float16": 2.0**-9}
 
 
 @dataclass(frozen=True)
@@ -130,7 +145,7 @@ class ClientSettings:
         return TrustPolicy(
             QuorumPolicy(self.min_quorum, max(self.min_quorum, 2), self.max_total_replicas, self.max_error_replicas),
             ReplicationPolicy(spot_check=self.spot_check, min_quorum=self.min_quorum),
-            ValidationPolicy(self.atol, self.rtol, self.exact),
+            ValidationPolicy(self.atol, max(self.rtol, WIRE_RTOL.get(self.wire_dtype, 0.0)), self.exact),
             HedgePolicy(hedge_quantile=self.hedge_quantile, hedge_cap=self.hedge_cap,
                         peer_factor=self.hedge_peer_factor),
         )

@@ -64,6 +64,14 @@ class DistributedExecutor:
         self.calls: list[list] = []  # recent layer calls for the dashboard, not yet reported
         self.trusted = TrustedLayerRunner(model_id, transport, settings.trust_policy(),
                                           random.Random(settings.seed)) if settings.trust else None
+        # Pipelined micro-batches (neuro.client.micro-batches) call run_layer from several threads
+        # at once: shared state changes under this lock, per-call state is per thread, and the
+        # trust runner (quorum bookkeeping, hedge budget) takes one layer at a time.
+        self._lock = threading.RLock()
+        self._trusted_lock = threading.Lock()
+        self._layer = threading.local()
+        self.wire_dtype = getattr(torch, settings.wire_dtype) if settings.wire_dtype else None
+        self.wire_bytes = {"sent": 0, "received": 0}  # expert payload bytes (hidden states), both ways
 
     @property
     def request(self) -> str:
@@ -151,28 +159,46 @@ class DistributedExecutor:
         started = self.clock()
         runner = self.trusted
         replicas, hedges = (runner.replicas_sent, runner.hedges) if runner else (0, 0)
-        self._layer_workers: set[str] = set()
-        self._layer_outcome = "failed"
+        self._layer.workers = set()
+        self._layer.outcome = "failed"
         try:
-            return self._run_layer(layer, groups)
+            return self._at_model_dtype(self._run_layer(layer, self._on_wire(groups)), groups)
         finally:
             seconds = self.clock() - started
             self.layer_seconds.append(seconds)
             if len(self.calls) < 500:  # for the dashboard's call stream, sent with the next refresh
                 sent = runner.replicas_sent - replicas if runner else len(groups)
-                self.calls.append([layer, len(groups), sorted(self._layer_workers), seconds, sent,
-                                   runner.hedges - hedges if runner else 0, self._layer_outcome, self.transport.name])
+                self.calls.append([layer, len(groups), sorted(self._layer.workers), seconds, sent,
+                                   runner.hedges - hedges if runner else 0, self._layer.outcome, self.transport.name])
+
+    def _on_wire(self, groups: Mapping[int, torch.Tensor]) -> Mapping[int, torch.Tensor]:
+        """Hidden states as they travel: neuro.client.wire-dtype (bfloat16 halves the bytes), or as they are."""
+        if self.wire_dtype is None:
+            return groups
+        return {e: x.to(self.wire_dtype) for e, x in groups.items()}
+
+    def _at_model_dtype(self, results: dict[int, torch.Tensor], groups: Mapping[int, torch.Tensor]):
+        if self.wire_dtype is None:
+            return results
+        return {e: y.to(groups[e].dtype) for e, y in results.items()}
+
+    def _count_wire(self, sent: int, received: int) -> None:
+        with self._lock:
+            self.wire_bytes["sent"] += sent
+            self.wire_bytes["received"] += received
 
     def _run_layer(self, layer: int, groups: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         pending = dict(groups)
         results: dict[int, torch.Tensor] = {}
         now = self.clock()
-        self._refresh_in_background(now)  # new replicas, re-placed experts, reputation
-        for e, rows in groups.items():
-            self.load[(layer, e)] = self.load.get((layer, e), 0) + rows.shape[0]
-        self.suspects = {w: until for w, until in self.suspects.items() if until > now}
+        with self._lock:
+            self._refresh_in_background(now)  # new replicas, re-placed experts, reputation
+            for e, rows in groups.items():
+                self.load[(layer, e)] = self.load.get((layer, e), 0) + rows.shape[0]
+            self.suspects = {w: until for w, until in self.suspects.items() if until > now}
         if self.trusted is not None:
-            return self._run_trusted(layer, groups)
+            with self._trusted_lock:
+                return self._run_trusted(layer, groups)
         exclude: set[str] = set(self.suspects)
         waited_since: float | None = None
         while pending:
@@ -196,14 +222,16 @@ class DistributedExecutor:
                     log.warning("layer %d: call to %s failed (%s); re-sending experts %s elsewhere",
                                 layer, worker, exc, experts)
                     exclude.add(worker)
-                    self.suspects[worker] = self.clock() + self.settings.suspect_cooldown
+                    with self._lock:
+                        self.suspects[worker] = self.clock() + self.settings.suspect_cooldown
                     self._report_unreachable(worker, layer, experts)
                     continue
+                self._count_wire(len(calls[worker]["data"]), len(outcome["data"]))
                 results.update(answer)
-                self._layer_workers.add(worker)
+                self._layer.workers.add(worker)
                 for e in experts:
                     del pending[e]
-        self._layer_outcome = "ok" if len(self._layer_workers) >= len(plan) else "retried"
+        self._layer.outcome = "ok" if len(self._layer.workers) >= len(plan) else "retried"
         return results
 
     def _run_trusted(self, layer: int, groups: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -221,15 +249,18 @@ class DistributedExecutor:
                 if not self.suspects:
                     raise
                 self.suspects.clear()  # a skipped trusted worker may be what the quorum lacks
-        self.outcomes += [(o, self.request) for o in outcomes]
-        self._layer_workers = {o.worker for o in outcomes if o.kind == "validated"}
         kinds = {o.kind for o in outcomes}
-        self._layer_outcome = "caught" if "invalid" in kinds else "checked" if len(outcomes) > len(groups) else "ok"
+        self._layer.workers = {o.worker for o in outcomes if o.kind == "validated"}
+        self._layer.outcome = "caught" if "invalid" in kinds else "checked" if len(outcomes) > len(groups) else "ok"
         bad = {o.worker for o in outcomes if o.kind in ("invalid", "timeout", "error")}  # late only costs reputation
-        for worker in bad:
-            self.suspects[worker] = self.clock() + self.settings.suspect_cooldown
-        if any(o.kind == "invalid" for o in outcomes):  # a caught worker is reported at once, off the token path
-            caught, self.outcomes = self.outcomes, []
+        with self._lock:
+            self.outcomes += [(o, self.request) for o in outcomes]
+            for worker in bad:
+                self.suspects[worker] = self.clock() + self.settings.suspect_cooldown
+            caught = None
+            if "invalid" in kinds:  # a caught worker is reported at once, off the token path
+                caught, self.outcomes = self.outcomes, []
+        if caught:
             asyncio.run_coroutine_threadsafe(self._send_outcomes(caught), self.client.loop.asyncio_loop)
         return results
 
@@ -241,9 +272,10 @@ class DistributedExecutor:
             except Exception:
                 log.debug("route refresh failed", exc_info=True)
             self._refreshing = None
-        load, self.load = self.load, {}
-        outcomes, self.outcomes = self.outcomes, []
-        calls, self.calls = self.calls, []
+        with self._lock:
+            load, self.load = self.load, {}
+            outcomes, self.outcomes = self.outcomes, []
+            calls, self.calls = self.calls, []
         try:
             self.routes = self.client.sync(self._refresh, load, outcomes, calls)
         except Exception:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple, Sequence
 
@@ -35,6 +37,7 @@ from neuro_dask.security.limits import RequestLimits, check_request_limits
 from neuro_dask.settings import SecuritySettings
 
 log = logging.getLogger(__name__)
+_LANES_LOCK = threading.Lock()
 
 PromptIds = torch.Tensor | Sequence[Sequence[int]]
 
@@ -86,8 +89,30 @@ class MoEModel:
     def __post_init__(self) -> None:
         self.rotary = RotaryEmbedding(self.config.head_dim, self.config.rope_theta)
         # Concurrent generations (threads) share each expert call: see model/batching.py.
-        self.batching = StepCoalescer(lambda layer, groups: self.executor.run_layer(layer, groups))
+        self.batching = StepCoalescer(self._run_experts)
         self.batcher = GenerationBatcher(self._generate_rows)
+        # Pipelining: a generation's rows split into `micro_batches` lanes that run in their own
+        # threads, each lane with its own coalescer, so that while one lane waits for its experts
+        # over the network another computes attention (docs/performance.md).
+        settings = getattr(self.executor, "settings", None)
+        self.micro_batches = int(getattr(settings, "micro_batches", 1) or 1)
+        self._lanes: list[StepCoalescer] = []
+        self._lane = threading.local()
+
+    def _run_experts(self, layer: int, groups):
+        return self.executor.run_layer(layer, groups)
+
+    def _coalescer(self) -> StepCoalescer:
+        """The coalescer of this thread's lane (the first lane's outside any pipelined generation)."""
+        return getattr(self._lane, "coalescer", None) or self.batching
+
+    def _lane_coalescer(self, index: int) -> StepCoalescer:
+        if index == 0:
+            return self.batching
+        with _LANES_LOCK:
+            while len(self._lanes) < index:
+                self._lanes.append(StepCoalescer(self._run_experts))
+            return self._lanes[index - 1]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -129,7 +154,7 @@ class MoEModel:
                 layer.router(rows), self.config.num_experts_per_tok, self.config.norm_topk_prob
             )
             groups = group_by_expert(rows, experts)
-            outputs = self.batching.run_layer(layer.index, groups.inputs)
+            outputs = self._coalescer().run_layer(layer.index, groups.inputs)
             moe = combine(groups, outputs, weights, rows)
             shared = layer.shared_output(rows)
             out[routed] = moe if shared is None else moe + shared
@@ -217,7 +242,9 @@ class MoEModel:
         opts: SamplingOptions,
         generator: torch.Generator | None,
         stop_token_ids: Sequence[int],
+        charge: bool = True,
     ) -> Iterator[torch.Tensor]:
+        """`charge`: hold and settle this generation as a request (False: a lane of one that is)."""
         if max_new_tokens == 0:
             return
         b, t = batch.ids.shape
@@ -230,8 +257,9 @@ class MoEModel:
         key_valid[:, :t] = batch.mask
         positions = positions_from_mask(batch.mask)
         unfinished = torch.ones(b, dtype=torch.bool)
-        with torch.inference_mode(), full_collections_deferred(), self._request(b * (t + max_new_tokens)), \
-                self.batching.participant():
+        coalescer = self._coalescer()
+        request = self._request(b * (t + max_new_tokens)) if charge else contextlib.nullcontext()
+        with torch.inference_mode(), full_collections_deferred(), request, coalescer.participant():
             hidden = self._hidden(batch.ids, positions, key_valid[:, :t], cache, batch.mask)
             next_pos = positions[:, -1:] + 1
             for step in range(max_new_tokens):
@@ -239,7 +267,7 @@ class MoEModel:
                 logits = self.trunk.lm_head(hidden[:, -1]).float()
                 token = select_next(logits, opts, generator)
                 token = torch.where(unfinished, token, torch.full_like(token, pad))
-                with self.batching.idle():  # the reader holds the token: the others go on without us
+                with coalescer.idle():  # the reader holds the token: the others go on without us
                     yield token
                 unfinished &= ~torch.isin(token, stops)
                 if step == max_new_tokens - 1 or not bool(unfinished.any()):
@@ -307,11 +335,38 @@ class MoEModel:
 
     def _generate_rows(self, key: tuple, rows: list[list[int]], max_new_tokens: int) -> list[torch.Tensor]:
         """Each row's new tokens (pad once it stopped), max_new_tokens long."""
+        lanes = min(self.micro_batches, len(rows))
+        if lanes <= 1:
+            return self._lane_rows(key, rows, max_new_tokens)
+        size = -(-len(rows) // lanes)
+        chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
+        tokens = sum(len(r) + max_new_tokens for r in rows)
+        with self._request(tokens):  # one request for the whole generation, held by this thread
+            request = getattr(self.executor, "request", "")
+            with ThreadPoolExecutor(len(chunks), thread_name_prefix="neuro-lane") as pool:
+                parts = [pool.submit(self._run_lane, i, key, chunk, max_new_tokens, request)
+                         for i, chunk in enumerate(chunks)]
+                return [row for part in parts for row in part.result()]
+
+    def _run_lane(self, index: int, key: tuple, rows: list[list[int]], max_new_tokens: int,
+                  request: str) -> list[torch.Tensor]:
+        self._lane.coalescer = self._lane_coalescer(index)
+        if request and hasattr(self.executor, "request"):
+            self.executor.request = request  # trust outcomes are credited to the generation's request
+        seed = key[4]
+        lane_key = (*key[:4], None if seed is None else seed + index, *key[5:])
+        try:
+            return self._lane_rows(lane_key, rows, max_new_tokens, charge=False)
+        finally:
+            self._lane.coalescer = None
+
+    def _lane_rows(self, key: tuple, rows: list[list[int]], max_new_tokens: int,
+                   charge: bool = True) -> list[torch.Tensor]:
         do_sample, temperature, top_k, top_p, seed, stops = key[:6]
         batch = self._batch(rows, None)  # every caller's rows: checked per call in generate, not here
         check_length(batch.mask, max_new_tokens, self.config.max_position_embeddings)
         steps = list(self._stream(batch, max_new_tokens, SamplingOptions(do_sample, temperature, top_k, top_p),
-                                  make_generator(seed), stops))
+                                  make_generator(seed), stops, charge=charge))
         pad = self.generation.pad_or_eos
         new = torch.stack(steps, dim=1) if steps else torch.empty(len(rows), 0, dtype=torch.long)
         if new.shape[1] < max_new_tokens:  # every row stopped early: the rest is padding
