@@ -135,8 +135,10 @@ class Inputs:
         self.shard = work / "f.safetensors"
         self.manifest = json.loads(MANIFEST.read_text())
         sent = fuzz_targets.sent_groups()
-        self.frames = [encode_request("m", 1, sent, call="c1"),
-                       encode_response({e: torch.full_like(rows, 0.5) for e, rows in sent.items()})]
+        # As a peer receives them: through msgpack (the data field arrives as bytes).
+        self.frames = [msgpack.unpackb(msgpack.packb(frame, use_bin_type=True), raw=False)
+                       for frame in (encode_request("m", 1, sent, call="c1"),
+                                     encode_response({e: torch.full_like(rows, 0.5) for e, rows in sent.items()}))]
         self.modes: list[Callable[[bytes], Any]] = {
             "manifest": [self.manifest_bytes, self.manifest_mutated, self.manifest_any, self.manifest_nested],
             "safetensors": [self.safetensors_bytes, self.safetensors_built, self.safetensors_nested],

@@ -10,10 +10,14 @@ Shape legend: N rows in the call, D hidden size.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
+
+# torch warns that a tensor over received (immutable) bytes is not writable: ours never write.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 from neuro_dask.errors import NeuroDaskError
 
@@ -34,12 +38,14 @@ class ExpertRequest:
     inputs: dict[int, torch.Tensor]  # expert -> rows [n_e, D], ascending expert id
 
 
-def _pack_rows(groups: Mapping[int, torch.Tensor]) -> tuple[list[int], list[int], str, int, bytes]:
+def _pack_rows(groups: Mapping[int, torch.Tensor]) -> tuple[list[int], list[int], str, int, memoryview]:
     experts = list(groups)
     counts = [int(groups[e].shape[0]) for e in experts]
     first = groups[experts[0]]
     rows = torch.cat([groups[e] for e in experts]) if len(experts) > 1 else first
-    data = rows.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+    # A view of the rows' own memory (it keeps them alive): msgpack copies it once into the
+    # message, and no copy is made before that.
+    data = memoryview(rows.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
     return experts, counts, _DTYPE_NAMES[first.dtype], int(first.shape[1]), data
 
 
@@ -64,7 +70,9 @@ def _unpack_rows(msg: Mapping[str, Any], hidden: int | None = None, max_rows: in
     itemsize = torch.empty((), dtype=dtype).element_size()
     if len(data) != total * width * itemsize:
         raise WireFormatError(f"expert message has {len(data)} bytes, header implies {total * width * itemsize}")
-    rows = torch.frombuffer(bytearray(data), dtype=dtype).reshape(total, width) if total else \
+    # Over the received bytes themselves, no copy: every reader of these rows (the expert, the
+    # router's combine, the validator) only reads them.
+    rows = torch.frombuffer(data, dtype=dtype).reshape(total, width) if total else \
         torch.empty(0, width, dtype=dtype)
     return dict(zip((int(e) for e in experts), torch.split(rows, counts), strict=True))
 

@@ -9,6 +9,8 @@ Options (preload arguments, or Dask config under `neuro.worker`):
   --neuro-cache-dir DIR    where verified expert files are cached across restarts
   --neuro-memory-budget N  bytes or e.g. 4GiB for expert weights (default: half the free RAM)
   --neuro-device D         auto | cpu | cuda | mps
+  --neuro-backend B        torch | onnx (ONNX Runtime with the best execution provider)
+  --neuro-precision P      float32 | bfloat16 | int8 | int4 | auto (experts quantized at load)
   --neuro-owner ID         owner id: replicas of one expert never share an owner
   --neuro-no-benchmark     skip the expert-FFN micro-benchmark at start
   --neuro-adversary JSON   drills only: behave as an adversary (neuro_dask/testing/adversary.py)
@@ -57,7 +59,8 @@ class NeuroWorker:
         self.speed = 0.0
         self.adversary = make_adversary(settings.adversary, salt=str(worker.name))  # honest unless a drill says so
         self.host = ExpertHost(ExpertFileCache(settings.resolved_cache_dir()), ExpertMemory(self.budget),
-                               device=self.device, store_override=settings.store)
+                               device=self.device, store_override=settings.store,
+                               backend=settings.backend, precision=settings.precision)
         # One thread computes (expert calls are short and ordered), another loads (slow I/O).
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="neuro-compute")
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="neuro-load")
@@ -83,7 +86,8 @@ class NeuroWorker:
 
     def info(self) -> dict[str, Any]:
         return {"profile": self.profile.to_dict(), "speed": self.speed, "memory_budget": self.budget,
-                "owner": self.settings.owner, "device": self.device}
+                "owner": self.settings.owner, "device": self.device, "backend": self.settings.backend,
+                "precision": self.settings.precision}
 
     # ---- serving ------------------------------------------------------------------------------
 
@@ -163,15 +167,19 @@ class NeuroWorker:
 @click.option("--neuro-cache-dir", default=None, help="expert file cache directory")
 @click.option("--neuro-memory-budget", default=None, help="bytes or e.g. 4GiB for expert weights")
 @click.option("--neuro-device", default=None, type=click.Choice(["auto", "cpu", "cuda", "mps"]))
+@click.option("--neuro-backend", default=None, type=click.Choice(["torch", "onnx"]), help="expert backend")
+@click.option("--neuro-precision", default=None, type=click.Choice(["auto", "float32", "bfloat16", "int8", "int4"]),
+              help="expert weight precision")
 @click.option("--neuro-owner", default=None, help="owner id of this machine")
 @click.option("--neuro-no-benchmark", is_flag=True, default=False, help="skip the start-up micro-benchmark")
 @click.option("--neuro-adversary", default=None, help='drills only: JSON such as {"mode": "perturb"}')
 @click.option("--neuro-hardened/--neuro-no-hardened", default=None,
               help="hardened mode (default: neuro.security.hardened)")
-async def dask_setup(worker, neuro_store, neuro_cache_dir, neuro_memory_budget, neuro_device, neuro_owner,
-                     neuro_no_benchmark, neuro_adversary, neuro_hardened) -> None:
+async def dask_setup(worker, neuro_store, neuro_cache_dir, neuro_memory_budget, neuro_device, neuro_backend,
+                     neuro_precision, neuro_owner, neuro_no_benchmark, neuro_adversary, neuro_hardened) -> None:
     settings = WorkerSettings.load(store=neuro_store, cache_dir=neuro_cache_dir, memory_budget=neuro_memory_budget,
-                                   device=neuro_device, owner=neuro_owner,
+                                   device=neuro_device, backend=neuro_backend, precision=neuro_precision,
+                                   owner=neuro_owner,
                                    benchmark=False if neuro_no_benchmark else None,
                                    adversary=json.loads(neuro_adversary) if neuro_adversary else None)
     security = SecuritySettings.load(hardened=neuro_hardened)

@@ -14,8 +14,8 @@ import torch
 
 from neuro_dask.errors import NeuroDaskError
 from neuro_dask.model.config import MoEConfig
-from neuro_dask.model.moe import ExpertWeights, run_expert
 from neuro_dask.runtime.expert_memory import ExpertMemory
+from neuro_dask.runtime.runners import ExpertRunner, check_backend, check_precision, choose_precision, prepare_expert
 from neuro_dask.store.manifest import Manifest
 from neuro_dask.store.remote import ExpertFileCache, read_manifest
 from neuro_dask.store.shard_store import read_expert_file
@@ -39,6 +39,7 @@ class HostedModel:
     manifest: Manifest
     config: MoEConfig
     assigned: set[tuple[int, int]] = field(default_factory=set)
+    precision: str | None = None  # resolved at the first load (the `auto` rule needs the expert count)
 
 
 @dataclass(frozen=True)
@@ -49,11 +50,17 @@ class LoadResult:
 
 class ExpertHost:
     def __init__(self, cache: ExpertFileCache, memory: ExpertMemory, device: str = "cpu",
-                 dtype: torch.dtype | None = None, store_override: str | None = None):
+                 dtype: torch.dtype | None = None, store_override: str | None = None,
+                 backend: str = "torch", precision: str | None = None):
         self.cache = cache
         self.memory = memory
         self.device = torch.device(device)
         self.dtype = dtype
+        # precision None: the legacy `dtype` argument decides (None = the file's dtype, float32).
+        self.precision = check_precision(precision or _precision_of(dtype))
+        check_backend(backend, self.precision)
+        self.backend = backend
+        self._onnx_cache = None
         self.store_override = store_override  # a volunteer's own mirror of the model store
         self.models: dict[str, HostedModel] = {}
         self.calls_served = 0
@@ -74,6 +81,8 @@ class ExpertHost:
             model = self._model(model_id, store_url)
         except NeuroDaskError as exc:
             return LoadResult((), {tuple(le): str(exc) for le in experts})
+        experts = [tuple(le) for le in experts]
+        self._resolve_precision(model, len(model.assigned | set(experts)))
         loaded, failed = [], {}
         for layer, expert in experts:
             try:
@@ -95,22 +104,50 @@ class ExpertHost:
                     model.assigned.discard((layer, expert))
                 self.memory.discard((model_id, layer, expert))
 
-    def _weights(self, model_id: str, model: HostedModel, layer: int, expert: int) -> ExpertWeights:
+    def _resolve_precision(self, model: HostedModel, experts: int) -> str:
+        """`auto`: the highest precision at which this model's assigned experts fit the budget."""
+        with self._lock:
+            if model.precision is None:
+                if self.precision != "auto":
+                    model.precision = self.precision
+                elif self.backend == "onnx":
+                    model.precision = "float32"
+                else:
+                    cfg = model.config
+                    model.precision = choose_precision(self.memory.budget_bytes, max(experts, 1),
+                                                       cfg.hidden_size, cfg.moe_intermediate_size)
+                    log.info("precision auto: %s for %d experts within %d bytes", model.precision, experts,
+                             self.memory.budget_bytes)
+            return model.precision
+
+    def _weights(self, model_id: str, model: HostedModel, layer: int, expert: int) -> ExpertRunner:
+        """The expert's runner, from memory or built from the verified file (quantized at load)."""
         key = (model_id, layer, expert)
         with self._lock:
-            weights = self.memory.get(key)
-        if weights is not None:
-            return weights
+            runner = self.memory.get(key)
+        if runner is not None:
+            return runner
         artifact = model.manifest.expert(layer, expert)
         path = self.cache.fetch(model.store_url, artifact)
-        weights = read_expert_file(path, model.config, self.dtype)
-        if self.device.type != "cpu":
-            weights = ExpertWeights(*(t.to(self.device) for t in weights.as_dict().values()))
+        weights = read_expert_file(path, model.config)
+        precision = self._resolve_precision(model, len(model.assigned) + 1)
+        if self.backend == "onnx":
+            runner = self._onnx().runner(artifact.sha256, weights)
+        else:
+            runner = prepare_expert(weights, precision, self.device)
         with self._lock:
-            evicted = self.memory.put(key, weights)
+            evicted = self.memory.put(key, runner)
         if evicted:
             log.info("memory budget: evicted %d experts (reloaded from the disk cache on demand)", len(evicted))
-        return weights
+        return runner
+
+    def _onnx(self):
+        from neuro_dask.runtime.onnx_backend import OnnxExpertCache
+
+        with self._lock:
+            if self._onnx_cache is None:
+                self._onnx_cache = OnnxExpertCache(self.cache.root)
+            return self._onnx_cache
 
     def run(self, request: ExpertRequest) -> dict[int, torch.Tensor]:
         with self._lock:
@@ -122,9 +159,8 @@ class ExpertHost:
         outputs = {}
         with torch.inference_mode():
             for expert, rows in request.inputs.items():
-                weights = self._weights(request.model, model, request.layer, expert)
-                x = rows.to(self.device, weights.gate_proj.dtype)
-                outputs[expert] = run_expert(x, weights).to("cpu", rows.dtype)
+                runner = self._weights(request.model, model, request.layer, expert)
+                outputs[expert] = runner(rows.to(self.device)).to("cpu", rows.dtype)
         with self._lock:
             self.calls_served += 1
             self.rows_served += sum(r.shape[0] for r in request.inputs.values())
@@ -138,4 +174,13 @@ class ExpertHost:
         with self._lock:
             return {"models": {m: len(h.assigned) for m, h in self.models.items()},
                     "calls_served": self.calls_served, "rows_served": self.rows_served,
-                    "memory_bytes": self.memory.bytes_used, "device": str(self.device)}
+                    "memory_bytes": self.memory.bytes_used, "device": str(self.device), "backend": self.backend,
+                    "precision": {m: h.precision for m, h in self.models.items() if h.precision}}
+
+
+def _precision_of(dtype: torch.dtype | None) -> str:
+    if dtype in (None, torch.float32):
+        return "float32"
+    if dtype == torch.bfloat16:
+        return "bfloat16"
+    raise NeuroDaskError(f"ExpertHost dtype {dtype}: use precision='float32', 'bfloat16', 'int8' or 'int4'")

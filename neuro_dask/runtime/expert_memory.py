@@ -19,20 +19,24 @@ class ExpertTooLargeError(NeuroDaskError):
         self.budget = budget
         super().__init__(
             f"expert {key!r} needs {size} bytes but the expert memory budget is {budget} bytes: "
-            "raise the budget or load experts in a smaller dtype (for example bfloat16)."
+            "raise the budget or load experts at a lower precision (neuro.worker.precision: bfloat16, int8 or int4)."
         )
 
     def __reduce__(self):  # raised on workers: must survive pickling back to the client
         return type(self), (self.key, self.size, self.budget)
 
 
-def weights_nbytes(weights: ExpertWeights) -> int:
-    """Bytes held by the expert's tensors (element size times element count, summed)."""
+def weights_nbytes(weights: ExpertWeights | object) -> int:
+    """Bytes held by the expert's tensors (element size times element count, summed); a runner
+    (runtime/runners.py: quantized, bfloat16, onnx) reports its own bytes through nbytes()."""
+    nbytes = getattr(weights, "nbytes", None)
+    if callable(nbytes):
+        return int(nbytes())
     return sum(t.element_size() * t.numel() for t in weights.as_dict().values())
 
 
 class ExpertMemory:
-    """An LRU map key -> ExpertWeights whose total size never exceeds budget_bytes.
+    """An LRU map key -> ExpertWeights (or an expert runner) whose total size never exceeds budget_bytes.
 
     Rules: get and put make a key the most recently used; put evicts least recently used
     keys until the new expert fits and returns them in eviction order; an expert larger than

@@ -63,3 +63,42 @@ def agree(a: Result, b: Result, policy: ValidationPolicy = ValidationPolicy()) -
         if not bool(((x32 - y32).abs() <= bound).all()):
             return False
     return True
+
+
+# Tolerances across expert precisions (neuro.worker.precision), measured by
+# benchmarks/bench_backends.py --tolerance on the golden tiny models and the bundled adder:
+# 64 random rows per expert, every expert, the smallest atol that passes at the rtol below.
+#   vs float32   needed atol (rtol)         chosen (margin on the worst model)
+#   bfloat16     0.035 (0.05), adder         atol 0.10, rtol 0.05  (~3x)
+#   int8         0.055 (0.05), adder         atol 0.25, rtol 0.05  (~4.5x)
+#   int4         1.22  (0.10), adder         atol 3.0,  rtol 0.10  (~2.5x): no real check left
+# Two replicas at the same reduced precision differ only by bfloat16 rounding of activations and
+# outputs (the quantized codes are a deterministic function of the verified file): SAME_PRECISION.
+# The values are in the units of the expert output (RMS 0.3-3.5 on the measured models); a model
+# with much larger expert outputs needs them scaled. Note that the int8 error (0.8-1.5% of the
+# output RMS) exceeds the smallest adversarial perturbation the drills use (1% of the RMS), so a
+# quorum that mixes precisions catches only coarser cheating: prefer replicas of one precision.
+ACROSS_PRECISIONS: dict[str, tuple[float, float]] = {
+    "float32": (0.0, 0.0), "bfloat16": (0.10, 0.05), "int8": (0.25, 0.05), "int4": (3.0, 0.10)}
+SAME_PRECISION: dict[str, tuple[float, float]] = {
+    "float32": (0.0, 0.0), "bfloat16": (1e-2, 2e-2), "int8": (1e-2, 2e-2), "int4": (1e-2, 2e-2)}
+
+
+def tolerance_for(precisions: set[str] | frozenset[str], base: ValidationPolicy = ValidationPolicy()) -> ValidationPolicy:
+    """The policy for comparing replicas whose experts ran at these precisions.
+
+    Rule: all one precision -> base loosened to SAME_PRECISION[p]; mixed -> base loosened to the
+    loosest ACROSS_PRECISIONS entry among them (each is that precision's error against float32,
+    which bounds a pair of reduced precisions too, with the margin above). Loosening takes the
+    larger atol and the larger rtol. `exact` survives only for a set of one precision; an empty
+    set gives the base; an unknown precision raises ConfigError.
+    """
+    unknown = sorted(p for p in precisions if p not in ACROSS_PRECISIONS)
+    if unknown:
+        raise ConfigError(f"unknown expert precision(s) {unknown}: expected some of {sorted(ACROSS_PRECISIONS)}")
+    if not precisions:
+        return base
+    table = SAME_PRECISION if len(precisions) == 1 else ACROSS_PRECISIONS
+    atol = max([base.atol] + [table[p][0] for p in precisions])
+    rtol = max([base.rtol] + [table[p][1] for p in precisions])
+    return ValidationPolicy(atol, rtol, base.exact and len(precisions) == 1)

@@ -12,6 +12,7 @@ import json
 import os
 import struct
 
+import msgpack
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -65,7 +66,9 @@ def test_the_shard_loader_refuses_only_with_its_errors(tmp_path_factory, data):
 # ---- expert-call frames ----------------------------------------------------------------------
 
 def frames():
-    real = encode_request("m", 1, {0: torch.ones(2, 4), 3: torch.zeros(1, 4)})
+    # As a peer receives it: through msgpack (the data field arrives as bytes).
+    real = msgpack.unpackb(msgpack.packb(encode_request("m", 1, {0: torch.ones(2, 4), 3: torch.zeros(1, 4)}),
+                                         use_bin_type=True), raw=False)
     mutated = st.fixed_dictionaries({k: st.one_of(st.just(v), JSON, st.binary(max_size=40)) for k, v in real.items()})
     return mutated | st.dictionaries(st.text(max_size=8), JSON | st.binary(max_size=40), max_size=8) | JSON
 
