@@ -141,7 +141,8 @@ def worker_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
             "--nthreads", str(args.nthreads)]
     for flag, value in (("--neuro-store", args.store), ("--neuro-cache-dir", args.cache_dir),
                         ("--neuro-memory-budget", args.memory_budget), ("--neuro-device", args.device),
-                        ("--neuro-owner", args.owner)):
+                        ("--neuro-owner", args.owner), ("--neuro-backend", args.backend),
+                        ("--neuro-precision", args.precision)):
         if value:
             argv += [flag, str(value)]
     argv += _hardened_flag(args)
@@ -319,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
     w.add_argument("--owner", help="owner id: replicas of one expert never share an owner")
     w.add_argument("--store", help="a mirror of the model store to fetch experts from")
+    w.add_argument("--backend", choices=["torch", "onnx"], help="how experts run (default torch; docs/performance.md)")
+    w.add_argument("--precision", choices=["float32", "bfloat16", "int8", "int4", "auto"],
+                   help="expert weights in memory (default float32; auto: the highest that fits the budget)")
     w.add_argument("--nthreads", type=int, default=1)
     w.add_argument("--name", help="this worker's name; with --tls, the NAME of the worker-NAME.pem to use "
                                   "(its ledger identity; default: the folder's only worker certificate)")
