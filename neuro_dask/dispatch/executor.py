@@ -202,7 +202,8 @@ class DistributedExecutor:
         exclude: set[str] = set(self.suspects)
         waited_since: float | None = None
         while pending:
-            plan, unroutable = self.routes.plan(layer, {e: x.shape[0] for e, x in pending.items()}, exclude)
+            plan, unroutable = self.routes.plan(layer, {e: x.shape[0] for e, x in pending.items()}, exclude,
+                                                latency=getattr(self.transport, "route_latency", None))
             if unroutable and not plan:
                 waited_since = self._wait_for_routes(layer, unroutable, waited_since)
                 exclude = set()  # fresh routes: give every worker, suspects too, another chance

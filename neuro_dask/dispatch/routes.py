@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from neuro_dask.errors import NeuroDaskError
+from neuro_dask.trust.latency import LatencyBook, tier_of
 from neuro_dask.trust.replication import Standing
 
 
@@ -51,14 +52,21 @@ class RouteTable:
     def missing(self) -> list[tuple[int, int]]:
         return [k for k, ws in self.routes.items() if not ws]
 
-    def plan(self, layer: int, rows: Mapping[int, int], exclude: set[str] = frozenset()
-             ) -> tuple[dict[str, list[int]], list[int]]:
+    def tier(self, worker: str) -> int:
+        """The worker's trust tier (0 best): latency reorders replicas only within one tier."""
+        s = self.standing_of(worker)
+        return tier_of(s.trusted, s.established, self.routable is None or worker in self.routable)
+
+    def plan(self, layer: int, rows: Mapping[int, int], exclude: set[str] = frozenset(),
+             latency: LatencyBook | None = None) -> tuple[dict[str, list[int]], list[int]]:
         """Group a layer's experts by worker: one message per worker per layer.
 
-        rows: expert -> how many rows it carries. Each expert goes to the live replica with the
-        fewest rows planned so far in this layer (ties: the faster, listed first), so a layer's
-        work spreads over workers that compute in parallel. Returns (worker -> experts, experts
-        with no live replica).
+        rows: expert -> how many rows it carries. Without `latency`, each expert goes to the
+        live replica with the fewest rows planned so far in this layer (ties: the faster, listed
+        first), so a layer's work spreads over workers that compute in parallel. With the
+        client's LatencyBook (neuro.client.latency-aware), the rules of trust/latency.py: the
+        best trust tier first, then close replicas (by measured round trip), packed onto workers
+        the layer already uses. Returns (worker -> experts, experts with no live replica).
         """
         planned: dict[str, list[int]] = {}
         load: dict[str, int] = {}
@@ -68,7 +76,10 @@ class RouteTable:
             if not candidates:
                 unroutable.append(expert)
                 continue
-            best = min(candidates, key=lambda w: load.get(w, 0))  # min is stable: ties keep route order
+            if latency is None:
+                best = min(candidates, key=lambda w: load.get(w, 0))  # min is stable: ties keep route order
+            else:
+                best = latency.choose(candidates, self.tier, load, planned.__contains__)
             planned.setdefault(best, []).append(expert)
             load[best] = load.get(best, 0) + rows[expert]
         return planned, unroutable

@@ -154,7 +154,7 @@ def load_distributed(path_or_url: str | Path, client: Client, *, transport: str 
     reply = publish(client, store_url, store.manifest.model_id)
     model_id = reply["model"]
     wait_until_served(client, model_id, settings.load_timeout)
-    executor = DistributedExecutor(client, model_id, make_transport(settings.transport, client, settings.connect_timeout), settings)
+    executor = DistributedExecutor(client, model_id, make_transport(settings.transport, client, settings.connect_timeout, settings), settings)
     model = assemble_model(store, executor, dtype)
     log.info("loaded %s as %s over %s; experts on workers", redact_url(store_url), model_id, settings.transport)
     return model

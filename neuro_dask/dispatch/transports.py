@@ -8,6 +8,16 @@ ever unpickles what a worker returns: responses are plain msgpack (ints, strings
            (sub-millisecond on loopback; the interactive default).
 - futures: one pinned Dask future per worker call with a distinct key (visible on Dask's
            dashboard, resilient through the scheduler; for large offline batches).
+
+Both measure every answered call's round trip into `latency` (trust/latency.py's LatencyBook),
+which RouteTable.plan and the trusted runner use to prefer close replicas when
+neuro.client.latency-aware is on (`route_latency` is the book then, None otherwise). With
+neuro.client.simulated-latency (a harness for benchmarks and tests) each call also waits a
+simulated WAN round trip: half before the message goes out, half after the answer is back.
+The direct transport awaits `asyncio.sleep` on the event loop (never blocking it; a hedge to a
+closer worker overtakes a far primary); the futures transport, whose calls wait on the
+caller's thread, sleeps there: each worker's future is submitted after its half delay and the
+layer returns when the slowest answer plus its other half is due.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import random
 import time
 import uuid
 from collections import Counter, deque
@@ -26,6 +37,7 @@ from distributed import Client, wait
 from distributed.core import ConnectionPool
 
 from neuro_dask.dispatch.tasks import serve_expert_call
+from neuro_dask.trust.latency import LatencyBook, SimulatedLatency
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +172,8 @@ class HedgeBudget(Protocol):
 
 class Transport(Protocol):
     name: str
+    latency: LatencyBook  # every answered call's round trip, per worker
+    route_latency: LatencyBook | None  # the same book when neuro.client.latency-aware, else None
 
     def call_many(self, calls: Mapping[str, dict[str, Any]], timeout: float) -> dict[str, Outcome]: ...
 
@@ -173,11 +187,31 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
-class DirectTransport:
+class _Measured:
+    """What both transports share: the latency book and the simulated round trips."""
+
+    def _setup_latency(self, settings: Any) -> None:
+        seed = getattr(settings, "seed", None)
+        # Seeded from neuro.client.seed (strings seed deterministically), else from the OS.
+        self._sim_rng = random.Random(f"{seed}-simulated-latency") if seed is not None else random.Random()
+        self.latency = LatencyBook(rng=random.Random(f"{seed}-latency") if seed is not None else random.Random())
+        self.route_latency: LatencyBook | None = self.latency if getattr(settings, "latency_aware", True) else None
+        self.simulated = SimulatedLatency.from_setting(getattr(settings, "simulated_latency", None))
+
+    def _simulated(self, worker: str) -> float:
+        return self.simulated.sample(worker, self._sim_rng) if self.simulated is not None else 0.0
+
+
+def _rows(msg: Mapping[str, Any]) -> int:
+    return int(sum(msg.get("counts") or ())) or 1
+
+
+class DirectTransport(_Measured):
     name = "direct"
 
-    def __init__(self, client: Client, connect_timeout: float = 3.0):
+    def __init__(self, client: Client, connect_timeout: float = 3.0, settings: Any = None):
         self.client = client
+        self._setup_latency(settings)
         # Our own pool deserializes msgpack only. distributed still loads `__Pickled__` frames
         # whatever the deserializers say (dask/distributed#9283): hardened mode (nd.harden())
         # puts those behind the allow-list too.
@@ -190,12 +224,25 @@ class DirectTransport:
         self.late: deque[LateReply] = deque(maxlen=10_000)
 
     async def _call(self, worker: str, msg: dict[str, Any], timeout: float) -> Outcome:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
-            return await asyncio.wait_for(self.pool(worker).neuro_expert(**msg), timeout)
+            outcome = await asyncio.wait_for(self._send(worker, msg, self._simulated(worker)), timeout)
         except TimeoutError:
             return CallTimeoutError(worker, timeout)
         except Exception as exc:  # connection refused, comm closed, remote error: all a failed call
             return exc
+        if not _failed(outcome):
+            self.latency.observe(worker, loop.time() - started, _rows(msg))
+        return outcome
+
+    async def _send(self, worker: str, msg: dict[str, Any], rtt: float) -> Outcome:
+        if rtt:
+            await asyncio.sleep(rtt / 2)  # simulated: the way out
+        outcome = await self.pool(worker).neuro_expert(**msg)
+        if rtt:
+            await asyncio.sleep(rtt / 2)  # simulated: the way back
+        return outcome
 
     async def _ensure_started(self) -> None:
         if not self._started:
@@ -304,6 +351,9 @@ class DirectTransport:
             loop.create_task(self._tell_drop(worker, call_id))
 
     async def _tell_drop(self, worker: str, call_id: str) -> None:
+        rtt = self._simulated(worker)
+        if rtt:
+            await asyncio.sleep(rtt / 2)  # simulated: a one-way message
         try:
             await asyncio.wait_for(self.pool(worker).neuro_cancel(calls=[call_id]), self.connect_timeout)
         except Exception:  # best effort: the call may already be done, or the worker gone
@@ -340,26 +390,43 @@ class DirectTransport:
                 log.debug("closing the direct transport's pool failed", exc_info=True)
 
 
-class FuturesTransport:
+class FuturesTransport(_Measured):
     name = "futures"
     _counter = itertools.count()
 
-    def __init__(self, client: Client, connect_timeout: float = 3.0):
+    def __init__(self, client: Client, connect_timeout: float = 3.0, settings: Any = None,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
         self.client = client
         self._session = uuid.uuid4().hex[:8]
+        self.clock, self.sleep = clock, sleep  # the caller's thread, never the event loop
+        self._setup_latency(settings)
 
     def call_many(self, calls: Mapping[str, dict[str, Any]], timeout: float) -> dict[str, Outcome]:
         futures = {}
-        for worker, msg in calls.items():
+        rtt = {w: self._simulated(w) for w in calls}
+        start = self.clock()
+        sent: dict[str, float] = {}
+        done_at: dict[str, float] = {}
+        for worker, msg in sorted(calls.items(), key=lambda kv: rtt[kv[0]]):  # each after its half delay
+            if (pause := start + rtt[worker] / 2 - self.clock()) > 0:
+                self.sleep(pause)
             key = f"neuro-expert-{msg['layer']}-{self._session}-{next(self._counter)}"
+            sent[worker] = self.clock()
             futures[worker] = self.client.submit(
                 serve_expert_call, msgpack.packb(msg, use_bin_type=True), key=key,
                 workers=[worker], allow_other_workers=False, pure=False,
             )
+            futures[worker].add_done_callback(lambda _f, w=worker: done_at.setdefault(w, self.clock()))
         try:
-            wait(list(futures.values()), timeout=timeout, return_when="ALL_COMPLETED")
+            wait(list(futures.values()), timeout=max(0.0, start + timeout - self.clock()), return_when="ALL_COMPLETED")
         except TimeoutError:
             pass  # whatever did not finish is reported as a timed-out call below
+        now = self.clock()
+        finished = {w: done_at.get(w, now) for w, f in futures.items() if f.status == "finished"}
+        if finished and (pause := max(t + rtt[w] / 2 for w, t in finished.items()) - self.clock()) > 0:
+            self.sleep(pause)  # simulated: the answers' way back
+        for w, t in finished.items():
+            self.latency.observe(w, t + rtt[w] / 2 - sent[w] + rtt[w] / 2, _rows(calls[w]))
         out: dict[str, Outcome] = {}
         for worker, fut in futures.items():
             if fut.status == "finished":
@@ -398,5 +465,6 @@ def _failed(outcome: Outcome) -> bool:
     return isinstance(outcome, BaseException) or (isinstance(outcome, Mapping) and outcome.get("status") != "OK")
 
 
-def make_transport(name: str, client: Client, connect_timeout: float = 3.0) -> Transport:
-    return {"direct": DirectTransport, "futures": FuturesTransport}[name](client, connect_timeout)
+def make_transport(name: str, client: Client, connect_timeout: float = 3.0, settings: Any = None) -> Transport:
+    """`settings` (ClientSettings): seed, latency_aware and simulated_latency."""
+    return {"direct": DirectTransport, "futures": FuturesTransport}[name](client, connect_timeout, settings)

@@ -22,6 +22,7 @@ import torch
 from neuro_dask.dispatch.routes import ExpertUnavailableError, RouteTable
 from neuro_dask.dispatch.transports import CallTimeoutError, HedgedCall, HedgeView, Transport
 from neuro_dask.trust.hedging import HedgePolicy, LatencyTracker
+from neuro_dask.trust.latency import LatencyBook
 from neuro_dask.trust.quorum import Accepted, Exhausted, Quorum, QuorumExhaustedError, QuorumPolicy
 from neuro_dask.trust.replication import ReplicationPolicy, Standing, plan_call
 from neuro_dask.trust.validation import ValidationPolicy, agree
@@ -93,7 +94,7 @@ class TrustedLayerRunner:
         planned_rows: dict[str, int] = {}
         for expert, rows in groups.items():
             candidates = self._primary_first([w for w in routes.ranked(layer, expert) if w not in exclude],
-                                             routes, planned_rows, busy)
+                                             routes, planned_rows, busy, self._route_latency)
             if not candidates:
                 raise ExpertUnavailableError(self.model_id, layer, [expert], 0.0)
             planned_rows[candidates[0]] = planned_rows.get(candidates[0], 0) + rows.shape[0]
@@ -162,18 +163,29 @@ class TrustedLayerRunner:
                 round_work[expert] = [nxt]
         return {e: u.result for e, u in units.items()}, outcomes
 
+    @property
+    def _route_latency(self) -> LatencyBook | None:
+        return getattr(self.transport, "route_latency", None)
+
     @staticmethod
     def _primary_first(candidates: list[str], routes: RouteTable, planned_rows: Mapping[str, int],
-                       busy: set[str] = frozenset()) -> list[str]:
+                       busy: set[str] = frozenset(), latency: LatencyBook | None = None) -> list[str]:
         """The primary is the routable candidate that is not still busy with an abandoned call
         (a new call would queue behind it) and has the fewest rows planned in this layer (ties:
         the scheduler's order), so a layer's work spreads over workers instead of piling on the
-        best-ranked one. The others keep their order for replicas, busy workers last."""
+        best-ranked one. With a latency book (neuro.client.latency-aware) it is instead the
+        book's choice among the idle routable candidates (trust/latency.py): close ones first.
+        Every routable worker is one tier here, since replication already decides who checks
+        whom. The others keep their order for replicas, busy workers last."""
         ordered = [w for w in candidates if w not in busy] + [w for w in candidates if w in busy]
         routable = [w for w in ordered if routes.routable is None or w in routes.routable]
         if not routable:
             return ordered
-        primary = min(routable, key=lambda w: (w in busy, planned_rows.get(w, 0)))
+        if latency is not None:
+            idle = [w for w in routable if w not in busy] or routable
+            primary = latency.choose(idle, lambda w: 0, planned_rows)  # never packs: straggler tails (docs/trust.md)
+        else:
+            primary = min(routable, key=lambda w: (w in busy, planned_rows.get(w, 0)))
         return [primary] + [w for w in ordered if w != primary]
 
     def _proven(self, layer: int, unit: _Unit, valid: tuple[str, ...], standing: Callable[[str], Standing]) -> bool:
@@ -316,7 +328,9 @@ class TrustedLayerRunner:
         todo = [e for e in experts if e in view.missing]
         settled = frozenset(e for e in todo if self._settled_elsewhere(units[e], worker, view, standing))
         todo = [e for e in todo if e not in settled]
-        picked = self._alternates(worker, todo, units, standing, view.avoid, view.occupied) if todo else {}
+        book = self._route_latency
+        picked = self._alternates(worker, todo, units, standing, view.avoid, view.occupied,
+                                  book.estimate if book is not None else None) if todo else {}
         if todo and not picked:
             return (), frozenset()
         return tuple((aw, self._request(layer, units, aes, covers)) for aw, aes in picked.items()), settled
@@ -333,17 +347,22 @@ class TrustedLayerRunner:
     @staticmethod
     def _alternates(worker: str, experts: list[int], units: Mapping[int, _Unit],
                     standing: Callable[[str], Standing], avoid: frozenset[str] = frozenset(),
-                    occupied: frozenset[str] = frozenset()) -> dict[str, list[int]]:
+                    occupied: frozenset[str] = frozenset(),
+                    estimate: Callable[[str], float | None] | None = None) -> dict[str, list[int]]:
         """Hedge targets covering every unit of the message: for each unit a host not yet used
         or hedged to for it, of another owner than the primary and not slow right now (`avoid`), idle hosts
         before occupied ones (the hedge might queue behind their call), reusing a target
-        already picked when it can (fewer messages). Empty when some unit has no such host."""
+        already picked when it can (fewer messages); with latency estimates, the closest first
+        within idle and within occupied hosts (unmeasured ones count as close). Empty when some
+        unit has no such host."""
         owner = standing(worker).owner or worker
         picked: dict[str, list[int]] = {}
         for e in experts:
             hosts = [w for w in units[e].candidates if w not in units[e].tried and w not in units[e].hedge_hosts
                      and w != worker and w not in avoid and (standing(w).owner or w) != owner]
             hosts = [w for w in hosts if w not in occupied] + [w for w in hosts if w in occupied]
+            if estimate is not None:  # sorted is stable: the order above breaks ties
+                hosts.sort(key=lambda w: (w in occupied, estimate(w) or 0.0))
             if not hosts:
                 return {}
             target = next((w for w in hosts if w in picked), hosts[0])
