@@ -33,7 +33,8 @@ class RouteTable:
         routes = {(int(l), int(e)): tuple(ws) for l, e, ws in msg["routes"]}
         raw = msg.get("standing") or {}
         standing = {w: Standing(bool(s["trusted"]), bool(s["established"]), int(s["consecutive_valid"]),
-                                str(s.get("owner") or "")) for w, s in raw.items()}
+                                str(s.get("owner") or ""), str(s.get("precision") or "float32"))
+                    for w, s in raw.items()}
         routable = frozenset(w for w, s in raw.items() if s.get("routable", True)) if raw else None
         return cls(int(msg["version"]), routes, standing, routable, dict(msg.get("params") or {}))
 

@@ -25,7 +25,7 @@ from neuro_dask.trust.hedging import HedgePolicy, LatencyTracker
 from neuro_dask.trust.latency import LatencyBook
 from neuro_dask.trust.quorum import Accepted, Exhausted, Quorum, QuorumExhaustedError, QuorumPolicy
 from neuro_dask.trust.replication import ReplicationPolicy, Standing, plan_call
-from neuro_dask.trust.validation import ValidationPolicy, agree
+from neuro_dask.trust.validation import ValidationPolicy, agree, tolerance_for
 from neuro_dask.wire import decode_response, encode_request
 
 AWAIT_LIMIT = 1024  # abandoned calls remembered for a late comparison; older ones are forgotten
@@ -100,8 +100,11 @@ class TrustedLayerRunner:
             planned_rows[candidates[0]] = planned_rows.get(candidates[0], 0) + rows.shape[0]
             plan = plan_call(candidates, standing, self.policy.replication, self.rng)
             self.unchecked += plan.unchecked
+            # Replicas at different precisions (int8 next to float32) agree only within their
+            # measured error: the tolerance of the loosest precision among the candidates.
+            validation = tolerance_for({standing(w).precision for w in candidates}, self.policy.validation)
             quorum = Quorum(self.policy.quorum, counts=lambda w: standing(w).trusted or standing(w).established,
-                            quorum=plan.quorum, validation=self.policy.validation, anchorless=anchorless,
+                            quorum=plan.quorum, validation=validation, anchorless=anchorless,
                             owner_of=lambda w: standing(w).owner or w)
             units[expert] = _Unit(expert, rows, quorum, candidates)
             for w in plan.workers:

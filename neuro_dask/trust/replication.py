@@ -45,6 +45,7 @@ class Standing:
     established: bool = False
     consecutive_valid: int = 0
     owner: str = ""
+    precision: str = "float32"  # what its experts of this model run at (neuro.worker.precision)
 
 
 @dataclass(frozen=True)

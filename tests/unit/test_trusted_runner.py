@@ -22,7 +22,8 @@ TRUSTED, EST, NEW = Standing(trusted=True), Standing(established=True, consecuti
 
 
 class ScriptedTransport:
-    """behave: worker -> "ok" | "wrong" | "slow" (loses a hedge race, answers late and right) |
+    """behave: worker -> "ok" | "wrong" | "int8" (off by 0.05, as a quantized replica) |
+    "slow" (loses a hedge race, answers late and right) |
     "slow-wrong" (the same, but its late answer is wrong) | "dead" (connection refused)."""
 
     name = "scripted"
@@ -38,6 +39,8 @@ class ScriptedTransport:
         outputs = {e: x * 2 for e, x in decode_request(msg).inputs.items()}
         if self.behave.get(worker, "ok").endswith("wrong"):
             outputs = {e: y + 1 for e, y in outputs.items()}
+        if self.behave.get(worker) == "int8":  # honest, within a quantized expert's error
+            outputs = {e: y + 0.05 for e, y in outputs.items()}
         return encode_response(outputs)
 
     def call_hedged(self, calls, timeout, budget, peer_patience=None):
@@ -168,3 +171,19 @@ def test_a_dispute_nobody_can_settle_exhausts_the_quorum():
     standing = {"n1": NEW, "n2": NEW, "e": EST}  # e could settle it, but is excluded (a suspect)
     with pytest.raises(QuorumExhaustedError):
         r.run(0, ROWS, routes(["n1", "n2", "e"], standing), {"e"})
+
+
+@pytest.mark.parametrize("precision, behave, expected", [
+    ("float32", "int8", "invalid"),   # a float32 replica must match closely: 0.05 off is wrong
+    ("int8", "int8", "validated"),    # an int8 replica is judged within int8's measured error
+    ("int8", "wrong", "invalid"),     # and still caught when it is really wrong
+])
+def test_replicas_at_another_precision_are_judged_within_its_tolerance(precision, behave, expected):
+    from dataclasses import replace
+
+    r, _ = runner({"b": behave}, spot_check=1.0)
+    table = routes(["b", "a"], {"a": TRUSTED, "b": replace(NEW, precision=precision)})
+    results, outcomes = r.run(0, ROWS, table, set())
+    # The accepted answer is the anchor's, or one that agrees with it within the tolerance.
+    torch.testing.assert_close(results[0], ROWS[0] * 2, atol=0.25 if expected == "validated" else 0, rtol=0)
+    assert kinds(outcomes, "b") == [expected]
