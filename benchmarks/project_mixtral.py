@@ -7,7 +7,7 @@ Measured here (random weights at Mixtral-8x7B's shapes: hidden 4096, 32 query / 
 8 experts of intermediate 14336, vocabulary 32000; float32, batch 1, decode with `--context`
 tokens in the KV cache):
   client_layer  one decoder layer's client side: norms, attention over the cache, router
-                (a model with 2 layers minus the same model with 1, experts answered at once)
+                (a model with 3 layers minus the same model with 1, halved; experts answered at once)
   client_head   embedding, final norm and LM head, once per token (the 1-layer model minus one layer)
   expert        one expert FFN on one row (what one worker computes per call at batch 1)
   overhead      the direct transport's per-call overhead, from benchmarks/results/dispatch.json
@@ -15,7 +15,8 @@ tokens in the KV cache):
 Assumed (stated, not measured): 32 MoE layers; top-2 experts of a layer on two different workers,
 called in parallel; one row of hidden states each way per call (4096 x 4 bytes, or x 2 with
 `neuro.client.wire-dtype: bfloat16`) over a `--mbit` uplink; a GPU worker computes an expert call
-in `--gpu-expert-ms`. Projection per token:
+in `--gpu-expert-ms` and a GPU client a layer in `--gpu-client-layer-ms` (and the head in 2 ms).
+Projection per token:
   client_head + 32 x (client_layer + overhead + rtt + transfer + expert)
 Printed beside Petals' published single-batch figures (README: about 1 s per step for BLOOM-176B
 over the Internet; up to 6 steps/s for Llama 2 70B). Results: benchmarks/results/projection.json.
@@ -91,10 +92,11 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--mbit", type=float, default=100.0, help="assumed uplink, Mbit/s")
     p.add_argument("--gpu-expert-ms", type=float, default=0.5, help="assumed GPU time of one expert call")
+    p.add_argument("--gpu-client-layer-ms", type=float, default=1.0, help="assumed GPU time of one client layer")
     args = p.parse_args(argv)
     one = client_ms_per_token(1, args.context, args.repeats)
-    two = client_ms_per_token(2, args.context, args.repeats)
-    layer = max(two - one, 0.0)
+    three = client_ms_per_token(3, args.context, args.repeats)
+    layer = max((three - one) / 2, 0.0)
     head = max(one - layer, 0.0)
     expert = expert_ms(args.repeats)
     dispatch = HERE / "results" / "dispatch.json"
@@ -105,20 +107,25 @@ def main(argv=None) -> int:
         for rtt in RTTS_MS:
             per_layer_cpu = layer + overhead + rtt + transfer + expert
             per_layer_gpu = layer + overhead + rtt + transfer + args.gpu_expert_ms
+            per_layer_all_gpu = args.gpu_client_layer_ms + overhead + rtt + transfer + args.gpu_expert_ms
             rows.append({"wire": wire, "rtt_ms": rtt, "transfer_ms": transfer,
                          "cpu_workers_ms_per_token": head + LAYERS * per_layer_cpu,
-                         "gpu_workers_ms_per_token": head + LAYERS * per_layer_gpu})
+                         "gpu_workers_ms_per_token": head + LAYERS * per_layer_gpu,
+                         "gpu_client_and_workers_ms_per_token": 2.0 + LAYERS * per_layer_all_gpu})
     result = {"measured": {"client_layer_ms": layer, "client_head_ms": head, "expert_ms": expert,
                            "overhead_ms": overhead, "context": args.context},
-              "assumed": {"layers": LAYERS, "mbit": args.mbit, "gpu_expert_ms": args.gpu_expert_ms},
+              "assumed": {"layers": LAYERS, "mbit": args.mbit, "gpu_expert_ms": args.gpu_expert_ms,
+                          "gpu_client_layer_ms": args.gpu_client_layer_ms, "gpu_client_head_ms": 2.0},
               "projection": rows,
               "petals_published": {"BLOOM-176B": "about 1 s per step", "Llama 2 70B": "up to 6 steps/s (~167 ms/token)"}}
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
     print(f"measured: client layer {layer:.2f} ms, client head {head:.2f} ms, expert (CPU, 1 row) {expert:.2f} ms, "
           f"transport overhead {overhead:.2f} ms")
-    print(f"{'wire':9s} {'rtt ms':>6s} {'CPU workers ms/token':>21s} {'GPU workers ms/token':>21s}")
+    print(f"{'wire':9s} {'rtt ms':>6s} {'this CPU, CPU workers':>22s} {'this CPU, GPU workers':>22s} "
+          f"{'GPU client and workers':>23s}  (ms/token)")
     for r in rows:
-        print(f"{r['wire']:9s} {r['rtt_ms']:6d} {r['cpu_workers_ms_per_token']:21.0f} {r['gpu_workers_ms_per_token']:21.0f}")
+        print(f"{r['wire']:9s} {r['rtt_ms']:6d} {r['cpu_workers_ms_per_token']:22.0f} {r['gpu_workers_ms_per_token']:22.0f} "
+              f"{r['gpu_client_and_workers_ms_per_token']:23.0f}")
     print("Petals (published, single batch): BLOOM-176B about 1000 ms/token; Llama 2 70B about 167 ms/token")
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "projection.json").write_text(json.dumps(result, indent=2))
