@@ -128,15 +128,22 @@ class Coordinator:
 
     def routes(self, model_id: str) -> RouteSnapshot:
         model = self.models[model_id]
+        # Expert -> workers serving it, in one pass over what is served (O(replicas), not
+        # O(experts x workers): 1,000 workers x 256 experts made this 6 ms).
+        served_by: dict[ExpertKey, list[str]] = {}
+        for w, keys in self.serving.items():
+            for key in keys:
+                if key[0] == model_id:
+                    served_by.setdefault(key, []).append(w)
         routes: dict[tuple[int, int], tuple[str, ...]] = {}
         missing, pending = [], []
         for le in sorted(model.experts):
             key = (model_id, *le)
             planned = self.placement.workers_for(key) if self.placement else ()
-            serving = tuple(w for w in planned if key in self.serving.get(w, ()))
+            on = served_by.get(key, ())
+            serving = tuple(w for w in planned if w in on)
             # A replica may still serve an expert it loaded before a re-plan moved it elsewhere.
-            extra = tuple(sorted((w for w, keys in self.serving.items() if key in keys and w not in planned),
-                                 key=lambda w: (-self.workers[w].speed, w)))
+            extra = tuple(sorted((w for w in on if w not in planned), key=lambda w: (-self.workers[w].speed, w)))
             routes[le] = serving + extra
             if not routes[le]:
                 missing.append(le)

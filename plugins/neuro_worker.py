@@ -144,7 +144,8 @@ class NeuroWorker:
         try:
             await self.worker.scheduler.neuro_experts_loaded(
                 worker=self.worker.address, model=model,
-                loaded=[list(p) for p in result.loaded], failed=failed)
+                loaded=[list(p) for p in result.loaded], failed=failed,
+                precision=self.host.status().get("precision", {}).get(model, "float32"))
         except Exception as exc:
             if self.worker.status == Status.running:  # while closing, the scheduler is gone anyway
                 log.warning("could not tell the scheduler which experts are loaded: %s", exc)
