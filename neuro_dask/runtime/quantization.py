@@ -59,7 +59,7 @@ class Int8Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [n, K] -> [n, O] in bfloat16 (the kernel's accumulation is float32)."""
-        xb = x.to(torch.bfloat16)
+        xb = x.to(self.qweight.device, torch.bfloat16)  # the weights' device (a CUDA worker's rows arrive on CPU)
         if self.qweight.device.type == "cpu" and _has("_weight_int8pack_mm"):
             return torch._weight_int8pack_mm(xb, self.qweight, self.scales)
         return F.linear(xb, self.qweight.to(torch.bfloat16)) * self.scales
@@ -107,7 +107,7 @@ class Int4Linear:
         return ((q - 8) * scale + zero).reshape(out, k)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        xb = x.to(torch.bfloat16)
+        xb = x.to(self.packed.device, torch.bfloat16)
         if self._packed_for_cpu():
             return torch._weight_int4pack_mm_for_cpu(xb, self.packed, self.group, self.scales_zeros)
         return F.linear(xb, self.dequantize().to(xb.device, torch.bfloat16))
