@@ -1,5 +1,7 @@
 """Turn a Hugging Face MoE checkpoint into a trunk file plus one safetensors file per expert.
 
+SRC may also be a .gguf file (llama.cpp's format), read by store/gguf_reader.py.
+
 DST/manifest.json            config, tokenizer files, every artifact with role, layer, expert,
                              dtype, bytes and sha256
 DST/trunk.safetensors        everything but the routed experts, under canonical names
@@ -25,6 +27,7 @@ from neuro_dask.model.config import MoEConfig
 from neuro_dask.model.keymap import TensorRef, expert_refs, expert_shapes, trunk_refs
 from neuro_dask.model.trunk import Trunk
 from neuro_dask.store.checkpoint import HFCheckpoint
+from neuro_dask.store.gguf_reader import GGUFCheckpoint, is_gguf
 from neuro_dask.store.manifest import (
     ROLE_EXPERT,
     ROLE_TOKENIZER,
@@ -46,7 +49,12 @@ def expected_trunk_shapes(cfg: MoEConfig) -> dict[str, tuple[int, ...]]:
         return Trunk(cfg).expected_tensors()
 
 
-def _checked_specs(ckpt: HFCheckpoint, refs: dict[str, TensorRef], shapes: dict[str, tuple[int, ...]]):
+def open_checkpoint(src: str | Path) -> HFCheckpoint | GGUFCheckpoint:
+    """An HF checkpoint folder, or a .gguf file (llama.cpp's format) read through the `gguf` package."""
+    return GGUFCheckpoint(src) if is_gguf(src) else HFCheckpoint(src)
+
+
+def _checked_specs(ckpt: HFCheckpoint | GGUFCheckpoint, refs: dict[str, TensorRef], shapes: dict[str, tuple[int, ...]]):
     specs = []
     for canon, ref in refs.items():
         dtype, shape = ckpt.spec(ref)
@@ -56,7 +64,7 @@ def _checked_specs(ckpt: HFCheckpoint, refs: dict[str, TensorRef], shapes: dict[
     return specs
 
 
-def _write(ckpt: HFCheckpoint, dst: Path, rel: str, refs: dict[str, TensorRef],
+def _write(ckpt: HFCheckpoint | GGUFCheckpoint, dst: Path, rel: str, refs: dict[str, TensorRef],
            specs: list, role: str, layer: int | None = None, expert: int | None = None) -> Artifact:
     writer = StreamingWriter(dst / rel, specs, metadata={"format": "pt", "role": role})
     writer.write(ckpt.read(ref) for ref in refs.values())
@@ -67,10 +75,10 @@ def _write(ckpt: HFCheckpoint, dst: Path, rel: str, refs: dict[str, TensorRef],
 
 
 def shard_checkpoint(src: str | Path, dst: str | Path, progress: Progress | None = None) -> Manifest:
-    """Shard SRC (an HF checkpoint folder) into DST; returns the manifest written last."""
+    """Shard SRC (an HF checkpoint folder or a .gguf file) into DST; returns the manifest written last."""
     src, dst = Path(src), Path(dst)
     tick = progress or (lambda _msg: None)
-    ckpt = HFCheckpoint(src)
+    ckpt = open_checkpoint(src)
     cfg = ckpt.config
     names = ckpt.names
     trunk_shapes = expected_trunk_shapes(cfg)
@@ -109,7 +117,7 @@ def shard_checkpoint(src: str | Path, dst: str | Path, progress: Progress | None
 
 def count_artifacts(src: str | Path) -> int:
     """How many files shard_checkpoint will write (for a progress bar's total)."""
-    cfg = MoEConfig.from_file(src)
+    cfg = GGUFCheckpoint(src).config if is_gguf(src) else MoEConfig.from_file(src)
     return 1 + len(cfg.moe_layers) * cfg.num_experts
 
 
