@@ -146,6 +146,8 @@ def worker_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
         if value:
             argv += [flag, str(value)]
     argv += _hardened_flag(args)
+    # A volunteer's machine is its owner's first: serve only while the owner leaves it idle.
+    argv += ["--neuro-idle-only" if args.idle_only else "--neuro-no-idle-only"]
     if args.hardened:
         # The nanny (which starts and restarts the worker) answers peers too: harden it as well.
         argv += ["--preload-nanny", "neuro_worker"]
@@ -168,6 +170,12 @@ def _cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
     env = {**os.environ, "DASK_NEURO__SECURITY__HARDENED": "True" if args.hardened else "False"}
     os.execve(sys.executable, worker_argv(args, extra), env)
     return 0  # not reached
+
+
+def _cmd_worker_status(args: argparse.Namespace) -> int:
+    from neuro_dask.volunteer_status import run
+
+    return run(args)
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:
@@ -268,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_demo)
 
     s = sub.add_parser("shard", help="split an HF checkpoint into a trunk and one file per expert")
-    s.add_argument("src", help="HF checkpoint folder (config.json + *.safetensors)")
+    s.add_argument("src", help="HF checkpoint folder (config.json + *.safetensors), or a .gguf file (needs `gguf`)")
     s.add_argument("dst", help="output folder")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_shard)
@@ -324,10 +332,20 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--precision", choices=["float32", "bfloat16", "int8", "int4", "auto"],
                    help="expert weights in memory (default float32; auto: the highest that fits the budget)")
     w.add_argument("--nthreads", type=int, default=1)
+    w.add_argument("--idle-only", action=argparse.BooleanOptionalAction, default=True,
+                   help="pause while the machine's owner is busy, at low priority (default: on; docs/distributed.md)")
     w.add_argument("--name", help="this worker's name; with --tls, the NAME of the worker-NAME.pem to use "
                                   "(its ledger identity; default: the folder's only worker certificate)")
     _add_security_arguments(w, "worker")
     w.set_defaults(func=_cmd_worker, passthrough=True)
+
+    ws = sub.add_parser("worker-status", help="a volunteer's worker: experts hosted, calls served, cache, "
+                                              "reputation, NEURO earned, paused or running (also `worker status`)")
+    ws.add_argument("--scheduler", help="scheduler address (default: ask the worker given by --worker ADDRESS)")
+    ws.add_argument("--worker", help="the worker's name or address (default: this machine's only worker)")
+    ws.add_argument("--tls", metavar="DIR", help="a client certificate's folder (hardened network)")
+    ws.add_argument("--json", action="store_true")
+    ws.set_defaults(func=_cmd_worker_status)
 
     register_certs(sub)
 
@@ -365,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["worker", "status"]:  # `worker ADDR` takes a positional: `worker status` is worker-status
+        argv = ["worker-status", *argv[2:]]
     args, extra = build_parser().parse_known_args(argv)
     if not args.verbose:  # Dask logs cluster start and shutdown at INFO, tracebacks included
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # for worker processes

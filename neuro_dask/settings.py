@@ -57,6 +57,21 @@ class WorkerSettings:
     owner: str = ""
     benchmark: bool = True
     adversary: Any = None
+    # Idle-only volunteering (docs/distributed.md, neuro_dask/runtime/idle.py).
+    idle_only: bool = False
+    idle_interval: float = 2.0
+    idle_busy_cpu: float = 50.0
+    idle_resume_cpu: float = 25.0
+    idle_busy_gpu: float = 30.0
+    idle_resume_gpu: float = 10.0
+    idle_busy_input: float = 60.0
+    idle_resume_input: float = 120.0
+    idle_busy_samples: int = 3
+    idle_resume_samples: int = 5
+    idle_min_pause: float = 30.0
+    nice: int = 10
+    max_threads: Any = "auto"
+    vram_fraction: Any = "auto"
 
     BACKENDS = ("torch", "onnx")
     PRECISIONS = ("auto", "float32", "bfloat16", "int8", "int4")
@@ -72,10 +87,43 @@ class WorkerSettings:
                                    "float32 experts; use backend torch for bfloat16, int8 or int4")
         if self.device not in ("auto", "cpu", "cuda", "mps"):
             raise ConfigFieldError("neuro.worker", "device", f"must be auto, cpu, cuda or mps, got {self.device!r}")
+        if not self.idle_interval > 0:
+            raise ConfigFieldError("neuro.worker", "idle-interval", "must be a positive number of seconds")
+        self.idle_policy()  # checks the thresholds
+        if isinstance(self.nice, bool) or not isinstance(self.nice, int) or not 0 <= self.nice <= 19:
+            raise ConfigFieldError("neuro.worker", "nice", f"must be an integer from 0 to 19, got {self.nice!r}")
+        if self.max_threads not in (None, "auto") and (isinstance(self.max_threads, bool)
+                                                       or not isinstance(self.max_threads, int) or self.max_threads < 1):
+            raise ConfigFieldError("neuro.worker", "max-threads",
+                                   f"must be auto, null or a positive integer, got {self.max_threads!r}")
+        if self.vram_fraction not in (None, "auto") and (isinstance(self.vram_fraction, bool)
+                                                         or not isinstance(self.vram_fraction, (int, float))
+                                                         or not 0 < self.vram_fraction <= 1):
+            raise ConfigFieldError("neuro.worker", "vram-fraction",
+                                   f"must be auto, null or a fraction in (0, 1], got {self.vram_fraction!r}")
 
     @classmethod
     def load(cls, **overrides) -> WorkerSettings:
         return _build(cls, "worker", overrides)
+
+    def idle_policy(self):
+        from neuro_dask.runtime.idle import IdlePolicy
+
+        return IdlePolicy(self.idle_busy_cpu, self.idle_resume_cpu, self.idle_busy_gpu, self.idle_resume_gpu,
+                          self.idle_busy_input, self.idle_resume_input, self.idle_busy_samples,
+                          self.idle_resume_samples, self.idle_min_pause)
+
+    def threads(self, cores: int) -> int | None:
+        """CPU threads for expert math: None = torch's default. auto = all but one core when idle-only."""
+        if self.max_threads == "auto":
+            return max(1, cores - 1) if self.idle_only else None
+        return self.max_threads
+
+    def vram_cap(self) -> float | None:
+        """Fraction of each GPU's memory this worker may allocate: None = no cap. auto = 0.8 when idle-only."""
+        if self.vram_fraction == "auto":
+            return 0.8 if self.idle_only else None
+        return None if self.vram_fraction is None else float(self.vram_fraction)
 
     def resolved_cache_dir(self) -> Path:
         return Path(os.path.expanduser(self.cache_dir or "~/.cache/neuro_dask"))

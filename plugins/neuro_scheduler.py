@@ -86,6 +86,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         # and replaced on every change, so an identical record means an identical standing.
         self._standings: dict[str, tuple[Any, dict[str, Any]]] = {}
         self._precisions: dict[tuple[str, str], str] = {}  # (worker, model) -> its experts' precision
+        self.paused: dict[str, str] = {}  # idle-only workers whose owner is busy -> why; never routed to
         self._unsubscribe_security = None  # hardened mode: stop forwarding security events
         scheduler.handlers.update({
             "neuro_report_outcomes": self.report_outcomes, "neuro_trust": self.trust,
@@ -94,7 +95,9 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             "neuro_report_load": self.report_load, "neuro_status": self.status,
             "neuro_ledger_hold": self.ledger_hold, "neuro_ledger_settle": self.ledger_settle,
             "neuro_ledger_report": self.handle_ledger_report, "neuro_report_calls": self.report_calls,
+            "neuro_pause": self.pause,
         })
+        scheduler.handlers["neuro_volunteer"] = self.volunteer  # `neuro-dask worker-status`
         scheduler.extensions["neuro"] = self
         neuro_metrics.register(self)
 
@@ -142,6 +145,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
     def remove_worker(self, scheduler, worker: str, **kwargs) -> None:
         name = self.identity.pop(worker, None)
         self._standings.pop(worker, None)
+        self.paused.pop(worker, None)
         for key in [k for k in self._precisions if k[0] == worker]:
             del self._precisions[key]
         if name is not None:
@@ -170,7 +174,8 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         snap = self.coordinator.routes(model)
         # Each routed worker's standing is scored once, and again only when its record changed
         # (1,000 workers: scoring every known worker, then each standing twice, took 12 ms).
-        standing = {w: self._standing(w) for w in {w for ws in snap.routes.values() for w in ws} if self._stake_ok(w)}
+        standing = {w: self._standing(w) for w in {w for ws in snap.routes.values() for w in ws}
+                    if self._stake_ok(w) and w not in self.paused}
         for w, s in standing.items():  # each a fresh dict: safe to add to
             s["precision"] = self._precisions.get((w, model), "float32")
         score = {w: s["score"] if w in self.identity else 0.5 for w, s in standing.items()}
@@ -190,6 +195,21 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             self.scheduler.log_event("neuro", {"action": "load-failed", "worker": worker, "model": model,
                                                "failed": failed[:20]})
             self._enact(self.coordinator.load_failed(worker, model, [(l, e) for l, e, _ in failed]))
+        return {"status": "OK"}
+
+    def pause(self, worker: str, paused: bool, reason: str = "") -> dict[str, Any]:
+        """An idle-only worker's owner is busy (or no longer): leave it out of routes until it resumes."""
+        if worker not in self.coordinator.workers:
+            return {"status": "error", "message": f"{worker} is not a neuro worker of this scheduler"}
+        was = worker in self.paused
+        if paused:
+            self.paused[worker] = str(reason)[:200]
+        else:
+            self.paused.pop(worker, None)
+        if was != bool(paused):
+            self.coordinator.version += 1  # the routes served changed (clients pick them up on their next refresh)
+            self._event("neuro", {"action": "pause" if paused else "resume", "worker": worker,
+                                 "name": self.identity.get(worker, worker), "reason": str(reason)[:200]})
         return {"status": "OK"}
 
     def unreachable(self, worker: str, model: str, experts: list) -> dict[str, Any]:
@@ -421,6 +441,12 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         if self.ledger is None:
             return {"status": "error", "message": "this scheduler runs no ledger (set neuro.ledger.url)"}
         return {"status": "OK", "report": await self._in_ledger(self.ledger.report)}
+
+    async def volunteer(self, worker: str) -> dict[str, Any]:
+        """One worker's reputation and ledger figures (neuro_dask/volunteer_status.py)."""
+        from neuro_dask.volunteer_status import scheduler_report
+
+        return await scheduler_report(self, worker)
 
     def trust(self, worker: str, trusted: bool = True) -> dict[str, Any]:
         address = next((a for a, n in self.identity.items() if worker in (a, n)), worker)

@@ -14,6 +14,9 @@ Options (preload arguments, or Dask config under `neuro.worker`):
   --neuro-owner ID         owner id: replicas of one expert never share an owner
   --neuro-no-benchmark     skip the expert-FFN micro-benchmark at start
   --neuro-adversary JSON   drills only: behave as an adversary (neuro_dask/testing/adversary.py)
+  --neuro-idle-only / --neuro-no-idle-only
+                           pause while the owner uses the machine (default: neuro.worker.idle-only;
+                           `neuro-dask worker` turns it on); docs/distributed.md
   --neuro-hardened / --neuro-no-hardened
                            (also `--preload-nanny neuro_worker`: the nanny is hardened too)
                            hardened mode (default: neuro.security.hardened; `neuro-dask worker` turns
@@ -34,6 +37,7 @@ from distributed import Nanny
 from distributed.core import Status
 
 from neuro_dask.errors import NeuroDaskError
+from neuro_dask.reconnect import restart_on_scheduler_loss
 from neuro_dask.runtime.drop_list import DropList
 from neuro_dask.runtime.expert_host import ExpertHost
 from neuro_dask.runtime.expert_memory import ExpertMemory
@@ -65,6 +69,8 @@ class NeuroWorker:
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="neuro-compute")
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="neuro-load")
         self.dropped = DropList()
+        self.paused = ""  # idle-only: why expert calls are refused now ("" = serving; neuro_dask/volunteer_idle.py)
+        self.idle = None
 
     async def start(self) -> None:
         if self.settings.benchmark:
@@ -81,6 +87,7 @@ class NeuroWorker:
         if self.profile.cuda and self.device == "cuda":
             w.state.total_resources.setdefault("GPU", len(self.profile.cuda))
             w.state.available_resources.setdefault("GPU", len(self.profile.cuda))
+        self._start_idle_guard()
         log.info("neuro_worker ready: device %s, budget %d bytes, expert FFN %.1f GFLOP/s",
                  self.device, self.budget, self.speed)
 
@@ -95,6 +102,8 @@ class NeuroWorker:
         """Run one expert call: (response, seconds to hold it back, nonzero only in straggle
         drills). Never raises, so no exception is ever pickled back to a client."""
         try:
+            if self.paused:  # the owner is using this machine: the client re-sends elsewhere
+                return encode_error(f"paused: {self.paused}"), 0.0
             if self.dropped.take(msg.get("call")):
                 return encode_error("dropped: the client no longer needs this call"), 0.0
             request = decode_request(msg, max_rows=self.security.max_rows)
@@ -155,10 +164,22 @@ class NeuroWorker:
         return {"status": "OK"}
 
     def handle_status(self) -> dict[str, Any]:
-        return {**self.host.status(), **self.info(), "hosted": {m: [list(p) for p in ps]
-                                                              for m, ps in self.host.hosted().items()}}
+        return {**self.host.status(), **self.info(), "paused": bool(self.paused), "pause_reason": self.paused,
+                "hosted": {m: [list(p) for p in ps] for m, ps in self.host.hosted().items()}}
+
+    def _start_idle_guard(self) -> None:
+        from neuro_dask.volunteer_idle import IdleGuard, apply_limits
+
+        applied = apply_limits(self.settings, self.device, self.profile.cores)
+        if applied:
+            log.info("neuro_worker limits: %s", applied)
+        if self.settings.idle_only:
+            self.idle = IdleGuard(self, self.settings)
+            self.idle.start()
 
     def close(self) -> None:
+        if self.idle is not None:
+            self.idle.stop()
         self._compute.shutdown(wait=False, cancel_futures=True)
         self._loader.shutdown(wait=False, cancel_futures=True)
 
@@ -174,15 +195,19 @@ class NeuroWorker:
 @click.option("--neuro-owner", default=None, help="owner id of this machine")
 @click.option("--neuro-no-benchmark", is_flag=True, default=False, help="skip the start-up micro-benchmark")
 @click.option("--neuro-adversary", default=None, help='drills only: JSON such as {"mode": "perturb"}')
+@click.option("--neuro-idle-only/--neuro-no-idle-only", default=None,
+              help="pause while the owner uses this machine (default: neuro.worker.idle-only)")
 @click.option("--neuro-hardened/--neuro-no-hardened", default=None,
               help="hardened mode (default: neuro.security.hardened)")
 async def dask_setup(worker, neuro_store, neuro_cache_dir, neuro_memory_budget, neuro_device, neuro_backend,
-                     neuro_precision, neuro_owner, neuro_no_benchmark, neuro_adversary, neuro_hardened) -> None:
+                     neuro_precision, neuro_owner, neuro_no_benchmark, neuro_adversary, neuro_hardened,
+                     neuro_idle_only=None) -> None:
     settings = WorkerSettings.load(store=neuro_store, cache_dir=neuro_cache_dir, memory_budget=neuro_memory_budget,
                                    device=neuro_device, backend=neuro_backend, precision=neuro_precision,
                                    owner=neuro_owner,
                                    benchmark=False if neuro_no_benchmark else None,
-                                   adversary=json.loads(neuro_adversary) if neuro_adversary else None)
+                                   adversary=json.loads(neuro_adversary) if neuro_adversary else None,
+                                   idle_only=neuro_idle_only)
     security = SecuritySettings.load(hardened=neuro_hardened)
     if isinstance(worker, Nanny):  # `--preload-nanny neuro_worker`: harden the nanny, host nothing
         if security.hardened:
@@ -199,6 +224,7 @@ async def dask_setup(worker, neuro_store, neuro_cache_dir, neuro_memory_budget, 
             raise
     adapter = NeuroWorker(worker, settings, security)
     await adapter.start()
+    restart_on_scheduler_loss(worker)  # outlive a scheduler restart (neuro_dask/reconnect.py)
 
 
 def harden_nanny(nanny, security: SecuritySettings) -> None:

@@ -44,6 +44,18 @@ class PaymentRefusedError(NeuroDaskError):
         super().__init__(f"request refused before any work was sent: {why}{hint}")
 
 
+class RoutesUnavailableError(ExpertUnavailableError):
+    """Experts lost their workers and the scheduler could not give fresh routes for the whole
+    wait: it is down, or it restarted and no longer knows the model."""
+
+    def __init__(self, model: str, layer: int, experts, waited: float, scheduler: str, why: str):
+        super().__init__(model, layer, experts, waited)
+        self.scheduler, self.why = scheduler, why
+        self.args = (f"no live worker serves expert(s) {self.experts} of layer {layer} of model {model!r} and the "
+                     f"scheduler {scheduler} gave no routes for {waited:.1f} s ({why}); if the scheduler restarted, "
+                     "load the model again (nd.load(..., client=client)) so that it is published there",)
+
+
 class DistributedExecutor:
     def __init__(self, client: Client, model_id: str, transport: Transport, settings: ClientSettings,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
@@ -101,6 +113,9 @@ class DistributedExecutor:
 
     def fetch_routes(self) -> RouteTable:
         msg = self.client.sync(self.client.scheduler.neuro_routes, model=self.model_id)
+        if msg.get("status") != "OK":  # e.g. a restarted scheduler that does not know the model
+            raise NeuroDaskError(f"the scheduler {self.client.scheduler.address} gave no routes for "
+                                 f"{self.model_id!r}: {msg.get('message')}")
         self._routes_at = self.clock()
         return RouteTable.from_message(msg)
 
@@ -311,10 +326,18 @@ class DistributedExecutor:
     def _wait_for_routes(self, layer: int, unroutable: list[int], since: float | None) -> float:
         now = self.clock()
         since = now if since is None else since
+        why = getattr(self._layer, "routes_failure", None)
         if now - since >= self.settings.missing_expert_wait:
+            if why is not None:
+                raise RoutesUnavailableError(self.model_id, layer, unroutable, now - since,
+                                             self.client.scheduler.address, why)
             raise ExpertUnavailableError(self.model_id, layer, unroutable, now - since)
         self.sleep(0.05)  # poll: the scheduler re-places experts as soon as it hears of a loss
-        self.routes = self.fetch_routes()
+        try:
+            self.routes = self.fetch_routes()
+            self._layer.routes_failure = None
+        except (OSError, NeuroDaskError) as exc:  # the scheduler is away or restarted: keep waiting
+            self._layer.routes_failure = str(exc) or type(exc).__name__
         return since
 
     def close(self, settle_seconds: float = 2.0) -> None:

@@ -174,6 +174,9 @@ class ExpertHost:
         with self._lock:
             return {"models": {m: len(h.assigned) for m, h in self.models.items()},
                     "calls_served": self.calls_served, "rows_served": self.rows_served,
+                    # downloaded from a store vs found verified on disk, since this process started
+                    **{k: getattr(self.cache, k, 0)
+                       for k in ("bytes_fetched", "bytes_cached", "files_fetched", "files_cached")},
                     "memory_bytes": self.memory.bytes_used, "device": str(self.device), "backend": self.backend,
                     "precision": {m: h.precision for m, h in self.models.items() if h.precision}}
 

@@ -21,7 +21,13 @@ from neuro_dask.security.errors import RequestRefusedError, TaskRefusedError
 from neuro_dask.security.hardening import comm_identity, report
 from neuro_dask.security.identity import PeerIdentity
 from neuro_dask.security.limits import RateLimiter
-from neuro_dask.security.roles import Decision, nanny_decision, scheduler_decision, worker_decision
+from neuro_dask.security.roles import (
+    SCHEDULER_WORKER_SELF_OPS,
+    Decision,
+    nanny_decision,
+    scheduler_decision,
+    worker_decision,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +80,10 @@ class GuardedHandlers(dict):
                 report("refused-op", comm.peer_address, f"{op}: {decision.why}", _describe(identity))
                 return _refusal(op, role, comm.peer_address, decision.why)
             if rewrite is not None:
-                rewrite(op, identity, msg)
+                why = rewrite(op, identity, msg)
+                if why:
+                    report("refused-op", comm.peer_address, f"{op}: {why}", _describe(identity))
+                    return _refusal(op, role, comm.peer_address, why)
             return handler(comm, **msg) if wants_comm else handler(**msg)
 
         guarded.__name__ = getattr(handler, "__name__", op)
@@ -94,6 +103,24 @@ def _refusal(op: str, role: str | None, peer: str, why: str) -> dict[str, Any]:
     except RequestRefusedError as exc:
         # "uncaught-error" is the status distributed's rpc re-raises in the caller.
         return error_message(exc, status="uncaught-error")
+
+
+def _scheduler_rewrite(scheduler) -> Callable:
+    def rewrite(op: str, identity: PeerIdentity | None, msg: dict) -> str | None:
+        _bind_worker_name(op, identity, msg)
+        return _names_itself(scheduler, op, identity, msg)
+
+    return rewrite
+
+
+def _names_itself(scheduler, op: str, identity: PeerIdentity | None, msg: dict) -> str | None:
+    """Why a worker certificate may not do `op` for the worker it names (None: it names itself)."""
+    if identity is None or identity.role != "worker" or op not in SCHEDULER_WORKER_SELF_OPS:
+        return None
+    ws = scheduler.workers.get(msg.get("worker"))
+    if ws is None or str(ws.name) != identity.name:
+        return "a worker certificate may speak only for its own worker"
+    return None
 
 
 def _bind_worker_name(op: str, identity: PeerIdentity | None, msg: dict) -> None:
@@ -123,7 +150,7 @@ def guard_scheduler(scheduler, requests_per_minute: int = 0, clock: Callable[[],
     scheduler.handlers = GuardedHandlers(
         scheduler.handlers,
         lambda op, role: scheduler_decision(op, role, roles_required=roles_required_for(scheduler)),
-        rewrite=_bind_worker_name, limiter=RateLimiter(requests_per_minute, clock),
+        rewrite=_scheduler_rewrite(scheduler), limiter=RateLimiter(requests_per_minute, clock),
         limited=RATE_LIMITED_SCHEDULER_OPS)
 
 

@@ -29,11 +29,15 @@ SCHEDULER_NEVER = frozenset({
 SCHEDULER_WORKER_OPS = frozenset({
     "register-worker", "heartbeat_worker", "unregister", "register_nanny", "log_event",
     "identity", "echo", "versions", "who_has", "neuro_experts_loaded", "connection_stream",
+    "neuro_pause", "neuro_volunteer",
 })
+
+# Worker ops that name a worker: a worker certificate may name only its own worker.
+SCHEDULER_WORKER_SELF_OPS = frozenset({"neuro_pause", "neuro_experts_loaded"})
 
 # A peer with one of these ops is a worker, so a client certificate may not use them.
 SCHEDULER_WORKER_ONLY = frozenset({"register-worker", "heartbeat_worker", "register_nanny", "unregister",
-                                   "neuro_experts_loaded"})
+                                   "neuro_experts_loaded", "neuro_pause"})
 
 # Cluster-wide control and other people's logs: the operator's certificate only.
 SCHEDULER_OPERATOR_ONLY = frozenset({

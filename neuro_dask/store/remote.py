@@ -89,6 +89,12 @@ class ExpertFileCache:
 
     def __init__(self, cache_dir: str | Path):
         self.root = Path(cache_dir)
+        # Since this object was made (one worker process): bytes downloaded from a store vs
+        # bytes found already verified on disk (a restarted worker should only do the latter).
+        self.bytes_fetched = 0
+        self.bytes_cached = 0
+        self.files_fetched = 0
+        self.files_cached = 0
 
     def path_for(self, artifact: Artifact) -> Path:
         """The content-addressed cache path; the sha is checked first, since it comes from a
@@ -115,9 +121,13 @@ class ExpertFileCache:
         """The verified cached copy of artifact, downloaded from <store_url>/<artifact.path> if needed."""
         path = self.path_for(artifact)
         if self._valid_cached(path, artifact):
+            self.bytes_cached += artifact.bytes
+            self.files_cached += 1
             return path
         url = join_url(str(store_url), artifact.path)
         _download(url, artifact, path)
+        self.bytes_fetched += artifact.bytes
+        self.files_fetched += 1
         log.info("fetched %s (%d bytes) into %s", redact_url(url), artifact.bytes, path)
         return path
 

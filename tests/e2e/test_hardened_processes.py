@@ -67,7 +67,9 @@ def network(tmp_path_factory, sharded):
     with Processes(tmp) as spawn:
         spawn(*NEURO_DASK, "scheduler", "--tls", str(certs), "--host", "127.0.0.1", "--port", str(port),
               "--dashboard-address", "127.0.0.1:0")
-        worker = ("worker", address, "--memory-budget", "512MiB", "--no-dashboard", "--neuro-no-benchmark")
+        # --no-idle-only: this test keeps the machine busy, which an idle-only volunteer would yield to.
+        worker = ("worker", address, "--memory-budget", "512MiB", "--no-dashboard", "--no-idle-only",
+                  "--neuro-no-benchmark")
         spawn(*NEURO_DASK, *worker, "--tls", str(certs), "--name", "worker-1")
         # worker-2 is named by nothing but the only certificate in its own folder.
         spawn(*NEURO_DASK, *worker, "--tls", str(_volunteer_folder(certs, tmp / "volunteer-2", "worker-2")))

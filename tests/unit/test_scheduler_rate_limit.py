@@ -45,3 +45,18 @@ def test_a_certificate_is_one_client_wherever_it_connects_from():
     who = PeerIdentity("client", "alice")
     assert _rate_key(who, "tls://10.0.0.5:1") == _rate_key(who, "tls://10.0.0.9:2") == "client:alice"
     assert _rate_key(None, "tls://10.0.0.5:1") == "tls://10.0.0.5"
+
+
+def test_a_worker_certificate_speaks_only_for_its_own_worker():
+    from types import SimpleNamespace
+
+    from neuro_dask.security.guards import _names_itself
+
+    scheduler = SimpleNamespace(workers={"tls://a:1": SimpleNamespace(name="alice"),
+                                         "tls://b:1": SimpleNamespace(name="bob")})
+    alice = PeerIdentity("worker", "alice")
+    assert _names_itself(scheduler, "neuro_pause", alice, {"worker": "tls://a:1"}) is None
+    assert "its own worker" in _names_itself(scheduler, "neuro_pause", alice, {"worker": "tls://b:1"})
+    assert "its own worker" in _names_itself(scheduler, "neuro_experts_loaded", alice, {"worker": "tls://zz:1"})
+    assert _names_itself(scheduler, "neuro_routes", alice, {"worker": "tls://b:1"}) is None  # not a self op
+    assert _names_itself(scheduler, "neuro_pause", None, {"worker": "tls://b:1"}) is None  # no TLS: no names
