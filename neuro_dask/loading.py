@@ -26,6 +26,7 @@ def load(
     verify: bool = True,
     client: Any = None,
     transport: str | None = None,
+    privacy: str = "standard",
 ) -> MoEModel:
     """Load a folder written by `neuro-dask shard`.
 
@@ -35,11 +36,21 @@ def load(
     the `neuro_worker` preload, and calls go out by `transport` ("direct" or "futures"; default
     from Dask config `neuro.client.transport`). `path` may then also be a URL the workers can
     read (file://, http(s)://, any fsspec URL). `dtype` applies to trunk and local experts.
+    `privacy="private"` (with a client): expert calls on secret shares, docs/privacy.md.
     """
+    if privacy not in ("standard", "private"):
+        from neuro_dask.errors import ConfigError
+
+        raise ConfigError(f"privacy must be 'standard' or 'private', got {privacy!r}")
     if client is not None:
         from neuro_dask.dispatch.session import load_distributed
 
-        return load_distributed(path, client, transport=transport, dtype=dtype, verify=verify)
+        return load_distributed(path, client, transport=transport, dtype=dtype, verify=verify, privacy=privacy)
+    if privacy == "private":
+        from neuro_dask.errors import ConfigError
+
+        raise ConfigError("privacy='private' protects hidden states from volunteer workers: it needs a client "
+                          "(nd.load(path, client=client, privacy='private')); a local model sends them nowhere")
     store = ShardStore(path, verify=verify)
     cfg = store.config
     if executor is None:

@@ -79,6 +79,7 @@ class NeuroWorker:
         self.speed = self.speed or 1.0
         w = self.worker
         w.handlers.update({"neuro_expert": self.handle_expert, "neuro_cancel": self.handle_cancel,
+                           "neuro_expert_share": self.handle_expert_share,
                            "neuro_assign": self.handle_assign,
                            "neuro_drop": self.handle_drop, "neuro_status": self.handle_status})
         w.startup_information["neuro"] = lambda _w: self.info()
@@ -129,6 +130,19 @@ class NeuroWorker:
         if delay:
             await asyncio.sleep(delay)  # a straggle drill: this answer is late, the next call is not
         return response
+
+    async def handle_expert_share(self, **msg) -> dict[str, Any]:
+        """The private tier (docs/privacy.md): an expert's linear maps on one secret share."""
+        from neuro_dask.runtime.private_runner import PrivateExpertHost, serve_share
+
+        if self.paused:
+            return encode_error(f"paused: {self.paused}")
+        self.private = getattr(self, "private", None) or PrivateExpertHost(self.host)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._compute, serve_share, self.private, msg, self.security.max_rows)
+        except RuntimeError:  # the executor is shut down: this worker is closing
+            return encode_error(f"{self.worker.address} is closing")
 
     def handle_cancel(self, calls: list) -> dict[str, Any]:
         """The client won a hedge race elsewhere: skip these calls if they have not started."""

@@ -144,7 +144,7 @@ def _published_by_operator(client: Client, store_url: str, model_id: str) -> dic
 
 
 def load_distributed(path_or_url: str | Path, client: Client, *, transport: str | None = None,
-                     dtype: torch.dtype = torch.float32, verify: bool = True) -> MoEModel:
+                     dtype: torch.dtype = torch.float32, verify: bool = True, privacy: str = "standard") -> MoEModel:
     settings = ClientSettings.load(transport=transport)
     if SecuritySettings.load().hardened:
         from neuro_dask.security.hardening import harden
@@ -155,6 +155,10 @@ def load_distributed(path_or_url: str | Path, client: Client, *, transport: str 
     model_id = reply["model"]
     wait_until_served(client, model_id, settings.load_timeout)
     executor = DistributedExecutor(client, model_id, make_transport(settings.transport, client, settings.connect_timeout, settings), settings)
+    if privacy == "private":
+        from neuro_dask.privacy.private_executor import PrivateExecutor
+
+        executor = PrivateExecutor(executor)
     model = assemble_model(store, executor, dtype)
     log.info("loaded %s as %s over %s; experts on workers", redact_url(store_url), model_id, settings.transport)
     return model

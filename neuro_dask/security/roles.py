@@ -53,8 +53,8 @@ WORKER_NEVER = frozenset({
 })
 
 # What anyone with a certificate of this network may ask a worker: expert calls and their data.
-WORKER_ANYONE = frozenset({"neuro_expert", "neuro_cancel", "neuro_status", "get_data", "identity", "echo",
-                           "ping", "versions", "connection_stream"})
+WORKER_ANYONE = frozenset({"neuro_expert", "neuro_expert_share", "neuro_cancel", "neuro_status", "get_data",
+                           "identity", "echo", "ping", "versions", "connection_stream"})
 
 
 # A volunteer's nanny (the process that starts and restarts its worker): code and plugins from

@@ -71,6 +71,7 @@ WORKER_TABLE: dict[str, frozenset[str] | str] = {
     "free_keys": frozenset({"scheduler"}),
     "close": frozenset({"scheduler"}),
     "neuro_expert": CERT_ROLES,
+    "neuro_expert_share": CERT_ROLES,
     "neuro_cancel": CERT_ROLES,
     "get_data": CERT_ROLES,
     "ping": CERT_ROLES,

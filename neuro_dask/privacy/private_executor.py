@@ -1,0 +1,215 @@
+"""PrivateExecutor: a layer's expert calls on secret shares, so that no worker sees hidden states.
+
+Per layer and expert (docs/privacy.md):
+  1. the client encodes rows x in fixed point (Z_2^64, scale 2^f), splits them into two additive
+     shares and sends each to a replica of the expert of a DIFFERENT owner (Standing.owner, or the
+     worker's own address when it declares none); each worker returns [gate | up] of its share;
+  2. the client adds the two answers (scale 2^2f), decodes, computes h = silu(gate) * up itself,
+     re-encodes, re-splits (fresh randomness) and sends the shares of h to a pair again;
+  3. each worker returns down(share); the client adds and decodes: the expert's output.
+Two round trips per layer instead of one; a worker only ever receives uniformly random ring
+elements. Experts with fewer than two distinct owners among their live replicas are refused
+(PrivateTierUnavailableError) after waiting `missing_expert_wait` for the scheduler to place
+more: the tier's guarantee assumes the two share holders do not collude.
+
+It wraps a DistributedExecutor and borrows its routes, suspects, ledger requests and settings;
+calls go over Dask comms to each worker's `neuro_expert_share` handler (the direct transport
+path whatever neuro.client.transport says). Trust quorums are not run on shares (docs/privacy.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from neuro_dask.dispatch.routes import ExpertUnavailableError, RouteTable
+from neuro_dask.errors import NeuroDaskError
+from neuro_dask.privacy.fixed_point import FRAC_BITS, decode, encode
+from neuro_dask.privacy.share_wire import decode_share_response, encode_share_request
+from neuro_dask.privacy.sharing import RandomBytes, reconstruct, split
+
+log = logging.getLogger(__name__)
+
+
+class PrivateTierUnavailableError(NeuroDaskError):
+    """Some expert has no two live replicas of distinct owners: its shares cannot be kept apart."""
+
+    def __init__(self, model: str, layer: int, experts, owners: Mapping[int, list[str]]):
+        self.model, self.layer, self.experts = model, layer, sorted(experts)
+        self.owners = {int(e): list(o) for e, o in owners.items()}
+        super().__init__(
+            f"privacy='private' needs every expert served by workers of at least 2 distinct owners, but expert(s) "
+            f"{self.experts} of layer {layer} of model {model!r} have live replicas of owner(s) "
+            f"{ {e: self.owners.get(e, []) for e in self.experts} }: start workers of another owner "
+            "(`--neuro-owner ID`), raise the scheduler's --neuro-replicas, or use the standard tier")
+
+
+def owner_of(routes: RouteTable, worker: str) -> str:
+    """The owner that counts for non-collusion: the declared owner, or the worker itself."""
+    return routes.standing_of(worker).owner or worker
+
+
+def plan_pairs(routes: RouteTable, layer: int, rows: Mapping[int, int], exclude: set[str] = frozenset()
+               ) -> tuple[dict[int, tuple[str, str]], dict[int, list[str]]]:
+    """Pure: expert -> (worker of share 0, worker of share 1) of distinct owners, spreading rows
+    over the least-loaded replicas; and expert -> its live owners for experts without a pair."""
+    load: dict[str, int] = {}
+    pairs: dict[int, tuple[str, str]] = {}
+    short: dict[int, list[str]] = {}
+    for expert in sorted(rows):
+        candidates = [w for w in routes.ranked(layer, expert) if w not in exclude]
+        if not candidates:
+            short[expert] = []
+            continue
+        first = min(candidates, key=lambda w: load.get(w, 0))
+        others = [w for w in candidates if owner_of(routes, w) != owner_of(routes, first)]
+        if not others:
+            short[expert] = sorted({owner_of(routes, w) for w in candidates})
+            continue
+        second = min(others, key=lambda w: load.get(w, 0))
+        for w in (first, second):
+            load[w] = load.get(w, 0) + rows[expert]
+        pairs[expert] = (first, second)
+    return pairs, short
+
+
+class PrivateExecutor:
+    """Runs a layer's experts on secret shares; everything else is the wrapped executor's."""
+
+    privacy = "private"
+
+    def __init__(self, base: Any, frac_bits: int = FRAC_BITS, random_bytes: RandomBytes = os.urandom):
+        self.__dict__["base"] = base  # before __getattr__ could look for it
+        self.frac_bits = frac_bits
+        self.random_bytes = random_bytes
+        self._stats_lock = threading.Lock()
+        self.stats = {"layers": 0, "round_trips": 0, "messages": 0, "bytes_sent": 0, "bytes_received": 0,
+                      "worker_compute_s": 0.0, "rows": 0}
+
+    def __getattr__(self, name: str) -> Any:  # settings, routes, begin_request, close, ... of the base
+        return getattr(self.__dict__["base"], name)
+
+    @property
+    def request(self) -> str:
+        return self.base.request
+
+    @request.setter
+    def request(self, value: str) -> None:
+        self.base.request = value
+
+    # ---- one layer ----------------------------------------------------------------------------
+
+    def run_layer(self, layer: int, groups: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        base = self.base
+        started = base.clock()
+        with base._lock:
+            base._refresh_in_background(started)  # new replicas, reputation; reports load
+            for e, rows in groups.items():
+                base.load[(layer, e)] = base.load.get((layer, e), 0) + rows.shape[0]
+        f = self.frac_bits
+        gate_up = self._shared_step(layer, "gate_up", {e: encode(x, f) for e, x in groups.items()}, None)
+        hidden = {}
+        for e, shares in gate_up.items():
+            g, u = decode(shares, 2 * f, torch.float32).chunk(2, dim=-1)
+            hidden[e] = encode(F.silu(g) * u, f)
+        down = self._shared_step(layer, "down", hidden, int(next(iter(groups.values())).shape[1]))
+        with self._stats_lock:
+            self.stats["layers"] += 1
+            self.stats["rows"] += sum(int(x.shape[0]) for x in groups.values())
+        base.layer_seconds.append(base.clock() - started)
+        return {e: decode(down[e], 2 * f, groups[e].dtype) for e in groups}
+
+    def _shared_step(self, layer: int, step: str, secrets: dict[int, torch.Tensor],
+                     width: int | None) -> dict[int, torch.Tensor]:
+        """Apply the step's linear map to every secret through two non-colluding workers;
+        `width`: the outputs' columns (None: any even width, the same from both workers)."""
+        base = self.base
+        pending = dict(secrets)
+        results: dict[int, torch.Tensor] = {}
+        exclude: set[str] = set(base.suspects)
+        waited_since: float | None = None
+        while pending:
+            pairs, short = plan_pairs(base.routes, layer, {e: x.shape[0] for e, x in pending.items()}, exclude)
+            if short and not pairs:
+                waited_since = self._wait(layer, short, waited_since)
+                exclude = set()
+                continue
+            per_worker: dict[str, dict[int, torch.Tensor]] = {}
+            for e, workers in pairs.items():
+                for worker, share in zip(workers, split(pending[e], self.random_bytes), strict=True):
+                    per_worker.setdefault(worker, {})[e] = share  # a fresh split per expert and try
+            calls = {w: encode_share_request(base.model_id, layer, step, self.frac_bits, g)
+                     for w, g in per_worker.items()}
+            outcomes = base.client.sync(self._call_all, calls, base.settings.deadline)
+            answers: dict[str, dict[int, torch.Tensor]] = {}
+            for worker, sent in per_worker.items():
+                try:
+                    outcome = outcomes[worker]
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+                    answers[worker] = decode_share_response(outcome, sent, width)
+                except Exception as exc:  # refused, closed, timed out or malformed: a failed call
+                    log.warning("private layer %d %s: call to %s failed (%s); re-sharing its experts elsewhere",
+                                layer, step, worker, exc)
+                    exclude.add(worker)
+                    with base._lock:
+                        base.suspects[worker] = base.clock() + base.settings.suspect_cooldown
+                    continue
+                with self._stats_lock:
+                    self.stats["bytes_sent"] += len(calls[worker]["data"])
+                    self.stats["bytes_received"] += len(outcome["data"])
+                    self.stats["worker_compute_s"] += float(outcome.get("compute_s") or 0.0)
+            with self._stats_lock:
+                self.stats["round_trips"] += 1
+                self.stats["messages"] += len(calls)
+            for e, (w0, w1) in pairs.items():
+                if w0 in answers and w1 in answers:  # else both shares are re-sent, freshly split
+                    a, b = answers[w0][e], answers[w1][e]
+                    if a.shape != b.shape or a.shape[1] % 2 and width is None:
+                        raise NeuroDaskError(f"layer {layer} expert {e}: workers {w0} and {w1} answered shares of "
+                                             f"shapes {tuple(a.shape)} and {tuple(b.shape)}; they serve different "
+                                             "weights for the same expert")
+                    results[e] = reconstruct(a, b)
+                    del pending[e]
+        return results
+
+    async def _call_all(self, calls: Mapping[str, dict[str, Any]], timeout: float) -> dict[str, Any]:
+        client = self.base.client
+
+        async def one(worker: str, msg: dict[str, Any]):
+            return await asyncio.wait_for(client.rpc(worker).neuro_expert_share(**msg), timeout)
+
+        replies = await asyncio.gather(*(one(w, m) for w, m in calls.items()), return_exceptions=True)
+        return dict(zip(calls, replies, strict=True))
+
+    def _wait(self, layer: int, short: Mapping[int, list[str]], since: float | None) -> float:
+        """Poll the scheduler for routes until every expert has a pair, then refuse."""
+        base = self.base
+        now = base.clock()
+        since = now if since is None else since
+        if now - since >= base.settings.missing_expert_wait:
+            if any(not owners for owners in short.values()):
+                raise ExpertUnavailableError(base.model_id, layer, [e for e, o in short.items() if not o], now - since)
+            raise PrivateTierUnavailableError(base.model_id, layer, short, short)
+        base.sleep(0.05)  # poll: replicas of other owners may still be loading
+        try:
+            base.routes = base.fetch_routes()
+        except (OSError, NeuroDaskError) as exc:
+            log.debug("private tier: could not fetch routes: %s", exc)
+        base.suspects.clear()
+        return since
+
+
+def make_private(model: Any, **options: Any) -> Any:
+    """Switch a distributed model to the private tier in place (same as nd.load(..., privacy="private"))."""
+    if getattr(model.executor, "privacy", "standard") != "private":
+        if not hasattr(model.executor, "fetch_routes"):
+            raise NeuroDaskError("the private tier needs a distributed model: nd.load(path, client=client)")
+        model.executor = PrivateExecutor(model.executor, **options)
+    return model
