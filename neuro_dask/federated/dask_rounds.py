@@ -1,0 +1,52 @@
+"""The thin Dask shell: each participant is a Dask actor pinned to one worker.
+
+The participant's data is produced or read *on its worker* (a path in that worker's config,
+Dask config key `neuro.federated.data-path`, or a callable run there), so only model parameters go
+out to workers and masked updates come back.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from neuro_dask.federated.rounds import FederatedCoordinator, Participant
+
+CONFIG_DATA_PATH = "neuro.federated.data-path"
+
+
+def _data_from_worker_config() -> str:
+    import dask
+
+    path = dask.config.get(CONFIG_DATA_PATH, None)
+    if not path:
+        from neuro_dask.federated.errors import FederatedError
+
+        raise FederatedError(f"this worker has no local data: set Dask config {CONFIG_DATA_PATH!r} to a file of "
+                             f"[a, b] lines, or pass data= to start_participants")
+    return path
+
+
+def start_participants(client: Any, workers: Mapping[str, str], store_path: str,
+                       data: Mapping[str, Callable[[], Any] | str] | None = None, **participant_kwargs: Any) -> dict:
+    """participant id -> actor handle on `workers[id]` (a worker address). `data[id]` is a path or a
+    zero-argument callable evaluated on that worker; without it the worker's own config names the path."""
+    futures = {}
+    for pid, address in workers.items():
+        source = (data or {}).get(pid) or _data_from_worker_config
+        futures[pid] = client.submit(Participant, pid, store_path, source, actor=True, workers=[address],
+                                     allow_other_workers=False, key=f"federated-participant-{pid}", **participant_kwargs)
+    return {pid: fut.result() for pid, fut in futures.items()}
+
+
+def run_federated(client: Any, workers: Mapping[str, str], store_path: str, global_flat: np.ndarray, rounds: int,
+                  data: Mapping[str, Callable[[], Any] | str] | None = None, coordinator_kwargs: dict | None = None,
+                  **participant_kwargs: Any) -> FederatedCoordinator:
+    """Start the participants as actors, relay keys, run `rounds` rounds; the coordinator holds the result."""
+    handles = start_participants(client, workers, store_path, data, **participant_kwargs)
+    coordinator = FederatedCoordinator(handles, global_flat, **(coordinator_kwargs or {}))
+    coordinator.setup_keys()
+    for _ in range(rounds):
+        coordinator.run_round()
+    return coordinator
