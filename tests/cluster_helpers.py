@@ -16,7 +16,7 @@ def neuro_cluster(n_workers=3, replicas=None, tmp_path=None, worker_args=(), sch
     args = ["--neuro-no-benchmark", *worker_args]
     with dask.config.set({"neuro.worker.cache-dir": str(tmp_path / "cache") if tmp_path else None}):
         with local_cluster(n_workers=n_workers, processes=False, replicas=replicas, worker_args=args,
-                           scheduler_args=list(scheduler_args), dashboard_address=None) as cluster, Client(cluster) as client:
+                           scheduler_args=list(scheduler_args), dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
             yield cluster, client
 
 
