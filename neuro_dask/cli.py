@@ -173,9 +173,11 @@ def _cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _cmd_worker_status(args: argparse.Namespace) -> int:
-    from neuro_dask.volunteer_status import run
+    from neuro_dask.volunteer_status import format_status, status_for
 
-    return run(args)
+    status = status_for(args)
+    print(json.dumps(status, indent=2, sort_keys=True) if args.json else format_status(status))
+    return 0
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:

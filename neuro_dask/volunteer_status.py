@@ -8,7 +8,6 @@ stake, spendable balance (earnings) and credited work units.
 
 from __future__ import annotations
 
-import json
 import socket
 from typing import Any
 
@@ -144,16 +143,14 @@ def format_status(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(args) -> int:
-    """The CLI command: human output, or JSON with --json."""
+def status_for(args) -> dict:
+    """The worker's status for the CLI's arguments (--scheduler, --worker, --tls)."""
     scheduler = args.scheduler
     if not scheduler:
         if not args.worker or "://" not in args.worker:
             raise NeuroDaskError("worker-status needs --scheduler ADDRESS, or --worker ADDRESS of a running worker")
         scheduler = _scheduler_of(args.worker, args.tls)
-    status = worker_status(scheduler, args.worker, args.tls)
-    print(json.dumps(status, indent=2, sort_keys=True) if args.json else format_status(status))
-    return 0
+    return worker_status(scheduler, args.worker, args.tls)
 
 
 def _scheduler_of(worker_address: str, tls: str | None) -> str:

@@ -36,8 +36,8 @@ async def _network(s, n: int):
 
 
 async def _settle(plugin) -> None:
-    while plugin._tasks:  # poll: the sends of the last decision
-        await asyncio.sleep(0.001)
+    while plugin._tasks:  # the sends of the last decision
+        await asyncio.sleep(0.001)  # poll
 
 
 def test_simulated_workers_join_serve_routes_and_leave_through_dask():
@@ -51,7 +51,7 @@ def test_simulated_workers_join_serve_routes_and_leave_through_dask():
                        for a in connected)
             plugin._enact(plugin.coordinator.model_published(
                 PublishedModel("mx", "memory://none", mixtral_shaped_experts(layers=4))))
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # poll: one loop turn for the plugin's sends to start
             await _settle(plugin)
             assert sent and not plugin.coordinator.routes("mx").missing
 
