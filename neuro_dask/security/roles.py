@@ -72,13 +72,22 @@ class Decision:
 ALLOW = Decision(True)
 
 
-def scheduler_decision(op: str, role: str | None, *, roles_required: bool) -> Decision:
-    if op in SCHEDULER_NEVER:
-        return Decision(False, "hardened mode never runs remote code, plugins or raw data uploads")
+def _never_or_no_role(op: str, role: str | None, never: frozenset[str], never_why: str, server: str,
+                      roles_required: bool) -> Decision | None:
+    """What every server decides before looking at roles; None when the role decides."""
+    if op in never:
+        return Decision(False, never_why)
     if role is None:
-        if roles_required:
-            return Decision(False, "this scheduler requires a certificate from its network's CA")
-        return ALLOW
+        return Decision(False, f"this {server} requires a certificate from its network's CA") if roles_required \
+            else ALLOW
+    return None
+
+
+def scheduler_decision(op: str, role: str | None, *, roles_required: bool) -> Decision:
+    early = _never_or_no_role(op, role, SCHEDULER_NEVER, "hardened mode never runs remote code, plugins or raw "
+                              "data uploads", "scheduler", roles_required)
+    if early is not None:
+        return early
     if role == "worker":
         if op in SCHEDULER_WORKER_OPS:
             return ALLOW
@@ -91,12 +100,10 @@ def scheduler_decision(op: str, role: str | None, *, roles_required: bool) -> De
 
 
 def worker_decision(op: str, role: str | None, *, roles_required: bool) -> Decision:
-    if op in WORKER_NEVER:
-        return Decision(False, "a hardened worker runs neuro_dask's expert work only")
-    if role is None:
-        if roles_required:
-            return Decision(False, "this worker requires a certificate from its network's CA")
-        return ALLOW
+    early = _never_or_no_role(op, role, WORKER_NEVER, "a hardened worker runs neuro_dask's expert work only",
+                              "worker", roles_required)
+    if early is not None:
+        return early
     if op in WORKER_ANYONE:
         return ALLOW
     if role == "scheduler":
@@ -105,12 +112,10 @@ def worker_decision(op: str, role: str | None, *, roles_required: bool) -> Decis
 
 
 def nanny_decision(op: str, role: str | None, *, roles_required: bool) -> Decision:
-    if op in NANNY_NEVER:
-        return Decision(False, "a hardened nanny runs no remote code and loads no plugins")
-    if role is None:
-        if roles_required:
-            return Decision(False, "this nanny requires a certificate from its network's CA")
-        return ALLOW
+    early = _never_or_no_role(op, role, NANNY_NEVER, "a hardened nanny runs no remote code and loads no plugins",
+                              "nanny", roles_required)
+    if early is not None:
+        return early
     if op in NANNY_ANYONE or role == "scheduler":
         return ALLOW
     return Decision(False, "only the scheduler may ask a nanny for this")
