@@ -61,12 +61,14 @@ def test_distributed_matches_local_and_transformers(models, sharded, variant, tr
     assert torch.equal(out[:, ids.shape[1]:], expected[:, ids.shape[1]:])
 
 
-def test_every_worker_serves_and_every_expert_has_two_replicas(models, shared_cluster):
+def test_every_worker_serves_and_every_expert_has_at_least_two_replicas(models, shared_cluster):
+    """Two replicas is the policy's floor; an expert the earlier tests made hot gets a third
+    (placement.py rule 1), so the count is checked as a floor."""
     cluster, client = shared_cluster
     model = models("mixtral", "direct")
     deadline = time.monotonic() + 60  # the second replicas may still be loading on a busy machine
     routes = model.executor.fetch_routes().routes
-    while not all(len(set(ws)) == 2 for ws in routes.values()):
+    while not all(len(set(ws)) >= 2 for ws in routes.values()):
         assert time.monotonic() < deadline, routes
         time.sleep(0.05)  # poll
         routes = model.executor.fetch_routes().routes
