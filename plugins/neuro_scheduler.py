@@ -11,7 +11,7 @@ become messages to workers. Handlers:
   neuro_report_outcomes(model, outcomes)   clients report judged replies (trust layer)
   neuro_trust(worker, trusted)          the operator marks a worker trusted (or not)
   neuro_status()                        workers, models and placement, for tools and tests
-  neuro_ledger_hold(account, request, expert_tokens)   quote and hold a request's fee (ledger on)
+  neuro_ledger_hold(account, request, expert_tokens, tier)   quote and hold a request's fee (ledger on)
   neuro_ledger_settle(request)          charge the validated work, pay providers, refund the rest
   neuro_ledger_report()                 the transparency report
   neuro_report_calls(model, calls, transport)   clients report recent expert calls (dashboard)
@@ -245,16 +245,19 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
                   "late": self.reputation.late, "timeout": self.reputation.timeout, "error": self.reputation.crash}
         judged = []
         for worker, kind, cause_id, layer, expert, *extra in outcomes:
-            if kind not in events or worker not in self.identity:
+            if kind not in events and kind != "private" or worker not in self.identity:
                 continue
             name = self.identity[worker]
+            rows, request, proven = (list(extra) + [0, "", False])[:3]
+            if kind == "private":  # a share holder's rows: paid by the request, no reputation move
+                judged.append(Judged(name, kind, str(cause_id), int(rows), str(request)))
+                continue
             change = events[kind](name, str(cause_id), now)
             if kind != "validated" or change.before < self.reputation.policy.min_reputation <= change.after:
                 self._event("neuro-trust", {"action": kind, "worker": worker, "name": name, "model": model,
                                                          "layer": layer, "expert": expert, "cause_id": cause_id,
                                                          "reputation": change.after})
             self.feed.count(kind)
-            rows, request, proven = (list(extra) + [0, "", False])[:3]
             judged.append(Judged(name, kind, str(cause_id), int(rows), str(request), bool(proven)))
         self._save_reputation()
         if self.ledger is not None and judged:
@@ -425,10 +428,11 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         except Exception:
             pass  # logged by _in_ledger; the previous view stands
 
-    async def ledger_hold(self, account: str, request: str, expert_tokens: int) -> dict[str, Any]:
+    async def ledger_hold(self, account: str, request: str, expert_tokens: int, tier: str = "standard"
+                          ) -> dict[str, Any]:
         if self.ledger is None:
             return {"status": "OK", "held": 0, "ledger": False}
-        return await self._in_ledger(self.ledger.hold, account, request, int(expert_tokens), time.time())
+        return await self._in_ledger(self.ledger.hold, account, request, int(expert_tokens), time.time(), str(tier))
 
     async def ledger_settle(self, request: str) -> dict[str, Any]:
         if self.ledger is None:

@@ -74,8 +74,8 @@ class DistributedExecutor:
         self._requests = threading.local()  # each thread's generation request (ledger on)
         self.settlements: list[dict] = []  # what the scheduler charged, per request
         self.calls: list[list] = []  # recent layer calls for the dashboard, not yet reported
-        self.trusted = TrustedLayerRunner(model_id, transport, settings.trust_policy(),
-                                          random.Random(settings.seed)) if settings.trust else None
+        self.trusted = TrustedLayerRunner(model_id, transport, settings.trust_policy(), random.Random(settings.seed),
+                                          count_wire=self._count_wire) if settings.trust else None
         # Pipelined micro-batches (neuro.client.micro-batches) call run_layer from several threads
         # at once: shared state changes under this lock, per-call state is per thread, and the
         # trust runner (quorum bookkeeping, hedge budget) takes one layer at a time.
@@ -300,12 +300,12 @@ class DistributedExecutor:
 
     # ---- requests (the ledger's holds and settlements) ---------------------------------------
 
-    def begin_request(self, expert_tokens: int) -> None:
-        """Before any work: the scheduler quotes and holds the request's fee (when it runs a
-        ledger), or refuses it, and then nothing is sent."""
+    def begin_request(self, expert_tokens: int, tier: str = "standard") -> None:
+        """Before any work: the scheduler quotes and holds the request's fee at the tier's price
+        (when it runs a ledger), or refuses it, and then nothing is sent."""
         self.request = uuid.uuid4().hex
         reply = self.client.sync(self.client.scheduler.neuro_ledger_hold, account=self.account or "",
-                                 request=self.request, expert_tokens=int(expert_tokens))
+                                 request=self.request, expert_tokens=int(expert_tokens), tier=tier)
         if reply.get("status") != "OK":
             request, self.request = self.request, ""
             raise PaymentRefusedError(self.account, request, str(reply.get("message")))

@@ -64,8 +64,9 @@ class _Unit:
 
 class TrustedLayerRunner:
     def __init__(self, model_id: str, transport: Transport, policy: TrustPolicy, rng: random.Random,
-                 latency: LatencyTracker | None = None):
+                 latency: LatencyTracker | None = None, count_wire: Callable[[int, int], None] | None = None):
         self.model_id = model_id
+        self.count_wire = count_wire or (lambda sent, received: None)  # payload bytes, both ways
         self.transport = transport
         self.policy = policy
         self.rng = rng
@@ -203,11 +204,13 @@ class TrustedLayerRunner:
         unit.tried.add(host)
         self.replicas_sent += 1
         msg = encode_request(self.model_id, layer, {unit.expert: unit.rows}, call=uuid.uuid4().hex)
+        self.count_wire(len(msg["data"]), 0)
         outcome = self.transport.call_many({host: msg}, self.latency.deadline(host, unit.rows.shape[0]))[host]
         try:
             if isinstance(outcome, BaseException):
                 raise outcome
             answer = decode_response(outcome, {unit.expert: unit.rows})
+            self.count_wire(0, len(outcome["data"]))
         except Exception:  # no proof today; reputation has already counted the wrong result
             return False
         return agree(answer, {unit.expert: unit.result}, self.policy.validation)
@@ -243,6 +246,7 @@ class TrustedLayerRunner:
                 got = decode_response(late.outcome, {u.expert: u.rows for u in units})
             except Exception:  # dropped on our request, or failed: nothing to compare
                 continue
+            self.count_wire(0, len(late.outcome["data"]))
             self.late_checked += 1
             for u in decided:
                 ok = agree({u.expert: u.result}, {u.expert: got[u.expert]}, self.policy.validation)
@@ -309,6 +313,7 @@ class TrustedLayerRunner:
                     if isinstance(outcome, BaseException):
                         raise outcome
                     decoded = decode_response(outcome, sent)
+                    self.count_wire(0, len(outcome["data"]))
                     self.latency.observe(responder, seconds, sum(x.shape[0] for x in sent.values()))
                     for e in mine:
                         replies.setdefault(e, {})[responder] = decoded[e]
@@ -321,7 +326,9 @@ class TrustedLayerRunner:
                  covers: dict[str, list[int]]) -> dict:
         call = uuid.uuid4().hex
         covers[call] = experts
-        return encode_request(self.model_id, layer, {e: units[e].rows for e in experts}, call=call)
+        msg = encode_request(self.model_id, layer, {e: units[e].rows for e in experts}, call=call)
+        self.count_wire(len(msg["data"]), 0)
+        return msg
 
     def _hedge_requests(self, layer: int, worker: str, experts: list[int], units: Mapping[int, _Unit],
                         standing: Callable[[str], Standing], covers: dict[str, list[int]],

@@ -113,7 +113,20 @@ class Ledger:
         ledger = cls(url, config)
         if ledger.genesis_time() is None:  # a read first: an open ledger needs no write lock
             ledger.genesis(now)
+        else:
+            ledger._add_new_params()
         return ledger
+
+    def _add_new_params(self) -> None:
+        """A ledger made before a parameter existed gets it at its configured starting value
+        (an added parameter, never a changed one: live values stay what the votes made them)."""
+        with self.db.read() as cur:
+            missing = set(self.config.params) - set(self._params(cur))
+        if missing:
+            with self.db.write() as cur:
+                have = self._params(cur)
+                for name in sorted(missing - set(have)):
+                    cur.execute("INSERT INTO params (name, value) VALUES (?, ?)", (name, self.config.params[name]))
 
     def genesis_time(self) -> float | None:
         with self.db.read() as cur:
@@ -288,12 +301,14 @@ class Ledger:
 
     # ---- fees -----------------------------------------------------------------------------
 
-    def quote(self, expert_tokens: int, requests: int = 1) -> int:
-        """The price list: per request, plus per expert-token computed."""
-        if expert_tokens < 0 or requests < 0:
-            raise BadAmountError(min(expert_tokens, requests), "counts must be >= 0")
+    def quote(self, expert_tokens: int, requests: int = 1, private_tokens: int = 0) -> int:
+        """The price list: per request, plus per expert-token computed (on the standard tier),
+        plus per expert-token computed on secret shares (the private tier)."""
+        if min(expert_tokens, requests, private_tokens) < 0:
+            raise BadAmountError(min(expert_tokens, requests, private_tokens), "counts must be >= 0")
         p = self.params()
-        return requests * p["price_per_request"] + expert_tokens * p["price_per_expert_token"]
+        return (requests * p["price_per_request"] + expert_tokens * p["price_per_expert_token"]
+                + private_tokens * p["price_per_private_expert_token"])
 
     def hold(self, client: str, request: str, amount: int, now: float = 0.0, cause: str = "") -> Receipt:
         """Before any work: the quoted maximum moves from the client to escrow, or nothing does

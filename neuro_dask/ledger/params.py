@@ -18,6 +18,7 @@ from neuro_dask.ledger.policy import BPS, UNIT
 BOUNDS: dict[str, tuple[int, int]] = {
     "price_per_expert_token": (0, 1_000 * UNIT),
     "price_per_request": (0, 1_000_000 * UNIT),
+    "price_per_private_expert_token": (0, 2_000 * UNIT),
     "treasury_bps": (0, 5_000),
     "burn_bps": (0, BPS),
     "min_stake": (0, 10_000_000 * UNIT),
@@ -56,11 +57,17 @@ def check_param(name: str, value: object) -> int:
 
 def check_consistent(params: Mapping[str, int]) -> None:
     """Rules across parameters: stake that voted cannot leave and vote again within one vote
-    (unbonding lasts at least the voting period)."""
+    (unbonding lasts at least the voting period); the private tier is never cheaper than the
+    standard one (each of its calls occupies two workers, docs/privacy.md)."""
     if params.get("unbonding_seconds", 0) < params.get("voting_seconds", 0):
         raise ParamError("unbonding_seconds", params.get("unbonding_seconds"),
                          f"must be at least voting_seconds ({params.get('voting_seconds')}), so that stake "
                          "cannot vote, leave and vote again within one vote")
+    private, standard = params.get("price_per_private_expert_token"), params.get("price_per_expert_token")
+    if private is not None and standard is not None and private < standard:
+        raise ParamError("price_per_private_expert_token", private,
+                         f"must be at least price_per_expert_token ({standard}): a private call occupies two "
+                         "workers, so it never costs less than a standard one")
 
 
 @dataclass(frozen=True)
@@ -122,8 +129,11 @@ class LedgerConfig:
             return int(round(float(raw[key]) * BPS))
 
         vest = raw.get("vesting", {})
+        private = raw.get("price-per-private-expert-token")  # absent in configs older than the private tier
         params = {
             "price_per_expert_token": units("price-per-expert-token"), "price_per_request": units("price-per-request"),
+            "price_per_private_expert_token": (units("price-per-private-expert-token") if private is not None
+                                               else 2 * units("price-per-expert-token")),
             "treasury_bps": bps("treasury-share"), "burn_bps": bps("burn-share"), "min_stake": units("min-stake"),
             "unbonding_seconds": int(raw["unbonding-seconds"]), "epoch_seconds": int(raw["epoch-seconds"]),
             "emission_initial": units("emission-initial"), "emission_decay_bps": bps("emission-decay"),
@@ -145,6 +155,7 @@ class LedgerConfig:
 DEFAULT_PARAMS: dict[str, int] = {
     "price_per_expert_token": UNIT // 1_000,  # 0.001 NEURO
     "price_per_request": UNIT // 100,  # 0.01 NEURO
+    "price_per_private_expert_token": UNIT // 500,  # 0.002 NEURO: two share holders each do a standard call's work
     "treasury_bps": 1_000,
     "burn_bps": 2_000,
     "min_stake": 1_000 * UNIT,

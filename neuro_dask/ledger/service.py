@@ -4,7 +4,12 @@
   settled after it by the validated work the client reported: each validated replica's rows
   (token, expert pairs) are expert-tokens computed, paid for at the price list's rate and
   shared among the providers that computed them (policy rule 1).
-- Credits: the same validated work, per worker and epoch, for emissions and the leaderboard.
+- The private tier (docs/privacy.md): a request held with tier="private" is quoted at
+  `price_per_private_expert_token`; clients report each share holder's rows per step as kind
+  `private`, and every SHARE_ROWS_PER_PRIVATE_TOKEN of them are one private expert-token. Shares
+  cannot be validated, so private work is paid from the client's fee (the client asked and paid
+  for it) but earns no emission credit and moves no reputation.
+- Credits: the validated work, per worker and epoch, for emissions and the leaderboard.
 - Slashing: only for proven fraud, i.e. an `invalid` outcome the client marks `proven` (the
   quorum's canonical result was confirmed by an operator-trusted worker). Timeouts, crashes and
   lateness cost reputation only, never stake.
@@ -23,6 +28,7 @@ from dataclasses import dataclass
 from neuro_dask.ledger.books import Ledger
 from neuro_dask.ledger.errors import InsufficientFundsError, LedgerError, UnknownAccountError
 from neuro_dask.ledger.params import LedgerConfig
+from neuro_dask.ledger.policy import SHARE_ROWS_PER_PRIVATE_TOKEN, TIERS
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +38,7 @@ class Judged:
     """One judged reply, as the client reports it (worker by name)."""
 
     worker: str
-    kind: str  # validated | invalid | late | timeout | error
+    kind: str  # validated | invalid | late | timeout | error | private (a share holder's rows, unvalidated)
     cause: str
     rows: int = 0
     request: str = ""
@@ -43,6 +49,8 @@ class LedgerService:
     def __init__(self, ledger: Ledger):
         self.ledger = ledger
         self.work: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))  # request -> worker -> rows
+        self.share_rows: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))  # private tier
+        self.tiers: dict[str, str] = {}  # request -> tier, from its hold
         self.owners: dict[str, str] = {}
         self._emitted_through = -1
 
@@ -71,10 +79,13 @@ class LedgerService:
 
     # ---- requests ---------------------------------------------------------------------------
 
-    def hold(self, account: str, request: str, expert_tokens: int, now: float) -> dict:
+    def hold(self, account: str, request: str, expert_tokens: int, now: float, tier: str = "standard") -> dict:
         """Quote and hold before any work: {"status": "OK", "held": units} or a refusal."""
+        if tier not in TIERS:
+            return {"status": "error", "message": f"unknown tier {tier!r}: one of {', '.join(TIERS)}"}
         try:
-            amount = self.ledger.quote(expert_tokens)
+            amount = (self.ledger.quote(0, private_tokens=expert_tokens) if tier == "private"
+                      else self.ledger.quote(expert_tokens))
             self.ledger.hold(account, request, amount, now=now)
         except UnknownAccountError:
             return {"status": "error", "message": f"no ledger account user:{account}: open and fund it "
@@ -83,7 +94,8 @@ class LedgerService:
             return {"status": "error", "message": f"insufficient funds for this request: {exc}"}
         except LedgerError as exc:
             return {"status": "error", "message": str(exc)}
-        return {"status": "OK", "held": amount}
+        self.tiers[request] = tier
+        return {"status": "OK", "held": amount, "tier": tier}
 
     def record(self, judged: Iterable[Judged], now: float, idem: str) -> list[str]:
         """Outcomes in: validated work is credited; proven fraud is slashed. Returns who was slashed."""
@@ -95,6 +107,8 @@ class LedgerService:
                 credits[j.worker] += j.rows
                 if j.request:
                     self.work[j.request][j.worker] += j.rows
+            elif j.kind == "private" and j.rows > 0 and self.tiers.get(j.request) == "private":
+                self.share_rows[j.request][j.worker] += j.rows  # paid by this request's fee only
             elif j.kind == "invalid" and j.proven:
                 try:
                     receipt = self.ledger.slash(j.worker, j.cause, now)
@@ -107,15 +121,21 @@ class LedgerService:
         return slashed
 
     def settle(self, request: str, now: float) -> dict:
-        """The fee for the request's validated expert-tokens, split among who computed them."""
+        """The fee for the request's validated (standard) or share-computed (private) expert-tokens,
+        split among who computed them, pro rata to their rows (a request has one tier)."""
+        tier = self.tiers.pop(request, "standard")
         work = dict(self.work.pop(request, {}))
+        shares = dict(self.share_rows.pop(request, {}))
         tokens = sum(work.values())
-        fee = self.ledger.quote(tokens)
+        private_tokens = -(-sum(shares.values()) // SHARE_ROWS_PER_PRIVATE_TOKEN)
+        fee = self.ledger.quote(tokens, private_tokens=private_tokens)
+        for worker, rows in shares.items():
+            work[worker] = work.get(worker, 0) + rows
         try:
             receipt = self.ledger.settle(request, fee, work, now=now)
         except LedgerError as exc:
             return {"status": "error", "message": str(exc)}
-        return {"status": "OK", "fee": fee, "expert_tokens": tokens,
+        return {"status": "OK", "tier": tier, "fee": fee, "expert_tokens": tokens, "private_expert_tokens": private_tokens,
                 "paid": {p.credit: p.amount for p in receipt.postings}}
 
     # ---- epochs -----------------------------------------------------------------------------

@@ -15,6 +15,8 @@ more: the tier's guarantee assumes the two share holders do not collude.
 It wraps a DistributedExecutor and borrows its routes, suspects, ledger requests and settings;
 calls go over Dask comms to each worker's `neuro_expert_share` handler (the direct transport
 path whatever neuro.client.transport says). Trust quorums are not run on shares (docs/privacy.md).
+With a ledger, requests are held at the private tier's price and each share holder's rows per
+step are reported as `private` work, which the request's fee pays for.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from neuro_dask.dispatch.routes import ExpertUnavailableError, RouteTable
+from neuro_dask.dispatch.trusted import Outcome
 from neuro_dask.errors import NeuroDaskError
 from neuro_dask.privacy.fixed_point import FRAC_BITS, decode, encode
 from neuro_dask.privacy.share_wire import decode_share_response, encode_share_request
@@ -102,6 +105,10 @@ class PrivateExecutor:
     @request.setter
     def request(self, value: str) -> None:
         self.base.request = value
+
+    def begin_request(self, expert_tokens: int) -> None:
+        """Held at the private tier's price (configs/neuro.yaml `price-per-private-expert-token`)."""
+        self.base.begin_request(expert_tokens, tier="private")
 
     # ---- one layer ----------------------------------------------------------------------------
 
@@ -177,7 +184,17 @@ class PrivateExecutor:
                                              "weights for the same expert")
                     results[e] = reconstruct(a, b)
                     del pending[e]
+                    self._report_work(layer, e, step, (w0, w1), int(a.shape[0]))
         return results
+
+    def _report_work(self, layer: int, expert: int, step: str, holders: tuple[str, str], rows: int) -> None:
+        """Each share holder's rows, for the request's settlement (only inside a charged request)."""
+        base = self.base
+        if not base.request:
+            return
+        with base._lock:
+            base.outcomes += [(Outcome(w, "private", f"{step}:{layer}:{expert}", layer, expert, rows), base.request)
+                              for w in holders]
 
     async def _call_all(self, calls: Mapping[str, dict[str, Any]], timeout: float) -> dict[str, Any]:
         client = self.base.client

@@ -120,3 +120,27 @@ def test_charging_picks_the_account_that_pays_per_thread(sharded, ledger_url, tm
             model.generate([[5, 6, 7]], max_new_tokens=3)  # the configured account again
             assert ledger.balance("user:alice") < alice
     ledger.close()
+
+
+def test_the_private_tier_is_held_at_its_price_and_pays_its_share_holders(sharded, ledger_url, tmp_path):
+    """Every (token, expert) the client computed on shares is paid once at the private price;
+    the share holders share the fee; nothing is credited toward emissions (shares are unvalidated)."""
+    stake(ledger_url, "0", "1", "2")
+    with dask.config.set({"neuro.ledger.url": ledger_url, "neuro.client.account": "alice"}), \
+            neuro_cluster(3, tmp_path=tmp_path) as (_, client), \
+            nd.load(sharded("mixtral"), client=client, privacy="private") as model:
+        before = Ledger(ledger_url, LedgerConfig.from_dask_config()).balance("user:alice")
+        model.generate([[5, 6, 7], [8, 9, 10]], max_new_tokens=4)
+        settled = model.executor.settlements[-1]
+        pairs = model.executor.stats["rows"]  # (token, expert) pairs the client sent as shares
+    ledger = Ledger(ledger_url, LedgerConfig.from_dask_config())
+    p = ledger.params()
+    assert settled["status"] == "OK" and settled["tier"] == "private"
+    assert settled["private_expert_tokens"] == pairs > 0 and settled["expert_tokens"] == 0
+    assert settled["fee"] == p["price_per_request"] + pairs * p["price_per_private_expert_token"]
+    assert before - ledger.balance("user:alice") == settled["fee"]
+    holders = {k for k, v in settled["paid"].items() if k.startswith("provider:") and v > 0}
+    assert len(holders) >= 2  # at least two owners held shares
+    assert ledger.leaderboard(by="worker") == []
+    assert ledger.check_invariants() == []
+    ledger.close()

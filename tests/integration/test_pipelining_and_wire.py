@@ -42,3 +42,19 @@ def test_bfloat16_on_the_wire_halves_the_bytes(shared_cluster, sharded):
     # their spread, so greedy decoding of the tiny model does not change.
     drift = (logits["bfloat16"][real] - logits[None][real]).abs().max().item()
     assert drift < 0.05 * logits[None][real].std().item(), drift
+
+
+def test_quorum_replicas_are_counted_on_the_wire(shared_cluster, sharded):
+    """With trust on, every reply a quorum used (primary, replicas, hedges) is counted: a network
+    of unestablished workers replicates every call, so at least twice the bytes of trust off."""
+    _, client = shared_cluster
+    ids, mask = padded_batch((5, 9, 13), seed=5)
+    moved = {}
+    for trust in (False, True):
+        with dask.config.set({"neuro.client.trust": trust, "neuro.client.spot-check": 1.0}), \
+                nd.load(sharded("mixtral"), client=client) as model:
+            model.forward(ids, mask)
+            moved[trust] = dict(model.executor.wire_bytes)
+    assert moved[False]["sent"] > 0 and moved[False]["received"] > 0
+    assert moved[True]["sent"] >= 2 * moved[False]["sent"] * 0.95, moved  # message headers differ a little
+    assert moved[True]["received"] >= 2 * moved[False]["received"] * 0.95, moved

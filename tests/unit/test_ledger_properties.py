@@ -76,8 +76,10 @@ def state(led: Ledger) -> list:
 
 
 def consistent(params: dict[str, int]) -> bool:
-    """The cross-parameter rule: stake that voted cannot leave and vote again within one vote."""
-    return params["unbonding_seconds"] >= params["voting_seconds"]
+    """The cross-parameter rules: stake that voted cannot leave and vote again within one vote;
+    the private tier never costs less than the standard one."""
+    return (params["unbonding_seconds"] >= params["voting_seconds"]
+            and params["price_per_private_expert_token"] >= params["price_per_expert_token"])
 
 
 def kind_of(account: str) -> str:
@@ -673,7 +675,7 @@ def test_random_operations_keep_the_books_seeded():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("seed", [1, 3, 4, 5, 6, 7, 8, 9])  # each sees every tally outcome (seed 2 no rejection)
 def test_random_operations_keep_the_books_long(seed):
     start = time.perf_counter()
     d = drive(RandomPick(seed), steps=10_000, audit_every=25)
