@@ -180,23 +180,60 @@ def _cmd_worker_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_publish(args: argparse.Namespace) -> int:
+def _operator_client(args: argparse.Namespace):
+    """A client of `--scheduler`, with the operator's certificate where `--tls` names one."""
     from distributed import Client
-
-    from neuro_dask.dispatch.session import publish, store_url_for, wait_until_served
-    from neuro_dask.settings import ClientSettings
 
     security = None
     if tls := _tls_folder(args):
         from neuro_dask.security.tls import security_for
 
         security = security_for("operator", tls)
-    with Client(args.scheduler, security=security, timeout=args.timeout) as client:
-        reply = publish(client, store_url_for(args.model))
-        print(f"published {reply['model']} from {args.model}")
+    return Client(args.scheduler, security=security, timeout=args.timeout)
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from neuro_dask.dispatch.session import publish, store_url_for, wait_until_served
+    from neuro_dask.settings import ClientSettings
+
+    with _operator_client(args) as client:
+        reply = publish(client, store_url_for(args.model), channel=args.channel or "")
+        role = f" as the {reply['role']} version of channel {args.channel}" if args.channel else ""
+        print(f"published {reply['model']} from {args.model}{role}")
         if args.wait:
             wait_until_served(client, reply["model"], ClientSettings.load().load_timeout)
             print(f"{reply['model']}: every expert is served")
+        if reply.get("role") == "candidate":
+            print(f"make it current with `neuro-dask adopt {args.channel} {reply['model']} --scheduler "
+                  f"{args.scheduler}` (or a governance vote: `neuro-dask gov propose-version ...`)")
+    return 0
+
+
+def _cmd_adopt(args: argparse.Namespace) -> int:
+    with _operator_client(args) as client:
+        reply = client.sync(client.scheduler.neuro_adopt, channel=args.channel, model=args.model)
+    if reply.get("status") != "OK":
+        raise NeuroDaskError(f"not adopted: {reply.get('message')}")
+    retiring = ", ".join(reply["retiring"]) or "none"
+    print(f"channel {args.channel}: {args.model} is current; retiring once their requests end: {retiring}")
+    return 0
+
+
+def _cmd_channels(args: argparse.Namespace) -> int:
+    with _operator_client(args) as client:
+        reply = client.sync(client.scheduler.neuro_channels)
+    reply.pop("stores", None)  # may hold credentials; not for a terminal
+    if args.json:
+        print(json.dumps(reply, indent=2, sort_keys=True, default=list))
+        return 0
+    print(f"adoption: {reply['adoption']}")
+    for name, ch in reply["channels"].items():
+        print(f"{name}: current {ch['current']}, candidate {ch['candidate'] or '-'}"
+              f"{' (approved by vote)' if ch['approved'] else ''}, history {' -> '.join(ch['history'])}")
+    for model, r in reply["retiring"].items():
+        print(f"retiring {model}: {r['leases']} request(s) still running")
+    for model, channel in reply["retired"].items():
+        print(f"retired {model} (channel {channel})")
     return 0
 
 
@@ -359,7 +396,21 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
                     help="wait until every expert is served (default: on)")
     pb.add_argument("--timeout", type=float, default=30.0, help="seconds to connect")
+    pb.add_argument("--channel", help="publish as a version of this channel: its current one if it has none, "
+                                      "else its candidate (adopt it with `neuro-dask adopt`)")
     pb.set_defaults(func=_cmd_publish)
+
+    ad = sub.add_parser("adopt", help="operator: make a channel's served candidate version current "
+                                      "(the old one retires once its requests end)")
+    ad.add_argument("channel")
+    ad.add_argument("model", help="the candidate's model id (printed by `neuro-dask publish --channel`)")
+    ch = sub.add_parser("channels", help="model channels: current, candidate and retiring versions")
+    ch.add_argument("--json", action="store_true", help="one JSON object")
+    for parser, func in ((ad, _cmd_adopt), (ch, _cmd_channels)):
+        parser.add_argument("--scheduler", required=True, help="scheduler address, e.g. tls://HOST:8786")
+        parser.add_argument("--tls", metavar="DIR", help="the operator certificate's folder (hardened networks)")
+        parser.add_argument("--timeout", type=float, default=30.0, help="seconds to connect")
+        parser.set_defaults(func=func)
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)")
     sv.add_argument("--scheduler", help="serve through an existing cluster (default: start a local one)")

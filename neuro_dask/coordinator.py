@@ -98,8 +98,18 @@ class Coordinator:
         self.models[model.model_id] = model
         return self._replan()
 
+    def model_retired(self, model_id: str) -> list[Action]:
+        """Unpublish: every worker drops the model's experts (neuro_dask/versions.py rule 4)."""
+        if self.models.pop(model_id, None) is None:
+            return []
+        for keys in (*self.serving.values(), *self.failed.values()):
+            keys.difference_update([k for k in keys if k[0] == model_id])
+        for key in [k for k in self.load if k[0] == model_id]:
+            del self.load[key]
+        return self._replan()
+
     def experts_loaded(self, worker: str, model: str, experts: Iterable[tuple[int, int]]) -> None:
-        if worker not in self.workers:
+        if worker not in self.workers or model not in self.models:  # gone, or retired while it loaded
             return
         self.serving[worker].update((model, int(l), int(e)) for l, e in experts)
         self.version += 1

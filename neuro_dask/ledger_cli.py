@@ -19,7 +19,8 @@ import uuid
 from typing import Any
 
 # Parameters that are amounts of the smallest unit (the others are basis points, seconds or counts).
-_AMOUNT_PARAMS = ("price_per_expert_token", "price_per_request", "min_stake", "emission_initial")
+_AMOUNT_PARAMS = ("price_per_expert_token", "price_per_private_expert_token", "price_per_request", "min_stake",
+                  "emission_initial")
 _KINDS = ("user", "provider", "stake", "unbonding", "genesis", "vesting", "treasury", "emission", "escrow", "burn",
           "issuance")
 # The fields of Ledger.report() that are counts (the others are amounts).
@@ -331,6 +332,20 @@ def _cmd_propose(args, ledger) -> None:
 
 
 @_run
+def _cmd_propose_version(args, ledger) -> None:
+    from neuro_dask.ledger.params import adoption_param
+
+    param = adoption_param(args.channel, args.model)
+    idem = args.id or str(uuid.uuid4())
+    proposal = ledger.propose(args.proposer, param, 1, _now(args), idem)
+    row = next(p for p in ledger.proposals() if p["id"] == proposal)
+    _emit(args, {**row, "id_used": idem},
+          f"proposal {proposal}: adopt {args.model} as the current version of channel {args.channel}; voting open "
+          f"until {_when(row['ends_at'])}; once passed and tallied, a scheduler with version-adoption: vote adopts "
+          f"it as soon as its experts are served (id {idem}; pass --id {idem} to retry safely)")
+
+
+@_run
 def _cmd_vote(args, ledger) -> None:
     weight = ledger.vote(args.proposal, args.voter, args.choice == "yes", _now(args))
     _emit(args, {"proposal": args.proposal, "voter": args.voter, "yes": args.choice == "yes", "weight": weight},
@@ -351,7 +366,9 @@ def _cmd_tally(args, ledger) -> None:
     of = f" of {_n(result['total_stake'])} staked" if "total_stake" in result else ""
     text = (f"proposal {result['proposal']}: {result['status']} (yes {_n(result['yes'])}, no {_n(result['no'])}, "
             f"{_n(voted)} voted{of})")
-    if result["status"] == "passed":
+    if result["status"] == "passed" and result["param"].startswith("adopt:"):
+        text += f"; schedulers voting on versions adopt {result['param'].split(':', 2)[2]} once it is served"
+    elif result["status"] == "passed":
         text += f"; {result['param']} is {describe_param(result['param'], result['value'])}"
     _emit(args, result, text)
 
@@ -450,6 +467,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("proposer", help="a provider with stake")
     p.add_argument("param", help="a governable parameter (see below)")
     p.add_argument("value", help="the raw integer value: units, basis points or seconds")
+    p.add_argument("--id", dest="id", metavar="IDEM", help="idempotency id (default: a new uuid, printed)")
+    p = command(gs, "propose-version", _cmd_propose_version,
+                "propose adopting a model version on a channel (staked providers only; docs/privacy.md)")
+    p.add_argument("proposer", help="a provider with stake")
+    p.add_argument("channel", help="the channel (as published with `neuro-dask publish --channel`)")
+    p.add_argument("model", help="the candidate version's model id")
     p.add_argument("--id", dest="id", metavar="IDEM", help="idempotency id (default: a new uuid, printed)")
     p = command(gs, "vote", _cmd_vote, "vote with the weight of your stake (one staked token, one vote)")
     p.add_argument("proposal", type=int)

@@ -141,6 +141,9 @@ class SchedulerSettings:
     reputation_file: str | None = None
     min_reputation: float = 0.5
     establish_after: int = 20
+    version_adoption: str = "operator"  # operator | vote: who makes a channel's candidate current
+    version_drain_seconds: float = 30.0
+    version_lease_seconds: float = 600.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "trusted", tuple(str(w) for w in self.trusted or ()))

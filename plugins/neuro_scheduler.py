@@ -3,7 +3,12 @@
 A thin adapter over neuro_dask.coordinator.Coordinator: Dask's add_worker/remove_worker hooks
 and our comm handlers become Coordinator events; the LoadExperts/DropExperts actions it returns
 become messages to workers. Handlers:
-  neuro_publish(store_url)              publishes a sharded model (hardened TLS: the operator only); returns its id
+  neuro_publish(store_url, channel)     publishes a sharded model (hardened TLS: the operator only); returns its id;
+                                        with a channel: its first version is current, later ones candidates
+  neuro_adopt(channel, model)           the operator makes a served candidate current (version-adoption: operator)
+  neuro_channels()                      every channel: current, candidate, history; retiring versions; store URLs
+  neuro_request_begin(model, request, account, expert_tokens, tier)   lease the version, hold the fee (ledger on)
+  neuro_request_end(request)            release the lease, settle the fee (ledger on)
   neuro_routes(model)                   expert -> serving workers, fastest first
   neuro_experts_loaded(worker, model, loaded, failed)   a worker reports what it can serve
   neuro_unreachable(worker, model, experts)             a client could not get an answer
@@ -13,6 +18,9 @@ become messages to workers. Handlers:
   neuro_status()                        workers, models and placement, for tools and tests
   neuro_ledger_hold(account, request, expert_tokens, tier)   quote and hold a request's fee (ledger on)
   neuro_ledger_settle(request)          charge the validated work, pay providers, refund the rest
+Model versions (neuro_dask/versions.py): a replaced version is retired (its experts dropped)
+once its requests have ended; with version-adoption: vote, passed `adopt:CHANNEL:MODEL`
+proposals in the ledger adopt versions.
   neuro_ledger_report()                 the transparency report
   neuro_report_calls(model, calls, transport)   clients report recent expert calls (dashboard)
 
@@ -54,6 +62,7 @@ from neuro_dask.settings import SchedulerSettings, SecuritySettings
 from neuro_dask.store.remote import read_manifest
 from neuro_dask.store.summary import summarize
 from neuro_dask.trust.reputation import Reputation, ReputationPolicy
+from neuro_dask.versions import ModelChannels, RetiredVersionError, VersionError
 
 log = logging.getLogger("neuro_dask.scheduler")
 
@@ -88,7 +97,13 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         self._precisions: dict[tuple[str, str], str] = {}  # (worker, model) -> its experts' precision
         self.paused: dict[str, str] = {}  # idle-only workers whose owner is busy -> why; never routed to
         self._unsubscribe_security = None  # hardened mode: stop forwarding security events
+        self.channels = ModelChannels(settings.version_adoption, settings.version_lease_seconds,
+                                      settings.version_drain_seconds)
+        self._adoptions_seen = 0  # the last ledger adoption (proposal id) acted on
+        self._versions_tick = PeriodicCallback(self._tick_versions, 1000)
         scheduler.handlers.update({
+            "neuro_adopt": self.handle_adopt, "neuro_channels": self.channels_status,
+            "neuro_request_begin": self.request_begin, "neuro_request_end": self.request_end,
             "neuro_report_outcomes": self.report_outcomes, "neuro_trust": self.trust,
             "neuro_publish": self.publish, "neuro_routes": self.routes,
             "neuro_experts_loaded": self.experts_loaded, "neuro_unreachable": self.unreachable,
@@ -110,6 +125,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
                 log.warning("hardened mode without TLS: pickles are allow-listed and remote code is refused, but "
                             "roles are not enforced; start with --tls DIR before opening the port (docs/security.md)")
         self._sampler.start()
+        self._versions_tick.start()
         if self._ledger_tick is not None:
             self._ledger_tick.start()
             await self._refresh_ledger()
@@ -118,6 +134,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         if self._unsubscribe_security is not None:
             self._unsubscribe_security()
         self._sampler.stop()
+        self._versions_tick.stop()
         if self._ledger_tick is not None:
             self._ledger_tick.stop()
             self._ledger_thread.shutdown(wait=True)
@@ -154,19 +171,100 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
 
     # ---- handlers ------------------------------------------------------------------------------
 
-    async def publish(self, store_url: str) -> dict[str, Any]:
+    async def publish(self, store_url: str, channel: str = "") -> dict[str, Any]:
         try:
             manifest = await asyncio.to_thread(read_manifest, store_url)
         except NeuroDaskError as exc:
             return {"status": "error", "message": redact_secrets(str(exc), store_url)}
         model_id = manifest.model_id
         experts = {(a.layer, a.expert): a.bytes for a in manifest.experts}
+        role = ""
+        if channel:
+            try:
+                role, replaced = self.channels.publish(channel, model_id, time.time())
+            except VersionError as exc:
+                return {"status": "error", "message": str(exc)}
+            self._event("neuro", {"action": "channel-publish", "channel": channel, "model": model_id, "role": role})
+            for old in replaced:
+                self._event("neuro", {"action": "retiring", "channel": channel, "model": old, "by": model_id})
         if model_id not in self.coordinator.models:
             log.info("publishing %s from %s: %d experts", model_id, redact_url(store_url), len(experts))
             self.scheduler.log_event("neuro", {"action": "publish", "model": model_id, "store": redact_url(store_url)})
             self._enact(self.coordinator.model_published(
                 PublishedModel(model_id, store_url, experts, summarize(manifest))))
-        return {"status": "OK", "model": model_id, "summary": self.coordinator.models[model_id].summary}
+        return {"status": "OK", "model": model_id, "summary": self.coordinator.models[model_id].summary,
+                **({"channel": channel, "role": role} if channel else {})}
+
+    # ---- model versions (neuro_dask/versions.py) ---------------------------------------------
+
+    def _served(self, model: str) -> bool:
+        """Every expert of `model` has all its planned replicas serving: safe to move traffic to it."""
+        if model not in self.coordinator.models:
+            return False
+        snap = self.coordinator.routes(model)
+        return not snap.missing and not snap.pending
+
+    def handle_adopt(self, channel: str, model: str) -> dict[str, Any]:
+        """The operator's adoption (refused where votes decide: only _tick_versions adopts by vote)."""
+        return self.adopt(channel, model, by_vote=False)
+
+    def adopt(self, channel: str, model: str, by_vote: bool) -> dict[str, Any]:
+        try:
+            retiring = self.channels.adopt(channel, model, self._served(model), time.time(), by_vote=by_vote)
+        except VersionError as exc:
+            return {"status": "error", "message": str(exc)}
+        self._event("neuro", {"action": "adopt", "channel": channel, "model": model, "retiring": retiring,
+                              "by": "vote" if by_vote else "operator"})
+        return {"status": "OK", "channel": channel, "current": model, "retiring": retiring}
+
+    def channels_status(self) -> dict[str, Any]:
+        """Channels and, for following clients, the store of every version they may load."""
+        status = self.channels.status(time.time())
+        stores = {m: p.store_url for m, p in self.coordinator.models.items() if m in self.channels.channel_of}
+        return {"status": "OK", **status, "stores": stores}
+
+    async def request_begin(self, model: str, request: str, account: str = "", expert_tokens: int = 0,
+                            tier: str = "standard") -> dict[str, Any]:
+        """Lease the version (a retiring one stays published until its requests end), then hold."""
+        if model not in self.coordinator.models and model not in self.channels.retired:
+            return {"status": "error", "unpublished": True,
+                    "message": f"model {model!r} is not published on this scheduler"}
+        try:
+            version = self.channels.begin(model, request, time.time())
+        except RetiredVersionError as exc:
+            return {"status": "error", "retired": True, "message": str(exc), "channel": exc.channel,
+                    "current": exc.current}
+        held = await self.ledger_hold(account, request, expert_tokens, tier)
+        if held.get("status") != "OK":
+            self.channels.end(request)
+        return {**held, **version}
+
+    async def request_end(self, request: str) -> dict[str, Any]:
+        self.channels.end(request)
+        return await self.ledger_settle(request)
+
+    async def _tick_versions(self) -> None:
+        """Every second: enact passed votes once their version is served; retire drained versions."""
+        now = time.time()
+        if self.ledger is not None and self.channels.adoption == "vote":
+            try:
+                passed = await self._in_ledger(self.ledger.ledger.adoptions, self._adoptions_seen)
+            except Exception:
+                passed = []  # logged by _in_ledger; read again next tick
+            for a in passed:
+                self._adoptions_seen = max(self._adoptions_seen, int(a["proposal"]))
+                try:
+                    self.channels.approve(a["channel"], a["model"])
+                    self._event("neuro", {"action": "approved", **a})
+                except VersionError as exc:
+                    self._event("neuro", {"action": "approval-ignored", **a, "why": str(exc)})
+        for channel, model in self.channels.due_adoptions():
+            if self._served(model):
+                self.adopt(channel, model, by_vote=True)
+        for model in self.channels.retirable(now):
+            log.info("retiring model %s: its requests have ended", model)
+            self._event("neuro", {"action": "retire", "model": model, "channel": self.channels.retired[model]})
+            self._enact(self.coordinator.model_retired(model))
 
     def routes(self, model: str) -> dict[str, Any]:
         if model not in self.coordinator.models:
@@ -491,6 +589,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
                         for a, w in c.workers.items()},
             "models": {m: {"store_url": redact_url(p.store_url), "experts": len(p.experts), "summary": p.summary}
                        for m, p in c.models.items()},
+            "versions": self.channels.status(time.time()),
         }
 
     # ---- actions -> messages -------------------------------------------------------------------

@@ -30,6 +30,7 @@ from neuro_dask.dispatch.trusted import Outcome, TrustedLayerRunner
 from neuro_dask.errors import NeuroDaskError
 from neuro_dask.settings import ClientSettings
 from neuro_dask.trust.quorum import QuorumExhaustedError
+from neuro_dask.versions import RetiredVersionError
 from neuro_dask.wire import decode_response, encode_request
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class DistributedExecutor:
         self._layer = threading.local()
         self.wire_dtype = getattr(torch, settings.wire_dtype) if settings.wire_dtype else None
         self.wire_bytes = {"sent": 0, "received": 0}  # expert payload bytes (hidden states), both ways
+        self.channel_current: str | None = None  # the current version of this model's channel, last heard
 
     @property
     def request(self) -> str:
@@ -301,27 +303,37 @@ class DistributedExecutor:
     # ---- requests (the ledger's holds and settlements) ---------------------------------------
 
     def begin_request(self, expert_tokens: int, tier: str = "standard") -> None:
-        """Before any work: the scheduler quotes and holds the request's fee at the tier's price
-        (when it runs a ledger), or refuses it, and then nothing is sent."""
-        self.request = uuid.uuid4().hex
-        reply = self.client.sync(self.client.scheduler.neuro_ledger_hold, account=self.account or "",
-                                 request=self.request, expert_tokens=int(expert_tokens), tier=tier)
+        """Before any work: the scheduler leases this model version for the request (a replaced
+        version stays served until its requests end) and quotes and holds the fee at the tier's
+        price (when it runs a ledger), or refuses, and then nothing is sent."""
+        request = uuid.uuid4().hex
+        reply = self.client.sync(self.client.scheduler.neuro_request_begin, model=self.model_id, request=request,
+                                 account=self.account or "", expert_tokens=int(expert_tokens), tier=tier)
+        if reply.get("retired"):
+            raise RetiredVersionError(self.model_id, str(reply.get("channel")), reply.get("current"))
+        if reply.get("unpublished"):
+            raise NeuroDaskError(str(reply.get("message")))
         if reply.get("status") != "OK":
-            request, self.request = self.request, ""
             raise PaymentRefusedError(self.account, request, str(reply.get("message")))
-        if reply.get("ledger") is False:
-            self.request = ""  # a scheduler without a ledger charges nothing: nothing to settle
+        if reply.get("current"):
+            self.channel_current = reply["current"]  # a following client switches after this request
+        self._requests.lease = request
+        self.request = request if reply.get("ledger") is not False else ""  # nothing to settle without one
 
     def end_request(self) -> None:
-        """After the work: report every judged reply, then settle by the validated work."""
-        if not self.request:
+        """After the work: report every judged reply, settle by the validated work, end the lease."""
+        lease, self._requests.lease = getattr(self._requests, "lease", ""), ""
+        if not lease:
             return
-        request, self.request = self.request, ""
-        self.flush_reports()
-        reply = self.client.sync(self.client.scheduler.neuro_ledger_settle, request=request)
-        self.settlements.append({"request": request, **reply})
+        charged, self.request = bool(self.request), ""
+        if charged:
+            self.flush_reports()
+        reply = self.client.sync(self.client.scheduler.neuro_request_end, request=lease)
+        if not charged:
+            return
+        self.settlements.append({"request": lease, **reply})
         if reply.get("status") != "OK":
-            log.warning("request %s could not be settled: %s", request, reply.get("message"))
+            log.warning("request %s could not be settled: %s", lease, reply.get("message"))
 
     def _wait_for_routes(self, layer: int, unroutable: list[int], since: float | None) -> float:
         now = self.clock()

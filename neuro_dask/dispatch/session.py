@@ -75,13 +75,14 @@ def open_store(path_or_url: str | Path, verify: bool, cache_dir: Path | None = N
     return url, ShardStore(mirror, verify=verify)
 
 
-def publish(client: Client, store_url: str, model_id: str | None = None) -> dict[str, Any]:
-    """Ask the scheduler to serve the model at `store_url`. On a hardened network only the
-    operator publishes: a client then finds the model among those already published."""
-    if model_id is not None and _is_published(client, model_id):
+def publish(client: Client, store_url: str, model_id: str | None = None, channel: str = "") -> dict[str, Any]:
+    """Ask the scheduler to serve the model at `store_url` (on `channel`: as its current version
+    if it has none, else as its candidate; neuro_dask/versions.py). On a hardened network only
+    the operator publishes: a client then finds the model among those already published."""
+    if model_id is not None and not channel and _is_published(client, model_id):
         return {"status": "OK", "model": model_id}
     try:
-        reply = client.sync(client.scheduler.neuro_publish, store_url=store_url)
+        reply = client.sync(client.scheduler.neuro_publish, store_url=store_url, **({"channel": channel} if channel else {}))
     except Exception as exc:  # distributed raises a bare ValueError/KeyError for an unknown handler
         if "only the operator" in str(exc) and model_id is not None:
             return _published_by_operator(client, store_url, model_id)

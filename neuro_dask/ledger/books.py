@@ -33,7 +33,7 @@ from neuro_dask.ledger.errors import (
     ParamError,
     UnknownAccountError,
 )
-from neuro_dask.ledger.params import BOUNDS, LedgerConfig, check_consistent, check_param
+from neuro_dask.ledger.params import BOUNDS, LedgerConfig, check_adoption, check_consistent, check_param, is_adoption
 
 SYSTEM = {"issuance": "issuance", "treasury": "treasury", "burn": "burn", "emission": "emission", "escrow": "escrow"}
 TRANSFERABLE = ("user", "provider", "genesis", "treasury")  # kinds a plain transfer may draw from
@@ -449,15 +449,19 @@ class Ledger:
     # ---- governance -----------------------------------------------------------------------
 
     def propose(self, proposer: str, param: str, value: int, now: float, idem: str) -> int:
-        """A change of one protocol parameter, by a provider with stake; inside the bounds."""
+        """A change of one protocol parameter, by a provider with stake; inside the bounds. Or the
+        adoption of a model version: param "adopt:CHANNEL:MODEL_ID", value 1 (params.check_adoption)."""
         with self.db.write() as cur:
             row = cur.execute("SELECT id, proposer, param, value FROM proposals WHERE idem = ?", (idem,)).one()
             if row is not None:
                 if row[1:] != (proposer, param, value):
                     raise IdempotencyConflictError(idem)
                 return row[0]
-            check_param(param, value)
-            check_consistent({**self._params(cur), param: value})
+            if is_adoption(param):
+                check_adoption(param, value)
+            else:
+                check_param(param, value)
+                check_consistent({**self._params(cur), param: value})
             if not self._exists(cur, stake_account(proposer)) or self._balance(cur, stake_account(proposer)) <= 0:
                 raise GovernanceError(f"{proposer} has no stake: only staked providers propose")
             ends = now + self._param(cur, "voting_seconds")
@@ -516,20 +520,31 @@ class Ledger:
             p = self._params(cur)
             result = policy.tally(yes, no, total, p["gov_quorum_bps"], p["gov_threshold_bps"])
             passed = result.passed
-            if passed:
+            if passed and not is_adoption(param):
                 try:
                     check_param(param, value)
                     check_consistent({**p, param: value})
                 except ParamError:
                     passed = False  # another change since the proposal made this one inconsistent
             status = "passed" if passed else ("rejected" if result.quorum_met else "no-quorum")
-            if passed:
+            if passed and is_adoption(param):
+                channel, model = check_adoption(param, value)
+                cur.execute("INSERT INTO adoptions (proposal, channel, model, at) VALUES (?, ?, ?, ?)",
+                            (proposal, channel, model, now))
+            elif passed:
                 cur.execute("INSERT INTO param_changes (name, old, new, proposal, at) VALUES (?, ?, ?, ?, ?)",
                             (param, p[param], value, proposal, now))
                 cur.execute("UPDATE params SET value = ? WHERE name = ?", (value, param))
             cur.execute("UPDATE proposals SET status = ?, yes = ?, no = ? WHERE id = ?", (status, yes, no, proposal))
             return {"proposal": proposal, "status": status, "param": param, "value": value, "yes": yes, "no": no,
                     "total_stake": total}
+
+    def adoptions(self, after: int = 0) -> list[dict]:
+        """Model versions adopted by a passed vote, in proposal order (after proposal id `after`)."""
+        with self.db.read() as cur:
+            rows = cur.execute("SELECT proposal, channel, model, at FROM adoptions WHERE proposal > ? "
+                               "ORDER BY proposal", (after,)).all()
+        return [dict(zip(("proposal", "channel", "model", "at"), r, strict=True)) for r in rows]
 
     def proposals(self) -> list[dict]:
         with self.db.read() as cur:

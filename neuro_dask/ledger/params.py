@@ -8,6 +8,7 @@ live values stored in the ledger, always inside BOUNDS.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -53,6 +54,33 @@ def check_param(name: str, value: object) -> int:
     if not low <= value <= high:
         raise ParamError(name, value, f"outside its bounds [{low}, {high}], which no vote can cross")
     return value
+
+
+# A proposal to adopt a model version on a channel (docs/privacy.md) is named
+# "adopt:CHANNEL:MODEL_ID" with value 1; a passed one is recorded in `adoptions`, where the
+# scheduler reads it and adopts the version once its experts are served.
+ADOPT_PREFIX = "adopt:"
+_ADOPT = re.compile(r"adopt:([A-Za-z0-9][A-Za-z0-9._-]{0,63}):([A-Za-z0-9][A-Za-z0-9._-]{0,127})")
+
+
+def adoption_param(channel: str, model: str) -> str:
+    param = f"{ADOPT_PREFIX}{channel}:{model}"
+    check_adoption(param, 1)
+    return param
+
+
+def check_adoption(param: str, value: object) -> tuple[str, str]:
+    """(channel, model) of a version-adoption proposal, or ParamError."""
+    match = _ADOPT.fullmatch(param) if isinstance(param, str) else None
+    if match is None:
+        raise ParamError(param, value, "a version proposal is adopt:CHANNEL:MODEL_ID (letters, digits, '.', '_', '-')")
+    if value != 1 or isinstance(value, bool):
+        raise ParamError(param, value, "a version proposal's value is 1")
+    return match.group(1), match.group(2)
+
+
+def is_adoption(param: object) -> bool:
+    return isinstance(param, str) and param.startswith(ADOPT_PREFIX)
 
 
 def check_consistent(params: Mapping[str, int]) -> None:

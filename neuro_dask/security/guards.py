@@ -140,7 +140,8 @@ def roles_required_for(server) -> bool:
 
 # A client's requests at the scheduler: one registration per connection, one ledger hold per
 # generation request (with a ledger), publications.
-RATE_LIMITED_SCHEDULER_OPS = frozenset({"register-client", "neuro_ledger_hold", "neuro_publish"})
+RATE_LIMITED_SCHEDULER_OPS = frozenset({"register-client", "neuro_ledger_hold", "neuro_request_begin",
+                                        "neuro_publish"})
 
 
 def guard_scheduler(scheduler, requests_per_minute: int = 0, clock: Callable[[], float] = time.monotonic) -> None:

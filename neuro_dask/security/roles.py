@@ -43,7 +43,7 @@ SCHEDULER_WORKER_ONLY = frozenset({"register-worker", "heartbeat_worker", "regis
 SCHEDULER_OPERATOR_ONLY = frozenset({
     "restart", "restart_workers", "retire_workers", "workers_to_close", "terminate", "adaptive_target",
     "set_resources", "set_restrictions", "dump_state", "get_cluster_state", "get_logs", "logs",
-    "worker_logs", "call_stack", "profile", "neuro_publish",
+    "worker_logs", "call_stack", "profile", "neuro_publish", "neuro_adopt",
 })
 
 WORKER_NEVER = frozenset({

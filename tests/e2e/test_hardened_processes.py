@@ -189,3 +189,45 @@ def test_the_scheduler_dashboard_listens_on_loopback_only_by_default(tmp_path):
         if not elsewhere:
             pytest.skip("this machine has no IPv4 address besides loopback that reaches its own scheduler")
         assert not [a for a in elsewhere if _connects(a, dashboard)], f"the dashboard answers on {elsewhere}"
+
+
+def test_the_operator_moves_a_channel_to_a_new_version_with_the_cli(network, sharded, tmp_path):
+    """`neuro-dask publish --channel`, `adopt` and `channels` as the operator runs them; a client
+    certificate cannot adopt; a following client lands on the new version."""
+    import json
+
+    import numpy as np
+
+    from neuro_dask.federated.training import get_flat, set_flat, write_version
+
+    base = nd.load(sharded(MODEL))
+    flat = get_flat(base)
+    versions = []
+    for i in (1, 2):  # two new versions of the tiny model (new files, new ids), as rounds would make
+        set_flat(base, flat + np.random.default_rng(i).normal(0, 1e-3, flat.shape).astype(flat.dtype))
+        versions.append((str(tmp_path / f"v{i}"), write_version(base, sharded(MODEL), tmp_path / f"v{i}", {}).model_id))
+    (v1_path, v1), (v2_path, v2) = versions
+    tls = ("--scheduler", network.address, "--tls", str(network.certs))
+    first = run_cli("publish", v1_path, "--channel", "tiny", *tls, timeout=180)
+    assert first.returncode == 0 and f"published {v1} from {v1_path} as the current version of channel tiny" \
+        in first.stdout, first.stdout
+    second = run_cli("publish", v2_path, "--channel", "tiny", *tls, timeout=180)
+    assert second.returncode == 0 and "as the candidate version" in second.stdout, second.stdout
+    assert f"neuro-dask adopt tiny {v2}" in second.stdout
+    with network.client() as client:
+        with pytest.raises(Exception, match="only the operator"):
+            client.sync(client.scheduler.neuro_adopt, channel="tiny", model=v2)
+    adopted = run_cli("adopt", "tiny", v2, *tls)
+    assert adopted.returncode == 0 and f"{v2} is current; retiring once their requests end: {v1}" in adopted.stdout, \
+        adopted.stdout
+    again = run_cli("adopt", "tiny", v1, *tls)
+    assert again.returncode == 2 and "not the candidate" in again.stdout
+    channels = run_cli("channels", "--json", *tls)
+    state = json.loads(channels.stdout)
+    assert state["channels"]["tiny"]["current"] == v2 and state["channels"]["tiny"]["history"] == [v1, v2]
+    assert v1 in state["retiring"] or v1 in state["retired"]
+    ids, mask = padded_batch((5, 9), seed=7)
+    expected = nd.load(v2_path).generate(ids, mask, max_new_tokens=8)
+    with network.client() as client, nd.follow("tiny", client) as model:
+        assert model.model_id == v2
+        assert torch.equal(model.generate(ids, mask, max_new_tokens=8), expected)

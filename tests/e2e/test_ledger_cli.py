@@ -147,3 +147,18 @@ def test_ledger_commands_import_neither_torch_nor_distributed(tmp_path):
     heavy = sorted(m for m in modules if m.split(".")[0] in ("torch", "distributed", "transformers", "numpy"))
     assert not heavy, heavy
     assert elapsed < 10, elapsed
+
+
+def test_a_model_version_put_to_a_vote(tmp_path):
+    now = time.time()
+    db = ["--db", f"sqlite:///{tmp_path}/books.db"]
+    run("ledger", "open-provider", "gpu1", *db)
+    run("ledger", "transfer", "genesis:community", "provider:gpu1", "2000", *db)
+    run("ledger", "stake", "gpu1", "2000", *db)
+    refused("gov", "propose-version", "gpu1", "bad name", "mixtral-0a1b", *db, message="a version proposal is")
+    out = run("gov", "propose-version", "gpu1", "adder", "mixtral-0a1b", "--id", "v2", *db).stdout
+    assert out.startswith("proposal 1: adopt mixtral-0a1b as the current version of channel adder")
+    run("gov", "vote", "1", "gpu1", "yes", *db)
+    tally = run("gov", "tally", "1", "--now", now + 4 * DAY, *db).stdout
+    assert "passed" in tally and "adopt mixtral-0a1b once it is served" in tally
+    assert [(p["param"], p["status"]) for p in as_json("gov", "list", *db)] == [("adopt:adder:mixtral-0a1b", "passed")]

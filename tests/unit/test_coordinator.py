@@ -82,3 +82,23 @@ def test_hot_experts_get_an_extra_replica():
     assert len(c.placement.workers_for(("m", 0, 0))) == 3
     assert any((0, 0) in les for les in loads(actions).values())
     assert not [a for a in actions if isinstance(a, DropExperts)]
+
+
+def test_a_new_version_loads_beside_the_old_and_retiring_the_old_drops_only_its_experts():
+    c = coordinator()
+    for w, experts in loads(c.model_published(MODEL)).items():
+        c.experts_loaded(w, "m", experts)
+    v2 = PublishedModel("m2", "/store-v2", dict(MODEL.experts))
+    added = c.model_published(v2)
+    assert not [a for a in added if isinstance(a, DropExperts)]  # the old version keeps serving
+    assert {a.model for a in added} == {"m2"}
+    for w, experts in loads(added).items():
+        c.experts_loaded(w, "m2", experts)
+    assert c.routes("m").missing == () and c.routes("m2").missing == ()
+    dropped = c.model_retired("m")
+    assert dropped and all(isinstance(a, DropExperts) and a.model == "m" for a in dropped)
+    assert len({(a.worker, le) for a in dropped for le in a.experts}) == 16  # every replica of every expert
+    assert "m" not in c.models and all(k[0] == "m2" for keys in c.serving.values() for k in keys)
+    assert c.model_retired("m") == []  # once
+    c.experts_loaded("a", "m", [(0, 0)])  # a load that finishes after the retirement is ignored
+    assert all(k[0] == "m2" for keys in c.serving.values() for k in keys)

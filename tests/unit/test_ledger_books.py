@@ -32,7 +32,7 @@ from neuro_dask.ledger.policy import BPS, MONTH
 T0 = 1_700_000_000.0
 DAY = 86_400.0
 TABLES = ("accounts", "entries", "postings", "vesting", "unbonding", "holds", "credits", "emissions", "slashes",
-          "params", "param_changes", "proposals", "votes")
+          "params", "param_changes", "proposals", "votes", "adoptions")
 BAD_AMOUNTS = [-1, -UNIT, 0, 1.0, 0.5, float("nan"), True, False, "5", None, Decimal(5), Fraction(5, 1), [5]]
 
 
@@ -662,3 +662,30 @@ def test_proposal_breaking_a_rule_across_parameters_is_refused(council):
     refused(led, ParamError, led.propose, "big", "unbonding_seconds", voting - 1, T0, "p1")
     refused(led, ParamError, led.propose, "big", "voting_seconds", DEFAULT_PARAMS["unbonding_seconds"] + 1, T0, "p2")
     assert led.propose("big", "unbonding_seconds", voting, T0, "p3") > 0  # equal is fine
+
+
+def test_a_version_adoption_is_voted_like_a_parameter_and_recorded(council):
+    from neuro_dask.ledger.params import adoption_param
+
+    led = council
+    params_before = led.params()
+    param = adoption_param("adder", "v2-abc")
+    pid = led.propose("big", param, 1, T0, "adopt-v2")
+    led.vote(pid, "big", True, T0)
+    assert led.adoptions() == []  # nothing before the tally
+    result = led.tally(pid, T0 + DEFAULT_PARAMS["voting_seconds"])
+    assert result["status"] == "passed"
+    assert led.adoptions() == [{"proposal": pid, "channel": "adder", "model": "v2-abc",
+                                "at": T0 + DEFAULT_PARAMS["voting_seconds"]}]
+    assert led.adoptions(after=pid) == []
+    assert led.params() == params_before  # an adoption changes no parameter
+    rejected = led.propose("big", adoption_param("adder", "v3"), 1, T0, "adopt-v3")
+    led.vote(rejected, "big", False, T0)
+    assert led.tally(rejected, T0 + DEFAULT_PARAMS["voting_seconds"])["status"] == "rejected"
+    assert [a["model"] for a in led.adoptions()] == ["v2-abc"]
+
+
+@pytest.mark.parametrize("param, value", [("adopt:adder", 1), ("adopt::v2", 1), ("adopt:a b:v2", 1),
+                                          ("adopt:adder:v2", 2), ("adopt:adder:v2", True), ("adopt:adder:v/2", 1)])
+def test_malformed_version_proposals_are_refused(council, param, value):
+    refused(council, ParamError, council.propose, "big", param, value, T0, "bad-adopt")

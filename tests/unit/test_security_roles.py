@@ -36,8 +36,12 @@ SCHEDULER_TABLE: dict[str, frozenset[str] | str] = {
     "gather": frozenset({"scheduler", "client", "operator"}),
     "neuro_routes": frozenset({"scheduler", "client", "operator"}),
     "neuro_report_calls": frozenset({"scheduler", "client", "operator"}),
+    "neuro_request_begin": frozenset({"scheduler", "client", "operator"}),
+    "neuro_request_end": frozenset({"scheduler", "client", "operator"}),
+    "neuro_channels": frozenset({"scheduler", "client", "operator"}),
     # cluster control and other people's logs: the operator (and the scheduler itself)
     "neuro_publish": frozenset({"scheduler", "operator"}),
+    "neuro_adopt": frozenset({"scheduler", "operator"}),
     "retire_workers": frozenset({"scheduler", "operator"}),
     "restart": frozenset({"scheduler", "operator"}),
     "terminate": frozenset({"scheduler", "operator"}),

@@ -1,0 +1,153 @@
+"""`nd.follow(channel, client)`: a model that follows a channel's current version.
+
+Each request (generate, generate_text, stream, forward, score, map) runs on one version from
+start to end. The scheduler tells every request's start which version is current
+(neuro_dask/versions.py); when it has moved, the next request loads the new version first (its
+trunk from the version's store; its experts are already on the workers) and the old one is
+closed once no request of this process uses it. The scheduler keeps a replaced version served
+until every request leased on it has ended, so switching drops nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Callable
+
+from neuro_dask.errors import NeuroDaskError
+from neuro_dask.versions import RetiredVersionError, check_channel_name
+
+log = logging.getLogger(__name__)
+
+REQUEST_METHODS = ("generate", "generate_text", "forward", "score", "map")
+
+
+class ChannelNotFoundError(NeuroDaskError):
+    def __init__(self, channel: str, known: list[str]):
+        self.channel, self.known = channel, known
+        super().__init__(f"no channel {channel!r} on this scheduler (channels: {', '.join(known) or 'none'}); "
+                         f"the operator publishes one with `neuro-dask publish STORE --channel {channel}`")
+
+
+def channel_versions(client: Any, channel: str) -> tuple[str, str]:
+    """(the channel's current model id, the store to load it from), asked of the scheduler."""
+    reply = client.sync(client.scheduler.neuro_channels)
+    ch = reply.get("channels", {}).get(channel)
+    if ch is None or not ch.get("current"):
+        raise ChannelNotFoundError(channel, sorted(reply.get("channels", {})))
+    return ch["current"], reply["stores"][ch["current"]]
+
+
+class FollowingModel:
+    """Delegates to the current version's MoEModel; see the module docstring."""
+
+    def __init__(self, channel: str, client: Any, loader: Callable[..., Any] | None = None, **load_options: Any):
+        from neuro_dask.loading import load
+
+        self.channel = check_channel_name(channel)
+        self.client = client
+        self._loader = loader or load
+        self._options = load_options
+        self._lock = threading.Lock()
+        self._active: dict[int, int] = {}  # id(model) -> requests of this process running on it
+        self._retired_here: list[Any] = []  # replaced models still running a request
+        self.switches: list[tuple[str, str]] = []  # (from, to) model ids, in order
+        self.model = self._load(*channel_versions(client, channel))
+
+    @property
+    def model_id(self) -> str:
+        return self.model.executor.model_id
+
+    def _load(self, model_id: str, store: str) -> Any:
+        model = self._loader(store, client=self.client, **self._options)
+        if model.executor.model_id != model_id:
+            model.close()
+            raise NeuroDaskError(f"channel {self.channel!r}: the store {store} holds {model.executor.model_id}, "
+                                 f"not {model_id}")
+        return model
+
+    # ---- switching -----------------------------------------------------------------------------
+
+    def _switch_to(self, model_id: str | None) -> None:
+        """Under the lock: load `model_id` (or ask which is current) and retire ours when idle."""
+        if model_id is None or model_id == self.model_id:
+            model_id, store = channel_versions(self.client, self.channel)
+            if model_id == self.model_id:
+                return
+        else:
+            store = self.client.sync(self.client.scheduler.neuro_channels)["stores"].get(model_id)
+            if store is None:
+                model_id, store = channel_versions(self.client, self.channel)
+        old, self.model = self.model, self._load(model_id, store)
+        self.switches.append((old.executor.model_id, model_id))
+        log.info("channel %s: switched from %s to %s", self.channel, old.executor.model_id, model_id)
+        self._retired_here.append(old)
+        self._close_idle()
+
+    def _close_idle(self) -> None:
+        for old in [m for m in self._retired_here if not self._active.get(id(m))]:
+            self._retired_here.remove(old)
+            self._active.pop(id(old), None)
+            old.close()
+
+    def _acquire(self, force_to: str | None = None, force: bool = False) -> Any:
+        with self._lock:
+            current = getattr(self.model.executor, "channel_current", None)
+            if force or (current and current != self.model_id):
+                self._switch_to(force_to or current)
+            self._active[id(self.model)] = self._active.get(id(self.model), 0) + 1
+            return self.model
+
+    def _release(self, model: Any) -> None:
+        with self._lock:
+            self._active[id(model)] -= 1
+            self._close_idle()
+
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        model = self._acquire()
+        try:
+            return getattr(model, name)(*args, **kwargs)
+        except RetiredVersionError as exc:  # refused at the request's start: nothing ran; go on on the new one
+            log.info("channel %s: %s", self.channel, exc)
+            current = exc.current
+        finally:
+            self._release(model)
+        model = self._acquire(force_to=current, force=True)
+        try:
+            return getattr(model, name)(*args, **kwargs)
+        finally:
+            self._release(model)
+
+    # ---- the model's API -----------------------------------------------------------------------
+
+    def __getattr__(self, name: str) -> Any:
+        if name in REQUEST_METHODS:
+            return lambda *args, **kwargs: self._call(name, *args, **kwargs)
+        return getattr(self.__dict__["model"], name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call("forward", *args, **kwargs)
+
+    def stream(self, *args: Any, **kwargs: Any):
+        model = self._acquire()
+        try:
+            yield from model.stream(*args, **kwargs)
+        finally:
+            self._release(model)
+
+    def close(self) -> None:
+        with self._lock:
+            for model in [*self._retired_here, self.model]:
+                model.close()
+            self._retired_here.clear()
+
+    def __enter__(self) -> FollowingModel:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def follow(channel: str, client: Any, **load_options: Any) -> FollowingModel:
+    """A model that always serves `channel`'s current version (load options as for nd.load)."""
+    return FollowingModel(channel, client, **load_options)

@@ -1,0 +1,154 @@
+"""Model versions on a channel, on an in-process cluster (neuro_dask/versions.py, docs/privacy.md):
+a new version (a federated round's output) loads beside the current one; a client following the
+channel keeps generating through the switch without one request failing; the old version's
+experts are dropped from the workers once its requests have ended; a client pinned to it gets a
+clear error naming the new one; and with version-adoption: vote only a passed proposal adopts."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import dask
+import numpy as np
+import pytest
+from cluster_helpers import neuro_cluster, scheduler_status, worker_status
+
+import neuro_dask as nd
+from neuro_dask.demo.addition import ASSET_DIR
+from neuro_dask.federated.training import get_flat, set_flat, write_version
+from neuro_dask.ledger import Ledger, LedgerConfig, provider
+from neuro_dask.ledger.params import adoption_param
+from neuro_dask.versions import RetiredVersionError
+
+PROMPTS = ["123+456=", "999+1=", "50+50="]
+ANSWERS = ["579", "1000", "100"]
+
+
+@pytest.fixture(scope="module")
+def v2_store(tmp_path_factory):
+    """The bundled adder with every trained weight nudged: new expert files, a new model id,
+    the same answers."""
+    model = nd.load(ASSET_DIR)
+    flat = get_flat(model)
+    set_flat(model, flat + np.random.default_rng(0).normal(0, 1e-5, flat.shape).astype(flat.dtype))
+    out = tmp_path_factory.mktemp("versions") / "v2"
+    manifest = write_version(model, ASSET_DIR, out, {"rounds": 0, "note": "test version"})
+    return str(out), manifest.model_id
+
+
+def publish(client, store, channel="adder"):
+    reply = client.sync(client.scheduler.neuro_publish, store_url=str(store), channel=channel)
+    assert reply["status"] == "OK", reply
+    return reply
+
+
+def wait_for(predicate, what, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)  # poll
+    return value
+
+
+def hosted_models(client):
+    return {m for a in scheduler_status(client)["workers"] for m, experts in
+            worker_status(client, a)["hosted"].items() if experts}
+
+
+def test_a_following_client_switches_versions_without_a_failed_request(tmp_path, v2_store):
+    v2_path, v2 = v2_store
+    with dask.config.set({"neuro.scheduler.version-drain-seconds": 0.5}), \
+            neuro_cluster(3, tmp_path=tmp_path) as (cluster, client):
+        v1 = publish(client, ASSET_DIR)["model"]
+        assert publish(client, ASSET_DIR)["role"] == "current"
+        pinned = nd.load(ASSET_DIR, client=client)
+        follower = nd.follow("adder", client)
+        assert follower.model_id == v1
+        answers, errors, used = [], [], []
+        stop = threading.Event()
+
+        def keep_generating():
+            while not stop.is_set():
+                try:
+                    answers.append(follower.generate_text(PROMPTS, max_new_tokens=5))
+                    used.append(follower.model_id)
+                except Exception as exc:  # every failure is a defect: collected and asserted empty
+                    errors.append(exc)
+
+        thread = threading.Thread(target=keep_generating)
+        thread.start()
+        try:
+            assert publish(client, v2_path) == {**publish(client, v2_path), "role": "candidate"}
+            assert pinned.generate_text(PROMPTS[:1], max_new_tokens=5) == ANSWERS[:1]  # v1 still current
+            adopted = wait_for(lambda: (r := client.sync(client.scheduler.neuro_adopt, channel="adder", model=v2))
+                               ["status"] == "OK" and r, "v2 to be served and adopted")
+            assert list(adopted["retiring"]) == [v1]
+            wait_for(lambda: follower.switches == [(v1, v2)], "the follower to switch")
+            wait_for(lambda: v1 in scheduler_status(client)["versions"]["retired"], "v1 to retire")
+            wait_for(lambda: hosted_models(client) == {v2}, "the workers to drop v1's experts")
+            n = len(answers)
+            wait_for(lambda: len(answers) >= n + 3, "generations on v2")
+        finally:
+            stop.set()
+            thread.join(timeout=60)
+        assert errors == []
+        assert answers and all(a == ANSWERS for a in answers)
+        assert used[0] == v1 and used[-1] == v2 and used.count(v1) >= 1
+        assert sorted(set(used), key=used.index) == [v1, v2]  # never back to the old version
+        with pytest.raises(RetiredVersionError, match=f"current version is {v2}") as info:
+            pinned.generate_text(PROMPTS[:1], max_new_tokens=5)
+        assert info.value.current == v2
+        channel = client.sync(client.scheduler.neuro_channels)["channels"]["adder"]
+        assert channel["current"] == v2 and list(channel["history"]) == [v1, v2] and channel["candidate"] is None
+        follower.close()
+        pinned.close()
+
+
+def test_an_unserved_candidate_cannot_be_adopted_and_bad_requests_are_refused(tmp_path, v2_store):
+    v2_path, v2 = v2_store
+    with neuro_cluster(0, tmp_path=tmp_path) as (cluster, client):  # no workers: nothing is ever served
+        v1 = publish(client, ASSET_DIR)["model"]
+        publish(client, v2_path)
+        reply = client.sync(client.scheduler.neuro_adopt, channel="adder", model=v2)
+        assert reply["status"] == "error" and "not served yet" in reply["message"]
+        reply = client.sync(client.scheduler.neuro_adopt, channel="adder", model=v1 + "x")
+        assert "not the candidate" in reply["message"]
+        reply = client.sync(client.scheduler.neuro_publish, store_url=str(ASSET_DIR), channel="bad name")
+        assert reply["status"] == "error" and "channel name" in reply["message"]
+        with pytest.raises(nd.NeuroDaskError, match="no channel 'other'"):
+            nd.follow("other", client)
+
+
+def test_with_votes_only_a_passed_proposal_adopts_a_version(tmp_path, v2_store):
+    v2_path, v2 = v2_store
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    ledger = Ledger.open(url, LedgerConfig.from_dask_config(), now=time.time())
+    ledger.open_user("alice")
+    ledger.deposit("alice", 10**12, "alice-funds")
+    minimum = ledger.params()["min_stake"]
+    for name in ("0", "1", "2"):
+        ledger.open_provider(name, exist_ok=True)
+        ledger.transfer("genesis:community", provider(name), minimum, f"fund-{name}")
+        ledger.stake(name, minimum, f"stake-{name}")
+    config = {"neuro.ledger.url": url, "neuro.client.account": "alice", "neuro.scheduler.version-adoption": "vote",
+              "neuro.scheduler.version-drain-seconds": 0.0}
+    with dask.config.set(config), neuro_cluster(3, tmp_path=tmp_path) as (cluster, client):
+        v1 = publish(client, ASSET_DIR)["model"]
+        publish(client, v2_path)
+        refused = client.sync(client.scheduler.neuro_adopt, channel="adder", model=v2)
+        assert refused["status"] == "error" and "governance vote" in refused["message"]
+        now = time.time()
+        pid = ledger.propose("0", adoption_param("adder", v2), 1, now, "adopt-v2")
+        for voter in ("0", "1"):
+            ledger.vote(pid, voter, True, now)
+        assert ledger.tally(pid, now + ledger.params()["voting_seconds"])["status"] == "passed"
+        wait_for(lambda: client.sync(client.scheduler.neuro_channels)["channels"]["adder"]["current"] == v2,
+                 "the scheduler to adopt the voted version")
+        wait_for(lambda: v1 in scheduler_status(client)["versions"]["retired"], "v1 to retire")
+        with nd.follow("adder", client) as model:
+            assert model.model_id == v2
+            assert model.generate_text(PROMPTS, max_new_tokens=5) == ANSWERS
+        adopted = [e for _, e in client.get_events("neuro") if e.get("action") == "adopt"]
+        assert adopted and adopted[-1]["by"] == "vote" and adopted[-1]["model"] == v2
+    ledger.close()
