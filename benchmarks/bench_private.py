@@ -2,13 +2,16 @@
 
     .venv/bin/python benchmarks/bench_private.py [--prompts 32] [--new-tokens 5] [--model PATH]
 
-Three in-process workers of three owners, the bundled adder by default (any sharded folder with
---model), a NEURO ledger (a temporary SQLite file, the default price list) charging one funded
-client and every worker staked. The same greedy batch runs, alternately, `--rounds` times on
+Four in-process workers of four owners, each hosting every expert (a verified private call needs
+two worker-disjoint pairs), the bundled adder by default (any sharded folder with --model), a
+NEURO ledger (a temporary SQLite file, the default price list) charging one funded client and
+every worker staked. The same greedy batch runs, alternately, `--rounds` times on
   standard          the standard tier as the benchmark of issue 9 ran it (trust off: the client
                     pays the request price only, providers earn nothing),
   standard+trust    the standard tier as a paying network runs it (quorums: validated work is paid),
-  private           the private tier (secret shares; share holders are paid);
+  private           the private tier (secret shares; share holders are paid),
+  private+trust     the private tier with quorums (each step on two independent splits, compared
+                    bit for bit: twice the share work);
 reported: round trips per MoE layer, expert payload bytes per generated token (both ways), ms per
 generated token (median round), worker compute per layer (the private tier's workers report it;
 the standard tier's float expert is timed in this process at the same shapes), NEURO charged per
@@ -128,23 +131,24 @@ def main(argv=None) -> int:
 
     import dask
 
-    tiers = ("standard", "standard+trust", "private")
+    tiers = ("standard", "standard+trust", "private", "private+trust")
     results: dict[str, list[dict]] = {name: [] for name in tiers}
     answers = {}
-    names = [f"w-{owner}" for owner in ("alice", "bob", "carol")]
+    names = [f"w-{owner}" for owner in ("alice", "bob", "carol", "dave")]
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{tmp}/ledger.db"
         open_ledger(url, names)
         with dask.config.set({"neuro.ledger.url": url, "neuro.client.account": "bench"}), \
-                neuro_cluster(0, tmp_path=Path(tmp)) as (cluster, client):
+                neuro_cluster(0, replicas=len(names), tmp_path=Path(tmp)) as (cluster, client):
             for name in names:
                 add_worker(client, cluster.scheduler_address, name, "--neuro-owner", name[2:])
-            client.wait_for_workers(3, timeout=60)
+            client.wait_for_workers(len(names), timeout=60)
             with dask.config.set({"neuro.client.trust": True}):
                 trusted = nd.load(args.model, client=client)
-            with nd.load(args.model, client=client) as standard, trusted, \
+                private_trusted = nd.load(args.model, client=client, privacy="private")
+            with nd.load(args.model, client=client) as standard, trusted, private_trusted, \
                     nd.load(args.model, client=client, privacy="private") as private:
-                models = dict(zip(tiers, (standard, trusted, private), strict=True))
+                models = dict(zip(tiers, (standard, trusted, private, private_trusted), strict=True))
                 if generic:
                     g = torch.Generator().manual_seed(0)
                     ids = torch.randint(3, standard.config.vocab_size, (args.prompts, 8), generator=g)
@@ -163,7 +167,7 @@ def main(argv=None) -> int:
     summary["identical_answers"] = len({json.dumps(a) for a in answers.values()}) == 1
     summary["expert_compute_in_process"] = compute
     summary["setup"] = {"model": args.model, "prompts": args.prompts, "new_tokens": args.new_tokens,
-                        "rounds": args.rounds, "workers": 3, "cluster": "in-process, threads", "torch": torch.__version__,
+                        "rounds": args.rounds, "workers": len(names), "cluster": "in-process, threads", "torch": torch.__version__,
                         "price_list": "configs/neuro.yaml neuro.ledger defaults"}
     print(f"{'tier':15} {'ms/token':>9} {'round trips/layer':>18} {'bytes/token':>12} {'worker ms/layer':>16} "
           f"{'NEURO/token':>12}")

@@ -139,8 +139,9 @@ class NeuroWorker:
             return encode_error(f"paused: {self.paused}")
         self.private = getattr(self, "private", None) or PrivateExpertHost(self.host)
         try:
+            tamper = None if self.adversary.is_honest else self.adversary.tamper_shares  # drills only
             return await asyncio.get_running_loop().run_in_executor(
-                self._compute, serve_share, self.private, msg, self.security.max_rows)
+                self._compute, serve_share, self.private, msg, self.security.max_rows, tamper)
         except RuntimeError:  # the executor is shut down: this worker is closing
             return encode_error(f"{self.worker.address} is closing")
 

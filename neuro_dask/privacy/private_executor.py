@@ -12,9 +12,15 @@ elements. Experts with fewer than two distinct owners among their live replicas 
 (PrivateTierUnavailableError) after waiting `missing_expert_wait` for the scheduler to place
 more: the tier's guarantee assumes the two share holders do not collude.
 
+With neuro.client.trust, each step is computed on two independent splits by worker-disjoint
+pairs and the two ring sums must be equal bit for bit (the linear map is exact on the ring);
+a disagreement is settled by a third split, and the liar found by re-asking one of the losing
+shares of a third worker (`_verify`). An expert with no second disjoint pair runs unverified
+(counted in `stats["unverified"]`).
+
 It wraps a DistributedExecutor and borrows its routes, suspects, ledger requests and settings;
 calls go over Dask comms to each worker's `neuro_expert_share` handler (the direct transport
-path whatever neuro.client.transport says). Trust quorums are not run on shares (docs/privacy.md).
+path whatever neuro.client.transport says).
 With a ledger, requests are held at the private tier's price and each share holder's rows per
 step are reported as `private` work, which the request's fee pays for.
 """
@@ -25,6 +31,7 @@ import asyncio
 import logging
 import os
 import threading
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -58,15 +65,19 @@ def owner_of(routes: RouteTable, worker: str) -> str:
     return routes.standing_of(worker).owner or worker
 
 
-def plan_pairs(routes: RouteTable, layer: int, rows: Mapping[int, int], exclude: set[str] = frozenset()
+def plan_pairs(routes: RouteTable, layer: int, rows: Mapping[int, int], exclude: set[str] = frozenset(),
+               avoid: Mapping[int, set[str]] | None = None
                ) -> tuple[dict[int, tuple[str, str]], dict[int, list[str]]]:
     """Pure: expert -> (worker of share 0, worker of share 1) of distinct owners, spreading rows
-    over the least-loaded replicas; and expert -> its live owners for experts without a pair."""
+    over the least-loaded replicas; and expert -> its live owners for experts without a pair.
+    `exclude`: workers not to use at all; `avoid[e]`: workers not to use for expert e (those
+    that computed another split of it, so that a second opinion is an independent one)."""
     load: dict[str, int] = {}
     pairs: dict[int, tuple[str, str]] = {}
     short: dict[int, list[str]] = {}
+    avoid = avoid or {}
     for expert in sorted(rows):
-        candidates = [w for w in routes.ranked(layer, expert) if w not in exclude]
+        candidates = [w for w in routes.ranked(layer, expert) if w not in exclude and w not in avoid.get(expert, ())]
         if not candidates:
             short[expert] = []
             continue
@@ -82,6 +93,30 @@ def plan_pairs(routes: RouteTable, layer: int, rows: Mapping[int, int], exclude:
     return pairs, short
 
 
+@dataclass(frozen=True)
+class Computed:
+    """One expert's linear step computed on one split: who held which share, what each answered,
+    and their sum (the step's exact ring value: any honest split of the input gives the same)."""
+
+    pair: tuple[str, str]
+    shares: tuple[torch.Tensor, torch.Tensor]
+    answers: tuple[torch.Tensor, torch.Tensor]
+
+    @property
+    def total(self) -> torch.Tensor:
+        return reconstruct(*self.answers)
+
+
+class PrivateQuorumError(NeuroDaskError):
+    """Two independent splits of a private call disagreed and no third could settle it."""
+
+    def __init__(self, layer: int, expert: int, step: str, pairs):
+        self.layer, self.expert, self.step, self.pairs = layer, expert, step, [tuple(p) for p in pairs]
+        super().__init__(f"layer {layer} expert {expert} ({step}): the share holders {self.pairs} disagreed and no "
+                         "further independent pair of distinct owners was available to decide; nothing unverified "
+                         "was used. Start more workers of other owners, or raise --neuro-replicas")
+
+
 class PrivateExecutor:
     """Runs a layer's experts on secret shares; everything else is the wrapped executor's."""
 
@@ -93,7 +128,8 @@ class PrivateExecutor:
         self.random_bytes = random_bytes
         self._stats_lock = threading.Lock()
         self.stats = {"layers": 0, "round_trips": 0, "messages": 0, "bytes_sent": 0, "bytes_received": 0,
-                      "worker_compute_s": 0.0, "rows": 0}
+                      "worker_compute_s": 0.0, "rows": 0, "verified": 0, "unverified": 0, "disputes": 0,
+                      "caught": 0}
 
     def __getattr__(self, name: str) -> Any:  # settings, routes, begin_request, close, ... of the base
         return getattr(self.__dict__["base"], name)
@@ -120,30 +156,138 @@ class PrivateExecutor:
             for e, rows in groups.items():
                 base.load[(layer, e)] = base.load.get((layer, e), 0) + rows.shape[0]
         f = self.frac_bits
-        gate_up = self._shared_step(layer, "gate_up", {e: encode(x, f) for e, x in groups.items()}, None)
+        gate_up = self._step(layer, "gate_up", {e: encode(x, f) for e, x in groups.items()}, None)
         hidden = {}
         for e, shares in gate_up.items():
             g, u = decode(shares, 2 * f, torch.float32).chunk(2, dim=-1)
             hidden[e] = encode(F.silu(g) * u, f)
-        down = self._shared_step(layer, "down", hidden, int(next(iter(groups.values())).shape[1]))
+        down = self._step(layer, "down", hidden, int(next(iter(groups.values())).shape[1]))
         with self._stats_lock:
             self.stats["layers"] += 1
             self.stats["rows"] += sum(int(x.shape[0]) for x in groups.values())
         base.layer_seconds.append(base.clock() - started)
         return {e: decode(down[e], 2 * f, groups[e].dtype) for e in groups}
 
-    def _shared_step(self, layer: int, step: str, secrets: dict[int, torch.Tensor],
-                     width: int | None) -> dict[int, torch.Tensor]:
+    def _step(self, layer: int, step: str, secrets: dict[int, torch.Tensor], width: int | None
+              ) -> dict[int, torch.Tensor]:
+        """The step's exact ring values: from one split, or, with neuro.client.trust, agreed on by
+        two independent splits on worker-disjoint pairs (a third settles a disagreement)."""
+        first = self._shared_step(layer, step, secrets, width)
+        if not self.base.settings.trust:
+            return {e: c.total for e, c in first.items()}
+        return self._verify(layer, step, secrets, width, first)
+
+    def _verify(self, layer: int, step: str, secrets: dict[int, torch.Tensor], width: int | None,
+                first: dict[int, Computed]) -> dict[int, torch.Tensor]:
+        """Private quorum. Shares are random, so a second split reveals nothing more; the linear
+        map is exact on the ring, so honest splits reconstruct to identical integers and one
+        wrong share changes the sum. Agreement validates all four holders; a disagreement is
+        settled by a third split, and the losing pair's liar is found by re-asking one of its
+        shares of a third worker."""
+        used = {e: set(c.pair) for e, c in first.items()}
+        second = self._shared_step(layer, step, secrets, width, avoid=used, required=False)
+        results: dict[int, torch.Tensor] = {}
+        outcomes: list[tuple[str, str, int]] = []  # (worker, kind, expert)
+        for e, c1 in first.items():
+            c2 = second.get(e)
+            if c2 is None:  # no worker-disjoint pair of distinct owners: one opinion only
+                self._count("unverified")
+                results[e] = c1.total
+                continue
+            if torch.equal(c1.total, c2.total):
+                self._count("verified")
+                outcomes += [(w, "validated", e) for w in (*c1.pair, *c2.pair)]
+                results[e] = c1.total
+                continue
+            self._count("disputes")
+            results[e], judged = self._settle(layer, step, e, secrets[e], width, (c1, c2))
+            outcomes += judged
+        self._report_judged(layer, step, outcomes)
+        return results
+
+    def _settle(self, layer: int, step: str, expert: int, secret: torch.Tensor, width: int | None,
+                opinions: tuple[Computed, Computed]) -> tuple[torch.Tensor, list[tuple[str, str, int]]]:
+        """A third split decides. It avoids both disputed pairs where enough workers host the
+        expert; else one pair, then the other: a third split without the liar matches the honest
+        one bit for bit, one with it matches neither (its error depends on the random share)."""
+        c1, c2 = opinions
+        for avoid in ({*c1.pair, *c2.pair}, set(c1.pair), set(c2.pair)):
+            c3 = self._shared_step(layer, step, {expert: secret}, width, avoid={expert: avoid}, required=False).get(expert)
+            if c3 is None:
+                continue
+            agree = [c for c in opinions if torch.equal(c.total, c3.total)]
+            if len(agree) == 1:
+                good = agree[0]
+                bad = c2 if good is c1 else c1
+                judged = [(w, "validated", expert) for w in {*good.pair, *c3.pair}]
+                honest = [*good.pair, *c3.pair]
+                liar = self._find_liar(layer, step, expert, width, bad, good.total, honest)
+                if liar is not None:
+                    self._count("caught")
+                    judged += [(liar, "invalid", expert)]
+                    judged += [(w, "validated", expert) for w in bad.pair if w != liar and w not in honest]
+                return good.total, judged
+        raise PrivateQuorumError(layer, expert, step, [c.pair for c in opinions])
+
+    def _find_liar(self, layer: int, step: str, expert: int, width: int | None, bad: Computed,
+                   truth: torch.Tensor, honest: list[str]) -> str | None:
+        """Re-ask share 0 of the losing split of a worker that may see it (not share 1's holder,
+        nor of its owner), one known honest first: the same answer means share 1's holder lied;
+        an answer that with share 1's makes the truth means share 0's holder lied. None when no
+        witness settles it (no one is judged then)."""
+        base = self.base
+        w0, w1 = bad.pair
+        ranked = [w for w in base.routes.ranked(layer, expert)
+                  if w not in (w0, w1) and owner_of(base.routes, w) != owner_of(base.routes, w1)]
+        for witness in sorted(ranked, key=lambda w: w not in honest)[:2]:
+            msg = encode_share_request(base.model_id, layer, step, self.frac_bits, {expert: bad.shares[0]})
+            reply = base.client.sync(self._call_all, {witness: msg}, base.settings.deadline)[witness]
+            try:
+                if isinstance(reply, BaseException):
+                    raise reply
+                answer = decode_share_response(reply, {expert: bad.shares[0]}, width)[expert]
+            except Exception as exc:
+                log.info("private quorum: witness %s did not answer (%s)", witness, exc)
+                continue
+            self._report_work(layer, expert, step, (witness,), int(answer.shape[0]))
+            if torch.equal(answer, bad.answers[0]):
+                return w1
+            if torch.equal(reconstruct(answer, bad.answers[1]), truth):
+                return w0
+        return None
+
+    def _report_judged(self, layer: int, step: str, outcomes: list[tuple[str, str, int]]) -> None:
+        """Validated and caught share holders move reputation (rows 0: the fee pays by share-rows);
+        a caught one is skipped for the cooldown, like a standard-tier liar."""
+        base = self.base
+        if not outcomes:
+            return
+        with base._lock:
+            for w, kind, e in outcomes:
+                base.outcomes.append((Outcome(w, kind, f"private:{step}:{layer}:{e}", layer, e), base.request))
+                if kind == "invalid":
+                    base.suspects[w] = base.clock() + base.settings.suspect_cooldown
+
+    def _count(self, key: str) -> None:
+        with self._stats_lock:
+            self.stats[key] += 1
+
+    def _shared_step(self, layer: int, step: str, secrets: dict[int, torch.Tensor], width: int | None,
+                     avoid: Mapping[int, set[str]] | None = None, required: bool = True) -> dict[int, Computed]:
         """Apply the step's linear map to every secret through two non-colluding workers;
-        `width`: the outputs' columns (None: any even width, the same from both workers)."""
+        `width`: the outputs' columns (None: any even width, the same from both workers).
+        `avoid`: workers not to use per expert; with `required=False`, experts that find no pair
+        are left out instead of waited for."""
         base = self.base
         pending = dict(secrets)
-        results: dict[int, torch.Tensor] = {}
+        results: dict[int, Computed] = {}
         exclude: set[str] = set(base.suspects)
         waited_since: float | None = None
         while pending:
-            pairs, short = plan_pairs(base.routes, layer, {e: x.shape[0] for e, x in pending.items()}, exclude)
+            pairs, short = plan_pairs(base.routes, layer, {e: x.shape[0] for e, x in pending.items()}, exclude, avoid)
             if short and not pairs:
+                if not required:
+                    break
                 waited_since = self._wait(layer, short, waited_since)
                 exclude = set()
                 continue
@@ -182,12 +326,12 @@ class PrivateExecutor:
                         raise NeuroDaskError(f"layer {layer} expert {e}: workers {w0} and {w1} answered shares of "
                                              f"shapes {tuple(a.shape)} and {tuple(b.shape)}; they serve different "
                                              "weights for the same expert")
-                    results[e] = reconstruct(a, b)
+                    results[e] = Computed((w0, w1), (per_worker[w0][e], per_worker[w1][e]), (a, b))
                     del pending[e]
                     self._report_work(layer, e, step, (w0, w1), int(a.shape[0]))
         return results
 
-    def _report_work(self, layer: int, expert: int, step: str, holders: tuple[str, str], rows: int) -> None:
+    def _report_work(self, layer: int, expert: int, step: str, holders: tuple[str, ...], rows: int) -> None:
         """Each share holder's rows, for the request's settlement (only inside a charged request)."""
         base = self.base
         if not base.request:

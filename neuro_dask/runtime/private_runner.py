@@ -21,7 +21,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -106,11 +106,17 @@ class PrivateExpertHost:
         return outputs
 
 
-def serve_share(private: PrivateExpertHost, msg: Any, max_rows: int) -> dict[str, Any]:
-    """One share call -> its response. Never raises: no exception is ever pickled to a client."""
+def serve_share(private: PrivateExpertHost, msg: Any, max_rows: int,
+                tamper: Callable[[int, dict[int, torch.Tensor]], dict[int, torch.Tensor]] | None = None
+                ) -> dict[str, Any]:
+    """One share call -> its response. Never raises: no exception is ever pickled to a client.
+    `tamper(layer, outputs)`: drills only (an adversarial worker's wrong answers)."""
     try:
         started = time.perf_counter()
-        outputs = private.run(decode_share_request(msg, max_rows=max_rows))
+        request = decode_share_request(msg, max_rows=max_rows)
+        outputs = private.run(request)
+        if tamper is not None:
+            outputs = tamper(request.layer, outputs)
         return encode_share_response(outputs, time.perf_counter() - started)
     except (NeuroDaskError, WireFormatError) as exc:
         return encode_error(str(exc))

@@ -144,6 +144,15 @@ def _noisy(output: torch.Tensor, scale: float, seed: int) -> torch.Tensor:
     return (x + noise).to(output.device, output.dtype)
 
 
+def _noisy_share(output: torch.Tensor, scale: float, seed: int, frac_bits: int = 32) -> torch.Tensor:
+    """A wrong answer on the private tier: int64 ring elements + round(N(0, scale) * 2^frac_bits),
+    never + 0 (every element changes, wrapping mod 2^64 as the ring does)."""
+    gen = torch.Generator().manual_seed(seed)
+    delta = (torch.randn(output.shape, generator=gen, dtype=torch.float64) * scale * 2.0**frac_bits).to(torch.int64)
+    delta[delta == 0] = 1
+    return output + delta
+
+
 class Adversary:
     """Wraps honest expert outputs; one instance per worker. Thread-safe.
 
@@ -202,6 +211,20 @@ class Adversary:
             self._exit()
             raise AdversaryCrash(f"adversary: crashed on call {index + 1} (after={spec.after})")
         return dict(outputs), 0.0
+
+    def tamper_shares(self, layer: int, outputs: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """The private tier's answers (int64 shares at scale 2^32): perturb and defect change them
+        as `respond` changes float outputs; the other modes leave them (straggle and crash act
+        through `respond`'s callers only on the standard tier)."""
+        spec = self.spec
+        with self._lock:
+            index = self.calls
+            self.calls += 1
+            coin = self._rng.random() if spec.mode == "perturb" else 0.0
+        if (spec.mode == "perturb" and coin < spec.probability) or (spec.mode == "defect" and index >= spec.after):
+            return {e: _noisy_share(out, spec.scale, _seed("share", spec.seed, self._salt, index, layer, int(e)))
+                    for e, out in outputs.items()}
+        return dict(outputs)
 
     def _perturbed(self, layer: int, index: int, outputs: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         # Seeded per expert so the noise does not depend on the dict's order.

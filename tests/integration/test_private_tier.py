@@ -90,3 +90,62 @@ def test_private_tier_refuses_experts_of_a_single_owner(tmp_path):
 def test_private_without_a_client_is_a_config_error(sharded):
     with pytest.raises(ConfigError, match="needs a client"):
         nd.load(sharded("mixtral"), privacy="private")
+
+
+def private_quorum_cluster(tmp_path, adversary: str | None = None, n: int = 5):
+    """n workers of n owners, every expert on every worker; worker w-0 optionally adversarial."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def cluster():
+        with neuro_cluster(0, replicas=n, tmp_path=tmp_path) as (c, client):
+            for i in range(n):
+                extra = ["--neuro-adversary", adversary] if adversary and i == 0 else []
+                add_worker(client, c.scheduler_address, f"w-{i}", "--neuro-owner", f"owner-{i}", *extra)
+            client.wait_for_workers(n, timeout=30)
+            yield c, client
+
+    return cluster()
+
+
+def test_with_trust_a_lying_share_holder_is_outvoted_caught_and_the_answers_stay_exact(tmp_path):
+    """A worker that corrupts every share it returns changes no answer: each step is computed on
+    two independent splits, a disagreement goes to a third, and the liar (only the liar) is
+    reported invalid and skipped."""
+    from neuro_dask.demo.addition import ASSET_DIR, sample_problems
+
+    prompts = [p.prompt for p in sample_problems(12, random.Random(3), held_out=True)]
+    with private_quorum_cluster(tmp_path, adversary='{"mode": "defect", "after": 0, "scale": 0.05}') as (_, client):
+        with nd.load(ASSET_DIR, client=client) as standard:
+            expected = standard.generate_text(prompts, max_new_tokens=5)
+        with dask.config.set({"neuro.client.trust": True}), \
+                nd.load(ASSET_DIR, client=client, privacy="private") as private:
+            got = private.generate_text(prompts, max_new_tokens=5)
+            private.executor.flush_reports()
+            stats = dict(private.executor.stats)
+        events = [e for _, e in client.get_events("neuro-trust")]
+    assert got == expected
+    assert stats["verified"] > 0 and stats["disputes"] > 0 and stats["caught"] > 0, stats
+    caught = {e["name"] for e in events if e["action"] == "invalid"}
+    assert caught == {"w-0"}, caught
+
+
+def test_with_trust_honest_splits_agree_bit_for_bit(tmp_path):
+    from neuro_dask.demo.addition import ASSET_DIR
+
+    with private_quorum_cluster(tmp_path, n=4) as (_, client), \
+            dask.config.set({"neuro.client.trust": True}), \
+            nd.load(ASSET_DIR, client=client, privacy="private") as private:
+        assert private.generate_text(["123+456=", "7+8="], max_new_tokens=5) == ["579", "15"]
+        stats = dict(private.executor.stats)
+    assert stats["verified"] > 0 and stats["disputes"] == 0 and stats["unverified"] == 0, stats
+
+
+def test_with_trust_but_no_disjoint_second_pair_the_call_runs_unverified_and_says_so(owners_cluster):
+    from neuro_dask.demo.addition import ASSET_DIR
+
+    _, client = owners_cluster  # three workers: a second pair would share a worker with the first
+    with dask.config.set({"neuro.client.trust": True}), nd.load(ASSET_DIR, client=client, privacy="private") as m:
+        assert m.generate_text(["123+456="], max_new_tokens=5) == ["579"]
+        stats = dict(m.executor.stats)
+    assert stats["unverified"] > 0 and stats["verified"] == 0, stats

@@ -273,3 +273,15 @@ def test_make_adversary_builds_from_config_with_injections():
     adv.apply(0, *request())
     assert slept == [0.1] and not adv.is_honest
     assert make_adversary(None).is_honest
+
+
+def test_share_tampering_changes_every_ring_element_only_when_the_mode_says_so():
+    shares = {3: torch.randint(-2**62, 2**62, (4, 6), dtype=torch.int64)}
+    defect = make_adversary({"mode": "defect", "after": 1})
+    first, second = defect.tamper_shares(0, shares), defect.tamper_shares(0, shares)
+    assert torch.equal(first[3], shares[3])  # honest for `after` calls
+    assert second[3].dtype == torch.int64 and bool((second[3] != shares[3]).all())
+    perturb = make_adversary({"mode": "perturb", "probability": 1.0, "scale": 1e-9})  # noise rounds to 0: still changed
+    assert bool((perturb.tamper_shares(1, shares)[3] != shares[3]).all())
+    for mode in ({"mode": "straggle", "delay": 0.1}, {"mode": "honest"}):
+        assert torch.equal(make_adversary(mode).tamper_shares(0, shares)[3], shares[3])
