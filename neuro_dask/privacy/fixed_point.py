@@ -57,3 +57,30 @@ def decode(v: torch.Tensor, frac_bits: int = FRAC_BITS, dtype: torch.dtype = tor
 def ring_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b in Z_2^64: torch's int64 CPU matmul wraps (tests check it against exact integers)."""
     return a.to(torch.int64) @ b.to(torch.int64)
+
+
+LIMB_BITS = 16
+LIMBS = RING_BITS // LIMB_BITS
+_EXACT = 2**53  # integers below this are exact in float64, and so are sums that stay below it
+
+
+def limb_exact(b: torch.Tensor) -> bool:
+    """Whether `ring_matmul_limbs` is exact for a right operand like `b` (integer-valued, [K, N]):
+    every limb product sum must stay below 2^53, i.e. K * 2^16 * max|b| < 2^53."""
+    largest = int(b.abs().max()) if b.numel() else 0
+    return b.shape[0] * (2**LIMB_BITS - 1) * largest < _EXACT
+
+
+def ring_matmul_limbs(a: torch.Tensor, b64: torch.Tensor) -> torch.Tensor:
+    """a @ b in Z_2^64 with float64 GEMMs, for devices without an int64 matmul (CUDA's BLAS has
+    none): a (any ring elements) is cut into four unsigned 16-bit limbs a_i, each a_i @ b is a
+    float64 GEMM whose every partial sum is an integer below 2^53 when `limb_exact(b)` (so exact,
+    in any summation order), and a @ b = sum_i (a_i @ b) << 16 i mod 2^64. `b64`: b as float64
+    on a's device (weights are small integers: the caller converts them once and checks
+    `limb_exact`)."""
+    mask = (1 << LIMB_BITS) - 1
+    out = torch.zeros(a.shape[0], b64.shape[1], dtype=torch.int64, device=a.device)
+    for i in range(LIMBS):
+        limb = ((a >> (LIMB_BITS * i)) & mask).to(torch.float64)
+        out += (limb @ b64).to(torch.int64) << (LIMB_BITS * i)  # int64 shifts and adds wrap: the ring
+    return out

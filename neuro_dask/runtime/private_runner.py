@@ -27,7 +27,7 @@ import torch
 
 from neuro_dask.errors import NeuroDaskError
 from neuro_dask.model.moe import ExpertWeights
-from neuro_dask.privacy.fixed_point import encode, ring_matmul
+from neuro_dask.privacy.fixed_point import encode, limb_exact, ring_matmul, ring_matmul_limbs
 from neuro_dask.privacy.share_wire import ShareRequest, decode_share_request, encode_share_response
 from neuro_dask.runtime.expert_host import ExpertHost, ExpertNotHostedError
 from neuro_dask.store.shard_store import read_expert_file
@@ -38,16 +38,26 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class IntegerExpert:
-    """Integer-encoded SwiGLU weights, transposed for row-major shares."""
+    """Integer-encoded SwiGLU weights, transposed for row-major shares. On a CUDA device the
+    weights are kept there as float64 and products use exact 16-bit limb GEMMs
+    (fixed_point.ring_matmul_limbs); on the CPU, torch's wrapping int64 matmul."""
 
-    gate_up_t: torch.Tensor  # [D, 2I] int64: gate then up
-    down_t: torch.Tensor  # [I, D] int64
+    gate_up_t: torch.Tensor  # [D, 2I] int64 on the CPU, float64 on a CUDA device: gate then up
+    down_t: torch.Tensor  # [I, D]
     frac_bits: int
 
     @classmethod
-    def from_weights(cls, w: ExpertWeights, frac_bits: int) -> IntegerExpert:
-        gate_up = torch.cat([encode(w.gate_proj, frac_bits), encode(w.up_proj, frac_bits)])  # [2I, D]
-        return cls(gate_up.t().contiguous(), encode(w.down_proj, frac_bits).t().contiguous(), frac_bits)
+    def from_weights(cls, w: ExpertWeights, frac_bits: int, device: str | torch.device = "cpu") -> IntegerExpert:
+        gate_up = torch.cat([encode(w.gate_proj, frac_bits), encode(w.up_proj, frac_bits)]).t().contiguous()  # [D, 2I]
+        down = encode(w.down_proj, frac_bits).t().contiguous()
+        device = torch.device(device)
+        if device.type == "cuda" and limb_exact(gate_up) and limb_exact(down):
+            return cls(gate_up.to(device, torch.float64), down.to(device, torch.float64), frac_bits)
+        return cls(gate_up, down, frac_bits)
+
+    @property
+    def device(self) -> torch.device:
+        return self.gate_up_t.device
 
     @property
     def hidden(self) -> int:
@@ -66,6 +76,8 @@ class IntegerExpert:
         if share.shape[1] != weights.shape[0]:
             raise WireFormatError(f"step {step}: share rows of width {share.shape[1]}, the expert takes "
                                   f"{weights.shape[0]}")
+        if weights.dtype == torch.float64:
+            return ring_matmul_limbs(share.to(weights.device), weights).cpu()
         return ring_matmul(share, weights)
 
 
@@ -91,7 +103,7 @@ class PrivateExpertHost:
         if not hosted:
             raise ExpertNotHostedError(model_id, layer, expert)
         path = self.host.cache.fetch(model.store_url, model.manifest.expert(layer, expert))  # verified, cached
-        built = IntegerExpert.from_weights(read_expert_file(path, model.config), frac_bits)
+        built = IntegerExpert.from_weights(read_expert_file(path, model.config), frac_bits, self.host.device)
         with self._lock:
             self._experts[key] = built
             while len(self._experts) > self.max_experts:

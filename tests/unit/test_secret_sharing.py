@@ -201,3 +201,32 @@ def test_pairs_use_two_distinct_owners_and_spread_load():
 def test_experts_without_two_owners_are_short(routes, owners, exclude, expected):
     pairs, short = plan_pairs(table(routes, owners), 0, {0: 1}, exclude)
     assert pairs == {} and short == expected
+
+
+@pytest.mark.parametrize("k, n", [(1, 1), (64, 96), (1024, 256)])
+def test_limb_gemms_equal_the_int64_ring_matmul_bit_for_bit(k, n):
+    """The CUDA path (float64 GEMMs on 16-bit limbs), run here on the CPU: exact for uniformly
+    random shares (extremes included) and weights at the tier's scale."""
+    from neuro_dask.privacy.fixed_point import limb_exact, ring_matmul, ring_matmul_limbs
+
+    g = torch.Generator().manual_seed(k)
+    a = torch.randint(-2**63, 2**63 - 1, (7, k), generator=g, dtype=torch.int64)
+    a[0, 0], a[-1, -1] = -2**63, 2**63 - 1
+    w = encode(torch.randn(k, n, generator=g) * 3.0)
+    assert limb_exact(w)
+    assert torch.equal(ring_matmul_limbs(a, w.to(torch.float64)), ring_matmul(a, w))
+
+
+def test_weights_too_large_for_exact_limbs_are_detected():
+    from neuro_dask.privacy.fixed_point import limb_exact
+
+    assert not limb_exact(torch.full((4096, 2), 2**26, dtype=torch.int64))  # 2^12 * (2^16 - 1) * 2^26 > 2^53
+    assert limb_exact(torch.full((4096, 2), 2**20, dtype=torch.int64))
+
+
+def test_an_integer_expert_on_the_cpu_keeps_int64_weights():
+    from neuro_dask.runtime.private_runner import IntegerExpert
+
+    w = ExpertWeights(torch.randn(6, 4), torch.randn(6, 4), torch.randn(4, 6))
+    ie = IntegerExpert.from_weights(w, 16, "cpu")
+    assert ie.gate_up_t.dtype == torch.int64 and ie.device == torch.device("cpu")
