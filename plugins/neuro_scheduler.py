@@ -496,7 +496,8 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         events = list(self.events)
         return NetworkView(workers=workers, layers=1 + max((l for l, _ in keys), default=-1),
                            experts=1 + max((e for _, e in keys), default=-1), replicas=serving_count, target=target,
-                           load=load, events=events, ledger=self.ledger_view if self.ledger else None, model=model)
+                           load=load, events=events, ledger=self.ledger_view if self.ledger else None, model=model,
+                           versions=self.channels.status(time.time()))
 
     # ---- ledger --------------------------------------------------------------------------------
 

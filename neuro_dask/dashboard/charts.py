@@ -35,8 +35,8 @@ def nav(current: str, prefix: str = "/") -> Div:
                name="neuro-nav")
 
 
-WIDE = {"address": 200, "workers": 320, "hardware": 110, "model": 160, "cause": 120, "provider": 160,
-        "worker": 200, "owner": 140, "param": 150}
+WIDE = {"address": 200, "workers": 320, "hardware": 110, "model": 200, "channel": 120, "role": 200, "cause": 120,
+        "provider": 160, "worker": 200, "owner": 140, "param": 150}
 
 
 def _table(columns: dict, names: tuple[str, ...], height: int = 500, name: str | None = None,
@@ -116,6 +116,24 @@ class ExpertHeatmap:
         short = sum(1 for s in data["short"] if s)
         self.title.text = (f"model <b>{view.model or 'none published'}</b>: {view.layers} layers x {view.experts} "
                            f"experts; {short} experts below their placement target")
+
+
+class VersionTable:
+    """Model versions on channels: current, candidate, retiring (requests still running), retired."""
+
+    def __init__(self, plugin):
+        self.plugin = plugin
+        self.title = Div(text="", name="versions-title")
+        self.source, self.table = _table({c: [] for c in views.VERSION_COLUMNS}, views.VERSION_COLUMNS, 200,
+                                         "versions-table")
+        self.root = column(self.title, self.table, sizing_mode="stretch_width")
+
+    def update(self) -> None:
+        view = self.plugin.dashboard_view()
+        self.source.data = views.version_columns(view)
+        adoption = (view.versions or {}).get("adoption", "operator")
+        self.title.text = (f"<b>Model versions</b> (adopted by {'governance vote' if adoption == 'vote' else 'the operator'}"
+                           "; `neuro-dask publish --channel`, `neuro-dask adopt`)")
 
 
 class CallStream:

@@ -18,7 +18,7 @@ REFRESH_MS = {"network": 1000, "experts": 1000, "calls": 500, "trust": 1000, "ec
 def _charts(page: str, plugin) -> list:
     return {
         "network": lambda: [charts.NetworkTable(plugin)],
-        "experts": lambda: [charts.ExpertHeatmap(plugin)],
+        "experts": lambda: [charts.ExpertHeatmap(plugin), charts.VersionTable(plugin)],
         "calls": lambda: [charts.CallStream(plugin), charts.LatencyHistograms(plugin)],
         "trust": lambda: [charts.TrustFeed(plugin), charts.ReputationChart(plugin)],
         "economy": lambda: [charts.Economy(plugin)],

@@ -54,6 +54,7 @@ class NetworkView:
     events: Sequence[Mapping] = ()  # neuro-trust and neuro-ledger events, oldest first
     ledger: Mapping | None = None  # {"report", "stakes", "leaderboard", "owners", "proposals"}; None: no ledger
     model: str = ""
+    versions: Mapping = field(default_factory=dict)  # ModelChannels.status(): channels, retiring, retired
 
 
 def _quantile(values: Sequence[float], q: float) -> float:
@@ -242,4 +243,31 @@ def proposal_columns(view: NetworkView) -> dict[str, list]:
         cols["yes"].append(p["yes"] / 1e9)
         cols["no"].append(p["no"] / 1e9)
         cols["ends"].append(time.strftime("%Y-%m-%d %H:%M", time.localtime(p["ends_at"])))
+    return cols
+
+
+VERSION_COLUMNS = ("channel", "model", "role", "requests")
+
+
+def version_columns(view: NetworkView) -> dict[str, list]:
+    """One row per model version on a channel: current, candidate (approved by vote), retiring
+    (with its requests still running) or retired, newest first within a channel."""
+    cols: dict[str, list] = {c: [] for c in VERSION_COLUMNS}
+    status = view.versions or {}
+    retiring, retired = status.get("retiring", {}), status.get("retired", {})
+
+    def add(channel: str, model: str, role: str, requests: int | str = "") -> None:
+        for c, v in zip(VERSION_COLUMNS, (channel, model, role, requests), strict=True):
+            cols[c].append(v)
+
+    for name, ch in sorted(status.get("channels", {}).items()):
+        if ch.get("candidate"):
+            add(name, ch["candidate"], "candidate (approved by vote)" if ch.get("approved") else "candidate")
+        if ch.get("current"):
+            add(name, ch["current"], "current")
+        for model in reversed(ch.get("history", [])[:-1]):
+            if model in retiring:
+                add(name, model, "retiring", int(retiring[model]["leases"]))
+            elif model in retired:
+                add(name, model, "retired")
     return cols

@@ -15,6 +15,7 @@ import pytest
 from cluster_helpers import neuro_cluster, scheduler_status, worker_status
 
 import neuro_dask as nd
+from neuro_dask.dashboard.charts import VersionTable
 from neuro_dask.demo.addition import ASSET_DIR
 from neuro_dask.federated.training import get_flat, set_flat, write_version
 from neuro_dask.ledger import Ledger, LedgerConfig, provider
@@ -101,6 +102,10 @@ def test_a_following_client_switches_versions_without_a_failed_request(tmp_path,
         assert info.value.current == v2
         channel = client.sync(client.scheduler.neuro_channels)["channels"]["adder"]
         assert channel["current"] == v2 and list(channel["history"]) == [v1, v2] and channel["candidate"] is None
+        table = VersionTable(cluster.scheduler.extensions["neuro"])  # the dashboard's experts page
+        table.update()
+        assert list(zip(table.source.data["model"], table.source.data["role"], strict=True)) == [
+            (v2, "current"), (v1, "retired")]
         follower.close()
         pinned.close()
 

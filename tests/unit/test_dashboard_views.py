@@ -110,3 +110,23 @@ def test_a_malformed_call_report_is_refused():
         CallRecord.from_report([1, 2, ["w"], "slow", 1, 0, "ok", "direct"], "m", 0.0)
     with pytest.raises(ValueError):
         CallRecord.from_report([1, 2], "m", 0.0)
+
+
+def test_version_rows_show_each_channels_versions_newest_first():
+    from neuro_dask.versions import ModelChannels
+
+    c = ModelChannels(adoption="vote", drain_seconds=0)
+    for model in ("v1", "v2"):
+        c.publish("adder", model, 0)
+    c.adopt("adder", "v2", True, 1, by_vote=True)
+    c.begin("v2", "r", 1)
+    c.publish("adder", "v3", 2)
+    c.approve("adder", "v3")
+    c.begin("v1", "old-request", 1)
+    cols = views.version_columns(views.NetworkView(versions=c.status(3)))
+    assert list(zip(cols["model"], cols["role"], cols["requests"], strict=True)) == [
+        ("v3", "candidate (approved by vote)", ""), ("v2", "current", ""), ("v1", "retiring", 1)]
+    c.end("old-request")
+    c.retirable(4)
+    assert views.version_columns(views.NetworkView(versions=c.status(4)))["role"][-1] == "retired"
+    assert views.version_columns(views.NetworkView()) == {k: [] for k in views.VERSION_COLUMNS}
