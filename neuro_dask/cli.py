@@ -271,8 +271,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from neuro_dask.gateway.serve_cli import serve
 
+    if args.channel and not args.scheduler:
+        raise NeuroDaskError("--channel needs --scheduler: channels live on a network's scheduler")
     return serve(args.scheduler, args.model, host=args.host, port=args.port, api_keys=args.api_keys,
-                 workers=args.workers, model_id=args.model_id, transport=args.transport, tls=args.tls)
+                 workers=args.workers, model_id=args.model_id, transport=args.transport, tls=args.tls,
+                 channel=args.channel, privacy=args.privacy)
 
 
 def _cmd_train_demo(args: argparse.Namespace) -> int:
@@ -416,7 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--scheduler", help="serve through an existing cluster (default: start a local one)")
     sv.add_argument("--tls", metavar="DIR", help="with --scheduler: a client certificate's folder (hardened network)")
     sv.add_argument("--model", help="sharded model folder or URL (default: the bundled adder)")
-    sv.add_argument("--model-id", help="the id clients ask for (default: the model folder's name)")
+    sv.add_argument("--model-id", help="the id clients ask for (default: the model folder's name, or the channel)")
+    sv.add_argument("--channel", help="with --scheduler: serve this channel's current model version and follow it "
+                                      "to each new one between requests (docs/privacy.md)")
+    sv.add_argument("--privacy", choices=["standard", "private"], default="standard",
+                    help="private: every expert call on secret shares, charged at the private price (docs/privacy.md)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     sv.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 = any free port)")
     sv.add_argument("--api-keys", metavar="FILE",

@@ -10,9 +10,10 @@ until every request leased on it has ended, so switching drops nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from neuro_dask.errors import NeuroDaskError
 from neuro_dask.versions import RetiredVersionError, check_channel_name
@@ -51,6 +52,7 @@ class FollowingModel:
         self._lock = threading.Lock()
         self._active: dict[int, int] = {}  # id(model) -> requests of this process running on it
         self._retired_here: list[Any] = []  # replaced models still running a request
+        self._accounts = threading.local()  # `charging`: who pays, per thread, whatever the version
         self.switches: list[tuple[str, str]] = []  # (from, to) model ids, in order
         self.model = self._load(*channel_versions(client, channel))
 
@@ -103,10 +105,26 @@ class FollowingModel:
             self._active[id(model)] -= 1
             self._close_idle()
 
+    @contextlib.contextmanager
+    def charging(self, account: str | None) -> Iterator[None]:
+        """As MoEModel.charging: requests this thread starts in the block are paid by `account`,
+        on whichever version they run."""
+        before = getattr(self._accounts, "account", None)
+        self._accounts.account = account
+        try:
+            yield
+        finally:
+            self._accounts.account = before
+
+    def _paid_by_caller(self, model: Any):
+        account = getattr(self._accounts, "account", None)
+        return model.charging(account) if account else contextlib.nullcontext()
+
     def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
         model = self._acquire()
         try:
-            return getattr(model, name)(*args, **kwargs)
+            with self._paid_by_caller(model):
+                return getattr(model, name)(*args, **kwargs)
         except RetiredVersionError as exc:  # refused at the request's start: nothing ran; go on on the new one
             log.info("channel %s: %s", self.channel, exc)
             current = exc.current
@@ -114,7 +132,8 @@ class FollowingModel:
             self._release(model)
         model = self._acquire(force_to=current, force=True)
         try:
-            return getattr(model, name)(*args, **kwargs)
+            with self._paid_by_caller(model):
+                return getattr(model, name)(*args, **kwargs)
         finally:
             self._release(model)
 
@@ -131,7 +150,8 @@ class FollowingModel:
     def stream(self, *args: Any, **kwargs: Any):
         model = self._acquire()
         try:
-            yield from model.stream(*args, **kwargs)
+            with self._paid_by_caller(model):
+                yield from model.stream(*args, **kwargs)
         finally:
             self._release(model)
 

@@ -22,10 +22,13 @@ def _interrupt(signum, frame) -> None:
 
 def serve(scheduler: str | None = None, model_path: str | Path | None = None, host: str = "127.0.0.1",
           port: int = 8000, api_keys: str | Path | None = None, workers: int = 3, model_id: str | None = None,
-          transport: str | None = None, tls: str | None = None) -> int:
+          transport: str | None = None, tls: str | None = None, channel: str | None = None,
+          privacy: str = "standard") -> int:
     """Load the model (on `scheduler`'s cluster, or an embedded local one) and serve it until
     interrupted (Ctrl-C or SIGTERM). Without a model: the bundled adder. `tls`: a folder with a
-    client certificate for a hardened network (docs/security.md)."""
+    client certificate for a hardened network (docs/security.md). `channel`: serve that
+    channel's current version, following it to each new one between requests (nd.follow).
+    `privacy="private"`: every expert call on secret shares (docs/privacy.md)."""
     import signal
 
     from neuro_dask.cluster import connect
@@ -40,8 +43,13 @@ def serve(scheduler: str | None = None, model_path: str | Path | None = None, ho
     model = gateway = server = None
     previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     try:
-        model = load(path, client=client, transport=transport)
-        gateway = Gateway(model, model_id=model_id or default_model_id(str(path)), api_keys=keys)
+        if channel:
+            from neuro_dask.following import follow
+
+            model = follow(channel, client, transport=transport, privacy=privacy)
+        else:
+            model = load(path, client=client, transport=transport, privacy=privacy)
+        gateway = Gateway(model, model_id=model_id or channel or default_model_id(str(path)), api_keys=keys)
         try:
             server = GatewayServer(gateway, host, port).start()
         except OSError as exc:  # the port is taken, or the host is not this machine's

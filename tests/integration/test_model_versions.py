@@ -157,3 +157,34 @@ def test_with_votes_only_a_passed_proposal_adopts_a_version(tmp_path, v2_store):
         adopted = [e for _, e in client.get_events("neuro") if e.get("action") == "adopt"]
         assert adopted and adopted[-1]["by"] == "vote" and adopted[-1]["model"] == v2
     ledger.close()
+
+
+def test_the_gateway_serves_a_channel_across_a_version_switch(tmp_path, v2_store):
+    """`neuro-dask serve --channel`: OpenAI clients keep getting answers while the channel moves."""
+    import openai
+
+    from neuro_dask.gateway import Gateway, GatewayServer
+
+    v2_path, v2 = v2_store
+    with dask.config.set({"neuro.scheduler.version-drain-seconds": 0.0}), \
+            neuro_cluster(3, tmp_path=tmp_path) as (cluster, client):
+        v1 = publish(client, ASSET_DIR)["model"]
+        gateway = Gateway(nd.follow("adder", client), model_id="adder")
+        server = GatewayServer(gateway, "127.0.0.1", 0).start()
+        try:
+            api = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=60)
+
+            def ask() -> str:
+                return api.completions.create(model="adder", prompt="123+456=", max_tokens=5, temperature=0) \
+                    .choices[0].text
+
+            assert ask() == "579" and gateway.model.model_id == v1
+            publish(client, v2_path)
+            wait_for(lambda: client.sync(client.scheduler.neuro_adopt, channel="adder", model=v2)["status"] == "OK",
+                     "v2 to be served and adopted")
+            assert ask() == "579"  # told of v2 at its start, still run on v1
+            assert ask() == "579" and gateway.model.model_id == v2
+        finally:
+            server.stop()
+            gateway.close()
+            gateway.model.close()
