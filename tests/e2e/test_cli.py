@@ -50,6 +50,7 @@ def test_demo_with_prompts():
 @pytest.mark.parametrize("args, message", [
     (["inspect", "/nonexistent/model"], "no config.json"),
     (["shard", "/nonexistent/src", "/tmp/x"], "no config.json"),
+    (["serve", "--channel", "adder"], "--channel needs --scheduler"),
 ])
 def test_errors_exit_2_with_a_message_and_no_traceback(args, message):
     proc = run(*args, check=False)
