@@ -20,7 +20,8 @@ __version__ = "0.1.0"
 _LAZY = {"load": "neuro_dask.loading", "MapFailure": "neuro_dask.mapping", "failures": "neuro_dask.mapping", "MoEConfig": "neuro_dask.model.config",
          "SUPPORTED_MODEL_TYPES": "neuro_dask.model.config", "MoEModel": "neuro_dask.model.model",
          "shard_checkpoint": "neuro_dask.store.sharder", "harden": "neuro_dask.security.hardening",
-         "security_for": "neuro_dask.security.tls", "follow": "neuro_dask.following"}
+         "security_for": "neuro_dask.security.tls", "follow": "neuro_dask.following",
+         "publish": "neuro_dask.following", "adopt": "neuro_dask.following", "channels": "neuro_dask.following"}
 
 
 def __getattr__(name: str):
@@ -39,6 +40,9 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "load",
     "follow",
+    "publish",
+    "adopt",
+    "channels",
     "harden",
     "security_for",
     "shard_checkpoint",

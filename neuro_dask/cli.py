@@ -193,11 +193,12 @@ def _operator_client(args: argparse.Namespace):
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:
-    from neuro_dask.dispatch.session import publish, store_url_for, wait_until_served
+    from neuro_dask.dispatch.session import wait_until_served
+    from neuro_dask.following import publish
     from neuro_dask.settings import ClientSettings
 
     with _operator_client(args) as client:
-        reply = publish(client, store_url_for(args.model), channel=args.channel or "")
+        reply = publish(args.model, client, channel=args.channel or "", wait=False)
         role = f" as the {reply['role']} version of channel {args.channel}" if args.channel else ""
         print(f"published {reply['model']} from {args.model}{role}")
         if args.wait:
@@ -210,19 +211,20 @@ def _cmd_publish(args: argparse.Namespace) -> int:
 
 
 def _cmd_adopt(args: argparse.Namespace) -> int:
+    from neuro_dask.following import adopt
+
     with _operator_client(args) as client:
-        reply = client.sync(client.scheduler.neuro_adopt, channel=args.channel, model=args.model)
-    if reply.get("status") != "OK":
-        raise NeuroDaskError(f"not adopted: {reply.get('message')}")
+        reply = adopt(args.channel, args.model, client)
     retiring = ", ".join(reply["retiring"]) or "none"
     print(f"channel {args.channel}: {args.model} is current; retiring once their requests end: {retiring}")
     return 0
 
 
 def _cmd_channels(args: argparse.Namespace) -> int:
+    from neuro_dask.following import channels
+
     with _operator_client(args) as client:
-        reply = client.sync(client.scheduler.neuro_channels)
-    reply.pop("stores", None)  # may hold credentials; not for a terminal
+        reply = channels(client)
     if args.json:
         print(json.dumps(reply, indent=2, sort_keys=True, default=list))
         return 0

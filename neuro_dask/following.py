@@ -171,3 +171,37 @@ class FollowingModel:
 def follow(channel: str, client: Any, **load_options: Any) -> FollowingModel:
     """A model that always serves `channel`'s current version (load options as for nd.load)."""
     return FollowingModel(channel, client, **load_options)
+
+
+# ---- the operator's side, from Python (the CLI: neuro-dask publish --channel / adopt / channels) --
+
+def publish(path_or_url: Any, client: Any, channel: str = "", wait: bool = True) -> dict:
+    """Publish a sharded model (on `channel`: as its current version if it has none, else as its
+    candidate); with `wait`, until every expert is served. Returns the scheduler's reply:
+    {"model": id, "role": "current" | "candidate", ...}."""
+    from neuro_dask.dispatch.session import publish as publish_store
+    from neuro_dask.dispatch.session import store_url_for, wait_until_served
+    from neuro_dask.settings import ClientSettings
+
+    reply = publish_store(client, store_url_for(path_or_url), channel=channel)
+    if wait:
+        wait_until_served(client, reply["model"], ClientSettings.load().load_timeout)
+    return reply
+
+
+def adopt(channel: str, model: str, client: Any) -> dict:
+    """Make the channel's served candidate `model` current (the operator's adoption); raises
+    VersionError with the scheduler's reason when refused (not served yet, votes decide, ...)."""
+    from neuro_dask.versions import VersionError
+
+    reply = client.sync(client.scheduler.neuro_adopt, channel=channel, model=model)
+    if reply.get("status") != "OK":
+        raise VersionError(f"not adopted: {reply.get('message')}")
+    return {**reply, "retiring": list(reply.get("retiring", ()))}
+
+
+def channels(client: Any) -> dict:
+    """Every channel (current, candidate, history), retiring and retired versions."""
+    reply = client.sync(client.scheduler.neuro_channels)
+    reply.pop("stores", None)  # may hold credentials: not for display
+    return reply

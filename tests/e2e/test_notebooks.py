@@ -23,7 +23,7 @@ pytest.importorskip("ipykernel")
 pytest.importorskip("pandas")
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
-NAMES = ["quickstart.ipynb", "batch_inference.ipynb", "operator.ipynb"]
+NAMES = ["quickstart.ipynb", "batch_inference.ipynb", "operator.ipynb", "privacy.ipynb"]
 CELL_TIMEOUT = 120
 KERNEL = "neuro-dask-test"
 PROBE = "import sys; print(sys.executable)"
