@@ -38,7 +38,7 @@ from cluster_helpers import add_worker, neuro_cluster  # noqa: E402
 
 import neuro_dask as nd  # noqa: E402
 from neuro_dask.demo.addition import ASSET_DIR, sample_problems  # noqa: E402
-from neuro_dask.ledger import Ledger, LedgerConfig, format_neuro, neuro, provider  # noqa: E402
+from neuro_dask.ledger import Ledger, LedgerConfig, format_neuro, neuro  # noqa: E402
 from neuro_dask.model.moe import run_expert  # noqa: E402
 from neuro_dask.privacy import FRAC_BITS, encode  # noqa: E402
 from neuro_dask.privacy.sharing import split  # noqa: E402
@@ -78,11 +78,8 @@ def open_ledger(url: str, workers: list[str]) -> None:
     ledger = Ledger.open(url, LedgerConfig.from_dask_config())
     ledger.open_user("bench")
     ledger.deposit("bench", neuro(1_000_000), "bench-funds")
-    minimum = ledger.params()["min_stake"]
     for name in workers:
-        ledger.open_provider(name, exist_ok=True)
-        ledger.transfer("genesis:community", provider(name), minimum, f"fund-{name}")
-        ledger.stake(name, minimum, f"stake-{name}")
+        ledger.stake_from_community(name, "bench")
     ledger.close()
 
 

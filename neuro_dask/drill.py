@@ -97,11 +97,8 @@ def _fund(url: str, honest: list[str], adversaries: list[str], seed: int) -> dic
     try:
         ledger.open_user(CLIENT, exist_ok=True)
         ledger.deposit(CLIENT, neuro(1_000), f"drill-{seed}-client")
-        minimum = ledger.params()["min_stake"]
         for name in honest + adversaries:
-            ledger.open_provider(name, name, exist_ok=True)
-            ledger.transfer("genesis:community", provider(name), minimum, f"drill-{seed}-fund-{name}")
-            ledger.stake(name, minimum, f"drill-{seed}-stake-{name}")
+            ledger.stake_from_community(name, f"drill-{seed}", owner=name)
         return {name: ledger.balance(provider(name)) for name in honest + adversaries}
     finally:
         ledger.close()

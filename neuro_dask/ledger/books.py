@@ -262,6 +262,16 @@ class Ledger:
 
     # ---- staking --------------------------------------------------------------------------
 
+    def stake_from_community(self, name: str, idem: str, amount: int | None = None, owner: str = "",
+                             now: float = 0.0) -> None:
+        """Drills, benchmarks and test networks: open `name`'s provider accounts (if needed), fund
+        them from the community allocation and lock `amount` (default: min_stake) as stake.
+        Idempotent per `idem` (entries "{idem}-fund-{name}" and "{idem}-stake-{name}")."""
+        self.open_provider(name, owner, exist_ok=True)
+        amount = self.params()["min_stake"] if amount is None else amount
+        self.transfer("genesis:community", provider(name), amount, f"{idem}-fund-{name}", now=now)
+        self.stake(name, amount, f"{idem}-stake-{name}", now=now)
+
     def stake(self, name: str, amount: int, idem: str, now: float = 0.0) -> Receipt:
         request = {"provider": name, "amount": amount}
         _caller_idem(idem)

@@ -12,7 +12,7 @@ from cluster_helpers import neuro_cluster, scheduler_status, worker_status
 import neuro_dask as nd
 from neuro_dask.dispatch.executor import PaymentRefusedError
 from neuro_dask.drill import run_drill
-from neuro_dask.ledger import Ledger, LedgerConfig, neuro, provider
+from neuro_dask.ledger import Ledger, LedgerConfig, neuro
 
 
 def test_a_drill_charges_the_client_pays_the_honest_and_slashes_the_proven_perturbers(sharded, tmp_path):
@@ -49,11 +49,8 @@ def ledger_url(tmp_path):
 
 def stake(url: str, *names: str) -> None:
     ledger = Ledger(url, LedgerConfig.from_dask_config())
-    minimum = ledger.params()["min_stake"]
     for name in names:
-        ledger.open_provider(name, exist_ok=True)
-        ledger.transfer("genesis:community", provider(name), minimum, f"fund-{name}")
-        ledger.stake(name, minimum, f"stake-{name}")
+        ledger.stake_from_community(name, "test")
     ledger.close()
 
 

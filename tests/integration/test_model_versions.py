@@ -18,7 +18,7 @@ import neuro_dask as nd
 from neuro_dask.dashboard.charts import VersionTable
 from neuro_dask.demo.addition import ASSET_DIR
 from neuro_dask.federated.training import get_flat, set_flat, write_version
-from neuro_dask.ledger import Ledger, LedgerConfig, provider
+from neuro_dask.ledger import Ledger, LedgerConfig
 from neuro_dask.ledger.params import adoption_param
 from neuro_dask.versions import RetiredVersionError
 
@@ -131,11 +131,8 @@ def test_with_votes_only_a_passed_proposal_adopts_a_version(tmp_path, v2_store):
     ledger = Ledger.open(url, LedgerConfig.from_dask_config(), now=time.time())
     ledger.open_user("alice")
     ledger.deposit("alice", 10**12, "alice-funds")
-    minimum = ledger.params()["min_stake"]
     for name in ("0", "1", "2"):
-        ledger.open_provider(name, exist_ok=True)
-        ledger.transfer("genesis:community", provider(name), minimum, f"fund-{name}")
-        ledger.stake(name, minimum, f"stake-{name}")
+        ledger.stake_from_community(name, "test")
     config = {"neuro.ledger.url": url, "neuro.client.account": "alice", "neuro.scheduler.version-adoption": "vote",
               "neuro.scheduler.version-drain-seconds": 0.0}
     with dask.config.set(config), neuro_cluster(3, tmp_path=tmp_path) as (cluster, client):

@@ -689,3 +689,14 @@ def test_a_version_adoption_is_voted_like_a_parameter_and_recorded(council):
                                           ("adopt:adder:v2", 2), ("adopt:adder:v2", True), ("adopt:adder:v/2", 1)])
 def test_malformed_version_proposals_are_refused(council, param, value):
     refused(council, ParamError, council.propose, "big", param, value, T0, "bad-adopt")
+
+
+def test_stake_from_community_funds_and_locks_min_stake_once_per_idem(ledger):
+    minimum = ledger.params()["min_stake"]
+    community = ledger.balance("genesis:community")
+    for _ in range(2):  # a rerun (same idem) moves nothing more
+        ledger.stake_from_community("gpu1", "drill-7", owner="alice")
+    assert ledger.stake_of("gpu1") == minimum and ledger.balance(provider("gpu1")) == 0
+    assert ledger.balance("genesis:community") == community - minimum
+    ledger.stake_from_community("gpu1", "drill-8", amount=neuro(5))
+    assert ledger.stake_of("gpu1") == minimum + neuro(5)
