@@ -145,14 +145,14 @@ class ModelChannels:
 
     def begin(self, model: str, request: str, now: float) -> dict:
         """Lease `model` for `request`: {"current": the channel's current version, "channel": name}
-        ({} for a model on no channel). Raises RetiredVersionError on a retired version."""
+        ({} and no lease for a model on no channel). Raises RetiredVersionError on a retired version."""
         if model in self.retired:
             channel = self.retired[model]
             raise RetiredVersionError(model, channel, self.channels[channel].current)
-        self.leases[request] = Lease(model, now + self.lease_seconds)
         channel = self.channel_of.get(model)
-        if channel is None:
+        if channel is None:  # never retired: nothing to lease
             return {}
+        self.leases[request] = Lease(model, now + self.lease_seconds)
         return {"channel": channel, "current": self.channels[channel].current}
 
     def end(self, request: str) -> None:

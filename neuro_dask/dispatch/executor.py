@@ -317,8 +317,9 @@ class DistributedExecutor:
             raise PaymentRefusedError(self.account, request, str(reply.get("message")))
         if reply.get("current"):
             self.channel_current = reply["current"]  # a following client switches after this request
-        self._requests.lease = request
-        self.request = request if reply.get("ledger") is not False else ""  # nothing to settle without one
+        charged = reply.get("ledger") is not False
+        self._requests.lease = request if charged or reply.get("channel") else ""  # else nothing to end
+        self.request = request if charged else ""  # nothing to settle without a ledger
 
     def end_request(self) -> None:
         """After the work: report every judged reply, settle by the validated work, end the lease."""
