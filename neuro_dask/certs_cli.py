@@ -13,10 +13,12 @@ Commands:
     neuro-dask certs init DIR [--name NAME] [--days N]
         create the CA: DIR/ca.pem (public, every peer needs it) and DIR/ca-key.pem (mode 0600,
         stays with the operator). Refuses when DIR already holds a CA.
-    neuro-dask certs issue DIR --role ROLE --name NAME [--days N] [--overwrite]
+    neuro-dask certs issue DIR --role ROLE --name NAME [--owner OWNER] [--days N] [--overwrite]
         sign a certificate with DIR's CA: DIR/<role>-<name>.pem and DIR/<role>-<name>.key (0600).
         ROLE is scheduler, worker, client or operator; a worker's NAME is its volunteer's ledger
-        identity (1-64 of A-Z a-z 0-9 . _ -).
+        identity (1-64 of A-Z a-z 0-9 . _ -). A worker's OWNER is who owns the machine, as the CA
+        vouches for it (default: the worker is its own owner); replicas and private-tier share
+        holders are kept on different owners.
     neuro-dask certs show DIR
         list the certificates in DIR: role, name, expiry (UTC), sha256 fingerprint.
     neuro-dask certs quickstart DIR
@@ -55,9 +57,10 @@ def _cmd_init(args: argparse.Namespace) -> int:
 def _cmd_issue(args: argparse.Namespace) -> int:
     from neuro_dask.security.certs import describe, issue
 
-    cert, key = issue(args.dir, args.role, args.name, days=args.days, overwrite=args.overwrite)
+    cert, key = issue(args.dir, args.role, args.name, days=args.days, overwrite=args.overwrite, owner=args.owner)
     info = describe(cert)
-    print(f"issued a {args.role} certificate for {args.name!r}, valid until {info['not_after']:%Y-%m-%d}")
+    owned = f" owned by {args.owner!r}" if args.owner else ""
+    print(f"issued a {args.role} certificate for {args.name!r}{owned}, valid until {info['not_after']:%Y-%m-%d}")
     print(f"  {cert}")
     print(f"  {key}  (secret, mode 0600)")
     print(f"  sha256 {info['fingerprint']}")
@@ -74,13 +77,14 @@ def _cmd_show(args: argparse.Namespace) -> int:
     paths = certificates(args.dir)
     if not paths:
         raise CertificateError(f"{args.dir}: no certificates here; `neuro-dask certs init {args.dir}` creates a CA")
-    print(f"{'ROLE':<10} {'NAME':<24} {'EXPIRES (UTC)':<17} SHA-256 FINGERPRINT")
+    print(f"{'ROLE':<10} {'NAME':<24} {'OWNER':<16} {'EXPIRES (UTC)':<17} SHA-256 FINGERPRINT")
     for path in paths:
         info = describe(path)
         role = info["role"] or ("ca" if info["is_ca"] else "?")
         name = info["name"] or info["common_name"] or info["subject"]
         flag = "  EXPIRED" if info["expired"] else ""
-        print(f"{role:<10} {name:<24} {info['not_after']:%Y-%m-%d %H:%M}  {info['fingerprint']}{flag}")
+        print(f"{role:<10} {name:<24} {info['owner'] or '-':<16} {info['not_after']:%Y-%m-%d %H:%M}  "
+              f"{info['fingerprint']}{flag}")
     if (Path(args.dir) / CA_KEY).exists():
         print(f"{CA_KEY} is here: this is the CA's folder; give peers only ca.pem and their own pair")
     return 0
@@ -132,6 +136,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--role", required=True, choices=ROLES)
     p.add_argument("--name", required=True, help="the peer's name; a worker's is its ledger identity "
                                                  "(1-64 of A-Z a-z 0-9 . _ -)")
+    p.add_argument("--owner", default="", help="workers: who owns the machine (1-64 of A-Z a-z 0-9 . _ -); on a "
+                                                "TLS network this, not --neuro-owner, keeps replicas and private-tier "
+                                                "shares on different owners (default: the worker is its own owner)")
     p.add_argument("--days", type=int, default=825, help="days the certificate is valid (default 825)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing certificate and key")
     p.set_defaults(func=_cmd_issue)

@@ -43,27 +43,30 @@ def trust_events(client):
     return [e for _, e in client.get_events("neuro-trust")]
 
 
-def make_certs(folder, workers=3):
-    """A CA with scheduler, client, operator and worker-1..N certificates (neuro-dask certs)."""
+def make_certs(folder, workers=3, owners=None):
+    """A CA with scheduler, client, operator and worker-1..N certificates (neuro-dask certs);
+    `owners`: worker number -> the owner its certificate names (default: none)."""
     from neuro_dask.security.certs import create_ca, issue
 
     create_ca(folder)
-    for role, name in (("scheduler", "scheduler"), ("client", "client"), ("operator", "operator"),
-                       *(("worker", f"worker-{i}") for i in range(1, workers + 1))):
+    for role, name in (("scheduler", "scheduler"), ("client", "client"), ("operator", "operator")):
         issue(folder, role, name)
+    for i in range(1, workers + 1):
+        issue(folder, "worker", f"worker-{i}", owner=(owners or {}).get(i, ""))
     return folder
 
 
 @contextlib.contextmanager
-def hardened_tls_cluster(tmp_path, n_workers=3, worker_args=(), client_role="client"):
-    """In-process hardened network over mutual TLS: each worker with its own certificate, the
-    client with a client certificate. Undoes the process-wide hardening afterwards."""
+def hardened_tls_cluster(tmp_path, n_workers=3, worker_args=(), client_role="client", owners=None):
+    """In-process hardened network over mutual TLS: each worker with its own certificate (naming
+    `owners[i]` as worker-i's owner, if given), the client with a client certificate. Undoes the
+    process-wide hardening afterwards."""
     from distributed import Scheduler, SpecCluster, Worker
 
     from neuro_dask.security.hardening import uninstall
     from neuro_dask.security.tls import security_for
 
-    certs = make_certs(tmp_path / "certs", n_workers)
+    certs = make_certs(tmp_path / "certs", n_workers, owners)
     scheduler = {"cls": Scheduler, "options": {
         "host": "127.0.0.1", "protocol": "tls", "dashboard_address": "127.0.0.1:0",
         "security": security_for("scheduler", certs),

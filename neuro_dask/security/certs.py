@@ -43,6 +43,7 @@ from neuro_dask.security.identity import (
     check_name,
     check_role,
     identity_from_peercert,
+    owner_uri,
     role_uri,
 )
 
@@ -135,12 +136,17 @@ def create_ca(directory: str | os.PathLike, *, name: str = "neuro-dask-ca", days
 
 
 def issue(directory: str | os.PathLike, role: str, name: str, *, days: int = 825,
-          clock: Clock | None = None, overwrite: bool = False) -> tuple[Path, Path]:
+          clock: Clock | None = None, overwrite: bool = False, owner: str = "") -> tuple[Path, Path]:
     """Sign a certificate for role/name with the CA in `directory`; returns (certificate, key) paths.
 
-    The certificate ends no later than the CA does. Refuses to replace existing files unless
-    overwrite=True.
+    `owner` (workers only): who owns the machine, as the CA vouches for it; replicas and the
+    private tier's share holders are kept on different owners. The certificate ends no later
+    than the CA does. Refuses to replace existing files unless overwrite=True.
     """
+    if owner and role != "worker":
+        raise CertificateError(f"--owner is for worker certificates (it says who owns the machine), not {role}")
+    if owner:
+        check_name(owner)
     cert_path, key_path = cert_paths(directory, role, name)
     _refuse_existing([cert_path, key_path], overwrite,
                      f"a {role} certificate for {name!r} exists; pass --overwrite (overwrite=True) to replace it")
@@ -162,7 +168,7 @@ def issue(directory: str | os.PathLike, role: str, name: str, *, days: int = 825
         # Every Dask peer both listens (server) and connects (client).
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
                        critical=False)
-        .add_extension(_role_san(role, name), critical=False)
+        .add_extension(_role_san(role, name, owner), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
@@ -226,6 +232,7 @@ def describe(cert_path: str | os.PathLike, *, clock: Clock | None = None) -> dic
         "path": Path(cert_path),
         "role": identity.role if identity else None,
         "name": identity.name if identity else None,
+        "owner": (identity.owner or None) if identity else None,
         "common_name": _common_name(cert),
         "subject": cert.subject.rfc4514_string(),
         "is_ca": _is_ca(cert),
@@ -293,10 +300,11 @@ def _role_subject(role: str, name: str) -> x509.Name:
                       x509.NameAttribute(NameOID.COMMON_NAME, name)])
 
 
-def _role_san(role: str, name: str) -> x509.SubjectAlternativeName:
+def _role_san(role: str, name: str, owner: str = "") -> x509.SubjectAlternativeName:
     # localhost and 127.0.0.1 are harmless (Dask turns hostname checks off) and let tools that do
     # check hostnames (curl, openssl s_client -verify_hostname) talk to a peer on this machine.
-    return x509.SubjectAlternativeName([x509.UniformResourceIdentifier(role_uri(role, name)),
+    owners = [x509.UniformResourceIdentifier(owner_uri(owner))] if owner else []
+    return x509.SubjectAlternativeName([x509.UniformResourceIdentifier(role_uri(role, name)), *owners,
                                         x509.DNSName("localhost"),
                                         x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
 

@@ -124,12 +124,21 @@ def _names_itself(scheduler, op: str, identity: PeerIdentity | None, msg: dict) 
 
 
 def _bind_worker_name(op: str, identity: PeerIdentity | None, msg: dict) -> None:
-    """A worker's name (its reputation and ledger identity) is the name on its certificate."""
+    """A worker's name (its reputation and ledger identity) is the name on its certificate, and
+    its owner the certificate's owner, or its name when the certificate names none: a volunteer
+    cannot pose as several owners (the private tier's non-collusion rests on owners)."""
     if op == "register-worker" and identity is not None and identity.role == "worker":
         if msg.get("name") not in (identity.name, None):
             log.info("worker at %s asked to be called %r; its certificate names it %r", msg.get("address"),
                      msg.get("name"), identity.name)
         msg["name"] = identity.name
+        neuro = (msg.get("extra") or {}).get("neuro")
+        if isinstance(neuro, dict):
+            owner = identity.owner or identity.name
+            if neuro.get("owner") not in ("", None, owner):
+                log.info("worker %s declared owner %r; its certificate makes it %r", identity.name,
+                         neuro.get("owner"), owner)
+            neuro["owner"] = owner
 
 
 def roles_required_for(server) -> bool:

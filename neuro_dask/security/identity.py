@@ -4,7 +4,10 @@ A neuro_dask certificate (made by `neuro-dask certs`) states its role twice: as 
 OrganizationalUnitName `neuro-dask-<role>` and in a SubjectAlternativeName URI
 `neuro-dask://<role>/<name>`; its name is the subject's CommonName. An identity is granted only
 when all three agree, so a certificate that is merely signed by the CA for some other purpose
-(or crafted with one field changed) names nobody.
+(or crafted with one field changed) names nobody. A worker certificate may also name the person
+who owns the machine, in one SAN URI `neuro-dask-owner://<owner>`: on a TLS network that, not
+what the worker declares, is the owner that replicas and the private tier's share holders must
+differ by (two such URIs name nobody).
 
 Pure: imports neither distributed nor cryptography. It reads the dict that Python's
 `ssl.SSLSocket.getpeercert()` returns, which is what distributed keeps in a TLS comm's
@@ -24,6 +27,7 @@ ROLES = ("scheduler", "worker", "client", "operator")
 
 OU_PREFIX = "neuro-dask-"
 URI_SCHEME = "neuro-dask://"
+OWNER_URI_SCHEME = "neuro-dask-owner://"
 
 # A worker's name is its volunteer's ledger identity and part of file names: keep it dull.
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -33,6 +37,7 @@ _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 class PeerIdentity:
     role: str
     name: str
+    owner: str = ""  # from a neuro-dask-owner:// SAN URI; "" when the certificate names none
 
 
 def check_name(name: object) -> str:
@@ -55,6 +60,11 @@ def check_role(role: object) -> str:
 def role_uri(role: str, name: str) -> str:
     """The SubjectAlternativeName URI that carries a certificate's role and name."""
     return f"{URI_SCHEME}{role}/{name}"
+
+
+def owner_uri(owner: str) -> str:
+    """The SubjectAlternativeName URI that carries the owner of a worker's machine."""
+    return f"{OWNER_URI_SCHEME}{check_name(owner)}"
 
 
 def identity_from_peercert(peercert: dict | None) -> PeerIdentity | None:
@@ -83,7 +93,11 @@ def _identity(peercert: Any) -> PeerIdentity | None:
     role, name = parsed
     if ous[0] != OU_PREFIX + role or cns[0] != name:
         return None
-    return PeerIdentity(role, name)
+    owners = [v[len(OWNER_URI_SCHEME):] for v in _san_values(peercert.get("subjectAltName"), "URI")
+              if v.startswith(OWNER_URI_SCHEME)]
+    if len(owners) > 1 or (owners and not _NAME.fullmatch(owners[0])):
+        return None
+    return PeerIdentity(role, name, owners[0] if owners else "")
 
 
 def _subject_values(subject: Any) -> dict[str, list[str]]:

@@ -149,3 +149,26 @@ def test_with_trust_but_no_disjoint_second_pair_the_call_runs_unverified_and_say
         assert m.generate_text(["123+456="], max_new_tokens=5) == ["579"]
         stats = dict(m.executor.stats)
     assert stats["unverified"] > 0 and stats["verified"] == 0, stats
+
+
+def test_on_a_tls_network_owners_come_from_certificates_not_from_what_workers_declare(tmp_path):
+    """Every worker declares the same owner ("mallory", which would make the private tier refuse
+    everything, or a liar could declare three owners for one machine); the CA's word counts:
+    worker-1 and worker-2 are alice's, worker-3 (no owner in its certificate) is its own owner.
+    Placement keeps each expert's replicas on different owners, so every private pair includes
+    worker-3, and the private tier answers."""
+    from cluster_helpers import hardened_tls_cluster, publish_as_operator, scheduler_status
+
+    from neuro_dask.demo.addition import ASSET_DIR
+
+    with hardened_tls_cluster(tmp_path, owners={1: "alice", 2: "alice"},
+                              worker_args=["--neuro-owner", "mallory"]) as (cluster, client, certs):
+        publish_as_operator(cluster.scheduler_address, certs, ASSET_DIR)
+        status = scheduler_status(client)
+        owners = {w["name"]: w["owner"] for w in status["workers"].values()}
+        assert owners == {"worker-1": "alice", "worker-2": "alice", "worker-3": "worker-3"}
+        by_address = {a: w["name"] for a, w in status["workers"].items()}
+        with nd.load(ASSET_DIR, client=client, privacy="private") as private:
+            routes = private.executor.fetch_routes().routes
+            assert all("worker-3" in {by_address[w] for w in ws} for ws in routes.values()), routes
+            assert private.generate_text(["123+456="], max_new_tokens=5) == ["579"]

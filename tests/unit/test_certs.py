@@ -372,3 +372,31 @@ def test_cli_quickstart(tmp_path, capsys):
 def test_cli_show_on_an_empty_folder(tmp_path, capsys):
     assert certs_main(["certs", "show", str(tmp_path)]) == 2
     assert "certs init" in capsys.readouterr().err
+
+
+# ---- owners -----------------------------------------------------------------------------------------
+
+
+def test_a_worker_certificate_names_its_owner(ca_dir):
+    """Issued with --owner, read back by CPython's own decoder (what getpeercert gives a comm)."""
+    cert_path, _ = issue(ca_dir, "worker", "gpu1", clock=at(T0), owner="alice")
+    assert describe(cert_path, clock=at(T0))["owner"] == "alice"
+    decode = getattr(ssl._ssl, "_test_decode_cert", None)
+    peer = decode(str(cert_path)) if decode is not None else as_peercert(load_certificate(cert_path))
+    assert identity_from_peercert(peer) == PeerIdentity("worker", "gpu1", "alice")
+    plain, _ = issue(ca_dir, "worker", "gpu2", clock=at(T0))
+    assert describe(plain, clock=at(T0))["owner"] is None
+    assert identity_from_peercert(as_peercert(load_certificate(plain))) == PeerIdentity("worker", "gpu2")
+
+
+@pytest.mark.parametrize("owners", [["alice", "bob"], ["a b"], [""], ["x" * 65]])
+def test_two_or_malformed_owner_uris_name_nobody(owners):
+    cert = peercert(extra_san=[("URI", f"neuro-dask-owner://{o}") for o in owners])
+    assert identity_from_peercert(cert) is None
+
+
+@pytest.mark.parametrize("role, owner, match", [("client", "alice", "for worker certificates"),
+                                                ("worker", "a/b", "not allowed")])
+def test_bad_owners_are_refused(ca_dir, role, owner, match):
+    with pytest.raises(CertificateError, match=match):
+        issue(ca_dir, role, "n", clock=at(T0), owner=owner)
