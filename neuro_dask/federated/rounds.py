@@ -28,7 +28,13 @@ import numpy as np
 from neuro_dask.demo.addition import Problem
 from neuro_dask.federated.dp import DPSettings, PrivacyAccountant, privatize
 from neuro_dask.federated.errors import ParticipantDropped, TooFewSurvivorsError
-from neuro_dask.federated.secure_aggregation import FixedPointCodec, MaskedUpdate, MaskingParticipant, SecureAggregator
+from neuro_dask.federated.secure_aggregation import (
+    FixedPointCodec,
+    MaskedUpdate,
+    MaskingParticipant,
+    Reveal,
+    SecureAggregator,
+)
 from neuro_dask.federated.training import LocalSteps, LocalTrainer
 
 log = logging.getLogger(__name__)
@@ -91,8 +97,9 @@ class Participant:
             raise ParticipantDropped(f"{self.participant_id} left during round {round_id}")
         return masked
 
-    def reveal(self, round_id: int, dropped: Sequence[str], survivors: Sequence[str]) -> dict[str, bytes]:
-        return self.masking.reveal(round_id, dropped, survivors)
+    def reveal(self, round_id: int, dropped: Sequence[str], survivors: Sequence[str],
+               sealed_for_me: Mapping[str, bytes]) -> Reveal:
+        return self.masking.reveal(round_id, dropped, survivors, sealed_for_me)
 
 
 def _resolve(value: Any, timeout: float | None) -> Any:
@@ -155,12 +162,11 @@ class FederatedCoordinator:
             except Exception as exc:  # a remote one through its future: error, lost worker or timeout
                 log.warning("round %d: %s dropped (%s)", round_id, pid, exc)
         survivors, dropped = agg.survivors, agg.dropped
-        if len(survivors) < self.min_survivors:
-            raise TooFewSurvivorsError(len(survivors), self.min_survivors)
-        revealed = {}
-        if dropped:
-            futs = {s: self.handles[s].reveal(round_id, dropped, survivors) for s in survivors}
-            revealed = {s: _resolve(f, self.timeout) for s, f in futs.items()}
+        if len(survivors) < agg.needed:
+            raise TooFewSurvivorsError(len(survivors), agg.needed)
+        # Every survivor answers once: shares of the survivors' self-masks, seeds of the dropped.
+        futs = {s: self.handles[s].reveal(round_id, dropped, survivors, agg.sealed_for(s)) for s in survivors}
+        revealed = {s: _resolve(f, self.timeout) for s, f in futs.items()}
         total = agg.finish(revealed)
         mean = total / len(survivors)
         self.global_flat = (self.global_flat.astype(np.float64) + self.server_lr * mean).astype(np.float32)
