@@ -127,6 +127,7 @@ class PrivateExecutor:
         self.frac_bits = frac_bits
         self.random_bytes = random_bytes
         self._stats_lock = threading.Lock()
+        self._layer = threading.local()  # this thread's layer call: workers used, messages, outcome
         self.stats = {"layers": 0, "round_trips": 0, "messages": 0, "bytes_sent": 0, "bytes_received": 0,
                       "worker_compute_s": 0.0, "rows": 0, "verified": 0, "unverified": 0, "disputes": 0,
                       "caught": 0}
@@ -156,17 +157,33 @@ class PrivateExecutor:
             for e, rows in groups.items():
                 base.load[(layer, e)] = base.load.get((layer, e), 0) + rows.shape[0]
         f = self.frac_bits
-        gate_up = self._step(layer, "gate_up", {e: encode(x, f) for e, x in groups.items()}, None)
-        hidden = {}
-        for e, shares in gate_up.items():
-            g, u = decode(shares, 2 * f, torch.float32).chunk(2, dim=-1)
-            hidden[e] = encode(F.silu(g) * u, f)
-        down = self._step(layer, "down", hidden, int(next(iter(groups.values())).shape[1]))
+        call = self._layer
+        call.workers, call.messages, call.outcome, call.checked = set(), 0, "failed", False
+        try:
+            gate_up = self._step(layer, "gate_up", {e: encode(x, f) for e, x in groups.items()}, None)
+            hidden = {}
+            for e, shares in gate_up.items():
+                g, u = decode(shares, 2 * f, torch.float32).chunk(2, dim=-1)
+                hidden[e] = encode(F.silu(g) * u, f)
+            down = self._step(layer, "down", hidden, int(next(iter(groups.values())).shape[1]))
+            if call.outcome == "failed":
+                call.outcome = "checked" if call.checked else "ok"
+        finally:
+            self._record_call(layer, len(groups), base.clock() - started)
         with self._stats_lock:
             self.stats["layers"] += 1
             self.stats["rows"] += sum(int(x.shape[0]) for x in groups.values())
-        base.layer_seconds.append(base.clock() - started)
         return {e: decode(down[e], 2 * f, groups[e].dtype) for e in groups}
+
+    def _record_call(self, layer: int, experts: int, seconds: float) -> None:
+        """One record per layer for the dashboard's call stream, as the standard tier's (transport
+        "private"; outcome ok, checked, caught or failed), sent with the next route refresh."""
+        base, call = self.base, self._layer
+        base.layer_seconds.append(seconds)
+        with base._lock:
+            if len(base.calls) < 500:
+                base.calls.append([layer, experts, sorted(call.workers), seconds, call.messages, 0, call.outcome,
+                                   "private"])
 
     def _step(self, layer: int, step: str, secrets: dict[int, torch.Tensor], width: int | None
               ) -> dict[int, torch.Tensor]:
@@ -194,6 +211,7 @@ class PrivateExecutor:
                 self._count("unverified")
                 results[e] = c1.total
                 continue
+            self._layer.checked = True
             if torch.equal(c1.total, c2.total):
                 self._count("verified")
                 outcomes += [(w, "validated", e) for w in (*c1.pair, *c2.pair)]
@@ -224,6 +242,7 @@ class PrivateExecutor:
                 liar = self._find_liar(layer, step, expert, width, bad, good.total, honest)
                 if liar is not None:
                     self._count("caught")
+                    self._layer.outcome = "caught"
                     judged += [(liar, "invalid", expert)]
                     judged += [(w, "validated", expert) for w in bad.pair if w != liar and w not in honest]
                 return good.total, judged
@@ -319,6 +338,10 @@ class PrivateExecutor:
             with self._stats_lock:
                 self.stats["round_trips"] += 1
                 self.stats["messages"] += len(calls)
+            call = self._layer
+            if hasattr(call, "workers"):  # inside run_layer (the thread's layer call)
+                call.workers.update(answers)
+                call.messages += len(calls)
             for e, (w0, w1) in pairs.items():
                 if w0 in answers and w1 in answers:  # else both shares are re-sent, freshly split
                     a, b = answers[w0][e], answers[w1][e]

@@ -115,7 +115,7 @@ def test_with_trust_a_lying_share_holder_is_outvoted_caught_and_the_answers_stay
     from neuro_dask.demo.addition import ASSET_DIR, sample_problems
 
     prompts = [p.prompt for p in sample_problems(12, random.Random(3), held_out=True)]
-    with private_quorum_cluster(tmp_path, adversary='{"mode": "defect", "after": 0, "scale": 0.05}') as (_, client):
+    with private_quorum_cluster(tmp_path, adversary='{"mode": "defect", "after": 0, "scale": 0.05}') as (c, client):
         with nd.load(ASSET_DIR, client=client) as standard:
             expected = standard.generate_text(prompts, max_new_tokens=5)
         with dask.config.set({"neuro.client.trust": True}), \
@@ -124,7 +124,9 @@ def test_with_trust_a_lying_share_holder_is_outvoted_caught_and_the_answers_stay
             private.executor.flush_reports()
             stats = dict(private.executor.stats)
         events = [e for _, e in client.get_events("neuro-trust")]
+        calls = [r for r in c.scheduler.extensions["neuro"].feed.calls if r.transport == "private"]
     assert got == expected
+    assert calls and "caught" in {r.outcome for r in calls} and "checked" in {r.outcome for r in calls}
     assert stats["verified"] > 0 and stats["disputes"] > 0 and stats["caught"] > 0, stats
     caught = {e["name"] for e in events if e["action"] == "invalid"}
     assert caught == {"w-0"}, caught
