@@ -18,11 +18,11 @@ become messages to workers. Handlers:
   neuro_status()                        workers, models and placement, for tools and tests
   neuro_ledger_hold(account, request, expert_tokens, tier)   quote and hold a request's fee (ledger on)
   neuro_ledger_settle(request)          charge the validated work, pay providers, refund the rest
+  neuro_ledger_report()                 the transparency report
+  neuro_report_calls(model, calls, transport)   clients report recent expert calls (dashboard)
 Model versions (neuro_dask/versions.py): a replaced version is retired (its experts dropped)
 once its requests have ended; with version-adoption: vote, passed `adopt:CHANNEL:MODEL`
 proposals in the ledger adopt versions.
-  neuro_ledger_report()                 the transparency report
-  neuro_report_calls(model, calls, transport)   clients report recent expert calls (dashboard)
 
 The operator's dashboard pages (`/neuro/network`, ...) and the `neuro_*` Prometheus series read
 `dashboard_view()` and `feed` (neuro_dask/dashboard/).
