@@ -139,6 +139,7 @@ class SchedulerSettings:
     hot_threshold: float = 2.0
     trusted: tuple = ()
     reputation_file: str | None = None
+    state_file: str | None = None  # published models and model channels, kept across restarts
     min_reputation: float = 0.5
     establish_after: int = 20
     version_adoption: str = "operator"  # operator | vote: who makes a channel's candidate current

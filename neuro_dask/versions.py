@@ -177,6 +177,30 @@ class ModelChannels:
                 "retiring": {m: {"since": s, "leases": self.live_leases(m, now)} for m, s in sorted(self.retiring.items())},
                 "retired": dict(sorted(self.retired.items()))}
 
+    # ---- persistence (the scheduler's state file) -----------------------------------------------
+
+    def to_dict(self) -> dict:
+        """Channels, retiring and retired versions; leases are not kept (their requests died with
+        the scheduler that held them)."""
+        return {"channels": {n: c.as_dict() for n, c in sorted(self.channels.items())},
+                "retiring": {m: self.channel_of[m] for m in sorted(self.retiring)},
+                "retired": dict(sorted(self.retired.items()))}
+
+    def restore(self, data: dict, now: float) -> None:
+        """Load what `to_dict` wrote; retiring versions start draining again from `now`."""
+        for name, ch in data.get("channels", {}).items():
+            channel = Channel(check_channel_name(name), ch.get("current"), ch.get("candidate"), ch.get("approved"),
+                              list(ch.get("history", [])))
+            self.channels[name] = channel
+            for model in {*channel.history, channel.candidate} - {None}:
+                self.channel_of[model] = name
+        self.retired = {str(m): str(c) for m, c in data.get("retired", {}).items()}
+        for model in self.retired:
+            self.channel_of.pop(model, None)
+        retiring = {str(m): str(c) for m, c in data.get("retiring", {}).items() if m not in self.retired}
+        self.channel_of.update(retiring)
+        self.retiring = {m: now for m in retiring}
+
     def _expire(self, now: float) -> None:
         for request in [r for r, lease in self.leases.items() if lease.expires <= now]:
             del self.leases[request]

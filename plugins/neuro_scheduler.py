@@ -124,6 +124,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             if not roles_required_for(scheduler):
                 log.warning("hardened mode without TLS: pickles are allow-listed and remote code is refused, but "
                             "roles are not enforced; start with --tls DIR before opening the port (docs/security.md)")
+        await self._restore_state()
         self._sampler.start()
         self._versions_tick.start()
         if self._ledger_tick is not None:
@@ -192,6 +193,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             self.scheduler.log_event("neuro", {"action": "publish", "model": model_id, "store": redact_url(store_url)})
             self._enact(self.coordinator.model_published(
                 PublishedModel(model_id, store_url, experts, summarize(manifest))))
+        self._save_state()
         return {"status": "OK", "model": model_id, "summary": self.coordinator.models[model_id].summary,
                 **({"channel": channel, "role": role} if channel else {})}
 
@@ -215,6 +217,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             return {"status": "error", "message": str(exc)}
         self._event("neuro", {"action": "adopt", "channel": channel, "model": model, "retiring": retiring,
                               "by": "vote" if by_vote else "operator"})
+        self._save_state()
         return {"status": "OK", "channel": channel, "current": model, "retiring": retiring}
 
     def channels_status(self) -> dict[str, Any]:
@@ -245,7 +248,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
 
     async def _tick_versions(self) -> None:
         """Every second: enact passed votes once their version is served; retire drained versions."""
-        now = time.time()
+        now, passed = time.time(), []
         if self.ledger is not None and self.channels.adoption == "vote":
             try:
                 passed = await self._in_ledger(self.ledger.ledger.adoptions, self._adoptions_seen)
@@ -261,10 +264,13 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         for channel, model in self.channels.due_adoptions():
             if self._served(model):
                 self.adopt(channel, model, by_vote=True)
-        for model in self.channels.retirable(now):
+        retired = self.channels.retirable(now)
+        for model in retired:
             log.info("retiring model %s: its requests have ended", model)
             self._event("neuro", {"action": "retire", "model": model, "channel": self.channels.retired[model]})
             self._enact(self.coordinator.model_retired(model))
+        if retired or passed:
+            self._save_state()
 
     def routes(self, model: str) -> dict[str, Any]:
         if model not in self.coordinator.models:
@@ -562,6 +568,38 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
     def _publish_change(self, change) -> None:
         self._event("neuro-trust", {"action": change.cause, "worker": change.worker,
                                                  "reputation": change.after, "cause_id": change.cause_id})
+
+    # ---- what survives a restart (neuro.scheduler.state-file) ---------------------------------
+
+    def _save_state(self) -> None:
+        """Published models (their stores) and model channels, so that a restarted scheduler
+        serves them again; written atomically, readable by its owner only (store URLs)."""
+        path = self.settings.state_file
+        if not path:
+            return
+        state = {"version": 1, "models": {m: p.store_url for m, p in self.coordinator.models.items()},
+                 "channels": self.channels.to_dict(), "adoptions_seen": self._adoptions_seen}
+        tmp = f"{path}.partial"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(state, fh)
+        os.replace(tmp, path)  # atomic: a crash mid-write keeps the previous file
+
+    async def _restore_state(self) -> None:
+        path = self.settings.state_file
+        if not path or not os.path.exists(path):
+            return
+        with open(path) as fh:
+            state = json.load(fh)
+        self.channels.restore(state.get("channels", {}), time.time())
+        self._adoptions_seen = int(state.get("adoptions_seen", 0))
+        for model, store_url in state.get("models", {}).items():
+            reply = await self.publish(store_url)
+            if reply.get("status") != "OK" or reply.get("model") != model:
+                log.warning("state file: could not publish %s again from %s: %s", model, redact_url(store_url),
+                            reply.get("message") or f"the store now holds {reply.get('model')}")
+        log.info("restored %d published models and %d channels from %s", len(self.coordinator.models),
+                 len(self.channels.channels), path)
 
     def _load_reputation(self) -> Reputation:
         policy = ReputationPolicy(establish_after=self.settings.establish_after,

@@ -185,3 +185,25 @@ def test_the_gateway_serves_a_channel_across_a_version_switch(tmp_path, v2_store
             server.stop()
             gateway.close()
             gateway.model.close()
+
+
+def test_a_restarted_scheduler_serves_its_models_and_channels_again(tmp_path, v2_store):
+    """neuro.scheduler.state-file: published models and channels survive a scheduler restart."""
+    import os
+    import stat
+
+    v2_path, v2 = v2_store
+    state = tmp_path / "scheduler-state.json"
+    with dask.config.set({"neuro.scheduler.state-file": str(state)}):
+        with neuro_cluster(3, tmp_path=tmp_path) as (_, client):
+            v1 = publish(client, ASSET_DIR)["model"]
+            publish(client, v2_path)
+            wait_for(lambda: client.sync(client.scheduler.neuro_adopt, channel="adder", model=v2)["status"] == "OK",
+                     "v2 to be served and adopted")
+        assert stat.S_IMODE(os.stat(state).st_mode) == 0o600  # it holds store URLs
+        with neuro_cluster(3, tmp_path=tmp_path) as (_, client):  # a new scheduler, same state file
+            versions = client.sync(client.scheduler.neuro_channels)
+            assert versions["channels"]["adder"]["current"] == v2 and v1 in versions["retiring"]
+            with nd.follow("adder", client) as model:  # v2's experts placed again on the new workers
+                assert model.model_id == v2
+                assert model.generate_text(PROMPTS, max_new_tokens=5) == ANSWERS

@@ -123,3 +123,23 @@ def test_models_on_no_channel_take_no_lease_and_never_retire():
 def test_bad_settings_are_refused(kw):
     with pytest.raises(VersionError):
         channels(**kw)
+
+
+def test_channels_survive_a_round_trip_through_the_state_file_format():
+    import json
+
+    c = channels(drain_seconds=10)
+    for model in ("v1", "v2", "v3"):
+        c.publish("adder", model, 0)  # v2 is replaced as candidate by v3: retiring
+    c.adopt("adder", "v3", True, 1)  # v1 retiring too
+    c.publish("other", "w1", 2)
+    c.begin("v1", "r", 2)
+    data = json.loads(json.dumps(c.to_dict()))
+    restored = channels(drain_seconds=10)
+    restored.restore(data, now=100)
+    assert restored.channels["adder"].as_dict() == c.channels["adder"].as_dict()
+    assert restored.retiring == {"v1": 100, "v2": 100} and restored.leases == {}
+    assert restored.channel_of["w1"] == "other"
+    assert restored.retirable(105) == [] and restored.retirable(111) == ["v1", "v2"]
+    with pytest.raises(RetiredVersionError):
+        restored.begin("v1", "r2", 112)
