@@ -30,13 +30,14 @@ class ChannelNotFoundError(NeuroDaskError):
                          f"the operator publishes one with `neuro-dask publish STORE --channel {channel}`")
 
 
-def channel_versions(client: Any, channel: str) -> tuple[str, str]:
-    """(the channel's current model id, the store to load it from), asked of the scheduler."""
+def channel_versions(client: Any, channel: str) -> tuple[str, dict[str, str]]:
+    """(the channel's current model id, model id -> store of every published version), asked of
+    the scheduler."""
     reply = client.sync(client.scheduler.neuro_channels)
     ch = reply.get("channels", {}).get(channel)
     if ch is None or not ch.get("current"):
         raise ChannelNotFoundError(channel, sorted(reply.get("channels", {})))
-    return ch["current"], reply["stores"][ch["current"]]
+    return ch["current"], dict(reply["stores"])
 
 
 class FollowingModel:
@@ -54,7 +55,8 @@ class FollowingModel:
         self._retired_here: list[Any] = []  # replaced models still running a request
         self._accounts = threading.local()  # `charging`: who pays, per thread, whatever the version
         self.switches: list[tuple[str, str]] = []  # (from, to) model ids, in order
-        self.model = self._load(*channel_versions(client, channel))
+        current, stores = channel_versions(client, channel)
+        self.model = self._load(current, stores[current])
 
     @property
     def model_id(self) -> str:
@@ -71,16 +73,14 @@ class FollowingModel:
     # ---- switching -----------------------------------------------------------------------------
 
     def _switch_to(self, model_id: str | None) -> None:
-        """Under the lock: load `model_id` (or ask which is current) and retire ours when idle."""
-        if model_id is None or model_id == self.model_id:
-            model_id, store = channel_versions(self.client, self.channel)
-            if model_id == self.model_id:
-                return
-        else:
-            store = self.client.sync(self.client.scheduler.neuro_channels)["stores"].get(model_id)
-            if store is None:
-                model_id, store = channel_versions(self.client, self.channel)
-        old, self.model = self.model, self._load(model_id, store)
+        """Under the lock: load `model_id` (the channel's current one when it is not published, or
+        None) and retire ours when idle."""
+        current, stores = channel_versions(self.client, self.channel)
+        if model_id not in stores:
+            model_id = current
+        if model_id == self.model_id:
+            return
+        old, self.model = self.model, self._load(model_id, stores[model_id])
         self.switches.append((old.executor.model_id, model_id))
         log.info("channel %s: switched from %s to %s", self.channel, old.executor.model_id, model_id)
         self._retired_here.append(old)

@@ -7,8 +7,9 @@ become messages to workers. Handlers:
                                         with a channel: its first version is current, later ones candidates
   neuro_adopt(channel, model)           the operator makes a served candidate current (version-adoption: operator)
   neuro_channels()                      every channel: current, candidate, history; retiring versions; store URLs
-  neuro_request_begin(model, request, account, expert_tokens, tier)   lease the version, hold the fee (ledger on)
-  neuro_request_end(request)            release the lease, settle the fee (ledger on)
+  neuro_request_begin(model, request, account, expert_tokens, tier)   lease the version; with a ledger, quote
+                                        and hold the request's fee at the tier's price
+  neuro_request_end(request)            release the lease; with a ledger, charge the work, pay providers, refund the rest
   neuro_routes(model)                   expert -> serving workers, fastest first
   neuro_experts_loaded(worker, model, loaded, failed)   a worker reports what it can serve
   neuro_unreachable(worker, model, experts)             a client could not get an answer
@@ -16,8 +17,6 @@ become messages to workers. Handlers:
   neuro_report_outcomes(model, outcomes)   clients report judged replies (trust layer)
   neuro_trust(worker, trusted)          the operator marks a worker trusted (or not)
   neuro_status()                        workers, models and placement, for tools and tests
-  neuro_ledger_hold(account, request, expert_tokens, tier)   quote and hold a request's fee (ledger on)
-  neuro_ledger_settle(request)          charge the validated work, pay providers, refund the rest
   neuro_ledger_report()                 the transparency report
   neuro_report_calls(model, calls, transport)   clients report recent expert calls (dashboard)
 Model versions (neuro_dask/versions.py): a replaced version is retired (its experts dropped)
@@ -108,7 +107,6 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             "neuro_publish": self.publish, "neuro_routes": self.routes,
             "neuro_experts_loaded": self.experts_loaded, "neuro_unreachable": self.unreachable,
             "neuro_report_load": self.report_load, "neuro_status": self.status,
-            "neuro_ledger_hold": self.ledger_hold, "neuro_ledger_settle": self.ledger_settle,
             "neuro_ledger_report": self.handle_ledger_report, "neuro_report_calls": self.report_calls,
             "neuro_pause": self.pause,
         })
@@ -237,14 +235,14 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         except RetiredVersionError as exc:
             return {"status": "error", "retired": True, "message": str(exc), "channel": exc.channel,
                     "current": exc.current}
-        held = await self.ledger_hold(account, request, expert_tokens, tier)
+        held = await self._ledger_hold(account, request, expert_tokens, tier)
         if held.get("status") != "OK":
             self.channels.end(request)
         return {**held, **version}
 
     async def request_end(self, request: str) -> dict[str, Any]:
         self.channels.end(request)
-        return await self.ledger_settle(request)
+        return await self._ledger_settle(request)
 
     async def _tick_versions(self) -> None:
         """Every second: enact passed votes once their version is served; retire drained versions."""
@@ -533,13 +531,12 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         except Exception:
             pass  # logged by _in_ledger; the previous view stands
 
-    async def ledger_hold(self, account: str, request: str, expert_tokens: int, tier: str = "standard"
-                          ) -> dict[str, Any]:
+    async def _ledger_hold(self, account: str, request: str, expert_tokens: int, tier: str) -> dict[str, Any]:
         if self.ledger is None:
             return {"status": "OK", "held": 0, "ledger": False}
         return await self._in_ledger(self.ledger.hold, account, request, int(expert_tokens), time.time(), str(tier))
 
-    async def ledger_settle(self, request: str) -> dict[str, Any]:
+    async def _ledger_settle(self, request: str) -> dict[str, Any]:
         if self.ledger is None:
             return {"status": "OK", "fee": 0, "ledger": False}
         result = await self._in_ledger(self.ledger.settle, request, time.time())

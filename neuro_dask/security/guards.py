@@ -147,10 +147,9 @@ def roles_required_for(server) -> bool:
     return any(getattr(listener, "prefix", "") == "tls://" for listener in getattr(server, "listeners", []))
 
 
-# A client's requests at the scheduler: one registration per connection, one ledger hold per
+# A client's requests at the scheduler: one registration per connection, one request start per
 # generation request (with a ledger), publications.
-RATE_LIMITED_SCHEDULER_OPS = frozenset({"register-client", "neuro_ledger_hold", "neuro_request_begin",
-                                        "neuro_publish"})
+RATE_LIMITED_SCHEDULER_OPS = frozenset({"register-client", "neuro_request_begin", "neuro_publish"})
 
 
 def guard_scheduler(scheduler, requests_per_minute: int = 0, clock: Callable[[], float] = time.monotonic) -> None:
