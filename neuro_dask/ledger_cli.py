@@ -205,6 +205,42 @@ def _cmd_transfer(args, ledger) -> None:
 
 
 @_run
+def _cmd_grant(args, ledger) -> None:
+    account = args.account.removeprefix("user:")
+    receipt = ledger.grant(account, args.client, _now(args), args.id or str(uuid.uuid4()))
+    _movement(args, receipt, f"granted: client certificate {args.client} may charge user:{account}")
+
+
+@_run
+def _cmd_revoke(args, ledger) -> None:
+    account = args.account.removeprefix("user:")
+    receipt = ledger.revoke(account, args.client, _now(args), args.id or str(uuid.uuid4()))
+    _movement(args, receipt, f"revoked: client certificate {args.client} may no longer charge user:{account}")
+
+
+@_run
+def _cmd_grants(args, ledger) -> None:
+    rows = ledger.grants(args.account.removeprefix("user:") if args.account else None)
+    lines = [f"user:{g['account']:<24} charged by client {g['client']:<24} since {_when(g['granted_at'])} "
+             f"[{g['idem']}]" for g in rows]
+    _emit(args, rows, "\n".join(lines) or "no grants: each client certificate charges only its own account")
+
+
+@_run
+def _cmd_audit(args, ledger) -> None:
+    rows = ledger.audit(limit=args.limit)
+    lines = []
+    for r in rows:
+        if r["client"] is not None:
+            what = f"{r['accounts'][0]} {'to' if r['kind'] == 'grant' else 'from'} client {r['client']}"
+        else:
+            what = f"{' -> '.join(r['accounts'])}  {_n(r['amount'])}"
+        cause = f"{r['cause']}, " if r["cause"] else ""
+        lines.append(f"#{r['entry']:<6} {_when(r['at'])}  {r['kind']:<14} {what}  [{cause}id {r['idem']}]")
+    _emit(args, rows, "\n".join(lines) or "no operator entries")
+
+
+@_run
 def _cmd_stake(args, ledger) -> None:
     from neuro_dask.ledger import stake_account
 
@@ -320,6 +356,12 @@ def _param_value(name: str, text: str) -> int:
 
 @_run
 def _cmd_propose(args, ledger) -> None:
+    from neuro_dask.ledger import ParamError
+
+    for prefix, command in (("spend:", "propose-spend PROPOSER DEST AMOUNT"),
+                            ("adopt:", "propose-version PROPOSER CHANNEL MODEL_ID")):
+        if args.param.startswith(prefix):
+            raise ParamError(args.param, args.value, f"is not a parameter: `neuro-dask gov {command}` proposes it")
     value = _param_value(args.param, args.value)
     idem = args.id or str(uuid.uuid4())
     current = ledger.params()[args.param]
@@ -346,6 +388,30 @@ def _cmd_propose_version(args, ledger) -> None:
 
 
 @_run
+def _cmd_propose_spend(args, ledger) -> None:
+    from neuro_dask.ledger.params import SPEND_PREFIX
+
+    amount = _amount(args.amount)
+    idem = args.id or str(uuid.uuid4())
+    proposal = ledger.propose(args.proposer, f"{SPEND_PREFIX}{args.dest}", amount, _now(args), idem)
+    row = next(p for p in ledger.proposals() if p["id"] == proposal)
+    _emit(args, {**row, "id_used": idem},
+          f"proposal {proposal}: pay {_n(amount)} from the treasury to {args.dest}; voting open until "
+          f"{_when(row['ends_at'])}; if it passes, `neuro-dask gov tally {proposal}` pays it, once, when the treasury "
+          f"holds enough (id {idem}; pass --id {idem} to retry safely)")
+
+
+def _proposal_text(p: dict) -> str:
+    """What a proposal asks for, in words."""
+    if p["param"].startswith("spend:"):
+        return f"pay {_n(p['value'])} from the treasury to {p['param'].removeprefix('spend:')}"
+    if p["param"].startswith("adopt:"):
+        _, channel, model = p["param"].split(":", 2)
+        return f"adopt {model} on channel {channel}"
+    return f"{p['param']}={p['value']}"
+
+
+@_run
 def _cmd_vote(args, ledger) -> None:
     weight = ledger.vote(args.proposal, args.voter, args.choice == "yes", _now(args))
     _emit(args, {"proposal": args.proposal, "voter": args.voter, "yes": args.choice == "yes", "weight": weight},
@@ -366,7 +432,13 @@ def _cmd_tally(args, ledger) -> None:
     of = f" of {_n(result['total_stake'])} staked" if "total_stake" in result else ""
     text = (f"proposal {result['proposal']}: {result['status']} (yes {_n(result['yes'])}, no {_n(result['no'])}, "
             f"{_n(voted)} voted{of})")
-    if result["status"] == "passed" and result["param"].startswith("adopt:"):
+    if "spent" in result:
+        spent = result["spent"]
+        text += f"; paid {_n(spent['amount'])} from {spent['debit']} to {spent['credit']} (entry {spent['entry']})"
+    elif result["status"] == "failed":
+        text += (f"; the treasury could not pay {_n(result['value'])} to {result['param'].removeprefix('spend:')}: "
+                 "nothing moved")
+    elif result["status"] == "passed" and result["param"].startswith("adopt:"):
         text += f"; schedulers voting on versions adopt {result['param'].split(':', 2)[2]} once it is served"
     elif result["status"] == "passed":
         text += f"; {result['param']} is {describe_param(result['param'], result['value'])}"
@@ -376,7 +448,7 @@ def _cmd_tally(args, ledger) -> None:
 @_run
 def _cmd_gov_list(args, ledger) -> None:
     rows = ledger.proposals()
-    lines = [f"#{p['id']:<4} {p['status']:<9} {p['param']}={p['value']} by {p['proposer']}, yes {_n(p['yes'])}, "
+    lines = [f"#{p['id']:<4} {p['status']:<9} {_proposal_text(p)} by {p['proposer']}, yes {_n(p['yes'])}, "
              f"no {_n(p['no'])}, voting until {_when(p['ends_at'])}" for p in rows]
     _emit(args, rows, "\n".join(lines) or "no proposals")
 
@@ -432,7 +504,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="genesis:community (default) or genesis:liquidity")
     p.add_argument("--id", **idem)
     p = command(ls, "transfer", _cmd_transfer,
-                "move spendable NEURO between accounts (e.g. user:alice -> provider:gpu1, so it can stake)")
+                "move spendable NEURO between users, providers and genesis pools on their owners' instruction (e.g. "
+                "user:alice -> provider:gpu1, so it can stake); never from the treasury: see gov propose-spend")
     p.add_argument("source", help="account name, e.g. user:alice")
     p.add_argument("dest", help="account name, e.g. provider:gpu1")
     p.add_argument("amount", help="NEURO, e.g. 12.5")
@@ -446,6 +519,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("amount", help="NEURO")
     p.add_argument("--id", **idem)
     command(ls, "release", _cmd_release, "release matured unbondings and the vested part of team and investors")
+    p = command(ls, "grant", _cmd_grant, "let a client certificate charge a user's account (on the owner's word)")
+    p.add_argument("account", metavar="ACCOUNT", help="the user whose account is charged, e.g. alice")
+    p.add_argument("client", metavar="CLIENT", help="the name on the client certificate, e.g. gateway")
+    p.add_argument("--id", **idem)
+    p = command(ls, "revoke", _cmd_revoke, "take a grant back: the client certificate no longer charges the account")
+    p.add_argument("account", metavar="ACCOUNT", help="the user, e.g. alice")
+    p.add_argument("client", metavar="CLIENT", help="the name on the client certificate")
+    p.add_argument("--id", **idem)
+    p = command(ls, "grants", _cmd_grants, "the grants in force (of one account, or all)")
+    p.add_argument("account", nargs="?", metavar="ACCOUNT", help="a user, e.g. alice")
 
     p = command(ls, "balances", _cmd_balances, "balances of the named accounts, or of every account of a kind")
     p.add_argument("accounts", nargs="*", metavar="ACCOUNT", help="e.g. user:alice stake:gpu1 treasury")
@@ -459,6 +542,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--by", choices=["owner", "worker"], default="owner")
     p.add_argument("--limit", type=int, default=20)
     command(ls, "check", _cmd_check, "audit: invariants and database integrity; exit 1 listing any problem")
+    p = command(ls, "audit", _cmd_audit, "every operator-initiated entry, newest first: deposits, transfers, stakes, "
+                                         "unstakes, grants, revokes and treasury spends")
+    p.add_argument("--limit", type=int, default=50, help="at most this many entries (default 50)")
 
     gov = sub.add_parser("gov", help="stake-weighted governance of the protocol parameters")
     gs = gov.add_subparsers(dest="gov_command", required=True, metavar="COMMAND")
@@ -474,11 +560,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("channel", help="the channel (as published with `neuro-dask publish --channel`)")
     p.add_argument("model", help="the candidate version's model id")
     p.add_argument("--id", dest="id", metavar="IDEM", help="idempotency id (default: a new uuid, printed)")
+    p = command(gs, "propose-spend", _cmd_propose_spend,
+                "propose paying NEURO from the treasury to a user or a provider (staked providers only); the "
+                "treasury moves in no other way")
+    p.add_argument("proposer", help="a provider with stake")
+    p.add_argument("dest", metavar="DEST", help="the account paid: user:NAME or provider:NAME")
+    p.add_argument("amount", metavar="AMOUNT", help="NEURO, e.g. 250")
+    p.add_argument("--id", dest="id", metavar="IDEM", help="idempotency id (default: a new uuid, printed)")
     p = command(gs, "vote", _cmd_vote, "vote with the weight of your stake (one staked token, one vote)")
     p.add_argument("proposal", type=int)
     p.add_argument("voter", help="a provider with stake")
     p.add_argument("choice", choices=["yes", "no"])
-    p = command(gs, "tally", _cmd_tally, "close a proposal after its voting period; a passed change goes live")
+    p = command(gs, "tally", _cmd_tally, "close a proposal after its voting period; a passed change goes live, "
+                                         "a passed treasury spend is paid")
     p.add_argument("proposal", type=int)
     command(gs, "list", _cmd_gov_list, "every proposal and its status")
     command(gs, "params", _cmd_gov_params, "the live parameters and their bounds")

@@ -3,7 +3,9 @@
 One writer at a time: SQLite's `BEGIN IMMEDIATE` (with a busy timeout) and PostgreSQL's
 transaction-scoped advisory lock serialise every movement, across threads and processes, so
 that a balance check and the postings it allows are one atomic step. Statements are written
-once with `?` placeholders and rewritten for PostgreSQL.
+once with `?` placeholders and rewritten for PostgreSQL. Opening a database creates the tables
+it lacks and adds the columns added since it was made (`ADDED_COLUMNS`), so older ledgers keep
+working.
 
 URLs: `sqlite:///relative/path.db`, `sqlite:////absolute/path.db`, a plain file path,
 `sqlite://:memory:` (one process, tests), `postgresql://user@host/db` (needs psycopg).
@@ -47,7 +49,7 @@ CREATE TABLE IF NOT EXISTS unbonding (
     release_at DOUBLE PRECISION NOT NULL);
 CREATE TABLE IF NOT EXISTS holds (
     request TEXT PRIMARY KEY, client TEXT NOT NULL, amount BIGINT NOT NULL, settled INTEGER NOT NULL DEFAULT 0,
-    fee BIGINT NOT NULL DEFAULT 0);
+    fee BIGINT NOT NULL DEFAULT 0{hold_columns});
 CREATE TABLE IF NOT EXISTS credits (
     worker TEXT NOT NULL, owner TEXT NOT NULL, epoch BIGINT NOT NULL, units BIGINT NOT NULL,
     PRIMARY KEY (worker, epoch));
@@ -68,7 +70,28 @@ CREATE TABLE IF NOT EXISTS adoptions (
 CREATE TABLE IF NOT EXISTS votes (
     proposal BIGINT NOT NULL, voter TEXT NOT NULL, yes INTEGER NOT NULL, weight BIGINT NOT NULL,
     at DOUBLE PRECISION NOT NULL, PRIMARY KEY (proposal, voter));
+CREATE TABLE IF NOT EXISTS grants (
+    id {serial}, account TEXT NOT NULL, client TEXT NOT NULL, granted_at DOUBLE PRECISION NOT NULL,
+    grant_idem TEXT NOT NULL UNIQUE, revoked_at DOUBLE PRECISION, revoke_idem TEXT UNIQUE);
+CREATE UNIQUE INDEX IF NOT EXISTS grants_live ON grants(account, client) WHERE revoked_at IS NULL;
 """
+# Columns added to a table after ledgers were made with it: (table, column, definition, what old
+# rows mean). A new ledger gets them in CREATE TABLE; an old one gets them when it is opened (the
+# tables themselves are CREATE ... IF NOT EXISTS), so an old database keeps working.
+ADDED_COLUMNS: tuple[tuple[str, str, str, str | None], ...] = (
+    # Holds made before expiry existed expire at once: the scheduler that made them is gone, and
+    # whatever it counted for them was in its memory.
+    ("holds", "held_at", "DOUBLE PRECISION NOT NULL DEFAULT 0", None),
+    ("holds", "expires_at", "DOUBLE PRECISION NOT NULL DEFAULT 0", None),
+    ("holds", "state", "TEXT NOT NULL DEFAULT 'open'", "UPDATE holds SET state = 'settled' WHERE settled = 1"),
+    ("holds", "tier", "TEXT NOT NULL DEFAULT 'standard'", None),
+    ("holds", "charged_by", "TEXT NOT NULL DEFAULT ''", None),
+    ("holds", "quoted", "BIGINT NOT NULL DEFAULT 0", None),
+    ("holds", "expert_tokens", "BIGINT NOT NULL DEFAULT 0", None),
+    ("holds", "private_tokens", "BIGINT NOT NULL DEFAULT 0", None),
+)
+# Indexes on added columns: made once the columns are there, old ledger or new.
+ADDED_INDEXES = ("CREATE INDEX IF NOT EXISTS holds_expiry ON holds(state, expires_at)",)
 
 
 class Database:
@@ -89,13 +112,37 @@ class Database:
         self._local = threading.local()
         self._shared: Any = None  # the one connection of an in-memory database
         self._shared_lock = threading.RLock()
+        columns = "".join(f", {column} {definition}" for _, column, definition, _ in ADDED_COLUMNS)
         with self.write() as cur:
-            for statement in SCHEMA.format(serial=self._serial).split(";"):
+            for statement in SCHEMA.format(serial=self._serial, hold_columns=columns).split(";"):
                 if statement.strip():
                     cur.execute(statement)
+            self._add_columns(cur)
+            for statement in ADDED_INDEXES:
+                cur.execute(statement)
 
     def __repr__(self) -> str:  # the URL may hold a password: never in a log line or a traceback
         return f"Database({redact_url(self.url)!r})"
+
+    def _columns(self, cur: Cursor, table: str) -> set[str]:
+        if self.dialect == "postgres":
+            return {r[0] for r in cur.execute("SELECT column_name FROM information_schema.columns "
+                                              "WHERE table_schema = current_schema() AND table_name = ?",
+                                              (table,)).all()}
+        return {r[1] for r in cur.execute(f"PRAGMA table_info({table})").all()}
+
+    def _add_columns(self, cur: Cursor) -> None:
+        """ADDED_COLUMNS that an old ledger lacks, inside the schema's own transaction (so that two
+        processes opening one old ledger at once add each column once)."""
+        have: dict[str, set[str]] = {}
+        for table, column, definition, backfill in ADDED_COLUMNS:
+            if table not in have:
+                have[table] = self._columns(cur, table)
+            if column not in have[table]:
+                cur.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+                have[table].add(column)
+                if backfill:
+                    cur.execute(backfill)
 
     @property
     def _serial(self) -> str:

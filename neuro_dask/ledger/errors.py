@@ -53,6 +53,32 @@ class GovernanceError(LedgerError):
     """A proposal or vote that the rules refuse (no stake, closed, unknown, twice)."""
 
 
+class NotGrantedError(LedgerError):
+    """A client certificate asked to charge an account that is neither its own nor granted to it."""
+
+    def __init__(self, account: str, client: str):
+        self.account, self.client = account, client
+        super().__init__(f"client {client!r} may not charge the account user:{account}: a client certificate charges "
+                         f"only its own account, or one whose owner granted it (the operator runs "
+                         f"`neuro-dask ledger grant {account} {client}`); nothing was held")
+
+
+class SettledError(LedgerError):
+    """A request settled before, asked to settle with other work: a request is paid once."""
+
+    def __init__(self, request: str, state: str, fee: int):
+        self.request, self.state, self.fee = request, state, fee
+        how = "after its hold expired" if state == "expired" else "before"
+        super().__init__(f"request {request!r} was already settled {how} (fee {fee} units): a request is paid once, "
+                         "so nothing moved now; the work passed this time is not paid")
+
+
+class TreasuryError(LedgerError):
+    def __init__(self, why: str = "a transfer cannot draw on the treasury"):
+        super().__init__(f"{why}: the treasury moves only through a passed spend proposal "
+                         "(`neuro-dask gov propose-spend PROPOSER DEST AMOUNT`, voted by stake, paid at its tally)")
+
+
 class VestingError(LedgerError):
     """Something tried to move tokens that have not vested."""
 

@@ -83,6 +83,36 @@ def is_adoption(param: object) -> bool:
     return isinstance(param, str) and param.startswith(ADOPT_PREFIX)
 
 
+# A treasury spend (docs/ledger.md, "The treasury moves only by vote") is named "spend:ACCOUNT"
+# with the amount in units as its value, ACCOUNT a user's or a provider's spendable account; a
+# passed one is paid at its tally, in the tally's transaction. Whether the account exists is the
+# books' check (books.Ledger.propose): this one is the shape only.
+SPEND_PREFIX = "spend:"
+_SPEND = re.compile(r"spend:((?:user|provider):[^\s:][^\s]{0,199})")
+MAX_SPEND = 2**62  # below what a BIGINT holds, like every other amount
+
+
+def spend_param(dest: str) -> str:
+    param = f"{SPEND_PREFIX}{dest}"
+    check_spend(param, 1)
+    return param
+
+
+def check_spend(param: str, value: object) -> str:
+    """The destination account of a treasury-spend proposal, or ParamError."""
+    match = _SPEND.fullmatch(param) if isinstance(param, str) else None
+    if match is None:
+        raise ParamError(param, value, "a treasury spend is spend:user:NAME or spend:provider:NAME: it pays a "
+                                       "user's or a provider's spendable account, never a locked or system one")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < MAX_SPEND:
+        raise ParamError(param, value, "a treasury spend's value is the amount: an integer of units above 0")
+    return match.group(1)
+
+
+def is_spend(param: object) -> bool:
+    return isinstance(param, str) and param.startswith(SPEND_PREFIX)
+
+
 def check_consistent(params: Mapping[str, int]) -> None:
     """Rules across parameters: stake that voted cannot leave and vote again within one vote
     (unbonding lasts at least the voting period); the private tier is never cheaper than the

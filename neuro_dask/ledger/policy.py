@@ -30,7 +30,8 @@ UNIT = 10**9  # smallest units per NEURO: 10^9 x the default 10^9 supply still f
 BPS = 10_000
 MONTH = 30 * 24 * 3600
 # A private-tier (token, expert) is computed on two secret shares in two steps (gate/up, then
-# down), by two workers each: four share-rows, which clients report one per worker and step.
+# down), by two workers each: four share-rows, which the scheduler counts from the workers' signed
+# receipts, one per worker and step.
 SHARE_ROWS_PER_PRIVATE_TOKEN = 4
 TIERS = ("standard", "private")
 

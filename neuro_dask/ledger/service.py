@@ -1,18 +1,22 @@
 """What the network does with the books: the scheduler plugin's ledger duties, without Dask.
 
-- Holds and settlements: a client's request is quoted and held before any work is sent, and
-  settled after it by the validated work the client reported: each validated replica's rows
-  (token, expert pairs) are expert-tokens computed, paid for at the price list's rate and
-  shared among the providers that computed them (policy rule 1).
-- The private tier (docs/privacy.md): a request held with tier="private" is quoted at
-  `price_per_private_expert_token`; clients report each share holder's rows per step as kind
-  `private`, and every SHARE_ROWS_PER_PRIVATE_TOKEN of them are one private expert-token. Shares
-  cannot be validated, so private work is paid from the client's fee (the client asked and paid
-  for it) but earns no emission credit and moves no reputation.
-- Credits: the validated work, per worker and epoch, for emissions and the leaderboard.
-- Slashing: only for proven fraud, i.e. an `invalid` outcome the client marks `proven` (the
-  quorum's canonical result was confirmed by an operator-trusted worker). Timeouts, crashes and
-  lateness cost reputation only, never stake.
+Money moves only on what the scheduler can check itself (docs/ledger.md, "On the network");
+a client's say-so moves nothing.
+
+- Holds: a request is quoted at its tier's price and held before any work is sent, charged to
+  an account its client certificate may charge (its own, or one whose owner granted it:
+  `neuro-dask ledger grant ACCOUNT CLIENT`). Every hold has a lease (`lease_seconds`): `expire`
+  names the holds whose request never ended (a crashed client, a scheduler restart), and the
+  scheduler settles each with the work it verified, possibly none.
+- Settlements: the scheduler passes the rows it verified from worker-signed receipts, per
+  worker: standard expert-tokens, and for the private tier (docs/privacy.md) the share holders'
+  rows, every SHARE_ROWS_PER_PRIVATE_TOKEN of them one private expert-token. The fee is the
+  request price plus those tokens at their tier's price, at most the hold, shared among the
+  workers that computed them (policy rule 1); the rest goes back. Standard work is credited for
+  emissions and the leaderboard in the same transaction; shares cannot be validated, so private
+  work is paid from the client's fee only. A request is paid once (`Ledger.settle_verified`).
+- Slashing: only for a fraud the scheduler proved itself (a recomputation on a trusted host or
+  a quorum it picked); timeouts, crashes and lateness cost reputation only, never stake.
 - The stake gate: a worker is routable only with at least `min_stake` locked.
 - Emissions: once an epoch is over, its emission is paid (policy rule 2).
 Time comes in as `now`; the caller runs this off its event loop (every call may touch disk).
@@ -21,36 +25,22 @@ Time comes in as `now`; the caller runs this off its event loop (every call may 
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
 from neuro_dask.ledger.books import Ledger
 from neuro_dask.ledger.errors import InsufficientFundsError, LedgerError, UnknownAccountError
 from neuro_dask.ledger.params import LedgerConfig
-from neuro_dask.ledger.policy import SHARE_ROWS_PER_PRIVATE_TOKEN, TIERS
+from neuro_dask.ledger.policy import TIERS
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Judged:
-    """One judged reply, as the client reports it (worker by name)."""
-
-    worker: str
-    kind: str  # validated | invalid | late | timeout | error | private (a share holder's rows, unvalidated)
-    cause: str
-    rows: int = 0
-    request: str = ""
-    proven: bool = False
+LEASE_SECONDS = 600.0  # a hold's default lease: longer than a generation takes, short enough to refund soon
 
 
 class LedgerService:
     def __init__(self, ledger: Ledger):
         self.ledger = ledger
-        self.work: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))  # request -> worker -> rows
-        self.share_rows: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))  # private tier
-        self.tiers: dict[str, str] = {}  # request -> tier, from its hold
         self.owners: dict[str, str] = {}
         self._emitted_through = -1
 
@@ -79,14 +69,23 @@ class LedgerService:
 
     # ---- requests ---------------------------------------------------------------------------
 
-    def hold(self, account: str, request: str, expert_tokens: int, now: float, tier: str = "standard") -> dict:
-        """Quote and hold before any work: {"status": "OK", "held": units} or a refusal."""
+    def hold(self, account: str, request: str, expert_tokens: int, now: float, tier: str = "standard",
+             client: str | None = None, lease_seconds: float = LEASE_SECONDS) -> dict:
+        """Quote and hold before any work: {"status": "OK", "held": units, "tier", "expires"} or
+        {"status": "error", "message"}. `account` is the user name charged; `client`, the name on
+        the asking connection's certificate (None: the caller checked nothing, as in drills), must
+        be the account's or granted by its owner."""
         if tier not in TIERS:
             return {"status": "error", "message": f"unknown tier {tier!r}: one of {', '.join(TIERS)}"}
+        if isinstance(lease_seconds, bool) or not isinstance(lease_seconds, (int, float)) \
+                or not math.isfinite(lease_seconds) or lease_seconds <= 0:
+            return {"status": "error", "message": f"a hold's lease must be a positive number of seconds, "
+                                                  f"not {lease_seconds!r}"}
         try:
             amount = (self.ledger.quote(0, private_tokens=expert_tokens) if tier == "private"
                       else self.ledger.quote(expert_tokens))
-            self.ledger.hold(account, request, amount, now=now)
+            receipt = self.ledger.hold(account, request, amount, now=now, expires_at=now + lease_seconds, tier=tier,
+                                       by=client)
         except UnknownAccountError:
             return {"status": "error", "message": f"no ledger account user:{account}: open and fund it "
                                                   f"(`neuro-dask ledger open {account}`)"}
@@ -94,49 +93,46 @@ class LedgerService:
             return {"status": "error", "message": f"insufficient funds for this request: {exc}"}
         except LedgerError as exc:
             return {"status": "error", "message": str(exc)}
-        self.tiers[request] = tier
-        return {"status": "OK", "held": amount, "tier": tier}
+        if receipt.replayed:  # a retried request: the first hold, its amount and its expiry stand
+            first = self.ledger.hold_of(request) or {}
+            if first.get("state", "open") != "open":
+                return {"status": "error", "message": f"request {request!r} was held and settled before: "
+                                                      "a new request needs a new id"}
+            return {"status": "OK", "held": first.get("amount", amount), "tier": first.get("tier", tier),
+                    "expires": first.get("expires_at", now + lease_seconds)}
+        return {"status": "OK", "held": amount, "tier": tier, "expires": now + lease_seconds}
 
-    def record(self, judged: Iterable[Judged], now: float, idem: str) -> list[str]:
-        """Outcomes in: validated work is credited; proven fraud is slashed. Returns who was slashed."""
-        epoch = self.epoch(now)
-        credits: dict[str, int] = defaultdict(int)
-        slashed = []
-        for j in judged:
-            if j.kind == "validated" and j.rows > 0:
-                credits[j.worker] += j.rows
-                if j.request:
-                    self.work[j.request][j.worker] += j.rows
-            elif j.kind == "private" and j.rows > 0 and self.tiers.get(j.request) == "private":
-                self.share_rows[j.request][j.worker] += j.rows  # paid by this request's fee only
-            elif j.kind == "invalid" and j.proven:
-                try:
-                    receipt = self.ledger.slash(j.worker, j.cause, now)
-                except UnknownAccountError:
-                    continue
-                if receipt.postings:
-                    slashed.append(j.worker)
-        if credits:
-            self.ledger.credit_work({w: (self.owners.get(w, w), n) for w, n in credits.items()}, epoch, idem, now)
-        return slashed
-
-    def settle(self, request: str, now: float) -> dict:
-        """The fee for the request's validated (standard) or share-computed (private) expert-tokens,
-        split among who computed them, pro rata to their rows (a request has one tier)."""
-        tier = self.tiers.pop(request, "standard")
-        work = dict(self.work.pop(request, {}))
-        shares = dict(self.share_rows.pop(request, {}))
-        tokens = sum(work.values())
-        private_tokens = -(-sum(shares.values()) // SHARE_ROWS_PER_PRIVATE_TOKEN)
-        fee = self.ledger.quote(tokens, private_tokens=private_tokens)
-        for worker, rows in shares.items():
-            work[worker] = work.get(worker, 0) + rows
+    def settle(self, request: str, now: float, work: Mapping[str, int],
+               share_rows: Mapping[str, int] | None = None) -> dict:
+        """Charge the request for the rows the scheduler verified from worker-signed receipts
+        (`work`: worker -> standard expert-token rows; `share_rows`: worker -> private-tier share
+        rows), pay who computed them, refund the rest: {"status": "OK", "tier", "fee", "charged",
+        "expert_tokens", "private_expert_tokens", "paid": {account: units}, "state", "replayed"}
+        or {"status": "error", "message"}. Settling again returns the first result (same rows)
+        or an error (other rows): a request is paid once."""
         try:
-            receipt = self.ledger.settle(request, fee, work, now=now)
+            s = self.ledger.settle_verified(request, work, share_rows, now=now)
         except LedgerError as exc:
             return {"status": "error", "message": str(exc)}
-        return {"status": "OK", "tier": tier, "fee": fee, "expert_tokens": tokens, "private_expert_tokens": private_tokens,
-                "paid": {p.credit: p.amount for p in receipt.postings}}
+        if s.ignored:  # the scheduler passes only workers it verified: a name without accounts is its bug
+            log.warning("request %s: rows of %s, who have no provider account, were neither charged nor paid",
+                        request, ", ".join(s.ignored))
+        return {"status": "OK", "tier": s.tier, "fee": s.fee, "charged": s.charged, "expert_tokens": s.expert_tokens,
+                "private_expert_tokens": s.private_expert_tokens,
+                "paid": {p.credit: p.amount for p in s.receipt.postings}, "state": s.state, "replayed": s.replayed}
+
+    def expire(self, now: float) -> list[str]:
+        """The requests whose holds expired open: settle each with the work verified for it."""
+        return self.ledger.expired_holds(now)
+
+    def slash(self, worker: str, cause: str, now: float) -> bool:
+        """Slash `worker` for one fraud the scheduler proved itself (`cause` names the proof; the
+        same cause never slashes twice). Returns whether stake moved now."""
+        try:
+            receipt = self.ledger.slash(worker, cause, now)
+        except UnknownAccountError:
+            return False
+        return bool(receipt.postings) and not receipt.replayed
 
     # ---- epochs -----------------------------------------------------------------------------
 

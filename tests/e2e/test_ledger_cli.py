@@ -162,3 +162,56 @@ def test_a_model_version_put_to_a_vote(tmp_path):
     tally = run("gov", "tally", "1", "--now", now + 4 * DAY, *db).stdout
     assert "passed" in tally and "adopt mixtral-0a1b once it is served" in tally
     assert [(p["param"], p["status"]) for p in as_json("gov", "list", *db)] == [("adopt:adder:mixtral-0a1b", "passed")]
+
+
+def test_the_treasury_moves_only_by_vote_grants_and_the_audit(tmp_path):
+    now = time.time()
+    db = ["--db", f"sqlite:///{tmp_path}/books.db"]
+    for name in ("alice", "bob"):
+        run("ledger", "open", name, *db)
+    run("ledger", "open-provider", "gpu1", *db)
+    run("ledger", "deposit", "alice", "100", "--id", "fund-alice", *db)
+    run("ledger", "transfer", "genesis:community", "provider:gpu1", "2000", *db)
+    run("ledger", "stake", "gpu1", "2000", *db)
+    treasury = as_json("ledger", "balances", "treasury", *db)["treasury"]
+
+    # The operator cannot move the treasury; a vote can, once.
+    refused("ledger", "transfer", "treasury", "user:bob", "5", *db,
+            message="only through a passed spend proposal (`neuro-dask gov propose-spend PROPOSER DEST AMOUNT`")
+    refused("ledger", "deposit", "bob", "5", "--from", "treasury", *db, message="gov propose-spend")
+    refused("gov", "propose-spend", "gpu1", "stake:gpu1", "5", *db, message="a treasury spend is spend:user:NAME")
+    refused("gov", "propose-spend", "alice", "user:bob", "5", *db, message="alice has no stake")
+    refused("gov", "propose", "gpu1", "spend:user:bob", "5", *db, message="`neuro-dask gov propose-spend")
+    out = run("gov", "propose-spend", "gpu1", "user:bob", "250", "--id", "pay-bob", *db).stdout
+    assert out.startswith("proposal 1: pay 250 NEURO from the treasury to user:bob; voting open until")
+    run("gov", "vote", "1", "gpu1", "yes", *db)
+    assert "#1    open      pay 250 NEURO from the treasury to user:bob by gpu1" in run("gov", "list", *db).stdout
+    assert as_json("ledger", "balances", "user:bob", *db) == {"user:bob": 0}  # nothing before the tally
+    tally = run("gov", "tally", "1", "--now", now + 4 * DAY, *db).stdout
+    assert tally.startswith("proposal 1: passed") and "paid 250 NEURO from treasury to user:bob" in tally
+    again = as_json("gov", "tally", "1", "--now", now + 5 * DAY, *db)  # a second tally pays nothing more
+    assert again["status"] == "passed" and again["spent"]["amount"] == 250 * UNIT
+    assert as_json("ledger", "balances", "user:bob", "treasury", *db) == {"user:bob": 250 * UNIT,
+                                                                         "treasury": treasury - 250 * UNIT}
+
+    # A client certificate charges another user's account only while granted.
+    assert "gateway may charge user:alice" in run("ledger", "grant", "alice", "gateway", "--id", "g1", *db).stdout
+    assert "already done" in run("ledger", "grant", "alice", "gateway", "--id", "g1", *db).stdout
+    refused("ledger", "grant", "ghost", "gateway", *db, message="no account 'user:ghost'")
+    refused("ledger", "grant", "alice", "gateway", *db, message="may already charge user:alice")
+    grants = as_json("ledger", "grants", "alice", *db)
+    assert [(g["account"], g["client"], g["idem"]) for g in grants] == [("alice", "gateway", "g1")]
+    run("ledger", "revoke", "alice", "gateway", "--id", "rv1", *db)
+    assert as_json("ledger", "grants", *db) == []
+    assert "no grants" in run("ledger", "grants", *db).stdout
+    refused("ledger", "revoke", "alice", "gateway", *db, message="holds no grant on user:alice")
+
+    # Everything the operator did, newest first.
+    audit = as_json("ledger", "audit", *db)
+    assert [r["kind"] for r in audit] == ["revoke", "grant", "treasury-spend", "stake", "transfer", "deposit"]
+    assert audit[2]["accounts"] == ["treasury", "user:bob"] and audit[2]["cause"] == "proposal:1"
+    text = run("ledger", "audit", "--limit", "3", *db).stdout.splitlines()
+    assert len(text) == 3 and "user:alice from client gateway  [id rv1]" in text[0]
+    assert "treasury -> user:bob  250 NEURO  [proposal:1, id treasury-spend:1]" in text[2]
+    assert as_json("ledger", "report", *db)["treasury_spent"] == 250 * UNIT
+    assert as_json("ledger", "check", *db)["ok"] is True

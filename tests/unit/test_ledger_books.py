@@ -32,7 +32,7 @@ from neuro_dask.ledger.policy import BPS, MONTH
 T0 = 1_700_000_000.0
 DAY = 86_400.0
 TABLES = ("accounts", "entries", "postings", "vesting", "unbonding", "holds", "credits", "emissions", "slashes",
-          "params", "param_changes", "proposals", "votes", "adoptions")
+          "params", "param_changes", "proposals", "votes", "adoptions", "grants")
 BAD_AMOUNTS = [-1, -UNIT, 0, 1.0, 0.5, float("nan"), True, False, "5", None, Decimal(5), Fraction(5, 1), [5]]
 
 
@@ -194,7 +194,8 @@ def test_double_spend_second_hold_refused(ledger):
     ledger.hold("a", "r2", 400)  # the rest can still be held
     assert ledger.balance(user("a")) == 0
     refused(ledger, InsufficientFundsError, ledger.hold, "a", "r3", 1)
-    refused(ledger, InsufficientFundsError, ledger.transfer, user("a"), "treasury", 1, "t")
+    ledger.open_user("b")
+    refused(ledger, InsufficientFundsError, ledger.transfer, user("a"), user("b"), 1, "t")
 
 
 @pytest.mark.parametrize("source", ["stake:w", "unbonding:w", "vesting:team", "vesting:investors", "escrow", "burn",
@@ -213,8 +214,10 @@ def test_transfers_out_of_locked_accounts_are_refused(ledger, source):
 
 
 @pytest.mark.parametrize("dest", ["stake:w", "unbonding:w", "vesting:team", "escrow", "burn", "issuance",
-                                  "emission"])
+                                  "emission", "treasury", "genesis:team", "genesis:investors"])
 def test_transfers_into_locked_accounts_are_refused(ledger, dest):
+    """Nor into the treasury (fees and slashes fill it) or a vested allocation (the operator would
+    be enriching the team); a grant may only go back to the pools it is granted from."""
     staked_provider(ledger, "w", neuro(10))
     a = funded_user(ledger, "a", neuro(10))
     refused(ledger, LedgerError, ledger.transfer, a, dest, 1, "sneak", match="cannot move")
@@ -300,7 +303,7 @@ def test_idem_reused_for_a_different_request_conflicts(ledger):
 
 
 @pytest.mark.parametrize("idem", ["genesis", "unbonded:1", "emission:0", "slash:fraud:w", "vest:team:5",
-                                  "hold:r", "settle:r"])
+                                  "hold:r", "settle:r", "treasury-spend:1"])
 def test_ids_the_ledger_derives_for_itself_are_refused_to_callers(ledger, idem):
     """A caller's id must not take an id the ledger derives for its own entries: it would block that
     entry for good (no unbonded stake released, an epoch never paid, a slash dodged)."""

@@ -1,6 +1,7 @@
 """The private tier's price list (docs/privacy.md, docs/ledger.md): quoted and held at
-`price_per_private_expert_token`, settled by the share holders' rows, paid from the request's
-fee only (no emission credit, no reputation), never cheaper than the standard tier."""
+`price_per_private_expert_token`, settled by the share holders' rows the scheduler verified from
+worker-signed receipts, paid from the request's fee only (no emission credit, no reputation),
+never cheaper than the standard tier."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from neuro_dask.ledger import Ledger, LedgerConfig, ParamError, neuro, provider, user
 from neuro_dask.ledger.params import DEFAULT_PARAMS, check_consistent
 from neuro_dask.ledger.policy import SHARE_ROWS_PER_PRIVATE_TOKEN, split_fee
-from neuro_dask.ledger.service import Judged, LedgerService
+from neuro_dask.ledger.service import LEASE_SECONDS, LedgerService
 
 T0 = 1_700_000_000.0
 P = DEFAULT_PARAMS
@@ -51,7 +52,8 @@ def test_quote_prices_private_tokens_at_the_private_rate(service):
 def test_private_hold_is_quoted_at_the_private_price(service):
     held = service.hold("alice", "r-private", 1_000, T0, tier="private")
     assert held == {"status": "OK", "held": P["price_per_request"] + 1_000 * P["price_per_private_expert_token"],
-                    "tier": "private"}
+                    "tier": "private", "expires": T0 + LEASE_SECONDS}
+    assert service.ledger.hold_of("r-private")["tier"] == "private"  # kept with the hold, for its settlement
     standard = service.hold("alice", "r-standard", 1_000, T0)
     assert standard["held"] == P["price_per_request"] + 1_000 * P["price_per_expert_token"]
 
@@ -66,10 +68,7 @@ def test_an_unknown_tier_is_refused_before_any_hold(service):
 def test_private_settlement_pays_the_share_holders_and_credits_no_emission(service):
     service.hold("alice", "r", 100, T0, tier="private")
     # 3 (token, expert) pairs: w1 and w2 held the gate/up shares, w2 and w3 the down shares.
-    judged = [Judged("w1", "private", "gate_up:0:1", 3, "r"), Judged("w2", "private", "gate_up:0:1", 3, "r"),
-              Judged("w2", "private", "down:0:1", 3, "r"), Judged("w3", "private", "down:0:1", 3, "r")]
-    assert service.record(judged, T0, "batch-1") == []
-    settled = service.settle("r", T0 + 1)
+    settled = service.settle("r", T0 + 1, work={}, share_rows={"w1": 3, "w2": 6, "w3": 3})
     assert settled["status"] == "OK" and settled["tier"] == "private"
     assert settled["private_expert_tokens"] == 12 // SHARE_ROWS_PER_PRIVATE_TOKEN == 3
     assert settled["expert_tokens"] == 0
@@ -80,21 +79,19 @@ def test_private_settlement_pays_the_share_holders_and_credits_no_emission(servi
     assert service.ledger.leaderboard(by="worker") == []  # paid by the client, not by the emission pool
 
 
-def test_private_rows_reported_for_a_standard_request_pay_nothing(service):
-    """A client cannot make the standard tier pay private rates by reporting share rows."""
+def test_private_rows_for_a_standard_request_pay_nothing(service):
+    """Share rows never make the standard tier pay private rates: the tier is the hold's."""
     service.hold("alice", "r", 100, T0)
-    service.record([Judged("w1", "private", "x", 50, "r"), Judged("w1", "validated", "y", 2, "r")], T0, "b")
-    settled = service.settle("r", T0 + 1)
+    settled = service.settle("r", T0 + 1, work={"w1": 2}, share_rows={"w1": 50})
     assert settled["fee"] == P["price_per_request"] + 2 * P["price_per_expert_token"]
-    assert settled["private_expert_tokens"] == 0
+    assert settled["private_expert_tokens"] == 0 and settled["tier"] == "standard"
 
 
 def test_a_private_fee_never_exceeds_the_hold(service):
     held = service.hold("alice", "r", 1, T0, tier="private")["held"]
-    service.record([Judged(w, "private", "s", 400, "r") for w in ("w1", "w2")], T0, "b")
-    settled = service.settle("r", T0 + 1)
+    settled = service.settle("r", T0 + 1, work={}, share_rows={"w1": 400, "w2": 400})
     charged = held - settled["paid"].get(user("alice"), 0)  # nothing comes back
-    assert charged == held < settled["fee"]
+    assert charged == held == settled["charged"] < settled["fee"]
 
 
 def test_no_vote_can_make_the_private_tier_cheaper_than_the_standard_one():

@@ -6,7 +6,10 @@ and keeps a shadow of every balance built only from the receipts. After each ste
 in the long runs) an audit checks the books from the raw tables: debits equal credits, minted =
 balances + burned <= max supply, nothing but `issuance` below zero, the vesting accounts never
 below what has not vested yet, and the shadow balances equal the ledger's. A refused operation
-must raise a LedgerError and leave every table as it was.
+must raise a LedgerError and leave every table as it was. Among the operations: what hostile
+peers try (a transfer out of the treasury, a hold on another user's account without a grant,
+settling twice, rows of workers without accounts) and what stops them (spend proposals, grants,
+holds that expire, settlement by verified rows).
 """
 
 from __future__ import annotations
@@ -28,8 +31,11 @@ from neuro_dask.ledger import (
     InsufficientFundsError,
     Ledger,
     LedgerError,
+    NotGrantedError,
     ParamError,
     Posting,
+    SettledError,
+    TreasuryError,
     UnknownAccountError,
     policy,
     provider,
@@ -37,16 +43,20 @@ from neuro_dask.ledger import (
     unbonding_account,
     user,
 )
-from neuro_dask.ledger.policy import BPS, MONTH
+from neuro_dask.ledger.books import HOLD_SECONDS
+from neuro_dask.ledger.policy import BPS, MONTH, SHARE_ROWS_PER_PRIVATE_TOKEN
 
 T0 = 1_700_000_000.0
 DAY = 86_400.0
 USERS = ["u0", "u1", "u2", "u3"]
 PROVIDERS = ["p0", "p1", "p2", "p3"]
 GHOST, PHANTOM = "ghost", "phantom"  # never opened
-TRANSFERABLE = ("user", "provider", "genesis", "treasury")
+TRANSFERABLE = ("user", "provider", "genesis")  # never the treasury: it moves only by vote
+RECEIVING = ("user", "provider")
+GRANT_POOLS = ("genesis:community", "genesis:liquidity")  # a grant may go back to these, from users and providers
 RESERVED = ["genesis", "unbonded:1", "unbonded:2", "emission:0", "emission:3", "slash:c0:p0", "vest:team:1",
-            "hold:r0", "settle:r0"]
+            "hold:r0", "settle:r0", "treasury-spend:1"]
+CLIENTS = ["gw", "u1", GHOST]  # client certificate names: a gateway, another user, a stranger
 OK = "ok"
 REUSED = "reused"  # an id used before: a replay (same request) or a conflict (another one)
 
@@ -62,7 +72,9 @@ def state(led: Ledger) -> list:
             cur.execute("SELECT name, balance FROM accounts ORDER BY name").all(),
             cur.execute("SELECT COUNT(*), MAX(id) FROM entries").one(),
             cur.execute("SELECT COUNT(*), MAX(entry_id) FROM postings").one(),
-            agg("SELECT amount, settled, fee FROM holds"),
+            agg("SELECT amount, settled, fee, expires_at, quoted, expert_tokens, private_tokens FROM holds"),
+            cur.execute("SELECT request, state, tier, charged_by FROM holds ORDER BY request").all(),
+            cur.execute("SELECT account, client, granted_at, revoked_at FROM grants ORDER BY id").all(),
             agg("SELECT amount, release_at FROM unbonding"),
             agg("SELECT units, epoch FROM credits"),
             agg("SELECT amount, epoch FROM emissions"),
@@ -84,6 +96,11 @@ def consistent(params: dict[str, int]) -> bool:
 
 def kind_of(account: str) -> str:
     return account.split(":", 1)[0]
+
+
+def may_transfer(src: str, dst: str) -> bool:
+    return kind_of(src) in TRANSFERABLE and (kind_of(dst) in RECEIVING or
+                                             (dst in GRANT_POOLS and kind_of(src) in RECEIVING))
 
 
 def bad_amount(a: object) -> bool:
@@ -110,7 +127,7 @@ class Auditor:
             count = cur.execute("SELECT COUNT(*) FROM postings").scalar()
             max_supply = cur.execute("SELECT value FROM params WHERE name = 'max_supply'").scalar()
             vesting = cur.execute("SELECT bucket, total, start, months, cliff_months, released FROM vesting").all()
-            open_holds = cur.execute("SELECT COALESCE(SUM(amount), 0) FROM holds WHERE settled = 0").scalar(0)
+            open_holds = cur.execute("SELECT COALESCE(SUM(amount), 0) FROM holds WHERE state = 'open'").scalar(0)
             unbonding = dict(cur.execute("SELECT provider, SUM(amount) FROM unbonding GROUP BY provider").all())
         debits = credits = 0
         for entry, debit, credit, amount in new:
@@ -175,8 +192,9 @@ class DataPick:
 
 # operation -> weight
 OPS = {"transfer": 10, "deposit": 8, "open_user": 3, "open_provider": 3, "stake": 7, "unstake": 5,
-       "release_unbonded": 3, "hold": 9, "settle": 8, "credit_work": 5, "emit": 4, "slash": 2,
-       "release_vesting": 3, "propose": 4, "vote": 8, "tally": 3, "replay": 6, "conflict": 3, "advance": 6}
+       "release_unbonded": 3, "hold": 9, "settle": 4, "settle_verified": 6, "expire": 2, "credit_work": 5, "emit": 4,
+       "slash": 2, "release_vesting": 3, "propose": 5, "vote": 8, "tally": 3, "grant": 3, "revoke": 2, "replay": 6,
+       "conflict": 3, "advance": 6}
 OP_LIST = [op for op, w in OPS.items() for _ in range(w)]
 
 
@@ -188,8 +206,9 @@ class Driver:
         self.used: dict[str, object] = {}  # caller idem -> the call that used it (None: refused)
         self.done: list = []  # thunks of successful calls with an id, for replays
         self.transfers: list[tuple[str, str, str, int]] = []  # (idem, src, dst, amount)
-        self.holds: dict[str, tuple[str, int]] = {}  # request -> (client, amount)
-        self.settled: dict[str, tuple[int, dict]] = {}
+        self.holds: dict[str, tuple[str, int, str, float]] = {}  # request -> (client, amount, tier, expires_at)
+        self.settled: dict[str, object] = {}  # request -> what settled it
+        self.grants: set[tuple[str, str]] = set()  # (account, client) in force
         self.slashes: list[tuple[str, float]] = []
         self.slashed: set[tuple[str, str]] = set()
         self.emitted: set[int] = set()
@@ -235,7 +254,8 @@ class Driver:
     # ---- running one call ----
 
     def expect_idem(self, idem: str) -> str | None:
-        if idem == "genesis" or idem.startswith(("hold:", "settle:", "emission:", "slash:", "unbonded:", "vest:")):
+        if idem == "genesis" or idem.startswith(("hold:", "settle:", "emission:", "slash:", "unbonded:", "vest:",
+                                                 "treasury-spend:")):
             return "reserved"
         return REUSED if idem in self.used else None
 
@@ -257,7 +277,8 @@ class Driver:
             self.stats[f"{label}:refused"] += 1
             return exc
         assert expect in (OK, REUSED, None), (label, "should have been refused", expect)
-        receipts = result if isinstance(result, list) else [result] if hasattr(result, "postings") else []
+        moved = result.receipt if hasattr(result, "receipt") else result  # a Settlement carries its receipt
+        receipts = moved if isinstance(moved, list) else [moved] if hasattr(moved, "postings") else []
         fresh = [r for r in receipts if not r.replayed]
         for r in fresh:
             for p in r.postings:
@@ -280,13 +301,17 @@ class Driver:
                 self.done.append(thunk)
 
     def predict_transfer(self, src: str, dst: str, amount, idem: str):
-        if (e := self.expect_idem(idem)) is not None:
+        if (e := self.expect_idem(idem)) == "reserved":
+            return e
+        if src == "treasury":  # refused before the id is even looked up
+            return TreasuryError
+        if e is not None:
             return e
         if bad_amount(amount):
             return BadAmountError
         if src not in self.shadow or dst not in self.shadow:
             return UnknownAccountError
-        if kind_of(src) not in TRANSFERABLE or kind_of(dst) not in TRANSFERABLE:
+        if not may_transfer(src, dst):
             return LedgerError
         if src == dst:
             return LedgerError
@@ -300,7 +325,7 @@ class Driver:
         spendable = [a for a, b in sorted(self.shadow.items()) if kind_of(a) in TRANSFERABLE and b > 0]
         if spendable and self.pick.integer(0, 2):  # mostly between spendable accounts, sometimes anything
             src = self.pick.choice(spendable)
-            dst = self.pick.choice([a for a in sorted(self.shadow) if kind_of(a) in TRANSFERABLE])
+            dst = self.pick.choice([a for a in sorted(self.shadow) if kind_of(a) in RECEIVING or a in GRANT_POOLS])
         else:
             src, dst = self.pick.choice(self.accounts()), self.pick.choice(self.accounts())
         amount, idem = self.amount(self.shadow.get(src, 0)), self.idem()
@@ -383,7 +408,11 @@ class Driver:
         request = self.pick.choice(sorted(self.holds)) if self.holds and self.pick.integer(0, 4) == 0 else \
             self.fresh("r")
         amount = self.amount(self.shadow.get(user(client), 0))
-        if request in self.holds:
+        tier = self.pick.choice(["standard", "standard", "private"])
+        by = self.pick.choice([None, None, client] + CLIENTS)  # the asking certificate, when the caller names one
+        if by is not None and by != client and (client, by) not in self.grants:
+            expect = NotGrantedError  # checked first: a stranger learns nothing about the account
+        elif request in self.holds:
             expect = REUSED
         elif bad_amount(amount):
             expect = BadAmountError
@@ -393,11 +422,15 @@ class Driver:
             expect = InsufficientFundsError
         else:
             expect = OK
-        thunk = lambda: self.led.hold(client, request, amount, now=self.now)  # noqa: E731
-        self.run("hold", thunk, expect)
-        if expect == OK:
-            self.holds[request] = (client, amount)
-            self.done.append(thunk)
+        if expect == REUSED and type(amount) is int and self.holds[request][:3] == (client, amount, tier):
+            expect = OK  # the same hold again: a replay
+        now = self.now
+        thunk = lambda: self.led.hold(client, request, amount, now=now, tier=tier, by=by)  # noqa: E731
+        r = self.run("hold", thunk, expect)
+        if expect == OK and not r.replayed:
+            self.holds[request] = (client, amount, tier, now + HOLD_SECONDS)
+            if by in (None, client):  # a granted one may be revoked before the replay
+                self.done.append(thunk)
 
     def op_settle(self):
         unsettled = sorted(set(self.holds) - set(self.settled))
@@ -423,7 +456,7 @@ class Driver:
         thunk = lambda: self.led.settle(request, fee, work, now=self.now)  # noqa: E731
         r = self.run("settle", thunk, expect)
         if expect == OK:
-            client, held = self.holds[request]
+            client, held = self.holds[request][:2]
             charged = min(fee, held)
             known = {w: u for w, u in work.items() if provider(w) in self.shadow}
             split = policy.split_fee(charged, known, params["treasury_bps"], params["burn_bps"])
@@ -434,6 +467,94 @@ class Driver:
                 assert r.total_to(provider(w)) == split.providers.get(w, 0)
             self.settled[request] = (fee, work)
             self.done.append(thunk)
+
+    def op_settle_verified(self):
+        """The scheduler's settlement: rows it verified, priced by the hold's tier, paid once."""
+        unsettled = sorted(set(self.holds) - set(self.settled))
+        k = self.pick.integer(0, 7)
+        request = self.pick.choice(unsettled) if unsettled and k >= 2 else \
+            self.pick.choice(sorted(self.holds)) if self.holds and k == 1 else "r-none"
+        rows = [0, 1, 3, 4, 50, 2**40]
+        work = {w: self.pick.choice(rows) for w in PROVIDERS + [PHANTOM] if self.pick.integer(0, 2) == 0}
+        shares = {w: self.pick.choice(rows) for w in PROVIDERS + [PHANTOM] if self.pick.integer(0, 3) == 0}
+        if work and self.pick.integer(0, 15) == 0:
+            work[next(iter(work))] = self.pick.choice([-1, 1.0, True, "3", None, 2**62])
+        elif self.settled.get(request, ("",))[0] == "verified" and self.pick.integer(0, 1):
+            work, shares = self.settled[request][1:]  # a retry with the same rows: the first settlement back
+        if any(isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < 2**62
+               for n in [*work.values(), *shares.values()]):
+            expect = BadAmountError
+        elif request not in self.holds:
+            expect = LedgerError
+        elif request in self.settled:
+            expect = OK if self.settled[request] == ("verified", work, shares) else SettledError
+        else:
+            expect = OK
+        p, now = self.params(), self.now
+        thunk = lambda: self.led.settle_verified(request, work, shares, now=now)  # noqa: E731
+        before = self.shadow.get(user(self.holds.get(request, (GHOST,))[0]), 0)
+        result = self.run("settle_verified", thunk, expect)
+        if expect == OK and request in self.settled:
+            assert result.replayed
+        elif expect == OK:
+            client, held, tier, expires = self.holds[request]
+            known = {w for w in {*work, *shares} if provider(w) in self.shadow}
+            standard = {w: n for w, n in work.items() if w in known and n > 0}
+            private_rows = {w: n for w, n in shares.items() if w in known and n > 0} if tier == "private" else {}
+            tokens = sum(standard.values())
+            private = -(-sum(private_rows.values()) // SHARE_ROWS_PER_PRIVATE_TOKEN)
+            fee = (p["price_per_request"] + tokens * p["price_per_expert_token"]
+                   + private * p["price_per_private_expert_token"])
+            assert (result.fee, result.charged) == (fee, min(fee, held))
+            assert (result.expert_tokens, result.private_expert_tokens) == (tokens, private)
+            assert result.state == ("expired" if now >= expires else "settled") and not result.replayed
+            assert result.ignored == tuple(sorted({*work, *shares} - known))
+            assert self.shadow[user(client)] - before == held - min(fee, held)  # the rest back, to the unit
+            assert sum(x.amount for x in result.receipt.postings) == held
+            self.settled[request] = ("verified", work, shares)
+            self.done.append(thunk)
+
+    def op_expire(self):
+        want = sorted((expires, r) for r, (_, _, _, expires) in self.holds.items()
+                      if r not in self.settled and expires <= self.now)
+        assert self.led.expired_holds(self.now) == [r for _, r in want]
+        self.stats["expire:ok" if want else "expire:none"] += 1
+
+    def op_grant(self):
+        account, client, idem = self.pick.choice(USERS + [GHOST]), self.pick.choice(CLIENTS + USERS), self.idem()
+        if (e := self.expect_idem(idem)) is not None:
+            expect = e
+        elif user(account) not in self.shadow:
+            expect = UnknownAccountError
+        elif client == account or (account, client) in self.grants:  # needs none, or has one
+            expect = LedgerError
+        else:
+            expect = OK
+        thunk = lambda: self.led.grant(account, client, self.now, idem)  # noqa: E731
+        result = self.run("grant", thunk, expect)
+        self.remember(idem, thunk, result)
+        if expect == OK:
+            self.grants.add((account, client))
+        assert self.led.may_charge(account, client) == (account == client or (account, client) in self.grants)
+
+    def op_revoke(self):
+        pairs = sorted(self.grants)
+        account, client = self.pick.choice(pairs) if pairs and self.pick.integer(0, 3) else \
+            (self.pick.choice(USERS), self.pick.choice(CLIENTS))
+        idem = self.idem()
+        if (e := self.expect_idem(idem)) is not None:
+            expect = e
+        elif (account, client) not in self.grants:
+            expect = LedgerError
+        else:
+            expect = OK
+        thunk = lambda: self.led.revoke(account, client, self.now, idem)  # noqa: E731
+        result = self.run("revoke", thunk, expect)
+        self.remember(idem, thunk, result)
+        if expect == OK:
+            self.grants.discard((account, client))
+        assert self.led.may_charge(account, client) == (account == client or (account, client) in self.grants)
+        assert {(g["account"], g["client"]) for g in self.led.grants()} == self.grants
 
     def op_credit_work(self):
         work = {w: (self.pick.choice(["o0", "o1", ""]), self.pick.choice([0, 1, 5, 40, 40, 300, -1]))
@@ -502,9 +623,12 @@ class Driver:
 
     def op_propose(self):
         proposer = self.pick.choice(PROVIDERS + [PHANTOM])
-        param = self.pick.choice(sorted(BOUNDS) + ["bogus"])
+        spends = ["spend:user:u0", "spend:provider:p1", "spend:user:ghost", "spend:treasury", "spend:stake:p0"]
+        param = self.pick.choice(sorted(BOUNDS) + ["bogus"] + spends)
         low, high = BOUNDS.get(param, (0, 10))
         value = self.pick.choice([low, high, (low + high) // 2, low - 1, high + 1, 1.5])
+        if param in spends:  # the treasury holds 2 x 10^17 units at genesis
+            value = self.pick.choice([1, 10**12, 10**17, 10**18, 0, -1, 1.5])
         if self.proposal_idems and self.pick.integer(0, 5) == 0:
             idem = self.pick.choice(sorted(self.proposal_idems))
         else:
@@ -512,6 +636,15 @@ class Driver:
         live = self.params()
         if idem in self.proposal_idems:
             expect = OK if self.proposal_idems[idem] == (proposer, param, value) else IdempotencyConflictError
+        elif param in spends:
+            if param not in spends[:3] or isinstance(value, float) or value <= 0:
+                expect = ParamError
+            elif param.removeprefix("spend:") not in self.shadow:
+                expect = UnknownAccountError
+            elif self.shadow.get(stake_account(proposer), 0) <= 0:
+                expect = GovernanceError
+            else:
+                expect = OK
         elif param not in BOUNDS or isinstance(value, float) or not low <= value <= high:
             expect = ParamError
         elif not consistent({**live, param: value}):
@@ -572,13 +705,23 @@ class Driver:
             yes = sum(min(w, bonded[v]) for v, (y, w) in prop["votes"].items() if y)
             no = sum(min(w, bonded[v]) for v, (y, w) in prop["votes"].items() if not y)
             t = policy.tally(yes, no, total, p["gov_quorum_bps"], p["gov_threshold_bps"])
-            passed = t.passed and consistent({**p, prop["param"]: prop["value"]})
+            spend = prop["param"].startswith("spend:")
+            passed = t.passed and (spend or consistent({**p, prop["param"]: prop["value"]}))
             want = "passed" if passed else ("rejected" if t.quorum_met else "no-quorum")
+            if passed and spend and self.shadow["treasury"] < prop["value"]:
+                want = "failed"  # the treasury cannot pay it now: nothing moves
+            elif passed and spend:  # paid in the tally's own transaction, once
+                dest = prop["param"].removeprefix("spend:")
+                assert {k: v for k, v in result["spent"].items() if k != "entry"} == \
+                    {"debit": "treasury", "credit": dest, "amount": prop["value"]}
+                self.shadow["treasury"] -= prop["value"]
+                self.shadow[dest] += prop["value"]
+            assert "spent" in result if want == "passed" and spend else "spent" not in result
             assert (result["status"], result["yes"], result["no"]) == (want, yes, no)
             prop["status"] = want
             self.stats[f"tally:{want}"] += 1
             after = self.params()
-            if passed:
+            if passed and not spend:
                 assert after == {**p, prop["param"]: prop["value"]}
             else:
                 assert after == p
@@ -662,10 +805,11 @@ def test_random_operations_keep_the_books_hypothesis(data):
 # Every operation must both succeed and be refused at some point, or the run proves little.
 MUST_SEE = ["transfer:ok", "transfer:refused", "deposit:ok", "deposit:refused", "open_user:ok", "open_user:refused",
             "stake:ok", "stake:refused", "unstake:ok", "unstake:refused", "release_unbonded:ok", "hold:ok",
-            "hold:refused", "settle:ok", "settle:refused", "credit_work:ok", "credit_work:refused", "emit:ok",
+            "hold:refused", "settle:ok", "settle:refused", "settle_verified:ok", "settle_verified:refused",
+            "settle_verified:replayed", "expire:ok", "credit_work:ok", "credit_work:refused", "emit:ok",
             "emit:replayed", "slash:ok", "slash:refused", "release_vesting:ok", "release_vesting:refused",
-            "propose:ok", "propose:refused", "vote:ok", "vote:refused", "tally:ok", "tally:refused", "replay:ok",
-            "conflict:refused"]
+            "propose:ok", "propose:refused", "vote:ok", "vote:refused", "tally:ok", "tally:refused", "grant:ok",
+            "grant:refused", "revoke:ok", "revoke:refused", "replay:ok", "conflict:refused"]
 
 
 def test_random_operations_keep_the_books_seeded():
