@@ -1,8 +1,9 @@
 """Coverage-guided fuzzing (atheris, i.e. libFuzzer) of the parsers of untrusted input: the
-manifest, the shard loader, the expert-call frame decoder and the gateway's request parser.
+manifest, the shard loader, the expert-call frame decoder, the gateway's request parser, and hardened
+mode's decoders of what peers send (plain: decode_plain_frames; pickle: the bounded restricted loader).
 
-    .venv/bin/python benchmarks/fuzz_atheris.py [--runs 100000] [--target all|manifest|safetensors|frame|gateway]
-                                                 [--seed N] [--keep-going]
+    .venv/bin/python benchmarks/fuzz_atheris.py [--runs 100000]
+        [--target all|manifest|safetensors|frame|gateway|plain|pickle] [--seed N] [--keep-going]
 
 Needs the `fuzz` extra (`pip install -e .[fuzz]`, i.e. atheris). Each target runs in a child process
 (`--child TARGET`), because atheris.Fuzz() never returns: libFuzzer exits after -runs inputs. The
@@ -27,6 +28,14 @@ Inputs: the first byte picks a mode, the rest feeds it. Modes per target:
                field (experts, counts, dtype, hidden, data as long as they imply, or not)
   gateway      0 raw body bytes, 1 a JSON object built from the OpenAI request fields, 2 deeply
                nested JSON text
+  plain        0 raw bytes as the one frame, 1 a list of frames (length-prefixed pieces of the input),
+               2 a plain value packed by distributed's dumps, often with a refused key, an extension
+               type or a timestamp put in, 3 arrays and maps nested up to 2,000 deep, 4 a map or set
+               of keys sharing one hash (around the bound)
+  pickle       0 raw bytes, 1 opcodes with their arguments and globals (allowed and not) strung
+               together, 2 a real pickle (errors as distributed pickles them, a Status, containers,
+               a datetime) with bytes replaced, 3 a plain value pickled at protocol 0-5, 4 tuples,
+               lists or dicts nested up to 5,000 deep, or colliding dict keys
 Crash files go to a temporary folder (-artifact_prefix), never into the repository.
 """
 
@@ -50,8 +59,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGETS = ("manifest", "safetensors", "frame", "gateway")
-MAX_LEN = {"manifest": 8192, "safetensors": 4096, "frame": 1024, "gateway": 2048}
+TARGETS = ("manifest", "safetensors", "frame", "gateway", "plain", "pickle")
+MAX_LEN = {"manifest": 8192, "safetensors": 4096, "frame": 1024, "gateway": 2048, "plain": 4096, "pickle": 4096}
 MANIFEST = ROOT / "neuro_dask/assets/adder/manifest.json"
 WIRE_DTYPES = ["float32", "float16", "bfloat16", "float64", "int8", ""]
 ST_DTYPES = ["F32", "F16", "BF16", "F64", "I64", "I32", "I16", "I8", "U8", "BOOL", "X9", ""]
@@ -70,6 +79,15 @@ KEYWORDS = {
                 "top_k", "seed", "n", "stream", "stream_options", "include_usage", "stop", "presence_penalty",
                 "frequency_penalty", "logit_bias", "echo", "best_of", "logprobs", "top_logprobs", "suffix", "tools",
                 "functions", "NaN", "Infinity", "-Infinity", "1e999", "null", "true", "false", "\\ud800"],
+    "plain": ["__Pickled__", "__Serialized__", "__Enum__", "__Set__", "as-list", "op", "status", "OK",
+              "\xc7\x01\x05", "\xd6\xff", "\x91\x91\x91\x91", "\x81\xa1k", "\xdd\xff\xff\xff\xff",
+              "\xcf\xff\xff\xff\xff\xff\xff\xff\xff"],
+    "pickle": ["builtins", "set", "frozenset", "tuple", "list", "dict", "slice", "complex", "ValueError", "OSError",
+               "collections", "OrderedDict", "defaultdict", "datetime", "timedelta", "timezone",
+               "distributed.core", "Status", "tblib.pickling_support", "unpickle_exception",
+               "unpickle_exception_with_attrs", "unpickle_traceback", "neuro_dask.errors", "_rebuild",
+               "ConfigFieldError", "bytes", "range", "numpy", "dtype", "\x85\x85\x85\x85", "\x93", "\x94",
+               "\x95", "\x96", "R", "b", "}(", "u", "\x8f(", "\x90"],
 }
 GATEWAY_FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
                   "seed", "n", "stream", "stream_options", "stop", "presence_penalty", "frequency_penalty",
@@ -117,6 +135,76 @@ def nested_text(fdp) -> bytes:
     return (opener * depth + json.dumps(json_value(fdp)) + closer * depth).encode()
 
 
+# Opcodes with their arguments, and globals allowed and not: what the pickle target strings together.
+PICKLE_FRAGMENTS = [
+    b"N", b"\x88", b"\x89", b"K\x01", b"K\xff", b"J\xff\xff\xff\x7f", b"\x8a\x09" + b"\xff" * 9,
+    b"G?\xf8\x00\x00\x00\x00\x00\x00", b"\x8c\x01a", b"\x8c\x04args", b"C\x02ab",
+    b"\x96\x03\x00\x00\x00\x00\x00\x00\x00abc", b"U\x01x", b"X\x01\x00\x00\x00a", b"I1\n", b"L12\n", b"F1.5\n",
+    b"S'x'\n", b"Vx\n", b")", b"]", b"}", b"\x8f", b"(", b"t", b"\x85", b"\x86", b"\x87", b"l", b"d", b"\x91", b"a",
+    b"e", b"s", b"u", b"\x90", b"0", b"1", b"2", b"\x94", b"h\x00", b"h\x01", b"j\x00\x00\x00\x00", b"q\x00",
+    b"r\x00\x00\x00\x00", b"p0\n", b"g0\n", b"R", b"\x81", b"\x92", b"b", b"\x93", b"o", b"\x97", b"\x98",
+    b"\x95\x05\x00\x00\x00\x00\x00\x00\x00", b"P1\n", b"Q",
+    b"cbuiltins\nset\n", b"cbuiltins\nfrozenset\n", b"cbuiltins\ntuple\n", b"cbuiltins\nlist\n",
+    b"cbuiltins\ndict\n", b"cbuiltins\nslice\n", b"cbuiltins\ncomplex\n", b"cbuiltins\nValueError\n",
+    b"cbuiltins\nOSError\n", b"cbuiltins\nKeyError\n", b"cbuiltins\nUnicodeError\n", b"ccollections\nOrderedDict\n",
+    b"ccollections\ndefaultdict\n", b"cdatetime\ndatetime\n", b"cdatetime\ntimedelta\n", b"cdatetime\ntimezone\n",
+    b"cdistributed.core\nStatus\n", b"cdistributed.core\nCommClosedError\n",
+    b"ctblib.pickling_support\nunpickle_exception\n", b"ctblib.pickling_support\nunpickle_exception_with_attrs\n",
+    b"ctblib.pickling_support\nunpickle_traceback\n", b"ctblib\nFrame\n", b"cneuro_dask.errors\n_rebuild\n",
+    b"cneuro_dask.errors\nConfigFieldError\n", b"cneuro_dask.errors\nMissingTensorError\n", b"cbuiltins\nbytes\n",
+    b"cbuiltins\nrange\n", b"cnumpy\ndtype\n", b"ios\nsystem\n", b"\x8c\x08builtins\x8c\x03set\x93",
+    b"\x8c\x08builtins\x8c\x04dict\x93", b"\x8c\x08builtins\x8c\x0cdict.fromkeys\x93",
+]
+
+
+def real_pickles() -> list[bytes]:
+    """What schedulers and operators really pickle: errors as distributed pickles them, a Status,
+    containers, a datetime; the seeds the pickle target mutates."""
+    import collections
+    import datetime
+    import pickle
+
+    import tblib.pickling_support
+    from distributed.core import Status
+    from distributed.protocol import pickle as distributed_pickle
+
+    from neuro_dask.errors import ConfigFieldError
+
+    def raised(exc: Exception) -> bytes:
+        try:
+            raise exc
+        except Exception as err:
+            tblib.pickling_support.install(err)
+            return distributed_pickle.dumps(err)
+
+    return [raised(ValueError("x")), raised(ConfigFieldError("a.yaml", "f", "is bad")),
+            raised(FileNotFoundError(2, "missing", "/x")), pickle.dumps(Status.running, protocol=5),
+            pickle.dumps(collections.OrderedDict(a=1), protocol=5), pickle.dumps(collections.defaultdict(list, k=[1])),
+            pickle.dumps(datetime.datetime(2030, 1, 2, tzinfo=datetime.UTC), protocol=5),
+            pickle.dumps({"a": (1, 2.5, b"x", None), 3: {1, 2}, "f": frozenset({"z"}), "s": slice(1, 2)}, protocol=5),
+            pickle.dumps([1, 2 + 3j, bytearray(b"ab")], protocol=5), pickle.dumps(bytes, protocol=5),
+            pickle.dumps({(1, 2): {"k": (3, 4)}}, protocol=2, fix_imports=False)]
+
+
+def _hashables(value: Any) -> list:
+    """The hashable parts of a fuzzed value, for a set."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for item in items:
+        try:
+            hash(item)
+        except TypeError:
+            continue
+        out.append(item)
+    return out
+
+
+def _encode_sets(obj: Any) -> Any:
+    if isinstance(obj, set):
+        return {"__Set__": True, "as-list": list(obj)}
+    raise TypeError(f"cannot pack {type(obj).__name__}")
+
+
 class Inputs:
     """Turns fuzzer bytes into (value, call) for one target, or SKIP; file targets reuse one scratch file."""
 
@@ -139,11 +227,15 @@ class Inputs:
         self.frames = [msgpack.unpackb(msgpack.packb(frame, use_bin_type=True), raw=False)
                        for frame in (encode_request("m", 1, sent, call="c1"),
                                      encode_response({e: torch.full_like(rows, 0.5) for e, rows in sent.items()}))]
+        self.real_pickles = real_pickles() if target == "pickle" else []
         self.modes: list[Callable[[bytes], Any]] = {
             "manifest": [self.manifest_bytes, self.manifest_mutated, self.manifest_any, self.manifest_nested],
             "safetensors": [self.safetensors_bytes, self.safetensors_built, self.safetensors_nested],
             "frame": [self.frame_mutated, self.frame_msgpack, self.frame_any, self.frame_built],
             "gateway": [self.gateway_bytes, self.gateway_built, self.gateway_nested],
+            "plain": [self.plain_bytes, self.plain_frame_list, self.plain_value, self.plain_nested,
+                      self.plain_colliding],
+            "pickle": [self.pickle_bytes, self.pickle_soup, self.pickle_mutated, self.pickle_dumped, self.pickle_bombs],
         }[target]
 
     def build(self, data: bytes):
@@ -288,6 +380,113 @@ class Inputs:
         msg = json_value(self.atheris.FuzzedDataProvider(raw), binary=True)
         return msg, lambda: self.targets.frame(msg)
 
+    # plain: decode_plain_frames
+    def plain_bytes(self, raw: bytes):
+        return raw, lambda: self.targets.plain_frame(raw)
+
+    def plain_frame_list(self, raw: bytes):
+        fdp = self.atheris.FuzzedDataProvider(raw)
+        frames = [fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 256)) for _ in range(fdp.ConsumeIntInRange(0, 4))]
+        return frames, lambda: self.targets.plain_frames(frames)
+
+    def plain_value(self, raw: bytes):
+        """A plain value as distributed frames it, often poisoned: a refused key, an extension type or a
+        timestamp, written in by hand where distributed's own packer would not."""
+        from distributed.protocol.core import dumps
+
+        fdp = self.atheris.FuzzedDataProvider(raw)
+        value = json_value(fdp, binary=True)
+        if fdp.ConsumeBool():
+            value = {"__Set__": True, "as-list": value} if fdp.ConsumeBool() else set(_hashables(value))
+        try:
+            [frame] = dumps(value)
+        except Exception:
+            return SKIP
+        poison = fdp.ConsumeIntInRange(0, 5)
+        if poison == 1:
+            frame = self.msgpack.packb({fdp.PickValueInList(["__Pickled__", "__Serialized__", "__Enum__"]):
+                                        fdp.PickValueInList([1, 0, -1, True, "x", None]), "v": value},
+                                       use_bin_type=True, default=_encode_sets)
+        elif poison == 2:
+            data = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 16))
+            code = struct.pack("b", fdp.ConsumeIntInRange(-128, 127))
+            frame = b"\x92" + frame + b"\xc7" + bytes([len(data)]) + code + data
+        elif poison == 3:
+            frame = b"\x92" + frame + self.msgpack.packb(self.msgpack.Timestamp(fdp.ConsumeIntInRange(0, 2**33), 0))
+        return frame, lambda: self.targets.plain_frames([frame])
+
+    def plain_nested(self, raw: bytes):
+        fdp = self.atheris.FuzzedDataProvider(raw)
+        depth = fdp.ConsumeIntInRange(0, 2000)
+        frame = b"".join(fdp.PickValueInList([b"\x91", b"\x81\xa1k", b"\x81\x91\x01"]) for _ in range(min(depth, 40)))
+        frame = frame + fdp.PickValueInList([b"\x91", b"\x81\xa1k"]) * (depth - min(depth, 40)) + b"\xc0"
+        return frame, lambda: self.targets.plain_frame(frame)
+
+    def plain_colliding(self, raw: bytes):
+        from distributed.protocol.serialize import msgpack_encode_default  # noqa: F401
+
+        fdp = self.atheris.FuzzedDataProvider(raw)
+        n = fdp.ConsumeIntInRange(0, 80)
+        keys = self.targets.colliding_int_pairs(n)
+        packer = self.msgpack.Packer(use_bin_type=True)
+        if fdp.ConsumeBool():
+            frame = packer.pack({"__Set__": True, "as-list": [list(k) for k in keys]})
+        else:
+            frame = packer.pack_map_header(n) + b"".join(packer.pack(list(k)) + packer.pack(0) for k in keys)
+        return frame, lambda: self.targets.plain_frame(frame)
+
+    # pickle: the bounded restricted loader
+    def pickle_bytes(self, raw: bytes):
+        return raw, lambda: self.targets.restricted_pickle(raw)
+
+    def pickle_soup(self, raw: bytes):
+        fdp = self.atheris.FuzzedDataProvider(raw)
+        data = b"\x80" + bytes([fdp.ConsumeIntInRange(0, 5)]) + b"".join(
+            fdp.PickValueInList(PICKLE_FRAGMENTS) for _ in range(fdp.ConsumeIntInRange(0, 48))) + b"."
+        return data, lambda: self.targets.restricted_pickle(data)
+
+    def pickle_mutated(self, raw: bytes):
+        fdp = self.atheris.FuzzedDataProvider(raw)
+        data = bytearray(fdp.PickValueInList(self.real_pickles))
+        for _ in range(fdp.ConsumeIntInRange(1, 4)):
+            if data:
+                data[fdp.ConsumeIntInRange(0, len(data) - 1)] = fdp.ConsumeIntInRange(0, 255)
+        if fdp.ConsumeBool():
+            data = data[:fdp.ConsumeIntInRange(0, len(data))]
+        data = bytes(data)
+        return data, lambda: self.targets.restricted_pickle(data)
+
+    def pickle_dumped(self, raw: bytes):
+        import pickle
+
+        fdp = self.atheris.FuzzedDataProvider(raw)
+        value = json_value(fdp, binary=True)
+        try:
+            data = pickle.dumps(value, protocol=fdp.ConsumeIntInRange(0, 5))
+        except Exception:
+            return SKIP
+        return data, lambda: self.targets.restricted_pickle(data)
+
+    def pickle_bombs(self, raw: bytes):
+        fdp = self.atheris.FuzzedDataProvider(raw)
+        depth = fdp.ConsumeIntInRange(0, 5000)
+        kind = fdp.ConsumeIntInRange(0, 4)
+        if kind == 0:  # TUPLE1 after TUPLE1, maybe as a dict key
+            tall = b"N" + b"\x85" * depth
+            data = b"\x80\x02}" + tall + b"Ns." if fdp.ConsumeBool() else b"\x80\x02" + tall + b"."
+        elif kind == 1:  # lists in lists
+            data = b"\x80\x02" + b"]" * (depth + 1) + b"a" * depth + b"."
+        elif kind == 2:  # dicts in dicts
+            data = b"\x80\x02" + b"}" + b"K\x01}" * depth + b"s" * depth + b"."
+        elif kind == 3:  # frozensets in frozensets
+            data = b"\x80\x04" + b"(" * depth + b"N" + b"\x91" * depth + b"."
+        else:  # keys sharing one hash, one SETITEM each
+            import pickle
+
+            keys = self.targets.colliding_int_pairs(fdp.ConsumeIntInRange(0, 80))
+            data = b"\x80\x02}" + b"".join(pickle.dumps(k, protocol=2)[2:-1] + b"Ns" for k in keys) + b"."
+        return data, lambda: self.targets.restricted_pickle(data)
+
     # gateway
     def gateway_bytes(self, raw: bytes):
         return raw, lambda: self.targets.gateway_body(raw)
@@ -342,9 +541,26 @@ def child(args: argparse.Namespace) -> None:
     import msgpack  # noqa: F401
     import torch  # noqa: F401
 
+    import distributed.protocol.core  # noqa: F401  (the plain target's differential check)
+    import tblib.pickling_support  # noqa: F401
+
     with atheris.instrument_imports(include=["neuro_dask"]):
-        # the targets, and with them the manifest, shard, frame and gateway parsers they call
+        # the targets, and with them the manifest, shard, frame and gateway parsers they call, and
+        # hardened mode's decoders (imported lazily by the targets, so imported here to be covered)
+        import neuro_dask.security.allowlist  # noqa: F401
+        import neuro_dask.security.plain_wire  # noqa: F401
+        import neuro_dask.security.unpickle  # noqa: F401
         import neuro_dask.testing.fuzz_targets  # noqa: F401
+    if args.child == "pickle":
+        # The loader is the stdlib's pure-Python unpickler with some opcodes overridden: its
+        # functions are instrumented in place, so the loader's dispatch table (which holds them)
+        # reports their coverage too.
+        import pickle
+
+        for owner in (pickle._Unpickler, pickle._Unframer):
+            for function in vars(owner).values():
+                if isinstance(function, type(child)):
+                    atheris.instrument_func(function)
 
     # standalone (no --work) the folder outlives the child: libFuzzer's exit skips Python's cleanup
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix=f"fuzz-{args.child}-", dir=_fast_tmp()))
@@ -354,7 +570,7 @@ def child(args: argparse.Namespace) -> None:
         write_seeds(args.child, corpus)  # --corpus FILE instead runs that one input (libFuzzer's reproduce mode)
     artifacts.mkdir(parents=True, exist_ok=True)
     words = work / "keywords.dict"
-    words.write_text("".join(f'"{_dict_escape(w.encode())}"\n' for w in KEYWORDS[args.child]))
+    words.write_text("".join(f'"{_dict_escape(_word_bytes(w))}"\n' for w in KEYWORDS[args.child]))
     inputs = Inputs(args.child, work / "scratch")
     seen: set[str] = set()
     timing = Path(args.timing) if args.timing else None
@@ -397,6 +613,12 @@ def _fast_tmp() -> str | None:
     """A RAM-backed folder where there is one: the file targets write one file per input."""
     shm = "/dev/shm"
     return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+
+
+def _word_bytes(word: str) -> bytes:
+    """A keyword as libFuzzer should see it: byte for byte when it spells bytes (the msgpack and
+    pickle markers), UTF-8 otherwise."""
+    return word.encode("latin-1") if all(ord(c) < 256 for c in word) else word.encode()
 
 
 def _dict_escape(word: bytes) -> str:
@@ -442,6 +664,24 @@ def write_seeds(target: str, corpus: Path) -> None:
         seeds = [b"\1" + msgpack.dumps(request), b"\1" + msgpack.dumps(response),
                  b"\1" + msgpack.dumps({"status": "error", "message": "no"}),
                  b"\0" + bytes(16), b"\0\1" + bytes(range(40)), b"\2" + bytes(range(7, 40))]
+    elif target == "plain":
+        from distributed.core import Status
+        from distributed.protocol.core import dumps
+        from distributed.protocol.serialize import ToPickle, to_serialize
+
+        plain = [{"op": "heartbeat-worker", "now": 1.5, "metrics": {"a": {"b": (1, 2.5, None)}, "k": {("x-1", 0)}},
+                  "big": 2**64 - 1, "neg": -(2**63), "data": b"\x00" * 16, "ok": True},
+                 {"op": "neuro_expert", "experts": (0, 3), "counts": (2, 1), "dtype": "float32", "hidden": 4,
+                  "data": bytes(12)},
+                 [{"op": "task-finished", "key": ("x", 1)}, {"op": "keep-alive"}], {1: 2, (1, "a"): {3}}, None]
+        refused = [{"op": "x", "data": ToPickle(1)}, {"op": "x", "data": to_serialize(b"y")},
+                   {"op": "x", "status": Status.running}]
+        seeds = [b"\0" + dumps(m)[0] for m in plain + refused]
+        seeds += [b"\1" + bytes([3, 0]) + dumps(plain[0])[0][:200], b"\2" + bytes(range(40)), b"\3" + bytes(8),
+                  b"\4" + bytes([0x20, 1])]
+    elif target == "pickle":
+        seeds = [b"\0" + p for p in real_pickles()]
+        seeds += [b"\1" + bytes(range(1, 40)), b"\2" + bytes(8), b"\3" + bytes(range(3, 30)), b"\4" + bytes([1, 2, 3])]
     else:
         seeds = [b"\0" + json.dumps(body).encode() for body in (
             {"model": "adder", "prompt": "123+456=", "max_tokens": 8, "temperature": 0},

@@ -1,35 +1,70 @@
-"""What hardened mode lets a pickle name, and which task functions a hardened worker runs.
+"""What a pickle from a scheduler or operator may name, and which task functions a hardened worker runs.
+
+Who may send a pickle at all: on a hardened network, only peers whose certificate says
+`scheduler` or `operator`. Workers, clients and peers without a certificate send plain data
+(neuro_dask/security/plain_wire.py), refused before anything is parsed if it is not. This list is
+the second wall, for the trusted roles' pickles (errors, a Status), and it must hold even against
+them: a leaked operator key must not become code execution, a crash or an unbounded load.
 
 Every entry must be safe to *call with arguments an attacker chose*, because that is what a
-pickle's REDUCE does: constructors of plain data, numpy's array rebuilders, exception classes
-(built, never raised by loading), Dask's task-spec classes, and neuro_dask's own task function.
-Never add getattr, eval/exec, __import__, open, functools.partial of anything, operator
-functions, a module's `apply`, or anything that imports, runs or opens by name.
+pickle's REDUCE does, and its cost must be linear in the pickle's own length, not in the VALUE of
+an argument (`range(10**12)` is 5 bytes; `deque(range(N), 1)` loops N times, `list(range(N))`
+allocates 8N bytes). Never add:
 
-The list was found by auditing every pickle a neuro_dask network sends on distributed
-2026.8.0 (tests/integration/test_hardened_cluster.py runs the paths in hardened mode);
-hardening.py refuses to start on a distributed it was not verified against.
+- anything that imports, runs or opens by name: getattr, eval/exec, __import__, open,
+  functools.partial of anything, operator functions, a module's `apply`, `_codecs.encode` (its
+  encoding names a codec module to import), `copyreg._reconstructor` (`base.__new__(cls)` of any
+  allowed pair, skipping `__init__`);
+- anything that builds a C-level object from raw bytes or from state it does not validate:
+  numpy's `dtype` (BUILD state can describe a structured dtype whose object field numpy's flags
+  do not show), `scalar` (then copies attacker bytes into that "object" slot: reading it
+  dereferences an attacker-chosen pointer), `_reconstruct`, `ndarray`, `_frombuffer`; the
+  `datetime` class itself (its bytes state is checked for the month only: year 0 makes
+  `ctime()` read out of bounds), which is replaced by a validating stand-in (SUBSTITUTES);
+  UnicodeDecodeError and UnicodeEncodeError (on Python 3.11 their `__str__` indexes `object` with
+  an unchecked `start`: a negative one reads out of bounds, gh-123378);
+- anything that allocates or loops in proportion to an argument's value: `range`, `deque`,
+  `bytes`/`bytearray` (named only, below), `int`/`str` (the same);
+- Dask's task specs and expressions (`dask._task_spec.*`, `dask._expr.*`), distributed's
+  `Serialize`/`ToPickle` wrappers and `WrappedKey`: a hardened network runs no Dask task graph
+  and carries no serialized objects, so nothing needs them, and each is a class whose methods
+  later run on what the pickle put in it.
+
+The loader (unpickle.py) adds what a list cannot say: a bound on opcodes, memo entries, tuple
+nesting and hash collisions, and BUILD only onto exceptions and the plain classes of
+BUILDABLE_CLASSES.
 """
 
 from __future__ import annotations
 
-# The only functions a hardened worker executes as tasks.
+import datetime as _datetime
+
+# The only functions a hardened worker executes as tasks (guards.py checks task specs against
+# it). Not pickle-loadable: a pickle that calls serve_expert_call would run expert compute
+# inside the loader, and hardened networks send no task graphs.
 TASK_FUNCTIONS: frozenset[tuple[str, str]] = frozenset({
     ("neuro_dask.dispatch.tasks", "serve_expert_call"),
 })
 
-# No bytes/bytearray: bytes(10**12) is a memory bomb, and protocol 5 needs neither.
-_BUILTIN_DATA = ("set", "frozenset", "slice", "range", "complex", "list", "tuple", "dict")
+# Plain containers, each costing time and memory linear in what the pickle itself holds:
+# set, frozenset, list, tuple, dict copy or extend from an iterable the pickle built (the loader
+# checks keys and members for hash flooding first); slice holds three references; complex parses
+# a number or a string the pickle carries. No bytes/bytearray (bytes(10**12) is a memory bomb;
+# protocol 3+ writes bytes values without a call), no range (a lazy sequence of any length).
+_BUILTIN_DATA = ("set", "frozenset", "slice", "complex", "list", "tuple", "dict")
 
-# Exception classes a worker or scheduler may describe an error with. Loading builds the
-# object; nothing raises it during the load. Exception subclasses only: a task error is
-# re-raised in the client, and a SystemExit or KeyboardInterrupt from a peer would end it.
+# Exception classes a scheduler may describe an error with. Loading builds the object; nothing
+# raises it during the load. Exception subclasses only: a task error is re-raised in the client,
+# and a SystemExit or KeyboardInterrupt from a peer would end it. Each one's __init__ stores its
+# arguments and its __str__ formats them (OSError and KeyError with repr, which Python bounds by
+# its recursion guard). Not UnicodeDecodeError/UnicodeEncodeError (module docstring); the plain
+# UnicodeError base stays.
 _BUILTIN_EXCEPTIONS = (
     "Exception", "ArithmeticError", "AssertionError", "AttributeError", "BufferError",
     "EOFError", "FloatingPointError", "ImportError", "IndexError", "KeyError", "LookupError", "MemoryError",
     "ModuleNotFoundError", "NotImplementedError", "OSError", "OverflowError", "RecursionError",
-    "ReferenceError", "RuntimeError", "StopIteration", "TimeoutError", "TypeError", "UnicodeDecodeError",
-    "UnicodeEncodeError", "UnicodeError", "ValueError", "ZeroDivisionError", "ConnectionError",
+    "ReferenceError", "RuntimeError", "StopIteration", "TimeoutError", "TypeError",
+    "UnicodeError", "ValueError", "ZeroDivisionError", "ConnectionError",
     "ConnectionRefusedError", "ConnectionResetError", "BrokenPipeError", "FileNotFoundError",
     "PermissionError",
 )
@@ -37,55 +72,34 @@ _BUILTIN_EXCEPTIONS = (
 ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
     {("builtins", name) for name in _BUILTIN_DATA + _BUILTIN_EXCEPTIONS}
     | {
-        ("copyreg", "_reconstructor"),
-        ("_codecs", "encode"),
+        # dict subclasses: OrderedDict(iterable) and defaultdict(factory, iterable) copy what the
+        # pickle holds; a defaultdict's factory is itself an allowed global, called later with no
+        # arguments (every entry here is cheap to call without arguments, or refuses).
         ("collections", "OrderedDict"),
         ("collections", "defaultdict"),
-        ("collections", "deque"),
-        ("datetime", "datetime"),
+        # timedelta and timezone validate their arguments' ranges in their constructors (the
+        # pickled forms call them); datetime is a validating SUBSTITUTE, below.
         ("datetime", "timedelta"),
         ("datetime", "timezone"),
+        # what asyncio and concurrent.futures raise for a timeout or a cancellation
         ("asyncio.exceptions", "TimeoutError"),
         ("concurrent.futures._base", "CancelledError"),
-        # numpy arrays and scalars (numpy 1.x and 2.x module paths)
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy._core.numeric", "_frombuffer"),
-        # exceptions as distributed pickles them (tblib keeps their attributes; tracebacks are refused)
+        # exceptions as distributed pickles them (tblib): unpickle_exception calls its first
+        # argument, itself a global the pickle had to name (so checked here), with arguments from
+        # the pickle; unpickle_exception_with_attrs calls cls.__new__(cls) of such a class and
+        # sets attributes. Tracebacks are dropped (SUBSTITUTES).
         ("tblib.pickling_support", "unpickle_exception"),
         ("tblib.pickling_support", "unpickle_exception_with_attrs"),
-        # client.submit sends its graph as a low-level-graph expression; _reconstruct builds the
-        # class it is given (itself checked here) from operands and sets cached attributes.
-        ("dask._expr", "Expr._reconstruct"),
-        ("dask._expr", "LLGExpr"),
-        # Dask's task specs (the graph a client submits and the scheduler forwards)
-        ("dask._task_spec", "Task"),
-        ("dask._task_spec", "DataNode"),
-        ("dask._task_spec", "Alias"),
-        ("dask._task_spec", "TaskRef"),
-        ("dask._task_spec", "List"),
-        ("dask._task_spec", "Tuple"),
-        ("dask._task_spec", "Dict"),
-        ("dask._task_spec", "Set"),
-        # distributed's own message types and errors
+        # a worker's or the scheduler's status travels as Status(name): an Enum lookup by value
         ("distributed.core", "Status"),
-        ("distributed.utils_comm", "WrappedKey"),
-        ("distributed.protocol.serialize", "Serialize"),
-        ("distributed.protocol.serialize", "ToPickle"),
+        # distributed's own errors: Exception subclasses with a plain __init__
         ("distributed.client", "FutureCancelledError"),
         ("distributed.core", "CommClosedError"),
         ("distributed.comm.core", "CommClosedError"),
         ("distributed.scheduler", "KilledWorker"),
-        ("distributed.worker_state_machine", "TaskErredMsg"),
         ("neuro_dask.security.errors", "TaskRefusedError"),
         ("neuro_dask.security.errors", "RequestRefusedError"),
     }
-    | TASK_FUNCTIONS
 )
 
 
@@ -112,18 +126,34 @@ class DroppedTracebackPart:
         pass
 
 
+def checked_datetime(*args) -> _datetime.datetime:
+    """Stands in for datetime.datetime in a pickle: builds it as pickle would (from the bytes state
+    Python writes), then again through the validating constructor, so that a year 0, a day 0 or an
+    hour 25 that the bytes form lets through is a ValueError instead of a datetime whose ctime()
+    reads out of bounds."""
+    value = _datetime.datetime(*args)
+    return _datetime.datetime(value.year, value.month, value.day, value.hour, value.minute, value.second,
+                              value.microsecond, value.tzinfo, fold=value.fold)
+
+
 # Globals replaced by a harmless stand-in instead of refused: every remote error from an
 # honest peer carries a pickled traceback, and refusing it would lose the exception too.
 SUBSTITUTES = {("tblib.pickling_support", "unpickle_traceback"): drop_traceback,
-               **{("tblib", part): DroppedTracebackPart for part in ("Frame", "Code", "Traceback")}}
+               **{("tblib", part): DroppedTracebackPart for part in ("Frame", "Code", "Traceback")},
+               ("datetime", "datetime"): checked_datetime}
+
+# Classes whose instances a pickle may apply state to (BUILD), besides Exception subclasses:
+# plain Python classes with no C layout that state could corrupt.
+BUILDABLE_CLASSES: tuple[type, ...] = (DroppedTracebackPart,)
 
 
 def is_named_only(module: str, name: str) -> bool:
     return (module, name) in NAMED_ONLY_GLOBALS
 
 
-# neuro_dask's own errors travel as exceptions of tasks and handlers: every exception class in
-# these modules, and errors._rebuild (cls.__new__ + Exception.__init__ + attributes).
+# neuro_dask's own errors travel as exceptions of handlers: every exception class in these
+# modules, and errors._rebuild (cls.__new__ + Exception.__init__ + attributes; its cls is a
+# global the pickle had to name, so checked here too).
 _ERROR_MODULES = ("neuro_dask.errors", "neuro_dask.security.errors", "neuro_dask.ledger.errors")
 
 

@@ -25,8 +25,8 @@ class PickleRefusedError(SecurityError, pickle.UnpicklingError, TypeError):
         self.peer = peer
         origin = f" from {peer}" if peer else ""
         super().__init__(
-            f"refused to unpickle {module}.{name}{origin}: hardened mode loads only the globals that "
-            "neuro_dask's tasks, Dask's messages and numpy arrays need (neuro_dask/security/allowlist.py)"
+            f"refused to unpickle {module}.{name}{origin}: hardened mode loads pickles only from the scheduler "
+            "and the operator, and then only plain containers and exceptions (neuro_dask/security/allowlist.py)"
         )
 
 
@@ -63,4 +63,45 @@ class TaskRefusedError(SecurityError):
         self.function = function
         super().__init__(
             f"task {key!r}: this hardened worker runs only neuro_dask's expert tasks, not {function}"
+        )
+
+
+class PickleLimitError(PickleRefusedError):
+    """A pickle from a scheduler or operator went past a bound of the restricted loader: too many
+    opcodes or memo entries, tuples nested too deep, or too many keys sharing one hash.
+
+    A PickleRefusedError (so a TypeError and an UnpicklingError too) whose `module` is "<pickle>"
+    and whose `name` says which bound; `limit` is the bound (neuro_dask/security/unpickle.py).
+    """
+
+    def __init__(self, what: str, limit: int, peer: str | None = None):
+        self.module = "<pickle>"
+        self.name = what
+        self.what = what
+        self.limit = limit
+        self.peer = peer
+        origin = f" from {peer}" if peer else ""
+        SecurityError.__init__(
+            self,
+            f"refused a pickle{origin}: {what} (limit {limit:,}); hardened mode bounds the work of one load "
+            "(neuro_dask/security/unpickle.py), and no message a scheduler or operator sends comes near it",
+        )
+
+
+class PlainDataRefusedError(SecurityError, ValueError):
+    """A message from a worker, a client or a peer without a certificate was not plain data.
+
+    On a hardened network those peers send msgpack without pickles, serialized sub-frames or
+    extension types (neuro_dask/security/plain_wire.py). Also a ValueError, as msgpack's own
+    errors for a malformed frame are. `reason` says what was refused.
+    """
+
+    def __init__(self, reason: str, peer: str | None = None):
+        self.reason = reason
+        self.peer = peer
+        origin = f" from {peer}" if peer else ""
+        super().__init__(
+            f"refused a message{origin}: {reason}. Hardened networks accept plain data only from workers and "
+            "clients (msgpack in one frame: no pickles, no serialized sub-frames, no extension types); "
+            "send arrays as bytes with a dtype and shape, and errors as text"
         )

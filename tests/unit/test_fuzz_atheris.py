@@ -1,5 +1,7 @@
 """Coverage-guided fuzzing of the parsers of untrusted input (benchmarks/fuzz_atheris.py, atheris):
-a short run per target in CI, the same targets and documented errors as test_fuzz_parsers.py.
+a short run per target in CI, the same targets and documented errors as test_fuzz_parsers.py, hardened
+mode's decoders included (plain: decode_plain_frames, PlainDataRefusedError only; pickle: the bounded
+restricted loader, PickleRefusedError or UnpicklingError only, and no crash, hang or runaway memory).
 
 Skipped without atheris (the `fuzz` extra). `python benchmarks/fuzz_atheris.py` runs 100,000 each.
 """
@@ -16,7 +18,7 @@ pytest.importorskip("atheris")
 
 ROOT = Path(__file__).resolve().parents[2]
 HARNESS = ROOT / "benchmarks/fuzz_atheris.py"
-TARGETS = ("manifest", "safetensors", "frame", "gateway")
+TARGETS = ("manifest", "safetensors", "frame", "gateway", "plain", "pickle")
 RUNS = 2000
 TIMEOUT = 240
 
