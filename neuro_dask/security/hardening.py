@@ -1,11 +1,18 @@
-"""Hardened mode, process side: distributed loads pickles only through the allow-list.
+"""Hardened mode, process side: plain data from workers and clients, a bounded loader for the rest.
+
+Two layers. First, the read path: every message a tcp:// or tls:// comm reads is decoded by
+plain_wire.py unless the peer's certificate says scheduler or operator, so a worker, a client
+or a peer without a certificate cannot get a single pickle opcode parsed, whatever op it sends
+(`_plain_unless_trusted`, in distributed's `from_frames`); errors go out as text
+(`plain_error_message`), and an error a non-trusted peer sends as a pickle is never loaded
+(`hardened_clean_exception`). Second, for what trusted peers may still pickle:
 
 distributed loads pickles in a handful of places (dask/distributed#9283): the comm protocol's
 `__Pickled__` frames and pickle serialization family, the `dask` family's type headers, numpy's
 object arrays, exceptions and tracebacks, plugins, `run`/`run_on_scheduler`, warnings forwarded
 to clients, P2P shuffles. Almost all of them call `distributed.protocol.pickle.loads`; the rest
 call the stdlib `pickle` module that client.py, scheduler.py and the shuffle modules import.
-`install()` replaces exactly those names (PICKLE_SITES) with the restricted loader, caps the
+`install()` replaces exactly those names (PICKLE_SITES) with the bounded restricted loader, caps the
 size of a message before its bytes are allocated, and remembers which peer each message came
 from so that a refusal is reported with its address. tests/unit/test_hardening_install.py re-reads
 distributed's source and fails when a loads call appears anywhere this list does not cover,
@@ -57,6 +64,14 @@ CLEAN_EXCEPTION_SITES: tuple[str, ...] = ("distributed.core", "distributed.clien
 current_peer: contextvars.ContextVar[str | None] = contextvars.ContextVar("neuro_current_peer", default=None)
 # "role:name" from the peer's certificate, on TLS comms.
 current_identity: contextvars.ContextVar[str | None] = contextvars.ContextVar("neuro_current_identity", default=None)
+# The comm whose message is being decoded: from_frames has no comm argument, the read sets this.
+_reading_comm: contextvars.ContextVar[Any] = contextvars.ContextVar("neuro_reading_comm", default=None)
+
+# Certificates whose messages may still carry pickles (through the bounded loader). Everyone
+# else, workers, clients and peers without a certificate, sends plain data (plain_wire.py).
+PICKLE_ROLES = frozenset({"scheduler", "operator"})
+# The comm kinds hardened mode covers; a server listening on another kind would bypass the checks.
+COVERED_PREFIXES = ("tcp://", "tls://", "inproc://")
 
 _installed: dict[tuple[str, str], Any] = {}
 _max_message_bytes: list[int] = [0]
@@ -88,12 +103,19 @@ def _restricted(x, buffers, peer):
 
 
 def hardened_clean_exception(exception=None, traceback=None, **_ignored):
-    """Drop-in for distributed.core.clean_exception: (type, exception, None)."""
+    """Drop-in for distributed.core.clean_exception: (type, exception, None). An error a worker,
+    a client or a peer without a certificate sends as a pickle is never loaded (it is refused
+    and reported, and stands as a plain Exception); hardened peers send errors as text."""
     if isinstance(exception, (bytes, bytearray, memoryview)):
-        try:
-            exception = hardened_loads(exception)
-        except Exception:
-            exception = Exception("a remote error that hardened mode would not unpickle")
+        comm = _reading_comm.get()
+        if comm is not None and not pickles_trusted(comm):
+            report("plain-data", getattr(comm, "peer_address", None), "an error sent as a pickle", _comm_identity(comm))
+            exception = Exception("a remote error sent as a pickle, which hardened mode does not load")
+        else:
+            try:
+                exception = hardened_loads(exception)
+            except Exception:
+                exception = Exception("a remote error that hardened mode would not unpickle")
     elif isinstance(exception, str):
         exception = Exception(exception)
     if exception is not None and not isinstance(exception, Exception):
@@ -143,10 +165,82 @@ def _peer_tagging_read(original: Callable) -> Callable:
         # Set in the reading task's context, so the handler that runs next sees it too.
         current_peer.set(self.peer_address)
         current_identity.set(_comm_identity(self))
+        _reading_comm.set(self)
         return await original(self, deserializers)
 
     read.__wrapped__ = original
     return read
+
+
+def pickles_trusted(comm) -> bool:
+    """Whether this comm's peer may send pickles at all: a scheduler or operator certificate."""
+    identity = comm_identity(comm)
+    return identity is not None and identity.role in PICKLE_ROLES
+
+
+def _plain_unless_trusted(original: Callable) -> Callable:
+    """distributed.comm.tcp's from_frames: a message from a worker, a client or a peer without a
+    certificate is decoded as plain data, refused before anything in it is parsed as a pickle or
+    a serialized object; only scheduler and operator certificates reach distributed's loader,
+    and through it the bounded one (allowlist.py)."""
+
+    async def from_frames(frames, deserialize=True, deserializers=None, allow_offload=True):
+        comm = _reading_comm.get()
+        if comm is not None and pickles_trusted(comm):
+            return await original(frames, deserialize=deserialize, deserializers=deserializers,
+                                  allow_offload=allow_offload)
+        # No comm known (a read path that did not go through TCP.read): plain, failing closed.
+        from neuro_dask.security.plain_wire import decode_plain_frames
+        from neuro_dask.security.errors import PlainDataRefusedError
+
+        try:
+            return decode_plain_frames(frames)
+        except PlainDataRefusedError as exc:
+            report("plain-data", getattr(comm, "peer_address", None), exc.reason, _comm_identity(comm))
+            raise
+
+    from_frames.__wrapped__ = original
+    return from_frames
+
+
+def _one_frame_unless_trusted(original: Callable) -> Callable:
+    """distributed.comm.tcp's unpack_frames, which reads a message's preamble: a peer that may
+    not send pickles may not announce sub-frames either, so they are refused before their bytes
+    are allocated (TCP.read aborts the comm: the unread bytes would desynchronise it)."""
+
+    def unpack_frames(b, partial=False):
+        frames, buffers = original(b, partial=partial)
+        if len(frames) + len(buffers) > 1:
+            comm = _reading_comm.get()
+            if comm is None or not pickles_trusted(comm):
+                from neuro_dask.security.errors import PlainDataRefusedError
+
+                reason = f"{len(frames) + len(buffers)} frames announced (a plain message is one msgpack frame)"
+                report("plain-data", getattr(comm, "peer_address", None), reason,
+                       _comm_identity(comm) if comm is not None else None)
+                raise PlainDataRefusedError(reason)
+        return frames, buffers
+
+    unpack_frames.__wrapped__ = original
+    return unpack_frames
+
+
+def plain_error_message(e: BaseException, status: str = "error") -> dict[str, Any]:
+    """distributed.core.error_message without pickles: a hardened process tells its peers what
+    went wrong as text (their hardened decoders would refuse a pickled exception, and a plain
+    peer would load it); distributed's clean_exception turns the text back into an Exception."""
+    text = f"{type(e).__name__}: {e}"[:4000]
+    return {"status": status, "exception": text, "traceback": None, "exception_text": text, "traceback_text": ""}
+
+
+def check_listeners(server) -> None:
+    """Hardened mode reads tcp:// and tls:// comms (and in-process ones, which carry objects):
+    a listener of another kind (ws://, ucx://) would bypass every check, so it is refused."""
+    for listener in getattr(server, "listeners", []) or []:
+        prefix = getattr(listener, "prefix", "") or ""
+        if prefix and prefix not in COVERED_PREFIXES:
+            raise RuntimeError(f"hardened mode covers {', '.join(COVERED_PREFIXES)} comms, not {prefix}: "
+                               "listen on tls:// (or tcp://) instead")
 
 
 def comm_identity(comm):
@@ -203,6 +297,15 @@ def install(*, max_message_bytes: int = 0) -> None:
     from distributed.comm import tcp
 
     _patch("distributed.comm.tcp", "read_bytes_rw", _limited_read_bytes_rw(tcp.read_bytes_rw))
+    _patch("distributed.comm.tcp", "from_frames", _plain_unless_trusted(tcp.from_frames))
+    _patch("distributed.comm.tcp", "unpack_frames", _one_frame_unless_trusted(tcp.unpack_frames))
+    try:  # a hardened process that dials ws:// decodes plain too (its reads set no comm: closed)
+        from distributed.comm import ws
+
+        _patch("distributed.comm.ws", "from_frames", _plain_unless_trusted(ws.from_frames))
+    except ImportError:  # pragma: no cover - tornado without websockets
+        pass
+    _patch("distributed.core", "error_message", plain_error_message)
     tcp.TCP.read = _peer_tagging_read(tcp.TCP.read)
     tcp.TLSListener._prepare_stream = _reporting_prepare_stream(tcp.TLSListener._prepare_stream)
     log.info("hardened mode: restricted unpickling on (distributed %s)", distributed.__version__)

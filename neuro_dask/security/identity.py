@@ -40,6 +40,14 @@ class PeerIdentity:
     owner: str = ""  # from a neuro-dask-owner:// SAN URI; "" when the certificate names none
 
 
+def peer_key(identity: PeerIdentity | None, peer: str | None) -> str:
+    """Whom limits and strikes count against: a certificate wherever it connects from; without
+    one, the host (its port changes per connection)."""
+    if identity is not None:
+        return f"{identity.role}:{identity.name}"
+    return (peer or "").rsplit(":", 1)[0]
+
+
 def check_name(name: object) -> str:
     """`name` when it is a safe certificate name (1-64 of A-Z a-z 0-9 . _ -); CertificateError otherwise."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):

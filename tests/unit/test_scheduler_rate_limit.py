@@ -1,11 +1,11 @@
-"""A hardened scheduler limits each client's requests (registrations, ledger holds, publications)."""
+"""A hardened scheduler limits each peer's requests per class of operation (guards.RateBook)."""
 
 from __future__ import annotations
 
 from neuro_dask.security.events import security_log
-from neuro_dask.security.guards import GuardedHandlers, _rate_key
+from neuro_dask.security.guards import GuardedHandlers, RateBook
+from neuro_dask.security.identity import peer_key as _rate_key
 from neuro_dask.security.identity import PeerIdentity
-from neuro_dask.security.limits import RateLimiter
 from neuro_dask.security.roles import scheduler_decision
 
 
@@ -17,10 +17,14 @@ class FakeComm:
 
 
 def _handlers(clock):
-    return GuardedHandlers({"neuro_ledger_hold": lambda account: {"status": "OK", "account": account},
+    rates = RateBook(6, clock)  # requests: 6 a minute (a burst of 1); control ops: 60 a minute
+    return GuardedHandlers({"neuro_request_begin": lambda model, request: {"status": "OK", "request": request},
                             "neuro_routes": lambda model: {"status": "OK"}},
-                           lambda op, role: scheduler_decision(op, role, roles_required=False),
-                           limiter=RateLimiter(6, clock, burst=2), limited=frozenset({"neuro_ledger_hold"}))
+                           lambda op, role: scheduler_decision(op, role, roles_required=False), rates=rates)
+
+
+def _begin(handlers, comm):
+    return handlers["neuro_request_begin"](comm, model="m", request="r")["status"]
 
 
 def test_a_client_over_its_rate_is_refused_and_reported_then_admitted_again():
@@ -28,17 +32,23 @@ def test_a_client_over_its_rate_is_refused_and_reported_then_admitted_again():
     handlers = _handlers(lambda: now[0])
     security_log.clear()
     comm = FakeComm("tcp://10.0.0.5:40001")
-    assert [handlers["neuro_ledger_hold"](comm, account="a")["status"] for _ in range(3)] == ["OK", "OK",
-                                                                                          "uncaught-error"]
+    assert [_begin(handlers, comm) for _ in range(2)] == ["OK", "uncaught-error"]
     refused = security_log.events("refused-op")
     assert refused and refused[-1].peer == "tcp://10.0.0.5:40001" and "too many requests" in refused[-1].detail
     # Another connection from the same host is the same client; another host is not.
-    assert handlers["neuro_ledger_hold"](FakeComm("tcp://10.0.0.5:40002"), account="a")["status"] == "uncaught-error"
-    assert handlers["neuro_ledger_hold"](FakeComm("tcp://10.0.0.6:40003"), account="b")["status"] == "OK"
+    assert _begin(handlers, FakeComm("tcp://10.0.0.5:40002")) == "uncaught-error"
+    assert _begin(handlers, FakeComm("tcp://10.0.0.6:40003")) == "OK"
     now[0] += 10.0  # 6 per minute: one request back every 10 s
-    assert handlers["neuro_ledger_hold"](comm, account="a")["status"] == "OK"
-    # Operations outside the limited set are never counted.
-    assert all(handlers["neuro_routes"](comm, model="m")["status"] == "OK" for _ in range(20))
+    assert _begin(handlers, comm) == "OK"
+    # Another class of operation has its own bucket (control: 10 x the rate, a burst of 10).
+    assert [handlers["neuro_routes"](comm, model="m")["status"] for _ in range(11)] == ["OK"] * 10 + ["uncaught-error"]
+
+
+def test_the_operator_is_not_rate_limited():
+    handlers = _handlers(lambda: 0.0)
+    rates = handlers.rates
+    operator = PeerIdentity("operator", "op")
+    assert all(rates.wait("neuro_request_begin", operator, "tls://10.0.0.5:1") == 0.0 for _ in range(100))
 
 
 def test_a_certificate_is_one_client_wherever_it_connects_from():

@@ -4,6 +4,8 @@ of a hardened worker (guards.refused_function) and the handler table that enforc
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from dask._task_spec import DataNode, List, Task
 
@@ -17,48 +19,65 @@ from neuro_dask.security.identity import ROLES, PeerIdentity
 EVERY_ROLE = (None, *ROLES)
 CERT_ROLES = frozenset(ROLES)
 NEVER = "never"
+CLIENTS = frozenset({"scheduler", "client", "operator"})
+OPERATORS = frozenset({"scheduler", "operator"})
 
-# op -> the certificate roles that may use it on a scheduler, or NEVER (refused to everyone).
+# op -> the certificate roles that may use it on a scheduler, or NEVER (refused to everyone):
+# the expectations, written independently of roles.py's tables.
 SCHEDULER_TABLE: dict[str, frozenset[str] | str] = {
-    # a volunteer's worker registering and reporting
+    # a volunteer's worker registering and reporting for itself
     "register-worker": frozenset({"worker"}),
     "heartbeat_worker": frozenset({"worker"}),
     "neuro_experts_loaded": frozenset({"worker"}),
+    "neuro_pause": frozenset({"worker"}),
     "register_nanny": frozenset({"worker"}),
     "unregister": frozenset({"worker"}),
-    # what a worker shares with every other peer
+    "neuro_volunteer": frozenset({"worker"}) | OPERATORS,
+    # what any certificate of the network may ask
     "identity": CERT_ROLES,
-    "who_has": CERT_ROLES,
     "versions": CERT_ROLES,
     # a client's work: not for worker certificates
-    "register-client": frozenset({"scheduler", "client", "operator"}),
-    "update-graph": frozenset({"scheduler", "client", "operator"}),
-    "gather": frozenset({"scheduler", "client", "operator"}),
-    "neuro_routes": frozenset({"scheduler", "client", "operator"}),
-    "neuro_report_calls": frozenset({"scheduler", "client", "operator"}),
-    "neuro_request_begin": frozenset({"scheduler", "client", "operator"}),
-    "neuro_request_end": frozenset({"scheduler", "client", "operator"}),
-    "neuro_channels": frozenset({"scheduler", "client", "operator"}),
-    # cluster control and other people's logs: the operator (and the scheduler itself)
-    "neuro_publish": frozenset({"scheduler", "operator"}),
-    "neuro_adopt": frozenset({"scheduler", "operator"}),
-    "retire_workers": frozenset({"scheduler", "operator"}),
-    "restart": frozenset({"scheduler", "operator"}),
-    "terminate": frozenset({"scheduler", "operator"}),
-    "get_logs": frozenset({"scheduler", "operator"}),
-    "dump_state": frozenset({"scheduler", "operator"}),
-    # remote code, plugins, raw data: nobody
+    "register-client": CLIENTS,
+    "neuro_routes": CLIENTS,
+    "neuro_report_calls": CLIENTS,
+    "neuro_report_outcomes": CLIENTS,
+    "neuro_unreachable": CLIENTS,
+    "neuro_dispute": CLIENTS,
+    "neuro_request_begin": CLIENTS,
+    "neuro_request_end": CLIENTS,
+    "neuro_channels": CLIENTS,
+    # trust anchors, publishing, metadata, cluster control, other people's logs and events
+    "neuro_trust": OPERATORS,
+    "neuro_status": OPERATORS,
+    "neuro_publish": OPERATORS,
+    "neuro_adopt": OPERATORS,
+    "set_metadata": OPERATORS,
+    "get_metadata": OPERATORS,
+    "events": OPERATORS,
+    "who_has": OPERATORS,
+    "retire_workers": OPERATORS,
+    "restart": OPERATORS,
+    "terminate": OPERATORS,
+    "get_logs": OPERATORS,
+    "dump_state": OPERATORS,
+    "connection_stream": OPERATORS,
+    # remote code, plugins, raw data, task graphs: nobody
     "run_function": NEVER,
     "broadcast": NEVER,
+    "feed": NEVER,
     "register_worker_plugin": NEVER,
     "register_scheduler_plugin": NEVER,
     "register_nanny_plugin": NEVER,
     "scatter": NEVER,
     "update_data": NEVER,
+    "gather": NEVER,
     "proxy": NEVER,
     "dump_cluster_state_to_url": NEVER,
     "rebalance": NEVER,
     "replicate": NEVER,
+    "publish_put": NEVER,
+    # not an operation at all: denied by default
+    "no_such_op": NEVER,
 }
 
 WORKER_TABLE: dict[str, frozenset[str] | str] = {
@@ -69,17 +88,31 @@ WORKER_TABLE: dict[str, frozenset[str] | str] = {
     "upload_file": NEVER,
     "update_data": NEVER,
     "actor_execute": NEVER,
+    "get_data": NEVER,
     "neuro_assign": frozenset({"scheduler"}),
     "neuro_drop": frozenset({"scheduler"}),
     "terminate": frozenset({"scheduler"}),
     "free_keys": frozenset({"scheduler"}),
-    "close": frozenset({"scheduler"}),
-    "neuro_expert": CERT_ROLES,
-    "neuro_expert_share": CERT_ROLES,
-    "neuro_cancel": CERT_ROLES,
-    "get_data": CERT_ROLES,
+    "connection_stream": frozenset({"scheduler"}),
+    "neuro_expert": CLIENTS,
+    "neuro_expert_share": CLIENTS,
+    "neuro_cancel": CLIENTS,
+    "neuro_status": frozenset({"worker"}) | OPERATORS,
     "ping": CERT_ROLES,
     "identity": CERT_ROLES,
+    "no_such_op": NEVER,
+}
+
+NANNY_TABLE: dict[str, frozenset[str] | str] = {
+    "run": NEVER,
+    "plugin_add": NEVER,
+    "instantiate": frozenset({"scheduler"}),
+    "kill": frozenset({"scheduler"}),
+    "restart": frozenset({"scheduler"}),
+    "connection_stream": frozenset({"scheduler"}),
+    "close_gracefully": frozenset({"scheduler", "worker"}),
+    "identity": CERT_ROLES,
+    "no_such_op": NEVER,
 }
 
 
@@ -111,50 +144,101 @@ def test_worker_decision(op, role, required, allowed):
     assert bool(decision.why) is not allowed
 
 
+@pytest.mark.parametrize("op, role, required, allowed", _cases(NANNY_TABLE))
+def test_nanny_decision(op, role, required, allowed):
+    decision = roles.nanny_decision(op, role, roles_required=required)
+    assert decision.allowed is allowed
+    assert bool(decision.why) is not allowed
+
+
+@pytest.mark.parametrize("kind, op, role, allowed", [
+    # a client's stream carries a client's heartbeats, never a worker's reports or a task graph
+    ("client", "heartbeat-client", "client", True),
+    ("client", "close-client", "client", True),
+    ("client", "update-graph", "client", False),
+    ("client", "update-graph", "operator", False),
+    ("client", "worker-status-change", "client", False),
+    ("client", "subscribe-topic", "client", False),
+    ("client", "subscribe-topic", "operator", True),
+    # a worker's stream: its keep-alives, its own status and events; no task reports
+    ("worker", "keep-alive", "worker", True),
+    ("worker", "worker-status-change", "worker", True),
+    ("worker", "log-event", "worker", True),
+    ("worker", "task-finished", "worker", False),
+    ("worker", "heartbeat-client", "worker", False),
+    # a stream opened with connection_stream carries nothing a client or worker may send
+    ("any", "worker-status-change", "operator", False),
+    ("any", "log-event", "client", False),
+    ("any", "log-event", "worker", False),
+    ("any", "subscribe-topic", "operator", True),
+    ("client", "no-such-op", "operator", False),
+])
+def test_scheduler_stream_decisions(kind, op, role, allowed):
+    decision = roles.stream_decision(roles.SCHEDULER_STREAMS, kind, op, role, roles_required=True, server="scheduler")
+    assert decision.allowed is allowed, decision.why
+
+
+@pytest.mark.parametrize("kind, op, role, allowed", [
+    ("scheduler", "close", "scheduler", True),
+    ("scheduler", "compute-task", "scheduler", True),
+    ("scheduler", "close", "client", False),  # a certificate other than the scheduler's on that comm
+    ("any", "close", "client", False),
+    ("any", "close", "worker", False),
+    ("any", "close", "operator", False),
+    ("any", "close", "scheduler", True),
+    ("any", "worker-status-change", "client", False),
+])
+def test_worker_stream_decisions(kind, op, role, allowed):
+    decision = roles.stream_decision(roles.WORKER_STREAMS, kind, op, role, roles_required=True, server="worker")
+    assert decision.allowed is allowed, decision.why
+
+
 @pytest.mark.parametrize("decide, op, role, required, words", [
     (roles.scheduler_decision, "run_function", "operator", False, "never"),
     (roles.scheduler_decision, "retire_workers", None, True, "certificate"),
-    (roles.scheduler_decision, "register-worker", "client", True, "worker certificate"),
-    (roles.scheduler_decision, "register-client", "worker", True, "worker certificate"),
+    (roles.scheduler_decision, "register-worker", "client", True, "only a worker certificate"),
+    (roles.scheduler_decision, "register-client", "worker", True, "certificate is a worker's"),
     (roles.scheduler_decision, "neuro_publish", "client", True, "operator"),
-    (roles.worker_decision, "run", "scheduler", True, "hardened worker"),
+    (roles.scheduler_decision, "no_such_op", "operator", True, "deny by default"),
+    (roles.worker_decision, "run", "scheduler", True, "never"),
     (roles.worker_decision, "neuro_assign", "client", True, "only the scheduler"),
-    (roles.worker_decision, "get_data", None, True, "certificate"),
+    (roles.worker_decision, "neuro_expert", None, True, "certificate"),
 ])
 def test_refusals_say_why(decide, op, role, required, words):
     decision = decide(op, role, roles_required=required)
     assert not decision.allowed and words in decision.why
 
 
+def test_a_non_string_op_is_refused():
+    assert not roles.scheduler_decision(("neuro_routes",), "operator", roles_required=True).allowed
+    assert not roles.scheduler_decision(None, "operator", roles_required=False).allowed
+
+
 def test_the_tables_cover_every_role_and_each_kind_of_rule():
     assert set(EVERY_ROLE) == {None, "scheduler", "worker", "client", "operator"}
-    for table in (SCHEDULER_TABLE, WORKER_TABLE):
-        kinds = {allowed if allowed == NEVER else len(allowed) for allowed in table.values()}
-        assert NEVER in kinds and 1 in kinds and 4 in kinds
+    for table in (roles.SCHEDULER_HANDLERS, roles.WORKER_HANDLERS, roles.NANNY_HANDLERS):
+        rules = set(table.values())
+        assert NEVER in rules and any(r != NEVER and len(r) == 1 for r in rules)
 
 
-def test_the_rule_sets_do_not_contradict_each_other():
-    # A worker op that is also never-allowed or operator-only would be silently refused (or granted).
-    assert not roles.SCHEDULER_WORKER_OPS & roles.SCHEDULER_NEVER
-    assert not roles.SCHEDULER_WORKER_OPS & roles.SCHEDULER_OPERATOR_ONLY
-    assert not roles.SCHEDULER_OPERATOR_ONLY & roles.SCHEDULER_NEVER
-    # Each worker-only op is one a worker certificate may actually use.
-    assert roles.SCHEDULER_WORKER_ONLY <= roles.SCHEDULER_WORKER_OPS
-    assert not roles.WORKER_ANYONE & roles.WORKER_NEVER
+def test_an_op_classified_twice_is_a_bug_in_the_table():
+    with pytest.raises(AssertionError, match="twice"):
+        roles._table(a=(NEVER, ("x",)), b=(frozenset({"client"}), ("x",)))
 
 
-@pytest.mark.parametrize("op", sorted(roles.SCHEDULER_NEVER))
-def test_every_scheduler_never_op_is_refused_to_everyone(op):
-    for role in EVERY_ROLE:
-        for required in (True, False):
-            assert not roles.scheduler_decision(op, role, roles_required=required).allowed
+@pytest.mark.parametrize("table", [roles.SCHEDULER_HANDLERS, roles.WORKER_HANDLERS, roles.NANNY_HANDLERS,
+                                   *roles.SCHEDULER_STREAMS.values(), *roles.WORKER_STREAMS.values()])
+def test_every_never_op_is_refused_to_everyone(table):
+    for op, rule in table.items():
+        if rule == NEVER:
+            for role in EVERY_ROLE:
+                for required in (True, False):
+                    assert not roles.decide(table, op, role, roles_required=required).allowed
 
 
-@pytest.mark.parametrize("op", sorted(roles.WORKER_NEVER))
-def test_every_worker_never_op_is_refused_to_everyone(op):
-    for role in EVERY_ROLE:
-        for required in (True, False):
-            assert not roles.worker_decision(op, role, roles_required=required).allowed
+def test_self_fields_name_ops_only_workers_use():
+    for op in roles.SCHEDULER_SELF_FIELDS:
+        assert "worker" in roles.SCHEDULER_HANDLERS[op]
 
 
 # ---- the task check of a hardened worker --------------------------------------------------------
@@ -229,9 +313,9 @@ def _worker_handlers(calls):
         calls.append(("neuro_assign", x))
         return x
 
-    def echo(comm, x):
-        calls.append(("echo", comm, x))
-        return x
+    def echo(comm, data):
+        calls.append(("echo", comm, data))
+        return data
 
     return GuardedHandlers({"echo": echo, "neuro_assign": neuro_assign},
                            decide=lambda op, role: roles.worker_decision(op, role, roles_required=True))
@@ -283,7 +367,7 @@ def test_a_handler_that_takes_the_comm_gets_it(peercerts, events, peercert_role,
     calls: list = []
     handlers = _worker_handlers(calls)
     comm = FakeComm(peercerts[peercert_role] if peercert_role else None)
-    reply = handlers["echo"](comm, x=5)
+    reply = handlers["echo"](comm, data=5)
     if allowed:
         assert reply == 5 and calls == [("echo", comm, 5)]
         assert events.events() == []
@@ -300,15 +384,17 @@ def test_a_forged_certificate_dict_has_no_role(peercerts, events):
     assert events.events()[0].identity is None
 
 
-def test_guarded_handlers_look_up_like_a_dict():
+def test_guarded_handlers_look_up_like_a_dict(peercerts, events):
     handlers = _worker_handlers([])
     assert handlers["neuro_assign"].__name__ == "neuro_assign"
-    assert set(handlers) == {"echo", "neuro_assign"} and "echo" in handlers
-    with pytest.raises(KeyError):
-        handlers["run"]
-    handlers["later"] = lambda: "added by a plugin"
+    assert set(handlers) == {"echo", "neuro_assign"} and "echo" in handlers and "run" not in handlers
+    # An op with no handler at all is still answered by the guard: refused and reported, never
+    # a KeyError that distributed would log and drop silently.
+    refused = handlers["run"](FakeComm(peercerts["scheduler"]))
+    assert refused["status"] == "uncaught-error" and "never" in refused["exception_text"]
+    handlers["neuro_drop"] = lambda: "added by a plugin"
     # Added later (as plugins add theirs), guarded too: no certificate, refused.
-    assert handlers["later"](FakeComm())["status"] == "uncaught-error"
+    assert handlers["neuro_drop"](FakeComm())["status"] == "uncaught-error"
 
 
 # ---- a worker's name is the name on its certificate ----------------------------------------------
@@ -328,19 +414,51 @@ def test_bind_worker_name(op, identity, name, expected):
     assert msg["name"] == expected
 
 
+METRICS = {"memory": 1 << 20, "cpu": 1.0, "managed_bytes": 0, "spilled_bytes": {"memory": 0, "disk": 0},
+           "bandwidth": {"total": 1e8, "workers": {}, "types": {}}, "digests_total_since_heartbeat": {},
+           "time": 1.0e9, "task_counts": {}}
+
+
+def _registration(name, address):
+    """What distributed 2026.8's worker sends with register-worker."""
+    return dict(address=address, status="init", server_id="Worker-1", nthreads=1, name=name, now=1.0e9,
+                resources={}, memory_limit=None, metrics=METRICS, services={}, local_directory="/tmp/w",
+                versions={"python": "3.11"}, nanny=None, extra={}, stimulus_id="worker-connect-1", pid=42)
+
+
 def test_register_worker_through_the_guard_takes_the_certificate_name(peercerts, events):
     registered: list = []
 
-    def register_worker(comm, name, address):
+    def register_worker(comm, name, address, **_rest):
         registered.append(name)
         return {"status": "OK"}
 
+    def bind(op, identity, msg):
+        _bind_worker_name(op, identity, msg)
+
     handlers = GuardedHandlers({"register-worker": register_worker},
                                decide=lambda op, role: roles.scheduler_decision(op, role, roles_required=True),
-                               rewrite=_bind_worker_name)
-    reply = handlers["register-worker"](FakeComm(peercerts["worker-1"]), name="evil", address="tls://203.0.113.9:1")
+                               check=bind)
+    reply = handlers["register-worker"](FakeComm(peercerts["worker-1"]), **_registration("evil", "tls://203.0.113.9:1"))
     assert reply == {"status": "OK"} and registered == ["worker-1"]
     # A client certificate may not register a worker at all.
-    refused = handlers["register-worker"](FakeComm(peercerts["client"]), name="evil", address="tls://203.0.113.9:2")
-    assert refused["status"] == "uncaught-error" and registered == ["worker-1"]
+    # The registration protocol has the handler answer on the comm itself (reply=False): the
+    # refusal is written there, in the shape a worker reads, and the comm closed.
+    comm = WritableComm(peercerts["client"])
+    asyncio.run(handlers["register-worker"](comm, **_registration("evil", "tls://203.0.113.9:2")))
+    [refused] = comm.written
+    assert refused["status"] == "uncaught-error" and "register-worker" in refused["message"] and comm.closed
+    assert registered == ["worker-1"]
     assert [e.identity for e in events.events()] == ["client:client"]
+
+
+class WritableComm(FakeComm):
+    def __init__(self, peercert):
+        super().__init__(peercert)
+        self.written, self.closed = [], False
+
+    async def write(self, msg):
+        self.written.append(msg)
+
+    async def close(self):
+        self.closed = True
