@@ -108,11 +108,19 @@ class Coordinator:
             del self.load[key]
         return self._replan()
 
-    def experts_loaded(self, worker: str, model: str, experts: Iterable[tuple[int, int]]) -> None:
+    def experts_loaded(self, worker: str, model: str, experts: Iterable[tuple[int, int]]) -> int:
+        """A worker reports experts it can serve: only the ones this coordinator assigned to it
+        count (a worker cannot enter routes for experts it was never given, nor bloat every
+        routes reply with claims). Returns how many of the reported experts were not counted."""
         if worker not in self.workers or model not in self.models:  # gone, or retired while it loaded
-            return
-        self.serving[worker].update((model, int(l), int(e)) for l, e in experts)
-        self.version += 1
+            return 0
+        assigned = self.placement.assignments().get(worker, frozenset()) if self.placement else frozenset()
+        reported = {(model, int(l), int(e)) for l, e in experts}
+        counted = reported & assigned
+        if counted - self.serving[worker]:
+            self.serving[worker].update(counted)
+            self.version += 1
+        return len(reported - counted)
 
     def load_failed(self, worker: str, model: str, experts: Iterable[tuple[int, int]]) -> list[Action]:
         """A worker that cannot load an expert (bad store path, corrupt file) never hosts it again."""
@@ -123,7 +131,8 @@ class Coordinator:
         return self._replan()
 
     def worker_unreachable(self, worker: str, model: str, experts: Iterable[tuple[int, int]]) -> None:
-        """A client could not get an answer: stop routing those experts there until it reloads them."""
+        """The scheduler's own probe of the worker failed for these experts (a client's report
+        alone changes only that client's routing): stop routing them there until it reloads them."""
         keys = {(model, int(l), int(e)) for l, e in experts}
         if self.serving.get(worker, set()) & keys:
             self.serving[worker] -= keys

@@ -145,9 +145,27 @@ class SchedulerSettings:
     version_adoption: str = "operator"  # operator | vote: who makes a channel's candidate current
     version_drain_seconds: float = 30.0
     version_lease_seconds: float = 600.0
+    # Evidence, not claims (docs/security.md): tickets, holds, disputes and probes.
+    free_tier: bool = False  # with a ledger: workers serve calls without a paid ticket too
+    hold_seconds: float = 600.0  # a request's hold and ticket expire after this
+    open_requests_per_client: int = 64  # requests one client may have open at once
+    max_unproven_reports: int = 5  # refuted disputes within the window before a reporter is refused
+    unproven_window: float = 3600.0
+    probe_interval: float = 5.0  # a reported worker is probed at most this often
+    probe_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "trusted", tuple(str(w) for w in self.trusted or ()))
+        for name in ("hold_seconds", "unproven_window", "probe_interval", "probe_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigFieldError("neuro.scheduler", name.replace("_", "-"),
+                                       f"must be a positive number of seconds, got {value!r}")
+        for name in ("open_requests_per_client", "max_unproven_reports"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigFieldError("neuro.scheduler", name.replace("_", "-"),
+                                       f"must be a positive integer, got {value!r}")
 
     @classmethod
     def load(cls, **overrides) -> SchedulerSettings:

@@ -68,26 +68,26 @@ def _host_of(address: str) -> str:
 
 def collect(client, worker: str | None = None) -> dict[str, Any]:
     """Everything `worker-status` shows, through a connected distributed.Client. `worker`: a
-    name or an address; None: this machine's only worker."""
-    workers = client.sync(client.scheduler.neuro_status)["workers"]
-    names = {a: w["name"] for a, w in workers.items()}
+    name or an address; None: this machine's only worker. On a hardened network the worker's
+    own certificate asks for itself (its name is the default) and the operator's for anyone."""
     if worker is None:
-        local = [a for a in workers if _host_of(a) in _local_hosts()]
-        address = local[0] if len(local) == 1 else None
-    else:
-        address = next((a for a, n in names.items() if worker in (a, n)), None)
-    if address is None:
-        raise WorkerNotFoundError(worker, client.scheduler.address, sorted(names.values()))
-    own = client.sync(client.rpc(address).neuro_status)
+        worker = _own_worker_name(client) or _local_worker(client)
     try:
-        sched = client.sync(client.scheduler.neuro_volunteer, worker=address)
-    except Exception as exc:  # an older scheduler plugin: the worker's own figures still stand
+        sched = client.sync(client.scheduler.neuro_volunteer, worker=worker)
+    except Exception as exc:  # refused (a client certificate) or an older plugin
         sched = {"status": "error", "message": str(exc)}
+    address = sched.get("address") if sched.get("status") == "OK" else None
+    if address is None:
+        address = next((a for a, n in _names(client).items() if worker in (a, n)), None)
+    if address is None:
+        raise WorkerNotFoundError(worker, client.scheduler.address, sorted(_names(client).values()))
+    own = client.sync(client.rpc(address).neuro_status)
     paused = own.get("paused") or ""
     if isinstance(paused, bool):
         paused = own.get("pause_reason") or ("paused" if paused else "")
     return {
-        "address": address, "name": names[address], "scheduler": client.scheduler.address,
+        "address": address, "name": sched.get("name") or _names(client).get(address, worker),
+        "scheduler": client.scheduler.address,
         "state": f"paused: {paused}" if paused else "running",
         "hosted": own.get("hosted", {}), "calls_served": own.get("calls_served", 0),
         "rows_served": own.get("rows_served", 0),
@@ -101,14 +101,50 @@ def collect(client, worker: str | None = None) -> dict[str, Any]:
     }
 
 
+def _names(client) -> dict[str, str]:
+    """address -> name of every neuro worker, where this certificate may list them (the operator's;
+    any client on an ordinary network); {} where it may not."""
+    try:
+        return {a: w["name"] for a, w in client.sync(client.scheduler.neuro_status)["workers"].items()}
+    except Exception:  # a worker's certificate may not list the others
+        return {}
+
+
+def _own_worker_name(client) -> str | None:
+    """The worker name on this client's certificate, when it holds a worker's."""
+    security = getattr(client, "security", None)
+    path = getattr(security, "tls_client_cert", None) if security is not None else None
+    if not path:
+        return None
+    from neuro_dask.security.certs import describe
+
+    info = describe(path)
+    return info["name"] if info.get("role") == "worker" else None
+
+
+def _local_worker(client) -> str | None:
+    local = [a for a in _names(client) if _host_of(a) in _local_hosts()]
+    if len(local) != 1:
+        raise WorkerNotFoundError(None, client.scheduler.address, sorted(_names(client).values()))
+    return local[0]
+
+
+def _security_for_status(tls: str):
+    """The certificate worker-status speaks with: a volunteer's folder holds its worker's (which
+    may ask only about itself), an operator's the operator's, anyone else's a client's."""
+    from neuro_dask.security.certs import role_certificates
+    from neuro_dask.security.tls import security_for
+
+    for role in ("worker", "operator", "client"):
+        if len(role_certificates(tls, role)) == 1:
+            return security_for(role, tls)
+    return security_for("client", tls)
+
+
 def worker_status(scheduler: str, worker: str | None = None, tls: str | None = None, timeout: float = 30) -> dict:
     from distributed import Client
 
-    security = None
-    if tls:
-        from neuro_dask.security.tls import security_for
-
-        security = security_for("client", tls)
+    security = _security_for_status(tls) if tls else None
     with Client(scheduler, security=security, timeout=timeout) as client:
         return collect(client, worker)
 
@@ -161,9 +197,7 @@ def _scheduler_of(worker_address: str, tls: str | None) -> str:
 
     connection_args = {}
     if tls:
-        from neuro_dask.security.tls import security_for
-
-        connection_args = security_for("client", tls).get_connection_args("client")
+        connection_args = _security_for_status(tls).get_connection_args("client")
 
     async def ask() -> str:
         async with rpc(worker_address, connection_args=connection_args) as r:

@@ -7,14 +7,19 @@ become messages to workers. Handlers:
                                         with a channel: its first version is current, later ones candidates
   neuro_adopt(channel, model)           the operator makes a served candidate current (version-adoption: operator)
   neuro_channels()                      every channel: current, candidate, history; retiring versions; store URLs
-  neuro_request_begin(model, request, account, expert_tokens, tier)   lease the version; with a ledger, quote
-                                        and hold the request's fee at the tier's price
-  neuro_request_end(request)            release the lease; with a ledger, charge the work, pay providers, refund the rest
-  neuro_routes(model)                   expert -> serving workers, fastest first
-  neuro_experts_loaded(worker, model, loaded, failed)   a worker reports what it can serve
-  neuro_unreachable(worker, model, experts)             a client could not get an answer
+  neuro_request_begin(model, account, expert_tokens, tier)   lease the version; with a ledger, quote and hold
+                                        the request's fee (the account must be the client certificate's own or
+                                        granted to it); returns the request id and its signed ticket
+  neuro_request_end(request)            release the lease; with a ledger, charge the rows of the worker-signed
+                                        receipts presented, pay providers, refund the rest
+  neuro_routes(model)                   expert -> serving workers, fastest first, with their receipt keys
+  neuro_experts_loaded(worker, model, loaded, failed)   a worker reports what it can serve (assigned experts only)
+  neuro_unreachable(worker, model, experts)             a client could not get an answer: the scheduler probes
   neuro_report_load(model, load)        clients report how often each expert was called
-  neuro_report_outcomes(model, outcomes)   clients report judged replies (trust layer)
+  neuro_report_outcomes(model, outcomes, receipts)   clients present signed receipts and report validated
+                                        replies (credited up to what the receipts show)
+  neuro_dispute(model, evidence)        a client's complaint with the worker's signed answer: the scheduler
+                                        recomputes on referees it picks and judges (docs/security.md)
   neuro_trust(worker, trusted)          the operator marks a worker trusted (or not)
   neuro_status()                        workers, models and placement, for tools and tests
   neuro_ledger_report()                 the transparency report
@@ -40,11 +45,13 @@ import json
 import logging
 import os
 import time
+import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import click
+import torch
 from distributed.diagnostics.plugin import SchedulerPlugin
 from tornado.ioloop import PeriodicCallback
 
@@ -54,12 +61,18 @@ from neuro_dask.dashboard.feed import CallRecord, Feed
 from neuro_dask.dashboard.pages import register as register_dashboard_pages
 from neuro_dask.dashboard.views import NetworkView, WorkerView
 from neuro_dask.errors import NeuroDaskError
-from neuro_dask.ledger.service import Judged, LedgerService
+from neuro_dask.evidence_desk import EvidenceDesk, reporter_key
+from neuro_dask.security.hardening import comm_identity
+from neuro_dask.ledger.policy import SHARE_ROWS_PER_PRIVATE_TOKEN
+from neuro_dask.ledger.service import LedgerService
 from neuro_dask.placement import PlacementPolicy, WorkerCapacity
 from neuro_dask.security.redact import redact_secrets, redact_url
 from neuro_dask.settings import SchedulerSettings, SecuritySettings
 from neuro_dask.store.remote import read_manifest
 from neuro_dask.store.summary import summarize
+from neuro_dask.trust.disputes import Referee
+from neuro_dask.trust.probes import ProbeBook
+from neuro_dask.trust.receipts import BookError
 from neuro_dask.trust.reputation import Reputation, ReputationPolicy
 from neuro_dask.versions import ModelChannels, RetiredVersionError, VersionError
 
@@ -100,6 +113,19 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
                                       settings.version_drain_seconds)
         self._adoptions_seen = 0  # the last ledger adoption (proposal id) acted on
         self._versions_tick = PeriodicCallback(self._tick_versions, 1000)
+        # Tickets out, receipts and disputes in (neuro_dask/evidence_desk.py); signed with the
+        # scheduler certificate's key on a TLS network.
+        security = getattr(scheduler, "security", None)
+        from neuro_dask.runtime.receipting import load_signer
+
+        self.desk = EvidenceDesk(
+            load_signer(getattr(security, "tls_scheduler_key", None) or getattr(security, "tls_scheduler_cert", None)),
+            tickets_required=self.ledger is not None and not settings.free_tier,
+            max_unproven=settings.max_unproven_reports, unproven_window=settings.unproven_window,
+            max_rows=SecuritySettings.load().max_rows)
+        self.probes = ProbeBook(settings.probe_interval)
+        self._requests: dict[str, dict[str, Any]] = {}  # open request -> who began it, its hold's expert-tokens
+        self.hardened = False
         scheduler.handlers.update({
             "neuro_adopt": self.handle_adopt, "neuro_channels": self.channels_status,
             "neuro_request_begin": self.request_begin, "neuro_request_end": self.request_end,
@@ -108,7 +134,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             "neuro_experts_loaded": self.experts_loaded, "neuro_unreachable": self.unreachable,
             "neuro_report_load": self.report_load, "neuro_status": self.status,
             "neuro_ledger_report": self.handle_ledger_report, "neuro_report_calls": self.report_calls,
-            "neuro_pause": self.pause,
+            "neuro_pause": self.pause, "neuro_dispute": self.dispute,
         })
         scheduler.handlers["neuro_volunteer"] = self.volunteer  # `neuro-dask worker-status`
         scheduler.extensions["neuro"] = self
@@ -149,6 +175,10 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         capacity = WorkerCapacity(worker, int(info["memory_budget"]), float(info["speed"]) or 1.0,
                                   str(info.get("owner") or ""))
         name = self.identity[worker] = str(ws.name)
+        # Receipts verify with this key: on TLS the certificate's (bound by the guard at
+        # registration), else the one the worker announced.
+        key = info.get("signing_key")
+        self.desk.set_key(name, bytes(key) if isinstance(key, (bytes, bytearray, memoryview)) else None)
         trusted = name in self.settings.trusted or worker in self.settings.trusted
         change = self.reputation.join(name, capacity.owner, trusted=trusted, now=time.time())
         self._publish_change(change)
@@ -162,6 +192,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         name = self.identity.pop(worker, None)
         self._standings.pop(worker, None)
         self.paused.pop(worker, None)
+        self.probes.forget(worker)
         for key in [k for k in self._precisions if k[0] == worker]:
             del self._precisions[key]
         if name is not None:
@@ -224,28 +255,66 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         stores = {m: p.store_url for m, p in self.coordinator.models.items() if m in self.channels.channel_of}
         return {"status": "OK", **status, "stores": stores}
 
-    async def request_begin(self, model: str, request: str, account: str = "", expert_tokens: int = 0,
+    async def request_begin(self, comm, model: str, request: str = "", account: str = "", expert_tokens: int = 0,
                             tier: str = "standard") -> dict[str, Any]:
-        """Lease the version (a retiring one stays published until its requests end), then hold."""
+        """Lease the version (a retiring one stays published until its requests end), hold the
+        fee (with a ledger: from an account the calling certificate may charge), and sign the
+        request's ticket. The request id is the scheduler's, whatever the client proposed: ids
+        and their receipts are never reused."""
         if model not in self.coordinator.models and model not in self.channels.retired:
             return {"status": "error", "unpublished": True,
                     "message": f"model {model!r} is not published on this scheduler"}
+        identity = comm_identity(comm)
+        client = identity.name if identity is not None else ""
+        who = reporter_key(identity, getattr(comm, "peer_address", ""))
+        if sum(1 for r in self._requests.values() if r["who"] == who) >= self.settings.open_requests_per_client:
+            return {"status": "error", "message": f"{who} already has {self.settings.open_requests_per_client} "
+                    "requests open: end one (or wait for neuro.scheduler.hold-seconds) before beginning another"}
+        request = uuid.uuid4().hex
         try:
             version = self.channels.begin(model, request, time.time())
         except RetiredVersionError as exc:
             return {"status": "error", "retired": True, "message": str(exc), "channel": exc.channel,
                     "current": exc.current}
-        held = await self._ledger_hold(account, request, expert_tokens, tier)
+        try:  # the receipt book first: a request it cannot take is refused before anything is held
+            ticket = self.desk.begin(request, model, client, account, tier, self.settings.hold_seconds)
+        except BookError as exc:
+            self.channels.end(request)
+            return {"status": "error", "message": str(exc)}
+        held = await self._ledger_hold(account, request, expert_tokens, tier, identity)
         if held.get("status") != "OK":
             self.channels.end(request)
-        return {**held, **version}
+            self.desk.close(request)
+            return {**held, **version}
+        self._requests[request] = {"who": who, "client": client, "expert_tokens": int(expert_tokens), "tier": tier}
+        return {**held, **version, "request": request, "ticket": ticket}
 
-    async def request_end(self, request: str) -> dict[str, Any]:
+    async def request_end(self, comm, request: str) -> dict[str, Any]:
+        """Only the client that began a request ends it: the verified receipts settle it."""
+        identity = comm_identity(comm)
+        begun = self._requests.get(request)
+        if begun is None:
+            return {"status": "error", "message": f"request {request!r} is not open on this scheduler"}
+        if begun["who"] != reporter_key(identity, getattr(comm, "peer_address", "")):
+            return {"status": "error", "message": "only the client that began a request may end it"}
+        return await self._end_request(request)
+
+    async def _end_request(self, request: str) -> dict[str, Any]:
+        begun = self._requests.pop(request, {})
         self.channels.end(request)
-        return await self._ledger_settle(request)
+        work = self.desk.close(request)
+        # A colluding client and worker could present inflated receipts: pay and credit at most
+        # what was held for (the fee is capped by the hold as well).
+        rows = _capped(work.work, begun.get("expert_tokens", 0) if begun.get("tier") == "standard" else None)
+        shares = _capped(work.share_rows, SHARE_ROWS_PER_PRIVATE_TOKEN * begun.get("expert_tokens", 0)
+                         if begun.get("tier") == "private" else None)
+        return await self._ledger_settle(request, rows, shares)
 
     async def _tick_versions(self) -> None:
-        """Every second: enact passed votes once their version is served; retire drained versions."""
+        """Every second: enact passed votes once their version is served; retire drained versions;
+        settle expired requests; probe reported workers."""
+        await self._expire_requests()
+        self._start_probes()
         now, passed = time.time(), []
         if self.ledger is not None and self.channels.adoption == "vote":
             try:
@@ -284,20 +353,22 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         ranked = [[l, e, sorted((w for w in ws if w in standing), key=lambda w: -score[w])]
                   for (l, e), ws in snap.routes.items()]  # sorted is stable
         return {"status": "OK", "version": snap.version, "params": self._trust_params, "routes": ranked,
-                "standing": standing,
+                "standing": standing, "hardened": self.hardened,
                 "missing": [list(k) for k in snap.missing], "pending": [list(k) for k in snap.pending]}
 
     def experts_loaded(self, worker: str, model: str, loaded: list, failed: list,
                        precision: str = "float32") -> dict[str, Any]:
         # Clients compare replicas within the tolerance of their precisions (trust/validation.py).
         self._precisions[(worker, model)] = str(precision)
-        self.coordinator.experts_loaded(worker, model, [tuple(p) for p in loaded])
+        ignored = self.coordinator.experts_loaded(worker, model, [tuple(p) for p in loaded])
+        if ignored:  # only assigned experts count: the rest is a claim without an assignment behind it
+            log.warning("worker %s reported %d experts of %s it was not assigned; ignored", worker, ignored, model)
         if failed:
             log.warning("worker %s failed to load %d experts of %s, e.g. %s", worker, len(failed), model, failed[0])
             self.scheduler.log_event("neuro", {"action": "load-failed", "worker": worker, "model": model,
                                                "failed": failed[:20]})
             self._enact(self.coordinator.load_failed(worker, model, [(l, e) for l, e, _ in failed]))
-        return {"status": "OK"}
+        return {"status": "OK", "ignored": ignored}
 
     def pause(self, worker: str, paused: bool, reason: str = "") -> dict[str, Any]:
         """An idle-only worker's owner is busy (or no longer): leave it out of routes until it resumes."""
@@ -315,11 +386,79 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         return {"status": "OK"}
 
     def unreachable(self, worker: str, model: str, experts: list) -> dict[str, Any]:
-        self.coordinator.worker_unreachable(worker, model, [tuple(p) for p in experts])
-        return {"status": "OK"}
+        """A client got no answer: its own routing already skips the worker. Routes for everyone
+        change only if the scheduler's own probe fails too (neuro_dask/trust/probes.py)."""
+        if worker in self.coordinator.workers and model in self.coordinator.models:
+            self.probes.report(worker, model, [tuple(p) for p in experts])
+        return {"status": "OK", "probe": "scheduled"}
+
+    def _start_probes(self) -> None:
+        for probe in self.probes.due(time.monotonic()):
+            self._spawn(self._probe(probe))
+
+    async def _probe(self, probe) -> None:
+        """One zero row per reported expert, from the scheduler itself: a worker that answers
+        (or is paused by its owner) keeps its routes; one that fails loses those experts' routes
+        and the failure counts against its reputation (the scheduler's own observation)."""
+        from neuro_dask.wire import decode_response, encode_request
+
+        try:
+            model = self.coordinator.models.get(probe.model)
+            if model is None or probe.worker not in self.coordinator.workers:
+                return
+            hidden = int(model.summary.get("hidden_size") or 0)
+            by_layer: dict[int, list[int]] = {}
+            for layer, expert in probe.experts:
+                by_layer.setdefault(layer, []).append(expert)
+            failed: list[tuple[int, int]] = []
+            why = ""
+            for layer, experts in sorted(by_layer.items()):
+                rows = {e: torch.zeros(1, hidden) for e in experts}
+                msg = encode_request(probe.model, layer, rows, call=uuid.uuid4().hex)
+                msg["ticket"] = self.desk.own_ticket(probe.model)
+                try:
+                    reply = await self._call_worker(probe.worker, "neuro_expert", msg)
+                    if isinstance(reply, dict) and str(reply.get("message", "")).startswith("paused"):
+                        continue
+                    decode_response(reply, rows)
+                except Exception as exc:  # no answer, an error, a malformed answer: the probe failed
+                    failed += [(layer, e) for e in experts]
+                    why = str(exc)[:200]
+            self._event("neuro", {"action": "probe", "worker": probe.worker, "model": probe.model,
+                                  "ok": not failed, "experts": len(probe.experts)})
+            if failed and probe.worker in self.coordinator.workers:
+                self.coordinator.worker_unreachable(probe.worker, probe.model, failed)
+                name = self.identity.get(probe.worker)
+                if name is not None:
+                    change = self.reputation.timeout(name, f"probe:{uuid.uuid4().hex[:12]}", time.time())
+                    self._event("neuro-trust", {"action": "timeout", "worker": probe.worker, "name": name,
+                                                "model": probe.model, "cause": "probe", "why": why,
+                                                "reputation": change.after})
+                self._event("neuro", {"action": "unreachable", "worker": probe.worker, "model": probe.model,
+                                      "experts": [list(p) for p in failed[:20]], "why": why})
+        finally:
+            self.probes.done(probe.worker)
+
+    async def _call_worker(self, address: str, op: str, msg: dict) -> Any:
+        """The scheduler's own call to a worker (a probe, a dispute's recomputation), bounded in time."""
+        handler = {"neuro_expert": "neuro_expert", "neuro_expert_share": "neuro_expert_share"}[op]
+        return await asyncio.wait_for(getattr(self.scheduler.rpc(address), handler)(**msg), self.settings.probe_timeout)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def report_load(self, model: str, load: list) -> dict[str, Any]:
-        self._enact(self.coordinator.report_load({(model, int(l), int(e)): float(n) for l, e, n in load}))
+        """How often clients called each expert (placement gives hot ones an extra replica): only
+        published experts count, each report at most max-rows per expert (a claim that only moves
+        where replicas go, bounded so one client cannot make every expert hot at once)."""
+        published = self.coordinator.models.get(model)
+        if published is None:
+            return {"status": "error", "message": f"model {model!r} is not published on this scheduler"}
+        cap = float(SecuritySettings.load().max_rows)
+        counted = {(model, int(l), int(e)): min(float(n), cap) for l, e, n in load if (int(l), int(e)) in published.experts}
+        self._enact(self.coordinator.report_load(counted))
         return {"status": "OK"}
 
     # ---- reputation ----------------------------------------------------------------------------
@@ -338,33 +477,94 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             self._standings[address] = (r, dict(standing))
         return standing
 
-    def report_outcomes(self, model: str, outcomes: list, batch: str = "") -> dict[str, Any]:
-        """Clients report every judged reply: [worker, kind, cause_id, layer, expert, rows, request,
-        proven]. Reputation moves, each move is a Dask event, and the ledger (when on) credits
-        validated work and slashes proven fraud."""
+    def report_outcomes(self, comm, model: str, outcomes: list, receipts: list = (), batch: str = "") -> dict[str, Any]:
+        """Clients present the workers' signed receipts (each verified, for the presenting client's
+        own request, once: trust/receipts.py) and report judged replies [worker, kind, cause_id,
+        layer, expert, rows, request]. Only `validated` moves reputation, and only as far as that
+        worker's verified receipts for the request go; `invalid` moves nothing here (a client
+        proves a wrong answer with neuro_dispute); late, timeout and error are the client's own
+        observations: counted for the dashboard, never against the worker."""
+        identity = comm_identity(comm)
+        offered = self.desk.offer(receipts, identity.name if identity is not None else None)
+        if offered.get("forged") or offered.get("not-yours"):
+            self._event("neuro-security", {"action": "security:receipts", "peer": getattr(comm, "peer_address", ""),
+                                           "worker": reporter_key(identity, getattr(comm, "peer_address", "")),
+                                           "cause": dict(offered), "time": time.time()})
         now = time.time()
-        events = {"validated": self.reputation.validated, "invalid": self.reputation.invalid,
-                  "late": self.reputation.late, "timeout": self.reputation.timeout, "error": self.reputation.crash}
-        judged = []
-        for worker, kind, cause_id, layer, expert, *extra in outcomes:
-            if kind not in events and kind != "private" or worker not in self.identity:
+        credited = 0
+        for row in outcomes:
+            if not isinstance(row, (list, tuple)) or len(row) != 7:
+                continue  # a hardened scheduler's schema refuses these before; an open one skips them
+            worker, kind, cause_id, layer, expert, _rows, request = row
+            if kind not in OUTCOME_KINDS:
                 continue
-            name = self.identity[worker]
-            rows, request, proven = (list(extra) + [0, "", False])[:3]
-            if kind == "private":  # a share holder's rows: paid by the request, no reputation move
-                judged.append(Judged(name, kind, str(cause_id), int(rows), str(request)))
+            self.feed.count(kind)  # the dashboard's tally of what clients observed (moves nothing)
+            name = self.identity.get(worker)
+            if kind != "validated" or name is None or not self.desk.credit(request, name, 1):
                 continue
-            change = events[kind](name, str(cause_id), now)
-            if kind != "validated" or change.before < self.reputation.policy.min_reputation <= change.after:
+            credited += 1
+            change = self.reputation.validated(name, str(cause_id), now)
+            if change.before < self.reputation.policy.min_reputation <= change.after:
                 self._event("neuro-trust", {"action": kind, "worker": worker, "name": name, "model": model,
-                                                         "layer": layer, "expert": expert, "cause_id": cause_id,
-                                                         "reputation": change.after})
-            self.feed.count(kind)
-            judged.append(Judged(name, kind, str(cause_id), int(rows), str(request), bool(proven)))
-        self._save_reputation()
-        if self.ledger is not None and judged:
-            self._in_ledger(self._record, judged, now, batch or f"outcomes:{now}:{id(judged)}")
-        return {"status": "OK"}
+                                            "layer": layer, "expert": expert, "cause_id": cause_id,
+                                            "reputation": change.after})
+        if credited:
+            self._save_reputation()
+        return {"status": "OK", "receipts": dict(offered), "credited": credited}
+
+    async def dispute(self, comm, model: str, evidence: dict) -> dict[str, Any]:
+        """A client's complaint that a worker answered wrongly, with that worker's signed answer:
+        the scheduler checks it and recomputes the rows on referees it picks before anything
+        moves. Proven: the worker's reputation (and, if an operator-trusted referee recomputed
+        it, its stake) pays, and it is not paid for the request. Refuted: the complainant gets a
+        strike; too many and its complaints are refused (neuro.scheduler.max-unproven-reports)."""
+        identity = comm_identity(comm)
+        peer = getattr(comm, "peer_address", "")
+        result = await self.desk.settle_dispute(
+            evidence, identity.name if identity is not None else None, reporter_key(identity, peer),
+            self._referees, lambda name: self._precision_of(name, model), self._call_worker)
+        verdict = result.verdict
+        self._event("neuro-trust", {"action": f"dispute-{verdict.kind if verdict else 'refused'}",
+                                    "name": result.accused, "request": result.request,
+                                    "reporter": reporter_key(identity, peer),
+                                    "why": verdict.why if verdict else result.why})
+        if verdict is not None and verdict.kind == "proven":
+            self._proven_wrong(result.accused, model, result.request, verdict)
+        return result.to_reply()
+
+    def _referees(self, model: str, layer: int, expert: int) -> list[tuple[str, Referee]]:
+        snap = self.coordinator.routes(model) if model in self.coordinator.models else None
+        hosts = snap.routes.get((layer, expert), ()) if snap is not None else ()
+        out = []
+        for address in hosts:
+            name = self.identity.get(address)
+            if name is None or address in self.paused:
+                continue
+            r = self.reputation.record(name)
+            out.append((address, Referee(name, r.owner or name, r.trusted, r.score)))
+        return out
+
+    def _precision_of(self, name: str, model: str) -> str:
+        address = next((a for a, n in self.identity.items() if n == name), None)
+        return self._precisions.get((address, model), "float32") if address else "float32"
+
+    def _proven_wrong(self, name: str, model: str, request: str, verdict) -> None:
+        cause = f"dispute:{request}:{name}"
+        now = time.time()
+        if name in self.reputation:
+            change = self.reputation.invalid(name, cause, now)
+            address = next((a for a, n in self.identity.items() if n == name), name)
+            self._event("neuro-trust", {"action": "invalid", "worker": address, "name": name, "model": model,
+                                        "cause_id": cause, "reputation": change.after,
+                                        "referees": list(verdict.referees)})
+            self.feed.count("invalid")
+            self._save_reputation()
+        if verdict.slashable and self.ledger is not None:
+            self._in_ledger(self._slash, name, cause, now)
+
+    def _slash(self, name: str, cause: str, now: float) -> None:
+        if self.ledger.slash(name, cause, now):
+            self._event("neuro-ledger", {"action": "slash", "worker": name, "at": now, "cause": cause})
 
     # ---- hardened mode -------------------------------------------------------------------------
 
@@ -378,6 +578,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
 
         install(max_message_bytes=security.max_message_bytes)
         guard_scheduler(self.scheduler, security.requests_per_minute)
+        self.hardened = True
         # Worker plugins travel as pickles of arbitrary classes, Dask's own P2P shuffle plugin
         # among them (its scheduler plugin registers it when it starts): a hardened network
         # sends none, and its workers would refuse them.
@@ -514,10 +715,6 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         future.add_done_callback(_log_failure)
         return future
 
-    def _record(self, judged: list, now: float, batch: str) -> None:
-        for name in self.ledger.record(judged, now, batch):
-            self._event("neuro-ledger", {"action": "slash", "worker": name, "at": now})
-
     async def _refresh_ledger(self) -> None:
         """Who has the stake to be routed to, the governed trust parameters, epoch emissions."""
         names = set(self.identity.values())
@@ -531,17 +728,43 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         except Exception:
             pass  # logged by _in_ledger; the previous view stands
 
-    async def _ledger_hold(self, account: str, request: str, expert_tokens: int, tier: str) -> dict[str, Any]:
+    async def _ledger_hold(self, account: str, request: str, expert_tokens: int, tier: str,
+                           identity=None) -> dict[str, Any]:
         if self.ledger is None:
             return {"status": "OK", "held": 0, "ledger": False}
-        return await self._in_ledger(self.ledger.hold, account, request, int(expert_tokens), time.time(), str(tier))
+        if not account:
+            return {"status": "error", "message": "this scheduler charges for requests: name the ledger account that "
+                                                  "pays (neuro.client.account, or the gateway's API key mapping)"}
+        # A client certificate charges only its own account or one granted to it (docs/ledger.md).
+        client = identity.name if identity is not None and identity.role != "scheduler" else None
+        return await self._in_ledger(self.ledger.hold, account, request, int(expert_tokens), time.time(), str(tier),
+                                     client, self.settings.hold_seconds)
 
-    async def _ledger_settle(self, request: str) -> dict[str, Any]:
+    async def _ledger_settle(self, request: str, work: dict[str, int], shares: dict[str, int]) -> dict[str, Any]:
         if self.ledger is None:
             return {"status": "OK", "fee": 0, "ledger": False}
-        result = await self._in_ledger(self.ledger.settle, request, time.time())
+        result = await self._in_ledger(self.ledger.settle, request, time.time(), work, shares)
         self._event("neuro-ledger", {"action": "settle", "request": request, **result})
         return result
+
+    async def _expire_requests(self) -> None:
+        """Requests whose lease ran out (a client that crashed or never ended them): settled by
+        the receipts presented so far, the rest of the hold refunded. Holds the ledger still
+        has open from before a restart are settled with no work (refunded but for the request
+        price, as any request that did no work: docs/ledger.md)."""
+        for request in self.desk.expired():
+            if request in self._requests:
+                await self._end_request(request)
+            else:
+                self.desk.close(request)
+        if self.ledger is not None:
+            try:
+                stale = await self._in_ledger(self.ledger.expire, time.time())
+            except Exception:
+                return  # logged; tried again next tick
+            for request in stale:
+                if request not in self._requests:
+                    await self._ledger_settle(request, {}, {})
 
     async def handle_ledger_report(self) -> dict[str, Any]:
         if self.ledger is None:
@@ -621,7 +844,8 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         return {
             "workers": {a: {"speed": w.speed, "memory_budget": w.memory_budget, "owner": w.owner,
                             "serving": sorted([list(k) for k in c.serving.get(a, ())]),
-                            "name": self.identity.get(a, a), **{f"trust_{k}": v for k, v in self._standing(a).items()}}
+                            "name": self.identity.get(a, a),
+                            **{f"trust_{k}": v for k, v in self._standing(a).items()}}
                         for a, w in c.workers.items()},
             "models": {m: {"store_url": redact_url(p.store_url), "experts": len(p.experts), "summary": p.summary}
                        for m, p in c.models.items()},
@@ -640,12 +864,27 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         try:
             if isinstance(action, LoadExperts):
                 await self.scheduler.rpc(action.worker).neuro_assign(
-                    model=action.model, store_url=action.store_url, experts=[list(p) for p in action.experts])
+                    model=action.model, store_url=action.store_url, experts=[list(p) for p in action.experts],
+                    tickets=self.desk.policy())
             else:
                 await self.scheduler.rpc(action.worker).neuro_drop(
                     model=action.model, experts=[list(p) for p in action.experts])
         except Exception as exc:  # the worker is gone or going: remove_worker will re-plan
             log.info("could not send %s to %s: %s", type(action).__name__, action.worker, exc)
+
+
+OUTCOME_KINDS = frozenset({"validated", "invalid", "late", "timeout", "error"})
+
+
+def _capped(work: dict[str, int], cap: int | None) -> dict[str, int]:
+    """`work` scaled down (pro rata, rounding down) so that it sums to at most `cap` rows; None:
+    nothing of this kind may be paid for this request (the other tier's receipts)."""
+    if cap is None:
+        return {}
+    total = sum(work.values())
+    if total <= cap:
+        return dict(work)
+    return {w: rows * cap // total for w, rows in work.items() if rows * cap // total}
 
 
 def _log_failure(future: asyncio.Future) -> None:

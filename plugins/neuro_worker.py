@@ -42,9 +42,11 @@ from neuro_dask.runtime.drop_list import DropList
 from neuro_dask.runtime.expert_host import ExpertHost
 from neuro_dask.runtime.expert_memory import ExpertMemory
 from neuro_dask.runtime.machine import benchmark_expert_ffn, pick_device, profile_machine
+from neuro_dask.runtime.receipting import Receipting, load_signer
 from neuro_dask.settings import SecuritySettings, WorkerSettings
 from neuro_dask.store.remote import ExpertFileCache
 from neuro_dask.testing import AdversaryCrash, make_adversary
+from neuro_dask.trust.receipts import EvidenceError
 from neuro_dask.wire import WireFormatError, decode_request, encode_error, encode_response
 
 log = logging.getLogger("neuro_dask.worker")
@@ -68,9 +70,14 @@ class NeuroWorker:
         # One thread computes (expert calls are short and ordered), another loads (slow I/O).
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="neuro-compute")
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="neuro-load")
-        self.dropped = DropList()
+        self.dropped = DropList()  # (caller, call id): a client may drop only its own calls
         self.paused = ""  # idle-only: why expert calls are refused now ("" = serving; neuro_dask/volunteer_idle.py)
         self.idle = None
+        # Tickets in, signed receipts out (neuro_dask/runtime/receipting.py): with TLS, the key
+        # of this worker's certificate.
+        security = getattr(worker, "security", None)
+        key_file = getattr(security, "tls_worker_key", None) or getattr(security, "tls_worker_cert", None)
+        self.receipts = Receipting(load_signer(key_file), self.signing_name)
 
     async def start(self) -> None:
         if self.settings.benchmark:
@@ -95,63 +102,94 @@ class NeuroWorker:
     def info(self) -> dict[str, Any]:
         return {"profile": self.profile.to_dict(), "speed": self.speed, "memory_budget": self.budget,
                 "owner": self.settings.owner, "device": self.device, "backend": self.settings.backend,
-                "precision": self.settings.precision}
+                "precision": self.settings.precision, "signing_key": self.receipts.signer.public_der}
+
+    def signing_name(self) -> str:
+        """The name receipts are signed under: the certificate's on TLS (the scheduler names the
+        worker by it), else this worker's name."""
+        from neuro_dask.security.guards import own_name
+
+        return own_name(self.worker) or str(self.worker.name)
 
     # ---- serving ------------------------------------------------------------------------------
 
-    def serve(self, msg: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    def serve(self, msg: dict[str, Any], caller: str | None = None,
+              from_scheduler: bool = False) -> tuple[dict[str, Any], float]:
         """Run one expert call: (response, seconds to hold it back, nonzero only in straggle
-        drills). Never raises, so no exception is ever pickled back to a client."""
+        drills). Never raises, so no exception is ever sent back to a client. `caller`: the
+        calling certificate's name; the scheduler's own calls (disputes, probes) need no ticket."""
         try:
             if self.paused:  # the owner is using this machine: the client re-sends elsewhere
                 return encode_error(f"paused: {self.paused}"), 0.0
-            if self.dropped.take(msg.get("call")):
+            if self.dropped.take(_drop_key(caller, msg.get("call"))):
                 return encode_error("dropped: the client no longer needs this call"), 0.0
+            ticket = self.receipts.admit(msg, caller, from_scheduler)
             request = decode_request(msg, max_rows=self.security.max_rows)
             outputs, delay = self.host.run(request), 0.0
             if not self.adversary.is_honest:
                 outputs, delay = self.adversary.respond(request.layer, request.inputs, outputs)
-            return encode_response(outputs), delay
+            return self.receipts.sign("expert", msg, encode_response(outputs), ticket), delay
         except AdversaryCrash:
             log.warning("drill: adversary crash after %d calls; closing this worker", self.adversary.calls)
             self.worker.loop.add_callback(self.worker.close, reason="neuro-drill-crash", nanny=False)
             return encode_error("crashed"), 0.0
-        except (NeuroDaskError, WireFormatError) as exc:
+        except (NeuroDaskError, WireFormatError) as exc:  # TicketError among them
             return encode_error(str(exc)), 0.0
         except Exception as exc:
             log.exception("expert call failed")
             return encode_error(f"{type(exc).__name__}: {exc}"), 0.0
 
-    async def handle_expert(self, **msg) -> dict[str, Any]:
+    async def handle_expert(self, comm, **msg) -> dict[str, Any]:
+        caller, from_scheduler = _caller(comm)
         try:
-            response, delay = await asyncio.get_running_loop().run_in_executor(self._compute, self.serve, msg)
+            response, delay = await asyncio.get_running_loop().run_in_executor(
+                self._compute, self.serve, msg, caller, from_scheduler)
         except RuntimeError:  # the executor is shut down: this worker is closing
             return encode_error(f"{self.worker.address} is closing")
         if delay:
             await asyncio.sleep(delay)  # a straggle drill: this answer is late, the next call is not
         return response
 
-    async def handle_expert_share(self, **msg) -> dict[str, Any]:
+    async def handle_expert_share(self, comm, **msg) -> dict[str, Any]:
         """The private tier (docs/privacy.md): an expert's linear maps on one secret share."""
-        from neuro_dask.runtime.private_runner import PrivateExpertHost, serve_share
+        from neuro_dask.runtime.private_runner import PrivateExpertHost
 
         if self.paused:
             return encode_error(f"paused: {self.paused}")
         self.private = getattr(self, "private", None) or PrivateExpertHost(self.host)
+        caller, from_scheduler = _caller(comm)
         try:
-            tamper = None if self.adversary.is_honest else self.adversary.tamper_shares  # drills only
             return await asyncio.get_running_loop().run_in_executor(
-                self._compute, serve_share, self.private, msg, self.security.max_rows, tamper)
+                self._compute, self._serve_share, msg, caller, from_scheduler)
         except RuntimeError:  # the executor is shut down: this worker is closing
             return encode_error(f"{self.worker.address} is closing")
 
-    def handle_cancel(self, calls: list) -> dict[str, Any]:
-        """The client won a hedge race elsewhere: skip these calls if they have not started."""
+    def _serve_share(self, msg: dict[str, Any], caller: str | None, from_scheduler: bool) -> dict[str, Any]:
+        from neuro_dask.runtime.private_runner import serve_share
+
+        try:
+            ticket = self.receipts.admit(msg, caller, from_scheduler)
+        except EvidenceError as exc:
+            return encode_error(str(exc))
+        tamper = None if self.adversary.is_honest else self.adversary.tamper_shares  # drills only
+        response = serve_share(self.private, msg, self.security.max_rows, tamper)
+        if response.get("status") != "OK":
+            return response
+        try:
+            return self.receipts.sign("share", msg, response, ticket)
+        except (NeuroDaskError, KeyError, TypeError, ValueError) as exc:
+            return encode_error(f"could not sign the answer: {exc}")
+
+    def handle_cancel(self, comm, calls: list) -> dict[str, Any]:
+        """The client won a hedge race elsewhere: skip these calls of its own if they have not started."""
+        caller, _ = _caller(comm)
         for call in calls[:1000]:
-            self.dropped.add(str(call))
+            self.dropped.add(_drop_key(caller, call))
         return {"status": "OK"}
 
-    async def handle_assign(self, model: str, store_url: str, experts: list) -> dict[str, Any]:
+    async def handle_assign(self, model: str, store_url: str, experts: list,
+                            tickets: dict | None = None) -> dict[str, Any]:
+        self.receipts.set_policy(tickets)
         pairs = [(int(l), int(e)) for l, e in experts]
         asyncio.get_running_loop().create_task(self._load_and_report(model, store_url, pairs))
         return {"status": "OK"}
@@ -240,6 +278,20 @@ async def dask_setup(worker, neuro_store, neuro_cache_dir, neuro_memory_budget, 
     adapter = NeuroWorker(worker, settings, security)
     await adapter.start()
     restart_on_scheduler_loss(worker)  # outlive a scheduler restart (neuro_dask/reconnect.py)
+
+
+def _caller(comm) -> tuple[str | None, bool]:
+    """(the calling certificate's name or None, whether the caller is the scheduler)."""
+    from neuro_dask.security.hardening import comm_identity
+
+    identity = comm_identity(comm)
+    if identity is None:
+        return None, False
+    return identity.name, identity.role == "scheduler"
+
+
+def _drop_key(caller: str | None, call: object) -> str | None:
+    return None if call is None else f"{caller or ''}\x00{call}"
 
 
 def harden_nanny(nanny, security: SecuritySettings) -> None:

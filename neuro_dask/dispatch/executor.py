@@ -6,6 +6,11 @@ a suspect: skipped by every layer for `suspect_cooldown` seconds (so a dead work
 failed call, not one per layer) and reported to the scheduler. Experts with no live replica make it ask
 the scheduler for fresh routes, for at most `missing_expert_wait` seconds, then raise
 ExpertUnavailableError: never a hang.
+
+Every call carries the request's id and the ticket the scheduler signed for it (workers of a
+charging network serve only ticketed calls); every answer carries the worker's signed receipt,
+and the newest receipt of each worker is presented to the scheduler with the next report: the
+scheduler pays and credits by those, not by what this client says (docs/security.md).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from distributed import Client
 
 from neuro_dask.dispatch.routes import ExpertUnavailableError, RouteTable
 from neuro_dask.dispatch.transports import Transport
-from neuro_dask.dispatch.trusted import Outcome, TrustedLayerRunner
+from neuro_dask.dispatch.trusted import Dispute, Outcome, TrustedLayerRunner
 from neuro_dask.errors import NeuroDaskError
 from neuro_dask.settings import ClientSettings
 from neuro_dask.trust.quorum import QuorumExhaustedError
@@ -76,7 +81,14 @@ class DistributedExecutor:
         self.settlements: list[dict] = []  # what the scheduler charged, per request
         self.calls: list[list] = []  # recent layer calls for the dashboard, not yet reported
         self.trusted = TrustedLayerRunner(model_id, transport, settings.trust_policy(), random.Random(settings.seed),
-                                          count_wire=self._count_wire) if settings.trust else None
+                                          count_wire=self._count_wire,
+                                          on_receipt=self._note_receipt) if settings.trust else None
+        # (request, worker) -> the newest signed receipt it returned, and which of them changed
+        # since the last report (presented with it).
+        self.receipts: dict[tuple[str, str], dict] = {}
+        self._fresh_receipts: set[tuple[str, str]] = set()
+        self.verdicts: list[dict] = []  # the scheduler's answers to this client's disputes
+        self._disputing: list[concurrent.futures.Future] = []
         # Pipelined micro-batches (neuro.client.micro-batches) call run_layer from several threads
         # at once: shared state changes under this lock, per-call state is per thread, and the
         # trust runner (quorum bookkeeping, hedge budget) takes one layer at a time.
@@ -89,7 +101,7 @@ class DistributedExecutor:
 
     @property
     def request(self) -> str:
-        """The request this thread's generation is doing work for ("" when none is charged).
+        """The request this thread's generation is doing work for ("" outside one).
         Concurrent streams merge their expert calls (model/batching.py): the work of a merged
         call is credited to the request of the thread that ran it; the client pays for all."""
         return getattr(self._requests, "id", "")
@@ -97,6 +109,47 @@ class DistributedExecutor:
     @request.setter
     def request(self, value: str) -> None:
         self._requests.id = value
+
+    @property
+    def stamp(self) -> dict:
+        """What every call of this thread's request carries: its id and the scheduler's ticket.
+        Lanes of one generation (pipelined micro-batches) copy it to their threads."""
+        stamp = {"request": self.request} if self.request else {}
+        ticket = getattr(self._requests, "ticket", None)
+        if ticket is not None:
+            stamp["ticket"] = ticket
+        return stamp
+
+    @stamp.setter
+    def stamp(self, value: dict) -> None:
+        self._requests.id = str(value.get("request", ""))
+        self._requests.ticket = value.get("ticket")
+
+    def _note_receipt(self, worker: str, response) -> None:
+        """Keep a worker's newest receipt per request (they are cumulative: the newest says it all)."""
+        receipt = response.get("receipt") if isinstance(response, dict) else None
+        if not isinstance(receipt, dict):
+            return
+        request, seq = receipt.get("request"), receipt.get("seq")
+        if not isinstance(request, str) or isinstance(seq, bool) or not isinstance(seq, int):
+            return
+        key = (request, worker)
+        with self._lock:
+            held = self.receipts.get(key)
+            if held is None or seq > held.get("seq", 0):
+                self.receipts[key] = receipt
+                self._fresh_receipts.add(key)
+
+    def _take_receipts(self, request: str | None = None) -> list[dict]:
+        """The receipts not presented yet (of one request, or all), forgetting those of `request`."""
+        with self._lock:
+            keys = [k for k in self._fresh_receipts if request is None or k[0] == request]
+            self._fresh_receipts.difference_update(keys)
+            taken = [self.receipts[k] for k in keys]
+            if request is not None:
+                for k in [k for k in self.receipts if k[0] == request]:
+                    del self.receipts[k]
+        return taken
 
     @contextlib.contextmanager
     def charging(self, account: str | None) -> Iterator[None]:
@@ -147,8 +200,9 @@ class DistributedExecutor:
                 await scheduler.neuro_report_load(model=self.model_id, load=[[l, e, n] for (l, e), n in load.items()])
             except Exception:
                 log.debug("could not report expert load", exc_info=True)
-        if outcomes:
-            await self._send_outcomes(outcomes)
+        receipts = self._take_receipts()
+        if outcomes or receipts:
+            await self._send_outcomes(outcomes, receipts)
         if calls:
             try:
                 await scheduler.neuro_report_calls(model=self.model_id, calls=calls, transport=self.transport.name)
@@ -156,14 +210,39 @@ class DistributedExecutor:
                 log.debug("could not report calls", exc_info=True)
         return RouteTable.from_message(await scheduler.neuro_routes(model=self.model_id))
 
-    async def _send_outcomes(self, outcomes: list[tuple[Outcome, str]]) -> None:
+    async def _send_outcomes(self, outcomes: list[tuple[Outcome, str]], receipts: list[dict] = ()) -> None:
         try:
             await self.client.scheduler.neuro_report_outcomes(
-                model=self.model_id, batch=uuid.uuid4().hex,  # the ledger's idempotency id for this batch
-                outcomes=[[o.worker, o.kind, o.cause_id, o.layer, o.expert, o.rows, request, o.proven]
+                model=self.model_id, batch=uuid.uuid4().hex, receipts=list(receipts),
+                outcomes=[[o.worker, o.kind, o.cause_id, o.layer, o.expert, o.rows, request]
                           for o, request in outcomes])
         except Exception:  # best effort; the output is already decided
             log.debug("could not report trust outcomes", exc_info=True)
+
+    def _file_disputes(self, disputes: list[Dispute]) -> None:
+        """Each refuted reply, with the worker's signed answer, to the scheduler, off the token
+        path: it recomputes and judges; until then only this client's routing skips the worker."""
+        for dispute in disputes:
+            future = asyncio.run_coroutine_threadsafe(self._dispute(dispute), self.client.loop.asyncio_loop)
+            with self._lock:
+                self._disputing = [f for f in self._disputing if not f.done()] + [future]
+
+    async def _dispute(self, dispute: Dispute) -> None:
+        try:
+            reply = await self.client.scheduler.neuro_dispute(model=self.model_id, evidence=dispute.evidence)
+        except Exception as exc:  # the scheduler is away: the worker stays skipped here
+            reply = {"status": "error", "message": str(exc)}
+        with self._lock:
+            self.verdicts.append({"worker": dispute.worker, "layer": dispute.layer, "expert": dispute.expert, **reply})
+        log.info("dispute of %s (layer %d, expert %d): %s", dispute.worker, dispute.layer, dispute.expert,
+                 reply.get("verdict") or reply.get("message"))
+
+    def wait_for_disputes(self, timeout: float) -> None:
+        """Until every dispute filed has its verdict (drills, tests, close), at most `timeout` s."""
+        with self._lock:
+            pending = list(self._disputing)
+        if pending:
+            concurrent.futures.wait(pending, timeout=timeout)
 
     def _report_unreachable(self, worker: str, layer: int, experts: list[int]) -> None:
         try:
@@ -226,7 +305,8 @@ class DistributedExecutor:
                 exclude = set()  # fresh routes: give every worker, suspects too, another chance
                 self.suspects.clear()
                 continue
-            calls = {w: encode_request(self.model_id, layer, {e: pending[e] for e in experts})
+            stamp = self.stamp
+            calls = {w: {**encode_request(self.model_id, layer, {e: pending[e] for e in experts}), **stamp}
                      for w, experts in plan.items()}
             outcomes = self.transport.call_many(calls, self.settings.deadline)
             for worker, experts in plan.items():
@@ -245,6 +325,7 @@ class DistributedExecutor:
                     self._report_unreachable(worker, layer, experts)
                     continue
                 self._count_wire(len(calls[worker]["data"]), len(outcome["data"]))
+                self._note_receipt(worker, outcome)
                 results.update(answer)
                 self._layer.workers.add(worker)
                 for e in experts:
@@ -258,7 +339,7 @@ class DistributedExecutor:
         waited_since: float | None = None
         while True:
             try:
-                results, outcomes = self.trusted.run(layer, groups, self.routes, set(self.suspects))
+                results, outcomes = self.trusted.run(layer, groups, self.routes, set(self.suspects), self.stamp)
                 break
             except ExpertUnavailableError as exc:
                 waited_since = self._wait_for_routes(layer, exc.experts, waited_since)
@@ -279,7 +360,11 @@ class DistributedExecutor:
             if "invalid" in kinds:  # a caught worker is reported at once, off the token path
                 caught, self.outcomes = self.outcomes, []
         if caught:
-            asyncio.run_coroutine_threadsafe(self._send_outcomes(caught), self.client.loop.asyncio_loop)
+            asyncio.run_coroutine_threadsafe(self._send_outcomes(caught, self._take_receipts()),
+                                             self.client.loop.asyncio_loop)
+        disputes = self.trusted.take_disputes()
+        if disputes:
+            self._file_disputes(disputes)
         return results
 
     def flush_reports(self) -> None:
@@ -304,37 +389,40 @@ class DistributedExecutor:
 
     def begin_request(self, expert_tokens: int, tier: str = "standard") -> None:
         """Before any work: the scheduler leases this model version for the request (a replaced
-        version stays served until its requests end) and quotes and holds the fee at the tier's
-        price (when it runs a ledger), or refuses, and then nothing is sent."""
-        request = uuid.uuid4().hex
-        reply = self.client.sync(self.client.scheduler.neuro_request_begin, model=self.model_id, request=request,
+        version stays served until its requests end), quotes and holds the fee at the tier's
+        price (when it runs a ledger), or refuses, and then nothing is sent. Its reply names the
+        request and carries the ticket every call of it shows the workers."""
+        reply = self.client.sync(self.client.scheduler.neuro_request_begin, model=self.model_id,
                                  account=self.account or "", expert_tokens=int(expert_tokens), tier=tier)
         if reply.get("retired"):
             raise RetiredVersionError(self.model_id, str(reply.get("channel")), reply.get("current"))
         if reply.get("unpublished"):
             raise NeuroDaskError(str(reply.get("message")))
         if reply.get("status") != "OK":
-            raise PaymentRefusedError(self.account, request, str(reply.get("message")))
+            raise PaymentRefusedError(self.account, str(reply.get("request", "")), str(reply.get("message")))
         if reply.get("current"):
             self.channel_current = reply["current"]  # a following client switches after this request
-        charged = reply.get("ledger") is not False
-        self._requests.lease = request if charged or reply.get("channel") else ""  # else nothing to end
-        self.request = request if charged else ""  # nothing to settle without a ledger
+        self._requests.charged = reply.get("ledger") is not False
+        self.stamp = {"request": str(reply["request"]), "ticket": reply.get("ticket")}
 
     def end_request(self) -> None:
-        """After the work: report every judged reply, settle by the validated work, end the lease."""
-        lease, self._requests.lease = getattr(self._requests, "lease", ""), ""
-        if not lease:
+        """After the work: present the workers' receipts and report every judged reply, then end
+        the request: the scheduler settles it by the receipts it verified and ends the lease."""
+        request = self.request
+        if not request:
             return
-        charged, self.request = bool(self.request), ""
-        if charged:
-            self.flush_reports()
-        reply = self.client.sync(self.client.scheduler.neuro_request_end, request=lease)
+        charged = getattr(self._requests, "charged", False)
+        self.flush_reports()
+        self.stamp = {}
+        reply = self.client.sync(self.client.scheduler.neuro_request_end, request=request)
+        with self._lock:  # presented with the flush: nothing of this request is kept
+            for key in [k for k in self.receipts if k[0] == request]:
+                del self.receipts[key]
         if not charged:
             return
-        self.settlements.append({"request": lease, **reply})
+        self.settlements.append({"request": request, **reply})
         if reply.get("status") != "OK":
-            log.warning("request %s could not be settled: %s", lease, reply.get("message"))
+            log.warning("request %s could not be settled: %s", request, reply.get("message"))
 
     def _wait_for_routes(self, layer: int, unroutable: list[int], since: float | None) -> float:
         now = self.clock()
@@ -362,5 +450,9 @@ class DistributedExecutor:
             while self.transport.busy() and self.clock() < deadline:
                 self.sleep(0.02)  # poll: abandoned calls end on their own, by their deadline at the latest
             self.outcomes += [(o, self.request) for o in self.trusted.check_late()]
+            late = self.trusted.take_disputes()
+            if late:
+                self._file_disputes(late)
+            self.wait_for_disputes(self.settings.deadline * 3)
         self.flush_reports()
         self.transport.close()

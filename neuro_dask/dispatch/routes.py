@@ -27,6 +27,7 @@ class RouteTable:
     standing: Mapping[str, Standing] = field(default_factory=dict)  # from the scheduler's reputation
     routable: frozenset[str] | None = None  # None: every listed worker may get primary work
     params: Mapping[str, int] = field(default_factory=dict)  # governed trust parameters (ledger on)
+    hardened: bool = False  # the scheduler runs hardened mode: plain data only, no Dask task graphs
 
     @classmethod
     def from_message(cls, msg: Mapping[str, Any]) -> RouteTable:
@@ -36,7 +37,8 @@ class RouteTable:
                                 str(s.get("owner") or ""), str(s.get("precision") or "float32"))
                     for w, s in raw.items()}
         routable = frozenset(w for w, s in raw.items() if s.get("routable", True)) if raw else None
-        return cls(int(msg["version"]), routes, standing, routable, dict(msg.get("params") or {}))
+        return cls(int(msg["version"]), routes, standing, routable, dict(msg.get("params") or {}),
+                   bool(msg.get("hardened", False)))
 
     def standing_of(self, worker: str) -> Standing:
         return self.standing.get(worker, Standing())

@@ -41,6 +41,17 @@ class SchedulerPluginMissingError(NeuroDaskError):
         )
 
 
+class TransportUnavailableError(NeuroDaskError):
+    """The futures transport sends Dask task graphs, which are pickles: a hardened scheduler
+    accepts plain data only from clients (docs/security.md)."""
+
+    def __init__(self, address: str):
+        super().__init__(
+            f"the scheduler at {address} runs hardened mode, which refuses Dask task graphs from clients "
+            "(they are pickles, and a network of strangers loads none): use transport='direct' "
+            "(the default; also for batches: model.map pipelines its calls)")
+
+
 def _is_local(path_or_url: str | Path) -> bool:
     text = str(path_or_url)
     return "://" not in text or text.startswith("file://")
@@ -154,7 +165,9 @@ def load_distributed(path_or_url: str | Path, client: Client, *, transport: str 
     store_url, store = open_store(path_or_url, verify)
     reply = publish(client, store_url, store.manifest.model_id)
     model_id = reply["model"]
-    wait_until_served(client, model_id, settings.load_timeout)
+    table = wait_until_served(client, model_id, settings.load_timeout)
+    if table.hardened and settings.transport == "futures":
+        raise TransportUnavailableError(client.scheduler.address)
     executor = DistributedExecutor(client, model_id, make_transport(settings.transport, client, settings.connect_timeout, settings), settings)
     if privacy == "private":
         from neuro_dask.privacy.private_executor import PrivateExecutor

@@ -5,7 +5,11 @@ picks the unit's workers; units are then grouped by worker so that one message p
 round still carries all of that worker's units. Rounds repeat until every unit is accepted:
 disagreement or errors add one replica at a time; an exhausted unit falls back to a trusted
 worker or raises QuorumExhaustedError. Every validated, invalid or failed reply becomes an
-Outcome for the scheduler's reputation.
+Outcome the client reports; the scheduler moves reputation only on evidence: a validated
+reply counts as far as the worker's signed receipts go, and a reply the quorum refuted becomes
+a Dispute carrying the worker's signed answer, which the scheduler recomputes and judges itself
+(neuro_dask/evidence_desk.py). Late, timed-out and failed replies change this client's routing
+(its suspects), never anyone's reputation.
 """
 
 from __future__ import annotations
@@ -38,8 +42,28 @@ class Outcome:
     cause_id: str
     layer: int
     expert: int
-    rows: int = 0  # validated: (token, expert) pairs computed, the unit of work that is paid
-    proven: bool = False  # invalid: refuted by the quorum and by an operator-trusted worker (slashable)
+    rows: int = 0  # validated: (token, expert) pairs computed
+
+
+@dataclass(frozen=True)
+class Dispute:
+    """A reply the quorum refuted, with what the scheduler needs to judge it: the worker's signed
+    answer and the bytes it signs (trust/disputes.py's Evidence wire form)."""
+
+    worker: str
+    layer: int
+    expert: int
+    evidence: dict
+
+
+def evidence_of(msg: Mapping, response: Mapping, expert: int) -> dict | None:
+    """The evidence wire form for `expert` of one call (its request `msg`, the worker's
+    `response`), or None when the answer carries no receipt to hold the worker to."""
+    receipt = response.get("receipt") if isinstance(response, Mapping) else None
+    if not isinstance(receipt, Mapping):
+        return None
+    return {"receipt": dict(receipt), "expert": int(expert), "dtype": msg["dtype"], "hidden": int(msg["hidden"]),
+            "inputs": bytes(msg["data"]), "outputs": bytes(response["data"])}
 
 
 @dataclass
@@ -60,12 +84,18 @@ class _Unit:
     owners: set[str] = field(default_factory=set)
     hedge_hosts: set[str] = field(default_factory=set)  # where this unit's hedges went
     result: torch.Tensor | None = None
+    answers: dict = field(default_factory=dict)  # worker -> (its reply, the call id), every round
 
 
 class TrustedLayerRunner:
     def __init__(self, model_id: str, transport: Transport, policy: TrustPolicy, rng: random.Random,
-                 latency: LatencyTracker | None = None, count_wire: Callable[[int, int], None] | None = None):
+                 latency: LatencyTracker | None = None, count_wire: Callable[[int, int], None] | None = None,
+                 on_receipt: Callable[[str, Mapping], None] | None = None):
         self.model_id = model_id
+        self.on_receipt = on_receipt or (lambda worker, response: None)  # each answer's signed receipt
+        self.disputes: list[Dispute] = []  # refuted replies, for the scheduler to judge
+        self._stamp: dict = {}  # the request id and ticket every call of this layer carries
+        self._calls: dict[str, tuple] = {}  # call id -> (message, experts, its answer or None), this layer
         self.count_wire = count_wire or (lambda sent, received: None)  # payload bytes, both ways
         self.transport = transport
         self.policy = policy
@@ -75,8 +105,8 @@ class TrustedLayerRunner:
         self.units = 0
         self.unchecked = 0
         self.accepted_from: Counter[tuple[str, ...]] = Counter()  # which workers' agreement decided
-        # Abandoned calls (hedge losers) whose answer may still come: call id -> (cause, layer, units)
-        self._awaiting: OrderedDict[str, tuple[str, int, list[_Unit]]] = OrderedDict()
+        # Abandoned calls (hedge losers) whose answer may still come: call id -> (cause, layer, units, msg)
+        self._awaiting: OrderedDict[str, tuple[str, int, list[_Unit], dict]] = OrderedDict()
         self.late_checked = 0
 
     @property
@@ -85,7 +115,10 @@ class TrustedLayerRunner:
         return self.latency.hedges
 
     def run(self, layer: int, groups: Mapping[int, torch.Tensor], routes: RouteTable,
-            exclude: set[str]) -> tuple[dict[int, torch.Tensor], list[Outcome]]:
+            exclude: set[str], stamp: Mapping | None = None) -> tuple[dict[int, torch.Tensor], list[Outcome]]:
+        """`stamp`: the fields every call carries (the request id and its ticket)."""
+        self._stamp = dict(stamp or {})
+        self._calls = {}
         self.apply_params(routes.params)
         standing = routes.standing_of
         anchorless = not any(s.trusted or s.established for s in routes.standing.values())
@@ -120,22 +153,22 @@ class TrustedLayerRunner:
             for expert, unit in units.items():
                 if unit.result is not None:
                     continue
-                for worker, reply in replies.get(expert, {}).items():
+                for worker, (reply, _call) in replies.get(expert, {}).items():
                     if isinstance(reply, BaseException):
                         unit.quorum.add_error(worker)
                         kind = "timeout" if isinstance(reply, (CallTimeoutError, TimeoutError)) else "error"
                         outcomes.append(Outcome(worker, kind, cause, layer, expert))
                     else:
                         unit.quorum.add_result(worker, {expert: reply})
+                    unit.answers[worker] = (reply, _call)
                 decision = unit.quorum.decide()
                 if isinstance(decision, Accepted):
                     unit.result = decision.canonical[expert]
                     self.accepted_from[tuple(sorted(decision.valid))] += 1
                     n = unit.rows.shape[0]
                     outcomes += [Outcome(w, "validated", cause, layer, expert, n) for w in decision.valid]
-                    if decision.invalid:
-                        proven = self._proven(layer, unit, decision.valid, standing)
-                        outcomes += [Outcome(w, "invalid", cause, layer, expert, 0, proven) for w in decision.invalid]
+                    outcomes += [Outcome(w, "invalid", cause, layer, expert) for w in decision.invalid]
+                    self._dispute(layer, expert, decision.invalid, unit.answers)
                     continue
                 exhausted = isinstance(decision, Exhausted)
                 nxt = None if exhausted else self._next_worker(unit, standing, fallback=False)
@@ -148,9 +181,11 @@ class TrustedLayerRunner:
                         self.accepted_from[tuple(sorted(valid))] += 1
                         n = unit.rows.shape[0]
                         # The trusted worker's answer decided: whoever disagreed is refuted by it.
+                        wrong = [w for g in unit.quorum.groups for w, _ in g if w not in valid]
                         outcomes += [Outcome(w, "validated", cause, layer, expert, n) if w in valid else
-                                     Outcome(w, "invalid", cause, layer, expert, 0, True)
+                                     Outcome(w, "invalid", cause, layer, expert)
                                      for g in unit.quorum.groups for w, _ in g]
+                        self._dispute(layer, expert, wrong, unit.answers)
                         continue
                     nxt = self._next_worker(unit, standing, fallback=True)
                     if nxt is None and len(unit.quorum.groups) <= 1:
@@ -192,28 +227,20 @@ class TrustedLayerRunner:
             primary = min(routable, key=lambda w: (w in busy, planned_rows.get(w, 0)))
         return [primary] + [w for w in ordered if w != primary]
 
-    def _proven(self, layer: int, unit: _Unit, valid: tuple[str, ...], standing: Callable[[str], Standing]) -> bool:
-        """Slashing needs proof beyond the quorum: an operator-trusted worker's own answer agreeing
-        with the canonical result. One among the valid answers suffices; otherwise one trusted
-        host that has not answered recomputes the unit now (fraud is rare, so this is too)."""
-        if any(standing(w).trusted for w in valid):
-            return True
-        host = next((w for w in unit.candidates if standing(w).trusted and w not in unit.tried), None)
-        if host is None:
-            return False
-        unit.tried.add(host)
-        self.replicas_sent += 1
-        msg = encode_request(self.model_id, layer, {unit.expert: unit.rows}, call=uuid.uuid4().hex)
-        self.count_wire(len(msg["data"]), 0)
-        outcome = self.transport.call_many({host: msg}, self.latency.deadline(host, unit.rows.shape[0]))[host]
-        try:
-            if isinstance(outcome, BaseException):
-                raise outcome
-            answer = decode_response(outcome, {unit.expert: unit.rows})
-            self.count_wire(0, len(outcome["data"]))
-        except Exception:  # no proof today; reputation has already counted the wrong result
-            return False
-        return agree(answer, {unit.expert: unit.result}, self.policy.validation)
+    def _dispute(self, layer: int, expert: int, wrong, answers: Mapping) -> None:
+        """Each refuted reply with a receipt becomes a Dispute: the scheduler judges it."""
+        for worker in wrong:
+            _reply, call = answers.get(worker, (None, None))
+            entry = self._calls.get(call)
+            if entry is None or entry[2] is None:
+                continue
+            evidence = evidence_of(entry[0], entry[2], expert)
+            if evidence is not None:
+                self.disputes.append(Dispute(worker, layer, expert, evidence))
+
+    def take_disputes(self) -> list[Dispute]:
+        disputes, self.disputes = self.disputes, []
+        return disputes
 
     def apply_params(self, params: Mapping[str, int]) -> None:
         """Governed trust parameters handed out with the routes (ledger on): spot-check, quorum."""
@@ -236,7 +263,7 @@ class TrustedLayerRunner:
             entry = self._awaiting.pop(late.call, None)
             if entry is None:
                 continue
-            cause, layer, units = entry
+            cause, layer, units, msg = entry
             decided = [u for u in units if u.result is not None]
             if not decided:
                 continue
@@ -247,15 +274,19 @@ class TrustedLayerRunner:
             except Exception:  # dropped on our request, or failed: nothing to compare
                 continue
             self.count_wire(0, len(late.outcome["data"]))
+            self.on_receipt(late.worker, late.outcome)
             self.late_checked += 1
             for u in decided:
                 ok = agree({u.expert: u.result}, {u.expert: got[u.expert]}, self.policy.validation)
                 outcomes.append(Outcome(late.worker, "validated", cause, layer, u.expert, u.rows.shape[0]) if ok else
                                 Outcome(late.worker, "invalid", cause, layer, u.expert))
+                evidence = None if ok else evidence_of(msg, late.outcome, u.expert)
+                if evidence is not None:
+                    self.disputes.append(Dispute(late.worker, layer, u.expert, evidence))
         return outcomes
 
     def _await_late(self, call: str, cause: str, layer: int, units: list[_Unit]) -> None:
-        self._awaiting[call] = (cause, layer, units)
+        self._awaiting[call] = (cause, layer, units, self._calls.get(call, ({}, None, None))[0])
         while len(self._awaiting) > AWAIT_LIMIT:
             self._awaiting.popitem(last=False)
 
@@ -276,10 +307,10 @@ class TrustedLayerRunner:
         return (anchored or new_owner or [None])[0]
 
     def _send(self, layer: int, cause: str, units: Mapping[int, _Unit], work: Mapping[int, list[str]],
-              standing: Callable[[str], Standing]) -> tuple[dict[int, dict[str, torch.Tensor | BaseException]], list[str]]:
+              standing: Callable[[str], Standing]) -> tuple[dict[int, dict[str, tuple]], list[str]]:
         """One round: every worker's units in one message, hedged to alternate hosts when the
         primary is slower than its latency estimate; replies split back per unit.
-        Returns (expert -> {responder: outputs or failure}, primaries that lost to a hedge)."""
+        Returns (expert -> {responder: (outputs or failure, call id)}, primaries that lost to a hedge)."""
         by_worker: dict[str, list[int]] = {}
         for expert, workers in work.items():
             for w in workers:
@@ -294,7 +325,7 @@ class TrustedLayerRunner:
         timeout = max(self.latency.deadline(w, sum(units[e].rows.shape[0] for e in es)) for w, es in by_worker.items())
 
         answers = self.transport.call_hedged(calls, timeout, self.latency, self.latency.peer_patience)
-        replies: dict[int, dict[str, torch.Tensor | BaseException]] = {}
+        replies: dict[int, dict[str, tuple]] = {}
         lost: list[str] = []
         for w in by_worker:
             reply = answers[w]
@@ -315,11 +346,14 @@ class TrustedLayerRunner:
                     decoded = decode_response(outcome, sent)
                     self.count_wire(0, len(outcome["data"]))
                     self.latency.observe(responder, seconds, sum(x.shape[0] for x in sent.values()))
+                    self.on_receipt(responder, outcome)
+                    msg, experts, _ = self._calls[call]
+                    self._calls[call] = (msg, experts, outcome)
                     for e in mine:
-                        replies.setdefault(e, {})[responder] = decoded[e]
+                        replies.setdefault(e, {})[responder] = (decoded[e], call)
                 except Exception as exc:  # refused, closed, timed out or malformed: a failed reply
                     for e in mine:
-                        replies.setdefault(e, {})[responder] = exc
+                        replies.setdefault(e, {})[responder] = (exc, call)
         return replies, lost
 
     def _request(self, layer: int, units: Mapping[int, _Unit], experts: list[int],
@@ -327,6 +361,8 @@ class TrustedLayerRunner:
         call = uuid.uuid4().hex
         covers[call] = experts
         msg = encode_request(self.model_id, layer, {e: units[e].rows for e in experts}, call=call)
+        msg.update(self._stamp)
+        self._calls[call] = (msg, experts, None)  # (message, experts, the answer once it came)
         self.count_wire(len(msg["data"]), 0)
         return msg
 

@@ -342,17 +342,17 @@ class MoEModel:
         chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
         tokens = sum(len(r) + max_new_tokens for r in rows)
         with self._request(tokens):  # one request for the whole generation, held by this thread
-            request = getattr(self.executor, "request", "")
+            stamp = getattr(self.executor, "stamp", {})
             with ThreadPoolExecutor(len(chunks), thread_name_prefix="neuro-lane") as pool:
-                parts = [pool.submit(self._run_lane, i, key, chunk, max_new_tokens, request)
+                parts = [pool.submit(self._run_lane, i, key, chunk, max_new_tokens, stamp)
                          for i, chunk in enumerate(chunks)]
                 return [row for part in parts for row in part.result()]
 
     def _run_lane(self, index: int, key: tuple, rows: list[list[int]], max_new_tokens: int,
-                  request: str) -> list[torch.Tensor]:
+                  stamp: dict) -> list[torch.Tensor]:
         self._lane.coalescer = self._lane_coalescer(index)
-        if request and hasattr(self.executor, "request"):
-            self.executor.request = request  # trust outcomes are credited to the generation's request
+        if stamp and hasattr(self.executor, "stamp"):
+            self.executor.stamp = stamp  # the lane's calls carry the generation's request and ticket
         seed = key[4]
         lane_key = (*key[:4], None if seed is None else seed + index, *key[5:])
         try:

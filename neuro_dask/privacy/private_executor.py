@@ -21,8 +21,8 @@ shares of a third worker (`_verify`). An expert with no second disjoint pair run
 It wraps a DistributedExecutor and borrows its routes, suspects, ledger requests and settings;
 calls go over Dask comms to each worker's `neuro_expert_share` handler (the direct transport
 path whatever neuro.client.transport says).
-With a ledger, requests are held at the private tier's price and each share holder's rows per
-step are reported as `private` work, which the request's fee pays for.
+With a ledger, requests are held at the private tier's price; each share holder signs a receipt
+for every share it computes, and the request's fee pays the rows those receipts show.
 """
 
 from __future__ import annotations
@@ -101,6 +101,7 @@ class Computed:
     pair: tuple[str, str]
     shares: tuple[torch.Tensor, torch.Tensor]
     answers: tuple[torch.Tensor, torch.Tensor]
+    calls: tuple = ()  # per holder: (the call's message, the worker's signed response), for disputes
 
     @property
     def total(self) -> torch.Tensor:
@@ -142,6 +143,14 @@ class PrivateExecutor:
     @request.setter
     def request(self, value: str) -> None:
         self.base.request = value
+
+    @property
+    def stamp(self) -> dict:
+        return self.base.stamp
+
+    @stamp.setter
+    def stamp(self, value: dict) -> None:
+        self.base.stamp = value
 
     def begin_request(self, expert_tokens: int) -> None:
         """Held at the private tier's price (configs/neuro.yaml `price-per-private-expert-token`)."""
@@ -239,27 +248,31 @@ class PrivateExecutor:
                 bad = c2 if good is c1 else c1
                 judged = [(w, "validated", expert) for w in {*good.pair, *c3.pair}]
                 honest = [*good.pair, *c3.pair]
-                liar = self._find_liar(layer, step, expert, width, bad, good.total, honest)
+                liar, witnesses = self._find_liar(layer, step, expert, width, bad, good.total, honest)
                 if liar is not None:
                     self._count("caught")
                     self._layer.outcome = "caught"
                     judged += [(liar, "invalid", expert)]
                     judged += [(w, "validated", expert) for w in bad.pair if w != liar and w not in honest]
+                    self._dispute(layer, expert, bad, liar, witnesses)
                 return good.total, judged
         raise PrivateQuorumError(layer, expert, step, [c.pair for c in opinions])
 
     def _find_liar(self, layer: int, step: str, expert: int, width: int | None, bad: Computed,
-                   truth: torch.Tensor, honest: list[str]) -> str | None:
+                   truth: torch.Tensor, honest: list[str]) -> tuple[str | None, list[str]]:
         """Re-ask share 0 of the losing split of a worker that may see it (not share 1's holder,
         nor of its owner), one known honest first: the same answer means share 1's holder lied;
-        an answer that with share 1's makes the truth means share 0's holder lied. None when no
-        witness settles it (no one is judged then)."""
+        an answer that with share 1's makes the truth means share 0's holder lied. (None, ...)
+        when no witness settles it (no one is judged then); the witnesses asked come second."""
         base = self.base
         w0, w1 = bad.pair
         ranked = [w for w in base.routes.ranked(layer, expert)
                   if w not in (w0, w1) and owner_of(base.routes, w) != owner_of(base.routes, w1)]
+        asked: list[str] = []
         for witness in sorted(ranked, key=lambda w: w not in honest)[:2]:
-            msg = encode_share_request(base.model_id, layer, step, self.frac_bits, {expert: bad.shares[0]})
+            asked.append(witness)
+            msg = {**encode_share_request(base.model_id, layer, step, self.frac_bits, {expert: bad.shares[0]}),
+                   **base.stamp}
             reply = base.client.sync(self._call_all, {witness: msg}, base.settings.deadline)[witness]
             try:
                 if isinstance(reply, BaseException):
@@ -268,16 +281,35 @@ class PrivateExecutor:
             except Exception as exc:
                 log.info("private quorum: witness %s did not answer (%s)", witness, exc)
                 continue
-            self._report_work(layer, expert, step, (witness,), int(answer.shape[0]))
+            base._note_receipt(witness, reply)
             if torch.equal(answer, bad.answers[0]):
-                return w1
+                return w1, asked
             if torch.equal(reconstruct(answer, bad.answers[1]), truth):
-                return w0
-        return None
+                return w0, asked
+        return None, asked
+
+    def _dispute(self, layer: int, expert: int, bad: Computed, liar: str, witnesses: list[str]) -> None:
+        """The liar's signed answer to the scheduler, which recomputes it on a referee (the map is
+        exact, so an honest referee's bytes are identical). The referee must not see the other
+        share of the split: its holder, and the witnesses that were shown share 0, are excluded."""
+        from neuro_dask.dispatch.trusted import Dispute
+
+        index = bad.pair.index(liar)
+        if not bad.calls:
+            return
+        msg, response = bad.calls[index]
+        receipt = response.get("receipt") if isinstance(response, dict) else None
+        if not isinstance(receipt, dict):
+            return
+        others = [bad.pair[1 - index]] + (witnesses if index == 1 else [])
+        evidence = {"receipt": dict(receipt), "expert": int(expert), "dtype": "int64", "hidden": int(msg["width"]),
+                    "inputs": bytes(msg["data"]), "outputs": bytes(response["data"]), "exclude": others}
+        self.base._file_disputes([Dispute(liar, layer, expert, evidence)])
 
     def _report_judged(self, layer: int, step: str, outcomes: list[tuple[str, str, int]]) -> None:
-        """Validated and caught share holders move reputation (rows 0: the fee pays by share-rows);
-        a caught one is skipped for the cooldown, like a standard-tier liar."""
+        """Validated share holders are reported (credited up to their receipts); a caught one is
+        skipped by this client for the cooldown. Its lie cannot be proven to the scheduler without
+        revealing the secret, so it costs it nothing beyond this client's routing and pay."""
         base = self.base
         if not outcomes:
             return
@@ -314,7 +346,8 @@ class PrivateExecutor:
             for e, workers in pairs.items():
                 for worker, share in zip(workers, split(pending[e], self.random_bytes), strict=True):
                     per_worker.setdefault(worker, {})[e] = share  # a fresh split per expert and try
-            calls = {w: encode_share_request(base.model_id, layer, step, self.frac_bits, g)
+            stamp = base.stamp
+            calls = {w: {**encode_share_request(base.model_id, layer, step, self.frac_bits, g), **stamp}
                      for w, g in per_worker.items()}
             outcomes = base.client.sync(self._call_all, calls, base.settings.deadline)
             answers: dict[str, dict[int, torch.Tensor]] = {}
@@ -324,6 +357,7 @@ class PrivateExecutor:
                     if isinstance(outcome, BaseException):
                         raise outcome
                     answers[worker] = decode_share_response(outcome, sent, width)
+                    base._note_receipt(worker, outcome)  # share rows are paid by the signed receipts
                 except Exception as exc:  # refused, closed, timed out or malformed: a failed call
                     log.warning("private layer %d %s: call to %s failed (%s); re-sharing its experts elsewhere",
                                 layer, step, worker, exc)
@@ -349,19 +383,10 @@ class PrivateExecutor:
                         raise NeuroDaskError(f"layer {layer} expert {e}: workers {w0} and {w1} answered shares of "
                                              f"shapes {tuple(a.shape)} and {tuple(b.shape)}; they serve different "
                                              "weights for the same expert")
-                    results[e] = Computed((w0, w1), (per_worker[w0][e], per_worker[w1][e]), (a, b))
+                    results[e] = Computed((w0, w1), (per_worker[w0][e], per_worker[w1][e]), (a, b),
+                                          ((calls[w0], outcomes[w0]), (calls[w1], outcomes[w1])))
                     del pending[e]
-                    self._report_work(layer, e, step, (w0, w1), int(a.shape[0]))
         return results
-
-    def _report_work(self, layer: int, expert: int, step: str, holders: tuple[str, ...], rows: int) -> None:
-        """Each share holder's rows, for the request's settlement (only inside a charged request)."""
-        base = self.base
-        if not base.request:
-            return
-        with base._lock:
-            base.outcomes += [(Outcome(w, "private", f"{step}:{layer}:{expert}", layer, expert, rows), base.request)
-                              for w in holders]
 
     async def _call_all(self, calls: Mapping[str, dict[str, Any]], timeout: float) -> dict[str, Any]:
         client = self.base.client

@@ -74,8 +74,21 @@ class Manifest:
 
     @property
     def model_id(self) -> str:
-        """The id a scheduler publishes this model under: same content, same id."""
-        return f"{self.architecture}-{self.trunk.sha256[:12]}"
+        """The id a scheduler publishes this model under: same content, same id. It hashes the
+        whole manifest that decides the model's answers (the config and every artifact: trunk,
+        each expert, tokenizer files), so two stores that differ in any expert are two models:
+        a store sharing the genuine trunk with other experts cannot be published in its place."""
+        return f"{self.architecture}-{self.content_hash()[:12]}"
+
+    def content_hash(self) -> str:
+        """sha256 over a canonical encoding of the config and every artifact's path, role,
+        position, dtype, size and sha256 (order-independent: artifacts are sorted)."""
+        import hashlib
+
+        artifacts = sorted([a.role, a.path, a.layer, a.expert, a.dtype, a.bytes, a.sha256] for a in self.artifacts)
+        canonical = json.dumps(["neuro-model-v1", self.architecture, self.config, artifacts], sort_keys=True,
+                               separators=(",", ":"), default=str)
+        return hashlib.sha256(canonical.encode()).hexdigest()
 
     @property
     def trunk(self) -> Artifact:

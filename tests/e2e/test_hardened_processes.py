@@ -92,7 +92,10 @@ def test_hardened_tls_network_of_processes_generates_like_local(network, sharded
     with network.client() as client:
         with nd.load(sharded(MODEL), client=client) as model:  # finds the operator's model: a client cannot publish
             assert torch.equal(model.generate(ids, mask, max_new_tokens=24), expected)
-        status = client.sync(client.scheduler.neuro_status)
+        with pytest.raises(Exception, match="only the operator"):  # the network's map is the operator's
+            client.sync(client.scheduler.neuro_status)
+    with network.client("operator") as operator:
+        status = operator.sync(operator.scheduler.neuro_status)
     assert is_installed() == network.hardened_before  # nd.load left this process as it was
     workers = status["workers"].values()
     assert sorted(w["name"] for w in workers) == ["worker-1", "worker-2"]  # the names on their certificates
@@ -103,17 +106,21 @@ def test_hardened_tls_network_of_processes_generates_like_local(network, sharded
 
 def _refusals(client, since: float, op: str, count: int = 1) -> list[dict]:
     """The refusals of `op` on the scheduler's security event log (a worker forwards its own
-    there) since `since`, once there are `count` of them (at most 10 s)."""
+    there) since `since`, once there are `count` of them (at most 10 s), read with the
+    operator's certificate (the log is the operator's)."""
     found: list[dict] = []
+    address = client.scheduler.address
+    certs = Path(client.security.tls_ca_file).parent
 
-    def arrived() -> bool:
-        found[:] = [e for _, e in client.get_events("neuro-security")
-                    if e["time"] >= since and e["kind"] == "refused-op" and e["detail"].startswith(f"{op}:")]
-        return len(found) >= count
+    with Client(address, security=nd.security_for("operator", certs), timeout=60) as operator:
+        def arrived() -> bool:
+            found[:] = [e for _, e in operator.get_events("neuro-security")
+                        if e["time"] >= since and e["kind"] == "refused-op" and e["detail"].startswith(f"{op}:")]
+            return len(found) >= count
 
-    deadline = time.monotonic() + 10
-    while not arrived() and time.monotonic() < deadline:
-        time.sleep(0.05)  # poll
+        deadline = time.monotonic() + 10
+        while not arrived() and time.monotonic() < deadline:
+            time.sleep(0.05)  # poll
     return found
 
 

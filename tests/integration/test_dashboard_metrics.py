@@ -213,10 +213,10 @@ def test_a_schedulers_metrics_endpoint(sharded, tmp_path, monkeypatch):
                 time.sleep(0.2)  # poll
             assert hosted == serving and sum(hosted.values()) > 0
 
-            # Figures are read live: a reported invalid result shows on the next scrape.
+            # Figures are read live: a proven wrong result (a dispute the scheduler upheld, which
+            # is the only way reputation falls) shows on the next scrape.
             victim = sorted(plugin.identity)[0]
-            client.sync(client.scheduler.neuro_report_outcomes, model="m",
-                        outcomes=[[victim, "invalid", "call-1", 0, 0]])
+            plugin.reputation.invalid(plugin.identity[victim], "call-1", time.time())
             s = neuro_samples(client)
             rec = plugin.reputation.record(plugin.identity[victim])
             assert rec.invalid == 1

@@ -79,9 +79,10 @@ def test_busy_worker_pauses_is_routed_around_and_resumes(sharded, tmp_path):
             assert all(workers for _, _, workers in routes)  # every expert still has a replica
             refused = _direct_call(client, address, model_id, layer, expert, hidden)
             assert refused["status"] == "error" and refused["message"].startswith("paused: ")
-            # the client's routes still named it: its calls met the refusal, were re-sent elsewhere,
-            # and the client reported those experts unreachable there
-            assert not plugin.coordinator.serving[address] >= {(model_id, layer, e) for layer, e in hosted}
+            # the client's routes still named it: its calls met the refusal and were re-sent
+            # elsewhere; its report of them is probed by the scheduler, which finds the worker
+            # paused, not gone: it keeps its experts (routes already leave it out while paused)
+            assert plugin.coordinator.serving[address] >= {(model_id, layer, e) for layer, e in hosted}
 
             # idle again: it resumes, is routed to and serves
             load["signals"] = QUIET

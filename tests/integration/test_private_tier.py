@@ -159,14 +159,14 @@ def test_on_a_tls_network_owners_come_from_certificates_not_from_what_workers_de
     worker-1 and worker-2 are alice's, worker-3 (no owner in its certificate) is its own owner.
     Placement keeps each expert's replicas on different owners, so every private pair includes
     worker-3, and the private tier answers."""
-    from cluster_helpers import hardened_tls_cluster, publish_as_operator, scheduler_status
+    from cluster_helpers import hardened_tls_cluster, publish_as_operator
 
     from neuro_dask.demo.addition import ASSET_DIR
 
     with hardened_tls_cluster(tmp_path, owners={1: "alice", 2: "alice"},
                               worker_args=["--neuro-owner", "mallory"]) as (cluster, client, certs):
         publish_as_operator(cluster.scheduler_address, certs, ASSET_DIR)
-        status = scheduler_status(client)
+        status = cluster.scheduler.extensions["neuro"].status()  # the operator's view (clients may not read it)
         owners = {w["name"]: w["owner"] for w in status["workers"].values()}
         assert owners == {"worker-1": "alice", "worker-2": "alice", "worker-3": "worker-3"}
         by_address = {a: w["name"] for a, w in status["workers"].items()}

@@ -102,3 +102,19 @@ def test_a_new_version_loads_beside_the_old_and_retiring_the_old_drops_only_its_
     assert c.model_retired("m") == []  # once
     c.experts_loaded("a", "m", [(0, 0)])  # a load that finishes after the retirement is ignored
     assert all(k[0] == "m2" for keys in c.serving.values() for k in keys)
+
+
+def test_a_worker_claiming_experts_it_was_never_assigned_enters_no_route():
+    c = coordinator()
+    actions = loads(c.model_published(MODEL))
+    worker, experts = next(iter(actions.items()))
+    others = set(MODEL.experts) - experts
+    version = c.version
+    # 200,000 invented experts and every expert it was not given: none counted.
+    claimed = [(l, e) for l in range(100, 500) for e in range(500)] + sorted(others)
+    assert c.experts_loaded(worker, "m", claimed) == len(set(claimed) - experts)
+    assert c.version == version  # nothing changed, no routes rebuilt for clients
+    assert all(worker not in c.routes("m").routes.get(le, ()) for le in others)
+    # Its real assignment still counts.
+    assert c.experts_loaded(worker, "m", sorted(experts)) == 0
+    assert all(worker in c.routes("m").routes[le] for le in experts)

@@ -147,8 +147,11 @@ def test_a_worker_still_serving_a_moved_expert_is_routed_after_the_planned_repli
     c.model_published(PublishedModel("m", "/s", {(0, 0): 100}))
     (planned,) = c.placement.workers_for(("m", 0, 0))
     others = sorted(w for w in "abc" if w != planned)
-    for w in ("a", "b", "c"):
-        c.experts_loaded(w, "m", [(0, 0)])
+    c.experts_loaded(planned, "m", [(0, 0)])
+    # The others loaded it under an earlier plan and serve it until they are told to drop it
+    # (experts_loaded now counts only current assignments, so the earlier plan is set directly).
+    for w in others:
+        c.serving[w].add(("m", 0, 0))
     expected_extra = tuple(sorted(others, key=lambda w: -c.workers[w].speed))
     assert c.routes("m").routes[(0, 0)] == (planned, *expected_extra)
 
