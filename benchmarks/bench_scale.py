@@ -264,7 +264,7 @@ async def bench_scheduler(workers: int, churn: int, route_calls: int, rng: rando
             async def send(action) -> None:  # in place of the rpc to a worker that has no server
                 sent[type(action).__name__] += 1
                 if isinstance(action, LoadExperts):  # the worker loads and reports, as neuro_worker does
-                    plugin.experts_loaded(action.worker, action.model, [list(p) for p in action.experts], [])
+                    plugin.experts_loaded(None, action.worker, action.model, [list(p) for p in action.experts], [])
 
             plugin._send = send
             plugin.add_worker = add_hook = Timed(plugin.add_worker)

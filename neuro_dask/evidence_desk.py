@@ -144,9 +144,9 @@ class EvidenceDesk:
 
     async def settle_dispute(self, wire: Any, reporter: str | None, reporter_key: str,
                              candidates: Callable[[str, int, int], list[tuple[str, Referee]]],
-                             precision_of: Callable[[str], str], call: Call) -> DisputeResult:
+                             precision_of: Callable[[str, str], str], call: Call) -> DisputeResult:
         """Judge a client's complaint. `candidates(model, layer, expert)`: (address, Referee) of
-        the workers serving that expert; `precision_of(name)`; `call(address, op, msg)`."""
+        the workers serving that expert; `precision_of(worker name, model)`; `call(address, op, msg)`."""
         allowed, why = self.strikes.allowed(reporter_key)
         if not allowed:
             return DisputeResult("refused", why=why)
@@ -174,8 +174,9 @@ class EvidenceDesk:
         for referee in order[:MAX_REFEREES]:
             answers.append((referee, await self._recompute(address_of[referee.worker], receipt, evidence.expert,
                                                            inputs, call)))
-            verdict = judge(accused_rows, answers, self._agree(receipt, [precision_of(r.worker) for r, _ in answers]
-                                                               + [precision_of(receipt.worker)]))
+            precisions = [precision_of(r.worker, receipt.model) for r, _ in answers]
+            verdict = judge(accused_rows, answers,
+                            self._agree(receipt, precisions + [precision_of(receipt.worker, receipt.model)]))
             if verdict.kind != "undecided":
                 break
         if verdict.kind == "proven":

@@ -62,7 +62,8 @@ from neuro_dask.dashboard.pages import register as register_dashboard_pages
 from neuro_dask.dashboard.views import NetworkView, WorkerView
 from neuro_dask.errors import NeuroDaskError
 from neuro_dask.evidence_desk import EvidenceDesk, reporter_key
-from neuro_dask.security.hardening import comm_identity
+from neuro_dask.security.hardening import comm_identity, report
+from neuro_dask.security.identity import describe
 from neuro_dask.ledger.policy import SHARE_ROWS_PER_PRIVATE_TOKEN
 from neuro_dask.ledger.service import LedgerService
 from neuro_dask.placement import PlacementPolicy, WorkerCapacity
@@ -285,6 +286,9 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         if held.get("status") != "OK":
             self.channels.end(request)
             self.desk.close(request)
+            if held.get("reason") == "not-granted":  # an attempt on someone else's account
+                report("charge", getattr(comm, "peer_address", None), f"account {account!r}: {held['message']}",
+                       describe(identity))
             return {**held, **version}
         self._requests[request] = {"who": who, "client": client, "expert_tokens": int(expert_tokens), "tier": tier}
         return {**held, **version, "request": request, "ticket": ticket}
@@ -356,13 +360,15 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
                 "standing": standing, "hardened": self.hardened,
                 "missing": [list(k) for k in snap.missing], "pending": [list(k) for k in snap.pending]}
 
-    def experts_loaded(self, worker: str, model: str, loaded: list, failed: list,
+    def experts_loaded(self, comm, worker: str, model: str, loaded: list, failed: list,
                        precision: str = "float32") -> dict[str, Any]:
         # Clients compare replicas within the tolerance of their precisions (trust/validation.py).
         self._precisions[(worker, model)] = str(precision)
         ignored = self.coordinator.experts_loaded(worker, model, [tuple(p) for p in loaded])
         if ignored:  # only assigned experts count: the rest is a claim without an assignment behind it
-            log.warning("worker %s reported %d experts of %s it was not assigned; ignored", worker, ignored, model)
+            report("claims", getattr(comm, "peer_address", None),
+                   f"{worker} reported {ignored} experts of {model} it was not assigned; ignored",
+                   describe(comm_identity(comm)))
         if failed:
             log.warning("worker %s failed to load %d experts of %s, e.g. %s", worker, len(failed), model, failed[0])
             self.scheduler.log_event("neuro", {"action": "load-failed", "worker": worker, "model": model,
@@ -407,6 +413,8 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             if model is None or probe.worker not in self.coordinator.workers:
                 return
             hidden = int(model.summary.get("hidden_size") or 0)
+            if hidden <= 0:  # nothing to probe with: the report stays the client's own business
+                return
             by_layer: dict[int, list[int]] = {}
             for layer, expert in probe.experts:
                 by_layer.setdefault(layer, []).append(expert)
@@ -440,9 +448,10 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             self.probes.done(probe.worker)
 
     async def _call_worker(self, address: str, op: str, msg: dict) -> Any:
-        """The scheduler's own call to a worker (a probe, a dispute's recomputation), bounded in time."""
-        handler = {"neuro_expert": "neuro_expert", "neuro_expert_share": "neuro_expert_share"}[op]
-        return await asyncio.wait_for(getattr(self.scheduler.rpc(address), handler)(**msg), self.settings.probe_timeout)
+        """The scheduler's own expert call to a worker (a probe, a dispute's recomputation), bounded in time."""
+        if op not in ("neuro_expert", "neuro_expert_share"):
+            raise ValueError(f"the scheduler makes expert calls only, not {op!r}")
+        return await asyncio.wait_for(getattr(self.scheduler.rpc(address), op)(**msg), self.settings.probe_timeout)
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -522,7 +531,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         peer = getattr(comm, "peer_address", "")
         result = await self.desk.settle_dispute(
             evidence, identity.name if identity is not None else None, reporter_key(identity, peer),
-            self._referees, lambda name: self._precision_of(name, model), self._call_worker)
+            self._referees, self._precision_of, self._call_worker)
         verdict = result.verdict
         self._event("neuro-trust", {"action": f"dispute-{verdict.kind if verdict else 'refused'}",
                                     "name": result.accused, "request": result.request,

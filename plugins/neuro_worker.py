@@ -46,6 +46,7 @@ from neuro_dask.runtime.receipting import Receipting, load_signer
 from neuro_dask.settings import SecuritySettings, WorkerSettings
 from neuro_dask.store.remote import ExpertFileCache
 from neuro_dask.testing import AdversaryCrash, make_adversary
+from neuro_dask.security.hardening import report
 from neuro_dask.trust.receipts import EvidenceError
 from neuro_dask.wire import WireFormatError, decode_request, encode_error, encode_response
 
@@ -113,17 +114,18 @@ class NeuroWorker:
 
     # ---- serving ------------------------------------------------------------------------------
 
-    def serve(self, msg: dict[str, Any], caller: str | None = None,
-              from_scheduler: bool = False) -> tuple[dict[str, Any], float]:
+    def serve(self, msg: dict[str, Any], caller: str | None = None, from_scheduler: bool = False,
+              peer: tuple[str | None, str | None] = (None, None)) -> tuple[dict[str, Any], float]:
         """Run one expert call: (response, seconds to hold it back, nonzero only in straggle
         drills). Never raises, so no exception is ever sent back to a client. `caller`: the
-        calling certificate's name; the scheduler's own calls (disputes, probes) need no ticket."""
+        calling certificate's name, `peer` its (address, role:name) for the report of a refusal; the
+        scheduler's own calls (disputes, probes) need no ticket."""
         try:
             if self.paused:  # the owner is using this machine: the client re-sends elsewhere
                 return encode_error(f"paused: {self.paused}"), 0.0
             if self.dropped.take(_drop_key(caller, msg.get("call"))):
                 return encode_error("dropped: the client no longer needs this call"), 0.0
-            ticket = self.receipts.admit(msg, caller, from_scheduler)
+            ticket = self._admit(msg, caller, from_scheduler, peer)
             request = decode_request(msg, max_rows=self.security.max_rows)
             outputs, delay = self.host.run(request), 0.0
             if not self.adversary.is_honest:
@@ -139,11 +141,20 @@ class NeuroWorker:
             log.exception("expert call failed")
             return encode_error(f"{type(exc).__name__}: {exc}"), 0.0
 
+    def _admit(self, msg: dict[str, Any], caller: str | None, from_scheduler: bool,
+               peer: tuple[str | None, str | None]):
+        """The call's ticket, or the TicketError that refuses it, reported with the caller's identity."""
+        try:
+            return self.receipts.admit(msg, caller, from_scheduler)
+        except EvidenceError as exc:
+            report("ticket", peer[0], f"{getattr(exc, 'reason', 'malformed')}: {exc}", peer[1])
+            raise
+
     async def handle_expert(self, comm, **msg) -> dict[str, Any]:
         caller, from_scheduler = _caller(comm)
         try:
             response, delay = await asyncio.get_running_loop().run_in_executor(
-                self._compute, self.serve, msg, caller, from_scheduler)
+                self._compute, self.serve, msg, caller, from_scheduler, _peer(comm))
         except RuntimeError:  # the executor is shut down: this worker is closing
             return encode_error(f"{self.worker.address} is closing")
         if delay:
@@ -160,15 +171,16 @@ class NeuroWorker:
         caller, from_scheduler = _caller(comm)
         try:
             return await asyncio.get_running_loop().run_in_executor(
-                self._compute, self._serve_share, msg, caller, from_scheduler)
+                self._compute, self._serve_share, msg, caller, from_scheduler, _peer(comm))
         except RuntimeError:  # the executor is shut down: this worker is closing
             return encode_error(f"{self.worker.address} is closing")
 
-    def _serve_share(self, msg: dict[str, Any], caller: str | None, from_scheduler: bool) -> dict[str, Any]:
+    def _serve_share(self, msg: dict[str, Any], caller: str | None, from_scheduler: bool,
+                     peer: tuple[str | None, str | None]) -> dict[str, Any]:
         from neuro_dask.runtime.private_runner import serve_share
 
         try:
-            ticket = self.receipts.admit(msg, caller, from_scheduler)
+            ticket = self._admit(msg, caller, from_scheduler, peer)
         except EvidenceError as exc:
             return encode_error(str(exc))
         tamper = None if self.adversary.is_honest else self.adversary.tamper_shares  # drills only
@@ -288,6 +300,14 @@ def _caller(comm) -> tuple[str | None, bool]:
     if identity is None:
         return None, False
     return identity.name, identity.role == "scheduler"
+
+
+def _peer(comm) -> tuple[str | None, str | None]:
+    """(address, role:name) of the calling connection, for the report of a refusal."""
+    from neuro_dask.security.hardening import comm_identity
+    from neuro_dask.security.identity import describe
+
+    return getattr(comm, "peer_address", None), describe(comm_identity(comm))
 
 
 def _drop_key(caller: str | None, call: object) -> str | None:

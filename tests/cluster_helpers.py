@@ -57,11 +57,13 @@ def make_certs(folder, workers=3, owners=None):
 
 
 @contextlib.contextmanager
-def hardened_tls_cluster(tmp_path, n_workers=3, worker_args=(), client_role="client", owners=None):
-    """In-process hardened network over mutual TLS: each worker with its own certificate (naming
-    `owners[i]` as worker-i's owner, if given), the client with a client certificate. Undoes the
-    process-wide hardening afterwards."""
-    from distributed import Scheduler, SpecCluster, Worker
+def hardened_tls_cluster(tmp_path, n_workers=3, worker_args=(), client_role="client", owners=None,
+                         processes=False):
+    """Hardened network over mutual TLS: each worker with its own certificate (naming `owners[i]`
+    as worker-i's owner, if given), the client with a client certificate; the workers in this
+    process, or each in its own (`processes`, through a nanny). Undoes the process-wide
+    hardening afterwards."""
+    from distributed import Nanny, Scheduler, SpecCluster, Worker
 
     from neuro_dask.security.hardening import uninstall
     from neuro_dask.security.tls import security_for
@@ -71,7 +73,7 @@ def hardened_tls_cluster(tmp_path, n_workers=3, worker_args=(), client_role="cli
         "host": "127.0.0.1", "protocol": "tls", "dashboard_address": "127.0.0.1:0",
         "security": security_for("scheduler", certs),
         "preload": ["neuro_scheduler"], "preload_argv": [["--neuro-hardened"]]}}
-    workers = {f"worker-{i}": {"cls": Worker, "options": {
+    workers = {f"worker-{i}": {"cls": Nanny if processes else Worker, "options": {
         "nthreads": 1, "host": "127.0.0.1", "dashboard": False, "security": security_for("worker", certs, f"worker-{i}"),
         "preload": ["neuro_worker"], "preload_argv": [["--neuro-no-benchmark", "--neuro-hardened", *worker_args]]}}
         for i in range(1, n_workers + 1)}

@@ -87,7 +87,7 @@ class DistributedExecutor:
         # since the last report (presented with it).
         self.receipts: dict[tuple[str, str], dict] = {}
         self._fresh_receipts: set[tuple[str, str]] = set()
-        self.verdicts: list[dict] = []  # the scheduler's answers to this client's disputes
+        self.verdicts: deque[dict] = deque(maxlen=1_000)  # the scheduler's answers to this client's disputes
         self._disputing: list[concurrent.futures.Future] = []
         # Pipelined micro-batches (neuro.client.micro-batches) call run_layer from several threads
         # at once: shared state changes under this lock, per-call state is per thread, and the
@@ -140,15 +140,11 @@ class DistributedExecutor:
                 self.receipts[key] = receipt
                 self._fresh_receipts.add(key)
 
-    def _take_receipts(self, request: str | None = None) -> list[dict]:
-        """The receipts not presented yet (of one request, or all), forgetting those of `request`."""
+    def _take_receipts(self) -> list[dict]:
+        """The receipts not presented yet (each worker's newest per request)."""
         with self._lock:
-            keys = [k for k in self._fresh_receipts if request is None or k[0] == request]
-            self._fresh_receipts.difference_update(keys)
-            taken = [self.receipts[k] for k in keys]
-            if request is not None:
-                for k in [k for k in self.receipts if k[0] == request]:
-                    del self.receipts[k]
+            taken = [self.receipts[k] for k in self._fresh_receipts]
+            self._fresh_receipts.clear()
         return taken
 
     @contextlib.contextmanager
@@ -418,6 +414,7 @@ class DistributedExecutor:
         with self._lock:  # presented with the flush: nothing of this request is kept
             for key in [k for k in self.receipts if k[0] == request]:
                 del self.receipts[key]
+                self._fresh_receipts.discard(key)
         if not charged:
             return
         self.settlements.append({"request": request, **reply})

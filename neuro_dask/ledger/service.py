@@ -29,7 +29,7 @@ import math
 from collections.abc import Iterable, Mapping
 
 from neuro_dask.ledger.books import Ledger
-from neuro_dask.ledger.errors import InsufficientFundsError, LedgerError, UnknownAccountError
+from neuro_dask.ledger.errors import NotGrantedError, InsufficientFundsError, LedgerError, UnknownAccountError
 from neuro_dask.ledger.params import LedgerConfig
 from neuro_dask.ledger.policy import TIERS
 
@@ -91,6 +91,8 @@ class LedgerService:
                                                   f"(`neuro-dask ledger open {account}`)"}
         except InsufficientFundsError as exc:
             return {"status": "error", "message": f"insufficient funds for this request: {exc}"}
+        except NotGrantedError as exc:  # the certificate asked to spend an account not its own
+            return {"status": "error", "message": str(exc), "reason": "not-granted"}
         except LedgerError as exc:
             return {"status": "error", "message": str(exc)}
         if receipt.replayed:  # a retried request: the first hold, its amount and its expiry stand

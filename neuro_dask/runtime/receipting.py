@@ -59,7 +59,7 @@ class Receipting:
         if not request:
             return response
         seq, rows_total, units_total = self.tally.count(request, sum(counts), len(experts))
-        receipt = Receipt(
+        receipt = Receipt.of_own_answer(
             worker=self.name(), kind=kind, model=str(msg["model"]), layer=int(msg["layer"]),
             step=str(msg.get("step") or ""), experts=experts, counts=counts,
             dtype=str(msg["dtype"]) if kind == "expert" else "int64",

@@ -21,6 +21,7 @@ schemas.py's and allowlist.py's.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from neuro_dask.security import schemas
 from neuro_dask.security.allowlist import is_task_function
 from neuro_dask.security.errors import RequestRefusedError, SecurityError, TaskRefusedError
 from neuro_dask.security.hardening import check_listeners, comm_identity, plain_error_message, report
-from neuro_dask.security.identity import PeerIdentity, peer_key
+from neuro_dask.security.identity import PeerIdentity, describe, peer_key
 from neuro_dask.security.limits import RateLimiter
 from neuro_dask.security.roles import (
     NANNY_HANDLERS,
@@ -53,10 +54,6 @@ log = logging.getLogger(__name__)
 
 # A peer's first refusal of a kind is logged at WARNING; a flood of the same is counted, not logged.
 Check = Callable[[str, "PeerIdentity | None", dict], "str | None"]  # (op, identity, msg) -> why refused, or None
-
-
-def _describe(identity: PeerIdentity | None) -> str | None:
-    return f"{identity.role}:{identity.name}" if identity else None
 
 
 class RateBook:
@@ -89,30 +86,42 @@ class GuardedHandlers(dict):
         self.decide = decide
         self.check = check
         self.rates = rates
-        self._expects_comm: dict[str, tuple[Callable, bool]] = {}  # op -> (handler, wants comm)
-
-    def _wants_comm(self, op: str, handler: Callable) -> bool:
-        # inspect.signature costs ~10 us: once per handler, not once per expert call.
-        cached = self._expects_comm.get(op)
-        if cached is None or cached[0] is not handler:
-            cached = self._expects_comm[op] = (handler, _expects_comm(handler))
-        return cached[1]
+        # op -> (handler, its checking wrapper). One wrapper per handler, not one per message:
+        # distributed caches per function (inspect.signature, ~10 us, in _expects_comm and
+        # has_keyword), and its _expects_comm cache never forgets a function.
+        self._wrappers: dict[str, tuple[Callable, Callable]] = {}
 
     def __getitem__(self, op: str) -> Callable:
-        handler = dict.get(self, op)
-        wants_comm = handler is not None and self._wants_comm(op, handler)
+        handler = dict.get(self, op) if isinstance(op, str) else None
+        if handler is None:  # one wrapper for every op this server lacks: a peer names what it likes
+            return self._unknown
+        cached = self._wrappers.get(op)
+        if cached is None or cached[0] is not handler:
+            cached = self._wrappers[op] = (handler, self._wrap(op, handler))
+        return cached[1]
+
+    @functools.cached_property
+    def _unknown(self) -> Callable:
+        def unknown(comm, **_msg):
+            why = "not an operation this hardened server offers (deny by default)"
+            identity = comm_identity(comm)
+            report("refused-op", comm.peer_address, f"?: {why}", describe(identity))
+            return _refusal("?", identity.role if identity else None, comm.peer_address, why)
+
+        return unknown
+
+    def _wrap(self, op: str, handler: Callable) -> Callable:
+        wants_comm = _expects_comm(handler)
 
         def guarded(comm, **msg):
             identity = comm_identity(comm)
             why = self._refusal(op, identity, comm.peer_address, msg)
             if why is not None:
-                report("refused-op", comm.peer_address, f"{op}: {why}", _describe(identity))
+                report("refused-op", comm.peer_address, f"{op}: {why}", describe(identity))
                 refusal = _refusal(op, identity.role if identity else None, comm.peer_address, why)
                 if op in WRITES_ITS_OWN_REPLY:
                     return _write_and_close(comm, WRITES_ITS_OWN_REPLY[op](refusal))
                 return refusal
-            if handler is None:  # allowed by a table but absent here: distributed's own answer
-                raise KeyError(op)
             return handler(comm, **msg) if wants_comm else handler(**msg)
 
         guarded.__name__ = getattr(handler, "__name__", op)
@@ -247,7 +256,7 @@ def _stream_refusal(streams: dict, kind: str, op: Any, role: str | None, require
 
 
 def _refuse_stream(comm, identity: PeerIdentity | None, op: Any, why: str) -> None:
-    report("refused-op", comm.peer_address, f"stream {op!s:.60}: {why}", _describe(identity))
+    report("refused-op", comm.peer_address, f"stream {op!s:.60}: {why}", describe(identity))
 
 
 # ---- the scheduler ---------------------------------------------------------------------------------

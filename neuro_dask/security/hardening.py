@@ -260,8 +260,9 @@ def comm_identity(comm):
 
 
 def _comm_identity(comm) -> str | None:
-    identity = comm_identity(comm)
-    return f"{identity.role}:{identity.name}" if identity else None
+    from neuro_dask.security.identity import describe
+
+    return describe(comm_identity(comm))
 
 
 def _reporting_prepare_stream(original: Callable) -> Callable:

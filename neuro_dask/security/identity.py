@@ -40,6 +40,11 @@ class PeerIdentity:
     owner: str = ""  # from a neuro-dask-owner:// SAN URI; "" when the certificate names none
 
 
+def describe(identity: PeerIdentity | None) -> str | None:
+    """"role:name", as security events name a peer (None without a certificate)."""
+    return f"{identity.role}:{identity.name}" if identity is not None else None
+
+
 def peer_key(identity: PeerIdentity | None, peer: str | None) -> str:
     """Whom limits and strikes count against: a certificate wherever it connects from; without
     one, the host (its port changes per connection)."""

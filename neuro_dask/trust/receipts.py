@@ -440,6 +440,18 @@ class Receipt:
                             ("out_digest", out_digest)):
             object.__setattr__(self, name, value)
 
+    @classmethod
+    def of_own_answer(cls, **fields: Any) -> Receipt:
+        """The receipt a worker signs for an answer it just computed, from a request it decoded
+        and checked and tallies it keeps itself: built without re-running R2's checks (about 6 us
+        on the hot path of every call; the scheduler runs them on every receipt it is shown)."""
+        if set(fields) != set(_RECEIPT_FIELDS):
+            raise EvidenceError(f"a receipt takes exactly the fields {', '.join(_RECEIPT_FIELDS)}")
+        receipt = object.__new__(cls)
+        for name, value in fields.items():
+            object.__setattr__(receipt, name, value)
+        return receipt
+
     @property
     def rows(self) -> int:
         """N: rows in this call."""

@@ -25,6 +25,7 @@ import torch
 from distributed import Client
 from distributed.comm import connect
 from distributed.protocol.serialize import Pickled
+from distributed.versions import get_versions
 from process_helpers import NEURO_DASK, Processes, free_port, run_cli
 
 import neuro_dask as nd
@@ -256,6 +257,19 @@ def test_crafted_pickles_from_every_role_are_refused_before_parsing(net, marker,
     assert len(refused) >= len(pickles), refused
 
 
+def test_even_the_operators_pickles_go_through_the_bounded_loader(net, marker):
+    """The operator's certificate may still send pickles; the loader they meet refuses code, numpy's
+    reconstructors (the type confusion) and the constructors behind the bombs."""
+    since = time.time()
+    pickles = _pickles(marker)
+    replies = _send(net, net.address, "operator", "operator",
+                    *[{"op": "identity", "x": Pickled({"pickled-obj": raw}, [])} for raw in pickles.values()])
+    assert all(r is not None and "PickleRefusedError" in r["exception_text"] for r in replies), replies
+    assert _alive(net)
+    refused = _refusals(net, since, "pickle", "operator:operator", count=len(pickles))
+    assert len(refused) >= len(pickles), refused
+
+
 def test_crafted_pickles_to_a_worker_are_refused_and_it_keeps_serving(net, marker):
     since = time.time()
     w1 = net.workers()["w1"]["address"]
@@ -294,7 +308,7 @@ def _registration(address: str, name: str, budget: int = 0, metrics: dict | None
     return {"op": "register-worker", "reply": False, "address": address, "status": "running",
             "server_id": "Worker-evil", "nthreads": 1, "name": name, "now": time.time(), "resources": {},
             "memory_limit": None, "metrics": METRICS if metrics is None else metrics, "services": {},
-            "local_directory": "/tmp/evil", "versions": {},
+            "local_directory": "/tmp/evil", "versions": get_versions(),
             "nanny": None, "pid": 1, "stimulus_id": "evil-1",
             "extra": {"neuro": {"memory_budget": budget, "speed": 1.0, "owner": "w1", "profile": {}}}}
 
@@ -349,6 +363,7 @@ def test_a_worker_certificate_speaks_only_for_itself(net):
     assert all("tls://127.0.0.1:1" not in ws for _, _, ws in routes["routes"])  # 200,000 claims: none counted
     assert not any(e.get("name") == "w2" and e.get("action") == "invalid" for e in net.events("neuro-trust"))
     assert replies[2]["status"] == "OK" and replies[2]["ignored"] == 200_000
+    assert _refusals(net, since, "claims", "worker:evil")  # reported, with the certificate that claimed
 
 
 # ---- 3. evidence, not claims -------------------------------------------------------------------------
@@ -432,15 +447,18 @@ def test_an_unproven_dispute_strikes_the_reporter_and_the_honest_worker_keeps_it
 
 
 def test_a_client_cannot_spend_another_users_account(net):
+    since = time.time()
     alice = net.balance(user("alice"))
     with net.client("mallory") as mallory:
         reply = mallory.sync(mallory.scheduler.neuro_request_begin, model=net.model_id, account="alice",
                              expert_tokens=10_000)
     assert reply["status"] == "error" and "alice" in reply["message"] and "grant" in reply["message"], reply
     assert net.balance(user("alice")) == alice
+    assert _refusals(net, since, "charge", "client:mallory")
 
 
 def test_a_worker_serves_no_call_without_a_paid_ticket(net):
+    since = time.time()
     address, layer, expert = _hosting(net, "w1")
     with net.client("operator", "operator") as op:
         served = op.sync(op.rpc(address).neuro_status)["calls_served"]
@@ -450,6 +468,7 @@ def test_a_worker_serves_no_call_without_a_paid_ticket(net):
     assert reply["status"] == "error" and "ticket" in reply["message"], reply
     with net.client("operator", "operator") as op:
         assert op.sync(op.rpc(address).neuro_status)["calls_served"] == served
+    assert _refusals(net, since, "ticket", "client:mallory")  # the worker reports it to the scheduler
 
 
 def test_invented_and_replayed_receipts_pay_no_one(net):

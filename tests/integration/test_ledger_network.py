@@ -141,3 +141,28 @@ def test_the_private_tier_is_held_at_its_price_and_pays_its_share_holders(sharde
     assert ledger.leaderboard(by="worker") == []
     assert ledger.check_invariants() == []
     ledger.close()
+
+
+def test_a_hold_whose_client_vanished_expires_and_is_refunded(sharded, ledger_url, tmp_path):
+    """A gateway that crashed mid-request never ends it: after neuro.scheduler.hold-seconds the
+    scheduler settles it with the receipts presented (none here) and refunds the rest."""
+    stake(ledger_url, "0", "1")
+    config = {"neuro.ledger.url": ledger_url, "neuro.scheduler.hold-seconds": 1.0}
+    with dask.config.set(config), neuro_cluster(2, tmp_path=tmp_path) as (_, client):
+        with dask.config.set({"neuro.client.account": "alice"}), nd.load(sharded("mixtral"), client=client) as model:
+            ledger = Ledger(ledger_url, LedgerConfig.from_dask_config())
+            before = ledger.balance("user:alice")
+            begun = client.sync(client.scheduler.neuro_request_begin, model=model.executor.model_id, account="alice",
+                                expert_tokens=10_000)
+            assert begun["status"] == "OK" and begun["held"] > 0
+            assert ledger.balance("user:alice") == before - begun["held"]
+            deadline = time.monotonic() + 60
+            while (ledger.hold_of(begun["request"]) or {}).get("state") == "open":  # never ended by its client
+                assert time.monotonic() < deadline, "the hold never expired"
+                time.sleep(0.05)  # poll
+            hold = ledger.hold_of(begun["request"])
+            price = ledger.params()["price_per_request"]
+            ledger.close()
+    assert hold["state"] == "expired" and hold["fee"] == price
+    # Everything but the request price came back (docs/ledger.md: an expired hold with no work).
+    assert Ledger(ledger_url, LedgerConfig.from_dask_config()).balance("user:alice") == before - price

@@ -25,7 +25,7 @@ async def _network(s, n: int):
     async def send(action) -> None:  # the simulated worker loads at once and reports
         sent.append(action)
         if isinstance(action, LoadExperts):
-            plugin.experts_loaded(action.worker, action.model, [list(p) for p in action.experts], [])
+            plugin.experts_loaded(None, action.worker, action.model, [list(p) for p in action.experts], [])
 
     plugin._send = send
     connected = {}

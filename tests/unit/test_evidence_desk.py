@@ -84,7 +84,7 @@ def _evidence(msg, response, expert_id=0):
 
 def _settle(desk, evidence, reporter="alice", key="client:alice", net=None):
     _, candidates, call = net
-    return asyncio.run(desk.settle_dispute(evidence, reporter, key, candidates, lambda name: "float32", call))
+    return asyncio.run(desk.settle_dispute(evidence, reporter, key, candidates, lambda name, model: "float32", call))
 
 
 # ---- tickets -------------------------------------------------------------------------------------

@@ -127,14 +127,18 @@ def test_a_ticket_changed_after_signing_does_not_verify(field, value):
     assert err.value.reason == "bad-signature"
 
 
-def wire_ticket(**over) -> dict:
-    wire = issue_ticket(SCHEDULER, ticket())
+def _edited(wire: dict, over: dict) -> dict:
+    """`wire` with the fields of `over` set (or deleted, where the value is KeyError)."""
     for k, v in over.items():
         if v is KeyError:
             del wire[k]
         else:
             wire[k] = v
     return wire
+
+
+def wire_ticket(**over) -> dict:
+    return _edited(issue_ticket(SCHEDULER, ticket()), over)
 
 
 @pytest.mark.parametrize("wire, field", [
@@ -332,13 +336,7 @@ def test_a_signature_over_another_payload_is_not_a_receipt():
 
 
 def wire_receipt(**over) -> dict:
-    wire = sign_receipt(ALICE, receipt())
-    for k, v in over.items():
-        if v is KeyError:
-            del wire[k]
-        else:
-            wire[k] = v
-    return wire
+    return _edited(sign_receipt(ALICE, receipt()), over)
 
 
 @pytest.mark.parametrize("wire, field", [

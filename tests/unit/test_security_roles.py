@@ -391,7 +391,9 @@ def test_guarded_handlers_look_up_like_a_dict(peercerts, events):
     # An op with no handler at all is still answered by the guard: refused and reported, never
     # a KeyError that distributed would log and drop silently.
     refused = handlers["run"](FakeComm(peercerts["scheduler"]))
-    assert refused["status"] == "uncaught-error" and "never" in refused["exception_text"]
+    assert refused["status"] == "uncaught-error" and "not an operation" in refused["exception_text"]
+    assert handlers["run"] is handlers["no-such-op"]  # one wrapper for all of them: nothing grows per name
+    assert handlers["echo"] is handlers["echo"]  # and one per handler: distributed caches by function
     handlers["neuro_drop"] = lambda: "added by a plugin"
     # Added later (as plugins add theirs), guarded too: no certificate, refused.
     assert handlers["neuro_drop"](FakeComm())["status"] == "uncaught-error"
