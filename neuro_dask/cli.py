@@ -244,9 +244,10 @@ def _cmd_shard(args: argparse.Namespace) -> int:
 
     from neuro_dask.store.sharder import count_artifacts, shard_checkpoint
 
-    with tqdm(total=count_artifacts(args.src), unit="file", desc="sharding", disable=args.quiet) as bar:
-        manifest = shard_checkpoint(args.src, args.dst, progress=lambda _name: bar.update(1))
-    print(f"wrote {len(manifest.artifacts)} artifacts and manifest.json to {args.dst}")
+    with tqdm(total=count_artifacts(args.src, args.layout), unit="file", desc="sharding", disable=args.quiet) as bar:
+        manifest = shard_checkpoint(args.src, args.dst, progress=lambda _name: bar.update(1), layout=args.layout)
+    print(f"wrote {len(manifest.artifacts)} artifacts and manifest.json to {args.dst} "
+          f"({manifest.architecture}, {manifest.layout} layout)")
     return 0
 
 
@@ -323,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("src", help="HF checkpoint folder (config.json + *.safetensors), or a .gguf file (needs `gguf`)")
     s.add_argument("dst", help="output folder")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--layout", choices=("auto", "neuro", "transformers"), default="auto",
+                   help="trunk: `neuro` the hand-written one (mixtral, qwen2_moe, qwen3_moe, olmoe), `transformers` "
+                        "the checkpoint's own transformers model (every MoE architecture); auto picks neuro where it "
+                        "applies (docs/model-and-store.md)")
     s.set_defaults(func=_cmd_shard)
 
     i = sub.add_parser("inspect", help="architecture, parameters, experts and bytes of a sharded model")

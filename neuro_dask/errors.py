@@ -35,12 +35,13 @@ class MissingConfigError(ConfigError, FileNotFoundError):
 
 
 class UnsupportedModelError(ConfigError):
-    def __init__(self, model_type: object, supported: Iterable[str], path: str = "config.json"):
+    def __init__(self, model_type: object, supported: Iterable[str], path: str = "config.json", reason: str = ""):
         self.model_type = model_type
         self.supported = tuple(sorted(supported))
         self.path = str(path)
+        self.reason = reason
         super().__init__(
-            f"{self.path}: model_type {model_type!r} is not supported; "
+            f"{self.path}: model_type {model_type!r} is not supported{': ' + reason if reason else ''}; "
             f"neuro_dask runs {', '.join(self.supported)}."
         )
 

@@ -13,6 +13,7 @@ from neuro_dask.model.model import GenerationDefaults, MoEModel
 from neuro_dask.model.moe import ExpertExecutor, LocalExpertExecutor
 from neuro_dask.model.tokenizer import Tokenizer
 from neuro_dask.model.trunk import Trunk
+from neuro_dask.store.manifest import LAYOUT_TRANSFORMERS
 from neuro_dask.store.shard_store import ShardStore
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ def load(
     client: Any = None,
     transport: str | None = None,
     privacy: str = "standard",
+    device: str | torch.device = "cpu",
 ) -> MoEModel:
     """Load a folder written by `neuro-dask shard`.
 
@@ -37,6 +39,8 @@ def load(
     from Dask config `neuro.client.transport`). `path` may then also be a URL the workers can
     read (file://, http(s)://, any fsspec URL). `dtype` applies to trunk and local experts.
     `privacy="private"` (with a client): expert calls on secret shares, docs/privacy.md.
+    `device` ("cuda", "cuda:1", "mps"...): where the trunk runs (a transformers-layout store;
+    the hand-written trunk runs on the CPU). The experts run wherever their executor puts them.
     """
     if privacy not in ("standard", "private"):
         from neuro_dask.errors import ConfigError
@@ -45,7 +49,8 @@ def load(
     if client is not None:
         from neuro_dask.dispatch.session import load_distributed
 
-        return load_distributed(path, client, transport=transport, dtype=dtype, verify=verify, privacy=privacy)
+        return load_distributed(path, client, transport=transport, dtype=dtype, verify=verify, privacy=privacy,
+                                device=device)
     if privacy == "private":
         from neuro_dask.errors import ConfigError
 
@@ -53,6 +58,8 @@ def load(
                           "(nd.load(path, client=client, privacy='private')); a local model sends them nowhere")
     store = ShardStore(path, verify=verify)
     cfg = store.config
+    if executor is None and store.manifest.layout == LAYOUT_TRANSFORMERS:
+        executor = transformers_local_executor(store, dtype, device)
     if executor is None:
         weights = {
             (layer, e): store.read_expert(layer, e, dtype)
@@ -60,15 +67,30 @@ def load(
             for e in range(cfg.num_experts)
         }
         executor = LocalExpertExecutor(weights)
-    return assemble_model(store, executor, dtype)
+    return assemble_model(store, executor, dtype, device)
 
 
-def assemble_model(store: ShardStore, executor: ExpertExecutor, dtype: torch.dtype) -> MoEModel:
+def assemble_model(store: ShardStore, executor: ExpertExecutor, dtype: torch.dtype,
+                   device: str | torch.device = "cpu") -> MoEModel:
     """Trunk and tokenizer from the store, experts behind `executor`."""
     cfg = store.config
-    trunk = build_trunk(cfg, store.read_trunk(), dtype, str(store.path(store.manifest.trunk)))
+    where = str(store.path(store.manifest.trunk))
+    if store.manifest.layout == LAYOUT_TRANSFORMERS:
+        from neuro_dask.model.hf_model import TransformersMoEModel
+        from neuro_dask.model.hf_trunk import build_skeleton, load_trunk
+
+        trunk = load_trunk(build_skeleton(store.manifest.config, dtype), store.read_trunk(), where, dtype, device)
+        cls = TransformersMoEModel
+    else:
+        if torch.device(device).type != "cpu":
+            from neuro_dask.errors import ConfigError
+
+            raise ConfigError(f"device={device!r}: the hand-written trunk of {cfg.model_type} runs on the CPU; "
+                              "shard with `neuro-dask shard --layout transformers` to run the trunk on a GPU")
+        trunk = build_trunk(cfg, store.read_trunk(), dtype, where)
+        cls = MoEModel
     tok_path = store.tokenizer_path()
-    return MoEModel(
+    return cls(
         config=cfg,
         trunk=trunk,
         executor=executor,
@@ -76,6 +98,18 @@ def assemble_model(store: ShardStore, executor: ExpertExecutor, dtype: torch.dty
         generation=generation_defaults(cfg, store.manifest.generation_config),
         source=str(store.root),
     )
+
+
+def transformers_local_executor(store: ShardStore, dtype: torch.dtype, device: str | torch.device):
+    """Every expert of a transformers-layout store in this process, run as a worker runs it."""
+    from neuro_dask.runtime.hf_experts import transformers_runner
+    from neuro_dask.runtime.local import RunnerExecutor
+
+    precision = "bfloat16" if dtype == torch.bfloat16 else "float32"
+    spec, raw = store.manifest.experts_spec or {}, store.manifest.config
+    return RunnerExecutor({(a.layer, a.expert): transformers_runner(store.expert_path(a.layer, a.expert), spec, raw,
+                                                                    a.layer, precision, device)
+                           for a in store.manifest.experts})
 
 
 def build_trunk(cfg: MoEConfig, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, where: str) -> Trunk:

@@ -18,6 +18,7 @@ from bokeh.models import (
     LinearColorMapper,
     MultiChoice,
     NumberFormatter,
+    Range1d,
     TableColumn,
 )
 from bokeh.palettes import Category10_10, Viridis256
@@ -76,8 +77,7 @@ class ExpertHeatmap:
 
     def __init__(self, plugin):
         self.plugin = plugin
-        self.source = ColumnDataSource({k: [] for k in ("layer", "expert", "replicas", "target", "load", "heat",
-                                                        "short")})
+        self.source = ColumnDataSource({k: [] for k in views.HEATMAP_COLUMNS})
         self.title = Div(text="", name="experts-title")
         self.load_map = LinearColorMapper(palette=Viridis256, low=0, high=2)
         self.load = self._figure("expert-heatmap", "Recent load (x the mean) and serving replicas", "heat",
@@ -89,10 +89,11 @@ class ExpertHeatmap:
 
     def _figure(self, name: str, title: str, field: str, mapper: LinearColorMapper, label: str):
         fig = figure(title=title, name=name, x_axis_label="expert", y_axis_label="layer", height=520, width=620,
-                     tools="hover,save,reset", x_range=[], y_range=[], toolbar_location="above")
-        fig.rect(x="expert", y="layer", width=0.95, height=0.95, source=self.source,
+                     tools="hover,save,reset,box_zoom,wheel_zoom", x_range=Range1d(-0.5, 0.5),
+                     y_range=Range1d(-0.5, 0.5), toolbar_location="above")
+        fig.rect(x="x", y="y", width=0.95, height=0.95, source=self.source,
                  fill_color={"field": field, "transform": mapper}, line_color=None)
-        fig.text(x="expert", y="layer", text=label, source=self.source, text_align="center",
+        fig.text(x="x", y="y", text=label, source=self.source, text_align="center", name=f"{name}-labels",
                  text_baseline="middle", text_font_size="9px", text_color="white")
         fig.add_layout(ColorBar(color_mapper=mapper, ticker=BasicTicker(), width=10), "right")
         fig.select_one(HoverTool).tooltips = [("layer", "@layer"), ("expert", "@expert"), ("replicas", "@replicas"),
@@ -103,13 +104,14 @@ class ExpertHeatmap:
     def update(self) -> None:
         view = self.plugin.dashboard_view()
         data = views.heatmap_columns(view)
-        xs = [str(e) for e in range(view.experts)]
-        ys = [str(layer) for layer in range(view.layers)]
+        width, height = views.heatmap_size(view.experts, view.layers)
         for fig in (self.load, self.target):
-            if list(fig.x_range.factors) != xs:
-                fig.x_range.factors = xs
-            if list(fig.y_range.factors) != ys:
-                fig.y_range.factors = ys
+            if (fig.x_range.end, fig.y_range.end) != (view.experts - 0.5, view.layers - 0.5):
+                fig.x_range.update(start=-0.5, end=max(view.experts, 1) - 0.5)
+                fig.y_range.update(start=-0.5, end=max(view.layers, 1) - 0.5)
+                fig.width, fig.height = width, height
+            # hundreds of experts: the cells carry colour and a tooltip, no number
+            fig.select_one({"name": f"{fig.name}-labels"}).visible = view.experts <= views.LABELLED_EXPERTS
         self.load_map.high = max([2.0] + data["heat"])
         self.target_map.high = max([1] + data["target"])
         self.source.data = data

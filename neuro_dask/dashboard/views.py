@@ -114,17 +114,30 @@ def network_totals(view: NetworkView) -> dict[str, float]:
             "owners": len({w.owner or w.name for w in ws}), "trusted": sum(w.trusted for w in ws)}
 
 
+HEATMAP_COLUMNS = ("layer", "expert", "x", "y", "replicas", "target", "load", "heat", "short")
+LABELLED_EXPERTS = 32  # above this many experts per layer a cell is too small for its number
+
+
+def heatmap_size(experts: int, layers: int) -> tuple[int, int]:
+    """(width, height) in pixels: a few pixels per cell at least, within a screen."""
+    width = min(1600, max(620, 5 * experts + 120))
+    height = min(1200, max(520, 12 * layers + 120))
+    return width, height
+
+
 def heatmap_columns(view: NetworkView) -> dict[str, list]:
     """One cell per (layer, expert): serving replicas, the placement target, and recent load
     relative to the mean (hot experts stand out)."""
     cells = sorted(set(view.target) | set(view.replicas))
     loads = [view.load.get(c, 0.0) for c in cells]
     mean = (sum(loads) / len(loads)) if loads and sum(loads) > 0 else 1.0
-    cols: dict[str, list] = {k: [] for k in ("layer", "expert", "replicas", "target", "load", "heat", "short")}
+    cols: dict[str, list] = {k: [] for k in HEATMAP_COLUMNS}
     for (layer, expert), load in zip(cells, loads, strict=True):
         replicas, target = view.replicas.get((layer, expert), 0), view.target.get((layer, expert), 0)
         cols["layer"].append(str(layer))
         cols["expert"].append(str(expert))
+        cols["x"].append(expert)  # numeric axes: a DeepSeek layer has 256 experts, Kimi K2's 384
+        cols["y"].append(layer)
         cols["replicas"].append(replicas)
         cols["target"].append(target)
         cols["load"].append(round(load / mean, 2))

@@ -155,14 +155,31 @@ def _published_by_operator(client: Client, store_url: str, model_id: str) -> dic
     return {"status": "OK", "model": model_id}
 
 
+def _check_private(store: ShardStore) -> None:
+    """Refuse before publishing: the private tier runs plain SwiGLU experts only."""
+    from neuro_dask.runtime.hf_experts import describe_refusal, is_swiglu
+    from neuro_dask.store.manifest import LAYOUT_TRANSFORMERS
+
+    spec = store.manifest.experts_spec or {}
+    if store.manifest.layout == LAYOUT_TRANSFORMERS and not is_swiglu(spec):
+        from neuro_dask.errors import ConfigError
+
+        raise ConfigError(f"privacy='private' cannot serve {store.manifest.architecture}: {describe_refusal(spec)}, "
+                          "and secret shares pass through linear maps and a SiLU-gated product only "
+                          "(docs/privacy.md); load it with privacy='standard'")
+
+
 def load_distributed(path_or_url: str | Path, client: Client, *, transport: str | None = None,
-                     dtype: torch.dtype = torch.float32, verify: bool = True, privacy: str = "standard") -> MoEModel:
+                     dtype: torch.dtype = torch.float32, verify: bool = True, privacy: str = "standard",
+                     device: str | torch.device = "cpu") -> MoEModel:
     settings = ClientSettings.load(transport=transport)
     if SecuritySettings.load().hardened:
         from neuro_dask.security.hardening import harden
 
         harden()
     store_url, store = open_store(path_or_url, verify)
+    if privacy == "private":
+        _check_private(store)
     reply = publish(client, store_url, store.manifest.model_id)
     model_id = reply["model"]
     table = wait_until_served(client, model_id, settings.load_timeout)
@@ -173,6 +190,6 @@ def load_distributed(path_or_url: str | Path, client: Client, *, transport: str 
         from neuro_dask.privacy.private_executor import PrivateExecutor
 
         executor = PrivateExecutor(executor)
-    model = assemble_model(store, executor, dtype)
+    model = assemble_model(store, executor, dtype, device)
     log.info("loaded %s as %s over %s; experts on workers", redact_url(store_url), model_id, settings.transport)
     return model

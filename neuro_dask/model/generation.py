@@ -79,9 +79,11 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Position of each token among its row's real tokens; pads get 0 (as transformers does)."""
+    """Position of each token among its row's real tokens; pads get 1, as transformers' generate
+    gives them (a pad's position never reaches a real token through attention, but an
+    architecture that mixes positions otherwise, deepseek_v4's compressed attention, sees it)."""
     pos = mask.long().cumsum(-1) - 1
-    return pos.masked_fill(~mask, 0)
+    return pos.masked_fill(~mask, 1)
 
 
 def check_length(mask: torch.Tensor, max_new_tokens: int, limit: int) -> None:

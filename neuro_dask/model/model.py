@@ -87,7 +87,7 @@ class MoEModel:
     source: str = "<memory>"
 
     def __post_init__(self) -> None:
-        self.rotary = RotaryEmbedding(self.config.head_dim, self.config.rope_theta)
+        self.rotary = self._rotary()
         # Concurrent generations (threads) share each expert call: see model/batching.py.
         self.batching = StepCoalescer(self._run_experts)
         self.batcher = GenerationBatcher(self._generate_rows)
@@ -98,6 +98,9 @@ class MoEModel:
         self.micro_batches = int(getattr(settings, "micro_batches", 1) or 1)
         self._lanes: list[StepCoalescer] = []
         self._lane = threading.local()
+
+    def _rotary(self) -> RotaryEmbedding | None:
+        return RotaryEmbedding(self.config.head_dim, self.config.rope_theta)
 
     def _run_experts(self, layer: int, groups):
         return self.executor.run_layer(layer, groups)
@@ -117,6 +120,10 @@ class MoEModel:
     @property
     def dtype(self) -> torch.dtype:
         return self.trunk.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.trunk.embed_tokens.weight.device
 
     # ---- one pass over the layers -------------------------------------------------------------
 
@@ -248,11 +255,8 @@ class MoEModel:
         if max_new_tokens == 0:
             return
         b, t = batch.ids.shape
-        cfg = self.config
         stops = torch.tensor(sorted(set(self.generation.eos_token_ids) | set(stop_token_ids)), dtype=torch.long)
         pad = self.generation.pad_or_eos
-        cache = KVCache(cfg.num_hidden_layers, b, cfg.num_key_value_heads, cfg.head_dim,
-                        t + max_new_tokens, self.dtype, self.trunk.embed_tokens.weight.device)
         key_valid = torch.zeros(b, t + max_new_tokens, dtype=torch.bool)
         key_valid[:, :t] = batch.mask
         positions = positions_from_mask(batch.mask)
@@ -260,11 +264,10 @@ class MoEModel:
         coalescer = self._coalescer()
         request = self._request(b * (t + max_new_tokens)) if charge else contextlib.nullcontext()
         with torch.inference_mode(), full_collections_deferred(), request, coalescer.participant():
-            hidden = self._hidden(batch.ids, positions, key_valid[:, :t], cache, batch.mask)
+            logits, cache = self._prefill(batch.ids, positions, key_valid[:, :t], batch.mask, t + max_new_tokens)
             next_pos = positions[:, -1:] + 1
             for step in range(max_new_tokens):
                 collect_young()
-                logits = self.trunk.lm_head(hidden[:, -1]).float()
                 token = select_next(logits, opts, generator)
                 token = torch.where(unfinished, token, torch.full_like(token, pad))
                 with coalescer.idle():  # the reader holds the token: the others go on without us
@@ -273,9 +276,26 @@ class MoEModel:
                 if step == max_new_tokens - 1 or not bool(unfinished.any()):
                     return
                 key_valid[:, t + step] = True
-                hidden = self._hidden(token[:, None], next_pos, key_valid[:, :t + step + 1], cache,
+                logits = self._decode(token[:, None], next_pos, key_valid[:, :t + step + 1], cache,
                                       unfinished[:, None])
                 next_pos = next_pos + 1
+
+    # ---- the trunk's three entry points (a transformers trunk overrides them: model/hf_model.py) ---
+
+    def _prefill(self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor, routed: torch.Tensor,
+                 capacity: int) -> tuple[torch.Tensor, KVCache]:
+        """The prompt through the model: last position's logits [B, V] (float32) and the cache."""
+        cfg = self.config
+        cache = KVCache(cfg.num_hidden_layers, ids.shape[0], cfg.num_key_value_heads, cfg.head_dim, capacity,
+                        self.dtype, self.device)
+        hidden = self._hidden(ids, positions, key_valid, cache, routed)
+        return self.trunk.lm_head(hidden[:, -1]).float(), cache
+
+    def _decode(self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor, cache: KVCache,
+                routed: torch.Tensor) -> torch.Tensor:
+        """One new token per row [B, 1] -> the next logits [B, V] (float32)."""
+        hidden = self._hidden(ids, positions, key_valid, cache, routed)
+        return self.trunk.lm_head(hidden[:, -1]).float()
 
     @contextlib.contextmanager
     def _request(self, tokens: int) -> Iterator[None]:

@@ -14,9 +14,12 @@ import torch
 
 from neuro_dask.errors import NeuroDaskError
 from neuro_dask.model.config import MoEConfig
+from neuro_dask.model.hf_config import TransformersMoEConfig
 from neuro_dask.runtime.expert_memory import ExpertMemory
 from neuro_dask.runtime.runners import ExpertRunner, check_backend, check_precision, choose_precision, prepare_expert
-from neuro_dask.store.manifest import Manifest
+from neuro_dask.runtime.hf_experts import choose_precision as choose_transformers_precision
+from neuro_dask.runtime.hf_experts import transformers_runner
+from neuro_dask.store.manifest import LAYOUT_TRANSFORMERS, Manifest
 from neuro_dask.store.remote import ExpertFileCache, read_manifest
 from neuro_dask.store.shard_store import read_expert_file
 from neuro_dask.wire import ExpertRequest
@@ -37,7 +40,7 @@ class ExpertNotHostedError(NeuroDaskError):
 class HostedModel:
     store_url: str
     manifest: Manifest
-    config: MoEConfig
+    config: MoEConfig | TransformersMoEConfig
     assigned: set[tuple[int, int]] = field(default_factory=set)
     precision: str | None = None  # resolved at the first load (the `auto` rule needs the expert count)
 
@@ -112,6 +115,12 @@ class ExpertHost:
                     model.precision = self.precision
                 elif self.backend == "onnx":
                     model.precision = "float32"
+                elif model.manifest.layout == LAYOUT_TRANSFORMERS:
+                    model.precision = choose_transformers_precision(
+                        model.manifest.experts_spec or {}, max(a.bytes for a in model.manifest.experts),
+                        max(experts, 1), self.memory.budget_bytes)
+                    log.info("precision auto: %s for %d experts within %d bytes", model.precision, experts,
+                             self.memory.budget_bytes)
                 else:
                     cfg = model.config
                     model.precision = choose_precision(self.memory.budget_bytes, max(experts, 1),
@@ -129,17 +138,23 @@ class ExpertHost:
             return runner
         artifact = model.manifest.expert(layer, expert)
         path = self.cache.fetch(model.store_url, artifact)
-        weights = read_expert_file(path, model.config)
         precision = self._resolve_precision(model, len(model.assigned) + 1)
-        if self.backend == "onnx":
-            runner = self._onnx().runner(artifact.sha256, weights)
-        else:
-            runner = prepare_expert(weights, precision, self.device)
+        runner = self._build_runner(model, layer, path, artifact.sha256, precision)
         with self._lock:
             evicted = self.memory.put(key, runner)
         if evicted:
             log.info("memory budget: evicted %d experts (reloaded from the disk cache on demand)", len(evicted))
         return runner
+
+    def _build_runner(self, model: HostedModel, layer: int, path, sha256: str, precision: str) -> ExpertRunner:
+        """The verified file -> a runner at `precision` on this host's backend and device."""
+        if model.manifest.layout == LAYOUT_TRANSFORMERS:
+            return transformers_runner(path, model.manifest.experts_spec or {}, model.manifest.config, layer,
+                                       precision, self.device, self.backend)
+        weights = read_expert_file(path, model.config)
+        if self.backend == "onnx":
+            return self._onnx().runner(sha256, weights)
+        return prepare_expert(weights, precision, self.device)
 
     def _onnx(self):
         from neuro_dask.runtime.onnx_backend import OnnxExpertCache

@@ -30,6 +30,8 @@ from neuro_dask.model.moe import ExpertWeights
 from neuro_dask.privacy.fixed_point import encode, limb_exact, ring_matmul, ring_matmul_limbs
 from neuro_dask.privacy.share_wire import ShareRequest, decode_share_request, encode_share_response
 from neuro_dask.runtime.expert_host import ExpertHost, ExpertNotHostedError
+from neuro_dask.runtime.hf_experts import ExpertLayoutError, describe_refusal, is_swiglu, read_expert_tensors, swiglu_weights
+from neuro_dask.store.manifest import LAYOUT_TRANSFORMERS
 from neuro_dask.store.shard_store import read_expert_file
 from neuro_dask.wire import WireFormatError, encode_error
 
@@ -103,7 +105,7 @@ class PrivateExpertHost:
         if not hosted:
             raise ExpertNotHostedError(model_id, layer, expert)
         path = self.host.cache.fetch(model.store_url, model.manifest.expert(layer, expert))  # verified, cached
-        built = IntegerExpert.from_weights(read_expert_file(path, model.config), frac_bits, self.host.device)
+        built = IntegerExpert.from_weights(_swiglu(path, model), frac_bits, self.host.device)
         with self._lock:
             self._experts[key] = built
             while len(self._experts) > self.max_experts:
@@ -116,6 +118,18 @@ class PrivateExpertHost:
         with self._lock:
             self.calls_served += 1
         return outputs
+
+
+def _swiglu(path, model) -> ExpertWeights:
+    """Secret shares pass through linear maps and a SiLU-gated product only: plain SwiGLU experts
+    (of either store layout). Others are refused with the reason (ExpertLayoutError)."""
+    if model.manifest.layout == LAYOUT_TRANSFORMERS:
+        spec = model.manifest.experts_spec or {}
+        if not is_swiglu(spec):
+            raise ExpertLayoutError(f"the private tier cannot run these experts: {describe_refusal(spec)}; "
+                                    "secret shares need plain SwiGLU experts")
+        return swiglu_weights(read_expert_tensors(path, spec), spec)
+    return read_expert_file(path, model.config)
 
 
 def serve_share(private: PrivateExpertHost, msg: Any, max_rows: int,

@@ -12,20 +12,24 @@ from typing import Any
 
 import torch
 
-from neuro_dask.errors import CheckpointError, ManifestError, MissingTensorError, TruncatedFileError
+from neuro_dask.errors import CheckpointError, ManifestError, MissingConfigError, MissingTensorError, TruncatedFileError
 from neuro_dask.model.config import MoEConfig
 from neuro_dask.model.keymap import TensorRef
 from neuro_dask.store.safetensors_io import SafetensorsFile
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# chat_template.jinja: where transformers 5 saves a chat template (the gateway reads it)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 class HFCheckpoint:
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, parse_config: bool = True):
+        """parse_config False: a transformers-layout shard reads config.json through transformers."""
         self.root = Path(root)
-        self.config = MoEConfig.from_file(self.root)
+        if not (self.root / "config.json").is_file():
+            raise MissingConfigError(str(self.root))
+        self.config = MoEConfig.from_file(self.root) if parse_config else None
         self.raw_config: dict[str, Any] = json.loads((self.root / "config.json").read_text())
         self.generation_config = _read_optional_json(self.root / "generation_config.json")
         self._files: dict[str, SafetensorsFile] = {}
@@ -84,6 +88,10 @@ class HFCheckpoint:
 
     def read(self, ref: TensorRef) -> torch.Tensor:
         return self._locate(ref).read(ref.name, ref.expert, ref.half)
+
+    def read_key(self, name: str, expert: int | None = None) -> torch.Tensor:
+        """A tensor by its checkpoint name, or one expert's slice of a stacked one."""
+        return self.read(TensorRef(name, expert))
 
 
 def _read_optional_json(path: Path) -> dict[str, Any] | None:

@@ -9,6 +9,7 @@ from typing import Any
 
 from neuro_dask.errors import ManifestError, MissingConfigError
 from neuro_dask.model.config import MoEConfig
+from neuro_dask.model.hf_config import TransformersMoEConfig
 
 FORMAT = "neuro-dask-shards"
 FORMAT_VERSION = 1
@@ -17,6 +18,10 @@ MANIFEST_NAME = "manifest.json"
 ROLE_TRUNK = "trunk"
 ROLE_EXPERT = "expert"
 ROLE_TOKENIZER = "tokenizer"
+
+LAYOUT_NEURO = "neuro"  # the hand-written trunk's canonical names; experts as gate/up/down (model/keymap.py)
+LAYOUT_TRANSFORMERS = "transformers"  # transformers' own names and experts layout (store/hf_sharder.py)
+LAYOUTS = (LAYOUT_NEURO, LAYOUT_TRANSFORMERS)
 
 
 def expert_path(layer: int, expert: int) -> str:
@@ -62,14 +67,23 @@ class Manifest:
     source: str = ""
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
+    layout: str = LAYOUT_NEURO
+    experts_spec: dict[str, Any] | None = None  # transformers layout: how workers run the experts
     _by_key: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ManifestError(MANIFEST_NAME, f"has layout {self.layout!r}; this neuro_dask reads {', '.join(LAYOUTS)}")
+        if self.layout == LAYOUT_TRANSFORMERS and not isinstance(self.experts_spec, dict):
+            raise ManifestError(MANIFEST_NAME, "has the transformers layout but no experts_spec; re-run `neuro-dask shard`")
         for a in self.artifacts:
             self._by_key[(a.role, a.layer, a.expert, a.path if a.role == ROLE_TOKENIZER else None)] = a
 
     @property
-    def model_config(self) -> MoEConfig:
+    def model_config(self) -> MoEConfig | TransformersMoEConfig:
+        if self.layout == LAYOUT_TRANSFORMERS:
+            return TransformersMoEConfig.from_manifest(self.architecture, self.config, self.experts_spec or {},
+                                                       self.experts)
         return MoEConfig.from_hf(self.config, f"{MANIFEST_NAME}:config")
 
     @property
@@ -86,7 +100,10 @@ class Manifest:
         import hashlib
 
         artifacts = sorted([a.role, a.path, a.layer, a.expert, a.dtype, a.bytes, a.sha256] for a in self.artifacts)
-        canonical = json.dumps(["neuro-model-v1", self.architecture, self.config, artifacts], sort_keys=True,
+        head = ["neuro-model-v1", self.architecture, self.config, artifacts]
+        if self.layout != LAYOUT_NEURO:  # how the experts run decides the answers too
+            head += [self.layout, self.experts_spec]
+        canonical = json.dumps(head, sort_keys=True,
                                separators=(",", ":"), default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -164,6 +181,8 @@ class Manifest:
                 generation_config=raw.get("generation_config"),
                 tokenizer_files=tuple(raw.get("tokenizer_files", ())),
                 source=raw.get("source", ""),
+                layout=raw.get("layout", LAYOUT_NEURO),
+                experts_spec=raw.get("experts_spec"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ManifestError(where, f"is malformed ({exc}); re-run `neuro-dask shard`") from exc

@@ -11,7 +11,7 @@ from neuro_dask.errors import TensorShapeError
 from neuro_dask.model.config import MoEConfig
 from neuro_dask.model.keymap import expert_shapes
 from neuro_dask.model.moe import ExpertWeights
-from neuro_dask.store.manifest import Artifact, Manifest
+from neuro_dask.store.manifest import LAYOUT_TRANSFORMERS, Artifact, Manifest
 from neuro_dask.store.safetensors_io import read_tensors, verify_sha256
 
 log = logging.getLogger(__name__)
@@ -48,11 +48,24 @@ class ShardStore:
     def read_trunk(self) -> dict[str, torch.Tensor]:
         return self._read(self.manifest.trunk)
 
-    def read_expert(self, layer: int, expert: int, dtype: torch.dtype | None = None) -> ExpertWeights:
+    def expert_path(self, layer: int, expert: int) -> Path:
+        """The expert's file, sha256-verified when this store verifies."""
         artifact = self.manifest.expert(layer, expert)
         path = self.path(artifact)
         if self.verify:
             verify_sha256(path, artifact.sha256)
+        return path
+
+    def read_expert(self, layer: int, expert: int, dtype: torch.dtype | None = None) -> ExpertWeights:
+        """One expert as SwiGLU weights (a transformers-layout store's plain SwiGLU experts too;
+        other layouts raise ExpertLayoutError: run them with runtime/hf_experts.py)."""
+        path = self.expert_path(layer, expert)
+        if self.manifest.layout == LAYOUT_TRANSFORMERS:
+            from neuro_dask.runtime.hf_experts import read_expert_tensors, swiglu_weights
+
+            spec = self.manifest.experts_spec or {}
+            weights = swiglu_weights(read_expert_tensors(path, spec), spec)
+            return weights if dtype is None else ExpertWeights(*(t.to(dtype) for t in weights.as_dict().values()))
         return read_expert_file(path, self.config, dtype)
 
     def tokenizer_path(self) -> Path | None:

@@ -22,13 +22,16 @@ from typing import Callable
 
 import torch
 
-from neuro_dask.errors import TensorShapeError
-from neuro_dask.model.config import MoEConfig
+from neuro_dask.errors import ConfigError, TensorShapeError
+from neuro_dask.model.config import SUPPORTED_MODEL_TYPES, MoEConfig
 from neuro_dask.model.keymap import TensorRef, expert_refs, expert_shapes, trunk_refs
 from neuro_dask.model.trunk import Trunk
 from neuro_dask.store.checkpoint import HFCheckpoint
 from neuro_dask.store.gguf_reader import GGUFCheckpoint, is_gguf
 from neuro_dask.store.manifest import (
+    LAYOUT_NEURO,
+    LAYOUT_TRANSFORMERS,
+    LAYOUTS,
     ROLE_EXPERT,
     ROLE_TOKENIZER,
     ROLE_TRUNK,
@@ -36,6 +39,7 @@ from neuro_dask.store.manifest import (
     Manifest,
     expert_path,
 )
+from neuro_dask.store.hf_sharder import raw_model_type
 from neuro_dask.store.safetensors_io import DTYPE_NAMES, StreamingWriter, sha256_file
 
 log = logging.getLogger(__name__)
@@ -74,8 +78,30 @@ def _write(ckpt: HFCheckpoint | GGUFCheckpoint, dst: Path, rel: str, refs: dict[
 
 
 
-def shard_checkpoint(src: str | Path, dst: str | Path, progress: Progress | None = None) -> Manifest:
+LAYOUT_AUTO = "auto"
+
+
+def choose_layout(src: str | Path, layout: str = LAYOUT_AUTO) -> str:
+    """`auto`: the hand-written trunk for the families it implements (and GGUF files), the
+    checkpoint's own transformers model for every other architecture (docs/model-and-store.md)."""
+    if layout not in (LAYOUT_AUTO, *LAYOUTS):
+        raise ConfigError(f"layout must be auto, {' or '.join(LAYOUTS)}; got {layout!r}")
+    if is_gguf(src):
+        if layout == LAYOUT_TRANSFORMERS:
+            raise ConfigError("a .gguf file shards with the hand-written trunk's layout only (--layout neuro)")
+        return LAYOUT_NEURO
+    if layout != LAYOUT_AUTO:
+        return layout
+    return LAYOUT_NEURO if raw_model_type(Path(src)) in SUPPORTED_MODEL_TYPES else LAYOUT_TRANSFORMERS
+
+
+def shard_checkpoint(src: str | Path, dst: str | Path, progress: Progress | None = None,
+                     layout: str = LAYOUT_AUTO) -> Manifest:
     """Shard SRC (an HF checkpoint folder or a .gguf file) into DST; returns the manifest written last."""
+    if choose_layout(src, layout) == LAYOUT_TRANSFORMERS:
+        from neuro_dask.store.hf_sharder import TransformersSharder
+
+        return TransformersSharder(Path(src), progress).shard(Path(dst))
     src, dst = Path(src), Path(dst)
     tick = progress or (lambda _msg: None)
     ckpt = open_checkpoint(src)
@@ -115,8 +141,12 @@ def shard_checkpoint(src: str | Path, dst: str | Path, progress: Progress | None
     return manifest
 
 
-def count_artifacts(src: str | Path) -> int:
+def count_artifacts(src: str | Path, layout: str = LAYOUT_AUTO) -> int:
     """How many files shard_checkpoint will write (for a progress bar's total)."""
+    if choose_layout(src, layout) == LAYOUT_TRANSFORMERS:
+        from neuro_dask.store.hf_sharder import TransformersSharder
+
+        return TransformersSharder(Path(src)).count()
     cfg = GGUFCheckpoint(src).config if is_gguf(src) else MoEConfig.from_file(src)
     return 1 + len(cfg.moe_layers) * cfg.num_experts
 

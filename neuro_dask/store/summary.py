@@ -13,14 +13,17 @@ def summarize(manifest: Manifest) -> dict[str, Any]:
     experts = manifest.experts
     per_expert = experts[0].parameters if experts else 0
     expert_params = sum(a.parameters for a in experts)
+    spec = manifest.experts_spec or {}
     return {
         "architecture": manifest.architecture,
+        "layout": manifest.layout,
+        "expert_format": spec.get("format", "float"),
         "layers": cfg.num_hidden_layers,
         "moe_layers": len(cfg.moe_layers),
         "experts_per_layer": cfg.num_experts,
         "experts_per_token": cfg.num_experts_per_tok,
         "expert_files": len(experts),
-        "shared_expert": bool(cfg.shared_expert_intermediate_size),
+        "shared_expert": bool(getattr(cfg, "shared_expert_intermediate_size", 0) or spec.get("shared_experts")),
         "hidden_size": cfg.hidden_size,
         "vocab_size": cfg.vocab_size,
         "dtype": trunk.dtype,
@@ -51,7 +54,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 
     s = summary
     lines = [
-        f"architecture       {s['architecture']} ({s['dtype']})",
+        f"architecture       {s['architecture']} ({s['dtype']}; {s.get('layout', 'neuro')} layout, "
+        f"{s.get('expert_format', 'float')} experts)",
         f"layers             {s['layers']} ({s['moe_layers']} MoE), hidden {s['hidden_size']}, vocab {s['vocab_size']}",
         f"experts            {s['experts_per_layer']} per layer, top-{s['experts_per_token']}, "
         f"{s['expert_files']} files{', plus a shared expert' if s['shared_expert'] else ''}",

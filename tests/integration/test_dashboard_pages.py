@@ -16,7 +16,7 @@ from cluster_helpers import add_worker
 
 import neuro_dask as nd
 from neuro_dask.cluster import local_cluster
-from neuro_dask.dashboard import charts
+from neuro_dask.dashboard import charts, views
 
 TRUST = {"neuro.scheduler.trusted": ["0"], "neuro.client.trust": True, "neuro.client.seed": 0}
 
@@ -64,7 +64,23 @@ def test_the_heatmap_has_a_cell_per_expert_with_replicas_and_target(network):
     assert len(data["layer"]) == view.layers * view.experts == 3 * 8
     assert all(r >= 1 for r in data["replicas"]) and all(t >= 1 for t in data["target"])
     assert sum(data["load"]) > 0  # the generation's load was reported
-    assert list(heat.load.x_range.factors) == [str(e) for e in range(8)]
+    assert (heat.load.x_range.start, heat.load.x_range.end) == (-0.5, 7.5)
+    assert heat.load.select_one({"name": "expert-heatmap-labels"}).visible  # 8 experts: numbered cells
+
+
+def test_the_heatmap_scales_to_hundreds_of_experts_per_layer():
+    """A DeepSeek-V3-shaped network: 61 layers x 256 experts, one cell each, no per-cell numbers."""
+    from types import SimpleNamespace
+
+    cells = {(layer, e): 1 for layer in range(61) for e in range(256)}
+    view = views.NetworkView(layers=61, experts=256, replicas=cells, target=cells,
+                             load={c: float(c[1] % 7) for c in cells}, model="deepseek_v3-x")
+    heat = charts.ExpertHeatmap(SimpleNamespace(dashboard_view=lambda: view))
+    heat.update()
+    assert len(heat.source.data["x"]) == 61 * 256
+    assert (heat.load.x_range.end, heat.load.y_range.end) == (255.5, 60.5)
+    assert not heat.load.select_one({"name": "expert-heatmap-labels"}).visible
+    assert heat.load.width >= 5 * 256  # a few pixels per expert
 
 
 def test_the_call_stream_and_histograms_show_the_generation(network):

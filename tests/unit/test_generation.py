@@ -29,7 +29,7 @@ def test_ragged_lists_are_left_padded_with_a_mask():
 
 def test_positions_count_real_tokens_only():
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
-    assert positions_from_mask(mask).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
+    assert positions_from_mask(mask).tolist() == [[1, 1, 0, 1], [0, 1, 2, 3]]  # pads at 1, as generate does
 
 
 @pytest.mark.parametrize("prompts, error, index", [

@@ -157,8 +157,14 @@ def test_wrong_shape_is_named_with_both_shapes(hf_checkpoint, tmp_path):
 def test_missing_config_and_unsupported_type(hf_checkpoint, tmp_path):
     src = _copy(hf_checkpoint("mixtral"), tmp_path / "hf")
     raw = json.loads((src / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps(dict(raw, model_type="deepseek_v3")))
-    with pytest.raises(UnsupportedModelError, match="mixtral, olmoe, qwen2_moe, qwen3_moe"):
+    # a dense architecture, or one no transformers knows: no routed experts to serve
+    for model_type in ("llama", "not-a-model"):
+        (src / "config.json").write_text(json.dumps(dict(raw, model_type=model_type)))
+        with pytest.raises(UnsupportedModelError, match="no routed experts.*deepseek_v3.*gpt_oss.*mixtral"):
+            shard_checkpoint(src, tmp_path / "out")
+    # an MoE architecture whose config leaves no layer with routed experts (all dense)
+    (src / "config.json").write_text(json.dumps(dict(raw, model_type="deepseek_v3", first_k_dense_replace=8)))
+    with pytest.raises(UnsupportedModelError, match="no layer with routed experts"):
         shard_checkpoint(src, tmp_path / "out")
     (src / "config.json").unlink()
     with pytest.raises(MissingConfigError):
