@@ -14,8 +14,10 @@ Two random checkpoints written by transformers and sharded with `layout="transfo
 
 Each is served on an in-process cluster of N workers (N from --workers, default 2 and 4; neuro_worker
 preload, processes=False, --neuro-no-benchmark, replicas 1 and hot-extra-replicas 0, so every expert
-lives on exactly one worker and the placement never changes while measuring; direct transport;
-float32, CPU). Both models are also loaded locally (nd.load without a client: the same expert
+lives on exactly one worker and the placement never changes while measuring; no Dask memory limit;
+direct transport; float32, CPU). The workers share this process and its 2 cores with the client, so
+they do not compute in parallel: ms/layer shows what the extra messages cost, not what N machines
+would gain. Both models are also loaded locally (nd.load without a client: the same expert
 runners in this process) for a per-layer baseline.
 
 Measured per MoE layer call (the executor's run_layer: the routed experts of one layer for every
@@ -234,7 +236,7 @@ def cluster(tmp: Path, workers: int):
     with dask.config.set({"neuro.worker.cache-dir": str(tmp / f"cache-{workers}"), "neuro.client.transport": "direct",
                           "neuro.scheduler.hot-extra-replicas": 0}):
         with local_cluster(n_workers=workers, processes=False, replicas=1, worker_args=["--neuro-no-benchmark"],
-                           dashboard_address=None) as c, Client(c) as client:
+                           dashboard_address=None, memory_limit=0) as c, Client(c) as client:
             client.wait_for_workers(workers, timeout=60)
             yield client
 
@@ -255,13 +257,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="narrow models, 1 layer, 1 round (a smoke run)")
     p.add_argument("--workers", default="2,4", help="cluster sizes, comma-separated")
-    p.add_argument("--rounds", type=int, default=None, help="repeats of every phase (default 3; quick 1)")
+    p.add_argument("--rounds", type=int, default=None, help="repeats of every phase (default 5; quick 1)")
     p.add_argument("--new-tokens", type=int, default=8)
     args = p.parse_args(argv)
     import neuro_dask as nd
 
     shapes = QUICK if args.quick else FULL
-    rounds = args.rounds or (1 if args.quick else 3)
+    rounds = args.rounds or (1 if args.quick else 5)
     sizes = [int(n) for n in args.workers.split(",") if n]
     began = time.perf_counter()
 

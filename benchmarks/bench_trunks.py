@@ -25,7 +25,9 @@ Settings:
   direct     nd.load(path, client=client) on an in-process cluster of 2 workers (neuro_worker preload,
              processes=False, --neuro-no-benchmark, replicas 1 and hot-extra-replicas 0: each expert
              lives on exactly one worker, placed once), calls by the direct transport
-ratio = transformers-trunk time / hand-written-trunk time (> 1: the transformers trunk is slower).
+ratio = transformers-trunk time / hand-written-trunk time (> 1: the transformers trunk is slower),
+the median over rounds of the two runs of one round (they ran back to back, so a burst of load from
+other processes mostly hits both); the ratio of the medians is in the JSON too.
 
 Load times (client side):
   trunk      ShardStore(path) (sha256 of manifest'd trunk) + assemble_model with no experts: what a
@@ -202,9 +204,11 @@ def measure(models: dict, prefill_ids, b1, b8, n: int, rounds: int) -> dict:
             value = {layout: prefill_ids.numel() / t for layout, t in med.items()}  # tokens/s
         else:
             value = {layout: 1000 * t / n for layout, t in med.items()}  # ms per token (per step at batch 8)
+        paired = [b / a for a, b in zip(times["neuro"], times["transformers"])]
         res[name] = {"value": value, "unit": "tokens/s" if name == "prefill" else
                      ("ms/token" if name == "decode_b1" else "ms/step (8 tokens)"),
-                     "seconds": times, "time_ratio": med["transformers"] / med["neuro"]}
+                     "seconds": times, "time_ratio": statistics.median(paired),
+                     "round_ratios": paired, "ratio_of_medians": med["transformers"] / med["neuro"]}
     return res
 
 
@@ -221,7 +225,7 @@ def cluster(tmp: Path, workers: int = 2):
     with dask.config.set({"neuro.worker.cache-dir": str(tmp / "cache"), "neuro.client.transport": "direct",
                           "neuro.scheduler.hot-extra-replicas": 0}):
         with local_cluster(n_workers=workers, processes=False, replicas=1, worker_args=["--neuro-no-benchmark"],
-                           dashboard_address=None) as c, Client(c) as client:
+                           dashboard_address=None, memory_limit=0) as c, Client(c) as client:
             client.wait_for_workers(workers, timeout=60)
             yield client
 
@@ -230,7 +234,7 @@ def run_family(family: str, s: Size, tmp: Path, n: int, rounds: int, index: int,
     import neuro_dask as nd
 
     started = time.perf_counter()
-    out: dict = {"family": family}
+    out: dict = {"family": family, "load_average_at_start": os.getloadavg()}
     stores = write_family(family, s, tmp)
     log(f"{family}: checkpoint written and sharded twice ({time.perf_counter() - started:.1f} s)")
     prefill_ids, b1, b8, padded = prompts(s.vocab)
@@ -281,7 +285,8 @@ def run_family(family: str, s: Size, tmp: Path, n: int, rounds: int, index: int,
         for m in remote.values():
             m.close()
     out["seconds"] = time.perf_counter() - started
-    log(f"{family}: done ({out['seconds']:.1f} s)")
+    out["load_average_at_end"] = os.getloadavg()
+    log(f"{family}: done ({out['seconds']:.1f} s, load average {os.getloadavg()[0]:.1f})")
     return out
 
 
@@ -354,7 +359,8 @@ def main(argv=None) -> int:
     print(f"model: {size.describe()}; float32; {rounds} interleaved rounds, medians; "
           f"ratio = transformers trunk / hand-written trunk (time)")
     print(table(results))
-    print(f"total run time {total:.0f} s")
+    print(f"total run time {total:.0f} s; 1-minute load average at the end {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} CPUs")
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / "trunks.json").write_text(json.dumps(res, indent=2))

@@ -130,6 +130,13 @@ class Coordinator:
         self.version += 1
         return self._replan()
 
+    def unloadable(self, model: str, missing: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Missing experts every live worker has failed to load: waiting will not bring them."""
+        if not self.workers:
+            return []
+        return [(l, e) for l, e in missing
+                if all((model, l, e) in self.failed.get(w, ()) for w in self.workers)]
+
     def worker_unreachable(self, worker: str, model: str, experts: Iterable[tuple[int, int]]) -> None:
         """The scheduler's own probe of the worker failed for these experts (a client's report
         alone changes only that client's routing): stop routing them there until it reloads them."""

@@ -108,6 +108,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         # and replaced on every change, so an identical record means an identical standing.
         self._standings: dict[str, tuple[Any, dict[str, Any]]] = {}
         self._precisions: dict[tuple[str, str], str] = {}  # (worker, model) -> its experts' precision
+        self._load_errors: dict[tuple[str, int, int], str] = {}  # (model, layer, expert) -> a worker's last why
         self.paused: dict[str, str] = {}  # idle-only workers whose owner is busy -> why; never routed to
         self._unsubscribe_security = None  # hardened mode: stop forwarding security events
         self.channels = ModelChannels(settings.version_adoption, settings.version_lease_seconds,
@@ -356,9 +357,11 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         score = {w: s["score"] if w in self.identity else 0.5 for w, s in standing.items()}
         ranked = [[l, e, sorted((w for w in ws if w in standing), key=lambda w: -score[w])]
                   for (l, e), ws in snap.routes.items()]  # sorted is stable
+        unloadable = self.coordinator.unloadable(model, snap.missing)[:20]
         return {"status": "OK", "version": snap.version, "params": self._trust_params, "routes": ranked,
                 "standing": standing, "hardened": self.hardened,
-                "missing": [list(k) for k in snap.missing], "pending": [list(k) for k in snap.pending]}
+                "missing": [list(k) for k in snap.missing], "pending": [list(k) for k in snap.pending],
+                "unloadable": [[l, e, self._load_errors.get((model, l, e), "")] for l, e in unloadable]}
 
     def experts_loaded(self, comm, worker: str, model: str, loaded: list, failed: list,
                        precision: str = "float32") -> dict[str, Any]:
@@ -371,6 +374,10 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
                    describe(comm_identity(comm)))
         if failed:
             log.warning("worker %s failed to load %d experts of %s, e.g. %s", worker, len(failed), model, failed[0])
+            published = self.coordinator.models.get(model)
+            for l, e, why in failed[:1000]:  # the reason a client is told when no worker can load it
+                if published is not None and (int(l), int(e)) in published.experts:  # bounded: real experts only
+                    self._load_errors[(model, int(l), int(e))] = str(why)[:300]
             self.scheduler.log_event("neuro", {"action": "load-failed", "worker": worker, "model": model,
                                                "failed": failed[:20]})
             self._enact(self.coordinator.load_failed(worker, model, [(l, e) for l, e, _ in failed]))

@@ -20,6 +20,16 @@ class ExpertUnavailableError(NeuroDaskError):
         )
 
 
+class ExpertsUnloadableError(ExpertUnavailableError):
+    """Every live worker tried and failed to load these experts: waiting longer changes nothing."""
+
+    def __init__(self, model: str, layer: int, experts: Iterable[int], waited: float, why: str):
+        super().__init__(model, layer, experts, waited)
+        self.why = why
+        Exception.__init__(self, f"every live worker failed to load expert(s) {self.experts} of layer {layer} of model "
+                                 f"{model!r}: {why or 'no reason given'}")
+
+
 @dataclass(frozen=True)
 class RouteTable:
     version: int

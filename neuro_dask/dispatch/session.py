@@ -19,7 +19,7 @@ from distributed import Client
 from tqdm import tqdm
 
 from neuro_dask.dispatch.executor import DistributedExecutor
-from neuro_dask.dispatch.routes import ExpertUnavailableError, RouteTable
+from neuro_dask.dispatch.routes import ExpertsUnloadableError, ExpertUnavailableError, RouteTable
 from neuro_dask.dispatch.transports import make_transport
 from neuro_dask.errors import NeuroDaskError
 from neuro_dask.loading import assemble_model
@@ -131,9 +131,14 @@ def wait_until_served(client: Client, model_id: str, timeout: float, clock=time.
             if bar is not None:
                 bar.close()
             return table
-        if clock() - started > timeout:
+        unloadable = msg.get("unloadable") or []
+        if unloadable or clock() - started > timeout:
             if bar is not None:
                 bar.close()
+            if unloadable:  # every worker tried: say why now rather than after the timeout
+                layer, why = unloadable[0][0], str(unloadable[0][2])
+                raise ExpertsUnloadableError(model_id, layer, [e for l, e, _ in unloadable if l == layer],
+                                             clock() - started, why)
             layer = missing[0][0]
             raise ExpertUnavailableError(model_id, layer, [e for l, e in missing if l == layer], clock() - started)
         time.sleep(0.05)  # poll: workers report loaded experts as they finish

@@ -152,13 +152,22 @@ def _scan_hooked() -> tuple[str, ...]:
     return tuple(sorted(t for t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if model_type_to_module_name(t) in folders))
 
 
+# Published checkpoints whose config names a model type transformers does not map, built on an
+# architecture it implements (their modeling code is that architecture's, shipped as remote code).
+MODEL_TYPE_ALIASES = {"kimi_k2": "deepseek_v3"}  # Moonshot's Kimi K2: DeepseekV3ForCausalLM, 384 experts
+
+
+def transformers_model_type(model_type: object) -> object:
+    return MODEL_TYPE_ALIASES.get(model_type, model_type) if isinstance(model_type, str) else model_type
+
+
 MAX_LAYERS = 1024  # DeepSeek-V3 has 61, Kimi K2 61, gpt-oss-120b 36: far beyond any model
 
 
 def check_config(raw: Mapping[str, Any]) -> None:
     """A store's config.json may come from a hostile mirror: only architectures with routed
     experts, and no layer count that would take a process down merely to build the skeleton."""
-    model_type = raw.get("model_type")
+    model_type = transformers_model_type(raw.get("model_type"))
     hooked = hooked_model_types()
     if model_type not in hooked:
         raise UnsupportedModelError(model_type, hooked, reason="its transformers implementation has no routed experts "
@@ -178,7 +187,8 @@ def hf_config(raw: Mapping[str, Any]):
     raw = PretrainedConfig._decode_special_floats(dict(raw))  # {"__float__": "Infinity"} as saved
     fields = {k: v for k, v in raw.items() if k not in ("model_type", "quantization_config", "transformers_version",
                                                         "architectures", "torch_dtype", "dtype")}
-    model_type = raw.get("model_type")
+    model_type = transformers_model_type(raw.get("model_type"))
+    fields.pop("auto_map", None)  # remote code is never run: the alias's own transformers classes are
     try:
         return AutoConfig.for_model(model_type, **fields)
     except ValueError as exc:

@@ -326,7 +326,8 @@ class TransformersSharder:
         if not pieces:
             raise MissingTensorError(f"{full} (expert {expert})", str(self.src))
         t = convert(converter, pieces, full, self.model)
-        while t.dim() > 1 and t.shape[0] == 1 and tuple(t.shape[1:]) == _shape_of(self, full)[:t.dim() - 1]:
+        rank = len(_shape_of(self, full)) or t.dim() - 1  # a scale grid has its weight's rank
+        while t.dim() > rank and t.shape[0] == 1:  # the converter stacked one expert: [1, ...]
             t = t[0]
         return t
 
@@ -414,8 +415,10 @@ def _logical_params(name: str, t: torch.Tensor) -> int:
     return t.numel() * 2 if name.endswith("_blocks") else t.numel()
 
 
-def raw_model_type(src: Path) -> str | None:
+def raw_config(src: Path) -> dict[str, Any]:
+    """A checkpoint's config.json as it is ({} when absent or unreadable: the sharder says why)."""
     try:
-        return json.loads((Path(src) / "config.json").read_text()).get("model_type")
+        raw = json.loads((Path(src) / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
-        return None
+        return {}
+    return raw if isinstance(raw, dict) else {}

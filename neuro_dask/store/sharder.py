@@ -39,7 +39,7 @@ from neuro_dask.store.manifest import (
     Manifest,
     expert_path,
 )
-from neuro_dask.store.hf_sharder import raw_model_type
+from neuro_dask.store.hf_sharder import raw_config
 from neuro_dask.store.safetensors_io import DTYPE_NAMES, StreamingWriter, sha256_file
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,11 @@ def choose_layout(src: str | Path, layout: str = LAYOUT_AUTO) -> str:
         return LAYOUT_NEURO
     if layout != LAYOUT_AUTO:
         return layout
-    return LAYOUT_NEURO if raw_model_type(Path(src)) in SUPPORTED_MODEL_TYPES else LAYOUT_TRANSFORMERS
+    raw = raw_config(Path(src))
+    # the hand-written trunk's families, unquantized; quantized ones (Qwen3-MoE FP8) keep their
+    # experts quantized only in the transformers layout
+    hand_written = raw.get("model_type") in SUPPORTED_MODEL_TYPES and not raw.get("quantization_config")
+    return LAYOUT_NEURO if hand_written else LAYOUT_TRANSFORMERS
 
 
 def shard_checkpoint(src: str | Path, dst: str | Path, progress: Progress | None = None,

@@ -13,7 +13,7 @@ from distributed import Worker
 from tiny_models import padded_batch
 
 import neuro_dask as nd
-from neuro_dask.dispatch.routes import ExpertUnavailableError
+from neuro_dask.dispatch.routes import ExpertsUnloadableError, ExpertUnavailableError
 from neuro_dask.store.manifest import Manifest, expert_path
 from neuro_dask.store.remote import ExpertFileCache
 
@@ -116,8 +116,11 @@ def test_corrupted_store_is_refused_by_every_worker(sharded, tmp_path):
     data = bytearray(target.read_bytes())
     data[-1] ^= 0xFF
     target.write_bytes(bytes(data))
-    with dask.config.set({"neuro.client.load-timeout": 3.0}), neuro_cluster(2, tmp_path=tmp_path) as (_, client):
-        with pytest.raises(ExpertUnavailableError, match=r"expert\(s\) \[2\] of layer 1"):
+    # a long timeout: once every worker has tried and failed, the client is told why at once
+    with dask.config.set({"neuro.client.load-timeout": 600.0}), neuro_cluster(2, tmp_path=tmp_path) as (_, client):
+        with pytest.raises(ExpertsUnloadableError, match=r"every live worker failed to load expert\(s\) \[2\] of "
+                                                        r"layer 1 .*sha256") as info:
             nd.load(root, client=client)
+        assert isinstance(info.value, ExpertUnavailableError) and info.value.waited < 120
         failures = [e for _, e in client.get_events("neuro") if e.get("action") == "load-failed"]
         assert failures and "sha256" in str(failures)
