@@ -7,9 +7,9 @@ Two random checkpoints written by transformers and sharded with `layout="transfo
                moe_intermediate 256 (2048/8), top-8, group-limited routing (n_group 8, topk_group 4,
                noaux_tc), one shared expert (runs on the client, in the trunk); 2 decoder layers, both MoE
                (first_k_dense_replace 0); MLA attention at 1/8 (16 heads, q_lora 192, kv_lora 64,
-               qk_nope 16, qk_rope 16, v 16); vocabulary 4096
+               qk_nope 16, v 16; qk_rope 16 = 64/4); vocabulary 4096
   mixtral      Mixtral-8x7B's MoE layer at 1/8 expert width with the same hidden: hidden 896, 8 experts
-               of intermediate 1792 (14336/8), top-2; 2 decoder layers; 14/2 heads; vocabulary 4096
+               of intermediate 1792 (14336/8), top-2; 2 decoder layers; 16/2 heads; vocabulary 4096
 `--quick`: hidden 224, deepseek experts of 64, mixtral experts of 448, 1 layer, 1 round.
 
 Each is served on an in-process cluster of N workers (N from --workers, default 2 and 4; neuro_worker
@@ -20,7 +20,7 @@ they do not compute in parallel: ms/layer shows what the extra messages cost, no
 would gain. Both models are also loaded locally (nd.load without a client: the same expert
 runners in this process) for a per-layer baseline.
 
-Measured per MoE layer call (the executor's run_layer: the routed experts of one layer for every
+Measured per MoE layer call, over 5 rounds of every phase (--rounds) (the executor's run_layer: the routed experts of one layer for every
 token of one forward step; the router and DeepSeek's shared expert run in the client's trunk and are
 not in it), instrumenting the model's DistributedExecutor: `run_layer` is wrapped to time each
 call and to note the experts it needs, `transport.call_many` (where the executor hands the
@@ -216,7 +216,8 @@ def summarize(calls: list[dict], local_calls: list[dict], routes: dict) -> dict:
                               "min": min(len(c["messages"]) for c in calls),
                               "max": max(len(c["messages"]) for c in calls)},
         "holding_workers_per_call": med(len({routes[(c["layer"], e)][0] for e in c["rows"]}) for c in calls),
-        "experts_per_message": {"median": med(len(m["experts"]) for m in msgs), "max": max(len(m["experts"]) for m in msgs)},
+        "experts_per_message": {"median": med(len(m["experts"]) for m in msgs),
+                                "max": max(len(m["experts"]) for m in msgs)},
         "rows_per_message": {"median": med(m["rows"] for m in msgs), "max": max(m["rows"] for m in msgs)},
         "kib_per_message": med(m["bytes"] / 1024 for m in msgs),
         "ms_per_layer": {"distributed": med(c["ms"] for c in calls), "local": med(c["ms"] for c in local_calls)},
@@ -361,7 +362,8 @@ def report(results: dict) -> str:
     for run in results["runs"]:
         pl = run["placement"]
         per_layer = "; ".join(f"L{l}: {'/'.join(str(v) for v in c.values())}" for l, c in pl["per_layer"].items())
-        lines.append(f"| {run['model']} | {run['workers']} | {'/'.join(str(v) for v in pl['experts_per_worker'].values())} "
+        per_worker = "/".join(str(v) for v in pl["experts_per_worker"].values())
+        lines.append(f"| {run['model']} | {run['workers']} | {per_worker} "
                      f"| {per_layer} | {run['tokens_identical_to_local']} | {run['load_s']:.1f} |")
     return "\n".join(lines)
 

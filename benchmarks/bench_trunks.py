@@ -15,7 +15,8 @@ left-padded batch of 3), locally and, on the cluster, identical to the local one
 tokens differ is reported and not timed. EOS is switched off on both models (GenerationDefaults
 without eos ids) so that every run generates exactly `--new-tokens` tokens.
 
-Measured per family, per setting, interleaved (the order alternates every round; medians):
+Measured per family, per setting, interleaved (3 rounds, --rounds; the order alternates every round;
+medians):
   prefill    model.forward on 4 x 128 tokens (full logits, no cache): tokens/s
   decode b1  model.generate, 1 prompt of 16 tokens, 32 new tokens: wall time / 32 = ms per token
              (the 16-token prefill included, as in bench_decode_vs_transformers.py)
@@ -25,12 +26,14 @@ Settings:
   direct     nd.load(path, client=client) on an in-process cluster of 2 workers (neuro_worker preload,
              processes=False, --neuro-no-benchmark, replicas 1 and hot-extra-replicas 0: each expert
              lives on exactly one worker, placed once), calls by the direct transport
-ratio = transformers-trunk time / hand-written-trunk time (> 1: the transformers trunk is slower),
-the median over rounds of the two runs of one round (they ran back to back, so a burst of load from
-other processes mostly hits both); the ratio of the medians is in the JSON too.
+ratio = transformers-trunk time / hand-written-trunk time (> 1: the transformers trunk is slower): the
+median over the rounds of that quotient within a round (the two runs of a round are back to back, so
+a burst of load from other processes mostly hits both); the ratio of the medians is in the JSON too.
+Both stores' experts are the same weights, run by the same SwiGLU runner (the transformers layout's
+plain SwiGLU experts become ExpertWeights, runtime/hf_experts.py), so the ratio compares client trunks.
 
 Load times (client side):
-  trunk      ShardStore(path) (sha256 of manifest'd trunk) + assemble_model with no experts: what a
+  trunk      ShardStore(path) (the trunk's sha256 checked) + assemble_model with no experts: what a
              client of a cluster does itself; interleaved, median of the rounds
   local      nd.load(path): trunk + every expert in-process (sha256-verified); interleaved, median
   direct     nd.load(path, client=client), first load of that store on a fresh cluster: publish, the
@@ -39,7 +42,9 @@ Load times (client side):
 
 Everything runs in this process (the cluster's workers too), float32, CPU; machine noise hits both
 sides alike, but on a shared 2-core machine absolute figures move by 2x from run to run: read
-the ratios. Results: benchmarks/results/trunks.json (`setup.quick` says which size wrote it).
+the ratios. About 5 minutes on the idle 2-core development machine (12 under heavy load from other
+processes); --quick about 40 s. Results: benchmarks/results/trunks.json (`setup.quick` says which
+size wrote it).
 """
 
 from __future__ import annotations
@@ -347,9 +352,10 @@ def main(argv=None) -> int:
     import transformers
 
     res = {"families": results, "total_seconds": total,
-           "setup": {"quick": args.quick, "model": size.describe(), "dtype": "float32", "rounds": rounds, "new_tokens": args.new_tokens,
+           "setup": {"quick": args.quick, "model": size.describe(), "dtype": "float32", "rounds": rounds,
+                     "new_tokens": args.new_tokens,
                      "prefill": "4 x 128 tokens, model.forward", "decode": "1 x 16 and 8 x 16 prompts, greedy",
-                     "ratio": "transformers-trunk time / hand-written-trunk time",
+                     "ratio": "transformers-trunk time / hand-written-trunk time, median of the per-round ratios",
                      "cluster": "in-process, 2 workers, replicas 1, hot-extra-replicas 0, direct transport",
                      "torch": torch.__version__, "transformers": transformers.__version__,
                      "threads": torch.get_num_threads(), "cpus": os.cpu_count(),

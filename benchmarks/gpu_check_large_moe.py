@@ -36,20 +36,33 @@ THE SYNTHETIC STORE (both modes). A transformers-layout store exactly as neuro_d
   real sharder's output for the same shape exactly; at the big shape the names, dtypes and spec
   structure must match. Any difference stops the run.
 
---gpu (needs a CUDA GPU; this development machine has none, so only `--shape tiny --device cpu` ran
-here, which drives every code path except the CUDA calls): builds the store in --store-dir (default: a
-temporary folder on the GPU machine's disk), starts --workers worker processes on this machine
-(local_cluster(processes=True) with `--neuro-device cuda --neuro-memory-budget B --neuro-precision P
---neuro-no-benchmark`, replicas 1, hot-extra-replicas 0), nd.load(store, client=client, device="cuda",
-dtype=torch.bfloat16), checks one layer's distributed expert answers against the same expert files run
-in the client process, then times greedy generation for batch 1 and batch 8 and reports ms/token,
-GPU memory (client, workers, nvidia-smi) and the worker precision. neuro_dask's workers keep an MXFP4
-expert dequantized (bfloat16: 49.8 MB each at this shape, 229 GB for all 4,608) unless the installed
-neuro_dask offers the `stored` precision (13.0 MB each, 60 GB): --layers auto serves as many whole layers
-(each with all 128 experts, full shapes) as fit --gpu-fraction of the GPU's free memory next to the
-trunk; when that is fewer than 36, the ms/token is also scaled by 36 / layers and labelled as scaled.
-The whole run keeps to --budget-s (default 450 s; printed progress, JSON written after every phase,
-phases skipped when the time left is too short).
+--gpu (needs a CUDA GPU for the check itself; the development machine has none. Run here instead:
+`--shape tiny --device cpu`, where the store equals the sharder's exactly, and `--shape full --device cpu`
+serving 1 and 2 full-shape layers on 2 CPU worker processes with MXFP4-resident experts. Not run: the
+CUDA calls, i.e. torch.cuda.mem_get_info / synchronize / max_memory_allocated and the GPU fit):
+  1. plan: with --layers auto, as many whole layers (all 128 experts each, full shapes) as fit
+     --gpu-fraction of the GPU's free memory beside a full-depth bf16 trunk, a CUDA context per worker
+     (0.7 GiB, assumed) and 3 GiB for the cache and activations. A worker keeps an MXFP4 expert at the
+     precision its `auto` rule picks (--precision): dequantized bfloat16, 49.8 MB (229 GB for all 4,608:
+     9 layers fit an 80 GB H100), or, where the installed neuro_dask offers it, `stored` (MXFP4 as in
+     the file, 13.2 MB, 61 GB for all: 36 layers just fit). Then one full-shape expert is written and
+     loaded as a worker loads it (re-hash, transformers_runner on the device at the predicted
+     precision); if loading every planned expert (x 1.5, over min(workers, cores / 2) loading at once)
+     would not fit the time budget, fewer layers are served;
+  2. the synthetic store (above) in --store-dir (default: a temporary folder on the machine's disk);
+  3. --workers worker processes on this machine (local_cluster(processes=True), `--neuro-device cuda
+     --neuro-precision P --neuro-memory-budget B --neuro-no-benchmark --neuro-cache-dir C`; budget B
+     = the room planned for experts / workers; replicas 1; hot-extra-replicas 0; client deadline and
+     scheduler probe timeout 120 s), nd.load(store, client=client, device="cuda", dtype=torch.bfloat16)
+     with the experts-served count printed every 20 s;
+  4. a check of layer 0: 4 experts' answers from the workers against the same files run in this process
+     at the workers' precision (max |difference|);
+  5. greedy generation, batch 1 and batch 8 (prompts of --prompt-len, --new-tokens new, EOS off):
+     decode ms/step = (t(generate new) - t(generate 1)) / (new - 1), medians of 2 when time allows; also
+     scaled by 36 / layers (labelled) when fewer than 36 layers were served;
+  6. memory: this process's CUDA peak, each worker's expert bytes and CUDA peak, nvidia-smi.
+  The whole run keeps to --budget-s (default 450 s): progress printed, the JSON rewritten after every
+  phase, a generation phase skipped when the time left is short, nd.load bounded by what is left.
 
 --project (runs here, on the CPU): measures, at gpt-oss-120b's exact widths,
   client_layer  one decoder layer of the client's transformers trunk at one decode step (attention over a
@@ -60,8 +73,9 @@ phases skipped when the time left is too short).
                 one layer, plus a float32 [1, 2880] x [2880, V] product measured at V = 201,088 / 8 and
                 scaled by 8 (memory-bound: linear in V)
   expert        one expert call (x [rows, 2880] -> expert(x)) at the full expert shape with neuro_dask's
-                own runner (hf_experts.transformers_runner over a synthetic MXFP4 expert file) at float32
-                and bfloat16, rows 1 and 8; and the time to load one expert (dequantize at load)
+                own runner (hf_experts.transformers_runner over a synthetic MXFP4 expert file) at float32,
+                bfloat16 and (when installed) `stored`, rows 1 and 8; the time to load one expert; and
+                the Python the `stored` path runs per call (hf_experts.experts_template of the 36-layer model)
   wire          DistributedExecutor.run_layer round trip for one [rows, 2880] float32 message to one
                 worker process on loopback (direct transport; an expert of intermediate 32 so compute is
                 negligible), minus the same call in-process: serialization + TCP + worker dispatch
@@ -72,15 +86,20 @@ and projects ms/token for the full model, LABELLED A PROJECTION:
   (placement spreads them), the expected number of messages and the expected largest number of experts
   one worker runs are taken from a seeded Monte Carlo of uniform routing; rows = 8 x 4 / messages.
   transfer = 2 x rows x 2880 x 4 bytes over --mbit (request and answer).
-  Scenarios: (a) this CPU as client, CPU volunteer workers (measured expert time, the faster of float32
-  and bfloat16); (b) this CPU as client, H100 workers; (c) an H100 client and H100 workers.
+  Scenarios: (a) this CPU as client, CPU volunteer workers keeping experts dequantized (the measured
+  expert time, the faster of float32 and bfloat16); (a') the same with MXFP4-resident experts (the
+  `stored` precision, when this neuro_dask has it: dequantized at every call, measured); (b) this CPU as
+  client, H100 workers; (c) an H100 client and H100 workers, bfloat16-resident experts; (c') the same,
+  MXFP4-resident experts.
   GPU figures (published, NVIDIA H100 Tensor Core GPU datasheet, https://www.nvidia.com/en-us/data-center/h100/,
   H100 SXM5 80 GB): HBM3 bandwidth 3.35 TB/s; dense BF16 tensor throughput 989 TFLOP/s (1,979 with
-  sparsity). A decode-time expert call is memory-bound: bytes / 3.35 TB/s, with the weights as neuro_dask
-  keeps them (bfloat16 dequantized: 49.8 MB, 14.9 us; MXFP4 stored: 13.0 MB, 3.9 us), plus an ASSUMED
-  fixed 0.05 ms per call (host-device copies and ~6 kernel launches; not a published figure). A GPU
-  client layer: its bf16 weights (53 MB) / 3.35 TB/s + an ASSUMED 0.2 ms of launches; its head: the
-  1.16 GB bf16 LM head / 3.35 TB/s + 0.05 ms.
+  sparsity). A decode-time expert call is memory-bound (2 x 24.9 M FLOP a row against 49.8 MB of bf16
+  weights): bf16-resident, 49.8 MB / 3.35 TB/s = 14.9 us plus an ASSUMED fixed 0.05 ms per call
+  (host-device copies and a few kernel launches; not a published figure); MXFP4-resident, neuro_dask
+  dequantizes the whole expert at every call (expert_formats.dequantize_mxfp4): ESTIMATED 31 bytes of
+  memory traffic per weight (25 M weights: 0.23 ms), 20 kernels at an ASSUMED 5 us, the 0.05 ms, and
+  the Python that path runs per call, measured on this CPU. A GPU client layer: its bf16 weights (53 MB)
+  / 3.35 TB/s + an ASSUMED 0.2 ms of launches; its head: the 1.16 GB bf16 LM head / 3.35 TB/s + 0.05 ms.
 Results: benchmarks/results/gpu-projection.json (--project writes it; --gpu adds its measurements under
 "gpu_check" unless --out names another file).
 """
@@ -122,7 +141,8 @@ MXFP4_CONFIG = {"modules_to_not_convert": ["model.layers.*.self_attn", "model.la
 # Published H100 SXM5 figures (NVIDIA H100 datasheet) and the stated assumptions of the projection.
 H100 = {"hbm_bytes_per_s": 3.35e12, "bf16_dense_flops": 989e12, "source": "NVIDIA H100 Tensor Core GPU datasheet, "
         "H100 SXM5 80 GB: 3.35 TB/s HBM3, 989 TFLOP/s dense BF16 (https://www.nvidia.com/en-us/data-center/h100/)",
-        "assumed_call_overhead_ms": 0.05, "assumed_client_layer_launch_ms": 0.2, "assumed_head_launch_ms": 0.05}
+        "assumed_call_overhead_ms": 0.05, "assumed_client_layer_launch_ms": 0.2, "assumed_head_launch_ms": 0.05,
+        "assumed_stored_bytes_per_weight": 31, "assumed_stored_kernels": 20, "assumed_kernel_launch_ms": 0.005}
 
 
 def log(msg: str, began: list[float] = [time.perf_counter()]) -> None:  # noqa: B006 - the run's start
@@ -132,6 +152,9 @@ def log(msg: str, began: list[float] = [time.perf_counter()]) -> None:  # noqa: 
 def gpt_oss_config(base: dict, **override) -> dict:
     """A config.json as gpt-oss publishes it (RoPE: GptOssConfig's YaRN defaults, gpt-oss-120b's)."""
     c = {**base, **override}
+    for name, inside in (("pad_token_id", 0), ("eos_token_id", 2)):  # a reduced vocabulary keeps them inside
+        if c[name] >= c["vocab_size"]:
+            c[name] = inside
     layers = c["num_hidden_layers"]
     return {"model_type": "gpt_oss", "architectures": ["GptOssForCausalLM"], **c,
             "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
@@ -197,7 +220,8 @@ def header(path: Path) -> list[tuple[str, str, tuple[int, ...]]]:
 # ---------------------------------------------------------------- the synthetic store
 
 
-def expert_file_specs(reference: list[tuple[str, str, tuple[int, ...]]], spec: dict) -> list[tuple[str, torch.dtype, tuple]]:
+def expert_file_specs(reference: list[tuple[str, str, tuple[int, ...]]],
+                      spec: dict) -> list[tuple[str, torch.dtype, tuple]]:
     """The reference expert file's names, order and dtypes, with shapes from the big spec's params:
     X [in, out] (in memory, transposed) -> X_blocks [out, in/32, 16], X_scales [out, in/32]; others as is."""
     from neuro_dask.store.safetensors_io import _TORCH_DTYPES
@@ -302,7 +326,8 @@ def synthetic_store(dst: Path, raw: dict, ref: Path, device: str = "cpu", progre
     info = {"layers": len(layers), "experts_per_layer": next(iter(layers.values())).num_experts,
             "expert_file_bytes": expert_bytes, "expert_logical_parameters": params,
             "experts_total": len(artifacts) - 1, "hard_links": links, "trunk_bytes": writer.bytes,
-            "trunk_parameters": trunk_params, "expert_file_tensors": [[n, DTYPE_NAMES[d], list(s)] for n, d, s in specs],
+            "trunk_parameters": trunk_params,
+            "expert_file_tensors": [[n, DTYPE_NAMES[d], list(s)] for n, d, s in specs],
             "experts_spec": spec, "seconds": time.perf_counter() - started}
     progress(f"store written: {info['experts_total']} experts ({info['layers']} distinct files, {links} hard links) "
              f"of {expert_bytes / 2**20:.2f} MiB ({info['seconds']:.0f} s)")
@@ -314,7 +339,8 @@ def _check_spec(spec: dict, ref: dict) -> None:
     diff = [k for k in same if spec.get(k) != ref.get(k)]
     if set(spec) != set(ref) or diff or set(spec["parameters"]) != set(ref["parameters"]) or any(
             len(spec["parameters"][k]) != len(ref["parameters"][k]) for k in ref["parameters"]):
-        raise SystemExit(f"experts_spec differs from the sharder's: keys {sorted(set(spec) ^ set(ref))}, fields {diff}, "
+        raise SystemExit(f"experts_spec differs from the sharder's: keys {sorted(set(spec) ^ set(ref))}, "
+                         f"fields {diff}, "
                          f"parameters {spec['parameters']} vs {ref['parameters']}")
 
 
@@ -344,8 +370,14 @@ def check_exact(store: Path, ref: Path) -> list[str]:
         problems.append("expert file header differs")
     if sorted(header(store / a.trunk.path)) != sorted(header(ref / b.trunk.path)):
         problems.append("trunk header differs")
-    for x, y in zip(sorted(a.experts, key=lambda t: (t.layer, t.expert)), sorted(b.experts, key=lambda t: (t.layer, t.expert))):
-        if (x.path, x.bytes, x.dtype, x.parameters, x.layer, x.expert) != (y.path, y.bytes, y.dtype, y.parameters, y.layer, y.expert):
+    def order(t):
+        return t.layer, t.expert
+
+    def facts(t):
+        return t.path, t.bytes, t.dtype, t.parameters, t.layer, t.expert
+
+    for x, y in zip(sorted(a.experts, key=order), sorted(b.experts, key=order)):
+        if facts(x) != facts(y):
             problems.append(f"artifact {x} != {y}")
             break
     if (a.trunk.bytes, a.trunk.dtype, a.trunk.parameters) != (b.trunk.bytes, b.trunk.dtype, b.trunk.parameters):
@@ -401,8 +433,12 @@ def process_cluster(workers: int, worker_args: list[str], cache: Path):
     from neuro_dask.cluster import local_cluster
 
     # replicas 1: one copy of each expert (memory); hot-extra-replicas 0: no re-plans while measuring.
+    # deadline 120 s: a CPU test of full-shape MXFP4 experts dequantizes at every call and takes seconds a
+    # message; a call past the deadline makes its worker's experts lose their routes for good (the
+    # scheduler's failed probe; see the report of this benchmark).
     with dask.config.set({"neuro.worker.cache-dir": str(cache), "neuro.client.transport": "direct",
                           "neuro.scheduler.hot-extra-replicas": 0, "neuro.client.load-timeout": 1800.0,
+                          "neuro.client.deadline": 120.0, "neuro.scheduler.probe-timeout": 120.0,
                           "distributed.comm.timeouts.connect": 60}):
         with local_cluster(n_workers=workers, processes=True, replicas=1,
                            worker_args=["--neuro-no-benchmark", "--neuro-cache-dir", str(cache), *worker_args],
@@ -462,7 +498,8 @@ def gpu_memory_of_this_process() -> dict:
 
 def nvidia_smi() -> list[dict]:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.used,memory.total", "--format=csv,noheader,nounits"],
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.used,memory.total",
+                              "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=20).stdout
     except (OSError, subprocess.SubprocessError):
         return []
@@ -517,6 +554,29 @@ def gpu_check(args) -> int:
         layers = res["fit"]["layers_that_fit"]
         log(f"GPU free {res['fit']['gpu_free_bytes'] / 2**30:.1f} GiB; an expert at {args.precision} holds "
             f"{res['fit']['per_expert_bytes'] / 2**20:.1f} MiB; {layers} of {full_layers} layers fit")
+    # Loading time: every worker builds each of its experts at load; the budget must hold it.
+    experts_per_layer = base["num_local_experts"]
+    budget_bytes = _bytes(args.memory_budget) if args.memory_budget else (
+        int(res["fit"]["room_for_experts"] // args.workers) if "fit" in res else None)
+    probe = expert_load_probe(
+        gpt_oss_config(base, num_hidden_layers=max(layers, 1)), tiny_raw, Path(tempfile.mkdtemp(dir=args.store_dir)),
+        device, lambda spec, stored: predicted_precision(spec, stored, layers * experts_per_layer // args.workers,
+                                                         budget_bytes, args.precision, device))
+    per_expert = 1.5 * probe["seconds_per_expert"]  # + the cache copy, the report to the scheduler
+    parallel = max(1, min(args.workers, (os.cpu_count() or 2) // 2))  # workers load at once, given the cores
+    allow = left() - 150.0 - (60.0 if args.shape == "full" else 5.0)  # cluster, trunk load, generation; store
+    planned = layers
+    estimate = per_expert * layers * experts_per_layer / parallel
+    res["load_estimate"] = {**probe, "estimated_load_s": estimate, "allowed_s": allow, "layers_planned": planned,
+                            "loading_in_parallel": parallel}
+    if args.layers == "auto" and estimate > allow:
+        timed_layers = max(1, int(allow * parallel / (per_expert * experts_per_layer)))
+        if timed_layers < layers:
+            res["load_estimate"]["layers_cut_for_time"] = {"from": layers, "to": timed_layers}
+            layers = timed_layers
+    log(f"one expert loads in {probe['seconds_per_expert'] * 1000:.0f} ms at {probe['precision']}: about "
+        f"{estimate:.0f} s to load {planned} layers on {args.workers} workers ({parallel} loading at once), "
+        f"{allow:.0f} s allowed; serving {layers} of {full_layers} layers")
     res["layers_served"] = layers
     res["scaled_to_full_depth"] = layers < full_layers
     raw = gpt_oss_config(base, num_hidden_layers=layers)
@@ -569,7 +629,13 @@ def gpu_check(args) -> int:
                     log(res["phases_skipped"][-1])
                     save()
                     continue
-                res[f"decode_b{batch}"] = time_generation(model, ids, args.new_tokens, left, layers, full_layers)
+                try:
+                    res[f"decode_b{batch}"] = time_generation(model, ids, args.new_tokens, left, layers, full_layers)
+                except Exception as exc:  # noqa: BLE001 - recorded with the scheduler's events, then stop
+                    res[f"decode_b{batch}_error"] = f"{type(exc).__name__}: {exc}"
+                    res["scheduler_events"] = [e for _, e in client.get_events("neuro")][-30:]
+                    save()
+                    raise
                 log(f"batch {batch}: {res[f'decode_b{batch}']}")
                 save()
             res["memory"] = {"client": gpu_memory_of_this_process(), "nvidia_smi": nvidia_smi(),
@@ -584,6 +650,13 @@ def gpu_check(args) -> int:
                                                                   "scaled", "memory", "phases_skipped", "total_s"))},
                      indent=1, default=str))
     return 0
+
+
+def _bytes(text: str) -> int:
+    """'4GiB', '500MB', '123' -> bytes (what --neuro-memory-budget takes)."""
+    from dask.utils import parse_bytes
+
+    return int(parse_bytes(text))
 
 
 def stored_expert_bytes(d: int, i: int) -> int:
@@ -602,12 +675,60 @@ def fit_layers(base: dict, precision: str, workers: int, fraction: float, free_b
     spec = expert_spec(skel, experts_layout(skel), "mxfp4", None)
     d, i, full = base["hidden_size"], base["intermediate_size"], base["num_hidden_layers"]
     one = per_expert_bytes(spec, stored_expert_bytes(d, i), precision)
-    attention = 2 * d * base["num_attention_heads"] * base["head_dim"] + 2 * d * base["num_key_value_heads"] * base["head_dim"]
+    heads, kv, hd = base["num_attention_heads"], base["num_key_value_heads"], base["head_dim"]
+    attention = 2 * d * heads * hd + 2 * d * kv * hd
     trunk = 2 * (2 * base["vocab_size"] * d + full * attention)
     room = free_bytes * fraction - trunk - workers * 700 * 2**20 - 3 * 2**30
     layers = max(1, min(full, int(room // (one * base["num_local_experts"]))))
     return {"gpu_free_bytes": free_bytes, "per_expert_bytes": one, "trunk_bytes_estimate": trunk,
             "room_for_experts": room, "layers_that_fit": layers}
+
+
+def predicted_precision(spec: dict, stored: int, experts_per_worker: int, budget: int | None, requested: str,
+                        device: str) -> str:
+    """The precision a worker's `auto` rule will pick (hf_experts.choose_precision when installed)."""
+    if requested != "auto":
+        return requested
+    try:
+        from neuro_dask.runtime.hf_experts import choose_precision
+    except ImportError:
+        return "bfloat16" if device.startswith("cuda") else "float32"
+    return choose_precision(spec, stored, max(experts_per_worker, 1), budget or 2**62)
+
+
+def expert_load_probe(raw: dict, tiny_raw: dict, work: Path, device: str,
+                      precision_of: Callable[[dict, int], str]) -> dict:
+    """Seconds a worker spends on one expert of this shape at load: re-hash of the cached file, then
+    transformers_runner at the precision the workers will pick (the second of two tries: the first
+    builds the experts template, which a worker does once)."""
+    from neuro_dask.model.hf_trunk import build_skeleton
+    from neuro_dask.runtime.hf_experts import transformers_runner
+    from neuro_dask.store.hf_sharder import experts_layout, expert_spec
+    from neuro_dask.store.manifest import Manifest
+    from neuro_dask.store.safetensors_io import StreamingWriter, sha256_file
+
+    ref = reference_store(work / "reference", tiny_raw)
+    reference = Manifest.read(ref)
+    one = {**raw, "num_hidden_layers": 1, "layer_types": raw["layer_types"][:1]}
+    skel = build_skeleton(one, torch.float32)
+    spec = expert_spec(skel, experts_layout(skel), reference.experts_spec["format"], reference.experts_spec["block"])
+    specs = expert_file_specs(header(ref / reference.experts[0].path), spec)
+    path = work / "probe" / "expert.safetensors"
+    writer = StreamingWriter(path, specs, metadata={"format": "pt", "role": "expert"})
+    writer.write(iter(random_expert(specs, 7, device)))
+    precision = precision_of(spec, writer.bytes)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    seconds = []
+    for _ in range(2):
+        start = time.perf_counter()
+        sha256_file(path)
+        runner = transformers_runner(path, spec, one, 0, precision, device)
+        sync()
+        seconds.append(time.perf_counter() - start)
+        del runner
+    shutil.rmtree(path.parent, ignore_errors=True)
+    return {"precision": precision, "seconds_per_expert": seconds[-1], "first_try_s": seconds[0],
+            "stored_bytes": writer.bytes}
 
 
 def _cuda_memory() -> dict:
@@ -662,7 +783,8 @@ def time_generation(model, ids: torch.Tensor, new_tokens: int, left: Callable[[]
     t_full, t_one = statistics.median(full), statistics.median(one)
     decode_ms = 1000 * (t_full - t_one) / (new_tokens - 1)
     out = {"batch": ids.shape[0], "prompt": ids.shape[1], "new_tokens": new_tokens, "generate_s": t_full,
-           "first_token_s": t_one, "decode_ms_per_step": decode_ms, "ms_per_token_incl_prefill": 1000 * t_full / new_tokens}
+           "first_token_s": t_one, "decode_ms_per_step": decode_ms,
+           "ms_per_token_incl_prefill": 1000 * t_full / new_tokens}
     if layers < full_layers:
         out["decode_ms_per_step_scaled_to_%d_layers" % full_layers] = decode_ms * full_layers / layers
     return out
@@ -679,7 +801,6 @@ class InstantExperts:
 
 
 def project(args) -> int:
-    import neuro_dask as nd
     from neuro_dask.store.manifest import Manifest
 
     began = time.perf_counter()
@@ -756,12 +877,12 @@ def client_step_ms(store: Path, ids: torch.Tensor, repeats: int) -> float:
     hf = model.hf
     with torch.inference_mode():
         out = hf(input_ids=ids, use_cache=True, logits_to_keep=1)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
         times = []
         for r in range(repeats + 1):
             c = copy.deepcopy(cache)
             start = time.perf_counter()
-            hf(input_ids=token, past_key_values=c, use_cache=True, logits_to_keep=1)
+            hf(input_ids=token, cache=c, use_cache=True, logits_to_keep=1)
             if r:  # the first is a warm-up
                 times.append(time.perf_counter() - start)
     del model, hf, cache
@@ -778,7 +899,7 @@ def lm_head_ms(vocab: int, hidden: int, repeats: int, batch: int | None = None) 
     for b in ((batch,) if batch else (1, 8)):
         x = torch.randn(b, hidden)
         with torch.inference_mode():
-            out[b] = scale * median_ms(lambda: torch.nn.functional.linear(x, w), max(repeats, 5))
+            out[b] = scale * median_ms(lambda x=x, w=w: torch.nn.functional.linear(x, w), max(repeats, 5))
     del w
     if batch:
         return out[batch]
@@ -805,6 +926,14 @@ def expert_costs(path: Path, spec: dict, raw: dict, repeats: int) -> dict:
         out[precision] = {"load_ms": 1000 * load, "call_ms": calls}
         del runner
         gc.collect()
+    if STORED:
+        # What StoredExpert runs per call besides the math: the experts template of a 36-layer model
+        # (hf_experts.experts_template: json.dumps of the config, a walk over the model's modules).
+        from neuro_dask.runtime.hf_experts import experts_template
+
+        deep = gpt_oss_config(FULL)
+        experts_template(deep, 0)  # built once (the skeleton), as on a worker
+        out["stored_python_ms_per_call"] = median_ms(lambda: experts_template(deep, 35), max(repeats, 20))
     return out
 
 
@@ -863,8 +992,16 @@ def projection(res: dict, args) -> dict:
         return wire[lo]["wire_ms"] * (1 - f) + wire[hi]["wire_ms"] * f
 
     cpu_expert = {rows: min(res["expert"][p]["call_ms"][rows] for p in ("float32", "bfloat16")) for rows in (1, 8)}
-    gpu_expert = {fmt: nbytes / H100["hbm_bytes_per_s"] * 1000 + H100["assumed_call_overhead_ms"]
-                  for fmt, nbytes in (("bfloat16", 2 * expert_params), ("mxfp4_stored", 13_000_000))}
+    cpu_stored = res["expert"]["stored"]["call_ms"][1] if "stored" in res["expert"] else None
+    weights = 2 * d * 2 * i + d * i
+    gpu_expert = {
+        "bfloat16": 2 * expert_params / H100["hbm_bytes_per_s"] * 1000 + H100["assumed_call_overhead_ms"],
+        # StoredExpert dequantizes the whole expert at every call (expert_formats.dequantize_mxfp4: nibble
+        # masks, int32 indices, table gathers, a float32 ldexp, a cast, a transposed copy): about 31 bytes
+        # of memory traffic per weight, about 20 kernels, plus the Python it runs per call (measured here).
+        "mxfp4_stored": H100["assumed_stored_bytes_per_weight"] * weights / H100["hbm_bytes_per_s"] * 1000
+        + H100["assumed_stored_kernels"] * H100["assumed_kernel_launch_ms"] + H100["assumed_call_overhead_ms"]
+        + res["expert"].get("stored_python_ms_per_call", 0.0)}
     gpu_client_layer = 2 * 26.6e6 / H100["hbm_bytes_per_s"] * 1000 + H100["assumed_client_layer_launch_ms"]
     gpu_head = 2 * FULL["vocab_size"] * d / H100["hbm_bytes_per_s"] * 1000 + H100["assumed_head_launch_ms"]
     b8 = expected_batch8(args.volunteers)
@@ -882,15 +1019,20 @@ def projection(res: dict, args) -> dict:
                    "network_ms_per_layer": net}
             row["a_cpu_client_cpu_workers"] = c["client_head_ms"] + layers * (
                 c["client_layer_ms"] + net + per_worker * cpu_expert[1])
+            if cpu_stored is not None:
+                row["a2_cpu_client_cpu_workers_mxfp4_stored"] = c["client_head_ms"] + layers * (
+                    c["client_layer_ms"] + net + per_worker * cpu_stored)
             row["b_cpu_client_h100_workers"] = c["client_head_ms"] + layers * (
                 c["client_layer_ms"] + net + per_worker * gpu_expert["bfloat16"])
-            row["c_h100_client_h100_workers"] = gpu_head + layers * (gpu_client_layer + net + per_worker * gpu_expert["bfloat16"])
+            row["c_h100_client_h100_workers"] = gpu_head + layers * (
+                gpu_client_layer + net + per_worker * gpu_expert["bfloat16"])
             row["c_h100_client_h100_workers_mxfp4_stored"] = gpu_head + layers * (
                 gpu_client_layer + net + per_worker * gpu_expert["mxfp4_stored"])
             rows.append(row)
     return {"unit": "ms per decode step (batch 8: a step makes 8 tokens)", "layers": layers,
-            "cpu_expert_ms": cpu_expert, "gpu_expert_ms": gpu_expert, "gpu_client_layer_ms": gpu_client_layer,
-            "gpu_head_ms": gpu_head, "batch8_routing": b8, "volunteers": args.volunteers, "mbit": args.mbit, "rows": rows}
+            "cpu_expert_ms": cpu_expert, "cpu_expert_stored_ms": cpu_stored, "gpu_expert_ms": gpu_expert,
+            "gpu_client_layer_ms": gpu_client_layer, "gpu_head_ms": gpu_head, "batch8_routing": b8,
+            "volunteers": args.volunteers, "mbit": args.mbit, "rows": rows}
 
 
 def project_table(res: dict) -> str:
@@ -908,18 +1050,24 @@ def project_table(res: dict) -> str:
         f"(-> bfloat16) {e['bfloat16']['load_ms']:.0f} ms",
         "  loopback wire per message (direct transport, minus in-process): " + ", ".join(
             f"{r} rows {v['wire_ms']:.2f} ms" for r, v in res["wire"]["by_rows"].items()),
-        f"  H100 (published 3.35 TB/s): expert call {p['gpu_expert_ms']['bfloat16']:.3f} ms at bf16, "
-        f"{p['gpu_expert_ms']['mxfp4_stored']:.3f} ms MXFP4-resident (incl. an assumed 0.05 ms); client layer "
+        f"  MXFP4-resident (`stored`) expert on this CPU: {e['stored']['call_ms'][1]:.1f} ms a call (dequantized at "
+        f"every call), of which Python per call {e.get('stored_python_ms_per_call', float('nan')):.2f} ms"
+        if "stored" in e else "  (this neuro_dask has no MXFP4-resident experts)",
+        f"  H100 (published 3.35 TB/s): expert call {p['gpu_expert_ms']['bfloat16']:.3f} ms at bf16 (incl. an assumed "
+        f"0.05 ms), {p['gpu_expert_ms']['mxfp4_stored']:.3f} ms MXFP4-resident (estimated dequantization traffic "
+        f"and kernels, and the Python measured here); client layer "
         f"{p['gpu_client_layer_ms']:.3f} ms, head {p['gpu_head_ms']:.3f} ms (incl. assumed launch costs)",
         f"  batch 8 over {p['volunteers']} workers (uniform routing): {p['batch8_routing']['distinct_experts']:.1f} experts, "
         f"{p['batch8_routing']['workers_hit']:.1f} messages, slowest worker runs "
         f"{p['batch8_routing']['largest_per_worker']:.2f} experts; uplink {p['mbit']:.0f} Mbit/s",
         "",
-        "| RTT ms | batch | (a) CPU client, CPU workers | (b) CPU client, H100 workers | (c) H100 client + workers, bf16 "
-        "| (c') same, MXFP4-resident experts |",
-        "| --- | --- | --- | --- | --- | --- |"]
+        "| RTT ms | batch | (a) CPU client, CPU workers, experts resident dequantized | (a') same, MXFP4-resident "
+        "experts | (b) CPU client, H100 workers | (c) H100 client + workers, bf16 | (c') same, MXFP4-resident experts |",
+        "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in p["rows"]:
+        a2 = r.get("a2_cpu_client_cpu_workers_mxfp4_stored")
         lines.append(f"| {r['rtt_ms']:g} | {r['batch']} | {r['a_cpu_client_cpu_workers']:.0f} | "
+                     f"{'-' if a2 is None else format(a2, '.0f')} | "
                      f"{r['b_cpu_client_h100_workers']:.0f} | {r['c_h100_client_h100_workers']:.1f} | "
                      f"{r['c_h100_client_h100_workers_mxfp4_stored']:.1f} |")
     lines.append("(ms per decode step, projected; RTT 0 = same machine: the measured loopback cost only)")

@@ -23,6 +23,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from neuro_dask.demo.addition import ASSET_DIR
 
     path = Path(args.model or ASSET_DIR)
+    _require_tokenizer(path)  # the demo speaks text: say so before starting a cluster
     if args.local:
         from neuro_dask.loading import load
 
@@ -53,6 +54,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def _require_tokenizer(path: Path) -> None:
+    from neuro_dask.errors import TokenizerMissingError
+    from neuro_dask.store.manifest import Manifest
+
+    if Manifest.read(path).tokenizer() is None:
+        raise TokenizerMissingError(str(path))
 
 
 def _token_hint() -> str:

@@ -137,13 +137,21 @@ class Coordinator:
         return [(l, e) for l, e in missing
                 if all((model, l, e) in self.failed.get(w, ()) for w in self.workers)]
 
-    def worker_unreachable(self, worker: str, model: str, experts: Iterable[tuple[int, int]]) -> None:
+    def worker_unreachable(self, worker: str, model: str, experts: Iterable[tuple[int, int]]) -> list[Action]:
         """The scheduler's own probe of the worker failed for these experts (a client's report
-        alone changes only that client's routing): stop routing them there until it reloads them."""
+        alone changes only that client's routing): stop routing them there until it reloads them,
+        and ask it to, for those still planned on it (placement alone would never send it again:
+        without that, an expert lost this way stays unrouted for good). A worker that cannot
+        reload reports a failed load, and the expert is placed elsewhere."""
         keys = {(model, int(l), int(e)) for l, e in experts}
         if self.serving.get(worker, set()) & keys:
             self.serving[worker] -= keys
             self.version += 1
+        planned = keys & (self.placement.assignments().get(worker, frozenset()) if self.placement else frozenset())
+        if planned and worker in self.workers and model in self.models:
+            return [LoadExperts(worker, model, self.models[model].store_url,
+                                tuple(sorted((l, e) for _, l, e in planned)))]
+        return []
 
     def report_load(self, load: Mapping[ExpertKey, float]) -> list[Action]:
         for key, value in load.items():
@@ -202,6 +210,8 @@ class Coordinator:
             for model_id, pairs in _by_model(dropped).items():
                 if worker in self.workers:
                     actions.append(DropExperts(worker, model_id, pairs))
+                    # the worker drops them now: routing it calls for them would only be refused
+                    self.serving.get(worker, set()).difference_update((model_id, l, e) for l, e in pairs)
         return actions
 
 

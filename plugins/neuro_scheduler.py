@@ -422,12 +422,12 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             hidden = int(model.summary.get("hidden_size") or 0)
             if hidden <= 0:  # nothing to probe with: the report stays the client's own business
                 return
-            by_layer: dict[int, list[int]] = {}
-            for layer, expert in probe.experts:
-                by_layer.setdefault(layer, []).append(expert)
             failed: list[tuple[int, int]] = []
             why = ""
-            for layer, experts in sorted(by_layer.items()):
+            # one message per expert: a worker refuses a whole message for one expert it does not
+            # host, which must not cost it the others' routes
+            for layer, expert in sorted(set(probe.experts)):
+                experts = [expert]
                 rows = {e: torch.zeros(1, hidden) for e in experts}
                 msg = encode_request(probe.model, layer, rows, call=uuid.uuid4().hex)
                 msg["ticket"] = self.desk.own_ticket(probe.model)
@@ -442,7 +442,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             self._event("neuro", {"action": "probe", "worker": probe.worker, "model": probe.model,
                                   "ok": not failed, "experts": len(probe.experts)})
             if failed and probe.worker in self.coordinator.workers:
-                self.coordinator.worker_unreachable(probe.worker, probe.model, failed)
+                self._enact(self.coordinator.worker_unreachable(probe.worker, probe.model, failed))
                 name = self.identity.get(probe.worker)
                 if name is not None:
                     change = self.reputation.timeout(name, f"probe:{uuid.uuid4().hex[:12]}", time.time())

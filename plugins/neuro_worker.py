@@ -229,7 +229,8 @@ class NeuroWorker:
         return {"status": "OK"}
 
     def handle_status(self) -> dict[str, Any]:
-        return {**self.host.status(), **self.info(), "paused": bool(self.paused), "pause_reason": self.paused,
+        # the host's per-model precision (what `auto` chose) wins over the configured setting
+        return {**self.info(), **self.host.status(), "paused": bool(self.paused), "pause_reason": self.paused,
                 "hosted": {m: [list(p) for p in ps] for m, ps in self.host.hosted().items()}}
 
     def _start_idle_guard(self) -> None:

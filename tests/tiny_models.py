@@ -57,14 +57,9 @@ def write_checkpoint(variant: str, root: Path, seed: int = 0) -> Path:
 
 def padded_batch(lengths=(5, 9, 13), vocab: int = 128, seed: int = 0):
     """Left-padded ids and mask for prompts of the given lengths (ids avoid 0..2, the specials)."""
-    g = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        ids[i, width - n:] = torch.randint(3, vocab, (n,), generator=g)
-        mask[i, width - n:] = 1
-    return ids, mask
+    from neuro_dask.testing.tiny_transformers import padded_prompts
+
+    return padded_prompts(vocab, tuple(lengths), seed)
 
 
 def read_json(path: Path) -> dict:

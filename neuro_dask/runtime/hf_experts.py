@@ -154,12 +154,12 @@ STORED = "stored"  # keep the file's quantized tensors in memory, dequantize at 
 class StoredExpert:
     """A quantized expert (fp8-block, mxfp4) kept as published: a quarter to half the memory of
     bfloat16, dequantized on the worker's device at each call (an H100 holds gpt-oss-120b's
-    experts this way; their bfloat16 copy would not fit)."""
+    experts this way; their bfloat16 copy would not fit). What does not change between calls
+    (the architecture's experts module) is resolved once, at load."""
 
     raw: dict[str, torch.Tensor]
     spec: Mapping[str, Any]
-    raw_config: Mapping[str, Any]
-    layer: int
+    template: torch.nn.Module | None  # None: plain SwiGLU experts
     device: torch.device
     precision: str = STORED
 
@@ -167,22 +167,26 @@ class StoredExpert:
         return sum(t.element_size() * t.numel() for t in self.raw.values())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from neuro_dask.model.moe import run_expert
         from neuro_dask.runtime.expert_formats import dequantize_expert
 
         block = tuple(self.spec["block"]) if self.spec.get("block") else None
         dtype = torch.bfloat16 if self.device.type != "cpu" else torch.float32
         tensors = dequantize_expert(self.raw, self.spec.get("format", "float"), dtype, block)
-        return _runner(tensors, self.spec, self.raw_config, self.layer, "bfloat16" if dtype == torch.bfloat16
-                       else "float32", self.device)(x)
+        if self.template is None:
+            return run_expert(x.to(self.device, dtype), swiglu_weights(tensors, self.spec)).to(x.dtype)
+        return TransformersExpert.build(self.template, tensors, "bfloat16" if dtype == torch.bfloat16 else "float32",
+                                        self.device)(x)
 
 
 def transformers_runner(path: Path, spec: Mapping[str, Any], raw_config: Mapping[str, Any], layer: int,
                         precision: str, device: torch.device | str = "cpu", backend: str = "torch"):
     """A runner for one expert file of a transformers-layout store, at `precision` on `backend`."""
     if precision == STORED:
-        raw = {k: v.to(device) for k, v in read_tensors(path).items()}
         read_expert_tensors(path, spec)  # shapes and companions checked once, at load
-        return StoredExpert(raw, spec, raw_config, layer, torch.device(device))
+        raw = {k: v.to(device) for k, v in read_tensors(path).items()}
+        template = None if is_swiglu(spec) else experts_template(raw_config, layer)
+        return StoredExpert(raw, spec, template, torch.device(device))
     return _runner(read_expert_tensors(path, spec), spec, raw_config, layer, precision, device, backend)
 
 

@@ -75,6 +75,35 @@ def test_unreachable_report_stops_routing_until_reloaded():
     assert victim not in c.routes("m").routes[le]
 
 
+def test_an_expert_lost_to_a_failed_probe_is_reloaded_where_it_is_planned():
+    c = coordinator()
+    for w, les in loads(c.model_published(MODEL)).items():
+        c.experts_loaded(w, "m", les)
+    victim = c.routes("m").routes[(0, 3)][0]
+    actions = c.worker_unreachable(victim, "m", [(0, 3)])
+    assert [(a.worker, a.experts) for a in actions] == [(victim, ((0, 3),))]  # asked to reload it
+    assert victim not in c.routes("m").routes[(0, 3)]  # not routed until it has
+    c.experts_loaded(victim, "m", [(0, 3)])
+    assert victim in c.routes("m").routes[(0, 3)]
+
+
+def test_a_dropped_replica_leaves_the_routes_at_once():
+    c = Coordinator(PlacementPolicy(replicas=1))
+    for w in ("a", "b"):
+        c.worker_joined(W(w))
+    small = PublishedModel("m", "/store", {(0, e): 100 for e in range(4)})
+    for w, les in loads(c.model_published(small)).items():
+        c.experts_loaded(w, "m", les)
+    for w, les in loads(c.report_load({("m", 0, 1): 1000.0})).items():  # hot: an extra replica
+        c.experts_loaded(w, "m", les)
+    assert len(c.routes("m").routes[(0, 1)]) == 2
+    actions = c.report_load({("m", 0, e): 5000.0 for e in (0, 2, 3)})  # cools down: the extra goes
+    dropped = [a for a in actions if isinstance(a, DropExperts) and (0, 1) in a.experts]
+    assert dropped
+    assert dropped[0].worker not in c.routes("m").routes[(0, 1)]  # never routed to what it dropped
+    assert c.routes("m").routes[(0, 1)]  # the planned replica still serves it
+
+
 def test_hot_experts_get_an_extra_replica():
     c = coordinator(("a", "b", "c", "d"))
     c.model_published(MODEL)

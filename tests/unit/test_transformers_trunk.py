@@ -291,3 +291,21 @@ def test_private_tier_refuses_experts_it_cannot_run_with_the_reason(gpt_oss_stor
     _, root = gpt_oss_store
     with pytest.raises(ConfigError, match="privacy='private' cannot serve gpt_oss: GptOssExperts.*biases"):
         _check_private(ShardStore(root / "sh"))
+
+
+def test_stored_quantized_experts_answer_as_their_dequantized_form(tmp_path):
+    """`stored`: MXFP4 tensors stay resident (about a quarter of bfloat16) and are dequantized
+    at each call; the answer is the dequantized expert's."""
+    from neuro_dask.testing.quantized_checkpoints import write_mxfp4_checkpoint
+
+    model = _model("gpt_oss", num_local_experts=4, num_experts_per_tok=2, intermediate_size=64,
+                   layer_types=["sliding_attention", "full_attention"], sliding_window=8)
+    model.save_pretrained(tmp_path / "float")
+    write_mxfp4_checkpoint(tmp_path / "float", tmp_path / "mxfp4")
+    manifest = shard_checkpoint(tmp_path / "mxfp4", tmp_path / "sh")
+    spec, path = manifest.experts_spec, tmp_path / "sh" / manifest.expert(1, 2).path
+    stored = transformers_runner(path, spec, manifest.config, 1, STORED)
+    full = transformers_runner(path, spec, manifest.config, 1, "float32")
+    assert stored.precision == STORED and stored.nbytes() * 3 < full.nbytes()
+    x = torch.randn(4, 64)
+    torch.testing.assert_close(stored(x), full(x), atol=1e-6, rtol=1e-6)
