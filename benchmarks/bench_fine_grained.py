@@ -232,8 +232,7 @@ def cluster(tmp: Path, workers: int):
 
     from neuro_dask.cluster import local_cluster
 
-    # hot-extra-replicas 0: a fixed placement (see bench_trunks.py: a re-plan that drops a cooled
-    # replica leaves it in the scheduler's routes).
+    # hot-extra-replicas 0: a fixed placement, so that every message count is the placement's own.
     with dask.config.set({"neuro.worker.cache-dir": str(tmp / f"cache-{workers}"), "neuro.client.transport": "direct",
                           "neuro.scheduler.hot-extra-replicas": 0}):
         with local_cluster(n_workers=workers, processes=False, replicas=1, worker_args=["--neuro-no-benchmark"],

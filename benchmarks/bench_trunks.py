@@ -224,9 +224,8 @@ def cluster(tmp: Path, workers: int = 2):
 
     from neuro_dask.cluster import local_cluster
 
-    # hot-extra-replicas 0: a fixed placement. With hot replicas on, a re-plan that drops a cooled
-    # expert's replica leaves it in the scheduler's routes (coordinator.py: DropExperts does not
-    # touch `serving`), and the probe that follows can leave experts with no route at all.
+    # hot-extra-replicas 0: a fixed placement, so that both trunks meet the same one (hot replicas
+    # would re-plan while measuring).
     with dask.config.set({"neuro.worker.cache-dir": str(tmp / "cache"), "neuro.client.transport": "direct",
                           "neuro.scheduler.hot-extra-replicas": 0}):
         with local_cluster(n_workers=workers, processes=False, replicas=1, worker_args=["--neuro-no-benchmark"],

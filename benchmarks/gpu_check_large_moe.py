@@ -434,8 +434,8 @@ def process_cluster(workers: int, worker_args: list[str], cache: Path):
 
     # replicas 1: one copy of each expert (memory); hot-extra-replicas 0: no re-plans while measuring.
     # deadline 120 s: a CPU test of full-shape MXFP4 experts dequantizes at every call and takes seconds a
-    # message; a call past the deadline makes its worker's experts lose their routes for good (the
-    # scheduler's failed probe; see the report of this benchmark).
+    # message; a call past the deadline is hedged and its worker probed (and asked to reload what
+    # the probe failed), which would measure the fallbacks instead of the experts.
     with dask.config.set({"neuro.worker.cache-dir": str(cache), "neuro.client.transport": "direct",
                           "neuro.scheduler.hot-extra-replicas": 0, "neuro.client.load-timeout": 1800.0,
                           "neuro.client.deadline": 120.0, "neuro.scheduler.probe-timeout": 120.0,

@@ -366,10 +366,14 @@ _PER_TYPE: dict[str, dict[str, Any]] = {
                                                     "heavily_compressed_attention": 4}),
     # "indexed_attention" layers need the QSA indexer, all of whose sizes default to None.
     # Hyper-connection mixing rank (default 320) would dwarf the tiny hidden size.
+    # ZAYA's config accepts top-1 routing only: its one expert per token still crosses the network.
+    "zaya": dict(num_experts_per_tok=1),
     "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8,
                            indexer_compress_ratio=2, hc_lowrank=16),
 }
 
+
+_TOP_ONE = frozenset({"zaya"})  # architectures whose configs accept top-1 routing only
 
 # --------------------------------------------------------------------------- public API
 
@@ -544,7 +548,8 @@ def _check(model_type: str) -> None:
         raise TinyModelUnavailable("no routed-experts module in the tiny model")
     n_exp = min(expert_count(e) for e in experts)
     top_k = config_top_k(model.config)
-    if n_exp is None or n_exp < 4 or top_k is None or top_k < 2:
+    least_k = 1 if model_type in _TOP_ONE else 2
+    if n_exp is None or n_exp < 4 or top_k is None or top_k < least_k:
         raise TinyModelUnavailable(f"tiny config has {n_exp} experts, top-k {top_k}")
     ids, mask = padded_prompts(model.config.get_text_config().vocab_size)
     with torch.no_grad():

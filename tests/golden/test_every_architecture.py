@@ -27,7 +27,7 @@ def cluster_client(tmp_path_factory):
 
 @pytest.mark.parametrize("model_type", HOOKED_MODEL_TYPES)
 def test_architecture_matches_transformers_with_experts_on_workers(model_type, cluster_client, tmp_path):
-    """A type a tiny config cannot be built for skips with the reason (zaya: top-1 routing only)."""
+    """A type a tiny config could not be built for would skip with the reason (none in 5.24)."""
     check_architecture(model_type, cluster_client, tmp_path)
 
 

@@ -210,6 +210,17 @@ def test_swiglu_experts_become_expert_weights_and_run_at_every_precision(qwen3_s
         torch.testing.assert_close(runner(x), reference, atol=tol * reference.abs().max().item(), rtol=tol)
 
 
+def test_plain_swiglu_experts_run_on_the_onnx_backend_too(qwen3_store):
+    hf, root = qwen3_store
+    manifest = Manifest.read(root / "sh")
+    x = torch.randn(3, 64)
+    reference = hf.model.layers[1].mlp.experts(x, torch.full((3, 1), 5), torch.ones(3, 1))
+    runner = transformers_runner(root / "sh" / manifest.expert(1, 5).path, manifest.experts_spec, manifest.config,
+                                 1, "float32", backend="onnx")
+    assert type(runner).__name__ == "OnnxExpert"
+    torch.testing.assert_close(runner(x), reference, atol=1e-5, rtol=1e-4)
+
+
 def test_gpt_oss_experts_run_through_their_own_class(gpt_oss_store):
     hf, root = gpt_oss_store
     manifest = Manifest.read(root / "sh")
