@@ -139,7 +139,8 @@ class CheckpointMap:
         self.prefix = model.base_model_prefix
         self.meta = {k: None for k in model.state_dict()}
         self.sources: dict[str, _Source] = defaultdict(_Source)  # in-memory name -> its sources
-        self.companions: dict[str, dict[str, str]] = defaultdict(dict)  # in-memory name -> suffix -> ckpt key
+        # in-memory name -> companion suffix -> its (source pattern, checkpoint key)s
+        self.companions: dict[str, dict[str, list[tuple[str, str]]]] = defaultdict(lambda: defaultdict(list))
         self.unused: list[str] = []
         for key in sorted(names):
             self._place(key)
@@ -164,9 +165,8 @@ class CheckpointMap:
 
     def _place(self, key: str) -> None:
         if key.endswith(_FP8_SCALE):  # a per-tensor checkpoint's fp8 scales follow their weight's rule
-            target, converter, pattern = self.rename(key[: -len("_scale_inv")])
-            self.companions[target].setdefault("_scale_inv", [])
-            self.companions[target]["_scale_inv"].append((pattern or "", key))  # type: ignore[union-attr]
+            target, _, pattern = self.rename(key[: -len("_scale_inv")])
+            self.companions[target]["_scale_inv"].append((pattern or "", key))
             return
         target, converter, pattern = self.rename(key)
         if target not in self.meta and self._prefixed(key) in self.meta:
@@ -177,8 +177,7 @@ class CheckpointMap:
             for suffix in _COMPANIONS:  # a stacked companion: gate_up_proj_blocks, ..._scale_inv
                 base, conv, _ = self.rename(key[: -len(suffix)]) if key.endswith(suffix) else (None, None, None)
                 if base in self.meta and conv is None:
-                    self.companions[base].setdefault(suffix, [])
-                    self.companions[base][suffix].append(("", key))  # type: ignore[union-attr]
+                    self.companions[base][suffix].append(("", key))
                     return
             if not key.endswith("rotary_emb.inv_freq"):
                 self.unused.append(key)
