@@ -105,32 +105,19 @@ def _hooked_cached() -> tuple[str, ...]:
     return _scan_hooked()
 
 
-_META = threading.local()
 _BUILD_LOCK = threading.Lock()
-_INSTALL_LOCK = threading.Lock()
-_ORIGINAL_REGISTER = nn.Module.register_parameter
-
-
-def _register_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-    _ORIGINAL_REGISTER(module, name, param)
-    if getattr(_META, "depth", 0) and param is not None and param.device.type != "meta":
-        module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 
 
 @contextlib.contextmanager
-def parameters_on_meta() -> Iterator[None]:
-    """Build a model with its parameters on the meta device but real buffers (rotary tables):
-    what accelerate's init_empty_weights(include_buffers=False) does, without accelerate. Only
-    this thread's new parameters go to meta: a worker building its experts' template must not
-    move the parameters a client is loading in another thread of the same process."""
-    with _INSTALL_LOCK:
-        if nn.Module.register_parameter is not _register_parameter:
-            nn.Module.register_parameter = _register_parameter
-    _META.depth = getattr(_META, "depth", 0) + 1
-    try:
+def on_meta() -> Iterator[None]:
+    """Build with every tensor on the meta device, as transformers' own loader does for large
+    checkpoints: DeepSeek-V3's experts are 30 GB a layer, which even an unused `torch.empty` on
+    the CPU cannot allocate. torch's device context is per thread, so an in-process worker
+    building its experts' template leaves a client's tensors in another thread alone."""
+    from transformers.initialization import meta_device_safe_creation_ops
+
+    with torch.device("meta"), meta_device_safe_creation_ops():
         yield
-    finally:
-        _META.depth -= 1
 
 
 def hooked_model_types() -> tuple[str, ...]:
@@ -205,7 +192,7 @@ def build_skeleton(raw_config: Mapping[str, Any], dtype: torch.dtype = torch.flo
     register_experts_implementation()
     config = hf_config(raw_config)
     # _BUILD_LOCK: transformers sets the process's default dtype while it builds
-    with _BUILD_LOCK, parameters_on_meta():
+    with _BUILD_LOCK, on_meta():
         try:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, experts_implementation=EXPERTS_IMPLEMENTATION)
         except ValueError as exc:
@@ -250,14 +237,44 @@ def load_trunk(model: nn.Module, tensors: Mapping[str, torch.Tensor], where: str
         if tuple(tensors[name].shape) != shape:
             raise TensorShapeError(name, where, shape, tuple(tensors[name].shape))
     state = {name: _cast(tensors[name], dtype).to(device) for name in expected}
+    for t in state.values():
+        t._is_hf_initialized = True  # loaded: transformers' initializers must leave it alone
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
-    for module in model.modules():
-        for name, buffer in list(module._buffers.items()):
-            if buffer is not None and buffer.device.type != "meta" and buffer.device != device:
-                module._buffers[name] = buffer.to(device)
+    materialize_buffers(model, device)
     return model
+
+
+def materialize_buffers(model: nn.Module, device: torch.device) -> None:
+    """Non-persistent buffers (rotary tables, ...) were built on meta and are in no file: give
+    them real storage and let the owning model's own initializer compute them, as transformers'
+    from_pretrained does for keys a checkpoint lacks. Loaded tensors are flagged as initialized,
+    so only these buffers are written; the experts' module is never touched."""
+    for module, owner in _with_owner(model):
+        if is_experts_module(module):
+            continue
+        missing = [n for n, b in module._buffers.items() if b is not None and b.is_meta]
+        if not missing:
+            continue
+        for name in missing:
+            module._buffers[name] = torch.empty_like(module._buffers[name], device=device)
+        for tensor in module.parameters(recurse=False):
+            tensor._is_hf_initialized = True
+        owner._init_weights(module)
+
+
+def _with_owner(model: nn.Module) -> Iterator[tuple[nn.Module, nn.Module]]:
+    """Every module with the PreTrainedModel whose `_init_weights` applies to it (a composite
+    model's sub-models each bring their own, as transformers' initialize_weights dispatches)."""
+    from transformers import PreTrainedModel
+
+    stack = [(model, model)]
+    while stack:
+        module, owner = stack.pop()
+        yield module, owner
+        for child in module.children():
+            stack.append((child, child if isinstance(child, PreTrainedModel) else owner))
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

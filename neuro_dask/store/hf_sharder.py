@@ -20,13 +20,14 @@ import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from neuro_dask.errors import CheckpointError, ConfigError, MissingTensorError, TensorShapeError, UnsupportedModelError
 from neuro_dask.model.hf_trunk import build_skeleton, experts_modules, hooked_model_types, trunk_shapes
 from neuro_dask.runtime.expert_formats import FORMAT_FLOAT, FORMAT_FP8_BLOCK, FORMAT_MXFP4, dequantize_fp8_block, format_of
+from neuro_dask.model.keymap import TensorRef
 from neuro_dask.store.checkpoint import HFCheckpoint
 from neuro_dask.store.manifest import LAYOUT_TRANSFORMERS, ROLE_EXPERT, ROLE_TOKENIZER, ROLE_TRUNK, Artifact, Manifest, expert_path
 from neuro_dask.store.safetensors_io import DTYPE_NAMES, StreamingWriter, sha256_file
@@ -210,7 +211,7 @@ def convert(converter, pieces: dict[str, list[torch.Tensor]], target: str, model
     """Run a transformers converter's operations on some of its sources (one expert's), and
     take the output that is `target` (a one-to-many converter splits a fused tensor; its ops
     size the pieces from the `primary` name, the one transformers gives the converter)."""
-    data: dict[str, Any] = {p: list(ts) for p, ts in pieces.items()}
+    data: dict[str, Any] = pieces  # consumed: transformers' ops pop each source as they merge it
     for op in converter.operations:
         data = op.convert(data, source_patterns=converter.source_patterns, target_patterns=converter.target_patterns,
                           full_layer_name=primary or target, model=model, config=model.config, missing_keys=None)
@@ -250,12 +251,25 @@ class TransformersSharder:
 
     # ---- the trunk ----------------------------------------------------------------------------
 
-    def trunk_tensors(self):
+    def trunk_specs(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        """(name, dtype, shape) of every trunk tensor, known before any is read (floating
+        tensors become the trunk's dtype, FP8 ones dequantized), so the trunk streams to disk."""
+        specs = []
         for name, shape in self.trunk.items():
+            source = self.map.sources.get(name)
+            if source is None or not source.keys:
+                raise MissingTensorError(name, str(self.src))
+            dtype, _ = self.ckpt.spec(TensorRef(source.keys[0][1]))
+            specs.append((name, self.trunk_dtype if dtype.is_floating_point else dtype, shape))
+        return specs
+
+    def trunk_tensors(self, specs) -> Iterator[torch.Tensor]:
+        """One tensor at a time: peak memory is the largest trunk tensor, not the trunk."""
+        for name, _, shape in specs:
             t = self._whole(name)
             if tuple(t.shape) != shape:
                 raise TensorShapeError(name, str(self.src), shape, tuple(t.shape))
-            yield name, t
+            yield t
 
     def _whole(self, name: str) -> torch.Tensor:
         source = self.map.sources.get(name)
@@ -337,7 +351,8 @@ class TransformersSharder:
         dst.mkdir(parents=True, exist_ok=True)
         if self.map.unused:
             log.warning("%d checkpoint tensors are not used, e.g. %s", len(self.map.unused), self.map.unused[:3])
-        artifacts = [_write(dst, TRUNK_PATH, dict(self.trunk_tensors()), ROLE_TRUNK)]
+        specs = self.trunk_specs()
+        artifacts = [_write_streaming(dst, TRUNK_PATH, specs, self.trunk_tensors(specs), ROLE_TRUNK)]
         self.tick(TRUNK_PATH)
         for layer, spec in sorted(self.layers.items()):
             for expert in range(spec.num_experts):
@@ -400,18 +415,24 @@ def _dtype_of(raw: dict[str, Any]) -> torch.dtype:
 def _write(dst: Path, rel: str, tensors: dict[str, torch.Tensor], role: str, layer: int | None = None,
            expert: int | None = None) -> Artifact:
     specs = [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+    return _write_streaming(dst, rel, specs, iter(tensors.values()), role, layer, expert)
+
+
+def _write_streaming(dst: Path, rel: str, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                     tensors: Iterator[torch.Tensor], role: str, layer: int | None = None,
+                     expert: int | None = None) -> Artifact:
     writer = StreamingWriter(dst / rel, specs, metadata={"format": "pt", "role": role})
-    writer.write(iter(tensors.values()))
-    dtypes = ",".join(sorted({DTYPE_NAMES[t.dtype] for t in tensors.values()}))
-    params = sum(_logical_params(name, t) for name, t in tensors.items())
+    writer.write(tensors)
+    dtypes = ",".join(sorted({DTYPE_NAMES[dtype] for _, dtype, _ in specs}))
+    params = sum(_logical_params(name, math.prod(shape)) for name, _, shape in specs)
     return Artifact(rel, role, writer.sha256, writer.bytes, dtypes, layer, expert, params)
 
 
-def _logical_params(name: str, t: torch.Tensor) -> int:
+def _logical_params(name: str, numel: int) -> int:
     """Parameters a tensor stands for: scales count none, an mxfp4 byte holds two."""
     if name.endswith(("_scale_inv", "_scales")):
         return 0
-    return t.numel() * 2 if name.endswith("_blocks") else t.numel()
+    return numel * 2 if name.endswith("_blocks") else numel
 
 
 def raw_config(src: Path) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from neuro_dask.model.hf_trunk import (
     expert_calls,
     experts_modules,
     neuro_experts_forward,
-    parameters_on_meta,
+    on_meta,
     register_experts_implementation,
 )
 from neuro_dask.model.moe import run_expert
@@ -111,13 +111,18 @@ def test_experts_outside_neuro_dask_say_how_to_connect_them():
         neuro_experts_forward(experts, torch.randn(2, 64), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2))
 
 
-def test_skeleton_has_meta_parameters_real_buffers_and_every_experts_layer_tagged():
-    raw = _qwen3().config.to_dict()
+def test_skeleton_is_all_meta_until_loaded_then_only_the_experts_are(qwen3_store):
+    hf, root = qwen3_store
+    raw = hf.config.to_dict()
     model = build_skeleton(raw)
-    assert all(p.device.type == "meta" for p in model.parameters())
-    assert all(b.device.type == "cpu" for b in model.buffers())  # rotary tables computed for real
+    assert all(t.device.type == "meta" for t in (*model.parameters(), *model.buffers()))
     assert {m._neuro_layer for m in experts_modules(model).values()} == {0, 1}
-    with parameters_on_meta():
+    loaded = nd.load(root / "sh").hf
+    for name, t in (*loaded.named_parameters(), *loaded.named_buffers()):
+        assert (t.device.type == "meta") == (".experts." in name), name
+    for name, buffer in hf.named_buffers():  # the rotary tables, recomputed, not left empty
+        torch.testing.assert_close(loaded.get_buffer(name), buffer, rtol=0, atol=0)
+    with on_meta():
         layer = torch.nn.Linear(3, 4)
         elsewhere = []  # another thread (an in-process worker beside a client) is not affected
         thread = threading.Thread(target=lambda: elsewhere.append(torch.nn.Linear(3, 4)))
@@ -126,6 +131,15 @@ def test_skeleton_has_meta_parameters_real_buffers_and_every_experts_layer_tagge
     assert layer.weight.device.type == "meta"
     assert elsewhere[0].weight.device.type == "cpu"
     assert torch.nn.Linear(3, 4).weight.device.type == "cpu"  # nor is this thread after the block
+
+
+def test_a_full_size_deepseek_v3_skeleton_builds_without_allocating_its_experts():
+    """DeepSeek-V3 as published: 61 layers, 256 experts of 2048 x 7168 (a 30 GB tensor a layer)."""
+    from transformers import AutoConfig
+
+    model = build_skeleton(AutoConfig.for_model("deepseek_v3").to_dict())
+    experts = experts_modules(model)
+    assert len(experts) == 58 and experts[3].gate_up_proj.shape == (256, 4096, 7168)
 
 
 def test_hostile_configs_are_refused_before_building_anything():
