@@ -191,6 +191,8 @@ def test_transformers_native_generate_runs_with_streamers_and_prompt_lookup(qwen
     assert streamer.seen[-1] == "end" and len(streamer.seen) >= 6
     lookup = model.hf_generate(ids, max_new_tokens=6, do_sample=False, prompt_lookup_num_tokens=3)
     assert torch.equal(lookup, expected)  # speculative lookup changes nothing in the tokens
+    assisted = model.hf_generate(ids, max_new_tokens=6, do_sample=False, assistant_model=hf)  # a local draft model
+    assert torch.equal(assisted, expected)
 
 
 def test_per_expert_and_stacked_checkpoints_shard_to_the_same_expert_files(tmp_path):
