@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -32,6 +30,7 @@ from distributed import Client
 import neuro_dask as nd
 from neuro_dask.cluster import local_cluster
 from neuro_dask.store.synthetic import mixtral_config, write_random_mixtral
+from timing import median_ms  # benchmarks/timing.py
 
 HERE = Path(__file__).resolve().parent
 
@@ -41,13 +40,6 @@ class Pinger:
         return None
 
 
-def median_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def main(argv=None) -> int:

@@ -39,18 +39,12 @@ import neuro_dask as nd
 from neuro_dask.cluster import local_cluster
 from neuro_dask.store.synthetic import mixtral_config, write_random_mixtral
 from neuro_dask.trust.latency import LatencyPolicy
+from timing import median_ms  # benchmarks/timing.py
 
 HERE = Path(__file__).resolve().parent
 HIDDEN, INTERMEDIATE, LAYERS, EXPERTS, VOCAB = 512, 1792, 4, 8, 4096
 
 
-def median_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def decode_ms(model, ids, n: int) -> float:

@@ -125,6 +125,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from timing import median_ms  # benchmarks/timing.py
 
 HERE = Path(__file__).resolve().parent
 RESULT = HERE / "results" / "gpu-projection.json"
@@ -401,15 +402,6 @@ def build_checked_store(dst: Path, raw: dict, tiny_raw: dict, work: Path, device
 # ---------------------------------------------------------------- small helpers
 
 
-def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def write_json(path: Path, key: str | None, value: dict) -> None:
@@ -899,7 +891,7 @@ def lm_head_ms(vocab: int, hidden: int, repeats: int, batch: int | None = None) 
     for b in ((batch,) if batch else (1, 8)):
         x = torch.randn(b, hidden)
         with torch.inference_mode():
-            out[b] = scale * median_ms(lambda x=x, w=w: torch.nn.functional.linear(x, w), max(repeats, 5))
+            out[b] = scale * median_ms(lambda x=x, w=w: torch.nn.functional.linear(x, w), max(repeats, 5), warmup=1)
     del w
     if batch:
         return out[batch]
@@ -922,7 +914,7 @@ def expert_costs(path: Path, spec: dict, raw: dict, repeats: int) -> dict:
         for rows in (1, 8):
             x = torch.randn(rows, spec["hidden_size"])
             with torch.inference_mode():
-                calls[rows] = median_ms(lambda r=runner, x=x: r(x), max(repeats, 5))
+                calls[rows] = median_ms(lambda r=runner, x=x: r(x), max(repeats, 5), warmup=1)
         out[precision] = {"load_ms": 1000 * load, "call_ms": calls}
         del runner
         gc.collect()
@@ -933,7 +925,7 @@ def expert_costs(path: Path, spec: dict, raw: dict, repeats: int) -> dict:
 
         deep = gpt_oss_config(FULL)
         experts_template(deep, 0)  # built once (the skeleton), as on a worker
-        out["stored_python_ms_per_call"] = median_ms(lambda: experts_template(deep, 35), max(repeats, 20))
+        out["stored_python_ms_per_call"] = median_ms(lambda: experts_template(deep, 35), max(repeats, 20), warmup=1)
     return out
 
 

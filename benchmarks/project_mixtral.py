@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -38,6 +36,7 @@ from neuro_dask.model.model import MoEModel
 from neuro_dask.model.moe import ExpertWeights, run_expert
 from neuro_dask.model.trunk import Trunk
 from neuro_dask.store.synthetic import mixtral_config
+from timing import median_ms  # benchmarks/timing.py
 
 HERE = Path(__file__).resolve().parent
 LAYERS = 32
@@ -51,14 +50,6 @@ class InstantExperts:
         return {e: torch.zeros_like(x) for e, x in groups.items()}
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return 1000 * statistics.median(times)
 
 
 def client_ms_per_token(layers: int, context: int, repeats: int) -> float:

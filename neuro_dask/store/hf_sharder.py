@@ -26,7 +26,7 @@ import torch
 
 from neuro_dask.errors import CheckpointError, ConfigError, MissingTensorError, TensorShapeError, UnsupportedModelError
 from neuro_dask.model.hf_trunk import build_skeleton, experts_modules, hooked_model_types, trunk_shapes
-from neuro_dask.runtime.expert_formats import FORMAT_FLOAT, FORMAT_FP8_BLOCK, FORMAT_MXFP4, dequantize_fp8_block, format_of
+from neuro_dask.runtime.expert_formats import FORMAT_FP8_BLOCK, dequantize_fp8_block, format_of
 from neuro_dask.model.keymap import TensorRef
 from neuro_dask.store.checkpoint import HFCheckpoint
 from neuro_dask.store.manifest import LAYOUT_TRANSFORMERS, ROLE_EXPERT, ROLE_TOKENIZER, ROLE_TRUNK, Artifact, Manifest, expert_path
