@@ -251,10 +251,11 @@ def _cmd_channels(args: argparse.Namespace) -> int:
 def _cmd_shard(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from neuro_dask.store.sharder import count_artifacts, shard_checkpoint
+    from neuro_dask.store.sharder import plan_shard
 
-    with tqdm(total=count_artifacts(args.src, args.layout), unit="file", desc="sharding", disable=args.quiet) as bar:
-        manifest = shard_checkpoint(args.src, args.dst, progress=lambda _name: bar.update(1), layout=args.layout)
+    total, shard = plan_shard(args.src, args.layout)
+    with tqdm(total=total, unit="file", desc="sharding", disable=args.quiet) as bar:
+        manifest = shard(args.dst, lambda _name: bar.update(1))
     print(f"wrote {len(manifest.artifacts)} artifacts and manifest.json to {args.dst} "
           f"({manifest.architecture}, {manifest.layout} layout)")
     return 0

@@ -99,6 +99,24 @@ def choose_layout(src: str | Path, layout: str = LAYOUT_AUTO) -> str:
     return LAYOUT_NEURO if hand_written else LAYOUT_TRANSFORMERS
 
 
+def plan_shard(src: str | Path, layout: str = LAYOUT_AUTO) -> tuple[int, Callable[..., Manifest]]:
+    """(how many files sharding SRC writes, shard(dst, progress)): the checkpoint is read and
+    mapped once, for the progress bar's total and the work alike (a DeepSeek-V3 index names
+    about 90,000 tensors, each mapped by transformers' conversion rules)."""
+    if choose_layout(src, layout) == LAYOUT_TRANSFORMERS:
+        from neuro_dask.store.hf_sharder import TransformersSharder
+
+        sharder = TransformersSharder(Path(src))
+
+        def run(dst: str | Path, progress: Progress | None = None) -> Manifest:
+            sharder.tick = progress or (lambda _msg: None)
+            return sharder.shard(Path(dst))
+
+        return sharder.count(), run
+    return count_artifacts(src, LAYOUT_NEURO), lambda dst, progress=None: shard_checkpoint(src, dst, progress,
+                                                                                          LAYOUT_NEURO)
+
+
 def shard_checkpoint(src: str | Path, dst: str | Path, progress: Progress | None = None,
                      layout: str = LAYOUT_AUTO) -> Manifest:
     """Shard SRC (an HF checkpoint folder or a .gguf file) into DST; returns the manifest written last."""
