@@ -377,7 +377,9 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             published = self.coordinator.models.get(model)
             for l, e, why in failed[:1000]:  # the reason a client is told when no worker can load it
                 if published is not None and (int(l), int(e)) in published.experts:  # bounded: real experts only
-                    self._load_errors[(model, int(l), int(e))] = str(why)[:300]
+                    # a worker's own words reach clients only attributed to it, and only once every
+                    # live worker failed the expert (coordinator.unloadable): one cannot fake that
+                    self._load_errors[(model, int(l), int(e))] = f"{worker} says: {str(why)[:300]}"
             self.scheduler.log_event("neuro", {"action": "load-failed", "worker": worker, "model": model,
                                                "failed": failed[:20]})
             self._enact(self.coordinator.load_failed(worker, model, [(l, e) for l, e, _ in failed]))

@@ -10,9 +10,8 @@ assistant models, prompt lookup) runs with the experts on the network too.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -51,13 +50,10 @@ class TransformersMoEModel(MoEModel):
     def _dispatch(self, layer: int, groups):
         return self._coalescer().run_layer(layer, groups)
 
-    def _calls(self, routed: torch.Tensor | None):
-        return expert_calls(self._dispatch, routed)
-
     def _run(self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor, routed: torch.Tensor | None,
              cache: Any = None, last_only: bool = True):
         device = self.device
-        with self._calls(None if routed is None else routed.to(device)):
+        with expert_calls(self._dispatch, None if routed is None else routed.to(device)):
             return self.trunk(input_ids=ids.to(device), attention_mask=key_valid.to(device, torch.long),
                               position_ids=positions.to(device), cache=cache, use_cache=last_only,
                               logits_to_keep=1 if last_only else 0)
@@ -74,17 +70,12 @@ class TransformersMoEModel(MoEModel):
         out = self._run(batch.ids, positions_from_mask(batch.mask), batch.mask, batch.mask, last_only=False)
         return out.logits.cpu()
 
-    @contextlib.contextmanager
-    def _native(self, tokens: int) -> Iterator[None]:
-        with self._request(tokens):
-            yield
-
     def hf_generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """transformers' own `generate` (streamers, logits processors, assistant_model,
         prompt_lookup_num_tokens...) with the experts on the network, paid as one request."""
         ids = torch.as_tensor(input_ids)
         budget = ids.numel() + ids.shape[0] * int(kwargs.get("max_new_tokens", 20))
         self._check_limits(self._batch(ids, kwargs.get("attention_mask")), kwargs.get("max_new_tokens"))
-        with self._native(budget), torch.inference_mode():
+        with self._request(budget), torch.inference_mode():
             return self.trunk.generate(ids.to(self.device), **{k: (v.to(self.device) if torch.is_tensor(v) else v)
                                                                for k, v in kwargs.items()})

@@ -122,5 +122,6 @@ def test_corrupted_store_is_refused_by_every_worker(sharded, tmp_path):
                                                         r"layer 1 .*sha256") as info:
             nd.load(root, client=client)
         assert isinstance(info.value, ExpertUnavailableError) and info.value.waited < 120
+        assert " says: " in info.value.why  # a worker's words, attributed to that worker
         failures = [e for _, e in client.get_events("neuro") if e.get("action") == "load-failed"]
         assert failures and "sha256" in str(failures)
