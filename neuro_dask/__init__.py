@@ -21,7 +21,8 @@ _LAZY = {"load": "neuro_dask.loading", "MapFailure": "neuro_dask.mapping", "fail
          "SUPPORTED_MODEL_TYPES": "neuro_dask.model.config", "MoEModel": "neuro_dask.model.model",
          "shard_checkpoint": "neuro_dask.store.sharder", "harden": "neuro_dask.security.hardening",
          "security_for": "neuro_dask.security.tls", "follow": "neuro_dask.following",
-         "publish": "neuro_dask.following", "adopt": "neuro_dask.following", "channels": "neuro_dask.following"}
+         "publish": "neuro_dask.following", "adopt": "neuro_dask.following", "channels": "neuro_dask.following",
+         "network_status": "neuro_dask.network", "NetworkStatus": "neuro_dask.network"}
 
 
 def __getattr__(name: str):
@@ -43,6 +44,8 @@ __all__ = [
     "publish",
     "adopt",
     "channels",
+    "network_status",
+    "NetworkStatus",
     "harden",
     "security_for",
     "shard_checkpoint",

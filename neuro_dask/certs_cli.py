@@ -64,8 +64,9 @@ def _cmd_issue(args: argparse.Namespace) -> int:
     print(f"  {cert}")
     print(f"  {key}  (secret, mode 0600)")
     print(f"  sha256 {info['fingerprint']}")
-    print(f"give the {args.role} a folder with ca.pem, {cert.name} and {key.name}; point neuro.security.tls-dir "
-          "(DASK_NEURO__SECURITY__TLS_DIR) at it")
+    print(f"give the {args.role} a folder with ca.pem, {cert.name} and {key.name} and pass it as --tls DIR "
+          "(or point neuro.security.tls-dir, DASK_NEURO__SECURITY__TLS_DIR, at it)")
+    print(_cli_hint(args.role, args.name))
     print(_dask_cli_hint(args.dir, args.role, cert, key))
     return 0
 
@@ -100,12 +101,35 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     print(f"  {folder / 'ca.pem'}, {folder / 'ca-key.pem'}")
     for role, (cert, key) in made.items():
         print(f"  {role:<9} {cert.name}, {key.name}")
-    print(f"neuro_dask: set neuro.security.tls-dir (DASK_NEURO__SECURITY__TLS_DIR={folder}); in Python, "
-          f"Client('tls://HOST:8786', security=security_for('client', {str(folder)!r})) "
-          "with security_for from neuro_dask.security.tls")
-    for role in ("scheduler", "worker"):
-        print(_dask_cli_hint(folder, role, *made[role]))
+    for line in quickstart_next_steps(folder):
+        print(line)
     return 0
+
+
+def quickstart_next_steps(folder: str | Path) -> list[str]:
+    """What to run next, as the README teaches it: each command picks its role's certificate from
+    the one folder."""
+    address = "tls://127.0.0.1:8786"
+    return [
+        "next, each in its own terminal:",
+        f"  neuro-dask scheduler --tls {folder}",
+        f"  neuro-dask worker {address} --tls {folder}",
+        f"  neuro-dask publish neuro_dask/assets/adder --scheduler {address} --tls {folder}   (the operator)",
+        f"  neuro-dask demo --scheduler {address} --tls {folder}   (a client)",
+        f"in Python: Client({address!r}, security=security_for('client', {str(folder)!r})) with security_for "
+        "from neuro_dask.security.tls; or set neuro.security.tls-dir "
+        f"(DASK_NEURO__SECURITY__TLS_DIR={folder}) and leave --tls out",
+    ]
+
+
+def _cli_hint(role: str, name: str) -> str:
+    if role == "scheduler":
+        return "start it: neuro-dask scheduler --tls DIR"
+    if role == "worker":
+        return f"start it: neuro-dask worker tls://SCHEDULER:8786 --tls DIR --name {name}"
+    if role == "operator":
+        return "use it:   neuro-dask publish MODEL --scheduler tls://SCHEDULER:8786 --tls DIR"
+    return "use it:   neuro-dask demo --scheduler tls://SCHEDULER:8786 --tls DIR (or generate/serve --tls DIR)"
 
 
 def _dask_cli_hint(folder: str | Path, role: str, cert: Path, key: Path) -> str:
@@ -113,10 +137,10 @@ def _dask_cli_hint(folder: str | Path, role: str, cert: Path, key: Path) -> str:
     ca = Path(folder) / "ca.pem"
     flags = f"--tls-ca-file {ca} --tls-cert {cert} --tls-key {key}"
     if role == "scheduler":
-        return f"dask scheduler: dask scheduler {flags}"
+        return f"(with Dask's own CLI: dask scheduler --preload neuro_scheduler {flags})"
     if role == "worker":
-        return f"dask worker:    dask worker tls://SCHEDULER:8786 {flags}"
-    return f"a {role} connects with Client('tls://SCHEDULER:8786', security=security_for({role!r}, FOLDER))"
+        return f"(with Dask's own CLI: dask worker tls://SCHEDULER:8786 --preload neuro_worker {flags})"
+    return f"(in Python: Client('tls://SCHEDULER:8786', security=security_for({role!r}, DIR)))"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -1,8 +1,14 @@
-"""`neuro-dask`: demo, drill, scheduler, worker, certs, shard, inspect, generate, serve, train-demo, ledger."""
+"""neuro-dask: Mixture-of-Experts inference on volunteer Dask workers.
+
+The data scientist's process runs the trunk and the router; each MoE layer's experts run on
+volunteers' workers; a scheduler with the neuro_scheduler plugin places experts, keeps reputation
+and the NEURO ledger, and shows the network on its dashboard.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -34,13 +40,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from neuro_dask.cluster import connect
     from neuro_dask.loading import load
 
-    where = args.scheduler or f"a local cluster of {args.workers} worker processes"
-    print(f"starting {where} with the neuro_scheduler and neuro_worker plugins ...", flush=True)
+    if args.scheduler:
+        print(f"connecting to the network at {args.scheduler} ...", flush=True)
+    else:
+        print(f"starting a local cluster of {args.workers} worker processes with the neuro_scheduler and "
+              "neuro_worker plugins ...", flush=True)
     client, cluster = connect(args.scheduler, tls=args.tls, n_workers=args.workers)
     model = None
     try:
-        print(f"dashboard: {client.dashboard_link}  (the network: {client.dashboard_link.rsplit('/', 1)[0]}"
-              "/neuro/network)" + _token_hint())
+        print(f"dashboard: {client.dashboard_link.rsplit('/', 1)[0]}/neuro/overview" + _token_hint())
         started = time.perf_counter()
         model = load(path, client=client, transport=args.transport)
         routes = model.executor.routes.routes
@@ -184,39 +192,47 @@ def _cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
 def _cmd_worker_status(args: argparse.Namespace) -> int:
     from neuro_dask.volunteer_status import format_status, status_for
 
-    status = status_for(args)
-    print(json.dumps(status, indent=2, sort_keys=True) if args.json else format_status(status))
+    statuses = status_for(args)
+    if args.json:  # one worker: its object; several (no --worker, several on this machine): a list
+        print(json.dumps(statuses[0] if len(statuses) == 1 else statuses, indent=2, sort_keys=True))
+    else:
+        print("\n\n".join(format_status(s) for s in statuses))
     return 0
 
 
 def _operator_client(args: argparse.Namespace):
     """A client of `--scheduler`, with the operator's certificate where `--tls` names one."""
-    from distributed import Client
+    from neuro_dask.cluster import open_client
 
     security = None
     if tls := _tls_folder(args):
         from neuro_dask.security.tls import security_for
 
         security = security_for("operator", tls)
-    return Client(args.scheduler, security=security, timeout=args.timeout)
+    return open_client(args.scheduler, security, timeout=args.timeout)
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:
     from neuro_dask.dispatch.session import wait_until_served
     from neuro_dask.following import publish
-    from neuro_dask.settings import ClientSettings
 
     with _operator_client(args) as client:
         reply = publish(args.model, client, channel=args.channel or "", wait=False)
         role = f" as the {reply['role']} version of channel {args.channel}" if args.channel else ""
         print(f"published {reply['model']} from {args.model}{role}")
         if args.wait:
-            wait_until_served(client, reply["model"], ClientSettings.load().load_timeout)
+            total = reply.get("summary", {}).get("expert_files", "its")
+            print(f"waiting until the workers serve {total} experts (up to {args.wait_timeout:.0f} s) ...", flush=True)
+            wait_until_served(client, reply["model"], args.wait_timeout, on_progress=_print_progress)
             print(f"{reply['model']}: every expert is served")
         if reply.get("role") == "candidate":
             print(f"make it current with `neuro-dask adopt {args.channel} {reply['model']} --scheduler "
                   f"{args.scheduler}` (or a governance vote: `neuro-dask gov propose-version ...`)")
     return 0
+
+
+def _print_progress(served: int, total: int, note: str | None) -> None:
+    print(f"  {served}/{total} experts served" + (f"; waiting: {note}" if note else ""), flush=True)
 
 
 def _cmd_adopt(args: argparse.Namespace) -> int:
@@ -270,14 +286,53 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _model_for(args: argparse.Namespace):
+    """The model of `args.path`: in this process, or with --scheduler its experts on that network
+    (published there if it is not yet; the folder or URL must be one the workers can read)."""
     from neuro_dask.loading import load
 
-    model = load(args.path)
-    texts = model.generate_text(args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    for prompt, text in zip(args.prompt, texts):
-        print(f"{prompt}{text}")
+    if not args.scheduler:
+        with load(args.path) as model:
+            yield model
+        return
+    from neuro_dask.cluster import connect
+
+    print(f"connecting to {args.scheduler} ...", file=sys.stderr, flush=True)
+    client, _ = connect(args.scheduler, tls=_tls_folder(args))
+    try:
+        with load(args.path, client=client, transport=args.transport) as model:
+            yield model
+    finally:
+        client.close()
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    options = dict(do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   seed=args.seed)
+    with _model_for(args) as model:
+        if args.stream:
+            for prompt in args.prompt:
+                print(prompt, end="", flush=True)
+                for step in model.stream(prompt, max_new_tokens=args.max_new_tokens, **options):
+                    print(step.text, end="", flush=True)
+                print()
+            return 0
+        texts = model.generate_text(args.prompt, max_new_tokens=args.max_new_tokens, **options)
+        for prompt, text in zip(args.prompt, texts):
+            print(f"{prompt}{text}")
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    with _model_for(args) as model:
+        results = model.score(args.text)
+    if args.json:
+        print(json.dumps([{"text": t, "tokens": r.tokens, "logprobs": r.logprobs, "total": r.total,
+                           "perplexity": r.perplexity} for t, r in zip(args.text, results)], indent=2))
+        return 0
+    for text, r in zip(args.text, results):
+        print(f"{r.total:10.3f} log-likelihood, perplexity {r.perplexity:8.3f}, {len(r.tokens)} tokens: {text!r}")
     return 0
 
 
@@ -295,9 +350,14 @@ def _cmd_train_demo(args: argparse.Namespace) -> int:
     from neuro_dask.demo.addition import ASSET_DIR
     from neuro_dask.demo.train import TrainSettings, train_and_ship
 
+    out = Path(args.out)
+    if out.resolve() == Path(ASSET_DIR).resolve() and not args.replace_bundled:
+        raise NeuroDaskError(f"{out} is the bundled demo model: pass --replace-bundled to overwrite it, "
+                             "or choose another --out")
     settings = TrainSettings(minutes=args.minutes, seed=args.seed)
     started = time.perf_counter()
-    train_and_ship(settings, Path(args.out or ASSET_DIR),
+    print(f"training the demo model into {out} (up to {args.minutes:g} minutes) ...", flush=True)
+    train_and_ship(settings, out,
                    progress=lambda msg: print(f"[{time.perf_counter() - started:6.0f} s] {msg}", flush=True))
     return 0
 
@@ -311,7 +371,9 @@ def _add_security_arguments(parser: argparse.ArgumentParser, role: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="neuro-dask", description=__doc__)
+    p = argparse.ArgumentParser(prog="neuro-dask", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="`neuro-dask COMMAND --help` describes each command; README.md and docs/ the "
+                                       "rest.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -324,9 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--local", action="store_true", help="no cluster: run the experts in this process")
     d.add_argument("-n", type=int, default=100, help="how many held-out problems (default 100)")
     d.add_argument("--show", type=int, default=10, help="how many answers to print")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0, help="picks the held-out problems (default 0)")
     d.add_argument("--prompt", nargs="+", help="ask these prompts instead, e.g. 123+456=")
-    d.add_argument("--max-new-tokens", type=int, default=5)
+    d.add_argument("--max-new-tokens", type=int, default=5, help="with --prompt: tokens per answer (default 5)")
     d.add_argument("--min-accuracy", type=float, default=0.95, help="exit 1 below this accuracy")
     d.set_defaults(func=_cmd_demo)
 
@@ -341,25 +403,40 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_shard)
 
     i = sub.add_parser("inspect", help="architecture, parameters, experts and bytes of a sharded model")
-    i.add_argument("path")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("path", help="a sharded model folder (from `neuro-dask shard`) or its URL")
+    i.add_argument("--json", action="store_true", help="the summary as JSON")
     i.set_defaults(func=_cmd_inspect)
 
-    g = sub.add_parser("generate", help="generate text from prompts with a sharded model")
-    g.add_argument("path")
-    g.add_argument("prompt", nargs="+")
-    g.add_argument("--max-new-tokens", type=int, default=32)
+    g = sub.add_parser("generate", help="generate text from prompts with a sharded model, here or on a network")
+    g.add_argument("path", help="a sharded model folder or URL; with --scheduler, one the workers can read")
+    g.add_argument("prompt", nargs="+", help="one or more prompts; each answer is printed after its prompt")
+    g.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (default 32)")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--seed", type=int)
-    g.set_defaults(func=_cmd_generate)
+    g.add_argument("--temperature", type=float, default=1.0, help="with --sample (default 1.0)")
+    g.add_argument("--top-k", type=int, help="with --sample: keep the k likeliest tokens")
+    g.add_argument("--top-p", type=float, help="with --sample: keep the likeliest tokens up to this probability")
+    g.add_argument("--seed", type=int, help="with --sample: the random seed (reproducible answers)")
+    g.add_argument("--stream", action="store_true", help="print each token as it comes")
+    sco = sub.add_parser("score", help="log-likelihood and perplexity of texts under a sharded model")
+    sco.add_argument("path", help="a sharded model folder or URL; with --scheduler, one the workers can read")
+    sco.add_argument("text", nargs="+", help="one or more texts to score")
+    sco.add_argument("--json", action="store_true", help="per-token log-probabilities as JSON")
+    for parser, func in ((g, _cmd_generate), (sco, _cmd_score)):
+        parser.add_argument("--scheduler", help="run the experts on this network (e.g. tls://HOST:8786) instead of "
+                                                "in this process")
+        parser.add_argument("--tls", metavar="DIR", help="with --scheduler: a client certificate's folder (hardened "
+                                                         "network; default neuro.security.tls-dir)")
+        parser.add_argument("--transport", choices=["direct", "futures"],
+                            help="with --scheduler: how expert calls travel (default direct)")
+        parser.set_defaults(func=func)
 
     dr = sub.add_parser("drill", help="run a local cluster with adversarial workers and report what trust did")
-    dr.add_argument("--workers", type=int, default=10)
+    dr.add_argument("--workers", type=int, default=10, help="worker processes of the drill's local cluster "
+                                                            "(default 10)")
     dr.add_argument("--adversaries", type=float, default=0.3, help="fraction of workers that misbehave")
-    dr.add_argument("--mode", default="perturb", choices=["perturb", "collude", "defect", "straggle", "crash"])
+    dr.add_argument("--mode", default="perturb", choices=["perturb", "collude", "defect", "straggle", "crash"],
+                    help="how adversaries misbehave: perturb their results, collude on one wrong answer, defect "
+                         "after earning trust, straggle (answer late) or crash (default perturb)")
     dr.add_argument("--probability", type=float,
                     help="chance per call of misbehaving (perturb, straggle; default 1, straggle 0.05)")
     dr.add_argument("--delay", type=float, default=0.05, help="straggle: seconds late (default 0.05)")
@@ -368,29 +445,39 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--ledger", metavar="URL",
                     help="run the NEURO ledger in this database: fund the client, stake the workers, report the economics")
     dr.add_argument("--trusted", type=int, default=1, help="operator-trusted honest workers")
-    dr.add_argument("--seed", type=int, default=0)
-    dr.add_argument("--prompts", type=int, default=10)
-    dr.add_argument("--tokens", type=int, default=32)
+    dr.add_argument("--seed", type=int, default=0, help="picks the adversaries and the prompts (default 0)")
+    dr.add_argument("--prompts", type=int, default=10, help="prompts generated, with and without adversaries "
+                                                            "(default 10)")
+    dr.add_argument("--tokens", type=int, default=32, help="new tokens per prompt (default 32)")
     dr.add_argument("--model", help="sharded model folder (default: the bundled adder)")
-    dr.add_argument("--json", action="store_true")
+    dr.add_argument("--json", action="store_true", help="the report as JSON")
     dr.set_defaults(func=_cmd_drill)
 
-    sc = sub.add_parser("scheduler", help="dask scheduler --preload neuro_scheduler (other flags go to dask)")
+    sc = sub.add_parser("scheduler", help="start a network's scheduler: dask scheduler --preload neuro_scheduler",
+                        epilog="Every other flag goes to `dask scheduler`: --port 8786 (default), --host, "
+                               "--dashboard-address (default 127.0.0.1:8787 here: the dashboard stays on this "
+                               "machine), --neuro-ledger URL (the NEURO ledger), ... (`dask scheduler --help`). "
+                               "It prints its address, its dashboard and the command workers join with.")
     sc.add_argument("--replicas", type=int, help="target replicas per expert")
     _add_security_arguments(sc, "scheduler")
     sc.set_defaults(func=_cmd_scheduler, passthrough=True)
 
-    w = sub.add_parser("worker", help="dask worker ADDR --preload neuro_worker (other flags go to dask)")
+    w = sub.add_parser("worker", help="volunteer this machine: dask worker ADDR --preload neuro_worker",
+                       epilog="Every other flag goes to `dask worker` (`dask worker --help`): --nworkers, "
+                              "--no-nanny, --dashboard-address, ... It prints its connection, the experts it "
+                              "loads, and why it pauses (docs/distributed.md).")
     w.add_argument("scheduler", help="scheduler address, e.g. tcp://HOST:8786")
     w.add_argument("--memory-budget", help="bytes or e.g. 4GiB for expert weights (default: half the free RAM)")
     w.add_argument("--cache-dir", help="where verified expert files are cached")
-    w.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    w.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="where experts compute (default auto: "
+                                                                          "CUDA, else MPS, else CPU)")
     w.add_argument("--owner", help="owner id: replicas of one expert never share an owner")
     w.add_argument("--store", help="a mirror of the model store to fetch experts from")
     w.add_argument("--backend", choices=["torch", "onnx"], help="how experts run (default torch; docs/performance.md)")
     w.add_argument("--precision", choices=["float32", "bfloat16", "int8", "int4", "auto"],
                    help="expert weights in memory (default float32; auto: the highest that fits the budget)")
-    w.add_argument("--nthreads", type=int, default=1)
+    w.add_argument("--nthreads", type=int, default=1, help="Dask threads (default 1: expert calls have their "
+                                                           "own thread)")
     w.add_argument("--idle-only", action=argparse.BooleanOptionalAction, default=True,
                    help="pause while the machine's owner is busy, at low priority (default: on; docs/distributed.md)")
     w.add_argument("--name", help="this worker's name; with --tls, the NAME of the worker-NAME.pem to use "
@@ -403,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     ws.add_argument("--scheduler", help="scheduler address (default: ask the worker given by --worker ADDRESS)")
     ws.add_argument("--worker", help="the worker's name or address (default: this machine's only worker)")
     ws.add_argument("--tls", metavar="DIR", help="a client certificate's folder (hardened network)")
-    ws.add_argument("--json", action="store_true")
+    ws.add_argument("--json", action="store_true", help="JSON: an object, or a list when several workers are shown")
     ws.set_defaults(func=_cmd_worker_status)
 
     register_certs(sub)
@@ -416,13 +503,15 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
                     help="wait until every expert is served (default: on)")
     pb.add_argument("--timeout", type=float, default=30.0, help="seconds to connect")
+    pb.add_argument("--wait-timeout", type=float, default=None,
+                    help="seconds to wait until every expert is served (default neuro.client.load-timeout)")
     pb.add_argument("--channel", help="publish as a version of this channel: its current one if it has none, "
                                       "else its candidate (adopt it with `neuro-dask adopt`)")
     pb.set_defaults(func=_cmd_publish)
 
     ad = sub.add_parser("adopt", help="operator: make a channel's served candidate version current "
                                       "(the old one retires once its requests end)")
-    ad.add_argument("channel")
+    ad.add_argument("channel", help="the channel's name (as given to `neuro-dask publish --channel`)")
     ad.add_argument("model", help="the candidate's model id (printed by `neuro-dask publish --channel`)")
     ch = sub.add_parser("channels", help="model channels: current, candidate and retiring versions")
     ch.add_argument("--json", action="store_true", help="one JSON object")
@@ -449,14 +538,37 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--transport", choices=["direct", "futures"], help="how expert calls travel (default direct)")
     sv.set_defaults(func=_cmd_serve)
 
-    t = sub.add_parser("train-demo", help="retrain the bundled demo model (about 5 minutes on 2 cores, capped at --minutes)")
+    t = sub.add_parser("train-demo", help="train the demo model again from scratch (about 5 minutes on 2 cores, "
+                                          "capped at --minutes)")
     t.add_argument("--minutes", type=float, default=14.0, help="time budget")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--out", help="output folder (default: the bundled asset folder)")
+    t.add_argument("--seed", type=int, default=0, help="initial weights and training data (default 0)")
+    t.add_argument("--out", default="neuro-adder", help="output folder (default: ./neuro-adder); use it with "
+                                                      "`neuro-dask demo --model DIR`")
+    t.add_argument("--replace-bundled", action="store_true",
+                   help="allow --out to be the bundled model's folder (maintainers shipping a new demo model)")
     t.set_defaults(func=_cmd_train_demo)
 
     register_ledger(sub)
+    _describe_commands(sub)
     return p
+
+
+# What `neuro-dask COMMAND --help` says first, where the one-line help is not enough.
+DESCRIPTIONS = {
+    "drill": "A fire drill for the trust machinery: a local cluster where some workers misbehave (return perturbed "
+             "results, collude, defect after earning trust, straggle or crash) while a client generates. The report "
+             "says whether the answers were identical to an all-honest run, how many wrong results were accepted "
+             "(should be 0) and how many were caught, and what reputation and, with --ledger, stakes did.",
+}
+
+
+def _describe_commands(sub: argparse._SubParsersAction) -> None:
+    """Every subcommand's --help opens with a description: its own, else its one-line help."""
+    helps = {a.dest: a.help for a in sub._choices_actions}
+    for name, parser in sub.choices.items():
+        if not parser.description:
+            text = DESCRIPTIONS.get(name) or (helps.get(name) or "").rstrip(".") + "."
+            parser.description = text[:1].upper() + text[1:]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -474,6 +586,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "wait_timeout", False) is None:
+        from neuro_dask.settings import ClientSettings
+
+        args.wait_timeout = ClientSettings.load().load_timeout
     try:
         return args.func(args, extra) if getattr(args, "passthrough", False) else args.func(args)
     except NeuroDaskError as exc:

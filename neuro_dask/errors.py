@@ -173,8 +173,10 @@ class LimitExceededError(InputError):
         self.limit = limit
         self.got = got
         what = subject or field.replace("-", " ")
-        fix = f"{fix}, or " if fix else ""
+        # The limit in its own terms: what was asked, what is allowed, where the setting lives
+        # (never a suggested value: the request's own size may be absurd).
+        fix = f": {fix}" if fix else ""
         super().__init__(
-            f"{what} is {got}, above the limit of {limit}: {fix}raise neuro.security.{field} "
-            f"(Dask config, or DASK_NEURO__SECURITY__{field.replace('-', '_').upper()}={got})"
+            f"{what} is {got}, above the limit of {limit} (neuro.security.{field}){fix}. The operator sets "
+            f"that limit in Dask config or DASK_NEURO__SECURITY__{field.replace('-', '_').upper()}"
         )

@@ -34,6 +34,8 @@ import sys
 import time
 from typing import Any, Callable
 
+from neuro_dask import console
+from neuro_dask.console import pause_line, resume_line
 from neuro_dask.runtime.idle import IdleMonitor, IdleSignals
 
 log = logging.getLogger("neuro_dask.worker.idle")
@@ -54,7 +56,11 @@ def register_sampler(name: str, sampler: Sampler) -> Callable[[], None]:
 
 
 class CpuWatch:
-    """CPU use by other processes, percent of the whole machine, between two calls."""
+    """CPU use by other processes, percent of the whole machine, between two calls.
+
+    "Other" leaves out this worker's process tree and every other neuro-dask worker on the
+    machine (a volunteer may run several): otherwise each would count its siblings' expert math
+    as the owner's work, and all of them would pause whenever any one served."""
 
     def __init__(self):
         import psutil
@@ -69,11 +75,7 @@ class CpuWatch:
     def _mine(self) -> float:
         """This process tree's use, percent of one core summed over its processes."""
         total, seen = 0.0, {}
-        try:
-            tree = [self.me, *self.me.children(recursive=True)]
-        except self.psutil.Error:
-            tree = [self.me]
-        for p in tree:
+        for p in self._volunteer_tree():
             proc = self._procs.get(p.pid, p)
             try:
                 total += proc.cpu_percent(None)
@@ -82,6 +84,21 @@ class CpuWatch:
             seen[p.pid] = proc
         self._procs = seen
         return total
+
+    def _volunteer_tree(self) -> list:
+        """This process, the machine's neuro-dask workers (their command line names the
+        neuro_worker preload: nannies, or workers started without one) and all their children."""
+        roots = {self.me.pid: self.me}
+        for p in self.psutil.process_iter(["cmdline"]):
+            if any("neuro_worker" in part for part in (p.info.get("cmdline") or ())):
+                roots.setdefault(p.pid, p)
+        tree = dict(roots)
+        for root in roots.values():
+            try:
+                tree.update((c.pid, c) for c in root.children(recursive=True))
+            except self.psutil.Error:
+                continue  # it exited between the two calls
+        return list(tree.values())
 
     def __call__(self) -> float:
         machine = self.psutil.cpu_percent(None)
@@ -275,6 +292,7 @@ class IdleGuard:
         if decision.changed:
             self.adapter.paused = decision.reason if decision.paused else ""
             log.info("idle-only: %s (%s)", "pausing" if decision.paused else "resuming", decision.reason)
+            console.say(pause_line(decision.reason) if decision.paused else resume_line(decision.reason))
             await self.tell_scheduler(decision.paused, decision.reason)
             if not decision.paused:
                 await self.report_hosted()

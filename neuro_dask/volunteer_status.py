@@ -71,7 +71,7 @@ def collect(client, worker: str | None = None) -> dict[str, Any]:
     name or an address; None: this machine's only worker. On a hardened network the worker's
     own certificate asks for itself (its name is the default) and the operator's for anyone."""
     if worker is None:
-        worker = _own_worker_name(client) or _local_worker(client)
+        return collect_all(client)[0]
     try:
         sched = client.sync(client.scheduler.neuro_volunteer, worker=worker)
     except Exception as exc:  # refused (a client certificate) or an older plugin
@@ -122,11 +122,23 @@ def _own_worker_name(client) -> str | None:
     return info["name"] if info.get("role") == "worker" else None
 
 
-def _local_worker(client) -> str | None:
-    local = [a for a in _names(client) if _host_of(a) in _local_hosts()]
-    if len(local) != 1:
-        raise WorkerNotFoundError(None, client.scheduler.address, sorted(_names(client).values()))
-    return local[0]
+def _local_workers(client) -> list[str]:
+    """This machine's workers (a volunteer may run several), else every worker the certificate
+    may list: a volunteer asking without --worker wants to see what runs, not an error."""
+    names = _names(client)
+    local = sorted(a for a in names if _host_of(a) in _local_hosts())
+    if local or names:
+        return local or sorted(names)
+    raise WorkerNotFoundError(None, client.scheduler.address, [])
+
+
+def collect_all(client, worker: str | None = None) -> list[dict[str, Any]]:
+    """`collect` for `worker`, or, without one, for this certificate's worker or every worker of
+    this machine."""
+    if worker is not None:
+        return [collect(client, worker)]
+    own = _own_worker_name(client)
+    return [collect(client, w) for w in ([own] if own else _local_workers(client))]
 
 
 def _security_for_status(tls: str):
@@ -141,12 +153,14 @@ def _security_for_status(tls: str):
     return security_for("client", tls)
 
 
-def worker_status(scheduler: str, worker: str | None = None, tls: str | None = None, timeout: float = 30) -> dict:
-    from distributed import Client
+def worker_status(scheduler: str, worker: str | None = None, tls: str | None = None,
+                  timeout: float = 30) -> list[dict]:
+    """The status of `worker`, or of this machine's workers (one entry each)."""
+    from neuro_dask.cluster import open_client
 
     security = _security_for_status(tls) if tls else None
-    with Client(scheduler, security=security, timeout=timeout) as client:
-        return collect(client, worker)
+    with open_client(scheduler, security, timeout=timeout) as client:
+        return collect_all(client, worker)
 
 
 def _mib(n: int) -> str:
@@ -179,8 +193,8 @@ def format_status(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def status_for(args) -> dict:
-    """The worker's status for the CLI's arguments (--scheduler, --worker, --tls)."""
+def status_for(args) -> list[dict]:
+    """The workers' status for the CLI's arguments (--scheduler, --worker, --tls)."""
     scheduler = args.scheduler
     if not scheduler:
         if not args.worker or "://" not in args.worker:

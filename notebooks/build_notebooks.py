@@ -1,9 +1,11 @@
-"""Writes quickstart.ipynb, batch_inference.ipynb and operator.ipynb from the cells below.
+"""Writes quickstart.ipynb, batch_inference.ipynb, operator.ipynb and privacy.ipynb from the cells below.
 
 The notebooks are generated so that they are reviewed as code and committed without outputs:
 edit this file, then run `python notebooks/build_notebooks.py` (`--check` exits 1 when a
 committed notebook differs from what this script writes). tests/e2e/test_notebooks.py runs
-each notebook top to bottom against the bundled addition model.
+each notebook top to bottom against the bundled addition model, and checks that their code
+cells use only the public API (no `_private` names, no scheduler handlers called by name, no
+imports of modules outside `PUBLIC_MODULES` there).
 """
 
 from __future__ import annotations
@@ -246,7 +248,8 @@ BATCH = [
     The trunk runs in this process, so `model.map` brings the prompts here partition by partition
     and runs them in batches of `batch_size` (across partition boundaries, so that every expert
     call carries many tokens) while the experts work on the cluster. Unlike most Dask operations
-    it does the work when called, with a progress bar (`progress=False` turns it off); the
+    it does the work when called, with a progress bar (`progress=False` turns it off; in Jupyter
+    the bar is a widget, from `ipywidgets`, which `pip install 'neuro-dask[notebook]'` brings); the
     Series it returns holds the results.
     """),
     code("""
@@ -373,14 +376,15 @@ OPERATOR = [
     md("""
     ## 2. The scheduler's view
 
-    The `neuro_scheduler` plugin answers `neuro_status`: every worker with its owner, speed,
-    memory budget, the experts it serves and its reputation (`trust_*` fields: `trust_score`,
-    whether it is `established`, its run of `consecutive_valid` results, whether it is still
-    `routable`), and the models published.
+    `nd.network_status(client)` asks the scheduler (its `neuro_scheduler` plugin) what it knows,
+    as plain data: `.workers`, every worker with its owner, speed, memory budget, the experts it
+    serves and its reputation (`trust_*` fields: `trust_score`, whether it is `established`, its
+    run of `consecutive_valid` results, whether it is still `routable`); `.models`, the models
+    published; `.placement()`, one `(worker, model, layer, expert)` per expert replica.
     """),
     code("""
-    status = client.sync(client.scheduler.neuro_status)
-    workers = pd.DataFrame.from_dict(status["workers"], orient="index")
+    status = nd.network_status(client)
+    workers = pd.DataFrame.from_dict(status.workers, orient="index")
     workers["experts"] = workers["serving"].map(len)
     workers["memory_GiB"] = (workers["memory_budget"] / 2**30).round(1)
     trust = [c for c in workers.columns if c.startswith("trust_")]
@@ -389,7 +393,7 @@ OPERATOR = [
     workers
     """),
     code("""
-    pd.DataFrame({model_id: info["summary"] for model_id, info in status["models"].items()})
+    pd.DataFrame({model_id: info["summary"] for model_id, info in status.models.items()})
     """),
     md("""
     ## 3. Placement
@@ -399,10 +403,7 @@ OPERATOR = [
     each newcomer's results can be checked against it.
     """),
     code("""
-    placement = pd.DataFrame(
-        [(w["name"], layer, expert) for w in status["workers"].values() for _, layer, expert in w["serving"]],
-        columns=["worker", "layer", "expert"],
-    )
+    placement = pd.DataFrame(status.placement(), columns=["worker", "model", "layer", "expert"])
     placement["expert_id"] = "L" + placement["layer"].astype(str) + "/E" + placement["expert"].astype(str)
     replicas = placement.groupby("expert_id").size()
     print(f"{len(replicas)} experts, replicas per expert: {sorted(set(replicas))}")
@@ -516,11 +517,17 @@ PRIVACY = [
     from pathlib import Path
 
     import dask
+    import pandas as pd
+    from bokeh.io import output_notebook, show
+    from bokeh.layouts import row
+    from bokeh.plotting import figure
     from distributed import Client
 
     import neuro_dask as nd
     from neuro_dask.cluster import local_cluster
     from neuro_dask.demo.addition import ASSET_DIR, exact_match, sample_problems
+
+    output_notebook(hide_banner=True)
     """),
     md("""
     ## 1. A cluster of four owners
@@ -542,16 +549,17 @@ PRIVACY = [
     `privacy="private"`: the hidden states are encoded in fixed point over Z_2^64 and split into
     two random shares; each worker applies the expert's linear maps to its share, and this
     process adds the answers and applies the non-linearity itself. Two round trips per layer
-    instead of one, about 16x the bytes, the same answers.
+    instead of one, about 16x the bytes, the same answers. `model.stats()` counts what the
+    expert calls cost so far (layers, round trips, bytes each way, ...), on every tier.
     """),
     code("""
     with nd.load(ASSET_DIR, client=client) as standard:
         expected = standard.generate_text(prompts, max_new_tokens=5)
     with nd.load(ASSET_DIR, client=client, privacy="private") as private:
         answers = private.generate_text(prompts, max_new_tokens=5)
-        stats = dict(private.executor.stats)
+        stats = private.stats()
     print("identical to the standard tier:", answers == expected, "| exact match:", exact_match(answers, problems))
-    print(f"{stats['round_trips'] / stats['layers']:.0f} round trips per layer, "
+    print(f"{stats['tier']} tier: {stats['round_trips'] / stats['layers']:.0f} round trips per layer, "
           f"{(stats['bytes_sent'] + stats['bytes_received']) / 1e3:.0f} kB of shares")
     """),
     md("""
@@ -564,39 +572,76 @@ PRIVACY = [
     with dask.config.set({"neuro.client.trust": True}), \\
             nd.load(ASSET_DIR, client=client, privacy="private") as verified:
         print(verified.generate_text(prompts[:4], max_new_tokens=5), [p.answer for p in problems[:4]])
-        s = verified.executor.stats
+        s = verified.stats()
         print(f"verified steps: {s['verified']}, unverified: {s['unverified']}, disputes: {s['disputes']}")
     """),
     md("""
     ## 3. Federated fine-tuning
 
-    Each participant is a Dask actor on one worker; its data is made (or read from a path in
-    that worker's config) *there*. Each round it trains the routers and experts for a few steps
-    and returns its update masked with pairwise masks that cancel in the sum: the coordinator in
-    this process only ever holds the aggregate. Here: 2 rounds over 4 participants, each seeing
-    only some digit patterns (non-IID).
+    `neuro_dask.federated.run_federated` makes each participant a Dask actor on one worker; its
+    data is made (or read from a path in that worker's config) *there*. Each round it trains the
+    routers and experts for a few steps and returns its update masked with pairwise masks that
+    cancel in the sum: the coordinator in this process only ever holds the aggregate.
+
+    So that there is something to learn, the federation starts from the adder with every router
+    and expert **re-initialised at random** (it answers nothing right), and 4 participants, each
+    seeing only some digit patterns (non-IID), train it back. `evaluate=` measures the global
+    model after every round on the coordinator's own held-out problems (none of the participants'
+    data): the loss on the answer tokens and the exact-match accuracy.
     """),
     code("""
-    from neuro_dask.federated.dask_rounds import run_federated
-    from neuro_dask.federated.training import LocalSteps, get_flat, non_iid_split, set_flat, write_version
+    from neuro_dask.federated import (
+        LocalSteps, evaluator, get_flat, non_iid_split, reinitialise_moe, run_federated, set_flat, write_version,
+    )
 
-    base = nd.load(ASSET_DIR)
+    ROUNDS = 8
+    base = nd.load(ASSET_DIR)  # the coordinator's copy, in this process
+    reinitialise_moe(base, seed=0)  # routers and experts redrawn at random: the untrained start
+    held_out = sample_problems(200, random.Random(7), held_out=True)  # the coordinator's test set
     workers = sorted(client.scheduler_info()["workers"])
     ids = [f"p{k}" for k in range(4)]
     data = {pid: (lambda k=k: non_iid_split(200, seed=0)[k]) for k, pid in enumerate(ids)}  # runs on the worker
-    coordinator = run_federated(client, dict(zip(ids, workers)), str(ASSET_DIR), get_flat(base), rounds=2,
-                                data=data, local=LocalSteps(steps=2, batch_size=32))
-    for r in coordinator.history:
-        print(f"round {r.round_id}: survivors {r.survivors}, dropped {r.dropped}")
+
+
+    def report(r):
+        print(f"round {r.round_id}: {len(r.survivors)} survivors, dropped {r.dropped or 'none'}, "
+              f"held-out loss {r.metrics['loss']:.3f}, accuracy {r.metrics['accuracy']:.1%}")
+
+
+    coordinator = run_federated(client, dict(zip(ids, workers)), str(ASSET_DIR), get_flat(base), rounds=ROUNDS,
+                                data=data, local=LocalSteps(steps=10, batch_size=32, lr=1e-2),
+                                evaluate=evaluator(base, held_out), on_round=report)
     """),
     md("""
-    The round's result becomes a **new version**: new expert files with new hashes, a new
-    manifest, and `federation.json` naming its parent.
+    Round by round (`coordinator.table()`; round 0 is the start, before any training):
+    """),
+    code("""
+    rounds = pd.DataFrame(coordinator.table()).set_index("rounds")
+    assert rounds["loss"].iloc[-1] < rounds["loss"].iloc[1] < rounds["loss"].iloc[0], "the loss did not fall"
+    assert rounds["accuracy"].iloc[-1] > rounds["accuracy"].iloc[0], "the accuracy did not rise"
+    rounds[["survivors", "dropped", "update_norm", "loss", "accuracy"]].style.format(
+        {"update_norm": "{:.3f}", "loss": "{:.3f}", "accuracy": "{:.1%}"}, na_rep="")
+    """),
+    code("""
+    plots = []
+    for metric, color in [("loss", "#d6604d"), ("accuracy", "#2b7bba")]:
+        p = figure(title=f"held-out {metric} after each round", x_axis_label="rounds", y_axis_label=metric,
+                   height=250, width=360, tooltips=[("rounds", "@x"), (metric, "@y{0.000}")])
+        p.line(rounds.index, rounds[metric], line_width=2, color=color)
+        p.scatter(rounds.index, rounds[metric], size=6, color=color)
+        plots.append(p)
+    show(row(plots))
+    """),
+    md("""
+    The result becomes a **new version**: new expert files with new hashes, a new manifest, and
+    `federation.json` naming its parent. (A few rounds on a laptop train it only part of the way
+    back: `benchmarks/bench_federated.py` runs 40 rounds. An operator would publish a version
+    once its held-out figures beat the current one's; here it is published to show the switch.)
     """),
     code("""
     set_flat(base, coordinator.global_flat)
     v2 = Path(tempfile.mkdtemp()) / "adder-v2"
-    manifest = write_version(base, ASSET_DIR, v2, {"rounds": 2})
+    manifest = write_version(base, ASSET_DIR, v2, {"rounds": ROUNDS, "held_out": coordinator.history[-1].metrics})
     print("new version:", manifest.model_id, "| lineage:", (v2 / "federation.json").read_text()[:120], "...")
     """),
     md("""
@@ -619,7 +664,7 @@ PRIVACY = [
     code("""
     for _ in range(2):  # the first request learns of the new version, the next runs on it
         answer = model.generate_text(["123+456="], max_new_tokens=5)
-        print("ran on", model.executor.model_id, answer)
+        print("ran on", model.model_id, answer)
     print("switches:", model.switches)
     print(nd.channels(client)["channels"]["adder"])
     """),

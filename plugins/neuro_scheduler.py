@@ -52,9 +52,12 @@ from typing import Any
 
 import click
 import torch
+from distributed.comm.addressing import get_address_host
 from distributed.diagnostics.plugin import SchedulerPlugin
 from tornado.ioloop import PeriodicCallback
 
+from neuro_dask import console
+from neuro_dask.console import scheduler_banner
 from neuro_dask.coordinator import Coordinator, DropExperts, LoadExperts, PublishedModel
 from neuro_dask.dashboard import metrics as neuro_metrics
 from neuro_dask.dashboard.feed import CallRecord, Feed
@@ -91,6 +94,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         self.settings = settings
         # Ledger calls touch disk: one thread runs them in order, off the event loop.
         self.ledger = LedgerService.open(ledger_url, now=time.time()) if ledger_url else None
+        self.ledger_url = ledger_url
         self._ledger_thread = ThreadPoolExecutor(1, thread_name_prefix="neuro-ledger") if self.ledger else None
         self._staked: set[str] = set()  # worker names with the minimum stake (ledger on)
         self._trust_params: dict[str, int] = self.ledger.trust_params() if self.ledger else {}
@@ -151,6 +155,9 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
                 log.warning("hardened mode without TLS: pickles are allow-listed and remote code is refused, but "
                             "roles are not enforced; start with --tls DIR before opening the port (docs/security.md)")
         await self._restore_state()
+        for line in scheduler_banner(scheduler.address, _dashboard_link(scheduler), self.hardened,
+                                     redact_url(self.ledger_url) if self.ledger_url else None, self.settings.replicas):
+            console.say(line)
         self._sampler.start()
         self._versions_tick.start()
         if self._ledger_tick is not None:
@@ -192,6 +199,13 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
 
     def remove_worker(self, scheduler, worker: str, **kwargs) -> None:
         name = self.identity.pop(worker, None)
+        if worker in self.coordinator.workers:  # a neuro worker: its departure is an event (left or crashed)
+            from neuro_dask.trust.lifecycle import departure
+
+            dask_events = [msg for _, msg in scheduler.get_events(worker) if isinstance(msg, dict)]
+            self._event("neuro-trust", {"action": departure(dask_events), "worker": worker, "name": name or worker,
+                                        "experts": len(self.coordinator.serving.get(worker, ())),
+                                        "stimulus_id": str(kwargs.get("stimulus_id", ""))})
         self._standings.pop(worker, None)
         self.paused.pop(worker, None)
         self.probes.forget(worker)
@@ -547,7 +561,16 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
                                     "reporter": reporter_key(identity, peer),
                                     "why": verdict.why if verdict else result.why})
         if verdict is not None and verdict.kind == "proven":
-            self._proven_wrong(result.accused, model, result.request, verdict)
+            # The disputed call's layer and expert, for the dashboard's cause: from its receipt,
+            # which the desk has verified by now (the accused signed them).
+            where = {}
+            try:
+                from neuro_dask.trust.receipts import Receipt
+
+                where = {"layer": Receipt.from_wire(evidence["receipt"])[0].layer, "expert": int(evidence["expert"])}
+            except Exception:  # noqa: BLE001 - names for the dashboard, never a reason to fail a verdict
+                log.debug("no layer and expert for the dispute's event", exc_info=True)
+            self._proven_wrong(result.accused, model, result.request, verdict, where)
         return result.to_reply()
 
     def _referees(self, model: str, layer: int, expert: int) -> list[tuple[str, Referee]]:
@@ -566,23 +589,25 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         address = next((a for a, n in self.identity.items() if n == name), None)
         return self._precisions.get((address, model), "float32") if address else "float32"
 
-    def _proven_wrong(self, name: str, model: str, request: str, verdict) -> None:
+    def _proven_wrong(self, name: str, model: str, request: str, verdict, where: dict | None = None) -> None:
+        """`where`: the disputed call's layer and expert (the dashboard names them in the cause)."""
         cause = f"dispute:{request}:{name}"
         now = time.time()
+        where = where or {}
         if name in self.reputation:
             change = self.reputation.invalid(name, cause, now)
             address = next((a for a, n in self.identity.items() if n == name), name)
             self._event("neuro-trust", {"action": "invalid", "worker": address, "name": name, "model": model,
-                                        "cause_id": cause, "reputation": change.after,
-                                        "referees": list(verdict.referees)})
+                                        "cause_id": cause, "reputation": change.after, "request": request,
+                                        "referees": list(verdict.referees), "slashable": verdict.slashable, **where})
             self.feed.count("invalid")
             self._save_reputation()
         if verdict.slashable and self.ledger is not None:
-            self._in_ledger(self._slash, name, cause, now)
+            self._in_ledger(self._slash, name, cause, now, where)
 
-    def _slash(self, name: str, cause: str, now: float) -> None:
+    def _slash(self, name: str, cause: str, now: float, where: dict | None = None) -> None:
         if self.ledger.slash(name, cause, now):
-            self._event("neuro-ledger", {"action": "slash", "worker": name, "at": now, "cause": cause})
+            self._event("neuro-ledger", {"action": "slash", "worker": name, "at": now, "cause": cause, **(where or {})})
 
     # ---- hardened mode -------------------------------------------------------------------------
 
@@ -631,9 +656,12 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         self.events.append({"time": time.time(), "topic": topic, **msg})
 
     def report_calls(self, model: str, calls: list, transport: str = "") -> dict[str, Any]:
+        """Layer-call records for the dashboard (CallRecord.from_report): untrusted plain data,
+        each field checked, a malformed record dropped. They move no reputation and no money: a
+        client that lies skews only what the dashboard shows (calls, tokens/s, latency)."""
         now = time.time()
         records = []
-        for raw in calls[:1_000]:
+        for raw in (calls if isinstance(calls, (list, tuple)) else ())[:1_000]:
             try:
                 records.append(CallRecord.from_report(raw, model, now))
             except (TypeError, ValueError):
@@ -684,6 +712,8 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
 
     def dashboard_view(self) -> NetworkView:
         """Everything the dashboard shows, copied out of this plugin's and the scheduler's state."""
+        from neuro_dask.dashboard.views import worker_state
+
         c = self.coordinator
         model = next(reversed(c.models), "") if c.models else ""
         stakes = (self.ledger_view or {}).get("stakes", {})
@@ -695,11 +725,11 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             name = self.identity.get(address, address)
             rec = self.reputation.record(name)
             hosted, assigned = len(c.serving.get(address, ())), len(planned.get(address, ()))
-            status = "serving" if hosted else "loading" if assigned else "idle"
-            if ws is not None and ws.status.name in ("paused", "closing", "closing_gracefully"):
-                status = ws.status.name.replace("_gracefully", "")
+            status = worker_state(ws.status.name if ws is not None else "", address in self.paused,
+                                  rec.routable and self._stake_ok(address), hosted, assigned)
             gpus = profile.get("cuda") or []
             metrics = (ws.metrics.get("neuro") or {}) if ws is not None else {}
+            own = metrics.get("models")  # what the worker itself holds, from its last heartbeat
             workers.append(WorkerView(
                 address=address, name=name, owner=capacity.owner, status=status,
                 cores=int(profile.get("cores", 0)), memory=int(profile.get("memory_total", 0)),
@@ -707,7 +737,8 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
                 speed=capacity.speed, score=rec.score, correctness=rec.correctness, timeliness=rec.timeliness,
                 speed_score=rec.speed, uptime=rec.uptime, trusted=rec.trusted, established=rec.established,
                 routable=rec.routable, stake=int(stakes.get(f"stake:{name}", 0)), hosted=hosted, assigned=assigned,
-                calls_served=int(metrics.get("calls_served", 0))))
+                calls_served=int(metrics.get("calls_served", 0)),
+                reported=sum(int(n) for n in own.values()) if isinstance(own, dict) else None))
         keys = [k for k in (c.models[model].experts if model else {})]
         serving_count: dict[tuple[int, int], int] = {}
         for keys_served in c.serving.values():
@@ -717,10 +748,11 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         target = {k: len(c.placement.workers_for((model, *k))) if c.placement else 0 for k in keys}
         load = {(l, e): v for (m, l, e), v in c.load.items() if m == model}
         events = list(self.events)
+        k = {m: int(p.summary.get("experts_per_token") or 0) for m, p in c.models.items()}
         return NetworkView(workers=workers, layers=1 + max((l for l, _ in keys), default=-1),
                            experts=1 + max((e for _, e in keys), default=-1), replicas=serving_count, target=target,
                            load=load, events=events, ledger=self.ledger_view if self.ledger else None, model=model,
-                           versions=self.channels.status(time.time()))
+                           versions=self.channels.status(time.time()), experts_per_token=k)
 
     # ---- ledger --------------------------------------------------------------------------------
 
@@ -862,7 +894,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         return {
             "workers": {a: {"speed": w.speed, "memory_budget": w.memory_budget, "owner": w.owner,
                             "serving": sorted([list(k) for k in c.serving.get(a, ())]),
-                            "name": self.identity.get(a, a),
+                            "name": self.identity.get(a, a), "paused": self.paused.get(a, ""),
                             **{f"trust_{k}": v for k, v in self._standing(a).items()}}
                         for a, w in c.workers.items()},
             "models": {m: {"store_url": redact_url(p.store_url), "experts": len(p.experts), "summary": p.summary}
@@ -905,6 +937,21 @@ def _capped(work: dict[str, int], cap: int | None) -> dict[str, int]:
     return {w: rows * cap // total for w, rows in work.items() if rows * cap // total}
 
 
+def _dashboard_link(scheduler) -> str | None:
+    """http://HOST:PORT of the scheduler's dashboard: the host it is bound to (127.0.0.1 under
+    `neuro-dask scheduler`), else the scheduler's own contact host."""
+    server = scheduler.services.get("dashboard")
+    if server is None:
+        return None
+    host = None
+    for sock in getattr(server, "_sockets", {}).values():
+        host = sock.getsockname()[0]
+        break
+    if host in (None, "0.0.0.0", "::", ""):
+        host = get_address_host(scheduler.address)
+    return f"http://{'[' + host + ']' if ':' in host else host}:{server.port}"
+
+
 def _log_failure(future: asyncio.Future) -> None:
     if not future.cancelled() and future.exception() is not None:
         log.error("ledger call failed", exc_info=future.exception())
@@ -918,6 +965,7 @@ def _log_failure(future: asyncio.Future) -> None:
 def dask_setup(scheduler, neuro_replicas, neuro_ledger, neuro_hardened) -> None:
     import dask.config
 
+    console.enable(bool(dask.config.get("neuro.console", default=True)))
     security = SecuritySettings.load(hardened=neuro_hardened)
     if security.dashboard_token:
         # First: distributed only logs a preload's exception and goes on, so anything raising

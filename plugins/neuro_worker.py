@@ -29,12 +29,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
+import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import click
+import dask.config
 from distributed import Nanny
 from distributed.core import Status
+from tqdm import tqdm
+
+from neuro_dask import console
+from neuro_dask.console import loaded_line, worker_banner
 
 from neuro_dask.errors import NeuroDaskError
 from neuro_dask.reconnect import restart_on_scheduler_loss
@@ -99,6 +108,17 @@ class NeuroWorker:
         self._start_idle_guard()
         log.info("neuro_worker ready: device %s, budget %d bytes, expert FFN %.1f GFLOP/s",
                  self.device, self.budget, self.speed)
+        self._announce = asyncio.get_running_loop().create_task(self._announce_when_registered())
+
+    async def _announce_when_registered(self) -> None:
+        """The preload runs before the worker registers: say "connected" once it has."""
+        w = self.worker
+        while w.status not in (Status.running, Status.paused):
+            if w.status in (Status.closing, Status.closed, Status.failed):
+                return
+            await asyncio.sleep(0.1)
+        console.say(worker_banner(str(w.name), w.address, w.scheduler.address, self.device, self.budget,
+                                  self.settings.idle_only, self.security.hardened))
 
     def info(self) -> dict[str, Any]:
         return {"profile": self.profile.to_dict(), "speed": self.speed, "memory_budget": self.budget,
@@ -207,11 +227,20 @@ class NeuroWorker:
         return {"status": "OK"}
 
     async def _load_and_report(self, model: str, store_url: str, pairs: list[tuple[int, int]]) -> None:
+        console.say("loading %d experts of %s ...", len(pairs), model)
+        started = time.perf_counter()
+        # a bar on a volunteer's terminal; a log file gets the line before and the one after
+        bar = tqdm(total=len(pairs), desc="fetching experts", unit="expert", disable=not sys.stderr.isatty())
         try:
             result = await asyncio.get_running_loop().run_in_executor(
-                self._loader, self.host.load, model, store_url, pairs)
+                self._loader, self.host.load, model, store_url, pairs, bar.update)
         except RuntimeError:  # the executor is shut down: this worker is closing
             return
+        finally:
+            bar.close()
+        for line in loaded_line(model, len(result.loaded), result.failed, time.perf_counter() - started,
+                                self.host.status()["memory_bytes"]):
+            console.say(line)
         failed = [[l, e, why] for (l, e), why in result.failed.items()]
         if failed:
             self.worker.log_event("neuro", {"action": "load-failed", "model": model, "failed": failed[:20]})
@@ -226,6 +255,7 @@ class NeuroWorker:
 
     def handle_drop(self, model: str, experts: list) -> dict[str, Any]:
         self.host.drop(model, [(int(l), int(e)) for l, e in experts])
+        console.say("dropped %d experts of %s (placed elsewhere)", len(experts), model)
         return {"status": "OK"}
 
     def handle_status(self) -> dict[str, Any]:
@@ -275,6 +305,7 @@ async def dask_setup(worker, neuro_store, neuro_cache_dir, neuro_memory_budget, 
                                    adversary=json.loads(neuro_adversary) if neuro_adversary else None,
                                    idle_only=neuro_idle_only)
     security = SecuritySettings.load(hardened=neuro_hardened)
+    console.enable(bool(dask.config.get("neuro.console", default=True)))
     if isinstance(worker, Nanny):  # `--preload-nanny neuro_worker`: harden the nanny, host nothing
         if security.hardened:
             harden_nanny(worker, security)
@@ -288,9 +319,22 @@ async def dask_setup(worker, neuro_store, neuro_cache_dir, neuro_memory_budget, 
             log.critical("hardened mode could not start: closing this worker", exc_info=True)
             worker.loop.add_callback(worker.close, reason="neuro-hardening-failed", nanny=True)
             raise
+    _leave_ctrl_c_to_the_nanny(worker)
     adapter = NeuroWorker(worker, settings, security)
     await adapter.start()
     restart_on_scheduler_loss(worker)  # outlive a scheduler restart (neuro_dask/reconnect.py)
+
+
+def _leave_ctrl_c_to_the_nanny(worker) -> None:
+    """Ctrl-C in a terminal (or a service manager's SIGTERM to the process group) reaches the nanny
+    and its worker process at once. The nanny then asks the worker to close, while the worker's own
+    asyncio runner cancels its main task in the middle of that close (or SIGTERM ends it outright);
+    the close never finishes and the nanny kills the process 8 s later ("Worker process still alive
+    after 8.0 seconds, killing"). Under a nanny, the worker process leaves both signals to it and
+    closes when its nanny says so (and on its own if the nanny dies: Dask's parent monitor)."""
+    if getattr(worker, "nanny", None) and threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def _caller(comm) -> tuple[str | None, bool]:
@@ -360,6 +404,6 @@ def dask_teardown(worker) -> None:
     unsubscribe = getattr(worker, "_neuro_unsubscribe_security", None)
     if unsubscribe is not None:
         unsubscribe()
-    adapter = worker.extensions.get("neuro")
+    adapter = getattr(worker, "extensions", {}).get("neuro")  # a nanny (`--preload-nanny`) has none
     if adapter is not None:
         adapter.close()

@@ -1,14 +1,14 @@
 #!/usr/bin/env python
-"""Screenshots of the operator dashboard's five pages, for the README.
+"""Screenshots of the operator dashboard's six pages, for the README.
 
     .venv/bin/python scripts/screenshot_dashboard.py [FOLDER]     (default: docs/images/)
 
 Starts the scenario the browser test uses (tests/e2e/test_dashboard_browser.py): an in-process
 cluster with trust on, three honest workers and one perturbing volunteer ("bad0"), a tiny
-Mixtral checkpoint loaded and generating; then opens /neuro/network, /neuro/experts,
-/neuro/calls, /neuro/trust and /neuro/economy in headless Chromium (Debian's chromium and
+Mixtral checkpoint loaded and generating, then honest worker "1" killed; then opens /neuro/overview,
+/neuro/network, /neuro/experts, /neuro/calls, /neuro/trust and /neuro/economy in headless Chromium (Debian's chromium and
 chromium-driver; installed with apt-get when missing and run as root) and writes
-FOLDER/neuro-{page}.png.
+FOLDER/neuro-{page}.png once each page has drawn (its key content shown, the screenshot not white).
 """
 
 from __future__ import annotations

@@ -226,7 +226,8 @@ def browser_errors(driver) -> list[dict]:
 # --- The dashboard scenario: shared by tests/e2e/test_dashboard_browser.py and
 # --- scripts/screenshot_dashboard.py (the README's screenshots).
 
-PAGES = ("network", "experts", "calls", "trust", "economy")
+PAGES = ("overview", "network", "experts", "calls", "trust", "economy")
+CRASHED = "1"  # the honest worker the scenario kills
 TRUST = {"neuro.scheduler.trusted": ["0"], "neuro.client.trust": True, "neuro.client.seed": 0}
 ADVERSARY = {"mode": "perturb", "seed": 1}
 
@@ -263,10 +264,26 @@ def dashboard_scenario(sharded_model, cache_dir, prompts: int = 6, tokens: int =
                     if i >= 1 and any(e.get("action") == "invalid" for e in trust_events(client)):
                         break
                 model.executor.flush_reports()  # calls, load and outcomes to the scheduler now
+                crashed = crash_worker(cluster, CRASHED)
                 yield {"dashboard": client.dashboard_link.rsplit("/", 1)[0], "client": client, "cluster": cluster,
-                       "model": model, "adversary": bad.address}
+                       "model": model, "adversary": bad.address, "crashed": crashed,
+                       "plugin": cluster.scheduler.extensions["neuro"]}
         finally:
             client.sync(bad.close)
+
+
+def crash_worker(cluster, name: str, timeout: float = 60) -> str:
+    """Kill the in-process worker called `name` as a crash looks to the scheduler: its connection
+    breaks with no goodbye (no "closing" status, no retirement). Returns its address once the
+    scheduler has removed it and the neuro plugin has recorded the departure."""
+    worker = next(w for w in cluster.workers.values() if str(w.name) == name)
+    address = worker.address
+    cluster.loop.add_callback(worker.batched_stream.comm.abort)
+    plugin = cluster.scheduler.extensions["neuro"]
+    _poll(lambda: address not in cluster.scheduler.workers and any(
+        e.get("worker") == address and e.get("action") in ("left", "crashed") for e in list(plugin.events)),
+        timeout, f"the scheduler to remove worker {name}")
+    return address
 
 
 SOURCE_ROWS = """
@@ -321,6 +338,67 @@ def links(driver) -> list[str]:
     return list(driver.execute_script(LINKS) or [])
 
 
+CLIPPED = """
+    // Table headers and cells whose text is wider than the room its box leaves it (cut off, as
+    // "correctnes" for "correctness"), shadow roots included: the text's own rendered width
+    // (a Range over it) against the box's inner width.
+    const out = [];
+    const textWidth = (el) => { const r = document.createRange(); r.selectNodeContents(el);
+                                return r.getBoundingClientRect().width; };
+    const walk = (root) => {
+        for (const el of root.querySelectorAll('.slick-header-column, .slick-cell')) {
+            if (el.clientWidth === 0) continue;  // not shown (a hidden table)
+            const text = el.querySelector('.slick-column-name') || el;
+            const style = getComputedStyle(el);
+            const room = el.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+            if (text.textContent.trim() && textWidth(text) > room + 1) out.push(el.textContent.trim());
+        }
+        for (const el of root.querySelectorAll('*')) if (el.shadowRoot) walk(el.shadowRoot);
+    };
+    walk(document);
+    return out;
+"""
+
+HEADERS = """
+    // The text of every table header, shadow roots included.
+    const out = [];
+    const walk = (root) => {
+        for (const el of root.querySelectorAll('.slick-header-column')) out.push(el.textContent.trim());
+        for (const el of root.querySelectorAll('*')) if (el.shadowRoot) walk(el.shadowRoot);
+    };
+    walk(document);
+    return out;
+"""
+
+
+def clipped(driver) -> list[str]:
+    """Texts of table headers and cells that their column cuts off."""
+    return list(driver.execute_script(CLIPPED) or [])
+
+
+def headers(driver) -> list[str]:
+    return list(driver.execute_script(HEADERS) or [])
+
+
+def model_text(driver, name: str) -> str:
+    """The text (HTML) of the Bokeh Div called `name`, as the browser's document holds it."""
+    return str(driver.execute_script(
+        "for (const d of (window.Bokeh && Bokeh.documents) || []) { const m = d.get_model_by_name(arguments[0]);"
+        " if (m !== null) return m.text; } return '';", name) or "")
+
+
+def ink_fraction(png) -> float:
+    """The share of a screenshot's pixels that are not (near) white: a page that has not drawn
+    yet is a white image."""
+    import io
+
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png) if isinstance(png, bytes) else png).convert("L")
+    histogram = image.histogram()
+    return 1 - sum(histogram[245:]) / (image.width * image.height)
+
+
 def source_rows(driver, name: str | None = None) -> int:
     """Rows in the data behind the Bokeh model called `name` (None: the first DataTable with any)."""
     return int(driver.execute_script(SOURCE_ROWS, name) or 0)
@@ -342,7 +420,10 @@ def wait_for_rows(driver, name: str | None = None, timeout: float = 30) -> int:
 
 def check_page(driver, page: str, scenario: dict, timeout: float = 30) -> None:
     """Wait until `page` shows its key content (the contract the dashboard pages keep)."""
-    if page == "network":  # every worker, the adversary included
+    if page == "overview":  # the figures, and the incident among the recent events
+        _poll(lambda: "/" in model_text(driver, "overview-experts"), timeout, "the overview's figures")
+        wait_for_text(driver, "crashed", timeout)
+    elif page == "network":  # every worker, the adversary included
         for address, info in scenario["client"].scheduler_info()["workers"].items():
             name = str(info.get("name", address))  # "0", "1": too short to look for on their own
             wait_for_any_text(driver, [address] + ([name] if not name.isdigit() else []), timeout)
@@ -352,10 +433,11 @@ def check_page(driver, page: str, scenario: dict, timeout: float = 30) -> None:
         wait_for_rows(driver, "expert-heatmap", timeout)
     elif page == "calls":
         wait_for_rows(driver, None, timeout)
-    elif page == "trust":  # the perturber's caught results in the event table
+    elif page == "trust":  # the perturber's caught results and the killed worker's crash in the event table
         wait_for_text(driver, "invalid", timeout)
+        wait_for_text(driver, "crashed", timeout)
     elif page == "economy":  # no ledger in this scenario
-        wait_for_text(driver, "no ledger", timeout)
+        wait_for_text(driver, "no ledger configured", timeout)
     elif page == "status":
         wait_for_text(driver, "Task Stream", timeout)
     else:
@@ -371,6 +453,14 @@ def wait_for_history(driver, page: str, timeout: float = 30, samples: int = 3) -
     (the scheduler samples every 2 s; one point draws no line)."""
     if page == "trust":
         _poll(lambda: source_rows(driver, "reputation-chart") >= samples, timeout, "reputation history")
+    if page == "overview":
+        _poll(lambda: source_rows(driver, "overview-latency") >= 1, timeout, "latency history")
+
+
+def wait_for_ink(driver, timeout: float = 30, least: float = 0.002) -> bytes:
+    """A screenshot taken once the page has drawn (some of its pixels are not white); returns its PNG."""
+    return _poll(lambda: (lambda png: png if ink_fraction(png) >= least else None)(driver.get_screenshot_as_png()),
+                 timeout, f"a drawn (not white) page at {driver.current_url}")
 
 
 def screenshot_pages(driver, scenario: dict, folder, pages=PAGES, timeout: float = 30, settle: bool = False) -> dict:
@@ -395,6 +485,6 @@ def screenshot_pages(driver, scenario: dict, folder, pages=PAGES, timeout: float
         except (TimeoutError, PageError) as e:  # what the browser saw tells why
             driver.save_screenshot(str(folder / f"neuro-{page}.png"))
             raise type(e)(f"{e}\nbrowser console: {browser_errors(driver)}") from None
-        driver.save_screenshot(str(folder / f"neuro-{page}.png"))
+        (folder / f"neuro-{page}.png").write_bytes(wait_for_ink(driver, timeout))
         errors[page] = browser_errors(driver)
     return errors

@@ -11,22 +11,28 @@ from bokeh.models import (
     BasicTicker,
     ColorBar,
     ColumnDataSource,
+    DataRange1d,
     DataTable,
     DatetimeTickFormatter,
     Div,
     HoverTool,
+    HTMLTemplateFormatter,
+    Label,
     LinearColorMapper,
     MultiChoice,
     NumberFormatter,
     Range1d,
     TableColumn,
 )
-from bokeh.palettes import Category10_10, Viridis256
+from bokeh.palettes import Blues256, Category10_10
 from bokeh.plotting import figure
 
 from neuro_dask.dashboard import views
 
-PAGES = ("network", "experts", "calls", "trust", "economy")
+PAGES = ("overview", "network", "experts", "calls", "trust", "economy")
+# One palette for every heatmap, light to dark: more (load, replicas) is darker. Its palest
+# tones are left out so that a cell of zero still shows against the white page.
+HEAT = tuple(Blues256[::-1][32:])
 
 
 def nav(current: str, prefix: str = "/") -> Div:
@@ -36,25 +42,61 @@ def nav(current: str, prefix: str = "/") -> Div:
                name="neuro-nav")
 
 
-WIDE = {"address": 200, "workers": 320, "hardware": 110, "model": 200, "channel": 120, "role": 200, "cause": 120,
-        "provider": 160, "worker": 200, "owner": 140, "param": 150}
-
-
 def _table(columns: dict, names: tuple[str, ...], height: int = 500, name: str | None = None,
-           numbers: tuple[str, ...] = (), width: int | None = None) -> tuple[ColumnDataSource, DataTable]:
+           numbers: tuple[str, ...] = (), formatters: dict | None = None, **widths) -> tuple[ColumnDataSource, DataTable]:
+    """A fixed-width table whose columns fit their header and values (views.fit_widths): a
+    stretched one squeezes them until "correctness" reads "correctnes". Call `_fit` on update."""
     source = ColumnDataSource(columns)
+    fit = views.fit_widths(columns, names) | widths
     cols = []
     for c in names:
         extra = {"formatter": NumberFormatter(format="0,0.[000]")} if c in numbers else {}
-        cols.append(TableColumn(field=c, title=c.replace("_", " "), width=WIDE.get(c, 70), **extra))
-    # Fixed-width tables keep their column widths; the others stretch them to the page
-    # (BokehJS 3.9's "fit_columns" autosizing throws while rendering: not used).
-    sizing = {"width": width, "autosize_mode": "none"} if width else {"sizing_mode": "stretch_width"}
-    return source, DataTable(source=source, columns=cols, height=height, name=name, index_position=None, **sizing)
+        if formatters and c in formatters:
+            extra = {"formatter": formatters[c]}
+        cols.append(TableColumn(field=c, title=views.header(c), width=fit[c], **extra))
+    # (BokehJS 3.9's "fit_columns" autosizing throws while rendering: not used.)
+    table = DataTable(source=source, columns=cols, height=height, name=name, index_position=None,
+                      autosize_mode="none", width=sum(fit.values()) + 20)
+    table.tags = [height]  # its tallest: _fit shrinks it to its rows, so no blank box under a short table
+    return source, table
+
+
+def _fit(table: DataTable, data: dict, **fixed) -> None:
+    """Widen the columns to the data now shown (never narrower than their header)."""
+    fit = views.fit_widths(data, [c.field for c in table.columns]) | fixed
+    for c in table.columns:
+        if c.width != fit[c.field]:
+            c.width = fit[c.field]
+    width = sum(fit.values()) + 20
+    if table.width != width:
+        table.width = width
+    rows = len(next(iter(data.values()), ()))
+    height = max(90, min(table.tags[0], 32 + 25 * rows))
+    if table.height != height:
+        table.height = height
+
+
+def _time_axis(fig, min_span_s: float = 60.0) -> None:
+    """A clock on the x axis (values: ms since the epoch) that reads well with one point, a few
+    or hours of them: never narrower than `min_span_s` (one point alone would make Bokeh zoom to
+    a millisecond and print "999000us"), and HH:MM:SS or HH:MM at every zoom."""
+    fig.x_range = DataRange1d(min_interval=1000 * min_span_s, range_padding=0.05)
+    clock, short = "%H:%M:%S", "%H:%M"
+    fig.xaxis.formatter = DatetimeTickFormatter(microseconds=clock, milliseconds=clock, seconds=clock, minsec=clock,
+                                                minutes=short, hourmin=short, hours=short, days="%b %d",
+                                                months="%b %Y", years="%Y")
+
+
+def _no_data(fig, text: str, x: float, y: float) -> Label:
+    """A note on an empty figure saying why it is empty (screen pixels from its bottom left)."""
+    label = Label(x=x, y=y, x_units="screen", y_units="screen", text=text, text_color="#666666",
+                  text_font_size="15px", text_align="center", name=f"{fig.name}-empty")
+    fig.add_layout(label)
+    return label
 
 
 class NetworkTable:
-    """Every worker: owner, hardware, status, reputation and its components, stake, experts, calls, latency."""
+    """Every worker: status, trust, reputation and its components, hardware, stake, experts, calls, latency."""
 
     def __init__(self, plugin):
         self.plugin = plugin
@@ -65,10 +107,13 @@ class NetworkTable:
 
     def update(self) -> None:
         view = self.plugin.dashboard_view()
-        self.source.data = views.network_columns(view, self.plugin.feed)
+        data = views.network_columns(view, self.plugin.feed)
+        _fit(self.table, data)
+        self.source.data = data
         t = views.network_totals(view)
-        self.totals.text = (f"<b>{t['workers']}</b> workers ({t['serving']} serving) of <b>{t['owners']}</b> owners, "
-                            f"{t['trusted']} operator-trusted; <b>{t['gpus']}</b> GPUs; {t['memory_gib']} GiB RAM, "
+        self.totals.text = (f"<b>{t['workers']}</b> workers: <b>{t['serving']}</b> serving, {t['paused']} paused, "
+                            f"{t['out_of_routing']} out of routing; <b>{t['owners']}</b> owners, {t['trusted']} "
+                            f"operator-trusted; <b>{t['gpus']}</b> GPUs; {t['memory_gib']} GiB RAM, "
                             f"{t['vram_gib']} GiB VRAM, {t['expert_memory_gib']} GiB given to experts")
 
 
@@ -79,22 +124,22 @@ class ExpertHeatmap:
         self.plugin = plugin
         self.source = ColumnDataSource({k: [] for k in views.HEATMAP_COLUMNS})
         self.title = Div(text="", name="experts-title")
-        self.load_map = LinearColorMapper(palette=Viridis256, low=0, high=2)
-        self.load = self._figure("expert-heatmap", "Recent load (x the mean) and serving replicas", "heat",
-                                 self.load_map, "replicas")
-        self.target_map = LinearColorMapper(palette=Viridis256[::-1], low=0, high=3)
-        self.target = self._figure("expert-target", "Placement target (replicas planned)", "target",
-                                   self.target_map, "target")
+        self.load_map = LinearColorMapper(palette=HEAT, low=0, high=2)
+        self.load = self._figure("expert-heatmap", "Recent load (x the mean; darker: hotter), serving replicas "
+                                 "written in", "heat", self.load_map, "replicas", "ink_heat")
+        self.target_map = LinearColorMapper(palette=HEAT, low=0, high=3)
+        self.target = self._figure("expert-target", "Placement target (replicas planned; darker: more)", "target",
+                                   self.target_map, "target", "ink_target")
         self.root = column(self.title, row(self.load, self.target), sizing_mode="stretch_width")
 
-    def _figure(self, name: str, title: str, field: str, mapper: LinearColorMapper, label: str):
+    def _figure(self, name: str, title: str, field: str, mapper: LinearColorMapper, label: str, ink: str):
         fig = figure(title=title, name=name, x_axis_label="expert", y_axis_label="layer", height=520, width=620,
                      tools="hover,save,reset,box_zoom,wheel_zoom", x_range=Range1d(-0.5, 0.5),
                      y_range=Range1d(-0.5, 0.5), toolbar_location="above")
         fig.rect(x="x", y="y", width=0.95, height=0.95, source=self.source,
                  fill_color={"field": field, "transform": mapper}, line_color=None)
         fig.text(x="x", y="y", text=label, source=self.source, text_align="center", name=f"{name}-labels",
-                 text_baseline="middle", text_font_size="9px", text_color="white")
+                 text_baseline="middle", text_font_size="9px", text_color=ink)
         fig.add_layout(ColorBar(color_mapper=mapper, ticker=BasicTicker(), width=10), "right")
         fig.select_one(HoverTool).tooltips = [("layer", "@layer"), ("expert", "@expert"), ("replicas", "@replicas"),
                                               ("target", "@target"), ("load x mean", "@load")]
@@ -112,8 +157,7 @@ class ExpertHeatmap:
                 fig.width, fig.height = width, height
             # hundreds of experts: the cells carry colour and a tooltip, no number
             fig.select_one({"name": f"{fig.name}-labels"}).visible = view.experts <= views.LABELLED_EXPERTS
-        self.load_map.high = max([2.0] + data["heat"])
-        self.target_map.high = max([1] + data["target"])
+        self.load_map.high, self.target_map.high = views.heat_scales(data)
         self.source.data = data
         short = sum(1 for s in data["short"] if s)
         self.title.text = (f"model <b>{view.model or 'none published'}</b>: {view.layers} layers x {view.experts} "
@@ -139,15 +183,38 @@ class VersionTable:
 
 
 class CallStream:
-    """The latest expert calls clients reported, newest first."""
+    """The latest expert calls clients reported, newest first; `worker`, `outcome`, `request` and
+    `layer` (the page's query arguments, as the trust page links them) keep only the matching calls."""
 
-    def __init__(self, plugin):
+    def __init__(self, plugin, worker: str = "", outcome: str = "", request: str = "", layer: str = ""):
         self.plugin = plugin
-        self.source, self.table = _table({c: [] for c in views.CALL_COLUMNS}, views.CALL_COLUMNS, 450, "calls-table")
-        self.root = self.table
+        self.filters = {"worker": worker, "outcome": outcome, "request": request, "layer": layer}
+        self.note = Div(text="", name="calls-note")
+        self.source, self.table = _table({c: [] for c in views.CALL_COLUMNS}, views.CALL_COLUMNS, 450, "calls-table",
+                                         workers=320)
+        self.root = column(self.note, self.table, sizing_mode="stretch_width")
 
     def update(self) -> None:
-        self.source.data = views.calls_columns(self.plugin.feed)
+        import html
+
+        view = self.plugin.dashboard_view()
+        names = {w.address: w.name for w in view.workers}
+        data = views.calls_columns(self.plugin.feed, names=names, **self.filters)
+        _fit(self.table, data, workers=320)
+        self.source.data = data
+        shown = len(data["time"])
+        f = {k: html.escape(v) for k, v in self.filters.items()}  # the query's words: never markup
+        if any(f.values()):
+            what = ", ".join(x for x in (
+                f"of request <b>{f['request']}</b>" if f["request"] else "",
+                f"in layer <b>{f['layer']}</b>" if f["layer"] else "",
+                f"of <b>{html.escape(names.get(self.filters['worker'], self.filters['worker']))}</b>" if f["worker"]
+                else "", f"with outcome <b>{f['outcome']}</b>" if f["outcome"] else "") if x)
+            gone = "" if shown else f" (the feed keeps the latest {self.plugin.feed.max_calls:,} calls)"
+            self.note.text = f'{shown} recent calls {what}{gone} (<a href="neuro/calls">all calls</a>)'
+        else:
+            self.note.text = (f"{shown} most recent layer calls, newest first" if shown else
+                              "<b>no calls yet</b>: clients report their calls every 2 s while they generate")
 
 
 class LatencyHistograms:
@@ -156,30 +223,39 @@ class LatencyHistograms:
     def __init__(self, plugin, transports: tuple[str, ...] = ("direct", "futures")):
         self.plugin = plugin
         self.sources = {t: ColumnDataSource({"left": [], "right": [], "count": []}) for t in transports}
+        self.empty = {}
         figs = []
         for t, source in self.sources.items():
             fig = figure(title=f"{t} transport: layer-call latency (ms)", x_axis_type="log", height=260, width=560,
                          tools="save,reset", name=f"latency-{t}")
             fig.quad(left="left", right="right", bottom=0, top="count", source=source, fill_alpha=0.7)
+            self.empty[t] = _no_data(fig, f"no {t} calls yet", 270, 110)
             figs.append(fig)
         self.root = row(*figs)
 
     def update(self) -> None:
         for t, source in self.sources.items():
             source.data = views.latency_histogram(self.plugin.feed, t)
+            self.empty[t].visible = not source.data["count"]
 
 
 class TrustFeed:
-    """Invalid results, late calls, crashes, slashes, and trust changes, newest first."""
+    """Lifecycle (joined, paused, resumed, left, crashed, slashed), wrong results, late calls and
+    trust changes, newest first, each with its cause in words and a link to its calls."""
 
-    def __init__(self, plugin):
-        self.plugin = plugin
-        self.source, self.table = _table({c: [] for c in views.EVENT_COLUMNS}, views.EVENT_COLUMNS, 400,
-                                         "trust-events")
-        self.root = self.table
+    LINK = '<% if (value) { %><a href="<%= value %>">calls</a><% } %>'
+
+    def __init__(self, plugin, limit: int = 300, name: str = "trust-events", actions=views.TRUST_ACTIONS,
+                 height: int = 400, heading: str = ""):
+        self.plugin, self.limit, self.actions = plugin, limit, actions
+        self.source, self.table = _table({c: [] for c in views.EVENT_COLUMNS}, views.EVENT_COLUMNS, height, name,
+                                         formatters={"calls_link": HTMLTemplateFormatter(template=self.LINK)}, calls_link=60)
+        self.root = column(Div(text=heading), self.table) if heading else self.table
 
     def update(self) -> None:
-        self.source.data = views.trust_event_columns(self.plugin.dashboard_view())
+        data = views.trust_event_columns(self.plugin.dashboard_view(), self.limit, self.actions)
+        _fit(self.table, data, calls_link=60)
+        self.source.data = data
 
 
 class ReputationChart:
@@ -187,16 +263,20 @@ class ReputationChart:
 
     def __init__(self, plugin, lines: int = 10):
         self.plugin = plugin
-        self.picker = MultiChoice(title="workers", options=[], value=[], width=600)
+        # Empty: the five lowest scores are charted (the placeholder says so); picking workers
+        # charts those instead.
+        self.picker = MultiChoice(title="workers charted (reputation over time)", options=[], value=[], width=600,
+                                  placeholder="the five lowest scores; pick workers to chart them instead",
+                                  name="reputation-picker")
         self.fig = figure(title="reputation score", x_axis_type="datetime", height=320, sizing_mode="stretch_width",
                           y_range=(0, 1.05), tools="save,reset,xwheel_zoom,xpan", name="reputation-chart")
-        self.fig.xaxis.formatter = DatetimeTickFormatter(seconds="%H:%M:%S", minsec="%H:%M:%S", minutes="%H:%M")
+        _time_axis(self.fig)
         self.sources = [ColumnDataSource({"time": [], "score": []}) for _ in range(lines)]
         for i, source in enumerate(self.sources):
             self.fig.line("time", "score", source=source, color=Category10_10[i % 10], line_width=2,
                           legend_label=f"#{i + 1}")
         self.fig.legend.location = "bottom_left"
-        self.root = column(self.picker, self.fig, sizing_mode="stretch_width")
+        self.root = column(self.fig, self.picker, sizing_mode="stretch_width")
 
     def update(self) -> None:
         feed = self.plugin.feed
@@ -208,10 +288,11 @@ class ReputationChart:
         for i, source in enumerate(self.sources):
             if i < len(picked) and picked[i] in series:
                 source.data = series[picked[i]]
-                self.fig.legend.items[i].label = {"value": picked[i]}
+                self.fig.legend.items[i].update(label={"value": picked[i]}, visible=True)
             else:
                 source.data = {"time": [], "score": []}
-                self.fig.legend.items[i].label = {"value": ""}
+                # an unused line: no empty row in the legend's box
+                self.fig.legend.items[i].update(label={"value": ""}, visible=False)
 
 
 class Economy:
@@ -223,15 +304,16 @@ class Economy:
         self.series = ColumnDataSource({"time": []} | {k: [] for k in views.ECONOMY_SERIES})
         self.fig = figure(title="NEURO over time", x_axis_type="datetime", height=300, sizing_mode="stretch_width",
                           tools="save,reset,xwheel_zoom,xpan", name="economy-chart")
+        _time_axis(self.fig)
         for i, key in enumerate(views.ECONOMY_SERIES):
             self.fig.line("time", key, source=self.series, color=Category10_10[i], legend_label=key, line_width=2)
         self.fig.legend.location = "top_left"
         self.stakes, stakes_table = _table({"provider": [], "neuro": []}, ("provider", "neuro"), 260, "stakes",
-                                           numbers=("neuro",), width=330)
+                                           numbers=("neuro",), provider=250)
         self.workers, workers_table = _table({"rank": [], "worker": [], "units": []}, ("rank", "worker", "units"),
-                                             260, "leaderboard-workers", width=390)
+                                             260, "leaderboard-workers", worker=280)
         self.owners, owners_table = _table({"rank": [], "owner": [], "units": []}, ("rank", "owner", "units"), 260,
-                                           "leaderboard-owners", width=330)
+                                           "leaderboard-owners", owner=220)
         self.proposals, proposals_table = _table({c: [] for c in views.PROPOSAL_COLUMNS}, views.PROPOSAL_COLUMNS,
                                                  200, "proposals")
         self.root = column(self.summary, self.fig,
@@ -242,9 +324,13 @@ class Economy:
 
     def update(self) -> None:
         view = self.plugin.dashboard_view()
+        # without a ledger there is nothing to chart: say why instead of empty axes and tables
+        for part in self.root.children[1:]:
+            part.visible = view.ledger is not None
         if view.ledger is None:
-            self.summary.text = ("<b>no ledger</b> on this scheduler: start it with <code>--neuro-ledger URL</code> "
-                                 "(or set <code>neuro.ledger.url</code>) to see the NEURO economy here")
+            self.summary.text = ("<b>no ledger configured</b>: start the scheduler with <code>--neuro-ledger URL</code> "
+                                 "(or set <code>neuro.ledger.url</code>) to see the NEURO economy here: supply, "
+                                 "burn, treasury, stakes, credits and governance proposals")
             return
         s = views.ledger_summary(view)
         self.summary.text = " &nbsp; ".join(f"{k.replace('_', ' ')}: <b>{v}</b>" for k, v in s.items()) + " NEURO"
@@ -253,3 +339,74 @@ class Economy:
         self.workers.data = views.ranked_columns(view.ledger.get("leaderboard", []), "worker")
         self.owners.data = views.ranked_columns(view.ledger.get("owners", []), "owner")
         self.proposals.data = views.proposal_columns(view)
+
+
+class Overview:
+    """The network's health an operator reads in five seconds: experts at target, workers serving
+    (paused, out of routing), throughput, caught wrong results, failures, latency over time, and
+    the latest events."""
+
+    FIGURES = ("experts", "workers", "tokens", "calls", "caught", "errors")
+
+    def __init__(self, plugin, window: float = 60.0):
+        self.plugin, self.window = plugin, window
+        self.cards = {k: Div(text="", name=f"overview-{k}", width=200,
+                             styles={"border": "1px solid #ddd", "border-radius": "6px", "padding": "8px",
+                                     "margin": "4px"})
+                      for k in self.FIGURES}
+        self.latency = ColumnDataSource({"time": [], "p50": [], "p95": []})
+        self.fig = figure(title="layer-call latency (ms): p50 and p95 per 5 s", x_axis_type="datetime", height=260,
+                          sizing_mode="stretch_width", tools="save,reset,xwheel_zoom,xpan", name="overview-latency")
+        _time_axis(self.fig)
+        self.fig.line("time", "p50", source=self.latency, color=Category10_10[0], line_width=2, legend_label="p50")
+        self.fig.line("time", "p95", source=self.latency, color=Category10_10[1], line_width=2, legend_label="p95")
+        # points too: calls arrive in batches, and one bin is one point, which no line draws
+        self.fig.scatter("time", "p50", source=self.latency, color=Category10_10[0], size=7)
+        self.fig.scatter("time", "p95", source=self.latency, color=Category10_10[1], size=7)
+        self.fig.legend.location = "top_left"
+        # No calls: a note in the chart's place, not empty axes around 1970.
+        self.empty = Div(text="<b>layer-call latency</b>: no calls yet (clients report their layer calls every 2 s "
+                         "while they generate)", name="overview-latency-empty", visible=False,
+                         styles={"border": "1px solid #ddd", "border-radius": "6px", "padding": "16px",
+                                 "margin": "4px", "color": "#666666"})
+        self.events = TrustFeed(plugin, limit=12, name="overview-events", actions=views.RECENT_ACTIONS, height=330)
+        self.root = column(row(*self.cards.values()), self.fig, self.empty,
+                           Div(text='<b>recent events</b> (all of them: <a href="neuro/trust">Trust</a>)'),
+                           self.events.root, sizing_mode="stretch_width")
+
+    def update(self) -> None:
+        import time
+
+        view = self.plugin.dashboard_view()
+        o = views.overview(view, self.plugin.feed, time.time(), self.window)
+        ok = o.experts_total and o.experts_at_target == o.experts_total
+        figures = {
+            "experts": (f"{o.experts_at_target} / {o.experts_total}", "experts at target replicas",
+                        "" if ok or not o.experts_total else "#b35806"),
+            "workers": (f"{o.serving} / {o.workers}", f"workers serving; {o.paused} paused, "
+                        f"{o.out_of_routing} out of routing", ""),
+            "tokens": self._throughput(o),
+            "calls": (f"{o.calls_per_s:g}", f"layer calls/s (last {self.window:g} s)", ""),
+            "caught": (f"{o.caught}", f"wrong results caught; {o.proven} proven by recomputation",
+                       "#b35806" if o.caught or o.proven else ""),
+            "errors": (f"{100 * o.error_rate:.1f}%", f"layer calls failed ({o.failed} of {o.layer_calls})",
+                       "#b2182b" if o.failed else ""),
+        }
+        for key, (big, small, colour) in figures.items():
+            style = f' style="color:{colour}"' if colour else ""
+            self.cards[key].text = (f'<div{style}><span style="font-size:26px"><b>{big}</b></span><br>'
+                                    f'<span style="font-size:12px">{small}</span></div>')
+        self.latency.data = views.latency_over_time(self.plugin.feed)
+        self.empty.visible = not self.latency.data["time"]
+        self.fig.visible = not self.empty.visible
+        self.events.update()
+
+    def _throughput(self, o: views.Overview) -> tuple[str, str, str]:
+        """Tokens/s where the clients' call records carry their rows (forward passes/s beside
+        it), else forward passes/s alone: what the scheduler can count, labelled as such."""
+        window = f"last {self.window:g} s"
+        if o.tokens_per_s is None:
+            return f"{o.passes_per_s:g}", f"forward passes/s ({window}; clients report no rows)", ""
+        return (f"{o.tokens_per_s:g}", f'<span title="rows of each model\'s first MoE layer / experts per token, '
+                f'as clients report them (a client can only inflate this figure)">tokens/s processed</span> '
+                f"({window}); {o.passes_per_s:g} forward passes/s", "")

@@ -1,7 +1,7 @@
 """What the scheduler plugin remembers for the dashboard and /metrics: bounded, pure, no Dask.
 
 - calls: the latest expert calls clients report (one record per layer call: layer, experts,
-  workers, seconds, replicas, hedges, outcome, transport), newest last.
+  workers, seconds, replicas, hedges, outcome, transport, rows, request), newest last.
 - counts: expert-call outcomes by kind (validated, invalid, late, timeout, error) and hedges.
 - latency: a cumulative histogram of reported layer-call seconds (Prometheus buckets).
 - reputation: each worker's score sampled over time (for the trust page's chart).
@@ -30,13 +30,49 @@ class CallRecord:
     hedges: int
     outcome: str  # ok | checked | caught | failed
     transport: str
+    rows: int = -1  # expert rows sent: tokens x experts per token (-1: the client did not say)
+    request: str = ""  # the request the call worked for ("" where the client did not say)
 
     @classmethod
     def from_report(cls, raw: Iterable, model: str, now: float) -> CallRecord:
-        """From a client's [layer, experts, workers, seconds, replicas, hedges, outcome, transport]."""
-        layer, experts, workers, seconds, replicas, hedges, outcome, transport = raw
-        return cls(now, str(model), int(layer), int(experts), tuple(str(w) for w in workers)[:16],
-                   max(0.0, float(seconds)), int(replicas), int(hedges), str(outcome)[:16], str(transport)[:16])
+        """From a client's [layer, experts, workers, seconds, replicas, hedges, outcome, transport]
+        and, from newer clients, [..., rows, request]. A client's report is untrusted plain data:
+        every field must be of its type and within its bounds, else ValueError (the record is
+        dropped). It moves no reputation and no money: a client that lies skews the dashboard's
+        figures (calls, tokens/s, latency), nothing more."""
+        raw = list(raw) if isinstance(raw, (list, tuple)) else []
+        if len(raw) not in (8, 10):
+            raise ValueError(f"a call record has 8 or 10 fields, got {len(raw)}")
+        layer, experts, workers, seconds, replicas, hedges, outcome, transport = raw[:8]
+        rows, request = raw[8:] if len(raw) == 10 else (-1, "")
+        if not isinstance(workers, (list, tuple)) or not all(isinstance(w, str) for w in workers):
+            raise ValueError("a call record's workers must be a list of strings")
+        if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 <= seconds < 86_400:
+            raise ValueError(f"a call record's seconds must be a number of seconds, got {seconds!r}")
+        return cls(now, str(model), _bounded(layer, -1, 1 << 16), _bounded(experts, 0, 1 << 20),
+                   tuple(w[:200] for w in workers[:16]), float(seconds), _bounded(replicas, 0, 1 << 20),
+                   _bounded(hedges, 0, 1 << 20), _short(outcome, 16), _short(transport, 16),
+                   _bounded(rows, -1, 1 << 24), _request_id(request))
+
+
+def _bounded(value: object, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"expected an integer in [{low}, {high}], got {value!r}")
+    return value
+
+
+def _short(value: object, limit: int) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {type(value).__name__}")
+    return value[:limit]
+
+
+def _request_id(value: object) -> str:
+    """A request id as the dashboard shows and filters by it: up to 64 of [A-Za-z0-9._:-]."""
+    if not isinstance(value, str) or len(value) > 64 or not all(c.isascii() and (c.isalnum() or c in "._:-")
+                                                               for c in value):
+        raise ValueError(f"a call record's request must be an id of up to 64 characters, got {str(value)[:80]!r}")
+    return value
 
 
 @dataclass

@@ -38,9 +38,10 @@ class WorkerView:
     established: bool
     routable: bool
     stake: int  # units locked (0 without a ledger)
-    hosted: int  # experts it serves
+    hosted: int  # experts it serves: the coordinator's serving set, what clients are routed by
     assigned: int  # experts placed on it
     calls_served: int
+    reported: int | None = None  # experts the worker itself says it holds (its heartbeat); None: not heard yet
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,10 @@ class NetworkView:
     ledger: Mapping | None = None  # {"report", "stakes", "leaderboard", "owners", "proposals"}; None: no ledger
     model: str = ""
     versions: Mapping = field(default_factory=dict)  # ModelChannels.status(): channels, retiring, retired
+    experts_per_token: Mapping[str, int] = field(default_factory=dict)  # model -> k, from its published config
+
+
+NONE = "-"  # what a cell shows where there is no figure (never NaN: an idle worker has no latency)
 
 
 def _quantile(values: Sequence[float], q: float) -> float:
@@ -62,6 +67,30 @@ def _quantile(values: Sequence[float], q: float) -> float:
         return math.nan
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _ms(seconds: Sequence[float], q: float) -> str:
+    return f"{1000 * _quantile(seconds, q):.2f}" if seconds else NONE
+
+
+def worker_state(dask_status: str, paused: bool, routable: bool, hosted: int, assigned: int) -> str:
+    """What a worker is doing for the network, in one word an operator can act on. "serving"
+    only where clients are routed to it: a worker below the minimum reputation holds its experts
+    but gets no calls ("out of routing"), as a worker paused by its owner or by Dask gets none."""
+    if dask_status in ("closing", "closing_gracefully"):
+        return "closing"
+    if paused or dask_status == "paused":
+        return "paused"
+    if not routable:
+        return "out of routing"
+    return "serving" if hosted else "loading" if assigned else "idle"
+
+
+def experts_cell(hosted: int, reported: int | None) -> str:
+    """The experts a worker serves (the coordinator's serving set), and what the worker itself
+    reports where the two differ (a load or a drop under way, or a worker that lost its experts:
+    `neuro-dask worker-status` shows the worker's own figure)."""
+    return str(hosted) if reported is None or reported == hosted else f"{hosted} (worker: {reported})"
 
 
 def latency_by_worker(calls: Iterable[CallRecord]) -> dict[str, list[float]]:
@@ -73,9 +102,55 @@ def latency_by_worker(calls: Iterable[CallRecord]) -> dict[str, list[float]]:
     return out
 
 
-NETWORK_COLUMNS = ("name", "address", "owner", "status", "hardware", "memory_gib", "vram_gib", "speed", "score",
-                   "correctness", "timeliness", "speed_score", "uptime", "trust", "stake", "hosted", "calls",
+NETWORK_COLUMNS = ("name", "address", "owner", "status", "trust", "score", "correctness", "timeliness",
+                   "speed_score", "uptime", "hardware", "memory_gib", "vram_gib", "speed", "stake", "hosted", "calls",
                    "p50_ms", "p95_ms")
+# Short headers an operator reads at a glance, so that the network table fits a 1,400 px window;
+# each abbreviated one explains itself in a tooltip (HINTS), and docs/dashboard.md says more.
+TITLES = {"correctness": "correct", "timeliness": "on time", "speed_score": "speed", "uptime": "up",
+          "memory_gib": "RAM", "vram_gib": "VRAM", "speed": "GFLOP/s", "hosted": "experts", "p50_ms": "p50",
+          "p95_ms": "p95", "action": "event", "calls_link": "calls"}
+HINTS = {"score": "reputation score in [0, 1]: min(correct, weighted geometric mean of the four components)",
+         "correctness": "reputation component: correct results, slow to earn and quick to lose",
+         "timeliness": "reputation component: answers within their deadline",
+         "speed_score": "reputation component: its speed against the median worker's",
+         "uptime": "reputation component: uptime (a weighted fraction of time present)",
+         "trust": "trust tier: trusted (by the operator), established (enough validated results in a row), newcomer",
+         "memory_gib": "RAM of its machine, GiB", "vram_gib": "GPU memory of its machine, GiB",
+         "speed": "expert-FFN GFLOP/s from its start-up benchmark", "stake": "NEURO it has staked",
+         "hosted": "experts it serves (where its own heartbeat says otherwise, that figure too)",
+         "calls": "expert calls it served", "p50_ms": "median latency of its recent layer calls, ms",
+         "p95_ms": "95th percentile latency of its recent layer calls, ms",
+         "rows": "expert rows sent: tokens x experts per token", "request": "the request the call worked for"}
+
+
+def title(column: str) -> str:
+    return TITLES.get(column, column.replace("_", " "))
+
+
+def header(column: str) -> str:
+    """A table header as HTML: its title, with a tooltip where HINTS explains it."""
+    import html
+
+    text = html.escape(title(column))
+    return f'<span title="{html.escape(HINTS[column])}">{text}</span>' if column in HINTS else text
+
+
+def fit_widths(cols: Mapping[str, Sequence], names: Iterable[str], char_px: int = 7, pad: int = 14,
+               min_px: int = 40, max_px: int = 900) -> dict[str, int]:
+    """Pixels per column so that its header and its longest value fit (a fixed-width table
+    then never cuts "correctness" to "correctnes")."""
+    out = {}
+    for c in names:
+        longest = max([_chars(title(c))] + [_chars(str(v)) for v in cols.get(c, ())])
+        out[c] = max(min_px, min(max_px, round(longest * char_px) + pad))
+    return out
+
+
+def _chars(text: str) -> float:
+    """A text's width in average characters: capitals, "m", "w" and "%" are wider ("VRAM" needs
+    more room than "vram")."""
+    return sum(1.4 if ch.isupper() or ch in "mw%" else 1.0 for ch in text)
 
 
 def network_columns(view: NetworkView, feed: Feed) -> dict[str, list]:
@@ -87,34 +162,37 @@ def network_columns(view: NetworkView, feed: Feed) -> dict[str, list]:
         cols["address"].append(w.address)
         cols["owner"].append(w.owner or w.name)
         cols["status"].append(w.status)
-        cols["hardware"].append(f"{w.cores} CPU" + (f", {w.gpus} GPU" if w.gpus else ""))
-        cols["memory_gib"].append(round(w.memory / GiB, 1))
-        cols["vram_gib"].append(round(w.vram / GiB, 1))
-        cols["speed"].append(round(w.speed, 1))
+        cols["trust"].append("trusted" if w.trusted else "established" if w.established else
+                             "newcomer" if w.routable else "out of routing")
         cols["score"].append(round(w.score, 3))
         cols["correctness"].append(round(w.correctness, 3))
         cols["timeliness"].append(round(w.timeliness, 3))
         cols["speed_score"].append(round(w.speed_score, 3))
         cols["uptime"].append(round(w.uptime, 3))
-        cols["trust"].append("trusted" if w.trusted else "established" if w.established else
-                             "newcomer" if w.routable else "out of routing")
+        cols["hardware"].append(f"{w.cores} CPU" + (f", {w.gpus} GPU" if w.gpus else ""))
+        cols["memory_gib"].append(round(w.memory / GiB, 1))
+        cols["vram_gib"].append(round(w.vram / GiB, 1))
+        cols["speed"].append(round(w.speed, 1))
         cols["stake"].append(w.stake / 1e9)
-        cols["hosted"].append(w.hosted)
+        cols["hosted"].append(experts_cell(w.hosted, w.reported))
         cols["calls"].append(w.calls_served)
-        cols["p50_ms"].append(round(1000 * _quantile(mine, 0.5), 2) if mine else math.nan)
-        cols["p95_ms"].append(round(1000 * _quantile(mine, 0.95), 2) if mine else math.nan)
+        cols["p50_ms"].append(_ms(mine, 0.5))
+        cols["p95_ms"].append(_ms(mine, 0.95))
     return cols
 
 
 def network_totals(view: NetworkView) -> dict[str, float]:
     ws = view.workers
-    return {"workers": len(ws), "serving": sum(w.status == "serving" for w in ws), "gpus": sum(w.gpus for w in ws),
+    return {"workers": len(ws), "serving": sum(w.status == "serving" for w in ws),
+            "paused": sum(w.status == "paused" for w in ws),
+            "out_of_routing": sum(w.status == "out of routing" for w in ws), "gpus": sum(w.gpus for w in ws),
             "memory_gib": round(sum(w.memory for w in ws) / GiB, 1), "vram_gib": round(sum(w.vram for w in ws) / GiB, 1),
             "expert_memory_gib": round(sum(w.budget for w in ws) / GiB, 1),
             "owners": len({w.owner or w.name for w in ws}), "trusted": sum(w.trusted for w in ws)}
 
 
-HEATMAP_COLUMNS = ("layer", "expert", "x", "y", "replicas", "target", "load", "heat", "short")
+HEATMAP_COLUMNS = ("layer", "expert", "x", "y", "replicas", "target", "load", "heat", "short", "ink_heat",
+                   "ink_target")
 LABELLED_EXPERTS = 32  # above this many experts per layer a cell is too small for its number
 
 
@@ -143,20 +221,47 @@ def heatmap_columns(view: NetworkView) -> dict[str, list]:
         cols["load"].append(round(load / mean, 2))
         cols["heat"].append(load / mean)
         cols["short"].append(max(0, target - replicas))
+    high_heat, high_target = heat_scales(cols)
+    cols["ink_heat"] = [ink(h, high_heat) for h in cols["heat"]]
+    cols["ink_target"] = [ink(t, high_target) for t in cols["target"]]
     return cols
 
 
-CALL_COLUMNS = ("time", "model", "layer", "experts", "workers", "ms", "replicas", "hedges", "outcome", "transport")
+def heat_scales(cols: Mapping[str, Sequence[float]]) -> tuple[float, float]:
+    """The top of each colour scale: load (x the mean) from 0 to at least 2, the target from 0
+    to at least 1. Both maps run the same way: more is darker."""
+    return max([2.0, *cols["heat"]]), float(max([1, *cols["target"]]))
 
 
-def calls_columns(feed: Feed, limit: int = 200) -> dict[str, list]:
+def ink(value: float, high: float) -> str:
+    """A cell's label colour: white on the darker half of the scale, black on the lighter."""
+    return "white" if high > 0 and value / high > 0.5 else "black"
+
+
+CALL_COLUMNS = ("time", "model", "request", "layer", "experts", "rows", "workers", "ms", "replicas", "hedges",
+                "outcome", "transport")
+CALL_FILTERS = ("worker", "outcome", "request", "layer")  # the /neuro/calls query arguments
+
+
+def calls_columns(feed: Feed, limit: int = 200, worker: str = "", outcome: str = "",
+                  names: Mapping[str, str] | None = None, request: str = "", layer: str = "") -> dict[str, list]:
+    """The latest calls, newest first; `worker` (an address or a name), `outcome`, `request` (an
+    id, or its first characters) and `layer` keep only the matching ones (the trust page links
+    here so); workers are named where `names` knows them."""
+    names = names or {}
     cols: dict[str, list] = {c: [] for c in CALL_COLUMNS}
-    for r in reversed(list(feed.calls)[-limit:]):  # newest first
+    picked = [r for r in feed.calls if (not outcome or r.outcome == outcome)
+              and (not request or (r.request and r.request.startswith(request)))
+              and (not layer or str(r.layer) == layer)
+              and (not worker or any(worker in (w, names.get(w)) for w in r.workers))]
+    for r in reversed(picked[-limit:]):  # newest first
         cols["time"].append(time.strftime("%H:%M:%S", time.localtime(r.time)))
         cols["model"].append(r.model)
+        cols["request"].append(_short(r.request) if r.request else NONE)
         cols["layer"].append(r.layer)
         cols["experts"].append(r.experts)
-        cols["workers"].append(", ".join(r.workers))
+        cols["rows"].append(r.rows if r.rows >= 0 else NONE)
+        cols["workers"].append(", ".join(names.get(w, w) for w in r.workers))
         cols["ms"].append(round(1000 * r.seconds, 2))
         cols["replicas"].append(r.replicas)
         cols["hedges"].append(r.hedges)
@@ -179,27 +284,111 @@ def latency_histogram(feed: Feed, transport: str, bins: int = 30) -> dict[str, l
     return {"left": edges[:-1], "right": edges[1:], "count": counts}
 
 
-EVENT_COLUMNS = ("time", "action", "worker", "layer", "expert", "reputation", "cause")
+EVENT_COLUMNS = ("time", "action", "worker", "layer", "expert", "reputation", "cause", "calls_link")
+TRUST_ACTIONS = ("invalid", "late", "timeout", "error", "hedged", "slash", "crash", "joined", "trusted", "untrusted",
+                 "left", "crashed", "pause", "resume", "dispute-refuted")
+JUDGED = frozenset({"invalid", "late", "timeout", "error", "hedged"})  # about calls: linked to /neuro/calls
 
 
-def trust_event_columns(view: NetworkView, limit: int = 300,
-                        actions: Iterable[str] = ("invalid", "late", "timeout", "error", "hedged", "slash",
-                                                  "crash", "joined", "trusted", "untrusted")) -> dict[str, list]:
-    """The latest trust and ledger events worth an operator's eye (validated results are not),
-    and every refusal of hardened mode (actions "security" and "security:<kind>")."""
+def _short(ident: object) -> str:
+    return str(ident)[:8]
+
+
+def describe(event: Mapping, why: Mapping[str, str] = {}) -> str:  # noqa: B006 - read only
+    """An event's cause in words an operator reads (never an opaque hash on its own): which
+    request, layer and expert a verdict judged and why, how a worker went, who paused it.
+    `why`: request id -> the dispute's verdict in words, for the verdict's own events."""
+    action = str(event.get("action", ""))
+    cause_id = str(event.get("cause_id") or "")
+    where = ", ".join(f"{k} {event[k]}" for k in ("layer", "expert") if _known(event.get(k)))
+    if action in ("left", "crashed"):
+        how = "closed on purpose" if action == "left" else "gone without a goodbye (killed, or its connection broke)"
+        experts = event.get("experts")
+        return how + (f"; its {experts} experts are placed elsewhere" if experts else "")
+    if action in ("pause", "resume"):
+        return str(event.get("reason") or ("its owner is busy" if action == "pause" else "its owner is away again"))
+    if action in ("trusted", "untrusted"):
+        return "set by the operator"
+    if action == "joined":
+        return "registered with the scheduler"
+    ref = cause_id or str(event.get("cause") or "")
+    if ref.startswith("dispute:") or action in ("slash", "dispute-refuted"):
+        request = ref.split(":")[1] if ref.startswith("dispute:") else str(event.get("request") or "")
+        head = f"request {_short(request)}" + (f", {where}" if where else "")
+        if action == "slash":
+            return f"{head}: stake slashed for a result proven wrong"
+        if action == "dispute-refuted":
+            return f"{head}: complaint refuted ({event.get('why', '')})"
+        referees = [str(r) for r in event.get("referees") or ()]
+        if not referees:
+            return f"{head}: {why[request]}" if why.get(request) else f"{head}: result proven wrong by recomputation"
+        # Who recomputed it, by name, as "worker 0" (a bare "(0)" reads as a count). Operator-
+        # trusted referees are the ones whose verdict slashes (trust/disputes.py rule 1).
+        slashable = event.get("slashable", "trusted referee" in why.get(request, ""))
+        who = ("operator-trusted " if slashable else "") + ("worker " if len(referees) == 1 else "workers ")
+        differs = "whose answer differs" if len(referees) == 1 else "whose answers agree, and differ from it"
+        return f"{head}: result proven wrong: recomputed by {who}{', '.join(referees)}, {differs}"
+    if event.get("cause") == "probe":
+        return f"the scheduler's probe got no answer: {event.get('why') or 'timed out'}"
+    if action in JUDGED:
+        what = {"invalid": "result differed from quorum", "late": "answered after its deadline",
+                "timeout": "no answer by its deadline", "error": "answered with an error",
+                "hedged": "slow: a second replica was asked"}[action]
+        head = f"call {_short(cause_id)}" if cause_id else "call"
+        request = event.get("request")
+        return (f"request {_short(request)}, " if request else "") + head + (f", {where}" if where else "") + f": {what}"
+    if action.startswith("security"):
+        return str(event.get("cause") or event.get("detail") or "refused by hardened mode")
+    return str(event.get("cause") or event.get("why") or cause_id or NONE)
+
+
+def _known(value: object) -> bool:
+    """A layer or expert the event names (clients report -1 where a call had none)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def calls_link(event: Mapping) -> str:
+    """The /neuro/calls filter (relative to the dashboard's root) showing the calls an event
+    is about: for a proven wrong result (and its slash), the calls of the disputed request in
+    the disputed layer (the call records carry their request: the caught call is among them,
+    whichever worker answered it); for another judged call, the worker's caught calls; for a
+    departure, the worker's calls."""
+    from urllib.parse import urlencode
+
+    action = str(event.get("action", ""))
+    worker = str(event.get("worker") or "")
+    who = worker if "://" in worker else str(event.get("name") or worker)
+    ref = str(event.get("cause_id") or event.get("cause") or "")
+    if ref.startswith("dispute:") and action in ("invalid", "slash"):
+        request = ref.split(":")[1]
+        layer = {"layer": event["layer"]} if _known(event.get("layer")) else {}
+        return "neuro/calls?" + urlencode({"request": request, **layer}) if request else ""
+    if not who or not (action in JUDGED or action in ("left", "crashed", "slash")):
+        return ""
+    return "neuro/calls?" + urlencode({"worker": who, **({"outcome": "caught"} if action == "invalid" else {})})
+
+
+def trust_event_columns(view: NetworkView, limit: int = 300, actions: Iterable[str] = TRUST_ACTIONS) -> dict[str, list]:
+    """The latest trust, lifecycle and ledger events worth an operator's eye (validated results
+    are not), and every refusal of hardened mode (actions "security" and "security:<kind>")."""
+    from neuro_dask.trust.lifecycle import lifecycle_action
+
     keep = set(actions)
+    why = {str(e.get("request")): str(e.get("why", "")) for e in view.events
+           if e.get("action") == "dispute-proven" and e.get("request")}
     cols: dict[str, list] = {c: [] for c in EVENT_COLUMNS}
     picked = [e for e in view.events
               if e.get("action") in keep or str(e.get("action", "")).startswith("security")][-limit:]
     for e in reversed(picked):
         cols["time"].append(time.strftime("%H:%M:%S", time.localtime(float(e.get("time", 0.0)))))
-        cols["action"].append(str(e.get("action")))
+        cols["action"].append(lifecycle_action(e) or str(e.get("action")))
         cols["worker"].append(str(e.get("name") or e.get("worker", "")))  # names where the event has one
-        cols["layer"].append(e.get("layer", ""))
-        cols["expert"].append(e.get("expert", ""))
+        cols["layer"].append(str(e["layer"]) if _known(e.get("layer")) else NONE)
+        cols["expert"].append(str(e["expert"]) if _known(e.get("expert")) else NONE)
         rep = e.get("reputation")
-        cols["reputation"].append(round(float(rep), 3) if isinstance(rep, (int, float)) else math.nan)
-        cols["cause"].append(str(e.get("cause_id", e.get("cause", ""))))
+        cols["reputation"].append(f"{float(rep):.3f}" if isinstance(rep, (int, float)) else NONE)
+        cols["cause"].append(describe(e, why))
+        cols["calls_link"].append(calls_link(e))
     return cols
 
 
@@ -284,3 +473,82 @@ def version_columns(view: NetworkView) -> dict[str, list]:
             elif model in retired:
                 add(name, model, "retired")
     return cols
+
+
+# ---- the overview page: the network's health in a few figures ------------------------------
+
+
+@dataclass(frozen=True)
+class Overview:
+    experts_total: int  # experts of the latest published model
+    experts_at_target: int  # of those, served by at least their planned replicas
+    workers: int
+    serving: int
+    paused: int
+    out_of_routing: int
+    calls_per_s: float  # layer calls clients reported, over the window
+    passes_per_s: float  # forward passes: calls to each model's first MoE layer, over the window
+    tokens_per_s: float | None  # tokens processed (prompt and generated), over the window; None: unknown
+    caught: int  # layer calls where a wrong result was caught (quorum) since the scheduler started
+    proven: int  # wrong results proven by recomputation (disputes)
+    layer_calls: int  # layer calls reported since the scheduler started
+    failed: int  # of those, failed (no valid answer within the budget)
+
+    @property
+    def error_rate(self) -> float:
+        return self.failed / self.layer_calls if self.layer_calls else 0.0
+
+
+def overview(view: NetworkView, feed: Feed, now: float, window: float = 60.0) -> Overview:
+    """The overview's figures, from the same state the other pages read."""
+    keys = set(view.target) | set(view.replicas)
+    at_target = sum(1 for k in keys if view.target.get(k, 0) > 0 and view.replicas.get(k, 0) >= view.target[k])
+    recent = [r for r in feed.calls if now - window <= r.time <= now]
+    first = {}
+    for r in recent:
+        first[r.model] = min(first.get(r.model, r.layer), r.layer)
+    passes = [r for r in recent if r.layer == first[r.model]]
+    counts = feed.counts
+    layer_calls = sum(v for k, v in counts.items() if k.startswith("quorum_"))
+    totals = network_totals(view)
+    return Overview(experts_total=len(keys), experts_at_target=at_target, workers=totals["workers"],
+                    serving=totals["serving"], paused=totals["paused"], out_of_routing=totals["out_of_routing"],
+                    calls_per_s=round(len(recent) / window, 2),
+                    passes_per_s=round(len(passes) / window, 2),
+                    tokens_per_s=tokens_per_s(passes, view.experts_per_token, window),
+                    caught=int(counts.get("quorum_caught", 0)), proven=int(counts.get("invalid", 0)),
+                    layer_calls=int(layer_calls), failed=int(counts.get("quorum_failed", 0)))
+
+
+def tokens_per_s(passes: Sequence[CallRecord], experts_per_token: Mapping[str, int], window: float) -> float | None:
+    """Tokens processed per second: every token goes through each MoE layer once, with rows for
+    its k experts, so the rows of a model's first MoE layer divided by k count its tokens (prompt
+    and generated alike). None where no such call carries its rows (older clients) or a model's k
+    is unknown. The rows are the clients' own word: a client can only inflate this figure."""
+    rows = 0
+    for r in passes:
+        k = experts_per_token.get(r.model, 0)
+        if r.rows < 0 or k <= 0:
+            return None
+        rows += r.rows / k
+    if not passes:
+        return 0.0 if experts_per_token else None
+    return round(rows / window, 2)
+
+
+def latency_over_time(feed: Feed, bin_seconds: float = 5.0) -> dict[str, list]:
+    """p50 and p95 of layer-call milliseconds per time bin (ms since epoch at the bin's start),
+    over the calls the feed still holds."""
+    bins: dict[int, list[float]] = {}
+    for r in feed.calls:
+        bins.setdefault(int(r.time // bin_seconds), []).append(r.seconds)
+    cols: dict[str, list] = {"time": [], "p50": [], "p95": []}
+    for b in sorted(bins):
+        cols["time"].append(1000 * b * bin_seconds)
+        cols["p50"].append(round(1000 * _quantile(bins[b], 0.5), 3))
+        cols["p95"].append(round(1000 * _quantile(bins[b], 0.95), 3))
+    return cols
+
+
+RECENT_ACTIONS = ("invalid", "slash", "crash", "joined", "left", "crashed", "pause", "resume", "trusted", "untrusted",
+                  "dispute-refuted")

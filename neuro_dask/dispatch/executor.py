@@ -260,8 +260,11 @@ class DistributedExecutor:
             self.layer_seconds.append(seconds)
             if len(self.calls) < 500:  # for the dashboard's call stream, sent with the next refresh
                 sent = runner.replicas_sent - replicas if runner else len(groups)
+                # rows: tokens x experts per token (the dashboard's tokens/s); request: which
+                # request the call worked for (the trust page links a verdict to its calls)
                 self.calls.append([layer, len(groups), sorted(self._layer.workers), seconds, sent,
-                                   runner.hedges - hedges if runner else 0, self._layer.outcome, self.transport.name])
+                                   runner.hedges - hedges if runner else 0, self._layer.outcome, self.transport.name,
+                                   int(sum(x.shape[0] for x in groups.values())), self.request])
 
     def _on_wire(self, groups: Mapping[int, torch.Tensor]) -> Mapping[int, torch.Tensor]:
         """Hidden states as they travel: neuro.client.wire-dtype (bfloat16 halves the bytes), or as they are."""
@@ -313,8 +316,12 @@ class DistributedExecutor:
                         raise outcome
                     answer = decode_response(outcome, sent)
                 except Exception as exc:  # refused, closed, timed out or malformed: all a failed call
-                    log.warning("layer %d: call to %s failed (%s); re-sending experts %s elsewhere",
-                                layer, worker, exc, experts)
+                    routine = routine_refusal(exc)
+                    log.log(logging.INFO if routine else logging.WARNING,
+                            "layer %d: call to %s failed (%s); re-sending experts %s elsewhere", layer, worker, exc,
+                            experts)
+                    if routine:  # the network moved on (re-placement, a pause): fetch its routes now
+                        self._routes_at = float("-inf")
                     exclude.add(worker)
                     with self._lock:
                         self.suspects[worker] = self.clock() + self.settings.suspect_cooldown
@@ -453,3 +460,12 @@ class DistributedExecutor:
             self.wait_for_disputes(self.settings.deadline * 3)
         self.flush_reports()
         self.transport.close()
+
+
+# What a worker answers when the client's routes are merely behind the network: an expert moved
+# (re-placement) or its owner came back (idle-only pause). Routine, so not a warning.
+ROUTINE_REFUSALS = ("is not hosted here", "worker refused the call: paused:")
+
+
+def routine_refusal(exc: BaseException) -> bool:
+    return any(marker in str(exc) for marker in ROUTINE_REFUSALS)

@@ -11,13 +11,36 @@ from neuro_dask.trust.replication import Standing
 
 
 class ExpertUnavailableError(NeuroDaskError):
-    def __init__(self, model: str, layer: int, experts: Iterable[int], waited: float):
+    def __init__(self, model: str, layer: int, experts: Iterable[int], waited: float, why: str | None = None):
         self.model, self.layer, self.experts, self.waited = model, layer, sorted(experts), waited
+        advice = why or ("start more workers with `--preload neuro_worker`, or check the scheduler's events for "
+                         "workers that failed to load them")
         super().__init__(
             f"no live worker serves expert(s) {self.experts} of layer {layer} of model {model!r} "
-            f"(waited {waited:.1f} s): start more workers with `--preload neuro_worker`, or check "
-            "the scheduler's events for workers that failed to load them"
+            f"(waited {waited:.1f} s): {advice}"
         )
+
+
+def why_unserved(workers: Mapping[str, Mapping[str, Any]], expert_bytes: int, replicas_wanted: int = 1) -> str | None:
+    """Why a network does not serve a model yet, from the scheduler's `neuro_status` workers
+    (each with `name`, `memory_budget`, `paused`, `serving`); None when nothing stands out (the
+    workers are still loading). Checked in the order an operator can act on."""
+    if not workers:
+        return "no worker has joined this scheduler: start one with `neuro-dask worker SCHEDULER_ADDRESS`"
+    paused = {w.get("name", a): w.get("paused") for a, w in workers.items() if w.get("paused")}
+    if len(paused) == len(workers):
+        causes = "; ".join(f"{n}: {why}" for n, why in sorted(paused.items())[:5])
+        return (f"every worker ({len(workers)}) is paused because its machine is busy ({causes}). Idle-only "
+                "workers serve again once their machines are idle; start workers with --no-idle-only to serve on "
+                "busy machines")
+    budget = sum(int(w.get("memory_budget") or 0) for w in workers.values() if not w.get("paused"))
+    if expert_bytes and budget < expert_bytes * replicas_wanted:
+        return (f"the serving workers' memory budgets total {budget / 2**20:.0f} MiB but the model's experts need "
+                f"{expert_bytes / 2**20:.0f} MiB: add workers or raise --memory-budget")
+    if paused:
+        return (f"{len(paused)} of {len(workers)} workers are paused (their machines are busy); the others are "
+                "still loading")
+    return None
 
 
 class ExpertsUnloadableError(ExpertUnavailableError):

@@ -12,14 +12,14 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from distributed import Client
 from tqdm import tqdm
 
 from neuro_dask.dispatch.executor import DistributedExecutor
-from neuro_dask.dispatch.routes import ExpertsUnloadableError, ExpertUnavailableError, RouteTable
+from neuro_dask.dispatch.routes import ExpertsUnloadableError, ExpertUnavailableError, RouteTable, why_unserved
 from neuro_dask.dispatch.transports import make_transport
 from neuro_dask.errors import NeuroDaskError
 from neuro_dask.loading import assemble_model
@@ -106,27 +106,40 @@ def publish(client: Client, store_url: str, model_id: str | None = None, channel
 
 
 def wait_until_served(client: Client, model_id: str, timeout: float, clock=time.monotonic,
-                      redundancy_grace: float = 10.0) -> RouteTable:
+                      redundancy_grace: float = 10.0,
+                      on_progress: Callable[[int, int, str | None], None] | None = None) -> RouteTable:
     """Poll the scheduler until every expert has a serving replica; a progress bar on a terminal.
 
     Once every expert is served, wait up to `redundancy_grace` more seconds for the planned
     replicas still loading, so the first generation already has a replica to fall back on.
+    `on_progress(served, total, note)`: called when the count changes, and with a note when
+    nothing has moved for a while and the network says why (workers paused, budgets too small).
+    A timeout says the network's reason too.
     """
     started = clock()
     served_at = None
     bar = None
+    shown: tuple[int, str | None] | None = None
+    moved_at, last_served = started, -1
     while True:
         msg = client.sync(client.scheduler.neuro_routes, model=model_id)
         table = RouteTable.from_message(msg)
         total, missing = len(table.routes), table.missing
+        served = total - len(missing)
+        if served != last_served:
+            moved_at, last_served = clock(), served
         if not missing and msg.get("pending") and clock() - (served_at := served_at or clock()) < redundancy_grace:
             time.sleep(0.05)  # poll
             continue
         if bar is None and missing:
             bar = tqdm(total=total, desc="experts served", unit="expert", disable=not sys.stderr.isatty())
         if bar is not None:
-            bar.n = total - len(missing)
+            bar.n = served
             bar.refresh()
+        note = _stall_reason(client, model_id) if missing and clock() - moved_at > STALL_NOTE_AFTER else None
+        if on_progress is not None and (served, note) != shown and (note or not shown or served != shown[0]):
+            on_progress(served, total, note)
+            shown = (served, note)
         if not missing:
             if bar is not None:
                 bar.close()
@@ -140,8 +153,24 @@ def wait_until_served(client: Client, model_id: str, timeout: float, clock=time.
                 raise ExpertsUnloadableError(model_id, layer, [e for l, e, _ in unloadable if l == layer],
                                              clock() - started, why)
             layer = missing[0][0]
-            raise ExpertUnavailableError(model_id, layer, [e for l, e in missing if l == layer], clock() - started)
+            raise ExpertUnavailableError(model_id, layer, [e for l, e in missing if l == layer], clock() - started,
+                                         note or _stall_reason(client, model_id))
         time.sleep(0.05)  # poll: workers report loaded experts as they finish
+
+
+STALL_NOTE_AFTER = 5.0  # seconds without a newly served expert before asking the network why
+
+
+def _stall_reason(client: Client, model_id: str) -> str | None:
+    """The network's reason for not serving `model_id` (neuro_dask.dispatch.routes.why_unserved),
+    or None where it gives none or cannot be asked."""
+    try:
+        status = client.sync(client.scheduler.neuro_status)
+        model = status["models"][model_id]
+        replicas = int(model.get("replicas") or 1)
+        return why_unserved(status["workers"], int(model["summary"].get("bytes_experts") or 0), replicas)
+    except Exception:  # a certificate that may not read the status, an older scheduler
+        return None
 
 
 def _is_published(client: Client, model_id: str) -> bool:

@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from neuro_dask.federated.rounds import FederatedCoordinator, Participant
+from neuro_dask.federated.rounds import FederatedCoordinator, Participant, RoundResult
 
 CONFIG_DATA_PATH = "neuro.federated.data-path"
 
@@ -42,11 +42,35 @@ def start_participants(client: Any, workers: Mapping[str, str], store_path: str,
 
 def run_federated(client: Any, workers: Mapping[str, str], store_path: str, global_flat: np.ndarray, rounds: int,
                   data: Mapping[str, Callable[[], Any] | str] | None = None, coordinator_kwargs: dict | None = None,
+                  evaluate: Callable[[np.ndarray], Mapping[str, float]] | None = None,
+                  on_round: Callable[[RoundResult], None] | None = None,
                   **participant_kwargs: Any) -> FederatedCoordinator:
-    """Start the participants as actors, relay keys, run `rounds` rounds; the coordinator holds the result."""
+    """Federated fine-tuning on a Dask cluster, the public entry point (`neuro_dask.federated.run_federated`).
+
+    Starts one participant per entry of `workers` (participant id -> worker address) as a Dask
+    actor on that worker, loading the model from `store_path` there; its data is `data[id]` (a
+    path or a zero-argument callable evaluated on the worker) or, without it, the file named by
+    the worker's Dask config `neuro.federated.data-path`. Relays the participants' public keys,
+    then runs `rounds` rounds of FedAvg with secure aggregation from `global_flat` (`get_flat`
+    of the base model). `participant_kwargs` go to each Participant (`local=LocalSteps(...)`,
+    `dp=DPSettings(...)`, `seed=`); `coordinator_kwargs` to the FederatedCoordinator.
+
+    evaluate: optional, global vector -> {metric: value}, run in this process before the first
+    round and after each (`evaluator(model, held_out)` gives loss and accuracy); the values land
+    in `coordinator.initial_metrics` and each `RoundResult.metrics`, and `coordinator.table()`
+    lists them per round. on_round: called with each RoundResult as it completes (to print progress).
+
+    Returns the coordinator: `.global_flat` is the result (`set_flat(model, ...)`, then
+    `write_version`), `.history` the rounds.
+    """
     handles = start_participants(client, workers, store_path, data, **participant_kwargs)
-    coordinator = FederatedCoordinator(handles, global_flat, **(coordinator_kwargs or {}))
+    kwargs = dict(coordinator_kwargs or {})
+    if evaluate is not None:
+        kwargs["evaluate"] = evaluate
+    coordinator = FederatedCoordinator(handles, global_flat, **kwargs)
     coordinator.setup_keys()
     for _ in range(rounds):
-        coordinator.run_round()
+        result = coordinator.run_round()
+        if on_round is not None:
+            on_round(result)
     return coordinator

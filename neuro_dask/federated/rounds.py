@@ -11,6 +11,8 @@ One round r, cohort S (the participants still in the federation):
   3. the coordinator waits; whoever failed or timed out is dropped (for this round and after)
   4. coordinator -> each survivor: (dropped, survivors); survivor -> coordinator: pair seeds with the dropped
   5. coordinator: exact sum of the survivors' deltas; w <- w + server_lr * sum / |survivors|
+  6. optionally, coordinator: metrics of the new w on its own held-out data (`evaluate`), kept in
+     the round's result (`FederatedCoordinator.table()`: one row per round, to print or plot)
 """
 
 from __future__ import annotations
@@ -109,16 +111,25 @@ def _resolve(value: Any, timeout: float | None) -> Any:
 
 @dataclass
 class RoundResult:
+    """One round: who survived and who dropped, the norm of the mean update, the privacy spent
+    so far (with DP), and the global model's metrics after the round (with `evaluate`)."""
+
     round_id: int
     survivors: list[str]
     dropped: list[str]
     update_norm: float
     epsilon: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
 class FederatedCoordinator:
-    """Runs rounds over participant handles; holds the global vector and never an unmasked update."""
+    """Runs rounds over participant handles; holds the global vector and never an unmasked update.
+
+    evaluate: optional, global vector [P] -> {metric: value} (e.g. `training.evaluator(model,
+    held_out)`: loss and accuracy on the coordinator's own held-out data), measured once before the
+    first round (`initial_metrics`) and after every round (`RoundResult.metrics`).
+    """
 
     handles: Mapping[str, Any]
     global_flat: np.ndarray
@@ -132,11 +143,31 @@ class FederatedCoordinator:
     history: list[RoundResult] = field(default_factory=list)
     aggregator: SecureAggregator | None = None
     accountant: PrivacyAccountant | None = None
+    evaluate: Callable[[np.ndarray], Mapping[str, float]] | None = None
+    initial_metrics: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.cohort = sorted(self.handles) if not self.cohort else list(self.cohort)
         self.aggregator = SecureAggregator(self.codec, self.min_survivors)
         self.accountant = PrivacyAccountant(self.dp)
+        if self.evaluate is not None and not self.initial_metrics:
+            self.initial_metrics = self._measure()
+
+    def _measure(self) -> dict[str, float]:
+        return {str(k): float(v) for k, v in self.evaluate(self.global_flat).items()} if self.evaluate else {}
+
+    def table(self) -> list[dict[str, Any]]:
+        """One plain row per round, for a table or a plot: "rounds" (rounds done: 0 is the start,
+        before any round, present when there are `initial_metrics`), "survivors", "dropped" (how
+        many), "update_norm", "epsilon" (None without DP), then the round's metrics."""
+        rows: list[dict[str, Any]] = []
+        if self.initial_metrics:
+            rows.append({"rounds": 0, "survivors": len(self.handles), "dropped": 0, "update_norm": None,
+                         "epsilon": None, **self.initial_metrics})
+        for r in self.history:
+            rows.append({"rounds": r.round_id + 1, "survivors": len(r.survivors), "dropped": len(r.dropped),
+                         "update_norm": r.update_norm, "epsilon": r.epsilon, **r.metrics})
+        return rows
 
     def setup_keys(self) -> None:
         """Relay public keys: each participant derives its pair secrets; the coordinator learns none."""
@@ -173,8 +204,8 @@ class FederatedCoordinator:
         self.accountant.record_round(len(survivors), len(cohort))
         eps = self.accountant.epsilon(self.delta) if self.dp.noise_multiplier > 0 else None
         self.cohort = survivors  # a dropped participant's revealed round seeds are spent; it stays out
-        result = RoundResult(round_id, survivors, dropped, float(np.linalg.norm(mean)), eps)
+        result = RoundResult(round_id, survivors, dropped, float(np.linalg.norm(mean)), eps, self._measure())
         self.history.append(result)
-        log.info("round %d: %d survivors, dropped %s, |mean update| %.4f", round_id, len(survivors), dropped,
-                 result.update_norm)
+        log.info("round %d: %d survivors, dropped %s, |mean update| %.4f %s", round_id, len(survivors), dropped,
+                 result.update_norm, result.metrics)
         return result

@@ -126,6 +126,37 @@ class LocalTrainer:
         return get_flat(self.model).astype(np.float64) - np.asarray(global_flat, dtype=np.float64)
 
 
+def evaluate_model(model: MoEModel, problems: Sequence[Problem], batch_size: int = 256) -> dict[str, float]:
+    """How well `model` adds: {"loss": mean cross-entropy per answer token (the answer's digits and
+    its EOS, as the participants train it), "accuracy": greedy exact match}, on `problems`
+    (held-out ones, to measure generalisation)."""
+    from neuro_dask.demo.addition import evaluate
+
+    cfg = model.config
+    total, tokens = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(problems), batch_size):
+            chunk = problems[start:start + batch_size]
+            batch, loss_mask = _encode(model.require_tokenizer(), chunk, cfg.eos_token_id[0], cfg.pad_token_id)
+            logits = model._forward_logits(Batch(batch.ids[:, :-1], batch.mask[:, :-1]))
+            scored = loss_mask[:, 1:]
+            total += float(F.cross_entropy(logits[scored].float(), batch.ids[:, 1:][scored], reduction="sum"))
+            tokens += int(scored.sum())
+    accuracy, _ = evaluate(model, list(problems), batch_size)
+    return {"loss": total / max(tokens, 1), "accuracy": float(accuracy)}
+
+
+def evaluator(model: MoEModel, problems: Sequence[Problem]) -> Callable[[np.ndarray], dict[str, float]]:
+    """For `run_federated(..., evaluate=...)`: loads each round's global vector into `model` (a
+    local copy in the coordinator's process) and returns `evaluate_model` on `problems`."""
+
+    def measure(global_flat: np.ndarray) -> dict[str, float]:
+        set_flat(model, global_flat)
+        return evaluate_model(model, problems)
+
+    return measure
+
+
 # ---- the data of the acceptance experiment -----------------------------------------------------
 
 NON_IID_DIGITS = ((0, 4, 8), (1, 5, 9), (2, 6), (3, 7))

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection, Mapping, Sequence
 
-from neuro_dask.errors import LimitExceededError
 from neuro_dask.security.limits import NEW_TOKENS, PROMPT_TOKENS
 
 # ---- errors ---------------------------------------------------------------------------------------
@@ -61,9 +60,52 @@ def rate_limited(wait_seconds: float, requests_per_minute: int, per: str = "API 
         "rate_limit_exceeded", {"Retry-After": str(wait)})
 
 
-def limit_error(exc: LimitExceededError, param: str, code: str = "invalid_value") -> ProtocolError:
-    """A request above neuro.security's limits: 400 naming the parameter and the setting."""
-    return bad_request(str(exc), param, code)
+# The gateway states each limit in its own terms: what the request has, what the gateway accepts,
+# and the setting that says so. It never proposes a value for the setting: the request's own size
+# (3,000,001 prompt tokens) is no sensible limit, and choosing one is the operator's business.
+
+def prompt_too_long(tokens: int, limit: int, param: str = "prompt", at_least: bool = False) -> ProtocolError:
+    """400 context_length_exceeded: a prompt above neuro.security.max-prompt-tokens. `at_least`:
+    `tokens` is a lower bound (prompt_bound), the prompt was not tokenized."""
+    has = f"at least {tokens}" if at_least else str(tokens)
+    return bad_request(f"This prompt has {has} tokens; this gateway accepts at most {limit} prompt tokens "
+                       f"(neuro.security.{PROMPT_TOKENS}). Please shorten the prompt.", param,
+                       "context_length_exceeded")
+
+
+def too_many_new_tokens(requested: int, limit: int) -> ProtocolError:
+    """400 on max_tokens: more than neuro.security.max-new-tokens."""
+    return bad_request(f"max_tokens is {requested}; this gateway generates at most {limit} tokens per request "
+                       f"(neuro.security.{NEW_TOKENS}). Please ask for fewer tokens.", "max_tokens",
+                       "invalid_value")
+
+
+BODY_LIMIT_SETTING = "neuro.gateway.max-body-bytes"
+
+
+def body_too_large(size: int | None, limit: int) -> ProtocolError:
+    """413: a request body above the gateway's limit; `size` None when the body came in chunks and
+    was not read to its end."""
+    has = f"is {size} bytes" if size is not None else f"has more than {limit} bytes"
+    return ProtocolError(413, f"This request's body {has}; this gateway accepts request bodies of at most "
+                         f"{limit} bytes ({_size(limit)}, {BODY_LIMIT_SETTING}). Please send a shorter prompt.",
+                         INVALID_REQUEST, None, "request_too_large")
+
+
+def refuse_body_unread(content_length: int | None, expects_continue: bool, limit: int, drain: int) -> bool:
+    """Answer 413 before reading a body announced above `limit`? Yes when the client waits for our
+    go-ahead (Expect: 100-continue: it then never sends the body) or the body is above `drain`.
+    Below `drain` the body is read and dropped first: a client still sending when the server
+    answers and closes gets a connection reset, not the answer, so a body of reasonable size is
+    better swallowed than cut off."""
+    return content_length is not None and content_length > limit and (expects_continue or content_length > drain)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.4g} {unit}"
+    return f"{n} B"
 
 
 # neuro_dask's own exceptions, by class name (anywhere in the MRO) so that this module imports
@@ -340,8 +382,7 @@ def resolve_max_tokens(requested: int | None, prompt_tokens: int, context: int, 
         chosen = room if default is None else min(default, room)
         return chosen if limit is None else min(chosen, limit)
     if limit is not None and requested > limit:
-        raise limit_error(LimitExceededError(NEW_TOKENS, limit, requested, "max_tokens", "ask for fewer tokens"),
-                          "max_tokens")
+        raise too_many_new_tokens(requested, limit)
     if requested > room:
         raise _too_long(context, prompt_tokens, requested)
     return requested
@@ -350,9 +391,7 @@ def resolve_max_tokens(requested: int | None, prompt_tokens: int, context: int, 
 def check_prompt_limit(prompt_tokens: int, limit: int, param: str = "prompt") -> None:
     """A prompt longer than neuro.security.max-prompt-tokens: 400 context_length_exceeded."""
     if prompt_tokens > limit:
-        exc = LimitExceededError(PROMPT_TOKENS, limit, prompt_tokens, "the prompt's length in tokens",
-                                 "shorten the prompt")
-        raise limit_error(exc, param, "context_length_exceeded")
+        raise prompt_too_long(prompt_tokens, limit, param)
 
 
 def _too_long(context: int, prompt_tokens: int, completion: int) -> ProtocolError:

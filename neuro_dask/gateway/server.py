@@ -1,9 +1,16 @@
 """The gateway's HTTP side: a tornado application on its own thread and event loop, and a pool of
 threads in which each request's generation runs (docs/gateway.md).
 
-The event loop only parses, authenticates and writes; tokenizing and generating happen in the
-pool, so that many requests generate at once. MoEModel.stream may be called from many threads:
-concurrent requests share the model (and, with continuous batching, its decode steps).
+The event loop only reads, authenticates and writes; parsing a body, tokenizing and generating
+happen in the pool, so that many requests generate at once and none stalls the others.
+MoEModel.stream may be called from many threads: concurrent requests share the model (and, with
+continuous batching, its decode steps).
+
+Holding the GIL stalls the loop as surely as running on it, so the pool's work must not hold it
+long either: tokenizing goes through `encode_batch` (tokenizers releases the GIL there, not in
+`encode`), and a prompt whose length alone proves it too long is refused without tokenizing
+(prompt_bound.py). Bodies are read by the handlers themselves (stream_request_body), so that a
+body over the limit gets our 413 in OpenAI's shape, not tornado's empty 400.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import tornado.web
 
 from neuro_dask.errors import ConfigError
 from neuro_dask.gateway.protocol import (
+    BODY_LIMIT_SETTING,
     SSE_DONE,
     ChatRequest,
     ChatTemplate,
@@ -34,6 +42,7 @@ from neuro_dask.gateway.protocol import (
     ProtocolError,
     SamplingParams,
     TextAssembler,
+    body_too_large,
     chat_chunk,
     chat_response,
     check_prompt_ids,
@@ -49,20 +58,26 @@ from neuro_dask.gateway.protocol import (
     parse_chat,
     parse_completion,
     parse_json,
+    prompt_too_long,
     rate_limited,
+    refuse_body_unread,
     resolve_max_tokens,
     sse,
     usage,
     usage_chunk,
 )
+from neuro_dask.gateway.prompt_bound import PromptBound, prompt_bound
 from neuro_dask.security.limits import RateLimiter, RequestLimits
 from neuro_dask.security.redact import redact_url
-from neuro_dask.settings import SecuritySettings
+from neuro_dask.settings import SecuritySettings, parse_bytes
 
 log = logging.getLogger(__name__)
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context left
-MAX_BODY_BYTES = 4 * 2**20
+MAX_BODY_BYTES = 4 * 2**20  # default of neuro.gateway.max-body-bytes
+# A body announced above the limit but below this many times it is read (and dropped) before the
+# 413, so that the client, still sending, reads the answer instead of a reset (refuse_body_unread).
+DRAIN_FACTOR = 4
 
 
 class GatewayConfigError(ConfigError):
@@ -109,6 +124,24 @@ def configured_api_keys(path: str | Path | None) -> dict[str, str | None]:
     return load_api_keys(dask.config.get("neuro.gateway.api-keys", default=None))
 
 
+def configured_max_body_bytes() -> int:
+    """Dask config neuro.gateway.max-body-bytes (a size such as "4 MiB"), else 4 MiB."""
+    import dask.config
+
+    return parse_bytes(dask.config.get(BODY_LIMIT_SETTING, default=MAX_BODY_BYTES), "max-body-bytes")
+
+
+def tokenizer_bound(tokenizer) -> PromptBound | None:
+    """The length bound of a neuro_dask Tokenizer's tokenizer.json; None for any other tokenizer."""
+    pipeline = getattr(tokenizer, "pipeline", None)
+    if pipeline is None:
+        return None
+    try:
+        return prompt_bound(pipeline())
+    except (ValueError, TypeError, AttributeError):  # a pipeline this tokenizers version writes otherwise
+        return None
+
+
 def default_model_id(source: str) -> str:
     """The model's name as clients ask for it: the last part of its folder or URL ("adder")."""
     return Path(str(source).rstrip("/")).name or "model"
@@ -145,9 +178,11 @@ class Gateway:
 
     def __init__(self, model, model_id: str | None = None, api_keys: Mapping[str, str | None] | None = None,
                  chat_template: ChatTemplate | None = None, threads: int = 64,
-                 security: SecuritySettings | None = None, clock: Callable[[], float] = time.monotonic):
+                 security: SecuritySettings | None = None, clock: Callable[[], float] = time.monotonic,
+                 max_body_bytes: int | None = None):
         self.model = model
         self.tokenizer = model.require_tokenizer()  # text in and out: a model without one cannot be served
+        self.prompt_bound = tokenizer_bound(self.tokenizer)
         self.model_id = model_id or default_model_id(model.source)
         self.api_keys = dict(api_keys or {})
         folder = Path(model.source)
@@ -161,15 +196,19 @@ class Gateway:
         self._lock = threading.Lock()
         security = security or SecuritySettings.load()
         self.limits = RequestLimits.from_settings(security)
+        self.max_body_bytes = configured_max_body_bytes() if max_body_bytes is None else int(max_body_bytes)
         # Used on the event loop's thread only (admit), so it needs no lock.
         self.rate = RateLimiter(security.requests_per_minute, clock)
         if not self.api_keys:
             log.warning("no API keys configured: the gateway serves anyone who can reach it "
                         "(give --api-keys FILE to require Authorization: Bearer KEY)")
         log.info("serving %s as %r; chat template: %s; limits: %d prompt tokens, %d new tokens, %s requests "
-                 "per minute per %s", redact_url(model.source), self.model_id, self.chat_template.origin,
-                 self.limits.max_prompt_tokens, self.limits.max_new_tokens,
-                 security.requests_per_minute or "unlimited", "API key" if self.api_keys else "client address")
+                 "per minute per %s, %d-byte bodies; long prompts refused %s", redact_url(model.source),
+                 self.model_id, self.chat_template.origin, self.limits.max_prompt_tokens,
+                 self.limits.max_new_tokens, security.requests_per_minute or "unlimited",
+                 "API key" if self.api_keys else "client address", self.max_body_bytes,
+                 f"from their length (<= {self.prompt_bound.per_token} characters a token)"
+                 if self.prompt_bound else "after tokenizing")
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -203,19 +242,36 @@ class Gateway:
         if wait > 0:
             raise rate_limited(wait, self.rate.requests_per_minute, per)
 
+    # Called in the pool (GenerationHandler.prepare_request): tokenizing is the one costly step.
+
     def prepare_completion(self, request: CompletionRequest, account: str | None) -> Job:
-        ids = list(request.prompt) if isinstance(request.prompt, tuple) else self.tokenizer.encode(request.prompt)
+        if isinstance(request.prompt, tuple):
+            ids = list(request.prompt)
+        else:
+            ids = self.encode(request.prompt, "prompt")
         return self._job(ids, request.params, account, COMPLETION_DEFAULT_MAX_TOKENS, "prompt")
 
     def prepare_chat(self, request: ChatRequest, account: str | None) -> Job:
         text = self.chat_template.render(request.messages)
-        ids = drop_duplicate_bos(self.tokenizer.encode(text), self.model.generation.bos_token_id)
+        # drop_duplicate_bos may remove one token of the text's own (a template that writes two BOS)
+        ids = drop_duplicate_bos(self.encode(text, "messages", slack=1), self.model.generation.bos_token_id)
         return self._job(ids, request.params, account, None, "messages")
+
+    def encode(self, text: str, param: str, slack: int = 0) -> list[int]:
+        """The text's ids; a text that cannot fit in max-prompt-tokens (`slack` tokens may still be
+        removed afterwards) is refused from its length alone, without tokenizing it."""
+        limit = self.limits.max_prompt_tokens
+        if self.prompt_bound is not None:
+            at_least = self.prompt_bound.min_tokens(text) - slack
+            if at_least > limit:
+                raise prompt_too_long(at_least, limit, param, at_least=True)
+        # encode_batch runs with the GIL released; encode holds it for the whole text
+        return self.tokenizer.encode_batch([text])[0]
 
     def _job(self, ids: list[int], params: SamplingParams, account: str | None, default: int | None,
              param: str) -> Job:
+        check_prompt_limit(len(ids), self.limits.max_prompt_tokens, param)  # first: O(1), the next is O(ids)
         check_prompt_ids(ids, self.vocab_size, param)
-        check_prompt_limit(len(ids), self.limits.max_prompt_tokens, param)
         max_tokens = resolve_max_tokens(params.max_tokens, len(ids), self.context, default,
                                         self.limits.max_new_tokens)
         return Job(ids, max_tokens, params, account)
@@ -295,12 +351,47 @@ class Gateway:
 
 # ---- handlers ---------------------------------------------------------------------------------------
 
+@tornado.web.stream_request_body
 class BaseHandler(tornado.web.RequestHandler):
-    """Every error, tornado's own 404 and 405 included, in OpenAI's shape."""
+    """Every error, tornado's own 404 and 405 included, in OpenAI's shape.
+
+    Each handler reads its body itself (data_received), up to the gateway's max_body_bytes: tornado
+    would refuse a larger one with an empty 400 before any handler runs, so its own limit is
+    lifted per request, and a body over ours is answered 413 here."""
 
     def initialize(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.cancelled: threading.Event | None = None
+        self.body_chunks: list[bytes] = []
+        self.body_size = 0  # bytes received, kept or not
+        self.cut_off = False  # answered 413 while the body was still coming
+
+    def prepare(self) -> None:
+        limit = self.gateway.max_body_bytes
+        connection = self.request.connection
+        # Ours is the only limit: tornado reads (and, once we have answered, drops) what comes.
+        connection.set_max_body_size(2**63 - 1)
+        length = _content_length(self.request.headers)
+        expects_continue = self.request.headers.get("Expect", "").lower() == "100-continue"
+        if refuse_body_unread(length, expects_continue, limit, DRAIN_FACTOR * limit):
+            raise body_too_large(length, limit)
+
+    def data_received(self, chunk: bytes) -> None:
+        self.body_size += len(chunk)
+        limit = self.gateway.max_body_bytes
+        if self.body_size <= limit:
+            self.body_chunks.append(chunk)
+            return
+        self.body_chunks = []  # over the limit: nothing more is kept; post() answers 413
+        if self.body_size > DRAIN_FACTOR * limit and not self.cut_off:
+            # a chunked body with no end in sight: answer now (tornado drops the rest, then closes)
+            self.cut_off = True
+            self.answer_error(body_too_large(None, limit))
+
+    def body(self) -> bytes:
+        if self.body_size > self.gateway.max_body_bytes:
+            raise body_too_large(self.body_size, self.gateway.max_body_bytes)
+        return b"".join(self.body_chunks)
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json")
@@ -318,6 +409,10 @@ class BaseHandler(tornado.web.RequestHandler):
             err = _http_error(status, self.request.method, self.request.path)
         else:
             err = error_for_exception(exc)
+        self.answer_error(err)
+
+    def answer_error(self, err: ProtocolError) -> None:
+        self.clear()
         self.set_status(err.status)
         if err.status == 401:
             self.set_header("WWW-Authenticate", "Bearer")
@@ -339,11 +434,20 @@ class BaseHandler(tornado.web.RequestHandler):
         return self.gateway.authenticate(self.request.headers.get("Authorization"))
 
     def on_connection_close(self) -> None:  # the client went away: stop generating for it
+        super().on_connection_close()  # ends the wait for a body that will never come
         if self.cancelled is not None:
             self.cancelled.set()
 
     async def in_pool(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.gateway.pool, fn, *args)
+
+
+def _content_length(headers) -> int | None:
+    """The announced body size; None when absent or unreadable (tornado itself refuses the latter)."""
+    try:
+        return int(headers["Content-Length"].split(",")[0])
+    except (KeyError, ValueError):
+        return None
 
 
 def _http_error(status: int, method: str, path: str) -> ProtocolError:
@@ -360,8 +464,10 @@ def _http_error(status: int, method: str, path: str) -> ProtocolError:
 
 
 class NotFoundHandler(BaseHandler):
-    def prepare(self) -> None:
+    def unknown(self, *args: Any) -> None:  # after the body is read, as every answer (see prepare)
         raise tornado.web.HTTPError(404)
+
+    get = post = put = patch = delete = head = options = unknown
 
 
 class HealthHandler(BaseHandler):
@@ -385,7 +491,8 @@ class ModelHandler(BaseHandler):
 
 
 class GenerationHandler(BaseHandler):
-    """POST: authenticate, parse, tokenize (in the pool), then answer whole or as server-sent events."""
+    """POST: authenticate, then parse and tokenize (in the pool), then answer whole or as server-sent
+    events."""
 
     object_name = ""
     id_prefix = ""
@@ -395,6 +502,10 @@ class GenerationHandler(BaseHandler):
 
     def prepare_job(self, request: Any, account: str | None) -> Job:
         raise NotImplementedError
+
+    def prepare_request(self, body: bytes, account: str | None) -> Job:
+        """In the pool: a body of megabytes is milliseconds of json.loads and validation."""
+        return self.prepare_job(self.parse(parse_json(body)), account)
 
     def response(self, id: str, created: int, result: Result) -> dict[str, Any]:
         raise NotImplementedError
@@ -406,8 +517,7 @@ class GenerationHandler(BaseHandler):
     async def post(self) -> None:
         account = self.authenticate()
         self.gateway.admit(self.request.headers.get("Authorization"), self.request.remote_ip)
-        request = self.parse(parse_json(self.request.body))
-        job = await self.in_pool(self.prepare_job, request, account)
+        job = await self.in_pool(self.prepare_request, self.body(), account)
         self.cancelled = self.gateway.cancel_flag()
         try:
             if self.request.connection.stream.closed():
@@ -569,7 +679,9 @@ class GatewayServer:
     async def _serve(self, sockets) -> None:
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
-        server = tornado.httpserver.HTTPServer(self.gateway.application(), max_body_size=MAX_BODY_BYTES,
+        # Only for what no handler reads (an unsupported method): each handler sets its own.
+        server = tornado.httpserver.HTTPServer(self.gateway.application(),
+                                               max_body_size=DRAIN_FACTOR * self.gateway.max_body_bytes,
                                                idle_connection_timeout=300)
         server.add_sockets(sockets)
         self._ready.set()

@@ -11,7 +11,7 @@ import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
 
@@ -455,6 +455,55 @@ class MoEModel:
         width = max(len(r) for r in ids)
         stops = set(self.generation.eos_token_ids) | set(options.get("stop_token_ids", ()))
         return [tok.decode(_until_stop(row[width:].tolist(), stops)) for row in out]
+
+    @property
+    def model_id(self) -> str | None:
+        """The id the scheduler serves this model under (its manifest's); None for a local model."""
+        return getattr(self.executor, "model_id", None)
+
+    @property
+    def tier(self) -> str:
+        """Where the experts run: "local" (this process), "standard" (on workers) or "private"
+        (on workers, on secret shares: `nd.load(..., privacy="private")`)."""
+        if getattr(self.executor, "privacy", None) == "private":
+            return "private"
+        return "local" if self.model_id is None else "standard"
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of this model's expert calls so far, as a plain dict (a snapshot: later calls
+        do not change it). Always "tier" and "model_id" (see above); then, by tier:
+
+        * "local": nothing more (no network, nothing to count).
+        * "standard": "layers" (layer calls, as timed: the most recent 100,000), "layer_ms_p50",
+          "bytes_sent" and "bytes_received" (the hidden states' payload, both ways), and with the
+          trust layer on (neuro.client.trust) "units" (expert calls judged), "replicas_sent",
+          "unchecked" (accepted on a trusted worker's word alone), "hedges".
+        * "private": "layers", "rows" ((token, expert) pairs sent as shares), "round_trips",
+          "messages", "bytes_sent", "bytes_received" (the shares), "worker_compute_s", and with
+          trust on "verified", "unverified", "disputes", "caught" (steps checked by two
+          independent splits, steps that could not be, disagreements, liars reported).
+        """
+        executor = self.executor
+        out: dict[str, Any] = {"tier": self.tier, "model_id": self.model_id}
+        counters = getattr(executor, "stats", None)
+        if isinstance(counters, dict):  # the private tier counts for itself
+            lock = getattr(executor, "_stats_lock", None) or contextlib.nullcontext()
+            with lock:
+                out.update(counters)
+            return out
+        seconds = getattr(executor, "layer_seconds", None)
+        if seconds is not None:
+            timed = sorted(list(seconds))
+            out["layers"] = len(timed)
+            out["layer_ms_p50"] = 1000 * timed[len(timed) // 2] if timed else None
+        wire = getattr(executor, "wire_bytes", None)
+        if isinstance(wire, dict):
+            out["bytes_sent"], out["bytes_received"] = int(wire.get("sent", 0)), int(wire.get("received", 0))
+        trusted = getattr(executor, "trusted", None)
+        if trusted is not None:
+            out.update({name: int(getattr(trusted, name, 0)) for name in ("units", "replicas_sent", "unchecked",
+                                                                           "hedges")})
+        return out
 
     def close(self) -> None:
         """Release the executor's connections (a distributed model); a local model has none."""

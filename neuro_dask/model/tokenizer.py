@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -21,6 +22,11 @@ class Tokenizer:
             return cls(_HFTokenizer.from_file(str(path)))
         except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
             raise TruncatedFileError(str(path), f"not a valid tokenizer.json: {exc}") from exc
+
+    def pipeline(self) -> dict:
+        """The tokenizer.json this tokenizer runs (normalizer, pre-tokenizer, model, added tokens),
+        as plain data: what a caller may reason about without tokenizing (the gateway's bound)."""
+        return json.loads(self._inner.to_str())
 
     @property
     def vocab_size(self) -> int:

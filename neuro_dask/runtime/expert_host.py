@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -78,8 +78,10 @@ class ExpertHost:
                 self.models[model_id] = HostedModel(url, manifest, manifest.model_config)
             return self.models[model_id]
 
-    def load(self, model_id: str, store_url: str, experts: Iterable[tuple[int, int]]) -> LoadResult:
-        """Fetch, verify and load experts; each failure is reported, never half-served."""
+    def load(self, model_id: str, store_url: str, experts: Iterable[tuple[int, int]],
+             progress: Callable[[], None] | None = None) -> LoadResult:
+        """Fetch, verify and load experts; each failure is reported, never half-served.
+        `progress()` is called after each expert, loaded or not."""
         try:
             model = self._model(model_id, store_url)
         except NeuroDaskError as exc:
@@ -93,10 +95,12 @@ class ExpertHost:
             except (NeuroDaskError, OSError) as exc:
                 log.warning("cannot load expert %d of layer %d of %s: %s", expert, layer, model_id, exc)
                 failed[(layer, expert)] = str(exc)
-                continue
-            with self._lock:
-                model.assigned.add((layer, expert))
-            loaded.append((layer, expert))
+            else:
+                with self._lock:
+                    model.assigned.add((layer, expert))
+                loaded.append((layer, expert))
+            if progress is not None:
+                progress()
         return LoadResult(tuple(loaded), failed)
 
     def drop(self, model_id: str, experts: Iterable[tuple[int, int]]) -> None:

@@ -50,8 +50,10 @@ def test_the_network_table_lists_every_worker_with_its_standing(network):
     assert sorted(data["name"]) == ["0", "1", "2", "bad0"]
     row = data["address"].index(bad)
     assert data["owner"][row] == "mallory" and data["trust"][row] == "out of routing"
+    assert data["status"][row] == "out of routing"  # it holds experts, but no client is routed to it
     assert data["trust"][data["name"].index("0")] == "trusted"
-    assert all(h > 0 for h in data["hosted"]) and sum(data["calls"]) > 0
+    assert all(int(h.split()[0]) > 0 for h in data["hosted"]) and sum(data["calls"]) > 0
+    assert "nan" not in repr(data).lower()
     assert "4</b> workers" in table.totals.text
 
 
@@ -101,6 +103,17 @@ def test_the_trust_page_shows_the_caught_results_and_reputation_over_time(networ
     chart.update()
     events = feed.source.data
     assert "invalid" in events["action"] and "bad0" in events["worker"]  # by name, as the network page shows it
+    at = events["action"].index("invalid")
+    caught = events["cause"][at]
+    # words, not a hash: the request, where the wrong answer was, and who recomputed it
+    assert caught.startswith("request ") and ", layer " in caught and ", expert " in caught
+    assert "recomputed by operator-trusted worker 0" in caught
+    assert events["layer"][at] != "-" and events["expert"][at] != "-"
+    # its calls: the disputed request's, in that layer, which the clients' records carry
+    link = events["calls_link"][at]
+    assert link.startswith("neuro/calls?request=") and "&layer=" in link
+    request = link.split("request=")[1].split("&")[0]
+    assert any(r.request == request for r in plugin.feed.calls)
     assert "bad0" in chart.picker.options
     assert any(len(s.data["score"]) > 0 for s in chart.sources)
 
@@ -110,6 +123,27 @@ def test_the_economy_page_says_when_there_is_no_ledger(network):
     economy = charts.Economy(plugin)
     economy.update()
     assert "no ledger" in economy.summary.text
+    assert not economy.fig.visible  # no empty chart (nor empty tables) under the note
+
+
+def test_the_overview_matches_the_schedulers_state(network):
+    plugin, _, _ = network
+    overview = charts.Overview(plugin)
+    overview.update()
+    status = plugin.status()
+    model = next(iter(status["models"]))
+    pending = plugin.coordinator.routes(model).pending  # experts short of their planned replicas
+    assert f"{24 - len(pending)} / 24" in overview.cards["experts"].text
+    assert f"/ {len(status['workers'])}" in overview.cards["workers"].text
+    assert f"<b>{plugin.feed.counts.get('quorum_caught', 0)}</b>" in overview.cards["caught"].text
+    assert overview.latency.data["p50"] and not overview.empty.visible
+    # tokens/s: the clients' records carry their rows and request, the scheduler knows k
+    assert plugin.feed.calls and all(r.rows > 0 and r.request for r in plugin.feed.calls)
+    assert plugin.dashboard_view().experts_per_token == {model: 2}
+    first, last = min(r.layer for r in plugin.feed.calls), max(r.time for r in plugin.feed.calls)
+    o = views.overview(plugin.dashboard_view(), plugin.feed, last, 60.0)
+    rows = sum(r.rows for r in plugin.feed.calls if r.layer == first and r.time >= last - 60)
+    assert o.tokens_per_s == round(rows / 2 / 60, 2) and o.tokens_per_s > 0
 
 
 @pytest.mark.parametrize("page", charts.PAGES)
@@ -121,10 +155,10 @@ def test_each_page_is_served_on_the_schedulers_dashboard(network, page):
     assert f"neuro_dask: {page}" in html and "Bokeh" in html
 
 
-def test_the_stock_dashboard_links_to_the_network_page(network):
+def test_the_stock_dashboard_links_to_the_overview_page(network):
     _, base, _ = network
     with urllib.request.urlopen(f"{base}/status", timeout=30) as reply:
-        assert 'href="neuro/network"' in reply.read().decode()
+        assert 'href="neuro/overview"' in reply.read().decode()
 
 
 def test_metrics_carry_the_neuro_series(network):

@@ -43,6 +43,13 @@ def test_worker_status_reports_experts_calls_cache_reputation_and_no_ledger(shar
             assert main(["worker-status", "--scheduler", cluster.scheduler_address, "--worker", str(name)]) == 0
             assert f"worker {name} at {address}" in capsys.readouterr().out
 
+            # No --worker: a volunteer running both on this machine sees both, not "pass --worker NAME".
+            assert main(["worker-status", "--scheduler", cluster.scheduler_address]) == 0
+            out = capsys.readouterr().out
+            assert all(f" at {a} " in out for a in scheduler_status(client)["workers"]), out
+            assert main(["worker-status", "--scheduler", cluster.scheduler_address, "--json"]) == 0
+            assert {s["address"] for s in json.loads(capsys.readouterr().out)} == set(scheduler_status(client)["workers"])
+
             with pytest.raises(WorkerNotFoundError, match="no worker 'nobody'"):
                 collect(client, "nobody")
             assert main(["worker-status", "--scheduler", cluster.scheduler_address, "--worker", "nobody"]) == 2

@@ -365,7 +365,11 @@ def test_cli_quickstart(tmp_path, capsys):
         "ca-key.pem", "ca.pem", "client-client.key", "client-client.pem", "operator-operator.key",
         "operator-operator.pem", "scheduler-scheduler.key", "scheduler-scheduler.pem",
         "worker-worker-1.key", "worker-worker-1.pem"]
-    assert "--tls-cert" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    # the form the README teaches: each neuro-dask command picks its role's certificate from the folder
+    assert f"neuro-dask scheduler --tls {tmp_path}" in out
+    assert f"neuro-dask worker tls://127.0.0.1:8786 --tls {tmp_path}" in out
+    assert "--tls-cert" not in out
     assert certs_main(["certs", "quickstart", str(tmp_path)]) == 2
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 from neuro_dask.dashboard import views
@@ -34,10 +32,10 @@ def test_network_columns_rank_by_reputation_and_name_the_trust_tier():
     assert cols["hardware"][0] == "4 CPU, 2 GPU" and cols["vram_gib"][0] == 48.0
     assert cols["owner"] == ["b", "carol", "a"]  # no owner: its own
     assert cols["stake"][1] == 5.0
-    assert cols["p50_ms"][0] == 20.0 and cols["p95_ms"][0] == 30.0
-    assert math.isnan(cols["p50_ms"][2])  # no calls: no latency rather than a made-up one
+    assert cols["p50_ms"][0] == "20.00" and cols["p95_ms"][0] == "30.00"
+    assert cols["p50_ms"][2] == cols["p95_ms"][2] == "-"  # no calls: no latency (and never NaN)
     totals = views.network_totals(view)
-    assert totals == {"workers": 3, "serving": 3, "gpus": 2, "memory_gib": 24.0, "vram_gib": 48.0,
+    assert totals == {"workers": 3, "serving": 3, "paused": 0, "out_of_routing": 0, "gpus": 2, "memory_gib": 24.0, "vram_gib": 48.0,
                       "expert_memory_gib": 12.0, "owners": 3, "trusted": 1}
 
 
@@ -81,8 +79,9 @@ def test_the_trust_feed_keeps_what_an_operator_must_see_newest_first():
     events = [{"time": 1.0, "action": "validated", "worker": "a"}, {"time": 2.0, "action": "invalid", "worker": "b",
               "reputation": 0.25, "cause_id": "c1"}, {"time": 3.0, "action": "slash", "worker": "b"}]
     cols = views.trust_event_columns(views.NetworkView(events=events))
-    assert cols["action"] == ["slash", "invalid"]
-    assert cols["reputation"][1] == 0.25 and math.isnan(cols["reputation"][0])
+    assert cols["action"] == ["slashed", "invalid"]
+    assert cols["reputation"] == ["-", "0.250"]  # no NaN where an event has no reputation
+    assert cols["expert"] == ["-", "-"]
 
 
 def test_the_trust_feed_shows_hardened_mode_refusals_with_their_peer():
@@ -130,3 +129,31 @@ def test_version_rows_show_each_channels_versions_newest_first():
     c.retirable(4)
     assert views.version_columns(views.NetworkView(versions=c.status(4)))["role"][-1] == "retired"
     assert views.version_columns(views.NetworkView()) == {k: [] for k in views.VERSION_COLUMNS}
+
+
+def test_call_reports_carry_rows_and_request_as_checked_plain_data():
+    r = CallRecord.from_report([1, 2, ["tcp://w:1"], 0.01, 2, 0, "ok", "direct", 12, "5a53df92aa"], "m", 7.0)
+    assert (r.rows, r.request, r.time) == (12, "5a53df92aa", 7.0)
+    old = CallRecord.from_report([1, 2, ["tcp://w:1"], 0.01, 2, 0, "ok", "direct"], "m", 7.0)
+    assert (old.rows, old.request) == (-1, "")  # an older client: no rows, no request
+    for bad in ([1, 2, ["w"], 0.01, 2, 0, "ok", "direct", 1 << 30, "r"],  # rows out of bounds
+                [1, 2, ["w"], 0.01, 2, 0, "ok", "direct", True, "r"],  # a bool is no count
+                [1, 2, ["w"], 0.01, 2, 0, "ok", "direct", 3, "<script>"],  # no id
+                [1, 2, ["w"], 0.01, 2, 0, "ok", "direct", 3, "r" * 65],
+                [1, 2, ["w"], 0.01, 2, 0, "ok", "direct", 3],  # 9 fields
+                ["1", 2, ["w"], 0.01, 2, 0, "ok", "direct"],  # a layer must be an int
+                [1, 2, "w", 0.01, 2, 0, "ok", "direct"],  # workers must be a list
+                [1, 2, ["w"], -1.0, 2, 0, "ok", "direct"],
+                {"layer": 1}):
+        with pytest.raises(ValueError):
+            CallRecord.from_report(bad, "m", 0.0)
+
+
+def test_the_calls_page_filters_by_request_and_layer():
+    feed = Feed()
+    feed.add_calls([CallRecord(1.0, "m", layer, 2, ("tcp://a:1",), 0.01, 2, 0, "ok", "direct", 8, request)
+                    for layer, request in ((0, "aaaa1111"), (1, "aaaa1111"), (1, "bbbb2222"), (1, ""))])
+    assert views.calls_columns(feed, request="aaaa1111")["layer"] == [1, 0]
+    assert views.calls_columns(feed, request="aaaa", layer="1")["request"] == ["aaaa1111"]
+    assert views.calls_columns(feed, layer="1")["request"] == ["-", "bbbb2222", "aaaa1111"]
+    assert views.calls_columns(feed)["rows"] == [8, 8, 8, 8]
