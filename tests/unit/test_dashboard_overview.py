@@ -3,17 +3,11 @@ pure functions, no Bokeh, no Dask."""
 
 from __future__ import annotations
 
+from dashboard_helpers import worker
+
 from neuro_dask.dashboard import views
 from neuro_dask.dashboard.feed import CallRecord, Feed
 from neuro_dask.trust.lifecycle import LIFECYCLE, departure, lifecycle_action
-
-
-def worker(name: str, **kw) -> views.WorkerView:
-    base = dict(address=f"tcp://{name}:1", name=name, owner="", status="serving", cores=4, memory=8 * views.GiB,
-                budget=4 * views.GiB, gpus=0, vram=0, speed=10.0, score=0.5, correctness=0.5, timeliness=0.5,
-                speed_score=0.5, uptime=0.5, trusted=False, established=False, routable=True, stake=0, hosted=2,
-                assigned=2, calls_served=0)
-    return views.WorkerView(**{**base, **kw})
 
 
 def call(t: float, layer: int = 0, seconds: float = 0.01, outcome: str = "ok") -> CallRecord:

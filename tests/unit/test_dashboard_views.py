@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from dashboard_helpers import worker
+
 from neuro_dask.dashboard import views
 from neuro_dask.dashboard.feed import LATENCY_BUCKETS, CallRecord, Feed
-
-
-def worker(name: str, **kw) -> views.WorkerView:
-    base = dict(address=f"tcp://{name}:1", name=name, owner="", status="serving", cores=4, memory=8 * views.GiB,
-                budget=4 * views.GiB, gpus=0, vram=0, speed=10.0, score=0.5, correctness=0.5, timeliness=0.5,
-                speed_score=0.5, uptime=0.5, trusted=False, established=False, routable=True, stake=0, hosted=2,
-                assigned=2, calls_served=0)
-    return views.WorkerView(**{**base, **kw})
 
 
 def call(seconds: float, workers=("tcp://a:1",), transport="direct", outcome="ok", hedges=0, t=0.0) -> CallRecord:
