@@ -93,7 +93,7 @@ def tolerance_table() -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from tiny_models import ARCHITECTURES, write_checkpoint
 
-    from neuro_dask.cli import main as cli
+    from neuro_dask.cli.main import main as cli
     from neuro_dask.demo.addition import ASSET_DIR
     from neuro_dask.store.shard_store import ShardStore
 

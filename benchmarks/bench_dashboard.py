@@ -20,10 +20,10 @@ import time
 
 from distributed import Scheduler
 
-from neuro_dask.coordinator import PublishedModel
+from neuro_dask.scheduler.coordinator import PublishedModel
 from neuro_dask.dashboard import charts
 from neuro_dask.dashboard.feed import CallRecord
-from neuro_dask.placement import WorkerCapacity
+from neuro_dask.scheduler.placement import WorkerCapacity
 
 
 def populate(plugin, workers: int, rng: random.Random) -> None:

@@ -28,7 +28,7 @@ import torch
 from distributed import Client
 
 import neuro_dask as nd
-from neuro_dask.cluster import local_cluster
+from neuro_dask.client.cluster import local_cluster
 from neuro_dask.store.synthetic import mixtral_config, write_random_mixtral
 from timing import median_ms  # benchmarks/timing.py
 

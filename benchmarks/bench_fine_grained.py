@@ -230,7 +230,7 @@ def cluster(tmp: Path, workers: int):
     import dask
     from distributed import Client
 
-    from neuro_dask.cluster import local_cluster
+    from neuro_dask.client.cluster import local_cluster
 
     # hot-extra-replicas 0: a fixed placement, so that every message count is the placement's own.
     with dask.config.set({"neuro.worker.cache-dir": str(tmp / f"cache-{workers}"), "neuro.client.transport": "direct",

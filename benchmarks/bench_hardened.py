@@ -123,7 +123,7 @@ def _tcp_cluster(tmp: Path, processes: bool, hardened: list[str]):
         return
     from distributed import Client
 
-    from neuro_dask.cluster import local_cluster
+    from neuro_dask.client.cluster import local_cluster
 
     with dask.config.set({"neuro.worker.cache-dir": str(tmp / "cache")}), \
             local_cluster(3, processes=True, worker_args=["--neuro-no-benchmark", *hardened], scheduler_args=hardened,

@@ -50,9 +50,9 @@ import distributed
 import msgpack
 from distributed import Client, Scheduler, Worker
 
-from neuro_dask.coordinator import Coordinator, LoadExperts, PublishedModel
+from neuro_dask.scheduler.coordinator import Coordinator, LoadExperts, PublishedModel
 from neuro_dask.dashboard import charts
-from neuro_dask.placement import PlacementPolicy, WorkerCapacity
+from neuro_dask.scheduler.placement import PlacementPolicy, WorkerCapacity
 from neuro_dask.testing.simulated import (
     MIXTRAL_EXPERT_BYTES_FP16,
     disconnect,

@@ -137,7 +137,7 @@ class NoExperts:
 
 
 def client_trunk_load(path: Path):
-    from neuro_dask.loading import assemble_model
+    from neuro_dask.client.loading import assemble_model
     from neuro_dask.store.shard_store import ShardStore
 
     return assemble_model(ShardStore(path, verify=True), NoExperts(), torch.float32)
@@ -222,7 +222,7 @@ def cluster(tmp: Path, workers: int = 2):
     import dask
     from distributed import Client
 
-    from neuro_dask.cluster import local_cluster
+    from neuro_dask.client.cluster import local_cluster
 
     # hot-extra-replicas 0: a fixed placement, so that both trunks meet the same one (hot replicas
     # would re-plan while measuring).

@@ -214,7 +214,7 @@ class Inputs:
         import torch
 
         from neuro_dask.testing import fuzz_targets
-        from neuro_dask.wire import encode_request, encode_response
+        from neuro_dask.protocol.wire import encode_request, encode_response
 
         self.atheris, self.msgpack, self.torch, self.targets = atheris, msgpack, torch, fuzz_targets
         self.target = target
@@ -639,7 +639,7 @@ def write_seeds(target: str, corpus: Path) -> None:
 
     from neuro_dask.store.safetensors_io import StreamingWriter
     from neuro_dask.testing.fuzz_targets import sent_groups
-    from neuro_dask.wire import encode_request, encode_response
+    from neuro_dask.protocol.wire import encode_request, encode_response
 
     corpus.mkdir(parents=True, exist_ok=True)
     seeds: list[bytes] = []

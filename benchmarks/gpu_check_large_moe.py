@@ -422,7 +422,7 @@ def process_cluster(workers: int, worker_args: list[str], cache: Path):
     import dask
     from distributed import Client
 
-    from neuro_dask.cluster import local_cluster
+    from neuro_dask.client.cluster import local_cluster
 
     # replicas 1: one copy of each expert (memory); hot-extra-replicas 0: no re-plans while measuring.
     # deadline 120 s: a CPU test of full-shape MXFP4 experts dequantizes at every call and takes seconds a

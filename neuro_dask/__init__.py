@@ -17,12 +17,12 @@ from neuro_dask.errors import NeuroDaskError
 __version__ = "0.1.0"
 
 # Imported on first use, so that light tools (the ledger CLI, a ledger writer) never load torch.
-_LAZY = {"load": "neuro_dask.loading", "MapFailure": "neuro_dask.mapping", "failures": "neuro_dask.mapping", "MoEConfig": "neuro_dask.model.config",
+_LAZY = {"load": "neuro_dask.client.loading", "MapFailure": "neuro_dask.client.mapping", "failures": "neuro_dask.client.mapping", "MoEConfig": "neuro_dask.model.config",
          "SUPPORTED_MODEL_TYPES": "neuro_dask.model.config", "MoEModel": "neuro_dask.model.model",
          "shard_checkpoint": "neuro_dask.store.sharder", "harden": "neuro_dask.security.hardening",
-         "security_for": "neuro_dask.security.tls", "follow": "neuro_dask.following",
-         "publish": "neuro_dask.following", "adopt": "neuro_dask.following", "channels": "neuro_dask.following",
-         "network_status": "neuro_dask.network", "NetworkStatus": "neuro_dask.network"}
+         "security_for": "neuro_dask.security.tls", "follow": "neuro_dask.client.following",
+         "publish": "neuro_dask.client.following", "adopt": "neuro_dask.client.following", "channels": "neuro_dask.client.following",
+         "network_status": "neuro_dask.client.network", "NetworkStatus": "neuro_dask.client.network"}
 
 
 def __getattr__(name: str):

@@ -57,7 +57,7 @@ class WorkerSettings:
     owner: str = ""
     benchmark: bool = True
     adversary: Any = None
-    # Idle-only volunteering (docs/distributed.md, neuro_dask/runtime/idle.py).
+    # Idle-only volunteering (docs/distributed.md, neuro_dask/volunteer/idle_policy.py).
     idle_only: bool = False
     idle_interval: float = 2.0
     idle_busy_cpu: float = 50.0
@@ -107,7 +107,7 @@ class WorkerSettings:
         return _build(cls, "worker", overrides)
 
     def idle_policy(self):
-        from neuro_dask.runtime.idle import IdlePolicy
+        from neuro_dask.volunteer.idle_policy import IdlePolicy
 
         return IdlePolicy(self.idle_busy_cpu, self.idle_resume_cpu, self.idle_busy_gpu, self.idle_resume_gpu,
                           self.idle_busy_input, self.idle_resume_input, self.idle_busy_samples,
@@ -206,7 +206,7 @@ class ClientSettings:
 
     def trust_policy(self):
         """The trust cores' policies from these settings (each validates its own fields)."""
-        from neuro_dask.dispatch.trusted import TrustPolicy
+        from neuro_dask.client.dispatch.trusted import TrustPolicy
         from neuro_dask.trust.hedging import HedgePolicy
         from neuro_dask.trust.quorum import QuorumPolicy
         from neuro_dask.trust.replication import ReplicationPolicy

@@ -49,7 +49,7 @@ QUICKSTART = [
     from distributed import Client
 
     import neuro_dask as nd
-    from neuro_dask.cluster import local_cluster
+    from neuro_dask.client.cluster import local_cluster
     from neuro_dask.demo.addition import ASSET_DIR, sample_problems
     """),
     md("""
@@ -210,7 +210,7 @@ BATCH = [
     from distributed import Client
 
     import neuro_dask as nd
-    from neuro_dask.cluster import local_cluster
+    from neuro_dask.client.cluster import local_cluster
     from neuro_dask.demo.addition import ASSET_DIR, sample_problems
     """),
     md("""
@@ -346,7 +346,7 @@ OPERATOR = [
     from distributed import Client
 
     import neuro_dask as nd
-    from neuro_dask.cluster import local_cluster
+    from neuro_dask.client.cluster import local_cluster
     from neuro_dask.demo.addition import ASSET_DIR, sample_problems
 
     output_notebook(hide_banner=True)
@@ -435,7 +435,7 @@ OPERATOR = [
     NEURO books (a SQLite file here): the drill funds its client and stakes every worker first.
     """),
     code("""
-    from neuro_dask.drill import run_drill
+    from neuro_dask.cli.drill import run_drill
 
     workdir = Path(tempfile.mkdtemp(prefix="neuro-drill-"))
     ledger_url = f"sqlite:///{workdir / 'ledger.db'}"
@@ -524,7 +524,7 @@ PRIVACY = [
     from distributed import Client
 
     import neuro_dask as nd
-    from neuro_dask.cluster import local_cluster
+    from neuro_dask.client.cluster import local_cluster
     from neuro_dask.demo.addition import ASSET_DIR, exact_match, sample_problems
 
     output_notebook(hide_banner=True)

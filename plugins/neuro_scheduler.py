@@ -1,6 +1,6 @@
 """Dask preload for operators: `dask scheduler --preload neuro_scheduler`.
 
-A thin adapter over neuro_dask.coordinator.Coordinator: Dask's add_worker/remove_worker hooks
+A thin adapter over neuro_dask.scheduler.coordinator.Coordinator: Dask's add_worker/remove_worker hooks
 and our comm handlers become Coordinator events; the LoadExperts/DropExperts actions it returns
 become messages to workers. Handlers:
   neuro_publish(store_url, channel)     publishes a sharded model (hardened TLS: the operator only); returns its id;
@@ -24,7 +24,7 @@ become messages to workers. Handlers:
   neuro_status()                        workers, models and placement, for tools and tests
   neuro_ledger_report()                 the transparency report
   neuro_report_calls(model, calls, transport)   clients report recent expert calls (dashboard)
-Model versions (neuro_dask/versions.py): a replaced version is retired (its experts dropped)
+Model versions (neuro_dask/scheduler/versions.py): a replaced version is retired (its experts dropped)
 once its requests have ended; with version-adoption: vote, passed `adopt:CHANNEL:MODEL`
 proposals in the ledger adopt versions.
 
@@ -58,18 +58,18 @@ from tornado.ioloop import PeriodicCallback
 
 from neuro_dask import console
 from neuro_dask.console import scheduler_banner
-from neuro_dask.coordinator import Coordinator, DropExperts, LoadExperts, PublishedModel
+from neuro_dask.scheduler.coordinator import Coordinator, DropExperts, LoadExperts, PublishedModel
 from neuro_dask.dashboard import metrics as neuro_metrics
 from neuro_dask.dashboard.feed import CallRecord, Feed
 from neuro_dask.dashboard.pages import register as register_dashboard_pages
 from neuro_dask.dashboard.views import NetworkView, WorkerView
 from neuro_dask.errors import NeuroDaskError
-from neuro_dask.evidence_desk import EvidenceDesk, reporter_key
+from neuro_dask.scheduler.evidence_desk import EvidenceDesk, reporter_key
 from neuro_dask.security.hardening import comm_identity, report
 from neuro_dask.security.identity import describe
 from neuro_dask.ledger.policy import SHARE_ROWS_PER_PRIVATE_TOKEN
 from neuro_dask.ledger.service import LedgerService
-from neuro_dask.placement import PlacementPolicy, WorkerCapacity
+from neuro_dask.scheduler.placement import PlacementPolicy, WorkerCapacity
 from neuro_dask.security.redact import redact_secrets, redact_url
 from neuro_dask.settings import SchedulerSettings, SecuritySettings
 from neuro_dask.store.remote import read_manifest
@@ -78,7 +78,7 @@ from neuro_dask.trust.disputes import Referee
 from neuro_dask.trust.probes import ProbeBook
 from neuro_dask.trust.receipts import BookError
 from neuro_dask.trust.reputation import Reputation, ReputationPolicy
-from neuro_dask.versions import ModelChannels, RetiredVersionError, VersionError
+from neuro_dask.scheduler.versions import ModelChannels, RetiredVersionError, VersionError
 
 log = logging.getLogger("neuro_dask.scheduler")
 
@@ -119,7 +119,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
                                       settings.version_drain_seconds)
         self._adoptions_seen = 0  # the last ledger adoption (proposal id) acted on
         self._versions_tick = PeriodicCallback(self._tick_versions, 1000)
-        # Tickets out, receipts and disputes in (neuro_dask/evidence_desk.py); signed with the
+        # Tickets out, receipts and disputes in (neuro_dask/scheduler/evidence_desk.py); signed with the
         # scheduler certificate's key on a TLS network.
         security = getattr(scheduler, "security", None)
         from neuro_dask.runtime.receipting import load_signer
@@ -242,7 +242,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         return {"status": "OK", "model": model_id, "summary": self.coordinator.models[model_id].summary,
                 **({"channel": channel, "role": role} if channel else {})}
 
-    # ---- model versions (neuro_dask/versions.py) ---------------------------------------------
+    # ---- model versions (neuro_dask/scheduler/versions.py) ---------------------------------------------
 
     def _served(self, model: str) -> bool:
         """Every expert of `model` has all its planned replicas serving: safe to move traffic to it."""
@@ -429,7 +429,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         """One zero row per reported expert, from the scheduler itself: a worker that answers
         (or is paused by its owner) keeps its routes; one that fails loses those experts' routes
         and the failure counts against its reputation (the scheduler's own observation)."""
-        from neuro_dask.wire import decode_response, encode_request
+        from neuro_dask.protocol.wire import decode_response, encode_request
 
         try:
             model = self.coordinator.models.get(probe.model)
@@ -822,8 +822,8 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         return {"status": "OK", "report": await self._in_ledger(self.ledger.report)}
 
     async def volunteer(self, worker: str) -> dict[str, Any]:
-        """One worker's reputation and ledger figures (neuro_dask/volunteer_status.py)."""
-        from neuro_dask.volunteer_status import scheduler_report
+        """One worker's reputation and ledger figures (neuro_dask/volunteer/status.py)."""
+        from neuro_dask.volunteer.status import scheduler_report
 
         return await scheduler_report(self, worker)
 

@@ -46,7 +46,7 @@ from neuro_dask import console
 from neuro_dask.console import loaded_line, worker_banner
 
 from neuro_dask.errors import NeuroDaskError
-from neuro_dask.reconnect import restart_on_scheduler_loss
+from neuro_dask.volunteer.reconnect import restart_on_scheduler_loss
 from neuro_dask.runtime.drop_list import DropList
 from neuro_dask.runtime.expert_host import ExpertHost
 from neuro_dask.runtime.expert_memory import ExpertMemory
@@ -57,7 +57,7 @@ from neuro_dask.store.remote import ExpertFileCache
 from neuro_dask.testing import AdversaryCrash, make_adversary
 from neuro_dask.security.hardening import report
 from neuro_dask.trust.receipts import EvidenceError
-from neuro_dask.wire import WireFormatError, decode_request, encode_error, encode_response
+from neuro_dask.protocol.wire import WireFormatError, decode_request, encode_error, encode_response
 
 log = logging.getLogger("neuro_dask.worker")
 
@@ -81,7 +81,7 @@ class NeuroWorker:
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="neuro-compute")
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="neuro-load")
         self.dropped = DropList()  # (caller, call id): a client may drop only its own calls
-        self.paused = ""  # idle-only: why expert calls are refused now ("" = serving; neuro_dask/volunteer_idle.py)
+        self.paused = ""  # idle-only: why expert calls are refused now ("" = serving; neuro_dask/volunteer/idle.py)
         self.idle = None
         # Tickets in, signed receipts out (neuro_dask/runtime/receipting.py): with TLS, the key
         # of this worker's certificate.
@@ -264,7 +264,7 @@ class NeuroWorker:
                 "hosted": {m: [list(p) for p in ps] for m, ps in self.host.hosted().items()}}
 
     def _start_idle_guard(self) -> None:
-        from neuro_dask.volunteer_idle import IdleGuard, apply_limits
+        from neuro_dask.volunteer.idle import IdleGuard, apply_limits
 
         applied = apply_limits(self.settings, self.device, self.profile.cores)
         if applied:
@@ -322,7 +322,7 @@ async def dask_setup(worker, neuro_store, neuro_cache_dir, neuro_memory_budget, 
     _leave_ctrl_c_to_the_nanny(worker)
     adapter = NeuroWorker(worker, settings, security)
     await adapter.start()
-    restart_on_scheduler_loss(worker)  # outlive a scheduler restart (neuro_dask/reconnect.py)
+    restart_on_scheduler_loss(worker)  # outlive a scheduler restart (neuro_dask/volunteer/reconnect.py)
 
 
 def _leave_ctrl_c_to_the_nanny(worker) -> None:

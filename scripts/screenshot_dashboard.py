@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tiny_models import write_checkpoint
 
-    from neuro_dask.cli import main as cli
+    from neuro_dask.cli.main import main as cli
 
     with tempfile.TemporaryDirectory(prefix="neuro-screenshots-") as tmp:
         tmp = Path(tmp)

@@ -20,7 +20,7 @@ def _reference(checkpoint, model_type: str):
 
 def check_architecture(model_type: str, client, tmp_path) -> None:
     import neuro_dask as nd
-    from neuro_dask.cli import main
+    from neuro_dask.cli.main import main
     from neuro_dask.testing.tiny_transformers import write_tiny_checkpoint
 
     try:

@@ -248,7 +248,7 @@ def dashboard_scenario(sharded_model, cache_dir, prompts: int = 6, tokens: int =
     from tiny_models import padded_batch
 
     import neuro_dask as nd
-    from neuro_dask.cluster import local_cluster
+    from neuro_dask.client.cluster import local_cluster
 
     rows = [padded_batch((3 + i % 7,), seed=100 + i)[0][0].tolist() for i in range(prompts)]
     with dask.config.set({**TRUST, "neuro.worker.cache-dir": str(cache_dir)}), \

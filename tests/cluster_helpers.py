@@ -7,7 +7,7 @@ import contextlib
 import dask
 from distributed import Client
 
-from neuro_dask.cluster import local_cluster
+from neuro_dask.client.cluster import local_cluster
 
 
 @contextlib.contextmanager
@@ -89,7 +89,7 @@ def hardened_tls_cluster(tmp_path, n_workers=3, worker_args=(), client_role="cli
 
 def publish_as_operator(scheduler_address, certs, path):
     """On a hardened network only the operator's certificate publishes a model."""
-    from neuro_dask.dispatch.session import publish
+    from neuro_dask.client.dispatch.session import publish
     from neuro_dask.security.tls import security_for
 
     with Client(scheduler_address, security=security_for("operator", certs)) as operator:

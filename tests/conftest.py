@@ -26,7 +26,7 @@ def hf_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sharded(hf_checkpoint, tmp_path_factory):
     """variant -> that checkpoint sharded through the CLI (`neuro-dask shard SRC DST`)."""
-    from neuro_dask.cli import main
+    from neuro_dask.cli.main import main
 
     cache: dict[str, Path] = {}
 

@@ -440,8 +440,8 @@ class MoEModel:
         A prompt that fails (one longer than neuro.security.max-prompt-tokens included) becomes a
         `MapFailure` (with the error) and the others are delivered. max_new_tokens above
         neuro.security.max-new-tokens, or a batch_size above max-batch, raise LimitExceededError
-        before any work. See neuro_dask/mapping.py."""
-        from neuro_dask.mapping import map_collection
+        before any work. See neuro_dask/client/mapping.py."""
+        from neuro_dask.client.mapping import map_collection
 
         return map_collection(self, collection, task=task, batch_size=batch_size, max_new_tokens=max_new_tokens,
                               progress=progress, **options)

@@ -37,8 +37,8 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
-from neuro_dask.dispatch.routes import ExpertUnavailableError, RouteTable
-from neuro_dask.dispatch.trusted import Outcome
+from neuro_dask.client.dispatch.routes import ExpertUnavailableError, RouteTable
+from neuro_dask.client.dispatch.trusted import Outcome
 from neuro_dask.errors import NeuroDaskError
 from neuro_dask.privacy.fixed_point import FRAC_BITS, decode, encode
 from neuro_dask.privacy.share_wire import decode_share_response, encode_share_request
@@ -292,7 +292,7 @@ class PrivateExecutor:
         """The liar's signed answer to the scheduler, which recomputes it on a referee (the map is
         exact, so an honest referee's bytes are identical). The referee must not see the other
         share of the split: its holder, and the witnesses that were shown share 0, are excluded."""
-        from neuro_dask.dispatch.trusted import Dispute
+        from neuro_dask.client.dispatch.trusted import Dispute
 
         index = bad.pair.index(liar)
         if not bad.calls:

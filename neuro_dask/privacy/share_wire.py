@@ -1,4 +1,4 @@
-"""Share calls on the wire: one raw int64 frame plus a header of plain msgpack types (as wire.py).
+"""Share calls on the wire: one raw int64 frame plus a header of plain msgpack types (as protocol/wire.py).
 
 A request carries one worker's shares for one layer and one step of the private expert:
   step "gate_up": rows [n_e, D] of input shares -> rows [n_e, 2I] (gate then up, scale 2^(2f))
@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import torch
 
-from neuro_dask.wire import MAX_HIDDEN, MAX_ROWS, WireFormatError
+from neuro_dask.protocol.wire import MAX_HIDDEN, MAX_ROWS, WireFormatError
 
 STEPS = ("gate_up", "down")
 

@@ -22,7 +22,7 @@ from neuro_dask.runtime.hf_experts import transformers_runner
 from neuro_dask.store.manifest import LAYOUT_TRANSFORMERS, Manifest
 from neuro_dask.store.remote import ExpertFileCache, read_manifest
 from neuro_dask.store.shard_store import read_expert_file
-from neuro_dask.wire import ExpertRequest
+from neuro_dask.protocol.wire import ExpertRequest
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from neuro_dask.runtime.expert_host import ExpertHost, ExpertNotHostedError
 from neuro_dask.runtime.hf_experts import ExpertLayoutError, describe_refusal, is_swiglu, read_expert_tensors, swiglu_weights
 from neuro_dask.store.manifest import LAYOUT_TRANSFORMERS
 from neuro_dask.store.shard_store import read_expert_file
-from neuro_dask.wire import WireFormatError, encode_error
+from neuro_dask.protocol.wire import WireFormatError, encode_error
 
 log = logging.getLogger(__name__)
 

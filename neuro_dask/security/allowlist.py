@@ -43,7 +43,7 @@ import datetime as _datetime
 # it). Not pickle-loadable: a pickle that calls serve_expert_call would run expert compute
 # inside the loader, and hardened networks send no task graphs.
 TASK_FUNCTIONS: frozenset[tuple[str, str]] = frozenset({
-    ("neuro_dask.dispatch.tasks", "serve_expert_call"),
+    ("neuro_dask.client.dispatch.tasks", "serve_expert_call"),
 })
 
 # Plain containers, each costing time and memory linear in what the pickle itself holds:

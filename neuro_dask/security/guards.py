@@ -30,7 +30,7 @@ from typing import Any
 
 from distributed.core import _expects_comm
 
-from neuro_dask.security import schemas
+from neuro_dask.protocol import schemas
 from neuro_dask.security.allowlist import is_task_function
 from neuro_dask.security.errors import RequestRefusedError, SecurityError, TaskRefusedError
 from neuro_dask.security.hardening import check_listeners, comm_identity, plain_error_message, report

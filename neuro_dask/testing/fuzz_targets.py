@@ -21,7 +21,7 @@ from neuro_dask.gateway.protocol import ProtocolError, parse_chat, parse_complet
 from neuro_dask.security.errors import PickleRefusedError, PlainDataRefusedError
 from neuro_dask.store.manifest import Manifest
 from neuro_dask.store.safetensors_io import SafetensorsFile
-from neuro_dask.wire import WireFormatError, decode_request, decode_response
+from neuro_dask.protocol.wire import WireFormatError, decode_request, decode_response
 
 # What each parser may raise on a bad input: the documented refusal. Anything else is a bug.
 DOCUMENTED: dict[str, tuple[type[BaseException], ...]] = {

@@ -24,7 +24,7 @@ import time
 from distributed.comm.core import Comm, CommClosedError
 from distributed.versions import get_versions
 
-from neuro_dask.placement import WorkerCapacity
+from neuro_dask.scheduler.placement import WorkerCapacity
 
 GiB = 2**30
 # Mixtral-8x7B: hidden 4096, expert intermediate 14336, three matrices (w1, w2, w3) per expert.

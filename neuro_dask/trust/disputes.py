@@ -80,7 +80,7 @@ import torch
 from neuro_dask.errors import ConfigError
 from neuro_dask.security.signing import MAX_SIGNATURE
 from neuro_dask.trust.receipts import EvidenceError, Receipt, digest, verify_receipt
-from neuro_dask.wire import WIRE_DTYPES
+from neuro_dask.protocol.wire import WIRE_DTYPES
 
 Agree = Callable[[torch.Tensor, torch.Tensor], bool]
 VERDICTS = ("proven", "refuted", "undecided")

@@ -118,7 +118,7 @@ from neuro_dask.errors import NeuroDaskError
 from neuro_dask.privacy.share_wire import STEPS as SHARE_STEPS
 from neuro_dask.security import signing
 from neuro_dask.security.signing import MAX_SIGNATURE, Signer
-from neuro_dask.wire import MAX_HIDDEN, MAX_ROWS, WIRE_DTYPES
+from neuro_dask.protocol.wire import MAX_HIDDEN, MAX_ROWS, WIRE_DTYPES
 
 TICKET_TAG = "neuro-ticket-v1"
 RECEIPT_TAG = "neuro-receipt-v1"

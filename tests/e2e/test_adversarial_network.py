@@ -35,7 +35,7 @@ from neuro_dask.security.signing import Signer
 from neuro_dask.security.tls import security_for
 from neuro_dask.store.manifest import Manifest
 from neuro_dask.trust.receipts import Receipt, digest, sign_receipt
-from neuro_dask.wire import encode_request
+from neuro_dask.protocol.wire import encode_request
 
 WORKERS = ("w1", "w2", "w3")  # w1 is the operator's trusted anchor
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-CLI = [sys.executable, "-m", "neuro_dask.cli"]
+CLI = [sys.executable, "-m", "neuro_dask.cli.main"]
 
 
 def run(*args, check=True):

@@ -28,7 +28,7 @@ def cluster_model():
     from distributed import Client
 
     import neuro_dask as nd
-    from neuro_dask.cluster import local_cluster
+    from neuro_dask.client.cluster import local_cluster
 
     cluster = local_cluster(2, processes=False, worker_args=["--neuro-no-benchmark"], dashboard_address=None)
     client = Client(cluster)
@@ -394,7 +394,7 @@ def test_neuro_dask_serve_prints_url_model_and_curl(cluster_model, tmp_path):
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps({"sk-cli": "carol"}))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "neuro_dask.cli", "serve", "--scheduler", cluster.scheduler_address,
+    proc = subprocess.Popen([sys.executable, "-m", "neuro_dask.cli.main", "serve", "--scheduler", cluster.scheduler_address,
                              "--port", "0", "--api-keys", str(keys)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
     try:

@@ -12,7 +12,7 @@ import time
 
 UNIT = 10**9
 DAY = 86400
-CLI = [sys.executable, "-m", "neuro_dask.cli"]
+CLI = [sys.executable, "-m", "neuro_dask.cli.main"]
 
 
 def run(*args, check=True, cwd=None, env=None):

@@ -42,9 +42,9 @@ WIDGET = "application/vnd.jupyter.widget-view+json"
 # What a notebook may import from neuro_dask: the package itself (its __all__) and these modules.
 PUBLIC_MODULES = frozenset({
     "neuro_dask",
-    "neuro_dask.cluster",  # local_cluster
+    "neuro_dask.client.cluster",  # local_cluster
     "neuro_dask.demo.addition",  # the bundled model's data
-    "neuro_dask.drill",  # run_drill
+    "neuro_dask.cli.drill",  # run_drill
     "neuro_dask.federated",  # its __all__
     "neuro_dask.ledger",  # its __all__
 })
@@ -226,7 +226,7 @@ def test_the_warning_pattern(line, warns):
     "from neuro_dask.federated.dask_rounds import run_federated",
     "from neuro_dask.federated.training import get_flat",
     "import neuro_dask.federated.training as training",
-    "from neuro_dask.cli import main",
+    "from neuro_dask.cli.main import main",
     "from neuro_dask import _settings",
     "from neuro_dask.federated import _LAZY",
     "nd._settings",

@@ -48,7 +48,7 @@ def test_gateway_serves_it_with_the_checkpoints_chat_template(store):
     from distributed import Client
 
     import neuro_dask as nd
-    from neuro_dask.cluster import local_cluster
+    from neuro_dask.client.cluster import local_cluster
     from neuro_dask.gateway import Gateway, GatewayServer
 
     with local_cluster(2, processes=False, worker_args=["--neuro-no-benchmark"], dashboard_address=None) as cluster, \

@@ -23,7 +23,7 @@ def test_cli_scheduler_two_workers_and_a_client_generate_like_local(processes, s
               "--neuro-no-benchmark")
     # --no-idle-only: the test itself keeps the machine busy, which an idle-only volunteer yields to
     # (tests/integration/test_idle_pause.py covers that).
-    processes(sys.executable, "-m", "neuro_dask.cli", "worker", address, "--memory-budget", "512MiB",
+    processes(sys.executable, "-m", "neuro_dask.cli.main", "worker", address, "--memory-budget", "512MiB",
               "--owner", "volunteer-b", "--no-dashboard", "--no-idle-only")
     ids, mask = padded_batch((5, 9, 13), seed=6)
     expected = nd.load(sharded("qwen2_moe")).generate(ids, mask, max_new_tokens=24)

@@ -17,7 +17,7 @@ import torch
 from tiny_models import padded_batch
 
 import neuro_dask as nd
-from neuro_dask.cli import main
+from neuro_dask.cli.main import main
 
 pytest.importorskip("gguf")
 from gguf_models import write_gguf  # noqa: E402

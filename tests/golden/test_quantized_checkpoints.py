@@ -12,7 +12,7 @@ import torch
 from cluster_helpers import neuro_cluster
 
 import neuro_dask as nd
-from neuro_dask.cli import main
+from neuro_dask.cli.main import main
 from neuro_dask.store.manifest import LAYOUT_TRANSFORMERS, Manifest
 from neuro_dask.store.safetensors_io import SafetensorsFile
 from neuro_dask.testing.quantized_checkpoints import (

@@ -11,7 +11,7 @@ import pytest
 from distributed import Client
 
 import neuro_dask as nd
-from neuro_dask.cluster import local_cluster
+from neuro_dask.client.cluster import local_cluster
 from neuro_dask.demo.addition import ASSET_DIR, sample_problems
 
 

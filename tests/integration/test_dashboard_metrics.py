@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import neuro_dask as nd
-from neuro_dask.cluster import local_cluster
+from neuro_dask.client.cluster import local_cluster
 from neuro_dask.dashboard import metrics
 from neuro_dask.trust.reputation import Reputation
 

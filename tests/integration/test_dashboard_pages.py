@@ -15,7 +15,7 @@ import pytest
 from cluster_helpers import add_worker
 
 import neuro_dask as nd
-from neuro_dask.cluster import local_cluster
+from neuro_dask.client.cluster import local_cluster
 from neuro_dask.dashboard import charts, views
 
 TRUST = {"neuro.scheduler.trusted": ["0"], "neuro.client.trust": True, "neuro.client.seed": 0}

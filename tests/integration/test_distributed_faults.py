@@ -13,7 +13,7 @@ from distributed import Worker
 from tiny_models import padded_batch
 
 import neuro_dask as nd
-from neuro_dask.dispatch.routes import ExpertsUnloadableError, ExpertUnavailableError
+from neuro_dask.client.dispatch.routes import ExpertsUnloadableError, ExpertUnavailableError
 from neuro_dask.store.manifest import Manifest, expert_path
 from neuro_dask.store.remote import ExpertFileCache
 

@@ -47,7 +47,7 @@ def models(shared_cluster, sharded):
 def test_distributed_matches_local_and_transformers(shared_cluster, models, sharded, variant, transport):
     if transport == "futures" and getattr(shared_cluster[0], "hardened", False):
         # Task graphs are pickles: a hardened network takes plain data only, and says so.
-        from neuro_dask.dispatch.session import TransportUnavailableError
+        from neuro_dask.client.dispatch.session import TransportUnavailableError
 
         with pytest.raises(TransportUnavailableError, match="transport='direct'"):
             models(variant, transport)
@@ -71,7 +71,7 @@ def test_distributed_matches_local_and_transformers(shared_cluster, models, shar
 
 def test_every_worker_serves_and_every_expert_has_at_least_two_replicas(models, shared_cluster):
     """Two replicas is the policy's floor; an expert the earlier tests made hot gets a third
-    (placement.py rule 1), so the count is checked as a floor."""
+    (scheduler/placement.py rule 1), so the count is checked as a floor."""
     cluster, client = shared_cluster
     model = models("mixtral", "direct")
     deadline = time.monotonic() + 60  # the second replicas may still be loading on a busy machine

@@ -84,7 +84,7 @@ def test_a_client_certificate_generates_like_local_on_an_operator_published_mode
     with nd.load(sharded("qwen3_moe"), client=client) as model:
         assert torch.equal(model.generate(ids, mask, max_new_tokens=12), expected)
     # Task graphs are pickles: the futures transport is refused up front, with what to use instead.
-    from neuro_dask.dispatch.session import TransportUnavailableError
+    from neuro_dask.client.dispatch.session import TransportUnavailableError
 
     with pytest.raises(TransportUnavailableError, match="transport='direct'"):
         nd.load(sharded("qwen3_moe"), client=client, transport="futures")
@@ -166,8 +166,8 @@ def _evil_worker(certs, handler):
 
 
 def _call_expert(client, address):
-    from neuro_dask.dispatch.transports import DirectTransport
-    from neuro_dask.wire import encode_request
+    from neuro_dask.client.dispatch.transports import DirectTransport
+    from neuro_dask.protocol.wire import encode_request
 
     transport = DirectTransport(client, connect_timeout=5)
     msg = encode_request("m", 0, {0: torch.ones(2, 4)}, call="c1")

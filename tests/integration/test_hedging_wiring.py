@@ -6,8 +6,8 @@ import torch
 from cluster_helpers import neuro_cluster
 
 import neuro_dask as nd
-from neuro_dask.dispatch.transports import DirectTransport
-from neuro_dask.wire import encode_request
+from neuro_dask.client.dispatch.transports import DirectTransport
+from neuro_dask.protocol.wire import encode_request
 
 
 def test_a_worker_skips_a_call_it_was_told_to_drop(sharded, tmp_path):

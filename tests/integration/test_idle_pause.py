@@ -1,6 +1,6 @@
 """Idle-only volunteering on a cluster: a worker whose owner gets busy pauses mid-generation, is
 routed around at once (its refused calls re-sent elsewhere, no token lost), and serves again once
-the machine is idle. The machine's load is driven from the test (volunteer_idle.register_sampler)."""
+the machine is idle. The machine's load is driven from the test (neuro_dask.volunteer.idle.register_sampler)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from cluster_helpers import neuro_cluster
 from tiny_models import padded_batch
 
 import neuro_dask as nd
-from neuro_dask.runtime.idle import IdleSignals
-from neuro_dask.volunteer_idle import register_sampler
-from neuro_dask.wire import encode_request
+from neuro_dask.volunteer.idle_policy import IdleSignals
+from neuro_dask.volunteer.idle import register_sampler
+from neuro_dask.protocol.wire import encode_request
 
 QUIET = IdleSignals(cpu=2.0, gpu=None, input_idle=3600.0)
 BUSY = IdleSignals(cpu=95.0, gpu=None, input_idle=3600.0)

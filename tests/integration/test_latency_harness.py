@@ -13,9 +13,9 @@ from cluster_helpers import neuro_cluster
 from tiny_models import padded_batch
 
 import neuro_dask as nd
-from neuro_dask.dispatch.transports import DirectTransport, HedgedCall
+from neuro_dask.client.dispatch.transports import DirectTransport, HedgedCall
 from neuro_dask.settings import ClientSettings
-from neuro_dask.wire import encode_request
+from neuro_dask.protocol.wire import encode_request
 
 
 def simulated(far: str, near: str, far_s: float = 0.030, near_s: float = 0.001) -> dict:

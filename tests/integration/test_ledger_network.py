@@ -10,8 +10,8 @@ import pytest
 from cluster_helpers import neuro_cluster, scheduler_status, worker_status
 
 import neuro_dask as nd
-from neuro_dask.dispatch.executor import PaymentRefusedError
-from neuro_dask.drill import run_drill
+from neuro_dask.client.dispatch.executor import PaymentRefusedError
+from neuro_dask.cli.drill import run_drill
 from neuro_dask.ledger import Ledger, LedgerConfig, neuro
 
 

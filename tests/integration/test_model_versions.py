@@ -1,4 +1,4 @@
-"""Model versions on a channel, on an in-process cluster (neuro_dask/versions.py, docs/privacy.md):
+"""Model versions on a channel, on an in-process cluster (neuro_dask/scheduler/versions.py, docs/privacy.md):
 a new version (a federated round's output) loads beside the current one; a client following the
 channel keeps generating through the switch without one request failing; the old version's
 experts are dropped from the workers once its requests have ended; a client pinned to it gets a
@@ -20,7 +20,7 @@ from neuro_dask.demo.addition import ASSET_DIR
 from neuro_dask.federated.training import get_flat, set_flat, write_version
 from neuro_dask.ledger import Ledger, LedgerConfig
 from neuro_dask.ledger.params import adoption_param
-from neuro_dask.versions import RetiredVersionError
+from neuro_dask.scheduler.versions import RetiredVersionError
 
 PROMPTS = ["123+456=", "999+1=", "50+50="]
 ANSWERS = ["579", "1000", "100"]

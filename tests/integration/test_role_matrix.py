@@ -126,7 +126,7 @@ def test_clients_and_workers_get_no_cluster_control_metadata_or_trust_anchors(li
 
 def test_every_op_open_to_clients_or_workers_has_a_schema():
     """What a client or worker may send is validated in full before the handler runs."""
-    from neuro_dask.security import schemas
+    from neuro_dask.protocol import schemas
 
     for table in (roles.SCHEDULER_HANDLERS, roles.WORKER_HANDLERS, roles.NANNY_HANDLERS):
         for op, rule in table.items():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 
-from neuro_dask.coordinator import LoadExperts, PublishedModel
+from neuro_dask.scheduler.coordinator import LoadExperts, PublishedModel
 from neuro_dask.testing.simulated import (
     disconnect,
     mixtral_shaped_experts,

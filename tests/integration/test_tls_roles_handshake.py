@@ -12,7 +12,7 @@ from distributed import Client, Scheduler, Worker
 from distributed.comm import connect
 from distributed.core import Server
 
-from neuro_dask.certs_cli import main as certs_main
+from neuro_dask.cli.certs import main as certs_main
 from neuro_dask.security.identity import PeerIdentity
 from neuro_dask.security.tls import peer_identity, security_for
 

@@ -14,7 +14,7 @@ import torch
 from cluster_helpers import add_worker, neuro_cluster, trust_events
 
 import neuro_dask as nd
-from neuro_dask.cli import main
+from neuro_dask.cli.main import main
 from neuro_dask.errors import ConfigError
 from neuro_dask.testing.tiny_transformers import build_tiny_model, padded_prompts, write_tiny_checkpoint
 

@@ -9,8 +9,8 @@ from cluster_helpers import neuro_cluster, scheduler_status
 from tiny_models import padded_batch
 
 import neuro_dask as nd
-from neuro_dask.cli import main
-from neuro_dask.volunteer_status import WorkerNotFoundError, collect, format_status
+from neuro_dask.cli.main import main
+from neuro_dask.volunteer.status import WorkerNotFoundError, collect, format_status
 
 
 def test_worker_status_reports_experts_calls_cache_reputation_and_no_ledger(sharded, tmp_path, capsys):

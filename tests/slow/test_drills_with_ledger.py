@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from neuro_dask.drill import run_drill
+from neuro_dask.cli.drill import run_drill
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ from cryptography import x509
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from neuro_dask.certs_cli import main as certs_main
+from neuro_dask.cli.certs import main as certs_main
 from neuro_dask.errors import CertificateError, NeuroDaskError
 from neuro_dask.security.certs import (
     as_peercert,

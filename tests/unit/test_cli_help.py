@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from neuro_dask.cli import build_parser, main
+from neuro_dask.cli.main import build_parser, main
 
 
 def _commands():

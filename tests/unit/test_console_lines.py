@@ -1,14 +1,14 @@
 """What the scheduler, a worker and `publish` tell people (neuro_dask/console.py,
-neuro_dask/dispatch/routes.why_unserved): the pure text, and the logger's wiring."""
+neuro_dask/client/dispatch/routes.why_unserved): the pure text, and the logger's wiring."""
 
 from __future__ import annotations
 
 import logging
 
 from neuro_dask import console
-from neuro_dask.dispatch.executor import routine_refusal
-from neuro_dask.dispatch.routes import ExpertUnavailableError, why_unserved
-from neuro_dask.wire import WireFormatError
+from neuro_dask.client.dispatch.executor import routine_refusal
+from neuro_dask.client.dispatch.routes import ExpertUnavailableError, why_unserved
+from neuro_dask.protocol.wire import WireFormatError
 
 
 def test_the_scheduler_banner_says_where_how_to_join_and_how_to_publish():

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from neuro_dask.coordinator import Coordinator, DropExperts, LoadExperts, PublishedModel
-from neuro_dask.placement import PlacementPolicy, WorkerCapacity
+from neuro_dask.scheduler.coordinator import Coordinator, DropExperts, LoadExperts, PublishedModel
+from neuro_dask.scheduler.placement import PlacementPolicy, WorkerCapacity
 
 MODEL = PublishedModel("m", "/store", {(0, e): 100 for e in range(4)} | {(1, e): 100 for e in range(4)})
 

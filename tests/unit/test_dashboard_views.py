@@ -106,7 +106,7 @@ def test_a_malformed_call_report_is_refused():
 
 
 def test_version_rows_show_each_channels_versions_newest_first():
-    from neuro_dask.versions import ModelChannels
+    from neuro_dask.scheduler.versions import ModelChannels
 
     c = ModelChannels(adoption="vote", drain_seconds=0)
     for model in ("v1", "v2"):

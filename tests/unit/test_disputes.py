@@ -15,7 +15,7 @@ from neuro_dask.security.signing import Signer
 from neuro_dask.trust.disputes import Evidence, Referee, StrikeBook, Verdict, judge, referee_order
 from neuro_dask.trust.receipts import EvidenceError, Receipt, ReceiptBook, digest, sign_receipt
 from neuro_dask.trust.validation import agree as agree_results
-from neuro_dask.wire import encode_request, encode_response
+from neuro_dask.protocol.wire import encode_request, encode_response
 
 ALICE, BOB = Signer.generate(), Signer.generate()
 T0 = 1_900_000_000.0

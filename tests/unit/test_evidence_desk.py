@@ -1,4 +1,4 @@
-"""The scheduler's evidence desk (neuro_dask/evidence_desk.py) and the worker's side of it
+"""The scheduler's evidence desk (neuro_dask/scheduler/evidence_desk.py) and the worker's side of it
 (neuro_dask/runtime/receipting.py), without a cluster: tickets out, signed answers back,
 receipts presented, disputes judged by recomputation on referees the desk picks. Written as
 attacks: each claim that would cost someone reputation or money must be proven, not said."""
@@ -10,14 +10,14 @@ import asyncio
 import pytest
 import torch
 
-from neuro_dask.evidence_desk import EvidenceDesk
+from neuro_dask.scheduler.evidence_desk import EvidenceDesk
 from neuro_dask.privacy.fixed_point import ring_matmul
 from neuro_dask.privacy.share_wire import encode_share_request, encode_share_response
 from neuro_dask.runtime.receipting import Receipting
 from neuro_dask.security.signing import Signer
 from neuro_dask.trust.disputes import Referee
 from neuro_dask.trust.receipts import TicketError
-from neuro_dask.wire import decode_request, encode_request, encode_response
+from neuro_dask.protocol.wire import decode_request, encode_request, encode_response
 
 MODEL = "m-1"
 D = 4

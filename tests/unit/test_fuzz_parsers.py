@@ -37,7 +37,7 @@ from neuro_dask.security.errors import PickleRefusedError, PlainDataRefusedError
 from neuro_dask.security.plain_wire import MAX_DEPTH, MAX_EQUAL_HASHES, decode_plain_frames
 from neuro_dask.security.unpickle import restricted_loads
 from neuro_dask.testing import fuzz_targets
-from neuro_dask.wire import WireFormatError, decode_response, encode_request, encode_response
+from neuro_dask.protocol.wire import WireFormatError, decode_response, encode_request, encode_response
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
                     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5),

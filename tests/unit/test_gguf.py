@@ -12,7 +12,7 @@ gguf = pytest.importorskip("gguf")
 from gguf_models import gguf_tensors, write_gguf  # noqa: E402
 from tiny_models import build_hf_model  # noqa: E402
 
-from neuro_dask.cli import main  # noqa: E402
+from neuro_dask.cli.main import main  # noqa: E402
 from neuro_dask.errors import MissingTensorError, NeuroDaskError  # noqa: E402
 from neuro_dask.model.keymap import TensorRef  # noqa: E402
 from neuro_dask.store.gguf_reader import (  # noqa: E402

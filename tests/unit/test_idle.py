@@ -1,5 +1,5 @@
-"""Idle-only volunteering: the pause/resume state machine (neuro_dask/runtime/idle.py), its
-settings, and the machine-facing helpers of neuro_dask/volunteer_idle.py that need no cluster."""
+"""Idle-only volunteering: the pause/resume state machine (neuro_dask/volunteer/idle_policy.py), its
+settings, and the machine-facing helpers of neuro_dask/volunteer/idle.py that need no cluster."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import dask
 import pytest
 
 from neuro_dask.errors import ConfigFieldError
-from neuro_dask.runtime.idle import IdleMonitor, IdlePolicy, IdleSignals
+from neuro_dask.volunteer.idle_policy import IdleMonitor, IdlePolicy, IdleSignals
 from neuro_dask.settings import WorkerSettings
 
 S = IdleSignals
@@ -108,7 +108,7 @@ def test_settings_defaults_and_validation():
 def test_limits_lower_priority_and_cap_threads(monkeypatch):
     import torch
 
-    from neuro_dask import volunteer_idle
+    from neuro_dask.volunteer import idle as volunteer_idle
 
     calls = {}
     monkeypatch.setattr(volunteer_idle.sys, "platform", "linux")
@@ -123,7 +123,7 @@ def test_limits_lower_priority_and_cap_threads(monkeypatch):
 
 
 def test_machine_signals_are_numbers_or_none():
-    from neuro_dask.volunteer_idle import MachineSampler, input_idle_seconds
+    from neuro_dask.volunteer.idle import MachineSampler, input_idle_seconds
 
     signals = MachineSampler(gpu=False)()
     assert 0.0 <= signals.cpu <= 100.0 and signals.gpu is None
@@ -132,7 +132,7 @@ def test_machine_signals_are_numbers_or_none():
 
 
 def test_sampler_registry_is_keyed_by_worker_name():
-    from neuro_dask.volunteer_idle import SAMPLERS, register_sampler
+    from neuro_dask.volunteer.idle import SAMPLERS, register_sampler
 
     undo = register_sampler("w-1", lambda: QUIET)
     assert SAMPLERS["w-1"]() == QUIET

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from neuro_dask.dispatch.routes import RouteTable
-from neuro_dask.dispatch.trusted import TrustedLayerRunner
+from neuro_dask.client.dispatch.routes import RouteTable
+from neuro_dask.client.dispatch.trusted import TrustedLayerRunner
 from neuro_dask.errors import ConfigError
 from neuro_dask.trust.latency import LatencyBook, LatencyPolicy, SimulatedLatency, tier_of
 
@@ -122,7 +122,7 @@ def test_trusted_primary_prefers_the_close_idle_replica():
 
 
 def test_hedges_go_to_the_closest_idle_host_first():
-    from neuro_dask.dispatch.trusted import _Unit
+    from neuro_dask.client.dispatch.trusted import _Unit
     from neuro_dask.trust.replication import Standing
 
     unit = _Unit(0, None, None, ["p", "far", "near"], tried={"p"})

@@ -221,7 +221,7 @@ def test_calls_within_the_limits_run(model):
 
 
 def test_map_applies_max_batch_per_batch_and_fails_only_the_long_prompts(model):
-    from neuro_dask.mapping import MapFailure
+    from neuro_dask.client.mapping import MapFailure
 
     prompts = ["1+1=", "12+45=", "2+2=", "3+3=", "4+4="]
     with dask.config.set(SMALL):

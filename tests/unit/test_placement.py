@@ -7,9 +7,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import neuro_dask.placement as placement_module
+import neuro_dask.scheduler.placement as placement_module
 from neuro_dask.errors import ConfigError
-from neuro_dask.placement import (
+from neuro_dask.scheduler.placement import (
     ExpertSpec,
     Placement,
     PlacementPolicy,

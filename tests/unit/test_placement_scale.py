@@ -11,8 +11,8 @@ import random
 
 import pytest
 
-from neuro_dask.coordinator import Coordinator, DropExperts, LoadExperts, PublishedModel
-from neuro_dask.placement import ExpertSpec, PlacementPolicy, WorkerCapacity
+from neuro_dask.scheduler.coordinator import Coordinator, DropExperts, LoadExperts, PublishedModel
+from neuro_dask.scheduler.placement import ExpertSpec, PlacementPolicy, WorkerCapacity
 from neuro_dask.testing.simulated import (
     MIXTRAL_EXPERT_BYTES_FP16,
     mixtral_shaped_experts,

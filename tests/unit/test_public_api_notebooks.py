@@ -17,7 +17,7 @@ import pytest
 
 import neuro_dask as nd
 from neuro_dask.demo.addition import ASSET_DIR, sample_problems
-from neuro_dask.network import NetworkStatus, NetworkStatusUnavailableError, network_status
+from neuro_dask.client.network import NetworkStatus, NetworkStatusUnavailableError, network_status
 
 REPLY = {
     "workers": {
@@ -136,7 +136,7 @@ def test_private_tier_stats_are_a_snapshot_of_its_counters(model):
 
 
 def test_a_following_model_reports_its_current_version(model):
-    from neuro_dask.following import FollowingModel
+    from neuro_dask.client.following import FollowingModel
 
     model.executor = SimpleNamespace(model_id="v1", layer_seconds=deque(), wire_bytes={}, trusted=None)
     following = FollowingModel.__new__(FollowingModel)

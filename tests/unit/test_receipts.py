@@ -35,7 +35,7 @@ from neuro_dask.trust.receipts import (
     sign_receipt,
     verify_receipt,
 )
-from neuro_dask.wire import encode_request
+from neuro_dask.protocol.wire import encode_request
 
 SCHEDULER, ALICE, BOB = Signer.generate(), Signer.generate(), Signer.generate()
 KEYS = {"alice": ALICE.public_der, "bob": BOB.public_der}

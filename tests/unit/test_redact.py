@@ -79,7 +79,7 @@ def test_a_ledger_that_cannot_connect_never_shows_its_password(url, caplog):
 
 def test_the_ledger_cli_names_the_url_without_its_password(capsys):
     pytest.importorskip("psycopg")
-    from neuro_dask.cli import main
+    from neuro_dask.cli.main import main
 
     code = main(["ledger", "report", "--db", "postgresql://neuro:Hunter2-s3cret@127.0.0.1:1/neuro"])
     err = capsys.readouterr().err

@@ -41,7 +41,7 @@ from distributed.protocol import pickle as dpickle
 from distributed.protocol.serialize import Serialize, ToPickle
 from distributed.utils_comm import WrappedKey
 
-from neuro_dask.dispatch.tasks import serve_expert_call
+from neuro_dask.client.dispatch.tasks import serve_expert_call
 from neuro_dask.errors import ConfigFieldError, NeuroDaskError
 from neuro_dask.security.allowlist import (
     ALLOWED_GLOBALS,
@@ -203,7 +203,7 @@ REFUSED = [
     # A dotted name under an allowed module is not that module's attribute: never allowed.
     ("dotted-under-builtins", lambda m: _stack_global("builtins", "dict.fromkeys"), "builtins", "dict.fromkeys"),
     ("serve_expert_call-called", lambda m: pickle.dumps(Reduce(serve_expert_call, (b"\x80",))),
-     "neuro_dask.dispatch.tasks", "serve_expert_call"),
+     "neuro_dask.client.dispatch.tasks", "serve_expert_call"),
 ]
 
 
@@ -701,7 +701,7 @@ def test_calls_anything(data, calls):
 
 @pytest.mark.parametrize("value, expected", [
     (Task("k", serve_expert_call, b"x"),
-     [("dask._task_spec", "Task"), ("neuro_dask.dispatch.tasks", "serve_expert_call")]),
+     [("dask._task_spec", "Task"), ("neuro_dask.client.dispatch.tasks", "serve_expert_call")]),
     ([np.int64(1), ValueError("x")],
      # distributed installs tblib's pickling for every exception class when it is imported
      [(np.int64(1).__reduce__()[0].__module__, "scalar"), ("numpy", "dtype"),
@@ -798,15 +798,15 @@ def test_no_numpy_global_is_allowed_in_either_spelling():
     ("neuro_dask.errors", "Iterable", False),            # imported into the module, not an error
     ("neuro_dask.security.errors", "pickle", False),     # a module imported there
     ("neuro_dask.settings", "SecuritySettings", False),  # not an error module
-    ("neuro_dask.dispatch.tasks", "serve_expert_call", False),  # no task graphs: never called by a pickle
-    ("neuro_dask.dispatch.tasks", "msgpack", False),
+    ("neuro_dask.client.dispatch.tasks", "serve_expert_call", False),  # no task graphs: never called by a pickle
+    ("neuro_dask.client.dispatch.tasks", "msgpack", False),
 ])
 def test_neuro_dask_entries(module, name, expected):
     assert is_allowed(module, name) is expected
 
 
 def test_the_task_functions_are_still_listed_for_the_worker_guard():
-    assert is_task_function("neuro_dask.dispatch.tasks", "serve_expert_call")
+    assert is_task_function("neuro_dask.client.dispatch.tasks", "serve_expert_call")
     assert TASK_FUNCTIONS and not (TASK_FUNCTIONS & ALLOWED_GLOBALS)
 
 
@@ -828,7 +828,7 @@ def test_a_pickle_cannot_rewrite_an_allowed_class():
     before = (TaskRefusedError.__module__, TaskRefusedError.__qualname__)
     assert before == ("neuro_dask.security.errors", "TaskRefusedError")
     data = _build_on_global("neuro_dask.security.errors", "TaskRefusedError",
-                            {"__module__": "neuro_dask.dispatch.tasks", "__qualname__": "serve_expert_call"})
+                            {"__module__": "neuro_dask.client.dispatch.tasks", "__qualname__": "serve_expert_call"})
     try:
         with pytest.raises(PickleRefusedError, match="state applied to it"):
             hardened(data)

@@ -15,7 +15,7 @@ from neuro_dask.runtime.runners import PRECISIONS, choose_precision, expert_nbyt
 from neuro_dask.settings import WorkerSettings
 from neuro_dask.store.remote import ExpertFileCache
 from neuro_dask.store.shard_store import ShardStore
-from neuro_dask.wire import ExpertRequest
+from neuro_dask.protocol.wire import ExpertRequest
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")

@@ -1,4 +1,4 @@
-"""What a worker's or client's message must look like before any handler sees it (security/schemas.py)."""
+"""What a worker's or client's message must look like before any handler sees it (protocol/schemas.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from neuro_dask.security import schemas
-from neuro_dask.security.schemas import SchemaError, check
+from neuro_dask.protocol import schemas
+from neuro_dask.protocol.schemas import SchemaError, check
 
 GOOD = {
     "neuro_routes": {"model": "mixtral-0123456789ab"},

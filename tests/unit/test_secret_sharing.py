@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from neuro_dask.dispatch.routes import RouteTable
+from neuro_dask.client.dispatch.routes import RouteTable
 from neuro_dask.model.moe import ExpertWeights, run_expert
 from neuro_dask.privacy import FRAC_BITS, FixedPointOverflowError, decode, encode, reconstruct, split
 from neuro_dask.privacy.fixed_point import ring_matmul
@@ -23,7 +23,7 @@ from neuro_dask.privacy.share_wire import (
 )
 from neuro_dask.runtime.private_runner import IntegerExpert
 from neuro_dask.trust.replication import Standing
-from neuro_dask.wire import WireFormatError
+from neuro_dask.protocol.wire import WireFormatError
 
 F = FRAC_BITS
 

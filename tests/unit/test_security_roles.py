@@ -9,7 +9,7 @@ import asyncio
 import pytest
 from dask._task_spec import DataNode, List, Task
 
-from neuro_dask.dispatch.tasks import serve_expert_call
+from neuro_dask.client.dispatch.tasks import serve_expert_call
 from neuro_dask.security import roles
 from neuro_dask.security.certs import as_peercert, create_ca, issue, load_certificate
 from neuro_dask.security.events import security_log

@@ -313,7 +313,7 @@ def test_device_option(qwen3_store, sharded):
 
 
 def test_private_tier_refuses_experts_it_cannot_run_with_the_reason(gpt_oss_store):
-    from neuro_dask.dispatch.session import _check_private
+    from neuro_dask.client.dispatch.session import _check_private
 
     _, root = gpt_oss_store
     with pytest.raises(ConfigError, match="privacy='private' cannot serve gpt_oss: GptOssExperts.*biases"):

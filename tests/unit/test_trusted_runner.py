@@ -11,12 +11,12 @@ import random
 import pytest
 import torch
 
-from neuro_dask.dispatch.routes import ExpertUnavailableError, RouteTable
-from neuro_dask.dispatch.transports import HedgeView, LateReply, Reply
-from neuro_dask.dispatch.trusted import TrustedLayerRunner, TrustPolicy, _Unit
+from neuro_dask.client.dispatch.routes import ExpertUnavailableError, RouteTable
+from neuro_dask.client.dispatch.transports import HedgeView, LateReply, Reply
+from neuro_dask.client.dispatch.trusted import TrustedLayerRunner, TrustPolicy, _Unit
 from neuro_dask.trust.quorum import Quorum, QuorumExhaustedError, QuorumPolicy
 from neuro_dask.trust.replication import ReplicationPolicy, Standing
-from neuro_dask.wire import decode_request, encode_response
+from neuro_dask.protocol.wire import decode_request, encode_response
 
 TRUSTED, EST, NEW = Standing(trusted=True), Standing(established=True, consecutive_valid=10_000), Standing()
 

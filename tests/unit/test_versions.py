@@ -1,4 +1,4 @@
-"""The model channel rules (neuro_dask/versions.py): first version current, later ones candidates,
+"""The model channel rules (neuro_dask/scheduler/versions.py): first version current, later ones candidates,
 adoption only when served (and only by vote where votes decide), leases hold a retiring version
 until its requests end, retired versions refused with the version to load instead."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from neuro_dask.versions import ModelChannels, RetiredVersionError, VersionError
+from neuro_dask.scheduler.versions import ModelChannels, RetiredVersionError, VersionError
 
 
 def channels(**kw) -> ModelChannels:

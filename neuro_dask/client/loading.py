@@ -47,7 +47,7 @@ def load(
 
         raise ConfigError(f"privacy must be 'standard' or 'private', got {privacy!r}")
     if client is not None:
-        from neuro_dask.dispatch.session import load_distributed
+        from neuro_dask.client.dispatch.session import load_distributed
 
         return load_distributed(path, client, transport=transport, dtype=dtype, verify=verify, privacy=privacy,
                                 device=device)

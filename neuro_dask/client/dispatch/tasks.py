@@ -16,7 +16,7 @@ def serve_expert_call(request: bytes) -> bytes:
     worker = get_worker()
     adapter = worker.extensions.get("neuro")
     if adapter is None:
-        from neuro_dask.wire import encode_error
+        from neuro_dask.protocol.wire import encode_error
 
         return msgpack.packb(encode_error(f"{worker.address} was not started with --preload neuro_worker"),
                              use_bin_type=True)

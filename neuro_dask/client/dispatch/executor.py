@@ -29,14 +29,14 @@ from typing import Callable, Iterator, Mapping
 import torch
 from distributed import Client
 
-from neuro_dask.dispatch.routes import ExpertUnavailableError, RouteTable
-from neuro_dask.dispatch.transports import Transport
-from neuro_dask.dispatch.trusted import Dispute, Outcome, TrustedLayerRunner
+from neuro_dask.client.dispatch.routes import ExpertUnavailableError, RouteTable
+from neuro_dask.client.dispatch.transports import Transport
+from neuro_dask.client.dispatch.trusted import Dispute, Outcome, TrustedLayerRunner
 from neuro_dask.errors import NeuroDaskError
 from neuro_dask.settings import ClientSettings
 from neuro_dask.trust.quorum import QuorumExhaustedError
-from neuro_dask.versions import RetiredVersionError
-from neuro_dask.wire import decode_response, encode_request
+from neuro_dask.scheduler.versions import RetiredVersionError
+from neuro_dask.protocol.wire import decode_response, encode_request
 
 log = logging.getLogger(__name__)
 

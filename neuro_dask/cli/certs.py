@@ -1,12 +1,12 @@
 """`neuro-dask certs ...`: the certificate authority and role certificates of mutual TLS.
 
-Wiring it into neuro_dask/cli.py's parser (the handlers take `args` and return an exit code;
+Wiring it into neuro_dask/cli/main.py's parser (the handlers take `args` and return an exit code;
 a refusal is a `CertificateError`, a NeuroDaskError, which `neuro-dask`'s main prints and exits 2 on):
 
-    from neuro_dask.certs_cli import add_parser as add_certs_parser
+    from neuro_dask.cli.certs import add_parser as add_certs_parser
     add_certs_parser(sub)  # sub = the parser's add_subparsers(...) object
 
-Standalone: `python -m neuro_dask.certs_cli certs init DIR` (the same commands, same output).
+Standalone: `python -m neuro_dask.cli.certs certs init DIR` (the same commands, same output).
 
 Commands:
 
@@ -178,10 +178,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m neuro_dask.certs_cli certs ...`: the same commands without the rest of neuro-dask."""
+    """`python -m neuro_dask.cli.certs certs ...`: the same commands without the rest of neuro-dask."""
     from neuro_dask.errors import NeuroDaskError
 
-    parser = argparse.ArgumentParser(prog="python -m neuro_dask.certs_cli")
+    parser = argparse.ArgumentParser(prog="python -m neuro_dask.cli.certs")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     try:

@@ -36,7 +36,7 @@ import msgpack
 from distributed import Client, wait
 from distributed.core import ConnectionPool
 
-from neuro_dask.dispatch.tasks import serve_expert_call
+from neuro_dask.client.dispatch.tasks import serve_expert_call
 from neuro_dask.trust.latency import LatencyBook, SimulatedLatency
 
 log = logging.getLogger(__name__)

@@ -156,7 +156,7 @@ def _security_for_status(tls: str):
 def worker_status(scheduler: str, worker: str | None = None, tls: str | None = None,
                   timeout: float = 30) -> list[dict]:
     """The status of `worker`, or of this machine's workers (one entry each)."""
-    from neuro_dask.cluster import open_client
+    from neuro_dask.client.cluster import open_client
 
     security = _security_for_status(tls) if tls else None
     with open_client(scheduler, security, timeout=timeout) as client:

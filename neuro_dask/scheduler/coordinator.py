@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
-from neuro_dask.placement import (
+from neuro_dask.scheduler.placement import (
     ExpertSpec,
     Placement,
     PlacementPolicy,
@@ -99,7 +99,7 @@ class Coordinator:
         return self._replan()
 
     def model_retired(self, model_id: str) -> list[Action]:
-        """Unpublish: every worker drops the model's experts (neuro_dask/versions.py rule 4)."""
+        """Unpublish: every worker drops the model's experts (neuro_dask/scheduler/versions.py rule 4)."""
         if self.models.pop(model_id, None) is None:
             return []
         for keys in (*self.serving.values(), *self.failed.values()):

@@ -1,6 +1,6 @@
 """Idle-only volunteering on a Dask worker: sample the machine, pause while its owner uses it.
 
-The shell around neuro_dask/runtime/idle.py's IdleMonitor. `IdleGuard` samples the machine every
+The shell around neuro_dask/volunteer/idle_policy.py's IdleMonitor. `IdleGuard` samples the machine every
 `neuro.worker.idle-interval` seconds (off the event loop), and when the monitor says so:
 
 - pauses the worker's NeuroWorker adapter: new expert calls, and calls queued behind the one
@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 from neuro_dask import console
 from neuro_dask.console import pause_line, resume_line
-from neuro_dask.runtime.idle import IdleMonitor, IdleSignals
+from neuro_dask.volunteer.idle_policy import IdleMonitor, IdleSignals
 
 log = logging.getLogger("neuro_dask.worker.idle")
 

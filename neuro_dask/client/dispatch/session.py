@@ -18,11 +18,11 @@ import torch
 from distributed import Client
 from tqdm import tqdm
 
-from neuro_dask.dispatch.executor import DistributedExecutor
-from neuro_dask.dispatch.routes import ExpertsUnloadableError, ExpertUnavailableError, RouteTable, why_unserved
-from neuro_dask.dispatch.transports import make_transport
+from neuro_dask.client.dispatch.executor import DistributedExecutor
+from neuro_dask.client.dispatch.routes import ExpertsUnloadableError, ExpertUnavailableError, RouteTable, why_unserved
+from neuro_dask.client.dispatch.transports import make_transport
 from neuro_dask.errors import NeuroDaskError
-from neuro_dask.loading import assemble_model
+from neuro_dask.client.loading import assemble_model
 from neuro_dask.model.model import MoEModel
 from neuro_dask.security.redact import redact_url
 from neuro_dask.settings import ClientSettings, SecuritySettings
@@ -88,7 +88,7 @@ def open_store(path_or_url: str | Path, verify: bool, cache_dir: Path | None = N
 
 def publish(client: Client, store_url: str, model_id: str | None = None, channel: str = "") -> dict[str, Any]:
     """Ask the scheduler to serve the model at `store_url` (on `channel`: as its current version
-    if it has none, else as its candidate; neuro_dask/versions.py). On a hardened network only
+    if it has none, else as its candidate; neuro_dask/scheduler/versions.py). On a hardened network only
     the operator publishes: a client then finds the model among those already published."""
     if model_id is not None and not channel and _is_published(client, model_id):
         return {"status": "OK", "model": model_id}
@@ -162,7 +162,7 @@ STALL_NOTE_AFTER = 5.0  # seconds without a newly served expert before asking th
 
 
 def _stall_reason(client: Client, model_id: str) -> str | None:
-    """The network's reason for not serving `model_id` (neuro_dask.dispatch.routes.why_unserved),
+    """The network's reason for not serving `model_id` (neuro_dask.client.dispatch.routes.why_unserved),
     or None where it gives none or cannot be asked."""
     try:
         status = client.sync(client.scheduler.neuro_status)

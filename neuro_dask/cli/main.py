@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from neuro_dask.certs_cli import add_parser as register_certs
+from neuro_dask.cli.certs import add_parser as register_certs
 from neuro_dask.errors import NeuroDaskError
-from neuro_dask.ledger_cli import register as register_ledger
+from neuro_dask.cli.ledger import register as register_ledger
 
-log = logging.getLogger("neuro_dask.cli")
+log = logging.getLogger("neuro_dask.cli.main")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -31,14 +31,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     path = Path(args.model or ASSET_DIR)
     _require_tokenizer(path)  # the demo speaks text: say so before starting a cluster
     if args.local:
-        from neuro_dask.loading import load
+        from neuro_dask.client.loading import load
 
         started = time.perf_counter()
         model = load(path)
         print(f"loaded {path} in {time.perf_counter() - started:.2f} s; experts run in this process")
         return _ask(model, args)
-    from neuro_dask.cluster import connect
-    from neuro_dask.loading import load
+    from neuro_dask.client.cluster import connect
+    from neuro_dask.client.loading import load
 
     if args.scheduler:
         print(f"connecting to the network at {args.scheduler} ...", flush=True)
@@ -103,7 +103,7 @@ def _ask(model, args: argparse.Namespace) -> int:
 
 def _cmd_drill(args: argparse.Namespace) -> int:
     from neuro_dask.demo.addition import ASSET_DIR
-    from neuro_dask.drill import run_drill
+    from neuro_dask.cli.drill import run_drill
 
     report = run_drill(args.model or ASSET_DIR, workers=args.workers, adversaries=args.adversaries, mode=args.mode,
                        trusted=args.trusted, seed=args.seed, prompts=args.prompts, tokens=args.tokens,
@@ -190,7 +190,7 @@ def _cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _cmd_worker_status(args: argparse.Namespace) -> int:
-    from neuro_dask.volunteer_status import format_status, status_for
+    from neuro_dask.volunteer.status import format_status, status_for
 
     statuses = status_for(args)
     if args.json:  # one worker: its object; several (no --worker, several on this machine): a list
@@ -202,7 +202,7 @@ def _cmd_worker_status(args: argparse.Namespace) -> int:
 
 def _operator_client(args: argparse.Namespace):
     """A client of `--scheduler`, with the operator's certificate where `--tls` names one."""
-    from neuro_dask.cluster import open_client
+    from neuro_dask.client.cluster import open_client
 
     security = None
     if tls := _tls_folder(args):
@@ -213,8 +213,8 @@ def _operator_client(args: argparse.Namespace):
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:
-    from neuro_dask.dispatch.session import wait_until_served
-    from neuro_dask.following import publish
+    from neuro_dask.client.dispatch.session import wait_until_served
+    from neuro_dask.client.following import publish
 
     with _operator_client(args) as client:
         reply = publish(args.model, client, channel=args.channel or "", wait=False)
@@ -236,7 +236,7 @@ def _print_progress(served: int, total: int, note: str | None) -> None:
 
 
 def _cmd_adopt(args: argparse.Namespace) -> int:
-    from neuro_dask.following import adopt
+    from neuro_dask.client.following import adopt
 
     with _operator_client(args) as client:
         reply = adopt(args.channel, args.model, client)
@@ -246,7 +246,7 @@ def _cmd_adopt(args: argparse.Namespace) -> int:
 
 
 def _cmd_channels(args: argparse.Namespace) -> int:
-    from neuro_dask.following import channels
+    from neuro_dask.client.following import channels
 
     with _operator_client(args) as client:
         reply = channels(client)
@@ -290,13 +290,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _model_for(args: argparse.Namespace):
     """The model of `args.path`: in this process, or with --scheduler its experts on that network
     (published there if it is not yet; the folder or URL must be one the workers can read)."""
-    from neuro_dask.loading import load
+    from neuro_dask.client.loading import load
 
     if not args.scheduler:
         with load(args.path) as model:
             yield model
         return
-    from neuro_dask.cluster import connect
+    from neuro_dask.client.cluster import connect
 
     print(f"connecting to {args.scheduler} ...", file=sys.stderr, flush=True)
     client, _ = connect(args.scheduler, tls=_tls_folder(args))
@@ -337,7 +337,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from neuro_dask.gateway.serve_cli import serve
+    from neuro_dask.cli.serve import serve
 
     if args.channel and not args.scheduler:
         raise NeuroDaskError("--channel needs --scheduler: channels live on a network's scheduler")

@@ -45,7 +45,7 @@ from neuro_dask.trust.receipts import (
 )
 from neuro_dask.trust.validation import ValidationPolicy, agree, tolerance_for
 from neuro_dask.privacy.share_wire import decode_share_response, encode_share_request
-from neuro_dask.wire import decode_response, encode_request
+from neuro_dask.protocol.wire import decode_response, encode_request
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Each request (generate, generate_text, stream, forward, score, map) runs on one version from
 start to end. The scheduler tells every request's start which version is current
-(neuro_dask/versions.py); when it has moved, the next request loads the new version first (its
+(neuro_dask/scheduler/versions.py); when it has moved, the next request loads the new version first (its
 trunk from the version's store; its experts are already on the workers) and the old one is
 closed once no request of this process uses it. The scheduler keeps a replaced version served
 until every request leased on it has ended, so switching drops nothing.
@@ -16,7 +16,7 @@ import threading
 from typing import Any, Callable, Iterator
 
 from neuro_dask.errors import NeuroDaskError
-from neuro_dask.versions import RetiredVersionError, check_channel_name
+from neuro_dask.scheduler.versions import RetiredVersionError, check_channel_name
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class FollowingModel:
     """Delegates to the current version's MoEModel; see the module docstring."""
 
     def __init__(self, channel: str, client: Any, loader: Callable[..., Any] | None = None, **load_options: Any):
-        from neuro_dask.loading import load
+        from neuro_dask.client.loading import load
 
         self.channel = check_channel_name(channel)
         self.client = client
@@ -179,8 +179,8 @@ def publish(path_or_url: Any, client: Any, channel: str = "", wait: bool = True)
     """Publish a sharded model (on `channel`: as its current version if it has none, else as its
     candidate); with `wait`, until every expert is served. Returns the scheduler's reply:
     {"model": id, "role": "current" | "candidate", ...}."""
-    from neuro_dask.dispatch.session import publish as publish_store
-    from neuro_dask.dispatch.session import store_url_for, wait_until_served
+    from neuro_dask.client.dispatch.session import publish as publish_store
+    from neuro_dask.client.dispatch.session import store_url_for, wait_until_served
     from neuro_dask.settings import ClientSettings
 
     reply = publish_store(client, store_url_for(path_or_url), channel=channel)
@@ -192,7 +192,7 @@ def publish(path_or_url: Any, client: Any, channel: str = "", wait: bool = True)
 def adopt(channel: str, model: str, client: Any) -> dict:
     """Make the channel's served candidate `model` current (the operator's adoption); raises
     VersionError with the scheduler's reason when refused (not served yet, votes decide, ...)."""
-    from neuro_dask.versions import VersionError
+    from neuro_dask.scheduler.versions import VersionError
 
     reply = client.sync(client.scheduler.neuro_adopt, channel=channel, model=model)
     if reply.get("status") != "OK":

@@ -15,9 +15,9 @@ import dask
 import torch
 from distributed import Client, Worker
 
-from neuro_dask.cluster import local_cluster
+from neuro_dask.client.cluster import local_cluster
 from neuro_dask.ledger.policy import format_neuro
-from neuro_dask.loading import load
+from neuro_dask.client.loading import load
 
 
 @dataclass(frozen=True)

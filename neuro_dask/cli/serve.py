@@ -31,9 +31,9 @@ def serve(scheduler: str | None = None, model_path: str | Path | None = None, ho
     `privacy="private"`: every expert call on secret shares (docs/privacy.md)."""
     import signal
 
-    from neuro_dask.cluster import connect
+    from neuro_dask.client.cluster import connect
     from neuro_dask.demo.addition import ASSET_DIR
-    from neuro_dask.loading import load
+    from neuro_dask.client.loading import load
 
     keys = configured_api_keys(api_keys)
     path = model_path or ASSET_DIR
@@ -44,7 +44,7 @@ def serve(scheduler: str | None = None, model_path: str | Path | None = None, ho
     previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     try:
         if channel:
-            from neuro_dask.following import follow
+            from neuro_dask.client.following import follow
 
             model = follow(channel, client, transport=transport, privacy=privacy)
         else:

@@ -8,7 +8,7 @@ worker or raises QuorumExhaustedError. Every validated, invalid or failed reply 
 Outcome the client reports; the scheduler moves reputation only on evidence: a validated
 reply counts as far as the worker's signed receipts go, and a reply the quorum refuted becomes
 a Dispute carrying the worker's signed answer, which the scheduler recomputes and judges itself
-(neuro_dask/evidence_desk.py). Late, timed-out and failed replies change this client's routing
+(neuro_dask/scheduler/evidence_desk.py). Late, timed-out and failed replies change this client's routing
 (its suspects), never anyone's reputation.
 """
 
@@ -23,14 +23,14 @@ from typing import Callable, Mapping
 
 import torch
 
-from neuro_dask.dispatch.routes import ExpertUnavailableError, RouteTable
-from neuro_dask.dispatch.transports import CallTimeoutError, HedgedCall, HedgeView, Transport
+from neuro_dask.client.dispatch.routes import ExpertUnavailableError, RouteTable
+from neuro_dask.client.dispatch.transports import CallTimeoutError, HedgedCall, HedgeView, Transport
 from neuro_dask.trust.hedging import HedgePolicy, LatencyTracker
 from neuro_dask.trust.latency import LatencyBook
 from neuro_dask.trust.quorum import Accepted, Exhausted, Quorum, QuorumExhaustedError, QuorumPolicy
 from neuro_dask.trust.replication import ReplicationPolicy, Standing, plan_call
 from neuro_dask.trust.validation import ValidationPolicy, agree, tolerance_for
-from neuro_dask.wire import decode_response, encode_request
+from neuro_dask.protocol.wire import decode_response, encode_request
 
 AWAIT_LIMIT = 1024  # abandoned calls remembered for a late comparison; older ones are forgotten
 

@@ -2,7 +2,7 @@
 
 A pure state machine: signals in (others' CPU and GPU use, seconds since the last keyboard or
 mouse input), a decision out (serve or pause, and why). The worker's shell
-(neuro_dask/volunteer_idle.py) samples the machine, feeds `IdleMonitor.observe` and enacts the
+(neuro_dask/volunteer/idle.py) samples the machine, feeds `IdleMonitor.observe` and enacts the
 decision; nothing here touches the machine, a clock or distributed.
 
 The rule, with hysteresis so that a worker does not flap:
