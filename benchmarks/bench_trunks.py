@@ -137,7 +137,7 @@ class NoExperts:
 
 
 def client_trunk_load(path: Path):
-    from neuro_dask.client.loading import assemble_model
+    from neuro_dask.model.assembly import assemble_model
     from neuro_dask.store.shard_store import ShardStore
 
     return assemble_model(ShardStore(path, verify=True), NoExperts(), torch.float32)

@@ -37,7 +37,7 @@ from neuro_dask.demo.addition import (
     sample_problems,
     tokenizer_config,
 )
-from neuro_dask.client.loading import generation_defaults
+from neuro_dask.model.assembly import generation_defaults
 from neuro_dask.model.config import MoEConfig
 from neuro_dask.model.generation import Batch
 from neuro_dask.model.keymap import trunk_refs

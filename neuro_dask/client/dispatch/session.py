@@ -22,7 +22,7 @@ from neuro_dask.client.dispatch.executor import DistributedExecutor
 from neuro_dask.client.dispatch.routes import ExpertsUnloadableError, ExpertUnavailableError, RouteTable, why_unserved
 from neuro_dask.client.dispatch.transports import make_transport
 from neuro_dask.errors import NeuroDaskError
-from neuro_dask.client.loading import assemble_model
+from neuro_dask.model.assembly import assemble_model
 from neuro_dask.model.model import MoEModel
 from neuro_dask.security.redact import redact_url
 from neuro_dask.settings import ClientSettings, SecuritySettings
