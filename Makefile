@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 PIN    := -c constraints.txt
 
-.PHONY: setup setup-test browser demo test test-fast test-slow bench clean
+.PHONY: setup setup-test browser demo test lint test-fast test-slow bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,8 +37,13 @@ setup-test: $(VENV)/.test
 demo: $(VENV)/.runtime
 	$(BIN)/neuro-dask demo
 
-# The whole suite: the default step, then the slow step (both required).
-test: test-fast test-slow
+# The whole suite: lint and format check, the default step, then the slow step (all required).
+test: lint test-fast test-slow
+
+lint: $(VENV)/.test
+	@echo "== make test, step 0: ruff (lint and format check, pyproject.toml [tool.ruff]) =="
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # Each file's name, its dots and the suite's percentage as it runs; the slowest tests at the end.
 PYTEST := $(BIN)/python -m pytest --durations=10 --durations-min=5

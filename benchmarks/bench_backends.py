@@ -36,13 +36,23 @@ RESULTS = Path(__file__).resolve().parent / "results" / "backends.json"
 def expert(seed: int = 0) -> ExpertWeights:
     g = torch.Generator().manual_seed(seed)
     d, i = HIDDEN, INTERMEDIATE
-    return ExpertWeights(torch.randn(i, d, generator=g) / d**0.5, torch.randn(i, d, generator=g) / d**0.5,
-                         torch.randn(d, i, generator=g) / i**0.5)
+    return ExpertWeights(
+        torch.randn(i, d, generator=g) / d**0.5,
+        torch.randn(i, d, generator=g) / d**0.5,
+        torch.randn(d, i, generator=g) / i**0.5,
+    )
 
 
 def runners(w: ExpertWeights) -> dict:
-    out = {name: prepare_expert(w, p) for name, p in
-           [("torch-float32", "float32"), ("torch-bfloat16", "bfloat16"), ("int8", "int8"), ("int4", "int4")]}
+    out = {
+        name: prepare_expert(w, p)
+        for name, p in [
+            ("torch-float32", "float32"),
+            ("torch-bfloat16", "bfloat16"),
+            ("int8", "int8"),
+            ("int4", "int4"),
+        ]
+    }
     try:
         from neuro_dask.runtime.onnx_backend import onnx_expert, pick_providers
 
@@ -81,8 +91,14 @@ def latency_table(rounds: int, calls: int) -> dict:
         x = torch.randn(rows, HIDDEN, generator=g)
         ms = time_calls(runs, x, rounds, calls)
         ref = run_expert(x, w)
-        table["rows"][rows] = {name: {"ms": round(ms[name], 3), "vs_float32": round(ms[name] / ms["torch-float32"], 2),
-                                      "rel_rms_error": round(rel_rms(f(x), ref), 5)} for name, f in runs.items()}
+        table["rows"][rows] = {
+            name: {
+                "ms": round(ms[name], 3),
+                "vs_float32": round(ms[name] / ms["torch-float32"], 2),
+                "rel_rms_error": round(rel_rms(f(x), ref), 5),
+            }
+            for name, f in runs.items()
+        }
     return table
 
 
@@ -128,12 +144,21 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--tolerance", action="store_true")
     args = parser.parse_args()
-    command = "python benchmarks/bench_backends.py" + (" --quick" if args.quick else "") + (
-        " --tolerance" if args.tolerance else "")
+    command = (
+        "python benchmarks/bench_backends.py"
+        + (" --quick" if args.quick else "")
+        + (" --tolerance" if args.tolerance else "")
+    )
     print(command)
     rounds, calls = (3, 3) if args.quick else (7, 10)
-    result = {"command": command, "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "hidden": HIDDEN, "intermediate": INTERMEDIATE, "latency": latency_table(rounds, calls)}
+    result = {
+        "command": command,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "hidden": HIDDEN,
+        "intermediate": INTERMEDIATE,
+        "latency": latency_table(rounds, calls),
+    }
     try:
         import onnxruntime
 
@@ -144,11 +169,11 @@ def main() -> int:
     names = list(lat["bytes"])
     print(f"{'runner':18} {'bytes/expert':>13} " + " ".join(f"{f'{r} rows ms (x f32)':>22}" for r in ROWS))
     for name in names:
-        cells = " ".join(f"{lat['rows'][r][name]['ms']:>12.3f} ({lat['rows'][r][name]['vs_float32']:>5.2f}x)   "
-                         for r in ROWS)
+        cells = " ".join(
+            f"{lat['rows'][r][name]['ms']:>12.3f} ({lat['rows'][r][name]['vs_float32']:>5.2f}x)   " for r in ROWS
+        )
         print(f"{name:18} {lat['bytes'][name]:>13,} {cells}")
-    print("relative RMS error vs float32 (64 rows):",
-          {n: lat["rows"][64][n]["rel_rms_error"] for n in names})
+    print("relative RMS error vs float32 (64 rows):", {n: lat["rows"][64][n]["rel_rms_error"] for n in names})
     if args.tolerance:
         result["tolerance"] = tolerance_table()
         for model, per in result["tolerance"].items():

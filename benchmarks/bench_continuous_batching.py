@@ -24,12 +24,13 @@ from neuro_dask.demo.addition import ASSET_DIR, sample_problems
 
 
 def main() -> int:
-    with local_cluster(2, processes=True, worker_args=["--neuro-no-benchmark"], dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+    with (
+        local_cluster(2, processes=True, worker_args=["--neuro-no-benchmark"], dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
         client.wait_for_workers(2)
         with nd.load(ASSET_DIR, client=client) as model:
-            ids = model.tokenizer.encode_batch([p.prompt for p in sample_problems(16, random.Random(0),
-                                                                                   held_out=True)])
+            ids = model.tokenizer.encode_batch([p.prompt for p in sample_problems(16, random.Random(0), held_out=True)])
             alone = [model.generate([row], max_new_tokens=8) for row in ids]  # also the reference
             times = []
             for _ in range(5):

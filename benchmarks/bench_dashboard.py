@@ -20,9 +20,9 @@ import time
 
 from distributed import Scheduler
 
-from neuro_dask.scheduler.coordinator import PublishedModel
 from neuro_dask.dashboard import charts
 from neuro_dask.dashboard.feed import CallRecord
+from neuro_dask.scheduler.coordinator import PublishedModel
 from neuro_dask.scheduler.placement import WorkerCapacity
 
 
@@ -39,12 +39,32 @@ def populate(plugin, workers: int, rng: random.Random) -> None:
     for address, keys in c.placement.assignments().items():
         c.serving[address] = set(keys)
     addresses = list(c.workers)
-    plugin.feed.add_calls(CallRecord(time.time(), "bench-model", rng.randrange(32), 4,
-                                     tuple(rng.sample(addresses, 3)), rng.uniform(0.002, 0.05), 5, 0, "ok", "direct")
-                          for _ in range(2_000))
+    plugin.feed.add_calls(
+        CallRecord(
+            time.time(),
+            "bench-model",
+            rng.randrange(32),
+            4,
+            tuple(rng.sample(addresses, 3)),
+            rng.uniform(0.002, 0.05),
+            5,
+            0,
+            "ok",
+            "direct",
+        )
+        for _ in range(2_000)
+    )
     for i in range(5_000):
-        plugin.events.append({"time": time.time(), "topic": "neuro-trust", "action": rng.choice(["invalid", "late"]),
-                              "worker": rng.choice(addresses), "reputation": rng.random(), "cause_id": str(i)})
+        plugin.events.append(
+            {
+                "time": time.time(),
+                "topic": "neuro-trust",
+                "action": rng.choice(["invalid", "late"]),
+                "worker": rng.choice(addresses),
+                "reputation": rng.random(),
+                "cause_id": str(i),
+            }
+        )
 
 
 def timed(chart, rounds: int = 10) -> float:
@@ -64,8 +84,14 @@ async def main(workers: int) -> int:
         populate(plugin, workers, random.Random(0))
         print(f"command: python {' '.join(sys.argv)}")
         print(f"{workers} workers registered and a 32 x 64 model placed in {time.perf_counter() - started:.1f} s")
-        for cls in (charts.NetworkTable, charts.ExpertHeatmap, charts.CallStream, charts.TrustFeed,
-                    charts.ReputationChart, charts.Economy):
+        for cls in (
+            charts.NetworkTable,
+            charts.ExpertHeatmap,
+            charts.CallStream,
+            charts.TrustFeed,
+            charts.ReputationChart,
+            charts.Economy,
+        ):
             ms = timed(cls(plugin))
             note = "  (target < 200 ms)" if cls is charts.NetworkTable else ""
             print(f"{cls.__name__:18s} update() median {ms:7.1f} ms{note}")

@@ -30,8 +30,15 @@ def build(tmp: Path):
     import neuro_dask as nd
 
     config = transformers.MixtralConfig(
-        vocab_size=32000, hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
-        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=4096,
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=4096,
     )
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
@@ -98,24 +105,38 @@ def main(argv=None) -> int:
 
     tokens = prefill_ids.numel()
     res = {
-        "prefill_tokens_per_s": {"neuro_dask": tokens / statistics.median(t_nd_p),
-                                 "transformers": tokens / statistics.median(t_hf_p)},
-        "decode_ms_per_token": {"neuro_dask": 1000 * statistics.median(t_nd_d) / n,
-                                "transformers": 1000 * statistics.median(t_hf_d) / n},
+        "prefill_tokens_per_s": {
+            "neuro_dask": tokens / statistics.median(t_nd_p),
+            "transformers": tokens / statistics.median(t_hf_p),
+        },
+        "decode_ms_per_token": {
+            "neuro_dask": 1000 * statistics.median(t_nd_d) / n,
+            "transformers": 1000 * statistics.median(t_hf_d) / n,
+        },
     }
     res["prefill_time_ratio"] = statistics.median(t_nd_p) / statistics.median(t_hf_p)
     res["decode_time_ratio"] = statistics.median(t_nd_d) / statistics.median(t_hf_d)
-    res["setup"] = {"model": "mixtral hidden 512, 8 layers, 8 experts, top-2", "prefill": "4 x 128 tokens",
-                    "decode": f"1 x 16 prompt, {n} new tokens, greedy", "rounds": rounds,
-                    "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "machine": platform.machine(), "python": platform.python_version()}
+    res["setup"] = {
+        "model": "mixtral hidden 512, 8 layers, 8 experts, top-2",
+        "prefill": "4 x 128 tokens",
+        "decode": f"1 x 16 prompt, {n} new tokens, greedy",
+        "rounds": rounds,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+    }
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-    print(f"prefill  neuro_dask {res['prefill_tokens_per_s']['neuro_dask']:8.0f} tok/s   "
-          f"transformers {res['prefill_tokens_per_s']['transformers']:8.0f} tok/s   "
-          f"time ratio {res['prefill_time_ratio']:.3f}")
-    print(f"decode   neuro_dask {res['decode_ms_per_token']['neuro_dask']:8.2f} ms/tok  "
-          f"transformers {res['decode_ms_per_token']['transformers']:8.2f} ms/tok  "
-          f"time ratio {res['decode_time_ratio']:.3f}")
+    print(
+        f"prefill  neuro_dask {res['prefill_tokens_per_s']['neuro_dask']:8.0f} tok/s   "
+        f"transformers {res['prefill_tokens_per_s']['transformers']:8.0f} tok/s   "
+        f"time ratio {res['prefill_time_ratio']:.3f}"
+    )
+    print(
+        f"decode   neuro_dask {res['decode_ms_per_token']['neuro_dask']:8.2f} ms/tok  "
+        f"transformers {res['decode_ms_per_token']['transformers']:8.2f} ms/tok  "
+        f"time ratio {res['decode_time_ratio']:.3f}"
+    )
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / "decode_vs_transformers.json").write_text(json.dumps(res, indent=2))

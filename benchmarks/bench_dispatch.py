@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 from distributed import Client
+from timing import median_ms  # benchmarks/timing.py
 
 import neuro_dask as nd
 from neuro_dask.client.cluster import local_cluster
 from neuro_dask.store.synthetic import mixtral_config, write_random_mixtral
-from timing import median_ms  # benchmarks/timing.py
 
 HERE = Path(__file__).resolve().parent
 
@@ -38,8 +38,6 @@ HERE = Path(__file__).resolve().parent
 class Pinger:
     def ping(self):
         return None
-
-
 
 
 def main(argv=None) -> int:
@@ -57,8 +55,12 @@ def main(argv=None) -> int:
         nd.shard_checkpoint(tmp / "hf", tmp / "nd")
         local = nd.load(tmp / "nd")
         rows = {5: torch.randn(1, 1024)}
-        with local_cluster(n_workers=2, processes=True, worker_args=["--neuro-no-benchmark"],
-                           dashboard_address=None) as cluster, Client(cluster) as client:
+        with (
+            local_cluster(
+                n_workers=2, processes=True, worker_args=["--neuro-no-benchmark"], dashboard_address=None
+            ) as cluster,
+            Client(cluster) as client,
+        ):
             client.wait_for_workers(2)
             direct = nd.load(tmp / "nd", client=client, transport="direct")
             futures = nd.load(tmp / "nd", client=client, transport="futures")
@@ -78,8 +80,9 @@ def main(argv=None) -> int:
                 out = model.generate(ids, max_new_tokens=n)
                 if not torch.equal(out, reference):
                     raise SystemExit(f"{name} generated different tokens; not timing it")
-                results[f"decode_{name}_ms_per_token"] = median_ms(
-                    lambda m=model: m.generate(ids, max_new_tokens=n), max(3, repeats // 20)) / n
+                results[f"decode_{name}_ms_per_token"] = (
+                    median_ms(lambda m=model: m.generate(ids, max_new_tokens=n), max(3, repeats // 20)) / n
+                )
             direct.close()
             futures.close()
 
@@ -90,16 +93,27 @@ def main(argv=None) -> int:
     r["futures_overhead_vs_actor"] = r["futures_overhead_ms"] / r["actor_call_ms"]
     r["decode_direct_vs_local"] = r["decode_direct_ms_per_token"] / r["decode_local_ms_per_token"]
     r["decode_futures_vs_local"] = r["decode_futures_ms_per_token"] / r["decode_local_ms_per_token"]
-    r["setup"] = {"model": "mixtral hidden 1024, expert 3584, 4 layers, 8 experts, top-2", "workers": 2,
-                  "repeats": repeats, "new_tokens": args.new_tokens, "torch": torch.__version__}
+    r["setup"] = {
+        "model": "mixtral hidden 1024, expert 3584, 4 layers, 8 experts, top-2",
+        "workers": 2,
+        "repeats": repeats,
+        "new_tokens": args.new_tokens,
+        "torch": torch.__version__,
+    }
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-    print(f"per layer   local {r['layer_local_ms']:.2f} ms   direct {r['layer_direct_ms']:.2f} ms   "
-          f"futures {r['layer_futures_ms']:.2f} ms   bare actor call {r['actor_call_ms']:.2f} ms")
-    print(f"overhead    direct {r['direct_overhead_ms']:.2f} ms = {r['direct_overhead_vs_actor']:.2f} x actor   "
-          f"futures {r['futures_overhead_ms']:.2f} ms = {r['futures_overhead_vs_actor']:.2f} x actor")
-    print(f"decode      local {r['decode_local_ms_per_token']:.1f} ms/tok   direct "
-          f"{r['decode_direct_ms_per_token']:.1f} ms/tok ({r['decode_direct_vs_local']:.2f} x)   futures "
-          f"{r['decode_futures_ms_per_token']:.1f} ms/tok ({r['decode_futures_vs_local']:.2f} x)")
+    print(
+        f"per layer   local {r['layer_local_ms']:.2f} ms   direct {r['layer_direct_ms']:.2f} ms   "
+        f"futures {r['layer_futures_ms']:.2f} ms   bare actor call {r['actor_call_ms']:.2f} ms"
+    )
+    print(
+        f"overhead    direct {r['direct_overhead_ms']:.2f} ms = {r['direct_overhead_vs_actor']:.2f} x actor   "
+        f"futures {r['futures_overhead_ms']:.2f} ms = {r['futures_overhead_vs_actor']:.2f} x actor"
+    )
+    print(
+        f"decode      local {r['decode_local_ms_per_token']:.1f} ms/tok   direct "
+        f"{r['decode_direct_ms_per_token']:.1f} ms/tok ({r['decode_direct_vs_local']:.2f} x)   futures "
+        f"{r['decode_futures_ms_per_token']:.1f} ms/tok ({r['decode_futures_vs_local']:.2f} x)"
+    )
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / "dispatch.json").write_text(json.dumps(r, indent=2))

@@ -80,13 +80,14 @@ def main(argv: list[str] | None = None) -> dict:
         client = Client(cluster)
         addrs = sorted(client.scheduler_info()["workers"])
         data = {pid: (lambda k=k: non_iid_split(args.per_participant, args.seed)[k]) for k, pid in enumerate(ids)}
-        handles = start_participants(client, dict(zip(ids, addrs)), str(v0), data,
-                                     drop_in_rounds=(), **kwargs)
+        handles = start_participants(client, dict(zip(ids, addrs)), str(v0), data, drop_in_rounds=(), **kwargs)
         if args.drop_round >= 0:
             raise SystemExit("--drop-round with --dask: see tests/integration/test_federated_rounds.py")
     else:
-        handles = {pid: Participant(pid, str(v0), split[k], drop_in_rounds=[args.drop_round] if pid == "p3" else [],
-                                    **kwargs) for k, pid in enumerate(ids)}
+        handles = {
+            pid: Participant(pid, str(v0), split[k], drop_in_rounds=[args.drop_round] if pid == "p3" else [], **kwargs)
+            for k, pid in enumerate(ids)
+        }
     coord = FederatedCoordinator(handles, get_flat(start), dp=dp)
     coord.setup_keys()
     for _ in range(args.rounds):
@@ -111,18 +112,31 @@ def main(argv: list[str] | None = None) -> dict:
     acc_central, _ = evaluate(central, eval_set)
 
     eps = coord.history[-1].epsilon
-    out = {"start": acc0, "federated": acc_fed, "centralised": acc_central, "federated_s": fed_s,
-           "centralised_s": central_s, "epsilon": eps, "store": str(v1)}
+    out = {
+        "start": acc0,
+        "federated": acc_fed,
+        "centralised": acc_central,
+        "federated_s": fed_s,
+        "centralised_s": central_s,
+        "epsilon": eps,
+        "store": str(v1),
+    }
     print(f"command: {' '.join([sys.executable, *sys.argv])}")
-    print(f"trained: routers + experts; {len(ids)} participants non-IID by first operand's last digit; "
-          f"{args.rounds} rounds x {args.local_steps} local steps x batch {args.batch}; "
-          f"centralised {total_steps} steps x batch {args.batch}")
-    print(f"held-out exact match ({args.eval} problems): start {acc0:.3f}  federated {acc_fed:.3f}  "
-          f"centralised {acc_central:.3f}  gap {100 * (acc_central - acc_fed):+.1f} points")
+    print(
+        f"trained: routers + experts; {len(ids)} participants non-IID by first operand's last digit; "
+        f"{args.rounds} rounds x {args.local_steps} local steps x batch {args.batch}; "
+        f"centralised {total_steps} steps x batch {args.batch}"
+    )
+    print(
+        f"held-out exact match ({args.eval} problems): start {acc0:.3f}  federated {acc_fed:.3f}  "
+        f"centralised {acc_central:.3f}  gap {100 * (acc_central - acc_fed):+.1f} points"
+    )
     print(f"wall: federated {fed_s:.1f} s ({'dask' if args.dask else 'in-process'}), centralised {central_s:.1f} s")
     if eps is not None:
-        print(f"DP: clip {args.clip}, noise multiplier {args.noise}: epsilon {eps:.2f} at delta 1e-5 "
-              f"(RDP, {args.rounds} rounds)")
+        print(
+            f"DP: clip {args.clip}, noise multiplier {args.noise}: epsilon {eps:.2f} at delta 1e-5 "
+            f"(RDP, {args.rounds} rounds)"
+        )
     print(f"new version: {v1} (model_id {Manifest.read(v1).model_id}, parent {Manifest.read(v0).model_id})")
     return out
 

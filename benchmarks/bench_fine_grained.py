@@ -20,12 +20,12 @@ they do not compute in parallel: ms/layer shows what the extra messages cost, no
 would gain. Both models are also loaded locally (nd.load without a client: the same expert
 runners in this process) for a per-layer baseline.
 
-Measured per MoE layer call, over 5 rounds of every phase (--rounds) (the executor's run_layer: the routed experts of one layer for every
-token of one forward step; the router and DeepSeek's shared expert run in the client's trunk and are
-not in it), instrumenting the model's DistributedExecutor: `run_layer` is wrapped to time each
-call and to note the experts it needs, `transport.call_many` (where the executor hands the
-transport one message per worker) is wrapped to note every message: its worker, experts, rows
-and payload bytes.
+Measured per MoE layer call, over 5 rounds of every phase (--rounds) (the executor's run_layer: the
+routed experts of one layer for every token of one forward step; the router and DeepSeek's shared
+expert run in the client's trunk and are not in it), instrumenting the model's DistributedExecutor:
+`run_layer` is wrapped to time each call and to note the experts it needs, `transport.call_many`
+(where the executor hands the transport one message per worker) is wrapped to note every message:
+its worker, experts, rows and payload bytes.
   phases     decode b1: model.generate, 1 prompt of 16 tokens, --new-tokens new tokens; the layer calls
              after the prefill's (one per MoE layer) are decode steps, 1 token each
              decode b8: the same with 8 prompts of 16 tokens (8 tokens a step)
@@ -80,22 +80,50 @@ def deepseek_config(s: Shapes):
     from transformers import AutoConfig
 
     return AutoConfig.for_model(
-        "deepseek_v3", vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.hidden * 18432 // 7168,
-        moe_intermediate_size=s.ds_inter, num_hidden_layers=s.layers, first_k_dense_replace=0,
-        num_attention_heads=s.heads, num_key_value_heads=s.heads, n_routed_experts=256, n_shared_experts=1,
-        num_experts_per_tok=8, n_group=8, topk_group=4, q_lora_rank=1536 * s.hidden // 7168,
-        kv_lora_rank=512 * s.hidden // 7168, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
-        max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        "deepseek_v3",
+        vocab_size=s.vocab,
+        hidden_size=s.hidden,
+        intermediate_size=s.hidden * 18432 // 7168,
+        moe_intermediate_size=s.ds_inter,
+        num_hidden_layers=s.layers,
+        first_k_dense_replace=0,
+        num_attention_heads=s.heads,
+        num_key_value_heads=s.heads,
+        n_routed_experts=256,
+        n_shared_experts=1,
+        num_experts_per_tok=8,
+        n_group=8,
+        topk_group=4,
+        q_lora_rank=1536 * s.hidden // 7168,
+        kv_lora_rank=512 * s.hidden // 7168,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=16,
+        v_head_dim=16,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
 
 
 def mixtral_config(s: Shapes):
     from transformers import AutoConfig
 
     return AutoConfig.for_model(
-        "mixtral", vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.mx_inter, num_hidden_layers=s.layers,
-        num_attention_heads=s.heads, num_key_value_heads=2,
-        num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
-        pad_token_id=0)
+        "mixtral",
+        vocab_size=s.vocab,
+        hidden_size=s.hidden,
+        intermediate_size=s.mx_inter,
+        num_hidden_layers=s.layers,
+        num_attention_heads=s.heads,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
 
 
 def write_store(name: str, config, root: Path) -> Path:
@@ -126,8 +154,12 @@ class Recorder:
         run_layer = executor.run_layer
 
         def timed_run_layer(layer, groups):
-            rec = {"layer": int(layer), "rows": {int(e): int(x.shape[0]) for e, x in groups.items()},
-                   "messages": [], "rounds": 0}
+            rec = {
+                "layer": int(layer),
+                "rows": {int(e): int(x.shape[0]) for e, x in groups.items()},
+                "messages": [],
+                "rounds": 0,
+            }
             self._current = rec
             start = time.perf_counter()
             try:
@@ -147,8 +179,14 @@ class Recorder:
                 if rec is not None:
                     rec["rounds"] += 1
                     for worker, msg in calls.items():
-                        rec["messages"].append({"worker": worker, "experts": [int(e) for e in msg["experts"]],
-                                                "rows": int(sum(msg["counts"])), "bytes": len(msg["data"])})
+                        rec["messages"].append(
+                            {
+                                "worker": worker,
+                                "experts": [int(e) for e in msg["experts"]],
+                                "rows": int(sum(msg["counts"])),
+                                "bytes": len(msg["data"]),
+                            }
+                        )
                 return call_many(calls, timeout)
 
             transport.call_many = counted_call_many
@@ -210,14 +248,20 @@ def summarize(calls: list[dict], local_calls: list[dict], routes: dict) -> dict:
     return {
         "layer_calls": len(calls),
         "tokens_x_topk_rows_per_call": med(sum(c["rows"].values()) for c in calls),
-        "experts_needed_per_call": {"median": med(len(c["rows"]) for c in calls),
-                                    "max": max(len(c["rows"]) for c in calls)},
-        "messages_per_call": {"median": med(len(c["messages"]) for c in calls),
-                              "min": min(len(c["messages"]) for c in calls),
-                              "max": max(len(c["messages"]) for c in calls)},
+        "experts_needed_per_call": {
+            "median": med(len(c["rows"]) for c in calls),
+            "max": max(len(c["rows"]) for c in calls),
+        },
+        "messages_per_call": {
+            "median": med(len(c["messages"]) for c in calls),
+            "min": min(len(c["messages"]) for c in calls),
+            "max": max(len(c["messages"]) for c in calls),
+        },
         "holding_workers_per_call": med(len({routes[(c["layer"], e)][0] for e in c["rows"]}) for c in calls),
-        "experts_per_message": {"median": med(len(m["experts"]) for m in msgs),
-                                "max": max(len(m["experts"]) for m in msgs)},
+        "experts_per_message": {
+            "median": med(len(m["experts"]) for m in msgs),
+            "max": max(len(m["experts"]) for m in msgs),
+        },
         "rows_per_message": {"median": med(m["rows"] for m in msgs), "max": max(m["rows"] for m in msgs)},
         "kib_per_message": med(m["bytes"] / 1024 for m in msgs),
         "ms_per_layer": {"distributed": med(c["ms"] for c in calls), "local": med(c["ms"] for c in local_calls)},
@@ -233,10 +277,24 @@ def cluster(tmp: Path, workers: int):
     from neuro_dask.client.cluster import local_cluster
 
     # hot-extra-replicas 0: a fixed placement, so that every message count is the placement's own.
-    with dask.config.set({"neuro.worker.cache-dir": str(tmp / f"cache-{workers}"), "neuro.client.transport": "direct",
-                          "neuro.scheduler.hot-extra-replicas": 0}):
-        with local_cluster(n_workers=workers, processes=False, replicas=1, worker_args=["--neuro-no-benchmark"],
-                           dashboard_address=None, memory_limit=0) as c, Client(c) as client:
+    with dask.config.set(
+        {
+            "neuro.worker.cache-dir": str(tmp / f"cache-{workers}"),
+            "neuro.client.transport": "direct",
+            "neuro.scheduler.hot-extra-replicas": 0,
+        }
+    ):
+        with (
+            local_cluster(
+                n_workers=workers,
+                processes=False,
+                replicas=1,
+                worker_args=["--neuro-no-benchmark"],
+                dashboard_address=None,
+                memory_limit=0,
+            ) as c,
+            Client(c) as client,
+        ):
             client.wait_for_workers(workers, timeout=60)
             yield client
 
@@ -248,9 +306,11 @@ def placement(routes: dict) -> dict:
         if ws:
             per_layer.setdefault(layer, Counter())[ws[0]] += 1
     names = {w: f"worker-{i}" for i, w in enumerate(sorted(per_worker))}
-    return {"experts_per_worker": {names[w]: n for w, n in sorted(per_worker.items())},
-            "per_layer": {str(l): {names[w]: n for w, n in sorted(c.items())} for l, c in sorted(per_layer.items())},
-            "replicas_per_expert": sorted({len(ws) for ws in routes.values()})}
+    return {
+        "experts_per_worker": {names[w]: n for w, n in sorted(per_worker.items())},
+        "per_layer": {str(l): {names[w]: n for w, n in sorted(c.items())} for l, c in sorted(per_layer.items())},
+        "replicas_per_expert": sorted({len(ws) for ws in routes.values()}),
+    }
 
 
 def main(argv=None) -> int:
@@ -271,23 +331,31 @@ def main(argv=None) -> int:
         print(f"[{time.perf_counter() - began:6.1f} s] {msg}", flush=True)
 
     g = torch.Generator().manual_seed(1)
-    prompts = {"decode_b1": torch.randint(3, shapes.vocab, (1, 16), generator=g),
-               "decode_b8": torch.randint(3, shapes.vocab, (8, 16), generator=g),
-               "prefill_128": torch.randint(3, shapes.vocab, (1, 128), generator=g)}
+    prompts = {
+        "decode_b1": torch.randint(3, shapes.vocab, (1, 16), generator=g),
+        "decode_b8": torch.randint(3, shapes.vocab, (8, 16), generator=g),
+        "prefill_128": torch.randint(3, shapes.vocab, (1, 128), generator=g),
+    }
     results: dict = {"models": {}, "runs": []}
     with tempfile.TemporaryDirectory(prefix="bench-fine-grained-") as tmp:
         tmp = Path(tmp)
-        stores = {"deepseek_v3": write_store("deepseek_v3", deepseek_config(shapes), tmp),
-                  "mixtral": write_store("mixtral", mixtral_config(shapes), tmp)}
+        stores = {
+            "deepseek_v3": write_store("deepseek_v3", deepseek_config(shapes), tmp),
+            "mixtral": write_store("mixtral", mixtral_config(shapes), tmp),
+        }
         log("checkpoints written and sharded")
         local_calls, reference = {}, {}
         for name, path in stores.items():
             model = no_eos(nd.load(path))
             cfg = model.config
-            results["models"][name] = {"experts_per_layer": cfg.num_experts, "top_k": cfg.num_experts_per_tok,
-                                       "moe_layers": len(cfg.moe_layers), "hidden": cfg.hidden_size,
-                                       "expert_parameters": cfg.expert_parameters,
-                                       "expert_file_bytes": model_expert_bytes(path)}
+            results["models"][name] = {
+                "experts_per_layer": cfg.num_experts,
+                "top_k": cfg.num_experts_per_tok,
+                "moe_layers": len(cfg.moe_layers),
+                "hidden": cfg.hidden_size,
+                "expert_parameters": cfg.expert_parameters,
+                "expert_file_bytes": model_expert_bytes(path),
+            }
             rec = Recorder(model.executor)
             model.generate(prompts["decode_b1"], max_new_tokens=2)  # warm-up
             reference[name] = model.generate(prompts["decode_b8"], max_new_tokens=args.new_tokens)
@@ -304,13 +372,20 @@ def main(argv=None) -> int:
                     routes = dict(model.executor.routes.routes)
                     rec = Recorder(model.executor)
                     model.generate(prompts["decode_b1"], max_new_tokens=2)  # warm-up: connections
-                    identical = torch.equal(model.generate(prompts["decode_b8"], max_new_tokens=args.new_tokens),
-                                            reference[name])
-                    calls = run_phases(model, rec, prompts, args.new_tokens, results["models"][name]["moe_layers"],
-                                       rounds)
-                    run = {"model": name, "workers": n, "load_s": load_s, "tokens_identical_to_local": identical,
-                           "placement": placement(routes),
-                           "phases": {ph: summarize(calls[ph], local_calls[name][ph], routes) for ph in calls}}
+                    identical = torch.equal(
+                        model.generate(prompts["decode_b8"], max_new_tokens=args.new_tokens), reference[name]
+                    )
+                    calls = run_phases(
+                        model, rec, prompts, args.new_tokens, results["models"][name]["moe_layers"], rounds
+                    )
+                    run = {
+                        "model": name,
+                        "workers": n,
+                        "load_s": load_s,
+                        "tokens_identical_to_local": identical,
+                        "placement": placement(routes),
+                        "phases": {ph: summarize(calls[ph], local_calls[name][ph], routes) for ph in calls},
+                    }
                     results["runs"].append(run)
                     model.close()
                     del model, rec
@@ -320,12 +395,21 @@ def main(argv=None) -> int:
     import transformers
 
     results["total_seconds"] = total
-    results["setup"] = {"quick": args.quick, "shapes": dataclasses.asdict(shapes), "rounds": rounds,
-                        "new_tokens": args.new_tokens, "workers": sizes, "dtype": "float32",
-                        "cluster": "in-process, replicas 1, hot-extra-replicas 0, direct transport",
-                        "torch": torch.__version__, "transformers": transformers.__version__,
-                        "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                        "load_average_at_end": os.getloadavg(), "machine": platform.machine()}
+    results["setup"] = {
+        "quick": args.quick,
+        "shapes": dataclasses.asdict(shapes),
+        "rounds": rounds,
+        "new_tokens": args.new_tokens,
+        "workers": sizes,
+        "dtype": "float32",
+        "cluster": "in-process, replicas 1, hot-extra-replicas 0, direct transport",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "load_average_at_end": os.getloadavg(),
+        "machine": platform.machine(),
+    }
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
     print(report(results))
     print(f"total run time {total:.0f} s")
@@ -341,10 +425,12 @@ def model_expert_bytes(path: Path) -> int:
 
 
 def report(results: dict) -> str:
-    lines = ["| model | experts, top-k | workers | phase | experts needed / call | messages / call (min-max) | "
-             "holding workers / call | experts / msg | rows / msg | KiB / msg | ms / layer distributed | "
-             "ms / layer local | one msg per holding worker |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| model | experts, top-k | workers | phase | experts needed / call | messages / call (min-max) | "
+        "holding workers / call | experts / msg | rows / msg | KiB / msg | ms / layer distributed | "
+        "ms / layer local | one msg per holding worker |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for run in results["runs"]:
         m = results["models"][run["model"]]
         for phase, s in run["phases"].items():
@@ -355,15 +441,22 @@ def report(results: dict) -> str:
                 f"{s['holding_workers_per_call']:g} | {s['experts_per_message']['median']:g} | "
                 f"{s['rows_per_message']['median']:g} | {s['kib_per_message']:.1f} | "
                 f"{s['ms_per_layer']['distributed']:.2f} | {s['ms_per_layer']['local']:.2f} | "
-                f"{'yes' if s['message_check'] == 'ok' else 'NO: ' + '; '.join(s['message_check'][:3])} |")
-    lines += ["", "| model | workers | experts per worker (all MoE layers) | per layer | tokens identical to local | "
-                  "nd.load on the cluster, s |", "| --- | --- | --- | --- | --- | --- |"]
+                f"{'yes' if s['message_check'] == 'ok' else 'NO: ' + '; '.join(s['message_check'][:3])} |"
+            )
+    lines += [
+        "",
+        "| model | workers | experts per worker (all MoE layers) | per layer | tokens identical to local | "
+        "nd.load on the cluster, s |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for run in results["runs"]:
         pl = run["placement"]
         per_layer = "; ".join(f"L{l}: {'/'.join(str(v) for v in c.values())}" for l, c in pl["per_layer"].items())
         per_worker = "/".join(str(v) for v in pl["experts_per_worker"].values())
-        lines.append(f"| {run['model']} | {run['workers']} | {per_worker} "
-                     f"| {per_layer} | {run['tokens_identical_to_local']} | {run['load_s']:.1f} |")
+        lines.append(
+            f"| {run['model']} | {run['workers']} | {per_worker} "
+            f"| {per_layer} | {run['tokens_identical_to_local']} | {run['load_s']:.1f} |"
+        )
     return "\n".join(lines)
 
 

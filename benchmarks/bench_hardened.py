@@ -101,15 +101,19 @@ def network(name: str, tmp: Path, ledger_url: str, processes: bool = False):
     try:
         if name in ("plain", "plain+signed", "hardened"):
             hardened = ["--neuro-hardened"] if name == "hardened" else []
-            with (unsigned() if name == "plain" else contextlib.nullcontext()), \
-                    _tcp_cluster(tmp, processes, hardened) as client:
+            with (
+                unsigned() if name == "plain" else contextlib.nullcontext(),
+                _tcp_cluster(tmp, processes, hardened) as client,
+            ):
                 yield client
         elif name == "tls":
             with hardened_tls_cluster(tmp, client_role="operator", processes=processes) as (_cluster, client, _certs):
                 yield client
         else:
-            with dask.config.set({"neuro.ledger.url": ledger_url, "neuro.client.account": "operator"}), \
-                    hardened_tls_cluster(tmp, client_role="operator", processes=processes) as (_cluster, client, _):
+            with (
+                dask.config.set({"neuro.ledger.url": ledger_url, "neuro.client.account": "operator"}),
+                hardened_tls_cluster(tmp, client_role="operator", processes=processes) as (_cluster, client, _),
+            ):
                 yield client
     finally:
         uninstall()
@@ -125,9 +129,17 @@ def _tcp_cluster(tmp: Path, processes: bool, hardened: list[str]):
 
     from neuro_dask.client.cluster import local_cluster
 
-    with dask.config.set({"neuro.worker.cache-dir": str(tmp / "cache")}), \
-            local_cluster(3, processes=True, worker_args=["--neuro-no-benchmark", *hardened], scheduler_args=hardened,
-                          dashboard_address=None) as cluster, Client(cluster) as client:
+    with (
+        dask.config.set({"neuro.worker.cache-dir": str(tmp / "cache")}),
+        local_cluster(
+            3,
+            processes=True,
+            worker_args=["--neuro-no-benchmark", *hardened],
+            scheduler_args=hardened,
+            dashboard_address=None,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         client.wait_for_workers(3, timeout=120)
         yield client
 
@@ -138,15 +150,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="fresh networks of each kind")
     parser.add_argument("--repeats", type=int, default=5, help="generations measured on each network (median)")
     parser.add_argument("--networks", default=",".join(NETWORKS), help=f"a comma-separated subset of {NETWORKS}")
-    parser.add_argument("--processes", action="store_true",
-                        help="each worker in its own process (plain: receipts signed there, not switchable)")
+    parser.add_argument(
+        "--processes",
+        action="store_true",
+        help="each worker in its own process (plain: receipts signed there, not switchable)",
+    )
     args = parser.parse_args()
     chosen = [n for n in args.networks.split(",") if n]
     if args.processes and "plain+signed" in chosen:  # worker processes always sign: plain is plain+signed
         chosen.remove("plain+signed")
     unknown = sorted(set(chosen) - set(NETWORKS))
     if unknown or "plain" not in chosen:
-        parser.error(f"--networks takes plain and any of {', '.join(NETWORKS)}; not {', '.join(unknown) or 'without plain'}")
+        parser.error(
+            f"--networks takes plain and any of {', '.join(NETWORKS)}; not {', '.join(unknown) or 'without plain'}"
+        )
     samples: dict[str, list[float]] = {name: [] for name in chosen}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -164,13 +181,24 @@ def main() -> None:
     print(f"{'network':14s} {'direct ms/token':>16s} {'x plain':>8s}   all rounds")
     for name, ms in results.items():
         print(f"{name:14s} {ms:16.2f} {ms / results['plain']:8.2f}   {', '.join(f'{v:.2f}' for v in samples[name])}")
-    print(f"sign {units['sign_us']:.1f} us, verify {units['verify_us']:.1f} us, "
-          f"cached ticket check {units['cached_ticket_check_us']:.1f} us")
+    print(
+        f"sign {units['sign_us']:.1f} us, verify {units['verify_us']:.1f} us, "
+        f"cached ticket check {units['cached_ticket_check_us']:.1f} us"
+    )
     (HERE / "results").mkdir(exist_ok=True)
     out = "hardened-processes.json" if args.processes else "hardened.json"
-    (HERE / "results" / out).write_text(json.dumps(
-        {"args": vars(args), "ms_per_token": results, "samples": samples,
-         "x_plain": {k: v / results["plain"] for k, v in results.items()}, "unit_costs_us": units}, indent=2))
+    (HERE / "results" / out).write_text(
+        json.dumps(
+            {
+                "args": vars(args),
+                "ms_per_token": results,
+                "samples": samples,
+                "x_plain": {k: v / results["plain"] for k, v in results.items()},
+                "unit_costs_us": units,
+            },
+            indent=2,
+        )
+    )
 
 
 def fund(url: str) -> None:

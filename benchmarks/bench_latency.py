@@ -34,17 +34,15 @@ from pathlib import Path
 import dask
 import torch
 from distributed import Client
+from timing import median_ms  # benchmarks/timing.py
 
 import neuro_dask as nd
 from neuro_dask.client.cluster import local_cluster
 from neuro_dask.store.synthetic import mixtral_config, write_random_mixtral
 from neuro_dask.trust.latency import LatencyPolicy
-from timing import median_ms  # benchmarks/timing.py
 
 HERE = Path(__file__).resolve().parent
 HIDDEN, INTERMEDIATE, LAYERS, EXPERTS, VOCAB = 512, 1792, 4, 8, 4096
-
-
 
 
 def decode_ms(model, ids, n: int) -> float:
@@ -82,15 +80,28 @@ def main(argv=None) -> int:
     n, repeats = (6, 3) if args.quick else (12, 5)
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    out: dict = {"rtt_ms": {}, "setup": {
-        "model": f"mixtral hidden {HIDDEN}, expert {INTERMEDIATE}, {LAYERS} layers, {EXPERTS} experts, top-2",
-        "workers": args.workers, "replicas": args.workers, "transport": "direct", "trust": False,
-        "new_tokens": n, "repeats": repeats, "near_ms": args.near_ms, "jitter": "10% of the delay",
-        "torch": torch.__version__, "torch_threads": 1}}
+    out: dict = {
+        "rtt_ms": {},
+        "setup": {
+            "model": f"mixtral hidden {HIDDEN}, expert {INTERMEDIATE}, {LAYERS} layers, {EXPERTS} experts, top-2",
+            "workers": args.workers,
+            "replicas": args.workers,
+            "transport": "direct",
+            "trust": False,
+            "new_tokens": n,
+            "repeats": repeats,
+            "near_ms": args.near_ms,
+            "jitter": "10% of the delay",
+            "torch": torch.__version__,
+            "torch_threads": 1,
+        },
+    }
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        write_random_mixtral(tmp / "hf", mixtral_config(hidden=HIDDEN, intermediate=INTERMEDIATE, layers=LAYERS,
-                                                        experts=EXPERTS, vocab=VOCAB))
+        write_random_mixtral(
+            tmp / "hf",
+            mixtral_config(hidden=HIDDEN, intermediate=INTERMEDIATE, layers=LAYERS, experts=EXPERTS, vocab=VOCAB),
+        )
         nd.shard_checkpoint(tmp / "hf", tmp / "nd")
         ids = torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(1))
         local = nd.load(tmp / "nd")
@@ -107,16 +118,28 @@ def main(argv=None) -> int:
         expert_layer_ms = 1000 * (spent[1][0] - spent[0][0]) / (spent[1][1] - spent[0][1])
         one = {5: torch.randn(1, HIDDEN)}
         worker_call_ms = median_ms(lambda: timed.inner(0, one), 50)  # one expert, one row: the worker's compute
-        with local_cluster(n_workers=args.workers, processes=False, replicas=args.workers,
-                           worker_args=["--neuro-no-benchmark"], dashboard_address=None) as cluster, \
-                Client(cluster) as client:
+        with (
+            local_cluster(
+                n_workers=args.workers,
+                processes=False,
+                replicas=args.workers,
+                worker_args=["--neuro-no-benchmark"],
+                dashboard_address=None,
+            ) as cluster,
+            Client(cluster) as client,
+        ):
             client.wait_for_workers(args.workers)
             workers = sorted(client.scheduler_info()["workers"])
-            far, near = workers[: len(workers) // 2], workers[len(workers) // 2:]
+            far, near = workers[: len(workers) // 2], workers[len(workers) // 2 :]
 
             def load(spec, aware=True, pack=True):
-                with dask.config.set({"neuro.client.simulated-latency": spec, "neuro.client.seed": 0,
-                                      "neuro.client.latency-aware": aware}):
+                with dask.config.set(
+                    {
+                        "neuro.client.simulated-latency": spec,
+                        "neuro.client.seed": 0,
+                        "neuro.client.latency-aware": aware,
+                    }
+                ):
                     model = nd.load(tmp / "nd", client=client, transport="direct")
                 model.executor.transport.latency.policy = LatencyPolicy(pack=pack)
                 if not torch.equal(model.generate(ids, max_new_tokens=n + 1), reference):
@@ -132,10 +155,17 @@ def main(argv=None) -> int:
             for rtt in args.rtts:
                 r = rtt / 1000
                 uniform = {"delay": r, "jitter": r / 10}
-                mixed = {"delay": r, "jitter": r / 10,
-                         "workers": {w: {"delay": args.near_ms / 1000, "jitter": args.near_ms / 10_000} for w in near}}
-                models = {"uniform": load(uniform), "uniform-spread": load(uniform, pack=False),
-                          "mixed-off": load(mixed, aware=False), "mixed-on": load(mixed)}
+                mixed = {
+                    "delay": r,
+                    "jitter": r / 10,
+                    "workers": {w: {"delay": args.near_ms / 1000, "jitter": args.near_ms / 10_000} for w in near},
+                }
+                models = {
+                    "uniform": load(uniform),
+                    "uniform-spread": load(uniform, pack=False),
+                    "mixed-off": load(mixed, aware=False),
+                    "mixed-on": load(mixed),
+                }
                 times: dict[str, list[float]] = {k: [] for k in models}
                 layer_ms: dict[str, list[float]] = {k: [] for k in models}
                 for _ in range(repeats):  # interleaved, so drift hits every configuration alike
@@ -146,11 +176,13 @@ def main(argv=None) -> int:
                 row = {"one_expert_call_ms": median_ms(lambda m=models["uniform"]: m.executor.run_layer(0, one), 30)}
                 for name, model in models.items():
                     book = model.executor.transport.latency
-                    row[name] = {"ms_per_token": statistics.median(times[name]),
-                                 "layer_ms_p50": statistics.median(layer_ms[name]),
-                                 "calls_to_far": sum(book.samples.get(w, 0) for w in far) if name.startswith("mixed")
-                                 else None,
-                                 "calls": sum(book.samples.values()), "explored": book.explored}
+                    row[name] = {
+                        "ms_per_token": statistics.median(times[name]),
+                        "layer_ms_p50": statistics.median(layer_ms[name]),
+                        "calls_to_far": sum(book.samples.get(w, 0) for w in far) if name.startswith("mixed") else None,
+                        "calls": sum(book.samples.values()),
+                        "explored": book.explored,
+                    }
                     model.close()
                 row["uniform_layer_minus_rtt_ms"] = row["uniform"]["layer_ms_p50"] - rtt
                 row["mixed_on_vs_off"] = row["mixed-on"]["ms_per_token"] / row["mixed-off"]["ms_per_token"]
@@ -171,17 +203,23 @@ def main(argv=None) -> int:
     }
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
     d = out["decomposition"]
-    print(f"local decode {local_ms:.2f} ms/token; per layer: client {d['client_compute_per_layer_ms']:.2f} ms, "
-          f"worker compute per call {worker_call_ms:.2f} ms, direct call {direct_call_ms:.2f} ms "
-          f"(transport overhead {d['transport_overhead_per_call_ms']:.2f} ms)")
-    print(f"{'RTT ms':>7} {'uniform':>9} {'unif-spread':>11} {'mixed-off':>10} {'mixed-on':>9} {'on/off':>7} "
-          f"{'far calls off/on':>17}   ms/token")
+    print(
+        f"local decode {local_ms:.2f} ms/token; per layer: client {d['client_compute_per_layer_ms']:.2f} ms, "
+        f"worker compute per call {worker_call_ms:.2f} ms, direct call {direct_call_ms:.2f} ms "
+        f"(transport overhead {d['transport_overhead_per_call_ms']:.2f} ms)"
+    )
+    print(
+        f"{'RTT ms':>7} {'uniform':>9} {'unif-spread':>11} {'mixed-off':>10} {'mixed-on':>9} {'on/off':>7} "
+        f"{'far calls off/on':>17}   ms/token"
+    )
     for rtt, row in out["rtt_ms"].items():
-        print(f"{rtt:>7} {row['uniform']['ms_per_token']:9.1f} {row['uniform-spread']['ms_per_token']:11.1f} "
-              f"{row['mixed-off']['ms_per_token']:10.1f} {row['mixed-on']['ms_per_token']:9.1f} "
-              f"{row['mixed_on_vs_off']:7.2f} "
-              f"{row['mixed-off']['calls_to_far']:>8}/{row['mixed-off']['calls']}"
-              f" {row['mixed-on']['calls_to_far']}/{row['mixed-on']['calls']}")
+        print(
+            f"{rtt:>7} {row['uniform']['ms_per_token']:9.1f} {row['uniform-spread']['ms_per_token']:11.1f} "
+            f"{row['mixed-off']['ms_per_token']:10.1f} {row['mixed-on']['ms_per_token']:9.1f} "
+            f"{row['mixed_on_vs_off']:7.2f} "
+            f"{row['mixed-off']['calls_to_far']:>8}/{row['mixed-off']['calls']}"
+            f" {row['mixed-on']['calls_to_far']}/{row['mixed-on']['calls']}"
+        )
     results = HERE / "results"
     results.mkdir(exist_ok=True)
     (results / "latency.json").write_text(json.dumps(out, indent=2))

@@ -57,8 +57,10 @@ def distributed_run(path, ids, args, reference, rtt: float) -> dict[str, float]:
     if rtt:
         worker_args += ["--neuro-adversary", json.dumps({"mode": "straggle", "probability": 1.0, "delay": rtt})]
     out = {}
-    with local_cluster(n_workers=2, processes=True, worker_args=worker_args, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+    with (
+        local_cluster(n_workers=2, processes=True, worker_args=worker_args, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
         client.wait_for_workers(2)
         with nd.load(path, client=client, transport="direct") as model:
             for lanes in LANES:
@@ -92,15 +94,19 @@ def main(argv=None) -> int:
         results["distributed_rtt"] = distributed_run(tmp / "nd", ids, args, reference, args.rtt)
     r = results
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-    print(f"model: mixtral hidden {args.hidden}, expert {args.intermediate}, {args.layers} layers, 8 experts, top-2; "
-          f"{args.sequences} sequences x {args.new_tokens} new tokens")
+    print(
+        f"model: mixtral hidden {args.hidden}, expert {args.intermediate}, {args.layers} layers, 8 experts, top-2; "
+        f"{args.sequences} sequences x {args.new_tokens} new tokens"
+    )
     print(f"{'run':34s} {'tokens/s':>9s} {'x local':>8s} {'x 1 lane':>9s}")
     print(f"{'local':34s} {r['local']:9.1f} {1.0:8.2f}")
-    for key, label in (("distributed", "distributed"), ("distributed_rtt", f"distributed + {args.rtt * 1000:.0f} ms rtt")):
+    for key, label in (
+        ("distributed", "distributed"),
+        ("distributed_rtt", f"distributed + {args.rtt * 1000:.0f} ms rtt"),
+    ):
         for lanes in LANES:
             v = r[key][f"lanes_{lanes}"]
-            print(f"{label + f', {lanes} lane(s)':34s} {v:9.1f} {v / r['local']:8.2f} "
-                  f"{v / r[key]['lanes_1']:9.2f}")
+            print(f"{label + f', {lanes} lane(s)':34s} {v:9.1f} {v / r['local']:8.2f} {v / r[key]['lanes_1']:9.2f}")
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / "pipelining.json").write_text(json.dumps(r, indent=2))

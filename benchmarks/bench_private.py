@@ -67,10 +67,13 @@ def run_round(model, prompts, new_tokens):
     after = ex.stats
     n_layers = after["layers"] - before["layers"]
     moved = after["bytes_sent"] - before["bytes_sent"] + after["bytes_received"] - before["bytes_received"]
-    return out, {**common, "layers": n_layers,
-                 "round_trips_per_layer": (after["round_trips"] - before["round_trips"]) / n_layers,
-                 "bytes_per_token": moved / tokens,
-                 "worker_compute_ms_per_layer": 1e3 * (after["worker_compute_s"] - before["worker_compute_s"]) / n_layers}
+    return out, {
+        **common,
+        "layers": n_layers,
+        "round_trips_per_layer": (after["round_trips"] - before["round_trips"]) / n_layers,
+        "bytes_per_token": moved / tokens,
+        "worker_compute_ms_per_layer": 1e3 * (after["worker_compute_s"] - before["worker_compute_s"]) / n_layers,
+    }
 
 
 def open_ledger(url: str, workers: list[str]) -> None:
@@ -103,8 +106,10 @@ def expert_compute(path, rows: int, repeat: int = 200) -> dict[str, float]:
             best = min(best, (time.perf_counter() - t) / (repeat // 5))
         return 1e3 * best
 
-    return {"float_ms": timed(lambda: run_expert(x, w)),
-            "int_ms_per_share": timed(lambda: (ie.apply("gate_up", s), ie.apply("down", h)))}
+    return {
+        "float_ms": timed(lambda: run_expert(x, w)),
+        "int_ms_per_share": timed(lambda: (ie.apply("gate_up", s), ie.apply("down", h))),
+    }
 
 
 def _token_generator(model, ids):
@@ -135,16 +140,22 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{tmp}/ledger.db"
         open_ledger(url, names)
-        with dask.config.set({"neuro.ledger.url": url, "neuro.client.account": "bench"}), \
-                neuro_cluster(0, replicas=len(names), tmp_path=Path(tmp)) as (cluster, client):
+        with (
+            dask.config.set({"neuro.ledger.url": url, "neuro.client.account": "bench"}),
+            neuro_cluster(0, replicas=len(names), tmp_path=Path(tmp)) as (cluster, client),
+        ):
             for name in names:
                 add_worker(client, cluster.scheduler_address, name, "--neuro-owner", name[2:])
             client.wait_for_workers(len(names), timeout=60)
             with dask.config.set({"neuro.client.trust": True}):
                 trusted = nd.load(args.model, client=client)
                 private_trusted = nd.load(args.model, client=client, privacy="private")
-            with nd.load(args.model, client=client) as standard, trusted, private_trusted, \
-                    nd.load(args.model, client=client, privacy="private") as private:
+            with (
+                nd.load(args.model, client=client) as standard,
+                trusted,
+                private_trusted,
+                nd.load(args.model, client=client, privacy="private") as private,
+            ):
                 models = dict(zip(tiers, (standard, trusted, private, private_trusted), strict=True))
                 if generic:
                     g = torch.Generator().manual_seed(0)
@@ -163,19 +174,32 @@ def main(argv=None) -> int:
         summary[name] = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
     summary["identical_answers"] = len({json.dumps(a) for a in answers.values()}) == 1
     summary["expert_compute_in_process"] = compute
-    summary["setup"] = {"model": args.model, "prompts": args.prompts, "new_tokens": args.new_tokens,
-                        "rounds": args.rounds, "workers": len(names), "cluster": "in-process, threads", "torch": torch.__version__,
-                        "price_list": "configs/neuro.yaml neuro.ledger defaults"}
-    print(f"{'tier':15} {'ms/token':>9} {'round trips/layer':>18} {'bytes/token':>12} {'worker ms/layer':>16} "
-          f"{'NEURO/token':>12}")
+    summary["setup"] = {
+        "model": args.model,
+        "prompts": args.prompts,
+        "new_tokens": args.new_tokens,
+        "rounds": args.rounds,
+        "workers": len(names),
+        "cluster": "in-process, threads",
+        "torch": torch.__version__,
+        "price_list": "configs/neuro.yaml neuro.ledger defaults",
+    }
+    print(
+        f"{'tier':15} {'ms/token':>9} {'round trips/layer':>18} {'bytes/token':>12} {'worker ms/layer':>16} "
+        f"{'NEURO/token':>12}"
+    )
     for name in tiers:
         s = summary[name]
         wc = s.get("worker_compute_ms_per_layer")
-        print(f"{name:15} {s['ms_per_token']:9.2f} {s['round_trips_per_layer']:18.2f} {s['bytes_per_token']:12.0f} "
-              f"{'-' if wc is None else f'{wc:.3f}':>16} {format_neuro(round(s['neuro_units_per_token'])):>12}")
+        print(
+            f"{name:15} {s['ms_per_token']:9.2f} {s['round_trips_per_layer']:18.2f} {s['bytes_per_token']:12.0f} "
+            f"{'-' if wc is None else f'{wc:.3f}':>16} {format_neuro(round(s['neuro_units_per_token'])):>12}"
+        )
     print(f"identical answers: {summary['identical_answers']}")
-    print(f"one expert call, {max(1, args.prompts // 4)} rows, in this process: float {compute['float_ms']:.3f} ms, "
-          f"integer (one share, both steps) {compute['int_ms_per_share']:.3f} ms")
+    print(
+        f"one expert call, {max(1, args.prompts // 4)} rows, in this process: float {compute['float_ms']:.3f} ms, "
+        f"integer (one share, both steps) {compute['int_ms_per_share']:.3f} ms"
+    )
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(summary, indent=2) + "\n")
     return 0

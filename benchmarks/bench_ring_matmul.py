@@ -32,7 +32,7 @@ def main() -> int:
     print(f"{'rows x K x N':>22} {'int64 ms':>9} {'limbs ms':>9} {'float32 ms':>11}")
     g = torch.Generator().manual_seed(0)
     for rows, k, n in [(32, 1024, 2816), (32, 4096, 3584)]:
-        a = torch.randint(-2**63, 2**63 - 1, (rows, k), generator=g, dtype=torch.int64)
+        a = torch.randint(-(2**63), 2**63 - 1, (rows, k), generator=g, dtype=torch.int64)
         w = encode(torch.randn(k, n, generator=g) * 0.05)
         assert limb_exact(w)
         w64, x, wf = w.to(torch.float64), torch.randn(rows, k), torch.randn(k, n)

@@ -50,8 +50,8 @@ import distributed
 import msgpack
 from distributed import Client, Scheduler, Worker
 
-from neuro_dask.scheduler.coordinator import Coordinator, LoadExperts, PublishedModel
 from neuro_dask.dashboard import charts
+from neuro_dask.scheduler.coordinator import Coordinator, LoadExperts, PublishedModel
 from neuro_dask.scheduler.placement import PlacementPolicy, WorkerCapacity
 from neuro_dask.testing.simulated import (
     MIXTRAL_EXPERT_BYTES_FP16,
@@ -108,9 +108,14 @@ def summary(samples) -> dict[str, float]:
     """Median, p95 and max in ms; the max again without the samples a full collection hit."""
     values = sorted(t if isinstance(t, float) else t[0] for t in samples)
     clean = sorted(t[0] for t in samples if not isinstance(t, float) and not t[1]) or values
-    return {"median_ms": ms(statistics.median(values)), "p95_ms": ms(values[int(0.95 * (len(values) - 1))]),
-            "max_ms": ms(values[-1]), "max_without_full_gc_ms": ms(clean[-1]),
-            "full_gc_hits": sum(1 for t in samples if not isinstance(t, float) and t[1]), "n": len(values)}
+    return {
+        "median_ms": ms(statistics.median(values)),
+        "p95_ms": ms(values[int(0.95 * (len(values) - 1))]),
+        "max_ms": ms(values[-1]),
+        "max_without_full_gc_ms": ms(clean[-1]),
+        "full_gc_hits": sum(1 for t in samples if not isinstance(t, float) and t[1]),
+        "n": len(values),
+    }
 
 
 # ---- 1a. the pure coordinator ------------------------------------------------------------------
@@ -156,8 +161,9 @@ def bench_coordinator(workers: int, churn: int, rng: random.Random) -> dict:
             c.worker_left(rng.choice(idle))
             leave_idle.timed(started, full)
         newcomer = simulated_capacities(1, rng)[0]
-        newcomer = WorkerCapacity(simulated_address(workers + i), newcomer.memory_budget, newcomer.speed,
-                                  newcomer.owner)
+        newcomer = WorkerCapacity(
+            simulated_address(workers + i), newcomer.memory_budget, newcomer.speed, newcomer.owner
+        )
         full, started = GC.full, time.perf_counter()
         actions = c.worker_joined(newcomer)
         join.timed(started, full)
@@ -177,11 +183,20 @@ def bench_coordinator(workers: int, churn: int, rng: random.Random) -> dict:
     started = time.perf_counter()
     c.routes(MODEL)
     routes_core = time.perf_counter() - started
-    return {"workers": len(c.workers), "experts": len(experts), "joins_without_model_s": joins_empty,
-            "publish_ms": ms(publish), "leave_hosting": summary(leave),
-            "experts_rehomed_per_leave": statistics.mean(moved),
-            "leave_idle": summary(leave_idle), "join": summary(join), "hot_first_ms": ms(hot_first),
-            "hot_extra_replicas": extra, "hot_steady": summary(steady), "routes_core_ms": ms(routes_core)}
+    return {
+        "workers": len(c.workers),
+        "experts": len(experts),
+        "joins_without_model_s": joins_empty,
+        "publish_ms": ms(publish),
+        "leave_hosting": summary(leave),
+        "experts_rehomed_per_leave": statistics.mean(moved),
+        "leave_idle": summary(leave_idle),
+        "join": summary(join),
+        "hot_first_ms": ms(hot_first),
+        "hot_extra_replicas": extra,
+        "hot_steady": summary(steady),
+        "routes_core_ms": ms(routes_core),
+    }
 
 
 # ---- 2. task throughput, plain vs neuro --------------------------------------------------------
@@ -203,8 +218,10 @@ async def throughput_phase(order: list[str], tasks: int, rounds: int, rates: dic
         for name in order:
             neuro = name == "neuro"
             s = await stack.enter_async_context(Scheduler(preload=["neuro_scheduler"] if neuro else [], **kw))
-            ws = [await stack.enter_async_context(Worker(s.address, **wkw, **(neuro_worker if neuro else {})))
-                  for _ in range(2)]
+            ws = [
+                await stack.enter_async_context(Worker(s.address, **wkw, **(neuro_worker if neuro else {})))
+                for _ in range(2)
+            ]
             assert all(("neuro" in w.extensions) == neuro for w in ws) and ("neuro" in s.extensions) == neuro
             client = await Client(s.address, asynchronous=True, set_as_default=False)
             stack.push_async_callback(client.close)
@@ -230,10 +247,16 @@ async def bench_throughput(tasks: int, rounds: int) -> dict:
     await throughput_phase(["plain", "neuro"], tasks, (rounds + 1) // 2, rates)
     await throughput_phase(["neuro", "plain"], tasks, rounds // 2, rates)
     plain_rate, neuro_rate = statistics.median(rates["plain"]), statistics.median(rates["neuro"])
-    return {"tasks_per_round": tasks, "rounds": rounds, "workers_per_cluster": 2,
-            "plain_tasks_per_s": plain_rate, "neuro_tasks_per_s": neuro_rate,
-            "plain_rounds": rates["plain"], "neuro_rounds": rates["neuro"],
-            "neuro_cost_fraction": 1.0 - neuro_rate / plain_rate}
+    return {
+        "tasks_per_round": tasks,
+        "rounds": rounds,
+        "workers_per_cluster": 2,
+        "plain_tasks_per_s": plain_rate,
+        "neuro_tasks_per_s": neuro_rate,
+        "plain_rounds": rates["plain"],
+        "neuro_rounds": rates["neuro"],
+        "neuro_cost_fraction": 1.0 - neuro_rate / plain_rate,
+    }
 
 
 # ---- 1b, 3, 4. one scheduler with the neuro preload and 1,000 simulated workers ---------------
@@ -261,6 +284,7 @@ async def bench_scheduler(workers: int, churn: int, route_calls: int, rng: rando
         plugin = s.extensions.get("neuro")
         sent: Counter = Counter()
         if neuro:
+
             async def send(action) -> None:  # in place of the rpc to a worker that has no server
                 sent[type(action).__name__] += 1
                 if isinstance(action, LoadExperts):  # the worker loads and reports, as neuro_worker does
@@ -288,8 +312,9 @@ async def bench_scheduler(workers: int, churn: int, route_calls: int, rng: rando
             result["join_hook_without_model"] = summary(add_hook.times)
             add_hook.times.clear()
             started = time.perf_counter()
-            plugin._enact(plugin.coordinator.model_published(
-                PublishedModel(MODEL, "memory://nowhere", mixtral_shaped_experts())))
+            plugin._enact(
+                plugin.coordinator.model_published(PublishedModel(MODEL, "memory://nowhere", mixtral_shaped_experts()))
+            )
             result["publish_ms"] = ms(time.perf_counter() - started)
             await asyncio.sleep(0)
             await settled()  # every planned replica has reported loaded
@@ -317,8 +342,13 @@ async def bench_scheduler(workers: int, churn: int, route_calls: int, rng: rando
 
         if neuro:
             assert len(plugin.coordinator.workers) == workers and not plugin.coordinator.routes(MODEL).missing
-            result.update({"remove_hook": summary(remove_hook.times), "add_hook": summary(add_hook.times),
-                           "messages_to_workers": dict(sent)})
+            result.update(
+                {
+                    "remove_hook": summary(remove_hook.times),
+                    "add_hook": summary(add_hook.times),
+                    "messages_to_workers": dict(sent),
+                }
+            )
             result.update(await bench_routes(s, route_calls))
             from bench_dashboard import timed  # bench_dashboard's method: 10 updates, median
 
@@ -359,9 +389,15 @@ async def bench_routes(s, route_calls: int) -> dict:
             cold.timed(started, full)
     finally:
         await client.close()
-    return {"routes_rtt": summary(rtt), "routes_handler": summary(warm_handler), "noop_rtt": summary(noop),
-            "routes_rtt_standings_rebuilt": summary(cold), "routes_handler_standings_rebuilt": summary(handler.times),
-            "routes_reply_bytes": len(msgpack.dumps(reply)), "routes_workers_named": len(reply["standing"])}
+    return {
+        "routes_rtt": summary(rtt),
+        "routes_handler": summary(warm_handler),
+        "noop_rtt": summary(noop),
+        "routes_rtt_standings_rebuilt": summary(cold),
+        "routes_handler_standings_rebuilt": summary(handler.times),
+        "routes_reply_bytes": len(msgpack.dumps(reply)),
+        "routes_workers_named": len(reply["standing"]),
+    }
 
 
 # ---- report ------------------------------------------------------------------------------------
@@ -383,10 +419,15 @@ def report(r: dict, command: str) -> list[str]:
     pauses = sorted(r["gc"]["full_pauses_ms"])
     cost = t["neuro_cost_fraction"]
     return [
-        f"command: {command}", "",
-        "| measure | median ms | p95 ms | max ms | target |", "| --- | --- | --- | --- | --- |",
-        row(f"1a. Coordinator.worker_left, hosting worker ({c['experts_rehomed_per_leave']:.1f} experts re-homed)",
-            c["leave_hosting"], 50),
+        f"command: {command}",
+        "",
+        "| measure | median ms | p95 ms | max ms | target |",
+        "| --- | --- | --- | --- | --- |",
+        row(
+            f"1a. Coordinator.worker_left, hosting worker ({c['experts_rehomed_per_leave']:.1f} experts re-homed)",
+            c["leave_hosting"],
+            50,
+        ),
         row("1a. Coordinator.worker_left, idle worker", c["leave_idle"], 50),
         row("1a. Coordinator.worker_joined", c["join"], 50),
         f"| 1a. Coordinator.report_load, 64 experts turn hot (+{c['hot_extra_replicas']} replicas) "
@@ -401,17 +442,23 @@ def report(r: dict, command: str) -> list[str]:
         f"| 2. tasks/s plain Dask / with neuro preloads ({t['tasks_per_round']:,} tasks x {t['rounds']} rounds) "
         f"| {t['plain_tasks_per_s']:,.0f} / {t['neuro_tasks_per_s']:,.0f} | | | |",
         f"| 2. neuro cost, 1 - neuro/plain | {100 * cost:+.1f}% | | | <= 10%: {'yes' if cost <= 0.10 else 'NO'} |",
-        row(f"3. neuro_routes round trip, real Client ({s['routes_reply_bytes']:,} bytes, "
-            f"{s['routes_workers_named']} workers)", s["routes_rtt"], 5, key="median_ms"),
+        row(
+            f"3. neuro_routes round trip, real Client ({s['routes_reply_bytes']:,} bytes, "
+            f"{s['routes_workers_named']} workers)",
+            s["routes_rtt"],
+            5,
+            key="median_ms",
+        ),
         row("3. neuro_routes handler alone", s["routes_handler"]),
-        row("3. neuro_routes round trip, every standing rebuilt", s["routes_rtt_standings_rebuilt"], 5,
-            key="median_ms"),
+        row(
+            "3. neuro_routes round trip, every standing rebuilt", s["routes_rtt_standings_rebuilt"], 5, key="median_ms"
+        ),
         row("3. neuro_routes handler alone, every standing rebuilt", s["routes_handler_standings_rebuilt"]),
         row("3. no-op handler round trip (floor)", s["noop_rtt"]),
         f"| 4. NetworkTable.update(), {n} workers | {s['network_table_ms']:.1f} | | | < 200 ms: "
         f"{'yes' if s['network_table_ms'] < 200 else 'NO'} |",
-        "", f"full collections during the run: {len(pauses)}, pauses (ms): "
-        + ", ".join(f"{x:.0f}" for x in pauses),
+        "",
+        f"full collections during the run: {len(pauses)}, pauses (ms): " + ", ".join(f"{x:.0f}" for x in pauses),
     ]
 
 
@@ -420,11 +467,19 @@ async def main(args) -> int:
     rng = random.Random(args.seed)
     quick = args.quick
     churn = 10 if quick else 40
-    results = {"command": f"python {' '.join(sys.argv)}", "date": time.strftime("%Y-%m-%d"),
-               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                           "distributed": distributed.__version__, "platform": platform.platform(),
-                           "load_average_at_start": os.getloadavg()},
-               "expert_bytes": MIXTRAL_EXPERT_BYTES_FP16, "quick": quick}
+    results = {
+        "command": f"python {' '.join(sys.argv)}",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "distributed": distributed.__version__,
+            "platform": platform.platform(),
+            "load_average_at_start": os.getloadavg(),
+        },
+        "expert_bytes": MIXTRAL_EXPERT_BYTES_FP16,
+        "quick": quick,
+    }
     results["throughput"] = await bench_throughput(1_000 if quick else args.tasks, 4 if quick else args.rounds)
     results["coordinator"] = bench_coordinator(args.workers, churn, rng)
     results["scheduler"] = await bench_scheduler(args.workers, churn, 30 if quick else 200, rng)

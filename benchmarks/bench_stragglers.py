@@ -50,8 +50,11 @@ def steady(client) -> bool:
 
 def run(path, prompts, adversary) -> dict:
     args = ["--neuro-no-benchmark"] + (["--neuro-adversary", json.dumps(adversary)] if adversary else [])
-    with dask.config.set(TRUST), local_cluster(4, processes=False, replicas=3, worker_args=args,
-                                               dashboard_address=None) as cluster, Client(cluster) as client:
+    with (
+        dask.config.set(TRUST),
+        local_cluster(4, processes=False, replicas=3, worker_args=args, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
         client.wait_for_workers(4)
         with nd.load(path, client=client) as model:
             warmups = 0
@@ -65,9 +68,15 @@ def run(path, prompts, adversary) -> dict:
             for _ in range(GENERATIONS):
                 model.generate(prompts, max_new_tokens=32)
             ms = [1000 * t for t in executor.layer_seconds]
-            return {"p50_ms": statistics.median(ms), "p99_ms": quantile(ms, 0.99), "warmups": warmups, "ms": ms,
-                    "steady": steady(client),
-                    "hedges": runner.hedges - hedges, "calls": runner.latency.calls - calls}
+            return {
+                "p50_ms": statistics.median(ms),
+                "p99_ms": quantile(ms, 0.99),
+                "warmups": warmups,
+                "ms": ms,
+                "steady": steady(client),
+                "hedges": runner.hedges - hedges,
+                "calls": runner.latency.calls - calls,
+            }
 
 
 def main() -> int:
@@ -76,8 +85,9 @@ def main() -> int:
     prompts = [torch.randint(3, 256, (3 + i % 7,), generator=g).tolist() for i in range(10)]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        write_random_mixtral(tmp / "hf", mixtral_config(hidden=64, intermediate=128, layers=3, experts=8, vocab=256,
-                                                        heads=4, kv_heads=2))
+        write_random_mixtral(
+            tmp / "hf", mixtral_config(hidden=64, intermediate=128, layers=3, experts=8, vocab=256, heads=4, kv_heads=2)
+        )
         nd.shard_checkpoint(tmp / "hf", tmp / "nd")
         clean = run(tmp / "nd", prompts, None)
         slow = run(tmp / "nd", prompts, {"mode": "straggle", "probability": 0.05, "delay": 0.03, "blocking": blocking})
@@ -85,8 +95,10 @@ def main() -> int:
     for name, r in (("fault-free", clean), ("stragglers", slow)):
         print(f"{name}: {r['warmups']} warm-up generations, steady state reached: {r['steady']}")
     print(f"fault-free   p50 {clean['p50_ms']:.2f} ms   p99 {clean['p99_ms']:.2f} ms")
-    print(f"stragglers   p50 {slow['p50_ms']:.2f} ms   p99 {slow['p99_ms']:.2f} ms   "
-          f"extra calls (hedges) {slow['hedges']} of {slow['calls']} ({slow['hedges'] / max(slow['calls'], 1):.1%})")
+    print(
+        f"stragglers   p50 {slow['p50_ms']:.2f} ms   p99 {slow['p99_ms']:.2f} ms   "
+        f"extra calls (hedges) {slow['hedges']} of {slow['calls']} ({slow['hedges'] / max(slow['calls'], 1):.1%})"
+    )
     print(f"p99 with stragglers / fault-free p50 = {slow['p99_ms'] / clean['p50_ms']:.1f} (target <= 2)")
     for name, r in (("fault-free", clean), ("stragglers", slow)):
         over = sum(t > 2 * clean["p50_ms"] for t in r["ms"])

@@ -26,12 +26,15 @@ def excess(a: torch.Tensor, b: torch.Tensor, rtol: float) -> float:
 def main() -> int:
     g = torch.Generator().manual_seed(0)
     d, i = 1024, 3584
-    w = ExpertWeights(torch.randn(i, d, generator=g) / d**0.5, torch.randn(i, d, generator=g) / d**0.5,
-                      torch.randn(d, i, generator=g) / i**0.5)
+    w = ExpertWeights(
+        torch.randn(i, d, generator=g) / d**0.5,
+        torch.randn(i, d, generator=g) / d**0.5,
+        torch.randn(d, i, generator=g) / i**0.5,
+    )
     x = torch.randn(64, d, generator=g)
     base = run_expert(x, w)
     ref64 = run_expert(x.double(), ExpertWeights(*(t.double() for t in w.as_dict().values()))).float()
-    rows = torch.cat([run_expert(x[k:k + 1], w) for k in range(64)])
+    rows = torch.cat([run_expert(x[k : k + 1], w) for k in range(64)])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     single = run_expert(x, w)
@@ -40,10 +43,16 @@ def main() -> int:
     policy = ValidationPolicy()
     print(f"command: python {' '.join(sys.argv)}")
     print(f"output RMS {float(base.pow(2).mean().sqrt()):.4f}; validator atol {policy.atol}, rtol {policy.rtol}")
-    for name, other in (("float64 reference", ref64), ("row by row", rows), ("1 thread", single),
-                        ("perturbed 0.01 x RMS", perturbed)):
-        print(f"{name:22s} max |diff| {float((base - other).abs().max()):.2e}  "
-              f"excess over rtol {excess(base, other, policy.rtol):+.2e}  agree: {agree({0: base}, {0: other}, policy)}")
+    for name, other in (
+        ("float64 reference", ref64),
+        ("row by row", rows),
+        ("1 thread", single),
+        ("perturbed 0.01 x RMS", perturbed),
+    ):
+        print(
+            f"{name:22s} max |diff| {float((base - other).abs().max()):.2e}  "
+            f"excess over rtol {excess(base, other, policy.rtol):+.2e}  agree: {agree({0: base}, {0: other}, policy)}"
+        )
     return 0
 
 

@@ -81,8 +81,10 @@ class Size:
     vocab: int
 
     def describe(self) -> str:
-        return (f"hidden {self.hidden}, {self.layers} layers, {self.experts} experts of intermediate {self.inter}, "
-                f"top-{self.top_k}, GQA {self.heads}/{self.kv_heads}, vocabulary {self.vocab}")
+        return (
+            f"hidden {self.hidden}, {self.layers} layers, {self.experts} experts of intermediate {self.inter}, "
+            f"top-{self.top_k}, GQA {self.heads}/{self.kv_heads}, vocabulary {self.vocab}"
+        )
 
 
 FULL = Size(hidden=512, layers=8, experts=8, top_k=2, inter=1024, heads=8, kv_heads=2, vocab=32000)
@@ -92,15 +94,32 @@ QUICK = Size(hidden=128, layers=2, experts=8, top_k=2, inter=256, heads=8, kv_he
 def family_config(family: str, s: Size):
     from transformers import AutoConfig
 
-    common = dict(vocab_size=s.vocab, hidden_size=s.hidden, num_hidden_layers=s.layers, num_attention_heads=s.heads,
-                  num_key_value_heads=s.kv_heads, num_experts_per_tok=s.top_k, max_position_embeddings=4096,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    common = dict(
+        vocab_size=s.vocab,
+        hidden_size=s.hidden,
+        num_hidden_layers=s.layers,
+        num_attention_heads=s.heads,
+        num_key_value_heads=s.kv_heads,
+        num_experts_per_tok=s.top_k,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     extra = {
         "mixtral": dict(num_local_experts=s.experts, intermediate_size=s.inter),
-        "qwen2_moe": dict(num_experts=s.experts, moe_intermediate_size=s.inter, intermediate_size=s.inter,
-                          shared_expert_intermediate_size=s.inter),
-        "qwen3_moe": dict(num_experts=s.experts, moe_intermediate_size=s.inter, intermediate_size=s.inter,
-                          head_dim=s.hidden // s.heads),
+        "qwen2_moe": dict(
+            num_experts=s.experts,
+            moe_intermediate_size=s.inter,
+            intermediate_size=s.inter,
+            shared_expert_intermediate_size=s.inter,
+        ),
+        "qwen3_moe": dict(
+            num_experts=s.experts,
+            moe_intermediate_size=s.inter,
+            intermediate_size=s.inter,
+            head_dim=s.hidden // s.heads,
+        ),
         "olmoe": dict(num_experts=s.experts, intermediate_size=s.inter),
     }[family]
     return AutoConfig.for_model(family, **common, **extra)
@@ -137,7 +156,7 @@ class NoExperts:
 
 
 def client_trunk_load(path: Path):
-    from neuro_dask.model.assembly import assemble_model
+    from neuro_dask.client.assembly import assemble_model
     from neuro_dask.store.shard_store import ShardStore
 
     return assemble_model(ShardStore(path, verify=True), NoExperts(), torch.float32)
@@ -154,7 +173,7 @@ def interleave(fns: dict[str, callable], rounds: int) -> dict[str, list[float]]:
     names = list(fns)
     out: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
-        for n in (names if r % 2 == 0 else names[::-1]):
+        for n in names if r % 2 == 0 else names[::-1]:
             out[n].append(timed(fns[n]))
     return out
 
@@ -182,8 +201,11 @@ def first_difference(a: torch.Tensor, b: torch.Tensor) -> str:
 
 
 def outputs(model, ids, padded, n: int) -> dict[str, torch.Tensor]:
-    return {"batch 1": model.generate(ids[0], max_new_tokens=n), "batch 8": model.generate(ids[1], max_new_tokens=n),
-            "padded batch 3": model.generate(padded[0], padded[1], max_new_tokens=n)}
+    return {
+        "batch 1": model.generate(ids[0], max_new_tokens=n),
+        "batch 8": model.generate(ids[1], max_new_tokens=n),
+        "padded batch 3": model.generate(padded[0], padded[1], max_new_tokens=n),
+    }
 
 
 def compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> list[str]:
@@ -192,6 +214,7 @@ def compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -
 
 def measure(models: dict, prefill_ids, b1, b8, n: int, rounds: int) -> dict:
     """Interleaved timings of both layouts' models; per-measure medians."""
+
     def prefill(m):
         return lambda: m.forward(prefill_ids)
 
@@ -210,10 +233,14 @@ def measure(models: dict, prefill_ids, b1, b8, n: int, rounds: int) -> dict:
         else:
             value = {layout: 1000 * t / n for layout, t in med.items()}  # ms per token (per step at batch 8)
         paired = [b / a for a, b in zip(times["neuro"], times["transformers"])]
-        res[name] = {"value": value, "unit": "tokens/s" if name == "prefill" else
-                     ("ms/token" if name == "decode_b1" else "ms/step (8 tokens)"),
-                     "seconds": times, "time_ratio": statistics.median(paired),
-                     "round_ratios": paired, "ratio_of_medians": med["transformers"] / med["neuro"]}
+        res[name] = {
+            "value": value,
+            "unit": "tokens/s" if name == "prefill" else ("ms/token" if name == "decode_b1" else "ms/step (8 tokens)"),
+            "seconds": times,
+            "time_ratio": statistics.median(paired),
+            "round_ratios": paired,
+            "ratio_of_medians": med["transformers"] / med["neuro"],
+        }
     return res
 
 
@@ -226,10 +253,24 @@ def cluster(tmp: Path, workers: int = 2):
 
     # hot-extra-replicas 0: a fixed placement, so that both trunks meet the same one (hot replicas
     # would re-plan while measuring).
-    with dask.config.set({"neuro.worker.cache-dir": str(tmp / "cache"), "neuro.client.transport": "direct",
-                          "neuro.scheduler.hot-extra-replicas": 0}):
-        with local_cluster(n_workers=workers, processes=False, replicas=1, worker_args=["--neuro-no-benchmark"],
-                           dashboard_address=None, memory_limit=0) as c, Client(c) as client:
+    with dask.config.set(
+        {
+            "neuro.worker.cache-dir": str(tmp / "cache"),
+            "neuro.client.transport": "direct",
+            "neuro.scheduler.hot-extra-replicas": 0,
+        }
+    ):
+        with (
+            local_cluster(
+                n_workers=workers,
+                processes=False,
+                replicas=1,
+                worker_args=["--neuro-no-benchmark"],
+                dashboard_address=None,
+                memory_limit=0,
+            ) as c,
+            Client(c) as client,
+        ):
             client.wait_for_workers(workers, timeout=60)
             yield client
 
@@ -299,28 +340,37 @@ def fmt_pair(d: dict, spec: str) -> str:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| family | setting | prefill 4x128, tok/s (hw / tf) | time ratio | decode b1, ms/token (hw / tf) | "
-             "time ratio | decode b8, ms/step (hw / tf) | time ratio |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| family | setting | prefill 4x128, tok/s (hw / tf) | time ratio | decode b1, ms/token (hw / tf) | "
+        "time ratio | decode b8, ms/step (hw / tf) | time ratio |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in results:
         for setting in ("local", "direct"):
             m = r.get(setting)
             if m is None:
                 lines.append(f"| {r['family']} | {setting} | not timed: tokens differ | | | | | |")
                 continue
-            lines.append(f"| {r['family']} | {setting} | {fmt_pair(m['prefill']['value'], ',.0f')} | "
-                         f"{m['prefill']['time_ratio']:.2f} | {fmt_pair(m['decode_b1']['value'], '.1f')} | "
-                         f"{m['decode_b1']['time_ratio']:.2f} | {fmt_pair(m['decode_b8']['value'], '.1f')} | "
-                         f"{m['decode_b8']['time_ratio']:.2f} |")
-    lines += ["", "| family | client trunk load, s (hw / tf) | nd.load local, s (hw / tf) | "
-                  "nd.load on the cluster, first, s (hw / tf) | tokens identical (local, direct) |",
-              "| --- | --- | --- | --- | --- |"]
+            lines.append(
+                f"| {r['family']} | {setting} | {fmt_pair(m['prefill']['value'], ',.0f')} | "
+                f"{m['prefill']['time_ratio']:.2f} | {fmt_pair(m['decode_b1']['value'], '.1f')} | "
+                f"{m['decode_b1']['time_ratio']:.2f} | {fmt_pair(m['decode_b8']['value'], '.1f')} | "
+                f"{m['decode_b8']['time_ratio']:.2f} |"
+            )
+    lines += [
+        "",
+        "| family | client trunk load, s (hw / tf) | nd.load local, s (hw / tf) | "
+        "nd.load on the cluster, first, s (hw / tf) | tokens identical (local, direct) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for r in results:
         ld = r["load_s"]
         direct = fmt_pair(ld["direct_first_load"], ".2f") if "direct_first_load" in ld else "-"
         ident = r["identical_tokens"]
-        lines.append(f"| {r['family']} | {fmt_pair(ld['client_trunk'], '.2f')} | {fmt_pair(ld['local'], '.2f')} | "
-                     f"{direct} | {ident.get('local')}, {ident.get('direct')} |")
+        lines.append(
+            f"| {r['family']} | {fmt_pair(ld['client_trunk'], '.2f')} | {fmt_pair(ld['local'], '.2f')} | "
+            f"{direct} | {ident.get('local')}, {ident.get('direct')} |"
+        )
     return "\n".join(lines)
 
 
@@ -350,22 +400,38 @@ def main(argv=None) -> int:
     total = time.perf_counter() - began
     import transformers
 
-    res = {"families": results, "total_seconds": total,
-           "setup": {"quick": args.quick, "model": size.describe(), "dtype": "float32", "rounds": rounds,
-                     "new_tokens": args.new_tokens,
-                     "prefill": "4 x 128 tokens, model.forward", "decode": "1 x 16 and 8 x 16 prompts, greedy",
-                     "ratio": "transformers-trunk time / hand-written-trunk time, median of the per-round ratios",
-                     "cluster": "in-process, 2 workers, replicas 1, hot-extra-replicas 0, direct transport",
-                     "torch": torch.__version__, "transformers": transformers.__version__,
-                     "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                     "load_average_at_end": os.getloadavg(), "machine": platform.machine(),
-                     "python": platform.python_version()}}
+    res = {
+        "families": results,
+        "total_seconds": total,
+        "setup": {
+            "quick": args.quick,
+            "model": size.describe(),
+            "dtype": "float32",
+            "rounds": rounds,
+            "new_tokens": args.new_tokens,
+            "prefill": "4 x 128 tokens, model.forward",
+            "decode": "1 x 16 and 8 x 16 prompts, greedy",
+            "ratio": "transformers-trunk time / hand-written-trunk time, median of the per-round ratios",
+            "cluster": "in-process, 2 workers, replicas 1, hot-extra-replicas 0, direct transport",
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            "load_average_at_end": os.getloadavg(),
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+        },
+    }
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-    print(f"model: {size.describe()}; float32; {rounds} interleaved rounds, medians; "
-          f"ratio = transformers trunk / hand-written trunk (time)")
+    print(
+        f"model: {size.describe()}; float32; {rounds} interleaved rounds, medians; "
+        f"ratio = transformers trunk / hand-written trunk (time)"
+    )
     print(table(results))
-    print(f"total run time {total:.0f} s; 1-minute load average at the end {os.getloadavg()[0]:.1f} on "
-          f"{os.cpu_count()} CPUs")
+    print(
+        f"total run time {total:.0f} s; 1-minute load average at the end {os.getloadavg()[0]:.1f} on "
+        f"{os.cpu_count()} CPUs"
+    )
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / "trunks.json").write_text(json.dumps(res, indent=2))

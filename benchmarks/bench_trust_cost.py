@@ -55,12 +55,16 @@ def main(argv=None) -> int:
         write_random_mixtral(tmp / "hf", mixtral_config(hidden=512, intermediate=1408, layers=4, experts=8))
         nd.shard_checkpoint(tmp / "hf", tmp / "nd")
         reference = nd.load(tmp / "nd").generate(ids, max_new_tokens=tokens)
-        with local_cluster(3, worker_args=["--neuro-no-benchmark"], dashboard_address=None) as cluster, \
-                Client(cluster) as client:
+        with (
+            local_cluster(3, worker_args=["--neuro-no-benchmark"], dashboard_address=None) as cluster,
+            Client(cluster) as client,
+        ):
             client.wait_for_workers(3)
-            modes = {"off": {"neuro.client.trust": False},
-                     "steady": {"neuro.client.trust": True, "neuro.client.seed": 0},
-                     "full": {"neuro.client.trust": True, "neuro.client.seed": 0, "neuro.client.spot-check": 1.0}}
+            modes = {
+                "off": {"neuro.client.trust": False},
+                "steady": {"neuro.client.trust": True, "neuro.client.seed": 0},
+                "full": {"neuro.client.trust": True, "neuro.client.seed": 0, "neuro.client.spot-check": 1.0},
+            }
             models = {}
             for name, cfg in modes.items():
                 with dask.config.set(cfg):
@@ -75,7 +79,8 @@ def main(argv=None) -> int:
                     raise SystemExit(f"{name}: output differs from local; not timing it")
                 r[f"{name}_ms_per_token"] = measure(model, ids, tokens, rounds)
                 r[f"{name}_compute_per_token"] = (
-                    (runner.replicas_sent - before[0]) / max(runner.units - before[1], 1) if runner else 1.0)
+                    (runner.replicas_sent - before[0]) / max(runner.units - before[1], 1) if runner else 1.0
+                )
             standing = client.sync(client.scheduler.neuro_status)["workers"]
             r["established_workers"] = sum(w["trust_established"] for w in standing.values())
             for model in models.values():
@@ -85,10 +90,15 @@ def main(argv=None) -> int:
         r[f"{name}_time_vs_off"] = r[f"{name}_ms_per_token"] / r["off_ms_per_token"]
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
     for name in ("off", "steady", "full"):
-        extra = "" if name == "off" else (f"  compute {r[f'{name}_compute_vs_off']:.2f} x off, "
-                                          f"time {r[f'{name}_time_vs_off']:.2f} x off")
-        print(f"{name:7s} {r[f'{name}_ms_per_token']:7.2f} ms/token   {r[f'{name}_compute_per_token']:.3f} "
-              f"expert evaluations per routed pair{extra}")
+        extra = (
+            ""
+            if name == "off"
+            else (f"  compute {r[f'{name}_compute_vs_off']:.2f} x off, time {r[f'{name}_time_vs_off']:.2f} x off")
+        )
+        print(
+            f"{name:7s} {r[f'{name}_ms_per_token']:7.2f} ms/token   {r[f'{name}_compute_per_token']:.3f} "
+            f"expert evaluations per routed pair{extra}"
+        )
     print(f"established workers at the end: {r['established_workers']} of 3")
     out = HERE / "results"
     out.mkdir(exist_ok=True)

@@ -55,8 +55,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ("manifest", "safetensors", "frame", "gateway", "plain", "pickle")
@@ -67,35 +68,192 @@ ST_DTYPES = ["F32", "F16", "BF16", "F64", "I64", "I32", "I16", "I8", "U8", "BOOL
 ST_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 EDGE_INTS = [0, 1, -1, 2**31, 2**32, 2**53, 2**62, 2**63 - 1, 2**63, -(2**63), 2**64, 10**20, -(10**20)]
 KEYWORDS = {
-    "manifest": ["neuro-dask-shards", "format", "format_version", "architecture", "config", "artifacts", "path",
-                 "role", "sha256", "bytes", "dtype", "layer", "expert", "parameters", "trunk", "tokenizer",
-                 "generation_config", "tokenizer_files", "source", "..", "/", "\\", "null", "true", "1e999"],
-    "safetensors": ["dtype", "shape", "data_offsets", "__metadata__", *ST_DTYPES[:-1], "null", "1e999",
-                    "18446744073709551616", "[[[[[[[["],
-    "frame": ["experts", "counts", "dtype", "hidden", "data", "status", "OK", "model", "layer", "call", "message",
-              *WIRE_DTYPES[:-1]],
-    "gateway": ["model", "adder", "prompt", "messages", "role", "content", "user", "system", "assistant", "tool",
-                "developer", "type", "text", "name", "max_tokens", "max_completion_tokens", "temperature", "top_p",
-                "top_k", "seed", "n", "stream", "stream_options", "include_usage", "stop", "presence_penalty",
-                "frequency_penalty", "logit_bias", "echo", "best_of", "logprobs", "top_logprobs", "suffix", "tools",
-                "functions", "NaN", "Infinity", "-Infinity", "1e999", "null", "true", "false", "\\ud800"],
-    "plain": ["__Pickled__", "__Serialized__", "__Enum__", "__Set__", "as-list", "op", "status", "OK",
-              "\xc7\x01\x05", "\xd6\xff", "\x91\x91\x91\x91", "\x81\xa1k", "\xdd\xff\xff\xff\xff",
-              "\xcf\xff\xff\xff\xff\xff\xff\xff\xff"],
-    "pickle": ["builtins", "set", "frozenset", "tuple", "list", "dict", "slice", "complex", "ValueError", "OSError",
-               "collections", "OrderedDict", "defaultdict", "datetime", "timedelta", "timezone",
-               "distributed.core", "Status", "tblib.pickling_support", "unpickle_exception",
-               "unpickle_exception_with_attrs", "unpickle_traceback", "neuro_dask.errors", "_rebuild",
-               "ConfigFieldError", "bytes", "range", "numpy", "dtype", "\x85\x85\x85\x85", "\x93", "\x94",
-               "\x95", "\x96", "R", "b", "}(", "u", "\x8f(", "\x90"],
+    "manifest": [
+        "neuro-dask-shards",
+        "format",
+        "format_version",
+        "architecture",
+        "config",
+        "artifacts",
+        "path",
+        "role",
+        "sha256",
+        "bytes",
+        "dtype",
+        "layer",
+        "expert",
+        "parameters",
+        "trunk",
+        "tokenizer",
+        "generation_config",
+        "tokenizer_files",
+        "source",
+        "..",
+        "/",
+        "\\",
+        "null",
+        "true",
+        "1e999",
+    ],
+    "safetensors": [
+        "dtype",
+        "shape",
+        "data_offsets",
+        "__metadata__",
+        *ST_DTYPES[:-1],
+        "null",
+        "1e999",
+        "18446744073709551616",
+        "[[[[[[[[",
+    ],
+    "frame": [
+        "experts",
+        "counts",
+        "dtype",
+        "hidden",
+        "data",
+        "status",
+        "OK",
+        "model",
+        "layer",
+        "call",
+        "message",
+        *WIRE_DTYPES[:-1],
+    ],
+    "gateway": [
+        "model",
+        "adder",
+        "prompt",
+        "messages",
+        "role",
+        "content",
+        "user",
+        "system",
+        "assistant",
+        "tool",
+        "developer",
+        "type",
+        "text",
+        "name",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "n",
+        "stream",
+        "stream_options",
+        "include_usage",
+        "stop",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "echo",
+        "best_of",
+        "logprobs",
+        "top_logprobs",
+        "suffix",
+        "tools",
+        "functions",
+        "NaN",
+        "Infinity",
+        "-Infinity",
+        "1e999",
+        "null",
+        "true",
+        "false",
+        "\\ud800",
+    ],
+    "plain": [
+        "__Pickled__",
+        "__Serialized__",
+        "__Enum__",
+        "__Set__",
+        "as-list",
+        "op",
+        "status",
+        "OK",
+        "\xc7\x01\x05",
+        "\xd6\xff",
+        "\x91\x91\x91\x91",
+        "\x81\xa1k",
+        "\xdd\xff\xff\xff\xff",
+        "\xcf\xff\xff\xff\xff\xff\xff\xff\xff",
+    ],
+    "pickle": [
+        "builtins",
+        "set",
+        "frozenset",
+        "tuple",
+        "list",
+        "dict",
+        "slice",
+        "complex",
+        "ValueError",
+        "OSError",
+        "collections",
+        "OrderedDict",
+        "defaultdict",
+        "datetime",
+        "timedelta",
+        "timezone",
+        "distributed.core",
+        "Status",
+        "tblib.pickling_support",
+        "unpickle_exception",
+        "unpickle_exception_with_attrs",
+        "unpickle_traceback",
+        "neuro_dask.errors",
+        "_rebuild",
+        "ConfigFieldError",
+        "bytes",
+        "range",
+        "numpy",
+        "dtype",
+        "\x85\x85\x85\x85",
+        "\x93",
+        "\x94",
+        "\x95",
+        "\x96",
+        "R",
+        "b",
+        "}(",
+        "u",
+        "\x8f(",
+        "\x90",
+    ],
 }
-GATEWAY_FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
-                  "seed", "n", "stream", "stream_options", "stop", "presence_penalty", "frequency_penalty",
-                  "logit_bias", "echo", "best_of", "logprobs", "top_logprobs", "suffix", "tools", "functions"]
+GATEWAY_FIELDS = [
+    "model",
+    "prompt",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "n",
+    "stream",
+    "stream_options",
+    "stop",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "echo",
+    "best_of",
+    "logprobs",
+    "top_logprobs",
+    "suffix",
+    "tools",
+    "functions",
+]
 SKIP = object()  # an input the mode cannot turn into a parser input (e.g. bytes that are not msgpack)
 
 
 # ---- building inputs from the fuzzer's bytes --------------------------------------------------------
+
 
 def int_value(fdp) -> int:
     kind = fdp.ConsumeIntInRange(0, 3)
@@ -123,8 +281,10 @@ def json_value(fdp, depth: int = 0, binary: bool = False) -> Any:
         items = [json_value(fdp, depth + 1, binary) for _ in range(fdp.ConsumeIntInRange(0, 4))]
         return tuple(items) if kind == 8 else items
     if kind == 7:
-        return {fdp.ConsumeUnicode(fdp.ConsumeIntInRange(0, 8)): json_value(fdp, depth + 1, binary)
-                for _ in range(fdp.ConsumeIntInRange(0, 4))}
+        return {
+            fdp.ConsumeUnicode(fdp.ConsumeIntInRange(0, 8)): json_value(fdp, depth + 1, binary)
+            for _ in range(fdp.ConsumeIntInRange(0, 4))
+        }
     return fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 64))
 
 
@@ -137,23 +297,96 @@ def nested_text(fdp) -> bytes:
 
 # Opcodes with their arguments, and globals allowed and not: what the pickle target strings together.
 PICKLE_FRAGMENTS = [
-    b"N", b"\x88", b"\x89", b"K\x01", b"K\xff", b"J\xff\xff\xff\x7f", b"\x8a\x09" + b"\xff" * 9,
-    b"G?\xf8\x00\x00\x00\x00\x00\x00", b"\x8c\x01a", b"\x8c\x04args", b"C\x02ab",
-    b"\x96\x03\x00\x00\x00\x00\x00\x00\x00abc", b"U\x01x", b"X\x01\x00\x00\x00a", b"I1\n", b"L12\n", b"F1.5\n",
-    b"S'x'\n", b"Vx\n", b")", b"]", b"}", b"\x8f", b"(", b"t", b"\x85", b"\x86", b"\x87", b"l", b"d", b"\x91", b"a",
-    b"e", b"s", b"u", b"\x90", b"0", b"1", b"2", b"\x94", b"h\x00", b"h\x01", b"j\x00\x00\x00\x00", b"q\x00",
-    b"r\x00\x00\x00\x00", b"p0\n", b"g0\n", b"R", b"\x81", b"\x92", b"b", b"\x93", b"o", b"\x97", b"\x98",
-    b"\x95\x05\x00\x00\x00\x00\x00\x00\x00", b"P1\n", b"Q",
-    b"cbuiltins\nset\n", b"cbuiltins\nfrozenset\n", b"cbuiltins\ntuple\n", b"cbuiltins\nlist\n",
-    b"cbuiltins\ndict\n", b"cbuiltins\nslice\n", b"cbuiltins\ncomplex\n", b"cbuiltins\nValueError\n",
-    b"cbuiltins\nOSError\n", b"cbuiltins\nKeyError\n", b"cbuiltins\nUnicodeError\n", b"ccollections\nOrderedDict\n",
-    b"ccollections\ndefaultdict\n", b"cdatetime\ndatetime\n", b"cdatetime\ntimedelta\n", b"cdatetime\ntimezone\n",
-    b"cdistributed.core\nStatus\n", b"cdistributed.core\nCommClosedError\n",
-    b"ctblib.pickling_support\nunpickle_exception\n", b"ctblib.pickling_support\nunpickle_exception_with_attrs\n",
-    b"ctblib.pickling_support\nunpickle_traceback\n", b"ctblib\nFrame\n", b"cneuro_dask.errors\n_rebuild\n",
-    b"cneuro_dask.errors\nConfigFieldError\n", b"cneuro_dask.errors\nMissingTensorError\n", b"cbuiltins\nbytes\n",
-    b"cbuiltins\nrange\n", b"cnumpy\ndtype\n", b"ios\nsystem\n", b"\x8c\x08builtins\x8c\x03set\x93",
-    b"\x8c\x08builtins\x8c\x04dict\x93", b"\x8c\x08builtins\x8c\x0cdict.fromkeys\x93",
+    b"N",
+    b"\x88",
+    b"\x89",
+    b"K\x01",
+    b"K\xff",
+    b"J\xff\xff\xff\x7f",
+    b"\x8a\x09" + b"\xff" * 9,
+    b"G?\xf8\x00\x00\x00\x00\x00\x00",
+    b"\x8c\x01a",
+    b"\x8c\x04args",
+    b"C\x02ab",
+    b"\x96\x03\x00\x00\x00\x00\x00\x00\x00abc",
+    b"U\x01x",
+    b"X\x01\x00\x00\x00a",
+    b"I1\n",
+    b"L12\n",
+    b"F1.5\n",
+    b"S'x'\n",
+    b"Vx\n",
+    b")",
+    b"]",
+    b"}",
+    b"\x8f",
+    b"(",
+    b"t",
+    b"\x85",
+    b"\x86",
+    b"\x87",
+    b"l",
+    b"d",
+    b"\x91",
+    b"a",
+    b"e",
+    b"s",
+    b"u",
+    b"\x90",
+    b"0",
+    b"1",
+    b"2",
+    b"\x94",
+    b"h\x00",
+    b"h\x01",
+    b"j\x00\x00\x00\x00",
+    b"q\x00",
+    b"r\x00\x00\x00\x00",
+    b"p0\n",
+    b"g0\n",
+    b"R",
+    b"\x81",
+    b"\x92",
+    b"b",
+    b"\x93",
+    b"o",
+    b"\x97",
+    b"\x98",
+    b"\x95\x05\x00\x00\x00\x00\x00\x00\x00",
+    b"P1\n",
+    b"Q",
+    b"cbuiltins\nset\n",
+    b"cbuiltins\nfrozenset\n",
+    b"cbuiltins\ntuple\n",
+    b"cbuiltins\nlist\n",
+    b"cbuiltins\ndict\n",
+    b"cbuiltins\nslice\n",
+    b"cbuiltins\ncomplex\n",
+    b"cbuiltins\nValueError\n",
+    b"cbuiltins\nOSError\n",
+    b"cbuiltins\nKeyError\n",
+    b"cbuiltins\nUnicodeError\n",
+    b"ccollections\nOrderedDict\n",
+    b"ccollections\ndefaultdict\n",
+    b"cdatetime\ndatetime\n",
+    b"cdatetime\ntimedelta\n",
+    b"cdatetime\ntimezone\n",
+    b"cdistributed.core\nStatus\n",
+    b"cdistributed.core\nCommClosedError\n",
+    b"ctblib.pickling_support\nunpickle_exception\n",
+    b"ctblib.pickling_support\nunpickle_exception_with_attrs\n",
+    b"ctblib.pickling_support\nunpickle_traceback\n",
+    b"ctblib\nFrame\n",
+    b"cneuro_dask.errors\n_rebuild\n",
+    b"cneuro_dask.errors\nConfigFieldError\n",
+    b"cneuro_dask.errors\nMissingTensorError\n",
+    b"cbuiltins\nbytes\n",
+    b"cbuiltins\nrange\n",
+    b"cnumpy\ndtype\n",
+    b"ios\nsystem\n",
+    b"\x8c\x08builtins\x8c\x03set\x93",
+    b"\x8c\x08builtins\x8c\x04dict\x93",
+    b"\x8c\x08builtins\x8c\x0cdict.fromkeys\x93",
 ]
 
 
@@ -177,13 +410,19 @@ def real_pickles() -> list[bytes]:
             tblib.pickling_support.install(err)
             return distributed_pickle.dumps(err)
 
-    return [raised(ValueError("x")), raised(ConfigFieldError("a.yaml", "f", "is bad")),
-            raised(FileNotFoundError(2, "missing", "/x")), pickle.dumps(Status.running, protocol=5),
-            pickle.dumps(collections.OrderedDict(a=1), protocol=5), pickle.dumps(collections.defaultdict(list, k=[1])),
-            pickle.dumps(datetime.datetime(2030, 1, 2, tzinfo=datetime.UTC), protocol=5),
-            pickle.dumps({"a": (1, 2.5, b"x", None), 3: {1, 2}, "f": frozenset({"z"}), "s": slice(1, 2)}, protocol=5),
-            pickle.dumps([1, 2 + 3j, bytearray(b"ab")], protocol=5), pickle.dumps(bytes, protocol=5),
-            pickle.dumps({(1, 2): {"k": (3, 4)}}, protocol=2, fix_imports=False)]
+    return [
+        raised(ValueError("x")),
+        raised(ConfigFieldError("a.yaml", "f", "is bad")),
+        raised(FileNotFoundError(2, "missing", "/x")),
+        pickle.dumps(Status.running, protocol=5),
+        pickle.dumps(collections.OrderedDict(a=1), protocol=5),
+        pickle.dumps(collections.defaultdict(list, k=[1])),
+        pickle.dumps(datetime.datetime(2030, 1, 2, tzinfo=datetime.UTC), protocol=5),
+        pickle.dumps({"a": (1, 2.5, b"x", None), 3: {1, 2}, "f": frozenset({"z"}), "s": slice(1, 2)}, protocol=5),
+        pickle.dumps([1, 2 + 3j, bytearray(b"ab")], protocol=5),
+        pickle.dumps(bytes, protocol=5),
+        pickle.dumps({(1, 2): {"k": (3, 4)}}, protocol=2, fix_imports=False),
+    ]
 
 
 def _hashables(value: Any) -> list:
@@ -213,8 +452,8 @@ class Inputs:
         import msgpack
         import torch
 
-        from neuro_dask.testing import fuzz_targets
         from neuro_dask.protocol.wire import encode_request, encode_response
+        from neuro_dask.testing import fuzz_targets
 
         self.atheris, self.msgpack, self.torch, self.targets = atheris, msgpack, torch, fuzz_targets
         self.target = target
@@ -224,17 +463,26 @@ class Inputs:
         self.manifest = json.loads(MANIFEST.read_text())
         sent = fuzz_targets.sent_groups()
         # As a peer receives them: through msgpack (the data field arrives as bytes).
-        self.frames = [msgpack.unpackb(msgpack.packb(frame, use_bin_type=True), raw=False)
-                       for frame in (encode_request("m", 1, sent, call="c1"),
-                                     encode_response({e: torch.full_like(rows, 0.5) for e, rows in sent.items()}))]
+        self.frames = [
+            msgpack.unpackb(msgpack.packb(frame, use_bin_type=True), raw=False)
+            for frame in (
+                encode_request("m", 1, sent, call="c1"),
+                encode_response({e: torch.full_like(rows, 0.5) for e, rows in sent.items()}),
+            )
+        ]
         self.real_pickles = real_pickles() if target == "pickle" else []
         self.modes: list[Callable[[bytes], Any]] = {
             "manifest": [self.manifest_bytes, self.manifest_mutated, self.manifest_any, self.manifest_nested],
             "safetensors": [self.safetensors_bytes, self.safetensors_built, self.safetensors_nested],
             "frame": [self.frame_mutated, self.frame_msgpack, self.frame_any, self.frame_built],
             "gateway": [self.gateway_bytes, self.gateway_built, self.gateway_nested],
-            "plain": [self.plain_bytes, self.plain_frame_list, self.plain_value, self.plain_nested,
-                      self.plain_colliding],
+            "plain": [
+                self.plain_bytes,
+                self.plain_frame_list,
+                self.plain_value,
+                self.plain_nested,
+                self.plain_colliding,
+            ],
             "pickle": [self.pickle_bytes, self.pickle_soup, self.pickle_mutated, self.pickle_dumped, self.pickle_bombs],
         }[target]
 
@@ -267,8 +515,23 @@ class Inputs:
             elif action == 1:
                 where[key] = int_value(fdp)
             elif action == 2:
-                where[key] = fdp.PickValueInList(["../x", "/abs", "a//b", "a\\b", ".", "", "a" * 64, "f" * 64,
-                                                  "F" * 64, "trunk", "expert", "tokenizer", "neuro-dask-shards"])
+                where[key] = fdp.PickValueInList(
+                    [
+                        "../x",
+                        "/abs",
+                        "a//b",
+                        "a\\b",
+                        ".",
+                        "",
+                        "a" * 64,
+                        "f" * 64,
+                        "F" * 64,
+                        "trunk",
+                        "expert",
+                        "tokenizer",
+                        "neuro-dask-shards",
+                    ]
+                )
             else:
                 where[key] = json_value(fdp)
         return manifest, lambda: self.targets.manifest_dict(manifest)
@@ -299,16 +562,22 @@ class Inputs:
                 header[name] = json_value(fdp)
                 continue
             dtype = fdp.PickValueInList(ST_DTYPES) if fdp.ConsumeIntInRange(0, 7) else json_value(fdp)
-            shape = [int_value(fdp) for _ in range(fdp.ConsumeIntInRange(0, 3))] if fdp.ConsumeIntInRange(0, 7) \
+            shape = (
+                [int_value(fdp) for _ in range(fdp.ConsumeIntInRange(0, 3))]
+                if fdp.ConsumeIntInRange(0, 7)
                 else json_value(fdp)
+            )
             numel = math.prod(shape) if isinstance(shape, list) and all(isinstance(d, int) for d in shape) else 1
             if fdp.ConsumeBool():  # consistent with dtype and shape
                 end = offset + abs(numel) * ST_ITEMSIZE.get(dtype if isinstance(dtype, str) else "", 1)
                 offsets: Any = [offset, end]
                 offset = end
             else:
-                offsets = [int_value(fdp) for _ in range(fdp.ConsumeIntInRange(0, 3))] if fdp.ConsumeBool() \
+                offsets = (
+                    [int_value(fdp) for _ in range(fdp.ConsumeIntInRange(0, 3))]
+                    if fdp.ConsumeBool()
                     else json_value(fdp)
+                )
             header[name] = {"dtype": dtype, "shape": shape, "data_offsets": offsets}
         if fdp.ConsumeIntInRange(0, 3) == 0:
             header["__metadata__"] = json_value(fdp)
@@ -325,8 +594,9 @@ class Inputs:
         fdp = self.atheris.FuzzedDataProvider(raw)
         msg = dict(self.frames[fdp.ConsumeIntInRange(0, 1)])
         for _ in range(fdp.ConsumeIntInRange(1, 4)):
-            key = fdp.PickValueInList(["experts", "counts", "dtype", "hidden", "data", "status", "model", "layer",
-                                       "call", "message"])
+            key = fdp.PickValueInList(
+                ["experts", "counts", "dtype", "hidden", "data", "status", "model", "layer", "call", "message"]
+            )
             action = fdp.ConsumeIntInRange(0, 3)
             if action == 0:
                 msg.pop(key, None)
@@ -341,8 +611,11 @@ class Inputs:
                 msg[key] = fdp.PickValueInList([int_value(fdp), fdp.ConsumeFloat(), str(int_value(fdp)), True])
             elif key == "data":  # as long as the header implies, or not
                 counts, hidden = msg.get("counts"), msg.get("hidden")
-                size = sum(c for c in counts if isinstance(c, int)) * hidden * 4 \
-                    if isinstance(counts, (list, tuple)) and isinstance(hidden, int) else 0
+                size = (
+                    sum(c for c in counts if isinstance(c, int)) * hidden * 4
+                    if isinstance(counts, (list, tuple)) and isinstance(hidden, int)
+                    else 0
+                )
                 size = max(0, min(size, 4096) + (0 if fdp.ConsumeBool() else fdp.ConsumeIntInRange(-2, 2)))
                 msg[key] = fdp.ConsumeBytes(size).ljust(size, b"\0")
             else:
@@ -361,17 +634,25 @@ class Inputs:
         fdp = self.atheris.FuzzedDataProvider(raw)
         n = fdp.ConsumeIntInRange(0, 4)
         experts = [int_value(fdp) if fdp.ConsumeIntInRange(0, 3) == 0 else i for i in range(n)]
-        counts = [int_value(fdp) for _ in range(n + (fdp.ConsumeIntInRange(-1, 1) if fdp.ConsumeIntInRange(0, 7) == 0
-                                                     else 0))]
+        counts = [
+            int_value(fdp) for _ in range(n + (fdp.ConsumeIntInRange(-1, 1) if fdp.ConsumeIntInRange(0, 7) == 0 else 0))
+        ]
         dtype = fdp.PickValueInList(WIRE_DTYPES)
-        hidden = int_value(fdp) if fdp.ConsumeIntInRange(0, 7) else \
-            fdp.PickValueInList([fdp.ConsumeFloat(), str(int_value(fdp)), True, None])
+        hidden = (
+            int_value(fdp)
+            if fdp.ConsumeIntInRange(0, 7)
+            else fdp.PickValueInList([fdp.ConsumeFloat(), str(int_value(fdp)), True, None])
+        )
         itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}.get(dtype, 4)
         size = sum(counts) * hidden * itemsize if isinstance(hidden, int) else 0
         size = max(0, min(size, 4096) + (0 if fdp.ConsumeIntInRange(0, 3) else fdp.ConsumeIntInRange(-2, 2)))
-        msg: dict[Any, Any] = {"experts": tuple(experts) if fdp.ConsumeBool() else experts,
-                               "counts": tuple(counts) if fdp.ConsumeBool() else counts,
-                               "dtype": dtype, "hidden": hidden, "data": fdp.ConsumeBytes(size).ljust(size, b"\0")}
+        msg: dict[Any, Any] = {
+            "experts": tuple(experts) if fdp.ConsumeBool() else experts,
+            "counts": tuple(counts) if fdp.ConsumeBool() else counts,
+            "dtype": dtype,
+            "hidden": hidden,
+            "data": fdp.ConsumeBytes(size).ljust(size, b"\0"),
+        }
         if fdp.ConsumeIntInRange(0, 3):
             msg.update(model="m", layer=int_value(fdp), status=fdp.PickValueInList(["OK", "error", None]))
         return msg, lambda: self.targets.frame(msg)
@@ -404,9 +685,16 @@ class Inputs:
             return SKIP
         poison = fdp.ConsumeIntInRange(0, 5)
         if poison == 1:
-            frame = self.msgpack.packb({fdp.PickValueInList(["__Pickled__", "__Serialized__", "__Enum__"]):
-                                        fdp.PickValueInList([1, 0, -1, True, "x", None]), "v": value},
-                                       use_bin_type=True, default=_encode_sets)
+            frame = self.msgpack.packb(
+                {
+                    fdp.PickValueInList(["__Pickled__", "__Serialized__", "__Enum__"]): fdp.PickValueInList(
+                        [1, 0, -1, True, "x", None]
+                    ),
+                    "v": value,
+                },
+                use_bin_type=True,
+                default=_encode_sets,
+            )
         elif poison == 2:
             data = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 16))
             code = struct.pack("b", fdp.ConsumeIntInRange(-128, 127))
@@ -441,8 +729,12 @@ class Inputs:
 
     def pickle_soup(self, raw: bytes):
         fdp = self.atheris.FuzzedDataProvider(raw)
-        data = b"\x80" + bytes([fdp.ConsumeIntInRange(0, 5)]) + b"".join(
-            fdp.PickValueInList(PICKLE_FRAGMENTS) for _ in range(fdp.ConsumeIntInRange(0, 48))) + b"."
+        data = (
+            b"\x80"
+            + bytes([fdp.ConsumeIntInRange(0, 5)])
+            + b"".join(fdp.PickValueInList(PICKLE_FRAGMENTS) for _ in range(fdp.ConsumeIntInRange(0, 48)))
+            + b"."
+        )
         return data, lambda: self.targets.restricted_pickle(data)
 
     def pickle_mutated(self, raw: bytes):
@@ -452,7 +744,7 @@ class Inputs:
             if data:
                 data[fdp.ConsumeIntInRange(0, len(data) - 1)] = fdp.ConsumeIntInRange(0, 255)
         if fdp.ConsumeBool():
-            data = data[:fdp.ConsumeIntInRange(0, len(data))]
+            data = data[: fdp.ConsumeIntInRange(0, len(data))]
         data = bytes(data)
         return data, lambda: self.targets.restricted_pickle(data)
 
@@ -512,14 +804,20 @@ class Inputs:
         if name == "model":
             return fdp.PickValueInList(["adder", "other", ""])
         if name == "prompt":
-            return fdp.PickValueInList([fdp.ConsumeUnicode(12), [int_value(fdp) for _ in range(3)], ["a"], ["a", "b"],
-                                        [[1, 2]], [], [True]])
+            return fdp.PickValueInList(
+                [fdp.ConsumeUnicode(12), [int_value(fdp) for _ in range(3)], ["a"], ["a", "b"], [[1, 2]], [], [True]]
+            )
         if name == "messages":
-            return [{"role": fdp.PickValueInList(["user", "system", "assistant", "tool", "developer", "x"]),
-                     "content": fdp.PickValueInList([fdp.ConsumeUnicode(8), None, [{"type": "text", "text": "a"}],
-                                                     [{"type": "image"}], 3]),
-                     **({"name": json_value(fdp)} if fdp.ConsumeBool() else {})}
-                    for _ in range(fdp.ConsumeIntInRange(0, 3))]
+            return [
+                {
+                    "role": fdp.PickValueInList(["user", "system", "assistant", "tool", "developer", "x"]),
+                    "content": fdp.PickValueInList(
+                        [fdp.ConsumeUnicode(8), None, [{"type": "text", "text": "a"}], [{"type": "image"}], 3]
+                    ),
+                    **({"name": json_value(fdp)} if fdp.ConsumeBool() else {}),
+                }
+                for _ in range(fdp.ConsumeIntInRange(0, 3))
+            ]
         if name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
             return fdp.PickValueInList([fdp.ConsumeFloat(), fdp.ConsumeFloatInRange(-1.0, 3.0), 0, 1, True])
         if name in ("stream", "echo", "logprobs"):
@@ -535,14 +833,14 @@ class Inputs:
 
 # ---- the child: one target under libFuzzer ------------------------------------------------------------
 
+
 def child(args: argparse.Namespace) -> None:
     import atheris
+    import distributed.protocol.core  # noqa: F401  (the plain target's differential check)
     import jinja2  # noqa: F401  (third-party modules load uninstrumented; only neuro_dask is)
     import msgpack  # noqa: F401
-    import torch  # noqa: F401
-
-    import distributed.protocol.core  # noqa: F401  (the plain target's differential check)
     import tblib.pickling_support  # noqa: F401
+    import torch  # noqa: F401
 
     with atheris.instrument_imports(include=["neuro_dask"]):
         # the targets, and with them the manifest, shard, frame and gateway parsers they call, and
@@ -590,9 +888,14 @@ def child(args: argparse.Namespace) -> None:
             tb = traceback.extract_tb(exc.__traceback__)
             site = next((f for f in reversed(tb) if "neuro_dask" in f.filename), tb[-1])
             signature = f"{type(exc).__name__} at {Path(site.filename).name}:{site.lineno} ({site.name})"
-            report = {"target": args.child, "signature": signature, "error": f"{type(exc).__name__}: {exc}"[:600],
-                      "input": _describe(value), "input_hex": data.hex(),
-                      "traceback": "".join(traceback.format_exception(exc))[-4000:]}
+            report = {
+                "target": args.child,
+                "signature": signature,
+                "error": f"{type(exc).__name__}: {exc}"[:600],
+                "input": _describe(value),
+                "input_hex": data.hex(),
+                "traceback": "".join(traceback.format_exception(exc))[-4000:],
+            }
             if not args.keep_going:
                 print(f"\nFUZZ FINDING {json.dumps(report)}", file=sys.stderr, flush=True)
                 raise
@@ -601,8 +904,16 @@ def child(args: argparse.Namespace) -> None:
                 with open(args.findings, "a") as fh:
                     fh.write(json.dumps(report) + "\n")
 
-    flags = [f"-runs={args.runs}", f"-max_len={MAX_LEN[args.child]}", "-rss_limit_mb=2048", "-timeout=60",
-             f"-artifact_prefix={artifacts}{os.sep}", f"-dict={words}", "-print_final_stats=1", str(corpus)]
+    flags = [
+        f"-runs={args.runs}",
+        f"-max_len={MAX_LEN[args.child]}",
+        "-rss_limit_mb=2048",
+        "-timeout=60",
+        f"-artifact_prefix={artifacts}{os.sep}",
+        f"-dict={words}",
+        "-print_final_stats=1",
+        str(corpus),
+    ]
     if args.seed:
         flags.insert(0, f"-seed={args.seed}")
     atheris.Setup([sys.argv[0], *flags], one_input)
@@ -637,22 +948,29 @@ def write_seeds(target: str, corpus: Path) -> None:
     import msgpack
     import torch
 
+    from neuro_dask.protocol.wire import encode_request, encode_response
     from neuro_dask.store.safetensors_io import StreamingWriter
     from neuro_dask.testing.fuzz_targets import sent_groups
-    from neuro_dask.protocol.wire import encode_request, encode_response
 
     corpus.mkdir(parents=True, exist_ok=True)
     seeds: list[bytes] = []
     if target == "manifest":
         text = MANIFEST.read_bytes()
-        small = json.dumps({"format": "neuro-dask-shards", "format_version": 1, "architecture": "mixtral",
-                            "config": {}, "artifacts": [{"path": "trunk.safetensors", "role": "trunk", "bytes": 1,
-                                                         "sha256": "0" * 64}]}).encode()
+        small = json.dumps(
+            {
+                "format": "neuro-dask-shards",
+                "format_version": 1,
+                "architecture": "mixtral",
+                "config": {},
+                "artifacts": [{"path": "trunk.safetensors", "role": "trunk", "bytes": 1, "sha256": "0" * 64}],
+            }
+        ).encode()
         seeds = [b"\0" + text, b"\0" + small, b"\0{}", b"\1" + bytes(16), b"\1" + bytes(range(64)), b"\2" + bytes(32)]
     elif target == "safetensors":
         with tempfile.TemporaryDirectory() as tmp:
-            for i, specs in enumerate([[("a", torch.float32, (2, 3)), ("b", torch.int64, (0,))],
-                                       [("w", torch.bfloat16, (4, 2, 2))], []]):
+            for i, specs in enumerate(
+                [[("a", torch.float32, (2, 3)), ("b", torch.int64, (0,))], [("w", torch.bfloat16, (4, 2, 2))], []]
+            ):
                 writer = StreamingWriter(Path(tmp) / f"{i}.safetensors", specs, {"format": "pt"} if i else None)
                 writer.write(torch.ones(shape, dtype=dtype) for _, dtype, shape in specs)
                 seeds.append(b"\0" + (Path(tmp) / f"{i}.safetensors").read_bytes())
@@ -661,85 +979,162 @@ def write_seeds(target: str, corpus: Path) -> None:
         sent = sent_groups()
         request = encode_request("m", 1, sent, call="c1")
         response = encode_response({e: torch.full_like(rows, 0.5) for e, rows in sent.items()})
-        seeds = [b"\1" + msgpack.dumps(request), b"\1" + msgpack.dumps(response),
-                 b"\1" + msgpack.dumps({"status": "error", "message": "no"}),
-                 b"\0" + bytes(16), b"\0\1" + bytes(range(40)), b"\2" + bytes(range(7, 40))]
+        seeds = [
+            b"\1" + msgpack.dumps(request),
+            b"\1" + msgpack.dumps(response),
+            b"\1" + msgpack.dumps({"status": "error", "message": "no"}),
+            b"\0" + bytes(16),
+            b"\0\1" + bytes(range(40)),
+            b"\2" + bytes(range(7, 40)),
+        ]
     elif target == "plain":
         from distributed.core import Status
         from distributed.protocol.core import dumps
         from distributed.protocol.serialize import ToPickle, to_serialize
 
-        plain = [{"op": "heartbeat-worker", "now": 1.5, "metrics": {"a": {"b": (1, 2.5, None)}, "k": {("x-1", 0)}},
-                  "big": 2**64 - 1, "neg": -(2**63), "data": b"\x00" * 16, "ok": True},
-                 {"op": "neuro_expert", "experts": (0, 3), "counts": (2, 1), "dtype": "float32", "hidden": 4,
-                  "data": bytes(12)},
-                 [{"op": "task-finished", "key": ("x", 1)}, {"op": "keep-alive"}], {1: 2, (1, "a"): {3}}, None]
-        refused = [{"op": "x", "data": ToPickle(1)}, {"op": "x", "data": to_serialize(b"y")},
-                   {"op": "x", "status": Status.running}]
+        plain = [
+            {
+                "op": "heartbeat-worker",
+                "now": 1.5,
+                "metrics": {"a": {"b": (1, 2.5, None)}, "k": {("x-1", 0)}},
+                "big": 2**64 - 1,
+                "neg": -(2**63),
+                "data": b"\x00" * 16,
+                "ok": True,
+            },
+            {
+                "op": "neuro_expert",
+                "experts": (0, 3),
+                "counts": (2, 1),
+                "dtype": "float32",
+                "hidden": 4,
+                "data": bytes(12),
+            },
+            [{"op": "task-finished", "key": ("x", 1)}, {"op": "keep-alive"}],
+            {1: 2, (1, "a"): {3}},
+            None,
+        ]
+        refused = [
+            {"op": "x", "data": ToPickle(1)},
+            {"op": "x", "data": to_serialize(b"y")},
+            {"op": "x", "status": Status.running},
+        ]
         seeds = [b"\0" + dumps(m)[0] for m in plain + refused]
-        seeds += [b"\1" + bytes([3, 0]) + dumps(plain[0])[0][:200], b"\2" + bytes(range(40)), b"\3" + bytes(8),
-                  b"\4" + bytes([0x20, 1])]
+        seeds += [
+            b"\1" + bytes([3, 0]) + dumps(plain[0])[0][:200],
+            b"\2" + bytes(range(40)),
+            b"\3" + bytes(8),
+            b"\4" + bytes([0x20, 1]),
+        ]
     elif target == "pickle":
         seeds = [b"\0" + p for p in real_pickles()]
         seeds += [b"\1" + bytes(range(1, 40)), b"\2" + bytes(8), b"\3" + bytes(range(3, 30)), b"\4" + bytes([1, 2, 3])]
     else:
-        seeds = [b"\0" + json.dumps(body).encode() for body in (
-            {"model": "adder", "prompt": "123+456=", "max_tokens": 8, "temperature": 0},
-            {"model": "adder", "prompt": [1, 2, 3], "stream": True, "stream_options": {"include_usage": True},
-             "stop": ["\n"], "seed": 7, "top_p": 0.9},
-            {"model": "adder", "messages": [{"role": "system", "content": "be brief"},
-                                            {"role": "user", "content": [{"type": "text", "text": "1+1"}]}],
-             "max_completion_tokens": 4, "n": 1, "logit_bias": {}},
-        )] + [b"\1" + bytes(range(1, 60))]
+        seeds = [
+            b"\0" + json.dumps(body).encode()
+            for body in (
+                {"model": "adder", "prompt": "123+456=", "max_tokens": 8, "temperature": 0},
+                {
+                    "model": "adder",
+                    "prompt": [1, 2, 3],
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                    "stop": ["\n"],
+                    "seed": 7,
+                    "top_p": 0.9,
+                },
+                {
+                    "model": "adder",
+                    "messages": [
+                        {"role": "system", "content": "be brief"},
+                        {"role": "user", "content": [{"type": "text", "text": "1+1"}]},
+                    ],
+                    "max_completion_tokens": 4,
+                    "n": 1,
+                    "logit_bias": {},
+                },
+            )
+        ] + [b"\1" + bytes(range(1, 60))]
     for seed in seeds:
         (corpus / hashlib.sha1(seed).hexdigest()).write_bytes(seed)
 
 
 # ---- the parent: one child per target, and the report -------------------------------------------------
 
+
 def run_target(target: str, args: argparse.Namespace) -> bool:
     with tempfile.TemporaryDirectory(prefix=f"fuzz-{target}-", dir=_fast_tmp()) as tmp:
         corpus, artifacts, findings = Path(tmp) / "corpus", Path(tmp) / "artifacts", Path(tmp) / "findings.jsonl"
         timing = Path(tmp) / "started"
         write_seeds(target, corpus)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", target, "--runs", str(args.runs),
-               "--corpus", str(corpus), "--artifacts", str(artifacts), "--findings", str(findings),
-               "--seed", str(args.seed), "--timing", str(timing), "--work", tmp] + (["--keep-going"] if args.keep_going else [])
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--child",
+            target,
+            "--runs",
+            str(args.runs),
+            "--corpus",
+            str(corpus),
+            "--artifacts",
+            str(artifacts),
+            "--findings",
+            str(findings),
+            "--seed",
+            str(args.seed),
+            "--timing",
+            str(timing),
+            "--work",
+            tmp,
+        ] + (["--keep-going"] if args.keep_going else [])
         started = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, errors="replace",
-                                  timeout=args.timeout)
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, errors="replace", timeout=args.timeout)
             code, output = proc.returncode, proc.stdout + proc.stderr
         except subprocess.TimeoutExpired as exc:
             code = -1
-            output = ((exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or "") \
-                + ((exc.stderr or b"").decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or "") \
+            output = (
+                ((exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or "")
+                + ((exc.stderr or b"").decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or "")
                 + f"\ntimed out after {args.timeout} s"
+            )
         seconds, ended = time.perf_counter() - started, time.time()
-        runs = _stat(output, r"stat::number_of_executed_units:\s*(\d+)") or _stat(output, r"Done (\d+) runs") \
+        runs = (
+            _stat(output, r"stat::number_of_executed_units:\s*(\d+)")
+            or _stat(output, r"Done (\d+) runs")
             or _stat(output, r"#(\d+)\s", last=True)
+        )
         fuzzing = ended - float(timing.read_text()) if timing.exists() else seconds
         speed = round((runs or 0) / fuzzing) if fuzzing > 0 else 0  # libFuzzer's own rounds seconds down
         found = [json.loads(line) for line in findings.read_text().splitlines()] if findings.exists() else []
         crash = re.search(r"^FUZZ FINDING (\{.*\})$", output, re.M)
         ok = code == 0 and not found
-        verdict = "no input raised an undocumented error" if ok else (
-            f"{len(found)} distinct undocumented error(s)" if found else f"FAILED (exit {code})")
+        verdict = (
+            "no input raised an undocumented error"
+            if ok
+            else (f"{len(found)} distinct undocumented error(s)" if found else f"FAILED (exit {code})")
+        )
         print(f"{target:12s} {runs or 0:>9,} {seconds:9.1f} {fuzzing:9.1f} {speed:>7,}  {verdict}", flush=True)
         for report in found + ([json.loads(crash.group(1))] if crash else []):
             _print_finding(report)
         if not ok and not found and not crash:
             print(output[-6000:])
         elif crash:
-            print("  libFuzzer: " + "\n  libFuzzer: ".join(
-                line for line in output.splitlines() if line.startswith("==") and "ERROR" in line))
+            print(
+                "  libFuzzer: "
+                + "\n  libFuzzer: ".join(
+                    line for line in output.splitlines() if line.startswith("==") and "ERROR" in line
+                )
+            )
         crashes = sorted(artifacts.glob("*")) if artifacts.exists() else []
         if crashes:  # the temporary folder goes; the crash inputs stay (outside the repository)
             kept = Path(tempfile.mkdtemp(prefix=f"fuzz-{target}-crashes-"))
             for path in crashes:
                 shutil.copy(path, kept / path.name)
-            print(f"  crash input kept in {kept}; reproduce with: python benchmarks/fuzz_atheris.py "
-                  f"--child {target} --corpus {kept / crashes[0].name}")
+            print(
+                f"  crash input kept in {kept}; reproduce with: python benchmarks/fuzz_atheris.py "
+                f"--child {target} --corpus {kept / crashes[0].name}"
+            )
         return ok
 
 
@@ -760,8 +1155,11 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=100_000, help="inputs per target (libFuzzer -runs)")
     parser.add_argument("--target", choices=("all", *TARGETS), default="all")
     parser.add_argument("--seed", type=int, default=0, help="libFuzzer -seed (0: a random one)")
-    parser.add_argument("--keep-going", action="store_true",
-                        help="record each distinct undocumented error and fuzz on, instead of stopping at the first")
+    parser.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="record each distinct undocumented error and fuzz on, instead of stopping at the first",
+    )
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per target before the child is killed")
     parser.add_argument("--child", choices=TARGETS, help=argparse.SUPPRESS)
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
@@ -780,8 +1178,10 @@ def main() -> int:
         return 2
     targets = TARGETS if args.target == "all" else (args.target,)
     print(f"command: python {' '.join(sys.argv)}")
-    print(f"{'target':12s} {'runs':>9s} {'seconds':>9s} {'fuzzing':>9s} {'exec/s':>7s}  (seconds: the child's wall "
-          "time with imports; fuzzing: from its first input; exec/s: runs / fuzzing)")
+    print(
+        f"{'target':12s} {'runs':>9s} {'seconds':>9s} {'fuzzing':>9s} {'exec/s':>7s}  (seconds: the child's wall "
+        "time with imports; fuzzing: from its first input; exec/s: runs / fuzzing)"
+    )
     results = [run_target(t, args) for t in targets]
     return 0 if all(results) else 1
 

@@ -24,15 +24,30 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--examples", type=int, default=100_000)
-    parser.add_argument("-k", dest="select", help="only the tests whose names match (pytest -k), e.g. 'plain or pickle'")
+    parser.add_argument(
+        "-k", dest="select", help="only the tests whose names match (pytest -k), e.g. 'plain or pickle'"
+    )
     args = parser.parse_args()
     started = time.perf_counter()
-    code = subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                            str(ROOT / "tests/unit/test_fuzz_parsers.py"), *(["-k", args.select] if args.select else [])],
-                           env={**os.environ, "NEURO_FUZZ_EXAMPLES": str(args.examples)}, cwd=ROOT)
+    code = subprocess.call(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(ROOT / "tests/unit/test_fuzz_parsers.py"),
+            *(["-k", args.select] if args.select else []),
+        ],
+        env={**os.environ, "NEURO_FUZZ_EXAMPLES": str(args.examples)},
+        cwd=ROOT,
+    )
     print(f"command: python {' '.join(sys.argv)}")
-    print(f"{args.examples:,} inputs for each fuzz test of 6 parsers in {time.perf_counter() - started:.0f} s: "
-          f"{'no input raised an undocumented error' if code == 0 else 'FAILED (see above)'}")
+    print(
+        f"{args.examples:,} inputs for each fuzz test of 6 parsers in {time.perf_counter() - started:.0f} s: "
+        f"{'no input raised an undocumented error' if code == 0 else 'FAILED (see above)'}"
+    )
     return code
 
 

@@ -14,7 +14,7 @@ the same architecture at hidden 64 (2 layers, 8 experts, top-4, vocabulary 256) 
 THE SYNTHETIC STORE (both modes). A transformers-layout store exactly as neuro_dask's transformers sharder
 (store/hf_sharder.py) writes one, without a 60 GB checkpoint:
   - first a tiny gpt_oss checkpoint is built by transformers, its experts packed to MXFP4 in the
-    published layout (runtime/expert_formats.py quantize_mxfp4 of the nn.Linear-oriented weights,
+    published layout (store/expert_formats.py quantize_mxfp4 of the nn.Linear-oriented weights,
     `..._blocks`/`..._scales` stacked per layer) and sharded by the REAL sharder (shard_checkpoint,
     layout="transformers"): the reference for names, order, dtypes and the experts_spec;
   - experts_spec of the big store: hf_sharder.expert_spec over the architecture's transformers skeleton
@@ -121,8 +121,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from timing import median_ms  # benchmarks/timing.py
@@ -131,19 +132,58 @@ HERE = Path(__file__).resolve().parent
 RESULT = HERE / "results" / "gpu-projection.json"
 
 # openai/gpt-oss-120b (transformers 5.24 GptOssConfig defaults are this model's values).
-FULL = dict(vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=36, num_local_experts=128,
-            num_experts_per_tok=4, head_dim=64, num_attention_heads=64, num_key_value_heads=8, sliding_window=128,
-            max_position_embeddings=131072, eos_token_id=200002, pad_token_id=199999)
-TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_local_experts=8,
-            num_experts_per_tok=4, head_dim=16, num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
-            max_position_embeddings=4096, eos_token_id=2, pad_token_id=0)
-MXFP4_CONFIG = {"modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
-                                           "model.embed_tokens", "lm_head"], "quant_method": "mxfp4"}
+FULL = dict(
+    vocab_size=201088,
+    hidden_size=2880,
+    intermediate_size=2880,
+    num_hidden_layers=36,
+    num_local_experts=128,
+    num_experts_per_tok=4,
+    head_dim=64,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+    sliding_window=128,
+    max_position_embeddings=131072,
+    eos_token_id=200002,
+    pad_token_id=199999,
+)
+TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_local_experts=8,
+    num_experts_per_tok=4,
+    head_dim=16,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    sliding_window=8,
+    max_position_embeddings=4096,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+MXFP4_CONFIG = {
+    "modules_to_not_convert": [
+        "model.layers.*.self_attn",
+        "model.layers.*.mlp.router",
+        "model.embed_tokens",
+        "lm_head",
+    ],
+    "quant_method": "mxfp4",
+}
 # Published H100 SXM5 figures (NVIDIA H100 datasheet) and the stated assumptions of the projection.
-H100 = {"hbm_bytes_per_s": 3.35e12, "bf16_dense_flops": 989e12, "source": "NVIDIA H100 Tensor Core GPU datasheet, "
-        "H100 SXM5 80 GB: 3.35 TB/s HBM3, 989 TFLOP/s dense BF16 (https://www.nvidia.com/en-us/data-center/h100/)",
-        "assumed_call_overhead_ms": 0.05, "assumed_client_layer_launch_ms": 0.2, "assumed_head_launch_ms": 0.05,
-        "assumed_stored_bytes_per_weight": 31, "assumed_stored_kernels": 20, "assumed_kernel_launch_ms": 0.005}
+H100 = {
+    "hbm_bytes_per_s": 3.35e12,
+    "bf16_dense_flops": 989e12,
+    "source": "NVIDIA H100 Tensor Core GPU datasheet, "
+    "H100 SXM5 80 GB: 3.35 TB/s HBM3, 989 TFLOP/s dense BF16 (https://www.nvidia.com/en-us/data-center/h100/)",
+    "assumed_call_overhead_ms": 0.05,
+    "assumed_client_layer_launch_ms": 0.2,
+    "assumed_head_launch_ms": 0.05,
+    "assumed_stored_bytes_per_weight": 31,
+    "assumed_stored_kernels": 20,
+    "assumed_kernel_launch_ms": 0.005,
+}
 
 
 def log(msg: str, began: list[float] = [time.perf_counter()]) -> None:  # noqa: B006 - the run's start
@@ -157,11 +197,21 @@ def gpt_oss_config(base: dict, **override) -> dict:
         if c[name] >= c["vocab_size"]:
             c[name] = inside
     layers = c["num_hidden_layers"]
-    return {"model_type": "gpt_oss", "architectures": ["GptOssForCausalLM"], **c,
-            "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
-            "experts_per_token": c["num_experts_per_tok"], "rms_norm_eps": 1e-5, "swiglu_limit": 7.0,
-            "attention_bias": True, "tie_word_embeddings": False, "hidden_act": "silu", "use_cache": True,
-            "dtype": "bfloat16", "quantization_config": dict(MXFP4_CONFIG)}
+    return {
+        "model_type": "gpt_oss",
+        "architectures": ["GptOssForCausalLM"],
+        **c,
+        "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+        "experts_per_token": c["num_experts_per_tok"],
+        "rms_norm_eps": 1e-5,
+        "swiglu_limit": 7.0,
+        "attention_bias": True,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "use_cache": True,
+        "dtype": "bfloat16",
+        "quantization_config": dict(MXFP4_CONFIG),
+    }
 
 
 # ---------------------------------------------------------------- the reference: the real sharder
@@ -186,7 +236,7 @@ def _reference_store(root: Path, raw: dict) -> Path:
 
     import neuro_dask as nd
     from neuro_dask.model.hf_trunk import hf_config
-    from neuro_dask.runtime.expert_formats import quantize_mxfp4
+    from neuro_dask.store.expert_formats import quantize_mxfp4
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(hf_config(raw), dtype=torch.bfloat16).eval()
@@ -205,8 +255,9 @@ def _reference_store(root: Path, raw: dict) -> Path:
     config = json.loads((root / "float" / "config.json").read_text())
     config["quantization_config"] = dict(MXFP4_CONFIG)
     (root / "mxfp4" / "config.json").write_text(json.dumps(config, indent=2))
-    save_file({k: v.contiguous() for k, v in packed.items()}, root / "mxfp4" / "model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in packed.items()}, root / "mxfp4" / "model.safetensors", metadata={"format": "pt"}
+    )
     nd.shard_checkpoint(root / "mxfp4", root / "sharded", layout="transformers")
     return root / "sharded"
 
@@ -221,8 +272,9 @@ def header(path: Path) -> list[tuple[str, str, tuple[int, ...]]]:
 # ---------------------------------------------------------------- the synthetic store
 
 
-def expert_file_specs(reference: list[tuple[str, str, tuple[int, ...]]],
-                      spec: dict) -> list[tuple[str, torch.dtype, tuple]]:
+def expert_file_specs(
+    reference: list[tuple[str, str, tuple[int, ...]]], spec: dict
+) -> list[tuple[str, torch.dtype, tuple]]:
     """The reference expert file's names, order and dtypes, with shapes from the big spec's params:
     X [in, out] (in memory, transposed) -> X_blocks [out, in/32, 16], X_scales [out, in/32]; others as is."""
     from neuro_dask.store.safetensors_io import _TORCH_DTYPES
@@ -244,7 +296,7 @@ def expert_file_specs(reference: list[tuple[str, str, tuple[int, ...]]],
 
 def random_expert(specs, seed: int, device: str) -> list[torch.Tensor]:
     """Random float weights in the published [out, in] orientation, packed by quantize_mxfp4."""
-    from neuro_dask.runtime.expert_formats import quantize_mxfp4
+    from neuro_dask.store.expert_formats import quantize_mxfp4
 
     g = torch.Generator(device=device).manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
@@ -270,7 +322,7 @@ def trunk_value(name: str, shape: tuple[int, ...], g: torch.Generator, device: s
 def synthetic_store(dst: Path, raw: dict, ref: Path, device: str = "cpu", progress: Callable = log) -> dict:
     """Write the store (see the module docstring); returns what was checked and written."""
     from neuro_dask.model.hf_trunk import build_skeleton, trunk_shapes
-    from neuro_dask.store.hf_sharder import experts_layout, expert_spec
+    from neuro_dask.store.hf_sharder import expert_spec, experts_layout
     from neuro_dask.store.manifest import LAYOUT_TRANSFORMERS, ROLE_EXPERT, ROLE_TRUNK, Artifact, Manifest, expert_path
     from neuro_dask.store.safetensors_io import DTYPE_NAMES, StreamingWriter
 
@@ -295,15 +347,29 @@ def synthetic_store(dst: Path, raw: dict, ref: Path, device: str = "cpu", progre
     g = torch.Generator(device=device).manual_seed(1)
     writer.write(trunk_value(n, s, g, device).to(trunk_dtype) for n, s in shapes.items())
     trunk_params = sum(math.prod(s) for s in shapes.values())
-    artifacts = [Artifact("trunk.safetensors", ROLE_TRUNK, writer.sha256, writer.bytes, DTYPE_NAMES[trunk_dtype],
-                          None, None, trunk_params)]
-    progress(f"trunk written: {trunk_params / 1e9:.2f} B parameters, {writer.bytes / 2**30:.2f} GiB "
-             f"({time.perf_counter() - started:.0f} s)")
+    artifacts = [
+        Artifact(
+            "trunk.safetensors",
+            ROLE_TRUNK,
+            writer.sha256,
+            writer.bytes,
+            DTYPE_NAMES[trunk_dtype],
+            None,
+            None,
+            trunk_params,
+        )
+    ]
+    progress(
+        f"trunk written: {trunk_params / 1e9:.2f} B parameters, {writer.bytes / 2**30:.2f} GiB "
+        f"({time.perf_counter() - started:.0f} s)"
+    )
 
     # experts: one random file per layer, hard-linked for every expert of the layer
     dtypes = ",".join(sorted({DTYPE_NAMES[d] for _, d, _ in specs}))
-    params = sum(math.prod(s) * (2 if n.endswith("_blocks") else 0 if n.endswith(("_scales", "_scale_inv")) else 1)
-                 for n, _, s in specs)
+    params = sum(
+        math.prod(s) * (2 if n.endswith("_blocks") else 0 if n.endswith(("_scales", "_scale_inv")) else 1)
+        for n, _, s in specs
+    )
     links = 0
     for layer, lay in sorted(layers.items()):
         first = dst / expert_path(layer, 0)
@@ -320,29 +386,51 @@ def synthetic_store(dst: Path, raw: dict, ref: Path, device: str = "cpu", progre
                     shutil.copyfile(first, dst / rel)
             artifacts.append(Artifact(rel, ROLE_EXPERT, w.sha256, w.bytes, dtypes, layer, e, params))
     expert_bytes = artifacts[-1].bytes
-    manifest = Manifest(architecture="gpt_oss", config=raw, artifacts=tuple(artifacts), generation_config=None,
-                        tokenizer_files=(), source="synthetic: benchmarks/gpu_check_large_moe.py",
-                        layout=LAYOUT_TRANSFORMERS, experts_spec=spec)
+    manifest = Manifest(
+        architecture="gpt_oss",
+        config=raw,
+        artifacts=tuple(artifacts),
+        generation_config=None,
+        tokenizer_files=(),
+        source="synthetic: benchmarks/gpu_check_large_moe.py",
+        layout=LAYOUT_TRANSFORMERS,
+        experts_spec=spec,
+    )
     manifest.write(dst)
-    info = {"layers": len(layers), "experts_per_layer": next(iter(layers.values())).num_experts,
-            "expert_file_bytes": expert_bytes, "expert_logical_parameters": params,
-            "experts_total": len(artifacts) - 1, "hard_links": links, "trunk_bytes": writer.bytes,
-            "trunk_parameters": trunk_params,
-            "expert_file_tensors": [[n, DTYPE_NAMES[d], list(s)] for n, d, s in specs],
-            "experts_spec": spec, "seconds": time.perf_counter() - started}
-    progress(f"store written: {info['experts_total']} experts ({info['layers']} distinct files, {links} hard links) "
-             f"of {expert_bytes / 2**20:.2f} MiB ({info['seconds']:.0f} s)")
+    info = {
+        "layers": len(layers),
+        "experts_per_layer": next(iter(layers.values())).num_experts,
+        "expert_file_bytes": expert_bytes,
+        "expert_logical_parameters": params,
+        "experts_total": len(artifacts) - 1,
+        "hard_links": links,
+        "trunk_bytes": writer.bytes,
+        "trunk_parameters": trunk_params,
+        "expert_file_tensors": [[n, DTYPE_NAMES[d], list(s)] for n, d, s in specs],
+        "experts_spec": spec,
+        "seconds": time.perf_counter() - started,
+    }
+    progress(
+        f"store written: {info['experts_total']} experts ({info['layers']} distinct files, {links} hard links) "
+        f"of {expert_bytes / 2**20:.2f} MiB ({info['seconds']:.0f} s)"
+    )
     return info
 
 
 def _check_spec(spec: dict, ref: dict) -> None:
     same = ("class", "flags", "activation", "default_gate", "swiglu", "format", "block", "shared", "shared_experts")
     diff = [k for k in same if spec.get(k) != ref.get(k)]
-    if set(spec) != set(ref) or diff or set(spec["parameters"]) != set(ref["parameters"]) or any(
-            len(spec["parameters"][k]) != len(ref["parameters"][k]) for k in ref["parameters"]):
-        raise SystemExit(f"experts_spec differs from the sharder's: keys {sorted(set(spec) ^ set(ref))}, "
-                         f"fields {diff}, "
-                         f"parameters {spec['parameters']} vs {ref['parameters']}")
+    if (
+        set(spec) != set(ref)
+        or diff
+        or set(spec["parameters"]) != set(ref["parameters"])
+        or any(len(spec["parameters"][k]) != len(ref["parameters"][k]) for k in ref["parameters"])
+    ):
+        raise SystemExit(
+            f"experts_spec differs from the sharder's: keys {sorted(set(spec) ^ set(ref))}, "
+            f"fields {diff}, "
+            f"parameters {spec['parameters']} vs {ref['parameters']}"
+        )
 
 
 def _check_trunk_names(shapes: dict, ref: dict, dtype: torch.dtype) -> None:
@@ -371,6 +459,7 @@ def check_exact(store: Path, ref: Path) -> list[str]:
         problems.append("expert file header differs")
     if sorted(header(store / a.trunk.path)) != sorted(header(ref / b.trunk.path)):
         problems.append("trunk header differs")
+
     def order(t):
         return t.layer, t.expert
 
@@ -402,8 +491,6 @@ def build_checked_store(dst: Path, raw: dict, tiny_raw: dict, work: Path, device
 # ---------------------------------------------------------------- small helpers
 
 
-
-
 def write_json(path: Path, key: str | None, value: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if key is None:
@@ -428,13 +515,28 @@ def process_cluster(workers: int, worker_args: list[str], cache: Path):
     # deadline 120 s: a CPU test of full-shape MXFP4 experts dequantizes at every call and takes seconds a
     # message; a call past the deadline is hedged and its worker probed (and asked to reload what
     # the probe failed), which would measure the fallbacks instead of the experts.
-    with dask.config.set({"neuro.worker.cache-dir": str(cache), "neuro.client.transport": "direct",
-                          "neuro.scheduler.hot-extra-replicas": 0, "neuro.client.load-timeout": 1800.0,
-                          "neuro.client.deadline": 120.0, "neuro.scheduler.probe-timeout": 120.0,
-                          "distributed.comm.timeouts.connect": 60}):
-        with local_cluster(n_workers=workers, processes=True, replicas=1,
-                           worker_args=["--neuro-no-benchmark", "--neuro-cache-dir", str(cache), *worker_args],
-                           dashboard_address=None, memory_limit=0) as cluster, Client(cluster) as client:
+    with dask.config.set(
+        {
+            "neuro.worker.cache-dir": str(cache),
+            "neuro.client.transport": "direct",
+            "neuro.scheduler.hot-extra-replicas": 0,
+            "neuro.client.load-timeout": 1800.0,
+            "neuro.client.deadline": 120.0,
+            "neuro.scheduler.probe-timeout": 120.0,
+            "distributed.comm.timeouts.connect": 60,
+        }
+    ):
+        with (
+            local_cluster(
+                n_workers=workers,
+                processes=True,
+                replicas=1,
+                worker_args=["--neuro-no-benchmark", "--neuro-cache-dir", str(cache), *worker_args],
+                dashboard_address=None,
+                memory_limit=0,
+            ) as cluster,
+            Client(cluster) as client,
+        ):
             client.wait_for_workers(workers, timeout=300)
             yield client
 
@@ -490,13 +592,18 @@ def gpu_memory_of_this_process() -> dict:
 
 def nvidia_smi() -> list[dict]:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.used,memory.total",
-                              "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=20).stdout
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.used,memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return []
-    return [dict(zip(("name", "memory_used_mib", "memory_total_mib"), (p.strip() for p in line.split(","))))
-            for line in out.strip().splitlines()]
+    return [
+        dict(zip(("name", "memory_used_mib", "memory_total_mib"), (p.strip() for p in line.split(","))))
+        for line in out.strip().splitlines()
+    ]
 
 
 def per_expert_bytes(spec: dict, stored_bytes: int, precision: str) -> int:
@@ -529,9 +636,17 @@ def gpu_check(args) -> int:
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     out_path = Path(args.out) if args.out else RESULT
     key = None if args.out else "gpu_check"
-    res: dict[str, Any] = {"mode": "gpu", "shape": args.shape, "device": device, "workers": args.workers,
-                           "precision_requested": args.precision, "budget_s": args.budget_s,
-                           "torch": torch.__version__, "gpus": nvidia_smi(), "phases_skipped": []}
+    res: dict[str, Any] = {
+        "mode": "gpu",
+        "shape": args.shape,
+        "device": device,
+        "workers": args.workers,
+        "precision_requested": args.precision,
+        "budget_s": args.budget_s,
+        "torch": torch.__version__,
+        "gpus": nvidia_smi(),
+        "phases_skipped": [],
+    }
 
     def save() -> None:
         res["elapsed_s"] = time.perf_counter() - began
@@ -544,31 +659,48 @@ def gpu_check(args) -> int:
     if args.layers == "auto" and device.startswith("cuda"):
         res["fit"] = fit_layers(base, args.precision, args.workers, args.gpu_fraction, torch.cuda.mem_get_info()[0])
         layers = res["fit"]["layers_that_fit"]
-        log(f"GPU free {res['fit']['gpu_free_bytes'] / 2**30:.1f} GiB; an expert at {args.precision} holds "
-            f"{res['fit']['per_expert_bytes'] / 2**20:.1f} MiB; {layers} of {full_layers} layers fit")
+        log(
+            f"GPU free {res['fit']['gpu_free_bytes'] / 2**30:.1f} GiB; an expert at {args.precision} holds "
+            f"{res['fit']['per_expert_bytes'] / 2**20:.1f} MiB; {layers} of {full_layers} layers fit"
+        )
     # Loading time: every worker builds each of its experts at load; the budget must hold it.
     experts_per_layer = base["num_local_experts"]
-    budget_bytes = _bytes(args.memory_budget) if args.memory_budget else (
-        int(res["fit"]["room_for_experts"] // args.workers) if "fit" in res else None)
+    budget_bytes = (
+        _bytes(args.memory_budget)
+        if args.memory_budget
+        else (int(res["fit"]["room_for_experts"] // args.workers) if "fit" in res else None)
+    )
     probe = expert_load_probe(
-        gpt_oss_config(base, num_hidden_layers=max(layers, 1)), tiny_raw, Path(tempfile.mkdtemp(dir=args.store_dir)),
-        device, lambda spec, stored: predicted_precision(spec, stored, layers * experts_per_layer // args.workers,
-                                                         budget_bytes, args.precision, device))
+        gpt_oss_config(base, num_hidden_layers=max(layers, 1)),
+        tiny_raw,
+        Path(tempfile.mkdtemp(dir=args.store_dir)),
+        device,
+        lambda spec, stored: predicted_precision(
+            spec, stored, layers * experts_per_layer // args.workers, budget_bytes, args.precision, device
+        ),
+    )
     per_expert = 1.5 * probe["seconds_per_expert"]  # + the cache copy, the report to the scheduler
     parallel = max(1, min(args.workers, (os.cpu_count() or 2) // 2))  # workers load at once, given the cores
     allow = left() - 150.0 - (60.0 if args.shape == "full" else 5.0)  # cluster, trunk load, generation; store
     planned = layers
     estimate = per_expert * layers * experts_per_layer / parallel
-    res["load_estimate"] = {**probe, "estimated_load_s": estimate, "allowed_s": allow, "layers_planned": planned,
-                            "loading_in_parallel": parallel}
+    res["load_estimate"] = {
+        **probe,
+        "estimated_load_s": estimate,
+        "allowed_s": allow,
+        "layers_planned": planned,
+        "loading_in_parallel": parallel,
+    }
     if args.layers == "auto" and estimate > allow:
         timed_layers = max(1, int(allow * parallel / (per_expert * experts_per_layer)))
         if timed_layers < layers:
             res["load_estimate"]["layers_cut_for_time"] = {"from": layers, "to": timed_layers}
             layers = timed_layers
-    log(f"one expert loads in {probe['seconds_per_expert'] * 1000:.0f} ms at {probe['precision']}: about "
+    log(
+        f"one expert loads in {probe['seconds_per_expert'] * 1000:.0f} ms at {probe['precision']}: about "
         f"{estimate:.0f} s to load {planned} layers on {args.workers} workers ({parallel} loading at once), "
-        f"{allow:.0f} s allowed; serving {layers} of {full_layers} layers")
+        f"{allow:.0f} s allowed; serving {layers} of {full_layers} layers"
+    )
     res["layers_served"] = layers
     res["scaled_to_full_depth"] = layers < full_layers
     raw = gpt_oss_config(base, num_hidden_layers=layers)
@@ -595,15 +727,17 @@ def gpu_check(args) -> int:
             wait = max(60.0, left() - 90.0)  # what is left of the budget, less time to generate
             log(f"workers up; nd.load (publish, workers load their experts, trunk here; at most {wait:.0f} s)")
             start = time.perf_counter()
-            with served_progress(client, Manifest.read(work / "store").model_id), \
-                    dask.config.set({"neuro.client.load-timeout": wait}):
+            with (
+                served_progress(client, Manifest.read(work / "store").model_id),
+                dask.config.set({"neuro.client.load-timeout": wait}),
+            ):
                 try:
                     model = nd.load(work / "store", client=client, device=device, dtype=dtype)
                 except Exception as exc:  # noqa: BLE001 - recorded: the JSON says how far it got
                     res["load_error"] = f"{type(exc).__name__}: {exc}"
                     res["worker_status_at_failure"] = worker_statuses(client)
                     save()
-                    raise SystemExit(f"nd.load failed after {time.perf_counter() - start:.0f} s: {exc}")
+                    raise SystemExit(f"nd.load failed after {time.perf_counter() - start:.0f} s: {exc}") from exc
             res["load_s"] = time.perf_counter() - start
             log(f"loaded in {res['load_s']:.0f} s")
             res["worker_status_after_load"] = worker_statuses(client)
@@ -630,17 +764,39 @@ def gpu_check(args) -> int:
                     raise
                 log(f"batch {batch}: {res[f'decode_b{batch}']}")
                 save()
-            res["memory"] = {"client": gpu_memory_of_this_process(), "nvidia_smi": nvidia_smi(),
-                             "workers": worker_statuses(client)}
+            res["memory"] = {
+                "client": gpu_memory_of_this_process(),
+                "nvidia_smi": nvidia_smi(),
+                "workers": worker_statuses(client),
+            }
             if device.startswith("cuda"):
                 res["memory"]["workers_cuda"] = client.run(_cuda_memory)
             model.close()
     res["total_s"] = time.perf_counter() - began
     save()
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-    print(json.dumps({k: res[k] for k in res if k.startswith(("decode", "layer_check", "load_s", "layers_served",
-                                                                  "scaled", "memory", "phases_skipped", "total_s"))},
-                     indent=1, default=str))
+    print(
+        json.dumps(
+            {
+                k: res[k]
+                for k in res
+                if k.startswith(
+                    (
+                        "decode",
+                        "layer_check",
+                        "load_s",
+                        "layers_served",
+                        "scaled",
+                        "memory",
+                        "phases_skipped",
+                        "total_s",
+                    )
+                )
+            },
+            indent=1,
+            default=str,
+        )
+    )
     return 0
 
 
@@ -661,7 +817,7 @@ def fit_layers(base: dict, precision: str, workers: int, fraction: float, free_b
     """How many whole layers (all their experts) fit `fraction` of `free_bytes` beside a bf16 trunk of the
     full depth, a CUDA context per worker (0.7 GiB, assumed) and 3 GiB for the cache and activations."""
     from neuro_dask.model.hf_trunk import build_skeleton
-    from neuro_dask.store.hf_sharder import experts_layout, expert_spec
+    from neuro_dask.store.hf_sharder import expert_spec, experts_layout
 
     skel = build_skeleton(gpt_oss_config(base, num_hidden_layers=1), torch.float32)  # on meta
     spec = expert_spec(skel, experts_layout(skel), "mxfp4", None)
@@ -672,12 +828,18 @@ def fit_layers(base: dict, precision: str, workers: int, fraction: float, free_b
     trunk = 2 * (2 * base["vocab_size"] * d + full * attention)
     room = free_bytes * fraction - trunk - workers * 700 * 2**20 - 3 * 2**30
     layers = max(1, min(full, int(room // (one * base["num_local_experts"]))))
-    return {"gpu_free_bytes": free_bytes, "per_expert_bytes": one, "trunk_bytes_estimate": trunk,
-            "room_for_experts": room, "layers_that_fit": layers}
+    return {
+        "gpu_free_bytes": free_bytes,
+        "per_expert_bytes": one,
+        "trunk_bytes_estimate": trunk,
+        "room_for_experts": room,
+        "layers_that_fit": layers,
+    }
 
 
-def predicted_precision(spec: dict, stored: int, experts_per_worker: int, budget: int | None, requested: str,
-                        device: str) -> str:
+def predicted_precision(
+    spec: dict, stored: int, experts_per_worker: int, budget: int | None, requested: str, device: str
+) -> str:
     """The precision a worker's `auto` rule will pick (hf_experts.choose_precision when installed)."""
     if requested != "auto":
         return requested
@@ -688,14 +850,15 @@ def predicted_precision(spec: dict, stored: int, experts_per_worker: int, budget
     return choose_precision(spec, stored, max(experts_per_worker, 1), budget or 2**62)
 
 
-def expert_load_probe(raw: dict, tiny_raw: dict, work: Path, device: str,
-                      precision_of: Callable[[dict, int], str]) -> dict:
+def expert_load_probe(
+    raw: dict, tiny_raw: dict, work: Path, device: str, precision_of: Callable[[dict, int], str]
+) -> dict:
     """Seconds a worker spends on one expert of this shape at load: re-hash of the cached file, then
     transformers_runner at the precision the workers will pick (the second of two tries: the first
     builds the experts template, which a worker does once)."""
     from neuro_dask.model.hf_trunk import build_skeleton
     from neuro_dask.runtime.hf_experts import transformers_runner
-    from neuro_dask.store.hf_sharder import experts_layout, expert_spec
+    from neuro_dask.store.hf_sharder import expert_spec, experts_layout
     from neuro_dask.store.manifest import Manifest
     from neuro_dask.store.safetensors_io import StreamingWriter, sha256_file
 
@@ -719,8 +882,12 @@ def expert_load_probe(raw: dict, tiny_raw: dict, work: Path, device: str,
         seconds.append(time.perf_counter() - start)
         del runner
     shutil.rmtree(path.parent, ignore_errors=True)
-    return {"precision": precision, "seconds_per_expert": seconds[-1], "first_try_s": seconds[0],
-            "stored_bytes": writer.bytes}
+    return {
+        "precision": precision,
+        "seconds_per_expert": seconds[-1],
+        "first_try_s": seconds[0],
+        "stored_bytes": writer.bytes,
+    }
 
 
 def _cuda_memory() -> dict:
@@ -744,8 +911,9 @@ def layer_check(model, store: Path, raw: dict, statuses: dict, device: str) -> d
     diffs = {}
     for e, x in groups.items():
         try:
-            runner = transformers_runner(store / manifest.expert(0, e).path, manifest.experts_spec, raw, 0, precision,
-                                         device)
+            runner = transformers_runner(
+                store / manifest.expert(0, e).path, manifest.experts_spec, raw, 0, precision, device
+            )
         except Exception as exc:  # noqa: BLE001 - reported, not fatal: the timing still means something
             return {"precision": precision, "error": f"{type(exc).__name__}: {exc}"}
         with torch.inference_mode():
@@ -754,8 +922,9 @@ def layer_check(model, store: Path, raw: dict, statuses: dict, device: str) -> d
     return {"precision": precision, "max_abs_diff": max(diffs.values()), "per_expert": diffs}
 
 
-def time_generation(model, ids: torch.Tensor, new_tokens: int, left: Callable[[], float], layers: int,
-                    full_layers: int) -> dict:
+def time_generation(
+    model, ids: torch.Tensor, new_tokens: int, left: Callable[[], float], layers: int, full_layers: int
+) -> dict:
     """generate(new) and generate(1), twice each when time allows: decode = (t_new - t_1) / (new - 1)."""
     model.generation = dataclasses.replace(model.generation, eos_token_ids=())
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
@@ -774,11 +943,17 @@ def time_generation(model, ids: torch.Tensor, new_tokens: int, left: Callable[[]
         one.append(gen(1))
     t_full, t_one = statistics.median(full), statistics.median(one)
     decode_ms = 1000 * (t_full - t_one) / (new_tokens - 1)
-    out = {"batch": ids.shape[0], "prompt": ids.shape[1], "new_tokens": new_tokens, "generate_s": t_full,
-           "first_token_s": t_one, "decode_ms_per_step": decode_ms,
-           "ms_per_token_incl_prefill": 1000 * t_full / new_tokens}
+    out = {
+        "batch": ids.shape[0],
+        "prompt": ids.shape[1],
+        "new_tokens": new_tokens,
+        "generate_s": t_full,
+        "first_token_s": t_one,
+        "decode_ms_per_step": decode_ms,
+        "ms_per_token_incl_prefill": 1000 * t_full / new_tokens,
+    }
     if layers < full_layers:
-        out["decode_ms_per_step_scaled_to_%d_layers" % full_layers] = decode_ms * full_layers / layers
+        out[f"decode_ms_per_step_scaled_to_{full_layers}_layers"] = decode_ms * full_layers / layers
     return out
 
 
@@ -798,8 +973,12 @@ def project(args) -> int:
     began = time.perf_counter()
     repeats = 3 if args.quick else args.repeats
     tiny_raw = gpt_oss_config(TINY)
-    res: dict[str, Any] = {"mode": "project", "label": "PROJECTION from costs measured on this CPU and published "
-                           "H100 figures; not a measurement of gpt-oss-120b", "h100": H100}
+    res: dict[str, Any] = {
+        "mode": "project",
+        "label": "PROJECTION from costs measured on this CPU and published "
+        "H100 figures; not a measurement of gpt-oss-120b",
+        "h100": H100,
+    }
     with tempfile.TemporaryDirectory(prefix="gpu-projection-") as work:
         work = Path(work)
         # Full widths, few layers, small vocabulary: the client's layers at their real size.
@@ -808,23 +987,29 @@ def project(args) -> int:
             raw = gpt_oss_config(FULL, num_hidden_layers=n, vocab_size=4096, num_local_experts=4)
             info = build_checked_store(work / f"client-{n}", raw, tiny_raw, work / f"w{n}", "cpu", exact=False)
             stores[n] = (work / f"client-{n}", raw, info)
-        res["store_check"] = {"expert_file_tensors": stores[1][2]["expert_file_tensors"],
-                              "expert_file_bytes": stores[1][2]["expert_file_bytes"]}
+        res["store_check"] = {
+            "expert_file_tensors": stores[1][2]["expert_file_tensors"],
+            "expert_file_bytes": stores[1][2]["expert_file_bytes"],
+        }
         g = torch.Generator().manual_seed(1)
         ctx = torch.randint(3, 4096, (8, args.context), generator=g)
         client = {}
         for batch in (1, 8):
             per = {n: client_step_ms(path, ctx[:batch], repeats) for n, (path, _, _) in stores.items()}
             layer = max((per[3] - per[1]) / 2, 0.0)
-            client[batch] = {"client_layer_ms": layer, "one_layer_model_step_ms": per[1],
-                             "three_layer_model_step_ms": per[3]}
+            client[batch] = {
+                "client_layer_ms": layer,
+                "one_layer_model_step_ms": per[1],
+                "three_layer_model_step_ms": per[3],
+            }
             log(f"client, batch {batch}: {layer:.2f} ms per layer (1-layer model {per[1]:.2f} ms per step)")
         head = lm_head_ms(FULL["vocab_size"], FULL["hidden_size"], repeats)
         for batch, c in client.items():
             # the 1-layer model's step minus its layer, with its head at vocabulary 4096 replaced by the full one
             small_head = lm_head_ms(4096, FULL["hidden_size"], repeats, batch=batch)
-            c["client_head_ms"] = max(c["one_layer_model_step_ms"] - c["client_layer_ms"] - small_head, 0.0) + \
-                head["ms"][batch]
+            c["client_head_ms"] = (
+                max(c["one_layer_model_step_ms"] - c["client_layer_ms"] - small_head, 0.0) + head["ms"][batch]
+            )
         res["client"] = {"context": args.context, "by_batch": client, "lm_head_full_vocab": head}
 
         # one expert at the full shape, with neuro_dask's runner
@@ -840,9 +1025,18 @@ def project(args) -> int:
         res["wire"] = wire_costs(work / "wire", work / "wire-cache", args.quick)
         log(f"wire: {res['wire']['by_rows']}")
     res["projection"] = projection(res, args)
-    res["setup"] = {"quick": args.quick, "repeats": repeats, "context": args.context, "mbit": args.mbit,
-                    "volunteers": args.volunteers, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "cpus": os.cpu_count(), "machine": platform.machine(), "load_average_at_end": os.getloadavg()}
+    res["setup"] = {
+        "quick": args.quick,
+        "repeats": repeats,
+        "context": args.context,
+        "mbit": args.mbit,
+        "volunteers": args.volunteers,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "load_average_at_end": os.getloadavg(),
+    }
     res["total_s"] = time.perf_counter() - began
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
     print(project_table(res))
@@ -888,7 +1082,7 @@ def lm_head_ms(vocab: int, hidden: int, repeats: int, batch: int | None = None) 
     scale = vocab / part
     w = torch.randn(part, hidden) / math.sqrt(hidden)
     out = {}
-    for b in ((batch,) if batch else (1, 8)):
+    for b in (batch,) if batch else (1, 8):
         x = torch.randn(b, hidden)
         with torch.inference_mode():
             out[b] = scale * median_ms(lambda x=x, w=w: torch.nn.functional.linear(x, w), max(repeats, 5), warmup=1)
@@ -940,10 +1134,14 @@ def wire_costs(store: Path, cache: Path, quick: bool) -> dict:
         remote = nd.load(store, client=client)
         for rows in (1, 4, 8, 32, 128):
             x = {0: torch.randn(rows, 2880)}
-            d = median_ms(lambda: remote.executor.run_layer(0, x), repeats, warmup=3)
-            lo = median_ms(lambda: local.executor.run_layer(0, x), repeats, warmup=3)
-            by_rows[rows] = {"distributed_ms": d, "local_ms": lo, "wire_ms": max(d - lo, 0.0),
-                             "payload_bytes_each_way": rows * 2880 * 4}
+            d = median_ms(lambda x=x: remote.executor.run_layer(0, x), repeats, warmup=3)
+            lo = median_ms(lambda x=x: local.executor.run_layer(0, x), repeats, warmup=3)
+            by_rows[rows] = {
+                "distributed_ms": d,
+                "local_ms": lo,
+                "wire_ms": max(d - lo, 0.0),
+                "payload_bytes_each_way": rows * 2880 * 4,
+            }
         remote.close()
     return {"by_rows": by_rows, "repeats": repeats, "transport": "direct, loopback TCP, 1 worker process"}
 
@@ -964,8 +1162,11 @@ def expected_batch8(workers: int, experts: int = 128, top_k: int = 4, tokens: in
         distinct.append(len(chosen))
         hit.append(len(per))
         largest.append(max(per.values()))
-    return {"distinct_experts": statistics.mean(distinct), "workers_hit": statistics.mean(hit),
-            "largest_per_worker": statistics.mean(largest)}
+    return {
+        "distinct_experts": statistics.mean(distinct),
+        "workers_hit": statistics.mean(hit),
+        "largest_per_worker": statistics.mean(largest),
+    }
 
 
 def projection(res: dict, args) -> dict:
@@ -992,8 +1193,10 @@ def projection(res: dict, args) -> dict:
         # masks, int32 indices, table gathers, a float32 ldexp, a cast, a transposed copy): about 31 bytes
         # of memory traffic per weight, about 20 kernels, plus the Python it runs per call (measured here).
         "mxfp4_stored": H100["assumed_stored_bytes_per_weight"] * weights / H100["hbm_bytes_per_s"] * 1000
-        + H100["assumed_stored_kernels"] * H100["assumed_kernel_launch_ms"] + H100["assumed_call_overhead_ms"]
-        + res["expert"].get("stored_python_ms_per_call", 0.0)}
+        + H100["assumed_stored_kernels"] * H100["assumed_kernel_launch_ms"]
+        + H100["assumed_call_overhead_ms"]
+        + res["expert"].get("stored_python_ms_per_call", 0.0),
+    }
     gpu_client_layer = 2 * 26.6e6 / H100["hbm_bytes_per_s"] * 1000 + H100["assumed_client_layer_launch_ms"]
     gpu_head = 2 * FULL["vocab_size"] * d / H100["hbm_bytes_per_s"] * 1000 + H100["assumed_head_launch_ms"]
     b8 = expected_batch8(args.volunteers)
@@ -1007,24 +1210,43 @@ def projection(res: dict, args) -> dict:
                 msg_rows, per_worker = 8 * 4 / b8["workers_hit"], b8["largest_per_worker"]
             transfer = 2 * msg_rows * d * 4 * 8 / (args.mbit * 1e6) * 1000 if rtt > 0 else 0.0
             net = wire_ms(msg_rows) + rtt + transfer
-            row = {"rtt_ms": rtt, "batch": batch, "rows_per_message": msg_rows, "experts_on_slowest_worker": per_worker,
-                   "network_ms_per_layer": net}
+            row = {
+                "rtt_ms": rtt,
+                "batch": batch,
+                "rows_per_message": msg_rows,
+                "experts_on_slowest_worker": per_worker,
+                "network_ms_per_layer": net,
+            }
             row["a_cpu_client_cpu_workers"] = c["client_head_ms"] + layers * (
-                c["client_layer_ms"] + net + per_worker * cpu_expert[1])
+                c["client_layer_ms"] + net + per_worker * cpu_expert[1]
+            )
             if cpu_stored is not None:
                 row["a2_cpu_client_cpu_workers_mxfp4_stored"] = c["client_head_ms"] + layers * (
-                    c["client_layer_ms"] + net + per_worker * cpu_stored)
+                    c["client_layer_ms"] + net + per_worker * cpu_stored
+                )
             row["b_cpu_client_h100_workers"] = c["client_head_ms"] + layers * (
-                c["client_layer_ms"] + net + per_worker * gpu_expert["bfloat16"])
+                c["client_layer_ms"] + net + per_worker * gpu_expert["bfloat16"]
+            )
             row["c_h100_client_h100_workers"] = gpu_head + layers * (
-                gpu_client_layer + net + per_worker * gpu_expert["bfloat16"])
+                gpu_client_layer + net + per_worker * gpu_expert["bfloat16"]
+            )
             row["c_h100_client_h100_workers_mxfp4_stored"] = gpu_head + layers * (
-                gpu_client_layer + net + per_worker * gpu_expert["mxfp4_stored"])
+                gpu_client_layer + net + per_worker * gpu_expert["mxfp4_stored"]
+            )
             rows.append(row)
-    return {"unit": "ms per decode step (batch 8: a step makes 8 tokens)", "layers": layers,
-            "cpu_expert_ms": cpu_expert, "cpu_expert_stored_ms": cpu_stored, "gpu_expert_ms": gpu_expert,
-            "gpu_client_layer_ms": gpu_client_layer, "gpu_head_ms": gpu_head, "batch8_routing": b8,
-            "volunteers": args.volunteers, "mbit": args.mbit, "rows": rows}
+    return {
+        "unit": "ms per decode step (batch 8: a step makes 8 tokens)",
+        "layers": layers,
+        "cpu_expert_ms": cpu_expert,
+        "cpu_expert_stored_ms": cpu_stored,
+        "gpu_expert_ms": gpu_expert,
+        "gpu_client_layer_ms": gpu_client_layer,
+        "gpu_head_ms": gpu_head,
+        "batch8_routing": b8,
+        "volunteers": args.volunteers,
+        "mbit": args.mbit,
+        "rows": rows,
+    }
 
 
 def project_table(res: dict) -> str:
@@ -1033,35 +1255,44 @@ def project_table(res: dict) -> str:
     p = res["projection"]
     lines = [
         "PROJECTION for gpt-oss-120b (36 layers, 128 experts, top-4, hidden 2880) from costs measured here:",
-        f"  client layer (float32, this CPU, context {res['client']['context']}): batch 1 {c[1]['client_layer_ms']:.2f} ms, "
-        f"batch 8 {c[8]['client_layer_ms']:.2f} ms; head at vocabulary 201,088: batch 1 {c[1]['client_head_ms']:.1f} ms, "
+        f"  client layer (float32, this CPU, context {res['client']['context']}): "
+        f"batch 1 {c[1]['client_layer_ms']:.2f} ms, batch 8 {c[8]['client_layer_ms']:.2f} ms; "
+        f"head at vocabulary 201,088: batch 1 {c[1]['client_head_ms']:.1f} ms, "
         f"batch 8 {c[8]['client_head_ms']:.1f} ms",
-        f"  one expert call at 2880 x 2880 (neuro_dask runner, this CPU): float32 1 row {e['float32']['call_ms'][1]:.2f} ms, "
+        "  one expert call at 2880 x 2880 (neuro_dask runner, this CPU): "
+        f"float32 1 row {e['float32']['call_ms'][1]:.2f} ms, "
         f"8 rows {e['float32']['call_ms'][8]:.2f} ms; bfloat16 1 row {e['bfloat16']['call_ms'][1]:.2f} ms, "
         f"8 rows {e['bfloat16']['call_ms'][8]:.2f} ms; load (MXFP4 -> float32) {e['float32']['load_ms']:.0f} ms, "
         f"(-> bfloat16) {e['bfloat16']['load_ms']:.0f} ms",
-        "  loopback wire per message (direct transport, minus in-process): " + ", ".join(
-            f"{r} rows {v['wire_ms']:.2f} ms" for r, v in res["wire"]["by_rows"].items()),
+        "  loopback wire per message (direct transport, minus in-process): "
+        + ", ".join(f"{r} rows {v['wire_ms']:.2f} ms" for r, v in res["wire"]["by_rows"].items()),
         f"  MXFP4-resident (`stored`) expert on this CPU: {e['stored']['call_ms'][1]:.1f} ms a call (dequantized at "
         f"every call), of which Python per call {e.get('stored_python_ms_per_call', float('nan')):.2f} ms"
-        if "stored" in e else "  (this neuro_dask has no MXFP4-resident experts)",
-        f"  H100 (published 3.35 TB/s): expert call {p['gpu_expert_ms']['bfloat16']:.3f} ms at bf16 (incl. an assumed "
+        if "stored" in e
+        else "  (this neuro_dask has no MXFP4-resident experts)",
+        "  H100 (published 3.35 TB/s): "
+        f"expert call {p['gpu_expert_ms']['bfloat16']:.3f} ms at bf16 (incl. an assumed "
         f"0.05 ms), {p['gpu_expert_ms']['mxfp4_stored']:.3f} ms MXFP4-resident (estimated dequantization traffic "
         f"and kernels, and the Python measured here); client layer "
         f"{p['gpu_client_layer_ms']:.3f} ms, head {p['gpu_head_ms']:.3f} ms (incl. assumed launch costs)",
-        f"  batch 8 over {p['volunteers']} workers (uniform routing): {p['batch8_routing']['distinct_experts']:.1f} experts, "
+        f"  batch 8 over {p['volunteers']} workers (uniform routing): "
+        f"{p['batch8_routing']['distinct_experts']:.1f} experts, "
         f"{p['batch8_routing']['workers_hit']:.1f} messages, slowest worker runs "
         f"{p['batch8_routing']['largest_per_worker']:.2f} experts; uplink {p['mbit']:.0f} Mbit/s",
         "",
         "| RTT ms | batch | (a) CPU client, CPU workers, experts resident dequantized | (a') same, MXFP4-resident "
-        "experts | (b) CPU client, H100 workers | (c) H100 client + workers, bf16 | (c') same, MXFP4-resident experts |",
-        "| --- | --- | --- | --- | --- | --- | --- |"]
+        "experts | (b) CPU client, H100 workers | (c) H100 client + workers, bf16 "
+        "| (c') same, MXFP4-resident experts |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in p["rows"]:
         a2 = r.get("a2_cpu_client_cpu_workers_mxfp4_stored")
-        lines.append(f"| {r['rtt_ms']:g} | {r['batch']} | {r['a_cpu_client_cpu_workers']:.0f} | "
-                     f"{'-' if a2 is None else format(a2, '.0f')} | "
-                     f"{r['b_cpu_client_h100_workers']:.0f} | {r['c_h100_client_h100_workers']:.1f} | "
-                     f"{r['c_h100_client_h100_workers_mxfp4_stored']:.1f} |")
+        lines.append(
+            f"| {r['rtt_ms']:g} | {r['batch']} | {r['a_cpu_client_cpu_workers']:.0f} | "
+            f"{'-' if a2 is None else format(a2, '.0f')} | "
+            f"{r['b_cpu_client_h100_workers']:.0f} | {r['c_h100_client_h100_workers']:.1f} | "
+            f"{r['c_h100_client_h100_workers_mxfp4_stored']:.1f} |"
+        )
     lines.append("(ms per decode step, projected; RTT 0 = same machine: the measured loopback cost only)")
     return "\n".join(lines)
 
@@ -1076,8 +1307,11 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=4, help="--gpu: worker processes")
     p.add_argument("--layers", default="auto", help="--gpu: layers to serve; auto = as many as fit the GPU")
     p.add_argument("--precision", default="auto", help="--gpu: the workers' --neuro-precision")
-    p.add_argument("--memory-budget", default=None, help="--gpu: the workers' --neuro-memory-budget (default: the "
-                   "GPU room left for experts / workers)")
+    p.add_argument(
+        "--memory-budget",
+        default=None,
+        help="--gpu: the workers' --neuro-memory-budget (default: the GPU room left for experts / workers)",
+    )
     p.add_argument("--gpu-fraction", type=float, default=0.85, help="--gpu: share of free GPU memory to plan with")
     p.add_argument("--budget-s", type=float, default=450.0, help="--gpu: wall-clock budget of the whole run")
     p.add_argument("--prompt-len", type=int, default=32)

@@ -30,13 +30,13 @@ import sys
 from pathlib import Path
 
 import torch
+from timing import median_ms  # benchmarks/timing.py
 
 from neuro_dask.model.config import MoEConfig
 from neuro_dask.model.model import MoEModel
 from neuro_dask.model.moe import ExpertWeights, run_expert
 from neuro_dask.model.trunk import Trunk
 from neuro_dask.store.synthetic import mixtral_config
-from timing import median_ms  # benchmarks/timing.py
 
 HERE = Path(__file__).resolve().parent
 LAYERS = 32
@@ -50,11 +50,10 @@ class InstantExperts:
         return {e: torch.zeros_like(x) for e, x in groups.items()}
 
 
-
-
 def client_ms_per_token(layers: int, context: int, repeats: int) -> float:
-    cfg = MoEConfig.from_hf(mixtral_config(hidden=4096, intermediate=14336, layers=layers, experts=8, vocab=32000,
-                                           heads=32, kv_heads=8))
+    cfg = MoEConfig.from_hf(
+        mixtral_config(hidden=4096, intermediate=14336, layers=layers, experts=8, vocab=32000, heads=32, kv_heads=8)
+    )
     torch.manual_seed(0)
     with torch.no_grad():
         trunk = Trunk(cfg).eval()
@@ -99,24 +98,49 @@ def main(argv=None) -> int:
             per_layer_cpu = layer + overhead + rtt + transfer + expert
             per_layer_gpu = layer + overhead + rtt + transfer + args.gpu_expert_ms
             per_layer_all_gpu = args.gpu_client_layer_ms + overhead + rtt + transfer + args.gpu_expert_ms
-            rows.append({"wire": wire, "rtt_ms": rtt, "transfer_ms": transfer,
-                         "cpu_workers_ms_per_token": head + LAYERS * per_layer_cpu,
-                         "gpu_workers_ms_per_token": head + LAYERS * per_layer_gpu,
-                         "gpu_client_and_workers_ms_per_token": 2.0 + LAYERS * per_layer_all_gpu})
-    result = {"measured": {"client_layer_ms": layer, "client_head_ms": head, "expert_ms": expert,
-                           "overhead_ms": overhead, "context": args.context},
-              "assumed": {"layers": LAYERS, "mbit": args.mbit, "gpu_expert_ms": args.gpu_expert_ms,
-                          "gpu_client_layer_ms": args.gpu_client_layer_ms, "gpu_client_head_ms": 2.0},
-              "projection": rows,
-              "petals_published": {"BLOOM-176B": "about 1 s per step", "Llama 2 70B": "up to 6 steps/s (~167 ms/token)"}}
+            rows.append(
+                {
+                    "wire": wire,
+                    "rtt_ms": rtt,
+                    "transfer_ms": transfer,
+                    "cpu_workers_ms_per_token": head + LAYERS * per_layer_cpu,
+                    "gpu_workers_ms_per_token": head + LAYERS * per_layer_gpu,
+                    "gpu_client_and_workers_ms_per_token": 2.0 + LAYERS * per_layer_all_gpu,
+                }
+            )
+    result = {
+        "measured": {
+            "client_layer_ms": layer,
+            "client_head_ms": head,
+            "expert_ms": expert,
+            "overhead_ms": overhead,
+            "context": args.context,
+        },
+        "assumed": {
+            "layers": LAYERS,
+            "mbit": args.mbit,
+            "gpu_expert_ms": args.gpu_expert_ms,
+            "gpu_client_layer_ms": args.gpu_client_layer_ms,
+            "gpu_client_head_ms": 2.0,
+        },
+        "projection": rows,
+        "petals_published": {"BLOOM-176B": "about 1 s per step", "Llama 2 70B": "up to 6 steps/s (~167 ms/token)"},
+    }
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-    print(f"measured: client layer {layer:.2f} ms, client head {head:.2f} ms, expert (CPU, 1 row) {expert:.2f} ms, "
-          f"transport overhead {overhead:.2f} ms")
-    print(f"{'wire':9s} {'rtt ms':>6s} {'this CPU, CPU workers':>22s} {'this CPU, GPU workers':>22s} "
-          f"{'GPU client and workers':>23s}  (ms/token)")
+    print(
+        f"measured: client layer {layer:.2f} ms, client head {head:.2f} ms, expert (CPU, 1 row) {expert:.2f} ms, "
+        f"transport overhead {overhead:.2f} ms"
+    )
+    print(
+        f"{'wire':9s} {'rtt ms':>6s} {'this CPU, CPU workers':>22s} {'this CPU, GPU workers':>22s} "
+        f"{'GPU client and workers':>23s}  (ms/token)"
+    )
     for r in rows:
-        print(f"{r['wire']:9s} {r['rtt_ms']:6d} {r['cpu_workers_ms_per_token']:22.0f} {r['gpu_workers_ms_per_token']:22.0f} "
-              f"{r['gpu_client_and_workers_ms_per_token']:23.0f}")
+        print(
+            f"{r['wire']:9s} {r['rtt_ms']:6d} {r['cpu_workers_ms_per_token']:22.0f} "
+            f"{r['gpu_workers_ms_per_token']:22.0f} "
+            f"{r['gpu_client_and_workers_ms_per_token']:23.0f}"
+        )
     print("Petals (published, single batch): BLOOM-176B about 1000 ms/token; Llama 2 70B about 167 ms/token")
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "projection.json").write_text(json.dumps(result, indent=2))

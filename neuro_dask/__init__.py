@@ -1,8 +1,8 @@
 """neuro_dask: Mixture-of-Experts inference with the experts on volunteer Dask workers.
 
-    import neuro_dask as nd
-    model = nd.load("path/to/sharded")
-    model.generate_text(["123+456="], max_new_tokens=8)
+import neuro_dask as nd
+model = nd.load("path/to/sharded")
+model.generate_text(["123+456="], max_new_tokens=8)
 """
 
 from __future__ import annotations
@@ -17,12 +17,23 @@ from neuro_dask.errors import NeuroDaskError
 __version__ = "0.1.0"
 
 # Imported on first use, so that light tools (the ledger CLI, a ledger writer) never load torch.
-_LAZY = {"load": "neuro_dask.client.loading", "MapFailure": "neuro_dask.client.mapping", "failures": "neuro_dask.client.mapping", "MoEConfig": "neuro_dask.model.config",
-         "SUPPORTED_MODEL_TYPES": "neuro_dask.model.config", "MoEModel": "neuro_dask.model.model",
-         "shard_checkpoint": "neuro_dask.store.sharder", "harden": "neuro_dask.security.hardening",
-         "security_for": "neuro_dask.security.tls", "follow": "neuro_dask.client.following",
-         "publish": "neuro_dask.client.following", "adopt": "neuro_dask.client.following", "channels": "neuro_dask.client.following",
-         "network_status": "neuro_dask.client.network", "NetworkStatus": "neuro_dask.client.network"}
+_LAZY = {
+    "load": "neuro_dask.client.loading",
+    "MapFailure": "neuro_dask.model.mapping",
+    "failures": "neuro_dask.model.mapping",
+    "MoEConfig": "neuro_dask.model.config",
+    "SUPPORTED_MODEL_TYPES": "neuro_dask.model.config",
+    "MoEModel": "neuro_dask.model.model",
+    "shard_checkpoint": "neuro_dask.store.sharder",
+    "harden": "neuro_dask.security.hardening",
+    "security_for": "neuro_dask.security.tls",
+    "follow": "neuro_dask.client.following",
+    "publish": "neuro_dask.client.following",
+    "adopt": "neuro_dask.client.following",
+    "channels": "neuro_dask.client.following",
+    "network_status": "neuro_dask.client.network",
+    "NetworkStatus": "neuro_dask.client.network",
+}
 
 
 def __getattr__(name: str):
@@ -31,6 +42,7 @@ def __getattr__(name: str):
         globals()[name] = value
         return value
     raise AttributeError(f"module 'neuro_dask' has no attribute {name!r}")
+
 
 __all__ = [
     "MapFailure",

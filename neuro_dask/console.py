@@ -57,40 +57,51 @@ def mib(n: int | float) -> str:
 # ---- the scheduler -----------------------------------------------------------------------------
 
 
-def scheduler_banner(address: str, dashboard: str | None, hardened: bool, ledger: str | None,
-                     replicas: int, tls_dir_hint: str = "DIR") -> list[str]:
+def scheduler_banner(
+    address: str, dashboard: str | None, hardened: bool, ledger: str | None, replicas: int, tls_dir_hint: str = "DIR"
+) -> list[str]:
     """The scheduler's first lines: where it listens, where its dashboard is, how workers join
     and how a model gets published."""
     tls = address.startswith("tls://")
     mode = ("hardened" if hardened else "NOT hardened") + (", mutual TLS" if tls else ", no TLS")
-    lines = [f"neuro-dask scheduler at {address} ({mode}; {replicas} replica(s) per expert; "
-             f"ledger: {ledger or 'none'})"]
+    lines = [
+        f"neuro-dask scheduler at {address} ({mode}; {replicas} replica(s) per expert; ledger: {ledger or 'none'})"
+    ]
     if dashboard:
         lines.append(f"dashboard: {dashboard}/neuro/overview")
     tls_flag = f" --tls {tls_dir_hint}" if tls else ""
-    lines.append(f"volunteers join with:  neuro-dask worker {address}{tls_flag}"
-                 f"   (or: dask worker {address} --preload neuro_worker)")
+    lines.append(
+        f"volunteers join with:  neuro-dask worker {address}{tls_flag}"
+        f"   (or: dask worker {address} --preload neuro_worker)"
+    )
     lines.append(f"publish a model with:  neuro-dask publish MODEL_DIR --scheduler {address}{tls_flag}")
     if tls:
-        lines.append(f"(a worker's {tls_dir_hint} holds ca.pem and its own worker-NAME.pem/.key: "
-                     "`neuro-dask certs issue CA_DIR --role worker --name NAME`)")
+        lines.append(
+            f"(a worker's {tls_dir_hint} holds ca.pem and its own worker-NAME.pem/.key: "
+            "`neuro-dask certs issue CA_DIR --role worker --name NAME`)"
+        )
     return lines
 
 
 # ---- a worker ----------------------------------------------------------------------------------
 
 
-def worker_banner(name: str, address: str, scheduler: str, device: str, budget: int, idle_only: bool,
-                  hardened: bool) -> str:
+def worker_banner(
+    name: str, address: str, scheduler: str, device: str, budget: int, idle_only: bool, hardened: bool
+) -> str:
     idle = "idle-only (pauses while this machine's owner uses it)" if idle_only else "serving even while busy"
     who = address if name in ("", address) else f"{name} ({address})"
-    return (f"worker {who} connected to {scheduler}: device {device}, expert budget {mib(budget)}, "
-            f"{idle}{', hardened' if hardened else ''}")
+    return (
+        f"worker {who} connected to {scheduler}: device {device}, expert budget {mib(budget)}, "
+        f"{idle}{', hardened' if hardened else ''}"
+    )
 
 
 def loaded_line(model: str, loaded: int, failed: dict, seconds: float, hosted_bytes: int) -> list[str]:
-    lines = [f"loaded {loaded} experts of {model} in {seconds:.1f} s ({mib(hosted_bytes)} of expert weights "
-             f"in memory); serving"]
+    lines = [
+        f"loaded {loaded} experts of {model} in {seconds:.1f} s ({mib(hosted_bytes)} of expert weights "
+        f"in memory); serving"
+    ]
     for (layer, expert), why in list(failed.items())[:5]:
         lines.append(f"could not load expert {expert} of layer {layer}: {why}")
     if len(failed) > 5:
@@ -99,9 +110,11 @@ def loaded_line(model: str, loaded: int, failed: dict, seconds: float, hosted_by
 
 
 def pause_line(reason: str) -> str:
-    return (f"paused: {reason}. Expert calls go to other workers until this machine is idle again. "
-            "To serve while busy: restart with --no-idle-only, or raise neuro.worker.idle-busy-cpu "
-            "(DASK_NEURO__WORKER__IDLE_BUSY_CPU; docs/distributed.md)")
+    return (
+        f"paused: {reason}. Expert calls go to other workers until this machine is idle again. "
+        "To serve while busy: restart with --no-idle-only, or raise neuro.worker.idle-busy-cpu "
+        "(DASK_NEURO__WORKER__IDLE_BUSY_CPU; docs/distributed.md)"
+    )
 
 
 def resume_line(reason: str) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 
 class NeuroDaskError(Exception):
@@ -118,9 +118,7 @@ class InputError(NeuroDaskError, ValueError):
 class EmptyPromptError(InputError):
     def __init__(self, index: int):
         self.index = index
-        super().__init__(
-            f"prompt {index} is empty: give at least one token (for example the tokenizer's BOS token)."
-        )
+        super().__init__(f"prompt {index} is empty: give at least one token (for example the tokenizer's BOS token).")
 
 
 class TokenOutOfRangeError(InputError):

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import dask.config
 import yaml
@@ -22,8 +23,26 @@ _DEFAULTS = Path(__file__).with_name("neuro.yaml")
 dask.config.update_defaults(yaml.safe_load(_DEFAULTS.read_text()))
 
 _SIZE = re.compile(r"^\s*([0-9.]+)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
-          "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1e3,
+    "kb": 1e3,
+    "m": 1e6,
+    "mb": 1e6,
+    "g": 1e9,
+    "gb": 1e9,
+    "t": 1e12,
+    "tb": 1e12,
+    "ki": 2**10,
+    "kib": 2**10,
+    "mi": 2**20,
+    "mib": 2**20,
+    "gi": 2**30,
+    "gib": 2**30,
+    "ti": 2**40,
+    "tib": 2**40,
+}
 
 
 def parse_bytes(value: Any, field: str) -> int:
@@ -80,11 +99,16 @@ class WorkerSettings:
         if self.backend not in self.BACKENDS:
             raise ConfigFieldError("neuro.worker", "backend", f"must be torch or onnx, got {self.backend!r}")
         if self.precision not in self.PRECISIONS:
-            raise ConfigFieldError("neuro.worker", "precision",
-                                   f"must be one of {', '.join(self.PRECISIONS)}, got {self.precision!r}")
+            raise ConfigFieldError(
+                "neuro.worker", "precision", f"must be one of {', '.join(self.PRECISIONS)}, got {self.precision!r}"
+            )
         if self.backend == "onnx" and self.precision not in ("auto", "float32"):
-            raise ConfigFieldError("neuro.worker", "precision", f"is {self.precision!r} but the onnx backend runs "
-                                   "float32 experts; use backend torch for bfloat16, int8 or int4")
+            raise ConfigFieldError(
+                "neuro.worker",
+                "precision",
+                f"is {self.precision!r} but the onnx backend runs "
+                "float32 experts; use backend torch for bfloat16, int8 or int4",
+            )
         if self.device not in ("auto", "cpu", "cuda", "mps"):
             raise ConfigFieldError("neuro.worker", "device", f"must be auto, cpu, cuda or mps, got {self.device!r}")
         if not self.idle_interval > 0:
@@ -92,15 +116,22 @@ class WorkerSettings:
         self.idle_policy()  # checks the thresholds
         if isinstance(self.nice, bool) or not isinstance(self.nice, int) or not 0 <= self.nice <= 19:
             raise ConfigFieldError("neuro.worker", "nice", f"must be an integer from 0 to 19, got {self.nice!r}")
-        if self.max_threads not in (None, "auto") and (isinstance(self.max_threads, bool)
-                                                       or not isinstance(self.max_threads, int) or self.max_threads < 1):
-            raise ConfigFieldError("neuro.worker", "max-threads",
-                                   f"must be auto, null or a positive integer, got {self.max_threads!r}")
-        if self.vram_fraction not in (None, "auto") and (isinstance(self.vram_fraction, bool)
-                                                         or not isinstance(self.vram_fraction, (int, float))
-                                                         or not 0 < self.vram_fraction <= 1):
-            raise ConfigFieldError("neuro.worker", "vram-fraction",
-                                   f"must be auto, null or a fraction in (0, 1], got {self.vram_fraction!r}")
+        if self.max_threads not in (None, "auto") and (
+            isinstance(self.max_threads, bool) or not isinstance(self.max_threads, int) or self.max_threads < 1
+        ):
+            raise ConfigFieldError(
+                "neuro.worker", "max-threads", f"must be auto, null or a positive integer, got {self.max_threads!r}"
+            )
+        if self.vram_fraction not in (None, "auto") and (
+            isinstance(self.vram_fraction, bool)
+            or not isinstance(self.vram_fraction, (int, float))
+            or not 0 < self.vram_fraction <= 1
+        ):
+            raise ConfigFieldError(
+                "neuro.worker",
+                "vram-fraction",
+                f"must be auto, null or a fraction in (0, 1], got {self.vram_fraction!r}",
+            )
 
     @classmethod
     def load(cls, **overrides) -> WorkerSettings:
@@ -109,9 +140,17 @@ class WorkerSettings:
     def idle_policy(self):
         from neuro_dask.volunteer.idle_policy import IdlePolicy
 
-        return IdlePolicy(self.idle_busy_cpu, self.idle_resume_cpu, self.idle_busy_gpu, self.idle_resume_gpu,
-                          self.idle_busy_input, self.idle_resume_input, self.idle_busy_samples,
-                          self.idle_resume_samples, self.idle_min_pause)
+        return IdlePolicy(
+            self.idle_busy_cpu,
+            self.idle_resume_cpu,
+            self.idle_busy_gpu,
+            self.idle_resume_gpu,
+            self.idle_busy_input,
+            self.idle_resume_input,
+            self.idle_busy_samples,
+            self.idle_resume_samples,
+            self.idle_min_pause,
+        )
 
     def threads(self, cores: int) -> int | None:
         """CPU threads for expert math: None = torch's default. auto = all but one core when idle-only."""
@@ -129,7 +168,9 @@ class WorkerSettings:
         return Path(os.path.expanduser(self.cache_dir or "~/.cache/neuro_dask"))
 
     def budget_bytes(self, available: int) -> int:
-        return available // 2 if self.memory_budget in (None, "auto") else parse_bytes(self.memory_budget, "memory-budget")
+        return (
+            available // 2 if self.memory_budget in (None, "auto") else parse_bytes(self.memory_budget, "memory-budget")
+        )
 
 
 @dataclass(frozen=True)
@@ -159,13 +200,15 @@ class SchedulerSettings:
         for name in ("hold_seconds", "unproven_window", "probe_interval", "probe_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ConfigFieldError("neuro.scheduler", name.replace("_", "-"),
-                                       f"must be a positive number of seconds, got {value!r}")
+                raise ConfigFieldError(
+                    "neuro.scheduler", name.replace("_", "-"), f"must be a positive number of seconds, got {value!r}"
+                )
         for name in ("open_requests_per_client", "max_unproven_reports"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigFieldError("neuro.scheduler", name.replace("_", "-"),
-                                       f"must be a positive integer, got {value!r}")
+                raise ConfigFieldError(
+                    "neuro.scheduler", name.replace("_", "-"), f"must be a positive integer, got {value!r}"
+                )
 
     @classmethod
     def load(cls, **overrides) -> SchedulerSettings:
@@ -206,8 +249,8 @@ class ClientSettings:
 
     def trust_policy(self):
         """The trust cores' policies from these settings (each validates its own fields)."""
-        from neuro_dask.client.dispatch.trusted import TrustPolicy
         from neuro_dask.trust.hedging import HedgePolicy
+        from neuro_dask.trust.policy import TrustPolicy
         from neuro_dask.trust.quorum import QuorumPolicy
         from neuro_dask.trust.replication import ReplicationPolicy
         from neuro_dask.trust.validation import ValidationPolicy
@@ -216,21 +259,34 @@ class ClientSettings:
             QuorumPolicy(self.min_quorum, max(self.min_quorum, 2), self.max_total_replicas, self.max_error_replicas),
             ReplicationPolicy(spot_check=self.spot_check, min_quorum=self.min_quorum),
             ValidationPolicy(self.atol, max(self.rtol, WIRE_RTOL.get(self.wire_dtype, 0.0)), self.exact),
-            HedgePolicy(hedge_quantile=self.hedge_quantile, hedge_cap=self.hedge_cap,
-                        peer_factor=self.hedge_peer_factor),
+            HedgePolicy(
+                hedge_quantile=self.hedge_quantile, hedge_cap=self.hedge_cap, peer_factor=self.hedge_peer_factor
+            ),
         )
 
     def __post_init__(self) -> None:
         if self.transport not in ("direct", "futures"):
-            raise ConfigFieldError("neuro.client", "transport", f"must be 'direct' or 'futures', got {self.transport!r}")
-        for name in ("deadline", "connect_timeout", "suspect_cooldown", "routes_refresh", "missing_expert_wait", "load_timeout"):
+            raise ConfigFieldError(
+                "neuro.client", "transport", f"must be 'direct' or 'futures', got {self.transport!r}"
+            )
+        for name in (
+            "deadline",
+            "connect_timeout",
+            "suspect_cooldown",
+            "routes_refresh",
+            "missing_expert_wait",
+            "load_timeout",
+        ):
             if not getattr(self, name) > 0:
                 raise ConfigFieldError("neuro.client", name.replace("_", "-"), "must be a positive number of seconds")
         if isinstance(self.micro_batches, bool) or not isinstance(self.micro_batches, int) or self.micro_batches < 1:
-            raise ConfigFieldError("neuro.client", "micro-batches", f"must be a positive integer, got {self.micro_batches!r}")
+            raise ConfigFieldError(
+                "neuro.client", "micro-batches", f"must be a positive integer, got {self.micro_batches!r}"
+            )
         if self.wire_dtype not in (None, "float32", "bfloat16", "float16"):
-            raise ConfigFieldError("neuro.client", "wire-dtype",
-                                   f"must be null, float32, bfloat16 or float16, got {self.wire_dtype!r}")
+            raise ConfigFieldError(
+                "neuro.client", "wire-dtype", f"must be null, float32, bfloat16 or float16, got {self.wire_dtype!r}"
+            )
 
     @classmethod
     def load(cls, **overrides) -> ClientSettings:
@@ -256,17 +312,24 @@ class SecuritySettings:
         for name in ("max_rows", "max_prompt_tokens", "max_new_tokens", "max_batch"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigFieldError("neuro.security", name.replace("_", "-"), f"must be a positive integer, got {value!r}")
+                raise ConfigFieldError(
+                    "neuro.security", name.replace("_", "-"), f"must be a positive integer, got {value!r}"
+                )
         if not isinstance(self.requests_per_minute, int) or self.requests_per_minute < 0:
-            raise ConfigFieldError("neuro.security", "requests-per-minute",
-                                   f"must be 0 (unlimited) or a positive integer, got {self.requests_per_minute!r}")
+            raise ConfigFieldError(
+                "neuro.security",
+                "requests-per-minute",
+                f"must be 0 (unlimited) or a positive integer, got {self.requests_per_minute!r}",
+            )
 
     def __repr__(self) -> str:  # the token is a secret: never in a log line or a traceback
         token = "***" if self.dashboard_token else None
-        return (f"SecuritySettings(hardened={self.hardened}, tls_dir={self.tls_dir!r}, "
-                f"max_message_bytes={self.max_message_bytes}, max_rows={self.max_rows}, "
-                f"max_prompt_tokens={self.max_prompt_tokens}, max_new_tokens={self.max_new_tokens}, "
-                f"max_batch={self.max_batch}, requests_per_minute={self.requests_per_minute}, dashboard_token={token})")
+        return (
+            f"SecuritySettings(hardened={self.hardened}, tls_dir={self.tls_dir!r}, "
+            f"max_message_bytes={self.max_message_bytes}, max_rows={self.max_rows}, "
+            f"max_prompt_tokens={self.max_prompt_tokens}, max_new_tokens={self.max_new_tokens}, "
+            f"max_batch={self.max_batch}, requests_per_minute={self.requests_per_minute}, dashboard_token={token})"
+        )
 
     @classmethod
     def load(cls, **overrides) -> SecuritySettings:

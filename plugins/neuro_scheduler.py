@@ -58,18 +58,37 @@ from tornado.ioloop import PeriodicCallback
 
 from neuro_dask import console
 from neuro_dask.console import scheduler_banner
-from neuro_dask.scheduler.coordinator import Coordinator, DropExperts, LoadExperts, PublishedModel
 from neuro_dask.dashboard import metrics as neuro_metrics
 from neuro_dask.dashboard.feed import CallRecord, Feed
 from neuro_dask.dashboard.pages import register as register_dashboard_pages
 from neuro_dask.dashboard.views import NetworkView, WorkerView
 from neuro_dask.errors import NeuroDaskError
+from neuro_dask.ledger.service import LedgerService
+from neuro_dask.protocol.records import OutcomeReport, RecordError
+from neuro_dask.scheduler import reports, routing
+from neuro_dask.scheduler import requests as request_rules
+from neuro_dask.scheduler.coordinator import Coordinator, DropExperts, LoadExperts, PublishedModel
 from neuro_dask.scheduler.evidence_desk import EvidenceDesk, reporter_key
+from neuro_dask.scheduler.placement import PlacementPolicy
+from neuro_dask.scheduler.reputation_events import (
+    dispute_cause,
+    entered_routing,
+    outcome_event,
+    probe_cause,
+    receipts_refused,
+    security_penalty,
+    slashes,
+)
+from neuro_dask.scheduler.versions import (
+    ModelChannels,
+    RetiredVersionError,
+    VersionError,
+    last_proposal_seen,
+    reads_votes,
+    ready_adoptions,
+)
 from neuro_dask.security.hardening import comm_identity, report
 from neuro_dask.security.identity import describe
-from neuro_dask.ledger.policy import SHARE_ROWS_PER_PRIVATE_TOKEN
-from neuro_dask.ledger.service import LedgerService
-from neuro_dask.scheduler.placement import PlacementPolicy, WorkerCapacity
 from neuro_dask.security.redact import redact_secrets, redact_url
 from neuro_dask.settings import SchedulerSettings, SecuritySettings
 from neuro_dask.store.remote import read_manifest
@@ -78,7 +97,6 @@ from neuro_dask.trust.disputes import Referee
 from neuro_dask.trust.probes import ProbeBook
 from neuro_dask.trust.receipts import BookError
 from neuro_dask.trust.reputation import Reputation, ReputationPolicy
-from neuro_dask.scheduler.versions import ModelChannels, RetiredVersionError, VersionError
 
 log = logging.getLogger("neuro_dask.scheduler")
 
@@ -103,8 +121,9 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         self.events: deque = deque(maxlen=5_000)  # our trust and ledger events, for the dashboard
         self.ledger_view: dict | None = None  # report, stakes, leaderboards, proposals (ledger on)
         self._sampler = PeriodicCallback(self._sample, 2000)
-        self.coordinator = Coordinator(PlacementPolicy(settings.replicas, settings.hot_extra_replicas,
-                                                       settings.hot_threshold))
+        self.coordinator = Coordinator(
+            PlacementPolicy(settings.replicas, settings.hot_extra_replicas, settings.hot_threshold)
+        )
         self._tasks: set[asyncio.Task] = set()
         self.reputation = self._load_reputation()
         self.identity: dict[str, str] = {}  # address -> worker name: reputation follows the name
@@ -115,8 +134,9 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         self._load_errors: dict[tuple[str, int, int], str] = {}  # (model, layer, expert) -> a worker's last why
         self.paused: dict[str, str] = {}  # idle-only workers whose owner is busy -> why; never routed to
         self._unsubscribe_security = None  # hardened mode: stop forwarding security events
-        self.channels = ModelChannels(settings.version_adoption, settings.version_lease_seconds,
-                                      settings.version_drain_seconds)
+        self.channels = ModelChannels(
+            settings.version_adoption, settings.version_lease_seconds, settings.version_drain_seconds
+        )
         self._adoptions_seen = 0  # the last ledger adoption (proposal id) acted on
         self._versions_tick = PeriodicCallback(self._tick_versions, 1000)
         # Tickets out, receipts and disputes in (neuro_dask/scheduler/evidence_desk.py); signed with the
@@ -127,21 +147,33 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         self.desk = EvidenceDesk(
             load_signer(getattr(security, "tls_scheduler_key", None) or getattr(security, "tls_scheduler_cert", None)),
             tickets_required=self.ledger is not None and not settings.free_tier,
-            max_unproven=settings.max_unproven_reports, unproven_window=settings.unproven_window,
-            max_rows=SecuritySettings.load().max_rows)
+            max_unproven=settings.max_unproven_reports,
+            unproven_window=settings.unproven_window,
+            max_rows=SecuritySettings.load().max_rows,
+        )
         self.probes = ProbeBook(settings.probe_interval)
         self._requests: dict[str, dict[str, Any]] = {}  # open request -> who began it, its hold's expert-tokens
         self.hardened = False
-        scheduler.handlers.update({
-            "neuro_adopt": self.handle_adopt, "neuro_channels": self.channels_status,
-            "neuro_request_begin": self.request_begin, "neuro_request_end": self.request_end,
-            "neuro_report_outcomes": self.report_outcomes, "neuro_trust": self.trust,
-            "neuro_publish": self.publish, "neuro_routes": self.routes,
-            "neuro_experts_loaded": self.experts_loaded, "neuro_unreachable": self.unreachable,
-            "neuro_report_load": self.report_load, "neuro_status": self.status,
-            "neuro_ledger_report": self.handle_ledger_report, "neuro_report_calls": self.report_calls,
-            "neuro_pause": self.pause, "neuro_dispute": self.dispute,
-        })
+        scheduler.handlers.update(
+            {
+                "neuro_adopt": self.handle_adopt,
+                "neuro_channels": self.channels_status,
+                "neuro_request_begin": self.request_begin,
+                "neuro_request_end": self.request_end,
+                "neuro_report_outcomes": self.report_outcomes,
+                "neuro_trust": self.trust,
+                "neuro_publish": self.publish,
+                "neuro_routes": self.routes,
+                "neuro_experts_loaded": self.experts_loaded,
+                "neuro_unreachable": self.unreachable,
+                "neuro_report_load": self.report_load,
+                "neuro_status": self.status,
+                "neuro_ledger_report": self.handle_ledger_report,
+                "neuro_report_calls": self.report_calls,
+                "neuro_pause": self.pause,
+                "neuro_dispute": self.dispute,
+            }
+        )
         scheduler.handlers["neuro_volunteer"] = self.volunteer  # `neuro-dask worker-status`
         scheduler.extensions["neuro"] = self
         neuro_metrics.register(self)
@@ -152,11 +184,18 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             from neuro_dask.security.guards import roles_required_for
 
             if not roles_required_for(scheduler):
-                log.warning("hardened mode without TLS: pickles are allow-listed and remote code is refused, but "
-                            "roles are not enforced; start with --tls DIR before opening the port (docs/security.md)")
+                log.warning(
+                    "hardened mode without TLS: pickles are allow-listed and remote code is refused, but "
+                    "roles are not enforced; start with --tls DIR before opening the port (docs/security.md)"
+                )
         await self._restore_state()
-        for line in scheduler_banner(scheduler.address, _dashboard_link(scheduler), self.hardened,
-                                     redact_url(self.ledger_url) if self.ledger_url else None, self.settings.replicas):
+        for line in scheduler_banner(
+            scheduler.address,
+            _dashboard_link(scheduler),
+            self.hardened,
+            redact_url(self.ledger_url) if self.ledger_url else None,
+            self.settings.replicas,
+        ):
             console.say(line)
         self._sampler.start()
         self._versions_tick.start()
@@ -181,18 +220,17 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         info = ws.extra.get("neuro")
         if not info:
             return  # a plain Dask worker: it runs ordinary tasks, hosts no experts
-        capacity = WorkerCapacity(worker, int(info["memory_budget"]), float(info["speed"]) or 1.0,
-                                  str(info.get("owner") or ""))
+        capacity = reports.capacity_of(worker, info)
         name = self.identity[worker] = str(ws.name)
         # Receipts verify with this key: on TLS the certificate's (bound by the guard at
         # registration), else the one the worker announced.
         key = info.get("signing_key")
         self.desk.set_key(name, bytes(key) if isinstance(key, (bytes, bytearray, memoryview)) else None)
-        trusted = name in self.settings.trusted or worker in self.settings.trusted
+        trusted = reports.operator_trusted(name, worker, self.settings.trusted)
         change = self.reputation.join(name, capacity.owner, trusted=trusted, now=time.time())
         self._publish_change(change)
         if self.reputation.record(name).trusted:
-            self.coordinator.anchors.add(worker)
+            self._enact(self.coordinator.set_anchor(worker))  # not a member yet: no re-plan before the join's
         if self.ledger is not None:
             self._in_ledger(self.ledger.join, name, capacity.owner)
         self._enact(self.coordinator.worker_joined(capacity))
@@ -203,9 +241,16 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             from neuro_dask.trust.lifecycle import departure
 
             dask_events = [msg for _, msg in scheduler.get_events(worker) if isinstance(msg, dict)]
-            self._event("neuro-trust", {"action": departure(dask_events), "worker": worker, "name": name or worker,
-                                        "experts": len(self.coordinator.serving.get(worker, ())),
-                                        "stimulus_id": str(kwargs.get("stimulus_id", ""))})
+            self._event(
+                "neuro-trust",
+                {
+                    "action": departure(dask_events),
+                    "worker": worker,
+                    "name": name or worker,
+                    "experts": len(self.coordinator.serving.get(worker, ())),
+                    "stimulus_id": str(kwargs.get("stimulus_id", "")),
+                },
+            )
         self._standings.pop(worker, None)
         self.paused.pop(worker, None)
         self.probes.forget(worker)
@@ -236,20 +281,18 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         if model_id not in self.coordinator.models:
             log.info("publishing %s from %s: %d experts", model_id, redact_url(store_url), len(experts))
             self.scheduler.log_event("neuro", {"action": "publish", "model": model_id, "store": redact_url(store_url)})
-            self._enact(self.coordinator.model_published(
-                PublishedModel(model_id, store_url, experts, summarize(manifest))))
+            self._enact(
+                self.coordinator.model_published(PublishedModel(model_id, store_url, experts, summarize(manifest)))
+            )
         self._save_state()
-        return {"status": "OK", "model": model_id, "summary": self.coordinator.models[model_id].summary,
-                **({"channel": channel, "role": role} if channel else {})}
+        return {
+            "status": "OK",
+            "model": model_id,
+            "summary": self.coordinator.models[model_id].summary,
+            **({"channel": channel, "role": role} if channel else {}),
+        }
 
     # ---- model versions (neuro_dask/scheduler/versions.py) ---------------------------------------------
-
-    def _served(self, model: str) -> bool:
-        """Every expert of `model` has all its planned replicas serving: safe to move traffic to it."""
-        if model not in self.coordinator.models:
-            return False
-        snap = self.coordinator.routes(model)
-        return not snap.missing and not snap.pending
 
     def handle_adopt(self, channel: str, model: str) -> dict[str, Any]:
         """The operator's adoption (refused where votes decide: only _tick_versions adopts by vote)."""
@@ -257,11 +300,21 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
 
     def adopt(self, channel: str, model: str, by_vote: bool) -> dict[str, Any]:
         try:
-            retiring = self.channels.adopt(channel, model, self._served(model), time.time(), by_vote=by_vote)
+            retiring = self.channels.adopt(
+                channel, model, self.coordinator.fully_served(model), time.time(), by_vote=by_vote
+            )
         except VersionError as exc:
             return {"status": "error", "message": str(exc)}
-        self._event("neuro", {"action": "adopt", "channel": channel, "model": model, "retiring": retiring,
-                              "by": "vote" if by_vote else "operator"})
+        self._event(
+            "neuro",
+            {
+                "action": "adopt",
+                "channel": channel,
+                "model": model,
+                "retiring": retiring,
+                "by": "vote" if by_vote else "operator",
+            },
+        )
         self._save_state()
         return {"status": "OK", "channel": channel, "current": model, "retiring": retiring}
 
@@ -271,27 +324,39 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         stores = {m: p.store_url for m, p in self.coordinator.models.items() if m in self.channels.channel_of}
         return {"status": "OK", **status, "stores": stores}
 
-    async def request_begin(self, comm, model: str, request: str = "", account: str = "", expert_tokens: int = 0,
-                            tier: str = "standard") -> dict[str, Any]:
+    async def request_begin(
+        self, comm, model: str, request: str = "", account: str = "", expert_tokens: int = 0, tier: str = "standard"
+    ) -> dict[str, Any]:
         """Lease the version (a retiring one stays published until its requests end), hold the
         fee (with a ledger: from an account the calling certificate may charge), and sign the
         request's ticket. The request id is the scheduler's, whatever the client proposed: ids
         and their receipts are never reused."""
-        if model not in self.coordinator.models and model not in self.channels.retired:
-            return {"status": "error", "unpublished": True,
-                    "message": f"model {model!r} is not published on this scheduler"}
+        if not request_rules.may_begin(model, self.coordinator.models, self.channels.retired):
+            return {
+                "status": "error",
+                "unpublished": True,
+                "message": f"model {model!r} is not published on this scheduler",
+            }
         identity = comm_identity(comm)
         client = identity.name if identity is not None else ""
         who = reporter_key(identity, getattr(comm, "peer_address", ""))
-        if sum(1 for r in self._requests.values() if r["who"] == who) >= self.settings.open_requests_per_client:
-            return {"status": "error", "message": f"{who} already has {self.settings.open_requests_per_client} "
-                    "requests open: end one (or wait for neuro.scheduler.hold-seconds) before beginning another"}
+        if request_rules.at_open_limit(self._requests, who, self.settings.open_requests_per_client):
+            return {
+                "status": "error",
+                "message": f"{who} already has {self.settings.open_requests_per_client} "
+                "requests open: end one (or wait for neuro.scheduler.hold-seconds) before beginning another",
+            }
         request = uuid.uuid4().hex
         try:
             version = self.channels.begin(model, request, time.time())
         except RetiredVersionError as exc:
-            return {"status": "error", "retired": True, "message": str(exc), "channel": exc.channel,
-                    "current": exc.current}
+            return {
+                "status": "error",
+                "retired": True,
+                "message": str(exc),
+                "channel": exc.channel,
+                "current": exc.current,
+            }
         try:  # the receipt book first: a request it cannot take is refused before anything is held
             ticket = self.desk.begin(request, model, client, account, tier, self.settings.hold_seconds)
         except BookError as exc:
@@ -301,9 +366,13 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         if held.get("status") != "OK":
             self.channels.end(request)
             self.desk.close(request)
-            if held.get("reason") == "not-granted":  # an attempt on someone else's account
-                report("charge", getattr(comm, "peer_address", None), f"account {account!r}: {held['message']}",
-                       describe(identity))
+            if request_rules.charge_attempt(held):  # an attempt on someone else's account
+                report(
+                    "charge",
+                    getattr(comm, "peer_address", None),
+                    f"account {account!r}: {held['message']}",
+                    describe(identity),
+                )
             return {**held, **version}
         self._requests[request] = {"who": who, "client": client, "expert_tokens": int(expert_tokens), "tier": tier}
         return {**held, **version, "request": request, "ticket": ticket}
@@ -314,7 +383,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         begun = self._requests.get(request)
         if begun is None:
             return {"status": "error", "message": f"request {request!r} is not open on this scheduler"}
-        if begun["who"] != reporter_key(identity, getattr(comm, "peer_address", "")):
+        if not request_rules.may_end(begun, reporter_key(identity, getattr(comm, "peer_address", ""))):
             return {"status": "error", "message": "only the client that began a request may end it"}
         return await self._end_request(request)
 
@@ -324,9 +393,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         work = self.desk.close(request)
         # A colluding client and worker could present inflated receipts: pay and credit at most
         # what was held for (the fee is capped by the hold as well).
-        rows = _capped(work.work, begun.get("expert_tokens", 0) if begun.get("tier") == "standard" else None)
-        shares = _capped(work.share_rows, SHARE_ROWS_PER_PRIVATE_TOKEN * begun.get("expert_tokens", 0)
-                         if begun.get("tier") == "private" else None)
+        rows, shares = request_rules.settlement(work.work, work.share_rows, begun)
         return await self._ledger_settle(request, rows, shares)
 
     async def _tick_versions(self) -> None:
@@ -335,21 +402,20 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         await self._expire_requests()
         self._start_probes()
         now, passed = time.time(), []
-        if self.ledger is not None and self.channels.adoption == "vote":
+        if reads_votes(self.channels.adoption, self.ledger is not None):
             try:
                 passed = await self._in_ledger(self.ledger.ledger.adoptions, self._adoptions_seen)
             except Exception:
                 passed = []  # logged by _in_ledger; read again next tick
+            self._adoptions_seen = last_proposal_seen(self._adoptions_seen, passed)
             for a in passed:
-                self._adoptions_seen = max(self._adoptions_seen, int(a["proposal"]))
                 try:
                     self.channels.approve(a["channel"], a["model"])
                     self._event("neuro", {"action": "approved", **a})
                 except VersionError as exc:
                     self._event("neuro", {"action": "approval-ignored", **a, "why": str(exc)})
-        for channel, model in self.channels.due_adoptions():
-            if self._served(model):
-                self.adopt(channel, model, by_vote=True)
+        for channel, model in ready_adoptions(self.channels.due_adoptions(), self.coordinator.fully_served):
+            self.adopt(channel, model, by_vote=True)
         retired = self.channels.retirable(now)
         for model in retired:
             log.info("retiring model %s: its requests have ended", model)
@@ -362,40 +428,52 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         if model not in self.coordinator.models:
             return {"status": "error", "message": f"model {model!r} is not published on this scheduler"}
         snap = self.coordinator.routes(model)
-        # Each routed worker's standing is scored once, and again only when its record changed
-        # (1,000 workers: scoring every known worker, then each standing twice, took 12 ms).
-        standing = {w: self._standing(w) for w in {w for ws in snap.routes.values() for w in ws}
-                    if self._stake_ok(w) and w not in self.paused}
+        # Each routed worker's standing is scored again only when its record changed (1,000
+        # workers: scoring every known worker on every call, each standing twice, took 12 ms).
+        standing = {w: self._standing(w) for w in routing.routed_workers(snap.routes, self._stake_ok, self.paused)}
         for w, s in standing.items():  # each a fresh dict: safe to add to
-            s["precision"] = self._precisions.get((w, model), "float32")
-        score = {w: s["score"] if w in self.identity else 0.5 for w, s in standing.items()}
-        ranked = [[l, e, sorted((w for w in ws if w in standing), key=lambda w: -score[w])]
-                  for (l, e), ws in snap.routes.items()]  # sorted is stable
+            s["precision"] = self._precisions.get((w, model), routing.DEFAULT_PRECISION)
+        ranked = routing.rank_routes(snap.routes, routing.rank_scores(standing, self.identity))
         unloadable = self.coordinator.unloadable(model, snap.missing)[:20]
-        return {"status": "OK", "version": snap.version, "params": self._trust_params, "routes": ranked,
-                "standing": standing, "hardened": self.hardened,
-                "missing": [list(k) for k in snap.missing], "pending": [list(k) for k in snap.pending],
-                "unloadable": [[l, e, self._load_errors.get((model, l, e), "")] for l, e in unloadable]}
+        return {
+            "status": "OK",
+            "version": snap.version,
+            "params": self._trust_params,
+            "routes": ranked,
+            "standing": standing,
+            "hardened": self.hardened,
+            "missing": [list(k) for k in snap.missing],
+            "pending": [list(k) for k in snap.pending],
+            "unloadable": routing.unloadable_reasons(model, unloadable, self._load_errors),
+        }
 
-    def experts_loaded(self, comm, worker: str, model: str, loaded: list, failed: list,
-                       precision: str = "float32") -> dict[str, Any]:
+    def experts_loaded(
+        self, comm, worker: str, model: str, loaded: list, failed: list, precision: str = "float32"
+    ) -> dict[str, Any]:
         # Clients compare replicas within the tolerance of their precisions (trust/validation.py).
         self._precisions[(worker, model)] = str(precision)
         ignored = self.coordinator.experts_loaded(worker, model, [tuple(p) for p in loaded])
         if ignored:  # only assigned experts count: the rest is a claim without an assignment behind it
-            report("claims", getattr(comm, "peer_address", None),
-                   f"{worker} reported {ignored} experts of {model} it was not assigned; ignored",
-                   describe(comm_identity(comm)))
+            report(
+                "claims",
+                getattr(comm, "peer_address", None),
+                f"{worker} reported {ignored} experts of {model} it was not assigned; ignored",
+                describe(comm_identity(comm)),
+            )
         if failed:
             log.warning("worker %s failed to load %d experts of %s, e.g. %s", worker, len(failed), model, failed[0])
             published = self.coordinator.models.get(model)
-            for l, e, why in failed[:1000]:  # the reason a client is told when no worker can load it
-                if published is not None and (int(l), int(e)) in published.experts:  # bounded: real experts only
-                    # a worker's own words reach clients only attributed to it, and only once every
-                    # live worker failed the expert (coordinator.unloadable): one cannot fake that
-                    self._load_errors[(model, int(l), int(e))] = f"{worker} says: {str(why)[:300]}"
-            self.scheduler.log_event("neuro", {"action": "load-failed", "worker": worker, "model": model,
-                                               "failed": failed[:20]})
+            # the reason a client is told when no worker can load it: a worker's own words reach
+            # clients only attributed to it, and only once every live worker failed the expert
+            # (coordinator.unloadable): one cannot fake that
+            self._load_errors.update(
+                reports.load_failure_reasons(
+                    worker, model, failed, published.experts if published is not None else None
+                )
+            )
+            self.scheduler.log_event(
+                "neuro", {"action": "load-failed", "worker": worker, "model": model, "failed": failed[:20]}
+            )
             self._enact(self.coordinator.load_failed(worker, model, [(l, e) for l, e, _ in failed]))
         return {"status": "OK", "ignored": ignored}
 
@@ -405,13 +483,20 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             return {"status": "error", "message": f"{worker} is not a neuro worker of this scheduler"}
         was = worker in self.paused
         if paused:
-            self.paused[worker] = str(reason)[:200]
+            self.paused[worker] = reports.pause_reason(reason)
         else:
             self.paused.pop(worker, None)
-        if was != bool(paused):
-            self.coordinator.version += 1  # the routes served changed (clients pick them up on their next refresh)
-            self._event("neuro", {"action": "pause" if paused else "resume", "worker": worker,
-                                 "name": self.identity.get(worker, worker), "reason": str(reason)[:200]})
+        if reports.pause_changed(was, paused):
+            self.coordinator.routes_changed()
+            self._event(
+                "neuro",
+                {
+                    "action": "pause" if paused else "resume",
+                    "worker": worker,
+                    "name": self.identity.get(worker, worker),
+                    "reason": reports.pause_reason(reason),
+                },
+            )
         return {"status": "OK"}
 
     def unreachable(self, worker: str, model: str, experts: list) -> dict[str, Any]:
@@ -435,7 +520,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             model = self.coordinator.models.get(probe.model)
             if model is None or probe.worker not in self.coordinator.workers:
                 return
-            hidden = int(model.summary.get("hidden_size") or 0)
+            hidden = reports.probe_width(model.summary)
             if hidden <= 0:  # nothing to probe with: the report stays the client's own business
                 return
             failed: list[tuple[int, int]] = []
@@ -449,24 +534,49 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
                 msg["ticket"] = self.desk.own_ticket(probe.model)
                 try:
                     reply = await self._call_worker(probe.worker, "neuro_expert", msg)
-                    if isinstance(reply, dict) and str(reply.get("message", "")).startswith("paused"):
+                    if reports.paused_reply(reply):
                         continue
                     decode_response(reply, rows)
                 except Exception as exc:  # no answer, an error, a malformed answer: the probe failed
                     failed += [(layer, e) for e in experts]
                     why = str(exc)[:200]
-            self._event("neuro", {"action": "probe", "worker": probe.worker, "model": probe.model,
-                                  "ok": not failed, "experts": len(probe.experts)})
+            self._event(
+                "neuro",
+                {
+                    "action": "probe",
+                    "worker": probe.worker,
+                    "model": probe.model,
+                    "ok": not failed,
+                    "experts": len(probe.experts),
+                },
+            )
             if failed and probe.worker in self.coordinator.workers:
                 self._enact(self.coordinator.worker_unreachable(probe.worker, probe.model, failed))
                 name = self.identity.get(probe.worker)
                 if name is not None:
-                    change = self.reputation.timeout(name, f"probe:{uuid.uuid4().hex[:12]}", time.time())
-                    self._event("neuro-trust", {"action": "timeout", "worker": probe.worker, "name": name,
-                                                "model": probe.model, "cause": "probe", "why": why,
-                                                "reputation": change.after})
-                self._event("neuro", {"action": "unreachable", "worker": probe.worker, "model": probe.model,
-                                      "experts": [list(p) for p in failed[:20]], "why": why})
+                    change = self.reputation.timeout(name, probe_cause(uuid.uuid4().hex), time.time())
+                    self._event(
+                        "neuro-trust",
+                        {
+                            "action": "timeout",
+                            "worker": probe.worker,
+                            "name": name,
+                            "model": probe.model,
+                            "cause": "probe",
+                            "why": why,
+                            "reputation": change.after,
+                        },
+                    )
+                self._event(
+                    "neuro",
+                    {
+                        "action": "unreachable",
+                        "worker": probe.worker,
+                        "model": probe.model,
+                        "experts": [list(p) for p in failed[:20]],
+                        "why": why,
+                    },
+                )
         finally:
             self.probes.done(probe.worker)
 
@@ -489,7 +599,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         if published is None:
             return {"status": "error", "message": f"model {model!r} is not published on this scheduler"}
         cap = float(SecuritySettings.load().max_rows)
-        counted = {(model, int(l), int(e)): min(float(n), cap) for l, e, n in load if (int(l), int(e)) in published.experts}
+        counted = reports.counted_load(model, load, published.experts, cap)
         self._enact(self.coordinator.report_load(counted))
         return {"status": "OK"}
 
@@ -502,9 +612,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         cached = self._standings.get(address)
         if cached is not None and cached[0] is r:
             return dict(cached[1])
-        score = r.score  # a computed property: once, not again through r.routable
-        standing = {"trusted": r.trusted, "established": r.established, "consecutive_valid": r.consecutive_valid,
-                    "owner": r.owner, "score": score, "routable": r.trusted or score >= r.policy.min_reputation}
+        standing = routing.standing_of(r)
         if address in self.identity:
             self._standings[address] = (r, dict(standing))
         return standing
@@ -518,28 +626,52 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         observations: counted for the dashboard, never against the worker."""
         identity = comm_identity(comm)
         offered = self.desk.offer(receipts, identity.name if identity is not None else None)
-        if offered.get("forged") or offered.get("not-yours"):
-            self._event("neuro-security", {"action": "security:receipts", "peer": getattr(comm, "peer_address", ""),
-                                           "worker": reporter_key(identity, getattr(comm, "peer_address", "")),
-                                           "cause": dict(offered), "time": time.time()})
+        if receipts_refused(offered):
+            self._event(
+                "neuro-security",
+                {
+                    "action": "security:receipts",
+                    "peer": getattr(comm, "peer_address", ""),
+                    "worker": reporter_key(identity, getattr(comm, "peer_address", "")),
+                    "cause": dict(offered),
+                    "time": time.time(),
+                },
+            )
         now = time.time()
         credited = 0
-        for row in outcomes:
-            if not isinstance(row, (list, tuple)) or len(row) != 7:
+        for raw in outcomes:
+            try:
+                row = OutcomeReport.from_msg(raw)
+            except RecordError:
                 continue  # a hardened scheduler's schema refuses these before; an open one skips them
-            worker, kind, cause_id, layer, expert, _rows, request = row
-            if kind not in OUTCOME_KINDS:
-                continue
+            worker, kind, cause_id, layer, expert, request = (
+                row.worker,
+                row.kind,
+                row.cause_id,
+                row.layer,
+                row.expert,
+                row.request,
+            )
             self.feed.count(kind)  # the dashboard's tally of what clients observed (moves nothing)
             name = self.identity.get(worker)
-            if kind != "validated" or name is None or not self.desk.credit(request, name, 1):
+            if outcome_event(kind, name) != "validated" or not self.desk.credit(request, name, 1):
                 continue
             credited += 1
             change = self.reputation.validated(name, str(cause_id), now)
-            if change.before < self.reputation.policy.min_reputation <= change.after:
-                self._event("neuro-trust", {"action": kind, "worker": worker, "name": name, "model": model,
-                                            "layer": layer, "expert": expert, "cause_id": cause_id,
-                                            "reputation": change.after})
+            if entered_routing(change.before, change.after, self.reputation.policy.min_reputation):
+                self._event(
+                    "neuro-trust",
+                    {
+                        "action": kind,
+                        "worker": worker,
+                        "name": name,
+                        "model": model,
+                        "layer": layer,
+                        "expert": expert,
+                        "cause_id": cause_id,
+                        "reputation": change.after,
+                    },
+                )
         if credited:
             self._save_reputation()
         return {"status": "OK", "receipts": dict(offered), "credited": credited}
@@ -553,13 +685,24 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         identity = comm_identity(comm)
         peer = getattr(comm, "peer_address", "")
         result = await self.desk.settle_dispute(
-            evidence, identity.name if identity is not None else None, reporter_key(identity, peer),
-            self._referees, self._precision_of, self._call_worker)
+            evidence,
+            identity.name if identity is not None else None,
+            reporter_key(identity, peer),
+            self._referees,
+            self._precision_of,
+            self._call_worker,
+        )
         verdict = result.verdict
-        self._event("neuro-trust", {"action": f"dispute-{verdict.kind if verdict else 'refused'}",
-                                    "name": result.accused, "request": result.request,
-                                    "reporter": reporter_key(identity, peer),
-                                    "why": verdict.why if verdict else result.why})
+        self._event(
+            "neuro-trust",
+            {
+                "action": f"dispute-{verdict.kind if verdict else 'refused'}",
+                "name": result.accused,
+                "request": result.request,
+                "reporter": reporter_key(identity, peer),
+                "why": verdict.why if verdict else result.why,
+            },
+        )
         if verdict is not None and verdict.kind == "proven":
             # The disputed call's layer and expert, for the dashboard's cause: from its receipt,
             # which the desk has verified by now (the accused signed them).
@@ -576,33 +719,37 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
     def _referees(self, model: str, layer: int, expert: int) -> list[tuple[str, Referee]]:
         snap = self.coordinator.routes(model) if model in self.coordinator.models else None
         hosts = snap.routes.get((layer, expert), ()) if snap is not None else ()
-        out = []
-        for address in hosts:
-            name = self.identity.get(address)
-            if name is None or address in self.paused:
-                continue
-            r = self.reputation.record(name)
-            out.append((address, Referee(name, r.owner or name, r.trusted, r.score)))
-        return out
+        return routing.referee_candidates(hosts, self.identity, self.paused, self.reputation.record)
 
     def _precision_of(self, name: str, model: str) -> str:
-        address = next((a for a, n in self.identity.items() if n == name), None)
-        return self._precisions.get((address, model), "float32") if address else "float32"
+        return routing.precision_of(self._precisions, self.identity, name, model)
 
     def _proven_wrong(self, name: str, model: str, request: str, verdict, where: dict | None = None) -> None:
         """`where`: the disputed call's layer and expert (the dashboard names them in the cause)."""
-        cause = f"dispute:{request}:{name}"
+        cause = dispute_cause(request, name)
         now = time.time()
         where = where or {}
         if name in self.reputation:
             change = self.reputation.invalid(name, cause, now)
-            address = next((a for a, n in self.identity.items() if n == name), name)
-            self._event("neuro-trust", {"action": "invalid", "worker": address, "name": name, "model": model,
-                                        "cause_id": cause, "reputation": change.after, "request": request,
-                                        "referees": list(verdict.referees), "slashable": verdict.slashable, **where})
+            address = routing.address_of(self.identity, name) or name
+            self._event(
+                "neuro-trust",
+                {
+                    "action": "invalid",
+                    "worker": address,
+                    "name": name,
+                    "model": model,
+                    "cause_id": cause,
+                    "reputation": change.after,
+                    "request": request,
+                    "referees": list(verdict.referees),
+                    "slashable": verdict.slashable,
+                    **where,
+                },
+            )
             self.feed.count("invalid")
             self._save_reputation()
-        if verdict.slashable and self.ledger is not None:
+        if slashes(verdict.slashable, self.ledger is not None):
             self._in_ledger(self._slash, name, cause, now, where)
 
     def _slash(self, name: str, cause: str, now: float, where: dict | None = None) -> None:
@@ -628,7 +775,8 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         self.scheduler.plugins.pop("shuffle", None)
         self._drop_worker_plugins()
         self._unsubscribe_security = security_log.subscribe(
-            lambda event: self.scheduler.loop.add_callback(self._security_event, event))
+            lambda event: self.scheduler.loop.add_callback(self._security_event, event)
+        )
 
     def _drop_worker_plugins(self) -> None:
         dropped = sorted(self.scheduler.worker_plugins) + sorted(self.scheduler.nanny_plugins)
@@ -640,13 +788,22 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
     def _security_event(self, event) -> None:
         from neuro_dask.security.events import TOPIC
 
-        self._event(TOPIC, {**event.to_dict(), "action": f"security:{event.kind}",
-                            "worker": event.identity or event.peer or "", "cause": event.detail})
-        role, _, name = (event.identity or "").partition(":")
-        if role == "worker" and name in self.reputation:
-            change = self.reputation.invalid(name, f"security:{event.kind}:{event.time}", event.time)
-            self._event("neuro-trust", {"action": "security", "name": name, "reputation": change.after,
-                                        "detail": event.detail})
+        self._event(
+            TOPIC,
+            {
+                **event.to_dict(),
+                "action": f"security:{event.kind}",
+                "worker": event.identity or event.peer or "",
+                "cause": event.detail,
+            },
+        )
+        penalty = security_penalty(event.identity, event.kind, event.time, self.reputation)
+        if penalty is not None:  # a refused worker's request counts as a wrong result
+            name, cause = penalty
+            change = self.reputation.invalid(name, cause, event.time)
+            self._event(
+                "neuro-trust", {"action": "security", "name": name, "reputation": change.after, "detail": event.detail}
+            )
 
     # ---- dashboard -----------------------------------------------------------------------------
 
@@ -678,9 +835,13 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
 
         def read():
             books = self.ledger.ledger
-            return {"report": books.report(), "stakes": books.balances("stake"),
-                    "leaderboard": books.leaderboard("worker"), "owners": books.leaderboard("owner"),
-                    "proposals": [p for p in books.proposals() if p["status"] == "open"][-50:]}
+            return {
+                "report": books.report(),
+                "stakes": books.balances("stake"),
+                "leaderboard": books.leaderboard("worker"),
+                "owners": books.leaderboard("owner"),
+                "proposals": [p for p in books.proposals() if p["status"] == "open"][-50:],
+            }
 
         try:
             self.ledger_view = await self._in_ledger(read)
@@ -715,7 +876,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         from neuro_dask.dashboard.views import worker_state
 
         c = self.coordinator
-        model = next(reversed(c.models), "") if c.models else ""
+        model = c.latest_model()
         stakes = (self.ledger_view or {}).get("stakes", {})
         planned = c.placement.assignments() if c.placement else {}
         workers = []
@@ -725,39 +886,64 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             name = self.identity.get(address, address)
             rec = self.reputation.record(name)
             hosted, assigned = len(c.serving.get(address, ())), len(planned.get(address, ()))
-            status = worker_state(ws.status.name if ws is not None else "", address in self.paused,
-                                  rec.routable and self._stake_ok(address), hosted, assigned)
+            status = worker_state(
+                ws.status.name if ws is not None else "",
+                address in self.paused,
+                rec.routable and self._stake_ok(address),
+                hosted,
+                assigned,
+            )
             gpus = profile.get("cuda") or []
             metrics = (ws.metrics.get("neuro") or {}) if ws is not None else {}
             own = metrics.get("models")  # what the worker itself holds, from its last heartbeat
-            workers.append(WorkerView(
-                address=address, name=name, owner=capacity.owner, status=status,
-                cores=int(profile.get("cores", 0)), memory=int(profile.get("memory_total", 0)),
-                budget=capacity.memory_budget, gpus=len(gpus), vram=sum(int(g.get("total_memory", 0)) for g in gpus),
-                speed=capacity.speed, score=rec.score, correctness=rec.correctness, timeliness=rec.timeliness,
-                speed_score=rec.speed, uptime=rec.uptime, trusted=rec.trusted, established=rec.established,
-                routable=rec.routable, stake=int(stakes.get(f"stake:{name}", 0)), hosted=hosted, assigned=assigned,
-                calls_served=int(metrics.get("calls_served", 0)),
-                reported=sum(int(n) for n in own.values()) if isinstance(own, dict) else None))
-        keys = [k for k in (c.models[model].experts if model else {})]
-        serving_count: dict[tuple[int, int], int] = {}
-        for keys_served in c.serving.values():
-            for m, layer, expert in keys_served:
-                if m == model:
-                    serving_count[(layer, expert)] = serving_count.get((layer, expert), 0) + 1
-        target = {k: len(c.placement.workers_for((model, *k))) if c.placement else 0 for k in keys}
-        load = {(l, e): v for (m, l, e), v in c.load.items() if m == model}
+            workers.append(
+                WorkerView(
+                    address=address,
+                    name=name,
+                    owner=capacity.owner,
+                    status=status,
+                    cores=int(profile.get("cores", 0)),
+                    memory=int(profile.get("memory_total", 0)),
+                    budget=capacity.memory_budget,
+                    gpus=len(gpus),
+                    vram=sum(int(g.get("total_memory", 0)) for g in gpus),
+                    speed=capacity.speed,
+                    score=rec.score,
+                    correctness=rec.correctness,
+                    timeliness=rec.timeliness,
+                    speed_score=rec.speed,
+                    uptime=rec.uptime,
+                    trusted=rec.trusted,
+                    established=rec.established,
+                    routable=rec.routable,
+                    stake=int(stakes.get(f"stake:{name}", 0)),
+                    hosted=hosted,
+                    assigned=assigned,
+                    calls_served=int(metrics.get("calls_served", 0)),
+                    reported=sum(int(n) for n in own.values()) if isinstance(own, dict) else None,
+                )
+            )
+        target = c.planned_counts(model)  # every expert of the model, placed or not
         events = list(self.events)
         k = {m: int(p.summary.get("experts_per_token") or 0) for m, p in c.models.items()}
-        return NetworkView(workers=workers, layers=1 + max((l for l, _ in keys), default=-1),
-                           experts=1 + max((e for _, e in keys), default=-1), replicas=serving_count, target=target,
-                           load=load, events=events, ledger=self.ledger_view if self.ledger else None, model=model,
-                           versions=self.channels.status(time.time()), experts_per_token=k)
+        return NetworkView(
+            workers=workers,
+            layers=1 + max((l for l, _ in target), default=-1),
+            experts=1 + max((e for _, e in target), default=-1),
+            replicas=c.replica_counts(model),
+            target=target,
+            load=c.model_load(model),
+            events=events,
+            ledger=self.ledger_view if self.ledger else None,
+            model=model,
+            versions=self.channels.status(time.time()),
+            experts_per_token=k,
+        )
 
     # ---- ledger --------------------------------------------------------------------------------
 
     def _stake_ok(self, address: str) -> bool:
-        return self.ledger is None or self.identity.get(address) in self._staked
+        return routing.stake_ok(self.ledger is not None, self.identity.get(address), self._staked)
 
     def _in_ledger(self, fn, *args) -> asyncio.Future:
         """Run a ledger call on the ledger's thread, in submission order; failures are logged."""
@@ -778,17 +964,25 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         except Exception:
             pass  # logged by _in_ledger; the previous view stands
 
-    async def _ledger_hold(self, account: str, request: str, expert_tokens: int, tier: str,
-                           identity=None) -> dict[str, Any]:
+    async def _ledger_hold(
+        self, account: str, request: str, expert_tokens: int, tier: str, identity=None
+    ) -> dict[str, Any]:
         if self.ledger is None:
             return {"status": "OK", "held": 0, "ledger": False}
         if not account:
-            return {"status": "error", "message": "this scheduler charges for requests: name the ledger account that "
-                                                  "pays (neuro.client.account, or the gateway's API key mapping)"}
+            return {"status": "error", "message": request_rules.NO_ACCOUNT}
         # A client certificate charges only its own account or one granted to it (docs/ledger.md).
-        client = identity.name if identity is not None and identity.role != "scheduler" else None
-        return await self._in_ledger(self.ledger.hold, account, request, int(expert_tokens), time.time(), str(tier),
-                                     client, self.settings.hold_seconds)
+        client = request_rules.charging_client(identity)
+        return await self._in_ledger(
+            self.ledger.hold,
+            account,
+            request,
+            int(expert_tokens),
+            time.time(),
+            str(tier),
+            client,
+            self.settings.hold_seconds,
+        )
 
     async def _ledger_settle(self, request: str, work: dict[str, int], shares: dict[str, int]) -> dict[str, Any]:
         if self.ledger is None:
@@ -803,7 +997,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         has open from before a restart are settled with no work (refunded but for the request
         price, as any request that did no work: docs/ledger.md)."""
         for request in self.desk.expired():
-            if request in self._requests:
+            if request_rules.expired_action(request, self._requests) == "end":
                 await self._end_request(request)
             else:
                 self.desk.close(request)
@@ -813,7 +1007,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             except Exception:
                 return  # logged; tried again next tick
             for request in stale:
-                if request not in self._requests:
+                if request_rules.orphan_hold(request, self._requests):
                     await self._ledger_settle(request, {}, {})
 
     async def handle_ledger_report(self) -> dict[str, Any]:
@@ -828,16 +1022,17 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         return await scheduler_report(self, worker)
 
     def trust(self, worker: str, trusted: bool = True) -> dict[str, Any]:
-        address = next((a for a, n in self.identity.items() if worker in (a, n)), worker)
-        name = self.identity.get(address, worker)
+        address, name = routing.resolve_worker(self.identity, worker)
         self._publish_change(self.reputation.mark_trusted(name, trusted))
         self._enact(self.coordinator.set_anchor(address, trusted))
         self._save_reputation()
         return {"status": "OK", "worker": name, "trusted": trusted}
 
     def _publish_change(self, change) -> None:
-        self._event("neuro-trust", {"action": change.cause, "worker": change.worker,
-                                                 "reputation": change.after, "cause_id": change.cause_id})
+        self._event(
+            "neuro-trust",
+            {"action": change.cause, "worker": change.worker, "reputation": change.after, "cause_id": change.cause_id},
+        )
 
     # ---- what survives a restart (neuro.scheduler.state-file) ---------------------------------
 
@@ -847,8 +1042,12 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         path = self.settings.state_file
         if not path:
             return
-        state = {"version": 1, "models": {m: p.store_url for m, p in self.coordinator.models.items()},
-                 "channels": self.channels.to_dict(), "adoptions_seen": self._adoptions_seen}
+        state = {
+            "version": 1,
+            "models": {m: p.store_url for m, p in self.coordinator.models.items()},
+            "channels": self.channels.to_dict(),
+            "adoptions_seen": self._adoptions_seen,
+        }
         tmp = f"{path}.partial"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
@@ -866,14 +1065,23 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         for model, store_url in state.get("models", {}).items():
             reply = await self.publish(store_url)
             if reply.get("status") != "OK" or reply.get("model") != model:
-                log.warning("state file: could not publish %s again from %s: %s", model, redact_url(store_url),
-                            reply.get("message") or f"the store now holds {reply.get('model')}")
-        log.info("restored %d published models and %d channels from %s", len(self.coordinator.models),
-                 len(self.channels.channels), path)
+                log.warning(
+                    "state file: could not publish %s again from %s: %s",
+                    model,
+                    redact_url(store_url),
+                    reply.get("message") or f"the store now holds {reply.get('model')}",
+                )
+        log.info(
+            "restored %d published models and %d channels from %s",
+            len(self.coordinator.models),
+            len(self.channels.channels),
+            path,
+        )
 
     def _load_reputation(self) -> Reputation:
-        policy = ReputationPolicy(establish_after=self.settings.establish_after,
-                                  min_reputation=self.settings.min_reputation)
+        policy = ReputationPolicy(
+            establish_after=self.settings.establish_after, min_reputation=self.settings.min_reputation
+        )
         path = self.settings.reputation_file
         if path and os.path.exists(path):
             with open(path) as fh:
@@ -892,13 +1100,22 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
     def status(self) -> dict[str, Any]:
         c = self.coordinator
         return {
-            "workers": {a: {"speed": w.speed, "memory_budget": w.memory_budget, "owner": w.owner,
-                            "serving": sorted([list(k) for k in c.serving.get(a, ())]),
-                            "name": self.identity.get(a, a), "paused": self.paused.get(a, ""),
-                            **{f"trust_{k}": v for k, v in self._standing(a).items()}}
-                        for a, w in c.workers.items()},
-            "models": {m: {"store_url": redact_url(p.store_url), "experts": len(p.experts), "summary": p.summary}
-                       for m, p in c.models.items()},
+            "workers": {
+                a: {
+                    "speed": w.speed,
+                    "memory_budget": w.memory_budget,
+                    "owner": w.owner,
+                    "serving": sorted([list(k) for k in c.serving.get(a, ())]),
+                    "name": self.identity.get(a, a),
+                    "paused": self.paused.get(a, ""),
+                    **{f"trust_{k}": v for k, v in self._standing(a).items()},
+                }
+                for a, w in c.workers.items()
+            },
+            "models": {
+                m: {"store_url": redact_url(p.store_url), "experts": len(p.experts), "summary": p.summary}
+                for m, p in c.models.items()
+            },
             "versions": self.channels.status(time.time()),
         }
 
@@ -914,27 +1131,17 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         try:
             if isinstance(action, LoadExperts):
                 await self.scheduler.rpc(action.worker).neuro_assign(
-                    model=action.model, store_url=action.store_url, experts=[list(p) for p in action.experts],
-                    tickets=self.desk.policy())
+                    model=action.model,
+                    store_url=action.store_url,
+                    experts=[list(p) for p in action.experts],
+                    tickets=self.desk.policy(),
+                )
             else:
                 await self.scheduler.rpc(action.worker).neuro_drop(
-                    model=action.model, experts=[list(p) for p in action.experts])
+                    model=action.model, experts=[list(p) for p in action.experts]
+                )
         except Exception as exc:  # the worker is gone or going: remove_worker will re-plan
             log.info("could not send %s to %s: %s", type(action).__name__, action.worker, exc)
-
-
-OUTCOME_KINDS = frozenset({"validated", "invalid", "late", "timeout", "error"})
-
-
-def _capped(work: dict[str, int], cap: int | None) -> dict[str, int]:
-    """`work` scaled down (pro rata, rounding down) so that it sums to at most `cap` rows; None:
-    nothing of this kind may be paid for this request (the other tier's receipts)."""
-    if cap is None:
-        return {}
-    total = sum(work.values())
-    if total <= cap:
-        return dict(work)
-    return {w: rows * cap // total for w, rows in work.items() if rows * cap // total}
 
 
 def _dashboard_link(scheduler) -> str | None:
@@ -960,8 +1167,9 @@ def _log_failure(future: asyncio.Future) -> None:
 @click.command()
 @click.option("--neuro-replicas", type=int, default=None, help="target replicas per expert")
 @click.option("--neuro-ledger", default=None, help="NEURO ledger database URL (default: neuro.ledger.url)")
-@click.option("--neuro-hardened/--neuro-no-hardened", default=None,
-              help="hardened mode (default: neuro.security.hardened)")
+@click.option(
+    "--neuro-hardened/--neuro-no-hardened", default=None, help="hardened mode (default: neuro.security.hardened)"
+)
 def dask_setup(scheduler, neuro_replicas, neuro_ledger, neuro_hardened) -> None:
     import dask.config
 

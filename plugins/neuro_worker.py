@@ -44,20 +44,20 @@ from tqdm import tqdm
 
 from neuro_dask import console
 from neuro_dask.console import loaded_line, worker_banner
-
 from neuro_dask.errors import NeuroDaskError
-from neuro_dask.volunteer.reconnect import restart_on_scheduler_loss
+from neuro_dask.protocol.wire import WireFormatError, decode_request, encode_error, encode_response
 from neuro_dask.runtime.drop_list import DropList
 from neuro_dask.runtime.expert_host import ExpertHost
 from neuro_dask.runtime.expert_memory import ExpertMemory
 from neuro_dask.runtime.machine import benchmark_expert_ffn, pick_device, profile_machine
 from neuro_dask.runtime.receipting import Receipting, load_signer
+from neuro_dask.security.hardening import report
 from neuro_dask.settings import SecuritySettings, WorkerSettings
 from neuro_dask.store.remote import ExpertFileCache
 from neuro_dask.testing import AdversaryCrash, make_adversary
-from neuro_dask.security.hardening import report
 from neuro_dask.trust.receipts import EvidenceError
-from neuro_dask.protocol.wire import WireFormatError, decode_request, encode_error, encode_response
+from neuro_dask.volunteer import admission
+from neuro_dask.volunteer.reconnect import restart_on_scheduler_loss
 
 log = logging.getLogger("neuro_dask.worker")
 
@@ -74,9 +74,14 @@ class NeuroWorker:
         self.budget = settings.budget_bytes(self.profile.memory_available)
         self.speed = 0.0
         self.adversary = make_adversary(settings.adversary, salt=str(worker.name))  # honest unless a drill says so
-        self.host = ExpertHost(ExpertFileCache(settings.resolved_cache_dir()), ExpertMemory(self.budget),
-                               device=self.device, store_override=settings.store,
-                               backend=settings.backend, precision=settings.precision)
+        self.host = ExpertHost(
+            ExpertFileCache(settings.resolved_cache_dir()),
+            ExpertMemory(self.budget),
+            device=self.device,
+            store_override=settings.store,
+            backend=settings.backend,
+            precision=settings.precision,
+        )
         # One thread computes (expert calls are short and ordered), another loads (slow I/O).
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="neuro-compute")
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="neuro-load")
@@ -92,13 +97,20 @@ class NeuroWorker:
     async def start(self) -> None:
         if self.settings.benchmark:
             self.speed = await asyncio.get_running_loop().run_in_executor(
-                self._compute, lambda: benchmark_expert_ffn(device=self.device))
+                self._compute, lambda: benchmark_expert_ffn(device=self.device)
+            )
         self.speed = self.speed or 1.0
         w = self.worker
-        w.handlers.update({"neuro_expert": self.handle_expert, "neuro_cancel": self.handle_cancel,
-                           "neuro_expert_share": self.handle_expert_share,
-                           "neuro_assign": self.handle_assign,
-                           "neuro_drop": self.handle_drop, "neuro_status": self.handle_status})
+        w.handlers.update(
+            {
+                "neuro_expert": self.handle_expert,
+                "neuro_cancel": self.handle_cancel,
+                "neuro_expert_share": self.handle_expert_share,
+                "neuro_assign": self.handle_assign,
+                "neuro_drop": self.handle_drop,
+                "neuro_status": self.handle_status,
+            }
+        )
         w.startup_information["neuro"] = lambda _w: self.info()
         w.metrics["neuro"] = lambda _w: self.host.status()
         w.extensions["neuro"] = self
@@ -106,8 +118,12 @@ class NeuroWorker:
             w.state.total_resources.setdefault("GPU", len(self.profile.cuda))
             w.state.available_resources.setdefault("GPU", len(self.profile.cuda))
         self._start_idle_guard()
-        log.info("neuro_worker ready: device %s, budget %d bytes, expert FFN %.1f GFLOP/s",
-                 self.device, self.budget, self.speed)
+        log.info(
+            "neuro_worker ready: device %s, budget %d bytes, expert FFN %.1f GFLOP/s",
+            self.device,
+            self.budget,
+            self.speed,
+        )
         self._announce = asyncio.get_running_loop().create_task(self._announce_when_registered())
 
     async def _announce_when_registered(self) -> None:
@@ -117,13 +133,29 @@ class NeuroWorker:
             if w.status in (Status.closing, Status.closed, Status.failed):
                 return
             await asyncio.sleep(0.1)
-        console.say(worker_banner(str(w.name), w.address, w.scheduler.address, self.device, self.budget,
-                                  self.settings.idle_only, self.security.hardened))
+        console.say(
+            worker_banner(
+                str(w.name),
+                w.address,
+                w.scheduler.address,
+                self.device,
+                self.budget,
+                self.settings.idle_only,
+                self.security.hardened,
+            )
+        )
 
     def info(self) -> dict[str, Any]:
-        return {"profile": self.profile.to_dict(), "speed": self.speed, "memory_budget": self.budget,
-                "owner": self.settings.owner, "device": self.device, "backend": self.settings.backend,
-                "precision": self.settings.precision, "signing_key": self.receipts.signer.public_der}
+        return {
+            "profile": self.profile.to_dict(),
+            "speed": self.speed,
+            "memory_budget": self.budget,
+            "owner": self.settings.owner,
+            "device": self.device,
+            "backend": self.settings.backend,
+            "precision": self.settings.precision,
+            "signing_key": self.receipts.signer.public_der,
+        }
 
     def signing_name(self) -> str:
         """The name receipts are signed under: the certificate's on TLS (the scheduler names the
@@ -134,17 +166,23 @@ class NeuroWorker:
 
     # ---- serving ------------------------------------------------------------------------------
 
-    def serve(self, msg: dict[str, Any], caller: str | None = None, from_scheduler: bool = False,
-              peer: tuple[str | None, str | None] = (None, None)) -> tuple[dict[str, Any], float]:
+    def serve(
+        self,
+        msg: dict[str, Any],
+        caller: str | None = None,
+        from_scheduler: bool = False,
+        peer: tuple[str | None, str | None] = (None, None),
+    ) -> tuple[dict[str, Any], float]:
         """Run one expert call: (response, seconds to hold it back, nonzero only in straggle
         drills). Never raises, so no exception is ever sent back to a client. `caller`: the
         calling certificate's name, `peer` its (address, role:name) for the report of a refusal; the
         scheduler's own calls (disputes, probes) need no ticket."""
         try:
-            if self.paused:  # the owner is using this machine: the client re-sends elsewhere
-                return encode_error(f"paused: {self.paused}"), 0.0
-            if self.dropped.take(_drop_key(caller, msg.get("call"))):
-                return encode_error("dropped: the client no longer needs this call"), 0.0
+            refusal = admission.paused_refusal(self.paused)
+            if refusal is not None:  # the owner is using this machine: the client re-sends elsewhere
+                return encode_error(refusal), 0.0
+            if self.dropped.take(admission.drop_key(caller, msg.get("call"))):
+                return encode_error(admission.DROPPED), 0.0
             ticket = self._admit(msg, caller, from_scheduler, peer)
             request = decode_request(msg, max_rows=self.security.max_rows)
             outputs, delay = self.host.run(request), 0.0
@@ -161,8 +199,9 @@ class NeuroWorker:
             log.exception("expert call failed")
             return encode_error(f"{type(exc).__name__}: {exc}"), 0.0
 
-    def _admit(self, msg: dict[str, Any], caller: str | None, from_scheduler: bool,
-               peer: tuple[str | None, str | None]):
+    def _admit(
+        self, msg: dict[str, Any], caller: str | None, from_scheduler: bool, peer: tuple[str | None, str | None]
+    ):
         """The call's ticket, or the TicketError that refuses it, reported with the caller's identity."""
         try:
             return self.receipts.admit(msg, caller, from_scheduler)
@@ -174,7 +213,8 @@ class NeuroWorker:
         caller, from_scheduler = _caller(comm)
         try:
             response, delay = await asyncio.get_running_loop().run_in_executor(
-                self._compute, self.serve, msg, caller, from_scheduler, _peer(comm))
+                self._compute, self.serve, msg, caller, from_scheduler, _peer(comm)
+            )
         except RuntimeError:  # the executor is shut down: this worker is closing
             return encode_error(f"{self.worker.address} is closing")
         if delay:
@@ -185,18 +225,21 @@ class NeuroWorker:
         """The private tier (docs/privacy.md): an expert's linear maps on one secret share."""
         from neuro_dask.runtime.private_runner import PrivateExpertHost
 
-        if self.paused:
-            return encode_error(f"paused: {self.paused}")
+        refusal = admission.paused_refusal(self.paused)
+        if refusal is not None:
+            return encode_error(refusal)
         self.private = getattr(self, "private", None) or PrivateExpertHost(self.host)
         caller, from_scheduler = _caller(comm)
         try:
             return await asyncio.get_running_loop().run_in_executor(
-                self._compute, self._serve_share, msg, caller, from_scheduler, _peer(comm))
+                self._compute, self._serve_share, msg, caller, from_scheduler, _peer(comm)
+            )
         except RuntimeError:  # the executor is shut down: this worker is closing
             return encode_error(f"{self.worker.address} is closing")
 
-    def _serve_share(self, msg: dict[str, Any], caller: str | None, from_scheduler: bool,
-                     peer: tuple[str | None, str | None]) -> dict[str, Any]:
+    def _serve_share(
+        self, msg: dict[str, Any], caller: str | None, from_scheduler: bool, peer: tuple[str | None, str | None]
+    ) -> dict[str, Any]:
         from neuro_dask.runtime.private_runner import serve_share
 
         try:
@@ -215,14 +258,15 @@ class NeuroWorker:
     def handle_cancel(self, comm, calls: list) -> dict[str, Any]:
         """The client won a hedge race elsewhere: skip these calls of its own if they have not started."""
         caller, _ = _caller(comm)
-        for call in calls[:1000]:
-            self.dropped.add(_drop_key(caller, call))
+        for key in admission.cancel_keys(caller, calls):
+            self.dropped.add(key)
         return {"status": "OK"}
 
-    async def handle_assign(self, model: str, store_url: str, experts: list,
-                            tickets: dict | None = None) -> dict[str, Any]:
+    async def handle_assign(
+        self, model: str, store_url: str, experts: list, tickets: dict | None = None
+    ) -> dict[str, Any]:
         self.receipts.set_policy(tickets)
-        pairs = [(int(l), int(e)) for l, e in experts]
+        pairs = admission.expert_pairs(experts)
         asyncio.get_running_loop().create_task(self._load_and_report(model, store_url, pairs))
         return {"status": "OK"}
 
@@ -233,35 +277,47 @@ class NeuroWorker:
         bar = tqdm(total=len(pairs), desc="fetching experts", unit="expert", disable=not sys.stderr.isatty())
         try:
             result = await asyncio.get_running_loop().run_in_executor(
-                self._loader, self.host.load, model, store_url, pairs, bar.update)
+                self._loader, self.host.load, model, store_url, pairs, bar.update
+            )
         except RuntimeError:  # the executor is shut down: this worker is closing
             return
         finally:
             bar.close()
-        for line in loaded_line(model, len(result.loaded), result.failed, time.perf_counter() - started,
-                                self.host.status()["memory_bytes"]):
+        for line in loaded_line(
+            model, len(result.loaded), result.failed, time.perf_counter() - started, self.host.status()["memory_bytes"]
+        ):
             console.say(line)
-        failed = [[l, e, why] for (l, e), why in result.failed.items()]
+        failed = admission.failed_list(result.failed)
         if failed:
-            self.worker.log_event("neuro", {"action": "load-failed", "model": model, "failed": failed[:20]})
+            self.worker.log_event(
+                "neuro", {"action": "load-failed", "model": model, "failed": failed[: admission.MAX_FAILED_IN_EVENT]}
+            )
         try:
             await self.worker.scheduler.neuro_experts_loaded(
-                worker=self.worker.address, model=model,
-                loaded=[list(p) for p in result.loaded], failed=failed,
-                precision=self.host.status().get("precision", {}).get(model, "float32"))
+                worker=self.worker.address,
+                model=model,
+                loaded=[list(p) for p in result.loaded],
+                failed=failed,
+                precision=admission.reported_precision(self.host.status(), model),
+            )
         except Exception as exc:
             if self.worker.status == Status.running:  # while closing, the scheduler is gone anyway
                 log.warning("could not tell the scheduler which experts are loaded: %s", exc)
 
     def handle_drop(self, model: str, experts: list) -> dict[str, Any]:
-        self.host.drop(model, [(int(l), int(e)) for l, e in experts])
+        self.host.drop(model, admission.expert_pairs(experts))
         console.say("dropped %d experts of %s (placed elsewhere)", len(experts), model)
         return {"status": "OK"}
 
     def handle_status(self) -> dict[str, Any]:
         # the host's per-model precision (what `auto` chose) wins over the configured setting
-        return {**self.info(), **self.host.status(), "paused": bool(self.paused), "pause_reason": self.paused,
-                "hosted": {m: [list(p) for p in ps] for m, ps in self.host.hosted().items()}}
+        return {
+            **self.info(),
+            **self.host.status(),
+            "paused": bool(self.paused),
+            "pause_reason": self.paused,
+            "hosted": {m: [list(p) for p in ps] for m, ps in self.host.hosted().items()},
+        }
 
     def _start_idle_guard(self) -> None:
         from neuro_dask.volunteer.idle import IdleGuard, apply_limits
@@ -286,24 +342,49 @@ class NeuroWorker:
 @click.option("--neuro-memory-budget", default=None, help="bytes or e.g. 4GiB for expert weights")
 @click.option("--neuro-device", default=None, type=click.Choice(["auto", "cpu", "cuda", "mps"]))
 @click.option("--neuro-backend", default=None, type=click.Choice(["torch", "onnx"]), help="expert backend")
-@click.option("--neuro-precision", default=None, type=click.Choice(["auto", "float32", "bfloat16", "int8", "int4"]),
-              help="expert weight precision")
+@click.option(
+    "--neuro-precision",
+    default=None,
+    type=click.Choice(["auto", "float32", "bfloat16", "int8", "int4"]),
+    help="expert weight precision",
+)
 @click.option("--neuro-owner", default=None, help="owner id of this machine")
 @click.option("--neuro-no-benchmark", is_flag=True, default=False, help="skip the start-up micro-benchmark")
 @click.option("--neuro-adversary", default=None, help='drills only: JSON such as {"mode": "perturb"}')
-@click.option("--neuro-idle-only/--neuro-no-idle-only", default=None,
-              help="pause while the owner uses this machine (default: neuro.worker.idle-only)")
-@click.option("--neuro-hardened/--neuro-no-hardened", default=None,
-              help="hardened mode (default: neuro.security.hardened)")
-async def dask_setup(worker, neuro_store, neuro_cache_dir, neuro_memory_budget, neuro_device, neuro_backend,
-                     neuro_precision, neuro_owner, neuro_no_benchmark, neuro_adversary, neuro_hardened,
-                     neuro_idle_only=None) -> None:
-    settings = WorkerSettings.load(store=neuro_store, cache_dir=neuro_cache_dir, memory_budget=neuro_memory_budget,
-                                   device=neuro_device, backend=neuro_backend, precision=neuro_precision,
-                                   owner=neuro_owner,
-                                   benchmark=False if neuro_no_benchmark else None,
-                                   adversary=json.loads(neuro_adversary) if neuro_adversary else None,
-                                   idle_only=neuro_idle_only)
+@click.option(
+    "--neuro-idle-only/--neuro-no-idle-only",
+    default=None,
+    help="pause while the owner uses this machine (default: neuro.worker.idle-only)",
+)
+@click.option(
+    "--neuro-hardened/--neuro-no-hardened", default=None, help="hardened mode (default: neuro.security.hardened)"
+)
+async def dask_setup(
+    worker,
+    neuro_store,
+    neuro_cache_dir,
+    neuro_memory_budget,
+    neuro_device,
+    neuro_backend,
+    neuro_precision,
+    neuro_owner,
+    neuro_no_benchmark,
+    neuro_adversary,
+    neuro_hardened,
+    neuro_idle_only=None,
+) -> None:
+    settings = WorkerSettings.load(
+        store=neuro_store,
+        cache_dir=neuro_cache_dir,
+        memory_budget=neuro_memory_budget,
+        device=neuro_device,
+        backend=neuro_backend,
+        precision=neuro_precision,
+        owner=neuro_owner,
+        benchmark=False if neuro_no_benchmark else None,
+        adversary=json.loads(neuro_adversary) if neuro_adversary else None,
+        idle_only=neuro_idle_only,
+    )
     security = SecuritySettings.load(hardened=neuro_hardened)
     console.enable(bool(dask.config.get("neuro.console", default=True)))
     if isinstance(worker, Nanny):  # `--preload-nanny neuro_worker`: harden the nanny, host nothing
@@ -332,7 +413,9 @@ def _leave_ctrl_c_to_the_nanny(worker) -> None:
     the close never finishes and the nanny kills the process 8 s later ("Worker process still alive
     after 8.0 seconds, killing"). Under a nanny, the worker process leaves both signals to it and
     closes when its nanny says so (and on its own if the nanny dies: Dask's parent monitor)."""
-    if getattr(worker, "nanny", None) and threading.current_thread() is threading.main_thread():
+    if admission.leaves_signals_to_nanny(
+        bool(getattr(worker, "nanny", None)), threading.current_thread() is threading.main_thread()
+    ):
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
 
@@ -341,10 +424,7 @@ def _caller(comm) -> tuple[str | None, bool]:
     """(the calling certificate's name or None, whether the caller is the scheduler)."""
     from neuro_dask.security.hardening import comm_identity
 
-    identity = comm_identity(comm)
-    if identity is None:
-        return None, False
-    return identity.name, identity.role == "scheduler"
+    return admission.caller_of(comm_identity(comm))
 
 
 def _peer(comm) -> tuple[str | None, str | None]:
@@ -353,10 +433,6 @@ def _peer(comm) -> tuple[str | None, str | None]:
     from neuro_dask.security.identity import describe
 
     return getattr(comm, "peer_address", None), describe(comm_identity(comm))
-
-
-def _drop_key(caller: str | None, call: object) -> str | None:
-    return None if call is None else f"{caller or ''}\x00{call}"
 
 
 def harden_nanny(nanny, security: SecuritySettings) -> None:

@@ -27,8 +27,11 @@ import torch  # noqa: E402
 def main() -> int:
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(".")
     gpu = os.environ.get("NEURO_GPU_CHECK_DEVICE", "cuda")  # "cpu" to dry-run the script here
-    report: dict = {"torch": torch.__version__, "cuda": torch.cuda.is_available(),
-                    "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    report: dict = {
+        "torch": torch.__version__,
+        "cuda": torch.cuda.is_available(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
     print(report, flush=True)
     from tiny_models import ARCHITECTURES, build_hf_model, padded_batch
 
@@ -67,16 +70,35 @@ def main() -> int:
             ids, mask = padded_batch((5, 9, 13), seed=1)
             expected = nd.load(tmp / variant).generate(ids, mask, max_new_tokens=16)
             started = time.perf_counter()
-            with LocalCluster(n_workers=0, processes=False, dashboard_address=None, host="127.0.0.1", protocol="tcp://",
-                              scheduler_kwargs={"preload": ["neuro_scheduler"], "preload_argv": [[]]}) as cluster, \
-                    Client(cluster) as client:
+            with (
+                LocalCluster(
+                    n_workers=0,
+                    processes=False,
+                    dashboard_address=None,
+                    host="127.0.0.1",
+                    protocol="tcp://",
+                    scheduler_kwargs={"preload": ["neuro_scheduler"], "preload_argv": [[]]},
+                ) as cluster,
+                Client(cluster) as client,
+            ):
                 from distributed import Worker
 
                 async def start(device, *extra):
-                    return await Worker(cluster.scheduler_address, nthreads=1, preload=["neuro_worker"],
-                                        preload_argv=[["--neuro-no-benchmark", "--neuro-device", device,
-                                                       "--neuro-cache-dir", str(tmp / f"cache-{device}{len(extra)}"),
-                                                       *extra]])
+                    return await Worker(
+                        cluster.scheduler_address,
+                        nthreads=1,
+                        preload=["neuro_worker"],
+                        preload_argv=[
+                            [
+                                "--neuro-no-benchmark",
+                                "--neuro-device",
+                                device,
+                                "--neuro-cache-dir",
+                                str(tmp / f"cache-{device}{len(extra)}"),
+                                *extra,
+                            ]
+                        ],
+                    )
 
                 workers = [client.sync(start, d) for d in (gpu, "cpu")]
                 with nd.load(tmp / variant, client=client) as model:
@@ -88,8 +110,10 @@ def main() -> int:
                 import dask
 
                 workers = [client.sync(start, gpu, "--neuro-precision", "int8"), client.sync(start, "cpu")]
-                with dask.config.set({"neuro.client.trust": True, "neuro.client.spot-check": 1.0}), \
-                        nd.load(tmp / variant, client=client) as model:
+                with (
+                    dask.config.set({"neuro.client.trust": True, "neuro.client.spot-check": 1.0}),
+                    nd.load(tmp / variant, client=client) as model,
+                ):
                     mixed = model.generate(ids, mask, max_new_tokens=16)
                     model.executor.flush_reports()
                 invalid = [e for _, e in client.get_events("neuro-trust") if e.get("action") == "invalid"]
@@ -97,10 +121,13 @@ def main() -> int:
                     client.sync(w.close)
             served = {s["device"]: s["calls_served"] for s in status.values()}
             new = slice(ids.shape[1], None)
-            results[variant] = {"identical": bool(torch.equal(tokens, expected)), "calls_served_by_device": served,
-                                "int8_gpu_tokens_equal": float((mixed[:, new] == expected[:, new]).float().mean()),
-                                "int8_gpu_invalid_outcomes": len(invalid),
-                                "seconds": round(time.perf_counter() - started, 2)}
+            results[variant] = {
+                "identical": bool(torch.equal(tokens, expected)),
+                "calls_served_by_device": served,
+                "int8_gpu_tokens_equal": float((mixed[:, new] == expected[:, new]).float().mean()),
+                "int8_gpu_invalid_outcomes": len(invalid),
+                "seconds": round(time.perf_counter() - started, 2),
+            }
             print(variant, results[variant], flush=True)
         report["cluster_cuda_and_cpu_workers"] = results
     out.mkdir(parents=True, exist_ok=True)

@@ -40,12 +40,15 @@ def timed(fn, repeat: int = 10, cuda: bool = False) -> float:
 
 def check(hidden: int, inter: int, rows: int = 32) -> dict:
     g = torch.Generator().manual_seed(hidden)
-    w = ExpertWeights(torch.randn(inter, hidden, generator=g) * 0.02, torch.randn(inter, hidden, generator=g) * 0.02,
-                      torch.randn(hidden, inter, generator=g) * 0.02)
+    w = ExpertWeights(
+        torch.randn(inter, hidden, generator=g) * 0.02,
+        torch.randn(inter, hidden, generator=g) * 0.02,
+        torch.randn(hidden, inter, generator=g) * 0.02,
+    )
     cpu = IntegerExpert.from_weights(w, 16, "cpu")
     gpu = IntegerExpert.from_weights(w, 16, "cuda")
-    share = torch.randint(-2**63, 2**63 - 1, (rows, hidden), generator=g, dtype=torch.int64)
-    hidden_share = torch.randint(-2**63, 2**63 - 1, (rows, inter), generator=g, dtype=torch.int64)
+    share = torch.randint(-(2**63), 2**63 - 1, (rows, hidden), generator=g, dtype=torch.int64)
+    hidden_share = torch.randint(-(2**63), 2**63 - 1, (rows, inter), generator=g, dtype=torch.int64)
     out = {"hidden": hidden, "intermediate": inter, "rows": rows, "gpu_weights_dtype": str(gpu.gate_up_t.dtype)}
     out["exact_gate_up"] = torch.equal(gpu.apply("gate_up", share), cpu.apply("gate_up", share))
     out["exact_down"] = torch.equal(gpu.apply("down", hidden_share), cpu.apply("down", hidden_share))
@@ -70,13 +73,17 @@ def check(hidden: int, inter: int, rows: int = 32) -> dict:
 
 def main(out_dir: str) -> int:
     assert torch.cuda.is_available(), "no CUDA device"
-    report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-              "shapes": [check(1024, 2816), check(4096, 14336)]}
+    report = {
+        "device": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "shapes": [check(1024, 2816), check(4096, 14336)],
+    }
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / "gpu_private.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
-    ok = all(s["exact_gate_up"] and s["exact_down"] and s["gpu_weights_dtype"] == "torch.float64"
-             for s in report["shapes"])
+    ok = all(
+        s["exact_gate_up"] and s["exact_down"] and s["gpu_weights_dtype"] == "torch.float64" for s in report["shapes"]
+    )
     return 0 if ok else 1
 
 

@@ -6,8 +6,8 @@
 Starts the scenario the browser test uses (tests/e2e/test_dashboard_browser.py): an in-process
 cluster with trust on, three honest workers and one perturbing volunteer ("bad0"), a tiny
 Mixtral checkpoint loaded and generating, then honest worker "1" killed; then opens /neuro/overview,
-/neuro/network, /neuro/experts, /neuro/calls, /neuro/trust and /neuro/economy in headless Chromium (Debian's chromium and
-chromium-driver; installed with apt-get when missing and run as root) and writes
+/neuro/network, /neuro/experts, /neuro/calls, /neuro/trust and /neuro/economy in headless Chromium
+(Debian's chromium and chromium-driver; installed with apt-get when missing and run as root) and writes
 FOLDER/neuro-{page}.png once each page has drawn (its key content shown, the screenshot not white).
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from browser_support import (
+from browser_support import (  # noqa: E402  (from tests/, put on the path above)
     PAGES,
     browser_unavailable,
     chromium,
@@ -55,11 +55,14 @@ def main(argv: list[str] | None = None) -> int:
             print("sharding the tiny checkpoint failed", file=sys.stderr)
             return 1
         with dashboard_scenario(tmp / "sharded", tmp / "cache") as scenario, chromium() as driver:
-            errors = screenshot_pages(driver, scenario, args.folder, pages=args.pages, timeout=args.timeout,
-                                      settle=True)
+            errors = screenshot_pages(
+                driver, scenario, args.folder, pages=args.pages, timeout=args.timeout, settle=True
+            )
     for page in args.pages:
-        print(f"{Path(args.folder) / f'neuro-{page}.png'}" + (f"  JavaScript errors: {errors[page]}"
-                                                            if errors[page] else ""))
+        print(
+            f"{Path(args.folder) / f'neuro-{page}.png'}"
+            + (f"  JavaScript errors: {errors[page]}" if errors[page] else "")
+        )
     return 1 if any(errors.values()) else 0
 
 

@@ -11,10 +11,16 @@ import contextlib
 import os
 import shutil
 import subprocess
-import time
 
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--window-size=1400,1000"]
+from polling import poll_until
+
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--window-size=1400,1000",
+]
 PACKAGES = ["chromium", "chromium-driver"]
 
 _install_tried: str | None = None  # None: not tried yet; "" tried and it worked; else why it failed
@@ -94,10 +100,13 @@ def browser_unavailable() -> str | None:
     failure = ensure_browser()
     if chromium_binary() and chromedriver_binary():
         return None
-    missing = [p for p, found in (("chromium", chromium_binary()), ("chromedriver", chromedriver_binary()))
-               if not found]
-    return (f"no {' or '.join(missing)} binary, and Debian's {' and '.join(PACKAGES)} packages "
-            f"cannot be installed here: {failure}")
+    missing = [
+        p for p, found in (("chromium", chromium_binary()), ("chromedriver", chromedriver_binary())) if not found
+    ]
+    return (
+        f"no {' or '.join(missing)} binary, and Debian's {' and '.join(PACKAGES)} packages "
+        f"cannot be installed here: {failure}"
+    )
 
 
 @contextlib.contextmanager
@@ -125,7 +134,8 @@ def chromium(page_load_timeout: float = 60):
 
 def body_text(driver) -> str:
     """The page's visible text, including what Bokeh renders inside shadow roots."""
-    text = driver.execute_script("""
+    text = (
+        driver.execute_script("""
         const parts = [];
         const walk = (node) => {
             if (node.shadowRoot) walk(node.shadowRoot);
@@ -138,7 +148,9 @@ def body_text(driver) -> str:
         };
         walk(document.body);
         return parts.join(' ');
-    """) or ""
+    """)
+        or ""
+    )
     return " ".join(text.split())
 
 
@@ -147,20 +159,8 @@ class PageError(AssertionError):
 
 
 def _poll(check, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        try:
-            last = check()
-        except PageError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a page mid-load can make a script throw; retry
-            last = e
-        if last and not isinstance(last, Exception):
-            return last
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-        time.sleep(interval)  # poll
+    # a page mid-load can make a script throw: retry, unless the server answered with an error page
+    return poll_until(check, timeout, what, interval=interval, retry_on=lambda e: not isinstance(e, PageError))
 
 
 def wait_for_text(driver, text: str, timeout: float = 30) -> str:
@@ -196,7 +196,8 @@ BOKEH_READY = """
 
 def _bokeh_ready(driver) -> int:
     title, state, loaded = driver.execute_script(
-        "return [document.title, document.readyState, typeof window.Bokeh !== 'undefined']")
+        "return [document.title, document.readyState, typeof window.Bokeh !== 'undefined']"
+    )
     if (title or "")[:3].isdigit() and title[3:5] == ": ":
         raise PageError(f"{driver.current_url} answered {title!r}")
     if state == "complete" and not loaded:  # BokehJS loads in <head>, synchronously: it never will
@@ -212,15 +213,19 @@ def wait_for_bokeh(driver, timeout: float = 30) -> int:
 
 def bokeh_model_exists(driver, name: str) -> bool:
     """Whether any Bokeh document on the page has a model called `name`."""
-    return bool(driver.execute_script(
-        "return (window.Bokeh && Bokeh.documents || []).some(d => d.get_model_by_name(arguments[0]) !== null);",
-        name))
+    return bool(
+        driver.execute_script(
+            "return (window.Bokeh && Bokeh.documents || []).some(d => d.get_model_by_name(arguments[0]) !== null);",
+            name,
+        )
+    )
 
 
 def browser_errors(driver) -> list[dict]:
     """SEVERE browser console entries (JavaScript errors, failed loads), favicon 404s left out."""
-    return [e for e in driver.get_log("browser")
-            if e.get("level") == "SEVERE" and "favicon" not in e.get("message", "")]
+    return [
+        e for e in driver.get_log("browser") if e.get("level") == "SEVERE" and "favicon" not in e.get("message", "")
+    ]
 
 
 # --- The dashboard scenario: shared by tests/e2e/test_dashboard_browser.py and
@@ -251,11 +256,22 @@ def dashboard_scenario(sharded_model, cache_dir, prompts: int = 6, tokens: int =
     from neuro_dask.client.cluster import local_cluster
 
     rows = [padded_batch((3 + i % 7,), seed=100 + i)[0][0].tolist() for i in range(prompts)]
-    with dask.config.set({**TRUST, "neuro.worker.cache-dir": str(cache_dir)}), \
-            local_cluster(n_workers=3, processes=False, worker_args=["--neuro-no-benchmark"],
-                          dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
-        bad = add_worker(client, cluster.scheduler_address, "bad0", "--neuro-adversary", json.dumps(ADVERSARY),
-                         "--neuro-owner", "mallory")
+    with (
+        dask.config.set({**TRUST, "neuro.worker.cache-dir": str(cache_dir)}),
+        local_cluster(
+            n_workers=3, processes=False, worker_args=["--neuro-no-benchmark"], dashboard_address="127.0.0.1:0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        bad = add_worker(
+            client,
+            cluster.scheduler_address,
+            "bad0",
+            "--neuro-adversary",
+            json.dumps(ADVERSARY),
+            "--neuro-owner",
+            "mallory",
+        )
         try:
             client.wait_for_workers(4, timeout=120)
             with nd.load(sharded_model, client=client) as model:
@@ -265,9 +281,15 @@ def dashboard_scenario(sharded_model, cache_dir, prompts: int = 6, tokens: int =
                         break
                 model.executor.flush_reports()  # calls, load and outcomes to the scheduler now
                 crashed = crash_worker(cluster, CRASHED)
-                yield {"dashboard": client.dashboard_link.rsplit("/", 1)[0], "client": client, "cluster": cluster,
-                       "model": model, "adversary": bad.address, "crashed": crashed,
-                       "plugin": cluster.scheduler.extensions["neuro"]}
+                yield {
+                    "dashboard": client.dashboard_link.rsplit("/", 1)[0],
+                    "client": client,
+                    "cluster": cluster,
+                    "model": model,
+                    "adversary": bad.address,
+                    "crashed": crashed,
+                    "plugin": cluster.scheduler.extensions["neuro"],
+                }
         finally:
             client.sync(bad.close)
 
@@ -280,9 +302,14 @@ def crash_worker(cluster, name: str, timeout: float = 60) -> str:
     address = worker.address
     cluster.loop.add_callback(worker.batched_stream.comm.abort)
     plugin = cluster.scheduler.extensions["neuro"]
-    _poll(lambda: address not in cluster.scheduler.workers and any(
-        e.get("worker") == address and e.get("action") in ("left", "crashed") for e in list(plugin.events)),
-        timeout, f"the scheduler to remove worker {name}")
+    _poll(
+        lambda: (
+            address not in cluster.scheduler.workers
+            and any(e.get("worker") == address and e.get("action") in ("left", "crashed") for e in list(plugin.events))
+        ),
+        timeout,
+        f"the scheduler to remove worker {name}",
+    )
     return address
 
 
@@ -382,9 +409,14 @@ def headers(driver) -> list[str]:
 
 def model_text(driver, name: str) -> str:
     """The text (HTML) of the Bokeh Div called `name`, as the browser's document holds it."""
-    return str(driver.execute_script(
-        "for (const d of (window.Bokeh && Bokeh.documents) || []) { const m = d.get_model_by_name(arguments[0]);"
-        " if (m !== null) return m.text; } return '';", name) or "")
+    return str(
+        driver.execute_script(
+            "for (const d of (window.Bokeh && Bokeh.documents) || []) { const m = d.get_model_by_name(arguments[0]);"
+            " if (m !== null) return m.text; } return '';",
+            name,
+        )
+        or ""
+    )
 
 
 def ink_fraction(png) -> float:
@@ -412,8 +444,10 @@ def wait_for_rows(driver, name: str | None = None, timeout: float = 30) -> int:
     """Wait until a Bokeh table (or figure) has data rows and a table row is drawn on the page."""
     rows = _poll(lambda: source_rows(driver, name), timeout, f"rows in {name or 'a table'} on {driver.current_url}")
     if name is None or driver.execute_script(
-            "return Bokeh.documents.some(d => { const m = d.get_model_by_name(arguments[0]); "
-            "return m !== null && m.type === 'DataTable'; })", name):
+        "return Bokeh.documents.some(d => { const m = d.get_model_by_name(arguments[0]); "
+        "return m !== null && m.type === 'DataTable'; })",
+        name,
+    ):
         _poll(lambda: count_elements(driver, ".slick-row"), timeout, f"a drawn table row on {driver.current_url}")
     return rows
 
@@ -459,8 +493,11 @@ def wait_for_history(driver, page: str, timeout: float = 30, samples: int = 3) -
 
 def wait_for_ink(driver, timeout: float = 30, least: float = 0.002) -> bytes:
     """A screenshot taken once the page has drawn (some of its pixels are not white); returns its PNG."""
-    return _poll(lambda: (lambda png: png if ink_fraction(png) >= least else None)(driver.get_screenshot_as_png()),
-                 timeout, f"a drawn (not white) page at {driver.current_url}")
+    return _poll(
+        lambda: (lambda png: png if ink_fraction(png) >= least else None)(driver.get_screenshot_as_png()),
+        timeout,
+        f"a drawn (not white) page at {driver.current_url}",
+    )
 
 
 def screenshot_pages(driver, scenario: dict, folder, pages=PAGES, timeout: float = 30, settle: bool = False) -> dict:

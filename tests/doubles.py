@@ -14,3 +14,6 @@ class CountingExecutor:
     def run_layer(self, layer, groups):
         self.calls += 1
         return self.inner.run_layer(layer, groups)
+
+    def close(self):
+        self.inner.close()

@@ -29,8 +29,10 @@ def gguf_tensors(variant: str, seed: int = 0) -> tuple[object, dict[str, torch.T
     model = build_hf_model(variant, seed)
     cfg = model.config
     state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
-    out: dict[str, torch.Tensor] = {"token_embd.weight": state["model.embed_tokens.weight"],
-                                    "output_norm.weight": state["model.norm.weight"]}
+    out: dict[str, torch.Tensor] = {
+        "token_embd.weight": state["model.embed_tokens.weight"],
+        "output_norm.weight": state["model.norm.weight"],
+    }
     if not cfg.tie_word_embeddings:
         out["output.weight"] = state["lm_head.weight"]
     permute = GGUF_ARCH[variant] == "llama"
@@ -40,11 +42,16 @@ def gguf_tensors(variant: str, seed: int = 0) -> tuple[object, dict[str, torch.T
         if permute:
             q = permute_qk(q, cfg.num_attention_heads)
             k = permute_qk(k, cfg.num_key_value_heads)
-        out.update({b + "attn_norm.weight": state[p + "input_layernorm.weight"],
-                    b + "ffn_norm.weight": state[p + "post_attention_layernorm.weight"],
-                    b + "attn_q.weight": q, b + "attn_k.weight": k,
-                    b + "attn_v.weight": state[p + "self_attn.v_proj.weight"],
-                    b + "attn_output.weight": state[p + "self_attn.o_proj.weight"]})
+        out.update(
+            {
+                b + "attn_norm.weight": state[p + "input_layernorm.weight"],
+                b + "ffn_norm.weight": state[p + "post_attention_layernorm.weight"],
+                b + "attn_q.weight": q,
+                b + "attn_k.weight": k,
+                b + "attn_v.weight": state[p + "self_attn.v_proj.weight"],
+                b + "attn_output.weight": state[p + "self_attn.o_proj.weight"],
+            }
+        )
         for leaf in ("q", "k", "v"):
             if p + f"self_attn.{leaf}_proj.bias" in state:
                 out[b + f"attn_{leaf}.bias"] = state[p + f"self_attn.{leaf}_proj.bias"]
@@ -65,8 +72,15 @@ def gguf_tensors(variant: str, seed: int = 0) -> tuple[object, dict[str, torch.T
     return cfg, out
 
 
-def write_gguf(variant: str, path: Path, qtype: str = "F32", seed: int = 0,
-               arch: str | None = None, drop: tuple[str, ...] = (), metadata: bool = True) -> Path:
+def write_gguf(
+    variant: str,
+    path: Path,
+    qtype: str = "F32",
+    seed: int = 0,
+    arch: str | None = None,
+    drop: tuple[str, ...] = (),
+    metadata: bool = True,
+) -> Path:
     """Write the tiny `variant` as a GGUF file; `arch`, `drop` and `metadata` make broken files for tests."""
     import gguf
 
@@ -103,8 +117,11 @@ def write_gguf(variant: str, path: Path, qtype: str = "F32", seed: int = 0,
             continue
         array = tensor.numpy().astype(np.float32)
         # like llama.cpp: rows that are not whole blocks (qwen2_moe's I=48 with Q8_0's 32) fall back
-        keep_f32 = array.ndim == 1 or name.endswith("ffn_gate_inp.weight") \
+        keep_f32 = (
+            array.ndim == 1
+            or name.endswith("ffn_gate_inp.weight")
             or array.shape[-1] % gguf.GGML_QUANT_SIZES[quant][0] != 0
+        )
         if quant == gguf.GGMLQuantizationType.F32 or keep_f32:
             w.add_tensor(name, array)
         else:

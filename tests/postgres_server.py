@@ -52,11 +52,27 @@ def postgres_server() -> Iterator[str]:
     if os.geteuid() == 0:
         shutil.chown(folder, "postgres", "postgres")
         prefix = ["runuser", "-u", "postgres", "--"]
-    subprocess.run(prefix + ["initdb", "-D", str(data), "--auth=trust", "-U", "postgres", "--no-sync"],
-                   check=True, capture_output=True)
-    subprocess.run(prefix + ["pg_ctl", "-D", str(data), "-l", str(folder / "server.log"), "-w", "-o",
-                             f"-p {port} -k {folder} -h 127.0.0.1 -c fsync=on", "start"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        prefix + ["initdb", "-D", str(data), "--auth=trust", "-U", "postgres", "--no-sync"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        prefix
+        + [
+            "pg_ctl",
+            "-D",
+            str(data),
+            "-l",
+            str(folder / "server.log"),
+            "-w",
+            "-o",
+            f"-p {port} -k {folder} -h 127.0.0.1 -c fsync=on",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
     finally:

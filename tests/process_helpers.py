@@ -8,10 +8,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Self
+
+from polling import poll_until
 
 # `neuro-dask` as a subprocess, whether or not the console script is on PATH.
 NEURO_DASK = (sys.executable, "-m", "neuro_dask.cli")
@@ -25,8 +26,9 @@ def free_port() -> int:
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """`neuro-dask ARGS` to completion: its exit code and its output (stdout and stderr together)."""
-    return subprocess.run([*NEURO_DASK, *args], check=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [*NEURO_DASK, *args], check=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
+    )
 
 
 class Processes:
@@ -53,19 +55,18 @@ class Processes:
         """Fail with the log of any process that has exited (rather than time out waiting on it)."""
         for proc, path in self.procs:
             if proc.poll() is not None:
-                raise AssertionError(f"{proc.args} exited with {proc.returncode}:\n{path.read_text(errors='replace')[-4000:]}")
+                raise AssertionError(
+                    f"{proc.args} exited with {proc.returncode}:\n{path.read_text(errors='replace')[-4000:]}"
+                )
 
     def wait_for(self, condition: Callable[[], object], timeout: float, what: str) -> object:
         """Poll `condition` until it returns something truthy; fail early if a process died."""
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def alive_and_ready() -> object:
             self.check_alive()
-            result = condition()
-            if result:
-                return result
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-            time.sleep(0.1)  # poll
+            return condition()
+
+        return poll_until(alive_and_ready, timeout, what, interval=0.1)
 
     def wait_for_port(self, host: str, port: int, timeout: float = 60, ssl_context=None) -> None:
         """Wait until `host:port` accepts connections; with `ssl_context` (a TLS listener), until a

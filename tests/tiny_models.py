@@ -11,18 +11,34 @@ from pathlib import Path
 
 import torch
 
-COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=256,
-              initializer_range=0.1)
+COMMON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_experts_per_tok=2,
+    max_position_embeddings=256,
+    initializer_range=0.1,
+)
 
 VARIANTS: dict[str, tuple[str, dict]] = {
     "mixtral": ("MixtralConfig", dict(num_local_experts=8, intermediate_size=96)),
-    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=6, moe_intermediate_size=48, intermediate_size=80,
-                                         shared_expert_intermediate_size=72, mlp_only_layers=[1])),
-    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, moe_intermediate_size=48, head_dim=32,
-                                         norm_topk_prob=True, tie_word_embeddings=True)),
-    "olmoe": ("OlmoeConfig", dict(num_experts=8, intermediate_size=48, clip_qkv=4.0, eos_token_id=2,
-                                  pad_token_id=1)),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        dict(
+            num_experts=6,
+            moe_intermediate_size=48,
+            intermediate_size=80,
+            shared_expert_intermediate_size=72,
+            mlp_only_layers=[1],
+        ),
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        dict(num_experts=4, moe_intermediate_size=48, head_dim=32, norm_topk_prob=True, tie_word_embeddings=True),
+    ),
+    "olmoe": ("OlmoeConfig", dict(num_experts=8, intermediate_size=48, clip_qkv=4.0, eos_token_id=2, pad_token_id=1)),
     # transformers 5 keeps experts stacked in memory; a state_dict saved from it keeps that layout.
     "mixtral_stacked": ("MixtralConfig", dict(num_local_experts=4, intermediate_size=96)),
     "mixtral_sliding": ("MixtralConfig", dict(num_local_experts=4, intermediate_size=96, sliding_window=6)),

@@ -64,8 +64,10 @@ def _cmd_issue(args: argparse.Namespace) -> int:
     print(f"  {cert}")
     print(f"  {key}  (secret, mode 0600)")
     print(f"  sha256 {info['fingerprint']}")
-    print(f"give the {args.role} a folder with ca.pem, {cert.name} and {key.name} and pass it as --tls DIR "
-          "(or point neuro.security.tls-dir, DASK_NEURO__SECURITY__TLS_DIR, at it)")
+    print(
+        f"give the {args.role} a folder with ca.pem, {cert.name} and {key.name} and pass it as --tls DIR "
+        "(or point neuro.security.tls-dir, DASK_NEURO__SECURITY__TLS_DIR, at it)"
+    )
     print(_cli_hint(args.role, args.name))
     print(_dask_cli_hint(args.dir, args.role, cert, key))
     return 0
@@ -84,8 +86,10 @@ def _cmd_show(args: argparse.Namespace) -> int:
         role = info["role"] or ("ca" if info["is_ca"] else "?")
         name = info["name"] or info["common_name"] or info["subject"]
         flag = "  EXPIRED" if info["expired"] else ""
-        print(f"{role:<10} {name:<24} {info['owner'] or '-':<16} {info['not_after']:%Y-%m-%d %H:%M}  "
-              f"{info['fingerprint']}{flag}")
+        print(
+            f"{role:<10} {name:<24} {info['owner'] or '-':<16} {info['not_after']:%Y-%m-%d %H:%M}  "
+            f"{info['fingerprint']}{flag}"
+        )
     if (Path(args.dir) / CA_KEY).exists():
         print(f"{CA_KEY} is here: this is the CA's folder; give peers only ca.pem and their own pair")
     return 0
@@ -145,8 +149,11 @@ def _dask_cli_hint(folder: str | Path, role: str, cert: Path, key: Path) -> str:
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add `certs` (init, issue, show, quickstart) to neuro-dask's subcommands; returns its parser."""
-    certs = sub.add_parser("certs", help="mutual TLS: a certificate authority and role certificates",
-                           description="The certificate authority and role certificates of mutual TLS.")
+    certs = sub.add_parser(
+        "certs",
+        help="mutual TLS: a certificate authority and role certificates",
+        description="The certificate authority and role certificates of mutual TLS.",
+    )
     cs = certs.add_subparsers(dest="certs_command", required=True, metavar="COMMAND")
 
     p = cs.add_parser("init", help="create the CA (ca.pem, ca-key.pem) in DIR; refuses when one exists")
@@ -158,11 +165,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = cs.add_parser("issue", help="sign a role certificate (<role>-<name>.pem and .key) with DIR's CA")
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--role", required=True, choices=ROLES)
-    p.add_argument("--name", required=True, help="the peer's name; a worker's is its ledger identity "
-                                                 "(1-64 of A-Z a-z 0-9 . _ -)")
-    p.add_argument("--owner", default="", help="workers: who owns the machine (1-64 of A-Z a-z 0-9 . _ -); on a "
-                                                "TLS network this, not --neuro-owner, keeps replicas and private-tier "
-                                                "shares on different owners (default: the worker is its own owner)")
+    p.add_argument(
+        "--name", required=True, help="the peer's name; a worker's is its ledger identity (1-64 of A-Z a-z 0-9 . _ -)"
+    )
+    p.add_argument(
+        "--owner",
+        default="",
+        help="workers: who owns the machine (1-64 of A-Z a-z 0-9 . _ -); on a "
+        "TLS network this, not --neuro-owner, keeps replicas and private-tier "
+        "shares on different owners (default: the worker is its own owner)",
+    )
     p.add_argument("--days", type=int, default=825, help="days the certificate is valid (default 825)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing certificate and key")
     p.set_defaults(func=_cmd_issue)

@@ -16,8 +16,8 @@ import torch
 from distributed import Client, Worker
 
 from neuro_dask.client.cluster import local_cluster
-from neuro_dask.ledger.policy import format_neuro
 from neuro_dask.client.loading import load
+from neuro_dask.ledger.policy import format_neuro
 
 
 @dataclass(frozen=True)
@@ -42,24 +42,31 @@ class DrillReport:
         return json.dumps(asdict(self), indent=1)
 
     def summary(self) -> str:
-        return "\n".join([
-            f"tokens identical to the honest reference: {'yes' if self.identical else 'NO'} ({self.tokens} tokens)",
-            f"wrong results accepted: {self.wrong_accepted}",
-            f"replicas per call: {self.replicas_per_call:.2f}; hedges sent: {self.hedges} "
-            f"({self.extra_calls:.1%} extra calls; {self.late_checked} late answers compared); "
-            f"unchecked for lack of another owner: {self.unchecked}",
-            f"per-layer latency: p50 {self.layer_p50_ms:.2f} ms, p99 {self.layer_p99_ms:.2f} ms",
-            f"adversaries: {', '.join(self.adversaries) or 'none'}",
-            f"caught (out of routing): {', '.join(self.caught) or 'none'}",
-            f"never called (nothing to catch): {', '.join(self.unexercised) or 'none'}",
-            f"gone by the end (crashed): {', '.join(self.departed) or 'none'}",
-        ] + ([] if self.ledger is None else [
-            f"ledger: client charged {format_neuro(self.ledger['charged'])} NEURO; "
-            f"earned by honest providers {format_neuro(sum(self.ledger['earned'].values()))}, by adversaries "
-            f"{format_neuro(sum(self.ledger['adversaries_earned'].values()))}; slashed: "
-            f"{', '.join(self.ledger['slashed']) or 'none'}; books balance: "
-            f"{'yes' if not self.ledger['problems'] else 'NO: ' + '; '.join(self.ledger['problems'])}",
-        ]))
+        return "\n".join(
+            [
+                f"tokens identical to the honest reference: {'yes' if self.identical else 'NO'} ({self.tokens} tokens)",
+                f"wrong results accepted: {self.wrong_accepted}",
+                f"replicas per call: {self.replicas_per_call:.2f}; hedges sent: {self.hedges} "
+                f"({self.extra_calls:.1%} extra calls; {self.late_checked} late answers compared); "
+                f"unchecked for lack of another owner: {self.unchecked}",
+                f"per-layer latency: p50 {self.layer_p50_ms:.2f} ms, p99 {self.layer_p99_ms:.2f} ms",
+                f"adversaries: {', '.join(self.adversaries) or 'none'}",
+                f"caught (out of routing): {', '.join(self.caught) or 'none'}",
+                f"never called (nothing to catch): {', '.join(self.unexercised) or 'none'}",
+                f"gone by the end (crashed): {', '.join(self.departed) or 'none'}",
+            ]
+            + (
+                []
+                if self.ledger is None
+                else [
+                    f"ledger: client charged {format_neuro(self.ledger['charged'])} NEURO; "
+                    f"earned by honest providers {format_neuro(sum(self.ledger['earned'].values()))}, by adversaries "
+                    f"{format_neuro(sum(self.ledger['adversaries_earned'].values()))}; slashed: "
+                    f"{', '.join(self.ledger['slashed']) or 'none'}; books balance: "
+                    f"{'yes' if not self.ledger['problems'] else 'NO: ' + '; '.join(self.ledger['problems'])}",
+                ]
+            )
+        )
 
 
 def _prompts(model, n: int, seed: int) -> list[list[int]]:
@@ -77,12 +84,25 @@ DEFAULTS = {  # per mode, what an unset drill option means
 }
 
 
-def adversary_spec(mode: str, seed: int, scale: float = 0.05, probability: float | None = None,
-                   delay: float = 0.05, after: int | None = None, blocking: bool = False) -> dict:
+def adversary_spec(
+    mode: str,
+    seed: int,
+    scale: float = 0.05,
+    probability: float | None = None,
+    delay: float = 0.05,
+    after: int | None = None,
+    blocking: bool = False,
+) -> dict:
     """The `neuro.worker.adversary` mapping one drill adversary gets."""
-    return {"mode": mode, "scale": scale, "seed": seed, "delay": delay, "blocking": blocking,
-            "probability": DEFAULTS["probability"].get(mode, 1.0) if probability is None else probability,
-            "after": DEFAULTS["after"].get(mode, 0) if after is None else after}
+    return {
+        "mode": mode,
+        "scale": scale,
+        "seed": seed,
+        "delay": delay,
+        "blocking": blocking,
+        "probability": DEFAULTS["probability"].get(mode, 1.0) if probability is None else probability,
+        "after": DEFAULTS["after"].get(mode, 0) if after is None else after,
+    }
 
 
 CLIENT = "drill-client"
@@ -104,8 +124,9 @@ def _fund(url: str, honest: list[str], adversaries: list[str], seed: int) -> dic
         ledger.close()
 
 
-def _ledger_effect(url: str, honest: list[str], adversaries: list[str], before: dict[str, int],
-                   client_before: int) -> dict:
+def _ledger_effect(
+    url: str, honest: list[str], adversaries: list[str], before: dict[str, int], client_before: int
+) -> dict:
     from neuro_dask.ledger import Ledger, LedgerConfig, provider, user
 
     ledger = Ledger(url, LedgerConfig.from_dask_config())
@@ -113,10 +134,14 @@ def _ledger_effect(url: str, honest: list[str], adversaries: list[str], before: 
         with ledger.db.read() as cur:
             slashed = sorted({r[0] for r in cur.execute("SELECT provider FROM slashes").all()} & set(adversaries))
         earned = {n: ledger.balance(provider(n)) - before[n] for n in honest + adversaries}
-        return {"charged": client_before - ledger.balance(user(CLIENT)),
-                "earned": {n: earned[n] for n in honest if earned[n]},
-                "adversaries_earned": {n: earned[n] for n in adversaries if earned[n]},
-                "slashed": slashed, "problems": ledger.check_invariants(), "report": ledger.report()}
+        return {
+            "charged": client_before - ledger.balance(user(CLIENT)),
+            "earned": {n: earned[n] for n in honest if earned[n]},
+            "adversaries_earned": {n: earned[n] for n in adversaries if earned[n]},
+            "slashed": slashed,
+            "problems": ledger.check_invariants(),
+            "report": ledger.report(),
+        }
     finally:
         ledger.close()
 
@@ -129,10 +154,22 @@ def _calls_served(client: Client, worker: Worker) -> int:
     return client.sync(client.rpc(worker.address).neuro_status)["calls_served"]
 
 
-def run_drill(model_path: str | Path, workers: int = 10, adversaries: float = 0.3, mode: str = "perturb",
-              trusted: int = 1, seed: int = 0, prompts: int = 10, tokens: int = 32,
-              scale: float = 0.05, probability: float | None = None, delay: float = 0.05,
-              after: int | None = None, blocking: bool = False, ledger: str | None = None) -> DrillReport:
+def run_drill(
+    model_path: str | Path,
+    workers: int = 10,
+    adversaries: float = 0.3,
+    mode: str = "perturb",
+    trusted: int = 1,
+    seed: int = 0,
+    prompts: int = 10,
+    tokens: int = 32,
+    scale: float = 0.05,
+    probability: float | None = None,
+    delay: float = 0.05,
+    after: int | None = None,
+    blocking: bool = False,
+    ledger: str | None = None,
+) -> DrillReport:
     """In-process workers (threads) so a 10-worker drill fits a laptop; the trust policy is on.
 
     Modes as in neuro_dask.testing: perturb, collude, defect (honest for `after` calls), straggle
@@ -147,21 +184,34 @@ def run_drill(model_path: str | Path, workers: int = 10, adversaries: float = 0.
     reference_model = load(model_path)
     rows = _prompts(reference_model, prompts, seed)
     reference = reference_model.generate(rows, max_new_tokens=tokens)
-    settings = {"neuro.scheduler.trusted": [str(i) for i in range(trusted)], "neuro.client.trust": True,
-                "neuro.client.seed": seed}
+    settings = {
+        "neuro.scheduler.trusted": [str(i) for i in range(trusted)],
+        "neuro.client.trust": True,
+        "neuro.client.seed": seed,
+    }
     honest_names, bad_names = [str(i) for i in range(n_good)], [f"adversary-{i}" for i in range(n_bad)]
     if ledger:
         settings.update({"neuro.ledger.url": ledger, "neuro.client.account": CLIENT})
         with dask.config.set(settings):
             before = _fund(ledger, honest_names, bad_names, seed)
             client_before = _client_balance(ledger)
-    with dask.config.set(settings), local_cluster(n_good, processes=False, worker_args=["--neuro-no-benchmark"],
-                                                   dashboard_address=None) as cluster, Client(cluster) as client:
+    with (
+        dask.config.set(settings),
+        local_cluster(n_good, processes=False, worker_args=["--neuro-no-benchmark"], dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+
         async def start(i: int) -> Worker:
             spec = adversary_spec(mode, seed * 1000 + i, scale, probability, delay, after, blocking)
-            return await Worker(cluster.scheduler_address, nthreads=1, name=f"adversary-{i}", preload=["neuro_worker"],
-                                preload_argv=[["--neuro-no-benchmark", "--neuro-owner", f"adversary-{i}",
-                                               "--neuro-adversary", json.dumps(spec)]])
+            return await Worker(
+                cluster.scheduler_address,
+                nthreads=1,
+                name=f"adversary-{i}",
+                preload=["neuro_worker"],
+                preload_argv=[
+                    ["--neuro-no-benchmark", "--neuro-owner", f"adversary-{i}", "--neuro-adversary", json.dumps(spec)]
+                ],
+            )
 
         bad = [client.sync(start, i) for i in range(n_bad)]
         try:
@@ -184,14 +234,20 @@ def run_drill(model_path: str | Path, workers: int = 10, adversaries: float = 0.
     caught = sorted(name for a, name in bad_addresses.items() if a in status and not status[a]["trust_routable"])
     times = sorted(1000 * t for t in executor.layer_seconds) or [0.0]
     return DrillReport(
-        identical=bool(torch.equal(out, reference)), wrong_accepted=wrong,
-        replicas_per_call=runner.replicas_sent / max(runner.units, 1), hedges=runner.hedges, caught=caught,
+        identical=bool(torch.equal(out, reference)),
+        wrong_accepted=wrong,
+        replicas_per_call=runner.replicas_sent / max(runner.units, 1),
+        hedges=runner.hedges,
+        caught=caught,
         adversaries=sorted(bad_addresses.values()),
         unexercised=sorted(name for a, name in bad_addresses.items() if not served.get(a)),
-        unchecked=runner.unchecked, departed=sorted(n for a, n in bad_addresses.items() if a not in status),
-        extra_calls=runner.hedges / max(runner.latency.calls, 1), late_checked=runner.late_checked,
+        unchecked=runner.unchecked,
+        departed=sorted(n for a, n in bad_addresses.items() if a not in status),
+        extra_calls=runner.hedges / max(runner.latency.calls, 1),
+        late_checked=runner.late_checked,
         layer_p50_ms=statistics.median(times),
-        layer_p99_ms=times[min(len(times) - 1, int(0.99 * len(times)))], tokens=int(out.shape[0] * tokens),
+        layer_p99_ms=times[min(len(times) - 1, int(0.99 * len(times)))],
+        tokens=int(out.shape[0] * tokens),
         ledger=effect,
     )
 

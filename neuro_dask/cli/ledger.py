@@ -19,10 +19,26 @@ import uuid
 from typing import Any
 
 # Parameters that are amounts of the smallest unit (the others are basis points, seconds or counts).
-_AMOUNT_PARAMS = ("price_per_expert_token", "price_per_private_expert_token", "price_per_request", "min_stake",
-                  "emission_initial")
-_KINDS = ("user", "provider", "stake", "unbonding", "genesis", "vesting", "treasury", "emission", "escrow", "burn",
-          "issuance")
+_AMOUNT_PARAMS = (
+    "price_per_expert_token",
+    "price_per_private_expert_token",
+    "price_per_request",
+    "min_stake",
+    "emission_initial",
+)
+_KINDS = (
+    "user",
+    "provider",
+    "stake",
+    "unbonding",
+    "genesis",
+    "vesting",
+    "treasury",
+    "emission",
+    "escrow",
+    "burn",
+    "issuance",
+)
 # The fields of Ledger.report() that are counts (the others are amounts).
 _COUNTS = ("accounts", "entries")
 _NOW_HELP = "for audits and tests: the time to act at, in seconds since the epoch (default: now)"
@@ -45,8 +61,10 @@ def _url(args: argparse.Namespace) -> str:
 
     url = dask.config.get("neuro.ledger.url", default=None)
     if not url:
-        raise ConfigError("no ledger database: pass --db sqlite:///path/ledger.db (or postgresql://...) "
-                          "or set neuro.ledger.url (e.g. DASK_NEURO__LEDGER__URL)")
+        raise ConfigError(
+            "no ledger database: pass --db sqlite:///path/ledger.db (or postgresql://...) "
+            "or set neuro.ledger.url (e.g. DASK_NEURO__LEDGER__URL)"
+        )
     return str(url)
 
 
@@ -75,9 +93,11 @@ def _open(args: argparse.Namespace, create: bool = False):
     except IdempotencyConflictError as exc:
         if exc.idem != "genesis":
             raise
-        raise LedgerError(f"the ledger at {redact_url(url)} was created with another genesis: neuro.ledger's "
-                          "max-supply, allocations or emission-pool-share differ from the config now; "
-                          "run with the config it was created with") from None
+        raise LedgerError(
+            f"the ledger at {redact_url(url)} was created with another genesis: neuro.ledger's "
+            "max-supply, allocations or emission-pool-share differ from the config now; "
+            "run with the config it was created with"
+        ) from None
 
 
 def _amount(text: str) -> int:
@@ -103,8 +123,13 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
 
 
 def _receipt(receipt) -> dict:
-    return {"entry": receipt.entry, "id": receipt.idem, "kind": receipt.kind, "replayed": receipt.replayed,
-            "postings": [{"debit": p.debit, "credit": p.credit, "amount": p.amount} for p in receipt.postings]}
+    return {
+        "entry": receipt.entry,
+        "id": receipt.idem,
+        "kind": receipt.kind,
+        "replayed": receipt.replayed,
+        "postings": [{"debit": p.debit, "credit": p.credit, "amount": p.amount} for p in receipt.postings],
+    }
 
 
 def _when(at: float) -> str:
@@ -129,8 +154,9 @@ def _run(func):
         try:
             return func(args, ledger) or 0
         except InsufficientFundsError as exc:  # its message counts units; say it in NEURO
-            raise LedgerError(f"{exc.account} holds {_n(exc.available)}, {_n(exc.needed)} needed: "
-                              "nothing was moved") from None
+            raise LedgerError(
+                f"{exc.account} holds {_n(exc.available)}, {_n(exc.needed)} needed: nothing was moved"
+            ) from None
         finally:
             ledger.close()
 
@@ -184,8 +210,11 @@ def _cmd_open_provider(args, ledger) -> None:
 
     ledger.open_provider(args.name, owner=args.owner or "", exist_ok=args.exist_ok)
     accounts = [provider(args.name), stake_account(args.name), unbonding_account(args.name)]
-    _emit(args, {"accounts": accounts, "owner": args.owner or args.name},
-          f"opened {', '.join(accounts)} (owner {args.owner or args.name})")
+    _emit(
+        args,
+        {"accounts": accounts, "owner": args.owner or args.name},
+        f"opened {', '.join(accounts)} (owner {args.owner or args.name})",
+    )
 
 
 @_run
@@ -221,8 +250,10 @@ def _cmd_revoke(args, ledger) -> None:
 @_run
 def _cmd_grants(args, ledger) -> None:
     rows = ledger.grants(args.account.removeprefix("user:") if args.account else None)
-    lines = [f"user:{g['account']:<24} charged by client {g['client']:<24} since {_when(g['granted_at'])} "
-             f"[{g['idem']}]" for g in rows]
+    lines = [
+        f"user:{g['account']:<24} charged by client {g['client']:<24} since {_when(g['granted_at'])} [{g['idem']}]"
+        for g in rows
+    ]
     _emit(args, rows, "\n".join(lines) or "no grants: each client certificate charges only its own account")
 
 
@@ -258,8 +289,12 @@ def _cmd_unstake(args, ledger) -> None:
     now = _now(args)
     receipt = ledger.unstake(args.provider, amount, args.id or str(uuid.uuid4()), now=now)
     until = now + ledger.params()["unbonding_seconds"]
-    _movement(args, receipt, f"unbonding {_n(amount)} of {args.provider}'s stake: slashable until {_when(until)}, "
-                             "spendable after `neuro-dask ledger release` then")
+    _movement(
+        args,
+        receipt,
+        f"unbonding {_n(amount)} of {args.provider}'s stake: slashable until {_when(until)}, "
+        "spendable after `neuro-dask ledger release` then",
+    )
 
 
 @_run
@@ -271,8 +306,11 @@ def _cmd_release(args, ledger) -> None:
         if receipt is not None:
             receipts.append(receipt)
     lines = [f"{p.debit} -> {p.credit}: {_n(p.amount)}" for r in receipts for p in r.postings]
-    _emit(args, [_receipt(r) for r in receipts],
-          "\n".join(["released:", *lines]) if lines else f"nothing to release at {_when(now)}")
+    _emit(
+        args,
+        [_receipt(r) for r in receipts],
+        "\n".join(["released:", *lines]) if lines else f"nothing to release at {_when(now)}",
+    )
 
 
 @_run
@@ -296,19 +334,28 @@ def _cmd_history(args, ledger) -> None:
     for r in rows:
         sign = "-" if r["debit"] == args.account else "+"
         other = r["credit"] if sign == "-" else r["debit"]
-        lines.append(f"#{r['entry']:<6} {_when(r['at'])}  {r['kind']:<9} {sign}{_n(r['amount']):<28} "
-                     f"{'to' if sign == '-' else 'from'} {other}  [{r['cause'] or r['idem']}]")
+        lines.append(
+            f"#{r['entry']:<6} {_when(r['at'])}  {r['kind']:<9} {sign}{_n(r['amount']):<28} "
+            f"{'to' if sign == '-' else 'from'} {other}  [{r['cause'] or r['idem']}]"
+        )
     _emit(args, rows, "\n".join(lines) or f"{args.account}: no movements")
 
 
 @_run
 def _cmd_supply(args, ledger) -> None:
     r = ledger.report()
-    rows = [("max supply", r["max_supply"]), ("minted", r["minted"]), ("burned", r["burned"]),
-            ("held in accounts", r["balances_total"]), ("  staked", r["staked_total"]),
-            ("  unbonding", r["unbonding_total"]), ("  treasury", r["treasury"]),
-            ("  emission pool", r["emission_pool"]), ("  vesting (locked)", r["vesting_locked"]),
-            ("  escrow", r["escrow"])]
+    rows = [
+        ("max supply", r["max_supply"]),
+        ("minted", r["minted"]),
+        ("burned", r["burned"]),
+        ("held in accounts", r["balances_total"]),
+        ("  staked", r["staked_total"]),
+        ("  unbonding", r["unbonding_total"]),
+        ("  treasury", r["treasury"]),
+        ("  emission pool", r["emission_pool"]),
+        ("  vesting (locked)", r["vesting_locked"]),
+        ("  escrow", r["escrow"]),
+    ]
     _emit(args, r, "\n".join(f"{label:<20} {_n(value):>32}" for label, value in rows))
 
 
@@ -322,8 +369,11 @@ def _cmd_report(args, ledger) -> None:
 def _cmd_leaderboard(args, ledger) -> None:
     rows = ledger.leaderboard(by=args.by, limit=args.limit)
     text = "\n".join(f"{i:>3}. {name:<32} {units:>14,} expert-tokens" for i, (name, units) in enumerate(rows, 1))
-    _emit(args, [{args.by: name, "expert_tokens": units} for name, units in rows],
-          text or "no validated work credited yet")
+    _emit(
+        args,
+        [{args.by: name, "expert_tokens": units} for name, units in rows],
+        text or "no validated work credited yet",
+    )
 
 
 @_run
@@ -333,8 +383,11 @@ def _cmd_check(args, ledger) -> int:
     if integrity != "ok":
         problems.append(f"database integrity check: {integrity}")
     entries = ledger.report()["entries"]
-    text = ("\n".join(["problems:", *(f"  {p}" for p in problems)]) if problems
-            else f"ok: {entries} entries, the books balance, database integrity ok")
+    text = (
+        "\n".join(["problems:", *(f"  {p}" for p in problems)])
+        if problems
+        else f"ok: {entries} entries, the books balance, database integrity ok"
+    )
     _emit(args, {"ok": not problems, "problems": problems, "entries": entries}, text)
     return 1 if problems else 0
 
@@ -358,8 +411,10 @@ def _param_value(name: str, text: str) -> int:
 def _cmd_propose(args, ledger) -> None:
     from neuro_dask.ledger import ParamError
 
-    for prefix, command in (("spend:", "propose-spend PROPOSER DEST AMOUNT"),
-                            ("adopt:", "propose-version PROPOSER CHANNEL MODEL_ID")):
+    for prefix, command in (
+        ("spend:", "propose-spend PROPOSER DEST AMOUNT"),
+        ("adopt:", "propose-version PROPOSER CHANNEL MODEL_ID"),
+    ):
         if args.param.startswith(prefix):
             raise ParamError(args.param, args.value, f"is not a parameter: `neuro-dask gov {command}` proposes it")
     value = _param_value(args.param, args.value)
@@ -367,10 +422,13 @@ def _cmd_propose(args, ledger) -> None:
     current = ledger.params()[args.param]
     proposal = ledger.propose(args.proposer, args.param, value, _now(args), idem)
     row = next(p for p in ledger.proposals() if p["id"] == proposal)
-    _emit(args, {**row, "id_used": idem, "current": current},
-          f"proposal {proposal}: {args.param} {describe_param(args.param, current)} -> "
-          f"{describe_param(args.param, value)}; voting open until {_when(row['ends_at'])} "
-          f"(id {idem}; pass --id {idem} to retry safely)")
+    _emit(
+        args,
+        {**row, "id_used": idem, "current": current},
+        f"proposal {proposal}: {args.param} {describe_param(args.param, current)} -> "
+        f"{describe_param(args.param, value)}; voting open until {_when(row['ends_at'])} "
+        f"(id {idem}; pass --id {idem} to retry safely)",
+    )
 
 
 @_run
@@ -381,10 +439,13 @@ def _cmd_propose_version(args, ledger) -> None:
     idem = args.id or str(uuid.uuid4())
     proposal = ledger.propose(args.proposer, param, 1, _now(args), idem)
     row = next(p for p in ledger.proposals() if p["id"] == proposal)
-    _emit(args, {**row, "id_used": idem},
-          f"proposal {proposal}: adopt {args.model} as the current version of channel {args.channel}; voting open "
-          f"until {_when(row['ends_at'])}; once passed and tallied, a scheduler with version-adoption: vote adopts "
-          f"it as soon as its experts are served (id {idem}; pass --id {idem} to retry safely)")
+    _emit(
+        args,
+        {**row, "id_used": idem},
+        f"proposal {proposal}: adopt {args.model} as the current version of channel {args.channel}; voting open "
+        f"until {_when(row['ends_at'])}; once passed and tallied, a scheduler with version-adoption: vote adopts "
+        f"it as soon as its experts are served (id {idem}; pass --id {idem} to retry safely)",
+    )
 
 
 @_run
@@ -395,10 +456,13 @@ def _cmd_propose_spend(args, ledger) -> None:
     idem = args.id or str(uuid.uuid4())
     proposal = ledger.propose(args.proposer, f"{SPEND_PREFIX}{args.dest}", amount, _now(args), idem)
     row = next(p for p in ledger.proposals() if p["id"] == proposal)
-    _emit(args, {**row, "id_used": idem},
-          f"proposal {proposal}: pay {_n(amount)} from the treasury to {args.dest}; voting open until "
-          f"{_when(row['ends_at'])}; if it passes, `neuro-dask gov tally {proposal}` pays it, once, when the treasury "
-          f"holds enough (id {idem}; pass --id {idem} to retry safely)")
+    _emit(
+        args,
+        {**row, "id_used": idem},
+        f"proposal {proposal}: pay {_n(amount)} from the treasury to {args.dest}; voting open until "
+        f"{_when(row['ends_at'])}; if it passes, `neuro-dask gov tally {proposal}` pays it, once, when the treasury "
+        f"holds enough (id {idem}; pass --id {idem} to retry safely)",
+    )
 
 
 def _proposal_text(p: dict) -> str:
@@ -414,8 +478,11 @@ def _proposal_text(p: dict) -> str:
 @_run
 def _cmd_vote(args, ledger) -> None:
     weight = ledger.vote(args.proposal, args.voter, args.choice == "yes", _now(args))
-    _emit(args, {"proposal": args.proposal, "voter": args.voter, "yes": args.choice == "yes", "weight": weight},
-          f"{args.voter} voted {args.choice} on proposal {args.proposal} with the weight of {_n(weight)} staked")
+    _emit(
+        args,
+        {"proposal": args.proposal, "voter": args.voter, "yes": args.choice == "yes", "weight": weight},
+        f"{args.voter} voted {args.choice} on proposal {args.proposal} with the weight of {_n(weight)} staked",
+    )
 
 
 @_run
@@ -425,19 +492,24 @@ def _cmd_tally(args, ledger) -> None:
     now = _now(args)
     row = next((p for p in ledger.proposals() if p["id"] == args.proposal), None)
     if row is not None and row["status"] == "open" and now < row["ends_at"]:
-        raise GovernanceError(f"proposal {args.proposal} is open to votes until {_when(row['ends_at'])}: "
-                              "tally it after that")
+        raise GovernanceError(
+            f"proposal {args.proposal} is open to votes until {_when(row['ends_at'])}: tally it after that"
+        )
     result = ledger.tally(args.proposal, now)
     voted = result["yes"] + result["no"]
     of = f" of {_n(result['total_stake'])} staked" if "total_stake" in result else ""
-    text = (f"proposal {result['proposal']}: {result['status']} (yes {_n(result['yes'])}, no {_n(result['no'])}, "
-            f"{_n(voted)} voted{of})")
+    text = (
+        f"proposal {result['proposal']}: {result['status']} (yes {_n(result['yes'])}, no {_n(result['no'])}, "
+        f"{_n(voted)} voted{of})"
+    )
     if "spent" in result:
         spent = result["spent"]
         text += f"; paid {_n(spent['amount'])} from {spent['debit']} to {spent['credit']} (entry {spent['entry']})"
     elif result["status"] == "failed":
-        text += (f"; the treasury could not pay {_n(result['value'])} to {result['param'].removeprefix('spend:')}: "
-                 "nothing moved")
+        text += (
+            f"; the treasury could not pay {_n(result['value'])} to {result['param'].removeprefix('spend:')}: "
+            "nothing moved"
+        )
     elif result["status"] == "passed" and result["param"].startswith("adopt:"):
         text += f"; schedulers voting on versions adopt {result['param'].split(':', 2)[2]} once it is served"
     elif result["status"] == "passed":
@@ -448,8 +520,11 @@ def _cmd_tally(args, ledger) -> None:
 @_run
 def _cmd_gov_list(args, ledger) -> None:
     rows = ledger.proposals()
-    lines = [f"#{p['id']:<4} {p['status']:<9} {_proposal_text(p)} by {p['proposer']}, yes {_n(p['yes'])}, "
-             f"no {_n(p['no'])}, voting until {_when(p['ends_at'])}" for p in rows]
+    lines = [
+        f"#{p['id']:<4} {p['status']:<9} {_proposal_text(p)} by {p['proposer']}, yes {_n(p['yes'])}, "
+        f"no {_n(p['no'])}, voting until {_when(p['ends_at'])}"
+        for p in rows
+    ]
     _emit(args, rows, "\n".join(lines) or "no proposals")
 
 
@@ -458,10 +533,13 @@ def _cmd_gov_params(args, ledger) -> None:
     from neuro_dask.ledger.params import BOUNDS
 
     live = ledger.params()
-    data = {name: {"value": value, "low": BOUNDS[name][0], "high": BOUNDS[name][1]}
-            for name, value in sorted(live.items())}
-    lines = [f"{name:<24} {describe_param(name, d['value']):<40} bounds [{d['low']}, {d['high']}]"
-             for name, d in data.items()]
+    data = {
+        name: {"value": value, "low": BOUNDS[name][0], "high": BOUNDS[name][1]} for name, value in sorted(live.items())
+    }
+    lines = [
+        f"{name:<24} {describe_param(name, d['value']):<40} bounds [{d['low']}, {d['high']}]"
+        for name, d in data.items()
+    ]
     _emit(args, data, "\n".join(lines))
 
 
@@ -471,8 +549,11 @@ def _cmd_gov_params(args, ledger) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `ledger` and `gov` to neuro-dask's subcommands."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--db", metavar="URL", help="sqlite:///rel.db, sqlite:////abs/path.db or postgresql://... "
-                                                    "(default: neuro.ledger.url)")
+    common.add_argument(
+        "--db",
+        metavar="URL",
+        help="sqlite:///rel.db, sqlite:////abs/path.db or postgresql://... (default: neuro.ledger.url)",
+    )
     common.add_argument("--json", action="store_true", help="print data as JSON (amounts in units: 10^9 per NEURO)")
     common.add_argument("--now", type=float, metavar="SECONDS", help=_NOW_HELP)
 
@@ -488,24 +569,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("user")
     p.add_argument("--exist-ok", action="store_true", help="no error when it is already open")
     p.set_defaults(creates=True)
-    p = command(ls, "open-provider", _cmd_open_provider,
-                "open a provider's spendable, stake and unbonding accounts (creates the ledger the first time)")
+    p = command(
+        ls,
+        "open-provider",
+        _cmd_open_provider,
+        "open a provider's spendable, stake and unbonding accounts (creates the ledger the first time)",
+    )
     p.add_argument("name")
     p.add_argument("--owner", help="the person or organisation behind it (default: the name)")
     p.add_argument("--exist-ok", action="store_true", help="no error when it is already open")
     p.set_defaults(creates=True)
 
-    idem = {"dest": "id", "metavar": "IDEM",
-            "help": "idempotency id: a retry with the same id moves nothing twice (default: a new uuid, printed)"}
+    idem = {
+        "dest": "id",
+        "metavar": "IDEM",
+        "help": "idempotency id: a retry with the same id moves nothing twice (default: a new uuid, printed)",
+    }
     p = command(ls, "deposit", _cmd_deposit, "fund a user from a genesis pool")
     p.add_argument("user")
     p.add_argument("amount", help="NEURO, e.g. 12.5")
-    p.add_argument("--from", dest="source", default="genesis:community",
-                   help="genesis:community (default) or genesis:liquidity")
+    p.add_argument(
+        "--from", dest="source", default="genesis:community", help="genesis:community (default) or genesis:liquidity"
+    )
     p.add_argument("--id", **idem)
-    p = command(ls, "transfer", _cmd_transfer,
-                "move spendable NEURO between users, providers and genesis pools on their owners' instruction (e.g. "
-                "user:alice -> provider:gpu1, so it can stake); never from the treasury: see gov propose-spend")
+    p = command(
+        ls,
+        "transfer",
+        _cmd_transfer,
+        "move spendable NEURO between users, providers and genesis pools on their owners' instruction (e.g. "
+        "user:alice -> provider:gpu1, so it can stake); never from the treasury: see gov propose-spend",
+    )
     p.add_argument("source", help="account name, e.g. user:alice")
     p.add_argument("dest", help="account name, e.g. provider:gpu1")
     p.add_argument("amount", help="NEURO, e.g. 12.5")
@@ -542,27 +635,46 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--by", choices=["owner", "worker"], default="owner")
     p.add_argument("--limit", type=int, default=20)
     command(ls, "check", _cmd_check, "audit: invariants and database integrity; exit 1 listing any problem")
-    p = command(ls, "audit", _cmd_audit, "every operator-initiated entry, newest first: deposits, transfers, stakes, "
-                                         "unstakes, grants, revokes and treasury spends")
+    p = command(
+        ls,
+        "audit",
+        _cmd_audit,
+        "every operator-initiated entry, newest first: deposits, transfers, stakes, "
+        "unstakes, grants, revokes and treasury spends",
+    )
     p.add_argument("--limit", type=int, default=50, help="at most this many entries (default 50)")
 
     gov = sub.add_parser("gov", help="stake-weighted governance of the protocol parameters")
     gs = gov.add_subparsers(dest="gov_command", required=True, metavar="COMMAND")
-    p = command(gs, "propose", _cmd_propose, "propose a new value for one parameter (staked providers only)",
-                epilog=bounds_table(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command(
+        gs,
+        "propose",
+        _cmd_propose,
+        "propose a new value for one parameter (staked providers only)",
+        epilog=bounds_table(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("proposer", help="a provider with stake")
     p.add_argument("param", help="a governable parameter (see below)")
     p.add_argument("value", help="the raw integer value: units, basis points or seconds")
     p.add_argument("--id", dest="id", metavar="IDEM", help="idempotency id (default: a new uuid, printed)")
-    p = command(gs, "propose-version", _cmd_propose_version,
-                "propose adopting a model version on a channel (staked providers only; docs/privacy.md)")
+    p = command(
+        gs,
+        "propose-version",
+        _cmd_propose_version,
+        "propose adopting a model version on a channel (staked providers only; docs/privacy.md)",
+    )
     p.add_argument("proposer", help="a provider with stake")
     p.add_argument("channel", help="the channel (as published with `neuro-dask publish --channel`)")
     p.add_argument("model", help="the candidate version's model id")
     p.add_argument("--id", dest="id", metavar="IDEM", help="idempotency id (default: a new uuid, printed)")
-    p = command(gs, "propose-spend", _cmd_propose_spend,
-                "propose paying NEURO from the treasury to a user or a provider (staked providers only); the "
-                "treasury moves in no other way")
+    p = command(
+        gs,
+        "propose-spend",
+        _cmd_propose_spend,
+        "propose paying NEURO from the treasury to a user or a provider (staked providers only); the "
+        "treasury moves in no other way",
+    )
     p.add_argument("proposer", help="a provider with stake")
     p.add_argument("dest", metavar="DEST", help="the account paid: user:NAME or provider:NAME")
     p.add_argument("amount", metavar="AMOUNT", help="NEURO, e.g. 250")
@@ -571,8 +683,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("proposal", type=int)
     p.add_argument("voter", help="a provider with stake")
     p.add_argument("choice", choices=["yes", "no"])
-    p = command(gs, "tally", _cmd_tally, "close a proposal after its voting period; a passed change goes live, "
-                                         "a passed treasury spend is paid")
+    p = command(
+        gs,
+        "tally",
+        _cmd_tally,
+        "close a proposal after its voting period; a passed change goes live, a passed treasury spend is paid",
+    )
     p.add_argument("proposal", type=int)
     command(gs, "list", _cmd_gov_list, "every proposal and its status")
     command(gs, "params", _cmd_gov_params, "the live parameters and their bounds")

@@ -15,12 +15,12 @@ import os
 import random
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from neuro_dask.cli.certs import add_parser as register_certs
-from neuro_dask.errors import NeuroDaskError
 from neuro_dask.cli.ledger import register as register_ledger
+from neuro_dask.errors import NeuroDaskError
 
 log = logging.getLogger("neuro_dask.cli.main")
 
@@ -43,8 +43,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.scheduler:
         print(f"connecting to the network at {args.scheduler} ...", flush=True)
     else:
-        print(f"starting a local cluster of {args.workers} worker processes with the neuro_scheduler and "
-              "neuro_worker plugins ...", flush=True)
+        print(
+            f"starting a local cluster of {args.workers} worker processes with the neuro_scheduler and "
+            "neuro_worker plugins ...",
+            flush=True,
+        )
     client, cluster = connect(args.scheduler, tls=args.tls, n_workers=args.workers)
     model = None
     try:
@@ -53,8 +56,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         model = load(path, client=client, transport=args.transport)
         routes = model.executor.routes.routes
         workers = sorted({w for ws in routes.values() for w in ws})
-        print(f"published {path.name}: {len(routes)} experts on {len(workers)} workers, "
-              f"{args.transport or 'direct'} transport, ready in {time.perf_counter() - started:.1f} s")
+        print(
+            f"published {path.name}: {len(routes)} experts on {len(workers)} workers, "
+            f"{args.transport or 'direct'} transport, ready in {time.perf_counter() - started:.1f} s"
+        )
         return _ask(model, args)
     finally:
         if model is not None:
@@ -82,8 +87,10 @@ def _ask(model, args: argparse.Namespace) -> int:
     from neuro_dask.demo.addition import evaluate, sample_problems
 
     cfg = model.config
-    print(f"model: {cfg.model_type}, {cfg.num_experts} experts x {len(cfg.moe_layers)} layers, "
-          f"top-{cfg.num_experts_per_tok}")
+    print(
+        f"model: {cfg.model_type}, {cfg.num_experts} experts x {len(cfg.moe_layers)} layers, "
+        f"top-{cfg.num_experts_per_tok}"
+    )
     if args.prompt:
         for prompt, answer in zip(args.prompt, model.generate_text(args.prompt, max_new_tokens=args.max_new_tokens)):
             print(f"{prompt}{answer}")
@@ -96,19 +103,32 @@ def _ask(model, args: argparse.Namespace) -> int:
     for problem, answer in list(zip(problems, answers))[: args.show]:
         mark = "ok" if answer.strip() == problem.answer else f"WRONG (expected {problem.answer})"
         print(f"  {problem.prompt + answer:<13} {mark}")
-    print(f"exact match on {len(problems)} held-out problems: {accuracy:.1%} "
-          f"({elapsed:.2f} s, {tokens / elapsed:.0f} tokens/s)")
+    print(
+        f"exact match on {len(problems)} held-out problems: {accuracy:.1%} "
+        f"({elapsed:.2f} s, {tokens / elapsed:.0f} tokens/s)"
+    )
     return 0 if accuracy >= args.min_accuracy else 1
 
 
 def _cmd_drill(args: argparse.Namespace) -> int:
-    from neuro_dask.demo.addition import ASSET_DIR
     from neuro_dask.cli.drill import run_drill
+    from neuro_dask.demo.addition import ASSET_DIR
 
-    report = run_drill(args.model or ASSET_DIR, workers=args.workers, adversaries=args.adversaries, mode=args.mode,
-                       trusted=args.trusted, seed=args.seed, prompts=args.prompts, tokens=args.tokens,
-                       probability=args.probability, delay=args.delay, after=args.after, blocking=args.blocking,
-                       ledger=args.ledger)
+    report = run_drill(
+        args.model or ASSET_DIR,
+        workers=args.workers,
+        adversaries=args.adversaries,
+        mode=args.mode,
+        trusted=args.trusted,
+        seed=args.seed,
+        prompts=args.prompts,
+        tokens=args.tokens,
+        probability=args.probability,
+        delay=args.delay,
+        after=args.after,
+        blocking=args.blocking,
+        ledger=args.ledger,
+    )
     print(report.to_json() if args.json else report.summary())
     return 0 if report.identical and report.wrong_accepted == 0 else 1
 
@@ -154,12 +174,26 @@ def scheduler_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
 
 
 def worker_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
-    argv = [sys.executable, "-m", "dask", "worker", args.scheduler, "--preload", "neuro_worker",
-            "--nthreads", str(args.nthreads)]
-    for flag, value in (("--neuro-store", args.store), ("--neuro-cache-dir", args.cache_dir),
-                        ("--neuro-memory-budget", args.memory_budget), ("--neuro-device", args.device),
-                        ("--neuro-owner", args.owner), ("--neuro-backend", args.backend),
-                        ("--neuro-precision", args.precision)):
+    argv = [
+        sys.executable,
+        "-m",
+        "dask",
+        "worker",
+        args.scheduler,
+        "--preload",
+        "neuro_worker",
+        "--nthreads",
+        str(args.nthreads),
+    ]
+    for flag, value in (
+        ("--neuro-store", args.store),
+        ("--neuro-cache-dir", args.cache_dir),
+        ("--neuro-memory-budget", args.memory_budget),
+        ("--neuro-device", args.device),
+        ("--neuro-owner", args.owner),
+        ("--neuro-backend", args.backend),
+        ("--neuro-precision", args.precision),
+    ):
         if value:
             argv += [flag, str(value)]
     argv += _hardened_flag(args)
@@ -226,8 +260,10 @@ def _cmd_publish(args: argparse.Namespace) -> int:
             wait_until_served(client, reply["model"], args.wait_timeout, on_progress=_print_progress)
             print(f"{reply['model']}: every expert is served")
         if reply.get("role") == "candidate":
-            print(f"make it current with `neuro-dask adopt {args.channel} {reply['model']} --scheduler "
-                  f"{args.scheduler}` (or a governance vote: `neuro-dask gov propose-version ...`)")
+            print(
+                f"make it current with `neuro-dask adopt {args.channel} {reply['model']} --scheduler "
+                f"{args.scheduler}` (or a governance vote: `neuro-dask gov propose-version ...`)"
+            )
     return 0
 
 
@@ -255,8 +291,10 @@ def _cmd_channels(args: argparse.Namespace) -> int:
         return 0
     print(f"adoption: {reply['adoption']}")
     for name, ch in reply["channels"].items():
-        print(f"{name}: current {ch['current']}, candidate {ch['candidate'] or '-'}"
-              f"{' (approved by vote)' if ch['approved'] else ''}, history {' -> '.join(ch['history'])}")
+        print(
+            f"{name}: current {ch['current']}, candidate {ch['candidate'] or '-'}"
+            f"{' (approved by vote)' if ch['approved'] else ''}, history {' -> '.join(ch['history'])}"
+        )
     for model, r in reply["retiring"].items():
         print(f"retiring {model}: {r['leases']} request(s) still running")
     for model, channel in reply["retired"].items():
@@ -272,8 +310,10 @@ def _cmd_shard(args: argparse.Namespace) -> int:
     total, shard = plan_shard(args.src, args.layout)
     with tqdm(total=total, unit="file", desc="sharding", disable=args.quiet) as bar:
         manifest = shard(args.dst, lambda _name: bar.update(1))
-    print(f"wrote {len(manifest.artifacts)} artifacts and manifest.json to {args.dst} "
-          f"({manifest.architecture}, {manifest.layout} layout)")
+    print(
+        f"wrote {len(manifest.artifacts)} artifacts and manifest.json to {args.dst} "
+        f"({manifest.architecture}, {manifest.layout} layout)"
+    )
     return 0
 
 
@@ -308,8 +348,9 @@ def _model_for(args: argparse.Namespace):
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    options = dict(do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   seed=args.seed)
+    options = dict(
+        do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
+    )
     with _model_for(args) as model:
         if args.stream:
             for prompt in args.prompt:
@@ -328,8 +369,21 @@ def _cmd_score(args: argparse.Namespace) -> int:
     with _model_for(args) as model:
         results = model.score(args.text)
     if args.json:
-        print(json.dumps([{"text": t, "tokens": r.tokens, "logprobs": r.logprobs, "total": r.total,
-                           "perplexity": r.perplexity} for t, r in zip(args.text, results)], indent=2))
+        print(
+            json.dumps(
+                [
+                    {
+                        "text": t,
+                        "tokens": r.tokens,
+                        "logprobs": r.logprobs,
+                        "total": r.total,
+                        "perplexity": r.perplexity,
+                    }
+                    for t, r in zip(args.text, results)
+                ],
+                indent=2,
+            )
+        )
         return 0
     for text, r in zip(args.text, results):
         print(f"{r.total:10.3f} log-likelihood, perplexity {r.perplexity:8.3f}, {len(r.tokens)} tokens: {text!r}")
@@ -341,9 +395,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     if args.channel and not args.scheduler:
         raise NeuroDaskError("--channel needs --scheduler: channels live on a network's scheduler")
-    return serve(args.scheduler, args.model, host=args.host, port=args.port, api_keys=args.api_keys,
-                 workers=args.workers, model_id=args.model_id, transport=args.transport, tls=args.tls,
-                 channel=args.channel, privacy=args.privacy)
+    return serve(
+        args.scheduler,
+        args.model,
+        host=args.host,
+        port=args.port,
+        api_keys=args.api_keys,
+        workers=args.workers,
+        model_id=args.model_id,
+        transport=args.transport,
+        tls=args.tls,
+        channel=args.channel,
+        privacy=args.privacy,
+    )
 
 
 def _cmd_train_demo(args: argparse.Namespace) -> int:
@@ -352,28 +416,40 @@ def _cmd_train_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if out.resolve() == Path(ASSET_DIR).resolve() and not args.replace_bundled:
-        raise NeuroDaskError(f"{out} is the bundled demo model: pass --replace-bundled to overwrite it, "
-                             "or choose another --out")
+        raise NeuroDaskError(
+            f"{out} is the bundled demo model: pass --replace-bundled to overwrite it, or choose another --out"
+        )
     settings = TrainSettings(minutes=args.minutes, seed=args.seed)
     started = time.perf_counter()
     print(f"training the demo model into {out} (up to {args.minutes:g} minutes) ...", flush=True)
-    train_and_ship(settings, out,
-                   progress=lambda msg: print(f"[{time.perf_counter() - started:6.0f} s] {msg}", flush=True))
+    train_and_ship(
+        settings, out, progress=lambda msg: print(f"[{time.perf_counter() - started:6.0f} s] {msg}", flush=True)
+    )
     return 0
 
 
 def _add_security_arguments(parser: argparse.ArgumentParser, role: str) -> None:
-    parser.add_argument("--tls", metavar="DIR",
-                        help=f"mutual TLS with the {role} certificate in DIR (made by `neuro-dask certs`; "
-                             "default: neuro.security.tls-dir; docs/security.md)")
-    parser.add_argument("--hardened", action=argparse.BooleanOptionalAction, default=True,
-                        help="hardened mode: allow-listed unpickling, no remote code, role checks (default: on)")
+    parser.add_argument(
+        "--tls",
+        metavar="DIR",
+        help=f"mutual TLS with the {role} certificate in DIR (made by `neuro-dask certs`; "
+        "default: neuro.security.tls-dir; docs/security.md)",
+    )
+    parser.add_argument(
+        "--hardened",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="hardened mode: allow-listed unpickling, no remote code, role checks (default: on)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="neuro-dask", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="`neuro-dask COMMAND --help` describes each command; README.md and docs/ the "
-                                       "rest.")
+    p = argparse.ArgumentParser(
+        prog="neuro-dask",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="`neuro-dask COMMAND --help` describes each command; README.md and docs/ the rest.",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -396,10 +472,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("src", help="HF checkpoint folder (config.json + *.safetensors), or a .gguf file (needs `gguf`)")
     s.add_argument("dst", help="output folder")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    s.add_argument("--layout", choices=("auto", "neuro", "transformers"), default="auto",
-                   help="trunk: `neuro` the hand-written one (mixtral, qwen2_moe, qwen3_moe, olmoe), `transformers` "
-                        "the checkpoint's own transformers model (every MoE architecture); auto picks neuro where it "
-                        "applies (docs/model-and-store.md)")
+    s.add_argument(
+        "--layout",
+        choices=("auto", "neuro", "transformers"),
+        default="auto",
+        help="trunk: `neuro` the hand-written one (mixtral, qwen2_moe, qwen3_moe, olmoe), `transformers` "
+        "the checkpoint's own transformers model (every MoE architecture); auto picks neuro where it "
+        "applies (docs/model-and-store.md)",
+    )
     s.set_defaults(func=_cmd_shard)
 
     i = sub.add_parser("inspect", help="architecture, parameters, experts and bytes of a sharded model")
@@ -422,71 +502,111 @@ def build_parser() -> argparse.ArgumentParser:
     sco.add_argument("text", nargs="+", help="one or more texts to score")
     sco.add_argument("--json", action="store_true", help="per-token log-probabilities as JSON")
     for parser, func in ((g, _cmd_generate), (sco, _cmd_score)):
-        parser.add_argument("--scheduler", help="run the experts on this network (e.g. tls://HOST:8786) instead of "
-                                                "in this process")
-        parser.add_argument("--tls", metavar="DIR", help="with --scheduler: a client certificate's folder (hardened "
-                                                         "network; default neuro.security.tls-dir)")
-        parser.add_argument("--transport", choices=["direct", "futures"],
-                            help="with --scheduler: how expert calls travel (default direct)")
+        parser.add_argument(
+            "--scheduler", help="run the experts on this network (e.g. tls://HOST:8786) instead of in this process"
+        )
+        parser.add_argument(
+            "--tls",
+            metavar="DIR",
+            help="with --scheduler: a client certificate's folder (hardened network; default neuro.security.tls-dir)",
+        )
+        parser.add_argument(
+            "--transport",
+            choices=["direct", "futures"],
+            help="with --scheduler: how expert calls travel (default direct)",
+        )
         parser.set_defaults(func=func)
 
     dr = sub.add_parser("drill", help="run a local cluster with adversarial workers and report what trust did")
-    dr.add_argument("--workers", type=int, default=10, help="worker processes of the drill's local cluster "
-                                                            "(default 10)")
+    dr.add_argument(
+        "--workers", type=int, default=10, help="worker processes of the drill's local cluster (default 10)"
+    )
     dr.add_argument("--adversaries", type=float, default=0.3, help="fraction of workers that misbehave")
-    dr.add_argument("--mode", default="perturb", choices=["perturb", "collude", "defect", "straggle", "crash"],
-                    help="how adversaries misbehave: perturb their results, collude on one wrong answer, defect "
-                         "after earning trust, straggle (answer late) or crash (default perturb)")
-    dr.add_argument("--probability", type=float,
-                    help="chance per call of misbehaving (perturb, straggle; default 1, straggle 0.05)")
+    dr.add_argument(
+        "--mode",
+        default="perturb",
+        choices=["perturb", "collude", "defect", "straggle", "crash"],
+        help="how adversaries misbehave: perturb their results, collude on one wrong answer, defect "
+        "after earning trust, straggle (answer late) or crash (default perturb)",
+    )
+    dr.add_argument(
+        "--probability", type=float, help="chance per call of misbehaving (perturb, straggle; default 1, straggle 0.05)"
+    )
     dr.add_argument("--delay", type=float, default=0.05, help="straggle: seconds late (default 0.05)")
     dr.add_argument("--blocking", action="store_true", help="straggle: hold the worker while late (a slow machine)")
     dr.add_argument("--after", type=int, help="crash, defect: honest calls first (default crash 3, defect 20)")
-    dr.add_argument("--ledger", metavar="URL",
-                    help="run the NEURO ledger in this database: fund the client, stake the workers, report the economics")
+    dr.add_argument(
+        "--ledger",
+        metavar="URL",
+        help="run the NEURO ledger in this database: fund the client, stake the workers, report the economics",
+    )
     dr.add_argument("--trusted", type=int, default=1, help="operator-trusted honest workers")
     dr.add_argument("--seed", type=int, default=0, help="picks the adversaries and the prompts (default 0)")
-    dr.add_argument("--prompts", type=int, default=10, help="prompts generated, with and without adversaries "
-                                                            "(default 10)")
+    dr.add_argument(
+        "--prompts", type=int, default=10, help="prompts generated, with and without adversaries (default 10)"
+    )
     dr.add_argument("--tokens", type=int, default=32, help="new tokens per prompt (default 32)")
     dr.add_argument("--model", help="sharded model folder (default: the bundled adder)")
     dr.add_argument("--json", action="store_true", help="the report as JSON")
     dr.set_defaults(func=_cmd_drill)
 
-    sc = sub.add_parser("scheduler", help="start a network's scheduler: dask scheduler --preload neuro_scheduler",
-                        epilog="Every other flag goes to `dask scheduler`: --port 8786 (default), --host, "
-                               "--dashboard-address (default 127.0.0.1:8787 here: the dashboard stays on this "
-                               "machine), --neuro-ledger URL (the NEURO ledger), ... (`dask scheduler --help`). "
-                               "It prints its address, its dashboard and the command workers join with.")
+    sc = sub.add_parser(
+        "scheduler",
+        help="start a network's scheduler: dask scheduler --preload neuro_scheduler",
+        epilog="Every other flag goes to `dask scheduler`: --port 8786 (default), --host, "
+        "--dashboard-address (default 127.0.0.1:8787 here: the dashboard stays on this "
+        "machine), --neuro-ledger URL (the NEURO ledger), ... (`dask scheduler --help`). "
+        "It prints its address, its dashboard and the command workers join with.",
+    )
     sc.add_argument("--replicas", type=int, help="target replicas per expert")
     _add_security_arguments(sc, "scheduler")
     sc.set_defaults(func=_cmd_scheduler, passthrough=True)
 
-    w = sub.add_parser("worker", help="volunteer this machine: dask worker ADDR --preload neuro_worker",
-                       epilog="Every other flag goes to `dask worker` (`dask worker --help`): --nworkers, "
-                              "--no-nanny, --dashboard-address, ... It prints its connection, the experts it "
-                              "loads, and why it pauses (docs/distributed.md).")
+    w = sub.add_parser(
+        "worker",
+        help="volunteer this machine: dask worker ADDR --preload neuro_worker",
+        epilog="Every other flag goes to `dask worker` (`dask worker --help`): --nworkers, "
+        "--no-nanny, --dashboard-address, ... It prints its connection, the experts it "
+        "loads, and why it pauses (docs/distributed.md).",
+    )
     w.add_argument("scheduler", help="scheduler address, e.g. tcp://HOST:8786")
     w.add_argument("--memory-budget", help="bytes or e.g. 4GiB for expert weights (default: half the free RAM)")
     w.add_argument("--cache-dir", help="where verified expert files are cached")
-    w.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="where experts compute (default auto: "
-                                                                          "CUDA, else MPS, else CPU)")
+    w.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda", "mps"],
+        help="where experts compute (default auto: CUDA, else MPS, else CPU)",
+    )
     w.add_argument("--owner", help="owner id: replicas of one expert never share an owner")
     w.add_argument("--store", help="a mirror of the model store to fetch experts from")
     w.add_argument("--backend", choices=["torch", "onnx"], help="how experts run (default torch; docs/performance.md)")
-    w.add_argument("--precision", choices=["float32", "bfloat16", "int8", "int4", "auto"],
-                   help="expert weights in memory (default float32; auto: the highest that fits the budget)")
-    w.add_argument("--nthreads", type=int, default=1, help="Dask threads (default 1: expert calls have their "
-                                                           "own thread)")
-    w.add_argument("--idle-only", action=argparse.BooleanOptionalAction, default=True,
-                   help="pause while the machine's owner is busy, at low priority (default: on; docs/distributed.md)")
-    w.add_argument("--name", help="this worker's name; with --tls, the NAME of the worker-NAME.pem to use "
-                                  "(its ledger identity; default: the folder's only worker certificate)")
+    w.add_argument(
+        "--precision",
+        choices=["float32", "bfloat16", "int8", "int4", "auto"],
+        help="expert weights in memory (default float32; auto: the highest that fits the budget)",
+    )
+    w.add_argument(
+        "--nthreads", type=int, default=1, help="Dask threads (default 1: expert calls have their own thread)"
+    )
+    w.add_argument(
+        "--idle-only",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="pause while the machine's owner is busy, at low priority (default: on; docs/distributed.md)",
+    )
+    w.add_argument(
+        "--name",
+        help="this worker's name; with --tls, the NAME of the worker-NAME.pem to use "
+        "(its ledger identity; default: the folder's only worker certificate)",
+    )
     _add_security_arguments(w, "worker")
     w.set_defaults(func=_cmd_worker, passthrough=True)
 
-    ws = sub.add_parser("worker-status", help="a volunteer's worker: experts hosted, calls served, cache, "
-                                              "reputation, NEURO earned, paused or running (also `worker status`)")
+    ws = sub.add_parser(
+        "worker-status",
+        help="a volunteer's worker: experts hosted, calls served, cache, "
+        "reputation, NEURO earned, paused or running (also `worker status`)",
+    )
     ws.add_argument("--scheduler", help="scheduler address (default: ask the worker given by --worker ADDRESS)")
     ws.add_argument("--worker", help="the worker's name or address (default: this machine's only worker)")
     ws.add_argument("--tls", metavar="DIR", help="a client certificate's folder (hardened network)")
@@ -498,19 +618,35 @@ def build_parser() -> argparse.ArgumentParser:
     pb = sub.add_parser("publish", help="operator: have a scheduler place a sharded model's experts on its workers")
     pb.add_argument("model", help="sharded model folder or URL, as the workers will fetch it")
     pb.add_argument("--scheduler", required=True, help="scheduler address, e.g. tls://HOST:8786")
-    pb.add_argument("--tls", metavar="DIR", help="the operator certificate's folder (hardened networks: only the "
-                                                 "operator publishes)")
-    pb.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
-                    help="wait until every expert is served (default: on)")
+    pb.add_argument(
+        "--tls",
+        metavar="DIR",
+        help="the operator certificate's folder (hardened networks: only the operator publishes)",
+    )
+    pb.add_argument(
+        "--wait",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="wait until every expert is served (default: on)",
+    )
     pb.add_argument("--timeout", type=float, default=30.0, help="seconds to connect")
-    pb.add_argument("--wait-timeout", type=float, default=None,
-                    help="seconds to wait until every expert is served (default neuro.client.load-timeout)")
-    pb.add_argument("--channel", help="publish as a version of this channel: its current one if it has none, "
-                                      "else its candidate (adopt it with `neuro-dask adopt`)")
+    pb.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=None,
+        help="seconds to wait until every expert is served (default neuro.client.load-timeout)",
+    )
+    pb.add_argument(
+        "--channel",
+        help="publish as a version of this channel: its current one if it has none, "
+        "else its candidate (adopt it with `neuro-dask adopt`)",
+    )
     pb.set_defaults(func=_cmd_publish)
 
-    ad = sub.add_parser("adopt", help="operator: make a channel's served candidate version current "
-                                      "(the old one retires once its requests end)")
+    ad = sub.add_parser(
+        "adopt",
+        help="operator: make a channel's served candidate version current (the old one retires once its requests end)",
+    )
     ad.add_argument("channel", help="the channel's name (as given to `neuro-dask publish --channel`)")
     ad.add_argument("model", help="the candidate's model id (printed by `neuro-dask publish --channel`)")
     ch = sub.add_parser("channels", help="model channels: current, candidate and retiring versions")
@@ -526,26 +662,43 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--tls", metavar="DIR", help="with --scheduler: a client certificate's folder (hardened network)")
     sv.add_argument("--model", help="sharded model folder or URL (default: the bundled adder)")
     sv.add_argument("--model-id", help="the id clients ask for (default: the model folder's name, or the channel)")
-    sv.add_argument("--channel", help="with --scheduler: serve this channel's current model version and follow it "
-                                      "to each new one between requests (docs/privacy.md)")
-    sv.add_argument("--privacy", choices=["standard", "private"], default="standard",
-                    help="private: every expert call on secret shares, charged at the private price (docs/privacy.md)")
+    sv.add_argument(
+        "--channel",
+        help="with --scheduler: serve this channel's current model version and follow it "
+        "to each new one between requests (docs/privacy.md)",
+    )
+    sv.add_argument(
+        "--privacy",
+        choices=["standard", "private"],
+        default="standard",
+        help="private: every expert call on secret shares, charged at the private price (docs/privacy.md)",
+    )
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     sv.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 = any free port)")
-    sv.add_argument("--api-keys", metavar="FILE",
-                    help='JSON {"key": "ledger account"}: require Authorization: Bearer KEY (default: open)')
+    sv.add_argument(
+        "--api-keys",
+        metavar="FILE",
+        help='JSON {"key": "ledger account"}: require Authorization: Bearer KEY (default: open)',
+    )
     sv.add_argument("--workers", type=int, default=3, help="worker processes of the local cluster (default 3)")
     sv.add_argument("--transport", choices=["direct", "futures"], help="how expert calls travel (default direct)")
     sv.set_defaults(func=_cmd_serve)
 
-    t = sub.add_parser("train-demo", help="train the demo model again from scratch (about 5 minutes on 2 cores, "
-                                          "capped at --minutes)")
+    t = sub.add_parser(
+        "train-demo", help="train the demo model again from scratch (about 5 minutes on 2 cores, capped at --minutes)"
+    )
     t.add_argument("--minutes", type=float, default=14.0, help="time budget")
     t.add_argument("--seed", type=int, default=0, help="initial weights and training data (default 0)")
-    t.add_argument("--out", default="neuro-adder", help="output folder (default: ./neuro-adder); use it with "
-                                                      "`neuro-dask demo --model DIR`")
-    t.add_argument("--replace-bundled", action="store_true",
-                   help="allow --out to be the bundled model's folder (maintainers shipping a new demo model)")
+    t.add_argument(
+        "--out",
+        default="neuro-adder",
+        help="output folder (default: ./neuro-adder); use it with `neuro-dask demo --model DIR`",
+    )
+    t.add_argument(
+        "--replace-bundled",
+        action="store_true",
+        help="allow --out to be the bundled model's folder (maintainers shipping a new demo model)",
+    )
     t.set_defaults(func=_cmd_train_demo)
 
     register_ledger(sub)
@@ -556,9 +709,9 @@ def build_parser() -> argparse.ArgumentParser:
 # What `neuro-dask COMMAND --help` says first, where the one-line help is not enough.
 DESCRIPTIONS = {
     "drill": "A fire drill for the trust machinery: a local cluster where some workers misbehave (return perturbed "
-             "results, collude, defect after earning trust, straggle or crash) while a client generates. The report "
-             "says whether the answers were identical to an all-honest run, how many wrong results were accepted "
-             "(should be 0) and how many were caught, and what reputation and, with --ledger, stakes did.",
+    "results, collude, defect after earning trust, straggle or crash) while a client generates. The report "
+    "says whether the answers were identical to an all-honest run, how many wrong results were accepted "
+    "(should be 0) and how many were caught, and what reputation and, with --ledger, stakes did.",
 }
 
 
@@ -584,8 +737,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             dask.config.set({"logging.distributed": os.environ["DASK_LOGGING__DISTRIBUTED"]})
     if extra and not getattr(args, "passthrough", False):
         build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if getattr(args, "wait_timeout", False) is None:
         from neuro_dask.settings import ClientSettings
 

@@ -20,10 +20,19 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt  # SIGTERM stops the gateway as Ctrl-C does
 
 
-def serve(scheduler: str | None = None, model_path: str | Path | None = None, host: str = "127.0.0.1",
-          port: int = 8000, api_keys: str | Path | None = None, workers: int = 3, model_id: str | None = None,
-          transport: str | None = None, tls: str | None = None, channel: str | None = None,
-          privacy: str = "standard") -> int:
+def serve(
+    scheduler: str | None = None,
+    model_path: str | Path | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_keys: str | Path | None = None,
+    workers: int = 3,
+    model_id: str | None = None,
+    transport: str | None = None,
+    tls: str | None = None,
+    channel: str | None = None,
+    privacy: str = "standard",
+) -> int:
     """Load the model (on `scheduler`'s cluster, or an embedded local one) and serve it until
     interrupted (Ctrl-C or SIGTERM). Without a model: the bundled adder. `tls`: a folder with a
     client certificate for a hardened network (docs/security.md). `channel`: serve that
@@ -32,8 +41,8 @@ def serve(scheduler: str | None = None, model_path: str | Path | None = None, ho
     import signal
 
     from neuro_dask.client.cluster import connect
-    from neuro_dask.demo.addition import ASSET_DIR
     from neuro_dask.client.loading import load
+    from neuro_dask.demo.addition import ASSET_DIR
 
     keys = configured_api_keys(api_keys)
     path = model_path or ASSET_DIR
@@ -55,10 +64,13 @@ def serve(scheduler: str | None = None, model_path: str | Path | None = None, ho
         except OSError as exc:  # the port is taken, or the host is not this machine's
             raise GatewayConfigError(f"{host}:{port}", f"cannot listen there ({exc.strerror or exc})") from None
         bundled = Path(str(path)).resolve() == ASSET_DIR.resolve() if "://" not in str(path) else False
-        print(f"serving model {gateway.model_id!r} at {server.url} (OpenAI API: /models, /completions, "
-              f"/chat/completions)")
-        print("try:\n  " + curl_example(server.url, gateway.model_id, "123+456=" if bundled else "Hello", bool(keys)),
-              flush=True)
+        print(
+            f"serving model {gateway.model_id!r} at {server.url} (OpenAI API: /models, /completions, /chat/completions)"
+        )
+        print(
+            "try:\n  " + curl_example(server.url, gateway.model_id, "123+456=" if bundled else "Hello", bool(keys)),
+            flush=True,
+        )
         if previous is not None:
             signal.signal(signal.SIGTERM, _interrupt)
         try:

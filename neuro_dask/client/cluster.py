@@ -9,9 +9,15 @@ from distributed.comm.core import CommClosedError
 from neuro_dask.errors import NeuroDaskError
 
 
-def local_cluster(n_workers: int = 3, processes: bool = True, replicas: int | None = None,
-                  worker_args: list[str] | None = None, dashboard_address: str | None = ":0",
-                  scheduler_args: list[str] | None = None, **kwargs) -> LocalCluster:
+def local_cluster(
+    n_workers: int = 3,
+    processes: bool = True,
+    replicas: int | None = None,
+    worker_args: list[str] | None = None,
+    dashboard_address: str | None = ":0",
+    scheduler_args: list[str] | None = None,
+    **kwargs,
+) -> LocalCluster:
     """Scheduler with `--preload neuro_scheduler`, workers with `--preload neuro_worker`.
 
     One thread per worker: expert calls run in the plugin's own thread, and two workers on one
@@ -33,8 +39,9 @@ def local_cluster(n_workers: int = 3, processes: bool = True, replicas: int | No
         )
 
 
-def connect(scheduler: str | None = None, tls: str | None = None,
-            **cluster_options) -> tuple[Client, LocalCluster | None]:
+def connect(
+    scheduler: str | None = None, tls: str | None = None, **cluster_options
+) -> tuple[Client, LocalCluster | None]:
     """A client to `scheduler`, or to a new local cluster (returned so the caller can close it).
 
     `tls`: a folder from `neuro-dask certs` holding a client certificate. Talking to a network
@@ -64,8 +71,10 @@ def open_client(address: str, security=None, timeout: float | None = None) -> Cl
     plain connection by closing it, and the reason ("no valid certificate") is only in its log."""
     tls = address.startswith("tls://")
     if tls and security is None:
-        raise SchedulerConnectionError(f"{address} is a TLS address: pass --tls DIR, a folder with ca.pem and "
-                                       "your certificate (`neuro-dask certs`), or set neuro.security.tls-dir")
+        raise SchedulerConnectionError(
+            f"{address} is a TLS address: pass --tls DIR, a folder with ca.pem and "
+            "your certificate (`neuro-dask certs`), or set neuro.security.tls-dir"
+        )
     try:
         return Client(address, security=security, **({"timeout": timeout} if timeout else {}))
     except (OSError, CommClosedError) as exc:  # TimeoutError is an OSError
@@ -77,7 +86,11 @@ def _connection_advice(address: str, tls: bool, exc: BaseException) -> str:
     if "refused" in str(exc).lower() or "timed out" in str(exc).lower():
         return f"{said}: nothing answered there; is the scheduler running, and are the host and port right?"
     if not tls:
-        return (f"{said}. If this network uses TLS (a hardened network), connect to tls://{address.split('://')[-1]} "
-                "with --tls DIR (a client certificate from `neuro-dask certs`)")
-    return (f"{said}. The scheduler may have refused this certificate (check that DIR holds a certificate signed "
-            "by the network's CA, for the right role) or it may not use TLS (try tcp://)")
+        return (
+            f"{said}. If this network uses TLS (a hardened network), connect to tls://{address.split('://')[-1]} "
+            "with --tls DIR (a client certificate from `neuro-dask certs`)"
+        )
+    return (
+        f"{said}. The scheduler may have refused this certificate (check that DIR holds a certificate signed "
+        "by the network's CA, for the right role) or it may not use TLS (try tcp://)"
+    )

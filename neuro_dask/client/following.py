@@ -13,7 +13,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from neuro_dask.errors import NeuroDaskError
 from neuro_dask.scheduler.versions import RetiredVersionError, check_channel_name
@@ -26,8 +27,10 @@ REQUEST_METHODS = ("generate", "generate_text", "forward", "score", "map")
 class ChannelNotFoundError(NeuroDaskError):
     def __init__(self, channel: str, known: list[str]):
         self.channel, self.known = channel, known
-        super().__init__(f"no channel {channel!r} on this scheduler (channels: {', '.join(known) or 'none'}); "
-                         f"the operator publishes one with `neuro-dask publish STORE --channel {channel}`")
+        super().__init__(
+            f"no channel {channel!r} on this scheduler (channels: {', '.join(known) or 'none'}); "
+            f"the operator publishes one with `neuro-dask publish STORE --channel {channel}`"
+        )
 
 
 def channel_versions(client: Any, channel: str) -> tuple[str, dict[str, str]]:
@@ -66,8 +69,9 @@ class FollowingModel:
         model = self._loader(store, client=self.client, **self._options)
         if model.executor.model_id != model_id:
             model.close()
-            raise NeuroDaskError(f"channel {self.channel!r}: the store {store} holds {model.executor.model_id}, "
-                                 f"not {model_id}")
+            raise NeuroDaskError(
+                f"channel {self.channel!r}: the store {store} holds {model.executor.model_id}, not {model_id}"
+            )
         return model
 
     # ---- switching -----------------------------------------------------------------------------
@@ -94,7 +98,7 @@ class FollowingModel:
 
     def _acquire(self, force_to: str | None = None, force: bool = False) -> Any:
         with self._lock:
-            current = getattr(self.model.executor, "channel_current", None)
+            current = self.model.requests.current_version  # as the scheduler said at the last request's start
             if force or (current and current != self.model_id):
                 self._switch_to(force_to or current)
             self._active[id(self.model)] = self._active.get(id(self.model), 0) + 1
@@ -174,6 +178,7 @@ def follow(channel: str, client: Any, **load_options: Any) -> FollowingModel:
 
 
 # ---- the operator's side, from Python (the CLI: neuro-dask publish --channel / adopt / channels) --
+
 
 def publish(path_or_url: Any, client: Any, channel: str = "", wait: bool = True) -> dict:
     """Publish a sharded model (on `channel`: as its current version if it has none, else as its

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from neuro_dask.model.assembly import assemble_model, transformers_local_executor
+from neuro_dask.client.assembly import assemble_model, transformers_local_executor
 from neuro_dask.model.model import MoEModel
 from neuro_dask.model.moe import ExpertExecutor, LocalExpertExecutor
 from neuro_dask.store.manifest import LAYOUT_TRANSFORMERS
@@ -47,22 +47,23 @@ def load(
     if client is not None:
         from neuro_dask.client.dispatch.session import load_distributed
 
-        return load_distributed(path, client, transport=transport, dtype=dtype, verify=verify, privacy=privacy,
-                                device=device)
+        return load_distributed(
+            path, client, transport=transport, dtype=dtype, verify=verify, privacy=privacy, device=device
+        )
     if privacy == "private":
         from neuro_dask.errors import ConfigError
 
-        raise ConfigError("privacy='private' protects hidden states from volunteer workers: it needs a client "
-                          "(nd.load(path, client=client, privacy='private')); a local model sends them nowhere")
+        raise ConfigError(
+            "privacy='private' protects hidden states from volunteer workers: it needs a client "
+            "(nd.load(path, client=client, privacy='private')); a local model sends them nowhere"
+        )
     store = ShardStore(path, verify=verify)
     cfg = store.config
     if executor is None and store.manifest.layout == LAYOUT_TRANSFORMERS:
         executor = transformers_local_executor(store, dtype, device)
     if executor is None:
         weights = {
-            (layer, e): store.read_expert(layer, e, dtype)
-            for layer in cfg.moe_layers
-            for e in range(cfg.num_experts)
+            (layer, e): store.read_expert(layer, e, dtype) for layer in cfg.moe_layers for e in range(cfg.num_experts)
         }
         executor = LocalExpertExecutor(weights)
     return assemble_model(store, executor, dtype, device)

@@ -23,8 +23,10 @@ class NetworkStatusUnavailableError(NeuroDaskError):
 
     def __init__(self, address: str, detail: str):
         self.address, self.detail = address, detail
-        super().__init__(f"the scheduler at {address} does not run neuro_dask's plugin ({detail}); start it with "
-                         "`neuro-dask scheduler` or `dask scheduler --preload neuro_scheduler`")
+        super().__init__(
+            f"the scheduler at {address} does not run neuro_dask's plugin ({detail}); start it with "
+            "`neuro-dask scheduler` or `dask scheduler --preload neuro_scheduler`"
+        )
 
 
 @dataclass(frozen=True)
@@ -47,15 +49,23 @@ class NetworkStatus:
     @classmethod
     def from_reply(cls, reply: dict[str, Any]) -> NetworkStatus:
         """From the scheduler's `neuro_status` reply (unknown keys are ignored)."""
-        workers = {str(address): {**info, "serving": [list(p) for p in info.get("serving", ())]}
-                   for address, info in dict(reply.get("workers") or {}).items()}
-        return cls(workers=workers, models={str(m): dict(info) for m, info in dict(reply.get("models") or {}).items()},
-                   versions=dict(reply.get("versions") or {}))
+        workers = {
+            str(address): {**info, "serving": [list(p) for p in info.get("serving", ())]}
+            for address, info in dict(reply.get("workers") or {}).items()
+        }
+        return cls(
+            workers=workers,
+            models={str(m): dict(info) for m, info in dict(reply.get("models") or {}).items()},
+            versions=dict(reply.get("versions") or {}),
+        )
 
     def placement(self) -> list[tuple[str, str, int, int]]:
         """(worker name, model id, layer, expert) for every expert replica a worker serves, sorted."""
-        return sorted((str(w.get("name", address)), str(model), int(layer), int(expert))
-                      for address, w in self.workers.items() for model, layer, expert in w.get("serving", ()))
+        return sorted(
+            (str(w.get("name", address)), str(model), int(layer), int(expert))
+            for address, w in self.workers.items()
+            for model, layer, expert in w.get("serving", ())
+        )
 
     def as_dict(self) -> dict[str, Any]:
         """{"workers": ..., "models": ..., "versions": ...}: the same data as one plain dict."""
@@ -73,6 +83,7 @@ def network_status(client: Any) -> NetworkStatus:
             raise NetworkStatusUnavailableError(str(getattr(client.scheduler, "address", "?")), str(exc)) from None
         raise
     if not isinstance(reply, dict):  # a scheduler without the handler closes the call without a reply
-        raise NetworkStatusUnavailableError(str(getattr(client.scheduler, "address", "?")),
-                                            f"no reply to neuro_status: {reply!r}")
+        raise NetworkStatusUnavailableError(
+            str(getattr(client.scheduler, "address", "?")), f"no reply to neuro_status: {reply!r}"
+        )
     return NetworkStatus.from_reply(reply)

@@ -48,8 +48,11 @@ def protect_dashboard(server: Any, token: str) -> None:
     """Make every route of `server`'s HTTP application (a Dask Scheduler, or any Dask server with
     `http_application`) ask for `token`. Idempotent: a second call only replaces the token."""
     if not isinstance(token, str) or not token.strip():
-        raise ConfigFieldError("neuro.security", "dashboard-token",
-                               "must be a non-empty string (or null for no token); e.g. `openssl rand -hex 24`")
+        raise ConfigFieldError(
+            "neuro.security",
+            "dashboard-token",
+            "must be a non-empty string (or null for no token); e.g. `openssl rand -hex 24`",
+        )
     app = getattr(server, "http_application", None)
     if app is None:
         log.info("%s has no HTTP server: no dashboard to protect", type(server).__name__)
@@ -121,8 +124,9 @@ class _Guard:
         return ok
 
     def set_cookie_header(self, secure: bool) -> str:
-        return (f"{self.cookie_name}={self._cookie_value.decode()}; Path=/; HttpOnly; SameSite=Lax"
-                + ("; Secure" if secure else ""))
+        return f"{self.cookie_name}={self._cookie_value.decode()}; Path=/; HttpOnly; SameSite=Lax" + (
+            "; Secure" if secure else ""
+        )
 
 
 def _cookie(request: Any, name: str) -> str | None:

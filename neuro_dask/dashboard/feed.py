@@ -15,6 +15,8 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from neuro_dask.protocol.records import CallReport
+
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 
@@ -34,45 +36,30 @@ class CallRecord:
     request: str = ""  # the request the call worked for ("" where the client did not say)
 
     @classmethod
-    def from_report(cls, raw: Iterable, model: str, now: float) -> CallRecord:
-        """From a client's [layer, experts, workers, seconds, replicas, hedges, outcome, transport]
-        and, from newer clients, [..., rows, request]. A client's report is untrusted plain data:
-        every field must be of its type and within its bounds, else ValueError (the record is
-        dropped). It moves no reputation and no money: a client that lies skews the dashboard's
-        figures (calls, tokens/s, latency), nothing more."""
-        raw = list(raw) if isinstance(raw, (list, tuple)) else []
-        if len(raw) not in (8, 10):
-            raise ValueError(f"a call record has 8 or 10 fields, got {len(raw)}")
-        layer, experts, workers, seconds, replicas, hedges, outcome, transport = raw[:8]
-        rows, request = raw[8:] if len(raw) == 10 else (-1, "")
-        if not isinstance(workers, (list, tuple)) or not all(isinstance(w, str) for w in workers):
-            raise ValueError("a call record's workers must be a list of strings")
-        if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 <= seconds < 86_400:
-            raise ValueError(f"a call record's seconds must be a number of seconds, got {seconds!r}")
-        return cls(now, str(model), _bounded(layer, -1, 1 << 16), _bounded(experts, 0, 1 << 20),
-                   tuple(w[:200] for w in workers[:16]), float(seconds), _bounded(replicas, 0, 1 << 20),
-                   _bounded(hedges, 0, 1 << 20), _short(outcome, 16), _short(transport, 16),
-                   _bounded(rows, -1, 1 << 24), _request_id(request))
+    def of(cls, report: CallReport, model: str, now: float) -> CallRecord:
+        """A client's checked report (protocol/records.py), stamped with its model and arrival time."""
+        return cls(
+            now,
+            str(model),
+            report.layer,
+            report.experts,
+            report.workers,
+            report.seconds,
+            report.replicas,
+            report.hedges,
+            report.outcome,
+            report.transport,
+            report.rows,
+            report.request,
+        )
 
-
-def _bounded(value: object, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"expected an integer in [{low}, {high}], got {value!r}")
-    return value
-
-
-def _short(value: object, limit: int) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"expected a string, got {type(value).__name__}")
-    return value[:limit]
-
-
-def _request_id(value: object) -> str:
-    """A request id as the dashboard shows and filters by it: up to 64 of [A-Za-z0-9._:-]."""
-    if not isinstance(value, str) or len(value) > 64 or not all(c.isascii() and (c.isalnum() or c in "._:-")
-                                                               for c in value):
-        raise ValueError(f"a call record's request must be an id of up to 64 characters, got {str(value)[:80]!r}")
-    return value
+    @classmethod
+    def from_report(cls, raw: object, model: str, now: float) -> CallRecord:
+        """From a client's call record in its wire form (CallReport.from_msg): untrusted plain data,
+        every field of its type and within its bounds, else RecordError, a ValueError (the record
+        is dropped). It moves no reputation and no money: a client that lies skews the
+        dashboard's figures (calls, tokens/s, latency), nothing more."""
+        return cls.of(CallReport.from_msg(raw), model, now)
 
 
 @dataclass

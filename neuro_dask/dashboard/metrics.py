@@ -112,11 +112,17 @@ def _samples(plugin: Any) -> Samples:
     for address in sorted({*identity, *known, *serving}):
         name = str(identity.get(address, address))
         rec = reputation.record(name) if reputation is not None else None
-        workers.append(WorkerSample(
-            address=str(address), name=name,
-            reputation={c: float(getattr(rec, c)) for c in COMPONENTS} if rec is not None else {},
-            trusted=bool(getattr(rec, "trusted", False)), established=bool(getattr(rec, "established", False)),
-            routable=bool(getattr(rec, "routable", False)), hosted=len(serving.get(address) or ())))
+        workers.append(
+            WorkerSample(
+                address=str(address),
+                name=name,
+                reputation={c: float(getattr(rec, c)) for c in COMPONENTS} if rec is not None else {},
+                trusted=bool(getattr(rec, "trusted", False)),
+                established=bool(getattr(rec, "established", False)),
+                routable=bool(getattr(rec, "routable", False)),
+                hosted=len(serving.get(address) or ()),
+            )
+        )
     counts = _attr(plugin, "metrics_counts", None)
     return Samples(
         scheduler=_scheduler_label(_attr(plugin, "scheduler", None)),
@@ -157,8 +163,11 @@ def _numbers(mapping: Any) -> dict[str, float]:
     """The numeric entries of a mapping (a method or None reads as empty)."""
     if not isinstance(mapping, Mapping):
         return {}
-    return {str(k): float(v) for k, v in list(mapping.items())
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    return {
+        str(k): float(v)
+        for k, v in list(mapping.items())
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
 
 
 def _cumulative(buckets: Any, count: Any) -> tuple[tuple[float, float], ...]:
@@ -184,29 +193,41 @@ def families(snapshots: Iterable[Samples]) -> list:
     from prometheus_client.utils import floatToGoString
 
     worker_labels = ["scheduler", "worker", "address"]
-    reputation = GaugeMetricFamily("neuro_worker_reputation", "Worker reputation and its components, in [0, 1]",
-                                   labels=[*worker_labels, "component"])
-    trusted = GaugeMetricFamily("neuro_worker_trusted", "1 if the operator marked the worker trusted",
-                                labels=worker_labels)
-    established = GaugeMetricFamily("neuro_worker_established",
-                                    "1 if the worker is trusted or has enough consecutive validated results",
-                                    labels=worker_labels)
-    routable = GaugeMetricFamily("neuro_worker_routable", "1 if the worker receives routed expert calls",
-                                 labels=worker_labels)
-    hosted = GaugeMetricFamily("neuro_worker_hosted_experts", "Experts the worker reported loaded (all models)",
-                               labels=worker_labels)
+    reputation = GaugeMetricFamily(
+        "neuro_worker_reputation",
+        "Worker reputation and its components, in [0, 1]",
+        labels=[*worker_labels, "component"],
+    )
+    trusted = GaugeMetricFamily(
+        "neuro_worker_trusted", "1 if the operator marked the worker trusted", labels=worker_labels
+    )
+    established = GaugeMetricFamily(
+        "neuro_worker_established",
+        "1 if the worker is trusted or has enough consecutive validated results",
+        labels=worker_labels,
+    )
+    routable = GaugeMetricFamily(
+        "neuro_worker_routable", "1 if the worker receives routed expert calls", labels=worker_labels
+    )
+    hosted = GaugeMetricFamily(
+        "neuro_worker_hosted_experts", "Experts the worker reported loaded (all models)", labels=worker_labels
+    )
     calls = CounterMetricFamily("neuro_calls", "Judged expert calls by outcome kind", labels=["scheduler", "kind"])
-    hedges = CounterMetricFamily("neuro_hedges", "Hedged (duplicate) expert calls clients sent",
-                                 labels=["scheduler"])
+    hedges = CounterMetricFamily("neuro_hedges", "Hedged (duplicate) expert calls clients sent", labels=["scheduler"])
     quorum = CounterMetricFamily("neuro_quorum", "Quorum decisions by outcome", labels=["scheduler", "outcome"])
-    latency = HistogramMetricFamily("neuro_layer_latency_seconds", "Layer-call latency that clients report",
-                                    labels=["scheduler"])
-    ledger_on = GaugeMetricFamily("neuro_ledger_enabled", "1 if the scheduler runs a NEURO ledger",
-                                  labels=["scheduler"])
-    ledger_units = GaugeMetricFamily("neuro_ledger_units", "Ledger totals in the smallest unit (cached report)",
-                                     labels=["scheduler", "quantity"])
-    ledger_counts = {k: GaugeMetricFamily(f"neuro_ledger_{k}", f"Ledger {k} (cached report)", labels=["scheduler"])
-                     for k in LEDGER_COUNTS}
+    latency = HistogramMetricFamily(
+        "neuro_layer_latency_seconds", "Layer-call latency that clients report", labels=["scheduler"]
+    )
+    ledger_on = GaugeMetricFamily(
+        "neuro_ledger_enabled", "1 if the scheduler runs a NEURO ledger", labels=["scheduler"]
+    )
+    ledger_units = GaugeMetricFamily(
+        "neuro_ledger_units", "Ledger totals in the smallest unit (cached report)", labels=["scheduler", "quantity"]
+    )
+    ledger_counts = {
+        k: GaugeMetricFamily(f"neuro_ledger_{k}", f"Ledger {k} (cached report)", labels=["scheduler"])
+        for k in LEDGER_COUNTS
+    }
 
     for s in snapshots:
         for w in s.workers:
@@ -223,7 +244,7 @@ def families(snapshots: Iterable[Samples]) -> list:
             hedges.add_metric([s.scheduler], s.counts.get(HEDGES, 0.0))
             for key, value in sorted(s.counts.items()):
                 if key.startswith(QUORUM_PREFIX) and len(key) > len(QUORUM_PREFIX):
-                    quorum.add_metric([s.scheduler, key[len(QUORUM_PREFIX):]], value)
+                    quorum.add_metric([s.scheduler, key[len(QUORUM_PREFIX) :]], value)
         if s.latency:
             latency.add_metric([s.scheduler], [(floatToGoString(b), n) for b, n in s.latency], s.latency_sum)
         ledger_on.add_metric([s.scheduler], float(s.ledger_enabled))
@@ -232,8 +253,20 @@ def families(snapshots: Iterable[Samples]) -> list:
                 ledger_counts[quantity].add_metric([s.scheduler], value)
             else:
                 ledger_units.add_metric([s.scheduler, quantity], value)
-    return [reputation, trusted, established, routable, hosted, calls, hedges, quorum, latency, ledger_on,
-            ledger_units, *ledger_counts.values()]
+    return [
+        reputation,
+        trusted,
+        established,
+        routable,
+        hosted,
+        calls,
+        hedges,
+        quorum,
+        latency,
+        ledger_on,
+        ledger_units,
+        *ledger_counts.values(),
+    ]
 
 
 # ---- the collector ------------------------------------------------------------------------------

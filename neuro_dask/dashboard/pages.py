@@ -45,11 +45,18 @@ def _charts(page: str, plugin, args: dict[str, str] | None = None) -> list:
         "overview": lambda: [charts.Overview(plugin)],
         "network": lambda: [charts.NetworkTable(plugin)],
         "experts": lambda: [charts.ExpertHeatmap(plugin), charts.VersionTable(plugin)],
-        "calls": lambda: [charts.CallStream(plugin, **{k: args.get(k, "") for k in views.CALL_FILTERS}),
-                          charts.LatencyHistograms(plugin)],
-        "trust": lambda: [charts.TrustFeed(plugin, heading="<b>events</b>, newest first: lifecycle, wrong results "
-                                           "proven, late calls, trust changes; each cause in words, with its calls"),
-                          charts.ReputationChart(plugin)],
+        "calls": lambda: [
+            charts.CallStream(plugin, **{k: args.get(k, "") for k in views.CALL_FILTERS}),
+            charts.LatencyHistograms(plugin),
+        ],
+        "trust": lambda: [
+            charts.TrustFeed(
+                plugin,
+                heading="<b>events</b>, newest first: lifecycle, wrong results "
+                "proven, late calls, trust changes; each cause in words, with its calls",
+            ),
+            charts.ReputationChart(plugin),
+        ],
         "economy": lambda: [charts.Economy(plugin)],
     }[page]()
 
@@ -60,8 +67,9 @@ def _args(doc) -> dict[str, str]:
         raw = doc.session_context.request.arguments
     except AttributeError:  # no request behind this document (a test)
         return {}
-    return {k: (v[0].decode(errors="replace") if isinstance(v[0], bytes) else str(v[0]))[:200]
-            for k, v in raw.items() if v}
+    return {
+        k: (v[0].decode(errors="replace") if isinstance(v[0], bytes) else str(v[0]))[:200] for k, v in raw.items() if v
+    }
 
 
 def _doc(page: str):
@@ -76,13 +84,19 @@ def _doc(page: str):
         prefix = "/" if prefix == "//" else prefix
         plugin = scheduler.extensions.get("neuro")
         doc.title = f"neuro_dask: {page}"
-        doc.template = Template('{% extends base %}{% block preamble %}<base href="{{ prefix }}">'
-                                '<script>' + HOLD_LOAD + '</script>{% endblock %}')
+        doc.template = Template(
+            '{% extends base %}{% block preamble %}<base href="{{ prefix }}">'
+            "<script>" + HOLD_LOAD + "</script>{% endblock %}"
+        )
         doc.template_variables["prefix"] = prefix
         doc.theme = BOKEH_THEME
         if plugin is None:
-            doc.add_root(column(charts.nav(page, prefix), Div(
-                text="this scheduler does not run the neuro_scheduler preload (--preload neuro_scheduler)")))
+            doc.add_root(
+                column(
+                    charts.nav(page, prefix),
+                    Div(text="this scheduler does not run the neuro_scheduler preload (--preload neuro_scheduler)"),
+                )
+            )
             return
         parts = _charts(page, plugin, _args(doc))
         for part in parts:

@@ -102,26 +102,61 @@ def latency_by_worker(calls: Iterable[CallRecord]) -> dict[str, list[float]]:
     return out
 
 
-NETWORK_COLUMNS = ("name", "address", "owner", "status", "trust", "score", "correctness", "timeliness",
-                   "speed_score", "uptime", "hardware", "memory_gib", "vram_gib", "speed", "stake", "hosted", "calls",
-                   "p50_ms", "p95_ms")
+NETWORK_COLUMNS = (
+    "name",
+    "address",
+    "owner",
+    "status",
+    "trust",
+    "score",
+    "correctness",
+    "timeliness",
+    "speed_score",
+    "uptime",
+    "hardware",
+    "memory_gib",
+    "vram_gib",
+    "speed",
+    "stake",
+    "hosted",
+    "calls",
+    "p50_ms",
+    "p95_ms",
+)
 # Short headers an operator reads at a glance, so that the network table fits a 1,400 px window;
 # each abbreviated one explains itself in a tooltip (HINTS), and docs/dashboard.md says more.
-TITLES = {"correctness": "correct", "timeliness": "on time", "speed_score": "speed", "uptime": "up",
-          "memory_gib": "RAM", "vram_gib": "VRAM", "speed": "GFLOP/s", "hosted": "experts", "p50_ms": "p50",
-          "p95_ms": "p95", "action": "event", "calls_link": "calls"}
-HINTS = {"score": "reputation score in [0, 1]: min(correct, weighted geometric mean of the four components)",
-         "correctness": "reputation component: correct results, slow to earn and quick to lose",
-         "timeliness": "reputation component: answers within their deadline",
-         "speed_score": "reputation component: its speed against the median worker's",
-         "uptime": "reputation component: uptime (a weighted fraction of time present)",
-         "trust": "trust tier: trusted (by the operator), established (enough validated results in a row), newcomer",
-         "memory_gib": "RAM of its machine, GiB", "vram_gib": "GPU memory of its machine, GiB",
-         "speed": "expert-FFN GFLOP/s from its start-up benchmark", "stake": "NEURO it has staked",
-         "hosted": "experts it serves (where its own heartbeat says otherwise, that figure too)",
-         "calls": "expert calls it served", "p50_ms": "median latency of its recent layer calls, ms",
-         "p95_ms": "95th percentile latency of its recent layer calls, ms",
-         "rows": "expert rows sent: tokens x experts per token", "request": "the request the call worked for"}
+TITLES = {
+    "correctness": "correct",
+    "timeliness": "on time",
+    "speed_score": "speed",
+    "uptime": "up",
+    "memory_gib": "RAM",
+    "vram_gib": "VRAM",
+    "speed": "GFLOP/s",
+    "hosted": "experts",
+    "p50_ms": "p50",
+    "p95_ms": "p95",
+    "action": "event",
+    "calls_link": "calls",
+}
+HINTS = {
+    "score": "reputation score in [0, 1]: min(correct, weighted geometric mean of the four components)",
+    "correctness": "reputation component: correct results, slow to earn and quick to lose",
+    "timeliness": "reputation component: answers within their deadline",
+    "speed_score": "reputation component: its speed against the median worker's",
+    "uptime": "reputation component: uptime (a weighted fraction of time present)",
+    "trust": "trust tier: trusted (by the operator), established (enough validated results in a row), newcomer",
+    "memory_gib": "RAM of its machine, GiB",
+    "vram_gib": "GPU memory of its machine, GiB",
+    "speed": "expert-FFN GFLOP/s from its start-up benchmark",
+    "stake": "NEURO it has staked",
+    "hosted": "experts it serves (where its own heartbeat says otherwise, that figure too)",
+    "calls": "expert calls it served",
+    "p50_ms": "median latency of its recent layer calls, ms",
+    "p95_ms": "95th percentile latency of its recent layer calls, ms",
+    "rows": "expert rows sent: tokens x experts per token",
+    "request": "the request the call worked for",
+}
 
 
 def title(column: str) -> str:
@@ -136,8 +171,14 @@ def header(column: str) -> str:
     return f'<span title="{html.escape(HINTS[column])}">{text}</span>' if column in HINTS else text
 
 
-def fit_widths(cols: Mapping[str, Sequence], names: Iterable[str], char_px: int = 7, pad: int = 14,
-               min_px: int = 40, max_px: int = 900) -> dict[str, int]:
+def fit_widths(
+    cols: Mapping[str, Sequence],
+    names: Iterable[str],
+    char_px: int = 7,
+    pad: int = 14,
+    min_px: int = 40,
+    max_px: int = 900,
+) -> dict[str, int]:
     """Pixels per column so that its header and its longest value fit (a fixed-width table
     then never cuts "correctness" to "correctnes")."""
     out = {}
@@ -162,8 +203,15 @@ def network_columns(view: NetworkView, feed: Feed) -> dict[str, list]:
         cols["address"].append(w.address)
         cols["owner"].append(w.owner or w.name)
         cols["status"].append(w.status)
-        cols["trust"].append("trusted" if w.trusted else "established" if w.established else
-                             "newcomer" if w.routable else "out of routing")
+        cols["trust"].append(
+            "trusted"
+            if w.trusted
+            else "established"
+            if w.established
+            else "newcomer"
+            if w.routable
+            else "out of routing"
+        )
         cols["score"].append(round(w.score, 3))
         cols["correctness"].append(round(w.correctness, 3))
         cols["timeliness"].append(round(w.timeliness, 3))
@@ -183,16 +231,21 @@ def network_columns(view: NetworkView, feed: Feed) -> dict[str, list]:
 
 def network_totals(view: NetworkView) -> dict[str, float]:
     ws = view.workers
-    return {"workers": len(ws), "serving": sum(w.status == "serving" for w in ws),
-            "paused": sum(w.status == "paused" for w in ws),
-            "out_of_routing": sum(w.status == "out of routing" for w in ws), "gpus": sum(w.gpus for w in ws),
-            "memory_gib": round(sum(w.memory for w in ws) / GiB, 1), "vram_gib": round(sum(w.vram for w in ws) / GiB, 1),
-            "expert_memory_gib": round(sum(w.budget for w in ws) / GiB, 1),
-            "owners": len({w.owner or w.name for w in ws}), "trusted": sum(w.trusted for w in ws)}
+    return {
+        "workers": len(ws),
+        "serving": sum(w.status == "serving" for w in ws),
+        "paused": sum(w.status == "paused" for w in ws),
+        "out_of_routing": sum(w.status == "out of routing" for w in ws),
+        "gpus": sum(w.gpus for w in ws),
+        "memory_gib": round(sum(w.memory for w in ws) / GiB, 1),
+        "vram_gib": round(sum(w.vram for w in ws) / GiB, 1),
+        "expert_memory_gib": round(sum(w.budget for w in ws) / GiB, 1),
+        "owners": len({w.owner or w.name for w in ws}),
+        "trusted": sum(w.trusted for w in ws),
+    }
 
 
-HEATMAP_COLUMNS = ("layer", "expert", "x", "y", "replicas", "target", "load", "heat", "short", "ink_heat",
-                   "ink_target")
+HEATMAP_COLUMNS = ("layer", "expert", "x", "y", "replicas", "target", "load", "heat", "short", "ink_heat", "ink_target")
 LABELLED_EXPERTS = 32  # above this many experts per layer a cell is too small for its number
 
 
@@ -238,22 +291,45 @@ def ink(value: float, high: float) -> str:
     return "white" if high > 0 and value / high > 0.5 else "black"
 
 
-CALL_COLUMNS = ("time", "model", "request", "layer", "experts", "rows", "workers", "ms", "replicas", "hedges",
-                "outcome", "transport")
+CALL_COLUMNS = (
+    "time",
+    "model",
+    "request",
+    "layer",
+    "experts",
+    "rows",
+    "workers",
+    "ms",
+    "replicas",
+    "hedges",
+    "outcome",
+    "transport",
+)
 CALL_FILTERS = ("worker", "outcome", "request", "layer")  # the /neuro/calls query arguments
 
 
-def calls_columns(feed: Feed, limit: int = 200, worker: str = "", outcome: str = "",
-                  names: Mapping[str, str] | None = None, request: str = "", layer: str = "") -> dict[str, list]:
+def calls_columns(
+    feed: Feed,
+    limit: int = 200,
+    worker: str = "",
+    outcome: str = "",
+    names: Mapping[str, str] | None = None,
+    request: str = "",
+    layer: str = "",
+) -> dict[str, list]:
     """The latest calls, newest first; `worker` (an address or a name), `outcome`, `request` (an
     id, or its first characters) and `layer` keep only the matching ones (the trust page links
     here so); workers are named where `names` knows them."""
     names = names or {}
     cols: dict[str, list] = {c: [] for c in CALL_COLUMNS}
-    picked = [r for r in feed.calls if (not outcome or r.outcome == outcome)
-              and (not request or (r.request and r.request.startswith(request)))
-              and (not layer or str(r.layer) == layer)
-              and (not worker or any(worker in (w, names.get(w)) for w in r.workers))]
+    picked = [
+        r
+        for r in feed.calls
+        if (not outcome or r.outcome == outcome)
+        and (not request or (r.request and r.request.startswith(request)))
+        and (not layer or str(r.layer) == layer)
+        and (not worker or any(worker in (w, names.get(w)) for w in r.workers))
+    ]
     for r in reversed(picked[-limit:]):  # newest first
         cols["time"].append(time.strftime("%H:%M:%S", time.localtime(r.time)))
         cols["model"].append(r.model)
@@ -285,8 +361,23 @@ def latency_histogram(feed: Feed, transport: str, bins: int = 30) -> dict[str, l
 
 
 EVENT_COLUMNS = ("time", "action", "worker", "layer", "expert", "reputation", "cause", "calls_link")
-TRUST_ACTIONS = ("invalid", "late", "timeout", "error", "hedged", "slash", "crash", "joined", "trusted", "untrusted",
-                 "left", "crashed", "pause", "resume", "dispute-refuted")
+TRUST_ACTIONS = (
+    "invalid",
+    "late",
+    "timeout",
+    "error",
+    "hedged",
+    "slash",
+    "crash",
+    "joined",
+    "trusted",
+    "untrusted",
+    "left",
+    "crashed",
+    "pause",
+    "resume",
+    "dispute-refuted",
+)
 JUDGED = frozenset({"invalid", "late", "timeout", "error", "hedged"})  # about calls: linked to /neuro/calls
 
 
@@ -331,12 +422,18 @@ def describe(event: Mapping, why: Mapping[str, str] = {}) -> str:  # noqa: B006 
     if event.get("cause") == "probe":
         return f"the scheduler's probe got no answer: {event.get('why') or 'timed out'}"
     if action in JUDGED:
-        what = {"invalid": "result differed from quorum", "late": "answered after its deadline",
-                "timeout": "no answer by its deadline", "error": "answered with an error",
-                "hedged": "slow: a second replica was asked"}[action]
+        what = {
+            "invalid": "result differed from quorum",
+            "late": "answered after its deadline",
+            "timeout": "no answer by its deadline",
+            "error": "answered with an error",
+            "hedged": "slow: a second replica was asked",
+        }[action]
         head = f"call {_short(cause_id)}" if cause_id else "call"
         request = event.get("request")
-        return (f"request {_short(request)}, " if request else "") + head + (f", {where}" if where else "") + f": {what}"
+        return (
+            (f"request {_short(request)}, " if request else "") + head + (f", {where}" if where else "") + f": {what}"
+        )
     if action.startswith("security"):
         return str(event.get("cause") or event.get("detail") or "refused by hardened mode")
     return str(event.get("cause") or event.get("why") or cause_id or NONE)
@@ -374,11 +471,15 @@ def trust_event_columns(view: NetworkView, limit: int = 300, actions: Iterable[s
     from neuro_dask.trust.lifecycle import lifecycle_action
 
     keep = set(actions)
-    why = {str(e.get("request")): str(e.get("why", "")) for e in view.events
-           if e.get("action") == "dispute-proven" and e.get("request")}
+    why = {
+        str(e.get("request")): str(e.get("why", ""))
+        for e in view.events
+        if e.get("action") == "dispute-proven" and e.get("request")
+    }
     cols: dict[str, list] = {c: [] for c in EVENT_COLUMNS}
-    picked = [e for e in view.events
-              if e.get("action") in keep or str(e.get("action", "")).startswith("security")][-limit:]
+    picked = [e for e in view.events if e.get("action") in keep or str(e.get("action", "")).startswith("security")][
+        -limit:
+    ]
     for e in reversed(picked):
         cols["time"].append(time.strftime("%H:%M:%S", time.localtime(float(e.get("time", 0.0)))))
         cols["action"].append(lifecycle_action(e) or str(e.get("action")))
@@ -511,13 +612,21 @@ def overview(view: NetworkView, feed: Feed, now: float, window: float = 60.0) ->
     counts = feed.counts
     layer_calls = sum(v for k, v in counts.items() if k.startswith("quorum_"))
     totals = network_totals(view)
-    return Overview(experts_total=len(keys), experts_at_target=at_target, workers=totals["workers"],
-                    serving=totals["serving"], paused=totals["paused"], out_of_routing=totals["out_of_routing"],
-                    calls_per_s=round(len(recent) / window, 2),
-                    passes_per_s=round(len(passes) / window, 2),
-                    tokens_per_s=tokens_per_s(passes, view.experts_per_token, window),
-                    caught=int(counts.get("quorum_caught", 0)), proven=int(counts.get("invalid", 0)),
-                    layer_calls=int(layer_calls), failed=int(counts.get("quorum_failed", 0)))
+    return Overview(
+        experts_total=len(keys),
+        experts_at_target=at_target,
+        workers=totals["workers"],
+        serving=totals["serving"],
+        paused=totals["paused"],
+        out_of_routing=totals["out_of_routing"],
+        calls_per_s=round(len(recent) / window, 2),
+        passes_per_s=round(len(passes) / window, 2),
+        tokens_per_s=tokens_per_s(passes, view.experts_per_token, window),
+        caught=int(counts.get("quorum_caught", 0)),
+        proven=int(counts.get("invalid", 0)),
+        layer_calls=int(layer_calls),
+        failed=int(counts.get("quorum_failed", 0)),
+    )
 
 
 def tokens_per_s(passes: Sequence[CallRecord], experts_per_token: Mapping[str, int], window: float) -> float | None:
@@ -550,5 +659,16 @@ def latency_over_time(feed: Feed, bin_seconds: float = 5.0) -> dict[str, list]:
     return cols
 
 
-RECENT_ACTIONS = ("invalid", "slash", "crash", "joined", "left", "crashed", "pause", "resume", "trusted", "untrusted",
-                  "dispute-refuted")
+RECENT_ACTIONS = (
+    "invalid",
+    "slash",
+    "crash",
+    "joined",
+    "left",
+    "crashed",
+    "pause",
+    "resume",
+    "trusted",
+    "untrusted",
+    "dispute-refuted",
+)

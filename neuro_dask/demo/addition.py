@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 MAX_DIGITS = 3
 MAX_OPERAND = 10**MAX_DIGITS - 1
@@ -78,8 +78,14 @@ CHAT_TEMPLATE = (
 
 
 def tokenizer_config() -> dict:
-    return {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": PAD, "chat_template": CHAT_TEMPLATE,
-            "tokenizer_class": "PreTrainedTokenizerFast"}
+    return {
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": PAD,
+        "unk_token": PAD,
+        "chat_template": CHAT_TEMPLATE,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
 
 
 def exact_match(predictions: Iterable[str], problems: Iterable[Problem]) -> float:
@@ -91,6 +97,6 @@ def evaluate(model, problems: list[Problem], batch_size: int = 256) -> tuple[flo
     """Greedy answers through model.generate_text; returns (exact-match accuracy, answers)."""
     answers: list[str] = []
     for start in range(0, len(problems), batch_size):
-        chunk = problems[start:start + batch_size]
+        chunk = problems[start : start + batch_size]
         answers += model.generate_text([p.prompt for p in chunk], max_new_tokens=MAX_DIGITS + 2)
     return exact_match(answers, problems), answers

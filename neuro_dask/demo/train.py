@@ -17,15 +17,16 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from neuro_dask.client.assembly import generation_defaults
 from neuro_dask.demo.addition import (
     ASSET_DIR,
     BOS,
@@ -37,7 +38,6 @@ from neuro_dask.demo.addition import (
     sample_problems,
     tokenizer_config,
 )
-from neuro_dask.model.assembly import generation_defaults
 from neuro_dask.model.config import MoEConfig
 from neuro_dask.model.generation import Batch
 from neuro_dask.model.keymap import trunk_refs
@@ -115,9 +115,9 @@ def _encode(tok: Tokenizer, problems, eos: int, pad: int) -> tuple[Batch, torch.
     mask = torch.zeros_like(ids, dtype=torch.bool)
     loss_mask = torch.zeros_like(mask)
     for r, (row, n) in enumerate(zip(rows, answer_len)):
-        ids[r, width - len(row):] = torch.tensor(row)
-        mask[r, width - len(row):] = True
-        loss_mask[r, width - n:] = True
+        ids[r, width - len(row) :] = torch.tensor(row)
+        mask[r, width - len(row) :] = True
+        loss_mask[r, width - n :] = True
     return Batch(ids, mask), loss_mask
 
 
@@ -148,7 +148,11 @@ def train(settings: TrainSettings, progress: Callable[[str], None] = log.info) -
     model.trunk.train()
     while step < settings.steps and time.monotonic() - started < budget:
         # Step-based schedule (reproducible for a seed); the time budget is only a safety cap.
-        lr = settings.lr * min(1.0, (step + 1) / settings.warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / settings.steps)))
+        lr = (
+            settings.lr
+            * min(1.0, (step + 1) / settings.warmup)
+            * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / settings.steps)))
+        )
         for g in opt.param_groups:
             g["lr"] = lr
         batch, loss_mask = _encode(tok, sample_problems(settings.batch_size, rng, held_out=False), eos, pad)
@@ -188,15 +192,21 @@ def write_hf_checkpoint(model: MoEModel, out: Path) -> None:
     legacy_names = {f"model.layers.{layer}.block_sparse_moe.gate.weight" for layer in cfg.moe_layers}
     expected = model.trunk.expected_tensors()
     state = model.trunk.state_dict()
-    tensors = {ref.name: state[canon].detach().clone().contiguous()
-               for canon, ref in trunk_refs(cfg, legacy_names, expected).items()}
+    tensors = {
+        ref.name: state[canon].detach().clone().contiguous()
+        for canon, ref in trunk_refs(cfg, legacy_names, expected).items()
+    }
     leaf = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
     for (layer, e), w in model.executor.weights.items():
         for field, tensor in w.as_dict().items():
             tensors[f"model.layers.{layer}.block_sparse_moe.experts.{e}.{leaf[field]}.weight"] = tensor.detach().clone()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(HF_CONFIG, indent=2))
-    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": list(cfg.eos_token_id)[0], "pad_token_id": cfg.pad_token_id}
+    gen = {
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": list(cfg.eos_token_id)[0],
+        "pad_token_id": cfg.pad_token_id,
+    }
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
     build_tokenizer().save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2))

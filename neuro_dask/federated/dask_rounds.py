@@ -7,7 +7,8 @@ out to workers and masked updates come back.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -23,28 +24,51 @@ def _data_from_worker_config() -> str:
     if not path:
         from neuro_dask.federated.errors import FederatedError
 
-        raise FederatedError(f"this worker has no local data: set Dask config {CONFIG_DATA_PATH!r} to a file of "
-                             f"[a, b] lines, or pass data= to start_participants")
+        raise FederatedError(
+            f"this worker has no local data: set Dask config {CONFIG_DATA_PATH!r} to a file of "
+            f"[a, b] lines, or pass data= to start_participants"
+        )
     return path
 
 
-def start_participants(client: Any, workers: Mapping[str, str], store_path: str,
-                       data: Mapping[str, Callable[[], Any] | str] | None = None, **participant_kwargs: Any) -> dict:
+def start_participants(
+    client: Any,
+    workers: Mapping[str, str],
+    store_path: str,
+    data: Mapping[str, Callable[[], Any] | str] | None = None,
+    **participant_kwargs: Any,
+) -> dict:
     """participant id -> actor handle on `workers[id]` (a worker address). `data[id]` is a path or a
     zero-argument callable evaluated on that worker; without it the worker's own config names the path."""
     futures = {}
     for pid, address in workers.items():
         source = (data or {}).get(pid) or _data_from_worker_config
-        futures[pid] = client.submit(Participant, pid, store_path, source, actor=True, workers=[address],
-                                     allow_other_workers=False, key=f"federated-participant-{pid}", **participant_kwargs)
+        futures[pid] = client.submit(
+            Participant,
+            pid,
+            store_path,
+            source,
+            actor=True,
+            workers=[address],
+            allow_other_workers=False,
+            key=f"federated-participant-{pid}",
+            **participant_kwargs,
+        )
     return {pid: fut.result() for pid, fut in futures.items()}
 
 
-def run_federated(client: Any, workers: Mapping[str, str], store_path: str, global_flat: np.ndarray, rounds: int,
-                  data: Mapping[str, Callable[[], Any] | str] | None = None, coordinator_kwargs: dict | None = None,
-                  evaluate: Callable[[np.ndarray], Mapping[str, float]] | None = None,
-                  on_round: Callable[[RoundResult], None] | None = None,
-                  **participant_kwargs: Any) -> FederatedCoordinator:
+def run_federated(
+    client: Any,
+    workers: Mapping[str, str],
+    store_path: str,
+    global_flat: np.ndarray,
+    rounds: int,
+    data: Mapping[str, Callable[[], Any] | str] | None = None,
+    coordinator_kwargs: dict | None = None,
+    evaluate: Callable[[np.ndarray], Mapping[str, float]] | None = None,
+    on_round: Callable[[RoundResult], None] | None = None,
+    **participant_kwargs: Any,
+) -> FederatedCoordinator:
     """Federated fine-tuning on a Dask cluster, the public entry point (`neuro_dask.federated.run_federated`).
 
     Starts one participant per entry of `workers` (participant id -> worker address) as a Dask

@@ -22,8 +22,8 @@ analytic/PLD accountant would give a smaller epsilon for the same noise.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 
@@ -97,7 +97,9 @@ class PrivacyAccountant:
     rounds: list[float] | None = None
 
     def record_round(self, survivors: int, cohort_size: int) -> None:
-        self.rounds = (self.rounds or []) + [effective_multiplier(self.settings.noise_multiplier, survivors, cohort_size)]
+        self.rounds = (self.rounds or []) + [
+            effective_multiplier(self.settings.noise_multiplier, survivors, cohort_size)
+        ]
 
     def epsilon(self, delta: float) -> float:
         return rdp_epsilon(self.rounds or [], delta)

@@ -21,9 +21,10 @@ import json
 import logging
 import os
 import random
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -64,9 +65,18 @@ class Participant:
     drop_in_rounds: rounds in which it leaves mid-round (after training, before sending): tests.
     """
 
-    def __init__(self, participant_id: str, store_path: str, data: Any, local: LocalSteps = LocalSteps(),
-                 dp: DPSettings = DPSettings(), seed: int = 0, codec: FixedPointCodec | None = None,
-                 entropy: Callable[[int], bytes] | None = None, drop_in_rounds: Sequence[int] = ()):
+    def __init__(
+        self,
+        participant_id: str,
+        store_path: str,
+        data: Any,
+        local: LocalSteps = LocalSteps(),
+        dp: DPSettings = DPSettings(),
+        seed: int = 0,
+        codec: FixedPointCodec | None = None,
+        entropy: Callable[[int], bytes] | None = None,
+        drop_in_rounds: Sequence[int] = (),
+    ):
         import neuro_dask as nd
 
         if callable(data):
@@ -99,8 +109,9 @@ class Participant:
             raise ParticipantDropped(f"{self.participant_id} left during round {round_id}")
         return masked
 
-    def reveal(self, round_id: int, dropped: Sequence[str], survivors: Sequence[str],
-               sealed_for_me: Mapping[str, bytes]) -> Reveal:
+    def reveal(
+        self, round_id: int, dropped: Sequence[str], survivors: Sequence[str], sealed_for_me: Mapping[str, bytes]
+    ) -> Reveal:
         return self.masking.reveal(round_id, dropped, survivors, sealed_for_me)
 
 
@@ -162,11 +173,27 @@ class FederatedCoordinator:
         many), "update_norm", "epsilon" (None without DP), then the round's metrics."""
         rows: list[dict[str, Any]] = []
         if self.initial_metrics:
-            rows.append({"rounds": 0, "survivors": len(self.handles), "dropped": 0, "update_norm": None,
-                         "epsilon": None, **self.initial_metrics})
+            rows.append(
+                {
+                    "rounds": 0,
+                    "survivors": len(self.handles),
+                    "dropped": 0,
+                    "update_norm": None,
+                    "epsilon": None,
+                    **self.initial_metrics,
+                }
+            )
         for r in self.history:
-            rows.append({"rounds": r.round_id + 1, "survivors": len(r.survivors), "dropped": len(r.dropped),
-                         "update_norm": r.update_norm, "epsilon": r.epsilon, **r.metrics})
+            rows.append(
+                {
+                    "rounds": r.round_id + 1,
+                    "survivors": len(r.survivors),
+                    "dropped": len(r.dropped),
+                    "update_norm": r.update_norm,
+                    "epsilon": r.epsilon,
+                    **r.metrics,
+                }
+            )
         return rows
 
     def setup_keys(self) -> None:
@@ -206,6 +233,12 @@ class FederatedCoordinator:
         self.cohort = survivors  # a dropped participant's revealed round seeds are spent; it stays out
         result = RoundResult(round_id, survivors, dropped, float(np.linalg.norm(mean)), eps, self._measure())
         self.history.append(result)
-        log.info("round %d: %d survivors, dropped %s, |mean update| %.4f %s", round_id, len(survivors), dropped,
-                 result.update_norm, result.metrics)
+        log.info(
+            "round %d: %d survivors, dropped %s, |mean update| %.4f %s",
+            round_id,
+            len(survivors),
+            dropped,
+            result.update_norm,
+            result.metrics,
+        )
         return result

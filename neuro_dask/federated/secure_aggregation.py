@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -81,7 +81,9 @@ def mask_stream(seed: bytes, length: int) -> np.ndarray:
 
 def round_seed(shared_secret: bytes, round_id: int) -> bytes:
     """The pair seed of one round: revealing it does not reveal the secret or other rounds' seeds."""
-    return hashlib.blake2b(round_id.to_bytes(8, "little"), key=shared_secret, person=b"nd-secagg-seed", digest_size=32).digest()
+    return hashlib.blake2b(
+        round_id.to_bytes(8, "little"), key=shared_secret, person=b"nd-secagg-seed", digest_size=32
+    ).digest()
 
 
 def threshold_for(cohort_size: int) -> int:
@@ -150,8 +152,9 @@ class MaskingParticipant:
     `entropy(n)` returns n random bytes (os.urandom by default; tests inject a seeded one).
     """
 
-    def __init__(self, participant_id: str, codec: FixedPointCodec | None = None,
-                 entropy: Callable[[int], bytes] = os.urandom):
+    def __init__(
+        self, participant_id: str, codec: FixedPointCodec | None = None, entropy: Callable[[int], bytes] = os.urandom
+    ):
         self.participant_id = participant_id
         self.codec = codec or FixedPointCodec()
         self._private = X25519PrivateKey.from_private_bytes(entropy(32))
@@ -182,8 +185,10 @@ class MaskingParticipant:
         if self.participant_id not in cohort:
             raise ProtocolError(f"{self.participant_id!r} is not in round {round_id}'s cohort")
         if round_id in self._cohorts:
-            raise ProtocolError(f"{self.participant_id!r} already masked an update for round {round_id}; "
-                                f"masking twice with the same seeds would leak the difference")
+            raise ProtocolError(
+                f"{self.participant_id!r} already masked an update for round {round_id}; "
+                f"masking twice with the same seeds would leak the difference"
+            )
         missing = sorted(cohort - set(self._secrets) - {self.participant_id})
         if missing:
             raise ProtocolError(f"{self.participant_id!r} has no public key for {missing}; register_peers first")
@@ -196,14 +201,18 @@ class MaskingParticipant:
                 y = y + m if pair_sign(self.participant_id, peer) > 0 else y - m
         points = {member: share_point(cohort, member) for member in cohort}
         shares = shamir.split(self_seed, list(points.values()), threshold_for(len(cohort)), self._entropy)
-        sealed = {peer: seal_share(self._secrets[peer], round_id, self.participant_id, peer, shares[x])
-                  for peer, x in points.items() if peer != self.participant_id}
+        sealed = {
+            peer: seal_share(self._secrets[peer], round_id, self.participant_id, peer, shares[x])
+            for peer, x in points.items()
+            if peer != self.participant_id
+        }
         self._own_shares[round_id] = (points[self.participant_id], shares[points[self.participant_id]])
         self._cohorts[round_id] = cohort
         return MaskedUpdate(self.participant_id, round_id, y, sealed)
 
-    def reveal(self, round_id: int, dropped: Iterable[str], survivors: Iterable[str],
-               sealed_for_me: Mapping[str, bytes]) -> Reveal:
+    def reveal(
+        self, round_id: int, dropped: Iterable[str], survivors: Iterable[str], sealed_for_me: Mapping[str, bytes]
+    ) -> Reveal:
         """Once per round: shares of the survivors' self-mask seeds (opened from `sealed_for_me`,
         survivor -> the sealed share it sent this participant; its own kept here) and the round
         seeds shared with the dropped peers.
@@ -217,11 +226,15 @@ class MaskingParticipant:
         if cohort is None:
             raise ProtocolError(f"{self.participant_id!r} sent no masked update in round {round_id}")
         if round_id in self._revealed:
-            raise ProtocolError(f"{self.participant_id!r} already answered the unmasking of round {round_id}; "
-                                "a second answer could unmask a peer")
+            raise ProtocolError(
+                f"{self.participant_id!r} already answered the unmasking of round {round_id}; "
+                "a second answer could unmask a peer"
+            )
         if self.participant_id in dropped or dropped & survivors or (dropped | survivors) != cohort:
-            raise ProtocolError(f"round {round_id}: dropped {sorted(dropped)} and survivors {sorted(survivors)} "
-                                f"must split the cohort {sorted(cohort)} with {self.participant_id!r} surviving")
+            raise ProtocolError(
+                f"round {round_id}: dropped {sorted(dropped)} and survivors {sorted(survivors)} "
+                f"must split the cohort {sorted(cohort)} with {self.participant_id!r} surviving"
+            )
         missing = sorted(survivors - {self.participant_id} - set(sealed_for_me))
         if missing:
             raise ProtocolError(f"round {round_id}: no self-mask share from survivor(s) {missing}")
@@ -229,8 +242,10 @@ class MaskingParticipant:
         shares = {self.participant_id: self._own_shares.pop(round_id)}
         x = share_point(cohort, self.participant_id)
         for peer in sorted(survivors - {self.participant_id}):
-            shares[peer] = (x, open_share(self._secrets[peer], round_id, peer, self.participant_id,
-                                          sealed_for_me[peer]))
+            shares[peer] = (
+                x,
+                open_share(self._secrets[peer], round_id, peer, self.participant_id, sealed_for_me[peer]),
+            )
         seeds = {peer: round_seed(self._secrets[peer], round_id) for peer in sorted(dropped)}
         return Reveal(self.participant_id, shares, seeds)
 
@@ -263,8 +278,10 @@ class SecureAggregator:
         if not isinstance(masked, MaskedUpdate):
             raise ProtocolError(f"the aggregator takes MaskedUpdate objects only, not {type(masked).__name__}")
         if masked.round_id != self.round_id or masked.participant not in self.cohort:
-            raise ProtocolError(f"update from {masked.participant!r} for round {masked.round_id} is not expected "
-                                f"in round {self.round_id}")
+            raise ProtocolError(
+                f"update from {masked.participant!r} for round {masked.round_id} is not expected "
+                f"in round {self.round_id}"
+            )
         if masked.participant in self.received:
             raise ProtocolError(f"{masked.participant!r} already sent its update for round {self.round_id}")
         if self.received and masked.values.shape != next(iter(self.received.values())).values.shape:
@@ -282,8 +299,11 @@ class SecureAggregator:
 
     def sealed_for(self, participant: str) -> dict[str, bytes]:
         """The sealed self-mask shares the survivors addressed to `participant` (to relay)."""
-        return {s: self.received[s].sealed_shares[participant] for s in self.survivors
-                if s != participant and participant in self.received[s].sealed_shares}
+        return {
+            s: self.received[s].sealed_shares[participant]
+            for s in self.survivors
+            if s != participant and participant in self.received[s].sealed_shares
+        }
 
     def finish(self, revealed: Mapping[str, Reveal]) -> np.ndarray:
         """The exact sum (float64) of the survivors' updates from every survivor's Reveal."""

@@ -23,8 +23,9 @@ def _random_field(entropy: Callable[[int], bytes]) -> int:
             return value
 
 
-def split(secret: bytes, xs: Sequence[int], threshold: int,
-          entropy: Callable[[int], bytes] = os.urandom) -> dict[int, bytes]:
+def split(
+    secret: bytes, xs: Sequence[int], threshold: int, entropy: Callable[[int], bytes] = os.urandom
+) -> dict[int, bytes]:
     """x -> share of `secret` for each nonzero x in `xs`; any `threshold` of them recover it."""
     if not 1 <= threshold <= len(xs):
         raise ProtocolError(f"threshold {threshold} must be between 1 and the {len(xs)} share holders")

@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -70,7 +70,7 @@ def set_flat(model: MoEModel, flat: np.ndarray) -> None:
     offset = 0
     with torch.no_grad():
         for t in tensors.values():
-            t.copy_(vec[offset:offset + t.numel()].view_as(t).to(t.dtype))
+            t.copy_(vec[offset : offset + t.numel()].view_as(t).to(t.dtype))
             offset += t.numel()
 
 
@@ -136,7 +136,7 @@ def evaluate_model(model: MoEModel, problems: Sequence[Problem], batch_size: int
     total, tokens = 0.0, 0
     with torch.inference_mode():
         for start in range(0, len(problems), batch_size):
-            chunk = problems[start:start + batch_size]
+            chunk = problems[start : start + batch_size]
             batch, loss_mask = _encode(model.require_tokenizer(), chunk, cfg.eos_token_id[0], cfg.pad_token_id)
             logits = model._forward_logits(Batch(batch.ids[:, :-1], batch.mask[:, :-1]))
             scored = loss_mask[:, 1:]
@@ -162,7 +162,9 @@ def evaluator(model: MoEModel, problems: Sequence[Problem]) -> Callable[[np.ndar
 NON_IID_DIGITS = ((0, 4, 8), (1, 5, 9), (2, 6), (3, 7))
 
 
-def non_iid_split(n_per_participant: int, seed: int, digits: Sequence[Sequence[int]] = NON_IID_DIGITS) -> list[list[Problem]]:
+def non_iid_split(
+    n_per_participant: int, seed: int, digits: Sequence[Sequence[int]] = NON_IID_DIGITS
+) -> list[list[Problem]]:
     """Training problems (never held-out ones) for each participant: participant k sees only
     problems whose first operand ends in one of digits[k]."""
     out = []
@@ -183,8 +185,14 @@ def reinitialise_moe(model: MoEModel, seed: int, std: float = 0.02) -> None:
             t.copy_(torch.randn(t.shape, generator=g) * std)
 
 
-def train_centralised(model: MoEModel, data: Sequence[Problem], total_steps: int, settings: LocalSteps,
-                      rng: random.Random, progress: Callable[[int, float], None] | None = None) -> None:
+def train_centralised(
+    model: MoEModel,
+    data: Sequence[Problem],
+    total_steps: int,
+    settings: LocalSteps,
+    rng: random.Random,
+    progress: Callable[[int, float], None] | None = None,
+) -> None:
     """The baseline: one optimizer, `total_steps` steps on the union of the participants' data."""
     trainer = LocalTrainer(model, settings)
     trainer.fresh_optimizer()
@@ -195,6 +203,7 @@ def train_centralised(model: MoEModel, data: Sequence[Problem], total_steps: int
 
 
 # ---- a round's result as a new model version in the store ----------------------------------------
+
 
 def write_version(model: MoEModel, base: str | Path, out: str | Path, info: dict) -> Manifest:
     """Write `model` as a new sharded version at `out`: the base store's tokenizer files copied,
@@ -221,11 +230,26 @@ def write_version(model: MoEModel, base: str | Path, out: str | Path, info: dict
             (out / a.path).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(base / a.path, out / a.path)
             artifacts.append(a)
-    manifest = Manifest(architecture=parent.architecture, config=parent.config, artifacts=tuple(artifacts),
-                        generation_config=parent.generation_config, tokenizer_files=parent.tokenizer_files,
-                        source=f"federated from {parent.model_id}")
-    (out / VERSION_FILE).write_text(json.dumps({"parent": parent.model_id, "parent_path": str(base),
-                                                "model_id": manifest.model_id, "trained": TRAINED, **info}, indent=1))
+    manifest = Manifest(
+        architecture=parent.architecture,
+        config=parent.config,
+        artifacts=tuple(artifacts),
+        generation_config=parent.generation_config,
+        tokenizer_files=parent.tokenizer_files,
+        source=f"federated from {parent.model_id}",
+    )
+    (out / VERSION_FILE).write_text(
+        json.dumps(
+            {
+                "parent": parent.model_id,
+                "parent_path": str(base),
+                "model_id": manifest.model_id,
+                "trained": TRAINED,
+                **info,
+            },
+            indent=1,
+        )
+    )
     manifest.write(out)
     return manifest
 
@@ -233,7 +257,8 @@ def write_version(model: MoEModel, base: str | Path, out: str | Path, info: dict
 def _write_file(out: Path, rel: str, tensors: dict[str, torch.Tensor], like, role: str):
     from dataclasses import replace
 
-    writer = StreamingWriter(out / rel, [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()],
-                             metadata={"format": "pt", "role": role})
+    writer = StreamingWriter(
+        out / rel, [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()], metadata={"format": "pt", "role": role}
+    )
     writer.write(iter(tensors.values()))
     return replace(like, sha256=writer.sha256, bytes=writer.bytes, dtype="F32")

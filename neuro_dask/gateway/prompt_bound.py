@@ -30,8 +30,9 @@ add to the count.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 # What "." does not match in Oniguruma is "\n" alone; every line break is left uncounted anyway,
 # since an uncounted character can only lower the bound.
@@ -110,7 +111,8 @@ def _uses_byte_level(spec: Mapping[str, Any]) -> bool:
     normalizers = spec.get("normalizer") or {}
     chain = normalizers.get("normalizers") or [normalizers]
     return any(s.get("type") == "ByteLevel" for s in _steps(spec.get("pre_tokenizer"))) or any(
-        isinstance(n, Mapping) and n.get("type") == "ByteLevel" for n in chain)
+        isinstance(n, Mapping) and n.get("type") == "ByteLevel" for n in chain
+    )
 
 
 def _bpe_knows_every_character(model: Mapping[str, Any], vocab: Mapping[str, int], byte_level: bool) -> bool:
@@ -123,8 +125,13 @@ def _bpe_knows_every_character(model: Mapping[str, Any], vocab: Mapping[str, int
 
 def _splits_every_character(pre: Mapping[str, Any] | None) -> bool:
     """Split(Regex("."), Isolated): each character "." matches is a word of its own."""
-    return (pre is not None and pre.get("type") == "Split" and (pre.get("pattern") or {}).get("Regex") == "."
-            and pre.get("behavior") == "Isolated" and not pre.get("invert"))
+    return (
+        pre is not None
+        and pre.get("type") == "Split"
+        and (pre.get("pattern") or {}).get("Regex") == "."
+        and pre.get("behavior") == "Isolated"
+        and not pre.get("invert")
+    )
 
 
 def byte_alphabet() -> frozenset[str]:

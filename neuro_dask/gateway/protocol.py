@@ -11,9 +11,10 @@ import json
 import math
 import time
 import uuid
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Collection, Mapping, Sequence
+from typing import Any
 
 from neuro_dask.security.limits import NEW_TOKENS, PROMPT_TOKENS
 
@@ -28,8 +29,15 @@ class ProtocolError(Exception):
     """An error the gateway answers in OpenAI's shape: {"error": {message, type, param, code}},
     with `headers` added to the response (Retry-After on a 429)."""
 
-    def __init__(self, status: int, message: str, type: str = INVALID_REQUEST, param: str | None = None,
-                 code: str | None = None, headers: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = INVALID_REQUEST,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -42,8 +50,9 @@ class ProtocolError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
-def error_body(message: str, type: str = INVALID_REQUEST, param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, type: str = INVALID_REQUEST, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -55,29 +64,41 @@ def rate_limited(wait_seconds: float, requests_per_minute: int, per: str = "API 
     """429 in OpenAI's shape, with Retry-After: the whole seconds until the next request may come."""
     wait = max(1, math.ceil(wait_seconds))
     return ProtocolError(
-        429, f"Rate limit reached: this gateway allows {requests_per_minute} requests per minute per {per} "
-        f"(neuro.security.requests-per-minute). Please try again in {wait} s.", RATE_LIMIT, None,
-        "rate_limit_exceeded", {"Retry-After": str(wait)})
+        429,
+        f"Rate limit reached: this gateway allows {requests_per_minute} requests per minute per {per} "
+        f"(neuro.security.requests-per-minute). Please try again in {wait} s.",
+        RATE_LIMIT,
+        None,
+        "rate_limit_exceeded",
+        {"Retry-After": str(wait)},
+    )
 
 
 # The gateway states each limit in its own terms: what the request has, what the gateway accepts,
 # and the setting that says so. It never proposes a value for the setting: the request's own size
 # (3,000,001 prompt tokens) is no sensible limit, and choosing one is the operator's business.
 
+
 def prompt_too_long(tokens: int, limit: int, param: str = "prompt", at_least: bool = False) -> ProtocolError:
     """400 context_length_exceeded: a prompt above neuro.security.max-prompt-tokens. `at_least`:
     `tokens` is a lower bound (prompt_bound), the prompt was not tokenized."""
     has = f"at least {tokens}" if at_least else str(tokens)
-    return bad_request(f"This prompt has {has} tokens; this gateway accepts at most {limit} prompt tokens "
-                       f"(neuro.security.{PROMPT_TOKENS}). Please shorten the prompt.", param,
-                       "context_length_exceeded")
+    return bad_request(
+        f"This prompt has {has} tokens; this gateway accepts at most {limit} prompt tokens "
+        f"(neuro.security.{PROMPT_TOKENS}). Please shorten the prompt.",
+        param,
+        "context_length_exceeded",
+    )
 
 
 def too_many_new_tokens(requested: int, limit: int) -> ProtocolError:
     """400 on max_tokens: more than neuro.security.max-new-tokens."""
-    return bad_request(f"max_tokens is {requested}; this gateway generates at most {limit} tokens per request "
-                       f"(neuro.security.{NEW_TOKENS}). Please ask for fewer tokens.", "max_tokens",
-                       "invalid_value")
+    return bad_request(
+        f"max_tokens is {requested}; this gateway generates at most {limit} tokens per request "
+        f"(neuro.security.{NEW_TOKENS}). Please ask for fewer tokens.",
+        "max_tokens",
+        "invalid_value",
+    )
 
 
 BODY_LIMIT_SETTING = "neuro.gateway.max-body-bytes"
@@ -87,9 +108,14 @@ def body_too_large(size: int | None, limit: int) -> ProtocolError:
     """413: a request body above the gateway's limit; `size` None when the body came in chunks and
     was not read to its end."""
     has = f"is {size} bytes" if size is not None else f"has more than {limit} bytes"
-    return ProtocolError(413, f"This request's body {has}; this gateway accepts request bodies of at most "
-                         f"{limit} bytes ({_size(limit)}, {BODY_LIMIT_SETTING}). Please send a shorter prompt.",
-                         INVALID_REQUEST, None, "request_too_large")
+    return ProtocolError(
+        413,
+        f"This request's body {has}; this gateway accepts request bodies of at most "
+        f"{limit} bytes ({_size(limit)}, {BODY_LIMIT_SETTING}). Please send a shorter prompt.",
+        INVALID_REQUEST,
+        None,
+        "request_too_large",
+    )
 
 
 def refuse_body_unread(content_length: int | None, expects_continue: bool, limit: int, drain: int) -> bool:
@@ -132,11 +158,13 @@ def error_for_exception(exc: BaseException) -> ProtocolError:
         if cls.__name__ in _EXCEPTION_MAP:
             status, type_, code = _EXCEPTION_MAP[cls.__name__]
             return ProtocolError(status, str(exc), type_, None, code)
-    return ProtocolError(500, f"internal error ({type(exc).__name__}); the gateway's log has the details",
-                         SERVER_ERROR, None, None)
+    return ProtocolError(
+        500, f"internal error ({type(exc).__name__}); the gateway's log has the details", SERVER_ERROR, None, None
+    )
 
 
 # ---- request parsing ------------------------------------------------------------------------------
+
 
 def parse_json(body: bytes | str) -> dict[str, Any]:
     """The request body as a JSON object, or a 400."""
@@ -222,9 +250,13 @@ class SamplingParams:
         """Keyword arguments of MoEModel.stream/generate (besides the ids and max_new_tokens)."""
         if not self.do_sample:
             return {"do_sample": False, "seed": self.seed}
-        return {"do_sample": True, "temperature": self.temperature,
-                "top_p": None if self.top_p in (None, 1.0) else self.top_p,
-                "top_k": self.top_k, "seed": self.seed}
+        return {
+            "do_sample": True,
+            "temperature": self.temperature,
+            "top_p": None if self.top_p in (None, 1.0) else self.top_p,
+            "top_k": self.top_k,
+            "seed": self.seed,
+        }
 
 
 def parse_sampling(data: Mapping[str, Any], max_tokens_names: Sequence[str] = ("max_tokens",)) -> SamplingParams:
@@ -239,8 +271,9 @@ def parse_sampling(data: Mapping[str, Any], max_tokens_names: Sequence[str] = ("
     seed = _integer(data, "seed", -INT64, INT64 - 1)
     n = _integer(data, "n")
     if n is not None and n != 1:
-        raise bad_request(f"'n' must be 1: this gateway returns one choice per request, got {n}", "n",
-                          "unsupported_value")
+        raise bad_request(
+            f"'n' must be 1: this gateway returns one choice per request, got {n}", "n", "unsupported_value"
+        )
     stream = _boolean(data, "stream")
     include_usage = False
     options = data.get("stream_options")
@@ -251,8 +284,16 @@ def parse_sampling(data: Mapping[str, Any], max_tokens_names: Sequence[str] = ("
     for name in ("presence_penalty", "frequency_penalty"):
         _unsupported(data, name, (0, 0.0))
     _unsupported(data, "logit_bias", ({},))
-    return SamplingParams(max_tokens, 1.0 if temperature is None else temperature, top_p, top_k, seed,
-                          parse_stop(data.get("stop")), stream, include_usage)
+    return SamplingParams(
+        max_tokens,
+        1.0 if temperature is None else temperature,
+        top_p,
+        top_k,
+        seed,
+        parse_stop(data.get("stop")),
+        stream,
+        include_usage,
+    )
 
 
 def parse_stop(value: Any) -> tuple[str, ...]:
@@ -262,8 +303,7 @@ def parse_stop(value: Any) -> tuple[str, ...]:
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
         raise bad_request("'stop' must be a string or a list of strings", "stop", "invalid_type")
     if len(stops) > MAX_STOP_STRINGS:
-        raise bad_request(f"'stop' holds at most {MAX_STOP_STRINGS} strings, got {len(stops)}", "stop",
-                          "invalid_value")
+        raise bad_request(f"'stop' holds at most {MAX_STOP_STRINGS} strings, got {len(stops)}", "stop", "invalid_value")
     if any(s == "" for s in stops):
         raise bad_request("'stop' strings must not be empty", "stop", "invalid_value")
     return tuple(dict.fromkeys(stops))
@@ -274,8 +314,13 @@ def check_model(data: Mapping[str, Any], model_ids: Collection[str]) -> str:
     if not isinstance(model, str) or not model:
         raise bad_request("'model' is required: a model id from GET /v1/models", "model", "missing_required_parameter")
     if model not in model_ids:
-        raise ProtocolError(404, f"The model '{model}' does not exist; this gateway serves "
-                            f"{', '.join(sorted(model_ids))}", INVALID_REQUEST, "model", "model_not_found")
+        raise ProtocolError(
+            404,
+            f"The model '{model}' does not exist; this gateway serves {', '.join(sorted(model_ids))}",
+            INVALID_REQUEST,
+            "model",
+            "model_not_found",
+        )
     return model
 
 
@@ -294,11 +339,18 @@ def parse_completion(data: Mapping[str, Any], model_ids: Collection[str]) -> Com
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         prompt = tuple(prompt)
     elif isinstance(prompt, list) and len(prompt) > 1:
-        raise bad_request("'prompt' must be one prompt (a string or a list of token ids): send one request "
-                          "per prompt; they share decode steps on the server anyway", "prompt", "unsupported_value")
+        raise bad_request(
+            "'prompt' must be one prompt (a string or a list of token ids): send one request "
+            "per prompt; they share decode steps on the server anyway",
+            "prompt",
+            "unsupported_value",
+        )
     elif not isinstance(prompt, str):
-        raise bad_request("'prompt' is required: a string or a list of token ids", "prompt",
-                          "missing_required_parameter" if prompt is None else "invalid_type")
+        raise bad_request(
+            "'prompt' is required: a string or a list of token ids",
+            "prompt",
+            "missing_required_parameter" if prompt is None else "invalid_type",
+        )
     _unsupported(data, "echo", (False,))
     _unsupported(data, "best_of", (1,))
     _unsupported(data, "logprobs", (False, 0), ": token log-probabilities are not returned")
@@ -320,8 +372,11 @@ def parse_chat(data: Mapping[str, Any], model_ids: Collection[str]) -> ChatReque
     model = check_model(data, model_ids)
     raw = data.get("messages")
     if not isinstance(raw, list) or not raw:
-        raise bad_request("'messages' must be a non-empty list of {role, content} objects", "messages",
-                          "missing_required_parameter" if raw is None else "invalid_type")
+        raise bad_request(
+            "'messages' must be a non-empty list of {role, content} objects",
+            "messages",
+            "missing_required_parameter" if raw is None else "invalid_type",
+        )
     messages = tuple(_message(m, i) for i, m in enumerate(raw))
     _unsupported(data, "tools", ([],), ": no tool calls")
     _unsupported(data, "functions", ([],), ": no function calls")
@@ -336,8 +391,11 @@ def _message(raw: Any, index: int) -> dict[str, str]:
         raise bad_request(f"{param} must be an object with 'role' and 'content'", param, "invalid_type")
     role = raw.get("role")
     if role not in CHAT_ROLES:
-        raise bad_request(f"{param}.role must be one of {', '.join(CHAT_ROLES)}, got {json.dumps(role)}",
-                          f"{param}.role", "invalid_value")
+        raise bad_request(
+            f"{param}.role must be one of {', '.join(CHAT_ROLES)}, got {json.dumps(role)}",
+            f"{param}.role",
+            "invalid_value",
+        )
     content = raw.get("content")
     if content is None:
         text = ""  # an assistant turn that only called tools
@@ -347,13 +405,17 @@ def _message(raw: Any, index: int) -> dict[str, str]:
         parts = []
         for j, part in enumerate(content):
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise bad_request(f"{param}.content[{j}]: only text parts ({{\"type\": \"text\", \"text\": ...}}) "
-                                  "are supported", f"{param}.content", "unsupported_value")
+                raise bad_request(
+                    f'{param}.content[{j}]: only text parts ({{"type": "text", "text": ...}}) are supported',
+                    f"{param}.content",
+                    "unsupported_value",
+                )
             parts.append(part["text"])
         text = "".join(parts)
     else:
-        raise bad_request(f"{param}.content must be a string or a list of text parts", f"{param}.content",
-                          "invalid_type")
+        raise bad_request(
+            f"{param}.content must be a string or a list of text parts", f"{param}.content", "invalid_type"
+        )
     message = {"role": role, "content": text}
     if isinstance(raw.get("name"), str):
         message["name"] = raw["name"]
@@ -365,12 +427,14 @@ def check_prompt_ids(ids: Sequence[int], vocab_size: int, param: str = "prompt")
         raise bad_request("the prompt is empty after tokenization: give at least one token", param, "invalid_value")
     bad = [t for t in ids if not 0 <= t < vocab_size]
     if bad:
-        raise bad_request(f"token id {bad[0]} is outside the model's vocabulary [0, {vocab_size})", param,
-                          "invalid_value")
+        raise bad_request(
+            f"token id {bad[0]} is outside the model's vocabulary [0, {vocab_size})", param, "invalid_value"
+        )
 
 
-def resolve_max_tokens(requested: int | None, prompt_tokens: int, context: int, default: int | None,
-                       limit: int | None = None) -> int:
+def resolve_max_tokens(
+    requested: int | None, prompt_tokens: int, context: int, default: int | None, limit: int | None = None
+) -> int:
     """How many tokens to generate: `requested`, else `default` (None: all the context left),
     capped by what the context leaves and by `limit` (neuro.security.max-new-tokens). A request
     that cannot fit is a 400 context_length_exceeded; one that asks for more than `limit`, a 400
@@ -398,7 +462,10 @@ def _too_long(context: int, prompt_tokens: int, completion: int) -> ProtocolErro
     return bad_request(
         f"This model's maximum context length is {context} tokens. However, you requested "
         f"{prompt_tokens + completion} tokens ({prompt_tokens} in the prompt, {completion} in the completion). "
-        "Please reduce the length of the prompt or of max_tokens.", "max_tokens", "context_length_exceeded")
+        "Please reduce the length of the prompt or of max_tokens.",
+        "max_tokens",
+        "context_length_exceeded",
+    )
 
 
 # ---- chat templates -------------------------------------------------------------------------------
@@ -443,22 +510,33 @@ class ChatTemplate:
         if isinstance(template, list):
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
-        tokens = {name: text for name in ("bos_token", "eos_token", "unk_token", "pad_token")
-                  if (text := _token_text(config.get(name))) is not None}
+        tokens = {
+            name: text
+            for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+            if (text := _token_text(config.get(name))) is not None
+        }
         if not isinstance(template, str) or not template:
             return cls(special_tokens=tokens)
         return cls(template, tokens, origin)
 
     def render(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
         try:
-            return self._template.render(messages=[dict(m) for m in messages],
-                                         add_generation_prompt=add_generation_prompt, tools=None, **self.special_tokens)
+            return self._template.render(
+                messages=[dict(m) for m in messages],
+                add_generation_prompt=add_generation_prompt,
+                tools=None,
+                **self.special_tokens,
+            )
         except _TemplateRefusal as exc:
-            raise bad_request(f"the model's chat template refused these messages: {exc}", "messages",
-                              "invalid_value") from None
+            raise bad_request(
+                f"the model's chat template refused these messages: {exc}", "messages", "invalid_value"
+            ) from None
         except Exception as exc:  # jinja2's errors, a sandbox refusal, or a template's own TypeError
-            raise bad_request(f"the model's chat template ({self.origin}) failed on these messages: {exc}",
-                              "messages", "invalid_value") from None
+            raise bad_request(
+                f"the model's chat template ({self.origin}) failed on these messages: {exc}",
+                "messages",
+                "invalid_value",
+            ) from None
 
 
 class _TemplateRefusal(Exception):
@@ -517,8 +595,7 @@ class TextAssembler:
     join to exactly the non-streamed text.
     """
 
-    def __init__(self, decode: Callable[[list[int]], str], stops: Sequence[str] = (),
-                 context: Sequence[int] = ()):
+    def __init__(self, decode: Callable[[list[int]], str], stops: Sequence[str] = (), context: Sequence[int] = ()):
         self.decode = decode
         self.stops = tuple(stops)
         self._longest_stop = max((len(s) for s in self.stops), default=0)
@@ -554,12 +631,12 @@ class TextAssembler:
     def _decode_new(self, final: bool) -> bool:
         if self._read == len(self._window):
             return False
-        before = self.decode(self._window[:self._read]) if self._read else ""
+        before = self.decode(self._window[: self._read]) if self._read else ""
         after = self.decode(self._window)
         if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
             return False  # nothing yet: a special token, or half a character
-        self.text += after[len(before):]
-        self._window = self._window[self._read:]  # what was just decoded is the next one's context
+        self.text += after[len(before) :]
+        self._window = self._window[self._read :]  # what was just decoded is the next one's context
         self._read = len(self._window)
         return True
 
@@ -572,7 +649,7 @@ class TextAssembler:
     def _take(self, upto: int) -> str:
         if upto <= self.sent:
             return ""
-        delta, self.sent = self.text[self.sent:upto], upto
+        delta, self.sent = self.text[self.sent : upto], upto
         return delta
 
 
@@ -589,13 +666,17 @@ def _partial_stop(text: str, stops: Sequence[str]) -> int:
 
 # ---- responses ------------------------------------------------------------------------------------
 
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def models_list(model_ids: Sequence[str], created: int, owned_by: str = "neuro-dask") -> dict[str, Any]:
@@ -606,38 +687,76 @@ def model_card(model_id: str, created: int, owned_by: str = "neuro-dask") -> dic
     return {"id": model_id, "object": "model", "created": created, "owned_by": owned_by}
 
 
-def completion_response(id: str, created: int, model: str, text: str, finish_reason: str,
-                        usage_: Mapping[str, int]) -> dict[str, Any]:
-    return {"id": id, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-            "usage": dict(usage_), "system_fingerprint": None}
+def completion_response(
+    id: str, created: int, model: str, text: str, finish_reason: str, usage_: Mapping[str, int]
+) -> dict[str, Any]:
+    return {
+        "id": id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "usage": dict(usage_),
+        "system_fingerprint": None,
+    }
 
 
 def completion_chunk(id: str, created: int, model: str, text: str, finish_reason: str | None = None) -> dict[str, Any]:
-    return {"id": id, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-            "system_fingerprint": None}
+    return {
+        "id": id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "system_fingerprint": None,
+    }
 
 
-def chat_response(id: str, created: int, model: str, text: str, finish_reason: str,
-                  usage_: Mapping[str, int]) -> dict[str, Any]:
-    return {"id": id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                         "logprobs": None, "finish_reason": finish_reason}],
-            "usage": dict(usage_), "system_fingerprint": None}
+def chat_response(
+    id: str, created: int, model: str, text: str, finish_reason: str, usage_: Mapping[str, int]
+) -> dict[str, Any]:
+    return {
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        ],
+        "usage": dict(usage_),
+        "system_fingerprint": None,
+    }
 
 
-def chat_chunk(id: str, created: int, model: str, delta: Mapping[str, str],
-               finish_reason: str | None = None) -> dict[str, Any]:
-    return {"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": dict(delta), "logprobs": None, "finish_reason": finish_reason}],
-            "system_fingerprint": None}
+def chat_chunk(
+    id: str, created: int, model: str, delta: Mapping[str, str], finish_reason: str | None = None
+) -> dict[str, Any]:
+    return {
+        "id": id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": dict(delta), "logprobs": None, "finish_reason": finish_reason}],
+        "system_fingerprint": None,
+    }
 
 
 def usage_chunk(id: str, created: int, model: str, object: str, usage_: Mapping[str, int]) -> dict[str, Any]:
     """The last chunk when stream_options.include_usage is set: no choices, the usage."""
-    return {"id": id, "object": object, "created": created, "model": model, "choices": [],
-            "usage": dict(usage_), "system_fingerprint": None}
+    return {
+        "id": id,
+        "object": object,
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": dict(usage_),
+        "system_fingerprint": None,
+    }
 
 
 def sse(payload: Mapping[str, Any]) -> bytes:

@@ -23,9 +23,10 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import tornado.httpserver
 import tornado.iostream
@@ -33,6 +34,7 @@ import tornado.netutil
 import tornado.web
 
 from neuro_dask.errors import ConfigError
+from neuro_dask.gateway.prompt_bound import PromptBound, prompt_bound
 from neuro_dask.gateway.protocol import (
     BODY_LIMIT_SETTING,
     SSE_DONE,
@@ -66,7 +68,6 @@ from neuro_dask.gateway.protocol import (
     usage,
     usage_chunk,
 )
-from neuro_dask.gateway.prompt_bound import PromptBound, prompt_bound
 from neuro_dask.security.limits import RateLimiter, RequestLimits
 from neuro_dask.security.redact import redact_url
 from neuro_dask.settings import SecuritySettings, parse_bytes
@@ -176,10 +177,17 @@ class Gateway:
     minute per API key, or per client address when no keys are configured), and the threads that
     run generation."""
 
-    def __init__(self, model, model_id: str | None = None, api_keys: Mapping[str, str | None] | None = None,
-                 chat_template: ChatTemplate | None = None, threads: int = 64,
-                 security: SecuritySettings | None = None, clock: Callable[[], float] = time.monotonic,
-                 max_body_bytes: int | None = None):
+    def __init__(
+        self,
+        model,
+        model_id: str | None = None,
+        api_keys: Mapping[str, str | None] | None = None,
+        chat_template: ChatTemplate | None = None,
+        threads: int = 64,
+        security: SecuritySettings | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        max_body_bytes: int | None = None,
+    ):
         self.model = model
         self.tokenizer = model.require_tokenizer()  # text in and out: a model without one cannot be served
         self.prompt_bound = tokenizer_bound(self.tokenizer)
@@ -200,15 +208,25 @@ class Gateway:
         # Used on the event loop's thread only (admit), so it needs no lock.
         self.rate = RateLimiter(security.requests_per_minute, clock)
         if not self.api_keys:
-            log.warning("no API keys configured: the gateway serves anyone who can reach it "
-                        "(give --api-keys FILE to require Authorization: Bearer KEY)")
-        log.info("serving %s as %r; chat template: %s; limits: %d prompt tokens, %d new tokens, %s requests "
-                 "per minute per %s, %d-byte bodies; long prompts refused %s", redact_url(model.source),
-                 self.model_id, self.chat_template.origin, self.limits.max_prompt_tokens,
-                 self.limits.max_new_tokens, security.requests_per_minute or "unlimited",
-                 "API key" if self.api_keys else "client address", self.max_body_bytes,
-                 f"from their length (<= {self.prompt_bound.per_token} characters a token)"
-                 if self.prompt_bound else "after tokenizing")
+            log.warning(
+                "no API keys configured: the gateway serves anyone who can reach it "
+                "(give --api-keys FILE to require Authorization: Bearer KEY)"
+            )
+        log.info(
+            "serving %s as %r; chat template: %s; limits: %d prompt tokens, %d new tokens, %s requests "
+            "per minute per %s, %d-byte bodies; long prompts refused %s",
+            redact_url(model.source),
+            self.model_id,
+            self.chat_template.origin,
+            self.limits.max_prompt_tokens,
+            self.limits.max_new_tokens,
+            security.requests_per_minute or "unlimited",
+            "API key" if self.api_keys else "client address",
+            self.max_body_bytes,
+            f"from their length (<= {self.prompt_bound.per_token} characters a token)"
+            if self.prompt_bound
+            else "after tokenizing",
+        )
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -219,8 +237,13 @@ class Gateway:
         scheme, _, key = (authorization or "").partition(" ")
         key = key.strip()
         if scheme.lower() != "bearer" or not key:
-            raise ProtocolError(401, "Missing API key: send the header 'Authorization: Bearer YOUR_KEY'",
-                                "invalid_request_error", None, "invalid_api_key")
+            raise ProtocolError(
+                401,
+                "Missing API key: send the header 'Authorization: Bearer YOUR_KEY'",
+                "invalid_request_error",
+                None,
+                "invalid_api_key",
+            )
         found = None
         for candidate, account in self.api_keys.items():  # compare every key in constant time
             if hmac.compare_digest(candidate.encode(), key.encode()):
@@ -268,16 +291,19 @@ class Gateway:
         # encode_batch runs with the GIL released; encode holds it for the whole text
         return self.tokenizer.encode_batch([text])[0]
 
-    def _job(self, ids: list[int], params: SamplingParams, account: str | None, default: int | None,
-             param: str) -> Job:
+    def _job(self, ids: list[int], params: SamplingParams, account: str | None, default: int | None, param: str) -> Job:
         check_prompt_limit(len(ids), self.limits.max_prompt_tokens, param)  # first: O(1), the next is O(ids)
         check_prompt_ids(ids, self.vocab_size, param)
-        max_tokens = resolve_max_tokens(params.max_tokens, len(ids), self.context, default,
-                                        self.limits.max_new_tokens)
+        max_tokens = resolve_max_tokens(params.max_tokens, len(ids), self.context, default, self.limits.max_new_tokens)
         return Job(ids, max_tokens, params, account)
 
-    def run(self, job: Job, on_delta: Callable[[str], None] | None = None,
-            on_first_token: Callable[[], None] | None = None, cancelled: threading.Event | None = None) -> Result:
+    def run(
+        self,
+        job: Job,
+        on_delta: Callable[[str], None] | None = None,
+        on_first_token: Callable[[], None] | None = None,
+        cancelled: threading.Event | None = None,
+    ) -> Result:
         """Generate (in the calling thread): text deltas to `on_delta` as they become safe to send,
         ending at EOS, a stop string, max_tokens, or `cancelled` (checked after every token)."""
         assembler = TextAssembler(self.tokenizer.decode, job.params.stop, context=job.prompt_ids)
@@ -350,6 +376,7 @@ class Gateway:
 
 
 # ---- handlers ---------------------------------------------------------------------------------------
+
 
 @tornado.web.stream_request_body
 class BaseHandler(tornado.web.RequestHandler):
@@ -452,12 +479,18 @@ def _content_length(headers) -> int | None:
 
 def _http_error(status: int, method: str, path: str) -> ProtocolError:
     if status == 404:
-        return ProtocolError(404, f"Unknown route: {method} {path} (this gateway serves GET /v1/models, "
-                             "POST /v1/completions and POST /v1/chat/completions)", "invalid_request_error",
-                             None, "unknown_url")
+        return ProtocolError(
+            404,
+            f"Unknown route: {method} {path} (this gateway serves GET /v1/models, "
+            "POST /v1/completions and POST /v1/chat/completions)",
+            "invalid_request_error",
+            None,
+            "unknown_url",
+        )
     if status == 405:
-        return ProtocolError(405, f"Method {method} is not allowed on {path}", "invalid_request_error", None,
-                             "method_not_allowed")
+        return ProtocolError(
+            405, f"Method {method} is not allowed on {path}", "invalid_request_error", None, "method_not_allowed"
+        )
     if status < 500:
         return ProtocolError(status, f"bad request ({status})", "invalid_request_error", None, None)
     return ProtocolError(status, f"internal error ({status})", "server_error", None, None)
@@ -485,8 +518,9 @@ class ModelHandler(BaseHandler):
     def get(self, model_id: str) -> None:
         self.authenticate()
         if model_id != self.gateway.model_id:
-            raise ProtocolError(404, f"The model '{model_id}' does not exist", "invalid_request_error", "model",
-                                "model_not_found")
+            raise ProtocolError(
+                404, f"The model '{model_id}' does not exist", "invalid_request_error", "model", "model_not_found"
+            )
         self.write_json(model_card(model_id, self.gateway.created))
 
 
@@ -571,8 +605,7 @@ class GenerationHandler(BaseHandler):
                         return
                     self.write(sse(self.chunk(id, created, "", result.finish_reason)))
                     if job.params.include_usage:
-                        self.write(sse(usage_chunk(id, created, self.gateway.model_id, self.object_name,
-                                                   result.usage)))
+                        self.write(sse(usage_chunk(id, created, self.gateway.model_id, self.object_name, result.usage)))
                     self.write(SSE_DONE)
                     await self.flush()
                     self.finish()
@@ -601,8 +634,7 @@ class CompletionsHandler(GenerationHandler):
         return self.gateway.prepare_completion(request, account)
 
     def response(self, id: str, created: int, result: Result) -> dict[str, Any]:
-        return completion_response(id, created, self.gateway.model_id, result.text, result.finish_reason,
-                                   result.usage)
+        return completion_response(id, created, self.gateway.model_id, result.text, result.finish_reason, result.usage)
 
     def chunk(self, id: str, created: int, delta: str | None, finish_reason: str | None = None):
         if delta is None:
@@ -634,6 +666,7 @@ class ChatCompletionsHandler(GenerationHandler):
 
 
 # ---- the server -------------------------------------------------------------------------------------
+
 
 class GatewayServer:
     """The gateway's tornado server on its own thread and event loop: start(), then stop().
@@ -680,9 +713,11 @@ class GatewayServer:
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
         # Only for what no handler reads (an unsupported method): each handler sets its own.
-        server = tornado.httpserver.HTTPServer(self.gateway.application(),
-                                               max_body_size=DRAIN_FACTOR * self.gateway.max_body_bytes,
-                                               idle_connection_timeout=300)
+        server = tornado.httpserver.HTTPServer(
+            self.gateway.application(),
+            max_body_size=DRAIN_FACTOR * self.gateway.max_body_bytes,
+            idle_connection_timeout=300,
+        )
         server.add_sockets(sockets)
         self._ready.set()
         await self._stopping.wait()

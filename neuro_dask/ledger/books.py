@@ -133,8 +133,10 @@ def _amount(value: object) -> int:
 
 def _caller_idem(idem: str) -> None:
     if isinstance(idem, str) and (idem == "genesis" or idem.startswith(RESERVED_IDEMS)):
-        raise LedgerError(f"entry id {idem!r} is reserved for the ledger's own entries "
-                          f"(genesis, {', '.join(p + '...' for p in RESERVED_IDEMS)}): choose another")
+        raise LedgerError(
+            f"entry id {idem!r} is reserved for the ledger's own entries "
+            f"(genesis, {', '.join(p + '...' for p in RESERVED_IDEMS)}): choose another"
+        )
 
 
 def _units(value: object, what: str = "work units") -> int:
@@ -159,8 +161,13 @@ def _rows(rows: object, what: str) -> dict[str, int]:
 
 def _name(value: object, what: str) -> str:
     """A certificate or account name: printable, no spaces, not empty, at most 255 characters."""
-    if not isinstance(value, str) or not value or len(value) > 255 or not value.isprintable() or any(
-            c.isspace() for c in value):
+    if (
+        not isinstance(value, str)
+        or not value
+        or len(value) > 255
+        or not value.isprintable()
+        or any(c.isspace() for c in value)
+    ):
         raise LedgerError(f"{what} {value!r} must be a name without spaces (1 to 255 printable characters)")
     return value
 
@@ -235,8 +242,9 @@ class Ledger:
             raise UnknownAccountError(account)
         return row[0]
 
-    def _apply(self, cur: Cursor, idem: str, kind: str, cause: str, now: float, request: Mapping,
-               postings: Iterable[Posting]) -> Receipt:
+    def _apply(
+        self, cur: Cursor, idem: str, kind: str, cause: str, now: float, request: Mapping, postings: Iterable[Posting]
+    ) -> Receipt:
         postings = tuple(p for p in postings if p.amount != 0)
         change: dict[str, int] = {}
         for p in postings:
@@ -249,11 +257,15 @@ class Ledger:
             balance = self._balance(cur, account)
             if delta < 0 and account != SYSTEM["issuance"] and balance + delta < 0:
                 raise InsufficientFundsError(account, -delta, balance)
-        entry = cur.execute("INSERT INTO entries (idem, kind, cause, at, fingerprint) VALUES (?, ?, ?, ?, ?) "
-                            "RETURNING id", (idem, kind, cause, now, _fingerprint(kind, request))).scalar()
+        entry = cur.execute(
+            "INSERT INTO entries (idem, kind, cause, at, fingerprint) VALUES (?, ?, ?, ?, ?) RETURNING id",
+            (idem, kind, cause, now, _fingerprint(kind, request)),
+        ).scalar()
         for p in postings:
-            cur.execute("INSERT INTO postings (entry_id, debit, credit, amount) VALUES (?, ?, ?, ?)",
-                        (entry, p.debit, p.credit, p.amount))
+            cur.execute(
+                "INSERT INTO postings (entry_id, debit, credit, amount) VALUES (?, ?, ?, ?)",
+                (entry, p.debit, p.credit, p.amount),
+            )
         for account, delta in change.items():
             cur.execute("UPDATE accounts SET balance = balance + ? WHERE name = ?", (delta, account))
         return Receipt(entry, idem, kind, postings)
@@ -271,8 +283,11 @@ class Ledger:
     def genesis(self, now: float) -> Receipt:
         """Mint the max supply into the allocations, once (replays return the first receipt)."""
         cfg = self.config
-        request = {"max_supply": cfg.max_supply, "allocations": dict(cfg.allocation_bps),
-                   "emission_pool_bps": cfg.emission_pool_bps}
+        request = {
+            "max_supply": cfg.max_supply,
+            "allocations": dict(cfg.allocation_bps),
+            "emission_pool_bps": cfg.emission_pool_bps,
+        }
         with self.db.write() as cur:
             if (done := self._replay(cur, "genesis", "genesis", request)) is not None:
                 return done
@@ -280,22 +295,34 @@ class Ledger:
                 self._open(cur, name, kind)
             community = cfg.allocation("community")
             emission = community * cfg.emission_pool_bps // policy.BPS
-            targets = {"emission": emission, "genesis:community": community - emission,
-                       "treasury": cfg.allocation("treasury"), "genesis:liquidity": cfg.allocation("liquidity")}
+            targets = {
+                "emission": emission,
+                "genesis:community": community - emission,
+                "treasury": cfg.allocation("treasury"),
+                "genesis:liquidity": cfg.allocation("liquidity"),
+            }
             for bucket in ("team", "investors"):
                 self._open(cur, f"genesis:{bucket}", "genesis")
                 self._open(cur, f"vesting:{bucket}", "vesting")
                 targets[f"vesting:{bucket}"] = cfg.allocation(bucket)
                 vest = cfg.vesting.get(bucket)
-                cur.execute("INSERT INTO vesting (bucket, total, start, months, cliff_months) VALUES (?, ?, ?, ?, ?)",
-                            (bucket, cfg.allocation(bucket), now, vest.months if vest else 0,
-                             vest.cliff_months if vest else 0))
+                cur.execute(
+                    "INSERT INTO vesting (bucket, total, start, months, cliff_months) VALUES (?, ?, ?, ?, ?)",
+                    (bucket, cfg.allocation(bucket), now, vest.months if vest else 0, vest.cliff_months if vest else 0),
+                )
             for name in ("genesis:community", "genesis:liquidity"):
                 self._open(cur, name, "genesis")
             for name, value in {**cfg.params, "max_supply": cfg.max_supply}.items():
                 cur.execute("INSERT INTO params (name, value) VALUES (?, ?)", (name, value))
-            return self._apply(cur, "genesis", "genesis", "genesis", now, request,
-                               [Posting("issuance", account, amount) for account, amount in targets.items()])
+            return self._apply(
+                cur,
+                "genesis",
+                "genesis",
+                "genesis",
+                now,
+                request,
+                [Posting("issuance", account, amount) for account, amount in targets.items()],
+            )
 
     def open_user(self, name: str, exist_ok: bool = False) -> str:
         with self.db.write() as cur:
@@ -311,8 +338,9 @@ class Ledger:
                 self._open(cur, unbonding_account(name), "unbonding", owner or name)
         return provider(name)
 
-    def transfer(self, source: str, dest: str, amount: int, idem: str, cause: str = "", now: float = 0.0,
-                 kind: str = "transfer") -> Receipt:
+    def transfer(
+        self, source: str, dest: str, amount: int, idem: str, cause: str = "", now: float = 0.0, kind: str = "transfer"
+    ) -> Receipt:
         """Spendable to spendable, on the owners' instruction: from users, providers and genesis
         pools to users and providers, or a grant back to the pool it came from (GRANT_POOLS). Never
         from the treasury (TreasuryError: it moves only by a passed spend proposal), nor from or into
@@ -334,14 +362,17 @@ class Ledger:
             if src_kind == "treasury":
                 raise TreasuryError()
             if not _may_transfer(src_kind, dest, dst_kind):
-                raise LedgerError(f"a transfer cannot move {src_kind} funds ({source}) to {dst_kind} ({dest}): it "
-                                  "moves spendable funds from users, providers and genesis pools to users and "
-                                  f"providers (or a grant back to {' or '.join(GRANT_POOLS)}); stake, unstake, "
-                                  "release, hold and settle move the others")
+                raise LedgerError(
+                    f"a transfer cannot move {src_kind} funds ({source}) to {dst_kind} ({dest}): it "
+                    "moves spendable funds from users, providers and genesis pools to users and "
+                    f"providers (or a grant back to {' or '.join(GRANT_POOLS)}); stake, unstake, "
+                    "release, hold and settle move the others"
+                )
             return self._apply(cur, idem, kind, cause, now, request, [Posting(source, dest, amount)])
 
-    def deposit(self, name: str, amount: int, idem: str, source: str = "genesis:community", cause: str = "",
-                now: float = 0.0) -> Receipt:
+    def deposit(
+        self, name: str, amount: int, idem: str, source: str = "genesis:community", cause: str = "", now: float = 0.0
+    ) -> Receipt:
         """Fund user `name` from a genesis pool (the community grants, or liquidity)."""
         return self.transfer(source, user(name), amount, idem, cause, now, kind="deposit")
 
@@ -362,11 +393,15 @@ class Ledger:
                 raise LedgerError(f"client {client!r} charges its own account user:{account} without a grant")
             since = self._granted_at(cur, account, client)
             if since is not None:
-                raise LedgerError(f"{client!r} may already charge user:{account} (granted at {since}): "
-                                  f"`neuro-dask ledger grants {account}` lists the grants")
+                raise LedgerError(
+                    f"{client!r} may already charge user:{account} (granted at {since}): "
+                    f"`neuro-dask ledger grants {account}` lists the grants"
+                )
             receipt = self._apply(cur, idem, "grant", "", now, spec, [])
-            cur.execute("INSERT INTO grants (account, client, granted_at, grant_idem) VALUES (?, ?, ?, ?)",
-                        (account, client, now, idem))
+            cur.execute(
+                "INSERT INTO grants (account, client, granted_at, grant_idem) VALUES (?, ?, ?, ?)",
+                (account, client, now, idem),
+            )
             return receipt
 
     def revoke(self, account: str, client: str, now: float, idem: str) -> Receipt:
@@ -378,20 +413,29 @@ class Ledger:
             if (done := self._replay(cur, idem, "revoke", spec)) is not None:
                 return done
             if self._granted_at(cur, account, client) is None:
-                raise LedgerError(f"{client!r} holds no grant on user:{account} to revoke: "
-                                  f"`neuro-dask ledger grants {account}` lists the grants")
+                raise LedgerError(
+                    f"{client!r} holds no grant on user:{account} to revoke: "
+                    f"`neuro-dask ledger grants {account}` lists the grants"
+                )
             receipt = self._apply(cur, idem, "revoke", "", now, spec, [])
-            cur.execute("UPDATE grants SET revoked_at = ?, revoke_idem = ? "
-                        "WHERE account = ? AND client = ? AND revoked_at IS NULL", (now, idem, account, client))
+            cur.execute(
+                "UPDATE grants SET revoked_at = ?, revoke_idem = ? "
+                "WHERE account = ? AND client = ? AND revoked_at IS NULL",
+                (now, idem, account, client),
+            )
             return receipt
 
     def grants(self, account: str | None = None) -> list[dict]:
         """The grants in force (of one account's user name, or all), by account and client."""
-        where, args = ("WHERE revoked_at IS NULL AND account = ?", (account,)) if account is not None else \
-            ("WHERE revoked_at IS NULL", ())
+        where, args = (
+            ("WHERE revoked_at IS NULL AND account = ?", (account,))
+            if account is not None
+            else ("WHERE revoked_at IS NULL", ())
+        )
         with self.db.read() as cur:
-            rows = cur.execute(f"SELECT account, client, granted_at, grant_idem FROM grants {where} "
-                               "ORDER BY account, client", args).all()
+            rows = cur.execute(
+                f"SELECT account, client, granted_at, grant_idem FROM grants {where} ORDER BY account, client", args
+            ).all()
         return [dict(zip(("account", "client", "granted_at", "idem"), r, strict=True)) for r in rows]
 
     def may_charge(self, account: str, client: str) -> bool:
@@ -403,13 +447,15 @@ class Ledger:
         return account == client or self._granted_at(cur, account, client) is not None
 
     def _granted_at(self, cur: Cursor, account: str, client: str) -> float | None:
-        return cur.execute("SELECT granted_at FROM grants WHERE account = ? AND client = ? AND revoked_at IS NULL",
-                           (account, client)).scalar()
+        return cur.execute(
+            "SELECT granted_at FROM grants WHERE account = ? AND client = ? AND revoked_at IS NULL", (account, client)
+        ).scalar()
 
     # ---- staking --------------------------------------------------------------------------
 
-    def stake_from_community(self, name: str, idem: str, amount: int | None = None, owner: str = "",
-                             now: float = 0.0) -> None:
+    def stake_from_community(
+        self, name: str, idem: str, amount: int | None = None, owner: str = "", now: float = 0.0
+    ) -> None:
         """Drills, benchmarks and test networks: open `name`'s provider accounts (if needed), fund
         them from the community allocation and lock `amount` (default: min_stake) as stake.
         Idempotent per `idem` (entries "{idem}-fund-{name}" and "{idem}-stake-{name}")."""
@@ -425,8 +471,9 @@ class Ledger:
             if (done := self._replay(cur, idem, "stake", request)) is not None:
                 return done
             _amount(amount)
-            return self._apply(cur, idem, "stake", "", now, request,
-                               [Posting(provider(name), stake_account(name), amount)])
+            return self._apply(
+                cur, idem, "stake", "", now, request, [Posting(provider(name), stake_account(name), amount)]
+            )
 
     def unstake(self, name: str, amount: int, idem: str, now: float) -> Receipt:
         """Locked stake starts unbonding: spendable after `unbonding_seconds`, slashable until then."""
@@ -436,23 +483,36 @@ class Ledger:
             if (done := self._replay(cur, idem, "unstake", request)) is not None:
                 return done
             _amount(amount)
-            receipt = self._apply(cur, idem, "unstake", "", now, request,
-                                  [Posting(stake_account(name), unbonding_account(name), amount)])
-            cur.execute("INSERT INTO unbonding (provider, amount, release_at) VALUES (?, ?, ?)",
-                        (name, amount, now + self._param(cur, "unbonding_seconds")))
+            receipt = self._apply(
+                cur, idem, "unstake", "", now, request, [Posting(stake_account(name), unbonding_account(name), amount)]
+            )
+            cur.execute(
+                "INSERT INTO unbonding (provider, amount, release_at) VALUES (?, ?, ?)",
+                (name, amount, now + self._param(cur, "unbonding_seconds")),
+            )
             return receipt
 
     def release_unbonded(self, now: float) -> list[Receipt]:
         """Every unbonding that has matured by `now` becomes spendable (one entry per unbonding)."""
         receipts = []
         with self.db.write() as cur:
-            rows = cur.execute("SELECT id, provider, amount FROM unbonding WHERE release_at <= ? ORDER BY id",
-                               (now,)).all()
+            rows = cur.execute(
+                "SELECT id, provider, amount FROM unbonding WHERE release_at <= ? ORDER BY id", (now,)
+            ).all()
             for row_id, name, amount in rows:
                 cur.execute("DELETE FROM unbonding WHERE id = ?", (row_id,))
                 if amount > 0:
-                    receipts.append(self._apply(cur, f"unbonded:{row_id}", "unbonded", "", now, {"row": row_id},
-                                                [Posting(unbonding_account(name), provider(name), amount)]))
+                    receipts.append(
+                        self._apply(
+                            cur,
+                            f"unbonded:{row_id}",
+                            "unbonded",
+                            "",
+                            now,
+                            {"row": row_id},
+                            [Posting(unbonding_account(name), provider(name), amount)],
+                        )
+                    )
         return receipts
 
     # ---- fees -----------------------------------------------------------------------------
@@ -463,11 +523,23 @@ class Ledger:
         if min(expert_tokens, requests, private_tokens) < 0:
             raise BadAmountError(min(expert_tokens, requests, private_tokens), "counts must be >= 0")
         p = self.params()
-        return (requests * p["price_per_request"] + expert_tokens * p["price_per_expert_token"]
-                + private_tokens * p["price_per_private_expert_token"])
+        return (
+            requests * p["price_per_request"]
+            + expert_tokens * p["price_per_expert_token"]
+            + private_tokens * p["price_per_private_expert_token"]
+        )
 
-    def hold(self, client: str, request: str, amount: int, now: float = 0.0, cause: str = "",
-             expires_at: float | None = None, tier: str = "standard", by: str | None = None) -> Receipt:
+    def hold(
+        self,
+        client: str,
+        request: str,
+        amount: int,
+        now: float = 0.0,
+        cause: str = "",
+        expires_at: float | None = None,
+        tier: str = "standard",
+        by: str | None = None,
+    ) -> Receipt:
         """Before any work: the quoted maximum moves from user:`client` to escrow, or nothing does
         (InsufficientFundsError: the client is refused). `by`, when given, is the client certificate
         asking: it must be `client` itself or granted by the account's owner (NotGrantedError,
@@ -478,8 +550,12 @@ class Ledger:
         if tier not in TIERS:
             raise LedgerError(f"unknown tier {tier!r}: one of {', '.join(TIERS)}")
         expires = now + HOLD_SECONDS if expires_at is None else expires_at
-        if isinstance(expires, bool) or not isinstance(expires, (int, float)) or not math.isfinite(expires) \
-                or expires <= now:
+        if (
+            isinstance(expires, bool)
+            or not isinstance(expires, (int, float))
+            or not math.isfinite(expires)
+            or expires <= now
+        ):
             raise LedgerError(f"a hold must expire after it is made (at {now}), not at {expires_at!r}")
         spec = {"client": client, "request": request, "amount": amount}
         if tier != "standard":  # a standard hold keeps the fingerprint it had before tiers were kept here
@@ -491,11 +567,14 @@ class Ledger:
             if (done := self._replay(cur, idem, "hold", spec)) is not None:
                 return done  # a retry: the first hold and its expiry stand
             _amount(amount)
-            receipt = self._apply(cur, idem, "hold", cause or request, now, spec,
-                                  [Posting(user(client), "escrow", amount)])
-            cur.execute("INSERT INTO holds (request, client, amount, held_at, expires_at, state, tier, charged_by) "
-                        "VALUES (?, ?, ?, ?, ?, 'open', ?, ?)",
-                        (request, client, amount, now, float(expires), tier, by or ""))
+            receipt = self._apply(
+                cur, idem, "hold", cause or request, now, spec, [Posting(user(client), "escrow", amount)]
+            )
+            cur.execute(
+                "INSERT INTO holds (request, client, amount, held_at, expires_at, state, tier, charged_by) "
+                "VALUES (?, ?, ?, ?, ?, 'open', ?, ?)",
+                (request, client, amount, now, float(expires), tier, by or ""),
+            )
             return receipt
 
     def settle(self, request: str, fee: int, work: Mapping[str, int], now: float = 0.0) -> Receipt:
@@ -514,8 +593,9 @@ class Ledger:
             known = {w: _units(u) for w, u in work.items() if self._exists(cur, provider(w))}
             return self._settle(cur, request, hold, fee, known, now, spec)
 
-    def settle_verified(self, request: str, work: Mapping[str, int], share_rows: Mapping[str, int] | None = None,
-                        now: float = 0.0) -> Settlement:
+    def settle_verified(
+        self, request: str, work: Mapping[str, int], share_rows: Mapping[str, int] | None = None, now: float = 0.0
+    ) -> Settlement:
         """Settle a request by the rows the scheduler verified from worker-signed receipts, never by
         what a client reports. `work`: worker -> standard expert-token rows; `share_rows`: worker ->
         private-tier share rows, every SHARE_ROWS_PER_PRIVATE_TOKEN of them one private expert-token,
@@ -532,8 +612,10 @@ class Ledger:
         spec = {"request": request, "work": dict(sorted(work.items())), "share_rows": dict(sorted(shares.items()))}
         idem = f"settle:{request}"
         with self.db.write() as cur:
-            row = cur.execute("SELECT state, tier, fee, quoted, expert_tokens, private_tokens FROM holds "
-                              "WHERE request = ?", (request,)).one()
+            row = cur.execute(
+                "SELECT state, tier, fee, quoted, expert_tokens, private_tokens FROM holds WHERE request = ?",
+                (request,),
+            ).one()
             if row is None:
                 raise LedgerError(f"request {request!r} has no hold to settle")
             state, tier, charged, quoted, tokens, private = row
@@ -553,8 +635,11 @@ class Ledger:
             tokens = sum(standard.values())
             private = -(-sum(private_rows.values()) // SHARE_ROWS_PER_PRIVATE_TOKEN)
             p = self._params(cur)
-            fee = (p["price_per_request"] + tokens * p["price_per_expert_token"]
-                   + private * p["price_per_private_expert_token"])
+            fee = (
+                p["price_per_request"]
+                + tokens * p["price_per_expert_token"]
+                + private * p["price_per_private_expert_token"]
+            )
             paid_rows = dict(standard)
             for worker, rows in private_rows.items():
                 paid_rows[worker] = paid_rows.get(worker, 0) + rows
@@ -563,8 +648,9 @@ class Ledger:
             for worker, units in standard.items():
                 owner = cur.execute("SELECT owner FROM accounts WHERE name = ?", (provider(worker),)).scalar("")
                 self._credit(cur, worker, owner, epoch, units)
-            cur.execute("UPDATE holds SET expert_tokens = ?, private_tokens = ? WHERE request = ?",
-                        (tokens, private, request))
+            cur.execute(
+                "UPDATE holds SET expert_tokens = ?, private_tokens = ? WHERE request = ?", (tokens, private, request)
+            )
             state, charged = cur.execute("SELECT state, fee FROM holds WHERE request = ?", (request,)).one()
             return Settlement(receipt, tier, fee, charged, tokens, private, state, ignored)
 
@@ -578,8 +664,16 @@ class Ledger:
             raise LedgerError(f"request {request!r} is already settled")
         return client, held, expires
 
-    def _settle(self, cur: Cursor, request: str, hold: tuple[str, int, float], fee: int, work: Mapping[str, int],
-                now: float, spec: Mapping) -> Receipt:
+    def _settle(
+        self,
+        cur: Cursor,
+        request: str,
+        hold: tuple[str, int, float],
+        fee: int,
+        work: Mapping[str, int],
+        now: float,
+        spec: Mapping,
+    ) -> Receipt:
         """Rule 1 on min(fee, held) among `work` (known providers), the rest back to the client; the
         hold ends `settled`, or `expired` when settled at or after its expiry."""
         client, held, expires = hold
@@ -587,19 +681,29 @@ class Ledger:
         p = self._params(cur)
         split = policy.split_fee(charged, work, p["treasury_bps"], p["burn_bps"])
         postings = [Posting("escrow", provider(w), a) for w, a in split.providers.items()]
-        postings += [Posting("escrow", "treasury", split.treasury), Posting("escrow", "burn", split.burn),
-                     Posting("escrow", user(client), held - charged)]
+        postings += [
+            Posting("escrow", "treasury", split.treasury),
+            Posting("escrow", "burn", split.burn),
+            Posting("escrow", user(client), held - charged),
+        ]
         receipt = self._apply(cur, f"settle:{request}", "settle", request, now, spec, postings)
-        cur.execute("UPDATE holds SET settled = 1, fee = ?, quoted = ?, state = ? WHERE request = ?",
-                    (charged, min(fee, _MAX_BIGINT), "expired" if now >= expires else "settled", request))
+        cur.execute(
+            "UPDATE holds SET settled = 1, fee = ?, quoted = ?, state = ? WHERE request = ?",
+            (charged, min(fee, _MAX_BIGINT), "expired" if now >= expires else "settled", request),
+        )
         return receipt
 
     def expired_holds(self, now: float) -> list[str]:
         """The requests whose holds are still open at or after their expiry, oldest expiry first:
         the scheduler settles each with the work it verified (possibly none)."""
         with self.db.read() as cur:
-            return [r[0] for r in cur.execute("SELECT request FROM holds WHERE state = 'open' AND expires_at <= ? "
-                                              "ORDER BY expires_at, request", (now,)).all()]
+            return [
+                r[0]
+                for r in cur.execute(
+                    "SELECT request FROM holds WHERE state = 'open' AND expires_at <= ? ORDER BY expires_at, request",
+                    (now,),
+                ).all()
+            ]
 
     def hold_of(self, request: str) -> dict | None:
         """A request's hold: who, how much, when, until when, its state and, once settled, its fee."""
@@ -625,8 +729,10 @@ class Ledger:
     def _credit(self, cur: Cursor, worker: str, owner: str, epoch: int, units: int) -> None:
         row = cur.execute("SELECT units FROM credits WHERE worker = ? AND epoch = ?", (worker, epoch)).one()
         if row is None:
-            cur.execute("INSERT INTO credits (worker, owner, epoch, units) VALUES (?, ?, ?, ?)",
-                        (worker, owner or worker, epoch, units))
+            cur.execute(
+                "INSERT INTO credits (worker, owner, epoch, units) VALUES (?, ?, ?, ?)",
+                (worker, owner or worker, epoch, units),
+            )
         else:
             cur.execute("UPDATE credits SET units = units + ? WHERE worker = ? AND epoch = ?", (units, worker, epoch))
 
@@ -638,13 +744,24 @@ class Ledger:
             if (done := self._replay(cur, idem, "emission", {"epoch": epoch})) is not None:
                 return done
             p = self._params(cur)
-            amount = policy.emission_for_epoch(epoch, p["emission_initial"], p["emission_decay_bps"],
-                                               self._balance(cur, "emission"))
-            credits = {w: u for w, u in cur.execute("SELECT worker, units FROM credits WHERE epoch = ?",
-                                                    (epoch,)).all() if self._exists(cur, provider(w))}
+            amount = policy.emission_for_epoch(
+                epoch, p["emission_initial"], p["emission_decay_bps"], self._balance(cur, "emission")
+            )
+            credits = {
+                w: u
+                for w, u in cur.execute("SELECT worker, units FROM credits WHERE epoch = ?", (epoch,)).all()
+                if self._exists(cur, provider(w))
+            }
             paid = policy.split_emission(amount, credits)
-            receipt = self._apply(cur, idem, "emission", f"epoch:{epoch}", now, {"epoch": epoch},
-                                  [Posting("emission", provider(w), a) for w, a in paid.items()])
+            receipt = self._apply(
+                cur,
+                idem,
+                "emission",
+                f"epoch:{epoch}",
+                now,
+                {"epoch": epoch},
+                [Posting("emission", provider(w), a) for w, a in paid.items()],
+            )
             cur.execute("INSERT INTO emissions (epoch, amount) VALUES (?, ?)", (epoch, sum(paid.values())))
             return receipt
 
@@ -658,8 +775,9 @@ class Ledger:
                 return done
             p = self._params(cur)
             since = now - p["slash_window_seconds"]
-            others = cur.execute("SELECT COUNT(DISTINCT provider) FROM slashes WHERE at >= ? AND provider <> ?",
-                                 (since, name)).scalar(0)
+            others = cur.execute(
+                "SELECT COUNT(DISTINCT provider) FROM slashes WHERE at >= ? AND provider <> ?", (since, name)
+            ).scalar(0)
             bps = policy.slash_bps(p["slash_bps"], others, p["slash_correlation_bps"], p["slash_max_bps"])
             staked = self._balance(cur, stake_account(name))
             unbonding = self._balance(cur, unbonding_account(name))
@@ -674,14 +792,17 @@ class Ledger:
                 to_treasury -= t
                 postings += [Posting(source, "treasury", t), Posting(source, "burn", part - t)]
             receipt = self._apply(cur, idem, "slash", cause, now, spec, postings)
-            cur.execute("INSERT INTO slashes (provider, amount, bps, cause, at) VALUES (?, ?, ?, ?, ?)",
-                        (name, amount, bps, cause, now))
+            cur.execute(
+                "INSERT INTO slashes (provider, amount, bps, cause, at) VALUES (?, ?, ?, ?, ?)",
+                (name, amount, bps, cause, now),
+            )
             return receipt
 
     def _take_unbonding(self, cur: Cursor, name: str, amount: int) -> None:
         """Slash unbonding rows, the latest to mature first."""
-        for row_id, row_amount in cur.execute("SELECT id, amount FROM unbonding WHERE provider = ? "
-                                              "ORDER BY release_at DESC, id DESC", (name,)).all():
+        for row_id, row_amount in cur.execute(
+            "SELECT id, amount FROM unbonding WHERE provider = ? ORDER BY release_at DESC, id DESC", (name,)
+        ).all():
             if amount <= 0:
                 return
             take = min(amount, row_amount)
@@ -691,16 +812,24 @@ class Ledger:
     def release_vesting(self, bucket: str, now: float) -> Receipt | None:
         """Policy rule 3: whatever has vested since the last release moves to `genesis:<bucket>`."""
         with self.db.write() as cur:
-            row = cur.execute("SELECT total, start, months, cliff_months, released FROM vesting WHERE bucket = ?",
-                              (bucket,)).one()
+            row = cur.execute(
+                "SELECT total, start, months, cliff_months, released FROM vesting WHERE bucket = ?", (bucket,)
+            ).one()
             if row is None:
                 raise UnknownAccountError(f"vesting:{bucket}")
             total, start, months, cliff, released = row
             due = policy.vested(total, start, now, months, cliff) - released
             if due <= 0:
                 return None
-            receipt = self._apply(cur, f"vest:{bucket}:{released + due}", "vest", bucket, now, {"bucket": bucket},
-                                  [Posting(f"vesting:{bucket}", f"genesis:{bucket}", due)])
+            receipt = self._apply(
+                cur,
+                f"vest:{bucket}:{released + due}",
+                "vest",
+                bucket,
+                now,
+                {"bucket": bucket},
+                [Posting(f"vesting:{bucket}", f"genesis:{bucket}", due)],
+            )
             cur.execute("UPDATE vesting SET released = released + ? WHERE bucket = ?", (due, bucket))
             return receipt
 
@@ -727,9 +856,11 @@ class Ledger:
             if not self._exists(cur, stake_account(proposer)) or self._balance(cur, stake_account(proposer)) <= 0:
                 raise GovernanceError(f"{proposer} has no stake: only staked providers propose")
             ends = now + self._param(cur, "voting_seconds")
-            return cur.execute("INSERT INTO proposals (proposer, param, value, created_at, ends_at, status, idem) "
-                               "VALUES (?, ?, ?, ?, ?, 'open', ?) RETURNING id",
-                               (proposer, param, value, now, ends, idem)).scalar()
+            return cur.execute(
+                "INSERT INTO proposals (proposer, param, value, created_at, ends_at, status, idem) "
+                "VALUES (?, ?, ?, ?, ?, 'open', ?) RETURNING id",
+                (proposer, param, value, now, ends, idem),
+            ).scalar()
 
     def vote(self, proposal: int, voter: str, yes: bool, now: float) -> int:
         """One staked token, one vote: the voter's locked stake now is its weight."""
@@ -746,8 +877,10 @@ class Ledger:
                 raise GovernanceError(f"{voter} has no stake: a vote without stake weighs nothing and is refused")
             if cur.execute("SELECT 1 FROM votes WHERE proposal = ? AND voter = ?", (proposal, voter)).one():
                 raise GovernanceError(f"{voter} already voted on proposal {proposal}")
-            cur.execute("INSERT INTO votes (proposal, voter, yes, weight, at) VALUES (?, ?, ?, ?, ?)",
-                        (proposal, voter, int(bool(yes)), weight, now))
+            cur.execute(
+                "INSERT INTO votes (proposal, voter, yes, weight, at) VALUES (?, ?, ?, ?, ?)",
+                (proposal, voter, int(bool(yes)), weight, now),
+            )
             column = "yes" if yes else "no"
             cur.execute(f"UPDATE proposals SET {column} = {column} + ? WHERE id = ?", (weight, proposal))
             return weight
@@ -760,21 +893,31 @@ class Ledger:
         and left counts no more, and cannot vote again elsewhere within the period (unbonding
         lasts at least as long: params.check_consistent)."""
         with self.db.write() as cur:
-            row = cur.execute("SELECT param, value, ends_at, status, yes, no FROM proposals WHERE id = ?",
-                              (proposal,)).one()
+            row = cur.execute(
+                "SELECT param, value, ends_at, status, yes, no FROM proposals WHERE id = ?", (proposal,)
+            ).one()
             if row is None:
                 raise GovernanceError(f"no proposal {proposal}")
             param, value, ends, status, yes, no = row
             if status != "open":  # tallied before: nothing moves again
-                return {"proposal": proposal, "status": status, "param": param, "value": value, "yes": yes, "no": no,
-                        **self._spent(cur, proposal)}
+                return {
+                    "proposal": proposal,
+                    "status": status,
+                    "param": param,
+                    "value": value,
+                    "yes": yes,
+                    "no": no,
+                    **self._spent(cur, proposal),
+                }
             if now < ends:
                 raise GovernanceError(f"proposal {proposal} is open until {ends}; tally it after")
-            total = cur.execute("SELECT COALESCE(SUM(balance), 0) FROM accounts "
-                                "WHERE kind IN ('stake', 'unbonding')").scalar(0)
+            total = cur.execute(
+                "SELECT COALESCE(SUM(balance), 0) FROM accounts WHERE kind IN ('stake', 'unbonding')"
+            ).scalar(0)
             yes = no = 0
-            for voter, voted_yes, weight in cur.execute("SELECT voter, yes, weight FROM votes WHERE proposal = ?",
-                                                        (proposal,)).all():
+            for voter, voted_yes, weight in cur.execute(
+                "SELECT voter, yes, weight FROM votes WHERE proposal = ?", (proposal,)
+            ).all():
                 bonded = self._balance(cur, stake_account(voter)) + self._balance(cur, unbonding_account(voter))
                 if voted_yes:
                     yes += min(weight, bonded)
@@ -792,17 +935,29 @@ class Ledger:
             status = "passed" if passed else ("rejected" if result.quorum_met else "no-quorum")
             if passed and is_adoption(param):
                 channel, model = check_adoption(param, value)
-                cur.execute("INSERT INTO adoptions (proposal, channel, model, at) VALUES (?, ?, ?, ?)",
-                            (proposal, channel, model, now))
+                cur.execute(
+                    "INSERT INTO adoptions (proposal, channel, model, at) VALUES (?, ?, ?, ?)",
+                    (proposal, channel, model, now),
+                )
             elif passed and is_spend(param):
                 status = self._pay_spend(cur, proposal, param, value, now)
             elif passed:
-                cur.execute("INSERT INTO param_changes (name, old, new, proposal, at) VALUES (?, ?, ?, ?, ?)",
-                            (param, p[param], value, proposal, now))
+                cur.execute(
+                    "INSERT INTO param_changes (name, old, new, proposal, at) VALUES (?, ?, ?, ?, ?)",
+                    (param, p[param], value, proposal, now),
+                )
                 cur.execute("UPDATE params SET value = ? WHERE name = ?", (value, param))
             cur.execute("UPDATE proposals SET status = ?, yes = ?, no = ? WHERE id = ?", (status, yes, no, proposal))
-            return {"proposal": proposal, "status": status, "param": param, "value": value, "yes": yes, "no": no,
-                    "total_stake": total, **self._spent(cur, proposal)}
+            return {
+                "proposal": proposal,
+                "status": status,
+                "param": param,
+                "value": value,
+                "yes": yes,
+                "no": no,
+                "total_stake": total,
+                **self._spent(cur, proposal),
+            }
 
     def _spend_dest(self, cur: Cursor, param: str, value: object) -> str:
         """A treasury spend's destination: an open user or provider account."""
@@ -820,29 +975,39 @@ class Ledger:
         dest = self._spend_dest(cur, param, amount)
         if self._balance(cur, SYSTEM["treasury"]) < amount:
             return "failed"
-        self._apply(cur, f"treasury-spend:{proposal}", "treasury-spend", f"proposal:{proposal}", now,
-                    {"proposal": proposal, "dest": dest, "amount": amount},
-                    [Posting(SYSTEM["treasury"], dest, amount)])
+        self._apply(
+            cur,
+            f"treasury-spend:{proposal}",
+            "treasury-spend",
+            f"proposal:{proposal}",
+            now,
+            {"proposal": proposal, "dest": dest, "amount": amount},
+            [Posting(SYSTEM["treasury"], dest, amount)],
+        )
         return "passed"
 
     def _spent(self, cur: Cursor, proposal: int) -> dict:
         """{"spent": {entry, debit, credit, amount}} for a paid treasury spend, else {}."""
-        row = cur.execute("SELECT e.id, p.debit, p.credit, p.amount FROM entries e "
-                          "JOIN postings p ON p.entry_id = e.id WHERE e.idem = ?",
-                          (f"treasury-spend:{proposal}",)).one()
+        row = cur.execute(
+            "SELECT e.id, p.debit, p.credit, p.amount FROM entries e "
+            "JOIN postings p ON p.entry_id = e.id WHERE e.idem = ?",
+            (f"treasury-spend:{proposal}",),
+        ).one()
         return {} if row is None else {"spent": dict(zip(("entry", "debit", "credit", "amount"), row, strict=True))}
 
     def adoptions(self, after: int = 0) -> list[dict]:
         """Model versions adopted by a passed vote, in proposal order (after proposal id `after`)."""
         with self.db.read() as cur:
-            rows = cur.execute("SELECT proposal, channel, model, at FROM adoptions WHERE proposal > ? "
-                               "ORDER BY proposal", (after,)).all()
+            rows = cur.execute(
+                "SELECT proposal, channel, model, at FROM adoptions WHERE proposal > ? ORDER BY proposal", (after,)
+            ).all()
         return [dict(zip(("proposal", "channel", "model", "at"), r, strict=True)) for r in rows]
 
     def proposals(self) -> list[dict]:
         with self.db.read() as cur:
-            rows = cur.execute("SELECT id, proposer, param, value, created_at, ends_at, status, yes, no "
-                               "FROM proposals ORDER BY id").all()
+            rows = cur.execute(
+                "SELECT id, proposer, param, value, created_at, ends_at, status, yes, no FROM proposals ORDER BY id"
+            ).all()
         keys = ("id", "proposer", "param", "value", "created_at", "ends_at", "status", "yes", "no")
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
@@ -881,7 +1046,8 @@ class Ledger:
             rows = cur.execute(
                 "SELECT e.id, e.idem, e.kind, e.cause, e.at, p.debit, p.credit, p.amount FROM postings p "
                 "JOIN entries e ON e.id = p.entry_id WHERE p.debit = ? OR p.credit = ? ORDER BY e.id DESC LIMIT ?",
-                (account, account, limit)).all()
+                (account, account, limit),
+            ).all()
         keys = ("entry", "idem", "kind", "cause", "at", "debit", "credit", "amount")
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
@@ -894,22 +1060,28 @@ class Ledger:
             raise LedgerError(f"an audit lists at least one entry: --limit {limit!r}")
         marks = ", ".join("?" * len(OPERATOR_KINDS))
         with self.db.read() as cur:
-            entries = cur.execute(f"SELECT id, at, kind, idem, cause FROM entries WHERE kind IN ({marks}) "
-                                  "ORDER BY id DESC LIMIT ?", (*OPERATOR_KINDS, limit)).all()
+            entries = cur.execute(
+                f"SELECT id, at, kind, idem, cause FROM entries WHERE kind IN ({marks}) ORDER BY id DESC LIMIT ?",
+                (*OPERATOR_KINDS, limit),
+            ).all()
             ids = [e[0] for e in entries]
             postings: dict[int, list[tuple[str, str, int]]] = {}
             grants: dict[str, tuple[str, str]] = {}
             if ids:
                 for entry, debit, credit, amount in cur.execute(
-                        f"SELECT entry_id, debit, credit, amount FROM postings WHERE entry_id IN "
-                        f"({', '.join('?' * len(ids))}) ORDER BY entry_id", ids).all():
+                    f"SELECT entry_id, debit, credit, amount FROM postings WHERE entry_id IN "
+                    f"({', '.join('?' * len(ids))}) ORDER BY entry_id",
+                    ids,
+                ).all():
                     postings.setdefault(entry, []).append((debit, credit, amount))
                 idems = [e[3] for e in entries if e[2] in ("grant", "revoke")]
                 if idems:
                     named = ", ".join("?" * len(idems))
                     for account, client, granted, revoked in cur.execute(
-                            "SELECT account, client, grant_idem, revoke_idem FROM grants "
-                            f"WHERE grant_idem IN ({named}) OR revoke_idem IN ({named})", (*idems, *idems)).all():
+                        "SELECT account, client, grant_idem, revoke_idem FROM grants "
+                        f"WHERE grant_idem IN ({named}) OR revoke_idem IN ({named})",
+                        (*idems, *idems),
+                    ).all():
                         grants[granted] = (account, client)
                         if revoked is not None:
                             grants[revoked] = (account, client)
@@ -917,17 +1089,33 @@ class Ledger:
         for entry, at, kind, idem, cause in entries:
             moved = postings.get(entry, [])
             account, client = grants.get(idem, (None, None))
-            accounts = [user(account)] if account is not None else \
-                list(dict.fromkeys(a for d, c, _ in moved for a in (d, c)))
-            rows.append({"entry": entry, "at": at, "kind": kind, "accounts": accounts,
-                         "amount": sum(a for _, _, a in moved), "client": client, "idem": idem, "cause": cause})
+            accounts = (
+                [user(account)] if account is not None else list(dict.fromkeys(a for d, c, _ in moved for a in (d, c)))
+            )
+            rows.append(
+                {
+                    "entry": entry,
+                    "at": at,
+                    "kind": kind,
+                    "accounts": accounts,
+                    "amount": sum(a for _, _, a in moved),
+                    "client": client,
+                    "idem": idem,
+                    "cause": cause,
+                }
+            )
         return rows
 
     def leaderboard(self, by: str = "owner", limit: int = 20) -> list[tuple[str, int]]:
         column = {"owner": "owner", "worker": "worker"}[by]
         with self.db.read() as cur:
-            return [tuple(r) for r in cur.execute(f"SELECT {column}, SUM(units) AS u FROM credits GROUP BY {column} "
-                                                  "ORDER BY u DESC, 1 LIMIT ?", (limit,)).all()]
+            return [
+                tuple(r)
+                for r in cur.execute(
+                    f"SELECT {column}, SUM(units) AS u FROM credits GROUP BY {column} ORDER BY u DESC, 1 LIMIT ?",
+                    (limit,),
+                ).all()
+            ]
 
     def report(self) -> dict:
         """The public transparency report (integers of the smallest unit)."""
@@ -939,35 +1127,49 @@ class Ledger:
                 return sum(b for n, b in bal.items() if kinds[n] in ks)
 
             def credited(kind: str, to_kinds: tuple[str, ...]) -> int:
-                rows = cur.execute("SELECT p.credit, p.amount FROM postings p JOIN entries e ON e.id = p.entry_id "
-                                   "WHERE e.kind = ?", (kind,)).all()
+                rows = cur.execute(
+                    "SELECT p.credit, p.amount FROM postings p JOIN entries e ON e.id = p.entry_id WHERE e.kind = ?",
+                    (kind,),
+                ).all()
                 return sum(a for c, a in rows if kinds.get(c) in to_kinds)
 
             max_supply = self._param(cur, "max_supply")
             return {
-                "max_supply": max_supply, "minted": -bal["issuance"], "burned": bal["burn"],
-                "treasury": bal["treasury"], "emission_pool": bal["emission"], "escrow": bal["escrow"],
+                "max_supply": max_supply,
+                "minted": -bal["issuance"],
+                "burned": bal["burn"],
+                "treasury": bal["treasury"],
+                "emission_pool": bal["emission"],
+                "escrow": bal["escrow"],
                 "balances_total": sum(b for n, b in bal.items() if n not in ("issuance", "burn")),
-                "staked_total": sum_kind("stake"), "unbonding_total": sum_kind("unbonding"),
+                "staked_total": sum_kind("stake"),
+                "unbonding_total": sum_kind("unbonding"),
                 "vesting_locked": sum_kind("vesting"),
                 "fees": cur.execute("SELECT COALESCE(SUM(fee), 0) FROM holds WHERE settled = 1").scalar(0),
                 "rewards": credited("settle", ("provider",)) + credited("emission", ("provider",)),
                 "emitted": credited("emission", ("provider",)),
                 "slashed": cur.execute("SELECT COALESCE(SUM(amount), 0) FROM slashes").scalar(0),
-                "treasury_spent": cur.execute("SELECT COALESCE(SUM(p.amount), 0) FROM postings p JOIN entries e "
-                                              "ON e.id = p.entry_id WHERE e.kind = 'treasury-spend'").scalar(0),
-                "accounts": len(bal), "entries": cur.execute("SELECT COUNT(*) FROM entries").scalar(0),
+                "treasury_spent": cur.execute(
+                    "SELECT COALESCE(SUM(p.amount), 0) FROM postings p JOIN entries e "
+                    "ON e.id = p.entry_id WHERE e.kind = 'treasury-spend'"
+                ).scalar(0),
+                "accounts": len(bal),
+                "entries": cur.execute("SELECT COUNT(*) FROM entries").scalar(0),
             }
 
     def _spend_problems(self, cur: Cursor) -> list[str]:
         """Each passed treasury spend paid exactly once, as voted; no treasury spend without one."""
-        voted = {f"treasury-spend:{i}": (param.removeprefix("spend:"), value)
-                 for i, param, value in cur.execute("SELECT id, param, value FROM proposals "
-                                                    "WHERE status = 'passed' AND param LIKE ?", ("spend:%",)).all()}
+        voted = {
+            f"treasury-spend:{i}": (param.removeprefix("spend:"), value)
+            for i, param, value in cur.execute(
+                "SELECT id, param, value FROM proposals WHERE status = 'passed' AND param LIKE ?", ("spend:%",)
+            ).all()
+        }
         paid: dict[str, list[tuple[str, str, int]]] = {}
         for idem, debit, credit, amount in cur.execute(
-                "SELECT e.idem, p.debit, p.credit, p.amount FROM entries e JOIN postings p ON p.entry_id = e.id "
-                "WHERE e.kind = 'treasury-spend'").all():
+            "SELECT e.idem, p.debit, p.credit, p.amount FROM entries e JOIN postings p ON p.entry_id = e.id "
+            "WHERE e.kind = 'treasury-spend'"
+        ).all():
             paid.setdefault(idem, []).append((debit, credit, amount))
         problems = [f"{idem}: a treasury spend without a passed proposal" for idem in sorted(set(paid) - set(voted))]
         for idem, (dest, amount) in sorted(voted.items()):
@@ -1003,17 +1205,20 @@ class Ledger:
                 if bal.get("escrow", 0) != escrowed:
                     problems.append(f"escrow holds {bal.get('escrow', 0)} but open holds sum to {escrowed}")
                 for request, state, settled in cur.execute(
-                        "SELECT request, state, settled FROM holds WHERE NOT ((state = 'open' AND settled = 0) "
-                        "OR (state IN ('settled', 'expired') AND settled = 1)) ORDER BY request LIMIT 10").all():
+                    "SELECT request, state, settled FROM holds WHERE NOT ((state = 'open' AND settled = 0) "
+                    "OR (state IN ('settled', 'expired') AND settled = 1)) ORDER BY request LIMIT 10"
+                ).all():
                     problems.append(f"hold {request}: state {state!r} with settled={settled}")
                 problems += self._spend_problems(cur)
                 for name in (n for n, k in kinds.items() if k == "unbonding"):
-                    rows = cur.execute("SELECT COALESCE(SUM(amount), 0) FROM unbonding WHERE provider = ?",
-                                       (name.split(":", 1)[1],)).scalar(0)
+                    rows = cur.execute(
+                        "SELECT COALESCE(SUM(amount), 0) FROM unbonding WHERE provider = ?", (name.split(":", 1)[1],)
+                    ).scalar(0)
                     if rows != bal[name]:
                         problems.append(f"{name} holds {bal[name]} but its unbonding rows sum to {rows}")
                 for bucket, total, released in cur.execute("SELECT bucket, total, released FROM vesting").all():
                     if bal.get(f"vesting:{bucket}") != total - released:
-                        problems.append(f"vesting:{bucket} holds {bal.get(f'vesting:{bucket}')}, "
-                                        f"not {total} - {released} released")
+                        problems.append(
+                            f"vesting:{bucket} holds {bal.get(f'vesting:{bucket}')}, not {total} - {released} released"
+                        )
         return problems

@@ -126,9 +126,14 @@ class Database:
 
     def _columns(self, cur: Cursor, table: str) -> set[str]:
         if self.dialect == "postgres":
-            return {r[0] for r in cur.execute("SELECT column_name FROM information_schema.columns "
-                                              "WHERE table_schema = current_schema() AND table_name = ?",
-                                              (table,)).all()}
+            return {
+                r[0]
+                for r in cur.execute(
+                    "SELECT column_name FROM information_schema.columns "
+                    "WHERE table_schema = current_schema() AND table_name = ?",
+                    (table,),
+                ).all()
+            }
         return {r[1] for r in cur.execute(f"PRAGMA table_info({table})").all()}
 
     def _add_columns(self, cur: Cursor) -> None:

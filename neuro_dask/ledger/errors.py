@@ -18,8 +18,10 @@ class BadAmountError(LedgerError, ValueError):
 class UnknownAccountError(LedgerError, KeyError):
     def __init__(self, account: str):
         self.account = account
-        super().__init__(f"no account {account!r}: open it first (`neuro-dask ledger open USER`, or "
-                         "`neuro-dask ledger open-provider NAME`; a scheduler with a ledger opens its workers)")
+        super().__init__(
+            f"no account {account!r}: open it first (`neuro-dask ledger open USER`, or "
+            "`neuro-dask ledger open-provider NAME`; a scheduler with a ledger opens its workers)"
+        )
 
     def __str__(self) -> str:  # KeyError would quote the message
         return self.args[0]
@@ -58,9 +60,11 @@ class NotGrantedError(LedgerError):
 
     def __init__(self, account: str, client: str):
         self.account, self.client = account, client
-        super().__init__(f"client {client!r} may not charge the account user:{account}: a client certificate charges "
-                         f"only its own account, or one whose owner granted it (the operator runs "
-                         f"`neuro-dask ledger grant {account} {client}`); nothing was held")
+        super().__init__(
+            f"client {client!r} may not charge the account user:{account}: a client certificate charges "
+            f"only its own account, or one whose owner granted it (the operator runs "
+            f"`neuro-dask ledger grant {account} {client}`); nothing was held"
+        )
 
 
 class SettledError(LedgerError):
@@ -69,14 +73,18 @@ class SettledError(LedgerError):
     def __init__(self, request: str, state: str, fee: int):
         self.request, self.state, self.fee = request, state, fee
         how = "after its hold expired" if state == "expired" else "before"
-        super().__init__(f"request {request!r} was already settled {how} (fee {fee} units): a request is paid once, "
-                         "so nothing moved now; the work passed this time is not paid")
+        super().__init__(
+            f"request {request!r} was already settled {how} (fee {fee} units): a request is paid once, "
+            "so nothing moved now; the work passed this time is not paid"
+        )
 
 
 class TreasuryError(LedgerError):
     def __init__(self, why: str = "a transfer cannot draw on the treasury"):
-        super().__init__(f"{why}: the treasury moves only through a passed spend proposal "
-                         "(`neuro-dask gov propose-spend PROPOSER DEST AMOUNT`, voted by stake, paid at its tally)")
+        super().__init__(
+            f"{why}: the treasury moves only through a passed spend proposal "
+            "(`neuro-dask gov propose-spend PROPOSER DEST AMOUNT`, voted by stake, paid at its tally)"
+        )
 
 
 class VestingError(LedgerError):
@@ -91,5 +99,7 @@ class LedgerConnectionError(LedgerError, ConnectionError):
     def __init__(self, url: str, detail: str):
         self.url = url  # already redacted
         self.detail = detail
-        super().__init__(f"cannot open the ledger database at {url}: {detail}. Check that the server runs "
-                         "and accepts this user, and the URL (--db, --neuro-ledger or neuro.ledger.url)")
+        super().__init__(
+            f"cannot open the ledger database at {url}: {detail}. Check that the server runs "
+            "and accepts this user, and the URL (--db, --neuro-ledger or neuro.ledger.url)"
+        )

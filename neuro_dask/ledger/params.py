@@ -102,8 +102,12 @@ def check_spend(param: str, value: object) -> str:
     """The destination account of a treasury-spend proposal, or ParamError."""
     match = _SPEND.fullmatch(param) if isinstance(param, str) else None
     if match is None:
-        raise ParamError(param, value, "a treasury spend is spend:user:NAME or spend:provider:NAME: it pays a "
-                                       "user's or a provider's spendable account, never a locked or system one")
+        raise ParamError(
+            param,
+            value,
+            "a treasury spend is spend:user:NAME or spend:provider:NAME: it pays a "
+            "user's or a provider's spendable account, never a locked or system one",
+        )
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < MAX_SPEND:
         raise ParamError(param, value, "a treasury spend's value is the amount: an integer of units above 0")
     return match.group(1)
@@ -118,14 +122,20 @@ def check_consistent(params: Mapping[str, int]) -> None:
     (unbonding lasts at least the voting period); the private tier is never cheaper than the
     standard one (each of its calls occupies two workers, docs/privacy.md)."""
     if params.get("unbonding_seconds", 0) < params.get("voting_seconds", 0):
-        raise ParamError("unbonding_seconds", params.get("unbonding_seconds"),
-                         f"must be at least voting_seconds ({params.get('voting_seconds')}), so that stake "
-                         "cannot vote, leave and vote again within one vote")
+        raise ParamError(
+            "unbonding_seconds",
+            params.get("unbonding_seconds"),
+            f"must be at least voting_seconds ({params.get('voting_seconds')}), so that stake "
+            "cannot vote, leave and vote again within one vote",
+        )
     private, standard = params.get("price_per_private_expert_token"), params.get("price_per_expert_token")
     if private is not None and standard is not None and private < standard:
-        raise ParamError("price_per_private_expert_token", private,
-                         f"must be at least price_per_expert_token ({standard}): a private call occupies two "
-                         "workers, so it never costs less than a standard one")
+        raise ParamError(
+            "price_per_private_expert_token",
+            private,
+            f"must be at least price_per_expert_token ({standard}): a private call occupies two "
+            "workers, so it never costs less than a standard one",
+        )
 
 
 @dataclass(frozen=True)
@@ -139,16 +149,26 @@ class LedgerConfig:
     """Genesis and starting parameters (integers throughout)."""
 
     max_supply: int = 1_000_000_000 * UNIT
-    allocation_bps: Mapping[str, int] = field(default_factory=lambda: {
-        "community": 4_000, "treasury": 2_000, "team": 2_000, "investors": 1_500, "liquidity": 500})
+    allocation_bps: Mapping[str, int] = field(
+        default_factory=lambda: {
+            "community": 4_000,
+            "treasury": 2_000,
+            "team": 2_000,
+            "investors": 1_500,
+            "liquidity": 500,
+        }
+    )
     emission_pool_bps: int = 7_500  # of the community allocation, set aside for provider emissions
     vesting: Mapping[str, Vesting] = field(default_factory=lambda: {"team": Vesting(), "investors": Vesting()})
     params: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_PARAMS))
 
     def __post_init__(self) -> None:
         if sorted(self.allocation_bps) != sorted(ALLOCATIONS) or sum(self.allocation_bps.values()) != BPS:
-            raise ParamError("allocations", dict(self.allocation_bps),
-                             f"must give each of {', '.join(ALLOCATIONS)} a share, summing to 100%")
+            raise ParamError(
+                "allocations",
+                dict(self.allocation_bps),
+                f"must give each of {', '.join(ALLOCATIONS)} a share, summing to 100%",
+            )
         if not 0 < self.max_supply < 2**62:
             raise ParamError("max_supply", self.max_supply, "must be positive and fit a 64-bit integer")
         if not 0 <= self.emission_pool_bps <= BPS:
@@ -189,17 +209,28 @@ class LedgerConfig:
         vest = raw.get("vesting", {})
         private = raw.get("price-per-private-expert-token")  # absent in configs older than the private tier
         params = {
-            "price_per_expert_token": units("price-per-expert-token"), "price_per_request": units("price-per-request"),
-            "price_per_private_expert_token": (units("price-per-private-expert-token") if private is not None
-                                               else 2 * units("price-per-expert-token")),
-            "treasury_bps": bps("treasury-share"), "burn_bps": bps("burn-share"), "min_stake": units("min-stake"),
-            "unbonding_seconds": int(raw["unbonding-seconds"]), "epoch_seconds": int(raw["epoch-seconds"]),
-            "emission_initial": units("emission-initial"), "emission_decay_bps": bps("emission-decay"),
-            "slash_bps": bps("slash-fraction"), "slash_correlation_bps": bps("slash-correlation"),
-            "slash_max_bps": bps("slash-max-fraction"), "slash_burn_bps": bps("slash-burn-share"),
-            "slash_window_seconds": int(raw["slash-window-seconds"]), "spot_check_bps": bps("spot-check"),
-            "min_quorum": int(raw["min-quorum"]), "voting_seconds": int(raw["voting-seconds"]),
-            "gov_quorum_bps": bps("vote-quorum"), "gov_threshold_bps": bps("vote-threshold"),
+            "price_per_expert_token": units("price-per-expert-token"),
+            "price_per_request": units("price-per-request"),
+            "price_per_private_expert_token": (
+                units("price-per-private-expert-token") if private is not None else 2 * units("price-per-expert-token")
+            ),
+            "treasury_bps": bps("treasury-share"),
+            "burn_bps": bps("burn-share"),
+            "min_stake": units("min-stake"),
+            "unbonding_seconds": int(raw["unbonding-seconds"]),
+            "epoch_seconds": int(raw["epoch-seconds"]),
+            "emission_initial": units("emission-initial"),
+            "emission_decay_bps": bps("emission-decay"),
+            "slash_bps": bps("slash-fraction"),
+            "slash_correlation_bps": bps("slash-correlation"),
+            "slash_max_bps": bps("slash-max-fraction"),
+            "slash_burn_bps": bps("slash-burn-share"),
+            "slash_window_seconds": int(raw["slash-window-seconds"]),
+            "spot_check_bps": bps("spot-check"),
+            "min_quorum": int(raw["min-quorum"]),
+            "voting_seconds": int(raw["voting-seconds"]),
+            "gov_quorum_bps": bps("vote-quorum"),
+            "gov_threshold_bps": bps("vote-threshold"),
         }
         return cls(
             max_supply=units("max-supply"),

@@ -29,7 +29,7 @@ import math
 from collections.abc import Iterable, Mapping
 
 from neuro_dask.ledger.books import Ledger
-from neuro_dask.ledger.errors import NotGrantedError, InsufficientFundsError, LedgerError, UnknownAccountError
+from neuro_dask.ledger.errors import InsufficientFundsError, LedgerError, NotGrantedError, UnknownAccountError
 from neuro_dask.ledger.params import LedgerConfig
 from neuro_dask.ledger.policy import TIERS
 
@@ -69,26 +69,46 @@ class LedgerService:
 
     # ---- requests ---------------------------------------------------------------------------
 
-    def hold(self, account: str, request: str, expert_tokens: int, now: float, tier: str = "standard",
-             client: str | None = None, lease_seconds: float = LEASE_SECONDS) -> dict:
+    def hold(
+        self,
+        account: str,
+        request: str,
+        expert_tokens: int,
+        now: float,
+        tier: str = "standard",
+        client: str | None = None,
+        lease_seconds: float = LEASE_SECONDS,
+    ) -> dict:
         """Quote and hold before any work: {"status": "OK", "held": units, "tier", "expires"} or
         {"status": "error", "message"}. `account` is the user name charged; `client`, the name on
         the asking connection's certificate (None: the caller checked nothing, as in drills), must
         be the account's or granted by its owner."""
         if tier not in TIERS:
             return {"status": "error", "message": f"unknown tier {tier!r}: one of {', '.join(TIERS)}"}
-        if isinstance(lease_seconds, bool) or not isinstance(lease_seconds, (int, float)) \
-                or not math.isfinite(lease_seconds) or lease_seconds <= 0:
-            return {"status": "error", "message": f"a hold's lease must be a positive number of seconds, "
-                                                  f"not {lease_seconds!r}"}
+        if (
+            isinstance(lease_seconds, bool)
+            or not isinstance(lease_seconds, (int, float))
+            or not math.isfinite(lease_seconds)
+            or lease_seconds <= 0
+        ):
+            return {
+                "status": "error",
+                "message": f"a hold's lease must be a positive number of seconds, not {lease_seconds!r}",
+            }
         try:
-            amount = (self.ledger.quote(0, private_tokens=expert_tokens) if tier == "private"
-                      else self.ledger.quote(expert_tokens))
-            receipt = self.ledger.hold(account, request, amount, now=now, expires_at=now + lease_seconds, tier=tier,
-                                       by=client)
+            amount = (
+                self.ledger.quote(0, private_tokens=expert_tokens)
+                if tier == "private"
+                else self.ledger.quote(expert_tokens)
+            )
+            receipt = self.ledger.hold(
+                account, request, amount, now=now, expires_at=now + lease_seconds, tier=tier, by=client
+            )
         except UnknownAccountError:
-            return {"status": "error", "message": f"no ledger account user:{account}: open and fund it "
-                                                  f"(`neuro-dask ledger open {account}`)"}
+            return {
+                "status": "error",
+                "message": f"no ledger account user:{account}: open and fund it (`neuro-dask ledger open {account}`)",
+            }
         except InsufficientFundsError as exc:
             return {"status": "error", "message": f"insufficient funds for this request: {exc}"}
         except NotGrantedError as exc:  # the certificate asked to spend an account not its own
@@ -98,14 +118,21 @@ class LedgerService:
         if receipt.replayed:  # a retried request: the first hold, its amount and its expiry stand
             first = self.ledger.hold_of(request) or {}
             if first.get("state", "open") != "open":
-                return {"status": "error", "message": f"request {request!r} was held and settled before: "
-                                                      "a new request needs a new id"}
-            return {"status": "OK", "held": first.get("amount", amount), "tier": first.get("tier", tier),
-                    "expires": first.get("expires_at", now + lease_seconds)}
+                return {
+                    "status": "error",
+                    "message": f"request {request!r} was held and settled before: a new request needs a new id",
+                }
+            return {
+                "status": "OK",
+                "held": first.get("amount", amount),
+                "tier": first.get("tier", tier),
+                "expires": first.get("expires_at", now + lease_seconds),
+            }
         return {"status": "OK", "held": amount, "tier": tier, "expires": now + lease_seconds}
 
-    def settle(self, request: str, now: float, work: Mapping[str, int],
-               share_rows: Mapping[str, int] | None = None) -> dict:
+    def settle(
+        self, request: str, now: float, work: Mapping[str, int], share_rows: Mapping[str, int] | None = None
+    ) -> dict:
         """Charge the request for the rows the scheduler verified from worker-signed receipts
         (`work`: worker -> standard expert-token rows; `share_rows`: worker -> private-tier share
         rows), pay who computed them, refund the rest: {"status": "OK", "tier", "fee", "charged",
@@ -117,11 +144,22 @@ class LedgerService:
         except LedgerError as exc:
             return {"status": "error", "message": str(exc)}
         if s.ignored:  # the scheduler passes only workers it verified: a name without accounts is its bug
-            log.warning("request %s: rows of %s, who have no provider account, were neither charged nor paid",
-                        request, ", ".join(s.ignored))
-        return {"status": "OK", "tier": s.tier, "fee": s.fee, "charged": s.charged, "expert_tokens": s.expert_tokens,
-                "private_expert_tokens": s.private_expert_tokens,
-                "paid": {p.credit: p.amount for p in s.receipt.postings}, "state": s.state, "replayed": s.replayed}
+            log.warning(
+                "request %s: rows of %s, who have no provider account, were neither charged nor paid",
+                request,
+                ", ".join(s.ignored),
+            )
+        return {
+            "status": "OK",
+            "tier": s.tier,
+            "fee": s.fee,
+            "charged": s.charged,
+            "expert_tokens": s.expert_tokens,
+            "private_expert_tokens": s.private_expert_tokens,
+            "paid": {p.credit: p.amount for p in s.receipt.postings},
+            "state": s.state,
+            "replayed": s.replayed,
+        }
 
     def expire(self, now: float) -> list[str]:
         """The requests whose holds expired open: settle each with the work verified for it."""

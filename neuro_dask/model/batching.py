@@ -101,8 +101,11 @@ class StepCoalescer:
             self._flush()
         while True:
             with self._cv:
-                if not ticket.done and not self._cv.wait_for(lambda: ticket.done, timeout=self.patience) \
-                        and not ticket.taken:
+                if (
+                    not ticket.done
+                    and not self._cv.wait_for(lambda: ticket.done, timeout=self.patience)
+                    and not ticket.taken
+                ):
                     stuck = True  # nobody ran it in time: run what is pending ourselves
                 else:
                     stuck = False
@@ -151,7 +154,7 @@ class StepCoalescer:
         for t in tickets:
             t.result = {}
             for expert, n in t.sizes.items():
-                t.result[expert] = out[expert][offsets[expert]:offsets[expert] + n]
+                t.result[expert] = out[expert][offsets[expert] : offsets[expert] + n]
                 offsets[expert] += n
 
 
@@ -222,5 +225,5 @@ class GenerationBatcher:
             return
         i = 0
         for r in batch:
-            r.result = [t[:r.max_new_tokens] for t in new[i:i + len(r.rows)]]
+            r.result = [t[: r.max_new_tokens] for t in new[i : i + len(r.rows)]]
             i += len(r.rows)

@@ -12,8 +12,16 @@ class KVCache:
     tokens is tracked by the caller's key_valid mask, not here.
     """
 
-    def __init__(self, layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        layers: int,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        capacity: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ):
         shape = (batch, kv_heads, capacity, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
@@ -27,8 +35,8 @@ class KVCache:
         end = self.length + t
         if end > self.capacity:
             raise RuntimeError(f"KV cache overflow: {end} slots needed, {self.capacity} allocated")
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
         self._pending = t
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 

@@ -8,9 +8,10 @@ trunk and the experts never branch on `model_type`.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from neuro_dask.errors import ConfigFieldError, MissingConfigError, UnsupportedModelError
 
@@ -232,8 +233,17 @@ def _validate(cfg: MoEConfig, path: str) -> None:
     def bad(name: str, problem: str) -> None:
         raise ConfigFieldError(path, name, problem)
 
-    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
-                 "num_experts", "num_experts_per_tok", "moe_intermediate_size", "max_position_embeddings"):
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "head_dim",
+        "num_experts",
+        "num_experts_per_tok",
+        "moe_intermediate_size",
+        "max_position_embeddings",
+    ):
         if getattr(cfg, name) <= 0:
             bad(name, f"must be positive, got {getattr(cfg, name)}")
     if cfg.num_attention_heads % cfg.num_key_value_heads:

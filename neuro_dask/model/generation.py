@@ -7,8 +7,8 @@ left padding, positions counted over real tokens only, finished rows filled with
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -73,8 +73,8 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     mask = torch.zeros((len(rows), max(width, 1)), dtype=torch.bool)
     for i, row in enumerate(rows):
         if row:
-            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-            mask[i, width - len(row):] = True
+            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row) :] = True
     return ids, mask
 
 
@@ -92,8 +92,9 @@ def check_length(mask: torch.Tensor, max_new_tokens: int, limit: int) -> None:
         if length > limit:
             raise PromptTooLongError(length, limit, row)
         if length + max_new_tokens > limit:
-            raise PromptTooLongError(length + max_new_tokens, limit, row,
-                                     "max_position_embeddings (prompt + max_new_tokens)")
+            raise PromptTooLongError(
+                length + max_new_tokens, limit, row, "max_position_embeddings (prompt + max_new_tokens)"
+            )
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,9 @@ manifest, which the sharder filled from transformers' own model. Same field name
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from neuro_dask.errors import ConfigFieldError
 
@@ -39,8 +40,9 @@ class TransformersMoEConfig:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items() if k != "raw"}
 
     @classmethod
-    def from_manifest(cls, model_type: str, raw: Mapping[str, Any], spec: Mapping[str, Any],
-                      experts: Iterable[Any]) -> TransformersMoEConfig:
+    def from_manifest(
+        cls, model_type: str, raw: Mapping[str, Any], spec: Mapping[str, Any], experts: Iterable[Any]
+    ) -> TransformersMoEConfig:
         where = "manifest.json:config"
         text = raw.get("text_config") if isinstance(raw.get("text_config"), Mapping) else raw
         per_layer: dict[int, int] = {}
@@ -55,14 +57,16 @@ class TransformersMoEConfig:
             model_type=model_type,
             vocab_size=_positive(text.get("vocab_size"), "vocab_size", where),
             hidden_size=hidden,
-            num_hidden_layers=_positive(spec.get("num_hidden_layers", text.get("num_hidden_layers")),
-                                        "num_hidden_layers", where),
+            num_hidden_layers=_positive(
+                spec.get("num_hidden_layers", text.get("num_hidden_layers")), "num_hidden_layers", where
+            ),
             num_experts=max(per_layer.values()),
             num_experts_per_tok=_positive(spec.get("top_k"), "experts_spec.top_k", where),
             moe_layers=tuple(sorted(per_layer)),
             moe_intermediate_size=max(1, params // (3 * hidden)),
-            max_position_embeddings=_positive(text.get("max_position_embeddings", 1 << 20),
-                                              "max_position_embeddings", where),
+            max_position_embeddings=_positive(
+                text.get("max_position_embeddings", 1 << 20), "max_position_embeddings", where
+            ),
             expert_parameters=params,
             tie_word_embeddings=bool(text.get("tie_word_embeddings", False)),
             bos_token_id=_maybe_int(text.get("bos_token_id")),

@@ -50,13 +50,25 @@ class TransformersMoEModel(MoEModel):
     def _dispatch(self, layer: int, groups):
         return self._coalescer().run_layer(layer, groups)
 
-    def _run(self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor, routed: torch.Tensor | None,
-             cache: Any = None, last_only: bool = True):
+    def _run(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        key_valid: torch.Tensor,
+        routed: torch.Tensor | None,
+        cache: Any = None,
+        last_only: bool = True,
+    ):
         device = self.device
         with expert_calls(self._dispatch, None if routed is None else routed.to(device)):
-            return self.trunk(input_ids=ids.to(device), attention_mask=key_valid.to(device, torch.long),
-                              position_ids=positions.to(device), cache=cache, use_cache=last_only,
-                              logits_to_keep=1 if last_only else 0)
+            return self.trunk(
+                input_ids=ids.to(device),
+                attention_mask=key_valid.to(device, torch.long),
+                position_ids=positions.to(device),
+                cache=cache,
+                use_cache=last_only,
+                logits_to_keep=1 if last_only else 0,
+            )
 
     def _prefill(self, ids, positions, key_valid, routed, capacity):
         out = self._run(ids, positions, key_valid, routed)
@@ -77,5 +89,6 @@ class TransformersMoEModel(MoEModel):
         budget = ids.numel() + ids.shape[0] * int(kwargs.get("max_new_tokens", 20))
         self._check_limits(self._batch(ids, kwargs.get("attention_mask")), kwargs.get("max_new_tokens"))
         with self._request(budget), torch.inference_mode():
-            return self.trunk.generate(ids.to(self.device), **{k: (v.to(self.device) if torch.is_tensor(v) else v)
-                                                               for k, v in kwargs.items()})
+            return self.trunk.generate(
+                ids.to(self.device), **{k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in kwargs.items()}
+            )

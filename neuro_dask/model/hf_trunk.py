@@ -15,8 +15,9 @@ import contextlib
 import functools
 import re
 import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -67,8 +68,9 @@ def experts_modules(model: nn.Module) -> dict[int, nn.Module]:
     return found
 
 
-def neuro_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                          top_k_weights: torch.Tensor) -> torch.Tensor:
+def neuro_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
     """The registered experts implementation: hidden [N, D] -> sum_k w_k * expert_k(x) [N, D]."""
     calls = getattr(_STATE, "calls", None) or getattr(self, "_neuro_calls", None)
     if calls is None:
@@ -133,8 +135,11 @@ def _scan_hooked() -> tuple[str, ...]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     models = pathlib.Path(transformers.__file__).parent / "models"
-    folders = {p.parent.name for p in models.glob("*/modeling_*.py")
-               if "@use_experts_implementation" in p.read_text(errors="ignore")}
+    folders = {
+        p.parent.name
+        for p in models.glob("*/modeling_*.py")
+        if "@use_experts_implementation" in p.read_text(errors="ignore")
+    }
     # a folder may define several model types (qwen3_5_moe and its text-only qwen3_5_moe_text)
     return tuple(sorted(t for t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if model_type_to_module_name(t) in folders))
 
@@ -157,12 +162,14 @@ def check_config(raw: Mapping[str, Any]) -> None:
     model_type = transformers_model_type(raw.get("model_type"))
     hooked = hooked_model_types()
     if model_type not in hooked:
-        raise UnsupportedModelError(model_type, hooked, reason="its transformers implementation has no routed experts "
-                                                               "through the experts hook")
+        raise UnsupportedModelError(
+            model_type, hooked, reason="its transformers implementation has no routed experts through the experts hook"
+        )
     for cfg in (raw, raw.get("text_config") if isinstance(raw.get("text_config"), Mapping) else {}):
         layers = cfg.get("num_hidden_layers")
-        if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int)
-                                   or not 0 < layers <= MAX_LAYERS):
+        if layers is not None and (
+            isinstance(layers, bool) or not isinstance(layers, int) or not 0 < layers <= MAX_LAYERS
+        ):
             raise ConfigError(f"config.json: num_hidden_layers must be an integer in 1..{MAX_LAYERS}, got {layers!r}")
 
 
@@ -172,15 +179,20 @@ def hf_config(raw: Mapping[str, Any]):
     from transformers import AutoConfig, PretrainedConfig
 
     raw = PretrainedConfig._decode_special_floats(dict(raw))  # {"__float__": "Infinity"} as saved
-    fields = {k: v for k, v in raw.items() if k not in ("model_type", "quantization_config", "transformers_version",
-                                                        "architectures", "torch_dtype", "dtype")}
+    fields = {
+        k: v
+        for k, v in raw.items()
+        if k
+        not in ("model_type", "quantization_config", "transformers_version", "architectures", "torch_dtype", "dtype")
+    }
     model_type = transformers_model_type(raw.get("model_type"))
     fields.pop("auto_map", None)  # remote code is never run: the alias's own transformers classes are
     try:
         return AutoConfig.for_model(model_type, **fields)
     except ValueError as exc:
-        raise UnsupportedModelError(model_type, hooked_model_types(), reason=f"transformers does not know it ({exc})") \
-            from None
+        raise UnsupportedModelError(
+            model_type, hooked_model_types(), reason=f"transformers does not know it ({exc})"
+        ) from None
 
 
 def build_skeleton(raw_config: Mapping[str, Any], dtype: torch.dtype = torch.float32):
@@ -196,8 +208,9 @@ def build_skeleton(raw_config: Mapping[str, Any], dtype: torch.dtype = torch.flo
         try:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, experts_implementation=EXPERTS_IMPLEMENTATION)
         except ValueError as exc:
-            raise UnsupportedModelError(config.model_type, hooked_model_types(),
-                                        reason=f"transformers has no causal LM for it ({exc})") from None
+            raise UnsupportedModelError(
+                config.model_type, hooked_model_types(), reason=f"transformers has no causal LM for it ({exc})"
+            ) from None
     for layer, module in experts_modules(model).items():
         module._neuro_layer = layer
     return model.eval()
@@ -225,8 +238,13 @@ def _tied_names(model: nn.Module) -> set[str]:
     return set(getattr(model, "all_tied_weights_keys", None) or {})
 
 
-def load_trunk(model: nn.Module, tensors: Mapping[str, torch.Tensor], where: str,
-               dtype: torch.dtype, device: torch.device | str = "cpu") -> nn.Module:
+def load_trunk(
+    model: nn.Module,
+    tensors: Mapping[str, torch.Tensor],
+    where: str,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+) -> nn.Module:
     """Assign the trunk's tensors (each present, each shaped as the model says; nothing half
     loaded), move buffers to `device`, and re-tie tied weights. Experts stay on meta."""
     device = torch.device(device)

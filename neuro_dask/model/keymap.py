@@ -11,8 +11,8 @@ The layout is detected from the names present, per layer.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from neuro_dask.errors import MissingTensorError
 from neuro_dask.model.config import MoEConfig

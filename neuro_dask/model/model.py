@@ -1,4 +1,5 @@
-"""MoEModel: the public object. Trunk and router here; experts behind an ExpertExecutor.
+"""MoEModel: the public object. Trunk and router here; experts behind an ExpertExecutor; requests
+(billing, versions) through a RequestScope (model/moe.py's protocols).
 
 Shape legend: B batch, T tokens this step, S cache slots, D hidden, V vocabulary.
 """
@@ -9,9 +10,10 @@ import contextlib
 import logging
 import math
 import threading
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 
@@ -30,7 +32,7 @@ from neuro_dask.model.generation import (
     select_next,
 )
 from neuro_dask.model.layers import RotaryEmbedding, attention_mask
-from neuro_dask.model.moe import ExpertExecutor, combine, group_by_expert, route_tokens
+from neuro_dask.model.moe import ExpertExecutor, NoRequests, RequestScope, combine, group_by_expert, route_tokens
 from neuro_dask.model.tokenizer import Tokenizer
 from neuro_dask.model.trunk import Trunk, TrunkLayer
 from neuro_dask.security.limits import RequestLimits, check_request_limits
@@ -85,6 +87,8 @@ class MoEModel:
     tokenizer: Tokenizer | None = None
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
     source: str = "<memory>"
+    # Where requests begin and end (a scheduler with a ledger bills them); a local model's are free.
+    requests: RequestScope = field(default_factory=NoRequests)
 
     def __post_init__(self) -> None:
         self.rotary = self._rotary()
@@ -94,10 +98,15 @@ class MoEModel:
         # Pipelining: a generation's rows split into `micro_batches` lanes that run in their own
         # threads, each lane with its own coalescer, so that while one lane waits for its experts
         # over the network another computes attention (docs/performance.md).
-        settings = getattr(self.executor, "settings", None)
-        self.micro_batches = int(getattr(settings, "micro_batches", 1) or 1)
+        self.micro_batches = self.requests.micro_batches
         self._lanes: list[StepCoalescer] = []
         self._lane = threading.local()
+
+    def use_requests(self, requests: RequestScope) -> None:
+        """Begin and end this model's requests through `requests` (a distributed model's, once its
+        executor exists), with its lanes per generation (neuro.client.micro-batches)."""
+        self.requests = requests
+        self.micro_batches = requests.micro_batches
 
     def _rotary(self) -> RotaryEmbedding | None:
         return RotaryEmbedding(self.config.head_dim, self.config.rope_theta)
@@ -180,8 +189,9 @@ class MoEModel:
 
     def _check_limits(self, batch: Batch, max_new_tokens: int | None) -> None:
         """Refuse (LimitExceededError) a call above neuro.security's limits, before any work."""
-        check_request_limits(self.request_limits(), batch.mask.sum(-1).tolist(), max_new_tokens,
-                             batch=batch.ids.shape[0])
+        check_request_limits(
+            self.request_limits(), batch.mask.sum(-1).tolist(), max_new_tokens, batch=batch.ids.shape[0]
+        )
 
     def forward(self, input_ids: PromptIds, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, V] (float32 when the trunk is float32); rows left-padded as given."""
@@ -222,8 +232,7 @@ class MoEModel:
             raise GenerationOptionError("max_new_tokens", max_new_tokens, "must be >= 0")
         if isinstance(input_ids, str):
             ids = self.require_tokenizer().encode(input_ids)
-            steps = self.stream([ids], None, max_new_tokens, do_sample, temperature, top_k, top_p, seed,
-                                stop_token_ids)
+            steps = self.stream([ids], None, max_new_tokens, do_sample, temperature, top_k, top_p, seed, stop_token_ids)
             return self._text_steps(steps, set(self.generation.eos_token_ids) | set(stop_token_ids))
         batch = self._batch(input_ids, attention_mask)
         self._check_limits(batch, max_new_tokens)
@@ -239,7 +248,7 @@ class MoEModel:
                 return
             new.append(token)
             text = tok.decode(new)
-            yield TextStep(token, text[len(said):] if text.startswith(said) else text)
+            yield TextStep(token, text[len(said) :] if text.startswith(said) else text)
             said = text
 
     def _stream(
@@ -276,41 +285,47 @@ class MoEModel:
                 if step == max_new_tokens - 1 or not bool(unfinished.any()):
                     return
                 key_valid[:, t + step] = True
-                logits = self._decode(token[:, None], next_pos, key_valid[:, :t + step + 1], cache,
-                                      unfinished[:, None])
+                logits = self._decode(
+                    token[:, None], next_pos, key_valid[:, : t + step + 1], cache, unfinished[:, None]
+                )
                 next_pos = next_pos + 1
 
     # ---- the trunk's three entry points (a transformers trunk overrides them: model/hf_model.py) ---
 
-    def _prefill(self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor, routed: torch.Tensor,
-                 capacity: int) -> tuple[torch.Tensor, KVCache]:
+    def _prefill(
+        self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor, routed: torch.Tensor, capacity: int
+    ) -> tuple[torch.Tensor, KVCache]:
         """The prompt through the model: last position's logits [B, V] (float32) and the cache."""
         cfg = self.config
-        cache = KVCache(cfg.num_hidden_layers, ids.shape[0], cfg.num_key_value_heads, cfg.head_dim, capacity,
-                        self.dtype, self.device)
+        cache = KVCache(
+            cfg.num_hidden_layers,
+            ids.shape[0],
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            capacity,
+            self.dtype,
+            self.device,
+        )
         hidden = self._hidden(ids, positions, key_valid, cache, routed)
         return self.trunk.lm_head(hidden[:, -1]).float(), cache
 
-    def _decode(self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor, cache: KVCache,
-                routed: torch.Tensor) -> torch.Tensor:
+    def _decode(
+        self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor, cache: KVCache, routed: torch.Tensor
+    ) -> torch.Tensor:
         """One new token per row [B, 1] -> the next logits [B, V] (float32)."""
         hidden = self._hidden(ids, positions, key_valid, cache, routed)
         return self.trunk.lm_head(hidden[:, -1]).float()
 
     @contextlib.contextmanager
     def _request(self, tokens: int) -> Iterator[None]:
-        """An executor that charges for work (a scheduler with a ledger) is told where a request
-        starts and ends: it holds the fee for at most `tokens` x layers x top-k x 2 (one check per
-        call) expert-tokens before any work and settles by the validated work after."""
-        begin = getattr(self.executor, "begin_request", None)
-        if begin is None:
-            yield
-            return
-        begin(tokens * self.config.num_hidden_layers * self.config.num_experts_per_tok * 2)
+        """One request from start to end: a scope that charges for work (a scheduler with a ledger)
+        holds the fee for at most `tokens` x layers x top-k x 2 (one check per call) expert-tokens
+        before any work and settles by the validated work after; NoRequests does nothing."""
+        self.requests.begin(tokens * self.config.num_hidden_layers * self.config.num_experts_per_tok * 2)
         try:
             yield
         finally:
-            self.executor.end_request()
+            self.requests.end()
 
     def generate(
         self,
@@ -342,8 +357,9 @@ class MoEModel:
         check_length(batch.mask, max_new_tokens, self.config.max_position_embeddings)
         rows = [batch.ids[r][batch.mask[r]].tolist() for r in range(batch.ids.shape[0])]
         if do_sample and seed is not None:  # a seeded sample must not depend on who else is asking
-            new = self._generate_rows((do_sample, temperature, top_k, top_p, seed, tuple(stop_token_ids)),
-                                      rows, max_new_tokens)
+            new = self._generate_rows(
+                (do_sample, temperature, top_k, top_p, seed, tuple(stop_token_ids)), rows, max_new_tokens
+            )
         else:
             # One batch is one paid request: only calls paid by the same account share it.
             key = (do_sample, temperature, top_k, top_p, None, tuple(stop_token_ids), self._payer())
@@ -359,34 +375,44 @@ class MoEModel:
         if lanes <= 1:
             return self._lane_rows(key, rows, max_new_tokens)
         size = -(-len(rows) // lanes)
-        chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
+        chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
         tokens = sum(len(r) + max_new_tokens for r in rows)
         with self._request(tokens):  # one request for the whole generation, held by this thread
-            stamp = getattr(self.executor, "stamp", {})
+            stamp = self.requests.stamp()
             with ThreadPoolExecutor(len(chunks), thread_name_prefix="neuro-lane") as pool:
-                parts = [pool.submit(self._run_lane, i, key, chunk, max_new_tokens, stamp)
-                         for i, chunk in enumerate(chunks)]
+                parts = [
+                    pool.submit(self._run_lane, i, key, chunk, max_new_tokens, stamp) for i, chunk in enumerate(chunks)
+                ]
                 return [row for part in parts for row in part.result()]
 
-    def _run_lane(self, index: int, key: tuple, rows: list[list[int]], max_new_tokens: int,
-                  stamp: dict) -> list[torch.Tensor]:
+    def _run_lane(
+        self, index: int, key: tuple, rows: list[list[int]], max_new_tokens: int, stamp: dict
+    ) -> list[torch.Tensor]:
         self._lane.coalescer = self._lane_coalescer(index)
-        if stamp and hasattr(self.executor, "stamp"):
-            self.executor.stamp = stamp  # the lane's calls carry the generation's request and ticket
         seed = key[4]
         lane_key = (*key[:4], None if seed is None else seed + index, *key[5:])
         try:
-            return self._lane_rows(lane_key, rows, max_new_tokens, charge=False)
+            with self.requests.lane(stamp):  # the lane's calls carry the generation's request and ticket
+                return self._lane_rows(lane_key, rows, max_new_tokens, charge=False)
         finally:
             self._lane.coalescer = None
 
-    def _lane_rows(self, key: tuple, rows: list[list[int]], max_new_tokens: int,
-                   charge: bool = True) -> list[torch.Tensor]:
+    def _lane_rows(
+        self, key: tuple, rows: list[list[int]], max_new_tokens: int, charge: bool = True
+    ) -> list[torch.Tensor]:
         do_sample, temperature, top_k, top_p, seed, stops = key[:6]
         batch = self._batch(rows, None)  # every caller's rows: checked per call in generate, not here
         check_length(batch.mask, max_new_tokens, self.config.max_position_embeddings)
-        steps = list(self._stream(batch, max_new_tokens, SamplingOptions(do_sample, temperature, top_k, top_p),
-                                  make_generator(seed), stops, charge=charge))
+        steps = list(
+            self._stream(
+                batch,
+                max_new_tokens,
+                SamplingOptions(do_sample, temperature, top_k, top_p),
+                make_generator(seed),
+                stops,
+                charge=charge,
+            )
+        )
         pad = self.generation.pad_or_eos
         new = torch.stack(steps, dim=1) if steps else torch.empty(len(rows), 0, dtype=torch.long)
         if new.shape[1] < max_new_tokens:  # every row stopped early: the rest is padding
@@ -405,11 +431,10 @@ class MoEModel:
     def charging(self, account: str | None):
         """`with model.charging("alice"): ...`: generations started in this thread inside the block
         are paid by that ledger account (a scheduler with a ledger); a no-op for local models."""
-        charging = getattr(self.executor, "charging", None)
-        return charging(account) if charging is not None and account else contextlib.nullcontext()
+        return self.requests.charging(account) if account else contextlib.nullcontext()
 
     def _payer(self) -> str | None:
-        return getattr(self.executor, "account", None)
+        return self.requests.account
 
     def score(self, texts_or_ids: str | Sequence[str] | PromptIds) -> list[ScoreResult]:
         """Per-token log-probabilities of each text (or id row) under the model, from one prefill:
@@ -433,18 +458,32 @@ class MoEModel:
             results.append(ScoreResult(ids.tolist(), scores))
         return results
 
-    def map(self, collection, task: str = "generate", batch_size: int = 32, max_new_tokens: int = 32,
-            progress: bool = True, **options):
+    def map(
+        self,
+        collection,
+        task: str = "generate",
+        batch_size: int = 32,
+        max_new_tokens: int = 32,
+        progress: bool = True,
+        **options,
+    ):
         """Generate for (or score) every prompt of a list, a dask Bag or a dask/pandas Series, in
         batches so that each expert call carries many tokens; returns the same kind of collection.
         A prompt that fails (one longer than neuro.security.max-prompt-tokens included) becomes a
         `MapFailure` (with the error) and the others are delivered. max_new_tokens above
         neuro.security.max-new-tokens, or a batch_size above max-batch, raise LimitExceededError
-        before any work. See neuro_dask/client/mapping.py."""
-        from neuro_dask.client.mapping import map_collection
+        before any work. See neuro_dask/model/mapping.py."""
+        from neuro_dask.model.mapping import map_collection
 
-        return map_collection(self, collection, task=task, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                              progress=progress, **options)
+        return map_collection(
+            self,
+            collection,
+            task=task,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            progress=progress,
+            **options,
+        )
 
     def generate_text(self, prompts: str | Sequence[str], max_new_tokens: int = 32, **options) -> list[str]:
         """Encode, generate, and decode only the new tokens (cut at the first EOS/stop token)."""
@@ -501,15 +540,14 @@ class MoEModel:
             out["bytes_sent"], out["bytes_received"] = int(wire.get("sent", 0)), int(wire.get("received", 0))
         trusted = getattr(executor, "trusted", None)
         if trusted is not None:
-            out.update({name: int(getattr(trusted, name, 0)) for name in ("units", "replicas_sent", "unchecked",
-                                                                           "hedges")})
+            out.update(
+                {name: int(getattr(trusted, name, 0)) for name in ("units", "replicas_sent", "unchecked", "hedges")}
+            )
         return out
 
     def close(self) -> None:
         """Release the executor's connections (a distributed model); a local model has none."""
-        close = getattr(self.executor, "close", None)
-        if close is not None:
-            close()
+        self.executor.close()
 
     def __enter__(self) -> MoEModel:
         return self

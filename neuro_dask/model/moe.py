@@ -8,12 +8,19 @@ One layer's MoE step is three pure functions around one call to an executor:
     executor.run_layer(layer, groups) -> {expert: outputs [n_e, D]}
     combine        -> [N, D] = sum_k weight_k * expert_k(x)
 Each expert runs once over all of its tokens, whatever executor carries the call.
+
+Two protocols meet here. An ExpertExecutor runs layers (`run_layer`) and lets go of what it holds
+(`close`). A RequestScope is where generations start and end as requests, for executors whose work
+is billed and versioned by a scheduler: MoEModel tells it where a request begins and ends, and
+whose account pays; a local model has NoRequests.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Mapping, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -39,11 +46,82 @@ def run_expert(x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
 
 
 class ExpertExecutor(Protocol):
-    """Runs one layer's expert calls. Local, Dask futures and direct transports implement it."""
+    """Runs one layer's expert calls. In process (LocalExpertExecutor, runtime/local.py), on workers
+    (client/dispatch/executor.py) and on secret shares (client/dispatch/private_executor.py)."""
 
     def run_layer(self, layer: int, groups: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """groups: expert id -> rows [n_e, D]; returns expert id -> outputs [n_e, D]."""
         ...
+
+    def close(self) -> None:
+        """Let go of connections and send what is still to be reported; a no-op in process."""
+        ...
+
+
+class RequestScope(Protocol):
+    """Billing and versions: where a generation starts and ends as one request.
+
+    A scheduler with a ledger holds a request's fee before any work (`begin`) and settles it after
+    (`end`); every expert call of the request carries its `stamp` (the request id and the
+    scheduler's ticket). State is per thread: concurrent generations are separate requests, and
+    the lanes of one pipelined generation (threads of their own) join its request with `lane`.
+    """
+
+    micro_batches: int  # lanes a generation's rows split into (neuro.client.micro-batches)
+
+    def begin(self, expert_tokens: int) -> None:
+        """Hold the fee for at most `expert_tokens` (layer, token, expert) evaluations, or raise."""
+        ...
+
+    def end(self) -> None:
+        """Settle this thread's request (nothing when none was begun)."""
+        ...
+
+    def stamp(self) -> dict[str, Any]:
+        """What this thread's expert calls carry: {"request": id, "ticket": ...}, or {} outside one."""
+        ...
+
+    def lane(self, stamp: Mapping[str, Any]) -> contextlib.AbstractContextManager[None]:
+        """Inside the block, this thread's calls work for the request `stamp` names (a lane's thread)."""
+        ...
+
+    def charging(self, account: str | None) -> contextlib.AbstractContextManager[None]:
+        """Inside the block, requests this thread begins are paid by `account`."""
+        ...
+
+    @property
+    def account(self) -> str | None:
+        """Who pays for this thread's next request (None: no one is charged)."""
+        ...
+
+    @property
+    def current_version(self) -> str | None:
+        """The model id current on this model's channel, as last heard at a request's start."""
+        ...
+
+
+class NoRequests:
+    """The request scope of a model whose experts nobody bills: every request is free and local."""
+
+    micro_batches = 1
+    account = None
+    current_version = None
+
+    def begin(self, expert_tokens: int) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+    def stamp(self) -> dict[str, Any]:
+        return {}
+
+    @contextlib.contextmanager
+    def lane(self, stamp: Mapping[str, Any]) -> Iterator[None]:
+        yield
+
+    def charging(self, account: str | None) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
 
 def route_tokens(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +159,7 @@ def group_by_expert(x: torch.Tensor, experts: torch.Tensor) -> ExpertGroups:
     for expert, count in enumerate(counts):
         if count == 0:
             continue
-        picked = order[start:start + count]
+        picked = order[start : start + count]
         start += count
         tokens = torch.div(picked, k, rounding_mode="floor")
         token_index[expert] = tokens
@@ -117,3 +195,6 @@ class LocalExpertExecutor:
 
     def run_layer(self, layer: int, groups: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         return {e: run_expert(rows, self.weights[(layer, e)]) for e, rows in groups.items()}
+
+    def close(self) -> None:
+        pass  # nothing held beyond the weights, which the garbage collector frees

@@ -6,7 +6,7 @@ router always `router`); neuro_dask/model/keymap.py maps each architecture's HF 
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn

@@ -33,8 +33,10 @@ class FixedPointOverflowError(NeuroDaskError):
 
     def __init__(self, largest: float, frac_bits: int):
         self.largest, self.frac_bits = largest, frac_bits
-        super().__init__(f"value {largest:g} does not fit the private tier's fixed point (|x| < 2^{62 - frac_bits} "
-                         f"at 2^{frac_bits}); the model's activations are out of range: use the standard tier")
+        super().__init__(
+            f"value {largest:g} does not fit the private tier's fixed point (|x| < 2^{62 - frac_bits} "
+            f"at 2^{frac_bits}); the model's activations are out of range: use the standard tier"
+        )
 
 
 def encode(x: torch.Tensor, frac_bits: int = FRAC_BITS) -> torch.Tensor:

@@ -11,8 +11,9 @@ Shape legend: n_e rows of expert e, D hidden, I expert intermediate.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -50,20 +51,26 @@ def _unpack(msg: Mapping[str, Any], max_rows: int = MAX_ROWS) -> dict[int, torch
         raise WireFormatError(f"share message data must be bytes, got {type(data).__name__}")
     if len(experts) != len(counts) or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts):
         raise WireFormatError("share message has mismatched experts/counts")
-    if any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in experts) or len(set(experts)) != len(experts):
+    if any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in experts) or len(set(experts)) != len(
+        experts
+    ):
         raise WireFormatError("share message must name distinct experts by integer id")
     total = sum(counts)
     if total > max_rows or not 0 < width <= 4 * MAX_HIDDEN:
         raise WireFormatError(f"share message of {total} rows x {width} is out of bounds")
     if len(data) != total * width * 8:
         raise WireFormatError(f"share message has {len(data)} bytes, header implies {total * width * 8}")
-    rows = torch.frombuffer(data, dtype=torch.int64).reshape(total, width) if total else \
-        torch.empty(0, width, dtype=torch.int64)
+    rows = (
+        torch.frombuffer(data, dtype=torch.int64).reshape(total, width)
+        if total
+        else torch.empty(0, width, dtype=torch.int64)
+    )
     return dict(zip((int(e) for e in experts), torch.split(rows, counts), strict=True))
 
 
-def encode_share_request(model: str, layer: int, step: str, frac_bits: int,
-                         groups: Mapping[int, torch.Tensor]) -> dict[str, Any]:
+def encode_share_request(
+    model: str, layer: int, step: str, frac_bits: int, groups: Mapping[int, torch.Tensor]
+) -> dict[str, Any]:
     if step not in STEPS:
         raise ValueError(f"step must be one of {STEPS}, got {step!r}")
     return {"model": model, "layer": int(layer), "step": step, "frac_bits": int(frac_bits), **_pack(groups)}

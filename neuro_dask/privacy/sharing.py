@@ -15,7 +15,7 @@ No Dask here.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

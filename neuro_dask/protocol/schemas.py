@@ -25,15 +25,15 @@ from typing import Any
 from neuro_dask.errors import NeuroDaskError
 
 # Sizes shared by the schemas below (docs/security.md lists them).
-MAX_ID = 128            # request, call, batch, cause ids
-MAX_NAME = 64           # worker, account, channel names (certificate names are 1-64 characters)
-MAX_MODEL = 256         # model ids (architecture-hash) and channel names
-MAX_ADDRESS = 256       # tcp://host:port, tls://[v6]:port
-MAX_TEXT = 2_000        # free text: reasons, messages
+MAX_ID = 128  # request, call, batch, cause ids
+MAX_NAME = 64  # worker, account, channel names (certificate names are 1-64 characters)
+MAX_MODEL = 256  # model ids (architecture-hash) and channel names
+MAX_ADDRESS = 256  # tcp://host:port, tls://[v6]:port
+MAX_TEXT = 2_000  # free text: reasons, messages
 MAX_URL = 4_096
-MAX_EXPERTS = 1 << 20   # (layer, expert) pairs in one report: far above any model (DeepSeek: 61 x 256)
-MAX_LIST = 10_000       # entries of one report (outcomes, calls, load)
-MAX_RECEIPTS = 4_096    # cumulative receipts in one report (one per worker and request)
+MAX_EXPERTS = 1 << 20  # (layer, expert) pairs in one report: far above any model (DeepSeek: 61 x 256)
+MAX_LIST = 10_000  # entries of one report (outcomes, calls, load)
+MAX_RECEIPTS = 4_096  # cumulative receipts in one report (one per worker and request)
 MAX_OPAQUE_ITEMS = 20_000  # scalars in a field whose content distributed owns
 MAX_DEPTH = 12
 
@@ -269,16 +269,28 @@ WORKER_STATES = ("init", "starting", "running", "paused", "closing", "closing_gr
 # this check, so those maps cannot grow the scheduler's state either.
 NUMBER = Num(-1e18, 1e18)
 METRICS = Record(
-    required={"memory": Int(0, 1 << 60), "cpu": Num(0, 1e6), "managed_bytes": Int(0, 1 << 60),
-              "spilled_bytes": Record({"memory": Int(0, 1 << 60), "disk": Int(0, 1 << 60)}),
-              "bandwidth": Record({"total": Num(0, 1e15), "workers": MapOf(Str(1), NUMBER, 0),
-                                   "types": MapOf(Str(1), NUMBER, 0)}),
-              "digests_total_since_heartbeat": MapOf(Str(1), NUMBER, 0),
-              "time": Num(0, 1e11)},
-    optional={"task_counts": MapOf(Str(64), Int(0, 1 << 40), 32), "event_loop_interval": Num(0, 1e6),
-              "transfer": MapOf(Str(64), NUMBER, 16), "num_fds": Int(0, 1 << 31),
-              "host_net_io": MapOf(Str(64), NUMBER, 8), "host_disk_io": MapOf(Str(64), NUMBER, 8)},
-    rest=Opaque(max_items=2_000, max_depth=4, max_str=4_096), max_rest=64)
+    required={
+        "memory": Int(0, 1 << 60),
+        "cpu": Num(0, 1e6),
+        "managed_bytes": Int(0, 1 << 60),
+        "spilled_bytes": Record({"memory": Int(0, 1 << 60), "disk": Int(0, 1 << 60)}),
+        "bandwidth": Record(
+            {"total": Num(0, 1e15), "workers": MapOf(Str(1), NUMBER, 0), "types": MapOf(Str(1), NUMBER, 0)}
+        ),
+        "digests_total_since_heartbeat": MapOf(Str(1), NUMBER, 0),
+        "time": Num(0, 1e11),
+    },
+    optional={
+        "task_counts": MapOf(Str(64), Int(0, 1 << 40), 32),
+        "event_loop_interval": Num(0, 1e6),
+        "transfer": MapOf(Str(64), NUMBER, 16),
+        "num_fds": Int(0, 1 << 31),
+        "host_net_io": MapOf(Str(64), NUMBER, 8),
+        "host_disk_io": MapOf(Str(64), NUMBER, 8),
+    },
+    rest=Opaque(max_items=2_000, max_depth=4, max_str=4_096),
+    max_rest=64,
+)
 HOST_INFO = MapOf(Str(64), Opaque(max_items=64, max_depth=3, max_str=1_024), 32)
 
 # A signed receipt, as neuro_dask/trust/receipts.py writes it (that module checks it in full;
@@ -287,8 +299,13 @@ RECEIPT = MapOf(Str(32), Opaque(max_items=8_300, max_depth=3, max_str=512), max_
 TICKET = MapOf(Str(32), Opaque(max_items=64, max_depth=2, max_str=512), max_len=32)
 
 _EXPERT_CALL = dict(
-    required={"model": MODEL, "layer": LAYER, "experts": ListOf(EXPERT, 4096), "counts": ListOf(ROWS, 4096),
-              "data": Bytes()},
+    required={
+        "model": MODEL,
+        "layer": LAYER,
+        "experts": ListOf(EXPERT, 4096),
+        "counts": ListOf(ROWS, 4096),
+        "data": Bytes(),
+    },
     optional={"call": ID, "request": ID, "ticket": Maybe(TICKET)},
 )
 
@@ -299,48 +316,87 @@ SCHEMAS: dict[str, Record] = {
     "neuro_routes": Record({"model": MODEL}),
     "neuro_channels": Record(),
     "neuro_ledger_report": Record(),
-    "neuro_request_begin": Record({"model": MODEL},
-                                  {"request": ID, "account": NAME, "expert_tokens": Int(0, 1 << 40),
-                                   "tier": Str(16, choices=TIERS)}),
+    "neuro_request_begin": Record(
+        {"model": MODEL},
+        {"request": ID, "account": NAME, "expert_tokens": Int(0, 1 << 40), "tier": Str(16, choices=TIERS)},
+    ),
     "neuro_request_end": Record({"request": ID}),
     "neuro_report_outcomes": Record(
         {"model": MODEL, "outcomes": ListOf(Row((ADDRESS, Str(16), ID, Int(-1, 1 << 16), Int(-1, 1 << 20), ROWS, ID)))},
-        {"receipts": ListOf(RECEIPT, MAX_RECEIPTS), "batch": ID}),
+        {"receipts": ListOf(RECEIPT, MAX_RECEIPTS), "batch": ID},
+    ),
     "neuro_report_load": Record({"model": MODEL, "load": ListOf(Row((LAYER, EXPERT, Num(0, 1e12))), MAX_EXPERTS)}),
-    "neuro_report_calls": Record({"model": MODEL, "calls": ListOf(Opaque(max_items=256, max_depth=3), 1_000)},
-                                 {"transport": Str(32)}),
+    "neuro_report_calls": Record(
+        {"model": MODEL, "calls": ListOf(Opaque(max_items=256, max_depth=3), 1_000)}, {"transport": Str(32)}
+    ),
     "neuro_unreachable": Record({"worker": ADDRESS, "model": MODEL, "experts": ListOf(PAIR, 4096)}),
-    "neuro_dispute": Record({"model": MODEL, "evidence": MapOf(Str(32), Opaque(max_items=10_000, max_depth=4,
-                                                                                 max_str=1 << 30), max_len=16)}),
+    "neuro_dispute": Record(
+        {"model": MODEL, "evidence": MapOf(Str(32), Opaque(max_items=10_000, max_depth=4, max_str=1 << 30), max_len=16)}
+    ),
     "register-client": Record({"client": Str(MAX_ID * 2), "versions": Opaque()}),
     "identity": Record(optional={"n_workers": Int(-1, 1 << 30)}),
     "versions": Record(optional={"packages": Maybe(ListOf(Str(64), 64))}),
     "echo": Record(optional={"data": Opaque(max_items=1_000, max_str=1 << 20)}),
     # ---- scheduler, workers (speaking for themselves: guards.py checks the named worker)
-    "register-worker": Record({
-        "address": ADDRESS, "status": Str(32, choices=WORKER_STATES),
-        "server_id": ID, "nthreads": Int(1, 4096), "name": Opaque(max_items=1, max_str=MAX_NAME),
-        "now": Num(0, 1e11), "resources": MapOf(Str(64), Num(0, 1e12), 64), "memory_limit": Maybe(Int(0, 1 << 60)),
-        "metrics": METRICS, "services": MapOf(Str(64), Int(0, 65535), 64), "local_directory": Str(MAX_URL),
-        "versions": Opaque(), "nanny": Maybe(Str(MAX_ADDRESS)), "extra": Opaque(), "stimulus_id": STIMULUS},
-        {"resolve_address": Bool(), "host_info": Maybe(HOST_INFO), "pid": Int(0, 1 << 31)}),
-    "heartbeat_worker": Record({"address": ADDRESS, "metrics": METRICS}, {
-        "resolve_address": Bool(), "now": Maybe(Num(0, 1e11)), "resources": Maybe(MapOf(Str(64), Num(0, 1e12), 64)),
-        "host_info": Maybe(HOST_INFO), "executing": Maybe(MapOf(Str(MAX_ID * 2), Num(0, 1e11), 0)),
-        "extensions": Maybe(MapOf(Str(64), Opaque(), 0))}),
+    "register-worker": Record(
+        {
+            "address": ADDRESS,
+            "status": Str(32, choices=WORKER_STATES),
+            "server_id": ID,
+            "nthreads": Int(1, 4096),
+            "name": Opaque(max_items=1, max_str=MAX_NAME),
+            "now": Num(0, 1e11),
+            "resources": MapOf(Str(64), Num(0, 1e12), 64),
+            "memory_limit": Maybe(Int(0, 1 << 60)),
+            "metrics": METRICS,
+            "services": MapOf(Str(64), Int(0, 65535), 64),
+            "local_directory": Str(MAX_URL),
+            "versions": Opaque(),
+            "nanny": Maybe(Str(MAX_ADDRESS)),
+            "extra": Opaque(),
+            "stimulus_id": STIMULUS,
+        },
+        {"resolve_address": Bool(), "host_info": Maybe(HOST_INFO), "pid": Int(0, 1 << 31)},
+    ),
+    "heartbeat_worker": Record(
+        {"address": ADDRESS, "metrics": METRICS},
+        {
+            "resolve_address": Bool(),
+            "now": Maybe(Num(0, 1e11)),
+            "resources": Maybe(MapOf(Str(64), Num(0, 1e12), 64)),
+            "host_info": Maybe(HOST_INFO),
+            "executing": Maybe(MapOf(Str(MAX_ID * 2), Num(0, 1e11), 0)),
+            "extensions": Maybe(MapOf(Str(64), Opaque(), 0)),
+        },
+    ),
     "unregister": Record({"address": ADDRESS, "stimulus_id": STIMULUS}, {"expected": Bool(), "close": Bool()}),
     "register_nanny": Record({"address": ADDRESS}),
     "log_event": Record({"topic": Str(MAX_MODEL), "msg": Opaque(max_items=2_000)}),
     "neuro_experts_loaded": Record(
-        {"worker": ADDRESS, "model": MODEL, "loaded": PAIRS, "failed": ListOf(Row((LAYER, EXPERT, Str(MAX_TEXT))), 4096)},
-        {"precision": Str(16, choices=PRECISIONS)}),
+        {
+            "worker": ADDRESS,
+            "model": MODEL,
+            "loaded": PAIRS,
+            "failed": ListOf(Row((LAYER, EXPERT, Str(MAX_TEXT))), 4096),
+        },
+        {"precision": Str(16, choices=PRECISIONS)},
+    ),
     "neuro_pause": Record({"worker": ADDRESS, "paused": Bool()}, {"reason": Str(MAX_TEXT)}),
     "neuro_volunteer": Record({"worker": Str(MAX_ADDRESS)}),
     # ---- workers, clients
-    "neuro_expert": Record({**_EXPERT_CALL["required"], "dtype": Str(16, choices=WIRE_DTYPES),
-                            "hidden": Int(1, 1 << 18)}, _EXPERT_CALL["optional"]),
-    "neuro_expert_share": Record({**_EXPERT_CALL["required"], "step": Str(16, choices=("gate_up", "down")),
-                                  "frac_bits": Int(0, 30), "width": Int(1, 1 << 20)}, _EXPERT_CALL["optional"]),
+    "neuro_expert": Record(
+        {**_EXPERT_CALL["required"], "dtype": Str(16, choices=WIRE_DTYPES), "hidden": Int(1, 1 << 18)},
+        _EXPERT_CALL["optional"],
+    ),
+    "neuro_expert_share": Record(
+        {
+            **_EXPERT_CALL["required"],
+            "step": Str(16, choices=("gate_up", "down")),
+            "frac_bits": Int(0, 30),
+            "width": Int(1, 1 << 20),
+        },
+        _EXPERT_CALL["optional"],
+    ),
     "neuro_cancel": Record({"calls": ListOf(ID, 1_000)}),
     "neuro_status": Record(),
     "ping": Record(),
@@ -353,8 +409,10 @@ SCHEMAS: dict[str, Record] = {
 STREAM_SCHEMAS: dict[str, Record] = {
     "heartbeat-client": Record(),
     "close-client": Record(optional={"stimulus_id": Maybe(STIMULUS)}),
-    "client-releases-keys": Record({"keys": ListOf(Opaque(max_items=16, max_depth=3, max_str=MAX_ID * 4), MAX_LIST)},
-                                   {"stimulus_id": Maybe(STIMULUS)}),
+    "client-releases-keys": Record(
+        {"keys": ListOf(Opaque(max_items=16, max_depth=3, max_str=MAX_ID * 4), MAX_LIST)},
+        {"stimulus_id": Maybe(STIMULUS)},
+    ),
     "keep-alive": Record(),
     "log-event": Record({"topic": Str(MAX_MODEL), "msg": Opaque(max_items=2_000)}),
     # A worker's own status (the stream's worker, never another): the states a worker moves through.
@@ -364,9 +422,14 @@ STREAM_SCHEMAS: dict[str, Record] = {
 # Requests per minute one peer may make, per class of operation (guards.py's token buckets).
 # `requests` follows neuro.security.requests-per-minute; the others are multiples of it or fixed.
 RATE_CLASSES: dict[str, str] = {
-    "register-client": "requests", "neuro_request_begin": "requests", "neuro_publish": "requests",
-    "neuro_dispute": "disputes", "neuro_unreachable": "reports",
-    "neuro_report_outcomes": "reports", "neuro_report_load": "reports", "neuro_report_calls": "reports",
+    "register-client": "requests",
+    "neuro_request_begin": "requests",
+    "neuro_publish": "requests",
+    "neuro_dispute": "disputes",
+    "neuro_unreachable": "reports",
+    "neuro_report_outcomes": "reports",
+    "neuro_report_load": "reports",
+    "neuro_report_calls": "reports",
     "neuro_request_end": "requests",
 }
 DEFAULT_RATE_CLASS = "control"

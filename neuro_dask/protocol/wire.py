@@ -11,15 +11,16 @@ Shape legend: N rows in the call, D hidden size.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
+from neuro_dask.errors import NeuroDaskError
+
 # torch warns that a tensor over received (immutable) bytes is not writable: ours never write.
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
-
-from neuro_dask.errors import NeuroDaskError
 
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DTYPE_NAMES = {v: k for k, v in WIRE_DTYPES.items()}
@@ -49,7 +50,9 @@ def _pack_rows(groups: Mapping[int, torch.Tensor]) -> tuple[list[int], list[int]
     return experts, counts, _DTYPE_NAMES[first.dtype], int(first.shape[1]), data
 
 
-def _unpack_rows(msg: Mapping[str, Any], hidden: int | None = None, max_rows: int = MAX_ROWS) -> dict[int, torch.Tensor]:
+def _unpack_rows(
+    msg: Mapping[str, Any], hidden: int | None = None, max_rows: int = MAX_ROWS
+) -> dict[int, torch.Tensor]:
     try:
         experts, counts = list(msg["experts"]), list(msg["counts"])
         dtype = WIRE_DTYPES[msg["dtype"]]
@@ -62,7 +65,9 @@ def _unpack_rows(msg: Mapping[str, Any], hidden: int | None = None, max_rows: in
         raise WireFormatError(f"hidden size {width} differs from the expected {hidden}")
     if len(experts) != len(counts) or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts):
         raise WireFormatError("expert message has mismatched experts/counts")
-    if any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in experts) or len(set(experts)) != len(experts):
+    if any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in experts) or len(set(experts)) != len(
+        experts
+    ):
         raise WireFormatError("expert message must name distinct experts by integer id")
     total = sum(counts)
     if total > max_rows or not 0 < width <= MAX_HIDDEN:
@@ -72,17 +77,24 @@ def _unpack_rows(msg: Mapping[str, Any], hidden: int | None = None, max_rows: in
         raise WireFormatError(f"expert message has {len(data)} bytes, header implies {total * width * itemsize}")
     # Over the received bytes themselves, no copy: every reader of these rows (the expert, the
     # router's combine, the validator) only reads them.
-    rows = torch.frombuffer(data, dtype=dtype).reshape(total, width) if total else \
-        torch.empty(0, width, dtype=dtype)
+    rows = torch.frombuffer(data, dtype=dtype).reshape(total, width) if total else torch.empty(0, width, dtype=dtype)
     return dict(zip((int(e) for e in experts), torch.split(rows, counts), strict=True))
 
 
-def encode_request(model: str, layer: int, groups: Mapping[int, torch.Tensor],
-                   call: str | None = None) -> dict[str, Any]:
+def encode_request(
+    model: str, layer: int, groups: Mapping[int, torch.Tensor], call: str | None = None
+) -> dict[str, Any]:
     """`call` names the request so that a worker can be told to drop it (a lost hedge race)."""
     experts, counts, dtype, hidden, data = _pack_rows(groups)
-    msg = {"model": model, "layer": int(layer), "experts": experts, "counts": counts,
-           "dtype": dtype, "hidden": hidden, "data": data}
+    msg = {
+        "model": model,
+        "layer": int(layer),
+        "experts": experts,
+        "counts": counts,
+        "dtype": dtype,
+        "hidden": hidden,
+        "data": data,
+    }
     if call is not None:
         msg["call"] = str(call)
     return msg

@@ -7,22 +7,23 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import torch
 
 from neuro_dask.errors import NeuroDaskError
 from neuro_dask.model.config import MoEConfig
 from neuro_dask.model.hf_config import TransformersMoEConfig
+from neuro_dask.protocol.records import NOT_HOSTED_MARK
+from neuro_dask.protocol.wire import ExpertRequest
 from neuro_dask.runtime.expert_memory import ExpertMemory
-from neuro_dask.runtime.runners import ExpertRunner, check_backend, check_precision, choose_precision, prepare_expert
 from neuro_dask.runtime.hf_experts import choose_precision as choose_transformers_precision
 from neuro_dask.runtime.hf_experts import transformers_runner
+from neuro_dask.runtime.runners import ExpertRunner, check_backend, check_precision, choose_precision, prepare_expert
 from neuro_dask.store.manifest import LAYOUT_TRANSFORMERS, Manifest
 from neuro_dask.store.remote import ExpertFileCache, read_manifest
 from neuro_dask.store.shard_store import read_expert_file
-from neuro_dask.protocol.wire import ExpertRequest
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class ExpertNotHostedError(NeuroDaskError):
     def __init__(self, model: str, layer: int, expert: int):
         self.model, self.layer, self.expert = model, layer, expert
         super().__init__(
-            f"expert {expert} of layer {layer} of model {model!r} is not hosted here; "
+            f"expert {expert} of layer {layer} of model {model!r} {NOT_HOSTED_MARK}; "
             "the client's routes are stale and it should ask the scheduler again"
         )
 
@@ -52,9 +53,16 @@ class LoadResult:
 
 
 class ExpertHost:
-    def __init__(self, cache: ExpertFileCache, memory: ExpertMemory, device: str = "cpu",
-                 dtype: torch.dtype | None = None, store_override: str | None = None,
-                 backend: str = "torch", precision: str | None = None):
+    def __init__(
+        self,
+        cache: ExpertFileCache,
+        memory: ExpertMemory,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        store_override: str | None = None,
+        backend: str = "torch",
+        precision: str | None = None,
+    ):
         self.cache = cache
         self.memory = memory
         self.device = torch.device(device)
@@ -78,8 +86,13 @@ class ExpertHost:
                 self.models[model_id] = HostedModel(url, manifest, manifest.model_config)
             return self.models[model_id]
 
-    def load(self, model_id: str, store_url: str, experts: Iterable[tuple[int, int]],
-             progress: Callable[[], None] | None = None) -> LoadResult:
+    def load(
+        self,
+        model_id: str,
+        store_url: str,
+        experts: Iterable[tuple[int, int]],
+        progress: Callable[[], None] | None = None,
+    ) -> LoadResult:
         """Fetch, verify and load experts; each failure is reported, never half-served.
         `progress()` is called after each expert, loaded or not."""
         try:
@@ -121,16 +134,28 @@ class ExpertHost:
                     model.precision = "float32"
                 elif model.manifest.layout == LAYOUT_TRANSFORMERS:
                     model.precision = choose_transformers_precision(
-                        model.manifest.experts_spec or {}, max(a.bytes for a in model.manifest.experts),
-                        max(experts, 1), self.memory.budget_bytes)
-                    log.info("precision auto: %s for %d experts within %d bytes", model.precision, experts,
-                             self.memory.budget_bytes)
+                        model.manifest.experts_spec or {},
+                        max(a.bytes for a in model.manifest.experts),
+                        max(experts, 1),
+                        self.memory.budget_bytes,
+                    )
+                    log.info(
+                        "precision auto: %s for %d experts within %d bytes",
+                        model.precision,
+                        experts,
+                        self.memory.budget_bytes,
+                    )
                 else:
                     cfg = model.config
-                    model.precision = choose_precision(self.memory.budget_bytes, max(experts, 1),
-                                                       cfg.hidden_size, cfg.moe_intermediate_size)
-                    log.info("precision auto: %s for %d experts within %d bytes", model.precision, experts,
-                             self.memory.budget_bytes)
+                    model.precision = choose_precision(
+                        self.memory.budget_bytes, max(experts, 1), cfg.hidden_size, cfg.moe_intermediate_size
+                    )
+                    log.info(
+                        "precision auto: %s for %d experts within %d bytes",
+                        model.precision,
+                        experts,
+                        self.memory.budget_bytes,
+                    )
             return model.precision
 
     def _weights(self, model_id: str, model: HostedModel, layer: int, expert: int) -> ExpertRunner:
@@ -153,8 +178,15 @@ class ExpertHost:
     def _build_runner(self, model: HostedModel, layer: int, path, sha256: str, precision: str) -> ExpertRunner:
         """The verified file -> a runner at `precision` on this host's backend and device."""
         if model.manifest.layout == LAYOUT_TRANSFORMERS:
-            return transformers_runner(path, model.manifest.experts_spec or {}, model.manifest.config, layer,
-                                       precision, self.device, self.backend)
+            return transformers_runner(
+                path,
+                model.manifest.experts_spec or {},
+                model.manifest.config,
+                layer,
+                precision,
+                self.device,
+                self.backend,
+            )
         weights = read_expert_file(path, model.config)
         if self.backend == "onnx":
             return self._onnx().runner(sha256, weights)
@@ -191,13 +223,20 @@ class ExpertHost:
 
     def status(self) -> dict:
         with self._lock:
-            return {"models": {m: len(h.assigned) for m, h in self.models.items()},
-                    "calls_served": self.calls_served, "rows_served": self.rows_served,
-                    # downloaded from a store vs found verified on disk, since this process started
-                    **{k: getattr(self.cache, k, 0)
-                       for k in ("bytes_fetched", "bytes_cached", "files_fetched", "files_cached")},
-                    "memory_bytes": self.memory.bytes_used, "device": str(self.device), "backend": self.backend,
-                    "precision": {m: h.precision for m, h in self.models.items() if h.precision}}
+            return {
+                "models": {m: len(h.assigned) for m, h in self.models.items()},
+                "calls_served": self.calls_served,
+                "rows_served": self.rows_served,
+                # downloaded from a store vs found verified on disk, since this process started
+                **{
+                    k: getattr(self.cache, k, 0)
+                    for k in ("bytes_fetched", "bytes_cached", "files_fetched", "files_cached")
+                },
+                "memory_bytes": self.memory.bytes_used,
+                "device": str(self.device),
+                "backend": self.backend,
+                "precision": {m: h.precision for m, h in self.models.items() if h.precision},
+            }
 
 
 def _precision_of(dtype: torch.dtype | None) -> str:

@@ -1,7 +1,7 @@
 """Experts of a transformers-layout store, run exactly as their architecture's experts class does.
 
 An expert file holds one expert's slice of its layer's experts-module parameters (in-memory
-layout, possibly quantized: runtime/expert_formats.py). Two ways to run it:
+layout, possibly quantized: store/expert_formats.py). Two ways to run it:
 
 - plain SwiGLU experts (concatenated gate/up, no biases, SiLU, no post-expert norm: Mixtral,
   Qwen, DeepSeek, GLM, MiniMax, ERNIE, ...) become ExpertWeights, so every backend and
@@ -20,68 +20,21 @@ import functools
 import json
 import logging
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from neuro_dask.errors import CheckpointError, NeuroDaskError, TensorShapeError
-from neuro_dask.model.moe import ExpertWeights
+from neuro_dask.errors import CheckpointError
+from neuro_dask.store.expert_files import describe_refusal, is_swiglu, read_expert_tensors, swiglu_weights
 from neuro_dask.store.safetensors_io import read_tensors
 
 log = logging.getLogger(__name__)
 _WARNED: set[tuple[str, str]] = set()
 _WARN_LOCK = threading.Lock()
-
-
-class ExpertLayoutError(NeuroDaskError):
-    """A feature that needs plain SwiGLU experts asked of experts that are not."""
-
-
-def read_expert_tensors(path: Path, spec: Mapping[str, Any], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """One expert file -> float tensors under the experts module's names, shapes checked."""
-    from neuro_dask.runtime.expert_formats import dequantize_expert
-
-    raw = read_tensors(path)
-    block = tuple(spec["block"]) if spec.get("block") else None
-    tensors = dequantize_expert(raw, spec.get("format", "float"), dtype, block)
-    for name, shape in {**dict(spec.get("parameters") or {}), **dict(spec.get("shared") or {})}.items():
-        actual = tuple(tensors[name].shape) if name in tensors else ()
-        if actual != tuple(shape):
-            raise TensorShapeError(name, str(path), tuple(shape), actual)
-    return tensors
-
-
-def is_swiglu(spec: Mapping[str, Any]) -> bool:
-    return bool(spec.get("swiglu"))
-
-
-def swiglu_weights(tensors: Mapping[str, torch.Tensor], spec: Mapping[str, Any]) -> ExpertWeights:
-    """gate_up [2I, D] (gate rows first) and down [D, I], or their transposes -> ExpertWeights."""
-    if not is_swiglu(spec):
-        raise ExpertLayoutError(describe_refusal(spec))
-    gate_up, down = tensors["gate_up_proj"], tensors["down_proj"]
-    if spec["flags"]["is_transposed"]:
-        gate_up, down = gate_up.t(), down.t()
-    gate, up = gate_up.chunk(2, dim=0)
-    return ExpertWeights(gate.contiguous(), up.contiguous(), down.contiguous())
-
-
-def describe_refusal(spec: Mapping[str, Any]) -> str:
-    """Why these experts are not plain SwiGLU, in words a volunteer or data scientist can act on."""
-    flags = spec.get("flags") or {}
-    reasons = [text for key, want, text in (
-        ("has_bias", False, "biases"), ("has_gate", True, "no gate projection"),
-        ("has_post_expert_norm", False, "a post-expert norm"), ("is_concatenated", True, "interleaved gate/up"),
-    ) if key in flags and bool(flags[key]) != want]
-    if not spec.get("default_gate", True):
-        reasons.append("a custom gated activation")
-    if spec.get("activation") not in (None, "SiLUActivation") and flags.get("has_gate", True):
-        reasons.append(f"activation {spec.get('activation')}")
-    cls = str(spec.get("class", "?")).rsplit(":", 1)[-1]
-    return f"{cls} experts are not plain SwiGLU ({', '.join(reasons) or 'layout'})"
 
 
 @functools.lru_cache(maxsize=8)
@@ -112,15 +65,21 @@ class TransformersExpert:
     norm: torch.nn.Module | None = None
 
     @classmethod
-    def build(cls, template: torch.nn.Module, tensors: Mapping[str, torch.Tensor], precision: str,
-              device: torch.device | str = "cpu") -> TransformersExpert:
+    def build(
+        cls,
+        template: torch.nn.Module,
+        tensors: Mapping[str, torch.Tensor],
+        precision: str,
+        device: torch.device | str = "cpu",
+    ) -> TransformersExpert:
         dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
         own = {k: v.to(device, dtype) for k, v in tensors.items() if "." not in k}
         norm = None
         if template.has_post_expert_norm:
             norm = copy.deepcopy(template.post_expert_norm)
-            state = {k.split(".", 1)[1]: v.to(device, dtype) for k, v in tensors.items()
-                     if k.startswith("post_expert_norm.")}
+            state = {
+                k.split(".", 1)[1]: v.to(device, dtype) for k, v in tensors.items() if k.startswith("post_expert_norm.")
+            }
             norm.load_state_dict(state, strict=True, assign=True)
         return cls(template, own, precision, norm)
 
@@ -168,19 +127,27 @@ class StoredExpert:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         from neuro_dask.model.moe import run_expert
-        from neuro_dask.runtime.expert_formats import dequantize_expert
+        from neuro_dask.store.expert_formats import dequantize_expert
 
         block = tuple(self.spec["block"]) if self.spec.get("block") else None
         dtype = torch.bfloat16 if self.device.type != "cpu" else torch.float32
         tensors = dequantize_expert(self.raw, self.spec.get("format", "float"), dtype, block)
         if self.template is None:
             return run_expert(x.to(self.device, dtype), swiglu_weights(tensors, self.spec)).to(x.dtype)
-        return TransformersExpert.build(self.template, tensors, "bfloat16" if dtype == torch.bfloat16 else "float32",
-                                        self.device)(x)
+        return TransformersExpert.build(
+            self.template, tensors, "bfloat16" if dtype == torch.bfloat16 else "float32", self.device
+        )(x)
 
 
-def transformers_runner(path: Path, spec: Mapping[str, Any], raw_config: Mapping[str, Any], layer: int,
-                        precision: str, device: torch.device | str = "cpu", backend: str = "torch"):
+def transformers_runner(
+    path: Path,
+    spec: Mapping[str, Any],
+    raw_config: Mapping[str, Any],
+    layer: int,
+    precision: str,
+    device: torch.device | str = "cpu",
+    backend: str = "torch",
+):
     """A runner for one expert file of a transformers-layout store, at `precision` on `backend`."""
     if precision == STORED:
         read_expert_tensors(path, spec)  # shapes and companions checked once, at load
@@ -190,8 +157,15 @@ def transformers_runner(path: Path, spec: Mapping[str, Any], raw_config: Mapping
     return _runner(read_expert_tensors(path, spec), spec, raw_config, layer, precision, device, backend)
 
 
-def _runner(tensors: Mapping[str, torch.Tensor], spec: Mapping[str, Any], raw_config: Mapping[str, Any], layer: int,
-            precision: str, device: torch.device | str = "cpu", backend: str = "torch"):
+def _runner(
+    tensors: Mapping[str, torch.Tensor],
+    spec: Mapping[str, Any],
+    raw_config: Mapping[str, Any],
+    layer: int,
+    precision: str,
+    device: torch.device | str = "cpu",
+    backend: str = "torch",
+):
     from neuro_dask.runtime.runners import prepare_expert
 
     if is_swiglu(spec):
@@ -203,8 +177,11 @@ def _runner(tensors: Mapping[str, torch.Tensor], spec: Mapping[str, Any], raw_co
         return prepare_expert(weights, precision, device)
     run_at = precision if precision in ("float32", "bfloat16") else "bfloat16"
     if run_at != precision or backend != "torch":
-        _warn_once(spec, f"{describe_refusal(spec)}: {precision} on {backend} does not apply to them; "
-                         f"running them with torch at {run_at}")
+        _warn_once(
+            spec,
+            f"{describe_refusal(spec)}: {precision} on {backend} does not apply to them; "
+            f"running them with torch at {run_at}",
+        )
     return TransformersExpert.build(experts_template(raw_config, layer), tensors, run_at, device)
 
 

@@ -10,8 +10,8 @@ machine (accuracy, greedy parity) without a cluster.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
@@ -32,9 +32,13 @@ class RunnerExecutor:
     def nbytes(self) -> int:
         return sum(r.nbytes() for r in self.runners.values())
 
+    def close(self) -> None:
+        pass  # in process: no connections, nothing to report
 
-def prepare_runners(weights: Mapping[tuple[int, int], ExpertWeights], precision: str = "float32",
-                    backend: str = "torch") -> dict[tuple[int, int], ExpertRunner]:
+
+def prepare_runners(
+    weights: Mapping[tuple[int, int], ExpertWeights], precision: str = "float32", backend: str = "torch"
+) -> dict[tuple[int, int], ExpertRunner]:
     check_precision(precision, allow_auto=False)
     check_backend(backend, precision)
     if backend == "onnx":
@@ -44,8 +48,9 @@ def prepare_runners(weights: Mapping[tuple[int, int], ExpertWeights], precision:
     return {key: prepare_expert(w, precision) for key, w in weights.items()}
 
 
-def local_executor(path: str | Path, precision: str = "float32", backend: str = "torch",
-                   verify: bool = True) -> RunnerExecutor:
+def local_executor(
+    path: str | Path, precision: str = "float32", backend: str = "torch", verify: bool = True
+) -> RunnerExecutor:
     """Every expert of a sharded store, sha256-verified, prepared at `precision` on `backend`."""
     store = ShardStore(path, verify=verify)
     cfg = store.config

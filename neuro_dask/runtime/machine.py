@@ -170,7 +170,8 @@ def benchmark_expert_ffn(
     if min(hidden, intermediate, tokens) < 1 or not min_seconds > 0:
         raise ConfigError(
             f"benchmark_expert_ffn(hidden={hidden}, intermediate={intermediate}, tokens={tokens}, "
-            f"min_seconds={min_seconds}): sizes must be >= 1 and min_seconds > 0")
+            f"min_seconds={min_seconds}): sizes must be >= 1 and min_seconds > 0"
+        )
     dev = torch.device(device)
     weights, x = _benchmark_inputs(hidden, intermediate, tokens, dev)
     flops_per_call = 2 * tokens * 3 * hidden * intermediate
@@ -186,13 +187,22 @@ def benchmark_expert_ffn(
             if elapsed >= min_seconds:
                 break
     gflops = flops_per_call * calls / elapsed / 1e9
-    log.debug("expert FFN %dx%d, %d tokens on %s: %d calls in %.3f s, %.1f GFLOP/s",
-              hidden, intermediate, tokens, device, calls, elapsed, gflops)
+    log.debug(
+        "expert FFN %dx%d, %d tokens on %s: %d calls in %.3f s, %.1f GFLOP/s",
+        hidden,
+        intermediate,
+        tokens,
+        device,
+        calls,
+        elapsed,
+        gflops,
+    )
     return gflops
 
 
-def _benchmark_inputs(hidden: int, intermediate: int, tokens: int,
-                      device: torch.device) -> tuple[ExpertWeights, torch.Tensor]:
+def _benchmark_inputs(
+    hidden: int, intermediate: int, tokens: int, device: torch.device
+) -> tuple[ExpertWeights, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)  # seeded on the CPU: the same numbers on every device
 
     def rand(*shape: int) -> torch.Tensor:
@@ -221,13 +231,15 @@ def pick_device(requested: str) -> str:
         return "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
     kind, _, index = name.partition(":")
     if kind not in DEVICE_KINDS or (index and (kind != "cuda" or not index.isdigit())):
-        raise DeviceUnavailableError(requested, "is not a device neuro_dask runs on; use 'auto', 'cpu', "
-                                                "'cuda', 'cuda:N' or 'mps'")
+        raise DeviceUnavailableError(
+            requested, "is not a device neuro_dask runs on; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+        )
     if kind == "cuda":
         _check_cuda(requested, int(index) if index else 0)
     elif kind == "mps" and not _mps_available():
-        raise DeviceUnavailableError(requested, "is not available: MPS needs Apple silicon and a torch "
-                                                "build with MPS; use 'cpu' or 'auto'")
+        raise DeviceUnavailableError(
+            requested, "is not available: MPS needs Apple silicon and a torch build with MPS; use 'cpu' or 'auto'"
+        )
     return name
 
 
@@ -235,12 +247,15 @@ def _check_cuda(requested: str, index: int) -> None:
     if not torch.cuda.is_available():
         build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
         raise DeviceUnavailableError(
-            requested, f"is not available: torch {torch.__version__} ({build}) sees no usable GPU. "
-            "Install a CUDA build of torch and a matching NVIDIA driver, or use 'cpu' or 'auto'")
+            requested,
+            f"is not available: torch {torch.__version__} ({build}) sees no usable GPU. "
+            "Install a CUDA build of torch and a matching NVIDIA driver, or use 'cpu' or 'auto'",
+        )
     count = torch.cuda.device_count()
     if index >= count:
         raise DeviceUnavailableError(
-            requested, f"does not exist: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+            requested, f"does not exist: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+        )
 
 
 def _mps_available() -> bool:

@@ -32,16 +32,23 @@ log = logging.getLogger(__name__)
 
 EXPORTER_VERSION = 1
 OPSET = 17
-PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CoreMLExecutionProvider", "OpenVINOExecutionProvider",
-                       "DmlExecutionProvider", "CPUExecutionProvider")
+PREFERRED_PROVIDERS = (
+    "CUDAExecutionProvider",
+    "CoreMLExecutionProvider",
+    "OpenVINOExecutionProvider",
+    "DmlExecutionProvider",
+    "CPUExecutionProvider",
+)
 
 
 class OnnxUnavailableError(NeuroDaskError):
     def __init__(self, missing: str):
         self.missing = missing
-        super().__init__(f"the onnx backend needs the {missing!r} package: `pip install onnx onnxruntime` "
-                         "(or onnxruntime-gpu / onnxruntime-openvino / onnxruntime-directml), "
-                         "or set neuro.worker.backend to torch")
+        super().__init__(
+            f"the onnx backend needs the {missing!r} package: `pip install onnx onnxruntime` "
+            "(or onnxruntime-gpu / onnxruntime-openvino / onnxruntime-directml), "
+            "or set neuro.worker.backend to torch"
+        )
 
     def __reduce__(self):
         return type(self), (self.missing,)
@@ -91,14 +98,25 @@ def expert_graph(weights: ExpertWeights, weights_as_inputs: bool = False) -> byt
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", hidden])]
     initializers = [split]
     if weights_as_inputs:
-        inputs += [helper.make_tensor_value_info("w_gu", TensorProto.FLOAT, [hidden, 2 * inter]),
-                   helper.make_tensor_value_info("w_down", TensorProto.FLOAT, [inter, hidden])]
+        inputs += [
+            helper.make_tensor_value_info("w_gu", TensorProto.FLOAT, [hidden, 2 * inter]),
+            helper.make_tensor_value_info("w_down", TensorProto.FLOAT, [inter, hidden]),
+        ]
     else:
         initializers += [numpy_helper.from_array(w_gu, "w_gu"), numpy_helper.from_array(w_down, "w_down")]
-    graph = helper.make_graph(nodes, "neuro_expert", inputs,
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", hidden])], initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="neuro_dask", producer_version=str(EXPORTER_VERSION))
+    graph = helper.make_graph(
+        nodes,
+        "neuro_expert",
+        inputs,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", hidden])],
+        initializers,
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="neuro_dask",
+        producer_version=str(EXPORTER_VERSION),
+    )
     model.ir_version = min(model.ir_version, 9)  # readable by onnxruntime >= 1.16
     onnx.checker.check_model(model)
     return model.SerializeToString()
@@ -168,12 +186,18 @@ class OnnxExpertCache:
             raise
 
 
-def onnx_expert(weights: ExpertWeights, providers: list[str] | None = None, threads: int | None = None,
-                weights_as_inputs: bool = False) -> OnnxExpert:
+def onnx_expert(
+    weights: ExpertWeights,
+    providers: list[str] | None = None,
+    threads: int | None = None,
+    weights_as_inputs: bool = False,
+) -> OnnxExpert:
     """An uncached runner (tests, benchmarks, the local executor)."""
     sess = session(expert_graph(weights, weights_as_inputs), providers, threads)
     extra = {}
     if weights_as_inputs:
-        extra = {"w_gu": torch.cat([weights.gate_proj, weights.up_proj]).T.float().contiguous().numpy(),
-                 "w_down": weights.down_proj.T.float().contiguous().numpy()}
+        extra = {
+            "w_gu": torch.cat([weights.gate_proj, weights.up_proj]).T.float().contiguous().numpy(),
+            "w_down": weights.down_proj.T.float().contiguous().numpy(),
+        }
     return OnnxExpert(sess, weights_bytes(weights), extra_inputs=extra)

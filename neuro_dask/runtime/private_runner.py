@@ -20,8 +20,9 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -29,11 +30,17 @@ from neuro_dask.errors import NeuroDaskError
 from neuro_dask.model.moe import ExpertWeights
 from neuro_dask.privacy.fixed_point import encode, limb_exact, ring_matmul, ring_matmul_limbs
 from neuro_dask.privacy.share_wire import ShareRequest, decode_share_request, encode_share_response
+from neuro_dask.protocol.wire import WireFormatError, encode_error
 from neuro_dask.runtime.expert_host import ExpertHost, ExpertNotHostedError
-from neuro_dask.runtime.hf_experts import ExpertLayoutError, describe_refusal, is_swiglu, read_expert_tensors, swiglu_weights
+from neuro_dask.store.expert_files import (
+    ExpertLayoutError,
+    describe_refusal,
+    is_swiglu,
+    read_expert_tensors,
+    swiglu_weights,
+)
 from neuro_dask.store.manifest import LAYOUT_TRANSFORMERS
 from neuro_dask.store.shard_store import read_expert_file
-from neuro_dask.protocol.wire import WireFormatError, encode_error
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +83,9 @@ class IntegerExpert:
         """share [n, D] -> [n, 2I] (gate_up), or [n, I] -> [n, D] (down); all in Z_2^64."""
         weights = self.gate_up_t if step == "gate_up" else self.down_t
         if share.shape[1] != weights.shape[0]:
-            raise WireFormatError(f"step {step}: share rows of width {share.shape[1]}, the expert takes "
-                                  f"{weights.shape[0]}")
+            raise WireFormatError(
+                f"step {step}: share rows of width {share.shape[1]}, the expert takes {weights.shape[0]}"
+            )
         if weights.dtype == torch.float64:
             return ring_matmul_limbs(share.to(weights.device), weights).cpu()
         return ring_matmul(share, weights)
@@ -113,8 +121,10 @@ class PrivateExpertHost:
         return built
 
     def run(self, request: ShareRequest) -> dict[int, torch.Tensor]:
-        outputs = {e: self.expert(request.model, request.layer, e, request.frac_bits).apply(request.step, rows)
-                   for e, rows in request.inputs.items()}
+        outputs = {
+            e: self.expert(request.model, request.layer, e, request.frac_bits).apply(request.step, rows)
+            for e, rows in request.inputs.items()
+        }
         with self._lock:
             self.calls_served += 1
         return outputs
@@ -126,15 +136,20 @@ def _swiglu(path, model) -> ExpertWeights:
     if model.manifest.layout == LAYOUT_TRANSFORMERS:
         spec = model.manifest.experts_spec or {}
         if not is_swiglu(spec):
-            raise ExpertLayoutError(f"the private tier cannot run these experts: {describe_refusal(spec)}; "
-                                    "secret shares need plain SwiGLU experts")
+            raise ExpertLayoutError(
+                f"the private tier cannot run these experts: {describe_refusal(spec)}; "
+                "secret shares need plain SwiGLU experts"
+            )
         return swiglu_weights(read_expert_tensors(path, spec), spec)
     return read_expert_file(path, model.config)
 
 
-def serve_share(private: PrivateExpertHost, msg: Any, max_rows: int,
-                tamper: Callable[[int, dict[int, torch.Tensor]], dict[int, torch.Tensor]] | None = None
-                ) -> dict[str, Any]:
+def serve_share(
+    private: PrivateExpertHost,
+    msg: Any,
+    max_rows: int,
+    tamper: Callable[[int, dict[int, torch.Tensor]], dict[int, torch.Tensor]] | None = None,
+) -> dict[str, Any]:
     """One share call -> its response. Never raises: no exception is ever pickled to a client.
     `tamper(layer, outputs)`: drills only (an adversarial worker's wrong answers)."""
     try:

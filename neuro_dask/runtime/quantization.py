@@ -85,8 +85,12 @@ class Int4Linear:
         q = torch.clamp(torch.round((wg - low) / scale), 0, 15).to(torch.int32).reshape(out, k)
         zero = low + 8 * scale
         sz = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], dim=-1).transpose(0, 1).contiguous()
-        kernel = (w.device.type == "cpu" and group in _INT4_KERNEL_GROUPS
-                  and _has("_convert_weight_to_int4pack_for_cpu") and _has("_weight_int4pack_mm_for_cpu"))
+        kernel = (
+            w.device.type == "cpu"
+            and group in _INT4_KERNEL_GROUPS
+            and _has("_convert_weight_to_int4pack_for_cpu")
+            and _has("_weight_int4pack_mm_for_cpu")
+        )
         packed = torch._convert_weight_to_int4pack_for_cpu(q, 1) if kernel else q.to(torch.uint8)
         return cls(packed.contiguous(), sz.to(torch.bfloat16), group, (out, k), kernel)
 
@@ -134,13 +138,15 @@ class QuantizedExpert:
         return self.down_proj(h).to(x.dtype)
 
 
-def quantize_expert(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, precision: str,
-                    group: int = INT4_GROUP) -> QuantizedExpert:
+def quantize_expert(
+    gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, precision: str, group: int = INT4_GROUP
+) -> QuantizedExpert:
     if precision == "int8":
         return QuantizedExpert(Int8Linear.quantize(gate), Int8Linear.quantize(up), Int8Linear.quantize(down), "int8")
     if precision == "int4":
-        return QuantizedExpert(Int4Linear.quantize(gate, group), Int4Linear.quantize(up, group),
-                               Int4Linear.quantize(down, group), "int4")
+        return QuantizedExpert(
+            Int4Linear.quantize(gate, group), Int4Linear.quantize(up, group), Int4Linear.quantize(down, group), "int4"
+        )
     raise ConfigError(f"precision {precision!r} is not a quantized precision; use int8 or int4")
 
 

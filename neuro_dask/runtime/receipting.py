@@ -51,7 +51,9 @@ class Receipting:
             return None
         return self.tickets.check(msg.get("ticket"), str(msg.get("model")), caller)
 
-    def sign(self, kind: str, msg: Mapping[str, Any], response: dict[str, Any], ticket: Ticket | None) -> dict[str, Any]:
+    def sign(
+        self, kind: str, msg: Mapping[str, Any], response: dict[str, Any], ticket: Ticket | None
+    ) -> dict[str, Any]:
         """`response` with the receipt of this answer added (none for a call outside any request:
         there is nothing to pay or credit it to)."""
         experts, counts = tuple(int(e) for e in response["experts"]), tuple(int(c) for c in response["counts"])
@@ -60,13 +62,24 @@ class Receipting:
             return response
         seq, rows_total, units_total = self.tally.count(request, sum(counts), len(experts))
         receipt = Receipt.of_own_answer(
-            worker=self.name(), kind=kind, model=str(msg["model"]), layer=int(msg["layer"]),
-            step=str(msg.get("step") or ""), experts=experts, counts=counts,
+            worker=self.name(),
+            kind=kind,
+            model=str(msg["model"]),
+            layer=int(msg["layer"]),
+            step=str(msg.get("step") or ""),
+            experts=experts,
+            counts=counts,
             dtype=str(msg["dtype"]) if kind == "expert" else "int64",
             hidden=int(msg["hidden"]) if kind == "expert" else int(msg["width"]),
-            in_digest=digest(msg["data"]), out_digest=digest(response["data"]), request=request,
-            call=_plain_id(msg.get("call")), seq=seq, rows_total=rows_total, units_total=units_total,
-            frac_bits=int(msg["frac_bits"]) if kind == "share" else 0)
+            in_digest=digest(msg["data"]),
+            out_digest=digest(response["data"]),
+            request=request,
+            call=_plain_id(msg.get("call")),
+            seq=seq,
+            rows_total=rows_total,
+            units_total=units_total,
+            frac_bits=int(msg["frac_bits"]) if kind == "share" else 0,
+        )
         response["receipt"] = sign_receipt(self.signer, receipt)
         return response
 

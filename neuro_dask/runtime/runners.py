@@ -60,9 +60,11 @@ def check_backend(backend: str, precision: str) -> None:
     if backend not in BACKENDS:
         raise ConfigFieldError("neuro.worker", "backend", f"must be torch or onnx, got {backend!r}")
     if backend == "onnx" and precision not in ("auto", "float32"):
-        raise ConfigFieldError("neuro.worker", "precision",
-                               f"is {precision!r} but the onnx backend runs float32 experts; "
-                               "use backend torch for bfloat16, int8 or int4")
+        raise ConfigFieldError(
+            "neuro.worker",
+            "precision",
+            f"is {precision!r} but the onnx backend runs float32 experts; use backend torch for bfloat16, int8 or int4",
+        )
 
 
 def expert_nbytes(hidden: int, intermediate: int, precision: str, group: int = INT4_GROUP) -> int:

@@ -11,10 +11,11 @@ load an expert serves nothing until it says it can.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
 from neuro_dask.scheduler.placement import (
+    ExpertKey,
     ExpertSpec,
     Placement,
     PlacementPolicy,
@@ -24,8 +25,6 @@ from neuro_dask.scheduler.placement import (
 )
 
 log = logging.getLogger(__name__)
-
-ExpertKey = tuple  # (model_id, layer, expert)
 
 
 @dataclass(frozen=True)
@@ -130,12 +129,18 @@ class Coordinator:
         self.version += 1
         return self._replan()
 
+    def fully_served(self, model_id: str) -> bool:
+        """Every expert of a published model has all its planned replicas serving: safe to move traffic to it."""
+        if model_id not in self.models:
+            return False
+        snap = self.routes(model_id)
+        return not snap.missing and not snap.pending
+
     def unloadable(self, model: str, missing: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
         """Missing experts every live worker has failed to load: waiting will not bring them."""
         if not self.workers:
             return []
-        return [(l, e) for l, e in missing
-                if all((model, l, e) in self.failed.get(w, ()) for w in self.workers)]
+        return [(l, e) for l, e in missing if all((model, l, e) in self.failed.get(w, ()) for w in self.workers)]
 
     def worker_unreachable(self, worker: str, model: str, experts: Iterable[tuple[int, int]]) -> list[Action]:
         """The scheduler's own probe of the worker failed for these experts (a client's report
@@ -149,9 +154,15 @@ class Coordinator:
             self.version += 1
         planned = keys & (self.placement.assignments().get(worker, frozenset()) if self.placement else frozenset())
         if planned and worker in self.workers and model in self.models:
-            return [LoadExperts(worker, model, self.models[model].store_url,
-                                tuple(sorted((l, e) for _, l, e in planned)))]
+            return [
+                LoadExperts(worker, model, self.models[model].store_url, tuple(sorted((l, e) for _, l, e in planned)))
+            ]
         return []
+
+    def routes_changed(self) -> None:
+        """Something outside the coordinator changed who is routed to (an owner paused or resumed a
+        worker): a new version, so that clients fetch the routes again on their next refresh."""
+        self.version += 1
 
     def report_load(self, load: Mapping[ExpertKey, float]) -> list[Action]:
         for key, value in load.items():
@@ -185,17 +196,45 @@ class Coordinator:
                 pending.append(le)
         return RouteSnapshot(self.version, routes, tuple(missing), tuple(pending))
 
+    def latest_model(self) -> str:
+        """The model published last ("" when none): the one the dashboard shows."""
+        return next(reversed(self.models), "")
+
+    def replica_counts(self, model_id: str) -> dict[tuple[int, int], int]:
+        """(layer, expert) -> how many workers report it loaded, planned there or not."""
+        counts: dict[tuple[int, int], int] = {}
+        for keys in self.serving.values():
+            for m, layer, expert in keys:
+                if m == model_id:
+                    counts[(layer, expert)] = counts.get((layer, expert), 0) + 1
+        return counts
+
+    def planned_counts(self, model_id: str) -> dict[tuple[int, int], int]:
+        """(layer, expert) -> how many replicas the plan gives it, for every expert of a published model."""
+        model = self.models.get(model_id)
+        if model is None:
+            return {}
+        return {k: len(self.placement.workers_for((model_id, *k))) if self.placement else 0 for k in model.experts}
+
+    def model_load(self, model_id: str) -> dict[tuple[int, int], float]:
+        """(layer, expert) -> the calls clients reported for it."""
+        return {(l, e): v for (m, l, e), v in self.load.items() if m == model_id}
+
     # ---- planning ------------------------------------------------------------------------------
 
     def _capacities(self) -> list[WorkerCapacity]:
         return [self.workers[a] for a in sorted(self.workers)]
 
     def _replan(self) -> list[Action]:
-        specs = [ExpertSpec((m.model_id, l, e), nbytes)
-                 for m in self.models.values() for (l, e), nbytes in sorted(m.experts.items())]
+        specs = [
+            ExpertSpec((m.model_id, l, e), nbytes)
+            for m in self.models.values()
+            for (l, e), nbytes in sorted(m.experts.items())
+        ]
         excluded = {(w, k) for w, keys in self.failed.items() for k in keys}
-        new = plan_placement(specs, self._capacities(), self.policy, self.placement, self.load, exclude=excluded,
-                             anchors=self.anchors)
+        new = plan_placement(
+            specs, self._capacities(), self.policy, self.placement, self.load, exclude=excluded, anchors=self.anchors
+        )
         actions = self._actions(diff_assignments(self.placement, new))
         self.placement = new
         self.version += 1

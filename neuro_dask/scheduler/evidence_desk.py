@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from neuro_dask.privacy.share_wire import decode_share_response, encode_share_request
+from neuro_dask.protocol.wire import decode_response, encode_request
 from neuro_dask.security.identity import peer_key
 from neuro_dask.security.signing import Signer
 from neuro_dask.trust.disputes import Evidence, Referee, StrikeBook, Verdict, judge, referee_order
@@ -44,8 +46,6 @@ from neuro_dask.trust.receipts import (
     issue_ticket,
 )
 from neuro_dask.trust.validation import ValidationPolicy, agree, tolerance_for
-from neuro_dask.privacy.share_wire import decode_share_response, encode_share_request
-from neuro_dask.protocol.wire import decode_response, encode_request
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +67,28 @@ class DisputeResult:
         if self.verdict is None:
             return {"status": "error" if self.status == "refused" else "OK", "message": self.why}
         v = self.verdict
-        return {"status": "OK", "verdict": v.kind, "slashable": v.slashable, "referees": list(v.referees),
-                "why": v.why, "worker": self.accused}
+        return {
+            "status": "OK",
+            "verdict": v.kind,
+            "slashable": v.slashable,
+            "referees": list(v.referees),
+            "why": v.why,
+            "worker": self.accused,
+        }
 
 
 class EvidenceDesk:
-    def __init__(self, signer: Signer, *, tickets_required: bool, max_unproven: int = 5,
-                 unproven_window: float = 3600.0, max_rows: int = 8192,
-                 validation: ValidationPolicy = ValidationPolicy(), clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        signer: Signer,
+        *,
+        tickets_required: bool,
+        max_unproven: int = 5,
+        unproven_window: float = 3600.0,
+        max_rows: int = 8192,
+        validation: ValidationPolicy = ValidationPolicy(),
+        clock: Callable[[], float] = time.time,
+    ):
         self.signer = signer
         self.tickets_required = tickets_required
         self.book = ReceiptBook()
@@ -93,8 +107,9 @@ class EvidenceDesk:
         calls need one."""
         return {"key": self.signer.public_der, "required": self.tickets_required}
 
-    def begin(self, request: str, model: str, client: str, account: str, tier: str,
-              lease_seconds: float) -> dict[str, Any]:
+    def begin(
+        self, request: str, model: str, client: str, account: str, tier: str, lease_seconds: float
+    ) -> dict[str, Any]:
         """Open the request and sign its ticket (wire form). BookError when the book is full."""
         expires = self.clock() + lease_seconds
         self.book.open(request, client, account, tier, expires)
@@ -142,9 +157,15 @@ class EvidenceDesk:
 
     # ---- disputes --------------------------------------------------------------------------------
 
-    async def settle_dispute(self, wire: Any, reporter: str | None, reporter_key: str,
-                             candidates: Callable[[str, int, int], list[tuple[str, Referee]]],
-                             precision_of: Callable[[str, str], str], call: Call) -> DisputeResult:
+    async def settle_dispute(
+        self,
+        wire: Any,
+        reporter: str | None,
+        reporter_key: str,
+        candidates: Callable[[str, int, int], list[tuple[str, Referee]]],
+        precision_of: Callable[[str, str], str],
+        call: Call,
+    ) -> DisputeResult:
         """Judge a client's complaint. `candidates(model, layer, expert)`: (address, Referee) of
         the workers serving that expert; `precision_of(worker name, model)`; `call(address, op, msg)`."""
         allowed, why = self.strikes.allowed(reporter_key)
@@ -172,11 +193,13 @@ class EvidenceDesk:
         answers: list[tuple[Referee, torch.Tensor | None]] = []
         verdict = judge(accused_rows, [], self._agree(receipt, ()))
         for referee in order[:MAX_REFEREES]:
-            answers.append((referee, await self._recompute(address_of[referee.worker], receipt, evidence.expert,
-                                                           inputs, call)))
+            answers.append(
+                (referee, await self._recompute(address_of[referee.worker], receipt, evidence.expert, inputs, call))
+            )
             precisions = [precision_of(r.worker, receipt.model) for r, _ in answers]
-            verdict = judge(accused_rows, answers,
-                            self._agree(receipt, precisions + [precision_of(receipt.worker, receipt.model)]))
+            verdict = judge(
+                accused_rows, answers, self._agree(receipt, precisions + [precision_of(receipt.worker, receipt.model)])
+            )
             if verdict.kind != "undecided":
                 break
         if verdict.kind == "proven":
@@ -215,8 +238,9 @@ class EvidenceDesk:
             policy = replace(policy, rtol=max(policy.rtol, WIRE_RTOL[receipt.dtype]))
         return lambda a, b: agree({0: a.float()}, {0: b.float()}, policy)
 
-    async def _recompute(self, address: str, receipt: Receipt, expert: int, inputs: torch.Tensor,
-                         call: Call) -> torch.Tensor | None:
+    async def _recompute(
+        self, address: str, receipt: Receipt, expert: int, inputs: torch.Tensor, call: Call
+    ) -> torch.Tensor | None:
         """The referee's answer for the disputed rows, or None when it gave none."""
         if receipt.kind == "share":
             msg = encode_share_request(receipt.model, receipt.layer, receipt.step, receipt.frac_bits, {expert: inputs})

@@ -16,7 +16,7 @@ from types import MappingProxyType
 
 from neuro_dask.errors import ConfigError
 
-ExpertKey = tuple  # opaque, hashable, sortable; in practice (model_id, layer, expert)
+ExpertKey = tuple  # (model_id, layer, expert); placement only needs it hashable and sortable
 
 
 @dataclass(frozen=True)
@@ -190,12 +190,12 @@ def plan_placement(
     targets = {key: min(n, len(by_addr)) for key, n in wanted.items()}
     order = sorted(experts, key=lambda spec: (spec.key not in hot, -spec.bytes, spec.key))
 
-    ledger = _Ledger(by_addr, experts, frozenset(exclude))
+    draft = _PlanDraft(by_addr, experts, frozenset(exclude))
     if previous is not None:
-        _keep_previous(order, previous, targets, ledger)
-    _anchor(order, sorted(a for a in anchors if a in by_addr), targets, ledger)
-    _add_replicas(order, targets, ledger)
-    return _to_placement(order, wanted, ledger)
+        _keep_previous(order, previous, targets, draft)
+    _anchor(order, sorted(a for a in anchors if a in by_addr), targets, draft)
+    _add_replicas(order, targets, draft)
+    return _to_placement(order, wanted, draft)
 
 
 def diff_assignments(
@@ -266,11 +266,15 @@ def _wanted(is_hot: bool, policy: PlacementPolicy) -> int:
 # --- mutable planning state (private to one plan_placement call) ----------------------------
 
 
-class _Ledger:
-    """Free bytes per worker and hosts/owners per expert while a plan is being built."""
+class _PlanDraft:
+    """A plan being built: free bytes and hosted count per worker, hosts and owners per expert."""
 
-    def __init__(self, by_addr: dict[str, WorkerCapacity], experts: Sequence[ExpertSpec],
-                 excluded: frozenset[tuple[str, ExpertKey]] = frozenset()):
+    def __init__(
+        self,
+        by_addr: dict[str, WorkerCapacity],
+        experts: Sequence[ExpertSpec],
+        excluded: frozenset[tuple[str, ExpertKey]] = frozenset(),
+    ):
         self.workers = by_addr
         self.excluded = excluded
         self.free = {addr: w.memory_budget for addr, w in by_addr.items()}
@@ -281,8 +285,12 @@ class _Ledger:
     def can_host(self, addr: str, spec: ExpertSpec) -> bool:
         """Rules 1, 3 and 9: the worker exists, does not host this expert yet, has room, and is not
         excluded for it."""
-        return (addr in self.free and addr not in self.hosts[spec.key] and self.free[addr] >= spec.bytes
-                and (addr, spec.key) not in self.excluded)
+        return (
+            addr in self.free
+            and addr not in self.hosts[spec.key]
+            and self.free[addr] >= spec.bytes
+            and (addr, spec.key) not in self.excluded
+        )
 
     def assign(self, addr: str, spec: ExpertSpec) -> None:
         self.free[addr] -= spec.bytes
@@ -303,46 +311,47 @@ class _Ledger:
 
 
 def _keep_previous(
-    order: Sequence[ExpertSpec], previous: Placement, targets: Mapping[ExpertKey, int], ledger: _Ledger
+    order: Sequence[ExpertSpec], previous: Placement, targets: Mapping[ExpertKey, int], draft: _PlanDraft
 ) -> None:
     """Rule 4: re-take previous pairs that still fit, up to the target, distinct owners first."""
     for spec in order:
         before = previous.workers_for(spec.key)
         for distinct_only in (True, False):
             for addr in before:
-                if len(ledger.hosts[spec.key]) >= targets[spec.key]:
+                if len(draft.hosts[spec.key]) >= targets[spec.key]:
                     break
-                if not ledger.can_host(addr, spec):
+                if not draft.can_host(addr, spec):
                     continue
-                if distinct_only and ledger.workers[addr].owner_id in ledger.owners[spec.key]:
+                if distinct_only and draft.workers[addr].owner_id in draft.owners[spec.key]:
                     continue
-                ledger.assign(addr, spec)
+                draft.assign(addr, spec)
 
 
-def _anchor(order: Sequence[ExpertSpec], anchors: Sequence[str], targets: Mapping[ExpertKey, int],
-            ledger: _Ledger) -> None:
+def _anchor(
+    order: Sequence[ExpertSpec], anchors: Sequence[str], targets: Mapping[ExpertKey, int], draft: _PlanDraft
+) -> None:
     """Rule 10: every anchor (an operator-trusted worker) hosts every expert it has room for, so
     each expert has a replica whose result can decide a quorum and serve as the fallback."""
     for addr in anchors:
         for spec in order:
-            if len(ledger.hosts[spec.key]) < targets[spec.key] and ledger.can_host(addr, spec):
-                ledger.assign(addr, spec)
+            if len(draft.hosts[spec.key]) < targets[spec.key] and draft.can_host(addr, spec):
+                draft.assign(addr, spec)
 
 
-def _add_replicas(order: Sequence[ExpertSpec], targets: Mapping[ExpertKey, int], ledger: _Ledger) -> None:
+def _add_replicas(order: Sequence[ExpertSpec], targets: Mapping[ExpertKey, int], draft: _PlanDraft) -> None:
     """Rules 5 and 6: fill every expert up to its target in rounds, best worker first."""
-    index = _WorkerIndex(ledger)
+    index = _WorkerIndex(draft)
     stuck: set[ExpertKey] = set()  # no worker had room; free only shrinks, so none ever will
     rounds = max(targets.values(), default=0)
     for round_no in range(1, rounds + 1):
         for spec in order:
-            if spec.key in stuck or len(ledger.hosts[spec.key]) >= min(round_no, targets[spec.key]):
+            if spec.key in stuck or len(draft.hosts[spec.key]) >= min(round_no, targets[spec.key]):
                 continue
             addr = index.pick(spec)
             if addr is None:
                 stuck.add(spec.key)
                 continue
-            ledger.assign(addr, spec)
+            draft.assign(addr, spec)
             index.refresh(addr)
 
 
@@ -359,10 +368,10 @@ class _WorkerIndex:
     Skipping the expert's own owners then costs one pop per used owner, not one per worker.
     """
 
-    def __init__(self, ledger: _Ledger):
-        self.ledger = ledger
+    def __init__(self, draft: _PlanDraft):
+        self.draft = draft
         self.groups: dict[str, list[_Entry]] = {}
-        for addr, worker in ledger.workers.items():
+        for addr, worker in draft.workers.items():
             self.groups.setdefault(worker.owner_id, []).append(self._entry(addr))
         for group in self.groups.values():
             heapq.heapify(group)
@@ -371,14 +380,14 @@ class _WorkerIndex:
         heapq.heapify(self.owner_heap)
         # Sorted free bytes answer "fits anywhere?" in O(1), so an expert too big for every
         # worker costs nothing; listed_free is the value each worker has in that list.
-        self.frees = sorted(ledger.free.values())
-        self.listed_free = dict(ledger.free)
+        self.frees = sorted(draft.free.values())
+        self.listed_free = dict(draft.free)
 
     def _entry(self, addr: str) -> _Entry:
-        return (-self.ledger.score(addr), addr, self.ledger.free[addr], self.ledger.hosted[addr])
+        return (-self.draft.score(addr), addr, self.draft.free[addr], self.draft.hosted[addr])
 
     def _is_stale(self, entry: _Entry) -> bool:
-        return entry[2] != self.ledger.free[entry[1]] or entry[3] != self.ledger.hosted[entry[1]]
+        return entry[2] != self.draft.free[entry[1]] or entry[3] != self.draft.hosted[entry[1]]
 
     def _top(self, owner: str) -> tuple[float, str]:
         """(-score, address) of the owner's best worker; every worker keeps one live entry."""
@@ -389,12 +398,12 @@ class _WorkerIndex:
 
     def refresh(self, addr: str) -> None:
         """Re-list a worker after it took an expert (its score fell: fewer free bytes, one more hosted)."""
-        old, new = self.listed_free[addr], self.ledger.free[addr]
+        old, new = self.listed_free[addr], self.draft.free[addr]
         if new != old:
             del self.frees[bisect_left(self.frees, old)]
             insort(self.frees, new)
             self.listed_free[addr] = new
-        owner = self.ledger.workers[addr].owner_id
+        owner = self.draft.workers[addr].owner_id
         heapq.heappush(self.groups[owner], self._entry(addr))
         self.version[owner] += 1
         heapq.heappush(self.owner_heap, (*self._top(owner), owner, self.version[owner]))
@@ -403,7 +412,7 @@ class _WorkerIndex:
         """Rules 2 and 5: best feasible worker of an unused owner, else of a used owner, else None."""
         if not self.frees or self.frees[-1] < spec.bytes:
             return None
-        used = self.ledger.owners[spec.key]
+        used = self.draft.owners[spec.key]
         every_owner_used = len(used) >= len(self.groups)
         best = self._best_over_owners(spec, skip=frozenset() if every_owner_used else used)
         if best is None and not every_owner_used:
@@ -450,7 +459,7 @@ class _WorkerIndex:
             popped.append(entry)
             if entry[0] == 0 and spec.bytes > 0:
                 break
-            if self.ledger.can_host(entry[1], spec):
+            if self.draft.can_host(entry[1], spec):
                 found = entry[:2]
                 break
         for entry in popped:
@@ -458,16 +467,16 @@ class _WorkerIndex:
         return found
 
 
-def _to_placement(order: Sequence[ExpertSpec], wanted: Mapping[ExpertKey, int], ledger: _Ledger) -> Placement:
+def _to_placement(order: Sequence[ExpertSpec], wanted: Mapping[ExpertKey, int], draft: _PlanDraft) -> Placement:
     """Rules 7 and 8: order each expert's hosts fastest first and name what fell short."""
     replicas: dict[ExpertKey, tuple[str, ...]] = {}
     under: set[ExpertKey] = set()
     unplaced: set[ExpertKey] = set()
     for spec in sorted(order, key=lambda s: s.key):
-        hosts = sorted(ledger.hosts[spec.key], key=lambda a: (-ledger.workers[a].speed, a))
+        hosts = sorted(draft.hosts[spec.key], key=lambda a: (-draft.workers[a].speed, a))
         replicas[spec.key] = tuple(hosts)
         if not hosts:
             unplaced.add(spec.key)
         elif len(hosts) < wanted[spec.key]:
             under.add(spec.key)
-    return Placement(replicas, frozenset(under), frozenset(unplaced), tuple(ledger.free))
+    return Placement(replicas, frozenset(under), frozenset(unplaced), tuple(draft.free))

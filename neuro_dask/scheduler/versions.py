@@ -17,12 +17,17 @@ Rules (docs/privacy.md, "New versions"):
 4. A retiring version is retired (unpublished: its experts dropped from the workers) once it has
    no live lease and `drain_seconds` have passed since it started retiring. A request on a
    retired version is refused with the version to load instead.
+5. Votes are read only where `adoption="vote"` and a ledger holds the proposals; each passed
+   proposal is read once (the highest proposal id seen is remembered). An approved version is
+   adopted only once it is served.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from neuro_dask.errors import NeuroDaskError
 
@@ -37,15 +42,17 @@ class VersionError(NeuroDaskError):
 class RetiredVersionError(VersionError):
     def __init__(self, model: str, channel: str, current: str | None):
         self.model, self.channel, self.current = model, channel, current
-        super().__init__(f"model {model} was retired from channel {channel!r}"
-                         + (f"; its current version is {current}: load that (or nd.follow({channel!r}, client))"
-                            if current else ""))
+        super().__init__(
+            f"model {model} was retired from channel {channel!r}"
+            + (f"; its current version is {current}: load that (or nd.follow({channel!r}, client))" if current else "")
+        )
 
 
 def check_channel_name(name: str) -> str:
     if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise VersionError(f"channel name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a "
-                           "letter or digit")
+        raise VersionError(
+            f"channel name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
     return name
 
 
@@ -58,8 +65,13 @@ class Channel:
     history: list[str] = field(default_factory=list)  # every version that was current, oldest first
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "current": self.current, "candidate": self.candidate,
-                "approved": self.approved, "history": list(self.history)}
+        return {
+            "name": self.name,
+            "current": self.current,
+            "candidate": self.candidate,
+            "approved": self.approved,
+            "history": list(self.history),
+        }
 
 
 @dataclass(frozen=True)
@@ -112,16 +124,22 @@ class ModelChannels:
         """Make the candidate current; returns the models that start retiring."""
         ch = self._channel(channel)
         if self.adoption == "vote" and not by_vote:
-            raise VersionError(f"channel {channel!r}: versions are adopted by governance vote on this network "
-                               f"(neuro-dask gov propose-version {channel} {model})")
+            raise VersionError(
+                f"channel {channel!r}: versions are adopted by governance vote on this network "
+                f"(neuro-dask gov propose-version {channel} {model})"
+            )
         if ch.current == model:
             return []
         if ch.candidate != model:
-            raise VersionError(f"model {model} is not the candidate of channel {channel!r} "
-                               f"(candidate: {ch.candidate}); publish it with --channel {channel} first")
+            raise VersionError(
+                f"model {model} is not the candidate of channel {channel!r} "
+                f"(candidate: {ch.candidate}); publish it with --channel {channel} first"
+            )
         if not ready:
-            raise VersionError(f"model {model} is not served yet (some of its experts have no live replica): "
-                               "adopt it once the workers have loaded it")
+            raise VersionError(
+                f"model {model} is not served yet (some of its experts have no live replica): "
+                "adopt it once the workers have loaded it"
+            )
         old = ch.current
         ch.current, ch.candidate, ch.approved = model, None, None
         ch.history.append(model)
@@ -164,33 +182,45 @@ class ModelChannels:
     def retirable(self, now: float) -> list[str]:
         """Retiring versions with no live lease and past their drain time: retire them now."""
         self._expire(now)
-        done = [m for m, since in sorted(self.retiring.items())
-                if now - since >= self.drain_seconds and self.live_leases(m, now) == 0]
+        done = [
+            m
+            for m, since in sorted(self.retiring.items())
+            if now - since >= self.drain_seconds and self.live_leases(m, now) == 0
+        ]
         for m in done:
             del self.retiring[m]
             self.retired[m] = self.channel_of.pop(m)
         return done
 
     def status(self, now: float) -> dict:
-        return {"adoption": self.adoption,
-                "channels": {n: c.as_dict() for n, c in sorted(self.channels.items())},
-                "retiring": {m: {"since": s, "leases": self.live_leases(m, now)} for m, s in sorted(self.retiring.items())},
-                "retired": dict(sorted(self.retired.items()))}
+        return {
+            "adoption": self.adoption,
+            "channels": {n: c.as_dict() for n, c in sorted(self.channels.items())},
+            "retiring": {m: {"since": s, "leases": self.live_leases(m, now)} for m, s in sorted(self.retiring.items())},
+            "retired": dict(sorted(self.retired.items())),
+        }
 
     # ---- persistence (the scheduler's state file) -----------------------------------------------
 
     def to_dict(self) -> dict:
         """Channels, retiring and retired versions; leases are not kept (their requests died with
         the scheduler that held them)."""
-        return {"channels": {n: c.as_dict() for n, c in sorted(self.channels.items())},
-                "retiring": {m: self.channel_of[m] for m in sorted(self.retiring)},
-                "retired": dict(sorted(self.retired.items()))}
+        return {
+            "channels": {n: c.as_dict() for n, c in sorted(self.channels.items())},
+            "retiring": {m: self.channel_of[m] for m in sorted(self.retiring)},
+            "retired": dict(sorted(self.retired.items())),
+        }
 
     def restore(self, data: dict, now: float) -> None:
         """Load what `to_dict` wrote; retiring versions start draining again from `now`."""
         for name, ch in data.get("channels", {}).items():
-            channel = Channel(check_channel_name(name), ch.get("current"), ch.get("candidate"), ch.get("approved"),
-                              list(ch.get("history", [])))
+            channel = Channel(
+                check_channel_name(name),
+                ch.get("current"),
+                ch.get("candidate"),
+                ch.get("approved"),
+                list(ch.get("history", [])),
+            )
             self.channels[name] = channel
             for model in {*channel.history, channel.candidate} - {None}:
                 self.channel_of[model] = name
@@ -210,3 +240,21 @@ class ModelChannels:
         if ch is None:
             raise VersionError(f"no channel {channel!r} on this scheduler (publish with --channel {channel})")
         return ch
+
+
+# ---- adoption by vote (rule 5) -----------------------------------------------------------------
+
+
+def reads_votes(adoption: str, ledger_on: bool) -> bool:
+    """Rule 5: passed proposals adopt versions only where votes decide and a ledger holds them."""
+    return ledger_on and adoption == "vote"
+
+
+def last_proposal_seen(seen: int, passed: Iterable[Mapping[str, Any]]) -> int:
+    """Rule 5: the highest proposal id read so far (the next read starts after it)."""
+    return max([seen, *(int(a["proposal"]) for a in passed)])
+
+
+def ready_adoptions(due: Iterable[tuple[str, str]], served: Callable[[str], bool]) -> list[tuple[str, str]]:
+    """Rule 5: the approved (channel, model) pairs whose model is served: adopt these now."""
+    return [(channel, model) for channel, model in due if served(model)]

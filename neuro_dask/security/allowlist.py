@@ -42,9 +42,11 @@ import datetime as _datetime
 # The only functions a hardened worker executes as tasks (guards.py checks task specs against
 # it). Not pickle-loadable: a pickle that calls serve_expert_call would run expert compute
 # inside the loader, and hardened networks send no task graphs.
-TASK_FUNCTIONS: frozenset[tuple[str, str]] = frozenset({
-    ("neuro_dask.client.dispatch.tasks", "serve_expert_call"),
-})
+TASK_FUNCTIONS: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("neuro_dask.client.dispatch.tasks", "serve_expert_call"),
+    }
+)
 
 # Plain containers, each costing time and memory linear in what the pickle itself holds:
 # set, frozenset, list, tuple, dict copy or extend from an iterable the pickle built (the loader
@@ -60,12 +62,36 @@ _BUILTIN_DATA = ("set", "frozenset", "slice", "complex", "list", "tuple", "dict"
 # its recursion guard). Not UnicodeDecodeError/UnicodeEncodeError (module docstring); the plain
 # UnicodeError base stays.
 _BUILTIN_EXCEPTIONS = (
-    "Exception", "ArithmeticError", "AssertionError", "AttributeError", "BufferError",
-    "EOFError", "FloatingPointError", "ImportError", "IndexError", "KeyError", "LookupError", "MemoryError",
-    "ModuleNotFoundError", "NotImplementedError", "OSError", "OverflowError", "RecursionError",
-    "ReferenceError", "RuntimeError", "StopIteration", "TimeoutError", "TypeError",
-    "UnicodeError", "ValueError", "ZeroDivisionError", "ConnectionError",
-    "ConnectionRefusedError", "ConnectionResetError", "BrokenPipeError", "FileNotFoundError",
+    "Exception",
+    "ArithmeticError",
+    "AssertionError",
+    "AttributeError",
+    "BufferError",
+    "EOFError",
+    "FloatingPointError",
+    "ImportError",
+    "IndexError",
+    "KeyError",
+    "LookupError",
+    "MemoryError",
+    "ModuleNotFoundError",
+    "NotImplementedError",
+    "OSError",
+    "OverflowError",
+    "RecursionError",
+    "ReferenceError",
+    "RuntimeError",
+    "StopIteration",
+    "TimeoutError",
+    "TypeError",
+    "UnicodeError",
+    "ValueError",
+    "ZeroDivisionError",
+    "ConnectionError",
+    "ConnectionRefusedError",
+    "ConnectionResetError",
+    "BrokenPipeError",
+    "FileNotFoundError",
     "PermissionError",
 )
 
@@ -132,15 +158,26 @@ def checked_datetime(*args) -> _datetime.datetime:
     hour 25 that the bytes form lets through is a ValueError instead of a datetime whose ctime()
     reads out of bounds."""
     value = _datetime.datetime(*args)
-    return _datetime.datetime(value.year, value.month, value.day, value.hour, value.minute, value.second,
-                              value.microsecond, value.tzinfo, fold=value.fold)
+    return _datetime.datetime(
+        value.year,
+        value.month,
+        value.day,
+        value.hour,
+        value.minute,
+        value.second,
+        value.microsecond,
+        value.tzinfo,
+        fold=value.fold,
+    )
 
 
 # Globals replaced by a harmless stand-in instead of refused: every remote error from an
 # honest peer carries a pickled traceback, and refusing it would lose the exception too.
-SUBSTITUTES = {("tblib.pickling_support", "unpickle_traceback"): drop_traceback,
-               **{("tblib", part): DroppedTracebackPart for part in ("Frame", "Code", "Traceback")},
-               ("datetime", "datetime"): checked_datetime}
+SUBSTITUTES = {
+    ("tblib.pickling_support", "unpickle_traceback"): drop_traceback,
+    **{("tblib", part): DroppedTracebackPart for part in ("Frame", "Code", "Traceback")},
+    ("datetime", "datetime"): checked_datetime,
+}
 
 # Classes whose instances a pickle may apply state to (BUILD), besides Exception subclasses:
 # plain Python classes with no C layout that state could corrupt.

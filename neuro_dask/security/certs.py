@@ -78,7 +78,7 @@ def role_certificates(directory: str | os.PathLike, role: str) -> dict[str, Path
     prefix = f"{check_role(role)}-"
     found: dict[str, Path] = {}
     for path in sorted(Path(directory).glob(f"{prefix}*{CERT_SUFFIX}")):
-        name = path.name[len(prefix):-len(CERT_SUFFIX)]
+        name = path.name[len(prefix) : -len(CERT_SUFFIX)]
         try:
             found[check_name(name)] = path
         except CertificateError:
@@ -98,8 +98,14 @@ def certificates(directory: str | os.PathLike) -> list[Path]:
 # ---- making certificates ------------------------------------------------------------------------
 
 
-def create_ca(directory: str | os.PathLike, *, name: str = "neuro-dask-ca", days: int = 3650,
-              clock: Clock | None = None, overwrite: bool = False) -> Path:
+def create_ca(
+    directory: str | os.PathLike,
+    *,
+    name: str = "neuro-dask-ca",
+    days: int = 3650,
+    clock: Clock | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Create a CA in `directory` (ca.pem, ca-key.pem); returns the path of ca.pem.
 
     Refuses to replace an existing CA unless overwrite=True: every certificate it signed would
@@ -107,13 +113,20 @@ def create_ca(directory: str | os.PathLike, *, name: str = "neuro-dask-ca", days
     """
     folder = Path(directory)
     cert_path, key_path = folder / CA_CERT, folder / CA_KEY
-    _refuse_existing([cert_path, key_path], overwrite,
-                     "this folder holds a CA already; replacing it invalidates every certificate it signed, "
-                     "so use another folder (or delete both files if that is what you mean)")
+    _refuse_existing(
+        [cert_path, key_path],
+        overwrite,
+        "this folder holds a CA already; replacing it invalidates every certificate it signed, "
+        "so use another folder (or delete both files if that is what you mean)",
+    )
     now = _now(clock)
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
-                         x509.NameAttribute(NameOID.COMMON_NAME, check_name(name))])
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
+            x509.NameAttribute(NameOID.COMMON_NAME, check_name(name)),
+        ]
+    )
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (
         _validity(x509.CertificateBuilder(), now, _days(days))
@@ -135,8 +148,16 @@ def create_ca(directory: str | os.PathLike, *, name: str = "neuro-dask-ca", days
     return cert_path
 
 
-def issue(directory: str | os.PathLike, role: str, name: str, *, days: int = 825,
-          clock: Clock | None = None, overwrite: bool = False, owner: str = "") -> tuple[Path, Path]:
+def issue(
+    directory: str | os.PathLike,
+    role: str,
+    name: str,
+    *,
+    days: int = 825,
+    clock: Clock | None = None,
+    overwrite: bool = False,
+    owner: str = "",
+) -> tuple[Path, Path]:
     """Sign a certificate for role/name with the CA in `directory`; returns (certificate, key) paths.
 
     `owner` (workers only): who owns the machine, as the CA vouches for it; replicas and the
@@ -148,8 +169,11 @@ def issue(directory: str | os.PathLike, role: str, name: str, *, days: int = 825
     if owner:
         check_name(owner)
     cert_path, key_path = cert_paths(directory, role, name)
-    _refuse_existing([cert_path, key_path], overwrite,
-                     f"a {role} certificate for {name!r} exists; pass --overwrite (overwrite=True) to replace it")
+    _refuse_existing(
+        [cert_path, key_path],
+        overwrite,
+        f"a {role} certificate for {name!r} exists; pass --overwrite (overwrite=True) to replace it",
+    )
     now = _now(clock)
     ca_cert, ca_key = load_ca(directory)
     _check_ca_valid(ca_cert, now, Path(directory))
@@ -166,8 +190,9 @@ def issue(directory: str | os.PathLike, role: str, name: str, *, days: int = 825
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(cert_sign=False), critical=True)
         # Every Dask peer both listens (server) and connects (client).
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                       critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
         .add_extension(_role_san(role, name, owner), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
@@ -199,11 +224,12 @@ def check_pair(cert_path: str | os.PathLike, key_path: str | os.PathLike) -> tup
     except FileNotFoundError:
         raise CertificateError(f"{key_path}: no such key; copy it next to {cert_path}") from None
     except (ValueError, TypeError) as exc:
-        raise CertificateError(f"{key_path}: not an unencrypted PEM private key ({exc}); "
-                               "copy the key `neuro-dask certs` wrote, or issue a new pair") from None
+        raise CertificateError(
+            f"{key_path}: not an unencrypted PEM private key ({exc}); "
+            "copy the key `neuro-dask certs` wrote, or issue a new pair"
+        ) from None
     if key.public_key() != cert.public_key():
-        raise CertificateError(f"{key_path} is not the key of {cert_path}: copy the matching pair, "
-                               "or issue a new one")
+        raise CertificateError(f"{key_path} is not the key of {cert_path}: copy the matching pair, or issue a new one")
     return cert, key
 
 
@@ -212,8 +238,9 @@ def load_certificate(path: str | os.PathLike) -> x509.Certificate:
     try:
         return x509.load_pem_x509_certificate(path.read_bytes())
     except FileNotFoundError:
-        raise CertificateError(f"{path}: no such certificate; `neuro-dask certs show {path.parent}` "
-                               "lists the ones there") from None
+        raise CertificateError(
+            f"{path}: no such certificate; `neuro-dask certs show {path.parent}` lists the ones there"
+        ) from None
     except ValueError as exc:
         raise CertificateError(f"{path}: not a PEM certificate ({exc}); issue it again") from None
 
@@ -245,8 +272,9 @@ def describe(cert_path: str | os.PathLike, *, clock: Clock | None = None) -> dic
 
 def as_peercert(cert: x509.Certificate) -> dict[str, Any]:
     """The subject and subjectAltName of `cert` in the shape ssl.SSLSocket.getpeercert() gives."""
-    subject = tuple(tuple((_ATTRIBUTE_NAMES.get(a.oid, a.oid.dotted_string), a.value) for a in rdn)
-                    for rdn in cert.subject.rdns)
+    subject = tuple(
+        tuple((_ATTRIBUTE_NAMES.get(a.oid, a.oid.dotted_string), a.value) for a in rdn) for rdn in cert.subject.rdns
+    )
     san: list[tuple[str, str]] = []
     try:
         names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -289,24 +317,41 @@ def _validity(builder: x509.CertificateBuilder, now: datetime, length: timedelta
 
 
 def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
-    return x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                         data_encipherment=False, key_agreement=False, key_cert_sign=cert_sign,
-                         crl_sign=cert_sign, encipher_only=False, decipher_only=False)
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
 
 
 def _role_subject(role: str, name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
-                      x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, OU_PREFIX + role),
-                      x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, OU_PREFIX + role),
+            x509.NameAttribute(NameOID.COMMON_NAME, name),
+        ]
+    )
 
 
 def _role_san(role: str, name: str, owner: str = "") -> x509.SubjectAlternativeName:
     # localhost and 127.0.0.1 are harmless (Dask turns hostname checks off) and let tools that do
     # check hostnames (curl, openssl s_client -verify_hostname) talk to a peer on this machine.
     owners = [x509.UniformResourceIdentifier(owner_uri(owner))] if owner else []
-    return x509.SubjectAlternativeName([x509.UniformResourceIdentifier(role_uri(role, name)), *owners,
-                                        x509.DNSName("localhost"),
-                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    return x509.SubjectAlternativeName(
+        [
+            x509.UniformResourceIdentifier(role_uri(role, name)),
+            *owners,
+            x509.DNSName("localhost"),
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        ]
+    )
 
 
 def _common_name(cert: x509.Certificate) -> str | None:
@@ -323,16 +368,21 @@ def _is_ca(cert: x509.Certificate) -> bool:
 
 def _check_ca_valid(ca_cert: x509.Certificate, now: datetime, folder: Path) -> None:
     if now >= ca_cert.not_valid_after_utc:
-        raise CertificateError(f"{folder / CA_CERT} expired on {ca_cert.not_valid_after_utc:%Y-%m-%d}: "
-                               "create a new CA (`neuro-dask certs init` in a new folder) and reissue every certificate")
+        raise CertificateError(
+            f"{folder / CA_CERT} expired on {ca_cert.not_valid_after_utc:%Y-%m-%d}: "
+            "create a new CA (`neuro-dask certs init` in a new folder) and reissue every certificate"
+        )
     if now < ca_cert.not_valid_before_utc:
-        raise CertificateError(f"{folder / CA_CERT} is valid only from {ca_cert.not_valid_before_utc:%Y-%m-%d %H:%M} "
-                               "UTC: check this machine's clock")
+        raise CertificateError(
+            f"{folder / CA_CERT} is valid only from {ca_cert.not_valid_before_utc:%Y-%m-%d %H:%M} "
+            "UTC: check this machine's clock"
+        )
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _refuse_existing(paths: list[Path], overwrite: bool, fix: str) -> None:

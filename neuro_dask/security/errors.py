@@ -61,9 +61,7 @@ class TaskRefusedError(SecurityError):
     def __init__(self, key: str, function: str):
         self.key = key
         self.function = function
-        super().__init__(
-            f"task {key!r}: this hardened worker runs only neuro_dask's expert tasks, not {function}"
-        )
+        super().__init__(f"task {key!r}: this hardened worker runs only neuro_dask's expert tasks, not {function}")
 
 
 class PickleLimitError(PickleRefusedError):

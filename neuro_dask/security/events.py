@@ -21,10 +21,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SecurityEvent:
-    kind: str            # pickle | message-size | tls-handshake | role | refused-op | task
-    peer: str | None     # the connection's address, as the comm saw it
+    kind: str  # pickle | message-size | tls-handshake | role | refused-op | task
+    peer: str | None  # the connection's address, as the comm saw it
     detail: str
-    identity: str | None = None   # role/name from the peer's certificate, when there is one
+    identity: str | None = None  # role/name from the peer's certificate, when there is one
     time: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:

@@ -64,8 +64,10 @@ class RateBook:
     MULTIPLES = {"requests": 1, "reports": 1, "disputes": 0.1, "control": 10}
 
     def __init__(self, requests_per_minute: int, clock: Callable[[], float] = time.monotonic):
-        self.limiters = {cls: RateLimiter(max(1, int(requests_per_minute * m)) if requests_per_minute else 0, clock)
-                         for cls, m in self.MULTIPLES.items()}
+        self.limiters = {
+            cls: RateLimiter(max(1, int(requests_per_minute * m)) if requests_per_minute else 0, clock)
+            for cls, m in self.MULTIPLES.items()
+        }
 
     def wait(self, op: str, identity: PeerIdentity | None, peer: str) -> float:
         if identity is not None and identity.role in ("operator", "scheduler"):
@@ -80,8 +82,13 @@ class GuardedHandlers(dict):
     theirs once the worker has benchmarked itself) without a second pass.
     """
 
-    def __init__(self, handlers: dict, decide: Callable[[str, "str | None"], Decision],
-                 check: Check | None = None, rates: RateBook | None = None):
+    def __init__(
+        self,
+        handlers: dict,
+        decide: Callable[[str, str | None], Decision],
+        check: Check | None = None,
+        rates: RateBook | None = None,
+    ):
         super().__init__(handlers)
         self.decide = decide
         self.check = check
@@ -170,8 +177,6 @@ async def _write_and_close(comm, refusal: dict):
     return Status.dont_reply
 
 
-
-
 def _refusal(op: str, role: str | None, peer: str, why: str) -> dict[str, Any]:
     # "uncaught-error" is the status distributed's rpc re-raises in the caller; plain text, no pickle.
     return plain_error_message(RequestRefusedError(op, role, peer, why), status="uncaught-error")
@@ -180,8 +185,14 @@ def _refusal(op: str, role: str | None, peer: str, why: str) -> dict[str, Any]:
 # ---- streams -------------------------------------------------------------------------------------
 
 
-def guard_streams(server, streams: dict, name: str, kind_of: Callable[[Any, dict], str],
-                  rates: RateBook | None = None, check: Check | None = None) -> None:
+def guard_streams(
+    server,
+    streams: dict,
+    name: str,
+    kind_of: Callable[[Any, dict], str],
+    rates: RateBook | None = None,
+    check: Check | None = None,
+) -> None:
     """Replace `server.handle_stream` (and its `connection_stream` handler) with distributed's loop
     plus a check of every stream message: the stream kind's table (roles.py), its shape
     (schemas.py), and the connection's own `worker`/`client` winning over the message's."""
@@ -235,8 +246,18 @@ def guard_streams(server, streams: dict, name: str, kind_of: Callable[[Any, dict
         dict.__setitem__(server.handlers, "connection_stream", handle_stream)
 
 
-def _stream_refusal(streams: dict, kind: str, op: Any, role: str | None, required: bool, name: str,
-                    extra: dict, msg: dict, identity: PeerIdentity | None, check: Check | None) -> str | None:
+def _stream_refusal(
+    streams: dict,
+    kind: str,
+    op: Any,
+    role: str | None,
+    required: bool,
+    name: str,
+    extra: dict,
+    msg: dict,
+    identity: PeerIdentity | None,
+    check: Check | None,
+) -> str | None:
     decision = stream_decision(streams, kind, op, role, roles_required=required, server=name)
     if not decision.allowed:
         return decision.why
@@ -328,15 +349,20 @@ def _bind_worker_name(op: str, identity: PeerIdentity | None, msg: dict) -> None
     cannot pose as several owners (the private tier's non-collusion rests on owners)."""
     if op == "register-worker" and identity is not None and identity.role == "worker":
         if msg.get("name") not in (identity.name, None):
-            log.info("worker at %s asked to be called %r; its certificate names it %r", msg.get("address"),
-                     msg.get("name"), identity.name)
+            log.info(
+                "worker at %s asked to be called %r; its certificate names it %r",
+                msg.get("address"),
+                msg.get("name"),
+                identity.name,
+            )
         msg["name"] = identity.name
         neuro = (msg.get("extra") or {}).get("neuro")
         if isinstance(neuro, dict):
             owner = identity.owner or identity.name
             if neuro.get("owner") not in ("", None, owner):
-                log.info("worker %s declared owner %r; its certificate makes it %r", identity.name,
-                         neuro.get("owner"), owner)
+                log.info(
+                    "worker %s declared owner %r; its certificate makes it %r", identity.name, neuro.get("owner"), owner
+                )
             neuro["owner"] = owner
 
 
@@ -345,9 +371,7 @@ def _bind_signing_key(comm, op: str, identity: PeerIdentity | None, msg: dict) -
     the scheduler records the one in the certificate on this connection."""
     if op != "register-worker" or identity is None:
         return
-    from neuro_dask.security.signing import public_der_from_certificate
-
-    from neuro_dask.security.signing import SigningError
+    from neuro_dask.security.signing import SigningError, public_der_from_certificate
 
     der = peer_certificate(comm)
     neuro = (msg.get("extra") or {}).get("neuro")
@@ -355,8 +379,9 @@ def _bind_signing_key(comm, op: str, identity: PeerIdentity | None, msg: dict) -
         try:
             neuro["signing_key"] = public_der_from_certificate(der)
         except SigningError as exc:  # not an EC P-256 certificate: its answers verify with nothing
-            log.warning("worker %s: its certificate's key cannot sign receipts (%s); it will not be paid",
-                        identity.name, exc)
+            log.warning(
+                "worker %s: its certificate's key cannot sign receipts (%s); it will not be paid", identity.name, exc
+            )
             neuro["signing_key"] = b""
 
 
@@ -391,11 +416,15 @@ def guard_scheduler(scheduler, requests_per_minute: int = 0, clock: Callable[[],
     # Decided per call: the scheduler's listeners (tls:// or not) exist only once it has started.
     handlers = GuardedHandlers(
         scheduler.handlers,
-        lambda op, role: decide(SCHEDULER_HANDLERS, op, role, roles_required=roles_required_for(scheduler),
-                                server="scheduler"),
-        check=check, rates=rates)
+        lambda op, role: decide(
+            SCHEDULER_HANDLERS, op, role, roles_required=roles_required_for(scheduler), server="scheduler"
+        ),
+        check=check,
+        rates=rates,
+    )
     register = dict.get(handlers, "register-worker")
     if register is not None:  # the certificate's key, bound before the handler reads the message
+
         async def register_worker(comm, **msg):
             _bind_signing_key(comm, "register-worker", comm_identity(comm), msg)
             return await register(comm, **msg)
@@ -471,7 +500,8 @@ def _guard_volunteer(server, handlers: dict, streams: dict, name: str, kind_of: 
     server.handlers = GuardedHandlers(
         server.handlers,
         lambda op, role: decide(handlers, op, role, roles_required=roles_required_for(server), server=name),
-        check=_own_name_check(server))
+        check=_own_name_check(server),
+    )
     guard_streams(server, streams, name, kind_of)
     server.plugin_add = _refusing_plugin_add(server, server.plugin_add)
     return True
@@ -486,8 +516,13 @@ def _refusing_plugin_add(worker, original: Callable) -> Callable:
         if isinstance(plugin, (bytes, bytearray, memoryview)):
             scheduler = getattr(getattr(worker, "scheduler", None), "address", None)
             report("plugin", scheduler, f"{type(worker).__name__.lower()} plugin {name!r} not loaded")
-            return {"status": "error", "exception": None, "traceback": None,
-                    "exception_text": "hardened workers and nannies load no plugins", "traceback_text": ""}
+            return {
+                "status": "error",
+                "exception": None,
+                "traceback": None,
+                "exception_text": "hardened workers and nannies load no plugins",
+                "traceback_text": "",
+            }
         return await original(plugin=plugin, name=name, **kwargs)
 
     return plugin_add

@@ -34,6 +34,7 @@ from typing import Any
 
 import distributed
 
+from neuro_dask.security import mode
 from neuro_dask.security.allowlist import SUBSTITUTES, is_allowed, is_named_only
 from neuro_dask.security.errors import PickleRefusedError, UnverifiedDistributedError
 from neuro_dask.security.events import SecurityEvent, security_log
@@ -45,11 +46,11 @@ VERIFIED_DISTRIBUTED: tuple[str, ...] = ("2026.8.0",)
 # (module, attribute) pairs that hold a pickle loader: a function named `loads`, or the module
 # `pickle` whose `.loads` the module calls.
 PICKLE_SITES: tuple[tuple[str, str], ...] = (
-    ("distributed.protocol.pickle", "loads"),   # protocol, serialize, numpy, cuda, core, worker, nanny
+    ("distributed.protocol.pickle", "loads"),  # protocol, serialize, numpy, cuda, core, worker, nanny
     ("distributed.client", "loads"),
-    ("distributed.client", "pickle"),           # warnings forwarded from workers
+    ("distributed.client", "pickle"),  # warnings forwarded from workers
     ("distributed.scheduler", "loads"),
-    ("distributed.scheduler", "pickle"),        # run_on_scheduler, keys of stimulus messages
+    ("distributed.scheduler", "pickle"),  # run_on_scheduler, keys of stimulus messages
     ("distributed.shuffle._core", "pickle"),
     ("distributed.shuffle._pickle", "pickle"),
 )
@@ -58,8 +59,12 @@ PICKLE_SITES: tuple[tuple[str, str], ...] = (
 # exception through the allow-list and drops the remote traceback: tblib rebuilds tracebacks
 # by compiling code objects, and distributed's own fallback (a traceback as text) trips an
 # assert in the original.
-CLEAN_EXCEPTION_SITES: tuple[str, ...] = ("distributed.core", "distributed.client",
-                                          "distributed.shuffle._worker_plugin", "distributed.shuffle._comms")
+CLEAN_EXCEPTION_SITES: tuple[str, ...] = (
+    "distributed.core",
+    "distributed.client",
+    "distributed.shuffle._worker_plugin",
+    "distributed.shuffle._comms",
+)
 
 current_peer: contextvars.ContextVar[str | None] = contextvars.ContextVar("neuro_current_peer", default=None)
 # "role:name" from the peer's certificate, on TLS comms.
@@ -98,8 +103,9 @@ def hardened_loads(x, *, buffers=()) -> Any:
 def _restricted(x, buffers, peer):
     from neuro_dask.security.unpickle import restricted_loads
 
-    return restricted_loads(x, allowed=is_allowed, buffers=buffers, peer=peer, named_only=is_named_only,
-                            substitutes=SUBSTITUTES)
+    return restricted_loads(
+        x, allowed=is_allowed, buffers=buffers, peer=peer, named_only=is_named_only, substitutes=SUBSTITUTES
+    )
 
 
 def hardened_clean_exception(exception=None, traceback=None, **_ignored):
@@ -125,8 +131,13 @@ def hardened_clean_exception(exception=None, traceback=None, **_ignored):
 
 def report(kind: str, peer: str | None, detail: str, identity: str | None = None) -> SecurityEvent:
     event = security_log.record(kind, peer, detail, identity)
-    log.warning("security: refused %s from %s%s: %s", kind, peer or "an unknown peer",
-                f" ({identity})" if identity else "", detail)
+    log.warning(
+        "security: refused %s from %s%s: %s",
+        kind,
+        peer or "an unknown peer",
+        f" ({identity})" if identity else "",
+        detail,
+    )
     return event
 
 
@@ -187,11 +198,12 @@ def _plain_unless_trusted(original: Callable) -> Callable:
     async def from_frames(frames, deserialize=True, deserializers=None, allow_offload=True):
         comm = _reading_comm.get()
         if comm is not None and pickles_trusted(comm):
-            return await original(frames, deserialize=deserialize, deserializers=deserializers,
-                                  allow_offload=allow_offload)
+            return await original(
+                frames, deserialize=deserialize, deserializers=deserializers, allow_offload=allow_offload
+            )
         # No comm known (a read path that did not go through TCP.read): plain, failing closed.
-        from neuro_dask.security.plain_wire import decode_plain_frames
         from neuro_dask.security.errors import PlainDataRefusedError
+        from neuro_dask.security.plain_wire import decode_plain_frames
 
         try:
             return decode_plain_frames(frames)
@@ -216,8 +228,12 @@ def _one_frame_unless_trusted(original: Callable) -> Callable:
                 from neuro_dask.security.errors import PlainDataRefusedError
 
                 reason = f"{len(frames) + len(buffers)} frames announced (a plain message is one msgpack frame)"
-                report("plain-data", getattr(comm, "peer_address", None), reason,
-                       _comm_identity(comm) if comm is not None else None)
+                report(
+                    "plain-data",
+                    getattr(comm, "peer_address", None),
+                    reason,
+                    _comm_identity(comm) if comm is not None else None,
+                )
                 raise PlainDataRefusedError(reason)
         return frames, buffers
 
@@ -239,8 +255,10 @@ def check_listeners(server) -> None:
     for listener in getattr(server, "listeners", []) or []:
         prefix = getattr(listener, "prefix", "") or ""
         if prefix and prefix not in COVERED_PREFIXES:
-            raise RuntimeError(f"hardened mode covers {', '.join(COVERED_PREFIXES)} comms, not {prefix}: "
-                               "listen on tls:// (or tcp://) instead")
+            raise RuntimeError(
+                f"hardened mode covers {', '.join(COVERED_PREFIXES)} comms, not {prefix}: "
+                "listen on tls:// (or tcp://) instead"
+            )
 
 
 def comm_identity(comm):
@@ -309,6 +327,7 @@ def install(*, max_message_bytes: int = 0) -> None:
     _patch("distributed.core", "error_message", plain_error_message)
     tcp.TCP.read = _peer_tagging_read(tcp.TCP.read)
     tcp.TLSListener._prepare_stream = _reporting_prepare_stream(tcp.TLSListener._prepare_stream)
+    mode.set_hardened(True)
     log.info("hardened mode: restricted unpickling on (distributed %s)", distributed.__version__)
 
 
@@ -329,6 +348,7 @@ def uninstall() -> None:
     for (module_name, attribute), original in _installed.items():
         setattr(importlib.import_module(module_name), attribute, original)
     _installed.clear()
+    mode.set_hardened(False)
     for cls, name in ((tcp.TCP, "read"), (tcp.TLSListener, "_prepare_stream")):
         method = getattr(cls, name)
         if hasattr(method, "__wrapped__"):

@@ -41,7 +41,7 @@ class PeerIdentity:
 
 
 def describe(identity: PeerIdentity | None) -> str | None:
-    """"role:name", as security events name a peer (None without a certificate)."""
+    """ "role:name", as security events name a peer (None without a certificate)."""
     return f"{identity.role}:{identity.name}" if identity is not None else None
 
 
@@ -106,8 +106,11 @@ def _identity(peercert: Any) -> PeerIdentity | None:
     role, name = parsed
     if ous[0] != OU_PREFIX + role or cns[0] != name:
         return None
-    owners = [v[len(OWNER_URI_SCHEME):] for v in _san_values(peercert.get("subjectAltName"), "URI")
-              if v.startswith(OWNER_URI_SCHEME)]
+    owners = [
+        v[len(OWNER_URI_SCHEME) :]
+        for v in _san_values(peercert.get("subjectAltName"), "URI")
+        if v.startswith(OWNER_URI_SCHEME)
+    ]
     if len(owners) > 1 or (owners and not _NAME.fullmatch(owners[0])):
         return None
     return PeerIdentity(role, name, owners[0] if owners else "")
@@ -131,13 +134,15 @@ def _san_values(san: Any, kind: str) -> list[str]:
     """The values of one kind ("URI", "DNS", ...) in getpeercert()'s subjectAltName."""
     if not isinstance(san, (tuple, list)):
         return []
-    return [entry[1] for entry in san
-            if isinstance(entry, (tuple, list)) and len(entry) == 2 and entry[0] == kind
-            and isinstance(entry[1], str)]
+    return [
+        entry[1]
+        for entry in san
+        if isinstance(entry, (tuple, list)) and len(entry) == 2 and entry[0] == kind and isinstance(entry[1], str)
+    ]
 
 
 def _parse_uri(uri: str) -> tuple[str, str] | None:
-    role, sep, name = uri[len(URI_SCHEME):].partition("/")
+    role, sep, name = uri[len(URI_SCHEME) :].partition("/")
     if not sep or role not in ROLES or not _NAME.fullmatch(name):
         return None
     return role, name

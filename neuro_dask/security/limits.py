@@ -45,8 +45,9 @@ def check_prompt_tokens(lengths: Iterable[int], limit: int, start: int = 0) -> N
     `limit` is refused."""
     for index, length in enumerate(lengths, start):
         if length > limit:
-            raise LimitExceededError(PROMPT_TOKENS, limit, int(length), f"prompt {index}'s length in tokens",
-                                     "shorten the prompt")
+            raise LimitExceededError(
+                PROMPT_TOKENS, limit, int(length), f"prompt {index}'s length in tokens", "shorten the prompt"
+            )
 
 
 def check_new_tokens(max_new_tokens: int, limit: int) -> None:
@@ -59,8 +60,12 @@ def check_batch(prompts: int, limit: int, fix: str = "send fewer prompts per cal
         raise LimitExceededError(BATCH, limit, int(prompts), "the number of prompts in one call", fix)
 
 
-def check_request_limits(limits: RequestLimits, prompt_lengths: Iterable[int] = (),
-                         max_new_tokens: int | None = None, batch: int | None = None) -> None:
+def check_request_limits(
+    limits: RequestLimits,
+    prompt_lengths: Iterable[int] = (),
+    max_new_tokens: int | None = None,
+    batch: int | None = None,
+) -> None:
     """Refuse a request above `limits`: the batch (default: the number of prompts) first, then
     max_new_tokens, then each prompt's length. Raises LimitExceededError; returns None when it fits."""
     lengths = list(prompt_lengths)
@@ -82,8 +87,9 @@ class RateLimiter:
     requests_per_minute 0 means unlimited (nothing is kept). `clock()` returns monotonic seconds.
     """
 
-    def __init__(self, requests_per_minute: int, clock: Callable[[], float], burst: int | None = None,
-                 max_keys: int = 100_000):
+    def __init__(
+        self, requests_per_minute: int, clock: Callable[[], float], burst: int | None = None, max_keys: int = 100_000
+    ):
         if requests_per_minute < 0:
             raise ValueError(f"requests_per_minute must be >= 0 (0 = unlimited), got {requests_per_minute}")
         self.requests_per_minute = int(requests_per_minute)

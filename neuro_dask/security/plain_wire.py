@@ -89,19 +89,24 @@ def decode_plain_frames(frames: Sequence[bytes | bytearray | memoryview], *, pee
         raise PlainDataRefusedError("frames that are not a list of bytes", peer) from None
     if count != 1:
         raise PlainDataRefusedError(
-            f"{count} frames (a plain message is one msgpack frame; sub-frames carry pickled or serialized "
-            "objects)" if count else "no frames", peer)
+            f"{count} frames (a plain message is one msgpack frame; sub-frames carry pickled or serialized objects)"
+            if count
+            else "no frames",
+            peer,
+        )
     frame = frames[0]
     if not isinstance(frame, _FRAME_TYPES):
         raise PlainDataRefusedError(f"a frame of type {type(frame).__name__}, not bytes", peer)
     try:
-        msg = msgpack.unpackb(frame, use_list=False, strict_map_key=False, raw=False,
-                              object_pairs_hook=_plain_map, ext_hook=_refuse_ext)
+        msg = msgpack.unpackb(
+            frame, use_list=False, strict_map_key=False, raw=False, object_pairs_hook=_plain_map, ext_hook=_refuse_ext
+        )
     except _Refused as refused:
         raise PlainDataRefusedError(refused.reason, peer) from None
     except msgpack.StackError:
-        raise PlainDataRefusedError(f"msgpack nested past its own limit of 1024 (this decoder's: {MAX_DEPTH})",
-                                    peer) from None
+        raise PlainDataRefusedError(
+            f"msgpack nested past its own limit of 1024 (this decoder's: {MAX_DEPTH})", peer
+        ) from None
     except Exception as exc:  # noqa: BLE001 - whatever msgpack says about a malformed frame
         raise PlainDataRefusedError(f"not valid msgpack ({type(exc).__name__}: {str(exc)[:120]})", peer) from None
     try:

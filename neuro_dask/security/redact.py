@@ -18,8 +18,18 @@ import re
 from urllib.parse import unquote
 
 MASK = "***"
-_SECRET_NAMES = ("password", "passwd", "pwd", "sslpassword", "secret", "token", "access_token", "api_key",
-                 "apikey", "api-key")
+_SECRET_NAMES = (
+    "password",
+    "passwd",
+    "pwd",
+    "sslpassword",
+    "secret",
+    "token",
+    "access_token",
+    "api_key",
+    "apikey",
+    "api-key",
+)
 _DSN_SECRET = re.compile(r"(?i)\b(password|passwd|sslpassword)(\s*=\s*)('(?:\\.|[^'\\])*'|\S+)")
 _SEPARATORS = "/?#"
 
@@ -50,7 +60,7 @@ def _split(url: str) -> tuple[str, str, str, str] | None:
         user, colon, password = rest[:at].partition(":")
         if not colon:
             return None
-    return scheme + sep, user, password, rest[at + 1:]
+    return scheme + sep, user, password, rest[at + 1 :]
 
 
 def _redact_query(url: str) -> str:

@@ -79,8 +79,9 @@ def _spki(public_key: Any) -> bytes:
 
 
 def _is_p256(key: Any) -> bool:
-    return isinstance(key, (ec.EllipticCurvePublicKey, ec.EllipticCurvePrivateKey)) and \
-        isinstance(key.curve, ec.SECP256R1)
+    return isinstance(key, (ec.EllipticCurvePublicKey, ec.EllipticCurvePrivateKey)) and isinstance(
+        key.curve, ec.SECP256R1
+    )
 
 
 class Signer:
@@ -90,8 +91,10 @@ class Signer:
 
     def __init__(self, private_key: ec.EllipticCurvePrivateKey):
         if not isinstance(private_key, ec.EllipticCurvePrivateKey) or not _is_p256(private_key):
-            raise SigningError(f"a Signer needs an EC P-256 private key, got {type(private_key).__name__}: "
-                               "use the key `neuro-dask certs` wrote, or Signer.generate()")
+            raise SigningError(
+                f"a Signer needs an EC P-256 private key, got {type(private_key).__name__}: "
+                "use the key `neuro-dask certs` wrote, or Signer.generate()"
+            )
         self._key = private_key
         self.public_der: bytes = _spki(private_key.public_key())
 
@@ -108,27 +111,36 @@ class Signer:
             with path.open("rb") as f:
                 text = f.read(MAX_PEM_FILE + 1)
         except OSError as exc:
-            raise SigningError(f"{path}: cannot read the signing key ({exc.strerror or exc}); point at the "
-                               "<role>-<name>.key file `neuro-dask certs` wrote") from None
+            raise SigningError(
+                f"{path}: cannot read the signing key ({exc.strerror or exc}); point at the "
+                "<role>-<name>.key file `neuro-dask certs` wrote"
+            ) from None
         if len(text) > MAX_PEM_FILE:
             raise SigningError(f"{path}: over {MAX_PEM_FILE} bytes, not a PEM key file")
         blocks = _pem_blocks(text)
         if any(label == "ENCRYPTED PRIVATE KEY" for label, _ in blocks):
-            raise SigningError(f"{path}: the private key is encrypted; neuro_dask signs with the unencrypted "
-                               "key `neuro-dask certs` writes (its file mode protects it)")
+            raise SigningError(
+                f"{path}: the private key is encrypted; neuro_dask signs with the unencrypted "
+                "key `neuro-dask certs` writes (its file mode protects it)"
+            )
         keys = [block for label, block in blocks if label.endswith("PRIVATE KEY")]
         certs = [block for label, block in blocks if label == "CERTIFICATE"]
         if len(keys) != 1:
-            raise SigningError(f"{path}: expected exactly one PEM private key, found {len(keys)}; point at the "
-                               "<role>-<name>.key file `neuro-dask certs` wrote")
+            raise SigningError(
+                f"{path}: expected exactly one PEM private key, found {len(keys)}; point at the "
+                "<role>-<name>.key file `neuro-dask certs` wrote"
+            )
         try:
             key = serialization.load_pem_private_key(keys[0], password=None)
         except Exception as exc:  # noqa: BLE001  (a damaged file raises ValueError, TypeError, or others)
-            raise SigningError(f"{path}: not a usable unencrypted PEM private key ({type(exc).__name__}); "
-                               "copy the key `neuro-dask certs` wrote, or issue a new pair") from None
+            raise SigningError(
+                f"{path}: not a usable unencrypted PEM private key ({type(exc).__name__}); "
+                "copy the key `neuro-dask certs` wrote, or issue a new pair"
+            ) from None
         if not _is_p256(key):
-            raise SigningError(f"{path}: the key is {type(key).__name__}, not EC P-256; "
-                               "issue a new pair with `neuro-dask certs`")
+            raise SigningError(
+                f"{path}: the key is {type(key).__name__}, not EC P-256; issue a new pair with `neuro-dask certs`"
+            )
         signer = cls(key)  # type: ignore[arg-type]
         if len(certs) > 1:
             raise SigningError(f"{path}: holds {len(certs)} certificates; keep only the key's own next to it")
@@ -138,8 +150,10 @@ class Signer:
             except Exception:  # noqa: BLE001
                 raise SigningError(f"{path}: the certificate in it cannot be read; issue the pair again") from None
             if cert_key != signer.public_der:
-                raise SigningError(f"{path}: the certificate in it is not the key's own: keep a matching pair "
-                                   "together, or point at the key file alone")
+                raise SigningError(
+                    f"{path}: the certificate in it is not the key's own: keep a matching pair "
+                    "together, or point at the key file alone"
+                )
         return signer
 
     def sign(self, data: bytes) -> bytes:
@@ -223,12 +237,15 @@ def verify(public_der: bytes, data: bytes, signature: bytes) -> bool:
 def check_public_der(public_der: object) -> bytes:
     """`public_der` as bytes when it is an EC P-256 SubjectPublicKeyInfo; SigningError otherwise."""
     if not isinstance(public_der, _BYTES) or not 0 < len(public_der) <= MAX_PUBLIC_DER:
-        raise SigningError(f"a public key must be DER bytes of at most {MAX_PUBLIC_DER} bytes, "
-                           f"got {type(public_der).__name__}")
+        raise SigningError(
+            f"a public key must be DER bytes of at most {MAX_PUBLIC_DER} bytes, got {type(public_der).__name__}"
+        )
     der = bytes(public_der)
     if _public_key(der) is None:
-        raise SigningError("not an EC P-256 SubjectPublicKeyInfo: take the key from the signer's certificate "
-                           "(public_der_from_certificate) or Signer.public_der")
+        raise SigningError(
+            "not an EC P-256 SubjectPublicKeyInfo: take the key from the signer's certificate "
+            "(public_der_from_certificate) or Signer.public_der"
+        )
     return der
 
 
@@ -246,11 +263,15 @@ def public_der_from_certificate(cert: bytes) -> bytes:
             parsed = x509.load_der_x509_certificate(raw)
         key = parsed.public_key()
     except Exception:  # noqa: BLE001
-        raise SigningError("not a DER or PEM X.509 certificate; pass the peer's certificate "
-                           "(as `neuro-dask certs` wrote it, or from the TLS connection)") from None
+        raise SigningError(
+            "not a DER or PEM X.509 certificate; pass the peer's certificate "
+            "(as `neuro-dask certs` wrote it, or from the TLS connection)"
+        ) from None
     if not _is_p256(key):
-        raise SigningError(f"the certificate's key is {type(key).__name__}, not EC P-256: nothing it signs "
-                           "could be verified; issue the certificate with `neuro-dask certs`")
+        raise SigningError(
+            f"the certificate's key is {type(key).__name__}, not EC P-256: nothing it signs "
+            "could be verified; issue the certificate with `neuro-dask certs`"
+        )
     return _spki(key)
 
 

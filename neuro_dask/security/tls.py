@@ -56,8 +56,10 @@ def certificate_files(role: str, directory: str | os.PathLike, name: str | None 
     check_role(role)
     ca = folder / CA_CERT
     if not ca.is_file():
-        raise CertificateError(f"{folder}: no {CA_CERT}; copy the network's {CA_CERT} here, or create a "
-                               f"network with `neuro-dask certs quickstart {folder}`")
+        raise CertificateError(
+            f"{folder}: no {CA_CERT}; copy the network's {CA_CERT} here, or create a "
+            f"network with `neuro-dask certs quickstart {folder}`"
+        )
     cert, key, name = _certificate_for(folder, role, name)
     _check_usable(cert, key, role, name)
     return ca, cert, key, name
@@ -85,8 +87,10 @@ def _certificate_for(folder: Path, role: str, name: str | None) -> tuple[Path, P
     cert, key = cert_paths(folder, role, name)
     for path in (cert, key):
         if not path.is_file():
-            raise CertificateError(f"{path}: missing; issue it with "
-                                   f"`neuro-dask certs issue DIR --role {role} --name {name}` and copy both files here")
+            raise CertificateError(
+                f"{path}: missing; issue it with "
+                f"`neuro-dask certs issue DIR --role {role} --name {name}` and copy both files here"
+            )
     return cert, key, name
 
 
@@ -96,9 +100,13 @@ def _check_usable(cert: Path, key: Path, role: str, name: str) -> None:
     check_pair(cert, key)
     info = describe(cert)
     if (info["role"], info["name"]) != (role, name):
-        raise CertificateError(f"{cert} states role {info['role']!r} and name {info['name']!r} (subject "
-                               f"{info['subject']}), not {role!r} and {name!r}: it was renamed or not made by "
-                               "`neuro-dask certs`; issue a new one")
+        raise CertificateError(
+            f"{cert} states role {info['role']!r} and name {info['name']!r} (subject "
+            f"{info['subject']}), not {role!r} and {name!r}: it was renamed or not made by "
+            "`neuro-dask certs`; issue a new one"
+        )
     if info["expired"]:
-        raise CertificateError(f"{cert} expired on {info['not_after']:%Y-%m-%d}: issue a new one "
-                               f"(`neuro-dask certs issue DIR --role {role} --name {info['name']} --overwrite`)")
+        raise CertificateError(
+            f"{cert} expired on {info['not_after']:%Y-%m-%d}: issue a new one "
+            f"(`neuro-dask certs issue DIR --role {role} --name {info['name']} --overwrite`)"
+        )

@@ -86,8 +86,17 @@ _HASHING_CALLS = frozenset({set, frozenset, dict, collections.OrderedDict, colle
 _DICT_LIKE = frozenset({dict, collections.OrderedDict, collections.defaultdict})
 # Errors the pure-Python loader raises on a malformed pickle: restricted_loads reports them as
 # UnpicklingError.
-_MALFORMED = (EOFError, IndexError, KeyError, ValueError, TypeError, AttributeError, struct.error, OverflowError,
-              RecursionError)
+_MALFORMED = (
+    EOFError,
+    IndexError,
+    KeyError,
+    ValueError,
+    TypeError,
+    AttributeError,
+    struct.error,
+    OverflowError,
+    RecursionError,
+)
 
 
 def calls_anything(data: bytes | bytearray | memoryview) -> bool:
@@ -126,8 +135,16 @@ class RestrictedUnpickler(pickle._Unpickler):
 
     dispatch = dict(pickle._Unpickler.dispatch)
 
-    def __init__(self, data, *, allowed: Allowed, buffers: Iterable[Any] | None = None, peer: str | None = None,
-                 named_only: Allowed | None = None, substitutes: Mapping[tuple[str, str], Any] | None = None):
+    def __init__(
+        self,
+        data,
+        *,
+        allowed: Allowed,
+        buffers: Iterable[Any] | None = None,
+        peer: str | None = None,
+        named_only: Allowed | None = None,
+        substitutes: Mapping[tuple[str, str], Any] | None = None,
+    ):
         self._stream = io.BytesIO(data)
         super().__init__(self._stream, buffers=buffers, fix_imports=False)
         self._data = data
@@ -167,9 +184,11 @@ class RestrictedUnpickler(pickle._Unpickler):
     def load_build(self) -> None:
         target = self.stack[-2] if len(self.stack) > 1 else None  # [..., target, state]
         if isinstance(target, _NOT_INSTANCES):
-            raise PickleRefusedError(getattr(target, "__module__", None) or "?",
-                                     f"{getattr(target, '__qualname__', type(target).__name__)} (state applied to it)",
-                                     self._peer)
+            raise PickleRefusedError(
+                getattr(target, "__module__", None) or "?",
+                f"{getattr(target, '__qualname__', type(target).__name__)} (state applied to it)",
+                self._peer,
+            )
         if not (isinstance(target, Exception) or type(target) in BUILDABLE_CLASSES):
             kind = type(target)
             raise PickleRefusedError(kind.__module__, f"{kind.__qualname__} (state applied to an instance)", self._peer)
@@ -348,16 +367,26 @@ class RestrictedUnpickler(pickle._Unpickler):
         self._check_call(klass, tuple(self.stack))
         self._instantiate(klass, self.pop_mark())
 
-    for _code, _handler in ((pickle.SETITEM, load_setitem), (pickle.SETITEMS, load_setitems),
-                            (pickle.ADDITEMS, load_additems), (pickle.DICT, load_dict)):
+    for _code, _handler in (
+        (pickle.SETITEM, load_setitem),
+        (pickle.SETITEMS, load_setitems),
+        (pickle.ADDITEMS, load_additems),
+        (pickle.DICT, load_dict),
+    ):
         dispatch[_code[0]] = _handler
     # Opcodes that may leave a new tuple, frozenset or slice on the stack: its height is recorded.
-    for _code, _handler in ((pickle.FROZENSET, load_frozenset), (pickle.REDUCE, load_reduce),
-                            (pickle.NEWOBJ, load_newobj), (pickle.NEWOBJ_EX, load_newobj_ex),
-                            (pickle.OBJ, load_obj), (pickle.INST, load_inst),
-                            *((code, pickle._Unpickler.dispatch[code[0]])
-                              for code in (pickle.TUPLE, pickle.TUPLE1, pickle.TUPLE2, pickle.TUPLE3,
-                                           pickle.EMPTY_TUPLE))):
+    for _code, _handler in (
+        (pickle.FROZENSET, load_frozenset),
+        (pickle.REDUCE, load_reduce),
+        (pickle.NEWOBJ, load_newobj),
+        (pickle.NEWOBJ_EX, load_newobj_ex),
+        (pickle.OBJ, load_obj),
+        (pickle.INST, load_inst),
+        *(
+            (code, pickle._Unpickler.dispatch[code[0]])
+            for code in (pickle.TUPLE, pickle.TUPLE1, pickle.TUPLE2, pickle.TUPLE3, pickle.EMPTY_TUPLE)
+        ),
+    ):
         dispatch[_code[0]] = _built(_handler)
 
     # ---- rule 7: persistent ids ------------------------------------------------------------------
@@ -374,16 +403,25 @@ class RestrictedUnpickler(pickle._Unpickler):
     del _code, _handler, _memo_bounded, _built
 
 
-def restricted_loads(data: bytes | bytearray | memoryview, *, allowed: Allowed, buffers: Iterable[Any] | None = None,
-                     peer: str | None = None, named_only: Allowed | None = None,
-                     substitutes: Mapping[tuple[str, str], Any] | None = None) -> Any:
+def restricted_loads(
+    data: bytes | bytearray | memoryview,
+    *,
+    allowed: Allowed,
+    buffers: Iterable[Any] | None = None,
+    peer: str | None = None,
+    named_only: Allowed | None = None,
+    substitutes: Mapping[tuple[str, str], Any] | None = None,
+) -> Any:
     """pickle.loads with an allow-list and bounds (module docstring).
 
     Raises PickleRefusedError naming the first refused global (PickleLimitError for a bound), or
     pickle.UnpicklingError for a malformed pickle. `named_only` globals load only from a pickle
     that calls nothing (a bare type reference)."""
-    return _load(RestrictedUnpickler(data, allowed=allowed, buffers=buffers or (), peer=peer, named_only=named_only,
-                                     substitutes=substitutes))
+    return _load(
+        RestrictedUnpickler(
+            data, allowed=allowed, buffers=buffers or (), peer=peer, named_only=named_only, substitutes=substitutes
+        )
+    )
 
 
 def _load(unpickler: RestrictedUnpickler) -> Any:

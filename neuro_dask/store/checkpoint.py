@@ -54,8 +54,11 @@ class HFCheckpoint:
                 if not (self.root / file).is_file():
                     raise TruncatedFileError(str(self.root / file), "listed in the index but missing")
             return dict(weight_map)
-        files = [self.root / SINGLE_NAME] if (self.root / SINGLE_NAME).is_file() else sorted(
-            self.root.glob("*.safetensors"))
+        files = (
+            [self.root / SINGLE_NAME]
+            if (self.root / SINGLE_NAME).is_file()
+            else sorted(self.root.glob("*.safetensors"))
+        )
         if not files:
             raise CheckpointError(
                 f"{self.root}: no *.safetensors weights found. Save the model with "

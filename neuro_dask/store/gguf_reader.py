@@ -54,8 +54,10 @@ class GGUFError(CheckpointError):
 class UnsupportedGGUFError(GGUFError):
     def __init__(self, path: str, architecture: str, problem: str):
         self.architecture = architecture
-        super().__init__(path, f"{problem}; neuro_dask shards these GGUF MoE architectures: "
-                         f"{', '.join(SUPPORTED_GGUF_ARCHITECTURES)}")
+        super().__init__(
+            path,
+            f"{problem}; neuro_dask shards these GGUF MoE architectures: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)}",
+        )
 
 
 class GGUFUnavailableError(CheckpointError):
@@ -106,10 +108,16 @@ _BLOCK_TENSORS = {
     "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
     "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
 }
-_EXPERT_TENSORS = {"ffn_gate_exps.weight": "gate_proj", "ffn_up_exps.weight": "up_proj",
-                   "ffn_down_exps.weight": "down_proj"}
-_GLOBAL_TENSORS = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                   "output.weight": "lm_head.weight"}
+_EXPERT_TENSORS = {
+    "ffn_gate_exps.weight": "gate_proj",
+    "ffn_up_exps.weight": "up_proj",
+    "ffn_down_exps.weight": "down_proj",
+}
+_GLOBAL_TENSORS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
 
 
 def gguf_name(hf_name: str) -> str:
@@ -157,28 +165,41 @@ class GGUFCheckpoint:
         try:
             self._reader = gguf.GGUFReader(self.root, "r")
         except Exception as exc:  # the reader raises ValueError, IndexError, struct errors... on bad bytes
-            raise GGUFError(str(path), f"is not a readable GGUF file ({type(exc).__name__}: {exc}); "
-                            "it is truncated or not GGUF: download or convert it again") from exc
+            raise GGUFError(
+                str(path),
+                f"is not a readable GGUF file ({type(exc).__name__}: {exc}); "
+                "it is truncated or not GGUF: download or convert it again",
+            ) from exc
         self._tensors = {t.name: t for t in self._reader.tensors}
         self.metadata = self._read_metadata()
         self.gguf_architecture = self._meta_str("general.architecture")
         self.raw_config = self._config()
         self.config = MoEConfig.from_hf(self.raw_config, f"{self.root}:metadata")
-        self.generation_config = {k: self.raw_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                                  if self.raw_config.get(k) is not None} or None
+        self.generation_config = {
+            k: self.raw_config[k]
+            for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+            if self.raw_config.get(k) is not None
+        } or None
         self.locations = self._locate_tensors()
         self._check_types()
         if "tokenizer.ggml.tokens" in self.metadata:
-            log.warning("%s: the GGUF tokenizer (tokenizer.ggml.*) is not converted; the store is written "
-                        "without a tokenizer (generate from token ids, or copy a tokenizer.json in)", self.root)
+            log.warning(
+                "%s: the GGUF tokenizer (tokenizer.ggml.*) is not converted; the store is written "
+                "without a tokenizer (generate from token ids, or copy a tokenizer.json in)",
+                self.root,
+            )
 
     # -- metadata -------------------------------------------------------------------------------
 
     def _read_metadata(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for name, field in self._reader.fields.items():
-            if name.startswith("tokenizer.ggml.") and name in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores",
-                                                               "tokenizer.ggml.token_type", "tokenizer.ggml.merges"):
+            if name.startswith("tokenizer.ggml.") and name in (
+                "tokenizer.ggml.tokens",
+                "tokenizer.ggml.scores",
+                "tokenizer.ggml.token_type",
+                "tokenizer.ggml.merges",
+            ):
                 out[name] = None  # large arrays: only their presence matters here
                 continue
             try:
@@ -247,25 +268,37 @@ class GGUFCheckpoint:
         if scaling not in (None, "none"):
             cfg["rope_scaling"] = {"rope_type": scaling}  # MoEConfig refuses it with a clear message
         if model_type == "mixtral":
-            cfg.update(model_type="mixtral", architectures=["MixtralForCausalLM"],
-                       num_local_experts=self._meta_int(f"{a}.expert_count"),
-                       intermediate_size=self._meta_int(f"{a}.expert_feed_forward_length",
-                                                        self._meta_int(f"{a}.feed_forward_length", 0) or None),
-                       sliding_window=None)
+            cfg.update(
+                model_type="mixtral",
+                architectures=["MixtralForCausalLM"],
+                num_local_experts=self._meta_int(f"{a}.expert_count"),
+                intermediate_size=self._meta_int(
+                    f"{a}.expert_feed_forward_length", self._meta_int(f"{a}.feed_forward_length", 0) or None
+                ),
+                sliding_window=None,
+            )
         else:
             layers = cfg["num_hidden_layers"]
             dense = [n for n in range(layers) if f"blk.{n}.ffn_gate_inp.weight" not in self._tensors]
             shared = self._meta_int(f"{a}.expert_shared_feed_forward_length", 0)
-            cfg.update(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"],
-                       num_experts=self._meta_int(f"{a}.expert_count"),
-                       moe_intermediate_size=self._meta_int(f"{a}.expert_feed_forward_length"),
-                       shared_expert_intermediate_size=shared,
-                       intermediate_size=self._meta_int(f"{a}.feed_forward_length", 0),
-                       mlp_only_layers=dense, decoder_sparse_step=1,
-                       norm_topk_prob=bool(self._meta(f"{a}.expert_weights_norm", False)),
-                       qkv_bias="blk.0.attn_q.bias" in self._tensors, use_sliding_window=False)
-        cfg["gguf"] = {"architecture": arch, "file_type": self._meta("general.file_type"),
-                       "name": self._meta("general.name")}
+            cfg.update(
+                model_type="qwen2_moe",
+                architectures=["Qwen2MoeForCausalLM"],
+                num_experts=self._meta_int(f"{a}.expert_count"),
+                moe_intermediate_size=self._meta_int(f"{a}.expert_feed_forward_length"),
+                shared_expert_intermediate_size=shared,
+                intermediate_size=self._meta_int(f"{a}.feed_forward_length", 0),
+                mlp_only_layers=dense,
+                decoder_sparse_step=1,
+                norm_topk_prob=bool(self._meta(f"{a}.expert_weights_norm", False)),
+                qkv_bias="blk.0.attn_q.bias" in self._tensors,
+                use_sliding_window=False,
+            )
+        cfg["gguf"] = {
+            "architecture": arch,
+            "file_type": self._meta("general.file_type"),
+            "name": self._meta("general.name"),
+        }
         return cfg
 
     # -- tensors --------------------------------------------------------------------------------
@@ -303,8 +336,11 @@ class GGUFCheckpoint:
             if qtype in _PLAIN_TYPES:
                 continue
             if qtype not in quants._type_traits:
-                raise GGUFError(str(self.root), f"tensor {tensor.name!r} has type {qtype.name}, which the installed "
-                                "gguf package cannot dequantize; upgrade gguf or re-quantize the model")
+                raise GGUFError(
+                    str(self.root),
+                    f"tensor {tensor.name!r} has type {qtype.name}, which the installed "
+                    "gguf package cannot dequantize; upgrade gguf or re-quantize the model",
+                )
 
     @property
     def names(self) -> set[str]:
@@ -348,8 +384,9 @@ class GGUFCheckpoint:
             else:
                 out = torch.from_numpy(np.ascontiguousarray(self._gguf.quants.dequantize(np.asarray(data), qtype)))
         except (ValueError, IndexError, OSError) as exc:
-            raise GGUFError(str(self.root), f"tensor {src.tensor!r} cannot be read ({exc}); the file is damaged") \
-                from exc
+            raise GGUFError(
+                str(self.root), f"tensor {src.tensor!r} cannot be read ({exc}); the file is damaged"
+            ) from exc
         out = out.to(dtype).reshape(shape)
         if src.unpermute_heads:
             out = unpermute_qk(out, src.unpermute_heads)

@@ -18,18 +18,27 @@ import logging
 import math
 import shutil
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
 from neuro_dask.errors import CheckpointError, ConfigError, MissingTensorError, TensorShapeError, UnsupportedModelError
 from neuro_dask.model.hf_trunk import build_skeleton, experts_modules, hooked_model_types, trunk_shapes
-from neuro_dask.runtime.expert_formats import FORMAT_FP8_BLOCK, dequantize_fp8_block, format_of
 from neuro_dask.model.keymap import TensorRef
 from neuro_dask.store.checkpoint import HFCheckpoint
-from neuro_dask.store.manifest import LAYOUT_TRANSFORMERS, ROLE_EXPERT, ROLE_TOKENIZER, ROLE_TRUNK, Artifact, Manifest, expert_path
+from neuro_dask.store.expert_formats import FORMAT_FP8_BLOCK, dequantize_fp8_block, format_of
+from neuro_dask.store.manifest import (
+    LAYOUT_TRANSFORMERS,
+    ROLE_EXPERT,
+    ROLE_TOKENIZER,
+    ROLE_TRUNK,
+    Artifact,
+    Manifest,
+    expert_path,
+)
 from neuro_dask.store.safetensors_io import DTYPE_NAMES, StreamingWriter, sha256_file
 
 log = logging.getLogger(__name__)
@@ -82,26 +91,44 @@ def expert_spec(model, layers: dict[int, ExpertsLayer], fmt: str, block: list[in
     cls = type(module)
     from transformers.integrations.moe import _default_apply_gate
 
-    flags = {k: bool(getattr(module, k)) for k in ("has_gate", "has_bias", "is_transposed", "is_concatenated",
-                                                    "has_post_expert_norm")}
+    flags = {
+        k: bool(getattr(module, k))
+        for k in ("has_gate", "has_bias", "is_transposed", "is_concatenated", "has_post_expert_norm")
+    }
     act = type(getattr(module, "act_fn", None)).__name__
     default_gate = getattr(cls, "_apply_gate", None) is _default_apply_gate
-    swiglu = (flags["has_gate"] and flags["is_concatenated"] and not flags["has_bias"]
-              and not flags["has_post_expert_norm"] and default_gate and act == "SiLUActivation"
-              and set(next(iter(layers.values())).per_expert) == {"gate_up_proj", "down_proj"})
+    swiglu = (
+        flags["has_gate"]
+        and flags["is_concatenated"]
+        and not flags["has_bias"]
+        and not flags["has_post_expert_norm"]
+        and default_gate
+        and act == "SiLUActivation"
+        and set(next(iter(layers.values())).per_expert) == {"gate_up_proj", "down_proj"}
+    )
     first = next(iter(layers.values()))
-    return {"class": f"{cls.__module__}:{cls.__qualname__}", "flags": flags, "activation": act,
-            "default_gate": default_gate, "swiglu": bool(swiglu), "format": fmt, "block": block,
-            "parameters": {k: list(v) for k, v in first.per_expert.items()},
-            "shared": {k: list(v) for k, v in first.shared.items()},
-            "top_k": _top_k(model), "hidden_size": int(_text(model.config).hidden_size),
-            "num_hidden_layers": _decoder_layers(model),
-            "shared_experts": any("shared_expert" in name for name, _ in model.named_modules())}
+    return {
+        "class": f"{cls.__module__}:{cls.__qualname__}",
+        "flags": flags,
+        "activation": act,
+        "default_gate": default_gate,
+        "swiglu": bool(swiglu),
+        "format": fmt,
+        "block": block,
+        "parameters": {k: list(v) for k, v in first.per_expert.items()},
+        "shared": {k: list(v) for k, v in first.shared.items()},
+        "top_k": _top_k(model),
+        "hidden_size": int(_text(model.config).hidden_size),
+        "num_hidden_layers": _decoder_layers(model),
+        "shared_experts": any("shared_expert" in name for name, _ in model.named_modules()),
+    }
 
 
 def _decoder_layers(model) -> int:
     """Decoder layers, counted (nemotron_h's config gives a layer pattern, not a count)."""
-    counts = [len(m) for name, m in model.named_modules() if name.endswith("layers") and isinstance(m, torch.nn.ModuleList)]
+    counts = [
+        len(m) for name, m in model.named_modules() if name.endswith("layers") and isinstance(m, torch.nn.ModuleList)
+    ]
     return max(counts) if counts else int(_text(model.config).num_hidden_layers)
 
 
@@ -158,8 +185,8 @@ class CheckpointMap:
     def _prefixed(self, name: str) -> str:
         """transformers adds or drops the base model prefix to find the name in the model."""
         p = self.prefix
-        if p and name.startswith(p + ".") and name[len(p) + 1:] in self.meta:
-            return name[len(p) + 1:]
+        if p and name.startswith(p + ".") and name[len(p) + 1 :] in self.meta:
+            return name[len(p) + 1 :]
         if p and name not in self.meta and f"{p}.{name}" in self.meta:
             return f"{p}.{name}"
         return name
@@ -213,8 +240,15 @@ def convert(converter, pieces: dict[str, list[torch.Tensor]], target: str, model
     size the pieces from the `primary` name, the one transformers gives the converter)."""
     data: dict[str, Any] = pieces  # consumed: transformers' ops pop each source as they merge it
     for op in converter.operations:
-        data = op.convert(data, source_patterns=converter.source_patterns, target_patterns=converter.target_patterns,
-                          full_layer_name=primary or target, model=model, config=model.config, missing_keys=None)
+        data = op.convert(
+            data,
+            source_patterns=converter.source_patterns,
+            target_patterns=converter.target_patterns,
+            full_layer_name=primary or target,
+            model=model,
+            config=model.config,
+            missing_keys=None,
+        )
     if len(data) == 1:
         return next(iter(data.values()))
     named = [k for k in data if _names(target, k)]
@@ -226,8 +260,12 @@ def convert(converter, pieces: dict[str, list[torch.Tensor]], target: str, model
 def _names(full: str, pattern: str) -> bool:
     """Whether a converter's output pattern (`linear_attn.in_proj_qkv`) is the full name's module."""
     pattern = pattern.replace("*.", "")
-    return full == pattern or full.endswith("." + pattern) or ("." + pattern + ".") in ("." + full + ".") \
+    return (
+        full == pattern
+        or full.endswith("." + pattern)
+        or ("." + pattern + ".") in ("." + full + ".")
         or full.startswith(pattern + ".")
+    )
 
 
 class TransformersSharder:
@@ -243,9 +281,13 @@ class TransformersSharder:
         self.model = build_skeleton(self.raw, torch.float32)
         self.layers = experts_layout(self.model)
         if not self.layers:
-            raise UnsupportedModelError(self.raw.get("model_type"), hooked_model_types(), str(self.src / "config.json"),
-                                        reason="this config has no layer with routed experts using transformers' "
-                                               "experts hook (neuro_dask serves mixture-of-experts models)")
+            raise UnsupportedModelError(
+                self.raw.get("model_type"),
+                hooked_model_types(),
+                str(self.src / "config.json"),
+                reason="this config has no layer with routed experts using transformers' "
+                "experts hook (neuro_dask serves mixture-of-experts models)",
+            )
         self.map = CheckpointMap(self.model, self.ckpt.names)
         self.trunk = trunk_shapes(self.model)
 
@@ -276,7 +318,7 @@ class TransformersSharder:
         if source is None or not source.keys:
             raise MissingTensorError(name, str(self.src))
         if source.converter is None:
-            (_, key), = source.keys
+            ((_, key),) = source.keys
             t = self.ckpt.read_key(key)
         else:
             pieces: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -285,8 +327,10 @@ class TransformersSharder:
             t = convert(source.converter, pieces, name, self.model, source.primary)
         scales = self.map.companions.get(name, {}).get("_scale_inv")
         if scales and t.dtype == torch.float8_e4m3fn:
-            (_, skey), = scales
-            t = dequantize_fp8_block(t, self.ckpt.read_key(skey).float(), tuple(self.block or (128, 128)), torch.float32)
+            ((_, skey),) = scales
+            t = dequantize_fp8_block(
+                t, self.ckpt.read_key(skey).float(), tuple(self.block or (128, 128)), torch.float32
+            )
         return t.to(self.trunk_dtype) if t.is_floating_point() else t
 
     # ---- one expert ---------------------------------------------------------------------------
@@ -307,8 +351,9 @@ class TransformersSharder:
                 if not scales:
                     raise MissingTensorError(full + "_scale_inv", str(self.src))
                 source = self.map.sources[full]
-                out[local + "_scale_inv"] = self._slice(scales, expert, spec.layer, full + "_scale_inv",
-                                                       source.converter if not _stacked(scales) else None)
+                out[local + "_scale_inv"] = self._slice(
+                    scales, expert, spec.layer, full + "_scale_inv", source.converter if not _stacked(scales) else None
+                )
                 if tuple(out[local].shape) != shape:
                     raise TensorShapeError(full, str(self.src), shape, tuple(out[local].shape))
             elif tuple(out[local].shape) != shape:
@@ -373,8 +418,13 @@ class TransformersSharder:
             experts_spec=expert_spec(self.model, self.layers, self.format, self.block),
         )
         manifest.write(dst)
-        log.info("sharded %s into %s (transformers layout, %s experts): %d artifacts", self.src, dst, self.format,
-                 len(artifacts))
+        log.info(
+            "sharded %s into %s (transformers layout, %s experts): %d artifacts",
+            self.src,
+            dst,
+            self.format,
+            len(artifacts),
+        )
         return manifest
 
     def count(self) -> int:
@@ -409,18 +459,32 @@ def _natural(key: str) -> list:
 
 def _dtype_of(raw: dict[str, Any]) -> torch.dtype:
     name = raw.get("dtype") or raw.get("torch_dtype") or "float32"
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(name), torch.float32)
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        str(name), torch.float32
+    )
 
 
-def _write(dst: Path, rel: str, tensors: dict[str, torch.Tensor], role: str, layer: int | None = None,
-           expert: int | None = None) -> Artifact:
+def _write(
+    dst: Path,
+    rel: str,
+    tensors: dict[str, torch.Tensor],
+    role: str,
+    layer: int | None = None,
+    expert: int | None = None,
+) -> Artifact:
     specs = [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
     return _write_streaming(dst, rel, specs, iter(tensors.values()), role, layer, expert)
 
 
-def _write_streaming(dst: Path, rel: str, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                     tensors: Iterator[torch.Tensor], role: str, layer: int | None = None,
-                     expert: int | None = None) -> Artifact:
+def _write_streaming(
+    dst: Path,
+    rel: str,
+    specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+    tensors: Iterator[torch.Tensor],
+    role: str,
+    layer: int | None = None,
+    expert: int | None = None,
+) -> Artifact:
     writer = StreamingWriter(dst / rel, specs, metadata={"format": "pt", "role": role})
     writer.write(tensors)
     dtypes = ",".join(sorted({DTYPE_NAMES[dtype] for _, dtype, _ in specs}))

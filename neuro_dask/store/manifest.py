@@ -44,8 +44,12 @@ class Artifact:
         parts = self.path.split("/") if isinstance(self.path, str) else []
         if not parts or self.path.startswith("/") or any(p in ("", ".", "..") or "\\" in p for p in parts):
             raise ValueError(f"artifact path {self.path!r} must be a relative path inside the store")
-        if not isinstance(self.role, str) or not isinstance(self.sha256, str) or len(self.sha256) != 64 \
-                or any(c not in "0123456789abcdef" for c in self.sha256):
+        if (
+            not isinstance(self.role, str)
+            or not isinstance(self.sha256, str)
+            or len(self.sha256) != 64
+            or any(c not in "0123456789abcdef" for c in self.sha256)
+        ):
             raise ValueError(f"artifact {self.path!r} needs a string role and a sha256 of 64 hex digits")
         for name in ("bytes", "parameters", "layer", "expert"):
             value = getattr(self, name)
@@ -73,17 +77,22 @@ class Manifest:
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
-            raise ManifestError(MANIFEST_NAME, f"has layout {self.layout!r}; this neuro_dask reads {', '.join(LAYOUTS)}")
+            raise ManifestError(
+                MANIFEST_NAME, f"has layout {self.layout!r}; this neuro_dask reads {', '.join(LAYOUTS)}"
+            )
         if self.layout == LAYOUT_TRANSFORMERS and not isinstance(self.experts_spec, dict):
-            raise ManifestError(MANIFEST_NAME, "has the transformers layout but no experts_spec; re-run `neuro-dask shard`")
+            raise ManifestError(
+                MANIFEST_NAME, "has the transformers layout but no experts_spec; re-run `neuro-dask shard`"
+            )
         for a in self.artifacts:
             self._by_key[(a.role, a.layer, a.expert, a.path if a.role == ROLE_TOKENIZER else None)] = a
 
     @property
     def model_config(self) -> MoEConfig | TransformersMoEConfig:
         if self.layout == LAYOUT_TRANSFORMERS:
-            return TransformersMoEConfig.from_manifest(self.architecture, self.config, self.experts_spec or {},
-                                                       self.experts)
+            return TransformersMoEConfig.from_manifest(
+                self.architecture, self.config, self.experts_spec or {}, self.experts
+            )
         return MoEConfig.from_hf(self.config, f"{MANIFEST_NAME}:config")
 
     @property
@@ -103,8 +112,7 @@ class Manifest:
         head = ["neuro-model-v1", self.architecture, self.config, artifacts]
         if self.layout != LAYOUT_NEURO:  # how the experts run decides the answers too
             head += [self.layout, self.experts_spec]
-        canonical = json.dumps(head, sort_keys=True,
-                               separators=(",", ":"), default=str)
+        canonical = json.dumps(head, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     @property
@@ -147,8 +155,9 @@ class Manifest:
         if not path.is_file():
             if (Path(root) / "config.json").is_file():
                 raise ManifestError(
-                    str(path), f"is missing: {root} is a Hugging Face checkpoint, not a sharded one. "
-                    f"Run `neuro-dask shard {root} DST` and load DST."
+                    str(path),
+                    f"is missing: {root} is a Hugging Face checkpoint, not a sharded one. "
+                    f"Run `neuro-dask shard {root} DST` and load DST.",
                 )
             raise MissingConfigError(str(root))
         try:
@@ -167,8 +176,9 @@ class Manifest:
             raise ManifestError(where, f"is not a neuro_dask manifest (format {raw.get('format')!r})")
         if raw.get("format_version") != FORMAT_VERSION:
             raise ManifestError(
-                where, f"has format_version {raw.get('format_version')}, this neuro_dask reads "
-                f"{FORMAT_VERSION}; re-shard with this version"
+                where,
+                f"has format_version {raw.get('format_version')}, this neuro_dask reads "
+                f"{FORMAT_VERSION}; re-shard with this version",
             )
         try:
             if not isinstance(raw["architecture"], str) or not isinstance(raw["config"], dict):

@@ -63,12 +63,16 @@ def read_manifest(store_url: str) -> Manifest:
             data = fh.read()
     except FileNotFoundError:
         raise ManifestError(
-            shown, f"is missing: {redact_url(store_url)} is not a sharded model folder. Run "
-            "`neuro-dask shard SRC DST` and point at DST (a path or a URL that serves it)."
+            shown,
+            f"is missing: {redact_url(store_url)} is not a sharded model folder. Run "
+            "`neuro-dask shard SRC DST` and point at DST (a path or a URL that serves it).",
         ) from None
     except (OSError, ValueError, ImportError) as exc:
-        raise ManifestError(shown, f"cannot be read ({redact_secrets(_describe(exc), url)}); check the store URL "
-                                   "and that this machine can reach it") from None
+        raise ManifestError(
+            shown,
+            f"cannot be read ({redact_secrets(_describe(exc), url)}); check the store URL "
+            "and that this machine can reach it",
+        ) from None
     try:
         raw = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -102,7 +106,8 @@ class ExpertFileCache:
         sha = artifact.sha256
         if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
             raise ManifestError(
-                artifact.path, f"has sha256 {sha!r}, not 64 lowercase hex digits; re-run `neuro-dask shard`")
+                artifact.path, f"has sha256 {sha!r}, not 64 lowercase hex digits; re-run `neuro-dask shard`"
+            )
         suffix = PurePosixPath(artifact.path).suffix
         return self.root / sha[:2] / (sha + (suffix if _SUFFIX.fullmatch(suffix) else ""))
 
@@ -137,8 +142,13 @@ class ExpertFileCache:
         actual = sha256_file(path)
         if actual == artifact.sha256:
             return True
-        log.warning("%s: cached copy of %s has sha256 %s, expected %s; deleting it and fetching again",
-                    path, artifact.path, actual[:16], artifact.sha256[:16])
+        log.warning(
+            "%s: cached copy of %s has sha256 %s, expected %s; deleting it and fetching again",
+            path,
+            artifact.path,
+            actual[:16],
+            artifact.sha256[:16],
+        )
         path.unlink(missing_ok=True)
         return False
 

@@ -11,17 +11,26 @@ import hashlib
 import json
 import math
 import struct
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 
 from neuro_dask.errors import IntegrityError, TruncatedFileError
 
 DTYPE_NAMES = {
-    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
 }
 _TORCH_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 _HASH_CHUNK = 1 << 22
@@ -30,15 +39,23 @@ _HASH_CHUNK = 1 << 22
 class StreamingWriter:
     """Write a safetensors file whose tensor names, dtypes and shapes are known up front."""
 
-    def __init__(self, path: Path, specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None):
+    def __init__(
+        self,
+        path: Path,
+        specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
+        metadata: dict[str, str] | None = None,
+    ):
         self.path = Path(path)
         self.specs = list(specs)
         header: dict[str, object] = {}
         offset = 0
         for name, dtype, shape in self.specs:
             nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {
+                "dtype": DTYPE_NAMES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             offset += nbytes
         if metadata:
             header["__metadata__"] = metadata
@@ -65,7 +82,6 @@ class StreamingWriter:
                 del data, tensor
         tmp.replace(self.path)
         self.sha256 = digest.hexdigest()
-
 
 
 def sha256_file(path: Path) -> str:
@@ -95,11 +111,18 @@ def _entry_problem(entry: object) -> str | None:
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in _TORCH_DTYPES:
         return f"unknown dtype {dtype!r}"
-    if not isinstance(shape, list) or len(shape) > _MAX_DIMS or any(
-            isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= _MAX_DIM for d in shape):
+    if (
+        not isinstance(shape, list)
+        or len(shape) > _MAX_DIMS
+        or any(isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= _MAX_DIM for d in shape)
+    ):
         return f"shape {shape!r} is not a list of at most {_MAX_DIMS} sizes below 2**40"
-    if not isinstance(offsets, list) or len(offsets) != 2 or any(
-            isinstance(o, bool) or not isinstance(o, int) for o in offsets) or not 0 <= offsets[0] <= offsets[1]:
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or any(isinstance(o, bool) or not isinstance(o, int) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
         return f"data_offsets {offsets!r} are not [begin, end]"
     numel = 1
     for d in shape:
@@ -146,8 +169,9 @@ class SafetensorsFile:
                 raise TruncatedFileError(str(path), f"bad header entry for {name!r}: {problem}")
             if self._data_start + entry["data_offsets"][1] > size:
                 raise TruncatedFileError(
-                    str(path), f"tensor {name!r} ends at byte {self._data_start + entry['data_offsets'][1]}, "
-                    f"file has {size}")
+                    str(path),
+                    f"tensor {name!r} ends at byte {self._data_start + entry['data_offsets'][1]}, file has {size}",
+                )
 
     def keys(self) -> list[str]:
         return list(self._entries)

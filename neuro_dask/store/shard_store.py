@@ -61,7 +61,7 @@ class ShardStore:
         other layouts raise ExpertLayoutError: run them with runtime/hf_experts.py)."""
         path = self.expert_path(layer, expert)
         if self.manifest.layout == LAYOUT_TRANSFORMERS:
-            from neuro_dask.runtime.hf_experts import read_expert_tensors, swiglu_weights
+            from neuro_dask.store.expert_files import read_expert_tensors, swiglu_weights
 
             spec = self.manifest.experts_spec or {}
             weights = swiglu_weights(read_expert_tensors(path, spec), spec)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -28,6 +28,7 @@ from neuro_dask.model.keymap import TensorRef, expert_refs, expert_shapes, trunk
 from neuro_dask.model.trunk import Trunk
 from neuro_dask.store.checkpoint import HFCheckpoint
 from neuro_dask.store.gguf_reader import GGUFCheckpoint, is_gguf
+from neuro_dask.store.hf_sharder import raw_config
 from neuro_dask.store.manifest import (
     LAYOUT_NEURO,
     LAYOUT_TRANSFORMERS,
@@ -39,7 +40,6 @@ from neuro_dask.store.manifest import (
     Manifest,
     expert_path,
 )
-from neuro_dask.store.hf_sharder import raw_config
 from neuro_dask.store.safetensors_io import DTYPE_NAMES, StreamingWriter, sha256_file
 
 log = logging.getLogger(__name__)
@@ -68,14 +68,21 @@ def _checked_specs(ckpt: HFCheckpoint | GGUFCheckpoint, refs: dict[str, TensorRe
     return specs
 
 
-def _write(ckpt: HFCheckpoint | GGUFCheckpoint, dst: Path, rel: str, refs: dict[str, TensorRef],
-           specs: list, role: str, layer: int | None = None, expert: int | None = None) -> Artifact:
+def _write(
+    ckpt: HFCheckpoint | GGUFCheckpoint,
+    dst: Path,
+    rel: str,
+    refs: dict[str, TensorRef],
+    specs: list,
+    role: str,
+    layer: int | None = None,
+    expert: int | None = None,
+) -> Artifact:
     writer = StreamingWriter(dst / rel, specs, metadata={"format": "pt", "role": role})
     writer.write(ckpt.read(ref) for ref in refs.values())
     dtypes = {DTYPE_NAMES[dtype] for _, dtype, _ in specs}
     params = sum(math.prod(shape) for _, _, shape in specs)
     return Artifact(rel, role, writer.sha256, writer.bytes, ",".join(sorted(dtypes)), layer, expert, params)
-
 
 
 LAYOUT_AUTO = "auto"
@@ -113,12 +120,14 @@ def plan_shard(src: str | Path, layout: str = LAYOUT_AUTO) -> tuple[int, Callabl
             return sharder.shard(Path(dst))
 
         return sharder.count(), run
-    return count_artifacts(src, LAYOUT_NEURO), lambda dst, progress=None: shard_checkpoint(src, dst, progress,
-                                                                                          LAYOUT_NEURO)
+    return count_artifacts(src, LAYOUT_NEURO), lambda dst, progress=None: shard_checkpoint(
+        src, dst, progress, LAYOUT_NEURO
+    )
 
 
-def shard_checkpoint(src: str | Path, dst: str | Path, progress: Progress | None = None,
-                     layout: str = LAYOUT_AUTO) -> Manifest:
+def shard_checkpoint(
+    src: str | Path, dst: str | Path, progress: Progress | None = None, layout: str = LAYOUT_AUTO
+) -> Manifest:
     """Shard SRC (an HF checkpoint folder or a .gguf file) into DST; returns the manifest written last."""
     if choose_layout(src, layout) == LAYOUT_TRANSFORMERS:
         from neuro_dask.store.hf_sharder import TransformersSharder

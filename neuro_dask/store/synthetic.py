@@ -15,26 +15,57 @@ import torch
 from neuro_dask.store.safetensors_io import StreamingWriter
 
 
-def mixtral_config(hidden: int, intermediate: int, layers: int, experts: int, vocab: int = 4096,
-                   heads: int = 8, kv_heads: int = 2, top_k: int = 2, max_positions: int = 4096) -> dict:
-    return dict(model_type="mixtral", architectures=["MixtralForCausalLM"], vocab_size=vocab, hidden_size=hidden,
-                intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
-                num_key_value_heads=kv_heads, num_local_experts=experts, num_experts_per_tok=top_k,
-                max_position_embeddings=max_positions, rms_norm_eps=1e-5, rope_theta=1e6, hidden_act="silu",
-                tie_word_embeddings=False, eos_token_id=2, bos_token_id=1)
+def mixtral_config(
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    experts: int,
+    vocab: int = 4096,
+    heads: int = 8,
+    kv_heads: int = 2,
+    top_k: int = 2,
+    max_positions: int = 4096,
+) -> dict:
+    return dict(
+        model_type="mixtral",
+        architectures=["MixtralForCausalLM"],
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        num_local_experts=experts,
+        num_experts_per_tok=top_k,
+        max_position_embeddings=max_positions,
+        rms_norm_eps=1e-5,
+        rope_theta=1e6,
+        hidden_act="silu",
+        tie_word_embeddings=False,
+        eos_token_id=2,
+        bos_token_id=1,
+    )
 
 
 def _tensor_specs(c: dict) -> list[tuple[str, tuple[int, ...]]]:
     d, i, e = c["hidden_size"], c["intermediate_size"], c["num_local_experts"]
     kv = c["num_key_value_heads"] * d // c["num_attention_heads"]
-    specs = [("model.embed_tokens.weight", (c["vocab_size"], d)), ("model.norm.weight", (d,)),
-             ("lm_head.weight", (c["vocab_size"], d))]
+    specs = [
+        ("model.embed_tokens.weight", (c["vocab_size"], d)),
+        ("model.norm.weight", (d,)),
+        ("lm_head.weight", (c["vocab_size"], d)),
+    ]
     for layer in range(c["num_hidden_layers"]):
         p = f"model.layers.{layer}"
-        specs += [(f"{p}.input_layernorm.weight", (d,)), (f"{p}.post_attention_layernorm.weight", (d,)),
-                  (f"{p}.self_attn.q_proj.weight", (d, d)), (f"{p}.self_attn.k_proj.weight", (kv, d)),
-                  (f"{p}.self_attn.v_proj.weight", (kv, d)), (f"{p}.self_attn.o_proj.weight", (d, d)),
-                  (f"{p}.block_sparse_moe.gate.weight", (e, d))]
+        specs += [
+            (f"{p}.input_layernorm.weight", (d,)),
+            (f"{p}.post_attention_layernorm.weight", (d,)),
+            (f"{p}.self_attn.q_proj.weight", (d, d)),
+            (f"{p}.self_attn.k_proj.weight", (kv, d)),
+            (f"{p}.self_attn.v_proj.weight", (kv, d)),
+            (f"{p}.self_attn.o_proj.weight", (d, d)),
+            (f"{p}.block_sparse_moe.gate.weight", (e, d)),
+        ]
         for x in range(e):
             q = f"{p}.block_sparse_moe.experts.{x}"
             specs += [(f"{q}.w1.weight", (i, d)), (f"{q}.w3.weight", (i, d)), (f"{q}.w2.weight", (d, i))]
@@ -50,8 +81,12 @@ def write_random_mixtral(root: str | Path, config: dict, files: int = 1, seed: i
     root.mkdir(parents=True, exist_ok=True)
     specs = _tensor_specs(config)
     per_file = math.ceil(len(specs) / files)
-    parts = {(f"model-{n + 1:05d}-of-{files:05d}.safetensors" if files > 1 else "model.safetensors"):
-             specs[n * per_file:(n + 1) * per_file] for n in range(files)}
+    parts = {
+        (f"model-{n + 1:05d}-of-{files:05d}.safetensors" if files > 1 else "model.safetensors"): specs[
+            n * per_file : (n + 1) * per_file
+        ]
+        for n in range(files)
+    }
     g = torch.Generator().manual_seed(seed)
 
     def make(shape):

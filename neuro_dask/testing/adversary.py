@@ -161,8 +161,13 @@ class Adversary:
     AdversaryCrash anyway, because a crashed worker must never hand back a result.
     """
 
-    def __init__(self, spec: AdversarySpec, sleep: Callable[[float], None] = time.sleep,
-                 exit: Callable[[], None] = _default_exit, salt: str = ""):
+    def __init__(
+        self,
+        spec: AdversarySpec,
+        sleep: Callable[[float], None] = time.sleep,
+        exit: Callable[[], None] = _default_exit,
+        salt: str = "",
+    ):
         self.spec = spec
         self.calls = 0
         self._sleep = sleep
@@ -176,8 +181,9 @@ class Adversary:
         """True only for mode "honest" (a straggler's outputs are honest but it still misbehaves)."""
         return self.spec.mode == "honest"
 
-    def apply(self, layer: int, inputs: Mapping[int, torch.Tensor],
-              outputs: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    def apply(
+        self, layer: int, inputs: Mapping[int, torch.Tensor], outputs: dict[int, torch.Tensor]
+    ) -> dict[int, torch.Tensor]:
         """The outputs this worker returns for one request, after any straggle delay (slept here).
 
         Always a new dict; unchanged outputs are the very tensors passed in, changed ones are new.
@@ -187,8 +193,9 @@ class Adversary:
             self._sleep(delay)
         return outputs
 
-    def respond(self, layer: int, inputs: Mapping[int, torch.Tensor],
-                outputs: dict[int, torch.Tensor]) -> tuple[dict[int, torch.Tensor], float]:
+    def respond(
+        self, layer: int, inputs: Mapping[int, torch.Tensor], outputs: dict[int, torch.Tensor]
+    ) -> tuple[dict[int, torch.Tensor], float]:
         """(outputs, seconds the caller must hold the answer back without blocking its compute).
 
         A blocking straggle sleeps here instead and returns 0.
@@ -222,25 +229,31 @@ class Adversary:
             self.calls += 1
             coin = self._rng.random() if spec.mode == "perturb" else 0.0
         if (spec.mode == "perturb" and coin < spec.probability) or (spec.mode == "defect" and index >= spec.after):
-            return {e: _noisy_share(out, spec.scale, _seed("share", spec.seed, self._salt, index, layer, int(e)))
-                    for e, out in outputs.items()}
+            return {
+                e: _noisy_share(out, spec.scale, _seed("share", spec.seed, self._salt, index, layer, int(e)))
+                for e, out in outputs.items()
+            }
         return dict(outputs)
 
     def _perturbed(self, layer: int, index: int, outputs: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         # Seeded per expert so the noise does not depend on the dict's order.
-        return {e: _noisy(out, self.spec.scale, _seed("perturb", self.spec.seed, self._salt, index, layer, int(e)))
-                for e, out in outputs.items()}
+        return {
+            e: _noisy(out, self.spec.scale, _seed("perturb", self.spec.seed, self._salt, index, layer, int(e)))
+            for e, out in outputs.items()
+        }
 
-    def _colluded(self, layer: int, inputs: Mapping[int, torch.Tensor],
-                  outputs: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    def _colluded(
+        self, layer: int, inputs: Mapping[int, torch.Tensor], outputs: Mapping[int, torch.Tensor]
+    ) -> dict[int, torch.Tensor]:
         result = {}
         for e, out in outputs.items():
             if e not in inputs:
                 raise ValueError(f"collude: no input rows for expert {e}; the wrong result is keyed on them")
             x = inputs[e]
             # Only group, layer, expert and the input: never this worker's seed or call count.
-            seed = _seed("collude", self.spec.group, int(layer), int(e), str(x.dtype), tuple(x.shape),
-                         data=_tensor_bytes(x))
+            seed = _seed(
+                "collude", self.spec.group, int(layer), int(e), str(x.dtype), tuple(x.shape), data=_tensor_bytes(x)
+            )
             result[e] = _noisy(out, self.spec.scale, seed)
         return result
 

@@ -18,10 +18,10 @@ import torch
 
 from neuro_dask.errors import NeuroDaskError
 from neuro_dask.gateway.protocol import ProtocolError, parse_chat, parse_completion, parse_json
+from neuro_dask.protocol.wire import WireFormatError, decode_request, decode_response
 from neuro_dask.security.errors import PickleRefusedError, PlainDataRefusedError
 from neuro_dask.store.manifest import Manifest
 from neuro_dask.store.safetensors_io import SafetensorsFile
-from neuro_dask.protocol.wire import WireFormatError, decode_request, decode_response
 
 # What each parser may raise on a bad input: the documented refusal. Anything else is a bug.
 DOCUMENTED: dict[str, tuple[type[BaseException], ...]] = {
@@ -90,6 +90,7 @@ def gateway_body(body: bytes | str) -> None:
 
 
 # ---- hardened mode's decoders: plain data from workers and clients, bounded pickles from the rest ----
+
 
 def plain_frame(data: bytes) -> None:
     """Arbitrary bytes as the one frame of a message from a worker or client."""
@@ -181,8 +182,10 @@ def hashable_height(root: Any) -> int:
     while pending:
         obj, done = pending.pop()
         if done:
-            height = 1 + max((heights.get(id(child), 0) for child in _children(obj)
-                              if isinstance(child, _HASHABLE_CONTAINERS)), default=0)
+            height = 1 + max(
+                (heights.get(id(child), 0) for child in _children(obj) if isinstance(child, _HASHABLE_CONTAINERS)),
+                default=0,
+            )
             heights[id(obj)] = height
             tallest = max(tallest, height)
             continue

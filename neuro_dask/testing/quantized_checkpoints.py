@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from neuro_dask.runtime.expert_formats import quantize_fp8_block, quantize_mxfp4
+from neuro_dask.store.expert_formats import quantize_fp8_block, quantize_mxfp4
 
 SAFETENSORS_METADATA = {"format": "pt"}  # what save_pretrained writes; transformers warns without it
 # A 2-D weight of a decoder layer in the checkpoint layout save_pretrained writes: the Linears (experts

@@ -32,8 +32,9 @@ MIXTRAL_EXPERT_PARAMS = 3 * 4096 * 14336  # 176,160,768 parameters
 MIXTRAL_EXPERT_BYTES_FP16 = 2 * MIXTRAL_EXPERT_PARAMS  # 352 MB
 
 
-def mixtral_shaped_experts(layers: int = 32, experts: int = 8,
-                           nbytes: int = MIXTRAL_EXPERT_BYTES_FP16) -> dict[tuple[int, int], int]:
+def mixtral_shaped_experts(
+    layers: int = 32, experts: int = 8, nbytes: int = MIXTRAL_EXPERT_BYTES_FP16
+) -> dict[tuple[int, int], int]:
     """(layer, expert) -> bytes, as a published model's manifest gives them."""
     return {(layer, expert): nbytes for layer in range(layers) for expert in range(experts)}
 
@@ -43,9 +44,15 @@ def simulated_capacities(n: int, rng: random.Random, owners: int | None = None) 
     (some people run several machines)."""
     owners = owners or max(1, (3 * n) // 5)
     budgets = [1, 2, 2, 3, 4, 4, 6, 8, 8, 12]
-    return [WorkerCapacity(simulated_address(i), rng.choice(budgets) * GiB + rng.randrange(GiB // 4),
-                           round(rng.uniform(5.0, 50.0), 3), f"owner{rng.randrange(owners)}")
-            for i in range(n)]
+    return [
+        WorkerCapacity(
+            simulated_address(i),
+            rng.choice(budgets) * GiB + rng.randrange(GiB // 4),
+            round(rng.uniform(5.0, 50.0), 3),
+            f"owner{rng.randrange(owners)}",
+        )
+        for i in range(n)
+    ]
 
 
 def simulated_address(i: int) -> str:
@@ -53,9 +60,18 @@ def simulated_address(i: int) -> str:
 
 
 # The heartbeat metrics of an idle worker, as Dask's own Worker sends them on connect.
-_IDLE_METRICS = {"bandwidth": {"total": 100_000_000, "workers": {}, "types": {}}, "digests_total_since_heartbeat": {},
-                 "memory": 0, "spilled_bytes": {"memory": 0, "disk": 0}, "managed_bytes": 0, "task_counts": {},
-                 "event_loop_interval": 0.02, "cpu": 0.0, "time": 0.0, "transfer": {}}
+_IDLE_METRICS = {
+    "bandwidth": {"total": 100_000_000, "workers": {}, "types": {}},
+    "digests_total_since_heartbeat": {},
+    "memory": 0,
+    "spilled_bytes": {"memory": 0, "disk": 0},
+    "managed_bytes": 0,
+    "task_counts": {},
+    "event_loop_interval": 0.02,
+    "cpu": 0.0,
+    "time": 0.0,
+    "transfer": {},
+}
 
 
 _VERSIONS: dict = {}
@@ -108,21 +124,42 @@ class SimulatedComm(Comm):
         return self._peer
 
 
-async def register_simulated_worker(scheduler, capacity: WorkerCapacity, name: str,
-                                    nthreads: int = 1) -> tuple[asyncio.Task, SimulatedComm, float]:
+async def register_simulated_worker(
+    scheduler, capacity: WorkerCapacity, name: str, nthreads: int = 1
+) -> tuple[asyncio.Task, SimulatedComm, float]:
     """Connect one simulated worker through Dask's `Scheduler.add_worker`; returns the task that
     serves its stream (it ends when the worker is removed), its comm, and the seconds from the
     call to the scheduler's reply. Raises if the scheduler refused it."""
     comm = SimulatedComm(capacity.address)
-    info = {"memory_budget": capacity.memory_budget, "speed": capacity.speed, "owner": capacity.owner,
-            "device": "cpu", "profile": {"cores": nthreads, "memory_total": 2 * capacity.memory_budget}}
+    info = {
+        "memory_budget": capacity.memory_budget,
+        "speed": capacity.speed,
+        "owner": capacity.owner,
+        "device": "cpu",
+        "profile": {"cores": nthreads, "memory_total": 2 * capacity.memory_budget},
+    }
     started = time.perf_counter()
-    task = asyncio.get_running_loop().create_task(scheduler.add_worker(
-        comm, address=capacity.address, status="running", server_id=f"sim-{name}", nthreads=nthreads, name=name,
-        resolve_address=False, now=time.time(), resources={}, memory_limit=4 * capacity.memory_budget,
-        metrics=_IDLE_METRICS,
-        services={}, local_directory="/nonexistent", versions=_versions(), nanny="", extra={"neuro": info},
-        stimulus_id=f"simulated-join-{name}"))
+    task = asyncio.get_running_loop().create_task(
+        scheduler.add_worker(
+            comm,
+            address=capacity.address,
+            status="running",
+            server_id=f"sim-{name}",
+            nthreads=nthreads,
+            name=name,
+            resolve_address=False,
+            now=time.time(),
+            resources={},
+            memory_limit=4 * capacity.memory_budget,
+            metrics=_IDLE_METRICS,
+            services={},
+            local_directory="/nonexistent",
+            versions=_versions(),
+            nanny="",
+            extra={"neuro": info},
+            stimulus_id=f"simulated-join-{name}",
+        )
+    )
     await asyncio.wait([task, comm.replied], return_when=asyncio.FIRST_COMPLETED)
     if not comm.replied.done():
         task.result()  # raises what the scheduler raised

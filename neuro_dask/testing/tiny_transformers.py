@@ -38,8 +38,19 @@ __all__ = [
 ]
 
 REQUIRED: tuple[str, ...] = (
-    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v32", "gpt_oss",
-    "qwen3_5_moe", "qwen3_next", "glm4_moe", "minimax_m2", "ernie4_5_moe", "hunyuan_v1_moe",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "deepseek_v3",
+    "deepseek_v32",
+    "gpt_oss",
+    "qwen3_5_moe",
+    "qwen3_next",
+    "glm4_moe",
+    "minimax_m2",
+    "ernie4_5_moe",
+    "hunyuan_v1_moe",
     "granitemoe",
 )
 
@@ -166,7 +177,12 @@ _SIZES: dict[str, Any] = {
 }
 _EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 _TOP_K_KEYS = (
-    "num_experts_per_tok", "num_experts_per_token", "moe_k", "moe_topk", "experts_per_token", "top_k",
+    "num_experts_per_tok",
+    "num_experts_per_token",
+    "moe_k",
+    "moe_topk",
+    "experts_per_token",
+    "top_k",
     "top_k_experts",
 )
 _GROUP_KEYS = ("n_group", "num_expert_group")
@@ -239,8 +255,10 @@ def _shrink(defaults: dict[str, Any]) -> dict[str, Any]:
         elif head_dim == rope_dim:
             put("head_dim", _SIZES["qk_rope_head_dim"])
     for key, value in defaults.items():
-        if key != "intermediate_size" and key.endswith("intermediate_size") and (
-            isinstance(value, int) or (value is None and ("moe" in key or "expert" in key))
+        if (
+            key != "intermediate_size"
+            and key.endswith("intermediate_size")
+            and (isinstance(value, int) or (value is None and ("moe" in key or "expert" in key)))
         ):
             put(key, _SMALL_INTERMEDIATE, when_none=True)
     for key, value in defaults.items():  # embedding tables beside the main one
@@ -280,7 +298,8 @@ def _shrink(defaults: dict[str, Any]) -> dict[str, Any]:
         if entries is not None:
             width = max((len(k) for k in defaults["per_layer_config"] if isinstance(k, str)), default=0)
             layer_free = {
-                k: v for k, v in defaults.items()
+                k: v
+                for k, v in defaults.items()
                 if k not in per_layer and k not in ("per_layer_config", "num_hidden_layers")
             }
             out["per_layer_config"] = {
@@ -349,8 +368,9 @@ def _shrink_rope(rope: Any, defaults: dict[str, Any], out: dict[str, Any]) -> An
 _PER_TYPE: dict[str, dict[str, Any]] = {
     # Layer kinds come from periods/offsets, not a list: attention at layer 4 of 8 and MoE on odd
     # layers by default, so 3 layers would be all mamba. Mamba CUDA kernels are not on CPU.
-    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
-                  use_mamba_kernels=False),
+    "jamba": dict(
+        attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, use_mamba_kernels=False
+    ),
     # Default layer_types is all mamba ("linear_attention"); keep one attention layer.
     "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention", "linear_attention"]),
     # layer_types defaults to None (no usable pattern): short-conv and attention layers.
@@ -362,14 +382,23 @@ _PER_TYPE: dict[str, dict[str, Any]] = {
     # Output LoRA groups must split the 4 tiny heads; compression rates small enough that the
     # compressed-attention branches (CSA / HCA) act on prompts of a few tokens (defaults 4 / 128).
     # qk_rope_head_dim 4 of head_dim 16 keeps the rotary part partial (real: 64 of 512).
-    "deepseek_v4": dict(o_groups=2, qk_rope_head_dim=4, compress_rates={"compressed_sparse_attention": 2,
-                                                    "heavily_compressed_attention": 4}),
+    "deepseek_v4": dict(
+        o_groups=2,
+        qk_rope_head_dim=4,
+        compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 4},
+    ),
     # "indexed_attention" layers need the QSA indexer, all of whose sizes default to None.
     # Hyper-connection mixing rank (default 320) would dwarf the tiny hidden size.
     # ZAYA's config accepts top-1 routing only: its one expert per token still crosses the network.
     "zaya": dict(num_experts_per_tok=1),
-    "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8,
-                           indexer_compress_ratio=2, hc_lowrank=16),
+    "qwen4_exp_text": dict(
+        indexer_n_heads=2,
+        indexer_kv_heads=1,
+        indexer_head_dim=16,
+        indexer_budget=8,
+        indexer_compress_ratio=2,
+        hc_lowrank=16,
+    ),
 }
 
 
@@ -533,8 +562,8 @@ def padded_prompts(vocab: int = 128, lengths: tuple[int, ...] = (4, 7), seed: in
     ids = torch.full((len(lengths), width), PAD_ID, dtype=torch.long)
     mask = torch.zeros(len(lengths), width, dtype=torch.long)
     for i, n in enumerate(lengths):
-        ids[i, width - n:] = torch.randint(3, vocab, (n,), generator=g)
-        mask[i, width - n:] = 1
+        ids[i, width - n :] = torch.randint(3, vocab, (n,), generator=g)
+        mask[i, width - n :] = 1
     return ids, mask
 
 

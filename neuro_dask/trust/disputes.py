@@ -72,15 +72,16 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
 from neuro_dask.errors import ConfigError
+from neuro_dask.protocol.wire import WIRE_DTYPES
 from neuro_dask.security.signing import MAX_SIGNATURE
 from neuro_dask.trust.receipts import EvidenceError, Receipt, digest, verify_receipt
-from neuro_dask.protocol.wire import WIRE_DTYPES
 
 Agree = Callable[[torch.Tensor, torch.Tensor], bool]
 VERDICTS = ("proven", "refuted", "undecided")
@@ -112,18 +113,25 @@ class Evidence:
         r = self.receipt
         if not isinstance(r, Receipt):
             raise EvidenceError(f"evidence needs a Receipt, got {type(r).__name__}", "receipt")
-        if not isinstance(self.exclude, (list, tuple)) or len(self.exclude) > MAX_EXCLUDE or \
-                not all(isinstance(w, str) and 0 < len(w) <= 128 for w in self.exclude):
+        if (
+            not isinstance(self.exclude, (list, tuple))
+            or len(self.exclude) > MAX_EXCLUDE
+            or not all(isinstance(w, str) and 0 < len(w) <= 128 for w in self.exclude)
+        ):
             raise EvidenceError(f"evidence field 'exclude' must list at most {MAX_EXCLUDE} worker names", "exclude")
         object.__setattr__(self, "exclude", tuple(self.exclude))
         if not isinstance(self.sig, _BYTES) or not 0 < len(self.sig) <= MAX_SIGNATURE:
             raise EvidenceError(f"evidence signature must be 1 to {MAX_SIGNATURE} bytes", "sig")
         if isinstance(self.expert, bool) or not isinstance(self.expert, int) or self.expert not in r.experts:
-            raise EvidenceError(f"the disputed expert must be one of the receipt's experts {list(r.experts)[:16]}",
-                                "expert", "expert")
+            raise EvidenceError(
+                f"the disputed expert must be one of the receipt's experts {list(r.experts)[:16]}", "expert", "expert"
+            )
         if self.dtype != r.dtype or self.hidden != r.hidden:
-            raise EvidenceError(f"the evidence reads its rows as {_short(self.dtype)} x {_short(self.hidden)} but "
-                                f"the receipt signs {r.dtype} x {r.hidden}", "dtype")
+            raise EvidenceError(
+                f"the evidence reads its rows as {_short(self.dtype)} x {_short(self.hidden)} but "
+                f"the receipt signs {r.dtype} x {r.hidden}",
+                "dtype",
+            )
         for name in ("inputs", "outputs"):
             data = getattr(self, name)
             if not isinstance(data, _BYTES):
@@ -145,12 +153,20 @@ class Evidence:
         itemsize = _itemsize(r.dtype)
         need = r.rows * r.hidden * itemsize
         if len(self.inputs) != need:
-            raise EvidenceError(f"evidence inputs hold {len(self.inputs)} bytes but the receipt's {r.rows} rows x "
-                                f"{r.hidden} x {r.dtype} need {need}", "inputs", "length")
+            raise EvidenceError(
+                f"evidence inputs hold {len(self.inputs)} bytes but the receipt's {r.rows} rows x "
+                f"{r.hidden} x {r.dtype} need {need}",
+                "inputs",
+                "length",
+            )
         out = r.rows * self.out_width * itemsize
         if len(self.outputs) != out or (r.kind == "share" and r.rows and not 0 < self.out_width <= 4 * r.hidden * 4):
-            raise EvidenceError(f"evidence outputs hold {len(self.outputs)} bytes, which are not the receipt's "
-                                f"{r.rows} rows of one width", "outputs", "length")
+            raise EvidenceError(
+                f"evidence outputs hold {len(self.outputs)} bytes, which are not the receipt's "
+                f"{r.rows} rows of one width",
+                "outputs",
+                "length",
+            )
 
     @classmethod
     def from_wire(cls, obj: object, max_rows: int) -> Evidence:
@@ -165,24 +181,41 @@ class Evidence:
             raise EvidenceError(f"evidence field {missing[0]!r} is missing", missing[0])
         extra = set(obj) - set(_EVIDENCE_FIELDS) - set(_OPTIONAL_FIELDS)
         if extra:
-            raise EvidenceError(f"evidence has unknown fields: expected only {', '.join(_EVIDENCE_FIELDS)} "
-                                f"(and {', '.join(_OPTIONAL_FIELDS)})")
+            raise EvidenceError(
+                f"evidence has unknown fields: expected only {', '.join(_EVIDENCE_FIELDS)} "
+                f"(and {', '.join(_OPTIONAL_FIELDS)})"
+            )
         receipt, sig = Receipt.from_wire(obj["receipt"])
         if receipt.rows > max_rows:
-            raise EvidenceError(f"the disputed call has {receipt.rows} rows, above this scheduler's {max_rows}",
-                                "receipt", "length")
+            raise EvidenceError(
+                f"the disputed call has {receipt.rows} rows, above this scheduler's {max_rows}", "receipt", "length"
+            )
         dtype, hidden = obj["dtype"], obj["hidden"]
         if not isinstance(dtype, str) or dtype not in _DTYPES:
             raise EvidenceError(f"evidence field 'dtype' must be one of {list(_DTYPES)}", "dtype")
         if isinstance(hidden, bool) or not isinstance(hidden, int):
             raise EvidenceError("evidence field 'hidden' must be an integer", "hidden")
         exclude = obj.get("exclude", ())
-        return cls(receipt, sig, obj["expert"], dtype, hidden, obj["inputs"], obj["outputs"],
-                   tuple(exclude) if isinstance(exclude, (list, tuple)) else exclude)
+        return cls(
+            receipt,
+            sig,
+            obj["expert"],
+            dtype,
+            hidden,
+            obj["inputs"],
+            obj["outputs"],
+            tuple(exclude) if isinstance(exclude, (list, tuple)) else exclude,
+        )
 
     def to_wire(self) -> dict[str, Any]:
-        wire = {"receipt": self.receipt.to_wire(self.sig), "expert": self.expert, "dtype": self.dtype,
-                "hidden": self.hidden, "inputs": self.inputs, "outputs": self.outputs}
+        wire = {
+            "receipt": self.receipt.to_wire(self.sig),
+            "expert": self.expert,
+            "dtype": self.dtype,
+            "hidden": self.hidden,
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+        }
         if self.exclude:
             wire["exclude"] = list(self.exclude)
         return wire
@@ -191,13 +224,17 @@ class Evidence:
         """E3: None when the accused signed exactly these bytes; EvidenceError naming the first failure."""
         r = self.receipt
         if not verify_receipt(public_der, r, bytes(self.sig)):
-            raise EvidenceError(f"the receipt does not verify with worker {r.worker!r}'s key: it is not that "
-                                "worker's signed answer", "sig", "bad-signature")
+            raise EvidenceError(
+                f"the receipt does not verify with worker {r.worker!r}'s key: it is not that worker's signed answer",
+                "sig",
+                "bad-signature",
+            )
         if digest(self.inputs) != r.in_digest:
             raise EvidenceError("the evidence inputs are not the request bytes the worker signed", "inputs", "digest")
         if digest(self.outputs) != r.out_digest:
-            raise EvidenceError("the evidence outputs are not the response bytes the worker signed",
-                                "outputs", "digest")
+            raise EvidenceError(
+                "the evidence outputs are not the response bytes the worker signed", "outputs", "digest"
+            )
         self._check_lengths()
         if self.expert not in r.experts:
             raise EvidenceError(f"expert {self.expert} is not in the receipt", "expert", "expert")
@@ -215,8 +252,9 @@ class Evidence:
         if n == 0:
             return torch.empty(0, width, dtype=dtype)
         itemsize = _itemsize(self.dtype)
-        return torch.frombuffer(getattr(self, which), dtype=dtype, count=n * width,
-                                offset=start * width * itemsize).reshape(n, width)
+        return torch.frombuffer(
+            getattr(self, which), dtype=dtype, count=n * width, offset=start * width * itemsize
+        ).reshape(n, width)
 
 
 def _short(value: object) -> str:
@@ -281,37 +319,44 @@ def _agrees(a: torch.Tensor, b: torch.Tensor, agree: Agree) -> bool:
 
 
 def _all_agree(answers: list[tuple[Referee, torch.Tensor]], agree: Agree) -> bool:
-    return all(_agrees(answers[i][1], answers[j][1], agree)
-               for i in range(len(answers)) for j in range(i + 1, len(answers)))
+    return all(
+        _agrees(answers[i][1], answers[j][1], agree) for i in range(len(answers)) for j in range(i + 1, len(answers))
+    )
 
 
-def _decide(accused: torch.Tensor, group: list[tuple[Referee, torch.Tensor]], agree: Agree,
-            slashable: bool, who: str) -> Verdict:
+def _decide(
+    accused: torch.Tensor, group: list[tuple[Referee, torch.Tensor]], agree: Agree, slashable: bool, who: str
+) -> Verdict:
     names = tuple(r.worker for r, _ in group)
     with_accused = [r.worker for r, answer in group if _agrees(accused, answer, agree)]
     if with_accused:
         return Verdict("refuted", False, names, f"the accused's answer agrees with {who} {with_accused[0]}")
-    return Verdict("proven", slashable, names, f"the accused's answer disagrees with every {who} "
-                                               f"({', '.join(names)})")
+    return Verdict("proven", slashable, names, f"the accused's answer disagrees with every {who} ({', '.join(names)})")
 
 
 def judge(accused: torch.Tensor, answers: Sequence[tuple[Referee, torch.Tensor | None]], agree: Agree) -> Verdict:
     """The verdict on `accused` (the disputed rows the worker signed) by the referees' recomputed
     answers (None: the referee failed), under rules 1-3 of the module docstring."""
-    valid = [(ref, answer) for ref, answer in answers
-             if answer is not None and tuple(answer.shape) == tuple(accused.shape)]
+    valid = [
+        (ref, answer) for ref, answer in answers if answer is not None and tuple(answer.shape) == tuple(accused.shape)
+    ]
     answered = tuple(ref.worker for ref, _ in valid)
     trusted = [(ref, answer) for ref, answer in valid if ref.trusted]
     if trusted:  # rule 1
         if not _all_agree(trusted, agree):
-            return Verdict("undecided", False, tuple(r.worker for r, _ in trusted),
-                           "trusted referees disagree among themselves: check their hardware and precision")
+            return Verdict(
+                "undecided",
+                False,
+                tuple(r.worker for r, _ in trusted),
+                "trusted referees disagree among themselves: check their hardware and precision",
+            )
         return _decide(accused, trusted, agree, True, "trusted referee")
     owners = {ref.owner_id for ref, _ in valid}
     if len(valid) >= 2 and len(owners) >= 2:  # rule 2
         if not _all_agree(valid, agree):
-            return Verdict("undecided", False, answered,
-                           "referees disagree among themselves: recompute on a trusted node")
+            return Verdict(
+                "undecided", False, answered, "referees disagree among themselves: recompute on a trusted node"
+            )
         return _decide(accused, valid, agree, False, "referee")
     if not valid:  # rule 3
         why = "no referee answered" if not answers else "every referee failed to answer"
@@ -361,8 +406,10 @@ class StrikeBook:
         if times is None or len(times) < self.max_unproven:
             return True, ""
         wait = times[-self.max_unproven] + self.window - now
-        return False, (f"{reporter} made {len(times)} disputes that recomputation refuted in the last "
-                       f"{self.window:.0f} s; disputes from it are refused for another {max(wait, 0):.0f} s")
+        return False, (
+            f"{reporter} made {len(times)} disputes that recomputation refuted in the last "
+            f"{self.window:.0f} s; disputes from it are refused for another {max(wait, 0):.0f} s"
+        )
 
     def strike(self, reporter: str) -> None:
         """One refuted report by `reporter`."""

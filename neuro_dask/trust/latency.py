@@ -34,8 +34,9 @@ answer arrives, without blocking the event loop.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from neuro_dask.errors import ConfigError
 
@@ -88,8 +89,13 @@ class LatencyBook:
         bound = max(best * (1 + self.policy.margin), best + self.policy.slack)
         return [w for w in workers if w not in self.ewma or self.ewma[w] <= bound]
 
-    def choose(self, candidates: Sequence[str], tier: Callable[[str], int],
-               load: Mapping[str, int], used: Callable[[str], bool] = lambda w: False) -> str:
+    def choose(
+        self,
+        candidates: Sequence[str],
+        tier: Callable[[str], int],
+        load: Mapping[str, int],
+        used: Callable[[str], bool] = lambda w: False,
+    ) -> str:
         """One replica of `candidates` (the scheduler's order, non-empty): rules 1-4.
         `load`: rows planned per worker in this layer; `used`: the layer already sends to it."""
         best_tier = min(tier(w) for w in candidates)
@@ -104,8 +110,11 @@ class LatencyBook:
         return min(near, key=lambda w: load.get(w, 0))
 
     def snapshot(self) -> dict[str, Any]:
-        return {"ewma_ms": {w: 1000 * s for w, s in sorted(self.ewma.items())}, "samples": dict(self.samples),
-                "explored": self.explored}
+        return {
+            "ewma_ms": {w: 1000 * s for w, s in sorted(self.ewma.items())},
+            "samples": dict(self.samples),
+            "explored": self.explored,
+        }
 
 
 def tier_of(trusted: bool, established: bool, routable: bool) -> int:
@@ -137,15 +146,18 @@ class SimulatedLatency:
             raise ConfigError(f"neuro.client.simulated-latency must be null, seconds or a mapping, got {value!r}")
         unknown = set(value) - {"delay", "jitter", "workers"}
         if unknown:
-            raise ConfigError(f"neuro.client.simulated-latency: unknown keys {sorted(unknown)} "
-                              "(use delay, jitter, workers)")
+            raise ConfigError(
+                f"neuro.client.simulated-latency: unknown keys {sorted(unknown)} (use delay, jitter, workers)"
+            )
         delay, jitter = _seconds(value.get("delay", 0.0), "delay"), _seconds(value.get("jitter", 0.0), "jitter")
         workers = {}
         for addr, spec in (value.get("workers") or {}).items():
             if not isinstance(spec, Mapping):
                 spec = {"delay": spec}
-            workers[str(addr)] = (_seconds(spec.get("delay", delay), "delay"),
-                                  _seconds(spec.get("jitter", jitter), "jitter"))
+            workers[str(addr)] = (
+                _seconds(spec.get("delay", delay), "delay"),
+                _seconds(spec.get("jitter", jitter), "jitter"),
+            )
         return cls(delay, jitter, workers)
 
     def sample(self, worker: str, rng: random.Random) -> float:

@@ -21,7 +21,7 @@ _GRACEFUL_STIMULI = ("nanny-close", "worker-close-gracefully", "retire-workers",
 
 
 def departure(dask_events: Iterable[Mapping]) -> str:
-    """"left" or "crashed", from distributed's own events for the departed worker's address
+    """ "left" or "crashed", from distributed's own events for the departed worker's address
     (oldest first, as `Scheduler.get_events(address)` returns their messages)."""
     announced = False
     for msg in dask_events:
@@ -42,5 +42,11 @@ def lifecycle_action(event: Mapping) -> str | None:
     """The lifecycle name of a plugin event (None: not a lifecycle event). Pause and resume
     come from the idle-only handler ("pause", "resume"), a slash from the ledger ("slash")."""
     action = event.get("action")
-    return {"joined": "joined", "pause": "paused", "resume": "resumed", "left": "left", "crashed": "crashed",
-            "slash": "slashed"}.get(str(action))
+    return {
+        "joined": "joined",
+        "pause": "paused",
+        "resume": "resumed",
+        "left": "left",
+        "crashed": "crashed",
+        "slash": "slashed",
+    }.get(str(action))

@@ -15,7 +15,7 @@ Rules:
      or `max_error_replicas` errors are spent: then Exhausted (the caller falls back to a
      trusted worker, or raises QuorumExhaustedError).
   5. A result that arrives after the decision is judged against the canonical result: credited
-     only if it agrees (`judge_late`).
+     only if it agrees (trust/late_checks.py, `late_verdict`).
   6. `anchorless=True` (no trusted worker and no established one exists yet, as at a network's
      first start) lets agreement of `quorum` results from distinct owners count. It guarantees
      only that no single owner changed the output; the dispatcher logs that plainly.
@@ -28,8 +28,8 @@ Rules:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from neuro_dask.errors import ConfigError, NeuroDaskError
 from neuro_dask.trust.validation import Result, ValidationPolicy, agree
@@ -46,7 +46,8 @@ class QuorumPolicy:
         if not 1 <= self.min_quorum <= self.target_replicas <= self.max_total_replicas:
             raise ConfigError(
                 "quorum needs 1 <= min_quorum <= target_replicas <= max_total_replicas, got "
-                f"{self.min_quorum}, {self.target_replicas}, {self.max_total_replicas}")
+                f"{self.min_quorum}, {self.target_replicas}, {self.max_total_replicas}"
+            )
         if self.max_error_replicas < 1:
             raise ConfigError(f"max_error_replicas must be >= 1, got {self.max_error_replicas}")
 
@@ -133,12 +134,9 @@ class Quorum:
                 invalid = tuple(w for g in self.groups if g is not group for w, _ in g)
                 self.decided = Accepted(group[0][1], valid, invalid)
                 return self.decided
-        if self.replies + outstanding >= self.policy.max_total_replicas or len(self.errors) >= self.policy.max_error_replicas:
+        spent = self.replies + outstanding >= self.policy.max_total_replicas
+        if spent or len(self.errors) >= self.policy.max_error_replicas:
             if outstanding:
                 return NeedMore(0)  # wait for what is in flight before giving up
             return Exhausted(sum(map(len, self.groups)), len(self.groups), len(self.errors))
         return NeedMore(0 if outstanding else 1)
-
-    def judge_late(self, result: Result) -> bool:
-        """Rule 5: a result after the decision is credited only if it agrees with the canonical."""
-        return self.decided is not None and agree(self.decided.canonical, result, self.validation)

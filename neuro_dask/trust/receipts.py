@@ -109,16 +109,17 @@ import hashlib
 import math
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import msgpack
 
 from neuro_dask.errors import NeuroDaskError
 from neuro_dask.privacy.share_wire import STEPS as SHARE_STEPS
+from neuro_dask.protocol.wire import MAX_HIDDEN, MAX_ROWS, WIRE_DTYPES
 from neuro_dask.security import signing
 from neuro_dask.security.signing import MAX_SIGNATURE, Signer
-from neuro_dask.protocol.wire import MAX_HIDDEN, MAX_ROWS, WIRE_DTYPES
 
 TICKET_TAG = "neuro-ticket-v1"
 RECEIPT_TAG = "neuro-receipt-v1"
@@ -183,8 +184,11 @@ def _text(value: object, name: str, limit: int, err: type[Exception], what: str,
     if not isinstance(value, str):
         raise err(f"{what} field {name!r} must be a string, got {type(value).__name__}", name)
     if len(value) > limit or (not value and not empty) or not value.isprintable():
-        raise err(f"{what} field {name!r} must be {'0' if empty else '1'} to {limit} printable characters, "
-                  f"got {_show(value)}", name)
+        raise err(
+            f"{what} field {name!r} must be {'0' if empty else '1'} to {limit} printable characters, "
+            f"got {_show(value)}",
+            name,
+        )
     return value
 
 
@@ -217,8 +221,9 @@ def _expiry(value: object, err: type[Exception], what: str) -> float:
     return expires
 
 
-def _request_fields(request: object, account: object, client: object, tier: object, expires: object,
-                    err: type[Exception], what: str) -> float:
+def _request_fields(
+    request: object, account: object, client: object, tier: object, expires: object, err: type[Exception], what: str
+) -> float:
     """T2's rules for the fields a ticket shares with an open request; the expiry as a float."""
     _text(request, "request", MAX_ID, err, what)
     _text(account, "account", MAX_NAME, err, what, empty=True)
@@ -262,8 +267,9 @@ class Ticket:
     expires: float  # seconds since the epoch
 
     def __post_init__(self) -> None:
-        expires = _request_fields(self.request, self.account, self.client, self.tier, self.expires,
-                                  TicketError, "ticket")
+        expires = _request_fields(
+            self.request, self.account, self.client, self.tier, self.expires, TicketError, "ticket"
+        )
         _text(self.model, "model", MAX_ID, TicketError, "ticket")
         object.__setattr__(self, "expires", expires)
 
@@ -272,8 +278,15 @@ class Ticket:
         return _pack([TICKET_TAG, self.request, self.model, self.account, self.client, self.tier, self.expires])
 
     def to_wire(self, sig: bytes) -> dict[str, Any]:
-        return {"request": self.request, "model": self.model, "account": self.account, "client": self.client,
-                "tier": self.tier, "expires": self.expires, "sig": bytes(sig)}
+        return {
+            "request": self.request,
+            "model": self.model,
+            "account": self.account,
+            "client": self.client,
+            "tier": self.tier,
+            "expires": self.expires,
+            "sig": bytes(sig),
+        }
 
     @classmethod
     def from_wire(cls, obj: object) -> tuple[Ticket, bytes]:
@@ -326,13 +339,20 @@ class TicketChecker:
         if wire is None:
             if not self._required:
                 return None
-            raise TicketError("refused: this worker serves only calls with a scheduler-signed ticket; begin the "
-                              "request with the scheduler (neuro_request_begin) and send its ticket",
-                              "ticket", "missing")
+            raise TicketError(
+                "refused: this worker serves only calls with a scheduler-signed ticket; begin the "
+                "request with the scheduler (neuro_request_begin) and send its ticket",
+                "ticket",
+                "missing",
+            )
         key = self._key
         if key is None:
-            raise TicketError("refused: this worker has no scheduler key yet to check tickets with; retry "
-                              "once it has registered with the scheduler", "ticket", "no-key")
+            raise TicketError(
+                "refused: this worker has no scheduler key yet to check tickets with; retry "
+                "once it has registered with the scheduler",
+                "ticket",
+                "no-key",
+            )
         try:
             ticket, sig = Ticket.from_wire(wire)
         except TicketError as exc:
@@ -345,8 +365,12 @@ class TicketChecker:
             with self._lock:
                 self.verifications += 1
             if not signing.verify(key, ticket.payload(), sig):
-                raise TicketError(f"refused: the ticket for request {ticket.request!r} does not carry this "
-                                  "network scheduler's signature", "sig", "bad-signature")
+                raise TicketError(
+                    f"refused: the ticket for request {ticket.request!r} does not carry this "
+                    "network scheduler's signature",
+                    "sig",
+                    "bad-signature",
+                )
             with self._lock:
                 if self._key == key:  # not verified under a key replaced meanwhile
                     self._verified[sig] = ticket
@@ -355,21 +379,48 @@ class TicketChecker:
                         self._verified.popitem(last=False)
         now = self._clock()
         if now >= ticket.expires:
-            raise TicketError(f"refused: the ticket for request {ticket.request!r} expired "
-                              f"{now - ticket.expires:.0f} s ago; begin a new request", "expires", "expired")
+            raise TicketError(
+                f"refused: the ticket for request {ticket.request!r} expired "
+                f"{now - ticket.expires:.0f} s ago; begin a new request",
+                "expires",
+                "expired",
+            )
         if ticket.model != model:
-            raise TicketError(f"refused: the ticket is for model {ticket.model!r}, this call is for "
-                              f"{_show(model)}", "model", "wrong-model")
+            raise TicketError(
+                f"refused: the ticket is for model {ticket.model!r}, this call is for {_show(model)}",
+                "model",
+                "wrong-model",
+            )
         if caller and ticket.client and caller != ticket.client:
-            raise TicketError(f"refused: the ticket was issued to client {ticket.client!r}, not to "
-                              f"{_show(caller)}", "client", "other-client")
+            raise TicketError(
+                f"refused: the ticket was issued to client {ticket.client!r}, not to {_show(caller)}",
+                "client",
+                "other-client",
+            )
         return ticket
 
 
 # ---- receipts -------------------------------------------------------------------------------------
 
-_RECEIPT_FIELDS = ("worker", "kind", "model", "layer", "step", "experts", "counts", "dtype", "hidden",
-                   "in_digest", "out_digest", "request", "call", "seq", "rows_total", "units_total", "frac_bits")
+_RECEIPT_FIELDS = (
+    "worker",
+    "kind",
+    "model",
+    "layer",
+    "step",
+    "experts",
+    "counts",
+    "dtype",
+    "hidden",
+    "in_digest",
+    "out_digest",
+    "request",
+    "call",
+    "seq",
+    "rows_total",
+    "units_total",
+    "frac_bits",
+)
 
 
 @dataclass(frozen=True)
@@ -403,8 +454,10 @@ class Receipt:
         _int(self.layer, "layer", 0, MAX_LAYER, err, w)
         steps = ("",) if self.kind == "expert" else SHARE_STEPS
         if not isinstance(self.step, str) or self.step not in steps:
-            raise err(f"receipt field 'step' of a {self.kind} call must be one of {list(steps)}, "
-                      f"got {_show(self.step)}", "step")
+            raise err(
+                f"receipt field 'step' of a {self.kind} call must be one of {list(steps)}, got {_show(self.step)}",
+                "step",
+            )
         experts, counts = self.experts, self.counts
         for name, seq in (("experts", experts), ("counts", counts)):
             if not isinstance(seq, (list, tuple)):
@@ -422,8 +475,10 @@ class Receipt:
             raise err(f"receipt covers {rows} rows, above the wire's {MAX_ROWS}", "counts")
         dtypes = tuple(WIRE_DTYPES) if self.kind == "expert" else (SHARE_DTYPE,)
         if not isinstance(self.dtype, str) or self.dtype not in dtypes:
-            raise err(f"receipt field 'dtype' of a {self.kind} call must be one of {list(dtypes)}, "
-                      f"got {_show(self.dtype)}", "dtype")
+            raise err(
+                f"receipt field 'dtype' of a {self.kind} call must be one of {list(dtypes)}, got {_show(self.dtype)}",
+                "dtype",
+            )
         _int(self.hidden, "hidden", 1, MAX_HIDDEN if self.kind == "expert" else 4 * MAX_HIDDEN, err, w)
         in_digest = _blob(self.in_digest, "in_digest", 32, 32, err, w)
         out_digest = _blob(self.out_digest, "out_digest", 32, 32, err, w)
@@ -434,10 +489,17 @@ class Receipt:
         _int(self.units_total, "units_total", max(len(experts), seq), min(MAX_COUNT, seq * MAX_EXPERTS), err, w)
         _int(self.frac_bits, "frac_bits", 0, 0 if self.kind == "expert" else 30, err, w)
         if seq == 1 and (self.rows_total != rows or self.units_total != len(experts)):
-            raise err(f"a first receipt (seq 1) must total its own {rows} rows and {len(experts)} units, "
-                      f"got {self.rows_total} and {self.units_total}", "rows_total")
-        for name, value in (("experts", experts), ("counts", counts), ("in_digest", in_digest),
-                            ("out_digest", out_digest)):
+            raise err(
+                f"a first receipt (seq 1) must total its own {rows} rows and {len(experts)} units, "
+                f"got {self.rows_total} and {self.units_total}",
+                "rows_total",
+            )
+        for name, value in (
+            ("experts", experts),
+            ("counts", counts),
+            ("in_digest", in_digest),
+            ("out_digest", out_digest),
+        ):
             object.__setattr__(self, name, value)
 
     @classmethod
@@ -459,9 +521,28 @@ class Receipt:
 
     def payload(self) -> bytes:
         """Exactly the bytes the worker signs (R1)."""
-        return _pack([RECEIPT_TAG, self.worker, self.kind, self.model, self.layer, self.step, list(self.experts),
-                      list(self.counts), self.dtype, self.hidden, self.in_digest, self.out_digest, self.request,
-                      self.call, self.seq, self.rows_total, self.units_total, self.frac_bits])
+        return _pack(
+            [
+                RECEIPT_TAG,
+                self.worker,
+                self.kind,
+                self.model,
+                self.layer,
+                self.step,
+                list(self.experts),
+                list(self.counts),
+                self.dtype,
+                self.hidden,
+                self.in_digest,
+                self.out_digest,
+                self.request,
+                self.call,
+                self.seq,
+                self.rows_total,
+                self.units_total,
+                self.frac_bits,
+            ]
+        )
 
     def to_wire(self, sig: bytes) -> dict[str, Any]:
         msg: dict[str, Any] = {name: getattr(self, name) for name in _RECEIPT_FIELDS}
@@ -610,8 +691,11 @@ class ReceiptBook:
         if request in self._open:
             raise BookError(f"request {request!r} is open already: a request id is used once", "request")
         if len(self._open) >= self.capacity:
-            raise BookError(f"{len(self._open)} requests are open, the most this scheduler holds at once: "
-                            "retry when some have ended (expired ones are closed every tick)", "request")
+            raise BookError(
+                f"{len(self._open)} requests are open, the most this scheduler holds at once: "
+                "retry when some have ended (expired ones are closed every tick)",
+                "request",
+            )
         self._open[request] = _Open(client, account, tier, expires)
 
     def expired(self, now: float) -> list[str]:
@@ -619,8 +703,7 @@ class ReceiptBook:
         due = [(o.expires, r) for r, o in self._open.items() if o.expires <= now]
         return [r for _, r in sorted(due)]
 
-    def offer(self, receipt: Receipt, sig: bytes, key_of: Callable[[str], bytes | None],
-              reporter: str | None) -> str:
+    def offer(self, receipt: Receipt, sig: bytes, key_of: Callable[[str], bytes | None], reporter: str | None) -> str:
         """One of OFFER_RESULTS, decided in B2's order; only "accepted" changes the book."""
         if not isinstance(receipt, Receipt):
             raise TypeError(f"offer() takes a Receipt (Receipt.from_wire), got {type(receipt).__name__}")
@@ -637,8 +720,9 @@ class ReceiptBook:
         key = key_of(receipt.worker)
         if not key or not verify_receipt(key, receipt, sig):
             return "forged"
-        entry.held[receipt.worker] = Held(receipt.kind, receipt.seq, receipt.rows_total, receipt.units_total,
-                                          held.taken if held is not None else 0)
+        entry.held[receipt.worker] = Held(
+            receipt.kind, receipt.seq, receipt.rows_total, receipt.units_total, held.taken if held is not None else 0
+        )
         return "accepted"
 
     def held(self, request: str, worker: str) -> Held | None:
@@ -669,9 +753,12 @@ class ReceiptBook:
         entry = self._open.pop(request, None)
         if entry is None:
             return RequestWork(request, "", "", "")
-        work = {w: h.rows_total for w, h in sorted(entry.held.items())
-                if h.kind == "expert" and w not in entry.forfeited}
-        shares = {w: h.rows_total for w, h in sorted(entry.held.items())
-                  if h.kind == "share" and w not in entry.forfeited}
-        return RequestWork(request, entry.client, entry.account, entry.tier, work, shares,
-                           tuple(sorted(entry.forfeited)))
+        work = {
+            w: h.rows_total for w, h in sorted(entry.held.items()) if h.kind == "expert" and w not in entry.forfeited
+        }
+        shares = {
+            w: h.rows_total for w, h in sorted(entry.held.items()) if h.kind == "share" and w not in entry.forfeited
+        }
+        return RequestWork(
+            request, entry.client, entry.account, entry.tier, work, shares, tuple(sorted(entry.forfeited))
+        )

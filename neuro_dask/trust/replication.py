@@ -18,8 +18,8 @@ Randomness is injected (`rng.random()`), so a seeded drill is repeatable.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from neuro_dask.errors import ConfigError
 
@@ -64,8 +64,9 @@ def replication_probability(s: Standing, policy: ReplicationPolicy) -> float:
     return max(policy.spot_check, min(1.0, policy.establish_after / max(s.consecutive_valid, 1)))
 
 
-def plan_call(candidates: Sequence[str], standing: Callable[[str], Standing], policy: ReplicationPolicy,
-              rng: random.Random) -> CallPlan:
+def plan_call(
+    candidates: Sequence[str], standing: Callable[[str], Standing], policy: ReplicationPolicy, rng: random.Random
+) -> CallPlan:
     """candidates: workers hosting the call's experts, preferred first (the first is the primary)."""
     if not candidates:
         raise ValueError("plan_call needs at least one candidate worker")

@@ -352,9 +352,7 @@ class Reputation:
         rec = self._get(worker)
         before = rec.score
         rec = self._advance(rec, now)
-        rec = replace(
-            rec, crashes=rec.crashes + 1, consecutive_valid=0, uptime=self._lower_uptime(rec), present=False
-        )
+        rec = replace(rec, crashes=rec.crashes + 1, consecutive_valid=0, uptime=self._lower_uptime(rec), present=False)
         return self._commit(rec, "crash", before, cause_id)
 
     def observe_speed(self, worker: str, relative_speed: float) -> None:

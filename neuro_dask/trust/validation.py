@@ -11,8 +11,8 @@ measures both (see docs/trust.md).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 
@@ -79,12 +79,22 @@ def agree(a: Result, b: Result, policy: ValidationPolicy = ValidationPolicy()) -
 # output RMS) exceeds the smallest adversarial perturbation the drills use (1% of the RMS), so a
 # quorum that mixes precisions catches only coarser cheating: prefer replicas of one precision.
 ACROSS_PRECISIONS: dict[str, tuple[float, float]] = {
-    "float32": (0.0, 0.0), "bfloat16": (0.10, 0.05), "int8": (0.25, 0.05), "int4": (3.0, 0.10)}
+    "float32": (0.0, 0.0),
+    "bfloat16": (0.10, 0.05),
+    "int8": (0.25, 0.05),
+    "int4": (3.0, 0.10),
+}
 SAME_PRECISION: dict[str, tuple[float, float]] = {
-    "float32": (0.0, 0.0), "bfloat16": (1e-2, 2e-2), "int8": (1e-2, 2e-2), "int4": (1e-2, 2e-2)}
+    "float32": (0.0, 0.0),
+    "bfloat16": (1e-2, 2e-2),
+    "int8": (1e-2, 2e-2),
+    "int4": (1e-2, 2e-2),
+}
 
 
-def tolerance_for(precisions: set[str] | frozenset[str], base: ValidationPolicy = ValidationPolicy()) -> ValidationPolicy:
+def tolerance_for(
+    precisions: set[str] | frozenset[str], base: ValidationPolicy = ValidationPolicy()
+) -> ValidationPolicy:
     """The policy for comparing replicas whose experts ran at these precisions.
 
     Rule: all one precision -> base loosened to SAME_PRECISION[p]; mixed -> base loosened to the

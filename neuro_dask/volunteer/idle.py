@@ -32,7 +32,8 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from neuro_dask import console
 from neuro_dask.console import pause_line, resume_line
@@ -139,8 +140,11 @@ def _gpu_use_from_smi(own_pids: set[int]) -> float | None:
         apps = _run([smi, "--query-compute-apps=gpu_uuid,pid", "--format=csv,noheader"])
     except (OSError, subprocess.SubprocessError):
         return None
-    others = {uuid.strip() for uuid, _, pid in (line.partition(",") for line in apps.splitlines() if line.strip())
-              if pid.strip().isdigit() and int(pid) not in own_pids}
+    others = {
+        uuid.strip()
+        for uuid, _, pid in (line.partition(",") for line in apps.splitlines() if line.strip())
+        if pid.strip().isdigit() and int(pid) not in own_pids
+    }
     busiest = 0.0
     for line in gpus.splitlines():
         parts = [p.strip() for p in line.split(",")]
@@ -194,8 +198,9 @@ class MachineSampler:
 
     def __call__(self) -> IdleSignals:
         own = {self.cpu.me.pid, *self.cpu._procs}
-        return IdleSignals(cpu=self.cpu(), gpu=gpu_use_by_others(own) if self.gpu else None,
-                           input_idle=input_idle_seconds())
+        return IdleSignals(
+            cpu=self.cpu(), gpu=gpu_use_by_others(own) if self.gpu else None, input_idle=input_idle_seconds()
+        )
 
 
 # ---- limits --------------------------------------------------------------------------------------
@@ -261,8 +266,11 @@ class IdleGuard:
             self._sampler = MachineSampler(gpu=True)
             probe = self._sampler()
             if probe.input_idle is None:
-                log.info("idle-only: this machine does not tell when its keyboard or mouse was last used; "
-                         "watching CPU%s use only", " and GPU" if probe.gpu is not None else "")
+                log.info(
+                    "idle-only: this machine does not tell when its keyboard or mouse was last used; "
+                    "watching CPU%s use only",
+                    " and GPU" if probe.gpu is not None else "",
+                )
         return self._sampler
 
     def start(self) -> None:
@@ -311,7 +319,11 @@ class IdleGuard:
         for model, pairs in host.hosted().items():
             try:
                 await self.worker.scheduler.neuro_experts_loaded(
-                    worker=self.worker.address, model=model, loaded=[list(p) for p in pairs], failed=[],
-                    precision=host.status().get("precision", {}).get(model, "float32"))
+                    worker=self.worker.address,
+                    model=model,
+                    loaded=[list(p) for p in pairs],
+                    failed=[],
+                    precision=host.status().get("precision", {}).get(model, "float32"),
+                )
             except Exception as exc:
                 log.warning("idle-only: could not re-report experts of %s: %s", model, exc)

@@ -33,8 +33,8 @@ from neuro_dask.errors import ConfigFieldError
 class IdleSignals:
     """One sample of the machine. Percentages are of the whole machine (0-100); None = unknown."""
 
-    cpu: float | None = None         # CPU use by processes other than this worker's, percent
-    gpu: float | None = None         # highest use of a GPU by other processes, percent
+    cpu: float | None = None  # CPU use by processes other than this worker's, percent
+    gpu: float | None = None  # highest use of a GPU by other processes, percent
     input_idle: float | None = None  # seconds since the last keyboard or mouse input
 
 
@@ -56,25 +56,28 @@ class IdlePolicy:
             if busy < 0 or resume < 0:
                 raise ConfigFieldError("neuro.worker", f"idle-busy-{kind}", "thresholds must not be negative")
             if kind == "input" and resume < busy:
-                raise ConfigFieldError("neuro.worker", "idle-resume-input",
-                                       f"must be at least idle-busy-input ({busy}), got {resume}")
+                raise ConfigFieldError(
+                    "neuro.worker", "idle-resume-input", f"must be at least idle-busy-input ({busy}), got {resume}"
+                )
             if kind != "input" and resume > busy:
-                raise ConfigFieldError("neuro.worker", f"idle-resume-{kind}",
-                                       f"must be at most idle-busy-{kind} ({busy}), got {resume}")
+                raise ConfigFieldError(
+                    "neuro.worker", f"idle-resume-{kind}", f"must be at most idle-busy-{kind} ({busy}), got {resume}"
+                )
         for name in ("busy_samples", "resume_samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigFieldError("neuro.worker", f"idle-{name.replace('_', '-')}",
-                                       f"must be a positive integer, got {value!r}")
+                raise ConfigFieldError(
+                    "neuro.worker", f"idle-{name.replace('_', '-')}", f"must be a positive integer, got {value!r}"
+                )
         if self.min_pause < 0:
             raise ConfigFieldError("neuro.worker", "idle-min-pause", "must be 0 or a positive number of seconds")
 
 
 @dataclass(frozen=True)
 class IdleDecision:
-    paused: bool     # after this sample
-    changed: bool    # this sample paused or resumed the worker
-    reason: str      # why it is paused (the busiest signal), or why it resumed
+    paused: bool  # after this sample
+    changed: bool  # this sample paused or resumed the worker
+    reason: str  # why it is paused (the busiest signal), or why it resumed
 
 
 class IdleMonitor:
@@ -84,8 +87,8 @@ class IdleMonitor:
         self.policy = policy or IdlePolicy()
         self.paused = False
         self.reason = ""
-        self.busy_run = 0     # busy samples in a row
-        self.idle_run = 0     # idle samples in a row
+        self.busy_run = 0  # busy samples in a row
+        self.idle_run = 0  # idle samples in a row
         self.paused_at = 0.0
 
     def busy_reasons(self, s: IdleSignals) -> list[str]:
@@ -101,8 +104,11 @@ class IdleMonitor:
 
     def is_idle(self, s: IdleSignals) -> bool:
         p = self.policy
-        return ((s.cpu is None or s.cpu < p.resume_cpu) and (s.gpu is None or s.gpu < p.resume_gpu)
-                and (s.input_idle is None or s.input_idle >= p.resume_input))
+        return (
+            (s.cpu is None or s.cpu < p.resume_cpu)
+            and (s.gpu is None or s.gpu < p.resume_gpu)
+            and (s.input_idle is None or s.input_idle >= p.resume_input)
+        )
 
     def observe(self, signals: IdleSignals, now: float) -> IdleDecision:
         p = self.policy

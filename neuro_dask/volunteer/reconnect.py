@@ -34,16 +34,20 @@ def restart_on_scheduler_loss(worker) -> None:
             await worker.handle_stream(comm)
         finally:
             if worker.status.name in ("running", "paused"):
-                log.warning("lost the scheduler %s: restarting this worker; it waits for the scheduler to come back",
-                            worker.scheduler.address)
+                log.warning(
+                    "lost the scheduler %s: restarting this worker; it waits for the scheduler to come back",
+                    worker.scheduler.address,
+                )
                 await worker.close(reason=SCHEDULER_LOST, nanny=False)
             else:
                 await worker.close(reason="worker-handle-scheduler-connection-broken")
 
     async def close(reason: str = "worker-close", **kwargs):
         if reason == "scheduler-close":  # the scheduler shuts down (a restart, most often)
-            log.warning("the scheduler %s is closing: restarting this worker; it waits for the scheduler to come back",
-                        worker.scheduler.address)
+            log.warning(
+                "the scheduler %s is closing: restarting this worker; it waits for the scheduler to come back",
+                worker.scheduler.address,
+            )
             return await worker.close(reason=SCHEDULER_CLOSED, nanny=False)
         return await close_op(reason=reason, **kwargs)
 

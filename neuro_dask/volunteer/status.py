@@ -18,11 +18,14 @@ class WorkerNotFoundError(NeuroDaskError):
     def __init__(self, wanted: str | None, scheduler: str, known: list[str]):
         self.wanted, self.scheduler, self.known = wanted, scheduler, known
         what = f"no worker {wanted!r}" if wanted else "no single worker of this machine"
-        super().__init__(f"{what} on the scheduler {scheduler} (workers: {', '.join(known) or 'none'}); "
-                         "pass --worker NAME or --worker ADDRESS")
+        super().__init__(
+            f"{what} on the scheduler {scheduler} (workers: {', '.join(known) or 'none'}); "
+            "pass --worker NAME or --worker ADDRESS"
+        )
 
 
 # ---- scheduler side (called by the neuro_scheduler plugin's `neuro_volunteer` handler) ---------
+
 
 async def scheduler_report(plugin, worker: str) -> dict[str, Any]:
     """One worker's reputation and ledger figures, by address or name."""
@@ -31,9 +34,18 @@ async def scheduler_report(plugin, worker: str) -> dict[str, Any]:
     if address is None and name not in plugin.reputation:
         return {"status": "error", "message": f"no worker {worker!r} on this scheduler"}
     r = plugin.reputation.record(name)
-    reputation = {"score": r.score, "correctness": r.correctness, "timeliness": r.timeliness, "speed": r.speed,
-                  "uptime": r.uptime, "trusted": r.trusted, "established": r.established,
-                  "consecutive_valid": r.consecutive_valid, "owner": r.owner, "routable": r.routable}
+    reputation = {
+        "score": r.score,
+        "correctness": r.correctness,
+        "timeliness": r.timeliness,
+        "speed": r.speed,
+        "uptime": r.uptime,
+        "trusted": r.trusted,
+        "established": r.established,
+        "consecutive_valid": r.consecutive_valid,
+        "owner": r.owner,
+        "routable": r.routable,
+    }
     ledger = None
     if plugin.ledger is not None:
         from neuro_dask.ledger.books import provider
@@ -42,16 +54,27 @@ async def scheduler_report(plugin, worker: str) -> dict[str, Any]:
             books = plugin.ledger.ledger
             credits = dict(books.leaderboard("worker", limit=1_000_000))
             balances = books.balances()
-            return {"stake": books.stake_of(name), "balance": int(balances.get(provider(name), 0)),
-                    "credits": int(credits.get(name, 0))}
+            return {
+                "stake": books.stake_of(name),
+                "balance": int(balances.get(provider(name), 0)),
+                "credits": int(credits.get(name, 0)),
+            }
 
         ledger = await plugin._in_ledger(read)
     serving = sorted(list(k) for k in plugin.coordinator.serving.get(address, ())) if address else []
-    return {"status": "OK", "address": address, "name": name, "connected": address is not None,
-            "reputation": reputation, "serving": serving, "ledger": ledger}
+    return {
+        "status": "OK",
+        "address": address,
+        "name": name,
+        "connected": address is not None,
+        "reputation": reputation,
+        "serving": serving,
+        "ledger": ledger,
+    }
 
 
 # ---- client side ----------------------------------------------------------------------------
+
 
 def _local_hosts() -> set[str]:
     hosts = {"127.0.0.1", "localhost", socket.gethostname()}
@@ -86,15 +109,22 @@ def collect(client, worker: str | None = None) -> dict[str, Any]:
     if isinstance(paused, bool):
         paused = own.get("pause_reason") or ("paused" if paused else "")
     return {
-        "address": address, "name": sched.get("name") or _names(client).get(address, worker),
+        "address": address,
+        "name": sched.get("name") or _names(client).get(address, worker),
         "scheduler": client.scheduler.address,
         "state": f"paused: {paused}" if paused else "running",
-        "hosted": own.get("hosted", {}), "calls_served": own.get("calls_served", 0),
+        "hosted": own.get("hosted", {}),
+        "calls_served": own.get("calls_served", 0),
         "rows_served": own.get("rows_served", 0),
-        "bytes_fetched": own.get("bytes_fetched", 0), "bytes_cached": own.get("bytes_cached", 0),
-        "files_fetched": own.get("files_fetched", 0), "files_cached": own.get("files_cached", 0),
-        "device": own.get("device"), "backend": own.get("backend"), "memory_bytes": own.get("memory_bytes", 0),
-        "memory_budget": own.get("memory_budget", 0), "owner": own.get("owner", ""),
+        "bytes_fetched": own.get("bytes_fetched", 0),
+        "bytes_cached": own.get("bytes_cached", 0),
+        "files_fetched": own.get("files_fetched", 0),
+        "files_cached": own.get("files_cached", 0),
+        "device": own.get("device"),
+        "backend": own.get("backend"),
+        "memory_bytes": own.get("memory_bytes", 0),
+        "memory_budget": own.get("memory_budget", 0),
+        "owner": own.get("owner", ""),
         "reputation": sched.get("reputation") if sched.get("status") == "OK" else None,
         "ledger": sched.get("ledger") if sched.get("status") == "OK" else None,
         "scheduler_note": None if sched.get("status") == "OK" else sched.get("message"),
@@ -153,8 +183,7 @@ def _security_for_status(tls: str):
     return security_for("client", tls)
 
 
-def worker_status(scheduler: str, worker: str | None = None, tls: str | None = None,
-                  timeout: float = 30) -> list[dict]:
+def worker_status(scheduler: str, worker: str | None = None, tls: str | None = None, timeout: float = 30) -> list[dict]:
     """The status of `worker`, or of this machine's workers (one entry each)."""
     from neuro_dask.client.cluster import open_client
 
@@ -173,21 +202,29 @@ def format_status(s: dict[str, Any]) -> str:
         lines.append(f"  hosts {len(experts)} experts of {model}")
     if not s["hosted"]:
         lines.append("  hosts no experts yet")
-    lines.append(f"  served {s['calls_served']} calls, {s['rows_served']} rows; device {s['device']}, "
-                 f"{s['backend']}; {_mib(s['memory_bytes'])} of {_mib(s['memory_budget'])} budget in use")
-    lines.append(f"  expert files since start: {s['files_fetched']} downloaded ({_mib(s['bytes_fetched'])}), "
-                 f"{s['files_cached']} from the cache ({_mib(s['bytes_cached'])})")
+    lines.append(
+        f"  served {s['calls_served']} calls, {s['rows_served']} rows; device {s['device']}, "
+        f"{s['backend']}; {_mib(s['memory_bytes'])} of {_mib(s['memory_budget'])} budget in use"
+    )
+    lines.append(
+        f"  expert files since start: {s['files_fetched']} downloaded ({_mib(s['bytes_fetched'])}), "
+        f"{s['files_cached']} from the cache ({_mib(s['bytes_cached'])})"
+    )
     rep = s["reputation"]
     if rep:
-        lines.append(f"  reputation {rep['score']:.3f} (correctness {rep['correctness']:.2f}, timeliness "
-                     f"{rep['timeliness']:.2f}, uptime {rep['uptime']:.2f}); trusted: {rep['trusted']}, established: "
-                     f"{rep['established']}, routable: {rep['routable']}, valid in a row: {rep['consecutive_valid']}")
+        lines.append(
+            f"  reputation {rep['score']:.3f} (correctness {rep['correctness']:.2f}, timeliness "
+            f"{rep['timeliness']:.2f}, uptime {rep['uptime']:.2f}); trusted: {rep['trusted']}, established: "
+            f"{rep['established']}, routable: {rep['routable']}, valid in a row: {rep['consecutive_valid']}"
+        )
     else:
         lines.append(f"  reputation: unknown ({s['scheduler_note']})")
     led = s["ledger"]
     if led:
-        lines.append(f"  NEURO: stake {led['stake']}, balance (earnings) {led['balance']}, "
-                     f"credited work {led['credits']} units (smallest units)")
+        lines.append(
+            f"  NEURO: stake {led['stake']}, balance (earnings) {led['balance']}, "
+            f"credited work {led['credits']} units (smallest units)"
+        )
     else:
         lines.append("  NEURO: the scheduler runs no ledger")
     return "\n".join(lines)
@@ -220,5 +257,6 @@ def _scheduler_of(worker_address: str, tls: str | None) -> str:
     try:
         return asyncio.run(ask())
     except Exception as exc:
-        raise NeuroDaskError(f"could not ask the worker {worker_address} for its scheduler: {exc}; "
-                             "pass --scheduler ADDRESS") from exc
+        raise NeuroDaskError(
+            f"could not ask the worker {worker_address} for its scheduler: {exc}; pass --scheduler ADDRESS"
+        ) from exc

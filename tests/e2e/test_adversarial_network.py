@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import pickle
 import shutil
@@ -26,16 +27,17 @@ from distributed import Client
 from distributed.comm import connect
 from distributed.protocol.serialize import Pickled
 from distributed.versions import get_versions
+from polling import PollTimeout, poll_until
 from process_helpers import NEURO_DASK, Processes, free_port, run_cli
 
 import neuro_dask as nd
 from neuro_dask.demo.addition import ASSET_DIR
 from neuro_dask.ledger import Ledger, LedgerConfig, neuro, provider, user
+from neuro_dask.protocol.wire import encode_request
 from neuro_dask.security.signing import Signer
 from neuro_dask.security.tls import security_for
 from neuro_dask.store.manifest import Manifest
 from neuro_dask.trust.receipts import Receipt, digest, sign_receipt
-from neuro_dask.protocol.wire import encode_request
 
 WORKERS = ("w1", "w2", "w3")  # w1 is the operator's trusted anchor
 
@@ -89,8 +91,14 @@ def net(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("adversarial")
     certs = tmp / "certs"
     assert run_cli("certs", "init", str(certs)).returncode == 0
-    issued = [("scheduler", "scheduler", ""), ("operator", "operator", ""), ("client", "alice", ""),
-              ("client", "mallory", ""), ("client", "gateway", ""), ("worker", "evil", "eve")]
+    issued = [
+        ("scheduler", "scheduler", ""),
+        ("operator", "operator", ""),
+        ("client", "alice", ""),
+        ("client", "mallory", ""),
+        ("client", "gateway", ""),
+        ("worker", "evil", "eve"),
+    ]
     issued += [("worker", w, f"owner-{w}") for w in WORKERS]
     for role, name, owner in issued:
         args = ["certs", "issue", str(certs), "--role", role, "--name", name] + (["--owner", owner] if owner else [])
@@ -107,18 +115,51 @@ def net(tmp_path_factory):
     ledger.close()
     port, plain_port, gateway_port = free_port(), free_port(), free_port()
     address = f"tls://127.0.0.1:{port}"
-    env = {"DASK_NEURO__LEDGER__URL": ledger_url, "DASK_NEURO__SCHEDULER__TRUSTED": '["w1"]',
-           "DASK_NEURO__SCHEDULER__MAX_UNPROVEN_REPORTS": "2", "DASK_NEURO__SCHEDULER__PROBE_INTERVAL": "1"}
+    env = {
+        "DASK_NEURO__LEDGER__URL": ledger_url,
+        "DASK_NEURO__SCHEDULER__TRUSTED": '["w1"]',
+        "DASK_NEURO__SCHEDULER__MAX_UNPROVEN_REPORTS": "2",
+        "DASK_NEURO__SCHEDULER__PROBE_INTERVAL": "1",
+    }
     import os
 
     with Processes(tmp) as spawn:
-        spawn(*NEURO_DASK, "scheduler", "--tls", str(certs), "--host", "127.0.0.1", "--port", str(port),
-              "--dashboard-address", "127.0.0.1:0", env={**os.environ, **env})
-        spawn(*NEURO_DASK, "scheduler", "--host", "127.0.0.1", "--port", str(plain_port),
-              "--dashboard-address", "127.0.0.1:0")
+        spawn(
+            *NEURO_DASK,
+            "scheduler",
+            "--tls",
+            str(certs),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dashboard-address",
+            "127.0.0.1:0",
+            env={**os.environ, **env},
+        )
+        spawn(
+            *NEURO_DASK,
+            "scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(plain_port),
+            "--dashboard-address",
+            "127.0.0.1:0",
+        )
         for w in WORKERS:
-            spawn(*NEURO_DASK, "worker", address, "--memory-budget", "512MiB", "--no-dashboard", "--no-idle-only",
-                  "--neuro-no-benchmark", "--tls", str(_own_folder(certs, tmp / w, "worker", w)))
+            spawn(
+                *NEURO_DASK,
+                "worker",
+                address,
+                "--memory-budget",
+                "512MiB",
+                "--no-dashboard",
+                "--no-idle-only",
+                "--neuro-no-benchmark",
+                "--tls",
+                str(_own_folder(certs, tmp / w, "worker", w)),
+            )
         ssl = security_for("operator", certs).get_connection_args("client")["ssl_context"]
         spawn.wait_for_port("127.0.0.1", port, ssl_context=ssl)
         spawn.wait_for_port("127.0.0.1", plain_port)
@@ -129,13 +170,32 @@ def net(tmp_path_factory):
         keys = tmp / "api-keys.json"
         keys.write_text(json.dumps({"alice-key": "alice", "bob-key": "bob"}))
         gateway_folder = _own_folder(certs, tmp / "gateway", "client", "gateway")
-        spawn(*NEURO_DASK, "serve", "--scheduler", address, "--tls", str(gateway_folder), "--port", str(gateway_port),
-              "--api-keys", str(keys))
+        spawn(
+            *NEURO_DASK,
+            "serve",
+            "--scheduler",
+            address,
+            "--tls",
+            str(gateway_folder),
+            "--port",
+            str(gateway_port),
+            "--api-keys",
+            str(keys),
+        )
         gateway = f"http://127.0.0.1:{gateway_port}"
         spawn.wait_for(lambda: _get(f"{gateway}/health") is not None, 180, "the gateway")
         manifest = Manifest.read(ASSET_DIR)
-        yield Net(address, certs, ledger_url, manifest.model_id, manifest.model_config.hidden_size, gateway, tmp,
-                  spawn, f"tcp://127.0.0.1:{plain_port}")
+        yield Net(
+            address,
+            certs,
+            ledger_url,
+            manifest.model_id,
+            manifest.model_config.hidden_size,
+            gateway,
+            tmp,
+            spawn,
+            f"tcp://127.0.0.1:{plain_port}",
+        )
         spawn.check_alive()  # no attack killed any process
 
 
@@ -187,13 +247,19 @@ def _alive(net: Net, address: str | None = None) -> bool:
 
 
 def _refusals(net: Net, since: float, kind: str, identity: str, count: int = 1, timeout: float = 20) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [e for e in net.events("neuro-security")
-                 if e.get("time", 0) >= since and e.get("kind") == kind and e.get("identity") == identity]
-        if len(found) >= count or time.monotonic() > deadline:
-            return found
-        time.sleep(0.1)  # poll
+    found: list[dict] = []
+
+    def enough() -> bool:
+        found[:] = [
+            e
+            for e in net.events("neuro-security")
+            if e.get("time", 0) >= since and e.get("kind") == kind and e.get("identity") == identity
+        ]
+        return len(found) >= count
+
+    with contextlib.suppress(PollTimeout):  # fewer arrived: the caller's assertion judges what did
+        poll_until(enough, timeout, f"{count} {kind} refusals of {identity}", interval=0.1)
+    return found
 
 
 class Payload:
@@ -249,8 +315,13 @@ def test_crafted_pickles_from_every_role_are_refused_before_parsing(net, marker,
     since = time.time()
     pickles = _pickles(marker)
     started = time.monotonic()
-    _each_dropped(net, net.address, role, name,
-                  [{"op": "identity", "x": Pickled({"pickled-obj": raw}, [])} for raw in pickles.values()])
+    _each_dropped(
+        net,
+        net.address,
+        role,
+        name,
+        [{"op": "identity", "x": Pickled({"pickled-obj": raw}, [])} for raw in pickles.values()],
+    )
     assert time.monotonic() - started < 60  # the bombs never ran (each alone would take hours)
     assert _alive(net)
     refused = _refusals(net, since, "plain-data", f"{role}:{name}", count=len(pickles))
@@ -262,8 +333,13 @@ def test_even_the_operators_pickles_go_through_the_bounded_loader(net, marker):
     reconstructors (the type confusion) and the constructors behind the bombs."""
     since = time.time()
     pickles = _pickles(marker)
-    replies = _send(net, net.address, "operator", "operator",
-                    *[{"op": "identity", "x": Pickled({"pickled-obj": raw}, [])} for raw in pickles.values()])
+    replies = _send(
+        net,
+        net.address,
+        "operator",
+        "operator",
+        *[{"op": "identity", "x": Pickled({"pickled-obj": raw}, [])} for raw in pickles.values()],
+    )
     assert all(r is not None and "PickleRefusedError" in r["exception_text"] for r in replies), replies
     assert _alive(net)
     refused = _refusals(net, since, "pickle", "operator:operator", count=len(pickles))
@@ -299,18 +375,39 @@ def test_a_client_cannot_close_a_worker_through_connection_stream(net):
     assert "w2" in net.workers()
 
 
-METRICS = {"memory": 1 << 20, "cpu": 1.0, "managed_bytes": 0, "spilled_bytes": {"memory": 0, "disk": 0},
-           "bandwidth": {"total": 1e8, "workers": {}, "types": {}}, "digests_total_since_heartbeat": {},
-           "time": 1.0e9, "task_counts": {}}
+METRICS = {
+    "memory": 1 << 20,
+    "cpu": 1.0,
+    "managed_bytes": 0,
+    "spilled_bytes": {"memory": 0, "disk": 0},
+    "bandwidth": {"total": 1e8, "workers": {}, "types": {}},
+    "digests_total_since_heartbeat": {},
+    "time": 1.0e9,
+    "task_counts": {},
+}
 
 
 def _registration(address: str, name: str, budget: int = 0, metrics: dict | None = None) -> dict:
-    return {"op": "register-worker", "reply": False, "address": address, "status": "running",
-            "server_id": "Worker-evil", "nthreads": 1, "name": name, "now": time.time(), "resources": {},
-            "memory_limit": None, "metrics": METRICS if metrics is None else metrics, "services": {},
-            "local_directory": "/tmp/evil", "versions": get_versions(),
-            "nanny": None, "pid": 1, "stimulus_id": "evil-1",
-            "extra": {"neuro": {"memory_budget": budget, "speed": 1.0, "owner": "w1", "profile": {}}}}
+    return {
+        "op": "register-worker",
+        "reply": False,
+        "address": address,
+        "status": "running",
+        "server_id": "Worker-evil",
+        "nthreads": 1,
+        "name": name,
+        "now": time.time(),
+        "resources": {},
+        "memory_limit": None,
+        "metrics": METRICS if metrics is None else metrics,
+        "services": {},
+        "local_directory": "/tmp/evil",
+        "versions": get_versions(),
+        "nanny": None,
+        "pid": 1,
+        "stimulus_id": "evil-1",
+        "extra": {"neuro": {"memory_budget": budget, "speed": 1.0, "owner": "w1", "profile": {}}},
+    }
 
 
 async def _evil_worker(net: Net, since: float, *stream, rpcs=()):
@@ -324,8 +421,9 @@ async def _evil_worker(net: Net, since: float, *stream, rpcs=()):
         registered = await asyncio.wait_for(comm.read(), 30)
         await comm.write(list(stream))
         replies = [(await _exchange(net.address, args, msg))[0] for msg in rpcs]
-        handled = await asyncio.to_thread(_refusals, net, since, "refused-op", "worker:evil",
-                                          len(stream) + 2)  # the stream's, and the two refused rpcs
+        handled = await asyncio.to_thread(
+            _refusals, net, since, "refused-op", "worker:evil", len(stream) + 2
+        )  # the stream's, and the two refused rpcs
         return registered, replies, handled
     finally:
         comm.abort()
@@ -345,12 +443,21 @@ def test_a_worker_certificate_speaks_only_for_itself(net):
     since = time.time()
     before = net.workers()
     w1 = before["w1"]["address"]
-    stream = [{"op": "worker-status-change", "worker": w1, "status": "paused", "stimulus_id": "evil-2"},
-              {"op": "log-event", "topic": "neuro-trust", "msg": {"action": "invalid", "name": "w2"}}]
-    rpcs = [{"op": "unregister", "address": w1, "stimulus_id": "evil-3"},
-            {"op": "neuro_pause", "worker": w1, "paused": True, "reason": "evil"},
-            {"op": "neuro_experts_loaded", "worker": "tls://127.0.0.1:1", "model": net.model_id,
-             "loaded": [[layer, e] for layer in range(400) for e in range(500)], "failed": []}]
+    stream = [
+        {"op": "worker-status-change", "worker": w1, "status": "paused", "stimulus_id": "evil-2"},
+        {"op": "log-event", "topic": "neuro-trust", "msg": {"action": "invalid", "name": "w2"}},
+    ]
+    rpcs = [
+        {"op": "unregister", "address": w1, "stimulus_id": "evil-3"},
+        {"op": "neuro_pause", "worker": w1, "paused": True, "reason": "evil"},
+        {
+            "op": "neuro_experts_loaded",
+            "worker": "tls://127.0.0.1:1",
+            "model": net.model_id,
+            "loaded": [[layer, e] for layer in range(400) for e in range(500)],
+            "failed": [],
+        },
+    ]
     registered, replies, handled = asyncio.run(_evil_worker(net, since, *stream, rpcs=rpcs))
     assert registered["status"] == "OK"  # registering is a worker's right, under its certificate's name
     assert len(handled) >= len(stream) + 2, handled
@@ -375,21 +482,35 @@ def test_forged_outcomes_and_unreachable_reports_cost_an_honest_worker_nothing(n
     with net.client("mallory") as mallory:
         # the old claim: "invalid, and proven" for an honest staked worker, with no model call at all
         with pytest.raises(Exception, match="outcomes"):
-            mallory.sync(mallory.scheduler.neuro_report_outcomes, model=net.model_id,
-                         outcomes=[[before["address"], "invalid", "c", 0, 0, 0, "r", True]])
-        reply = mallory.sync(mallory.scheduler.neuro_report_outcomes, model=net.model_id,
-                             outcomes=[[before["address"], "invalid", "c", 0, 0, 0, "r"]])
+            mallory.sync(
+                mallory.scheduler.neuro_report_outcomes,
+                model=net.model_id,
+                outcomes=[[before["address"], "invalid", "c", 0, 0, 0, "r", True]],
+            )
+        reply = mallory.sync(
+            mallory.scheduler.neuro_report_outcomes,
+            model=net.model_id,
+            outcomes=[[before["address"], "invalid", "c", 0, 0, 0, "r"]],
+        )
         assert reply["credited"] == 0
         since = time.time()
         experts = [[layer, e] for model, layer, e in before["serving"] if model == net.model_id]
-        assert mallory.sync(mallory.scheduler.neuro_unreachable, worker=before["address"], model=net.model_id,
-                            experts=experts)["probe"] == "scheduled"
-    deadline = time.monotonic() + 60
-    probes = []
-    while not probes and time.monotonic() < deadline:
-        probes = [e for e in net.events("neuro") if e.get("action") == "probe" and e.get("worker") == before["address"]
-                  and e["at"] >= since]
-        time.sleep(0.1)  # poll
+        assert (
+            mallory.sync(
+                mallory.scheduler.neuro_unreachable, worker=before["address"], model=net.model_id, experts=experts
+            )["probe"]
+            == "scheduled"
+        )
+    probes = poll_until(
+        lambda: [
+            e
+            for e in net.events("neuro")
+            if e.get("action") == "probe" and e.get("worker") == before["address"] and e["at"] >= since
+        ],
+        60,
+        "the scheduler's probe of w2",
+        interval=0.1,
+    )
     assert probes and probes[-1]["ok"], probes  # the scheduler checked for itself, and it answers
     after = net.workers()["w2"]
     assert sorted(map(tuple, after["serving"])) == sorted(map(tuple, before["serving"]))  # nothing taken away
@@ -403,11 +524,9 @@ def test_only_the_operator_makes_a_trust_anchor(net):
     assert not net.workers()["w3"]["trust_trusted"]
 
 
-def _ticketed_call(client: Client, net: Net, worker: str, layer: int, expert: int, account: str,
-                   rows: torch.Tensor):
+def _ticketed_call(client: Client, net: Net, worker: str, layer: int, expert: int, account: str, rows: torch.Tensor):
     """Begin a request as this client, send one ticketed call to `worker`: (request, msg, reply)."""
-    begun = client.sync(client.scheduler.neuro_request_begin, model=net.model_id, account=account,
-                        expert_tokens=64)
+    begun = client.sync(client.scheduler.neuro_request_begin, model=net.model_id, account=account, expert_tokens=64)
     assert begun["status"] == "OK", begun
     msg = encode_request(net.model_id, layer, {expert: rows}, call="c1")
     msg.update({"request": begun["request"], "ticket": begun["ticket"]})
@@ -428,13 +547,20 @@ def test_an_unproven_dispute_strikes_the_reporter_and_the_honest_worker_keeps_it
     verdicts = []
     with net.client("mallory") as mallory:
         for _ in range(3):
-            begun = mallory.sync(mallory.scheduler.neuro_request_begin, model=net.model_id, account="mallory",
-                                 expert_tokens=64)
+            begun = mallory.sync(
+                mallory.scheduler.neuro_request_begin, model=net.model_id, account="mallory", expert_tokens=64
+            )
             msg = encode_request(net.model_id, layer, {expert: rows}, call="c")
             msg.update({"request": begun["request"], "ticket": begun["ticket"]})
             reply = mallory.sync(mallory.rpc(address).neuro_expert, **msg)
-            evidence = {"receipt": reply["receipt"], "expert": expert, "dtype": msg["dtype"], "hidden": msg["hidden"],
-                        "inputs": bytes(msg["data"]), "outputs": bytes(reply["data"])}
+            evidence = {
+                "receipt": reply["receipt"],
+                "expert": expert,
+                "dtype": msg["dtype"],
+                "hidden": msg["hidden"],
+                "inputs": bytes(msg["data"]),
+                "outputs": bytes(reply["data"]),
+            }
             verdicts.append(mallory.sync(mallory.scheduler.neuro_dispute, model=net.model_id, evidence=evidence))
             mallory.sync(mallory.scheduler.neuro_request_end, request=begun["request"])
     kinds = [v.get("verdict") or v.get("status") for v in verdicts]
@@ -450,8 +576,9 @@ def test_a_client_cannot_spend_another_users_account(net):
     since = time.time()
     alice = net.balance(user("alice"))
     with net.client("mallory") as mallory:
-        reply = mallory.sync(mallory.scheduler.neuro_request_begin, model=net.model_id, account="alice",
-                             expert_tokens=10_000)
+        reply = mallory.sync(
+            mallory.scheduler.neuro_request_begin, model=net.model_id, account="alice", expert_tokens=10_000
+        )
     assert reply["status"] == "error" and "alice" in reply["message"] and "grant" in reply["message"], reply
     assert net.balance(user("alice")) == alice
     assert _refusals(net, since, "charge", "client:mallory")
@@ -463,8 +590,10 @@ def test_a_worker_serves_no_call_without_a_paid_ticket(net):
     with net.client("operator", "operator") as op:
         served = op.sync(op.rpc(address).neuro_status)["calls_served"]
     with net.client("mallory") as mallory:
-        reply = mallory.sync(mallory.rpc(address).neuro_expert,
-                             **encode_request(net.model_id, layer, {expert: torch.ones(2, net.hidden)}, call="x"))
+        reply = mallory.sync(
+            mallory.rpc(address).neuro_expert,
+            **encode_request(net.model_id, layer, {expert: torch.ones(2, net.hidden)}, call="x"),
+        )
     assert reply["status"] == "error" and "ticket" in reply["message"], reply
     with net.client("operator", "operator") as op:
         assert op.sync(op.rpc(address).neuro_status)["calls_served"] == served
@@ -477,20 +606,40 @@ def test_invented_and_replayed_receipts_pay_no_one(net):
     with net.client("alice") as alice:
         request, msg, reply = _ticketed_call(alice, net, address, layer, expert, "alice", rows)
         genuine = reply["receipt"]
-        assert alice.sync(alice.scheduler.neuro_report_outcomes, model=net.model_id, outcomes=[],
-                          receipts=[genuine])["receipts"] == {"accepted": 1}
+        assert alice.sync(alice.scheduler.neuro_report_outcomes, model=net.model_id, outcomes=[], receipts=[genuine])[
+            "receipts"
+        ] == {"accepted": 1}
         paid = alice.sync(alice.scheduler.neuro_request_end, request=request)
     assert paid["status"] == "OK" and paid["expert_tokens"] == 2, paid
     w1, w2 = net.balance(provider("w1")), net.balance(provider("w2"))
     with net.client("mallory") as mallory:
-        begun = mallory.sync(mallory.scheduler.neuro_request_begin, model=net.model_id, account="mallory",
-                             expert_tokens=64)
-        invented = Receipt(worker="w2", kind="expert", model=net.model_id, layer=0, step="", experts=(0,),
-                           counts=(8192,), dtype="float32", hidden=net.hidden, in_digest=digest(b"a"),
-                           out_digest=digest(b"b"), request=begun["request"], call="", seq=1, rows_total=8192,
-                           units_total=1)
-        offered = mallory.sync(mallory.scheduler.neuro_report_outcomes, model=net.model_id, outcomes=[],
-                               receipts=[sign_receipt(Signer.generate(), invented), genuine])
+        begun = mallory.sync(
+            mallory.scheduler.neuro_request_begin, model=net.model_id, account="mallory", expert_tokens=64
+        )
+        invented = Receipt(
+            worker="w2",
+            kind="expert",
+            model=net.model_id,
+            layer=0,
+            step="",
+            experts=(0,),
+            counts=(8192,),
+            dtype="float32",
+            hidden=net.hidden,
+            in_digest=digest(b"a"),
+            out_digest=digest(b"b"),
+            request=begun["request"],
+            call="",
+            seq=1,
+            rows_total=8192,
+            units_total=1,
+        )
+        offered = mallory.sync(
+            mallory.scheduler.neuro_report_outcomes,
+            model=net.model_id,
+            outcomes=[],
+            receipts=[sign_receipt(Signer.generate(), invented), genuine],
+        )
         assert offered["receipts"] == {"forged": 1, "unknown-request": 1}, offered
         settled = mallory.sync(mallory.scheduler.neuro_request_end, request=begun["request"])
     assert settled["expert_tokens"] == 0
@@ -508,8 +657,12 @@ def test_the_gateway_charges_only_accounts_granted_to_it(net):
     body = json.dumps({"model": "adder", "prompt": "123+456=", "max_tokens": 5, "temperature": 0}).encode()
 
     def complete(key):
-        request = urllib.request.Request(f"{net.gateway}/v1/completions", data=body, method="POST",
-                                         headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{net.gateway}/v1/completions",
+            data=body,
+            method="POST",
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(request, timeout=120) as reply:
                 return reply.status, json.loads(reply.read())
@@ -548,8 +701,11 @@ def test_a_store_with_the_genuine_trunk_and_other_experts_is_another_model(net, 
     published = run_cli("publish", str(poisoned), "--scheduler", net.address, "--tls", str(net.certs), "--no-wait")
     assert published.returncode == 0 and poisoned_id in published.stdout, published.stdout
     expected = nd.load(ASSET_DIR).generate_text(["123+456=", "7+8="], max_new_tokens=5)
-    with dask_config({"neuro.client.account": "alice"}), net.client("alice") as alice, \
-            nd.load(ASSET_DIR, client=alice) as model:
+    with (
+        dask_config({"neuro.client.account": "alice"}),
+        net.client("alice") as alice,
+        nd.load(ASSET_DIR, client=alice) as model,
+    ):
         assert model.executor.model_id == net.model_id  # the genuine store's model, never the poisoned one
         assert model.generate_text(["123+456=", "7+8="], max_new_tokens=5) == expected
 
@@ -560,8 +716,11 @@ def test_a_store_with_the_genuine_trunk_and_other_experts_is_another_model(net, 
 def test_an_honest_client_generates_pays_and_the_workers_are_paid_by_their_receipts(net):
     expected = nd.load(ASSET_DIR).generate_text(["123+456=", "999+1="], max_new_tokens=5)
     paid_before = {w: net.balance(provider(w)) for w in WORKERS}
-    with dask_config({"neuro.client.account": "alice"}), net.client("alice") as alice, \
-            nd.load(ASSET_DIR, client=alice) as model:
+    with (
+        dask_config({"neuro.client.account": "alice"}),
+        net.client("alice") as alice,
+        nd.load(ASSET_DIR, client=alice) as model,
+    ):
         assert model.generate_text(["123+456=", "999+1="], max_new_tokens=5) == expected
         settlement = model.executor.settlements[-1]
     assert settlement["status"] == "OK" and settlement["expert_tokens"] > 0, settlement

@@ -47,11 +47,14 @@ def test_demo_with_prompts():
     assert out.stdout.splitlines()[-2:] == ["12+30=42", "999+1=1000"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["inspect", "/nonexistent/model"], "no config.json"),
-    (["shard", "/nonexistent/src", "/tmp/x"], "no config.json"),
-    (["serve", "--channel", "adder"], "--channel needs --scheduler"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["inspect", "/nonexistent/model"], "no config.json"),
+        (["shard", "/nonexistent/src", "/tmp/x"], "no config.json"),
+        (["serve", "--channel", "adder"], "--channel needs --scheduler"),
+    ],
+)
 def test_errors_exit_2_with_a_message_and_no_traceback(args, message):
     proc = run(*args, check=False)
     assert proc.returncode == 2
@@ -82,8 +85,20 @@ def test_crash_drill_loses_nothing_when_adversaries_die_mid_generation():
 
 
 def test_straggle_drill_hedges_within_the_cap():
-    out = run("drill", "--workers", "6", "--adversaries", "0.5", "--mode", "straggle", "--probability", "0.3",
-              "--delay", "0.05", "--json")
+    out = run(
+        "drill",
+        "--workers",
+        "6",
+        "--adversaries",
+        "0.5",
+        "--mode",
+        "straggle",
+        "--probability",
+        "0.3",
+        "--delay",
+        "0.05",
+        "--json",
+    )
     report = json.loads(out.stdout)
     assert report["identical"] is True and report["wrong_accepted"] == 0
     assert report["extra_calls"] <= 0.1 + 0.01  # the cap is checked before each hedge

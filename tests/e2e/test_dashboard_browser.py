@@ -95,9 +95,21 @@ def test_no_nan_and_no_cut_off_header_or_cell(browser, scenario, page):
     text = body_text(browser)
     assert "NaN" not in text, f"/neuro/{page} shows NaN: {text[:1500]}"
     shown = headers(browser)
-    assert all(h in {views.title(c) for c in (*views.NETWORK_COLUMNS, *views.EVENT_COLUMNS, *views.CALL_COLUMNS,
-                                              *views.VERSION_COLUMNS, *views.PROPOSAL_COLUMNS)} | {
-        "provider", "neuro", "rank", "worker", "owner", "units", ""} for h in shown), shown
+    assert all(
+        h
+        in {
+            views.title(c)
+            for c in (
+                *views.NETWORK_COLUMNS,
+                *views.EVENT_COLUMNS,
+                *views.CALL_COLUMNS,
+                *views.VERSION_COLUMNS,
+                *views.PROPOSAL_COLUMNS,
+            )
+        }
+        | {"provider", "neuro", "rank", "worker", "owner", "units", ""}
+        for h in shown
+    ), shown
     assert not clipped(browser), f"/neuro/{page}: cut-off headers or cells: {clipped(browser)}"
 
 
@@ -113,9 +125,11 @@ def test_the_overview_figures_match_the_schedulers_state(browser, scenario):
         total = status["models"][model]["experts"]
         pending = plugin.coordinator.routes(model).pending
         serving = sum(1 for w in plugin.dashboard_view().workers if w.status == "serving")
-        return {"overview-experts": f"<b>{total - len(pending)} / {total}</b>",
-                "overview-workers": f"<b>{serving} / {len(status['workers'])}</b>",
-                "overview-caught": f"<b>{plugin.feed.counts.get('quorum_caught', 0)}</b>"}
+        return {
+            "overview-experts": f"<b>{total - len(pending)} / {total}</b>",
+            "overview-workers": f"<b>{serving} / {len(status['workers'])}</b>",
+            "overview-caught": f"<b>{plugin.feed.counts.get('quorum_caught', 0)}</b>",
+        }
 
     def matches():  # placement may still be moving the killed worker's experts: poll until both agree
         want = expected()

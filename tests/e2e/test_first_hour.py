@@ -50,20 +50,40 @@ def network(tmp_path_factory):
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     processes = Processes(folder)
-    scheduler = processes(*NEURO_DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                          "--dashboard-address", "127.0.0.1:0")
+    scheduler = processes(
+        *NEURO_DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", "127.0.0.1:0"
+    )
     processes.wait_for(lambda: "volunteers join with" in processes.log(scheduler), 120, "the scheduler's banner")
     # --no-idle-only: the test suite keeps this machine busy, which an idle-only worker yields to
     # (test_an_idle_only_worker_on_a_busy_machine_says_why below).
-    workers = [processes(*NEURO_DASK, "worker", address, "--memory-budget", "512MiB", "--owner", f"owner{i}",
-                         "--name", f"volunteer-{i}", "--no-idle-only", "--no-dashboard", "--neuro-no-benchmark")
-               for i in range(2)]
+    workers = [
+        processes(
+            *NEURO_DASK,
+            "worker",
+            address,
+            "--memory-budget",
+            "512MiB",
+            "--owner",
+            f"owner{i}",
+            "--name",
+            f"volunteer-{i}",
+            "--no-idle-only",
+            "--no-dashboard",
+            "--neuro-no-benchmark",
+        )
+        for i in range(2)
+    ]
     for w in workers:
         processes.wait_for(lambda w=w: "connected to" in processes.log(w), 120, "a worker's connection line")
     published = run_cli("publish", str(ASSET_DIR), "--scheduler", address, timeout=300)
     try:
-        yield {"address": address, "processes": processes, "scheduler": scheduler, "workers": workers,
-               "published": published}
+        yield {
+            "address": address,
+            "processes": processes,
+            "scheduler": scheduler,
+            "workers": workers,
+            "published": published,
+        }
     finally:
         processes.close()
 
@@ -87,10 +107,16 @@ def test_volunteers_read_their_connection_and_the_experts_they_loaded(network):
     loaded = 0
     for i, worker in enumerate(network["workers"]):
         log = _wait_for_text(processes, worker, "loaded", "a worker's loaded line")
-        assert _line(log, rf"worker volunteer-{i} \(tcp://127\.0\.0\.1:\d+\) connected to {re.escape(network['address'])}: "
-                          r"device cpu, expert budget 512 MiB, serving even while busy, hardened"), log
-        match = _line(log, r"loaded (\d+) experts of mixtral-\w+ in [\d.]+ s \(\d+ MiB of expert weights in memory\); "
-                           r"serving")
+        assert _line(
+            log,
+            rf"worker volunteer-{i} \(tcp://127\.0\.0\.1:\d+\) connected to {re.escape(network['address'])}: "
+            r"device cpu, expert budget 512 MiB, serving even while busy, hardened",
+        ), log
+        match = _line(
+            log,
+            r"loaded (\d+) experts of mixtral-\w+ in [\d.]+ s \(\d+ MiB of expert weights in memory\); "
+            r"serving",
+        )
         assert match, log
         loaded += int(match.group(1))
     assert loaded == 2 * 16  # two replicas of each of the adder's 16 experts
@@ -103,8 +129,9 @@ def test_volunteers_read_their_connection_and_the_experts_they_loaded(network):
 
 def test_data_scientist_generates_streams_and_scores_on_the_network(network):
     address = network["address"]
-    generated = run_cli("generate", str(ASSET_DIR), "12+34=", "250+250=", "--max-new-tokens", "5",
-                        "--scheduler", address, timeout=300)
+    generated = run_cli(
+        "generate", str(ASSET_DIR), "12+34=", "250+250=", "--max-new-tokens", "5", "--scheduler", address, timeout=300
+    )
     assert generated.returncode == 0, generated.stdout
     assert "12+34=46\n" in generated.stdout and "250+250=500\n" in generated.stdout
     streamed = run_cli("generate", str(ASSET_DIR), "61+48=", "--stream", "--scheduler", address, timeout=300)
@@ -132,22 +159,45 @@ def test_an_idle_only_worker_on_a_busy_machine_says_why_and_publish_says_it_too(
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     # Any use of the machine by another process is "busy": the CPU burner below guarantees some.
-    busy = {**os.environ, "DASK_NEURO__WORKER__IDLE_BUSY_CPU": "0", "DASK_NEURO__WORKER__IDLE_RESUME_CPU": "0",
-            "DASK_NEURO__WORKER__IDLE_BUSY_SAMPLES": "1", "DASK_NEURO__WORKER__IDLE_INTERVAL": "0.2"}
+    busy = {
+        **os.environ,
+        "DASK_NEURO__WORKER__IDLE_BUSY_CPU": "0",
+        "DASK_NEURO__WORKER__IDLE_RESUME_CPU": "0",
+        "DASK_NEURO__WORKER__IDLE_BUSY_SAMPLES": "1",
+        "DASK_NEURO__WORKER__IDLE_INTERVAL": "0.2",
+    }
     burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         with Processes(tmp_path) as processes:
-            scheduler = processes(*NEURO_DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                                  "--dashboard-address", "127.0.0.1:0")
+            scheduler = processes(
+                *NEURO_DASK,
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--dashboard-address",
+                "127.0.0.1:0",
+            )
             processes.wait_for(lambda: "volunteers join with" in processes.log(scheduler), 120, "the banner")
-            worker = processes(*NEURO_DASK, "worker", address, "--memory-budget", "512MiB", "--no-dashboard",
-                               "--neuro-no-benchmark", env=busy)
+            worker = processes(
+                *NEURO_DASK,
+                "worker",
+                address,
+                "--memory-budget",
+                "512MiB",
+                "--no-dashboard",
+                "--neuro-no-benchmark",
+                env=busy,
+            )
             log = _wait_for_text(processes, worker, "paused:", "the worker's pause line")
             assert "idle-only (pauses while this machine's owner uses it)" in log
-            assert _line(log, r"paused: other processes use \d+% CPU\. Expert calls go to other workers until this "
-                              r"machine is idle again\. To serve while busy: restart with --no-idle-only"), log
-            published = run_cli("publish", str(ASSET_DIR), "--scheduler", address, "--wait-timeout", "20",
-                                timeout=300)
+            assert _line(
+                log,
+                r"paused: other processes use \d+% CPU\. Expert calls go to other workers until this "
+                r"machine is idle again\. To serve while busy: restart with --no-idle-only",
+            ), log
+            published = run_cli("publish", str(ASSET_DIR), "--scheduler", address, "--wait-timeout", "20", timeout=300)
             assert published.returncode == 2, published.stdout
             assert "every worker (1) is paused because its machine is busy" in published.stdout, published.stdout
             assert "start workers with --no-idle-only" in published.stdout

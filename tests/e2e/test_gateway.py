@@ -14,6 +14,7 @@ import sys
 import time
 
 import pytest
+from polling import poll_until
 
 openai = pytest.importorskip("openai")
 
@@ -104,6 +105,7 @@ def answer(api, problem, **options):
 
 # ---- answers ------------------------------------------------------------------------------------------
 
+
 def test_models_lists_the_bundled_model(api):
     assert [m.id for m in api.models.list().data] == ["adder"]
     assert api.models.retrieve("adder").id == "adder"
@@ -132,8 +134,11 @@ def test_completions_answer_addition_problems(api, model):
 def test_chat_completions_answer_addition_problems(api):
     correct = 0
     for problem in PROBLEMS[8:16]:
-        out = api.chat.completions.create(model="adder", temperature=0, messages=[
-            {"role": "system", "content": "You add numbers."}, {"role": "user", "content": problem.prompt}])
+        out = api.chat.completions.create(
+            model="adder",
+            temperature=0,
+            messages=[{"role": "system", "content": "You add numbers."}, {"role": "user", "content": problem.prompt}],
+        )
         message = out.choices[0].message
         assert out.object == "chat.completion" and message.role == "assistant"
         assert out.choices[0].finish_reason == "stop"
@@ -145,18 +150,34 @@ def test_chat_completions_answer_addition_problems(api):
 def test_streamed_chunks_reassemble_to_the_same_text(api):
     for problem in PROBLEMS[16:20]:
         whole = answer(api, problem).choices[0].text
-        chunks = list(api.completions.create(model="adder", prompt=problem.prompt, max_tokens=5, temperature=0,
-                                             stream=True, stream_options={"include_usage": True}))
+        chunks = list(
+            api.completions.create(
+                model="adder",
+                prompt=problem.prompt,
+                max_tokens=5,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
         assert all(c.object == "text_completion" for c in chunks)
         assert len({c.id for c in chunks}) == 1
         assert "".join(c.choices[0].text for c in chunks if c.choices) == whole
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
         assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(whole) + 1
 
-        chat_whole = api.chat.completions.create(model="adder", temperature=0, messages=[
-            {"role": "user", "content": problem.prompt}]).choices[0].message.content
-        chat_chunks = list(api.chat.completions.create(model="adder", temperature=0, stream=True, messages=[
-            {"role": "user", "content": problem.prompt}]))
+        chat_whole = (
+            api.chat.completions.create(
+                model="adder", temperature=0, messages=[{"role": "user", "content": problem.prompt}]
+            )
+            .choices[0]
+            .message.content
+        )
+        chat_chunks = list(
+            api.chat.completions.create(
+                model="adder", temperature=0, stream=True, messages=[{"role": "user", "content": problem.prompt}]
+            )
+        )
         assert chat_chunks[0].choices[0].delta.role == "assistant"
         assert all(c.object == "chat.completion.chunk" for c in chat_chunks)
         assert "".join(c.choices[0].delta.content or "" for c in chat_chunks) == chat_whole == whole
@@ -169,8 +190,9 @@ def test_32_concurrent_streams_all_finish_correctly(api):
     def one(i_problem):
         i, problem = i_problem
         if i % 2:
-            stream = api.chat.completions.create(model="adder", temperature=0, stream=True,
-                                                 messages=[{"role": "user", "content": problem.prompt}])
+            stream = api.chat.completions.create(
+                model="adder", temperature=0, stream=True, messages=[{"role": "user", "content": problem.prompt}]
+            )
             return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         stream = api.completions.create(model="adder", prompt=problem.prompt, max_tokens=5, temperature=0, stream=True)
         return "".join(c.choices[0].text for c in stream if c.choices)
@@ -188,10 +210,11 @@ def test_stop_strings_cut_the_text(api):
     problem = next(p for p in PROBLEMS if len(p.answer) >= 3)
     cut = problem.answer[1]
     out = answer(api, problem, stop=[cut, "never"])
-    assert out.choices[0].text == problem.answer[:problem.answer.index(cut)]
+    assert out.choices[0].text == problem.answer[: problem.answer.index(cut)]
     assert out.choices[0].finish_reason == "stop"
-    streamed = list(api.completions.create(model="adder", prompt=problem.prompt, max_tokens=5, temperature=0,
-                                           stream=True, stop=cut))
+    streamed = list(
+        api.completions.create(model="adder", prompt=problem.prompt, max_tokens=5, temperature=0, stream=True, stop=cut)
+    )
     assert "".join(c.choices[0].text for c in streamed) == out.choices[0].text
 
 
@@ -215,19 +238,23 @@ def test_token_id_prompts(api, model):
 
 # ---- errors -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("options, error, param, code", [
-    ({"model": "gpt-4"}, "NotFoundError", "model", "model_not_found"),
-    ({"n": 2}, "BadRequestError", "n", None),
-    ({"max_tokens": -1}, "BadRequestError", "max_tokens", None),
-    ({"max_tokens": 2.5}, "BadRequestError", "max_tokens", None),
-    ({"temperature": 3}, "BadRequestError", "temperature", None),
-    ({"temperature": -1}, "BadRequestError", "temperature", None),
-    ({"top_p": 1.5}, "BadRequestError", "top_p", None),
-    ({"max_tokens": 60}, "BadRequestError", "max_tokens", "context_length_exceeded"),
-    ({"prompt": "1+" * 40}, "BadRequestError", "max_tokens", "context_length_exceeded"),
-    ({"prompt": [3, 99]}, "BadRequestError", "prompt", None),
-    ({"stop": ["a", "b", "c", "d", "e"]}, "BadRequestError", "stop", None),
-])
+
+@pytest.mark.parametrize(
+    "options, error, param, code",
+    [
+        ({"model": "gpt-4"}, "NotFoundError", "model", "model_not_found"),
+        ({"n": 2}, "BadRequestError", "n", None),
+        ({"max_tokens": -1}, "BadRequestError", "max_tokens", None),
+        ({"max_tokens": 2.5}, "BadRequestError", "max_tokens", None),
+        ({"temperature": 3}, "BadRequestError", "temperature", None),
+        ({"temperature": -1}, "BadRequestError", "temperature", None),
+        ({"top_p": 1.5}, "BadRequestError", "top_p", None),
+        ({"max_tokens": 60}, "BadRequestError", "max_tokens", "context_length_exceeded"),
+        ({"prompt": "1+" * 40}, "BadRequestError", "max_tokens", "context_length_exceeded"),
+        ({"prompt": [3, 99]}, "BadRequestError", "prompt", None),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "BadRequestError", "stop", None),
+    ],
+)
 @pytest.mark.parametrize("stream", [False, True])
 def test_bad_completion_requests_are_4xx_in_openai_shape(api, options, error, param, code, stream):
     body = {"model": "adder", "prompt": "12+30=", "max_tokens": 5, **options}
@@ -238,12 +265,15 @@ def test_bad_completion_requests_are_4xx_in_openai_shape(api, options, error, pa
     assert info.value.body["param"] == param
 
 
-@pytest.mark.parametrize("options, param", [
-    ({"messages": []}, "messages"),
-    ({"messages": [{"role": "wizard", "content": "1+1="}]}, "messages[0].role"),
-    ({"max_completion_tokens": 0}, "max_completion_tokens"),
-    ({"n": 3}, "n"),
-])
+@pytest.mark.parametrize(
+    "options, param",
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "1+1="}]}, "messages[0].role"),
+        ({"max_completion_tokens": 0}, "max_completion_tokens"),
+        ({"n": 3}, "n"),
+    ],
+)
 def test_bad_chat_requests_are_400(api, options, param):
     body = {"messages": [{"role": "user", "content": "1+1="}], **options}
     with pytest.raises(openai.BadRequestError) as info:
@@ -265,8 +295,12 @@ def test_unknown_routes_and_wrong_methods(server):
     status, _, data = raw(server, "POST", "/v2/completions", b"{}")
     assert status == 404
     assert_error_shape(data)
-    for method, path in [("GET", "/v1/completions"), ("GET", "/v1/chat/completions"), ("DELETE", "/v1/models"),
-                         ("PUT", "/v1/chat/completions")]:
+    for method, path in [
+        ("GET", "/v1/completions"),
+        ("GET", "/v1/chat/completions"),
+        ("DELETE", "/v1/models"),
+        ("PUT", "/v1/chat/completions"),
+    ]:
         status, _, data = raw(server, method, path)
         assert status == 405, (method, path)
         assert_error_shape(data, "method_not_allowed")
@@ -278,8 +312,12 @@ def test_unknown_routes_and_wrong_methods(server):
 
 def test_api_keys(keyed):
     request = json.dumps({"model": "adder", "prompt": "12+30=", "max_tokens": 5, "temperature": 0})
-    for headers in [{}, {"Authorization": "Bearer sk-mallory"}, {"Authorization": "Basic sk-alice"},
-                    {"Authorization": "Bearer "}]:
+    for headers in [
+        {},
+        {"Authorization": "Bearer sk-mallory"},
+        {"Authorization": "Basic sk-alice"},
+        {"Authorization": "Bearer "},
+    ]:
         status, response_headers, data = raw(keyed, "POST", "/v1/completions", request, headers)
         assert status == 401, headers
         assert_error_shape(data, "invalid_api_key")
@@ -290,8 +328,12 @@ def test_api_keys(keyed):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=keyed.url, api_key="sk-wrong", max_retries=0).models.list()
     good = openai.OpenAI(base_url=keyed.url, api_key="sk-bob", max_retries=0)
-    assert good.chat.completions.create(model="adder", temperature=0, messages=[
-        {"role": "user", "content": "999+1="}]).choices[0].message.content == "1000"
+    assert (
+        good.chat.completions.create(model="adder", temperature=0, messages=[{"role": "user", "content": "999+1="}])
+        .choices[0]
+        .message.content
+        == "1000"
+    )
 
 
 def test_an_internal_error_is_a_logged_500_in_shape(server, api, monkeypatch, caplog):
@@ -337,15 +379,22 @@ def test_a_client_that_goes_away_mid_stream_stops_its_generation(server, api, mo
     slow = SlowModel(server.gateway.model, release=lambda: any(f.is_set() for f in list(server.gateway._active)))
     monkeypatch.setattr(server.gateway, "model", slow)
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    conn.request("POST", "/v1/completions", json.dumps(
-        {"model": "adder", "prompt": "1+1=", "max_tokens": 55, "stream": True}), {"Content-Type": "application/json"})
+    conn.request(
+        "POST",
+        "/v1/completions",
+        json.dumps({"model": "adder", "prompt": "1+1=", "max_tokens": 55, "stream": True}),
+        {"Content-Type": "application/json"},
+    )
     resp = conn.getresponse()
     assert resp.status == 200 and resp.getheader("Content-Type") == "text/event-stream"
     assert resp.read(6) == b"data: "
     conn.close()  # mid-stream
-    deadline = time.monotonic() + 10
-    while (server.gateway._active or not slow.closed) and time.monotonic() < deadline:
-        time.sleep(0.02)  # poll
+    poll_until(
+        lambda: slow.closed and not server.gateway._active,
+        30,
+        "the gateway to end the abandoned generation",
+        interval=0.02,
+    )
     assert slow.closed and slow.produced < 45, slow.produced
     assert not server.gateway._active
     monkeypatch.undo()
@@ -394,9 +443,24 @@ def test_neuro_dask_serve_prints_url_model_and_curl(cluster_model, tmp_path):
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps({"sk-cli": "carol"}))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "neuro_dask.cli.main", "serve", "--scheduler", cluster.scheduler_address,
-                             "--port", "0", "--api-keys", str(keys)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "neuro_dask.cli.main",
+            "serve",
+            "--scheduler",
+            cluster.scheduler_address,
+            "--port",
+            "0",
+            "--api-keys",
+            str(keys),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         lines = []
         deadline = time.monotonic() + 60
@@ -410,8 +474,10 @@ def test_neuro_dask_serve_prints_url_model_and_curl(cluster_model, tmp_path):
         assert "Authorization: Bearer" in banner and '"prompt": "123+456="' in banner
         url = banner.split(" at ")[1].split()[0]
         client = openai.OpenAI(base_url=url, api_key="sk-cli", max_retries=0, timeout=30)
-        assert client.completions.create(model="adder", prompt="12+30=", max_tokens=5,
-                                         temperature=0).choices[0].text == "42"
+        assert (
+            client.completions.create(model="adder", prompt="12+30=", max_tokens=5, temperature=0).choices[0].text
+            == "42"
+        )
     finally:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)

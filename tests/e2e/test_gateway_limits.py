@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import http.client
 import json
 import socket
@@ -21,6 +22,7 @@ import time
 import dask
 import pytest
 from doubles import CountingExecutor
+from polling import PollTimeout, poll_until
 from test_gateway import assert_error_shape, raw
 
 from neuro_dask.gateway.protocol import (
@@ -31,8 +33,12 @@ from neuro_dask.gateway.protocol import (
     resolve_max_tokens,
 )
 
-LIMITS = {"neuro.security.max-prompt-tokens": 8, "neuro.security.max-new-tokens": 4,
-          "neuro.security.max-batch": 2, "neuro.security.requests-per-minute": 0}
+LIMITS = {
+    "neuro.security.max-prompt-tokens": 8,
+    "neuro.security.max-new-tokens": 4,
+    "neuro.security.max-batch": 2,
+    "neuro.security.requests-per-minute": 0,
+}
 KEYS = {"sk-alice": "alice", "sk-bob": None}
 
 
@@ -90,15 +96,24 @@ def chat(content="12+3=", **options):
 
 # ---- sizes: 400 before any work -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("path, body, param, code, setting", [
-    ("/v1/completions", completion("12+45+678="), "prompt", "context_length_exceeded", "max-prompt-tokens"),
-    ("/v1/completions", completion([1, 4, 5, 13, 4, 5, 13, 4, 14]), "prompt", "context_length_exceeded",
-     "max-prompt-tokens"),
-    ("/v1/chat/completions", chat("12+45+678="), "messages", "context_length_exceeded", "max-prompt-tokens"),
-    ("/v1/completions", completion(max_tokens=5), "max_tokens", "invalid_value", "max-new-tokens"),
-    ("/v1/chat/completions", chat(max_tokens=5), "max_tokens", "invalid_value", "max-new-tokens"),
-    ("/v1/chat/completions", chat(max_completion_tokens=50), "max_tokens", "invalid_value", "max-new-tokens"),
-])
+
+@pytest.mark.parametrize(
+    "path, body, param, code, setting",
+    [
+        ("/v1/completions", completion("12+45+678="), "prompt", "context_length_exceeded", "max-prompt-tokens"),
+        (
+            "/v1/completions",
+            completion([1, 4, 5, 13, 4, 5, 13, 4, 14]),
+            "prompt",
+            "context_length_exceeded",
+            "max-prompt-tokens",
+        ),
+        ("/v1/chat/completions", chat("12+45+678="), "messages", "context_length_exceeded", "max-prompt-tokens"),
+        ("/v1/completions", completion(max_tokens=5), "max_tokens", "invalid_value", "max-new-tokens"),
+        ("/v1/chat/completions", chat(max_tokens=5), "max_tokens", "invalid_value", "max-new-tokens"),
+        ("/v1/chat/completions", chat(max_completion_tokens=50), "max_tokens", "invalid_value", "max-new-tokens"),
+    ],
+)
 def test_requests_above_the_size_limits_are_400_in_openai_shape(serve, model, path, body, param, code, setting):
     server, _ = serve(LIMITS)
     before = model.executor.calls
@@ -111,10 +126,13 @@ def test_requests_above_the_size_limits_are_400_in_openai_shape(serve, model, pa
     assert model.executor.calls == before  # refused before any expert was called
 
 
-@pytest.mark.parametrize("body, param", [
-    (completion(n=5), "n"),
-    (completion(["1+1=", "2+2=", "3+3="]), "prompt"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        (completion(n=5), "n"),
+        (completion(["1+1=", "2+2=", "3+3="]), "prompt"),
+    ],
+)
 def test_more_than_one_choice_or_prompt_is_400(serve, body, param):
     """The gateway answers one prompt with one choice per request, within any max-batch."""
     server, _ = serve(LIMITS)
@@ -146,6 +164,7 @@ def test_max_tokens_defaults_are_capped_by_the_limit_and_requests_above_it_refus
 
 
 # ---- rate: 429 with Retry-After ------------------------------------------------------------------------
+
 
 def assert_rate_limited(status, headers, reply, wait: int):
     assert status == 429, reply
@@ -200,8 +219,12 @@ def test_unlimited_when_requests_per_minute_is_0(serve):
 
 def test_rate_limited_is_a_429_with_whole_seconds():
     err = rate_limited(0.2, 600)
-    assert (err.status, err.type, err.code, err.headers) == (429, "rate_limit_error", "rate_limit_exceeded",
-                                                             {"Retry-After": "1"})
+    assert (err.status, err.type, err.code, err.headers) == (
+        429,
+        "rate_limit_error",
+        "rate_limit_exceeded",
+        {"Retry-After": "1"},
+    )
     assert rate_limited(19.01, 3).headers == {"Retry-After": "20"}
 
 
@@ -226,8 +249,10 @@ def one_torch_thread():
 
 def request_bytes(path: str, body: str) -> bytes:
     data = body.encode()
-    return (f"POST {path} HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
-            f"Connection: close\r\nContent-Length: {len(data)}\r\n\r\n").encode() + data
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+        f"Connection: close\r\nContent-Length: {len(data)}\r\n\r\n"
+    ).encode() + data
 
 
 async def stream_until(port: int, request: bytes, stop: threading.Event, responses: list) -> None:
@@ -248,10 +273,12 @@ async def stream_until(port: int, request: bytes, stop: threading.Event, respons
 
 def run_streams(port: int, body: str, responses: list[list], stop: threading.Event, errors: list) -> None:
     """One asyncio thread for all the streams: 16 client threads would fight the gateway for the GIL."""
+
     async def main():
         request = request_bytes("/v1/completions", body)
-        results = await asyncio.gather(*(stream_until(port, request, stop, r) for r in responses),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *(stream_until(port, request, stop, r) for r in responses), return_exceptions=True
+        )
         errors.extend(r for r in results if isinstance(r, BaseException))
 
     asyncio.run(main())
@@ -276,8 +303,16 @@ def poll_health(server, until: concurrent.futures.Future) -> list[float]:
 def longest_silence(responses: list[list[list[float]]], start: float, end: float) -> float:
     """The longest time within [start, end] that a stream went without news: between sending a
     request and its first event, or between two events."""
-    return max((min(b, end) - max(a, start) for stream in responses for times in stream
-                for a, b in zip(times, times[1:]) if a < end and b > start), default=end - start)
+    return max(
+        (
+            min(b, end) - max(a, start)
+            for stream in responses
+            for times in stream
+            for a, b in zip(times, times[1:])
+            if a < end and b > start
+        ),
+        default=end - start,
+    )
 
 
 def test_a_huge_prompt_is_refused_while_16_streams_keep_flowing(serve, one_torch_thread):
@@ -299,34 +334,48 @@ def test_a_huge_prompt_is_refused_while_16_streams_keep_flowing(serve, one_torch
     client.start()
     refusals = []
     try:
-        deadline = time.monotonic() + 60
-        while min(map(len, responses)) < 2 and not errors and time.monotonic() < deadline:
-            time.sleep(0.05)  # poll: every stream has run twice: warm, and all 16 running at once
+        # every stream has run twice: warm, and all 16 running at once (the assertions below judge a timeout)
+        with contextlib.suppress(PollTimeout):
+            poll_until(lambda: errors or min(map(len, responses)) >= 2, 60, "every stream to run twice")
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             for _ in range(ATTEMPTS):
                 refusal = pool.submit(timed, raw, server, "POST", "/v1/completions", huge)
                 health = pool.submit(poll_health, server, refusal)
                 refusals.append((*refusal.result(), health.result()))
                 answered = refusals[-1][2]
-                deadline = time.monotonic() + 60
-                while not errors and time.monotonic() < deadline and not all(
-                        any(t > answered for times in stream for t in times[1:]) for stream in responses):
-                    time.sleep(0.05)  # poll: every stream goes on after the refusal
+                with contextlib.suppress(PollTimeout):  # the assertions below judge a timeout
+                    poll_until(
+                        lambda answered=answered: (
+                            errors
+                            or all(any(t > answered for times in stream for t in times[1:]) for stream in responses)
+                        ),
+                        60,
+                        "every stream to go on after the refusal",
+                    )
     finally:
         stop.set()
         client.join(60)
     assert not errors, errors
-    judged = [(longest_silence(responses, sent, answered), max(health), answered - sent)
-              for _, sent, answered, health in refusals]
-    print("\n" + "\n".join(f"refused in {took * 1000:.0f} ms; longest silence of a stream meanwhile "
-                            f"{silence * 1000:.0f} ms; slowest /health {health * 1000:.0f} ms"
-                            for silence, health, took in judged))
+    judged = [
+        (longest_silence(responses, sent, answered), max(health), answered - sent)
+        for _, sent, answered, health in refusals
+    ]
+    print(
+        "\n"
+        + "\n".join(
+            f"refused in {took * 1000:.0f} ms; longest silence of a stream meanwhile "
+            f"{silence * 1000:.0f} ms; slowest /health {health * 1000:.0f} ms"
+            for silence, health, took in judged
+        )
+    )
     for (status, _, reply), _, _, _ in refusals:
         assert status == 400, reply
         assert_error_shape(reply, "context_length_exceeded")
         assert reply["error"]["param"] == "prompt"
-        assert reply["error"]["message"].startswith("This prompt has at least 600000 tokens; this gateway accepts "
-                                                    "at most 4096 prompt tokens (neuro.security.max-prompt-tokens)")
+        assert reply["error"]["message"].startswith(
+            "This prompt has at least 600000 tokens; this gateway accepts "
+            "at most 4096 prompt tokens (neuro.security.max-prompt-tokens)"
+        )
     assert all(len([t for times in stream for t in times[1:] if t > refusals[-1][2]]) for stream in responses)
     median = ATTEMPTS // 2
     assert sorted(silence for silence, _, _ in judged)[median] < STALL
@@ -338,8 +387,10 @@ def test_a_body_over_the_limit_is_a_413_in_openai_shape(serve, model):
     it (so that the client, still sending, reads the answer) and answers 413 itself."""
     server, _ = serve(LIMITS)
     before = model.executor.calls
-    for path, body in (("/v1/completions", completion("1" * 10_000_000)),
-                       ("/v1/chat/completions", chat("1" * 10_000_000))):
+    for path, body in (
+        ("/v1/completions", completion("1" * 10_000_000)),
+        ("/v1/chat/completions", chat("1" * 10_000_000)),
+    ):
         status, headers, reply = post(server, path, body)
         assert status == 413, reply
         assert headers["Content-Type"].startswith("application/json")
@@ -347,7 +398,8 @@ def test_a_body_over_the_limit_is_a_413_in_openai_shape(serve, model):
         assert reply["error"]["type"] == "invalid_request_error"
         assert reply["error"]["message"].startswith(
             f"This request's body is {len(json.dumps(body))} bytes; this gateway accepts request bodies of "
-            "at most 4194304 bytes (4 MiB, neuro.gateway.max-body-bytes)")
+            "at most 4194304 bytes (4 MiB, neuro.gateway.max-body-bytes)"
+        )
     assert model.executor.calls == before
     assert post(server, "/v1/completions", completion())[0] == 200  # and the gateway goes on
 
@@ -362,8 +414,9 @@ def test_the_body_limit_is_configurable_and_refused_unread_when_announced_far_ab
     # at once, before it sends a byte of the body.
     for extra in ("Expect: 100-continue\r\n", ""):
         with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
-            sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: gateway\r\nContent-Length: 10000000\r\n"
-                         f"{extra}\r\n".encode())
+            sock.sendall(
+                f"POST /v1/completions HTTP/1.1\r\nHost: gateway\r\nContent-Length: 10000000\r\n{extra}\r\n".encode()
+            )
             answer = b"".join(iter(lambda: sock.recv(65536), b""))
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 413 "), answer
@@ -375,8 +428,13 @@ def test_a_chunked_body_over_the_limit_is_a_413(serve):
         server, _ = serve(LIMITS)
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     try:
-        conn.request("POST", "/v1/completions", body=iter([b"x" * 50_000] * 4), encode_chunked=True,
-                     headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+        conn.request(
+            "POST",
+            "/v1/completions",
+            body=iter([b"x" * 50_000] * 4),
+            encode_chunked=True,
+            headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"},
+        )
         resp = conn.getresponse()
         assert resp.status == 413
         assert_error_shape(json.loads(resp.read()), "request_too_large")
@@ -384,24 +442,31 @@ def test_a_chunked_body_over_the_limit_is_a_413(serve):
         conn.close()
 
 
-@pytest.mark.parametrize("path, body, param", [
-    ("/v1/completions", completion("1" * 9), "prompt"),
-    ("/v1/completions", completion([1] + [4] * 9), "prompt"),
-    ("/v1/chat/completions", chat("1" * 9), "messages"),
-])
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/v1/completions", completion("1" * 9), "prompt"),
+        ("/v1/completions", completion([1] + [4] * 9), "prompt"),
+        ("/v1/chat/completions", chat("1" * 9), "messages"),
+    ],
+)
 def test_prompt_limits_are_stated_in_their_own_terms(serve, path, body, param):
     """What the prompt has, what the gateway accepts and the setting: never a value to raise the
     setting to (the prompt's own length is no sensible limit)."""
     server, _ = serve(LIMITS)
     status, _, reply = post(server, path, body)
     assert status == 400 and reply["error"]["param"] == param
-    assert reply["error"]["message"] == ("This prompt has 10 tokens; this gateway accepts at most 8 prompt tokens "
-                                         "(neuro.security.max-prompt-tokens). Please shorten the prompt.")
-    status, _, reply = post(server, path, completion(max_tokens=3_000_000) if param == "prompt"
-                            else chat(max_completion_tokens=3_000_000))
+    assert reply["error"]["message"] == (
+        "This prompt has 10 tokens; this gateway accepts at most 8 prompt tokens "
+        "(neuro.security.max-prompt-tokens). Please shorten the prompt."
+    )
+    status, _, reply = post(
+        server, path, completion(max_tokens=3_000_000) if param == "prompt" else chat(max_completion_tokens=3_000_000)
+    )
     assert status == 400 and reply["error"]["message"] == (
         "max_tokens is 3000000; this gateway generates at most 4 tokens per request "
-        "(neuro.security.max-new-tokens). Please ask for fewer tokens.")
+        "(neuro.security.max-new-tokens). Please ask for fewer tokens."
+    )
 
 
 def test_a_prompt_the_length_bound_cannot_judge_is_tokenized(serve):

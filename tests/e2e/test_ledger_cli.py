@@ -19,8 +19,7 @@ def run(*args, check=True, cwd=None, env=None):
     full_env = dict(os.environ, PYTHONUNBUFFERED="1")
     full_env.pop("DASK_NEURO__LEDGER__URL", None)
     full_env.update(env or {})
-    proc = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=120, env=full_env,
-                          cwd=cwd)
+    proc = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=120, env=full_env, cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
@@ -48,20 +47,29 @@ def test_accounts_deposit_stake_report_history_and_refusals(tmp_path):
 
     deposit = as_json("ledger", "deposit", "alice", "5000", *db)
     assert deposit["replayed"] is False and deposit["postings"] == [
-        {"debit": "genesis:community", "credit": "user:alice", "amount": 5000 * UNIT}]
+        {"debit": "genesis:community", "credit": "user:alice", "amount": 5000 * UNIT}
+    ]
     retry = run("ledger", "deposit", "alice", "5000", "--id", deposit["id"], *db).stdout
     assert "already done" in retry and "nothing moved" in retry
     run("ledger", "transfer", "user:alice", "provider:gpu1", "2000.5", *db)
     assert "stake:gpu1 holds 1,500 NEURO" in run("ledger", "stake", "gpu1", "1500", *db).stdout
 
     balances = as_json("ledger", "balances", "user:alice", "provider:gpu1", "stake:gpu1", *db)
-    assert balances == {"user:alice": 2999_500_000_000, "provider:gpu1": 500_500_000_000,
-                        "stake:gpu1": 1500 * UNIT}
+    assert balances == {"user:alice": 2999_500_000_000, "provider:gpu1": 500_500_000_000, "stake:gpu1": 1500 * UNIT}
     assert as_json("ledger", "balances", "--kind", "stake", *db) == {"stake:gpu1": 1500 * UNIT}
 
     report = as_json("ledger", "report", *db)
-    assert {"max_supply", "minted", "burned", "treasury", "balances_total", "staked_total", "fees", "rewards",
-            "slashed"} <= set(report)
+    assert {
+        "max_supply",
+        "minted",
+        "burned",
+        "treasury",
+        "balances_total",
+        "staked_total",
+        "fees",
+        "rewards",
+        "slashed",
+    } <= set(report)
     assert all(isinstance(v, int) for v in report.values())
     assert report["max_supply"] == 1_000_000_000 * UNIT == report["minted"]
     assert report["minted"] == report["balances_total"] + report["burned"]
@@ -73,8 +81,15 @@ def test_accounts_deposit_stake_report_history_and_refusals(tmp_path):
     assert "+5,000 NEURO" in text and "-2,000.5 NEURO" in text and "to provider:gpu1" in text
 
     # Refusals: exit 2, a message on stderr, nothing moved.
-    refused("ledger", "transfer", "user:alice", "provider:gpu1", "3000", *db,
-            message="user:alice holds 2,999.5 NEURO, 3,000 NEURO needed: nothing was moved")
+    refused(
+        "ledger",
+        "transfer",
+        "user:alice",
+        "provider:gpu1",
+        "3000",
+        *db,
+        message="user:alice holds 2,999.5 NEURO, 3,000 NEURO needed: nothing was moved",
+    )
     refused("ledger", "deposit", "alice", "-5", *db, message="must be more than 0 NEURO")
     refused("ledger", "deposit", "alice", "1.0000000001", *db, message="is not a NEURO amount")
     refused("ledger", "deposit", "alice", "7", "--id", deposit["id"], *db, message="already used")
@@ -120,7 +135,8 @@ def test_governance_with_time_made_to_pass_then_unbonding_and_vesting(tmp_path):
     assert "nothing to release" in run("ledger", "release", *db).stdout
     released = as_json("ledger", "release", "--now", now + 8 * DAY, *db)
     assert [p for r in released for p in r["postings"]] == [
-        {"debit": "unbonding:gpu2", "credit": "provider:gpu2", "amount": 400 * UNIT}]
+        {"debit": "unbonding:gpu2", "credit": "provider:gpu2", "amount": 400 * UNIT}
+    ]
     out = run("ledger", "release", "--now", now + 400 * DAY, *db).stdout  # 13 whole 30-day months
     assert "vesting:team -> genesis:team: 54,166,666.666666666 NEURO" in out
     assert as_json("ledger", "balances", "genesis:team", *db) == {"genesis:team": 200_000_000 * UNIT * 13 // 48}
@@ -139,8 +155,22 @@ def test_database_from_config_relative_url_and_none(tmp_path):
 
 def test_ledger_commands_import_neither_torch_nor_distributed(tmp_path):
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-X", "importtime", *CLI[1:], "ledger", "open", "dave",
-                           "--db", f"sqlite:///{tmp_path}/books.db"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            *CLI[1:],
+            "ledger",
+            "open",
+            "dave",
+            "--db",
+            f"sqlite:///{tmp_path}/books.db",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     elapsed = time.perf_counter() - started
     assert proc.returncode == 0, proc.stderr
     modules = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
@@ -176,8 +206,15 @@ def test_the_treasury_moves_only_by_vote_grants_and_the_audit(tmp_path):
     treasury = as_json("ledger", "balances", "treasury", *db)["treasury"]
 
     # The operator cannot move the treasury; a vote can, once.
-    refused("ledger", "transfer", "treasury", "user:bob", "5", *db,
-            message="only through a passed spend proposal (`neuro-dask gov propose-spend PROPOSER DEST AMOUNT`")
+    refused(
+        "ledger",
+        "transfer",
+        "treasury",
+        "user:bob",
+        "5",
+        *db,
+        message="only through a passed spend proposal (`neuro-dask gov propose-spend PROPOSER DEST AMOUNT`",
+    )
     refused("ledger", "deposit", "bob", "5", "--from", "treasury", *db, message="gov propose-spend")
     refused("gov", "propose-spend", "gpu1", "stake:gpu1", "5", *db, message="a treasury spend is spend:user:NAME")
     refused("gov", "propose-spend", "alice", "user:bob", "5", *db, message="alice has no stake")
@@ -191,8 +228,10 @@ def test_the_treasury_moves_only_by_vote_grants_and_the_audit(tmp_path):
     assert tally.startswith("proposal 1: passed") and "paid 250 NEURO from treasury to user:bob" in tally
     again = as_json("gov", "tally", "1", "--now", now + 5 * DAY, *db)  # a second tally pays nothing more
     assert again["status"] == "passed" and again["spent"]["amount"] == 250 * UNIT
-    assert as_json("ledger", "balances", "user:bob", "treasury", *db) == {"user:bob": 250 * UNIT,
-                                                                         "treasury": treasury - 250 * UNIT}
+    assert as_json("ledger", "balances", "user:bob", "treasury", *db) == {
+        "user:bob": 250 * UNIT,
+        "treasury": treasury - 250 * UNIT,
+    }
 
     # A client certificate charges another user's account only while granted.
     assert "gateway may charge user:alice" in run("ledger", "grant", "alice", "gateway", "--id", "g1", *db).stdout

@@ -40,18 +40,23 @@ WARNING_LINE = re.compile(r"\b\w*Warning: |IProgress not found")
 WIDGET = "application/vnd.jupyter.widget-view+json"
 
 # What a notebook may import from neuro_dask: the package itself (its __all__) and these modules.
-PUBLIC_MODULES = frozenset({
-    "neuro_dask",
-    "neuro_dask.client.cluster",  # local_cluster
-    "neuro_dask.demo.addition",  # the bundled model's data
-    "neuro_dask.cli.drill",  # run_drill
-    "neuro_dask.federated",  # its __all__
-    "neuro_dask.ledger",  # its __all__
-})
+PUBLIC_MODULES = frozenset(
+    {
+        "neuro_dask",
+        "neuro_dask.client.cluster",  # local_cluster
+        "neuro_dask.demo.addition",  # the bundled model's data
+        "neuro_dask.cli.drill",  # run_drill
+        "neuro_dask.federated",  # its __all__
+        "neuro_dask.ledger",  # its __all__
+    }
+)
 # Attributes that reach into a model's or a client's machinery rather than its API.
-INTERNAL_ATTRIBUTES = {"executor": "the model's expert executor (use model.stats(), model.model_id)",
-                       "scheduler": "a scheduler handler called by name (use nd.network_status, nd.channels, ...)",
-                       "rpc": "a worker handler called by name", "sync": "client.sync of an internal coroutine"}
+INTERNAL_ATTRIBUTES = {
+    "executor": "the model's expert executor (use model.stats(), model.model_id)",
+    "scheduler": "a scheduler handler called by name (use nd.network_status, nd.channels, ...)",
+    "rpc": "a worker handler called by name",
+    "sync": "client.sync of an internal coroutine",
+}
 
 
 def private_access(source: str) -> list[str]:
@@ -75,8 +80,11 @@ def private_access(source: str) -> list[str]:
                 found.append(f"private attribute .{node.attr} (line {node.lineno})")
             if node.attr in INTERNAL_ATTRIBUTES:
                 found.append(f".{node.attr}: {INTERNAL_ATTRIBUTES[node.attr]} (line {node.lineno})")
-            if isinstance(node.value, ast.Name) and aliases.get(node.value.id) == "neuro_dask" \
-                    and not exported("neuro_dask", node.attr):
+            if (
+                isinstance(node.value, ast.Name)
+                and aliases.get(node.value.id) == "neuro_dask"
+                and not exported("neuro_dask", node.attr)
+            ):
                 found.append(f"{node.value.id}.{node.attr} is not in neuro_dask.__all__ (line {node.lineno})")
         elif isinstance(node, ast.Name) and private(node.id):
             found.append(f"private name {node.id} (line {node.lineno})")
@@ -123,10 +131,15 @@ def kernel_manager_factory(tmp_path_factory):
 
     kernels = tmp_path_factory.mktemp("kernels")
     (kernels / KERNEL).mkdir()
-    (kernels / KERNEL / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "neuro_dask tests", "language": "python",
-    }))
+    (kernels / KERNEL / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "neuro_dask tests",
+                "language": "python",
+            }
+        )
+    )
 
     def make() -> KernelManager:
         specs = KernelSpecManager(kernel_dirs=[str(kernels)], ensure_native_kernel=False)
@@ -161,8 +174,9 @@ def test_notebook_runs_top_to_bottom(name, tmp_path, kernel_manager_factory, run
     nb.cells.insert(0, nbformat.v4.new_code_cell(PROBE))
     if name == "privacy.ipynb":
         nb.cells.append(nbformat.v4.new_code_cell(ROUNDS_PROBE))
-    client = nbclient.NotebookClient(nb, km=kernel_manager_factory(), timeout=CELL_TIMEOUT,
-                                     resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(
+        nb, km=kernel_manager_factory(), timeout=CELL_TIMEOUT, resources={"metadata": {"path": str(tmp_path)}}
+    )
     start = time.perf_counter()
     try:
         client.execute()  # raises CellExecutionError on the first failing cell
@@ -173,8 +187,12 @@ def test_notebook_runs_top_to_bottom(name, tmp_path, kernel_manager_factory, run
     assert probe == sys.executable, f"the kernel ran {probe!r}, not this interpreter"
     errors = [o for cell in nb.cells for o in cell.get("outputs", ()) if o.get("output_type") == "error"]
     assert not errors
-    warnings = [(i, line) for i, cell in enumerate(nb.cells) for line in _stream_text(cell).splitlines()
-                if WARNING_LINE.search(line)]
+    warnings = [
+        (i, line)
+        for i, cell in enumerate(nb.cells)
+        for line in _stream_text(cell).splitlines()
+        if WARNING_LINE.search(line)
+    ]
     assert not warnings, f"warnings in cell outputs (cell index, line): {warnings}"
     if name == "batch_inference.ipynb":  # model.map's progress bar is tqdm's widget, not text
         widgets = [o for cell in nb.cells for o in cell.get("outputs", ()) if WIDGET in o.get("data", {})]
@@ -208,43 +226,52 @@ def test_notebooks_use_only_the_public_api(name):
             assert private_access(cell.source) == [], f"{name}, cell {i}:\n{cell.source}"
 
 
-@pytest.mark.parametrize("line, warns", [
-    ("/x/tqdm/auto.py:21: TqdmWarning: IProgress not found. Please update jupyter and ipywidgets.", True),
-    ("/x/y.py:3: UserWarning: Port 8787 is already in use.", True),
-    ("IProgress not found", True),
-    ("06:55:53 loading 4 experts of mixtral-9306cbc2b62c ...", False),
-    ("2026-12-07 06:53:32 - distributed.core - WARNING - No handler", False),
-])
+@pytest.mark.parametrize(
+    "line, warns",
+    [
+        ("/x/tqdm/auto.py:21: TqdmWarning: IProgress not found. Please update jupyter and ipywidgets.", True),
+        ("/x/y.py:3: UserWarning: Port 8787 is already in use.", True),
+        ("IProgress not found", True),
+        ("06:55:53 loading 4 experts of mixtral-9306cbc2b62c ...", False),
+        ("2026-12-07 06:53:32 - distributed.core - WARNING - No handler", False),
+    ],
+)
 def test_the_warning_pattern(line, warns):
     assert bool(WARNING_LINE.search(line)) is warns
 
 
-@pytest.mark.parametrize("source", [
-    "status = client.sync(client.scheduler.neuro_status)",
-    "stats = dict(private.executor.stats)",
-    "print(model.executor.model_id)",
-    "from neuro_dask.federated.dask_rounds import run_federated",
-    "from neuro_dask.federated.training import get_flat",
-    "import neuro_dask.federated.training as training",
-    "from neuro_dask.cli.main import main",
-    "from neuro_dask import _settings",
-    "from neuro_dask.federated import _LAZY",
-    "nd._settings",
-    "x = model._forward_logits(batch)",
-    "def _helper(): pass",
-    "from neuro_dask.federated import evaluate_model, no_such_name",
-    "nd.no_such_export",
-    "client.run_on_scheduler(f); client.rpc(addr).neuro_status()",
-])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "status = client.sync(client.scheduler.neuro_status)",
+        "stats = dict(private.executor.stats)",
+        "print(model.executor.model_id)",
+        "from neuro_dask.federated.dask_rounds import run_federated",
+        "from neuro_dask.federated.training import get_flat",
+        "import neuro_dask.federated.training as training",
+        "from neuro_dask.cli.main import main",
+        "from neuro_dask import _settings",
+        "from neuro_dask.federated import _LAZY",
+        "nd._settings",
+        "x = model._forward_logits(batch)",
+        "def _helper(): pass",
+        "from neuro_dask.federated import evaluate_model, no_such_name",
+        "nd.no_such_export",
+        "client.run_on_scheduler(f); client.rpc(addr).neuro_status()",
+    ],
+)
 def test_the_scan_finds_private_access(source):
     assert private_access(source), source
 
 
-@pytest.mark.parametrize("source", [
-    "import neuro_dask as nd\nstatus = nd.network_status(client)\nfor _, layer in status.placement(): pass",
-    "from neuro_dask.federated import run_federated, get_flat, LocalSteps",
-    "from neuro_dask.ledger import Ledger, UNIT",
-    "stats = model.stats(); print(model.model_id, stats.__class__)",
-])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import neuro_dask as nd\nstatus = nd.network_status(client)\nfor _, layer in status.placement(): pass",
+        "from neuro_dask.federated import run_federated, get_flat, LocalSteps",
+        "from neuro_dask.ledger import Ledger, UNIT",
+        "stats = model.stats(); print(model.model_id, stats.__class__)",
+    ],
+)
 def test_the_scan_passes_public_code(source):
     assert private_access(source) == [], source

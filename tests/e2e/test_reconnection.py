@@ -24,16 +24,42 @@ DASK = (sys.executable, "-m", "dask")
 
 def start_scheduler(processes, port, reputation_file):
     env = {**os.environ, "DASK_NEURO__SCHEDULER__REPUTATION_FILE": str(reputation_file)}
-    proc = processes(*DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0",
-                     "--preload", "neuro_scheduler", "--neuro-replicas", "2", env=env)
+    proc = processes(
+        *DASK,
+        "scheduler",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dashboard-address",
+        ":0",
+        "--preload",
+        "neuro_scheduler",
+        "--neuro-replicas",
+        "2",
+        env=env,
+    )
     processes.wait_for_port("127.0.0.1", port)
     return proc
 
 
 def start_worker(processes, address, name, cache_dir):
     # `--neuro-cache-dir`: the same folder across restarts (Processes gives each process its own).
-    return processes(*DASK, "worker", address, "--nthreads", "1", "--name", name, "--no-dashboard",
-                     "--preload", "neuro_worker", "--neuro-no-benchmark", "--neuro-cache-dir", str(cache_dir))
+    return processes(
+        *DASK,
+        "worker",
+        address,
+        "--nthreads",
+        "1",
+        "--name",
+        name,
+        "--no-dashboard",
+        "--preload",
+        "neuro_worker",
+        "--neuro-no-benchmark",
+        "--neuro-cache-dir",
+        str(cache_dir),
+    )
 
 
 def kill(proc) -> None:
@@ -57,7 +83,8 @@ def serving_by_name(client, name, experts):
 
 
 def test_a_killed_worker_restarted_under_its_name_serves_from_its_cache_and_keeps_its_reputation(
-        processes, sharded, tmp_path):
+    processes, sharded, tmp_path
+):
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     processes.check_alive = lambda: None  # one worker is killed on purpose
@@ -94,8 +121,7 @@ def test_a_killed_worker_restarted_under_its_name_serves_from_its_cache_and_keep
             assert torch.equal(model.generate(ids, mask, max_new_tokens=12), expected)
 
 
-def test_a_scheduler_restart_brings_workers_back_and_a_generation_in_flight_ends_clearly(
-        processes, sharded, tmp_path):
+def test_a_scheduler_restart_brings_workers_back_and_a_generation_in_flight_ends_clearly(processes, sharded, tmp_path):
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     reputation = tmp_path / "reputation.json"

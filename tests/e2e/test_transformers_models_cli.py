@@ -13,8 +13,10 @@ from process_helpers import run_cli
 from neuro_dask.demo.addition import ASSET_DIR
 from neuro_dask.testing.tiny_transformers import write_tiny_checkpoint
 
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +37,9 @@ def test_inspect_and_demo_with_a_gpt_oss_model(store):
     assert inspected.returncode == 0, inspected.stdout
     assert "gpt_oss" in inspected.stdout and "transformers layout, float experts" in inspected.stdout
     assert (store / "chat_template.jinja").is_file()  # shipped with the store for the gateway
-    demo = run_cli("demo", "--model", str(store), "--workers", "2", "--prompt", "12+34=", "--max-new-tokens", "3",
-                   timeout=300)
+    demo = run_cli(
+        "demo", "--model", str(store), "--workers", "2", "--prompt", "12+34=", "--max-new-tokens", "3", timeout=300
+    )
     assert demo.returncode == 0, demo.stdout
     assert "model: gpt_oss, 8 experts x 3 layers, top-2" in demo.stdout
     assert "published sharded: 24 experts on 2 workers" in demo.stdout
@@ -51,15 +54,19 @@ def test_gateway_serves_it_with_the_checkpoints_chat_template(store):
     from neuro_dask.client.cluster import local_cluster
     from neuro_dask.gateway import Gateway, GatewayServer
 
-    with local_cluster(2, processes=False, worker_args=["--neuro-no-benchmark"], dashboard_address=None) as cluster, \
-            Client(cluster) as client, nd.load(store, client=client) as model:
+    with (
+        local_cluster(2, processes=False, worker_args=["--neuro-no-benchmark"], dashboard_address=None) as cluster,
+        Client(cluster) as client,
+        nd.load(store, client=client) as model,
+    ):
         gateway = Gateway(model)
         assert gateway.chat_template.render([{"role": "user", "content": "1+1="}]) == "<|user|>1+1=<|assistant|>"
         server = GatewayServer(gateway, "127.0.0.1", 0).start()
         try:
             api = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="none")
-            reply = api.chat.completions.create(model=gateway.model_id, max_tokens=3,
-                                                messages=[{"role": "user", "content": "1+1="}])
+            reply = api.chat.completions.create(
+                model=gateway.model_id, max_tokens=3, messages=[{"role": "user", "content": "1+1="}]
+            )
             assert reply.choices[0].message.role == "assistant"
             assert reply.usage.completion_tokens <= 3 and reply.usage.prompt_tokens > 0
         finally:

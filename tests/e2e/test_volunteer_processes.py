@@ -17,14 +17,34 @@ def test_cli_scheduler_two_workers_and_a_client_generate_like_local(processes, s
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     dask_cli = [sys.executable, "-m", "dask"]
-    processes(*dask_cli, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0",
-              "--preload", "neuro_scheduler")
-    processes(*dask_cli, "worker", address, "--nthreads", "1", "--preload", "neuro_worker",
-              "--neuro-no-benchmark")
+    processes(
+        *dask_cli,
+        "scheduler",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dashboard-address",
+        ":0",
+        "--preload",
+        "neuro_scheduler",
+    )
+    processes(*dask_cli, "worker", address, "--nthreads", "1", "--preload", "neuro_worker", "--neuro-no-benchmark")
     # --no-idle-only: the test itself keeps the machine busy, which an idle-only volunteer yields to
     # (tests/integration/test_idle_pause.py covers that).
-    processes(sys.executable, "-m", "neuro_dask.cli.main", "worker", address, "--memory-budget", "512MiB",
-              "--owner", "volunteer-b", "--no-dashboard", "--no-idle-only")
+    processes(
+        sys.executable,
+        "-m",
+        "neuro_dask.cli.main",
+        "worker",
+        address,
+        "--memory-budget",
+        "512MiB",
+        "--owner",
+        "volunteer-b",
+        "--no-dashboard",
+        "--no-idle-only",
+    )
     ids, mask = padded_batch((5, 9, 13), seed=6)
     expected = nd.load(sharded("qwen2_moe")).generate(ids, mask, max_new_tokens=24)
     with Client(address, timeout=60) as client:

@@ -52,13 +52,17 @@ def cluster_client(tmp_path_factory):
         yield client
 
 
-@pytest.mark.parametrize("model_type, fmt, write, sizes", [
-    ("deepseek_v3", "fp8-block", lambda s, d: write_fp8_block_checkpoint(s, d, block=BLOCK), {}),
-    ("qwen3_moe", "fp8-block", lambda s, d: write_fp8_block_checkpoint(s, d, block=BLOCK), {}),
-    ("gpt_oss", "mxfp4", write_mxfp4_checkpoint, dict(hidden_size=64, intermediate_size=64)),
-])
-def test_published_quantized_checkpoint_serves_like_transformers_dequantized(model_type, fmt, write, sizes,
-                                                                            cluster_client, tmp_path):
+@pytest.mark.parametrize(
+    "model_type, fmt, write, sizes",
+    [
+        ("deepseek_v3", "fp8-block", lambda s, d: write_fp8_block_checkpoint(s, d, block=BLOCK), {}),
+        ("qwen3_moe", "fp8-block", lambda s, d: write_fp8_block_checkpoint(s, d, block=BLOCK), {}),
+        ("gpt_oss", "mxfp4", write_mxfp4_checkpoint, dict(hidden_size=64, intermediate_size=64)),
+    ],
+)
+def test_published_quantized_checkpoint_serves_like_transformers_dequantized(
+    model_type, fmt, write, sizes, cluster_client, tmp_path
+):
     published, store = _quantized(model_type, tmp_path, write, **sizes)
     if fmt == "fp8-block":
         assert block_divides_all(tmp_path / "float", BLOCK)  # transformers' own loader needs whole blocks
@@ -97,4 +101,4 @@ def test_kimi_k2_config_is_served_as_the_deepseek_v3_it_is(tmp_path):
     ids, mask = padded_prompts(128, seed=8)
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
     out = nd.load(tmp_path / "sharded").generate(ids, mask, max_new_tokens=8)
-    assert torch.equal(out[:, ids.shape[1]:], expected[:, ids.shape[1]:])
+    assert torch.equal(out[:, ids.shape[1] :], expected[:, ids.shape[1] :])

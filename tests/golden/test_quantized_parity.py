@@ -52,8 +52,12 @@ def test_onnx_experts_match_torch_logits(sharded, arch):
     ids, mask = padded_batch((5, 9))
     real = mask.bool()
     onnx_model = nd.load(path, executor=local_executor(path, backend="onnx"))
-    torch.testing.assert_close(onnx_model.forward(ids, attention_mask=mask)[real],
-                               nd.load(path).forward(ids, attention_mask=mask)[real], atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        onnx_model.forward(ids, attention_mask=mask)[real],
+        nd.load(path).forward(ids, attention_mask=mask)[real],
+        atol=1e-4,
+        rtol=0,
+    )
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])

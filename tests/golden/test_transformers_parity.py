@@ -55,7 +55,7 @@ def test_greedy_generation_is_token_identical(pair, variant):
         expected = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
     actual = model.generate(ids, attention_mask=mask, max_new_tokens=24)
     assert actual.shape == expected.shape
-    assert torch.equal(actual[:, ids.shape[1]:], expected[:, ids.shape[1]:])
+    assert torch.equal(actual[:, ids.shape[1] :], expected[:, ids.shape[1] :])
 
 
 @pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe"])
@@ -81,7 +81,7 @@ def test_stream_yields_what_generate_returns(pair):
     ids, mask = padded_batch((3, 6), seed=5)
     steps = list(model.stream(ids, mask, max_new_tokens=10))
     out = model.generate(ids, mask, max_new_tokens=10)
-    assert torch.equal(torch.stack(steps, 1), out[:, ids.shape[1]:])
+    assert torch.equal(torch.stack(steps, 1), out[:, ids.shape[1] :])
 
 
 @pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe"])

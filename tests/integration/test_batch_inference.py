@@ -20,9 +20,11 @@ def models(tmp_path_factory):
     import dask
 
     cache = tmp_path_factory.mktemp("map-cache")
-    with dask.config.set({"neuro.worker.cache-dir": str(cache)}), \
-            local_cluster(2, processes=False, worker_args=["--neuro-no-benchmark"],
-                          dashboard_address=None) as cluster, Client(cluster) as client:
+    with (
+        dask.config.set({"neuro.worker.cache-dir": str(cache)}),
+        local_cluster(2, processes=False, worker_args=["--neuro-no-benchmark"], dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
         with nd.load(ASSET_DIR, client=client) as remote:
             yield remote, nd.load(ASSET_DIR)
 

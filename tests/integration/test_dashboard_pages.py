@@ -7,12 +7,12 @@ so that every page has something to show: workers, placement and load, calls, ca
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 
 import dask
 import pytest
 from cluster_helpers import add_worker
+from polling import poll_until
 
 import neuro_dask as nd
 from neuro_dask.client.cluster import local_cluster
@@ -26,18 +26,33 @@ def network(sharded, tmp_path_factory):
     from distributed import Client
 
     cache = tmp_path_factory.mktemp("dash-cache")
-    with dask.config.set({**TRUST, "neuro.worker.cache-dir": str(cache)}), \
-            local_cluster(3, processes=False, worker_args=["--neuro-no-benchmark"],
-                          dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
-        bad = add_worker(client, cluster.scheduler_address, "bad0", "--neuro-adversary",
-                         json.dumps({"mode": "perturb", "seed": 1}), "--neuro-owner", "mallory")
+    with (
+        dask.config.set({**TRUST, "neuro.worker.cache-dir": str(cache)}),
+        local_cluster(
+            3, processes=False, worker_args=["--neuro-no-benchmark"], dashboard_address="127.0.0.1:0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        bad = add_worker(
+            client,
+            cluster.scheduler_address,
+            "bad0",
+            "--neuro-adversary",
+            json.dumps({"mode": "perturb", "seed": 1}),
+            "--neuro-owner",
+            "mallory",
+        )
         client.wait_for_workers(4)
         with nd.load(sharded("mixtral"), client=client) as model:
             model.generate([[5 + i, 6, 7, 8] for i in range(6)], max_new_tokens=12)
         plugin = cluster.scheduler.extensions["neuro"]
-        deadline = time.monotonic() + 20  # calls served arrive with the workers' heartbeats
-        while sum(w.calls_served for w in plugin.dashboard_view().workers) == 0 and time.monotonic() < deadline:
-            time.sleep(0.1)  # poll
+        # calls served arrive with the workers' heartbeats
+        poll_until(
+            lambda: sum(w.calls_served for w in plugin.dashboard_view().workers) > 0,
+            60,
+            "calls served to reach the dashboard",
+            interval=0.1,
+        )
         yield plugin, client.dashboard_link.rsplit("/", 1)[0], bad.address
         client.sync(bad.close)
 
@@ -75,8 +90,14 @@ def test_the_heatmap_scales_to_hundreds_of_experts_per_layer():
     from types import SimpleNamespace
 
     cells = {(layer, e): 1 for layer in range(61) for e in range(256)}
-    view = views.NetworkView(layers=61, experts=256, replicas=cells, target=cells,
-                             load={c: float(c[1] % 7) for c in cells}, model="deepseek_v3-x")
+    view = views.NetworkView(
+        layers=61,
+        experts=256,
+        replicas=cells,
+        target=cells,
+        load={c: float(c[1] % 7) for c in cells},
+        model="deepseek_v3-x",
+    )
     heat = charts.ExpertHeatmap(SimpleNamespace(dashboard_view=lambda: view))
     heat.update()
     assert len(heat.source.data["x"]) == 61 * 256

@@ -76,16 +76,33 @@ def test_every_route_answers_403_without_the_token():
     async def check():
         async with protected_scheduler() as (scheduler, base):
             paths = route_paths(scheduler.http_application)
-            assert {"/", "/status", "/workers", "/status/ws", "/status/static/x", "/statics/x", "/metrics",
-                    "/health", "/info/main/workers.html", "/json/identity.json", "/sitemap.json",
-                    "/neuro/network", "/neuro/network/ws", "/neuro/economy"} <= set(paths)
+            assert {
+                "/",
+                "/status",
+                "/workers",
+                "/status/ws",
+                "/status/static/x",
+                "/statics/x",
+                "/metrics",
+                "/health",
+                "/info/main/workers.html",
+                "/json/identity.json",
+                "/sitemap.json",
+                "/neuro/network",
+                "/neuro/network/ws",
+                "/neuro/economy",
+            } <= set(paths)
             for path in paths + ["/no/such/page"]:
                 status, headers, body = await fetch(f"{base}{path}")
                 assert (path, status) == (path, 403)
                 assert body == FORBIDDEN_TEXT and "Set-Cookie" not in headers
-            wrong = [{"headers": bearer("not-it")}, {"headers": {"Cookie": "neuro_dashboard_1=abc"}},
-                     {"headers": {"Authorization": TOKEN}},  # no scheme: not a bearer token
-                     {"method": "POST", "body": b"{}"}, {"method": "HEAD"}]
+            wrong = [
+                {"headers": bearer("not-it")},
+                {"headers": {"Cookie": "neuro_dashboard_1=abc"}},
+                {"headers": {"Authorization": TOKEN}},  # no scheme: not a bearer token
+                {"method": "POST", "body": b"{}"},
+                {"method": "HEAD"},
+            ]
             for path in ["/status", "/metrics", "/neuro/network", "/json/identity.json", "/statics/x"]:
                 for options in wrong:
                     status, _, _ = await fetch(f"{base}{path}", **options)
@@ -118,13 +135,17 @@ def test_the_token_in_the_url_opens_the_page_and_its_cookie_the_follow_ups():
                 assert "Set-Cookie" not in headers  # only the URL's token sets it
             session = re.search(r'"token":"([^"]+)"', html).group(1)
             origin = {"Origin": base}
-            ws = await websocket_connect(HTTPRequest(f"{base.replace('http', 'ws')}/status/ws",
-                                                     headers={**cookie, **origin}), subprotocols=["bokeh", session])
+            ws = await websocket_connect(
+                HTTPRequest(f"{base.replace('http', 'ws')}/status/ws", headers={**cookie, **origin}),
+                subprotocols=["bokeh", session],
+            )
             assert "ACK" in await ws.read_message()
             ws.close()
             with pytest.raises(HTTPClientError) as refused:
-                await websocket_connect(HTTPRequest(f"{base.replace('http', 'ws')}/status/ws", headers=origin),
-                                        subprotocols=["bokeh", session])
+                await websocket_connect(
+                    HTTPRequest(f"{base.replace('http', 'ws')}/status/ws", headers=origin),
+                    subprotocols=["bokeh", session],
+                )
             assert refused.value.code == 403
 
             # "/" redirects to /status: the cookie comes with the redirect, the token does not

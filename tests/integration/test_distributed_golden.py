@@ -3,11 +3,10 @@ on an ordinary cluster and on a hardened one over mutual TLS (docs/security.md).
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 from cluster_helpers import hardened_tls_cluster, neuro_cluster, worker_status
+from polling import poll_until
 from tiny_models import ARCHITECTURES, build_hf_model, padded_batch
 
 import neuro_dask as nd
@@ -66,7 +65,7 @@ def test_distributed_matches_local_and_transformers(shared_cluster, models, shar
     torch.testing.assert_close(logits[real], local.forward(ids, mask)[real], atol=1e-5, rtol=0)
     out = remote.generate(ids, mask, max_new_tokens=24)
     assert torch.equal(out, local.generate(ids, mask, max_new_tokens=24))
-    assert torch.equal(out[:, ids.shape[1]:], expected[:, ids.shape[1]:])
+    assert torch.equal(out[:, ids.shape[1] :], expected[:, ids.shape[1] :])
 
 
 def test_every_worker_serves_and_every_expert_has_at_least_two_replicas(models, shared_cluster):
@@ -74,12 +73,12 @@ def test_every_worker_serves_and_every_expert_has_at_least_two_replicas(models, 
     (scheduler/placement.py rule 1), so the count is checked as a floor."""
     cluster, client = shared_cluster
     model = models("mixtral", "direct")
-    deadline = time.monotonic() + 60  # the second replicas may still be loading on a busy machine
-    routes = model.executor.fetch_routes().routes
-    while not all(len(set(ws)) >= 2 for ws in routes.values()):
-        assert time.monotonic() < deadline, routes
-        time.sleep(0.05)  # poll
-        routes = model.executor.fetch_routes().routes
+    # the second replicas may still be loading on a busy machine
+    poll_until(
+        lambda: all(len(set(ws)) >= 2 for ws in model.executor.fetch_routes().routes.values()),
+        60,
+        "every expert's second replica",
+    )
     model.executor.routes = model.executor.fetch_routes()
     model.generate([[5, 6, 7, 8]], max_new_tokens=8)
     served = [worker_status(client, a)["calls_served"] for a in cluster.scheduler.workers]
@@ -98,8 +97,7 @@ def test_clients_report_expert_load_to_the_scheduler(shared_cluster, sharded):
     import dask
 
     cluster, client = shared_cluster
-    with dask.config.set({"neuro.client.routes-refresh": 0.001}), \
-            nd.load(sharded("olmoe"), client=client) as model:
+    with dask.config.set({"neuro.client.routes-refresh": 0.001}), nd.load(sharded("olmoe"), client=client) as model:
         model.generate([[5, 6, 7, 8, 9]], max_new_tokens=6)
         model_id = model.executor.model_id
     load = cluster.scheduler.extensions["neuro"].coordinator.load

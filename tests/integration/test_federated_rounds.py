@@ -28,21 +28,49 @@ def test_rounds_on_dask_workers_survive_a_dropout_and_make_a_new_version(tmp_pat
     base = nd.load(ASSET_DIR)
     start = get_flat(base)
     write_problems(tmp_path / "p3.jsonl", non_iid_split(64, seed=3)[3])
-    with LocalCluster(n_workers=4, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
-            Client(cluster) as client, dask.config.set({CONFIG_DATA_PATH: str(tmp_path / "p3.jsonl")}):
+    with (
+        LocalCluster(n_workers=4, threads_per_worker=1, processes=False, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+        dask.config.set({CONFIG_DATA_PATH: str(tmp_path / "p3.jsonl")}),
+    ):
         addrs = sorted(client.scheduler_info()["workers"])
         workers = {f"p{k}": addr for k, addr in enumerate(addrs)}
         data = {f"p{k}": (lambda k=k: _local_data(k)) for k in range(3)}  # p3 reads its worker's config path
-        coord = run_federated(client, workers, str(ASSET_DIR), start, rounds=2, data=data,
-                              local=LOCAL, seed=1, drop_in_rounds=(), coordinator_kwargs={"timeout": 120})
+        coord = run_federated(
+            client,
+            workers,
+            str(ASSET_DIR),
+            start,
+            rounds=2,
+            data=data,
+            local=LOCAL,
+            seed=1,
+            drop_in_rounds=(),
+            coordinator_kwargs={"timeout": 120},
+        )
         assert [r.dropped for r in coord.history] == [[], []]
         # a second federation in which p2 leaves in the middle of round 0
         from neuro_dask.federated.dask_rounds import start_participants
 
-        handles = start_participants(client, {"q0": addrs[0], "q1": addrs[1], "q2": addrs[2]}, str(ASSET_DIR),
-                                     {f"q{k}": (lambda k=k: _local_data(k)) for k in range(3)}, local=LOCAL, seed=2)
-        drop = client.submit(Participant, "q3", str(ASSET_DIR), lambda: _local_data(3), local=LOCAL, seed=2,
-                             drop_in_rounds=[0], actor=True, workers=[addrs[3]]).result()
+        handles = start_participants(
+            client,
+            {"q0": addrs[0], "q1": addrs[1], "q2": addrs[2]},
+            str(ASSET_DIR),
+            {f"q{k}": (lambda k=k: _local_data(k)) for k in range(3)},
+            local=LOCAL,
+            seed=2,
+        )
+        drop = client.submit(
+            Participant,
+            "q3",
+            str(ASSET_DIR),
+            lambda: _local_data(3),
+            local=LOCAL,
+            seed=2,
+            drop_in_rounds=[0],
+            actor=True,
+            workers=[addrs[3]],
+        ).result()
         coord2 = FederatedCoordinator({**handles, "q3": drop}, start, timeout=120)
         coord2.setup_keys()
         r0 = coord2.run_round()
@@ -66,8 +94,12 @@ def test_rounds_on_dask_workers_survive_a_dropout_and_make_a_new_version(tmp_pat
 def test_in_process_round_with_a_dropout_averages_exactly_the_survivors():
     start = get_flat(nd.load(ASSET_DIR))
     data = non_iid_split(32, seed=4)
-    parts = {f"p{k}": Participant(f"p{k}", str(ASSET_DIR), data[k], local=LOCAL, seed=5,
-                                  drop_in_rounds=[0] if k == 3 else ()) for k in range(4)}
+    parts = {
+        f"p{k}": Participant(
+            f"p{k}", str(ASSET_DIR), data[k], local=LOCAL, seed=5, drop_in_rounds=[0] if k == 3 else ()
+        )
+        for k in range(4)
+    }
     # The same survivors' updates, computed by twins with the same seeds, without masking.
     twins = {f"p{k}": Participant(f"p{k}", str(ASSET_DIR), data[k], local=LOCAL, seed=5) for k in range(3)}
     expected = np.mean([t.trainer.local_update(start, t.data, t.rng) for t in twins.values()], axis=0)
@@ -81,5 +113,5 @@ def test_in_process_round_with_a_dropout_averages_exactly_the_survivors():
 
 def test_held_out_problems_never_reach_participants():
     rng = random.Random(0)
-    assert all(not p.a % 10 in (1, 5, 9) for p in non_iid_split(50, seed=0)[0])
+    assert all(p.a % 10 not in (1, 5, 9) for p in non_iid_split(50, seed=0)[0])
     assert sample_problems(1, rng, held_out=True)

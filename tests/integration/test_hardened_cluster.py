@@ -19,11 +19,13 @@ from cluster_helpers import hardened_tls_cluster, publish_as_operator
 from distributed import Client
 from distributed.core import Server, rpc
 from distributed.protocol.serialize import ToPickle
+from polling import poll_until
 from tiny_models import padded_batch
 
 import neuro_dask as nd
 from neuro_dask.security.events import security_log
 from neuro_dask.security.tls import security_for
+from neuro_dask.settings import SecuritySettings
 
 
 class Payload:
@@ -50,14 +52,14 @@ def marker(tmp_path):
     assert not path.exists(), "a payload ran"
 
 
-def _events_since(start, kind=None, timeout=10.0):
+def _events_since(start, kind=None, timeout=30.0):
     """Security events recorded since `start`, waiting until at least one (of `kind`) arrives."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [e for e in security_log.events(kind) if e.time >= start]
-        if found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.02)  # poll
+    return poll_until(
+        lambda: [e for e in security_log.events(kind) if e.time >= start],
+        timeout,
+        f"a security event of kind {kind or 'any'} since {start}",
+        interval=0.02,
+    )
 
 
 def _operator_events(network, topic):
@@ -68,12 +70,11 @@ def _operator_events(network, topic):
 
 
 def _operator_security_events(network, start):
-    deadline = time.monotonic() + 10
-    while True:
-        found = [e for _, e in _operator_events(network, "neuro-security") if e["time"] >= start]
-        if found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.05)  # poll
+    return poll_until(
+        lambda: [e for _, e in _operator_events(network, "neuro-security") if e["time"] >= start],
+        30,
+        f"a neuro-security event in the scheduler's log since {start}",
+    )
 
 
 def test_a_client_certificate_generates_like_local_on_an_operator_published_model(network, sharded):
@@ -90,10 +91,14 @@ def test_a_client_certificate_generates_like_local_on_an_operator_published_mode
         nd.load(sharded("qwen3_moe"), client=client, transport="futures")
 
 
-@pytest.mark.parametrize("make", [
-    lambda marker: (lambda path: open(path, "w"), str(marker)),  # a cloudpickled lambda
-    lambda marker: (tuple, "abc"),  # an allowed constructor: still a task graph, still a pickle
-], ids=["lambda", "tuple"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda marker: (lambda path: open(path, "w"), str(marker)),  # a cloudpickled lambda
+        lambda marker: (tuple, "abc"),  # an allowed constructor: still a task graph, still a pickle
+    ],
+    ids=["lambda", "tuple"],
+)
 def test_a_task_graph_from_a_client_is_refused_before_it_is_unpickled(network, marker, make):
     _, client, _ = network
     start = time.time()
@@ -196,8 +201,9 @@ def test_a_crafted_pickle_in_an_exception_is_refused_and_the_call_fails(network,
     import pickle
 
     evil = pickle.dumps(Payload(marker))
-    server = client.sync(_evil_worker(certs, lambda **msg: {"status": "uncaught-error", "exception": evil,
-                                                             "traceback": evil}))
+    server = client.sync(
+        _evil_worker(certs, lambda **msg: {"status": "uncaught-error", "exception": evil, "traceback": evil})
+    )
     try:
         start = time.time()
         outcome = _call_expert(client, server.address)
@@ -254,8 +260,7 @@ def test_an_oversized_message_is_refused_before_it_is_read(network):
     from neuro_dask.security import hardening
 
     cluster, client, certs = network
-    before = hardening._max_message_bytes[0]
-    hardening._max_message_bytes[0] = 1 << 20
+    hardening.install(max_message_bytes=1 << 20)  # already installed: this only lowers the limit
     try:
         start = time.time()
         args = security_for("client", certs).get_connection_args("client")
@@ -268,4 +273,5 @@ def test_an_oversized_message_is_refused_before_it_is_read(network):
             client.sync(big_echo)
         assert _events_since(start, "message-size")
     finally:
-        hardening._max_message_bytes[0] = before
+        # back to the limit the preloads installed, from neuro.security.max-message-bytes
+        hardening.install(max_message_bytes=SecuritySettings.load().max_message_bytes)

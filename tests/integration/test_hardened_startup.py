@@ -7,6 +7,7 @@ import asyncio
 import pytest
 from distributed import Scheduler, Worker
 from distributed.core import Status
+from polling import async_poll_until
 
 from neuro_dask.security import hardening
 
@@ -18,17 +19,22 @@ def unverified_distributed(monkeypatch):
     hardening.uninstall()
 
 
-async def _closes(server, timeout=20.0):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while server.status not in (Status.closed, Status.closing, Status.failed):
-        assert asyncio.get_running_loop().time() < deadline, server.status
-        await asyncio.sleep(0.02)  # poll
+async def _closes(server, timeout=60.0):
+    await async_poll_until(
+        lambda: server.status in (Status.closed, Status.closing, Status.failed),
+        timeout,
+        f"the {type(server).__name__} to close",
+    )
 
 
 def test_a_scheduler_on_an_unverified_distributed_closes_instead_of_running_open(unverified_distributed, caplog):
     async def main():
-        scheduler = await Scheduler(host="127.0.0.1", dashboard_address="127.0.0.1:0", preload=["neuro_scheduler"],
-                                    preload_argv=[["--neuro-hardened"]])
+        scheduler = await Scheduler(
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
+            preload=["neuro_scheduler"],
+            preload_argv=[["--neuro-hardened"]],
+        )
         await _closes(scheduler)
         await scheduler.close()
 
@@ -40,8 +46,13 @@ def test_a_scheduler_on_an_unverified_distributed_closes_instead_of_running_open
 def test_a_worker_on_an_unverified_distributed_closes_instead_of_running_open(unverified_distributed, caplog):
     async def main():
         async with Scheduler(host="127.0.0.1", dashboard_address="127.0.0.1:0") as scheduler:
-            worker = Worker(scheduler.address, nthreads=1, dashboard=False, preload=["neuro_worker"],
-                            preload_argv=[["--neuro-no-benchmark", "--neuro-hardened"]])
+            worker = Worker(
+                scheduler.address,
+                nthreads=1,
+                dashboard=False,
+                preload=["neuro_worker"],
+                preload_argv=[["--neuro-no-benchmark", "--neuro-hardened"]],
+            )
             try:
                 await worker
             except Exception:

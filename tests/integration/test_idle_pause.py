@@ -4,38 +4,32 @@ the machine is idle. The machine's load is driven from the test (neuro_dask.volu
 
 from __future__ import annotations
 
-import time
-
 import dask
 import torch
 from cluster_helpers import neuro_cluster
+from polling import poll_until
 from tiny_models import padded_batch
 
 import neuro_dask as nd
-from neuro_dask.volunteer.idle_policy import IdleSignals
-from neuro_dask.volunteer.idle import register_sampler
 from neuro_dask.protocol.wire import encode_request
+from neuro_dask.volunteer.idle import register_sampler
+from neuro_dask.volunteer.idle_policy import IdleSignals
 
 QUIET = IdleSignals(cpu=2.0, gpu=None, input_idle=3600.0)
 BUSY = IdleSignals(cpu=95.0, gpu=None, input_idle=3600.0)
 
 IDLE_CONFIG = {
-    "neuro.worker.idle-interval": 0.02, "neuro.worker.idle-busy-samples": 1, "neuro.worker.idle-resume-samples": 1,
+    "neuro.worker.idle-interval": 0.02,
+    "neuro.worker.idle-busy-samples": 1,
+    "neuro.worker.idle-resume-samples": 1,
     "neuro.worker.idle-min-pause": 0.0,
     # in-process workers share the test's process: leave its priority and threads alone
-    "neuro.worker.nice": 0, "neuro.worker.max-threads": None, "neuro.worker.vram-fraction": None,
+    "neuro.worker.nice": 0,
+    "neuro.worker.max-threads": None,
+    "neuro.worker.vram-fraction": None,
     # the client keeps the routes it loaded with, so its calls meet the paused worker and are re-sent
     "neuro.client.routes-refresh": 3600.0,
 }
-
-
-def _poll(condition, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.02)  # poll
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _worker_events(client, address):
@@ -52,9 +46,11 @@ def test_busy_worker_pauses_is_routed_around_and_resumes(sharded, tmp_path):
     expected = nd.load(sharded("mixtral")).generate(ids, mask, max_new_tokens=40)
     undo_all = register_sampler("*", lambda: QUIET)
     try:
-        with dask.config.set(IDLE_CONFIG), \
-                neuro_cluster(3, tmp_path=tmp_path, worker_args=["--neuro-idle-only"]) as (cluster, client), \
-                nd.load(sharded("mixtral"), client=client) as model:
+        with (
+            dask.config.set(IDLE_CONFIG),
+            neuro_cluster(3, tmp_path=tmp_path, worker_args=["--neuro-idle-only"]) as (cluster, client),
+            nd.load(sharded("mixtral"), client=client) as model,
+        ):
             plugin = cluster.scheduler.extensions["neuro"]
             (model_id,) = plugin.coordinator.models
             # the victim: the worker hosting the most experts, so the client's routes surely use it
@@ -71,7 +67,7 @@ def test_busy_worker_pauses_is_routed_around_and_resumes(sharded, tmp_path):
                 steps.append(token)
                 if i == 5:
                     load["signals"] = BUSY
-                    _poll(lambda: address in plugin.paused, what="the busy worker to pause")
+                    poll_until(lambda: address in plugin.paused, 60, "the busy worker to pause")
             out = torch.cat([expected[:, : ids.shape[1]], torch.stack(steps, 1)], 1)
             assert torch.equal(out, expected)  # no token lost, none changed
 
@@ -95,9 +91,12 @@ def test_busy_worker_pauses_is_routed_around_and_resumes(sharded, tmp_path):
 
             # idle again: it resumes, is routed to and serves
             load["signals"] = QUIET
-            _poll(lambda: address not in plugin.paused, what="the worker to resume")
-            _poll(lambda: plugin.coordinator.serving[address] >= {(model_id, l, e) for l, e in hosted},
-                  what="the resumed worker's experts to be routed again")
+            poll_until(lambda: address not in plugin.paused, 60, "the worker to resume")
+            poll_until(
+                lambda: plugin.coordinator.serving[address] >= {(model_id, l, e) for l, e in hosted},
+                60,
+                "the resumed worker's experts to be routed again",
+            )
             assert any(address in workers for _, _, workers in plugin.routes(model_id)["routes"])
             events = _worker_events(client, address)
             assert [e for e in events if e["action"] in ("pause", "resume")][-1]["action"] == "resume"

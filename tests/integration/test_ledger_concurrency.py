@@ -112,8 +112,9 @@ def test_threads_and_processes_write_one_ledger_at_once(tmp_path):
 
     ctx = multiprocessing.get_context("spawn")
     ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
-    procs = [ctx.Process(target=_process_writer, args=(url, f"proc{i}", 100 + i, OPS, ready, go, results))
-             for i in range(2)]
+    procs = [
+        ctx.Process(target=_process_writer, args=(url, f"proc{i}", 100 + i, OPS, ready, go, results)) for i in range(2)
+    ]
     for p in procs:
         p.start()
     try:
@@ -151,10 +152,13 @@ def test_threads_and_processes_write_one_ledger_at_once(tmp_path):
 
     # every writer did some of each, and met contention (refusals) on the shared accounts
     made = [e for out in outcomes.values() for e in out["made"]]
-    assert all(len(out["made"]) > OPS // 4 for out in outcomes.values()), \
-        {n: (len(o["made"]), o["refused"]) for n, o in outcomes.items()}
-    print("writer: (entries made, refused, replayed):",
-          {n: (len(o["made"]), o["refused"], o["replayed"]) for n, o in sorted(outcomes.items())})
+    assert all(len(out["made"]) > OPS // 4 for out in outcomes.values()), {
+        n: (len(o["made"]), o["refused"]) for n, o in outcomes.items()
+    }
+    print(
+        "writer: (entries made, refused, replayed):",
+        {n: (len(o["made"]), o["refused"], o["replayed"]) for n, o in sorted(outcomes.items())},
+    )
     assert sum(out["refused"] for out in outcomes.values()) > 0
     assert sum(out["replayed"] for out in outcomes.values()) > 0
 
@@ -168,12 +172,18 @@ def test_threads_and_processes_write_one_ledger_at_once(tmp_path):
         open_holds = {r[0] for r in cur.execute("SELECT request FROM holds WHERE settled = 0").all()}
     assert ids == sorted(made)
     with led.db.read() as cur:
-        order = [r[0] for r in cur.execute("SELECT idem FROM entries WHERE id > ? AND idem LIKE '%-%' ORDER BY id",
-                                           (setup_max,)).all()]
+        order = [
+            r[0]
+            for r in cur.execute(
+                "SELECT idem FROM entries WHERE id > ? AND idem LIKE '%-%' ORDER BY id", (setup_max,)
+            ).all()
+        ]
     writer_of = [idem.split(":")[-1].split("-")[0] for idem in order]
     kind_of = [w.rstrip("0123456789") for w in writer_of]
-    print(f"entries of one writer then another's: {sum(a != b for a, b in zip(writer_of, writer_of[1:]))}; "
-          f"of a thread then a process or back: {sum(a != b for a, b in zip(kind_of, kind_of[1:]))}")
+    print(
+        f"entries of one writer then another's: {sum(a != b for a, b in zip(writer_of, writer_of[1:]))}; "
+        f"of a thread then a process or back: {sum(a != b for a, b in zip(kind_of, kind_of[1:]))}"
+    )
     assert open_holds == {r for out in outcomes.values() for r in out["open_holds"]}
     # nothing created or lost: what the users had is now with the users, in escrow, with the
     # providers, the treasury, or burned
@@ -181,10 +191,15 @@ def test_threads_and_processes_write_one_ledger_at_once(tmp_path):
     moved = sum(after[user(u)] for u in USERS) + after["escrow"] + sum(after[provider(w)] for w in WORKERS)
     moved += (after["treasury"] - before["treasury"]) + (after["burn"] - before["burn"])
     assert moved == FUNDING * len(USERS)
-    assert {n: b for n, b in after.items() if not n.startswith(("user:", "provider:"))
-            and n not in ("escrow", "treasury", "burn")} == \
-        {n: b for n, b in before.items() if not n.startswith(("user:", "provider:"))
-         and n not in ("escrow", "treasury", "burn")}
+    assert {
+        n: b
+        for n, b in after.items()
+        if not n.startswith(("user:", "provider:")) and n not in ("escrow", "treasury", "burn")
+    } == {
+        n: b
+        for n, b in before.items()
+        if not n.startswith(("user:", "provider:")) and n not in ("escrow", "treasury", "burn")
+    }
     led.close()
     # a fresh connection (as after a restart) sees the same books
     again = Ledger.open(url)

@@ -3,22 +3,22 @@ unstaked workers get no work, and a client without funds is refused before any w
 
 from __future__ import annotations
 
-import time
-
 import dask
 import pytest
 from cluster_helpers import neuro_cluster, scheduler_status, worker_status
+from polling import poll_until
 
 import neuro_dask as nd
-from neuro_dask.client.dispatch.executor import PaymentRefusedError
 from neuro_dask.cli.drill import run_drill
+from neuro_dask.client.dispatch.executor import PaymentRefusedError
 from neuro_dask.ledger import Ledger, LedgerConfig, neuro
 
 
 def test_a_drill_charges_the_client_pays_the_honest_and_slashes_the_proven_perturbers(sharded, tmp_path):
     url = f"sqlite:///{tmp_path}/ledger.db"
-    report = run_drill(sharded("mixtral"), workers=6, adversaries=0.34, mode="perturb", seed=3, prompts=6,
-                       tokens=16, ledger=url)
+    report = run_drill(
+        sharded("mixtral"), workers=6, adversaries=0.34, mode="perturb", seed=3, prompts=6, tokens=16, ledger=url
+    )
     assert report.identical and report.wrong_accepted == 0
     effect = report.ledger
     assert effect["problems"] == []
@@ -67,8 +67,10 @@ def test_only_staked_workers_are_routed_to_and_a_client_without_funds_is_refused
         assert settled["status"] == "OK" and settled["fee"] > 0
         assert worker_status(client, workers["2"])["calls_served"] == 0
         for account in ("pauper", "nobody"):
-            with dask.config.set({"neuro.client.account": account}), nd.load(sharded("mixtral"),
-                                                                             client=client) as model:
+            with (
+                dask.config.set({"neuro.client.account": account}),
+                nd.load(sharded("mixtral"), client=client) as model,
+            ):
                 served = sum(worker_status(client, a)["calls_served"] for a in workers.values())
                 with pytest.raises(PaymentRefusedError):
                     model.generate([[5, 6, 7]], max_new_tokens=4)
@@ -81,8 +83,12 @@ def test_a_passed_proposal_changes_the_clients_trust_policy(sharded, ledger_url,
     proposal = ledger.propose("0", "spot_check_bps", 10_000, now=0.0, idem="check-everything")
     ledger.vote(proposal, "0", True, now=1.0)
     ledger.vote(proposal, "1", True, now=1.0)
-    config = {"neuro.ledger.url": ledger_url, "neuro.client.trust": True, "neuro.scheduler.trusted": ["0"],
-              "neuro.client.account": "alice"}
+    config = {
+        "neuro.ledger.url": ledger_url,
+        "neuro.client.trust": True,
+        "neuro.scheduler.trusted": ["0"],
+        "neuro.client.account": "alice",
+    }
     with dask.config.set(config), neuro_cluster(2, replicas=2, tmp_path=tmp_path) as (_, client):
         with nd.load(sharded("mixtral"), client=client) as model:
             model.generate([[5, 6, 7]], max_new_tokens=2)
@@ -90,10 +96,12 @@ def test_a_passed_proposal_changes_the_clients_trust_policy(sharded, ledger_url,
             assert ledger.tally(proposal, now=10 * 24 * 3600.0)["status"] == "passed"
             ledger.close()
             # The scheduler re-reads the live parameters every 2 s and hands them out with the routes.
-            deadline = time.monotonic() + 30
-            while model.executor.fetch_routes().params.get("spot_check_bps") != 10_000:
-                assert time.monotonic() < deadline, "the passed proposal never reached the routes"
-                time.sleep(0.1)  # poll
+            poll_until(
+                lambda: model.executor.fetch_routes().params.get("spot_check_bps") == 10_000,
+                60,
+                "the passed proposal to reach the routes",
+                interval=0.1,
+            )
             model.executor.routes = model.executor.fetch_routes()
             model.generate([[5, 6, 7]], max_new_tokens=2)
             assert model.executor.trusted.policy.replication.spot_check == 1.0
@@ -104,8 +112,12 @@ def test_charging_picks_the_account_that_pays_per_thread(sharded, ledger_url, tm
     ledger = Ledger(ledger_url, LedgerConfig.from_dask_config())
     ledger.open_user("bob")
     ledger.deposit("bob", neuro(50), "bob-funds")
-    config = {"neuro.ledger.url": ledger_url, "neuro.client.trust": True, "neuro.scheduler.trusted": ["0"],
-              "neuro.client.account": "alice"}
+    config = {
+        "neuro.ledger.url": ledger_url,
+        "neuro.client.trust": True,
+        "neuro.scheduler.trusted": ["0"],
+        "neuro.client.account": "alice",
+    }
     with dask.config.set(config), neuro_cluster(2, replicas=2, tmp_path=tmp_path) as (_, client):
         with nd.load(sharded("mixtral"), client=client) as model:
             alice, bob = ledger.balance("user:alice"), ledger.balance("user:bob")
@@ -123,9 +135,11 @@ def test_the_private_tier_is_held_at_its_price_and_pays_its_share_holders(sharde
     """Every (token, expert) the client computed on shares is paid once at the private price;
     the share holders share the fee; nothing is credited toward emissions (shares are unvalidated)."""
     stake(ledger_url, "0", "1", "2")
-    with dask.config.set({"neuro.ledger.url": ledger_url, "neuro.client.account": "alice"}), \
-            neuro_cluster(3, tmp_path=tmp_path) as (_, client), \
-            nd.load(sharded("mixtral"), client=client, privacy="private") as model:
+    with (
+        dask.config.set({"neuro.ledger.url": ledger_url, "neuro.client.account": "alice"}),
+        neuro_cluster(3, tmp_path=tmp_path) as (_, client),
+        nd.load(sharded("mixtral"), client=client, privacy="private") as model,
+    ):
         before = Ledger(ledger_url, LedgerConfig.from_dask_config()).balance("user:alice")
         model.generate([[5, 6, 7], [8, 9, 10]], max_new_tokens=4)
         settled = model.executor.settlements[-1]
@@ -152,14 +166,18 @@ def test_a_hold_whose_client_vanished_expires_and_is_refunded(sharded, ledger_ur
         with dask.config.set({"neuro.client.account": "alice"}), nd.load(sharded("mixtral"), client=client) as model:
             ledger = Ledger(ledger_url, LedgerConfig.from_dask_config())
             before = ledger.balance("user:alice")
-            begun = client.sync(client.scheduler.neuro_request_begin, model=model.executor.model_id, account="alice",
-                                expert_tokens=10_000)
+            begun = client.sync(
+                client.scheduler.neuro_request_begin,
+                model=model.executor.model_id,
+                account="alice",
+                expert_tokens=10_000,
+            )
             assert begun["status"] == "OK" and begun["held"] > 0
             assert ledger.balance("user:alice") == before - begun["held"]
-            deadline = time.monotonic() + 60
-            while (ledger.hold_of(begun["request"]) or {}).get("state") == "open":  # never ended by its client
-                assert time.monotonic() < deadline, "the hold never expired"
-                time.sleep(0.05)  # poll
+            # never ended by its client: the hold expires
+            poll_until(
+                lambda: (ledger.hold_of(begun["request"]) or {}).get("state") != "open", 60, "the hold to expire"
+            )
             hold = ledger.hold_of(begun["request"])
             price = ledger.params()["price_per_request"]
             ledger.close()

@@ -51,9 +51,11 @@ def test_the_books_on_postgres_balance_and_refusals_write_nothing(pg_url):
     ledger.emit(0)
     ledger.slash("w1", "fraud-1", now=10.0)
     before = ledger.report()
-    for refused in (lambda: ledger.hold("alice", "r2", neuro(1_000)),
-                    lambda: ledger.deposit("nobody", neuro(1), "d2"),
-                    lambda: ledger.transfer(user("alice"), user("alice"), -5, "t1")):
+    for refused in (
+        lambda: ledger.hold("alice", "r2", neuro(1_000)),
+        lambda: ledger.deposit("nobody", neuro(1), "d2"),
+        lambda: ledger.transfer(user("alice"), user("alice"), -5, "t1"),
+    ):
         with pytest.raises(LedgerError):
             refused()
     assert ledger.report() == before
@@ -126,8 +128,7 @@ def test_grants_expiry_verified_settlement_spends_and_the_audit_on_postgres(pg_u
     assert ledger.tally(pid, end)["spent"]["amount"] == neuro(3)
     assert ledger.tally(pid, end + 1)["spent"]["amount"] == neuro(3)
     assert ledger.balance(user("bob")) == neuro(3)
-    assert [r["kind"] for r in ledger.audit()] == ["treasury-spend", "revoke", "grant", "stake", "transfer",
-                                                   "deposit"]
+    assert [r["kind"] for r in ledger.audit()] == ["treasury-spend", "revoke", "grant", "stake", "transfer", "deposit"]
     assert ledger.check_invariants() == []
     ledger.close()
 
@@ -143,8 +144,16 @@ def test_an_old_postgres_ledger_gets_the_new_columns_and_tables(pg_url):
     ledger.settle("old-done", 10, {}, now=6.0)
     ledger.close()
     with psycopg.connect(pg_url, autocommit=True) as conn:  # the schema before expiry and grants
-        for column in ("held_at", "expires_at", "state", "tier", "charged_by", "quoted", "expert_tokens",
-                       "private_tokens"):
+        for column in (
+            "held_at",
+            "expires_at",
+            "state",
+            "tier",
+            "charged_by",
+            "quoted",
+            "expert_tokens",
+            "private_tokens",
+        ):
             conn.execute(f"ALTER TABLE holds DROP COLUMN {column}")
         conn.execute("DROP TABLE grants")
     ledger = Ledger.open(pg_url, LedgerConfig(), now=0.0)

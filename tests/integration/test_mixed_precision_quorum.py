@@ -18,8 +18,9 @@ def test_int8_and_float32_replicas_agree_and_nobody_is_called_a_liar(tmp_path):
         with dask.config.set(settings), nd.load(ASSET_DIR, client=client) as model:
             routes = model.executor.fetch_routes()
             assert routes.standing_of(worker.address).precision == "int8"
-            assert {routes.standing_of(w).precision for w in cluster.scheduler.workers
-                    if w != worker.address} == {"float32"}
+            assert {routes.standing_of(w).precision for w in cluster.scheduler.workers if w != worker.address} == {
+                "float32"
+            }
             answers = model.generate_text(["123+456=", "999+1=", "250+250="], max_new_tokens=5)
             model.executor.flush_reports()
         assert answers == ["579", "1000", "500"]

@@ -13,6 +13,7 @@ import dask
 import numpy as np
 import pytest
 from cluster_helpers import neuro_cluster, scheduler_status, worker_status
+from polling import poll_until
 
 import neuro_dask as nd
 from neuro_dask.dashboard.charts import VersionTable
@@ -44,23 +45,21 @@ def publish(client, store, channel="adder"):
     return reply
 
 
-def wait_for(predicate, what, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)  # poll
-    return value
-
-
 def hosted_models(client):
-    return {m for a in scheduler_status(client)["workers"] for m, experts in
-            worker_status(client, a)["hosted"].items() if experts}
+    return {
+        m
+        for a in scheduler_status(client)["workers"]
+        for m, experts in worker_status(client, a)["hosted"].items()
+        if experts
+    }
 
 
 def test_a_following_client_switches_versions_without_a_failed_request(tmp_path, v2_store):
     v2_path, v2 = v2_store
-    with dask.config.set({"neuro.scheduler.version-drain-seconds": 0.5}), \
-            neuro_cluster(3, tmp_path=tmp_path) as (cluster, client):
+    with (
+        dask.config.set({"neuro.scheduler.version-drain-seconds": 0.5}),
+        neuro_cluster(3, tmp_path=tmp_path) as (cluster, client),
+    ):
         v1 = publish(client, ASSET_DIR)["model"]
         assert publish(client, ASSET_DIR)["role"] == "current"
         pinned = nd.load(ASSET_DIR, client=client)
@@ -82,14 +81,19 @@ def test_a_following_client_switches_versions_without_a_failed_request(tmp_path,
         try:
             assert publish(client, v2_path) == {**publish(client, v2_path), "role": "candidate"}
             assert pinned.generate_text(PROMPTS[:1], max_new_tokens=5) == ANSWERS[:1]  # v1 still current
-            adopted = wait_for(lambda: (r := client.sync(client.scheduler.neuro_adopt, channel="adder", model=v2))
-                               ["status"] == "OK" and r, "v2 to be served and adopted")
+            adopted = poll_until(
+                lambda: (
+                    (r := client.sync(client.scheduler.neuro_adopt, channel="adder", model=v2))["status"] == "OK" and r
+                ),
+                60,
+                "v2 to be served and adopted",
+            )
             assert list(adopted["retiring"]) == [v1]
-            wait_for(lambda: follower.switches == [(v1, v2)], "the follower to switch")
-            wait_for(lambda: v1 in scheduler_status(client)["versions"]["retired"], "v1 to retire")
-            wait_for(lambda: hosted_models(client) == {v2}, "the workers to drop v1's experts")
+            poll_until(lambda: follower.switches == [(v1, v2)], 60, "the follower to switch")
+            poll_until(lambda: v1 in scheduler_status(client)["versions"]["retired"], 60, "v1 to retire")
+            poll_until(lambda: hosted_models(client) == {v2}, 60, "the workers to drop v1's experts")
             n = len(answers)
-            wait_for(lambda: len(answers) >= n + 3, "generations on v2")
+            poll_until(lambda: len(answers) >= n + 3, 60, "generations on v2")
         finally:
             stop.set()
             thread.join(timeout=60)
@@ -105,7 +109,9 @@ def test_a_following_client_switches_versions_without_a_failed_request(tmp_path,
         table = VersionTable(cluster.scheduler.extensions["neuro"])  # the dashboard's experts page
         table.update()
         assert list(zip(table.source.data["model"], table.source.data["role"], strict=True)) == [
-            (v2, "current"), (v1, "retired")]
+            (v2, "current"),
+            (v1, "retired"),
+        ]
         follower.close()
         pinned.close()
 
@@ -133,8 +139,12 @@ def test_with_votes_only_a_passed_proposal_adopts_a_version(tmp_path, v2_store):
     ledger.deposit("alice", 10**12, "alice-funds")
     for name in ("0", "1", "2"):
         ledger.stake_from_community(name, "test")
-    config = {"neuro.ledger.url": url, "neuro.client.account": "alice", "neuro.scheduler.version-adoption": "vote",
-              "neuro.scheduler.version-drain-seconds": 0.0}
+    config = {
+        "neuro.ledger.url": url,
+        "neuro.client.account": "alice",
+        "neuro.scheduler.version-adoption": "vote",
+        "neuro.scheduler.version-drain-seconds": 0.0,
+    }
     with dask.config.set(config), neuro_cluster(3, tmp_path=tmp_path) as (cluster, client):
         v1 = publish(client, ASSET_DIR)["model"]
         publish(client, v2_path)
@@ -145,9 +155,12 @@ def test_with_votes_only_a_passed_proposal_adopts_a_version(tmp_path, v2_store):
         for voter in ("0", "1"):
             ledger.vote(pid, voter, True, now)
         assert ledger.tally(pid, now + ledger.params()["voting_seconds"])["status"] == "passed"
-        wait_for(lambda: client.sync(client.scheduler.neuro_channels)["channels"]["adder"]["current"] == v2,
-                 "the scheduler to adopt the voted version")
-        wait_for(lambda: v1 in scheduler_status(client)["versions"]["retired"], "v1 to retire")
+        poll_until(
+            lambda: client.sync(client.scheduler.neuro_channels)["channels"]["adder"]["current"] == v2,
+            60,
+            "the scheduler to adopt the voted version",
+        )
+        poll_until(lambda: v1 in scheduler_status(client)["versions"]["retired"], 60, "v1 to retire")
         with nd.follow("adder", client) as model:
             assert model.model_id == v2
             assert model.generate_text(PROMPTS, max_new_tokens=5) == ANSWERS
@@ -163,8 +176,10 @@ def test_the_gateway_serves_a_channel_across_a_version_switch(tmp_path, v2_store
     from neuro_dask.gateway import Gateway, GatewayServer
 
     v2_path, v2 = v2_store
-    with dask.config.set({"neuro.scheduler.version-drain-seconds": 0.0}), \
-            neuro_cluster(3, tmp_path=tmp_path) as (cluster, client):
+    with (
+        dask.config.set({"neuro.scheduler.version-drain-seconds": 0.0}),
+        neuro_cluster(3, tmp_path=tmp_path) as (cluster, client),
+    ):
         v1 = publish(client, ASSET_DIR)["model"]
         gateway = Gateway(nd.follow("adder", client), model_id="adder")
         server = GatewayServer(gateway, "127.0.0.1", 0).start()
@@ -172,13 +187,19 @@ def test_the_gateway_serves_a_channel_across_a_version_switch(tmp_path, v2_store
             api = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=60)
 
             def ask() -> str:
-                return api.completions.create(model="adder", prompt="123+456=", max_tokens=5, temperature=0) \
-                    .choices[0].text
+                return (
+                    api.completions.create(model="adder", prompt="123+456=", max_tokens=5, temperature=0)
+                    .choices[0]
+                    .text
+                )
 
             assert ask() == "579" and gateway.model.model_id == v1
             publish(client, v2_path)
-            wait_for(lambda: client.sync(client.scheduler.neuro_adopt, channel="adder", model=v2)["status"] == "OK",
-                     "v2 to be served and adopted")
+            poll_until(
+                lambda: client.sync(client.scheduler.neuro_adopt, channel="adder", model=v2)["status"] == "OK",
+                60,
+                "v2 to be served and adopted",
+            )
             assert ask() == "579"  # told of v2 at its start, still run on v1
             assert ask() == "579" and gateway.model.model_id == v2
         finally:
@@ -198,8 +219,11 @@ def test_a_restarted_scheduler_serves_its_models_and_channels_again(tmp_path, v2
         with neuro_cluster(3, tmp_path=tmp_path) as (_, client):
             v1 = publish(client, ASSET_DIR)["model"]
             publish(client, v2_path)
-            wait_for(lambda: client.sync(client.scheduler.neuro_adopt, channel="adder", model=v2)["status"] == "OK",
-                     "v2 to be served and adopted")
+            poll_until(
+                lambda: client.sync(client.scheduler.neuro_adopt, channel="adder", model=v2)["status"] == "OK",
+                60,
+                "v2 to be served and adopted",
+            )
         assert stat.S_IMODE(os.stat(state).st_mode) == 0o600  # it holds store URLs
         with neuro_cluster(3, tmp_path=tmp_path) as (_, client):  # a new scheduler, same state file
             versions = client.sync(client.scheduler.neuro_channels)

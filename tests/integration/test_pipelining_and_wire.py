@@ -16,8 +16,10 @@ def test_pipelined_lanes_generate_like_one_lane(shared_cluster, sharded, transpo
     _, client = shared_cluster
     ids, mask = padded_batch((5, 9, 13, 7, 11, 6), seed=9)
     expected = nd.load(sharded("qwen2_moe")).generate(ids, mask, max_new_tokens=16)
-    with dask.config.set({"neuro.client.micro-batches": 3}), \
-            nd.load(sharded("qwen2_moe"), client=client, transport=transport) as model:
+    with (
+        dask.config.set({"neuro.client.micro-batches": 3}),
+        nd.load(sharded("qwen2_moe"), client=client, transport=transport) as model,
+    ):
         assert model.micro_batches == 3
         assert torch.equal(model.generate(ids, mask, max_new_tokens=16), expected)
 
@@ -29,8 +31,7 @@ def test_bfloat16_on_the_wire_halves_the_bytes(shared_cluster, sharded):
     sent = {}
     logits = {}
     for wire in (None, "bfloat16"):
-        with dask.config.set({"neuro.client.wire-dtype": wire}), \
-                nd.load(sharded("mixtral"), client=client) as model:
+        with dask.config.set({"neuro.client.wire-dtype": wire}), nd.load(sharded("mixtral"), client=client) as model:
             logits[wire] = model.forward(ids, mask)
             sent[wire] = dict(model.executor.wire_bytes)
     # Same calls, half the bytes each way (float32 -> bfloat16).
@@ -51,8 +52,10 @@ def test_quorum_replicas_are_counted_on_the_wire(shared_cluster, sharded):
     ids, mask = padded_batch((5, 9, 13), seed=5)
     moved = {}
     for trust in (False, True):
-        with dask.config.set({"neuro.client.trust": trust, "neuro.client.spot-check": 1.0}), \
-                nd.load(sharded("mixtral"), client=client) as model:
+        with (
+            dask.config.set({"neuro.client.trust": trust, "neuro.client.spot-check": 1.0}),
+            nd.load(sharded("mixtral"), client=client) as model,
+        ):
             model.forward(ids, mask)
             moved[trust] = dict(model.executor.wire_bytes)
     assert moved[False]["sent"] > 0 and moved[False]["received"] > 0

@@ -12,9 +12,9 @@ import torch
 from cluster_helpers import add_worker, neuro_cluster
 
 import neuro_dask as nd
+from neuro_dask.client.dispatch.private_executor import PrivateTierUnavailableError
 from neuro_dask.errors import ConfigError
 from neuro_dask.privacy import decode
-from neuro_dask.privacy.private_executor import PrivateTierUnavailableError
 from neuro_dask.runtime import private_runner
 
 
@@ -66,19 +66,24 @@ def test_tiny_golden_model_generates_the_same_on_the_private_tier(owners_cluster
     _, client = owners_cluster
     ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 3, 2, 40, 41, 42]])
     mask = torch.ones_like(ids)
-    with nd.load(sharded("mixtral"), client=client) as standard, \
-            nd.load(sharded("mixtral"), client=client, privacy="private") as private:
+    with (
+        nd.load(sharded("mixtral"), client=client) as standard,
+        nd.load(sharded("mixtral"), client=client, privacy="private") as private,
+    ):
         logits = private.forward(ids, mask)
         torch.testing.assert_close(logits, standard.forward(ids, mask), atol=1e-3, rtol=0)
-        assert torch.equal(private.generate(ids, mask, max_new_tokens=16),
-                           standard.generate(ids, mask, max_new_tokens=16))
+        assert torch.equal(
+            private.generate(ids, mask, max_new_tokens=16), standard.generate(ids, mask, max_new_tokens=16)
+        )
 
 
 def test_private_tier_refuses_experts_of_a_single_owner(tmp_path):
     from neuro_dask.demo.addition import ASSET_DIR
 
-    with dask.config.set({"neuro.client.missing-expert-wait": 0.5}), \
-            neuro_cluster(2, tmp_path=tmp_path, worker_args=["--neuro-owner", "solo"]) as (_, client):
+    with (
+        dask.config.set({"neuro.client.missing-expert-wait": 0.5}),
+        neuro_cluster(2, tmp_path=tmp_path, worker_args=["--neuro-owner", "solo"]) as (_, client),
+    ):
         with nd.load(ASSET_DIR, client=client) as standard:
             assert standard.generate_text(["1+2="], max_new_tokens=3) == ["3"]
         with nd.load(ASSET_DIR, client=client, privacy="private") as private:
@@ -118,8 +123,10 @@ def test_with_trust_a_lying_share_holder_is_outvoted_caught_and_the_answers_stay
     with private_quorum_cluster(tmp_path, adversary='{"mode": "defect", "after": 0, "scale": 0.05}') as (c, client):
         with nd.load(ASSET_DIR, client=client) as standard:
             expected = standard.generate_text(prompts, max_new_tokens=5)
-        with dask.config.set({"neuro.client.trust": True}), \
-                nd.load(ASSET_DIR, client=client, privacy="private") as private:
+        with (
+            dask.config.set({"neuro.client.trust": True}),
+            nd.load(ASSET_DIR, client=client, privacy="private") as private,
+        ):
             got = private.generate_text(prompts, max_new_tokens=5)
             private.executor.flush_reports()
             stats = dict(private.executor.stats)
@@ -135,9 +142,11 @@ def test_with_trust_a_lying_share_holder_is_outvoted_caught_and_the_answers_stay
 def test_with_trust_honest_splits_agree_bit_for_bit(tmp_path):
     from neuro_dask.demo.addition import ASSET_DIR
 
-    with private_quorum_cluster(tmp_path, n=4) as (_, client), \
-            dask.config.set({"neuro.client.trust": True}), \
-            nd.load(ASSET_DIR, client=client, privacy="private") as private:
+    with (
+        private_quorum_cluster(tmp_path, n=4) as (_, client),
+        dask.config.set({"neuro.client.trust": True}),
+        nd.load(ASSET_DIR, client=client, privacy="private") as private,
+    ):
         assert private.generate_text(["123+456=", "7+8="], max_new_tokens=5) == ["579", "15"]
         stats = dict(private.executor.stats)
     assert stats["verified"] > 0 and stats["disputes"] == 0 and stats["unverified"] == 0, stats
@@ -163,8 +172,11 @@ def test_on_a_tls_network_owners_come_from_certificates_not_from_what_workers_de
 
     from neuro_dask.demo.addition import ASSET_DIR
 
-    with hardened_tls_cluster(tmp_path, owners={1: "alice", 2: "alice"},
-                              worker_args=["--neuro-owner", "mallory"]) as (cluster, client, certs):
+    with hardened_tls_cluster(tmp_path, owners={1: "alice", 2: "alice"}, worker_args=["--neuro-owner", "mallory"]) as (
+        cluster,
+        client,
+        certs,
+    ):
         publish_as_operator(cluster.scheduler_address, certs, ASSET_DIR)
         status = cluster.scheduler.extensions["neuro"].status()  # the operator's view (clients may not read it)
         owners = {w["name"]: w["owner"] for w in status["workers"].values()}

@@ -57,13 +57,15 @@ def _matrix(live_tables):
     for server, (handlers, streams) in live_tables.items():
         for op in handlers:
             for peer, (role, required) in PEERS.items():
-                out[server, "handler", op, peer] = roles.decide(HANDLERS[server], op, role, roles_required=required,
-                                                                server=server)
+                out[server, "handler", op, peer] = roles.decide(
+                    HANDLERS[server], op, role, roles_required=required, server=server
+                )
         for kind, table in STREAMS[server].items():
             for op in streams:
                 for peer, (role, required) in PEERS.items():
-                    out[server, f"stream:{kind}", op, peer] = roles.decide(table, op, role, roles_required=required,
-                                                                            server=server)
+                    out[server, f"stream:{kind}", op, peer] = roles.decide(
+                        table, op, role, roles_required=required, server=server
+                    )
     return out
 
 
@@ -94,8 +96,9 @@ def test_never_is_refused_to_everyone(live_tables):
 
 
 def test_no_certificate_over_tls_gets_nothing(live_tables):
-    allowed = [(s, k, op) for (s, k, op, peer), d in _matrix(live_tables).items()
-               if peer == "no-certificate-tls" and d.allowed]
+    allowed = [
+        (s, k, op) for (s, k, op, peer), d in _matrix(live_tables).items() if peer == "no-certificate-tls" and d.allowed
+    ]
     assert allowed == []
 
 
@@ -104,14 +107,30 @@ def test_a_worker_certificate_gets_nothing_a_client_uses(live_tables):
     for (server, kind, op, peer), decision in matrix.items():
         if peer == "worker" and decision.allowed and server == "scheduler" and kind == "handler":
             assert op in roles.SCHEDULER_HANDLERS and "worker" in roles.SCHEDULER_HANDLERS[op], op
-            assert op not in ("register-client", "neuro_routes", "neuro_request_begin", "neuro_dispute",
-                              "neuro_report_outcomes", "neuro_trust", "set_metadata", "get_metadata")
+            assert op not in (
+                "register-client",
+                "neuro_routes",
+                "neuro_request_begin",
+                "neuro_dispute",
+                "neuro_report_outcomes",
+                "neuro_trust",
+                "set_metadata",
+                "get_metadata",
+            )
 
 
 def test_clients_and_workers_get_no_cluster_control_metadata_or_trust_anchors(live_tables):
     matrix = _matrix(live_tables)
-    for op in ("set_metadata", "get_metadata", "neuro_trust", "neuro_publish", "retire_workers", "events",
-               "connection_stream", "update-graph"):
+    for op in (
+        "set_metadata",
+        "get_metadata",
+        "neuro_trust",
+        "neuro_publish",
+        "retire_workers",
+        "events",
+        "connection_stream",
+        "update-graph",
+    ):
         for peer in ("client", "worker"):
             decision = matrix.get(("scheduler", "handler", op, peer))
             if decision is not None:
@@ -140,8 +159,9 @@ def test_every_op_open_to_clients_or_workers_has_a_schema():
 
 @pytest.mark.parametrize("op, field", sorted(roles.SCHEDULER_SELF_FIELDS.items()))
 def test_worker_self_and_worker_other(op, field):
-    scheduler = SimpleNamespace(workers={"tls://self:1": SimpleNamespace(name="w-self"),
-                                         "tls://other:1": SimpleNamespace(name="w-other")})
+    scheduler = SimpleNamespace(
+        workers={"tls://self:1": SimpleNamespace(name="w-self"), "tls://other:1": SimpleNamespace(name="w-other")}
+    )
     me = PeerIdentity("worker", "w-self")
     assert roles.decide(roles.SCHEDULER_HANDLERS, op, "worker", roles_required=True).allowed
     assert _names_itself(scheduler, op, me, {field: "tls://self:1"}) is None  # worker-self

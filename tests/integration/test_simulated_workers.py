@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import random
 
+from polling import async_poll_until
+
 from neuro_dask.scheduler.coordinator import LoadExperts, PublishedModel
 from neuro_dask.testing.simulated import (
     disconnect,
@@ -36,8 +38,7 @@ async def _network(s, n: int):
 
 
 async def _settle(plugin) -> None:
-    while plugin._tasks:  # the sends of the last decision
-        await asyncio.sleep(0.001)  # poll
+    await async_poll_until(lambda: not plugin._tasks, 60, "the sends of the last decision", interval=0.001)
 
 
 def test_simulated_workers_join_serve_routes_and_leave_through_dask():
@@ -47,10 +48,15 @@ def test_simulated_workers_join_serve_routes_and_leave_through_dask():
         async with Scheduler(port=0, dashboard_address="127.0.0.1:0", preload=["neuro_scheduler"]) as s:
             plugin, connected, sent = await _network(s, 40)
             assert len(s.workers) == 40 == len(plugin.coordinator.workers)
-            assert all(s.workers[a].extra["neuro"]["memory_budget"] == plugin.coordinator.workers[a].memory_budget
-                       for a in connected)
-            plugin._enact(plugin.coordinator.model_published(
-                PublishedModel("mx", "memory://none", mixtral_shaped_experts(layers=4))))
+            assert all(
+                s.workers[a].extra["neuro"]["memory_budget"] == plugin.coordinator.workers[a].memory_budget
+                for a in connected
+            )
+            plugin._enact(
+                plugin.coordinator.model_published(
+                    PublishedModel("mx", "memory://none", mixtral_shaped_experts(layers=4))
+                )
+            )
             await asyncio.sleep(0)  # poll: one loop turn for the plugin's sends to start
             await _settle(plugin)
             assert sent and not plugin.coordinator.routes("mx").missing

@@ -71,11 +71,14 @@ def run(coro, timeout: float = 10):
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
-@pytest.mark.parametrize(("role", "dask_role", "name"), [
-    ("client", "client", "client"),
-    ("operator", "client", "operator"),
-    ("worker", "worker", "worker-1"),
-])
+@pytest.mark.parametrize(
+    ("role", "dask_role", "name"),
+    [
+        ("client", "client", "client"),
+        ("operator", "client", "operator"),
+        ("worker", "worker", "worker-1"),
+    ],
+)
 def test_server_reads_the_peers_role_and_name(network, role, dask_role, name):
     async def main():
         async with WhoAmI(security_for("scheduler", network)) as server:
@@ -96,6 +99,7 @@ def test_server_reads_the_peers_role_and_name(network, role, dask_role, name):
 def test_a_peer_of_another_ca_is_refused(network, rogue):
     """Another CA's client fails the handshake both ways: it distrusts the scheduler, and the
     scheduler distrusts it."""
+
     async def main():
         async with WhoAmI(security_for("scheduler", network)) as server:
             # FatalCommClosedError (a CommClosedError, an OSError): fatal, so connect() does not retry.
@@ -129,15 +133,23 @@ def test_a_certificate_of_another_ca_is_refused_even_when_trusting_ours(network,
 def test_a_dask_cluster_runs_on_role_certificates(network):
     """Scheduler, worker and client from one folder: the role mapping of security_for is what
     Dask's components need, and the scheduler reads each connection's identity."""
+
     async def main():
         seen: list[PeerIdentity | None] = []
-        async with Scheduler(security=security_for("scheduler", network), protocol="tls",
-                             host="127.0.0.1", port=0, dashboard_address="127.0.0.1:0") as scheduler:
+        async with Scheduler(
+            security=security_for("scheduler", network),
+            protocol="tls",
+            host="127.0.0.1",
+            port=0,
+            dashboard_address="127.0.0.1:0",
+        ) as scheduler:
             scheduler.handlers["whoami"] = lambda comm: seen.append(peer_identity(comm))
-            async with Worker(scheduler.address, security=security_for("worker", network),
-                              host="127.0.0.1", nthreads=1) as worker:
-                async with Client(scheduler.address, security=security_for("client", network),
-                                  asynchronous=True) as client:
+            async with Worker(
+                scheduler.address, security=security_for("worker", network), host="127.0.0.1", nthreads=1
+            ) as worker:
+                async with Client(
+                    scheduler.address, security=security_for("client", network), asynchronous=True
+                ) as client:
                     assert await client.submit(sum, [1, 2, 3]) == 6
                     await client.scheduler.whoami()
                     await worker.scheduler.whoami()

@@ -44,8 +44,9 @@ def test_lying_volunteers_change_nothing_on_deepseek(stores, tmp_path):
     reference = nd.load(store).generate(rows, max_new_tokens=12)
     perturb = json.dumps({"mode": "perturb", "scale": 0.05, "seed": 0})
     with dask.config.set(TRUST), neuro_cluster(4, tmp_path=tmp_path) as (cluster, client):
-        liar = add_worker(client, cluster.scheduler_address, "bad0", "--neuro-adversary", perturb,
-                          "--neuro-owner", "mallory")
+        liar = add_worker(
+            client, cluster.scheduler_address, "bad0", "--neuro-adversary", perturb, "--neuro-owner", "mallory"
+        )
         client.wait_for_workers(5)
         with nd.load(store, client=client) as model:
             out = model.generate(rows, max_new_tokens=12)
@@ -61,8 +62,10 @@ def test_stragglers_are_hedged_on_gpt_oss(stores, tmp_path):
     rows = _rows(4, seed=2)
     reference = nd.load(store).generate(rows, max_new_tokens=10)
     straggle = json.dumps({"mode": "straggle", "probability": 0.25, "delay": 0.05})
-    with dask.config.set(TRUST), neuro_cluster(4, replicas=3, tmp_path=tmp_path,
-                                               worker_args=["--neuro-adversary", straggle]) as (_, client):
+    with (
+        dask.config.set(TRUST),
+        neuro_cluster(4, replicas=3, tmp_path=tmp_path, worker_args=["--neuro-adversary", straggle]) as (_, client),
+    ):
         with nd.load(store, client=client) as model:
             model.generate(rows, max_new_tokens=6)  # latency samples for the estimates
             out = model.generate(rows, max_new_tokens=10)
@@ -80,8 +83,9 @@ def test_private_tier_serves_plain_swiglu_experts_and_refuses_gpt_oss_with_the_r
         client.wait_for_workers(3, timeout=30)
         with nd.load(store, client=client) as standard, nd.load(store, client=client, privacy="private") as private:
             torch.testing.assert_close(private.forward(ids, mask), standard.forward(ids, mask), atol=1e-3, rtol=0)
-            assert torch.equal(private.generate(ids, mask, max_new_tokens=8),
-                               standard.generate(ids, mask, max_new_tokens=8))
+            assert torch.equal(
+                private.generate(ids, mask, max_new_tokens=8), standard.generate(ids, mask, max_new_tokens=8)
+            )
         with pytest.raises(ConfigError, match="GptOssExperts experts are not plain SwiGLU"):
             nd.load(stores["gpt_oss"][0], client=client, privacy="private")
 
@@ -91,13 +95,20 @@ def test_concurrent_generations_lanes_score_and_map_on_gpt_oss(stores, tmp_path)
     rows = _rows(6, seed=3)
     local = nd.load(store)
     expected = [local.generate([r], max_new_tokens=8)[0].tolist() for r in rows]
-    with dask.config.set({"neuro.client.micro-batches": 2}), neuro_cluster(3, tmp_path=tmp_path) as (_, client), \
-            nd.load(store, client=client) as model:
+    with (
+        dask.config.set({"neuro.client.micro-batches": 2}),
+        neuro_cluster(3, tmp_path=tmp_path) as (_, client),
+        nd.load(store, client=client) as model,
+    ):
         assert model.micro_batches == 2
         lanes = model.generate(rows, max_new_tokens=8)  # two lanes, each its own cache
         results: dict[int, list[int]] = {}
-        threads = [threading.Thread(target=lambda i=i: results.__setitem__(
-            i, model.generate([rows[i]], max_new_tokens=8)[0].tolist())) for i in range(len(rows))]
+        threads = [
+            threading.Thread(
+                target=lambda i=i: results.__setitem__(i, model.generate([rows[i]], max_new_tokens=8)[0].tolist())
+            )
+            for i in range(len(rows))
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -105,7 +116,7 @@ def test_concurrent_generations_lanes_score_and_map_on_gpt_oss(stores, tmp_path)
         scores = model.score(rows[:2])
         mapped = model.map(rows[:3], max_new_tokens=4, batch_size=2, progress=False)
     width = lanes.shape[1] - 8
-    for i, row in enumerate(rows):
+    for i in range(len(rows)):
         assert lanes[i, width:].tolist() == expected[i][-8:]
         assert results[i] == expected[i]
     with torch.no_grad():

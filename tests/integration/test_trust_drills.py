@@ -18,9 +18,18 @@ def _drill(sharded, tmp_path, adversary: dict, honest: int = 7, bad: int = 3, pr
     rows = [padded_batch((3 + i % 7,), seed=100 + i)[0][0].tolist() for i in range(prompts)]
     reference = nd.load(sharded("mixtral")).generate(rows, max_new_tokens=tokens)
     with dask.config.set(TRUST), neuro_cluster(honest, tmp_path=tmp_path) as (cluster, client):
-        adversaries = [add_worker(client, cluster.scheduler_address, f"bad{i}", "--neuro-adversary",
-                                  json.dumps({**adversary, "seed": i}), "--neuro-owner", f"mallory{i}")
-                       for i in range(bad)]
+        adversaries = [
+            add_worker(
+                client,
+                cluster.scheduler_address,
+                f"bad{i}",
+                "--neuro-adversary",
+                json.dumps({**adversary, "seed": i}),
+                "--neuro-owner",
+                f"mallory{i}",
+            )
+            for i in range(bad)
+        ]
         try:
             client.wait_for_workers(honest + bad)
             with nd.load(sharded("mixtral"), client=client) as model:
@@ -58,8 +67,15 @@ def test_colluders_with_identical_wrong_results_never_win(sharded, tmp_path):
 def test_a_defector_with_a_record_is_caught_at_its_first_check(sharded, tmp_path):
     rows = [padded_batch((4 + i % 5,), seed=200 + i)[0][0].tolist() for i in range(8)]
     with dask.config.set(TRUST), neuro_cluster(3, tmp_path=tmp_path) as (cluster, client):
-        defector = add_worker(client, cluster.scheduler_address, "defector", "--neuro-adversary",
-                              json.dumps({"mode": "defect", "after": 40, "seed": 7}), "--neuro-owner", "eve")
+        defector = add_worker(
+            client,
+            cluster.scheduler_address,
+            "defector",
+            "--neuro-adversary",
+            json.dumps({"mode": "defect", "after": 40, "seed": 7}),
+            "--neuro-owner",
+            "eve",
+        )
         try:
             client.wait_for_workers(4)
             with nd.load(sharded("mixtral"), client=client) as model:
@@ -67,7 +83,9 @@ def test_a_defector_with_a_record_is_caught_at_its_first_check(sharded, tmp_path
                     model.generate(rows, max_new_tokens=24)
                 runner = model.executor.trusted
             status = scheduler_status(client)["workers"][defector.address]
-            caught = [e for e in trust_events(client) if e.get("worker") == defector.address and e["action"] == "invalid"]
+            caught = [
+                e for e in trust_events(client) if e.get("worker") == defector.address and e["action"] == "invalid"
+            ]
             served = client.sync(client.rpc(defector.address).neuro_status)["calls_served"]
         finally:
             client.sync(defector.close)
@@ -97,8 +115,10 @@ def test_stragglers_are_hedged_within_the_cap_and_change_nothing(sharded, tmp_pa
     rows = [padded_batch((3 + i % 7,), seed=400 + i)[0][0].tolist() for i in range(6)]
     reference = nd.load(sharded("mixtral")).generate(rows, max_new_tokens=16)
     straggle = json.dumps({"mode": "straggle", "probability": 0.2, "delay": 0.05})
-    with dask.config.set(TRUST), neuro_cluster(4, replicas=3, tmp_path=tmp_path,
-                                               worker_args=["--neuro-adversary", straggle]) as (_, client):
+    with (
+        dask.config.set(TRUST),
+        neuro_cluster(4, replicas=3, tmp_path=tmp_path, worker_args=["--neuro-adversary", straggle]) as (_, client),
+    ):
         with nd.load(sharded("mixtral"), client=client) as model:
             model.generate(rows, max_new_tokens=8)  # latency samples for the estimates
             out = model.generate(rows, max_new_tokens=16)

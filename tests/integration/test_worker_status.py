@@ -36,8 +36,9 @@ def test_worker_status_reports_experts_calls_cache_reputation_and_no_ledger(shar
             assert "running" in text and "the scheduler runs no ledger" in text and "reputation" in text
 
             capsys.readouterr()  # what came before (the shard fixture prints)
-            assert main(["worker", "status", "--scheduler", cluster.scheduler_address, "--worker", address,
-                         "--json"]) == 0
+            assert (
+                main(["worker", "status", "--scheduler", cluster.scheduler_address, "--worker", address, "--json"]) == 0
+            )
             shown = json.loads(capsys.readouterr().out)
             assert shown["address"] == address and shown["calls_served"] >= s["calls_served"]
             assert main(["worker-status", "--scheduler", cluster.scheduler_address, "--worker", str(name)]) == 0
@@ -48,7 +49,9 @@ def test_worker_status_reports_experts_calls_cache_reputation_and_no_ledger(shar
             out = capsys.readouterr().out
             assert all(f" at {a} " in out for a in scheduler_status(client)["workers"]), out
             assert main(["worker-status", "--scheduler", cluster.scheduler_address, "--json"]) == 0
-            assert {s["address"] for s in json.loads(capsys.readouterr().out)} == set(scheduler_status(client)["workers"])
+            assert {s["address"] for s in json.loads(capsys.readouterr().out)} == set(
+                scheduler_status(client)["workers"]
+            )
 
             with pytest.raises(WorkerNotFoundError, match="no worker 'nobody'"):
                 collect(client, "nobody")

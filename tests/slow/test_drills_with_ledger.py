@@ -15,8 +15,9 @@ pytestmark = pytest.mark.slow
 
 def _drill(sharded, tmp_path, mode: str, **options):
     url = f"sqlite:///{tmp_path}/ledger.db"
-    report = run_drill(sharded("mixtral"), workers=6, adversaries=0.34, mode=mode, seed=5, prompts=6, tokens=16,
-                       ledger=url, **options)
+    report = run_drill(
+        sharded("mixtral"), workers=6, adversaries=0.34, mode=mode, seed=5, prompts=6, tokens=16, ledger=url, **options
+    )
     assert report.identical and report.wrong_accepted == 0
     assert report.ledger["problems"] == []  # the books balance
     assert report.ledger["charged"] > 0 and sum(report.ledger["earned"].values()) > 0
@@ -30,10 +31,13 @@ def test_colluders_are_proven_wrong_and_slashed(sharded, tmp_path):
     assert set(exercised) <= set(report.caught)
 
 
-@pytest.mark.parametrize("mode, options", [
-    ("straggle", {"probability": 0.3, "delay": 0.05}),
-    ("crash", {"after": 3}),
-])
+@pytest.mark.parametrize(
+    "mode, options",
+    [
+        ("straggle", {"probability": 0.3, "delay": 0.05}),
+        ("crash", {"after": 3}),
+    ],
+)
 def test_stragglers_and_crashes_lose_no_stake(sharded, tmp_path, mode, options):
     report = _drill(sharded, tmp_path, mode, **options)
     assert report.ledger["slashed"] == []

@@ -90,8 +90,9 @@ def test_sigkill_loses_nothing_acknowledged(tmp_path):
     kills = during_startup = 0
     while kills < KILLS:
         start = acked[-1] + 1 if acked else 0  # retry the one in flight when the last writer died
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, url, str(start)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, url, str(start)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         lines: list[str] = []
         first = threading.Event()
         reader = threading.Thread(target=_reader, args=(proc.stdout, lines, first))
@@ -129,8 +130,12 @@ def test_sigkill_loses_nothing_acknowledged(tmp_path):
 
     led = _check(url)
     with led.db.read() as cur:
-        written = sorted(_movement(r[0]) for r in cur.execute("SELECT idem FROM entries WHERE idem LIKE 'w-%' "
-                                                            "OR idem LIKE 'hold:w-%' OR idem LIKE 'settle:w-%'").all())
+        written = sorted(
+            _movement(r[0])
+            for r in cur.execute(
+                "SELECT idem FROM entries WHERE idem LIKE 'w-%' OR idem LIKE 'hold:w-%' OR idem LIKE 'settle:w-%'"
+            ).all()
+        )
         holds = cur.execute("SELECT COUNT(*) FROM holds").scalar()
         settled = cur.execute("SELECT COUNT(*) FROM holds WHERE settled = 1").scalar()
     assert acked, "no write was ever acknowledged"
@@ -144,5 +149,7 @@ def test_sigkill_loses_nothing_acknowledged(tmp_path):
     assert report["minted"] == report["max_supply"]
     assert led.balance(provider("p")) > 0 and led.balance(user("b")) > 0
     led.close()
-    print(f"{kills} kills ({during_startup} during start-up), {len(acked)} acknowledged writes, "
-          f"{replays_after_restart} retries found already written, in {elapsed:.1f} s")
+    print(
+        f"{kills} kills ({during_startup} during start-up), {len(acked)} acknowledged writes, "
+        f"{replays_after_restart} retries found already written, in {elapsed:.1f} s"
+    )

@@ -49,17 +49,23 @@ def test_sharding_1gb_checkpoint_keeps_peak_memory_near_one_tensor(tmp_path, lay
     # transformers' own import (its model classes, conversion rules) is a fixed cost, not sharding's
     setup = "from neuro_dask.store.sharder import shard_checkpoint" + (
         "; import transformers.models.mixtral.modeling_mixtral, transformers.conversion_mapping"
-        if layout == "transformers" else "")
-    extra = _extra_peak_rss(setup,
-                            f"m = shard_checkpoint({str(src)!r}, {str(dst)!r}, layout={layout!r}); "
-                            "assert len(m.experts) == 32")
+        if layout == "transformers"
+        else ""
+    )
+    extra = _extra_peak_rss(
+        setup, f"m = shard_checkpoint({str(src)!r}, {str(dst)!r}, layout={layout!r}); assert len(m.experts) == 32"
+    )
     # The probe must be able to see memory: reading one checkpoint file whole through safetensors'
     # mmap (every page touched) shows up in full.
-    whole = _extra_peak_rss("from safetensors.torch import load_file",
-                            f"t = load_file({str(src / 'model-00001-of-00002.safetensors')!r}); "
-                            "s = sum(float(v.sum()) for v in t.values())")
-    print(f"{layout}: checkpoint {total / MiB:.0f} MiB, largest tensor {largest / MiB:.1f} MiB; peak RSS added by "
-          f"sharding {extra / MiB:.0f} MiB, by loading one of its two files whole {whole / MiB:.0f} MiB")
+    whole = _extra_peak_rss(
+        "from safetensors.torch import load_file",
+        f"t = load_file({str(src / 'model-00001-of-00002.safetensors')!r}); "
+        "s = sum(float(v.sum()) for v in t.values())",
+    )
+    print(
+        f"{layout}: checkpoint {total / MiB:.0f} MiB, largest tensor {largest / MiB:.1f} MiB; peak RSS added by "
+        f"sharding {extra / MiB:.0f} MiB, by loading one of its two files whole {whole / MiB:.0f} MiB"
+    )
     assert whole > total / 3
     # A few tensors' worth (read buffers the allocator keeps for reuse), never the checkpoint. The
     # transformers layout builds each expert's gate_up by transformers' own stack-and-concatenate,

@@ -49,6 +49,7 @@ def adversary(**spec) -> Adversary:
 
 # --- honest ---------------------------------------------------------------------------------
 
+
 def test_honest_returns_the_outputs_unchanged():
     adv = adversary()
     inputs, outputs = request()
@@ -59,6 +60,7 @@ def test_honest_returns_the_outputs_unchanged():
 
 
 # --- perturb --------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("rms", [0.01, 0.1, 1.0])
 @pytest.mark.parametrize("mode", ["perturb", "collude", "defect"])
@@ -119,6 +121,7 @@ def test_perturb_probability_zero_never_perturbs_and_partial_is_seeded():
 
 # --- collude --------------------------------------------------------------------------------
 
+
 def test_colluders_of_one_group_agree_bit_for_bit_whatever_their_seed_or_history():
     inputs, outputs = request()
     a = adversary(mode="collude", group="cabal", seed=1)
@@ -148,6 +151,7 @@ def test_collusion_without_the_inputs_is_refused():
 
 
 # --- straggle -------------------------------------------------------------------------------
+
 
 def test_straggle_always_sleeps_with_probability_one_and_returns_honest_outputs():
     slept: list[float] = []
@@ -206,6 +210,7 @@ def test_straggle_coin_is_seeded():
 
 # --- crash ----------------------------------------------------------------------------------
 
+
 def test_crash_is_honest_for_after_calls_then_exits():
     exits: list[int] = []
     adv = Adversary(AdversarySpec(mode="crash", after=2), exit=lambda: exits.append(1))
@@ -226,6 +231,7 @@ def test_crash_default_exit_raises_on_first_call_when_after_is_zero():
 
 # --- defect ---------------------------------------------------------------------------------
 
+
 def test_defect_is_honest_for_after_calls_then_perturbs_every_call():
     adv = adversary(mode="defect", after=3, probability=0.0)  # probability does not apply
     inputs, outputs = request()
@@ -235,6 +241,7 @@ def test_defect_is_honest_for_after_calls_then_perturbs_every_call():
 
 
 # --- configuration --------------------------------------------------------------------------
+
 
 def test_from_config_parses_valid_mappings():
     assert AdversarySpec.from_config(None) == AdversarySpec()
@@ -257,11 +264,24 @@ def test_from_config_names_an_unknown_mode():
         AdversarySpec.from_config({"mode": "evil"})
 
 
-@pytest.mark.parametrize("raw", [
-    {"scale": 0}, {"scale": -1.0}, {"scale": float("nan")}, {"probability": 1.5}, {"probability": -0.1},
-    {"delay": -1}, {"after": -1}, {"after": 1.5}, {"seed": "x"}, {"group": ""}, {"scale": True},
-    {"mode": 3}, ["mode", "perturb"],
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"scale": 0},
+        {"scale": -1.0},
+        {"scale": float("nan")},
+        {"probability": 1.5},
+        {"probability": -0.1},
+        {"delay": -1},
+        {"after": -1},
+        {"after": 1.5},
+        {"seed": "x"},
+        {"group": ""},
+        {"scale": True},
+        {"mode": 3},
+        ["mode", "perturb"],
+    ],
+)
 def test_from_config_rejects_bad_values(raw):
     with pytest.raises(ConfigError):
         AdversarySpec.from_config(raw)
@@ -276,7 +296,7 @@ def test_make_adversary_builds_from_config_with_injections():
 
 
 def test_share_tampering_changes_every_ring_element_only_when_the_mode_says_so():
-    shares = {3: torch.randint(-2**62, 2**62, (4, 6), dtype=torch.int64)}
+    shares = {3: torch.randint(-(2**62), 2**62, (4, 6), dtype=torch.int64)}
     defect = make_adversary({"mode": "defect", "after": 1})
     first, second = defect.tamper_shares(0, shares), defect.tamper_shares(0, shares)
     assert torch.equal(first[3], shares[3])  # honest for `after` calls

@@ -39,8 +39,10 @@ def peercert(cn="alice", ou="neuro-dask-worker", uri="neuro-dask://worker/alice"
     subject += [(("organizationalUnitName", v),) for v in ([ou] if isinstance(ou, str) else ou)]
     subject += [(("commonName", v),) for v in ([cn] if isinstance(cn, str) else cn)]
     san = [("URI", v) for v in ([uri] if isinstance(uri, str) else uri)]
-    return {"subject": tuple(subject) + tuple(extra_subject),
-            "subjectAltName": tuple(san) + (("DNS", "localhost"), ("IP Address", "127.0.0.1")) + tuple(extra_san)}
+    return {
+        "subject": tuple(subject) + tuple(extra_subject),
+        "subjectAltName": tuple(san) + (("DNS", "localhost"), ("IP Address", "127.0.0.1")) + tuple(extra_san),
+    }
 
 
 @pytest.fixture
@@ -64,41 +66,49 @@ def test_identity_ignores_other_attributes_and_uris():
 
 
 def test_multi_valued_rdn_is_read():
-    cert = {"subject": ((("organizationalUnitName", "neuro-dask-client"), ("commonName", "bob")),),
-            "subjectAltName": (("URI", "neuro-dask://client/bob"),)}
+    cert = {
+        "subject": ((("organizationalUnitName", "neuro-dask-client"), ("commonName", "bob")),),
+        "subjectAltName": (("URI", "neuro-dask://client/bob"),),
+    }
     assert identity_from_peercert(cert) == PeerIdentity("client", "bob")
 
 
-@pytest.mark.parametrize("cert", [
-    None,
-    {},
-    {"subject": (), "subjectAltName": ()},
-    peercert(ou="neuro-dask-client"),                          # OU and URI disagree on the role
-    peercert(cn="mallory"),                                    # CN is not the URI's name
-    peercert(uri="neuro-dask://client/alice"),                 # URI's role is not the OU's
-    peercert(ou="neuro-dask-admin", uri="neuro-dask://admin/alice"),  # agree, but no such role
-    peercert(ou=[]),                                           # no OU
-    peercert(cn=[]),                                           # no CN
-    peercert(uri=[]),                                          # no role URI
-    peercert(ou=["neuro-dask-worker", "neuro-dask-operator"]),  # two OUs: ambiguous
-    peercert(cn=["alice", "alice"]),                           # two CNs
-    peercert(uri=["neuro-dask://worker/alice", "neuro-dask://worker/alice"]),  # two role URIs
-    peercert(uri="neuro-dask://worker"),                       # no name
-    peercert(uri="neuro-dask://worker/"),                      # empty name
-    peercert(cn="alice/x", uri="neuro-dask://worker/alice/x"),  # extra path
-    peercert(cn="a b", uri="neuro-dask://worker/a b"),         # unsafe name
-    peercert(cn="a" * 65, uri="neuro-dask://worker/" + "a" * 65),  # too long
-    peercert(uri="NEURO-DASK://worker/alice"),                 # scheme is exact
-    {"subject": "CN=alice", "subjectAltName": (("URI", "neuro-dask://worker/alice"),)},
-    {"subject": ((("commonName",),),), "subjectAltName": (("URI", "neuro-dask://worker/alice"),)},
-    {"subject": ((("commonName", 5),), (("organizationalUnitName", b"neuro-dask-worker"),)),
-     "subjectAltName": (("URI", "neuro-dask://worker/5"),)},
-    {"subject": [None, 3, "x", [["commonName", "alice", "extra"]]], "subjectAltName": [("URI",), None, ("URI", 7)]},
-    {"subject": peercert()["subject"], "subjectAltName": "URI:neuro-dask://worker/alice"},
-    {"subject": peercert()["subject"], "subjectAltName": None},
-    {"subjectAltName": (("URI", "neuro-dask://worker/alice"),)},
-    {1: 2},
-], ids=lambda c: repr(c)[:60])
+@pytest.mark.parametrize(
+    "cert",
+    [
+        None,
+        {},
+        {"subject": (), "subjectAltName": ()},
+        peercert(ou="neuro-dask-client"),  # OU and URI disagree on the role
+        peercert(cn="mallory"),  # CN is not the URI's name
+        peercert(uri="neuro-dask://client/alice"),  # URI's role is not the OU's
+        peercert(ou="neuro-dask-admin", uri="neuro-dask://admin/alice"),  # agree, but no such role
+        peercert(ou=[]),  # no OU
+        peercert(cn=[]),  # no CN
+        peercert(uri=[]),  # no role URI
+        peercert(ou=["neuro-dask-worker", "neuro-dask-operator"]),  # two OUs: ambiguous
+        peercert(cn=["alice", "alice"]),  # two CNs
+        peercert(uri=["neuro-dask://worker/alice", "neuro-dask://worker/alice"]),  # two role URIs
+        peercert(uri="neuro-dask://worker"),  # no name
+        peercert(uri="neuro-dask://worker/"),  # empty name
+        peercert(cn="alice/x", uri="neuro-dask://worker/alice/x"),  # extra path
+        peercert(cn="a b", uri="neuro-dask://worker/a b"),  # unsafe name
+        peercert(cn="a" * 65, uri="neuro-dask://worker/" + "a" * 65),  # too long
+        peercert(uri="NEURO-DASK://worker/alice"),  # scheme is exact
+        {"subject": "CN=alice", "subjectAltName": (("URI", "neuro-dask://worker/alice"),)},
+        {"subject": ((("commonName",),),), "subjectAltName": (("URI", "neuro-dask://worker/alice"),)},
+        {
+            "subject": ((("commonName", 5),), (("organizationalUnitName", b"neuro-dask-worker"),)),
+            "subjectAltName": (("URI", "neuro-dask://worker/5"),),
+        },
+        {"subject": [None, 3, "x", [["commonName", "alice", "extra"]]], "subjectAltName": [("URI",), None, ("URI", 7)]},
+        {"subject": peercert()["subject"], "subjectAltName": "URI:neuro-dask://worker/alice"},
+        {"subject": peercert()["subject"], "subjectAltName": None},
+        {"subjectAltName": (("URI", "neuro-dask://worker/alice"),)},
+        {1: 2},
+    ],
+    ids=lambda c: repr(c)[:60],
+)
 def test_no_identity_unless_everything_agrees(cert):
     assert identity_from_peercert(cert) is None
 
@@ -109,10 +119,16 @@ def test_no_identity_from_non_dicts(not_a_dict):
 
 
 _junk = st.recursive(
-    st.none() | st.integers() | st.text(max_size=30) | st.binary(max_size=8)
+    st.none()
+    | st.integers()
+    | st.text(max_size=30)
+    | st.binary(max_size=8)
     | st.sampled_from(["commonName", "organizationalUnitName", "URI", "neuro-dask-worker", "neuro-dask://worker/a"]),
-    lambda inner: st.lists(inner, max_size=4).map(tuple) | st.lists(inner, max_size=4)
-    | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=4).map(tuple)
+        | st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
     max_leaves=20,
 )
 
@@ -228,12 +244,15 @@ def test_mismatched_ca_key_is_refused(ca_dir, tmp_path_factory):
         issue(ca_dir, "worker", "alice", clock=at(T0))
 
 
-@pytest.mark.parametrize(("role", "name", "days", "match"), [
-    ("admin", "alice", 10, "not one of scheduler, worker, client, operator"),
-    ("worker", "a/b", 10, "1 to 64 characters"),
-    ("worker", "alice", 0, "at least 1"),
-    ("worker", "alice", 1.5, "whole number"),
-])
+@pytest.mark.parametrize(
+    ("role", "name", "days", "match"),
+    [
+        ("admin", "alice", 10, "not one of scheduler, worker, client, operator"),
+        ("worker", "a/b", 10, "1 to 64 characters"),
+        ("worker", "alice", 0, "at least 1"),
+        ("worker", "alice", 1.5, "whole number"),
+    ],
+)
 def test_bad_requests_are_refused(ca_dir, role, name, days, match):
     with pytest.raises(CertificateError, match=match):
         issue(ca_dir, role, name, days=days, clock=at(T0))
@@ -362,9 +381,17 @@ def test_cli_init_issue_show(tmp_path, capsys):
 def test_cli_quickstart(tmp_path, capsys):
     assert certs_main(["certs", "quickstart", str(tmp_path)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "ca-key.pem", "ca.pem", "client-client.key", "client-client.pem", "operator-operator.key",
-        "operator-operator.pem", "scheduler-scheduler.key", "scheduler-scheduler.pem",
-        "worker-worker-1.key", "worker-worker-1.pem"]
+        "ca-key.pem",
+        "ca.pem",
+        "client-client.key",
+        "client-client.pem",
+        "operator-operator.key",
+        "operator-operator.pem",
+        "scheduler-scheduler.key",
+        "scheduler-scheduler.pem",
+        "worker-worker-1.key",
+        "worker-worker-1.pem",
+    ]
     out = capsys.readouterr().out
     # the form the README teaches: each neuro-dask command picks its role's certificate from the folder
     assert f"neuro-dask scheduler --tls {tmp_path}" in out
@@ -399,8 +426,9 @@ def test_two_or_malformed_owner_uris_name_nobody(owners):
     assert identity_from_peercert(cert) is None
 
 
-@pytest.mark.parametrize("role, owner, match", [("client", "alice", "for worker certificates"),
-                                                ("worker", "a/b", "not allowed")])
+@pytest.mark.parametrize(
+    "role, owner, match", [("client", "alice", "for worker certificates"), ("worker", "a/b", "not allowed")]
+)
 def test_bad_owners_are_refused(ca_dir, role, owner, match):
     with pytest.raises(CertificateError, match=match):
         issue(ca_dir, role, "n", clock=at(T0), owner=owner)

@@ -18,8 +18,11 @@ def _commands():
 @pytest.mark.parametrize("name,parser", _commands(), ids=[n for n, _ in _commands()])
 def test_every_command_describes_itself_and_every_argument(name, parser):
     assert parser.description and parser.description[0].isupper(), name
-    undocumented = [a.dest for a in parser._actions
-                    if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)) and not a.help]
+    undocumented = [
+        a.dest
+        for a in parser._actions
+        if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)) and not a.help
+    ]
     assert not undocumented, f"neuro-dask {name}: no help for {undocumented}"
 
 

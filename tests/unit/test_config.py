@@ -7,14 +7,30 @@ import pytest
 from neuro_dask.errors import ConfigFieldError, MissingConfigError, NeuroDaskError, UnsupportedModelError
 from neuro_dask.model.config import QK_NORM_FULL, QK_NORM_NONE, QK_NORM_PER_HEAD, SUPPORTED_MODEL_TYPES, MoEConfig
 
-BASE = dict(vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            num_experts_per_tok=2, max_position_embeddings=64, rms_norm_eps=1e-6)
+BASE = dict(
+    vocab_size=32,
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_experts_per_tok=2,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-6,
+)
 RAW = {
     "mixtral": dict(BASE, model_type="mixtral", num_local_experts=4, intermediate_size=24),
-    "qwen2_moe": dict(BASE, model_type="qwen2_moe", num_experts=4, moe_intermediate_size=8, intermediate_size=24,
-                      shared_expert_intermediate_size=12, mlp_only_layers=[0]),
-    "qwen3_moe": dict(BASE, model_type="qwen3_moe", num_experts=4, moe_intermediate_size=8, head_dim=8,
-                      norm_topk_prob=True),
+    "qwen2_moe": dict(
+        BASE,
+        model_type="qwen2_moe",
+        num_experts=4,
+        moe_intermediate_size=8,
+        intermediate_size=24,
+        shared_expert_intermediate_size=12,
+        mlp_only_layers=[0],
+    ),
+    "qwen3_moe": dict(
+        BASE, model_type="qwen3_moe", num_experts=4, moe_intermediate_size=8, head_dim=8, norm_topk_prob=True
+    ),
     "olmoe": dict(BASE, model_type="olmoe", num_experts=4, intermediate_size=8, clip_qkv=2.0),
 }
 
@@ -28,8 +44,9 @@ RAW = {
         ("olmoe", 4, 8, QK_NORM_FULL, False, 0, (0, 1)),
     ],
 )
-def test_each_architecture_maps_to_plain_fields(model_type, experts, expert_size, qk_norm, normalize, shared,
-                                                moe_layers):
+def test_each_architecture_maps_to_plain_fields(
+    model_type, experts, expert_size, qk_norm, normalize, shared, moe_layers
+):
     cfg = MoEConfig.from_hf(RAW[model_type])
     assert (cfg.num_experts, cfg.moe_intermediate_size, cfg.qk_norm) == (experts, expert_size, qk_norm)
     assert cfg.norm_topk_prob is normalize

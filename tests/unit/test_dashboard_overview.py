@@ -18,8 +18,11 @@ def call(t: float, layer: int = 0, seconds: float = 0.01, outcome: str = "ok") -
 
 
 def test_a_worker_that_closed_itself_left():
-    events = [{"action": "add-worker"}, {"action": "worker-status-change", "status": "closing"},
-              {"action": "remove-worker", "expected": False, "stimulus_id": "handle-worker-cleanup-1"}]
+    events = [
+        {"action": "add-worker"},
+        {"action": "worker-status-change", "status": "closing"},
+        {"action": "remove-worker", "expected": False, "stimulus_id": "handle-worker-cleanup-1"},
+    ]
     assert departure(events) == "left"
 
 
@@ -29,15 +32,23 @@ def test_a_retired_worker_left():
 
 
 def test_a_worker_whose_connection_broke_without_a_goodbye_crashed():
-    events = [{"action": "add-worker"}, {"action": "worker-status-change", "status": "running"},
-              {"action": "remove-worker", "expected": False, "stimulus_id": "handle-worker-cleanup-1"}]
+    events = [
+        {"action": "add-worker"},
+        {"action": "worker-status-change", "status": "running"},
+        {"action": "remove-worker", "expected": False, "stimulus_id": "handle-worker-cleanup-1"},
+    ]
     assert departure(events) == "crashed"
     assert departure([]) == "crashed"
 
 
 def test_an_earlier_worker_at_the_same_address_does_not_count():
-    events = [{"action": "add-worker"}, {"action": "closing-worker"}, {"action": "remove-worker", "expected": False},
-              {"action": "add-worker"}, {"action": "remove-worker", "expected": False}]
+    events = [
+        {"action": "add-worker"},
+        {"action": "closing-worker"},
+        {"action": "remove-worker", "expected": False},
+        {"action": "add-worker"},
+        {"action": "remove-worker", "expected": False},
+    ]
     assert departure(events) == "crashed"
 
 
@@ -52,49 +63,88 @@ def test_the_lifecycle_vocabulary():
 
 def test_a_proven_wrong_result_reads_as_its_request_layer_expert_and_referee():
     events = [
-        {"time": 1.0, "action": "dispute-proven", "name": "bad0", "request": "4ae619962f8a43df",
-         "why": "the accused's answer disagrees with every trusted referee (0)"},
-        {"time": 1.0, "action": "invalid", "worker": "tcp://h:9", "name": "bad0", "reputation": 0.25,
-         "cause_id": "dispute:4ae619962f8a43df:bad0", "request": "4ae619962f8a43df", "referees": ["0"],
-         "slashable": True, "layer": 1, "expert": 3},
+        {
+            "time": 1.0,
+            "action": "dispute-proven",
+            "name": "bad0",
+            "request": "4ae619962f8a43df",
+            "why": "the accused's answer disagrees with every trusted referee (0)",
+        },
+        {
+            "time": 1.0,
+            "action": "invalid",
+            "worker": "tcp://h:9",
+            "name": "bad0",
+            "reputation": 0.25,
+            "cause_id": "dispute:4ae619962f8a43df:bad0",
+            "request": "4ae619962f8a43df",
+            "referees": ["0"],
+            "slashable": True,
+            "layer": 1,
+            "expert": 3,
+        },
     ]
     cols = views.trust_event_columns(views.NetworkView(events=events))
     assert cols["action"] == ["invalid"]  # the verdict's own event is folded into the result's
     # the referee by name, as a worker (a bare "(0)" read as a count), and where the call was
-    assert cols["cause"] == ["request 4ae61996, layer 1, expert 3: result proven wrong: recomputed by "
-                             "operator-trusted worker 0, whose answer differs"]
+    assert cols["cause"] == [
+        "request 4ae61996, layer 1, expert 3: result proven wrong: recomputed by "
+        "operator-trusted worker 0, whose answer differs"
+    ]
     assert (cols["layer"], cols["expert"]) == (["1"], ["3"])
     # its calls: the disputed request's, in the disputed layer (the caught call is among them)
     assert cols["calls_link"] == ["neuro/calls?request=4ae619962f8a43df&layer=1"]
 
 
 def test_a_verdict_by_two_untrusted_referees_and_an_older_event_without_names():
-    two = views.describe({"action": "invalid", "cause_id": "dispute:abcdef0123:bad0", "referees": ["2", "x"],
-                          "slashable": False})
-    assert two == "request abcdef01: result proven wrong: recomputed by workers 2, x, whose answers agree, and differ from it"
+    two = views.describe(
+        {"action": "invalid", "cause_id": "dispute:abcdef0123:bad0", "referees": ["2", "x"], "slashable": False}
+    )
+    assert (
+        two
+        == "request abcdef01: result proven wrong: recomputed by workers 2, x, whose answers agree, and differ from it"
+    )
     bare = views.describe({"action": "invalid", "cause_id": "dispute:abcdef0123:bad0"})
     assert bare == "request abcdef01: result proven wrong by recomputation"
-    assert views.calls_link({"action": "invalid", "cause_id": "dispute:abcdef0123:bad0"}) == \
-        "neuro/calls?request=abcdef0123"
+    assert (
+        views.calls_link({"action": "invalid", "cause_id": "dispute:abcdef0123:bad0"})
+        == "neuro/calls?request=abcdef0123"
+    )
 
 
 def test_a_judged_call_names_its_layer_and_expert_and_never_minus_one():
-    cause = views.describe({"action": "invalid", "cause_id": "abc12345ffff", "layer": 3, "expert": 5,
-                            "request": "r0123456789"})
+    cause = views.describe(
+        {"action": "invalid", "cause_id": "abc12345ffff", "layer": 3, "expert": 5, "request": "r0123456789"}
+    )
     assert cause == "request r0123456, call abc12345, layer 3, expert 5: result differed from quorum"
-    cols = views.trust_event_columns(views.NetworkView(events=[
-        {"time": 1.0, "action": "timeout", "name": "w", "layer": -1, "expert": -1, "cause": "probe", "why": "no route"}]))
+    cols = views.trust_event_columns(
+        views.NetworkView(
+            events=[
+                {
+                    "time": 1.0,
+                    "action": "timeout",
+                    "name": "w",
+                    "layer": -1,
+                    "expert": -1,
+                    "cause": "probe",
+                    "why": "no route",
+                }
+            ]
+        )
+    )
     assert cols["layer"] == ["-"] and cols["expert"] == ["-"]
     assert cols["cause"] == ["the scheduler's probe got no answer: no route"]
 
 
 def test_departures_and_pauses_show_on_the_trust_feed():
-    events = [{"time": 1.0, "action": "joined", "worker": "w1", "reputation": 0.5, "cause_id": ""},
-              {"time": 2.0, "action": "pause", "worker": "tcp://w1:1", "name": "w1", "reason": "gpu busy"},
-              {"time": 3.0, "action": "resume", "worker": "tcp://w1:1", "name": "w1", "reason": ""},
-              {"time": 4.0, "action": "crashed", "worker": "tcp://w1:1", "name": "w1", "experts": 8},
-              {"time": 5.0, "action": "left", "worker": "tcp://w2:1", "name": "w2", "experts": 0},
-              {"time": 6.0, "action": "slash", "worker": "w1", "cause": "dispute:feedbeef00:w1"}]
+    events = [
+        {"time": 1.0, "action": "joined", "worker": "w1", "reputation": 0.5, "cause_id": ""},
+        {"time": 2.0, "action": "pause", "worker": "tcp://w1:1", "name": "w1", "reason": "gpu busy"},
+        {"time": 3.0, "action": "resume", "worker": "tcp://w1:1", "name": "w1", "reason": ""},
+        {"time": 4.0, "action": "crashed", "worker": "tcp://w1:1", "name": "w1", "experts": 8},
+        {"time": 5.0, "action": "left", "worker": "tcp://w2:1", "name": "w2", "experts": 0},
+        {"time": 6.0, "action": "slash", "worker": "w1", "cause": "dispute:feedbeef00:w1"},
+    ]
     cols = views.trust_event_columns(views.NetworkView(events=events))
     assert cols["action"] == ["slashed", "left", "crashed", "resumed", "paused", "joined"]
     assert cols["worker"] == ["w1", "w2", "w1", "w1", "w1", "w1"]
@@ -141,8 +191,13 @@ def test_abbreviated_headers_explain_themselves_in_a_tooltip():
 
 
 def test_both_heatmaps_label_dark_cells_white_and_light_cells_black():
-    view = views.NetworkView(layers=1, experts=2, replicas={(0, 0): 2, (0, 1): 1}, target={(0, 0): 3, (0, 1): 1},
-                             load={(0, 0): 30.0, (0, 1): 0.0})
+    view = views.NetworkView(
+        layers=1,
+        experts=2,
+        replicas={(0, 0): 2, (0, 1): 1},
+        target={(0, 0): 3, (0, 1): 1},
+        load={(0, 0): 30.0, (0, 1): 0.0},
+    )
     cols = views.heatmap_columns(view)
     assert views.heat_scales(cols) == (2.0, 3.0)
     assert cols["ink_heat"] == ["white", "black"] and cols["ink_target"] == ["white", "black"]
@@ -154,10 +209,19 @@ def test_both_heatmaps_label_dark_cells_white_and_light_cells_black():
 def test_the_overview_counts_experts_at_target_workers_and_throughput():
     view = views.NetworkView(
         workers=[worker("a"), worker("b", status="paused"), worker("c", status="out of routing")],
-        replicas={(0, 0): 2, (0, 1): 1, (1, 0): 0}, target={(0, 0): 2, (0, 1): 2, (1, 0): 2})
+        replicas={(0, 0): 2, (0, 1): 1, (1, 0): 0},
+        target={(0, 0): 2, (0, 1): 2, (1, 0): 2},
+    )
     feed = Feed()
-    feed.add_calls([call(100.0, 0), call(100.0, 1), call(110.0, 0, outcome="caught"), call(115.0, 1, outcome="failed"),
-                    call(10.0, 0)])  # the last one is older than the window
+    feed.add_calls(
+        [
+            call(100.0, 0),
+            call(100.0, 1),
+            call(110.0, 0, outcome="caught"),
+            call(115.0, 1, outcome="failed"),
+            call(10.0, 0),
+        ]
+    )  # the last one is older than the window
     feed.count("invalid", 2)
     o = views.overview(view, feed, now=120.0, window=60.0)
     assert (o.experts_at_target, o.experts_total) == (1, 3)

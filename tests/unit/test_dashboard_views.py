@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from dashboard_helpers import worker
 
 from neuro_dask.dashboard import views
@@ -17,9 +16,13 @@ def call(seconds: float, workers=("tcp://a:1",), transport="direct", outcome="ok
 def test_network_columns_rank_by_reputation_and_name_the_trust_tier():
     feed = Feed()
     feed.add_calls([call(0.010, ["tcp://b:1"]), call(0.030, ["tcp://b:1"]), call(0.020, ["tcp://b:1"])])
-    view = views.NetworkView(workers=[
-        worker("a", score=0.2, routable=False), worker("b", score=0.9, trusted=True, gpus=2, vram=48 * views.GiB),
-        worker("c", score=0.6, established=True, owner="carol", stake=5 * 10**9)])
+    view = views.NetworkView(
+        workers=[
+            worker("a", score=0.2, routable=False),
+            worker("b", score=0.9, trusted=True, gpus=2, vram=48 * views.GiB),
+            worker("c", score=0.6, established=True, owner="carol", stake=5 * 10**9),
+        ]
+    )
     cols = views.network_columns(view, feed)
     assert cols["name"] == ["b", "c", "a"]
     assert cols["trust"] == ["trusted", "established", "out of routing"]
@@ -29,13 +32,28 @@ def test_network_columns_rank_by_reputation_and_name_the_trust_tier():
     assert cols["p50_ms"][0] == "20.00" and cols["p95_ms"][0] == "30.00"
     assert cols["p50_ms"][2] == cols["p95_ms"][2] == "-"  # no calls: no latency (and never NaN)
     totals = views.network_totals(view)
-    assert totals == {"workers": 3, "serving": 3, "paused": 0, "out_of_routing": 0, "gpus": 2, "memory_gib": 24.0, "vram_gib": 48.0,
-                      "expert_memory_gib": 12.0, "owners": 3, "trusted": 1}
+    assert totals == {
+        "workers": 3,
+        "serving": 3,
+        "paused": 0,
+        "out_of_routing": 0,
+        "gpus": 2,
+        "memory_gib": 24.0,
+        "vram_gib": 48.0,
+        "expert_memory_gib": 12.0,
+        "owners": 3,
+        "trusted": 1,
+    }
 
 
 def test_the_heatmap_shows_load_against_the_mean_and_experts_short_of_their_target():
-    view = views.NetworkView(layers=1, experts=3, replicas={(0, 0): 2, (0, 1): 1, (0, 2): 0},
-                             target={(0, 0): 2, (0, 1): 2, (0, 2): 2}, load={(0, 0): 30.0, (0, 1): 0.0, (0, 2): 0.0})
+    view = views.NetworkView(
+        layers=1,
+        experts=3,
+        replicas={(0, 0): 2, (0, 1): 1, (0, 2): 0},
+        target={(0, 0): 2, (0, 1): 2, (0, 2): 2},
+        load={(0, 0): 30.0, (0, 1): 0.0, (0, 2): 0.0},
+    )
     cols = views.heatmap_columns(view)
     assert cols["expert"] == ["0", "1", "2"] and cols["layer"] == ["0", "0", "0"]
     assert cols["load"] == [3.0, 0.0, 0.0]  # 30 against a mean of 10: a hot expert
@@ -70,8 +88,11 @@ def test_the_latency_histogram_counts_each_call_of_its_transport_once():
 
 
 def test_the_trust_feed_keeps_what_an_operator_must_see_newest_first():
-    events = [{"time": 1.0, "action": "validated", "worker": "a"}, {"time": 2.0, "action": "invalid", "worker": "b",
-              "reputation": 0.25, "cause_id": "c1"}, {"time": 3.0, "action": "slash", "worker": "b"}]
+    events = [
+        {"time": 1.0, "action": "validated", "worker": "a"},
+        {"time": 2.0, "action": "invalid", "worker": "b", "reputation": 0.25, "cause_id": "c1"},
+        {"time": 3.0, "action": "slash", "worker": "b"},
+    ]
     cols = views.trust_event_columns(views.NetworkView(events=events))
     assert cols["action"] == ["slashed", "invalid"]
     assert cols["reputation"] == ["-", "0.250"]  # no NaN where an event has no reputation
@@ -79,9 +100,11 @@ def test_the_trust_feed_keeps_what_an_operator_must_see_newest_first():
 
 
 def test_the_trust_feed_shows_hardened_mode_refusals_with_their_peer():
-    events = [{"time": 1.0, "action": "security:pickle", "worker": "worker:mallory", "cause": "io.open"},
-              {"time": 2.0, "action": "security", "name": "mallory", "reputation": 0.1},
-              {"time": 3.0, "action": "validated", "worker": "a"}]
+    events = [
+        {"time": 1.0, "action": "security:pickle", "worker": "worker:mallory", "cause": "io.open"},
+        {"time": 2.0, "action": "security", "name": "mallory", "reputation": 0.1},
+        {"time": 3.0, "action": "validated", "worker": "a"},
+    ]
     cols = views.trust_event_columns(views.NetworkView(events=events))
     assert cols["action"] == ["security", "security:pickle"]
     assert cols["worker"] == ["mallory", "worker:mallory"] and cols["cause"][1] == "io.open"
@@ -92,8 +115,10 @@ def test_reputation_and_economy_over_time():
     for t in (1.0, 2.0, 3.0):
         feed.sample_reputation({"a": t / 10}, t)
         feed.sample_economy({"treasury": int(t * 1e9), "burned": 0}, t)
-    assert views.reputation_series(feed, ["a", "z"]) == {"a": {"time": [2000.0, 3000.0], "score": [0.2, 0.3]},
-                                                        "z": {"time": [], "score": []}}
+    assert views.reputation_series(feed, ["a", "z"]) == {
+        "a": {"time": [2000.0, 3000.0], "score": [0.2, 0.3]},
+        "z": {"time": [], "score": []},
+    }
     series = views.economy_series(feed)
     assert series["treasury"] == [2.0, 3.0] and series["time"] == [2000.0, 3000.0]
 
@@ -118,7 +143,10 @@ def test_version_rows_show_each_channels_versions_newest_first():
     c.begin("v1", "old-request", 1)
     cols = views.version_columns(views.NetworkView(versions=c.status(3)))
     assert list(zip(cols["model"], cols["role"], cols["requests"], strict=True)) == [
-        ("v3", "candidate (approved by vote)", ""), ("v2", "current", ""), ("v1", "retiring", 1)]
+        ("v3", "candidate (approved by vote)", ""),
+        ("v2", "current", ""),
+        ("v1", "retiring", 1),
+    ]
     c.end("old-request")
     c.retirable(4)
     assert views.version_columns(views.NetworkView(versions=c.status(4)))["role"][-1] == "retired"
@@ -130,23 +158,29 @@ def test_call_reports_carry_rows_and_request_as_checked_plain_data():
     assert (r.rows, r.request, r.time) == (12, "5a53df92aa", 7.0)
     old = CallRecord.from_report([1, 2, ["tcp://w:1"], 0.01, 2, 0, "ok", "direct"], "m", 7.0)
     assert (old.rows, old.request) == (-1, "")  # an older client: no rows, no request
-    for bad in ([1, 2, ["w"], 0.01, 2, 0, "ok", "direct", 1 << 30, "r"],  # rows out of bounds
-                [1, 2, ["w"], 0.01, 2, 0, "ok", "direct", True, "r"],  # a bool is no count
-                [1, 2, ["w"], 0.01, 2, 0, "ok", "direct", 3, "<script>"],  # no id
-                [1, 2, ["w"], 0.01, 2, 0, "ok", "direct", 3, "r" * 65],
-                [1, 2, ["w"], 0.01, 2, 0, "ok", "direct", 3],  # 9 fields
-                ["1", 2, ["w"], 0.01, 2, 0, "ok", "direct"],  # a layer must be an int
-                [1, 2, "w", 0.01, 2, 0, "ok", "direct"],  # workers must be a list
-                [1, 2, ["w"], -1.0, 2, 0, "ok", "direct"],
-                {"layer": 1}):
+    for bad in (
+        [1, 2, ["w"], 0.01, 2, 0, "ok", "direct", 1 << 30, "r"],  # rows out of bounds
+        [1, 2, ["w"], 0.01, 2, 0, "ok", "direct", True, "r"],  # a bool is no count
+        [1, 2, ["w"], 0.01, 2, 0, "ok", "direct", 3, "<script>"],  # no id
+        [1, 2, ["w"], 0.01, 2, 0, "ok", "direct", 3, "r" * 65],
+        [1, 2, ["w"], 0.01, 2, 0, "ok", "direct", 3],  # 9 fields
+        ["1", 2, ["w"], 0.01, 2, 0, "ok", "direct"],  # a layer must be an int
+        [1, 2, "w", 0.01, 2, 0, "ok", "direct"],  # workers must be a list
+        [1, 2, ["w"], -1.0, 2, 0, "ok", "direct"],
+        {"layer": 1},
+    ):
         with pytest.raises(ValueError):
             CallRecord.from_report(bad, "m", 0.0)
 
 
 def test_the_calls_page_filters_by_request_and_layer():
     feed = Feed()
-    feed.add_calls([CallRecord(1.0, "m", layer, 2, ("tcp://a:1",), 0.01, 2, 0, "ok", "direct", 8, request)
-                    for layer, request in ((0, "aaaa1111"), (1, "aaaa1111"), (1, "bbbb2222"), (1, ""))])
+    feed.add_calls(
+        [
+            CallRecord(1.0, "m", layer, 2, ("tcp://a:1",), 0.01, 2, 0, "ok", "direct", 8, request)
+            for layer, request in ((0, "aaaa1111"), (1, "aaaa1111"), (1, "bbbb2222"), (1, ""))
+        ]
+    )
     assert views.calls_columns(feed, request="aaaa1111")["layer"] == [1, 0]
     assert views.calls_columns(feed, request="aaaa", layer="1")["request"] == ["aaaa1111"]
     assert views.calls_columns(feed, layer="1")["request"] == ["-", "bbbb2222", "aaaa1111"]

@@ -37,8 +37,10 @@ def test_bundled_model_is_a_small_mixtral_with_a_tokenizer(adder):
 def test_exact_match_accuracy_on_held_out_problems(adder):
     # Seed 2024 is not the trainer's evaluation seed: these are unseen problems, unseen checks.
     problems = sample_problems(1000, random.Random(2024), held_out=True)
-    answers = [adder.generate_text([p.prompt for p in problems[i:i + 250]], max_new_tokens=5)
-               for i in range(0, len(problems), 250)]
+    answers = [
+        adder.generate_text([p.prompt for p in problems[i : i + 250]], max_new_tokens=5)
+        for i in range(0, len(problems), 250)
+    ]
     accuracy = exact_match([a for chunk in answers for a in chunk], problems)
     assert accuracy >= 0.95, f"held-out exact match {accuracy:.3f}"
 

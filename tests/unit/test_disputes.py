@@ -11,11 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from neuro_dask.errors import ConfigError
+from neuro_dask.protocol.wire import encode_request, encode_response
 from neuro_dask.security.signing import Signer
 from neuro_dask.trust.disputes import Evidence, Referee, StrikeBook, Verdict, judge, referee_order
 from neuro_dask.trust.receipts import EvidenceError, Receipt, ReceiptBook, digest, sign_receipt
 from neuro_dask.trust.validation import agree as agree_results
-from neuro_dask.protocol.wire import encode_request, encode_response
 
 ALICE, BOB = Signer.generate(), Signer.generate()
 T0 = 1_900_000_000.0
@@ -31,8 +31,15 @@ def expert_fn(expert: int, rows: torch.Tensor) -> torch.Tensor:
     return torch.tanh(rows * (expert + 1)) + 0.1 * expert
 
 
-def call(dtype=torch.float32, counts=(3, 0, 5), experts=(2, 9, 4), cheat: int | None = None, worker="alice",
-         signer: Signer = ALICE, seed: int = 0) -> Evidence:
+def call(
+    dtype=torch.float32,
+    counts=(3, 0, 5),
+    experts=(2, 9, 4),
+    cheat: int | None = None,
+    worker="alice",
+    signer: Signer = ALICE,
+    seed: int = 0,
+) -> Evidence:
     """One honest (or, for `cheat`, one wrong) expert call and its evidence against expert `cheat`
     (or the first expert)."""
     gen = torch.Generator().manual_seed(seed)
@@ -43,8 +50,24 @@ def call(dtype=torch.float32, counts=(3, 0, 5), experts=(2, 9, 4), cheat: int | 
     request, response = encode_request("m1", 3, groups), encode_response(outputs)
     inputs, out = bytes(request["data"]), bytes(response["data"])
     n = sum(counts)
-    r = Receipt(worker, "expert", "m1", 3, "", tuple(experts), tuple(counts), request["dtype"], D, digest(inputs),
-                digest(out), "req-1", "c1", 1, n, len(experts))
+    r = Receipt(
+        worker,
+        "expert",
+        "m1",
+        3,
+        "",
+        tuple(experts),
+        tuple(counts),
+        request["dtype"],
+        D,
+        digest(inputs),
+        digest(out),
+        "req-1",
+        "c1",
+        1,
+        n,
+        len(experts),
+    )
     sig = Receipt.from_wire(sign_receipt(signer, r))[1]
     return Evidence(r, sig, experts[0] if cheat is None else cheat, request["dtype"], D, inputs, out)
 
@@ -79,13 +102,16 @@ def test_half_precision_evidence(dtype):
     assert ev.rows("outputs").dtype == dtype
 
 
-@pytest.mark.parametrize("attack, reason", [
-    ("inputs swapped for other rows", "digest"),
-    ("outputs swapped for other rows", "digest"),
-    ("checked against another worker's key", "bad-signature"),
-    ("receipt signed by another worker's key", "bad-signature"),
-    ("receipt changed after signing", "bad-signature"),
-])
+@pytest.mark.parametrize(
+    "attack, reason",
+    [
+        ("inputs swapped for other rows", "digest"),
+        ("outputs swapped for other rows", "digest"),
+        ("checked against another worker's key", "bad-signature"),
+        ("receipt signed by another worker's key", "bad-signature"),
+        ("receipt changed after signing", "bad-signature"),
+    ],
+)
 def test_check_refuses(attack, reason):
     ev, key = call(), ALICE.public_der
     if attack == "inputs swapped for other rows":
@@ -103,18 +129,21 @@ def test_check_refuses(attack, reason):
     assert err.value.reason == reason
 
 
-@pytest.mark.parametrize("attack, field", [
-    ("inputs shorter than the counts say", "inputs"),
-    ("outputs longer than the counts say", "outputs"),
-    ("an expert the receipt does not cover", "expert"),
-    ("the expert as a bool", "expert"),
-    ("float16 rows re-read as bfloat16", "dtype"),
-    ("rows re-read at another width", "dtype"),
-    ("a share receipt over float rows", "inputs"),
-    ("not a receipt", "receipt"),
-    ("no signature", "sig"),
-    ("inputs as text", "inputs"),
-])
+@pytest.mark.parametrize(
+    "attack, field",
+    [
+        ("inputs shorter than the counts say", "inputs"),
+        ("outputs longer than the counts say", "outputs"),
+        ("an expert the receipt does not cover", "expert"),
+        ("the expert as a bool", "expert"),
+        ("float16 rows re-read as bfloat16", "dtype"),
+        ("rows re-read at another width", "dtype"),
+        ("a share receipt over float rows", "inputs"),
+        ("not a receipt", "receipt"),
+        ("no signature", "sig"),
+        ("inputs as text", "inputs"),
+    ],
+)
 def test_evidence_refused_at_construction(attack, field):
     ev = call(dtype=torch.float16)
     over: dict = {}
@@ -151,15 +180,18 @@ def test_evidence_round_trips_through_msgpack():
     back.check(ALICE.public_der)
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"expert": KeyError}, "expert"),
-    ({"extra": 1}, ""),
-    ({"hidden": "8"}, "hidden"),
-    ({"hidden": 8.0}, "hidden"),
-    ({"dtype": "float64"}, "dtype"),
-    ({"dtype": None}, "dtype"),
-    ({"receipt": {}}, "worker"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"expert": KeyError}, "expert"),
+        ({"extra": 1}, ""),
+        ({"hidden": "8"}, "hidden"),
+        ({"hidden": 8.0}, "hidden"),
+        ({"dtype": "float64"}, "dtype"),
+        ({"dtype": None}, "dtype"),
+        ({"receipt": {}}, "worker"),
+    ],
+)
 def test_evidence_from_wire_names_the_bad_field(change, field):
     wire = call().to_wire()
     for k, v in change.items():
@@ -178,14 +210,23 @@ def test_evidence_from_wire_refuses_calls_over_max_rows():
 
 
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=20), st.binary(max_size=40))
-MSGPACK_LIKE = st.recursive(SCALARS, lambda inner: st.one_of(
-    st.lists(inner, max_size=5), st.dictionaries(st.text(max_size=10), inner, max_size=5)), max_leaves=20)
+MSGPACK_LIKE = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(st.lists(inner, max_size=5), st.dictionaries(st.text(max_size=10), inner, max_size=5)),
+    max_leaves=20,
+)
 GOOD = call().to_wire()
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.one_of(MSGPACK_LIKE, st.lists(st.tuples(st.sampled_from(sorted(GOOD)), MSGPACK_LIKE), min_size=1,
-                                        max_size=2).map(lambda edits: {**GOOD, **dict(edits)})))
+@given(
+    st.one_of(
+        MSGPACK_LIKE,
+        st.lists(st.tuples(st.sampled_from(sorted(GOOD)), MSGPACK_LIKE), min_size=1, max_size=2).map(
+            lambda edits: {**GOOD, **dict(edits)}
+        ),
+    )
+)
 def test_evidence_from_wire_returns_or_raises_evidence_error(obj):
     try:
         Evidence.from_wire(obj, max_rows=100)
@@ -201,20 +242,28 @@ def ref(worker: str, owner: str = "", trusted: bool = False, score: float = 0.5)
 
 
 def test_referee_order_trusted_first_then_score_then_name():
-    candidates = [ref("c", "oc", score=0.9), ref("a", "oa", score=0.7), ref("b", "ob", score=0.7),
-                  ref("t2", "ot", trusted=True, score=0.1), ref("t1", "ot", trusted=True, score=0.1),
-                  ref("a", "oa", score=0.99)]  # a second entry for a worker is ignored
+    candidates = [
+        ref("c", "oc", score=0.9),
+        ref("a", "oa", score=0.7),
+        ref("b", "ob", score=0.7),
+        ref("t2", "ot", trusted=True, score=0.1),
+        ref("t1", "ot", trusted=True, score=0.1),
+        ref("a", "oa", score=0.99),
+    ]  # a second entry for a worker is ignored
     assert [r.worker for r in referee_order(candidates, "x", "ox")] == ["t1", "t2", "c", "a", "b"]
 
 
-@pytest.mark.parametrize("accused, accused_owner, candidate, eligible", [
-    ("x", "ox", ref("x", "ox"), False),  # the accused itself
-    ("x", "ox", ref("x2", "ox", trusted=True, score=1.0), False),  # its owner's other machine, even trusted
-    ("x", "", ref("y", "x"), False),  # owner "" means the accused owns itself
-    ("x", "ox", ref("ox"), False),  # a worker without owner named like the owner: its owner id is "ox"
-    ("x", "ox", ref("y", "oy"), True),
-    ("x", "", ref("y"), True),
-])
+@pytest.mark.parametrize(
+    "accused, accused_owner, candidate, eligible",
+    [
+        ("x", "ox", ref("x", "ox"), False),  # the accused itself
+        ("x", "ox", ref("x2", "ox", trusted=True, score=1.0), False),  # its owner's other machine, even trusted
+        ("x", "", ref("y", "x"), False),  # owner "" means the accused owns itself
+        ("x", "ox", ref("ox"), False),  # a worker without owner named like the owner: its owner id is "ox"
+        ("x", "ox", ref("y", "oy"), True),
+        ("x", "", ref("y"), True),
+    ],
+)
 def test_referee_order_never_lets_an_owner_judge_its_own(accused, accused_owner, candidate, eligible):
     assert (referee_order([candidate], accused, accused_owner) == [candidate]) is eligible
 
@@ -236,28 +285,31 @@ TRUSTED, TRUSTED2 = ref("t", "op", trusted=True), ref("t2", "op2", trusted=True)
 A, B, C, A2 = ref("a", "oa"), ref("b", "ob"), ref("c", "oc"), ref("a2", "oa")
 
 
-@pytest.mark.parametrize("accused, answers, kind, slashable, referees", [
-    # rule 1: a trusted referee decides alone
-    (WRONG, [(TRUSTED, RIGHT)], "proven", True, ("t",)),
-    (NEAR, [(TRUSTED, RIGHT)], "refuted", False, ("t",)),
-    (WRONG, [(TRUSTED, RIGHT), (A, WRONG), (B, WRONG)], "proven", True, ("t",)),  # untrusted colluders outvoted
-    (RIGHT, [(A, WRONG), (B, WRONG), (TRUSTED, NEAR)], "refuted", False, ("t",)),
-    (WRONG, [(TRUSTED, RIGHT), (TRUSTED2, NEAR)], "proven", True, ("t", "t2")),
-    (WRONG, [(TRUSTED, RIGHT), (TRUSTED2, WRONG)], "undecided", False, ("t", "t2")),  # trusted disagree
-    (WRONG, [(TRUSTED, None), (A, RIGHT), (B, NEAR)], "proven", False, ("a", "b")),  # failed trusted: rule 2
-    # rule 2: two referees of distinct owners
-    (WRONG, [(A, RIGHT), (B, NEAR)], "proven", False, ("a", "b")),
-    (NEAR, [(A, RIGHT), (B, RIGHT)], "refuted", False, ("a", "b")),
-    (WRONG, [(A, RIGHT), (B, NEAR), (C, RIGHT)], "proven", False, ("a", "b", "c")),
-    # rule 3: everything else
-    (WRONG, [], "undecided", False, ()),
-    (WRONG, [(A, None), (B, None)], "undecided", False, ()),
-    (WRONG, [(A, RIGHT)], "undecided", False, ("a",)),  # one referee
-    (WRONG, [(A, RIGHT), (A2, RIGHT)], "undecided", False, ("a", "a2")),  # one owner
-    (WRONG, [(A, RIGHT), (B, WRONG + 1)], "undecided", False, ("a", "b")),  # referees disagree
-    (WRONG, [(A, RIGHT), (B, RIGHT), (C, WRONG)], "undecided", False, ("a", "b", "c")),  # a lone dissenter
-    (WRONG, [(A, RIGHT), (B, RIGHT[:2])], "undecided", False, ("a",)),  # a wrong shape counts as failed
-])
+@pytest.mark.parametrize(
+    "accused, answers, kind, slashable, referees",
+    [
+        # rule 1: a trusted referee decides alone
+        (WRONG, [(TRUSTED, RIGHT)], "proven", True, ("t",)),
+        (NEAR, [(TRUSTED, RIGHT)], "refuted", False, ("t",)),
+        (WRONG, [(TRUSTED, RIGHT), (A, WRONG), (B, WRONG)], "proven", True, ("t",)),  # untrusted colluders outvoted
+        (RIGHT, [(A, WRONG), (B, WRONG), (TRUSTED, NEAR)], "refuted", False, ("t",)),
+        (WRONG, [(TRUSTED, RIGHT), (TRUSTED2, NEAR)], "proven", True, ("t", "t2")),
+        (WRONG, [(TRUSTED, RIGHT), (TRUSTED2, WRONG)], "undecided", False, ("t", "t2")),  # trusted disagree
+        (WRONG, [(TRUSTED, None), (A, RIGHT), (B, NEAR)], "proven", False, ("a", "b")),  # failed trusted: rule 2
+        # rule 2: two referees of distinct owners
+        (WRONG, [(A, RIGHT), (B, NEAR)], "proven", False, ("a", "b")),
+        (NEAR, [(A, RIGHT), (B, RIGHT)], "refuted", False, ("a", "b")),
+        (WRONG, [(A, RIGHT), (B, NEAR), (C, RIGHT)], "proven", False, ("a", "b", "c")),
+        # rule 3: everything else
+        (WRONG, [], "undecided", False, ()),
+        (WRONG, [(A, None), (B, None)], "undecided", False, ()),
+        (WRONG, [(A, RIGHT)], "undecided", False, ("a",)),  # one referee
+        (WRONG, [(A, RIGHT), (A2, RIGHT)], "undecided", False, ("a", "a2")),  # one owner
+        (WRONG, [(A, RIGHT), (B, WRONG + 1)], "undecided", False, ("a", "b")),  # referees disagree
+        (WRONG, [(A, RIGHT), (B, RIGHT), (C, WRONG)], "undecided", False, ("a", "b", "c")),  # a lone dissenter
+        (WRONG, [(A, RIGHT), (B, RIGHT[:2])], "undecided", False, ("a",)),  # a wrong shape counts as failed
+    ],
+)
 def test_judge(accused, answers, kind, slashable, referees):
     verdict = judge(accused, answers, agree)
     assert (verdict.kind, verdict.slashable, verdict.referees) == (kind, slashable, referees), verdict.why

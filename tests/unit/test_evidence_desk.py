@@ -10,14 +10,14 @@ import asyncio
 import pytest
 import torch
 
-from neuro_dask.scheduler.evidence_desk import EvidenceDesk
 from neuro_dask.privacy.fixed_point import ring_matmul
 from neuro_dask.privacy.share_wire import encode_share_request, encode_share_response
+from neuro_dask.protocol.wire import decode_request, encode_request, encode_response
 from neuro_dask.runtime.receipting import Receipting
+from neuro_dask.scheduler.evidence_desk import EvidenceDesk
 from neuro_dask.security.signing import Signer
 from neuro_dask.trust.disputes import Referee
 from neuro_dask.trust.receipts import TicketError
-from neuro_dask.protocol.wire import decode_request, encode_request, encode_response
 
 MODEL = "m-1"
 D = 4
@@ -78,8 +78,14 @@ def _call(desk, ticket, rows=None):
 
 
 def _evidence(msg, response, expert_id=0):
-    return {"receipt": response["receipt"], "expert": expert_id, "dtype": msg["dtype"], "hidden": msg["hidden"],
-            "inputs": bytes(msg["data"]), "outputs": bytes(response["data"])}
+    return {
+        "receipt": response["receipt"],
+        "expert": expert_id,
+        "dtype": msg["dtype"],
+        "hidden": msg["hidden"],
+        "inputs": bytes(msg["data"]),
+        "outputs": bytes(response["data"]),
+    }
 
 
 def _settle(desk, evidence, reporter="alice", key="client:alice", net=None):
@@ -261,11 +267,18 @@ def test_a_lying_share_holder_is_proven_bit_for_bit_and_the_other_holder_never_s
     liar, other_holder, anchor = ShareWorker("liar", lie=1), ShareWorker("trusted-2"), ShareWorker("trusted-1")
     by_address, candidates, call = _network(desk, [liar, other_holder, anchor])
     ticket = desk.begin("r1", MODEL, "alice", "alice", "private", 60)
-    share = torch.randint(-2**62, 2**62, (3, D), dtype=torch.int64)
+    share = torch.randint(-(2**62), 2**62, (3, D), dtype=torch.int64)
     msg = {**encode_share_request(MODEL, 0, "gate_up", 16, {0: share}), "request": "r1", "ticket": ticket}
     response = liar.serve(msg, caller="alice")
-    evidence = {"receipt": response["receipt"], "expert": 0, "dtype": "int64", "hidden": D,
-                "inputs": bytes(msg["data"]), "outputs": bytes(response["data"]), "exclude": ["trusted-2"]}
+    evidence = {
+        "receipt": response["receipt"],
+        "expert": 0,
+        "dtype": "int64",
+        "hidden": D,
+        "inputs": bytes(msg["data"]),
+        "outputs": bytes(response["data"]),
+        "exclude": ["trusted-2"],
+    }
     result = _settle(desk, evidence, net=(by_address, candidates, call))
     assert result.verdict.kind == "proven" and result.verdict.referees == ("trusted-1",)
     assert other_holder.calls == 0  # excluded: it holds the other share of the secret

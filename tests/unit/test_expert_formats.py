@@ -1,4 +1,4 @@
-"""Quantized expert formats (runtime/expert_formats.py) against transformers' own dequantization,
+"""Quantized expert formats (store/expert_formats.py) against transformers' own dequantization,
 and the tiny published-layout checkpoints of neuro_dask/testing/quantized_checkpoints.py."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from neuro_dask.errors import CheckpointError, ConfigError, NeuroDaskError
-from neuro_dask.runtime import expert_formats as ef
+from neuro_dask.store import expert_formats as ef
 from neuro_dask.testing import quantized_checkpoints as qc
 
 pytestmark = pytest.mark.golden

@@ -18,8 +18,9 @@ from neuro_dask.runtime.expert_memory import (
 
 def expert(rows: int = 2, dtype: torch.dtype = torch.float32) -> ExpertWeights:
     """rows x 4 per tensor: 3 * rows * 4 elements."""
-    return ExpertWeights(torch.zeros(rows, 4, dtype=dtype), torch.zeros(rows, 4, dtype=dtype),
-                         torch.zeros(4, rows, dtype=dtype))
+    return ExpertWeights(
+        torch.zeros(rows, 4, dtype=dtype), torch.zeros(rows, 4, dtype=dtype), torch.zeros(4, rows, dtype=dtype)
+    )
 
 
 UNIT = weights_nbytes(expert())  # 3 tensors * 8 floats * 4 bytes

@@ -19,8 +19,10 @@ from neuro_dask.federated.dp import (
 )
 
 
-@pytest.mark.parametrize("vec,clip,norm_after", [([3.0, 4.0], 1.0, 1.0), ([3.0, 4.0], 10.0, 5.0), ([0.0, 0.0], 1.0, 0.0),
-                                                 ([3.0, 4.0], None, 5.0)])
+@pytest.mark.parametrize(
+    "vec,clip,norm_after",
+    [([3.0, 4.0], 1.0, 1.0), ([3.0, 4.0], 10.0, 5.0), ([0.0, 0.0], 1.0, 0.0), ([3.0, 4.0], None, 5.0)],
+)
 def test_clip_l2(vec, clip, norm_after):
     out, before = clip_l2(np.array(vec), clip)
     assert before == pytest.approx(np.linalg.norm(vec))

@@ -26,11 +26,23 @@ TIMEOUT = 240
 @pytest.fixture(scope="module")
 def fuzzers(request):
     """Every selected target at once (each is mostly one busy core), with a fixed libFuzzer seed."""
-    selected = {item.callspec.params["target"] for item in request.session.items
-                if item.module is request.module and hasattr(item, "callspec")}
-    procs = {t: subprocess.Popen([sys.executable, str(HARNESS), "--runs", str(RUNS), "--target", t, "--seed", "1"],
-                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
-             for t in TARGETS if t in selected}
+    selected = {
+        item.callspec.params["target"]
+        for item in request.session.items
+        if item.module is request.module and hasattr(item, "callspec")
+    }
+    procs = {
+        t: subprocess.Popen(
+            [sys.executable, str(HARNESS), "--runs", str(RUNS), "--target", t, "--seed", "1"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+        )
+        for t in TARGETS
+        if t in selected
+    }
     yield procs
     for proc in procs.values():
         if proc.poll() is None:

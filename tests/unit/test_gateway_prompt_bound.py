@@ -14,8 +14,13 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from neuro_dask.gateway.prompt_bound import prompt_bound
 
-CORPUS = ["12+345=357", "hello world, hello there", "the quick brown fox jumps over the lazy dog",
-          "naïve café — 東京 ☃ 😀", "\n\n  indented\tline\r\n"] * 20
+CORPUS = [
+    "12+345=357",
+    "hello world, hello there",
+    "the quick brown fox jumps over the lazy dog",
+    "naïve café — 東京 ☃ 😀",
+    "\n\n  indented\tline\r\n",
+] * 20
 
 
 @functools.cache
@@ -31,8 +36,9 @@ def byte_level_bpe() -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<|endoftext|>"])
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|endoftext|>"]
+    )
     tok.train_from_iterator(CORPUS, trainer)
     tok.add_tokens(["<|im_start|>"])
     return tok
@@ -54,8 +60,9 @@ PIECES = ["1", "+", "=", " ", "\n", "\r\n", "<s>", "</s>", "<pad>", "<|im_start|
 texts = st.lists(st.one_of(st.sampled_from(PIECES), st.text(max_size=8)), max_size=40).map("".join)
 
 
-@pytest.mark.parametrize("build", [adder, byte_level_bpe, lambda: char_bpe(fuse_unk=False)],
-                         ids=["adder", "byte-level-bpe", "bpe-with-unk"])
+@pytest.mark.parametrize(
+    "build", [adder, byte_level_bpe, lambda: char_bpe(fuse_unk=False)], ids=["adder", "byte-level-bpe", "bpe-with-unk"]
+)
 @settings(max_examples=300, deadline=None)
 @given(text=texts)
 def test_the_bound_never_exceeds_the_true_count(build, text):
@@ -73,21 +80,34 @@ def test_the_adders_bound_refuses_long_prompts_but_not_runs_of_line_breaks():
     assert len(adder().encode("\n" * 1000, add_special_tokens=False).ids) == 1
 
 
-@pytest.mark.parametrize("change", [
-    lambda s: s.update(normalizer={"type": "NFC"}),  # composes: shortens
-    lambda s: s.update(normalizer={"type": "Strip", "strip_left": True, "strip_right": True}),
-    lambda s: s.update(normalizer={"type": "Replace", "pattern": {"String": "ab"}, "content": "c"}),
-    lambda s: s.update(pre_tokenizer={"type": "Whitespace"}),  # drops whitespace
-    lambda s: s.update(pre_tokenizer={"type": "Split", "pattern": {"String": " "}, "behavior": "Removed",
-                                      "invert": False}),
-    lambda s: s.update(truncation={"max_length": 8}),
-    lambda s: s["added_tokens"].append({"id": 999, "content": "<mask>", "lstrip": True, "rstrip": False,
-                                        "single_word": False, "normalized": False, "special": True}),
-    lambda s: s["model"].update(fuse_unk=True),  # a run of unknown characters is one <unk>
-    lambda s: s["model"].update(unk_token=None),  # unknown characters are dropped
-    lambda s: s.update(model={"type": "WordPiece", "unk_token": "<unk>", "vocab": {"<unk>": 0}}),
-    lambda s: s.update(model={"type": "Unigram", "unk_id": 0, "vocab": [["<unk>", 0.0]]}),
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda s: s.update(normalizer={"type": "NFC"}),  # composes: shortens
+        lambda s: s.update(normalizer={"type": "Strip", "strip_left": True, "strip_right": True}),
+        lambda s: s.update(normalizer={"type": "Replace", "pattern": {"String": "ab"}, "content": "c"}),
+        lambda s: s.update(pre_tokenizer={"type": "Whitespace"}),  # drops whitespace
+        lambda s: s.update(
+            pre_tokenizer={"type": "Split", "pattern": {"String": " "}, "behavior": "Removed", "invert": False}
+        ),
+        lambda s: s.update(truncation={"max_length": 8}),
+        lambda s: s["added_tokens"].append(
+            {
+                "id": 999,
+                "content": "<mask>",
+                "lstrip": True,
+                "rstrip": False,
+                "single_word": False,
+                "normalized": False,
+                "special": True,
+            }
+        ),
+        lambda s: s["model"].update(fuse_unk=True),  # a run of unknown characters is one <unk>
+        lambda s: s["model"].update(unk_token=None),  # unknown characters are dropped
+        lambda s: s.update(model={"type": "WordPiece", "unk_token": "<unk>", "vocab": {"<unk>": 0}}),
+        lambda s: s.update(model={"type": "Unigram", "unk_id": 0, "vocab": [["<unk>", 0.0]]}),
+    ],
+)
 def test_no_bound_where_none_is_provable(change):
     s = spec(char_bpe(fuse_unk=False))
     assert prompt_bound(s) is not None
@@ -101,4 +121,3 @@ def test_word_level_needs_one_word_per_character():
     assert prompt_bound(s) is None
     s["pre_tokenizer"] = {"type": "Split", "pattern": {"Regex": "\\d+"}, "behavior": "Isolated", "invert": False}
     assert prompt_bound(s) is None  # a number of any length is one word, one token
-

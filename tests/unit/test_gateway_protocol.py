@@ -54,25 +54,53 @@ def refused(fn, *args, **kwargs) -> ProtocolError:
 
 # ---- parsing and validation -----------------------------------------------------------------------
 
+
 def test_a_completion_request_with_defaults():
     req = completion()
     assert req.model == "adder" and req.prompt == "1+2="
     p = req.params
-    assert (p.max_tokens, p.temperature, p.top_p, p.seed, p.stop, p.stream, p.include_usage) == \
-        (None, 1.0, None, None, (), False, False)
+    assert (p.max_tokens, p.temperature, p.top_p, p.seed, p.stop, p.stream, p.include_usage) == (
+        None,
+        1.0,
+        None,
+        None,
+        (),
+        False,
+        False,
+    )
     assert p.do_sample  # OpenAI's default temperature is 1
 
 
 def test_every_sampling_field_is_read():
-    p = completion(max_tokens=7, temperature=0.5, top_p=0.9, top_k=3, seed=11, stop=["\n", "x"], stream=True,
-                   stream_options={"include_usage": True}, n=1, user="me", presence_penalty=0).params
-    assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed, p.stop, p.stream, p.include_usage) == \
-        (7, 0.5, 0.9, 3, 11, ("\n", "x"), True, True)
+    p = completion(
+        max_tokens=7,
+        temperature=0.5,
+        top_p=0.9,
+        top_k=3,
+        seed=11,
+        stop=["\n", "x"],
+        stream=True,
+        stream_options={"include_usage": True},
+        n=1,
+        user="me",
+        presence_penalty=0,
+    ).params
+    assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed, p.stop, p.stream, p.include_usage) == (
+        7,
+        0.5,
+        0.9,
+        3,
+        11,
+        ("\n", "x"),
+        True,
+        True,
+    )
     assert p.model_options() == {"do_sample": True, "temperature": 0.5, "top_p": 0.9, "top_k": 3, "seed": 11}
 
 
-@pytest.mark.parametrize("fields", [{"temperature": 0}, {"temperature": 0.0, "top_p": 0.5}, {"top_p": 0},
-                                    {"temperature": 1e-300}])
+@pytest.mark.parametrize(
+    "fields", [{"temperature": 0}, {"temperature": 0.0, "top_p": 0.5}, {"top_p": 0}, {"temperature": 1e-300}]
+)
 def test_temperature_zero_or_top_p_zero_is_greedy(fields):
     p = completion(**fields).params
     assert not p.do_sample
@@ -88,48 +116,58 @@ def test_null_fields_mean_not_given():
     assert (p.max_tokens, p.temperature, p.stop, p.stream) == (None, 1.0, (), False)
 
 
-@pytest.mark.parametrize("prompt, expected", [
-    ("abc", "abc"), (["abc"], "abc"), ([1, 5, 6], (1, 5, 6)), ([[1, 5]], (1, 5)), ("", ""),
-])
+@pytest.mark.parametrize(
+    "prompt, expected",
+    [
+        ("abc", "abc"),
+        (["abc"], "abc"),
+        ([1, 5, 6], (1, 5, 6)),
+        ([[1, 5]], (1, 5)),
+        ("", ""),
+    ],
+)
 def test_prompt_forms(prompt, expected):
     assert completion(prompt=prompt).prompt == expected
 
 
-@pytest.mark.parametrize("field, value, param", [
-    ("max_tokens", -1, "max_tokens"),
-    ("max_tokens", 0, "max_tokens"),
-    ("max_tokens", 2.5, "max_tokens"),
-    ("max_tokens", 3.0, "max_tokens"),
-    ("max_tokens", "5", "max_tokens"),
-    ("max_tokens", True, "max_tokens"),
-    ("temperature", -0.1, "temperature"),
-    ("temperature", 2.5, "temperature"),
-    ("temperature", "hot", "temperature"),
-    ("temperature", float("nan"), "temperature"),
-    ("top_p", 1.5, "top_p"),
-    ("top_p", -0.5, "top_p"),
-    ("top_k", 0, "top_k"),
-    ("seed", 1.5, "seed"),
-    ("seed", 2**64, "seed"),
-    ("n", 2, "n"),
-    ("n", 0, "n"),
-    ("stream", "yes", "stream"),
-    ("stop", 5, "stop"),
-    ("stop", ["a", 1], "stop"),
-    ("stop", ["a", "b", "c", "d", "e"], "stop"),
-    ("stop", "", "stop"),
-    ("stream_options", [], "stream_options"),
-    ("presence_penalty", 0.5, "presence_penalty"),
-    ("frequency_penalty", 1, "frequency_penalty"),
-    ("logit_bias", {"5": 1}, "logit_bias"),
-    ("echo", True, "echo"),
-    ("best_of", 3, "best_of"),
-    ("logprobs", 2, "logprobs"),
-    ("prompt", ["a", "b"], "prompt"),
-    ("prompt", 5, "prompt"),
-    ("prompt", None, "prompt"),
-    ("prompt", [1, "a"], "prompt"),
-])
+@pytest.mark.parametrize(
+    "field, value, param",
+    [
+        ("max_tokens", -1, "max_tokens"),
+        ("max_tokens", 0, "max_tokens"),
+        ("max_tokens", 2.5, "max_tokens"),
+        ("max_tokens", 3.0, "max_tokens"),
+        ("max_tokens", "5", "max_tokens"),
+        ("max_tokens", True, "max_tokens"),
+        ("temperature", -0.1, "temperature"),
+        ("temperature", 2.5, "temperature"),
+        ("temperature", "hot", "temperature"),
+        ("temperature", float("nan"), "temperature"),
+        ("top_p", 1.5, "top_p"),
+        ("top_p", -0.5, "top_p"),
+        ("top_k", 0, "top_k"),
+        ("seed", 1.5, "seed"),
+        ("seed", 2**64, "seed"),
+        ("n", 2, "n"),
+        ("n", 0, "n"),
+        ("stream", "yes", "stream"),
+        ("stop", 5, "stop"),
+        ("stop", ["a", 1], "stop"),
+        ("stop", ["a", "b", "c", "d", "e"], "stop"),
+        ("stop", "", "stop"),
+        ("stream_options", [], "stream_options"),
+        ("presence_penalty", 0.5, "presence_penalty"),
+        ("frequency_penalty", 1, "frequency_penalty"),
+        ("logit_bias", {"5": 1}, "logit_bias"),
+        ("echo", True, "echo"),
+        ("best_of", 3, "best_of"),
+        ("logprobs", 2, "logprobs"),
+        ("prompt", ["a", "b"], "prompt"),
+        ("prompt", 5, "prompt"),
+        ("prompt", None, "prompt"),
+        ("prompt", [1, "a"], "prompt"),
+    ],
+)
 def test_bad_completion_fields_are_400_naming_the_field(field, value, param):
     err = refused(completion, **{field: value})
     assert err.status == 400 and err.type == "invalid_request_error" and err.param == param
@@ -150,14 +188,26 @@ def test_an_unknown_model_is_404_model_not_found():
 
 
 def test_chat_messages_are_normalized_to_text():
-    req = parse_chat({"model": "adder", "messages": [
+    req = parse_chat(
+        {
+            "model": "adder",
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "1+"}, {"type": "text", "text": "2="}],
+                    "name": "ann",
+                },
+                {"role": "assistant", "content": None},
+            ],
+        },
+        MODELS,
+    )
+    assert req.messages == (
         {"role": "system", "content": "be brief"},
-        {"role": "user", "content": [{"type": "text", "text": "1+"}, {"type": "text", "text": "2="}], "name": "ann"},
-        {"role": "assistant", "content": None},
-    ]}, MODELS)
-    assert req.messages == ({"role": "system", "content": "be brief"},
-                            {"role": "user", "content": "1+2=", "name": "ann"},
-                            {"role": "assistant", "content": ""})
+        {"role": "user", "content": "1+2=", "name": "ann"},
+        {"role": "assistant", "content": ""},
+    )
 
 
 def test_chat_prefers_max_completion_tokens():
@@ -166,16 +216,19 @@ def test_chat_prefers_max_completion_tokens():
     assert refused(chat, max_completion_tokens=-2).param == "max_completion_tokens"
 
 
-@pytest.mark.parametrize("messages, param", [
-    (None, "messages"),
-    ([], "messages"),
-    ("hi", "messages"),
-    (["hi"], "messages[0]"),
-    ([{"role": "wizard", "content": "x"}], "messages[0].role"),
-    ([{"content": "x"}], "messages[0].role"),
-    ([{"role": "user", "content": 5}], "messages[0].content"),
-    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "messages[0].content"),
-])
+@pytest.mark.parametrize(
+    "messages, param",
+    [
+        (None, "messages"),
+        ([], "messages"),
+        ("hi", "messages"),
+        (["hi"], "messages[0]"),
+        ([{"role": "wizard", "content": "x"}], "messages[0].role"),
+        ([{"content": "x"}], "messages[0].role"),
+        ([{"role": "user", "content": 5}], "messages[0].content"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "messages[0].content"),
+    ],
+)
 def test_bad_chat_messages_are_400(messages, param):
     err = refused(parse_chat, {"model": "adder", "messages": messages}, MODELS)
     assert (err.status, err.param) == (400, param)
@@ -186,8 +239,19 @@ def test_unsupported_chat_features_are_refused(field, value):
     assert refused(chat, **{field: value}).status == 400
 
 
-@pytest.mark.parametrize("body", [b"{", b"not json", b"", b"\xff\xfe", b"[1, 2]", b'"text"', b"null",
-                                  pytest.param(b"[" * 100_000 + b"]" * 100_000, id="deeply-nested")])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{",
+        b"not json",
+        b"",
+        b"\xff\xfe",
+        b"[1, 2]",
+        b'"text"',
+        b"null",
+        pytest.param(b"[" * 100_000 + b"]" * 100_000, id="deeply-nested"),
+    ],
+)
 def test_malformed_json_is_400(body):
     err = refused(parse_json, body)
     assert (err.status, err.code) == (400, "invalid_json")
@@ -206,6 +270,7 @@ def test_prompt_ids_must_be_in_the_vocabulary_and_not_empty():
 
 # ---- context length -------------------------------------------------------------------------------
 
+
 def test_max_tokens_resolution():
     assert resolve_max_tokens(5, 10, 64, 16) == 5
     assert resolve_max_tokens(54, 10, 64, 16) == 54  # exactly fills the context
@@ -222,6 +287,7 @@ def test_over_long_requests_are_context_length_exceeded(requested, prompt):
 
 
 # ---- errors from the model ------------------------------------------------------------------------
+
 
 def test_neuro_dask_errors_map_to_statuses():
     from neuro_dask.errors import GenerationOptionError, InputError, PromptTooLongError
@@ -246,8 +312,9 @@ def test_an_unexpected_error_is_a_500_that_hides_its_details():
 
 
 def test_error_body_shape():
-    assert error_body("m", param="p", code="c") == \
-        {"error": {"message": "m", "type": "invalid_request_error", "param": "p", "code": "c"}}
+    assert error_body("m", param="p", code="c") == {
+        "error": {"message": "m", "type": "invalid_request_error", "param": "p", "code": "c"}
+    }
 
 
 # ---- chat templates -------------------------------------------------------------------------------
@@ -262,9 +329,12 @@ def test_the_default_template_writes_role_colon_content_lines():
 
 
 def test_a_tokenizer_config_template_with_special_tokens():
-    config = {"chat_template": "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}{{ eos_token }}"
-                               "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}",
-              "bos_token": {"content": "<s>", "lstrip": False}, "eos_token": "</s>"}
+    config = {
+        "chat_template": "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}{{ eos_token }}"
+        "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}",
+        "bos_token": {"content": "<s>", "lstrip": False},
+        "eos_token": "</s>",
+    }
     template = ChatTemplate.from_tokenizer_config(config)
     assert template.origin == "tokenizer_config.json"
     assert template.render(MESSAGES) == "<s><system>add</s><user>1+2=</s><assistant>"
@@ -309,8 +379,12 @@ def test_the_bundled_model_has_a_template_that_asks_the_last_user_problem():
 
     template = load_chat_template(ASSET_DIR)
     assert template.origin == "tokenizer_config.json"
-    messages = [{"role": "system", "content": "You add."}, {"role": "user", "content": "1+1="},
-                {"role": "assistant", "content": "2"}, {"role": "user", "content": " 12+30=\n"}]
+    messages = [
+        {"role": "system", "content": "You add."},
+        {"role": "user", "content": "1+1="},
+        {"role": "assistant", "content": "2"},
+        {"role": "user", "content": " 12+30=\n"},
+    ]
     assert template.render(messages) == "<s>12+30="
 
 
@@ -322,6 +396,7 @@ def test_a_duplicate_bos_is_dropped():
 
 
 # ---- stop strings and incremental text ------------------------------------------------------------
+
 
 def char_decode(vocab):
     return lambda ids: "".join(vocab[i] for i in ids)
@@ -434,11 +509,12 @@ def test_deltas_join_to_the_text_for_random_cuts():
         assembler, deltas = run_assembler(pieces, stops)
         full = "".join(pieces)
         cuts = [i for i in (full.find(s) for s in stops) if i >= 0]
-        assert "".join(deltas) == assembler.text == (full[:min(cuts)] if cuts else full)
+        assert "".join(deltas) == assembler.text == (full[: min(cuts)] if cuts else full)
         assert not any(s in assembler.text for s in stops)
 
 
 # ---- responses ------------------------------------------------------------------------------------
+
 
 def test_usage_counts():
     assert usage(9, 4) == {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
@@ -446,21 +522,36 @@ def test_usage_counts():
 
 def test_completion_shapes():
     body = completion_response("cmpl-1", 5, "adder", "579", "stop", usage(9, 4))
-    assert body == {"id": "cmpl-1", "object": "text_completion", "created": 5, "model": "adder",
-                    "choices": [{"index": 0, "text": "579", "logprobs": None, "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13},
-                    "system_fingerprint": None}
+    assert body == {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 5,
+        "model": "adder",
+        "choices": [{"index": 0, "text": "579", "logprobs": None, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13},
+        "system_fingerprint": None,
+    }
     chunk = completion_chunk("cmpl-1", 5, "adder", "5")
-    assert chunk["object"] == "text_completion" and chunk["choices"][0] == \
-        {"index": 0, "text": "5", "logprobs": None, "finish_reason": None}
+    assert chunk["object"] == "text_completion" and chunk["choices"][0] == {
+        "index": 0,
+        "text": "5",
+        "logprobs": None,
+        "finish_reason": None,
+    }
     assert "usage" not in chunk
 
 
 def test_chat_shapes():
     body = chat_response("chatcmpl-1", 5, "adder", "42", "length", usage(7, 3))
     assert body["object"] == "chat.completion"
-    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "42", "refusal": None},
-                                "logprobs": None, "finish_reason": "length"}]
+    assert body["choices"] == [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "42", "refusal": None},
+            "logprobs": None,
+            "finish_reason": "length",
+        }
+    ]
     chunk = chat_chunk("chatcmpl-1", 5, "adder", {"content": "4"})
     assert chunk["object"] == "chat.completion.chunk"
     assert chunk["choices"] == [{"index": 0, "delta": {"content": "4"}, "logprobs": None, "finish_reason": None}]
@@ -469,8 +560,10 @@ def test_chat_shapes():
 
 
 def test_models_list_shape():
-    assert models_list(["adder"], 5) == {"object": "list", "data": [
-        {"id": "adder", "object": "model", "created": 5, "owned_by": "neuro-dask"}]}
+    assert models_list(["adder"], 5) == {
+        "object": "list",
+        "data": [{"id": "adder", "object": "model", "created": 5, "owned_by": "neuro-dask"}],
+    }
 
 
 def test_server_sent_events():

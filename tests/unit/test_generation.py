@@ -32,11 +32,14 @@ def test_positions_count_real_tokens_only():
     assert positions_from_mask(mask).tolist() == [[1, 1, 0, 1], [0, 1, 2, 3]]  # pads at 1, as generate does
 
 
-@pytest.mark.parametrize("prompts, error, index", [
-    ([[1, 2], []], EmptyPromptError, 1),
-    ([[1, 2, 99]], TokenOutOfRangeError, 0),
-    ([[3], [-1]], TokenOutOfRangeError, 1),
-])
+@pytest.mark.parametrize(
+    "prompts, error, index",
+    [
+        ([[1, 2], []], EmptyPromptError, 1),
+        ([[1, 2, 99]], TokenOutOfRangeError, 0),
+        ([[3], [-1]], TokenOutOfRangeError, 1),
+    ],
+)
 def test_bad_prompts_name_the_prompt(prompts, error, index):
     with pytest.raises(error) as err:
         prepare_batch(prompts, None, pad_id=0, vocab_size=10)

@@ -35,8 +35,9 @@ def gguf_file(tmp_path_factory):
 
     def get(variant: str, qtype: str = "F32") -> Path:
         if (variant, qtype) not in cache:
-            cache[variant, qtype] = write_gguf(variant, tmp_path_factory.mktemp("gguf") / f"{variant}-{qtype}.gguf",
-                                               qtype)
+            cache[variant, qtype] = write_gguf(
+                variant, tmp_path_factory.mktemp("gguf") / f"{variant}-{qtype}.gguf", qtype
+            )
         return cache[variant, qtype]
 
     return get
@@ -50,15 +51,45 @@ def test_unpermute_undoes_llama_cpp_permute(rows, heads):
         assert not torch.equal(permute_qk(w, heads), w)
 
 
-@pytest.mark.parametrize("variant, expected", [
-    ("mixtral", dict(model_type="mixtral", vocab_size=128, hidden_size=64, num_hidden_layers=3,
-                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
-                     intermediate_size=96, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=1e6,
-                     tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)),
-    ("qwen2_moe", dict(model_type="qwen2_moe", vocab_size=128, num_experts=6, moe_intermediate_size=48,
-                       shared_expert_intermediate_size=72, intermediate_size=80, mlp_only_layers=[1],
-                       qkv_bias=True, num_key_value_heads=2)),
-])
+@pytest.mark.parametrize(
+    "variant, expected",
+    [
+        (
+            "mixtral",
+            dict(
+                model_type="mixtral",
+                vocab_size=128,
+                hidden_size=64,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                num_local_experts=8,
+                num_experts_per_tok=2,
+                intermediate_size=96,
+                max_position_embeddings=256,
+                rms_norm_eps=1e-5,
+                rope_theta=1e6,
+                tie_word_embeddings=False,
+                bos_token_id=1,
+                eos_token_id=2,
+            ),
+        ),
+        (
+            "qwen2_moe",
+            dict(
+                model_type="qwen2_moe",
+                vocab_size=128,
+                num_experts=6,
+                moe_intermediate_size=48,
+                shared_expert_intermediate_size=72,
+                intermediate_size=80,
+                mlp_only_layers=[1],
+                qkv_bias=True,
+                num_key_value_heads=2,
+            ),
+        ),
+    ],
+)
 def test_metadata_maps_to_hf_config(gguf_file, variant, expected):
     ckpt = GGUFCheckpoint(gguf_file(variant))
     assert {k: ckpt.raw_config[k] for k in expected} == expected
@@ -71,8 +102,13 @@ def test_metadata_maps_to_hf_config(gguf_file, variant, expected):
 def test_f32_tensors_come_back_in_hf_layout(gguf_file):
     hf = {k: v.float() for k, v in build_hf_model("mixtral").state_dict().items()}
     ckpt = GGUFCheckpoint(gguf_file("mixtral"))
-    for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight",
-                 "model.embed_tokens.weight", "lm_head.weight", "model.layers.2.mlp.gate.weight"):
+    for name in (
+        "model.layers.1.self_attn.q_proj.weight",
+        "model.layers.1.self_attn.k_proj.weight",
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.layers.2.mlp.gate.weight",
+    ):
         assert torch.equal(ckpt.read(TensorRef(name)), hf[name]), name
     gate_up, down = hf["model.layers.0.mlp.experts.gate_up_proj"], hf["model.layers.0.mlp.experts.down_proj"]
     assert torch.equal(ckpt.read(TensorRef("model.layers.0.mlp.experts.5.gate_proj.weight")), gate_up[5, :96])
@@ -122,11 +158,14 @@ def test_dense_llama_is_refused(tmp_path):
         shard_checkpoint(path, tmp_path / "out")
 
 
-@pytest.mark.parametrize("drop, hf_name", [
-    ("blk.1.attn_k.weight", "(GGUF tensor 'blk.1.attn_k.weight'): tensor 'model.layers.1.self_attn.k_proj.weight'"),
-    ("blk.2.ffn_up_exps.weight", "model.layers.2.mlp.experts.0.up_proj.weight"),
-    ("output_norm.weight", "(GGUF tensor 'output_norm.weight'): tensor 'model.norm.weight'"),
-])
+@pytest.mark.parametrize(
+    "drop, hf_name",
+    [
+        ("blk.1.attn_k.weight", "(GGUF tensor 'blk.1.attn_k.weight'): tensor 'model.layers.1.self_attn.k_proj.weight'"),
+        ("blk.2.ffn_up_exps.weight", "model.layers.2.mlp.experts.0.up_proj.weight"),
+        ("output_norm.weight", "(GGUF tensor 'output_norm.weight'): tensor 'model.norm.weight'"),
+    ],
+)
 def test_missing_tensor_names_it(tmp_path, drop, hf_name):
     path = write_gguf("mixtral", tmp_path / "m.gguf", drop=(drop,))
     with pytest.raises(MissingTensorError) as info:
@@ -143,8 +182,12 @@ def test_gguf_name_reverses_the_mapping():
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "bad_magic", "empty"])
 def test_corrupt_file_raises_a_clear_error(gguf_file, tmp_path, damage):
     good = gguf_file("mixtral").read_bytes()
-    data = {"truncate": good[: len(good) // 2], "garbage": b"GGUF" + bytes(range(256)) * 4,
-            "bad_magic": b"XXXX" + good[4:], "empty": b""}[damage]
+    data = {
+        "truncate": good[: len(good) // 2],
+        "garbage": b"GGUF" + bytes(range(256)) * 4,
+        "bad_magic": b"XXXX" + good[4:],
+        "empty": b"",
+    }[damage]
     path = tmp_path / "bad.gguf"
     path.write_bytes(data)
     with pytest.raises(GGUFError, match="not a readable GGUF file") as info:

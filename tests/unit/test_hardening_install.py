@@ -133,8 +133,9 @@ def test_install_replaces_every_pickle_site(hardened):
         assert importlib.import_module(module_name).clean_exception is hardened_clean_exception
     assert tcp.read_bytes_rw.__wrapped__ is hardened[("distributed.comm.tcp", "read_bytes_rw")]
     assert tcp.TCP.read.__wrapped__ is hardened[("distributed.comm.tcp", "TCP.read")]
-    assert tcp.TLSListener._prepare_stream.__wrapped__ is hardened[
-        ("distributed.comm.tcp", "TLSListener._prepare_stream")]
+    assert (
+        tcp.TLSListener._prepare_stream.__wrapped__ is hardened[("distributed.comm.tcp", "TLSListener._prepare_stream")]
+    )
     assert hardening.is_installed()
     assert _same_objects(hardened, _snapshot()) == list(hardened)  # every one replaced
 
@@ -176,7 +177,11 @@ def test_distributed_loads_refuses_and_reports_the_peer(hardened, tmp_path, even
     assert not marker.exists()
     [event] = events.events()
     assert (event.kind, event.peer, event.detail, event.identity) == (
-        "pickle", "tls://198.51.100.7:4444", "io.open", "client:mallory")
+        "pickle",
+        "tls://198.51.100.7:4444",
+        "io.open",
+        "client:mallory",
+    )
     # Without a peer in the context the refusal is still recorded.
     with pytest.raises(PickleRefusedError):
         distributed.protocol.pickle.loads(pickle.dumps(Payload(marker)))
@@ -273,8 +278,10 @@ def test_a_message_over_the_limit_is_refused_before_it_is_read(originals, events
 
 
 def test_reads_are_tagged_with_the_peer_and_its_certificate():
-    cert = {"subject": ((("organizationalUnitName", "neuro-dask-client"),), (("commonName", "alice"),)),
-            "subjectAltName": (("URI", "neuro-dask://client/alice"),)}
+    cert = {
+        "subject": ((("organizationalUnitName", "neuro-dask-client"),), (("commonName", "alice"),)),
+        "subjectAltName": (("URI", "neuro-dask://client/alice"),),
+    }
 
     class Comm:
         peer_address = "tls://192.0.2.1:999"
@@ -304,8 +311,10 @@ def test_a_failed_handshake_is_reported(events):
 PACKAGE = Path(distributed.__file__).parent
 
 # The loader calls the scan must find (the brief regexes); comments are stripped first.
-HIT_PATTERNS = [re.compile(p) for p in (r"\bpickle\.loads\(", r"\bcloudpickle\.loads\(", r"\bpickle\.load\(",
-                                        r"\bUnpickler\(", r"\bloads\(")]
+HIT_PATTERNS = [
+    re.compile(p)
+    for p in (r"\bpickle\.loads\(", r"\bcloudpickle\.loads\(", r"\bpickle\.load\(", r"\bUnpickler\(", r"\bloads\(")
+]
 # Calls that are not pickle loaders at all.
 NOT_HITS = re.compile(r"\b(json|msgpack)\.loads\(|\bdef\s+loads\(")
 # One call: an optional dotted receiver, then the loader.
@@ -314,20 +323,23 @@ CALL = re.compile(r"(?<![\w.])((?:[A-Za-z_]\w*\.)*)(loads|load|Unpickler)\(")
 # Local variables named `loads` that hold a deserializer from a registry, not a pickle loader:
 # (file, enclosing function) -> why that is not a pickle path of its own.
 REGISTRY_LOADS = {
-    ("protocol/serialize.py", "dask_loads"):
-        "loads = dask_deserialize.dispatch(typ): the deserializer registered for a type the restricted "
-        "loader already let through (header['type-serialized']); registered ones live in scanned modules",
-    ("protocol/serialize.py", "deserialize"):
-        "dumps, loads, wants_context = families[name]: a serialization family's loader (pickle_loads, "
-        "dask_loads, msgpack), each scanned in serialize.py",
-    ("protocol/cuda.py", "cuda_loads"):
-        "loads = cuda_deserialize.dispatch(typ): as dask_loads, for the cuda family",
+    (
+        "protocol/serialize.py",
+        "dask_loads",
+    ): "loads = dask_deserialize.dispatch(typ): the deserializer registered for a type the restricted "
+    "loader already let through (header['type-serialized']); registered ones live in scanned modules",
+    (
+        "protocol/serialize.py",
+        "deserialize",
+    ): "dumps, loads, wants_context = families[name]: a serialization family's loader (pickle_loads, "
+    "dask_loads, msgpack), each scanned in serialize.py",
+    ("protocol/cuda.py", "cuda_loads"): "loads = cuda_deserialize.dispatch(typ): as dask_loads, for the cuda family",
 }
 
 # Loaders by full name that do not unpickle themselves.
 NOT_PICKLE_LOADERS = {
     "distributed.protocol.loads": "the comm's msgpack frame decoder (protocol/core.py); its pickle calls are "
-                                  "scanned in protocol/core.py",
+    "scanned in protocol/core.py",
 }
 
 
@@ -388,8 +400,12 @@ def _bindings(nodes, module_name: str) -> dict[str, list[tuple[str, str | None]]
 
 def _enclosing_functions(tree: ast.Module, line: int) -> list[ast.FunctionDef | ast.AsyncFunctionDef]:
     """Functions containing `line`, innermost first."""
-    chain = [node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-             and node.lineno <= line <= (node.end_lineno or node.lineno)]
+    chain = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.lineno <= line <= (node.end_lineno or node.lineno)
+    ]
     return sorted(chain, key=lambda node: node.lineno, reverse=True)
 
 
@@ -449,8 +465,11 @@ def scan_source(rel: str, module_name: str, source: str) -> list[Hit]:
         code = NOT_HITS.sub("", line)
         if not any(pattern.search(code) for pattern in HIT_PATTERNS):
             continue
-        calls = [m for m in CALL.finditer(code)
-                 if m.group(2) != "load" or m.group(1).rstrip(".").split(".")[-1] in ("pickle", "cloudpickle")]
+        calls = [
+            m
+            for m in CALL.finditer(code)
+            if m.group(2) != "load" or m.group(1).rstrip(".").split(".")[-1] in ("pickle", "cloudpickle")
+        ]
         explanations = [_explain_call(rel, module_name, tree, number, m.group(1), m.group(2)) for m in calls]
         explained = None if not calls or None in explanations else "; ".join(sorted(set(explanations)))
         hits.append(Hit(rel, number, line.strip(), explained))
@@ -475,21 +494,38 @@ def distributed_hits() -> list[Hit]:
 
 def test_every_pickle_loader_in_distributed_is_covered(distributed_hits):
     unexplained = [f"{h.file}:{h.line}: {h.code}" for h in distributed_hits if h.explanation is None]
-    assert unexplained == [], ("pickle loaders that hardened mode does not cover (add a PICKLE_SITES entry, "
-                               "or document why not):\n" + "\n".join(unexplained))
+    assert unexplained == [], (
+        "pickle loaders that hardened mode does not cover (add a PICKLE_SITES entry, "
+        "or document why not):\n" + "\n".join(unexplained)
+    )
 
 
 def test_the_scan_finds_the_known_loaders(distributed_hits):
     # A broken pattern must not make the coverage test pass by finding nothing.
     files = {h.file for h in distributed_hits}
-    assert {"worker.py", "scheduler.py", "client.py", "core.py", "nanny.py", "protocol/core.py",
-            "protocol/numpy.py", "protocol/pickle.py", "protocol/serialize.py", "shuffle/_core.py",
-            "shuffle/_pickle.py"} <= files
+    assert {
+        "worker.py",
+        "scheduler.py",
+        "client.py",
+        "core.py",
+        "nanny.py",
+        "protocol/core.py",
+        "protocol/numpy.py",
+        "protocol/pickle.py",
+        "protocol/serialize.py",
+        "shuffle/_core.py",
+        "shuffle/_pickle.py",
+    } <= files
     assert len(distributed_hits) >= 20
     assert not any("/tests/" in h.file or h.file.startswith("tests/") for h in distributed_hits)
     kinds = {h.explanation.split(":")[0].split(" (")[0] for h in distributed_hits if h.explanation}
-    assert {"distributed.protocol.pickle.loads", "PICKLE_SITES", "registry", "the loads install() replaces",
-            "not a pickle loader"} <= kinds
+    assert {
+        "distributed.protocol.pickle.loads",
+        "PICKLE_SITES",
+        "registry",
+        "the loads install() replaces",
+        "not a pickle loader",
+    } <= kinds
 
 
 def test_every_pickle_site_and_documented_exception_is_used(distributed_hits):
@@ -503,11 +539,14 @@ def test_every_pickle_site_and_documented_exception_is_used(distributed_hits):
         assert why in explanations
 
 
-@pytest.mark.parametrize("dropped, file, line_text", [
-    (("distributed.shuffle._core", "pickle"), "shuffle/_core.py", "pickle.loads(data)"),
-    (("distributed.client", "loads"), "client.py", "exc = loads(resp)"),
-    (("distributed.protocol.pickle", "loads"), "worker.py", "function = pickle.loads(function)"),
-])
+@pytest.mark.parametrize(
+    "dropped, file, line_text",
+    [
+        (("distributed.shuffle._core", "pickle"), "shuffle/_core.py", "pickle.loads(data)"),
+        (("distributed.client", "loads"), "client.py", "exc = loads(resp)"),
+        (("distributed.protocol.pickle", "loads"), "worker.py", "function = pickle.loads(function)"),
+    ],
+)
 def test_a_site_missing_from_pickle_sites_is_reported(monkeypatch, dropped, file, line_text):
     monkeypatch.setitem(globals(), "PICKLE_SITES", tuple(site for site in PICKLE_SITES if site != dropped))
     module_name = "distributed." + file[:-3].replace("/", ".")
@@ -518,39 +557,91 @@ def test_a_site_missing_from_pickle_sites_is_reported(monkeypatch, dropped, file
 
 SYNTHETIC = [
     # (id, module, source, explained)
-    ("stdlib-pickle-unpatched-module", "distributed.fake", "import pickle\ndef f(x):\n    return pickle.loads(x)\n",
-     False),
+    (
+        "stdlib-pickle-unpatched-module",
+        "distributed.fake",
+        "import pickle\ndef f(x):\n    return pickle.loads(x)\n",
+        False,
+    ),
     ("stdlib-pickle-in-a-site", "distributed.client", "import pickle\ndef f(x):\n    return pickle.loads(x)\n", True),
-    ("stdlib-pickle.load-in-a-site", "distributed.client", "import pickle\ndef f(x):\n    return pickle.load(x)\n",
-     True),
+    (
+        "stdlib-pickle.load-in-a-site",
+        "distributed.client",
+        "import pickle\ndef f(x):\n    return pickle.load(x)\n",
+        True,
+    ),
     ("stdlib-pickle-aliased", "distributed.client", "import pickle as p\ndef f(x):\n    return p.loads(x)\n", False),
-    ("stdlib-pickle-imported-in-the-function", "distributed.client",
-     "def f(x):\n    import pickle\n    return pickle.loads(x)\n", False),
+    (
+        "stdlib-pickle-imported-in-the-function",
+        "distributed.client",
+        "def f(x):\n    import pickle\n    return pickle.loads(x)\n",
+        False,
+    ),
     ("cloudpickle", "distributed.client", "import cloudpickle\ndef f(x):\n    return cloudpickle.loads(x)\n", False),
     ("Unpickler", "distributed.client", "import pickle\ndef f(x):\n    return pickle.Unpickler(x).load()\n", False),
     ("marshal", "distributed.client", "import marshal\ndef f(x):\n    return marshal.loads(x)\n", False),
-    ("bound-loads-unpatched-module", "distributed.fake",
-     "from distributed.protocol.pickle import loads\ndef f(x):\n    return loads(x)\n", False),
-    ("bound-loads-in-a-site", "distributed.scheduler",
-     "from distributed.protocol.pickle import loads\ndef f(x):\n    return loads(x)\n", True),
-    ("bound-loads-imported-in-the-function", "distributed.fake",
-     "def f(x):\n    from distributed.protocol.pickle import loads\n    return loads(x)\n", True),
-    ("protocol-pickle-module", "distributed.fake",
-     "from distributed.protocol import pickle\ndef f(x):\n    return pickle.loads(x)\n", True),
-    ("protocol-attribute", "distributed.fake", "from distributed import protocol\ndef f(x):\n"
-     "    return protocol.pickle.loads(x)\n", True),
-    ("relative-import", "distributed.protocol.fake",
-     "from . import pickle\ndef f(x):\n    return pickle.loads(x)\n", True),
-    ("undocumented-local-loads", "distributed.fake",
-     "def f(typ, x):\n    loads = registry.dispatch(typ)\n    return loads(x)\n", False),
+    (
+        "bound-loads-unpatched-module",
+        "distributed.fake",
+        "from distributed.protocol.pickle import loads\ndef f(x):\n    return loads(x)\n",
+        False,
+    ),
+    (
+        "bound-loads-in-a-site",
+        "distributed.scheduler",
+        "from distributed.protocol.pickle import loads\ndef f(x):\n    return loads(x)\n",
+        True,
+    ),
+    (
+        "bound-loads-imported-in-the-function",
+        "distributed.fake",
+        "def f(x):\n    from distributed.protocol.pickle import loads\n    return loads(x)\n",
+        True,
+    ),
+    (
+        "protocol-pickle-module",
+        "distributed.fake",
+        "from distributed.protocol import pickle\ndef f(x):\n    return pickle.loads(x)\n",
+        True,
+    ),
+    (
+        "protocol-attribute",
+        "distributed.fake",
+        "from distributed import protocol\ndef f(x):\n    return protocol.pickle.loads(x)\n",
+        True,
+    ),
+    (
+        "relative-import",
+        "distributed.protocol.fake",
+        "from . import pickle\ndef f(x):\n    return pickle.loads(x)\n",
+        True,
+    ),
+    (
+        "undocumented-local-loads",
+        "distributed.fake",
+        "def f(typ, x):\n    loads = registry.dispatch(typ)\n    return loads(x)\n",
+        False,
+    ),
     ("unbound-name", "distributed.fake", "def f(x):\n    return loads(x)\n", False),
-    ("shadowed-by-a-nested-def", "distributed.scheduler",
-     "from distributed.protocol.pickle import loads\ndef f(x):\n    def loads(y):\n        return y\n"
-     "    return loads(x)\n", False),
-    ("a-parameter-named-pickle", "distributed.client",
-     "import pickle\ndef f(pickle, x):\n    return pickle.loads(x)\n", False),
-    ("two-calls-one-bad", "distributed.client",
-     "import pickle, marshal\ndef f(x):\n    return pickle.loads(x), marshal.loads(x)\n", False),
+    (
+        "shadowed-by-a-nested-def",
+        "distributed.scheduler",
+        "from distributed.protocol.pickle import loads\ndef f(x):\n    def loads(y):\n        return y\n"
+        "    return loads(x)\n",
+        False,
+    ),
+    (
+        "a-parameter-named-pickle",
+        "distributed.client",
+        "import pickle\ndef f(pickle, x):\n    return pickle.loads(x)\n",
+        False,
+    ),
+    (
+        "two-calls-one-bad",
+        "distributed.client",
+        "import pickle, marshal\ndef f(x):\n    return pickle.loads(x), marshal.loads(x)\n",
+        False,
+    ),
 ]
 
 
@@ -560,11 +651,14 @@ def test_the_scan_classifies(module_name, source, explained):
     assert (hit.explanation is not None) is explained, hit
 
 
-@pytest.mark.parametrize("source", [
-    "import json\ndef f(x):\n    return json.loads(x)  # pickle.loads(x) in a comment\n",
-    "import msgpack\ndef f(x):\n    return msgpack.loads(x)\n",
-    "def loads(x):\n    return x\n",
-    "# cloudpickle.loads(x)\n",
-])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import json\ndef f(x):\n    return json.loads(x)  # pickle.loads(x) in a comment\n",
+        "import msgpack\ndef f(x):\n    return msgpack.loads(x)\n",
+        "def loads(x):\n    return x\n",
+        "# cloudpickle.loads(x)\n",
+    ],
+)
 def test_the_scan_ignores_what_is_not_a_pickle_loader(source):
     assert scan_source("fake.py", "distributed.fake", source) == []

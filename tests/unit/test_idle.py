@@ -7,8 +7,8 @@ import dask
 import pytest
 
 from neuro_dask.errors import ConfigFieldError
-from neuro_dask.volunteer.idle_policy import IdleMonitor, IdlePolicy, IdleSignals
 from neuro_dask.settings import WorkerSettings
+from neuro_dask.volunteer.idle_policy import IdleMonitor, IdlePolicy, IdleSignals
 
 S = IdleSignals
 QUIET = S(cpu=5.0, gpu=0.0, input_idle=600.0)
@@ -27,37 +27,40 @@ def run(samples, policy=POLICY, step=1.0):
     return states, reasons
 
 
-@pytest.mark.parametrize("samples, expected", [
-    # quiet machine: always serving
-    ([QUIET] * 5, [False] * 5),
-    # others' CPU above 50% pauses only after 3 samples in a row
-    ([S(cpu=80)] * 4, [False, False, True, True]),
-    # a busy run broken by a quiet sample starts again
-    ([S(cpu=80), S(cpu=80), S(cpu=10), S(cpu=80), S(cpu=80)], [False] * 5),
-    # ... and by an in-between sample (neither busy nor idle)
-    ([S(cpu=80), S(cpu=80), S(cpu=40), S(cpu=80), S(cpu=80)], [False] * 5),
-    # exactly at the threshold is not busy
-    ([S(cpu=50)] * 4, [False] * 4),
-    # hysteresis: once paused, 40% (below 50, above 25) keeps it paused
-    ([S(cpu=80)] * 3 + [S(cpu=40)] * 4, [False, False, True, True, True, True, True]),
-    # resume after 2 idle samples in a row
-    ([S(cpu=80)] * 3 + [S(cpu=10)] * 3, [False, False, True, True, False, False]),
-    # recent input pauses at once, whatever the CPU
-    ([QUIET, S(cpu=0, input_idle=5)], [False, True]),
-    # input between 60 and 120 s ago: neither pauses nor lets a paused worker resume
-    ([S(input_idle=5), S(input_idle=90), S(input_idle=90), S(input_idle=90)], [True] * 4),
-    ([S(input_idle=5), S(input_idle=130), S(input_idle=130)], [True, True, False]),
-    # GPU used by other processes
-    ([S(cpu=0, gpu=95)] * 3, [False, False, True]),
-    ([S(cpu=0, gpu=95)] * 3 + [S(cpu=0, gpu=20)] * 3, [False, False, True, True, True, True]),
-    ([S(cpu=0, gpu=95)] * 3 + [S(cpu=0, gpu=5)] * 2, [False, False, True, True, False]),
-    # missing signals are ignored: GPU busy with no CPU or input signal still pauses
-    ([S(gpu=95)] * 3, [False, False, True]),
-    # no signal at all: never pauses
-    ([S()] * 5, [False] * 5),
-    # a paused worker whose signals vanish resumes (nothing says the owner is busy)
-    ([S(cpu=80)] * 3 + [S()] * 2, [False, False, True, True, False]),
-])
+@pytest.mark.parametrize(
+    "samples, expected",
+    [
+        # quiet machine: always serving
+        ([QUIET] * 5, [False] * 5),
+        # others' CPU above 50% pauses only after 3 samples in a row
+        ([S(cpu=80)] * 4, [False, False, True, True]),
+        # a busy run broken by a quiet sample starts again
+        ([S(cpu=80), S(cpu=80), S(cpu=10), S(cpu=80), S(cpu=80)], [False] * 5),
+        # ... and by an in-between sample (neither busy nor idle)
+        ([S(cpu=80), S(cpu=80), S(cpu=40), S(cpu=80), S(cpu=80)], [False] * 5),
+        # exactly at the threshold is not busy
+        ([S(cpu=50)] * 4, [False] * 4),
+        # hysteresis: once paused, 40% (below 50, above 25) keeps it paused
+        ([S(cpu=80)] * 3 + [S(cpu=40)] * 4, [False, False, True, True, True, True, True]),
+        # resume after 2 idle samples in a row
+        ([S(cpu=80)] * 3 + [S(cpu=10)] * 3, [False, False, True, True, False, False]),
+        # recent input pauses at once, whatever the CPU
+        ([QUIET, S(cpu=0, input_idle=5)], [False, True]),
+        # input between 60 and 120 s ago: neither pauses nor lets a paused worker resume
+        ([S(input_idle=5), S(input_idle=90), S(input_idle=90), S(input_idle=90)], [True] * 4),
+        ([S(input_idle=5), S(input_idle=130), S(input_idle=130)], [True, True, False]),
+        # GPU used by other processes
+        ([S(cpu=0, gpu=95)] * 3, [False, False, True]),
+        ([S(cpu=0, gpu=95)] * 3 + [S(cpu=0, gpu=20)] * 3, [False, False, True, True, True, True]),
+        ([S(cpu=0, gpu=95)] * 3 + [S(cpu=0, gpu=5)] * 2, [False, False, True, True, False]),
+        # missing signals are ignored: GPU busy with no CPU or input signal still pauses
+        ([S(gpu=95)] * 3, [False, False, True]),
+        # no signal at all: never pauses
+        ([S()] * 5, [False] * 5),
+        # a paused worker whose signals vanish resumes (nothing says the owner is busy)
+        ([S(cpu=80)] * 3 + [S()] * 2, [False, False, True, True, False]),
+    ],
+)
 def test_pause_and_resume(samples, expected):
     assert run(samples)[0] == expected
 
@@ -75,15 +78,18 @@ def test_min_pause_holds_a_paused_worker_on_the_injected_clock():
     assert states == [True, True, True, False, False]
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(busy_cpu=20, resume_cpu=30), "idle-resume-cpu"),
-    (dict(busy_gpu=20, resume_gpu=30), "idle-resume-gpu"),
-    (dict(busy_input=200, resume_input=100), "idle-resume-input"),
-    (dict(busy_samples=0), "idle-busy-samples"),
-    (dict(resume_samples=1.5), "idle-resume-samples"),
-    (dict(min_pause=-1), "idle-min-pause"),
-    (dict(busy_cpu=-1), "idle-busy-cpu"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(busy_cpu=20, resume_cpu=30), "idle-resume-cpu"),
+        (dict(busy_gpu=20, resume_gpu=30), "idle-resume-gpu"),
+        (dict(busy_input=200, resume_input=100), "idle-resume-input"),
+        (dict(busy_samples=0), "idle-busy-samples"),
+        (dict(resume_samples=1.5), "idle-resume-samples"),
+        (dict(min_pause=-1), "idle-min-pause"),
+        (dict(busy_cpu=-1), "idle-busy-cpu"),
+    ],
+)
 def test_policy_rejects_inconsistent_thresholds(kwargs, field):
     with pytest.raises(ConfigFieldError, match=field):
         IdlePolicy(**kwargs)
@@ -99,8 +105,13 @@ def test_settings_defaults_and_validation():
     with dask.config.set({"neuro.worker.max-threads": None, "neuro.worker.vram-fraction": None}):
         off = WorkerSettings.load(idle_only=True)
     assert off.threads(8) is None and off.vram_cap() is None
-    for bad in (dict(max_threads=0), dict(vram_fraction=1.5), dict(nice=30), dict(idle_interval=0),
-                dict(idle_busy_cpu=10, idle_resume_cpu=20)):
+    for bad in (
+        dict(max_threads=0),
+        dict(vram_fraction=1.5),
+        dict(nice=30),
+        dict(idle_interval=0),
+        dict(idle_busy_cpu=10, idle_resume_cpu=20),
+    ):
         with pytest.raises(ConfigFieldError):
             WorkerSettings.load(**bad)
 

@@ -34,14 +34,46 @@ CHOOSE = [
     ("nothing measured: fewest rows, scheduler's order", {}, "abc", {}, {}, "", {}, "a"),
     ("closest wins", {"a": 30, "b": 1, "c": 31}, "abc", {}, {}, "", {}, "b"),
     ("unmeasured counts as close (optimism)", {"a": 30, "b": 10}, "abc", {}, {"b": 1}, "", {"pack": False}, "c"),
-    ("within the margin: equally close, fewest rows", {"a": 1.0, "b": 1.2}, "ab", {}, {"a": 1}, "",
-     {"pack": False}, "b"),
-    ("within the margin, packing: the worker the layer already uses", {"a": 1.0, "b": 1.2}, "ab", {}, {"b": 1}, "b",
-     {"pack": True}, "b"),
-    ("packing never trades a far worker for a close one", {"a": 1.0, "b": 30}, "ab", {}, {"b": 1}, "b",
-     {"pack": True}, "a"),
-    ("trust first: a close newcomer never beats a far established worker", {"a": 30, "b": 1}, "ab",
-     {"a": 1, "b": 2}, {}, "", {}, "a"),
+    (
+        "within the margin: equally close, fewest rows",
+        {"a": 1.0, "b": 1.2},
+        "ab",
+        {},
+        {"a": 1},
+        "",
+        {"pack": False},
+        "b",
+    ),
+    (
+        "within the margin, packing: the worker the layer already uses",
+        {"a": 1.0, "b": 1.2},
+        "ab",
+        {},
+        {"b": 1},
+        "b",
+        {"pack": True},
+        "b",
+    ),
+    (
+        "packing never trades a far worker for a close one",
+        {"a": 1.0, "b": 30},
+        "ab",
+        {},
+        {"b": 1},
+        "b",
+        {"pack": True},
+        "a",
+    ),
+    (
+        "trust first: a close newcomer never beats a far established worker",
+        {"a": 30, "b": 1},
+        "ab",
+        {"a": 1, "b": 2},
+        {},
+        "",
+        {},
+        "a",
+    ),
     ("latency reorders within a tier", {"a": 30, "b": 1, "c": 1}, "abc", {"a": 1, "b": 1, "c": 2}, {}, "", {}, "b"),
     ("absolute slack: 1 ms apart is equal", {"a": 0.5, "b": 1.4}, "ab", {}, {"a": 2}, "", {"pack": False}, "b"),
 ]
@@ -64,10 +96,16 @@ def test_exploration_tries_far_replicas_now_and_then():
     assert b.estimate("far") < 0.030
 
 
-@pytest.mark.parametrize("trusted, established, routable, tier", [
-    (True, True, True, 0), (True, False, False, 0), (False, True, True, 1), (False, False, True, 2),
-    (False, True, False, 3),
-])
+@pytest.mark.parametrize(
+    "trusted, established, routable, tier",
+    [
+        (True, True, True, 0),
+        (True, False, False, 0),
+        (False, True, True, 1),
+        (False, False, True, 2),
+        (False, True, False, 3),
+    ],
+)
 def test_tiers(trusted, established, routable, tier):
     assert tier_of(trusted, established, routable) == tier
 
@@ -134,8 +172,10 @@ def test_hedges_go_to_the_closest_idle_host_first():
 SIMULATED = [
     (None, None),
     (0.02, SimulatedLatency(0.02, 0.0, {})),
-    ({"delay": 0.02, "jitter": 0.005, "workers": {"tcp://a:1": {"delay": 0.03}, "tcp://b:2": 0.001}},
-     SimulatedLatency(0.02, 0.005, {"tcp://a:1": (0.03, 0.005), "tcp://b:2": (0.001, 0.005)})),
+    (
+        {"delay": 0.02, "jitter": 0.005, "workers": {"tcp://a:1": {"delay": 0.03}, "tcp://b:2": 0.001}},
+        SimulatedLatency(0.02, 0.005, {"tcp://a:1": (0.03, 0.005), "tcp://b:2": (0.001, 0.005)}),
+    ),
 ]
 
 

@@ -31,8 +31,23 @@ from neuro_dask.ledger.policy import BPS, MONTH
 
 T0 = 1_700_000_000.0
 DAY = 86_400.0
-TABLES = ("accounts", "entries", "postings", "vesting", "unbonding", "holds", "credits", "emissions", "slashes",
-          "params", "param_changes", "proposals", "votes", "adoptions", "grants")
+TABLES = (
+    "accounts",
+    "entries",
+    "postings",
+    "vesting",
+    "unbonding",
+    "holds",
+    "credits",
+    "emissions",
+    "slashes",
+    "params",
+    "param_changes",
+    "proposals",
+    "votes",
+    "adoptions",
+    "grants",
+)
 BAD_AMOUNTS = [-1, -UNIT, 0, 1.0, 0.5, float("nan"), True, False, "5", None, Decimal(5), Fraction(5, 1), [5]]
 
 
@@ -198,8 +213,9 @@ def test_double_spend_second_hold_refused(ledger):
     refused(ledger, InsufficientFundsError, ledger.transfer, user("a"), user("b"), 1, "t")
 
 
-@pytest.mark.parametrize("source", ["stake:w", "unbonding:w", "vesting:team", "vesting:investors", "escrow", "burn",
-                                    "issuance", "emission"])
+@pytest.mark.parametrize(
+    "source", ["stake:w", "unbonding:w", "vesting:team", "vesting:investors", "escrow", "burn", "issuance", "emission"]
+)
 def test_transfers_out_of_locked_accounts_are_refused(ledger, source):
     staked_provider(ledger, "w", neuro(10))
     ledger.unstake("w", neuro(3), "u", T0)
@@ -213,8 +229,21 @@ def test_transfers_out_of_locked_accounts_are_refused(ledger, source):
     refused(ledger, LedgerError, ledger.deposit, "a", 1, "steal", source=source, match="cannot move")
 
 
-@pytest.mark.parametrize("dest", ["stake:w", "unbonding:w", "vesting:team", "escrow", "burn", "issuance",
-                                  "emission", "treasury", "genesis:team", "genesis:investors"])
+@pytest.mark.parametrize(
+    "dest",
+    [
+        "stake:w",
+        "unbonding:w",
+        "vesting:team",
+        "escrow",
+        "burn",
+        "issuance",
+        "emission",
+        "treasury",
+        "genesis:team",
+        "genesis:investors",
+    ],
+)
 def test_transfers_into_locked_accounts_are_refused(ledger, dest):
     """Nor into the treasury (fees and slashes fill it) or a vested allocation (the operator would
     be enriching the team); a grant may only go back to the pools it is granted from."""
@@ -241,8 +270,12 @@ def test_replay_returns_the_same_receipt_and_moves_nothing(ledger):
     before = dump(ledger)
     again = ledger.transfer(a, user("b"), 5, "t1")
     assert again.replayed and not first.replayed
-    assert (again.entry, again.idem, again.kind, again.postings) == (first.entry, first.idem, first.kind,
-                                                                     first.postings)
+    assert (again.entry, again.idem, again.kind, again.postings) == (
+        first.entry,
+        first.idem,
+        first.kind,
+        first.postings,
+    )
     assert dump(ledger) == before
     # the same for every kind of movement with an id
     staked_provider(ledger, "w", neuro(5))
@@ -302,8 +335,10 @@ def test_idem_reused_for_a_different_request_conflicts(ledger):
     refused(ledger, IdempotencyConflictError, ledger.propose, "w", "slash_bps", 2_001, T0, "p1")
 
 
-@pytest.mark.parametrize("idem", ["genesis", "unbonded:1", "emission:0", "slash:fraud:w", "vest:team:5",
-                                  "hold:r", "settle:r", "treasury-spend:1"])
+@pytest.mark.parametrize(
+    "idem",
+    ["genesis", "unbonded:1", "emission:0", "slash:fraud:w", "vest:team:5", "hold:r", "settle:r", "treasury-spend:1"],
+)
 def test_ids_the_ledger_derives_for_itself_are_refused_to_callers(ledger, idem):
     """A caller's id must not take an id the ledger derives for its own entries: it would block that
     entry for good (no unbonded stake released, an epoch never paid, a slash dodged)."""
@@ -617,11 +652,16 @@ def test_proposals_outside_bounds_or_unknown_are_refused(council):
     assert led.proposals() == []
 
 
-@pytest.mark.parametrize("name, value", [("treasury_bps", BOUNDS["treasury_bps"][1]),
-                                         ("spot_check_bps", BOUNDS["spot_check_bps"][0]),
-                                         ("min_quorum", BOUNDS["min_quorum"][1]),
-                                         ("voting_seconds", BOUNDS["voting_seconds"][0]),
-                                         ("gov_threshold_bps", BOUNDS["gov_threshold_bps"][1])])
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("treasury_bps", BOUNDS["treasury_bps"][1]),
+        ("spot_check_bps", BOUNDS["spot_check_bps"][0]),
+        ("min_quorum", BOUNDS["min_quorum"][1]),
+        ("voting_seconds", BOUNDS["voting_seconds"][0]),
+        ("gov_threshold_bps", BOUNDS["gov_threshold_bps"][1]),
+    ],
+)
 def test_a_value_at_a_bound_is_accepted(council, name, value):
     led = council
     pid = led.propose("big", name, value, T0, f"p-{name}")
@@ -678,8 +718,9 @@ def test_a_version_adoption_is_voted_like_a_parameter_and_recorded(council):
     assert led.adoptions() == []  # nothing before the tally
     result = led.tally(pid, T0 + DEFAULT_PARAMS["voting_seconds"])
     assert result["status"] == "passed"
-    assert led.adoptions() == [{"proposal": pid, "channel": "adder", "model": "v2-abc",
-                                "at": T0 + DEFAULT_PARAMS["voting_seconds"]}]
+    assert led.adoptions() == [
+        {"proposal": pid, "channel": "adder", "model": "v2-abc", "at": T0 + DEFAULT_PARAMS["voting_seconds"]}
+    ]
     assert led.adoptions(after=pid) == []
     assert led.params() == params_before  # an adoption changes no parameter
     rejected = led.propose("big", adoption_param("adder", "v3"), 1, T0, "adopt-v3")
@@ -688,8 +729,17 @@ def test_a_version_adoption_is_voted_like_a_parameter_and_recorded(council):
     assert [a["model"] for a in led.adoptions()] == ["v2-abc"]
 
 
-@pytest.mark.parametrize("param, value", [("adopt:adder", 1), ("adopt::v2", 1), ("adopt:a b:v2", 1),
-                                          ("adopt:adder:v2", 2), ("adopt:adder:v2", True), ("adopt:adder:v/2", 1)])
+@pytest.mark.parametrize(
+    "param, value",
+    [
+        ("adopt:adder", 1),
+        ("adopt::v2", 1),
+        ("adopt:a b:v2", 1),
+        ("adopt:adder:v2", 2),
+        ("adopt:adder:v2", True),
+        ("adopt:adder:v/2", 1),
+    ],
+)
 def test_malformed_version_proposals_are_refused(council, param, value):
     refused(council, ParamError, council.propose, "big", param, value, T0, "bad-adopt")
 

@@ -12,10 +12,19 @@ from neuro_dask.ledger.policy import BPS, MONTH, UNIT, format_neuro, neuro, spli
 # ---- amounts ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("given_, units", [
-    (0, 0), (1, UNIT), (7, 7 * UNIT), ("0.5", UNIT // 2), ("1.000000001", UNIT + 1), ("-2", -2 * UNIT),
-    ("3", 3 * UNIT), ("0.000000001", 1),
-])
+@pytest.mark.parametrize(
+    "given_, units",
+    [
+        (0, 0),
+        (1, UNIT),
+        (7, 7 * UNIT),
+        ("0.5", UNIT // 2),
+        ("1.000000001", UNIT + 1),
+        ("-2", -2 * UNIT),
+        ("3", 3 * UNIT),
+        ("0.000000001", 1),
+    ],
+)
 def test_neuro_converts_to_units(given_, units):
     assert neuro(given_) == units
 
@@ -26,8 +35,10 @@ def test_neuro_refuses_what_is_not_an_amount(bad):
         neuro(bad)
 
 
-@pytest.mark.parametrize("units, text", [(0, "0"), (UNIT, "1"), (UNIT // 2, "0.5"), (1234 * UNIT + 1, "1,234.000000001"),
-                                         (-UNIT // 4, "-0.25")])
+@pytest.mark.parametrize(
+    "units, text",
+    [(0, "0"), (UNIT, "1"), (UNIT // 2, "0.5"), (1234 * UNIT + 1, "1,234.000000001"), (-UNIT // 4, "-0.25")],
+)
 def test_format_neuro(units, text):
     assert format_neuro(units) == text
     assert neuro(text.replace(",", "")) == units
@@ -94,9 +105,12 @@ def test_split_fee_is_proportional_and_rounds_down():
 
 
 @settings(max_examples=300, deadline=None)
-@given(fee=st.integers(0, 10**18),
-       work=st.dictionaries(st.text("abcdefgh", min_size=1, max_size=3), st.integers(-5, 10**12), max_size=8),
-       treasury_bps=st.integers(0, BPS), burn_bps=st.integers(0, BPS))
+@given(
+    fee=st.integers(0, 10**18),
+    work=st.dictionaries(st.text("abcdefgh", min_size=1, max_size=3), st.integers(-5, 10**12), max_size=8),
+    treasury_bps=st.integers(0, BPS),
+    burn_bps=st.integers(0, BPS),
+)
 def test_split_fee_property(fee, work, treasury_bps, burn_bps):
     s = split_fee(fee, work, treasury_bps, burn_bps)
     assert s.total == fee
@@ -125,27 +139,32 @@ def test_emission_schedule_decreases():
     assert amounts[2] == (initial * decay // BPS) * decay // BPS
 
 
-@pytest.mark.parametrize("epoch, initial, decay, pool, expected", [
-    (0, 100, 5_000, 1_000, 100),
-    (1, 100, 5_000, 1_000, 50),
-    (2, 100, 5_000, 1_000, 25),
-    (3, 100, 5_000, 1_000, 12),
-    (0, 100, 5_000, 40, 40),  # capped by the pool
-    (1, 100, 5_000, 40, 40),
-    (2, 100, 5_000, 40, 25),
-    (0, 100, 5_000, 0, 0),  # empty pool
-    (5, 100, 0, 1_000, 0),  # decay 0: only epoch 0 pays
-    (0, 100, 0, 1_000, 100),
-    (50, 100, BPS, 1_000, 100),  # no decay
-    (10_000, 100, 9_990, 1_000, 0),  # decays to nothing
-    (0, 0, 9_990, 1_000, 0),
-])
+@pytest.mark.parametrize(
+    "epoch, initial, decay, pool, expected",
+    [
+        (0, 100, 5_000, 1_000, 100),
+        (1, 100, 5_000, 1_000, 50),
+        (2, 100, 5_000, 1_000, 25),
+        (3, 100, 5_000, 1_000, 12),
+        (0, 100, 5_000, 40, 40),  # capped by the pool
+        (1, 100, 5_000, 40, 40),
+        (2, 100, 5_000, 40, 25),
+        (0, 100, 5_000, 0, 0),  # empty pool
+        (5, 100, 0, 1_000, 0),  # decay 0: only epoch 0 pays
+        (0, 100, 0, 1_000, 100),
+        (50, 100, BPS, 1_000, 100),  # no decay
+        (10_000, 100, 9_990, 1_000, 0),  # decays to nothing
+        (0, 0, 9_990, 1_000, 0),
+    ],
+)
 def test_emission_table(epoch, initial, decay, pool, expected):
     assert policy.emission_for_epoch(epoch, initial, decay, pool) == expected
 
 
 @settings(max_examples=200, deadline=None)
-@given(epoch=st.integers(0, 500), initial=st.integers(0, 10**17), decay=st.integers(0, BPS), pool=st.integers(0, 10**17))
+@given(
+    epoch=st.integers(0, 500), initial=st.integers(0, 10**17), decay=st.integers(0, BPS), pool=st.integers(0, 10**17)
+)
 def test_emission_never_exceeds_pool_and_never_grows(epoch, initial, decay, pool):
     a = policy.emission_for_epoch(epoch, initial, decay, pool)
     b = policy.emission_for_epoch(epoch + 1, initial, decay, pool)
@@ -165,12 +184,23 @@ def test_split_emission_keeps_remainder_in_pool():
 TOTAL = 200_000_000 * UNIT
 
 
-@pytest.mark.parametrize("months_elapsed, expected", [
-    (0, 0), (1, 0), (11, 0), (11.99, 0),  # before the cliff: nothing
-    (12, TOTAL * 12 // 48),  # at the cliff: 12/48
-    (13, TOTAL * 13 // 48), (24, TOTAL // 2), (47, TOTAL * 47 // 48), (47.99, TOTAL * 47 // 48),
-    (48, TOTAL), (60, TOTAL), (1_000, TOTAL),  # all of it from the last month on
-])
+@pytest.mark.parametrize(
+    "months_elapsed, expected",
+    [
+        (0, 0),
+        (1, 0),
+        (11, 0),
+        (11.99, 0),  # before the cliff: nothing
+        (12, TOTAL * 12 // 48),  # at the cliff: 12/48
+        (13, TOTAL * 13 // 48),
+        (24, TOTAL // 2),
+        (47, TOTAL * 47 // 48),
+        (47.99, TOTAL * 47 // 48),
+        (48, TOTAL),
+        (60, TOTAL),
+        (1_000, TOTAL),  # all of it from the last month on
+    ],
+)
 def test_vesting_schedule(months_elapsed, expected):
     start = 1_700_000_000.0
     assert policy.vested(TOTAL, start, start + months_elapsed * MONTH, 48, 12) == expected
@@ -190,19 +220,22 @@ def test_vesting_is_monotonic():
 # ---- rule 4: slashing ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("base, others, correlation, cap, expected", [
-    (1_000, 0, 10_000, BPS, 1_000),
-    (1_000, 1, 10_000, BPS, 2_000),  # correlation 100%: each other provider adds the base again
-    (1_000, 4, 10_000, BPS, 5_000),
-    (1_000, 9, 10_000, BPS, BPS),
-    (1_000, 50, 10_000, BPS, BPS),  # capped
-    (1_000, 50, 10_000, 3_000, 3_000),
-    (1_000, 2, 5_000, BPS, 2_000),  # 50% correlation: base x (1 + 0.5 x 2)
-    (1_000, 3, 0, BPS, 1_000),  # no correlation
-    (1_000, -3, 10_000, BPS, 1_000),  # never below the base
-    (0, 10, 10_000, BPS, 0),
-    (2_000, 0, 10_000, 1_000, 1_000),  # the cap binds even alone
-])
+@pytest.mark.parametrize(
+    "base, others, correlation, cap, expected",
+    [
+        (1_000, 0, 10_000, BPS, 1_000),
+        (1_000, 1, 10_000, BPS, 2_000),  # correlation 100%: each other provider adds the base again
+        (1_000, 4, 10_000, BPS, 5_000),
+        (1_000, 9, 10_000, BPS, BPS),
+        (1_000, 50, 10_000, BPS, BPS),  # capped
+        (1_000, 50, 10_000, 3_000, 3_000),
+        (1_000, 2, 5_000, BPS, 2_000),  # 50% correlation: base x (1 + 0.5 x 2)
+        (1_000, 3, 0, BPS, 1_000),  # no correlation
+        (1_000, -3, 10_000, BPS, 1_000),  # never below the base
+        (0, 10, 10_000, BPS, 0),
+        (2_000, 0, 10_000, 1_000, 1_000),  # the cap binds even alone
+    ],
+)
 def test_slash_bps_table(base, others, correlation, cap, expected):
     assert policy.slash_bps(base, others, correlation, cap) == expected
 
@@ -214,9 +247,16 @@ def test_slash_bps_grows_with_others_caught():
     assert max(values) == BPS
 
 
-@pytest.mark.parametrize("amount, burn_bps, expected", [
-    (100, 5_000, (50, 50)), (101, 5_000, (51, 50)), (0, 5_000, (0, 0)), (7, 0, (7, 0)), (7, BPS, (0, 7)),
-])
+@pytest.mark.parametrize(
+    "amount, burn_bps, expected",
+    [
+        (100, 5_000, (50, 50)),
+        (101, 5_000, (51, 50)),
+        (0, 5_000, (0, 0)),
+        (7, 0, (7, 0)),
+        (7, BPS, (0, 7)),
+    ],
+)
 def test_split_slash(amount, burn_bps, expected):
     assert policy.split_slash(amount, burn_bps) == expected
     assert sum(policy.split_slash(amount, burn_bps)) == amount
@@ -225,22 +265,25 @@ def test_split_slash(amount, burn_bps, expected):
 # ---- rule 5: governance tally --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("yes, no, total, quorum, threshold, quorum_met, passed", [
-    (60, 40, 100, 3_300, 5_000, True, True),
-    (50, 50, 100, 3_300, 5_000, True, False),  # exactly at the threshold: not passed
-    (51, 49, 100, 3_300, 5_000, True, True),
-    (33, 0, 100, 3_300, 5_000, True, True),  # exactly at quorum: met
-    (32, 0, 100, 3_300, 5_000, False, False),  # just under quorum
-    (0, 0, 100, 3_300, 5_000, False, False),
-    (0, 0, 0, 3_300, 5_000, False, False),  # no stake at all
-    (10, 0, 0, 3_300, 5_000, False, False),
-    (0, 100, 100, 3_300, 5_000, True, False),
-    (2, 1, 3, 1_000, 6_666, True, True),  # 2/3 = 6666.67 bps > 6666
-    (2, 1, 3, 1_000, 6_667, True, False),  # 6666.67 < 6667
-    (100, 0, 100, BPS, BPS, True, False),  # unanimity is never "more than" 100%
-    (99, 0, 100, BPS, 5_000, False, False),  # 100% quorum needs everyone
-    (100, 0, 100, BPS, 5_000, True, True),
-])
+@pytest.mark.parametrize(
+    "yes, no, total, quorum, threshold, quorum_met, passed",
+    [
+        (60, 40, 100, 3_300, 5_000, True, True),
+        (50, 50, 100, 3_300, 5_000, True, False),  # exactly at the threshold: not passed
+        (51, 49, 100, 3_300, 5_000, True, True),
+        (33, 0, 100, 3_300, 5_000, True, True),  # exactly at quorum: met
+        (32, 0, 100, 3_300, 5_000, False, False),  # just under quorum
+        (0, 0, 100, 3_300, 5_000, False, False),
+        (0, 0, 0, 3_300, 5_000, False, False),  # no stake at all
+        (10, 0, 0, 3_300, 5_000, False, False),
+        (0, 100, 100, 3_300, 5_000, True, False),
+        (2, 1, 3, 1_000, 6_666, True, True),  # 2/3 = 6666.67 bps > 6666
+        (2, 1, 3, 1_000, 6_667, True, False),  # 6666.67 < 6667
+        (100, 0, 100, BPS, BPS, True, False),  # unanimity is never "more than" 100%
+        (99, 0, 100, BPS, 5_000, False, False),  # 100% quorum needs everyone
+        (100, 0, 100, BPS, 5_000, True, True),
+    ],
+)
 def test_tally_table(yes, no, total, quorum, threshold, quorum_met, passed):
     t = policy.tally(yes, no, total, quorum, threshold)
     assert t.quorum_met is quorum_met
@@ -249,8 +292,13 @@ def test_tally_table(yes, no, total, quorum, threshold, quorum_met, passed):
 
 
 @settings(max_examples=200, deadline=None)
-@given(yes=st.integers(0, 10**15), no=st.integers(0, 10**15), extra=st.integers(0, 10**15),
-       quorum=st.integers(1_000, BPS), threshold=st.integers(5_000, BPS))
+@given(
+    yes=st.integers(0, 10**15),
+    no=st.integers(0, 10**15),
+    extra=st.integers(0, 10**15),
+    quorum=st.integers(1_000, BPS),
+    threshold=st.integers(5_000, BPS),
+)
 def test_tally_property(yes, no, extra, quorum, threshold):
     total = yes + no + extra
     t = policy.tally(yes, no, total, quorum, threshold)

@@ -30,7 +30,9 @@ def service():
 
 def test_the_default_private_price_is_twice_the_standard_one():
     assert P["price_per_private_expert_token"] == 2 * P["price_per_expert_token"]
-    assert LedgerConfig.from_dask_config().params["price_per_private_expert_token"] == P["price_per_private_expert_token"]
+    assert (
+        LedgerConfig.from_dask_config().params["price_per_private_expert_token"] == P["price_per_private_expert_token"]
+    )
 
 
 def test_an_older_config_without_the_private_price_gets_twice_the_standard_one():
@@ -51,8 +53,12 @@ def test_quote_prices_private_tokens_at_the_private_rate(service):
 
 def test_private_hold_is_quoted_at_the_private_price(service):
     held = service.hold("alice", "r-private", 1_000, T0, tier="private")
-    assert held == {"status": "OK", "held": P["price_per_request"] + 1_000 * P["price_per_private_expert_token"],
-                    "tier": "private", "expires": T0 + LEASE_SECONDS}
+    assert held == {
+        "status": "OK",
+        "held": P["price_per_request"] + 1_000 * P["price_per_private_expert_token"],
+        "tier": "private",
+        "expires": T0 + LEASE_SECONDS,
+    }
     assert service.ledger.hold_of("r-private")["tier"] == "private"  # kept with the hold, for its settlement
     standard = service.hold("alice", "r-standard", 1_000, T0)
     assert standard["held"] == P["price_per_request"] + 1_000 * P["price_per_expert_token"]

@@ -54,16 +54,28 @@ GHOST, PHANTOM = "ghost", "phantom"  # never opened
 TRANSFERABLE = ("user", "provider", "genesis")  # never the treasury: it moves only by vote
 RECEIVING = ("user", "provider")
 GRANT_POOLS = ("genesis:community", "genesis:liquidity")  # a grant may go back to these, from users and providers
-RESERVED = ["genesis", "unbonded:1", "unbonded:2", "emission:0", "emission:3", "slash:c0:p0", "vest:team:1",
-            "hold:r0", "settle:r0", "treasury-spend:1"]
+RESERVED = [
+    "genesis",
+    "unbonded:1",
+    "unbonded:2",
+    "emission:0",
+    "emission:3",
+    "slash:c0:p0",
+    "vest:team:1",
+    "hold:r0",
+    "settle:r0",
+    "treasury-spend:1",
+]
 CLIENTS = ["gw", "u1", GHOST]  # client certificate names: a gateway, another user, a stranger
 OK = "ok"
 REUSED = "reused"  # an id used before: a replay (same request) or a conflict (another one)
+
 
 def state(led: Ledger) -> list:
     """A cheap digest of every table: what "a refusal writes nothing" compares. Sums are taken in
     Python: SQLite's SUM stops at 64 bits."""
     with led.db.read() as cur:
+
         def agg(sql: str) -> tuple:
             rows = cur.execute(sql).all()
             return len(rows), tuple(sum(column) for column in zip(*rows))
@@ -90,8 +102,10 @@ def state(led: Ledger) -> list:
 def consistent(params: dict[str, int]) -> bool:
     """The cross-parameter rules: stake that voted cannot leave and vote again within one vote;
     the private tier never costs less than the standard one."""
-    return (params["unbonding_seconds"] >= params["voting_seconds"]
-            and params["price_per_private_expert_token"] >= params["price_per_expert_token"])
+    return (
+        params["unbonding_seconds"] >= params["voting_seconds"]
+        and params["price_per_private_expert_token"] >= params["price_per_expert_token"]
+    )
 
 
 def kind_of(account: str) -> str:
@@ -99,8 +113,9 @@ def kind_of(account: str) -> str:
 
 
 def may_transfer(src: str, dst: str) -> bool:
-    return kind_of(src) in TRANSFERABLE and (kind_of(dst) in RECEIVING or
-                                             (dst in GRANT_POOLS and kind_of(src) in RECEIVING))
+    return kind_of(src) in TRANSFERABLE and (
+        kind_of(dst) in RECEIVING or (dst in GRANT_POOLS and kind_of(src) in RECEIVING)
+    )
 
 
 def bad_amount(a: object) -> bool:
@@ -122,8 +137,10 @@ class Auditor:
         assert led.check_invariants() == []
         with led.db.read() as cur:
             bal = dict(cur.execute("SELECT name, balance FROM accounts").all())
-            new = cur.execute("SELECT entry_id, debit, credit, amount FROM postings WHERE entry_id > ? "
-                              "ORDER BY entry_id", (self.last,)).all()
+            new = cur.execute(
+                "SELECT entry_id, debit, credit, amount FROM postings WHERE entry_id > ? ORDER BY entry_id",
+                (self.last,),
+            ).all()
             count = cur.execute("SELECT COUNT(*) FROM postings").scalar()
             max_supply = cur.execute("SELECT value FROM params WHERE name = 'max_supply'").scalar()
             vesting = cur.execute("SELECT bucket, total, start, months, cliff_months, released FROM vesting").all()
@@ -191,10 +208,31 @@ class DataPick:
 
 
 # operation -> weight
-OPS = {"transfer": 10, "deposit": 8, "open_user": 3, "open_provider": 3, "stake": 7, "unstake": 5,
-       "release_unbonded": 3, "hold": 9, "settle": 4, "settle_verified": 6, "expire": 2, "credit_work": 5, "emit": 4,
-       "slash": 2, "release_vesting": 3, "propose": 5, "vote": 8, "tally": 3, "grant": 3, "revoke": 2, "replay": 6,
-       "conflict": 3, "advance": 6}
+OPS = {
+    "transfer": 10,
+    "deposit": 8,
+    "open_user": 3,
+    "open_provider": 3,
+    "stake": 7,
+    "unstake": 5,
+    "release_unbonded": 3,
+    "hold": 9,
+    "settle": 4,
+    "settle_verified": 6,
+    "expire": 2,
+    "credit_work": 5,
+    "emit": 4,
+    "slash": 2,
+    "release_vesting": 3,
+    "propose": 5,
+    "vote": 8,
+    "tally": 3,
+    "grant": 3,
+    "revoke": 2,
+    "replay": 6,
+    "conflict": 3,
+    "advance": 6,
+}
 OP_LIST = [op for op, w in OPS.items() for _ in range(w)]
 
 
@@ -254,8 +292,9 @@ class Driver:
     # ---- running one call ----
 
     def expect_idem(self, idem: str) -> str | None:
-        if idem == "genesis" or idem.startswith(("hold:", "settle:", "emission:", "slash:", "unbonded:", "vest:",
-                                                 "treasury-spend:")):
+        if idem == "genesis" or idem.startswith(
+            ("hold:", "settle:", "emission:", "slash:", "unbonded:", "vest:", "treasury-spend:")
+        ):
             return "reserved"
         return REUSED if idem in self.used else None
 
@@ -339,8 +378,19 @@ class Driver:
 
     def op_deposit(self):
         name = self.pick.choice(USERS + [GHOST])
-        source = self.pick.choice(["genesis:community", "genesis:community", "genesis:liquidity", "genesis:team",
-                                   "treasury", "vesting:team", "escrow", "emission", "burn"])
+        source = self.pick.choice(
+            [
+                "genesis:community",
+                "genesis:community",
+                "genesis:liquidity",
+                "genesis:team",
+                "treasury",
+                "vesting:team",
+                "escrow",
+                "emission",
+                "burn",
+            ]
+        )
         amount, idem = self.amount(self.shadow.get(source, 0) // 1000), self.idem()
         expect = self.predict_transfer(source, user(name), amount, idem)
         thunk = lambda: self.led.deposit(name, amount, idem, source=source, now=self.now)  # noqa: E731
@@ -377,15 +427,17 @@ class Driver:
     def op_stake(self):
         name = self.pick.choice(PROVIDERS + [PHANTOM])
         amount, idem = self.amount(self.shadow.get(provider(name), 0)), self.idem()
-        self._stake_like("stake", provider(name), name, amount, idem,
-                         lambda: self.led.stake(name, amount, idem, now=self.now))
+        self._stake_like(
+            "stake", provider(name), name, amount, idem, lambda: self.led.stake(name, amount, idem, now=self.now)
+        )
 
     def op_unstake(self):
         name = self.pick.choice(PROVIDERS + [PHANTOM])
         amount, idem = self.amount(self.shadow.get(stake_account(name), 0)), self.idem()
         now, unbonding = self.now, self.params()["unbonding_seconds"]
-        r = self._stake_like("unstake", stake_account(name), name, amount, idem,
-                             lambda: self.led.unstake(name, amount, idem, now))
+        r = self._stake_like(
+            "unstake", stake_account(name), name, amount, idem, lambda: self.led.unstake(name, amount, idem, now)
+        )
         if hasattr(r, "replayed") and not r.replayed:
             self.unbonding.append([name, amount, now + unbonding])
 
@@ -393,8 +445,9 @@ class Driver:
         due = [row for row in self.unbonding if row[2] <= self.now]
         receipts = self.run("release_unbonded", lambda: self.led.release_unbonded(self.now), OK)
         # each matured unbonding, in the order unstaked, less what slashing took from it
-        assert [(r.postings[0].debit, r.postings[0].credit, r.postings[0].amount) for r in receipts] == \
-            [(unbonding_account(n), provider(n), a) for n, a, _ in due if a > 0]
+        assert [(r.postings[0].debit, r.postings[0].credit, r.postings[0].amount) for r in receipts] == [
+            (unbonding_account(n), provider(n), a) for n, a, _ in due if a > 0
+        ]
         assert all(len(r.postings) == 1 for r in receipts)
         self.unbonding = [row for row in self.unbonding if row[2] > self.now]
 
@@ -405,8 +458,9 @@ class Driver:
 
     def op_hold(self):
         client = self.pick.choice(USERS + [GHOST])
-        request = self.pick.choice(sorted(self.holds)) if self.holds and self.pick.integer(0, 4) == 0 else \
-            self.fresh("r")
+        request = (
+            self.pick.choice(sorted(self.holds)) if self.holds and self.pick.integer(0, 4) == 0 else self.fresh("r")
+        )
         amount = self.amount(self.shadow.get(user(client), 0))
         tier = self.pick.choice(["standard", "standard", "private"])
         by = self.pick.choice([None, None, client] + CLIENTS)  # the asking certificate, when the caller names one
@@ -472,8 +526,13 @@ class Driver:
         """The scheduler's settlement: rows it verified, priced by the hold's tier, paid once."""
         unsettled = sorted(set(self.holds) - set(self.settled))
         k = self.pick.integer(0, 7)
-        request = self.pick.choice(unsettled) if unsettled and k >= 2 else \
-            self.pick.choice(sorted(self.holds)) if self.holds and k == 1 else "r-none"
+        request = (
+            self.pick.choice(unsettled)
+            if unsettled and k >= 2
+            else self.pick.choice(sorted(self.holds))
+            if self.holds and k == 1
+            else "r-none"
+        )
         rows = [0, 1, 3, 4, 50, 2**40]
         work = {w: self.pick.choice(rows) for w in PROVIDERS + [PHANTOM] if self.pick.integer(0, 2) == 0}
         shares = {w: self.pick.choice(rows) for w in PROVIDERS + [PHANTOM] if self.pick.integer(0, 3) == 0}
@@ -481,8 +540,10 @@ class Driver:
             work[next(iter(work))] = self.pick.choice([-1, 1.0, True, "3", None, 2**62])
         elif self.settled.get(request, ("",))[0] == "verified" and self.pick.integer(0, 1):
             work, shares = self.settled[request][1:]  # a retry with the same rows: the first settlement back
-        if any(isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < 2**62
-               for n in [*work.values(), *shares.values()]):
+        if any(
+            isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < 2**62
+            for n in [*work.values(), *shares.values()]
+        ):
             expect = BadAmountError
         elif request not in self.holds:
             expect = LedgerError
@@ -503,8 +564,11 @@ class Driver:
             private_rows = {w: n for w, n in shares.items() if w in known and n > 0} if tier == "private" else {}
             tokens = sum(standard.values())
             private = -(-sum(private_rows.values()) // SHARE_ROWS_PER_PRIVATE_TOKEN)
-            fee = (p["price_per_request"] + tokens * p["price_per_expert_token"]
-                   + private * p["price_per_private_expert_token"])
+            fee = (
+                p["price_per_request"]
+                + tokens * p["price_per_expert_token"]
+                + private * p["price_per_private_expert_token"]
+            )
             assert (result.fee, result.charged) == (fee, min(fee, held))
             assert (result.expert_tokens, result.private_expert_tokens) == (tokens, private)
             assert result.state == ("expired" if now >= expires else "settled") and not result.replayed
@@ -515,8 +579,11 @@ class Driver:
             self.done.append(thunk)
 
     def op_expire(self):
-        want = sorted((expires, r) for r, (_, _, _, expires) in self.holds.items()
-                      if r not in self.settled and expires <= self.now)
+        want = sorted(
+            (expires, r)
+            for r, (_, _, _, expires) in self.holds.items()
+            if r not in self.settled and expires <= self.now
+        )
         assert self.led.expired_holds(self.now) == [r for _, r in want]
         self.stats["expire:ok" if want else "expire:none"] += 1
 
@@ -539,8 +606,11 @@ class Driver:
 
     def op_revoke(self):
         pairs = sorted(self.grants)
-        account, client = self.pick.choice(pairs) if pairs and self.pick.integer(0, 3) else \
-            (self.pick.choice(USERS), self.pick.choice(CLIENTS))
+        account, client = (
+            self.pick.choice(pairs)
+            if pairs and self.pick.integer(0, 3)
+            else (self.pick.choice(USERS), self.pick.choice(CLIENTS))
+        )
         idem = self.idem()
         if (e := self.expect_idem(idem)) is not None:
             expect = e
@@ -557,8 +627,11 @@ class Driver:
         assert {(g["account"], g["client"]) for g in self.led.grants()} == self.grants
 
     def op_credit_work(self):
-        work = {w: (self.pick.choice(["o0", "o1", ""]), self.pick.choice([0, 1, 5, 40, 40, 300, -1]))
-                for w in PROVIDERS + [PHANTOM] if self.pick.integer(0, 1)}
+        work = {
+            w: (self.pick.choice(["o0", "o1", ""]), self.pick.choice([0, 1, 5, 40, 40, 300, -1]))
+            for w in PROVIDERS + [PHANTOM]
+            if self.pick.integer(0, 1)
+        }
         if work and self.pick.integer(0, 20) == 0:
             work[next(iter(work))] = ("o0", self.pick.choice([1.0, True, "3", None]))
         epoch, idem = self.pick.integer(0, 100), self.idem()
@@ -658,8 +731,13 @@ class Driver:
         pid = self.run("propose", lambda: self.led.propose(proposer, param, value, self.now, idem), expect)
         if expect == OK and idem not in self.proposal_idems:
             self.proposal_idems[idem] = (proposer, param, value)
-            self.proposals[pid] = {"ends": self.now + voting, "status": "open", "votes": {}, "param": param,
-                                   "value": value}
+            self.proposals[pid] = {
+                "ends": self.now + voting,
+                "status": "open",
+                "votes": {},
+                "param": param,
+                "value": value,
+            }
         elif expect == OK:
             assert pid in self.proposals and state(self.led) == before
 
@@ -697,8 +775,10 @@ class Driver:
         p = self.params()
         # weights counted at the tally: the least of the stake when the vote was cast and the stake
         # still bonded (locked or unbonding) now, against all bonded stake now
-        bonded = {n: self.shadow.get(stake_account(n), 0) + self.shadow.get(unbonding_account(n), 0)
-                  for n in PROVIDERS + [PHANTOM]}
+        bonded = {
+            n: self.shadow.get(stake_account(n), 0) + self.shadow.get(unbonding_account(n), 0)
+            for n in PROVIDERS + [PHANTOM]
+        }
         total = sum(b for n, b in self.shadow.items() if kind_of(n) in ("stake", "unbonding"))
         result = self.run("tally", lambda: self.led.tally(pid, self.now), expect)
         if expect == OK and prop["status"] == "open":
@@ -712,8 +792,11 @@ class Driver:
                 want = "failed"  # the treasury cannot pay it now: nothing moves
             elif passed and spend:  # paid in the tally's own transaction, once
                 dest = prop["param"].removeprefix("spend:")
-                assert {k: v for k, v in result["spent"].items() if k != "entry"} == \
-                    {"debit": "treasury", "credit": dest, "amount": prop["value"]}
+                assert {k: v for k, v in result["spent"].items() if k != "entry"} == {
+                    "debit": "treasury",
+                    "credit": dest,
+                    "amount": prop["value"],
+                }
                 self.shadow["treasury"] -= prop["value"]
                 self.shadow[dest] += prop["value"]
             assert "spent" in result if want == "passed" and spend else "spent" not in result
@@ -743,20 +826,27 @@ class Driver:
         if not self.transfers:
             return
         idem, src, dst, amount = self.pick.choice(self.transfers)
-        self.run("conflict", lambda: self.led.transfer(src, dst, amount + 1, idem, now=self.now),
-                 IdempotencyConflictError)
+        self.run(
+            "conflict", lambda: self.led.transfer(src, dst, amount + 1, idem, now=self.now), IdempotencyConflictError
+        )
 
     def op_advance(self):
         """The clock never goes back; it sometimes stops exactly at (or just before) a boundary."""
         k = self.pick.choice(["step"] * 6 + ["maturity", "vote_end"])
-        targets = sorted(row[2] for row in self.unbonding) if k == "maturity" else \
-            sorted(p["ends"] for p in self.proposals.values() if p["status"] == "open") if k == "vote_end" else []
+        targets = (
+            sorted(row[2] for row in self.unbonding)
+            if k == "maturity"
+            else sorted(p["ends"] for p in self.proposals.values() if p["status"] == "open")
+            if k == "vote_end"
+            else []
+        )
         targets = [x for x in targets if x - 1 > self.now]
         if targets:
             self.now = self.pick.choice(targets[:2]) - self.pick.choice([0, 1])
         else:
-            self.now += self.pick.choice([0, 1, 30, 3600, 3600, 6 * 3600, DAY, DAY, 3 * DAY, 7 * DAY, 30 * DAY,
-                                          6 * MONTH])
+            self.now += self.pick.choice(
+                [0, 1, 30, 3600, 3600, 6 * 3600, DAY, DAY, 3 * DAY, 7 * DAY, 30 * DAY, 6 * MONTH]
+            )
 
     def step(self) -> None:
         getattr(self, f"op_{self.pick.choice(OP_LIST)}")()
@@ -771,10 +861,12 @@ class Driver:
             self.led.open_provider(name, "o0")
             for account in (provider(name), stake_account(name), unbonding_account(name)):
                 self.shadow[account] = 0
-            self.run("transfer", lambda n=name: self.led.transfer("genesis:community", provider(n), 10**13,
-                                                                   f"setup-{n}"), OK)
-            self.run("stake", lambda n=name: self.led.stake(n, 10**12 * (1 + PROVIDERS.index(n)),
-                                                             f"setup-stake-{n}"), OK)
+            self.run(
+                "transfer", lambda n=name: self.led.transfer("genesis:community", provider(n), 10**13, f"setup-{n}"), OK
+            )
+            self.run(
+                "stake", lambda n=name: self.led.stake(n, 10**12 * (1 + PROVIDERS.index(n)), f"setup-stake-{n}"), OK
+            )
 
 
 def drive(pick, steps: int, audit_every: int = 1) -> Driver:
@@ -803,13 +895,47 @@ def test_random_operations_keep_the_books_hypothesis(data):
 
 
 # Every operation must both succeed and be refused at some point, or the run proves little.
-MUST_SEE = ["transfer:ok", "transfer:refused", "deposit:ok", "deposit:refused", "open_user:ok", "open_user:refused",
-            "stake:ok", "stake:refused", "unstake:ok", "unstake:refused", "release_unbonded:ok", "hold:ok",
-            "hold:refused", "settle:ok", "settle:refused", "settle_verified:ok", "settle_verified:refused",
-            "settle_verified:replayed", "expire:ok", "credit_work:ok", "credit_work:refused", "emit:ok",
-            "emit:replayed", "slash:ok", "slash:refused", "release_vesting:ok", "release_vesting:refused",
-            "propose:ok", "propose:refused", "vote:ok", "vote:refused", "tally:ok", "tally:refused", "grant:ok",
-            "grant:refused", "revoke:ok", "revoke:refused", "replay:ok", "conflict:refused"]
+MUST_SEE = [
+    "transfer:ok",
+    "transfer:refused",
+    "deposit:ok",
+    "deposit:refused",
+    "open_user:ok",
+    "open_user:refused",
+    "stake:ok",
+    "stake:refused",
+    "unstake:ok",
+    "unstake:refused",
+    "release_unbonded:ok",
+    "hold:ok",
+    "hold:refused",
+    "settle:ok",
+    "settle:refused",
+    "settle_verified:ok",
+    "settle_verified:refused",
+    "settle_verified:replayed",
+    "expire:ok",
+    "credit_work:ok",
+    "credit_work:refused",
+    "emit:ok",
+    "emit:replayed",
+    "slash:ok",
+    "slash:refused",
+    "release_vesting:ok",
+    "release_vesting:refused",
+    "propose:ok",
+    "propose:refused",
+    "vote:ok",
+    "vote:refused",
+    "tally:ok",
+    "tally:refused",
+    "grant:ok",
+    "grant:refused",
+    "revoke:ok",
+    "revoke:refused",
+    "replay:ok",
+    "conflict:refused",
+]
 
 
 def test_random_operations_keep_the_books_seeded():

@@ -40,17 +40,20 @@ def balances(svc: LedgerService) -> dict[str, int]:
 # ---- holds ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"tier": "secret"}, "unknown tier 'secret'"),
-    ({"lease_seconds": 0}, "lease must be a positive number"),
-    ({"lease_seconds": float("inf")}, "lease must be a positive number"),
-    ({"lease_seconds": True}, "lease must be a positive number"),
-    ({"account": "ghost", "client": "ghost"}, "no ledger account user:ghost"),
-    ({"expert_tokens": 10**12}, "insufficient funds"),
-    ({"client": "gateway"}, "client 'gateway' may not charge the account user:alice"),
-    ({"client": "bob"}, "`neuro-dask ledger grant alice bob`"),
-    ({"account": "ghost", "client": "gateway"}, "may not charge the account user:ghost"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"tier": "secret"}, "unknown tier 'secret'"),
+        ({"lease_seconds": 0}, "lease must be a positive number"),
+        ({"lease_seconds": float("inf")}, "lease must be a positive number"),
+        ({"lease_seconds": True}, "lease must be a positive number"),
+        ({"account": "ghost", "client": "ghost"}, "no ledger account user:ghost"),
+        ({"expert_tokens": 10**12}, "insufficient funds"),
+        ({"client": "gateway"}, "client 'gateway' may not charge the account user:alice"),
+        ({"client": "bob"}, "`neuro-dask ledger grant alice bob`"),
+        ({"account": "ghost", "client": "gateway"}, "may not charge the account user:ghost"),
+    ],
+)
 def test_hold_refusals_hold_nothing(service, kwargs, message):
     before = balances(service)
     args = {"account": "alice", "request": "r", "expert_tokens": 100, "now": T0} | kwargs
@@ -61,8 +64,12 @@ def test_hold_refusals_hold_nothing(service, kwargs, message):
 
 def test_a_hold_expires_after_its_lease_and_a_retry_keeps_the_first(service):
     held = service.hold("alice", "r", 100, T0, client="alice", lease_seconds=30)
-    assert held == {"status": "OK", "held": REQUEST_PRICE + 100 * P["price_per_expert_token"], "tier": "standard",
-                    "expires": T0 + 30}
+    assert held == {
+        "status": "OK",
+        "held": REQUEST_PRICE + 100 * P["price_per_expert_token"],
+        "tier": "standard",
+        "expires": T0 + 30,
+    }
     assert service.hold("alice", "r", 100, T0 + 20, client="alice") == held  # a retry: same hold, same expiry
     assert service.ledger.balance(user("alice")) == neuro(100) - held["held"]
     assert service.expire(T0 + 29) == []
@@ -91,12 +98,23 @@ def test_settle_pays_verified_work_and_credits_it_for_emissions(service):
     settled = service.settle("r", T0 + 1, {"w1": 300, "w2": 100})
     fee = REQUEST_PRICE + 400 * P["price_per_expert_token"]
     split = split_fee(fee, {"w1": 300, "w2": 100}, P["treasury_bps"], P["burn_bps"])
-    assert settled == {"status": "OK", "tier": "standard", "fee": fee, "charged": fee, "expert_tokens": 400,
-                       "private_expert_tokens": 0, "paid": {provider("w1"): split.providers["w1"],
-                                                            provider("w2"): split.providers["w2"],
-                                                            "treasury": split.treasury, "burn": split.burn,
-                                                            user("alice"): held - fee},
-                       "state": "settled", "replayed": False}
+    assert settled == {
+        "status": "OK",
+        "tier": "standard",
+        "fee": fee,
+        "charged": fee,
+        "expert_tokens": 400,
+        "private_expert_tokens": 0,
+        "paid": {
+            provider("w1"): split.providers["w1"],
+            provider("w2"): split.providers["w2"],
+            "treasury": split.treasury,
+            "burn": split.burn,
+            user("alice"): held - fee,
+        },
+        "state": "settled",
+        "replayed": False,
+    }
     assert service.ledger.leaderboard(by="worker") == [("w1", 300), ("w2", 100)]
     assert service.ledger.leaderboard(by="owner") == [("owner-w1", 300), ("owner-w2", 100)]
     emitted = service.ledger.emit(service.epoch(T0 + 1), T0 + 3_600)
@@ -219,8 +237,16 @@ def test_a_ledger_from_before_holds_expired_opens_and_its_open_holds_expire_at_o
     assert svc.ledger.check_invariants() == []
     assert svc.ledger.hold_of("done-one")["state"] == "settled"
     assert svc.ledger.hold_of("open-one") == {
-        "request": "open-one", "client": "alice", "amount": neuro(1), "held_at": 0.0, "expires_at": 0.0,
-        "state": "open", "tier": "standard", "charged_by": "", "fee": 0}
+        "request": "open-one",
+        "client": "alice",
+        "amount": neuro(1),
+        "held_at": 0.0,
+        "expires_at": 0.0,
+        "state": "open",
+        "tier": "standard",
+        "charged_by": "",
+        "fee": 0,
+    }
     assert svc.expire(T0 + 10) == ["open-one"]  # its scheduler, and what it counted, are gone
     assert svc.settle("open-one", T0 + 10, {})["paid"][user("alice")] == neuro(1) - REQUEST_PRICE
     assert svc.ledger.grants() == [] and not svc.ledger.may_charge("alice", "gateway")

@@ -86,33 +86,38 @@ def vote_through(led: Ledger, param: str, value: int, idem: str, yes: bool = Tru
 def test_a_transfer_from_the_treasury_is_refused_and_moves_nothing(council):
     led = council
     treasury = led.balance("treasury")
-    for call in (lambda: led.transfer("treasury", user("bob"), neuro(1), "steal"),
-                 lambda: led.transfer("treasury", provider("big"), 1, "steal-2", cause="looks legit"),
-                 lambda: led.deposit("bob", neuro(1), "steal-3", source="treasury"),
-                 lambda: led.transfer("treasury", user("bob"), -1, "steal-4"),  # refused before the amount
-                 lambda: led.transfer("treasury", "user:ghost", 1, "fund-alice")):  # ... and before the id
+    for call in (
+        lambda: led.transfer("treasury", user("bob"), neuro(1), "steal"),
+        lambda: led.transfer("treasury", provider("big"), 1, "steal-2", cause="looks legit"),
+        lambda: led.deposit("bob", neuro(1), "steal-3", source="treasury"),
+        lambda: led.transfer("treasury", user("bob"), -1, "steal-4"),  # refused before the amount
+        lambda: led.transfer("treasury", "user:ghost", 1, "fund-alice"),
+    ):  # ... and before the id
         err = refused(led, TreasuryError, call, match="only through a passed spend proposal")
         assert "neuro-dask gov propose-spend PROPOSER DEST AMOUNT" in str(err)
     assert led.balance("treasury") == treasury
     led.transfer(user("alice"), user("bob"), 1, "steal")  # the ids stayed free
 
 
-@pytest.mark.parametrize("source, dest, allowed", [
-    ("user:alice", "user:bob", True),
-    ("user:alice", "provider:big", True),
-    ("provider:big", "user:bob", True),
-    ("genesis:community", "user:bob", True),
-    ("genesis:liquidity", "provider:big", True),
-    ("genesis:team", "user:bob", True),  # the team's vested tokens, paid out on its instruction
-    ("user:alice", "genesis:community", True),  # a grant given back
-    ("provider:big", "genesis:liquidity", True),
-    ("user:alice", "genesis:team", False),  # not into an allocation
-    ("genesis:community", "genesis:liquidity", False),  # genesis's split stays as minted
-    ("genesis:team", "genesis:community", False),
-    ("user:alice", "treasury", False),  # fees and slashes fill it, nothing else
-    ("genesis:community", "treasury", False),
-    ("genesis:community", "emission", False),
-])
+@pytest.mark.parametrize(
+    "source, dest, allowed",
+    [
+        ("user:alice", "user:bob", True),
+        ("user:alice", "provider:big", True),
+        ("provider:big", "user:bob", True),
+        ("genesis:community", "user:bob", True),
+        ("genesis:liquidity", "provider:big", True),
+        ("genesis:team", "user:bob", True),  # the team's vested tokens, paid out on its instruction
+        ("user:alice", "genesis:community", True),  # a grant given back
+        ("provider:big", "genesis:liquidity", True),
+        ("user:alice", "genesis:team", False),  # not into an allocation
+        ("genesis:community", "genesis:liquidity", False),  # genesis's split stays as minted
+        ("genesis:team", "genesis:community", False),
+        ("user:alice", "treasury", False),  # fees and slashes fill it, nothing else
+        ("genesis:community", "treasury", False),
+        ("genesis:community", "emission", False),
+    ],
+)
 def test_transfer_routes(council, source, dest, allowed):
     led = council
     led.release_vesting("team", T0 + 48 * 30 * 86_400)  # something in genesis:team
@@ -124,26 +129,29 @@ def test_transfer_routes(council, source, dest, allowed):
         refused(led, LedgerError, led.transfer, source, dest, 5, "t", match="cannot move")
 
 
-@pytest.mark.parametrize("param, value, error", [
-    ("spend:treasury", 5, ParamError),
-    ("spend:escrow", 5, ParamError),
-    ("spend:burn", 5, ParamError),
-    ("spend:emission", 5, ParamError),
-    ("spend:stake:big", 5, ParamError),
-    ("spend:unbonding:big", 5, ParamError),
-    ("spend:vesting:team", 5, ParamError),
-    ("spend:genesis:community", 5, ParamError),
-    ("spend:issuance", 5, ParamError),
-    ("spend:user:", 5, ParamError),
-    ("spend:user:bob x", 5, ParamError),
-    ("spend:user:bob", 0, ParamError),
-    ("spend:user:bob", -5, ParamError),
-    ("spend:user:bob", 1.5, ParamError),
-    ("spend:user:bob", True, ParamError),
-    ("spend:user:bob", 2**62, ParamError),
-    ("spend:user:ghost", 5, UnknownAccountError),
-    ("spend:provider:ghost", 5, UnknownAccountError),
-])
+@pytest.mark.parametrize(
+    "param, value, error",
+    [
+        ("spend:treasury", 5, ParamError),
+        ("spend:escrow", 5, ParamError),
+        ("spend:burn", 5, ParamError),
+        ("spend:emission", 5, ParamError),
+        ("spend:stake:big", 5, ParamError),
+        ("spend:unbonding:big", 5, ParamError),
+        ("spend:vesting:team", 5, ParamError),
+        ("spend:genesis:community", 5, ParamError),
+        ("spend:issuance", 5, ParamError),
+        ("spend:user:", 5, ParamError),
+        ("spend:user:bob x", 5, ParamError),
+        ("spend:user:bob", 0, ParamError),
+        ("spend:user:bob", -5, ParamError),
+        ("spend:user:bob", 1.5, ParamError),
+        ("spend:user:bob", True, ParamError),
+        ("spend:user:bob", 2**62, ParamError),
+        ("spend:user:ghost", 5, UnknownAccountError),
+        ("spend:provider:ghost", 5, UnknownAccountError),
+    ],
+)
 def test_malformed_spend_proposals_are_refused(council, param, value, error):
     refused(council, error, council.propose, "big", param, value, T0, "bad-spend")
     assert council.proposals() == []
@@ -161,22 +169,33 @@ def test_a_passed_spend_moves_exactly_once_even_if_tallied_twice(council):
     first = led.tally(pid, END)
     assert first["status"] == "passed"
     assert {k: v for k, v in first["spent"].items() if k != "entry"} == {
-        "debit": "treasury", "credit": "user:bob", "amount": neuro(25)}
+        "debit": "treasury",
+        "credit": "user:bob",
+        "amount": neuro(25),
+    }
     snapshot = dump(led)
     again = led.tally(pid, END + 1)
     assert again["status"] == "passed" and again["spent"] == first["spent"]
     assert dump(led) == snapshot  # the second tally wrote nothing
     assert led.balance(user("bob")) == neuro(25) and led.balance("treasury") == treasury - neuro(25)
     entry = led.history(user("bob"))[0]
-    assert (entry["kind"], entry["idem"], entry["cause"]) == ("treasury-spend", f"treasury-spend:{pid}",
-                                                              f"proposal:{pid}")
+    assert (entry["kind"], entry["idem"], entry["cause"]) == (
+        "treasury-spend",
+        f"treasury-spend:{pid}",
+        f"proposal:{pid}",
+    )
     assert led.report()["treasury_spent"] == neuro(25)
     assert all(v == DEFAULT_PARAMS[k] for k, v in led.params().items())  # a spend changes no parameter
 
 
-@pytest.mark.parametrize("votes, status", [([("big", False)], "rejected"),
-                                           ([("small", True), ("big", False)], "rejected"),  # 40% for, 60% against
-                                           ([], "no-quorum")])
+@pytest.mark.parametrize(
+    "votes, status",
+    [
+        ([("big", False)], "rejected"),
+        ([("small", True), ("big", False)], "rejected"),  # 40% for, 60% against
+        ([], "no-quorum"),
+    ],
+)
 def test_a_spend_that_does_not_pass_moves_nothing(council, votes, status):
     led = council
     pid = led.propose("big", spend_param("provider:small"), neuro(10), T0, "p")
@@ -212,8 +231,7 @@ def test_an_auditor_finds_a_spend_paid_without_a_vote(council):
     assert led.check_invariants() == [f"treasury-spend:{pid}: a treasury spend without a passed proposal"]
     with led.db.write() as cur:
         cur.execute("UPDATE proposals SET status = 'passed', value = 8 WHERE id = ?", (pid,))
-    assert led.check_invariants() == [f"treasury-spend:{pid}: voted 8 to user:bob, paid "
-                                      "[('treasury', 'user:bob', 7)]"]
+    assert led.check_invariants() == [f"treasury-spend:{pid}: voted 8 to user:bob, paid [('treasury', 'user:bob', 7)]"]
     with led.db.write() as cur:
         cur.execute("UPDATE proposals SET value = 7 WHERE id = ?", (pid,))
 
@@ -274,17 +292,39 @@ def test_the_audit_lists_every_operator_entry_newest_first(council):
     pid = vote_through(led, spend_param("user:bob"), 9, "spend-bob")
     led.tally(pid, END)
     rows = led.audit()
-    assert [r["kind"] for r in rows] == ["treasury-spend", "revoke", "grant", "deposit", "stake", "transfer",
-                                         "stake", "transfer"]
+    assert [r["kind"] for r in rows] == [
+        "treasury-spend",
+        "revoke",
+        "grant",
+        "deposit",
+        "stake",
+        "transfer",
+        "stake",
+        "transfer",
+    ]
     spend, revoke, grant, deposit = rows[:4]
-    assert spend | {"entry": 0} == {"entry": 0, "at": END, "kind": "treasury-spend", "amount": 9, "client": None,
-                                    "accounts": ["treasury", "user:bob"], "idem": f"treasury-spend:{pid}",
-                                    "cause": f"proposal:{pid}"}
-    assert (revoke["accounts"], revoke["client"], revoke["amount"], revoke["at"]) == (["user:alice"], "gateway", 0,
-                                                                                       T0 + 5)
+    assert spend | {"entry": 0} == {
+        "entry": 0,
+        "at": END,
+        "kind": "treasury-spend",
+        "amount": 9,
+        "client": None,
+        "accounts": ["treasury", "user:bob"],
+        "idem": f"treasury-spend:{pid}",
+        "cause": f"proposal:{pid}",
+    }
+    assert (revoke["accounts"], revoke["client"], revoke["amount"], revoke["at"]) == (
+        ["user:alice"],
+        "gateway",
+        0,
+        T0 + 5,
+    )
     assert (grant["accounts"], grant["client"], grant["idem"]) == (["user:alice"], "gateway", "g1")
-    assert (deposit["accounts"], deposit["amount"], deposit["idem"]) == (["genesis:community", "user:alice"],
-                                                                         neuro(100), "fund-alice")
+    assert (deposit["accounts"], deposit["amount"], deposit["idem"]) == (
+        ["genesis:community", "user:alice"],
+        neuro(100),
+        "fund-alice",
+    )
     assert [r["entry"] for r in rows] == sorted((r["entry"] for r in rows), reverse=True)
     assert led.audit(limit=2) == rows[:2]
     for bad in (0, -1, 1.5, True):

@@ -32,6 +32,7 @@ class Clock:
 
 # ---- the rate limiter --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("rpm, burst", [(0, 1), (1, 1), (5, 1), (6, 1), (12, 2), (60, 10), (600, 100), (601, 100)])
 def test_the_default_burst_is_ten_seconds_of_requests_and_at_least_one(rpm, burst):
     assert default_burst(rpm) == burst
@@ -63,8 +64,12 @@ def test_a_token_bucket_per_key(name):
 def test_allow_is_take_without_the_wait_and_keys_are_independent():
     clock = Clock()
     limiter = RateLimiter(60, clock, burst=1)
-    assert [limiter.allow("a"), limiter.allow("a"), limiter.allow("b"), limiter.allow(("ip", "10.0.0.1"))] == \
-        [True, False, True, True]
+    assert [limiter.allow("a"), limiter.allow("a"), limiter.allow("b"), limiter.allow(("ip", "10.0.0.1"))] == [
+        True,
+        False,
+        True,
+        True,
+    ]
     clock.now += 1.0
     assert limiter.allow("a")
 
@@ -102,11 +107,14 @@ def test_at_most_max_keys_are_kept_under_a_flood_of_keys():
     assert limiter.take(9_999) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"requests_per_minute": -1}, "requests_per_minute"),
-    ({"requests_per_minute": 60, "burst": 0}, "burst"),
-    ({"requests_per_minute": 60, "max_keys": 0}, "max_keys"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"requests_per_minute": -1}, "requests_per_minute"),
+        ({"requests_per_minute": 60, "burst": 0}, "burst"),
+        ({"requests_per_minute": 60, "max_keys": 0}, "max_keys"),
+    ],
+)
 def test_bad_limiter_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RateLimiter(clock=Clock(), **kwargs)
@@ -117,17 +125,20 @@ def test_bad_limiter_settings(kwargs, match):
 LIMITS = RequestLimits(max_prompt_tokens=8, max_new_tokens=16, max_batch=3)
 
 
-@pytest.mark.parametrize("lengths, new, batch, refused", [
-    ([8, 1, 5], 16, None, None),
-    ([], None, None, None),
-    ([9], 4, None, ("max-prompt-tokens", 8, 9)),
-    ([1, 2, 30], 4, None, ("max-prompt-tokens", 8, 30)),
-    ([1], 17, None, ("max-new-tokens", 16, 17)),
-    ([1, 1, 1, 1], 4, None, ("max-batch", 3, 4)),
-    ([1], 4, 5, ("max-batch", 3, 5)),  # an explicit batch wins over the number of lengths
-    ([100] * 5, 100, None, ("max-batch", 3, 5)),  # the batch is checked first, then new tokens
-    ([100], 100, None, ("max-new-tokens", 16, 100)),
-])
+@pytest.mark.parametrize(
+    "lengths, new, batch, refused",
+    [
+        ([8, 1, 5], 16, None, None),
+        ([], None, None, None),
+        ([9], 4, None, ("max-prompt-tokens", 8, 9)),
+        ([1, 2, 30], 4, None, ("max-prompt-tokens", 8, 30)),
+        ([1], 17, None, ("max-new-tokens", 16, 17)),
+        ([1, 1, 1, 1], 4, None, ("max-batch", 3, 4)),
+        ([1], 4, 5, ("max-batch", 3, 5)),  # an explicit batch wins over the number of lengths
+        ([100] * 5, 100, None, ("max-batch", 3, 5)),  # the batch is checked first, then new tokens
+        ([100], 100, None, ("max-new-tokens", 16, 100)),
+    ],
+)
 def test_check_request_limits(lengths, new, batch, refused):
     if refused is None:
         assert check_request_limits(LIMITS, lengths, new, batch) is None
@@ -141,13 +152,20 @@ def test_check_request_limits(lengths, new, batch, refused):
     assert f"={refused[2]}" not in str(err.value)
 
 
-@pytest.mark.parametrize("check, args, words", [
-    (check_prompt_tokens, ([3, 12], 10), ["prompt 1's length in tokens is 12", "shorten the prompt"]),
-    (check_prompt_tokens, ([12], 10, 7), ["prompt 7's"]),
-    (check_new_tokens, (50, 10), ["max_new_tokens is 50", "ask for fewer tokens"]),
-    (check_batch, (5, 4), ["the number of prompts in one call is 5", "send fewer prompts"]),
-    (check_batch, (5, 4, "pass a smaller batch_size"), ["limit of 4 (neuro.security.max-batch): pass a smaller batch_size."]),
-])
+@pytest.mark.parametrize(
+    "check, args, words",
+    [
+        (check_prompt_tokens, ([3, 12], 10), ["prompt 1's length in tokens is 12", "shorten the prompt"]),
+        (check_prompt_tokens, ([12], 10, 7), ["prompt 7's"]),
+        (check_new_tokens, (50, 10), ["max_new_tokens is 50", "ask for fewer tokens"]),
+        (check_batch, (5, 4), ["the number of prompts in one call is 5", "send fewer prompts"]),
+        (
+            check_batch,
+            (5, 4, "pass a smaller batch_size"),
+            ["limit of 4 (neuro.security.max-batch): pass a smaller batch_size."],
+        ),
+    ],
+)
 def test_messages_say_what_was_too_big_and_how_to_fix_it(check, args, words):
     with pytest.raises(LimitExceededError) as err:
         check(*args)
@@ -159,8 +177,13 @@ def test_the_error_is_an_input_error_and_survives_pickling():
     err = LimitExceededError("max-batch", 3, 4)
     assert isinstance(err, InputError) and isinstance(err, NeuroDaskError)
     back = pickle.loads(pickle.dumps(err))
-    assert (type(back), back.field, back.limit, back.got, str(back)) == \
-        (LimitExceededError, "max-batch", 3, 4, str(err))
+    assert (type(back), back.field, back.limit, back.got, str(back)) == (
+        LimitExceededError,
+        "max-batch",
+        3,
+        4,
+        str(err),
+    )
 
 
 def test_limits_from_settings():
@@ -171,6 +194,7 @@ def test_limits_from_settings():
 
 
 # ---- the model API -------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def adder():
@@ -186,25 +210,27 @@ def model(adder, monkeypatch):
     return adder
 
 
-SMALL = {"neuro.security.max-prompt-tokens": 6, "neuro.security.max-new-tokens": 4,
-         "neuro.security.max-batch": 2}
+SMALL = {"neuro.security.max-prompt-tokens": 6, "neuro.security.max-new-tokens": 4, "neuro.security.max-batch": 2}
 SHORT, LONG = [1, 4, 5, 13, 6, 14], [1, 4, 5, 13, 4, 5, 14]  # "12+3=", "12+45=": 6 and 7 tokens
 
 
-@pytest.mark.parametrize("call, field", [
-    (lambda m: m.generate([LONG], max_new_tokens=2), "max-prompt-tokens"),
-    (lambda m: m.generate([SHORT], max_new_tokens=5), "max-new-tokens"),
-    (lambda m: m.generate([SHORT] * 3, max_new_tokens=2), "max-batch"),
-    (lambda m: m.generate_text(["12+45="], max_new_tokens=2), "max-prompt-tokens"),
-    (lambda m: m.stream([SHORT], max_new_tokens=5), "max-new-tokens"),
-    (lambda m: m.stream("12+45=", max_new_tokens=2), "max-prompt-tokens"),
-    (lambda m: m.stream([SHORT] * 3, max_new_tokens=1), "max-batch"),
-    (lambda m: m.score([SHORT, LONG]), "max-prompt-tokens"),
-    (lambda m: m.score(["1+1=", "2+2=", "3+3="]), "max-batch"),
-    (lambda m: m.forward([LONG]), "max-prompt-tokens"),
-    (lambda m: m.map(["1+1="], batch_size=2, max_new_tokens=5, progress=False), "max-new-tokens"),
-    (lambda m: m.map(["1+1="] * 5, batch_size=3, progress=False), "max-batch"),
-])
+@pytest.mark.parametrize(
+    "call, field",
+    [
+        (lambda m: m.generate([LONG], max_new_tokens=2), "max-prompt-tokens"),
+        (lambda m: m.generate([SHORT], max_new_tokens=5), "max-new-tokens"),
+        (lambda m: m.generate([SHORT] * 3, max_new_tokens=2), "max-batch"),
+        (lambda m: m.generate_text(["12+45="], max_new_tokens=2), "max-prompt-tokens"),
+        (lambda m: m.stream([SHORT], max_new_tokens=5), "max-new-tokens"),
+        (lambda m: m.stream("12+45=", max_new_tokens=2), "max-prompt-tokens"),
+        (lambda m: m.stream([SHORT] * 3, max_new_tokens=1), "max-batch"),
+        (lambda m: m.score([SHORT, LONG]), "max-prompt-tokens"),
+        (lambda m: m.score(["1+1=", "2+2=", "3+3="]), "max-batch"),
+        (lambda m: m.forward([LONG]), "max-prompt-tokens"),
+        (lambda m: m.map(["1+1="], batch_size=2, max_new_tokens=5, progress=False), "max-new-tokens"),
+        (lambda m: m.map(["1+1="] * 5, batch_size=3, progress=False), "max-batch"),
+    ],
+)
 def test_calls_above_the_limits_are_refused_before_any_expert_call(model, call, field):
     with dask.config.set(SMALL), pytest.raises(LimitExceededError) as err:
         call(model)
@@ -221,7 +247,7 @@ def test_calls_within_the_limits_run(model):
 
 
 def test_map_applies_max_batch_per_batch_and_fails_only_the_long_prompts(model):
-    from neuro_dask.client.mapping import MapFailure
+    from neuro_dask.model.mapping import MapFailure
 
     prompts = ["1+1=", "12+45=", "2+2=", "3+3=", "4+4="]
     with dask.config.set(SMALL):

@@ -19,8 +19,12 @@ from neuro_dask.model.moe import (
 
 def _experts(num: int, d: int, i: int, seed: int) -> dict[tuple[int, int], ExpertWeights]:
     g = torch.Generator().manual_seed(seed)
-    return {(0, e): ExpertWeights(torch.randn(i, d, generator=g), torch.randn(i, d, generator=g),
-                                  torch.randn(d, i, generator=g)) for e in range(num)}
+    return {
+        (0, e): ExpertWeights(
+            torch.randn(i, d, generator=g), torch.randn(i, d, generator=g), torch.randn(d, i, generator=g)
+        )
+        for e in range(num)
+    }
 
 
 def _dense_reference(x, logits, experts, top_k, normalize):
@@ -32,13 +36,18 @@ def _dense_reference(x, logits, experts, top_k, normalize):
         if normalize:
             w = w / w.sum()
         for weight, e in zip(w, idx.tolist()):
-            out[n] += weight * run_expert(x[n:n + 1], experts[(0, e)])[0]
+            out[n] += weight * run_expert(x[n : n + 1], experts[(0, e)])[0]
     return out
 
 
 @settings(max_examples=40, deadline=None)
-@given(tokens=st.integers(1, 24), num_experts=st.integers(2, 8), top_k=st.integers(1, 3),
-       normalize=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    tokens=st.integers(1, 24),
+    num_experts=st.integers(2, 8),
+    top_k=st.integers(1, 3),
+    normalize=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_grouped_dispatch_equals_dense_definition(tokens, num_experts, top_k, normalize, seed):
     top_k = min(top_k, num_experts)
     g = torch.Generator().manual_seed(seed)

@@ -30,6 +30,9 @@ class RendezvousExecutor:
             self.barrier.wait()
         return self.inner.run_layer(layer, groups)
 
+    def close(self) -> None:
+        self.inner.close()
+
 
 @pytest.mark.parametrize("variant", ARCHITECTURES)
 def test_two_lanes_call_their_experts_at_once_and_generate_the_same_tokens(sharded, variant):

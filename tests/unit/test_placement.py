@@ -76,8 +76,12 @@ def test_fewer_workers_than_replicas_is_under_replicated(n_workers, replicas):
 
 
 def test_replicas_go_to_distinct_owners_even_when_one_owner_is_faster():
-    ws = [W("a1", speed=10, owner="alice"), W("a2", speed=10, owner="alice"),
-          W("b1", speed=1, owner="bob"), W("b2", speed=1, owner="bob")]
+    ws = [
+        W("a1", speed=10, owner="alice"),
+        W("a2", speed=10, owner="alice"),
+        W("b1", speed=1, owner="bob"),
+        W("b2", speed=1, owner="bob"),
+    ]
     p = plan_placement(experts(8), ws, PlacementPolicy(replicas=2))
     for i in range(8):
         assert sorted(owners_of(p, K(i), ws)) == ["alice", "bob"]
@@ -165,8 +169,7 @@ def test_new_replica_goes_to_best_score(ws, expected):
 
 def test_score_weights_speed_by_free_fraction_of_budget():
     # b is 3x faster, but after hosting the 800-byte expert it has 20% free: 3 * 0.2 < 1 * 1.0.
-    p = plan_placement([E(0, 800), E(1, 100)], [W("a", 1000, 1.0), W("b", 1000, 3.0)],
-                       PlacementPolicy(replicas=1))
+    p = plan_placement([E(0, 800), E(1, 100)], [W("a", 1000, 1.0), W("b", 1000, 3.0)], PlacementPolicy(replicas=1))
     assert p.workers_for(K(0)) == ("b",)
     assert p.workers_for(K(1)) == ("a",)
 
@@ -398,10 +401,12 @@ def test_config_error_is_a_value_error():
 
 def test_module_is_pure():
     tree = ast.parse(Path(placement_module.__file__).read_text())
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-                for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
-                 if isinstance(node, ast.ImportFrom) and node.module}
+    imported = {
+        alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+    }
+    imported |= {
+        node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+    }
     assert not imported & {"distributed", "dask", "bokeh", "torch", "time", "random", "datetime"}
 
 
@@ -512,8 +517,9 @@ def test_excluded_pairs_are_never_planned_and_the_expert_goes_elsewhere():
     experts = [ExpertSpec(("m", 0, e), 100) for e in range(4)]
     first = plan_placement(experts, workers, PlacementPolicy(replicas=2))
     bad_worker = first.workers_for(("m", 0, 1))[0]
-    again = plan_placement(experts, workers, PlacementPolicy(replicas=2), previous=first,
-                           exclude={(bad_worker, ("m", 0, 1))})
+    again = plan_placement(
+        experts, workers, PlacementPolicy(replicas=2), previous=first, exclude={(bad_worker, ("m", 0, 1))}
+    )
     assert bad_worker not in again.workers_for(("m", 0, 1))
     assert len(again.workers_for(("m", 0, 1))) == 2
     only = plan_placement(experts, workers[:1], PlacementPolicy(replicas=1), exclude={("w0", ("m", 0, 2))})

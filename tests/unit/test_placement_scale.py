@@ -105,8 +105,12 @@ def reference_routes(c: Coordinator, model_id: str):
         key = (model_id, *le)
         planned = c.placement.workers_for(key) if c.placement else ()
         serving = tuple(w for w in planned if key in c.serving.get(w, ()))
-        extra = tuple(sorted((w for w, keys in c.serving.items() if key in keys and w not in planned),
-                             key=lambda w: (-c.workers[w].speed, w)))
+        extra = tuple(
+            sorted(
+                (w for w, keys in c.serving.items() if key in keys and w not in planned),
+                key=lambda w: (-c.workers[w].speed, w),
+            )
+        )
         routes[le] = serving + extra
         if not routes[le]:
             missing.append(le)

@@ -41,8 +41,19 @@ from neuro_dask.testing.fuzz_targets import colliding_int_pairs, same_value
 PLAIN_MESSAGES = {
     "op-only": {"op": "heartbeat-worker"},
     "nested": {"op": "x", "a": {"b": {"c": (1, 2, (3, [4, 5]))}}, "list": [1, [2, [3]]]},
-    "scalars": {"none": None, "t": True, "f": False, "zero": 0, "float": 2.5, "neg-float": -1e-300, "inf": math.inf,
-                "nan": math.nan, "str": "ünïcödé ✓", "empty-str": "", "empty-bytes": b""},
+    "scalars": {
+        "none": None,
+        "t": True,
+        "f": False,
+        "zero": 0,
+        "float": 2.5,
+        "neg-float": -1e-300,
+        "inf": math.inf,
+        "nan": math.nan,
+        "str": "ünïcödé ✓",
+        "empty-str": "",
+        "empty-bytes": b"",
+    },
     "big-ints": {"u64": 2**64 - 1, "i64": -(2**63), "u32": 2**32, "neg": -1},
     "bytes": {"data": bytes(range(256)) * 4, "mv": memoryview(b"a memoryview"), "ba": bytearray(b"a bytearray")},
     "sets": {"keys": {("x-1", 0), ("x-1", 1), "y"}, "ints": {1, 2, 3}, "empty": set(), "nested": [{1}, ({"a"},)]},
@@ -51,10 +62,19 @@ PLAIN_MESSAGES = {
     "top-level-list": [{"op": "a"}, {"op": "b", "key": ("k", 0)}],
     "top-level-scalar": 42,
     "top-level-none": None,
-    "a batch like BatchedSend's": [{"op": "task-finished", "key": f"k-{i}", "nbytes": i, "metadata": {}}
-                                   for i in range(50)],
-    "an expert call's header": {"op": "neuro_expert", "model": "m", "layer": 3, "experts": (0, 7), "counts": (2, 1),
-                                "dtype": "float32", "hidden": 4, "data": np.ones((3, 4), np.float32).tobytes()},
+    "a batch like BatchedSend's": [
+        {"op": "task-finished", "key": f"k-{i}", "nbytes": i, "metadata": {}} for i in range(50)
+    ],
+    "an expert call's header": {
+        "op": "neuro_expert",
+        "model": "m",
+        "layer": 3,
+        "experts": (0, 7),
+        "counts": (2, 1),
+        "dtype": "float32",
+        "hidden": 4,
+        "data": np.ones((3, 4), np.float32).tobytes(),
+    },
     "deep but in bounds": {"a": [[[[[[[[[[{"b": ("c",)}]]]]]]]]]]},
 }
 
@@ -105,13 +125,22 @@ def spies(monkeypatch):
         def record(*args, **kwargs):
             called.append(name)
             raise AssertionError(f"{name} was called")
+
         return record
 
-    for owner, attribute in ((pickle, "loads"), (pickle, "load"), (cloudpickle, "loads"), (dpickle, "loads"),
-                             (dserialize, "deserialize"), (dserialize, "merge_and_deserialize"),
-                             (dserialize, "import_allowed_module"), (dserialize, "msgpack_decode_default"),
-                             (dcore, "merge_and_deserialize"), (dcore, "msgpack_decode_default"),
-                             (importlib, "import_module")):
+    for owner, attribute in (
+        (pickle, "loads"),
+        (pickle, "load"),
+        (cloudpickle, "loads"),
+        (dpickle, "loads"),
+        (dserialize, "deserialize"),
+        (dserialize, "merge_and_deserialize"),
+        (dserialize, "import_allowed_module"),
+        (dserialize, "msgpack_decode_default"),
+        (dcore, "merge_and_deserialize"),
+        (dcore, "msgpack_decode_default"),
+        (importlib, "import_module"),
+    ):
         monkeypatch.setattr(owner, attribute, spy(f"{owner.__name__}.{attribute}"))
     return called
 
@@ -164,24 +193,49 @@ def test_only_str_keys_are_distributeds_markers():
 # ---- one frame of valid msgpack, plain values only -----------------------------------------------
 
 
-@pytest.mark.parametrize("frames, reason", [
-    ([], "no frames"),
-    ([msgpack.packb(1), msgpack.packb(2)], "2 frames"),
-    ([msgpack.packb({"op": "x"}), b""], "2 frames"),
-    (["a str"], "type str"),
-    ([12], "type int"),
-    (None, "not a list"),
-])
+@pytest.mark.parametrize(
+    "frames, reason",
+    [
+        ([], "no frames"),
+        ([msgpack.packb(1), msgpack.packb(2)], "2 frames"),
+        ([msgpack.packb({"op": "x"}), b""], "2 frames"),
+        (["a str"], "type str"),
+        ([12], "type int"),
+        (None, "not a list"),
+    ],
+)
 def test_anything_but_one_bytes_frame_is_refused(frames, reason):
     with pytest.raises(PlainDataRefusedError, match=reason):
         decode_plain_frames(frames)
 
 
-@pytest.mark.parametrize("frame", [
-    b"", b"\xc1", b"\x92\x01", b"\x01\x02", b"\x81\xa1a", b"\xdd\xff\xff\xff\xff", b"\xdb\xff\xff\xff\xff",
-    b"\xc6\x7f\xff\xff\xff", b"\xa3ab", b"\xa2\xff\xfe",  # truncated, unused, trailing, oversized, invalid UTF-8
-], ids=["empty", "never-used", "truncated", "trailing", "key-only", "array-2**32", "str-2**32", "bin-2**31",
-        "short-str", "bad-utf8"])
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b"",
+        b"\xc1",
+        b"\x92\x01",
+        b"\x01\x02",
+        b"\x81\xa1a",
+        b"\xdd\xff\xff\xff\xff",
+        b"\xdb\xff\xff\xff\xff",
+        b"\xc6\x7f\xff\xff\xff",
+        b"\xa3ab",
+        b"\xa2\xff\xfe",  # truncated, unused, trailing, oversized, invalid UTF-8
+    ],
+    ids=[
+        "empty",
+        "never-used",
+        "truncated",
+        "trailing",
+        "key-only",
+        "array-2**32",
+        "str-2**32",
+        "bin-2**31",
+        "short-str",
+        "bad-utf8",
+    ],
+)
 def test_malformed_msgpack_is_refused(frame):
     with pytest.raises(PlainDataRefusedError, match="not valid msgpack"):
         decode_plain_frames([frame])
@@ -198,28 +252,38 @@ def test_extension_types_are_refused(code):
 def test_timestamps_are_refused_though_msgpack_decodes_them_before_the_ext_hook():
     stamp = msgpack.packb(msgpack.Timestamp(1, 2))
     assert isinstance(msgpack.unpackb(stamp, ext_hook=lambda *_: 1 / 0), msgpack.Timestamp)
-    for frame in (stamp, msgpack.packb([msgpack.Timestamp(1, 2)]), msgpack.packb({"t": msgpack.Timestamp(1, 2)}),
-                  msgpack.packb({"__Set__": True, "as-list": [msgpack.Timestamp(1, 2)]})):
+    for frame in (
+        stamp,
+        msgpack.packb([msgpack.Timestamp(1, 2)]),
+        msgpack.packb({"t": msgpack.Timestamp(1, 2)}),
+        msgpack.packb({"__Set__": True, "as-list": [msgpack.Timestamp(1, 2)]}),
+    ):
         with pytest.raises(PlainDataRefusedError, match="Timestamp"):
             decode_plain_frames([frame])
 
 
-@pytest.mark.parametrize("msg, reason", [
-    ({"__Set__": True, "as-list": [{"a": 1}]}, "unhashable"),
-    ({"__Set__": True, "as-list": [[1, {"a": 1}]]}, "unhashable"),
-    ({"__Set__": True, "as-list": "abc"}, "not an array"),  # distributed would make {"a", "b", "c"}
-    ({"__Set__": True, "as-list": {"a": 1}}, "not an array"),
-    ({"__Set__": True}, "missing"),
-    ({"__Set__": True, "as-list": [{"__Set__": True, "as-list": [1]}]}, "unhashable"),  # a set of a set
-])
+@pytest.mark.parametrize(
+    "msg, reason",
+    [
+        ({"__Set__": True, "as-list": [{"a": 1}]}, "unhashable"),
+        ({"__Set__": True, "as-list": [[1, {"a": 1}]]}, "unhashable"),
+        ({"__Set__": True, "as-list": "abc"}, "not an array"),  # distributed would make {"a", "b", "c"}
+        ({"__Set__": True, "as-list": {"a": 1}}, "not an array"),
+        ({"__Set__": True}, "missing"),
+        ({"__Set__": True, "as-list": [{"__Set__": True, "as-list": [1]}]}, "unhashable"),  # a set of a set
+    ],
+)
 def test_sets_that_are_not_sets_of_plain_hashables_are_refused(msg, reason):
     with pytest.raises(PlainDataRefusedError, match=reason):
         decode_plain_frames([msgpack.packb(msg, use_bin_type=True)])
 
 
 def test_unhashable_map_keys_are_refused():
-    for frame in (b"\x81\x81\xa1a\x01\x02", b"\x81\x91\x81\xa1a\x01\x02",  # a map, an array holding a map, as key
-                  b"\x81" + msgpack.packb({"__Set__": True, "as-list": [1]}) + b"\x02"):  # a set as key
+    for frame in (
+        b"\x81\x81\xa1a\x01\x02",
+        b"\x81\x91\x81\xa1a\x01\x02",  # a map, an array holding a map, as key
+        b"\x81" + msgpack.packb({"__Set__": True, "as-list": [1]}) + b"\x02",
+    ):  # a set as key
         with pytest.raises(PlainDataRefusedError, match="unhashable"):
             decode_plain_frames([frame])
 
@@ -261,8 +325,7 @@ def test_mixed_nesting_counts_every_container():
 
 def _colliding_map(n: int) -> bytes:
     packer = msgpack.Packer(use_bin_type=True)
-    return packer.pack_map_header(n) + b"".join(packer.pack(list(k)) + packer.pack(0)
-                                                for k in colliding_int_pairs(n))
+    return packer.pack_map_header(n) + b"".join(packer.pack(list(k)) + packer.pack(0) for k in colliding_int_pairs(n))
 
 
 def test_keys_sharing_one_hash_up_to_the_bound_decode():
@@ -282,8 +345,11 @@ def test_a_map_of_20000_keys_sharing_one_hash_is_refused_before_it_is_built():
 
 
 def test_honest_big_maps_with_tuple_and_int_keys_decode():
-    msg = {"who_has": {(f"x-{i}", i): (f"tcp://10.0.0.{i % 250}:1",) for i in range(5000)},
-           "nbytes": {i: i * 8 for i in range(5000)}, "keys": {(f"x-{i}", i) for i in range(5000)}}
+    msg = {
+        "who_has": {(f"x-{i}", i): (f"tcp://10.0.0.{i % 250}:1",) for i in range(5000)},
+        "nbytes": {i: i * 8 for i in range(5000)},
+        "keys": {(f"x-{i}", i) for i in range(5000)},
+    }
     assert same_value(decode_plain_frames(dumps(msg)), loads(dumps(msg)))
 
 
@@ -316,14 +382,17 @@ def test_check_plain_accepts_what_the_decoder_returns():
         check_plain(decode_plain_frames(dumps(msg)))
 
 
-@pytest.mark.parametrize("value, reason", [
-    ([1, 2], "builtins.list"),  # msgpack with use_list=False never makes a list
-    ({"a": object()}, "builtins.object"),
-    ({"a": {"__Pickled__": 1}}, "__Pickled__"),
-    ((frozenset({1}),), "builtins.frozenset"),
-    (msgpack.Timestamp(1, 0), "Timestamp"),
-    (np.float32(1), "numpy"),
-])
+@pytest.mark.parametrize(
+    "value, reason",
+    [
+        ([1, 2], "builtins.list"),  # msgpack with use_list=False never makes a list
+        ({"a": object()}, "builtins.object"),
+        ({"a": {"__Pickled__": 1}}, "__Pickled__"),
+        ((frozenset({1}),), "builtins.frozenset"),
+        (msgpack.Timestamp(1, 0), "Timestamp"),
+        (np.float32(1), "numpy"),
+    ],
+)
 def test_check_plain_refuses_the_rest(value, reason):
     with pytest.raises(PlainDataRefusedError, match=reason):
         check_plain(value)

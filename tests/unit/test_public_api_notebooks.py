@@ -16,15 +16,27 @@ from types import SimpleNamespace
 import pytest
 
 import neuro_dask as nd
-from neuro_dask.demo.addition import ASSET_DIR, sample_problems
 from neuro_dask.client.network import NetworkStatus, NetworkStatusUnavailableError, network_status
+from neuro_dask.demo.addition import ASSET_DIR, sample_problems
 
 REPLY = {
     "workers": {
-        "tcp://10.0.0.2:1": {"name": "b", "owner": "bob", "speed": 1.0, "memory_budget": 2**30,
-                             "serving": [["m1", 1, 0], ["m1", 0, 3]], "trust_score": 0.9, "trust_routable": True},
-        "tcp://10.0.0.1:1": {"name": "a", "owner": "alice", "speed": 2.0, "memory_budget": 2**31,
-                             "serving": [("m1", 0, 1)]},
+        "tcp://10.0.0.2:1": {
+            "name": "b",
+            "owner": "bob",
+            "speed": 1.0,
+            "memory_budget": 2**30,
+            "serving": [["m1", 1, 0], ["m1", 0, 3]],
+            "trust_score": 0.9,
+            "trust_routable": True,
+        },
+        "tcp://10.0.0.1:1": {
+            "name": "a",
+            "owner": "alice",
+            "speed": 2.0,
+            "memory_budget": 2**31,
+            "serving": [("m1", 0, 1)],
+        },
     },
     "models": {"m1": {"store_url": "file:///s", "experts": 3, "summary": {"layers": 2}}},
     "versions": {"channels": {}},
@@ -44,6 +56,7 @@ class StandInClient:
 
 
 # ---- nd.network_status -----------------------------------------------------------------------------
+
 
 def test_network_status_is_exported():
     assert nd.network_status is network_status and nd.NetworkStatus is NetworkStatus
@@ -70,10 +83,13 @@ def _unknown_handler():
     raise KeyError("neuro_status")
 
 
-@pytest.mark.parametrize("answer", [
-    lambda: None,  # distributed's scheduler without the handler closes the call without a reply
-    _unknown_handler,
-])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        lambda: None,  # distributed's scheduler without the handler closes the call without a reply
+        _unknown_handler,
+    ],
+)
 def test_a_scheduler_without_the_plugin_is_named_with_the_fix(answer):
     with pytest.raises(NetworkStatusUnavailableError, match="neuro_scheduler") as info:
         nd.network_status(StandInClient(answer))
@@ -89,6 +105,7 @@ def test_other_failures_propagate():
 
 
 # ---- model.stats(), model.model_id, model.tier ---------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def adder():
@@ -109,20 +126,40 @@ def test_a_local_model_has_no_id_and_nothing_to_count(model):
 
 def test_standard_tier_stats_from_the_distributed_executor(model):
     trusted = SimpleNamespace(units=7, replicas_sent=9, unchecked=2, hedges=1, disputes=[])
-    model.executor = SimpleNamespace(model_id="mixtral-1", layer_seconds=deque([0.003, 0.001, 0.002]),
-                                     wire_bytes={"sent": 100, "received": 80}, trusted=trusted)
+    model.executor = SimpleNamespace(
+        model_id="mixtral-1",
+        layer_seconds=deque([0.003, 0.001, 0.002]),
+        wire_bytes={"sent": 100, "received": 80},
+        trusted=trusted,
+    )
     assert model.model_id == "mixtral-1" and model.tier == "standard"
-    assert model.stats() == {"tier": "standard", "model_id": "mixtral-1", "layers": 3, "layer_ms_p50": 2.0,
-                             "bytes_sent": 100, "bytes_received": 80, "units": 7, "replicas_sent": 9,
-                             "unchecked": 2, "hedges": 1}
-    model.executor = SimpleNamespace(model_id="m", layer_seconds=deque(), wire_bytes={"sent": 0, "received": 0},
-                                     trusted=None)  # trust off
-    assert model.stats() == {"tier": "standard", "model_id": "m", "layers": 0, "layer_ms_p50": None,
-                             "bytes_sent": 0, "bytes_received": 0}
+    assert model.stats() == {
+        "tier": "standard",
+        "model_id": "mixtral-1",
+        "layers": 3,
+        "layer_ms_p50": 2.0,
+        "bytes_sent": 100,
+        "bytes_received": 80,
+        "units": 7,
+        "replicas_sent": 9,
+        "unchecked": 2,
+        "hedges": 1,
+    }
+    model.executor = SimpleNamespace(
+        model_id="m", layer_seconds=deque(), wire_bytes={"sent": 0, "received": 0}, trusted=None
+    )  # trust off
+    assert model.stats() == {
+        "tier": "standard",
+        "model_id": "m",
+        "layers": 0,
+        "layer_ms_p50": None,
+        "bytes_sent": 0,
+        "bytes_received": 0,
+    }
 
 
 def test_private_tier_stats_are_a_snapshot_of_its_counters(model):
-    from neuro_dask.privacy.private_executor import PrivateExecutor
+    from neuro_dask.client.dispatch.private_executor import PrivateExecutor
 
     private = PrivateExecutor(SimpleNamespace(model_id="mixtral-2"))
     private.stats.update(layers=4, round_trips=8, bytes_sent=1000, bytes_received=900)
@@ -145,6 +182,7 @@ def test_a_following_model_reports_its_current_version(model):
 
 
 # ---- neuro_dask.federated ----------------------------------------------------------------------------
+
 
 def test_the_federated_package_exports_its_public_api():
     import neuro_dask.federated as fed
@@ -209,10 +247,18 @@ def test_run_federated_measures_the_global_model_round_by_round():
     split = non_iid_split(64, seed=0)
     ids = ["p0", "p1", "p2"]
     client, seen = InProcessActors(), []
-    coordinator = run_federated(client, {pid: f"tcp://w{k}" for k, pid in enumerate(ids)}, str(ASSET_DIR),
-                                get_flat(base), rounds=2, data={pid: split[k] for k, pid in enumerate(ids)},
-                                local=LocalSteps(steps=5, batch_size=32, lr=1e-2), seed=0,
-                                evaluate=evaluator(base, HELD_OUT), on_round=seen.append)
+    coordinator = run_federated(
+        client,
+        {pid: f"tcp://w{k}" for k, pid in enumerate(ids)},
+        str(ASSET_DIR),
+        get_flat(base),
+        rounds=2,
+        data={pid: split[k] for k, pid in enumerate(ids)},
+        local=LocalSteps(steps=5, batch_size=32, lr=1e-2),
+        seed=0,
+        evaluate=evaluator(base, HELD_OUT),
+        on_round=seen.append,
+    )
     assert client.placed == {"p0": "tcp://w0", "p1": "tcp://w1", "p2": "tcp://w2"}
     assert [type(r) for r in seen] == [RoundResult, RoundResult] and seen == coordinator.history
     table = coordinator.table()
@@ -228,11 +274,14 @@ def test_without_evaluate_the_table_has_no_start_row_and_no_metrics():
     from neuro_dask.federated import FederatedCoordinator, LocalSteps, Participant, get_flat, non_iid_split
 
     split = non_iid_split(32, seed=1)
-    handles = {pid: Participant(pid, str(ASSET_DIR), split[k], local=LocalSteps(steps=1, batch_size=8))
-               for k, pid in enumerate(["p0", "p1"])}
+    handles = {
+        pid: Participant(pid, str(ASSET_DIR), split[k], local=LocalSteps(steps=1, batch_size=8))
+        for k, pid in enumerate(["p0", "p1"])
+    }
     coordinator = FederatedCoordinator(handles, get_flat(nd.load(ASSET_DIR)))
     coordinator.setup_keys()
     result = coordinator.run_round()
     assert result.metrics == {} and coordinator.initial_metrics == {}
-    assert coordinator.table() == [{"rounds": 1, "survivors": 2, "dropped": 0, "update_norm": result.update_norm,
-                                    "epsilon": None}]
+    assert coordinator.table() == [
+        {"rounds": 1, "survivors": 2, "dropped": 0, "update_norm": result.update_norm, "epsilon": None}
+    ]

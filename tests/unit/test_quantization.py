@@ -15,8 +15,11 @@ from neuro_dask.trust.validation import ValidationPolicy, agree, tolerance_for
 
 def expert(d: int = 256, i: int = 512, seed: int = 0) -> ExpertWeights:
     g = torch.Generator().manual_seed(seed)
-    return ExpertWeights(torch.randn(i, d, generator=g) / d**0.5, torch.randn(i, d, generator=g) / d**0.5,
-                         torch.randn(d, i, generator=g) / i**0.5)
+    return ExpertWeights(
+        torch.randn(i, d, generator=g) / d**0.5,
+        torch.randn(i, d, generator=g) / d**0.5,
+        torch.randn(d, i, generator=g) / i**0.5,
+    )
 
 
 def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -103,5 +106,5 @@ def test_same_precision_replicas_agree_across_batch_shapes():
     w = expert()
     runner = prepare_expert(w, "int8")
     x = torch.randn(16, 256, generator=torch.Generator().manual_seed(3))
-    rows = torch.cat([runner(x[k:k + 1]) for k in range(16)])
+    rows = torch.cat([runner(x[k : k + 1]) for k in range(16)])
     assert agree({0: rows}, {0: runner(x)}, tolerance_for({"int8"}))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from neuro_dask.errors import ConfigError
+from neuro_dask.trust.late_checks import late_verdict
 from neuro_dask.trust.quorum import Accepted, Exhausted, NeedMore, Quorum, QuorumPolicy
 from neuro_dask.trust.validation import ValidationPolicy, agree, malformed
 
@@ -21,8 +22,13 @@ ESTABLISHED = {"est1", "est2", "est3", "trusted"}
 
 
 def quorum(q=2, anchorless=False, **policy):
-    return Quorum(QuorumPolicy(**policy), counts=lambda w: w in ESTABLISHED, quorum=q, anchorless=anchorless,
-                  owner_of=lambda w: w.rstrip("0123456789"))
+    return Quorum(
+        QuorumPolicy(**policy),
+        counts=lambda w: w in ESTABLISHED,
+        quorum=q,
+        anchorless=anchorless,
+        owner_of=lambda w: w.rstrip("0123456789"),
+    )
 
 
 @pytest.mark.parametrize("noise, expected", [(0.0, True), (1e-6, True), (2e-5, True), (0.05, False)])
@@ -45,18 +51,21 @@ def test_malformed_results_are_named():
     assert "shape" in malformed({0: BASE[0][:1], 3: BASE[3]}, shapes, torch.float32)
 
 
-@pytest.mark.parametrize("replies, expected", [
-    # 2 of 2 agree (one established) -> accepted
-    ([("est1", 0.0), ("new1", 1e-6)], Accepted),
-    # 1 of 2 perturbed -> one more replica
-    ([("est1", 0.0), ("new1", 0.05)], NeedMore),
-    # ... the third agrees with the honest one -> 2 of 3 wins
-    ([("est1", 0.0), ("new1", 0.05), ("est2", 1e-6)], Accepted),
-    # two newcomers agreeing never suffice
-    ([("new1", 0.0), ("new2", 0.0)], NeedMore),
-    # budget spent with no quorum -> exhausted
-    ([("est1", 0.0), ("new1", 0.05), ("new2", 0.1), ("new3", 0.2), ("new4", 0.3)], Exhausted),
-])
+@pytest.mark.parametrize(
+    "replies, expected",
+    [
+        # 2 of 2 agree (one established) -> accepted
+        ([("est1", 0.0), ("new1", 1e-6)], Accepted),
+        # 1 of 2 perturbed -> one more replica
+        ([("est1", 0.0), ("new1", 0.05)], NeedMore),
+        # ... the third agrees with the honest one -> 2 of 3 wins
+        ([("est1", 0.0), ("new1", 0.05), ("est2", 1e-6)], Accepted),
+        # two newcomers agreeing never suffice
+        ([("new1", 0.0), ("new2", 0.0)], NeedMore),
+        # budget spent with no quorum -> exhausted
+        ([("est1", 0.0), ("new1", 0.05), ("new2", 0.1), ("new3", 0.2), ("new4", 0.3)], Exhausted),
+    ],
+)
 def test_quorum_table(replies, expected):
     q = quorum()
     for i, (worker, noise) in enumerate(replies):
@@ -125,18 +134,21 @@ def test_late_results_are_credited_only_if_they_agree():
     q.add_result("est1", res())
     q.add_result("est2", res())
     q.decide()
-    assert q.judge_late(res(1e-6, seed=3))
-    assert not q.judge_late(res(0.05, seed=3))
+    assert late_verdict(q.decide().canonical, res(1e-6, seed=3), q.validation) == "validated"
+    assert late_verdict(q.decide().canonical, res(0.05, seed=3), q.validation) == "invalid"
 
 
-@pytest.mark.parametrize("kw", [dict(min_quorum=0), dict(min_quorum=3, target_replicas=2),
-                                dict(target_replicas=6), dict(max_error_replicas=0)])
+@pytest.mark.parametrize(
+    "kw",
+    [dict(min_quorum=0), dict(min_quorum=3, target_replicas=2), dict(target_replicas=6), dict(max_error_replicas=0)],
+)
 def test_bad_quorum_policy(kw):
     with pytest.raises(ConfigError):
         QuorumPolicy(**kw)
 
 
 # --- rule 7: a check whose subject did not answer is waived ---------------------------------
+
 
 def test_waiving_an_abandoned_replica_lets_a_counting_answer_stand_alone():
     q = quorum(q=2)

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from neuro_dask.errors import NeuroDaskError
+from neuro_dask.protocol.wire import encode_request
 from neuro_dask.security import signing
 from neuro_dask.security.signing import Signer, SigningError
 from neuro_dask.trust.receipts import (
@@ -35,7 +36,6 @@ from neuro_dask.trust.receipts import (
     sign_receipt,
     verify_receipt,
 )
-from neuro_dask.protocol.wire import encode_request
 
 SCHEDULER, ALICE, BOB = Signer.generate(), Signer.generate(), Signer.generate()
 KEYS = {"alice": ALICE.public_der, "bob": BOB.public_der}
@@ -57,9 +57,24 @@ def ticket(**over) -> Ticket:
 
 
 def receipt(**over) -> Receipt:
-    fields = dict(worker="alice", kind="expert", model="m1", layer=3, step="", experts=(1, 5), counts=(2, 3),
-                  dtype="float32", hidden=4, in_digest=digest(b"in"), out_digest=digest(b"out"), request="req-1",
-                  call="c1", seq=1, rows_total=5, units_total=2)
+    fields = dict(
+        worker="alice",
+        kind="expert",
+        model="m1",
+        layer=3,
+        step="",
+        experts=(1, 5),
+        counts=(2, 3),
+        dtype="float32",
+        hidden=4,
+        in_digest=digest(b"in"),
+        out_digest=digest(b"out"),
+        request="req-1",
+        call="c1",
+        seq=1,
+        rows_total=5,
+        units_total=2,
+    )
     return Receipt(**{**fields, **over})
 
 
@@ -73,8 +88,9 @@ def signed(r: Receipt, signer: Signer | None = None) -> tuple[Receipt, bytes]:
     return Receipt.from_wire(msgpack.unpackb(msgpack.packb(wire), raw=False))
 
 
-def checker(required: bool = True, clock: Clock | None = None, key: bytes | None = SCHEDULER.public_der,
-            capacity: int = 4096) -> TicketChecker:
+def checker(
+    required: bool = True, clock: Clock | None = None, key: bytes | None = SCHEDULER.public_der, capacity: int = 4096
+) -> TicketChecker:
     c = TicketChecker(clock or Clock(), capacity=capacity)
     c.set_key(key, required)
     return c
@@ -114,10 +130,17 @@ def test_ticket_payload_is_canonical_and_tagged():
     assert ticket().payload() != ticket(account="", client="carol").payload()
 
 
-@pytest.mark.parametrize("field, value", [
-    ("request", "req-2"), ("model", "m2"), ("account", "mallory"), ("client", "mallory"), ("tier", "private"),
-    ("expires", T0 + 3600),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("request", "req-2"),
+        ("model", "m2"),
+        ("account", "mallory"),
+        ("client", "mallory"),
+        ("tier", "private"),
+        ("expires", T0 + 3600),
+    ],
+)
 def test_a_ticket_changed_after_signing_does_not_verify(field, value):
     sig = Ticket.from_wire(issue_ticket(SCHEDULER, ticket()))[1]
     changed = ticket(**{field: value})
@@ -141,29 +164,32 @@ def wire_ticket(**over) -> dict:
     return _edited(issue_ticket(SCHEDULER, ticket()), over)
 
 
-@pytest.mark.parametrize("wire, field", [
-    (wire_ticket(request=KeyError), "request"),
-    (wire_ticket(sig=KeyError), "sig"),
-    (wire_ticket(request=""), "request"),
-    (wire_ticket(request="r" * 129), "request"),
-    (wire_ticket(request="line\nbreak"), "request"),
-    (wire_ticket(request=7), "request"),
-    (wire_ticket(model="m" * 129), "model"),
-    (wire_ticket(model=""), "model"),
-    (wire_ticket(account="a" * 65), "account"),
-    (wire_ticket(client="c" * 65), "client"),
-    (wire_ticket(client=None), "client"),
-    (wire_ticket(tier="gold"), "tier"),
-    (wire_ticket(tier=["standard"]), "tier"),
-    (wire_ticket(expires=float("nan")), "expires"),
-    (wire_ticket(expires=float("inf")), "expires"),
-    (wire_ticket(expires=10**400), "expires"),
-    (wire_ticket(expires="soon"), "expires"),
-    (wire_ticket(expires=True), "expires"),
-    (wire_ticket(sig=b""), "sig"),
-    (wire_ticket(sig=b"s" * 257), "sig"),
-    (wire_ticket(sig="sig"), "sig"),
-])
+@pytest.mark.parametrize(
+    "wire, field",
+    [
+        (wire_ticket(request=KeyError), "request"),
+        (wire_ticket(sig=KeyError), "sig"),
+        (wire_ticket(request=""), "request"),
+        (wire_ticket(request="r" * 129), "request"),
+        (wire_ticket(request="line\nbreak"), "request"),
+        (wire_ticket(request=7), "request"),
+        (wire_ticket(model="m" * 129), "model"),
+        (wire_ticket(model=""), "model"),
+        (wire_ticket(account="a" * 65), "account"),
+        (wire_ticket(client="c" * 65), "client"),
+        (wire_ticket(client=None), "client"),
+        (wire_ticket(tier="gold"), "tier"),
+        (wire_ticket(tier=["standard"]), "tier"),
+        (wire_ticket(expires=float("nan")), "expires"),
+        (wire_ticket(expires=float("inf")), "expires"),
+        (wire_ticket(expires=10**400), "expires"),
+        (wire_ticket(expires="soon"), "expires"),
+        (wire_ticket(expires=True), "expires"),
+        (wire_ticket(sig=b""), "sig"),
+        (wire_ticket(sig=b"s" * 257), "sig"),
+        (wire_ticket(sig="sig"), "sig"),
+    ],
+)
 def test_ticket_from_wire_names_the_bad_field(wire, field):
     with pytest.raises(TicketError) as err:
         Ticket.from_wire(wire)
@@ -199,16 +225,19 @@ def test_a_good_ticket_allows_the_call():
     assert checker().check(issue_ticket(SCHEDULER, ticket()), "m1", "carol") == ticket()
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("missing", "missing"),
-    ("no scheduler key yet", "no-key"),
-    ("no key, ticket sent though not required", "no-key"),
-    ("malformed", "malformed"),
-    ("signed by another key", "bad-signature"),
-    ("expired", "expired"),
-    ("model A ticket for model B", "wrong-model"),
-    ("presented by another certificate", "other-client"),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing", "missing"),
+        ("no scheduler key yet", "no-key"),
+        ("no key, ticket sent though not required", "no-key"),
+        ("malformed", "malformed"),
+        ("signed by another key", "bad-signature"),
+        ("expired", "expired"),
+        ("model A ticket for model B", "wrong-model"),
+        ("presented by another certificate", "other-client"),
+    ],
+)
 def test_ticket_refusals(case, expected):
     good = issue_ticket(SCHEDULER, ticket())
     c, wire, model, caller = checker(), good, "m1", "carol"
@@ -232,11 +261,16 @@ def test_ticket_refusals(case, expected):
     assert reason(c, wire, model, caller) == expected
 
 
-@pytest.mark.parametrize("ticket_client, caller, allowed", [
-    ("carol", "carol", True), ("carol", None, True), ("carol", "", True),  # no TLS name on the connection
-    ("", "anyone", True),  # a ticket issued without TLS names no client
-    ("carol", "bob", False),
-])
+@pytest.mark.parametrize(
+    "ticket_client, caller, allowed",
+    [
+        ("carol", "carol", True),
+        ("carol", None, True),
+        ("carol", "", True),  # no TLS name on the connection
+        ("", "anyone", True),  # a ticket issued without TLS names no client
+        ("carol", "bob", False),
+    ],
+)
 def test_ticket_client_binding(ticket_client, caller, allowed):
     wire = issue_ticket(SCHEDULER, ticket(client=ticket_client))
     if allowed:
@@ -311,9 +345,21 @@ def test_receipt_round_trips_through_msgpack_and_verifies():
 
 
 ALTERED = {
-    "worker": "bob", "kind": "share", "model": "m2", "layer": 4, "step": "down", "experts": (1, 6),
-    "counts": (3, 2), "dtype": "bfloat16", "hidden": 8, "in_digest": digest(b"other in"),
-    "out_digest": digest(b"other out"), "request": "req-2", "call": "c2", "seq": 3, "rows_total": 12,
+    "worker": "bob",
+    "kind": "share",
+    "model": "m2",
+    "layer": 4,
+    "step": "down",
+    "experts": (1, 6),
+    "counts": (3, 2),
+    "dtype": "bfloat16",
+    "hidden": 8,
+    "in_digest": digest(b"other in"),
+    "out_digest": digest(b"other out"),
+    "request": "req-2",
+    "call": "c2",
+    "seq": 3,
+    "rows_total": 12,
     "units_total": 5,
 }
 
@@ -339,46 +385,49 @@ def wire_receipt(**over) -> dict:
     return _edited(sign_receipt(ALICE, receipt()), over)
 
 
-@pytest.mark.parametrize("wire, field", [
-    (wire_receipt(layer=True), "layer"),
-    (wire_receipt(layer=-1), "layer"),
-    (wire_receipt(layer=2.0), "layer"),
-    (wire_receipt(seq=True), "seq"),
-    (wire_receipt(seq=0), "seq"),
-    (wire_receipt(experts=[1, True]), "experts"),
-    (wire_receipt(experts=[1, -5]), "experts"),
-    (wire_receipt(experts=[5, 5]), "experts"),
-    (wire_receipt(experts=[], counts=[]), "experts"),
-    (wire_receipt(experts="15"), "experts"),
-    (wire_receipt(experts=list(range(MAX_EXPERTS + 1)), counts=[0] * (MAX_EXPERTS + 1)), "experts"),
-    (wire_receipt(counts=[2, -3]), "counts"),
-    (wire_receipt(counts=[2, False]), "counts"),
-    (wire_receipt(counts=[5]), "counts"),
-    (wire_receipt(counts=[2, 1 << 40]), "counts"),
-    (wire_receipt(rows_total=4), "rows_total"),
-    (wire_receipt(rows_total=6), "rows_total"),  # a first receipt totals its own call only
-    (wire_receipt(units_total=1), "units_total"),
-    (wire_receipt(seq=3, rows_total=15, units_total=2), "units_total"),  # each call covers >= 1 expert
-    (wire_receipt(seq=2, rows_total=(1 << 20) * 2 + 1, units_total=4), "rows_total"),
-    (wire_receipt(in_digest=digest(b"x")[:31]), "in_digest"),
-    (wire_receipt(out_digest=digest(b"x") + b"!"), "out_digest"),
-    (wire_receipt(in_digest=digest(b"x").hex()), "in_digest"),
-    (wire_receipt(kind="bribe"), "kind"),
-    (wire_receipt(step="down"), "step"),  # an expert call has no step
-    (wire_receipt(kind="share", dtype="int64"), "step"),  # a share call has one
-    (wire_receipt(kind="share", step="down"), "dtype"),  # shares are int64
-    (wire_receipt(dtype="int64"), "dtype"),
-    (wire_receipt(dtype="float64"), "dtype"),
-    (wire_receipt(hidden=0), "hidden"),
-    (wire_receipt(worker=""), "worker"),
-    (wire_receipt(worker="w" * 129), "worker"),
-    (wire_receipt(request=""), "request"),
-    (wire_receipt(call="c" * 129), "call"),
-    (wire_receipt(model="bad\x00model"), "model"),
-    (wire_receipt(sig=b""), "sig"),
-    (wire_receipt(sig=b"s" * 257), "sig"),
-    (wire_receipt(seq=KeyError), "seq"),
-])
+@pytest.mark.parametrize(
+    "wire, field",
+    [
+        (wire_receipt(layer=True), "layer"),
+        (wire_receipt(layer=-1), "layer"),
+        (wire_receipt(layer=2.0), "layer"),
+        (wire_receipt(seq=True), "seq"),
+        (wire_receipt(seq=0), "seq"),
+        (wire_receipt(experts=[1, True]), "experts"),
+        (wire_receipt(experts=[1, -5]), "experts"),
+        (wire_receipt(experts=[5, 5]), "experts"),
+        (wire_receipt(experts=[], counts=[]), "experts"),
+        (wire_receipt(experts="15"), "experts"),
+        (wire_receipt(experts=list(range(MAX_EXPERTS + 1)), counts=[0] * (MAX_EXPERTS + 1)), "experts"),
+        (wire_receipt(counts=[2, -3]), "counts"),
+        (wire_receipt(counts=[2, False]), "counts"),
+        (wire_receipt(counts=[5]), "counts"),
+        (wire_receipt(counts=[2, 1 << 40]), "counts"),
+        (wire_receipt(rows_total=4), "rows_total"),
+        (wire_receipt(rows_total=6), "rows_total"),  # a first receipt totals its own call only
+        (wire_receipt(units_total=1), "units_total"),
+        (wire_receipt(seq=3, rows_total=15, units_total=2), "units_total"),  # each call covers >= 1 expert
+        (wire_receipt(seq=2, rows_total=(1 << 20) * 2 + 1, units_total=4), "rows_total"),
+        (wire_receipt(in_digest=digest(b"x")[:31]), "in_digest"),
+        (wire_receipt(out_digest=digest(b"x") + b"!"), "out_digest"),
+        (wire_receipt(in_digest=digest(b"x").hex()), "in_digest"),
+        (wire_receipt(kind="bribe"), "kind"),
+        (wire_receipt(step="down"), "step"),  # an expert call has no step
+        (wire_receipt(kind="share", dtype="int64"), "step"),  # a share call has one
+        (wire_receipt(kind="share", step="down"), "dtype"),  # shares are int64
+        (wire_receipt(dtype="int64"), "dtype"),
+        (wire_receipt(dtype="float64"), "dtype"),
+        (wire_receipt(hidden=0), "hidden"),
+        (wire_receipt(worker=""), "worker"),
+        (wire_receipt(worker="w" * 129), "worker"),
+        (wire_receipt(request=""), "request"),
+        (wire_receipt(call="c" * 129), "call"),
+        (wire_receipt(model="bad\x00model"), "model"),
+        (wire_receipt(sig=b""), "sig"),
+        (wire_receipt(sig=b"s" * 257), "sig"),
+        (wire_receipt(seq=KeyError), "seq"),
+    ],
+)
 def test_receipt_from_wire_names_the_bad_field(wire, field):
     with pytest.raises(EvidenceError) as err:
         Receipt.from_wire(wire)
@@ -398,8 +447,9 @@ def test_a_share_receipt():
 
 def test_receipt_mismatch_tells_the_client_what_differs():
     r = receipt()
-    assert receipt_mismatch(r, worker="alice", experts=[1, 5], counts=(2, 3), in_digest=bytearray(digest(b"in"))) \
-        is None
+    assert (
+        receipt_mismatch(r, worker="alice", experts=[1, 5], counts=(2, 3), in_digest=bytearray(digest(b"in"))) is None
+    )
     assert "layer" in receipt_mismatch(r, layer=4)
     with pytest.raises(TypeError):
         receipt_mismatch(r, colour="red")
@@ -407,16 +457,18 @@ def test_receipt_mismatch_tells_the_client_what_differs():
 
 # ---- property tests: whatever a peer sends, a record or EvidenceError -----------------------------
 
-SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=140),
-                    st.binary(max_size=80))
-MSGPACK_LIKE = st.recursive(SCALARS, lambda inner: st.one_of(
-    st.lists(inner, max_size=6), st.dictionaries(st.text(max_size=12), inner, max_size=6)), max_leaves=25)
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=140), st.binary(max_size=80))
+MSGPACK_LIKE = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(st.lists(inner, max_size=6), st.dictionaries(st.text(max_size=12), inner, max_size=6)),
+    max_leaves=25,
+)
 
 
 def mutated(base: dict) -> st.SearchStrategy:
-    return st.lists(st.tuples(st.sampled_from(sorted(base)), st.one_of(st.just(KeyError), MSGPACK_LIKE)),
-                    min_size=1, max_size=3).map(
-        lambda edits: {k: v for k, v in {**base, **dict(edits)}.items() if v is not KeyError})
+    return st.lists(
+        st.tuples(st.sampled_from(sorted(base)), st.one_of(st.just(KeyError), MSGPACK_LIKE)), min_size=1, max_size=3
+    ).map(lambda edits: {k: v for k, v in {**base, **dict(edits)}.items() if v is not KeyError})
 
 
 @settings(max_examples=300, deadline=None)
@@ -442,7 +494,9 @@ def test_ticket_from_wire_returns_or_raises_ticket_error(obj):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.one_of(MSGPACK_LIKE, mutated(wire_ticket())), st.text(max_size=10), st.one_of(st.none(), st.text(max_size=10)))
+@given(
+    st.one_of(MSGPACK_LIKE, mutated(wire_ticket())), st.text(max_size=10), st.one_of(st.none(), st.text(max_size=10))
+)
 def test_ticket_checker_returns_or_raises_ticket_error(obj, model, caller):
     try:
         checker().check(obj, model, caller)
@@ -565,14 +619,17 @@ def test_replaying_or_offering_an_older_receipt_is_stale_and_changes_nothing():
     assert b.close("req-1").work == {"alice": 20}
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("request never opened", "unknown-request"),
-    ("request closed", "unknown-request"),
-    ("presented by another client", "not-yours"),
-    ("presented by the worker itself", "not-yours"),
-    ("share receipt on a standard request", "wrong-kind"),
-    ("expert receipt on a private request", "wrong-kind"),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("request never opened", "unknown-request"),
+        ("request closed", "unknown-request"),
+        ("presented by another client", "not-yours"),
+        ("presented by the worker itself", "not-yours"),
+        ("share receipt on a standard request", "wrong-kind"),
+        ("expert receipt on a private request", "wrong-kind"),
+    ],
+)
 def test_receipts_refused_before_their_signature_is_even_checked(case, expected):
     b, r, reporter = book(), receipt(), "carol"
     if case == "request never opened":
@@ -641,14 +698,17 @@ def test_the_book_refuses_requests_beyond_its_capacity():
     assert len(b) == 2
 
 
-@pytest.mark.parametrize("args, field", [
-    (("req-1", "carol", "carol", "standard", T0), "request"),  # open already
-    (("", "carol", "carol", "standard", T0), "request"),
-    (("r" * 129, "carol", "carol", "standard", T0), "request"),
-    (("r", "c" * 65, "carol", "standard", T0), "client"),
-    (("r", "carol", "carol", "gold", T0), "tier"),
-    (("r", "carol", "carol", "standard", float("nan")), "expires"),
-])
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        (("req-1", "carol", "carol", "standard", T0), "request"),  # open already
+        (("", "carol", "carol", "standard", T0), "request"),
+        (("r" * 129, "carol", "carol", "standard", T0), "request"),
+        (("r", "c" * 65, "carol", "standard", T0), "client"),
+        (("r", "carol", "carol", "gold", T0), "tier"),
+        (("r", "carol", "carol", "standard", float("nan")), "expires"),
+    ],
+)
 def test_open_refuses(args, field):
     with pytest.raises(BookError) as err:
         book().open(*args)
@@ -691,9 +751,24 @@ def test_ticket_to_receipt_to_payment():
         msg = encode_request("m1", layer, {0: rows[:2], 7: rows[2:]})
         t = worker_checker.check(wire_t, msg["model"], "carol")
         seq, rows_total, units_total = tally.count(t.request, 6, 2)
-        r = Receipt("alice", "expert", "m1", layer, "", tuple(msg["experts"]), tuple(msg["counts"]), msg["dtype"],
-                    msg["hidden"], digest(msg["data"]), digest(b"response"), t.request, "", seq, rows_total,
-                    units_total)
+        r = Receipt(
+            "alice",
+            "expert",
+            "m1",
+            layer,
+            "",
+            tuple(msg["experts"]),
+            tuple(msg["counts"]),
+            msg["dtype"],
+            msg["hidden"],
+            digest(msg["data"]),
+            digest(b"response"),
+            t.request,
+            "",
+            seq,
+            rows_total,
+            units_total,
+        )
         wires.append(sign_receipt(ALICE, r))
     assert worker_checker.verifications == 1
     for wire in reversed(wires):  # arrival order does not matter: only the newest counts

@@ -10,39 +10,47 @@ import pytest
 from neuro_dask.security.redact import redact_secrets, redact_url, url_secrets
 
 
-@pytest.mark.parametrize("url, redacted", [
-    ("postgresql://bob:s3cr3t@db.example:5432/neuro", "postgresql://bob:***@db.example:5432/neuro"),
-    ("postgres://bob:s3cr3t@db/neuro?sslmode=require", "postgres://bob:***@db/neuro?sslmode=require"),
-    ("postgresql://:s3cr3t@db/neuro", "postgresql://:***@db/neuro"),
-    ("postgresql://bob:p%40ss@db/neuro", "postgresql://bob:***@db/neuro"),
-    ("postgresql://bob:p@ss@db/neuro", "postgresql://bob:***@db/neuro"),  # an unencoded "@"
-    ("postgresql://bob:pa/ss@db/neuro", "postgresql://bob:***@db/neuro"),  # an unencoded "/"
-    ("postgresql://db/neuro?user=bob&password=s3cr3t&sslmode=require",
-     "postgresql://db/neuro?user=bob&password=***&sslmode=require"),
-    ("https://store.example/adder?token=abc123#frag", "https://store.example/adder?token=***#frag"),
-    ("s3://AKIAKEY:wJalrSECRET@bucket/models", "s3://AKIAKEY:***@bucket/models"),
-    ("host=db user=bob password=s3cr3t dbname=neuro", "host=db user=bob password=*** dbname=neuro"),
-    ("host=db password='s3 cr3t' dbname=neuro", "host=db password=*** dbname=neuro"),
-    # nothing secret: unchanged
-    ("postgresql://bob@db/neuro", "postgresql://bob@db/neuro"),
-    ("postgresql://bob:@db/neuro", "postgresql://bob:@db/neuro"),
-    ("sqlite:///var/lib/neuro/ledger.db", "sqlite:///var/lib/neuro/ledger.db"),
-    ("sqlite://:memory:", "sqlite://:memory:"),
-    ("http://host:8080/path@x", "http://host:8080/path@x"),  # a port and an "@" in the path
-    ("/plain/path.db", "/plain/path.db"),
-    ("", ""),
-    (None, ""),
-])
+@pytest.mark.parametrize(
+    "url, redacted",
+    [
+        ("postgresql://bob:s3cr3t@db.example:5432/neuro", "postgresql://bob:***@db.example:5432/neuro"),
+        ("postgres://bob:s3cr3t@db/neuro?sslmode=require", "postgres://bob:***@db/neuro?sslmode=require"),
+        ("postgresql://:s3cr3t@db/neuro", "postgresql://:***@db/neuro"),
+        ("postgresql://bob:p%40ss@db/neuro", "postgresql://bob:***@db/neuro"),
+        ("postgresql://bob:p@ss@db/neuro", "postgresql://bob:***@db/neuro"),  # an unencoded "@"
+        ("postgresql://bob:pa/ss@db/neuro", "postgresql://bob:***@db/neuro"),  # an unencoded "/"
+        (
+            "postgresql://db/neuro?user=bob&password=s3cr3t&sslmode=require",
+            "postgresql://db/neuro?user=bob&password=***&sslmode=require",
+        ),
+        ("https://store.example/adder?token=abc123#frag", "https://store.example/adder?token=***#frag"),
+        ("s3://AKIAKEY:wJalrSECRET@bucket/models", "s3://AKIAKEY:***@bucket/models"),
+        ("host=db user=bob password=s3cr3t dbname=neuro", "host=db user=bob password=*** dbname=neuro"),
+        ("host=db password='s3 cr3t' dbname=neuro", "host=db password=*** dbname=neuro"),
+        # nothing secret: unchanged
+        ("postgresql://bob@db/neuro", "postgresql://bob@db/neuro"),
+        ("postgresql://bob:@db/neuro", "postgresql://bob:@db/neuro"),
+        ("sqlite:///var/lib/neuro/ledger.db", "sqlite:///var/lib/neuro/ledger.db"),
+        ("sqlite://:memory:", "sqlite://:memory:"),
+        ("http://host:8080/path@x", "http://host:8080/path@x"),  # a port and an "@" in the path
+        ("/plain/path.db", "/plain/path.db"),
+        ("", ""),
+        (None, ""),
+    ],
+)
 def test_redact_url(url, redacted):
     assert redact_url(url) == redacted
 
 
-@pytest.mark.parametrize("url, secrets", [
-    ("postgresql://bob:p%40ss@db/neuro", ["p%40ss", "p@ss"]),
-    ("postgresql://db/neuro?password=x1&token=t2", ["x1", "t2"]),
-    ("host=db password=s3cr3t", ["s3cr3t"]),
-    ("postgresql://bob@db/neuro", []),
-])
+@pytest.mark.parametrize(
+    "url, secrets",
+    [
+        ("postgresql://bob:p%40ss@db/neuro", ["p%40ss", "p@ss"]),
+        ("postgresql://db/neuro?password=x1&token=t2", ["x1", "t2"]),
+        ("host=db password=s3cr3t", ["s3cr3t"]),
+        ("postgresql://bob@db/neuro", []),
+    ],
+)
 def test_url_secrets_as_written_and_decoded(url, secrets):
     assert sorted(url_secrets(url)) == sorted(secrets)
 
@@ -56,10 +64,13 @@ def test_redact_secrets_removes_a_urls_password_from_any_text():
     assert redact_secrets("nothing to hide", None) == "nothing to hide"
 
 
-@pytest.mark.parametrize("url", [
-    "postgresql://neuro:Hunter2-s3cret@127.0.0.1:1/neuro",  # nothing listens on port 1
-    "postgresql://neuro:Hunter2-s3cret%zz@127.0.0.1:1/neuro",  # libpq quotes a bad escape back
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://neuro:Hunter2-s3cret@127.0.0.1:1/neuro",  # nothing listens on port 1
+        "postgresql://neuro:Hunter2-s3cret%zz@127.0.0.1:1/neuro",  # libpq quotes a bad escape back
+    ],
+)
 def test_a_ledger_that_cannot_connect_never_shows_its_password(url, caplog):
     pytest.importorskip("psycopg")
     from neuro_dask.ledger import LedgerError

@@ -19,20 +19,24 @@ from neuro_dask.trust.replication import (
 POLICY = ReplicationPolicy(spot_check=0.05, establish_after=20)
 
 
-@pytest.mark.parametrize("standing, p", [
-    (Standing(), 1.0),                                      # newcomer: always checked
-    (Standing(established=True, consecutive_valid=20), 1.0),  # just established
-    (Standing(established=True, consecutive_valid=40), 0.5),  # halves as the record doubles
-    (Standing(established=True, consecutive_valid=200), 0.1),
-    (Standing(established=True, consecutive_valid=10**6), 0.05),  # never below the spot-check rate
-    (Standing(trusted=True), 0.05),
-])
+@pytest.mark.parametrize(
+    "standing, p",
+    [
+        (Standing(), 1.0),  # newcomer: always checked
+        (Standing(established=True, consecutive_valid=20), 1.0),  # just established
+        (Standing(established=True, consecutive_valid=40), 0.5),  # halves as the record doubles
+        (Standing(established=True, consecutive_valid=200), 0.1),
+        (Standing(established=True, consecutive_valid=10**6), 0.05),  # never below the spot-check rate
+        (Standing(trusted=True), 0.05),
+    ],
+)
 def test_replication_probability(standing, p):
     assert replication_probability(standing, POLICY) == pytest.approx(p)
 
 
 STANDINGS = {
-    "new1": Standing(owner="n1"), "new2": Standing(owner="n2"),
+    "new1": Standing(owner="n1"),
+    "new2": Standing(owner="n2"),
     "est1": Standing(established=True, consecutive_valid=10**6, owner="e1"),
     "est1b": Standing(established=True, consecutive_valid=10**6, owner="e1"),
     "tru": Standing(trusted=True, owner="t"),
@@ -85,21 +89,25 @@ def test_hedges_are_capped_at_ten_percent_of_calls():
     assert hedged == 100
 
 
-@pytest.mark.parametrize("kw", [dict(hedge_quantile=1.0), dict(hedge_cap=1.5), dict(hedge_slack=0.5),
-                                dict(min_deadline=0)])
+@pytest.mark.parametrize(
+    "kw", [dict(hedge_quantile=1.0), dict(hedge_cap=1.5), dict(hedge_slack=0.5), dict(min_deadline=0)]
+)
 def test_bad_hedge_policy(kw):
     with pytest.raises(ConfigError):
         HedgePolicy(**kw)
 
 
-@pytest.mark.parametrize("finished, total, expected", [
-    ([], 4, None),  # nobody has answered yet
-    ([0.002], 4, None),  # one of four: below the peer quorum of half
-    ([0.001, 0.002], 4, 0.004),  # half answered: 2 x the slowest of them
-    ([0.001, 0.002, 0.003], 4, 0.006),
-    ([0.002], 1, None),  # a call alone in its round has no peers
-    ([0.002], 2, 0.004),
-])
+@pytest.mark.parametrize(
+    "finished, total, expected",
+    [
+        ([], 4, None),  # nobody has answered yet
+        ([0.002], 4, None),  # one of four: below the peer quorum of half
+        ([0.001, 0.002], 4, 0.004),  # half answered: 2 x the slowest of them
+        ([0.001, 0.002, 0.003], 4, 0.006),
+        ([0.002], 1, None),  # a call alone in its round has no peers
+        ([0.002], 2, 0.004),
+    ],
+)
 def test_peer_patience(finished, total, expected):
     t = LatencyTracker(HedgePolicy(peer_factor=2.0, peer_quorum=0.5))
     got = t.peer_patience(finished, total)

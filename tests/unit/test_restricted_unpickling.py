@@ -69,8 +69,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def hardened(data, buffers=None, peer=None):
     """Exactly the call hardened mode makes (hardening._restricted)."""
-    return restricted_loads(data, allowed=is_allowed, buffers=buffers, peer=peer, named_only=is_named_only,
-                            substitutes=SUBSTITUTES)
+    return restricted_loads(
+        data, allowed=is_allowed, buffers=buffers, peer=peer, named_only=is_named_only, substitutes=SUBSTITUTES
+    )
 
 
 # ---- pickles that must be refused -----------------------------------------------------------------
@@ -132,6 +133,7 @@ def _allowed_caller_of_forbidden(marker) -> bytes:
 
 def _stack_global(module: str, name: str) -> bytes:
     """Protocol 4: push module and name, STACK_GLOBAL, call it with no arguments, STOP."""
+
     def text(s: str) -> bytes:
         raw = s.encode()
         return b"\x8c" + bytes([len(raw)]) + raw
@@ -148,13 +150,20 @@ REFUSED = [
     ("builtins.exec", lambda m: pickle.dumps(Reduce(exec, (f"open({str(m)!r}, 'w').close()",))), "builtins", "exec"),
     ("builtins.getattr", lambda m: pickle.dumps(Reduce(getattr, (str(m), "upper"))), "builtins", "getattr"),
     ("builtins.__import__", lambda m: pickle.dumps(Reduce(__import__, ("os",))), "builtins", "__import__"),
-    ("importlib.import_module", lambda m: pickle.dumps(Reduce(importlib.import_module, ("os",))),
-     "importlib", "import_module"),
-    ("subprocess.Popen", lambda m: pickle.dumps(Reduce(subprocess.Popen, (["touch", str(m)],))),
-     "subprocess", "Popen"),
+    (
+        "importlib.import_module",
+        lambda m: pickle.dumps(Reduce(importlib.import_module, ("os",))),
+        "importlib",
+        "import_module",
+    ),
+    ("subprocess.Popen", lambda m: pickle.dumps(Reduce(subprocess.Popen, (["touch", str(m)],))), "subprocess", "Popen"),
     ("functools.partial", lambda m: pickle.dumps(functools.partial(os.system, _touch(m))), "functools", "partial"),
-    ("cloudpickle-lambda", lambda m: cloudpickle.dumps(lambda: open(str(m), "w")),
-     "cloudpickle.cloudpickle", None),  # whichever of its helpers comes first
+    (
+        "cloudpickle-lambda",
+        lambda m: cloudpickle.dumps(lambda: open(str(m), "w")),
+        "cloudpickle.cloudpickle",
+        None,
+    ),  # whichever of its helpers comes first
     ("bytes-called", lambda m: pickle.dumps(Reduce(bytes, (10**6,))), "builtins", "bytes"),
     ("bytearray-called", lambda m: pickle.dumps(Reduce(bytearray, (10**6,))), "builtins", "bytearray"),
     # A bytearray *value* below protocol 5 is pickled as a call of bytearray: refused like any call.
@@ -168,9 +177,14 @@ REFUSED = [
     ("raw-INST-os.system", _raw_protocol0_inst, "os", "system"),
     ("allowed-caller-of-os.system", _allowed_caller_of_forbidden, os.system.__module__, "system"),
     # copyreg._reconstructor (base.__new__(cls), skipping __init__) is no longer allowed at all.
-    ("copyreg-reconstructor", lambda m: pickle.dumps(Reduce(importlib.import_module("copyreg")._reconstructor,
-                                                            (subprocess.Popen, object, ["touch", str(m)]))),
-     "copyreg", "_reconstructor"),
+    (
+        "copyreg-reconstructor",
+        lambda m: pickle.dumps(
+            Reduce(importlib.import_module("copyreg")._reconstructor, (subprocess.Popen, object, ["touch", str(m)]))
+        ),
+        "copyreg",
+        "_reconstructor",
+    ),
     # Bytes below protocol 3 are a call of _codecs.encode, whose encoding names a codec to import.
     ("bytes-value-protocol-2", lambda m: pickle.dumps(b"\x00abc", protocol=2, fix_imports=False), "_codecs", "encode"),
     # Loops or allocates in proportion to an argument's value, not to the pickle's length.
@@ -181,16 +195,28 @@ REFUSED = [
     ("deque-value", lambda m: pickle.dumps(collections.deque([1, 2], maxlen=5)), "collections", "deque"),
     # numpy builds C objects from raw bytes and unvalidated state: no array, scalar or dtype loads.
     ("numpy-array", lambda m: pickle.dumps(np.arange(3)), np.arange(3).__reduce__()[0].__module__, "_reconstruct"),
-    ("numpy-array-protocol-5", lambda m: dpickle.dumps(np.arange(3.0)), np.arange(3.0).__reduce_ex__(5)[0].__module__,
-     "_frombuffer"),
+    (
+        "numpy-array-protocol-5",
+        lambda m: dpickle.dumps(np.arange(3.0)),
+        np.arange(3.0).__reduce_ex__(5)[0].__module__,
+        "_frombuffer",
+    ),
     ("numpy-scalar", lambda m: pickle.dumps(np.float32(1.5)), np.float32(1).__reduce__()[0].__module__, "scalar"),
     ("numpy-dtype", lambda m: pickle.dumps(np.dtype("float32")), "numpy", "dtype"),
     ("numpy-1.x-spelling", lambda m: b"\x80\x02cnumpy.core.multiarray\nscalar\n)R.", "numpy.core.multiarray", "scalar"),
     # UnicodeDecodeError's __str__ reads object[start] with an unchecked start (gh-123378).
-    ("UnicodeDecodeError", lambda m: pickle.dumps(UnicodeDecodeError("utf-8", b"abc", -10**12, -10**12 + 1, "x")),
-     "builtins", "UnicodeDecodeError"),
-    ("UnicodeEncodeError", lambda m: pickle.dumps(UnicodeEncodeError("utf-8", "abc", 0, 1, "x")),
-     "builtins", "UnicodeEncodeError"),
+    (
+        "UnicodeDecodeError",
+        lambda m: pickle.dumps(UnicodeDecodeError("utf-8", b"abc", -(10**12), -(10**12) + 1, "x")),
+        "builtins",
+        "UnicodeDecodeError",
+    ),
+    (
+        "UnicodeEncodeError",
+        lambda m: pickle.dumps(UnicodeEncodeError("utf-8", "abc", 0, 1, "x")),
+        "builtins",
+        "UnicodeEncodeError",
+    ),
     # Dask task graphs and distributed's wrappers of serialized objects: no hardened network sends them.
     ("a-task-of-len", lambda m: dpickle.dumps(Task("k", len, "abc")), "dask._task_spec", "Task"),
     ("an-expert-task", lambda m: dpickle.dumps(Task("expert-3-7", serve_expert_call, b"x")), "dask._task_spec", "Task"),
@@ -198,12 +224,20 @@ REFUSED = [
     ("WrappedKey", lambda m: dpickle.dumps(WrappedKey("k")), "dask._task_spec", "TaskRef"),
     ("ToPickle", lambda m: dpickle.dumps(ToPickle(1)), "distributed.protocol.serialize", "ToPickle"),
     ("Serialize", lambda m: dpickle.dumps(Serialize(1)), "distributed.protocol.serialize", "Serialize"),
-    ("expr-reconstruct-dotted", lambda m: _stack_global("dask._expr", "Expr._reconstruct"),
-     "dask._expr", "Expr._reconstruct"),
+    (
+        "expr-reconstruct-dotted",
+        lambda m: _stack_global("dask._expr", "Expr._reconstruct"),
+        "dask._expr",
+        "Expr._reconstruct",
+    ),
     # A dotted name under an allowed module is not that module's attribute: never allowed.
     ("dotted-under-builtins", lambda m: _stack_global("builtins", "dict.fromkeys"), "builtins", "dict.fromkeys"),
-    ("serve_expert_call-called", lambda m: pickle.dumps(Reduce(serve_expert_call, (b"\x80",))),
-     "neuro_dask.client.dispatch.tasks", "serve_expert_call"),
+    (
+        "serve_expert_call-called",
+        lambda m: pickle.dumps(Reduce(serve_expert_call, (b"\x80",))),
+        "neuro_dask.client.dispatch.tasks",
+        "serve_expert_call",
+    ),
 ]
 
 
@@ -240,16 +274,18 @@ def test_the_open_payload_does_create_the_marker_under_plain_pickle(tmp_path):
 # happened, so a regression shows as a failed test, not as a dead test run; the child also reports
 # whether numpy was ever imported (it never imports it itself).
 
+
 def _body(obj) -> bytes:
     """The opcodes of one value at protocol 2, without PROTO and STOP."""
     return pickle.dumps(obj, protocol=2, fix_imports=False)[2:-1]
 
 
-def _numpy_void_pickle(*, fields: bytes, names: tuple, flags: int, scalar_first: bool,
-                       scalar_module: str = "numpy.core.multiarray") -> bytes:
+def _numpy_void_pickle(
+    *, fields: bytes, names: tuple, flags: int, scalar_first: bool, scalar_module: str = "numpy.core.multiarray"
+) -> bytes:
     """numpy.dtype('V8') with BUILD state describing the given fields and flags, then
     numpy's scalar(dtype, b'AAAAAAAA'): the scalar copies the bytes into the void's memory."""
-    state = (b"(K\x03" + _body("|") + b"N" + _body(names) + fields + _body(8) + b"K\x01" + _body(flags) + b"t")
+    state = b"(K\x03" + _body("|") + b"N" + _body(names) + fields + _body(8) + b"K\x01" + _body(flags) + b"t"
     dtype = b"cnumpy\ndtype\n" + _body(("V8", False, True)) + b"R" + state + b"b"
     scalar = f"c{scalar_module}\nscalar\n".encode()
     if scalar_first:
@@ -265,14 +301,20 @@ def _object_field(name: str, offset: int) -> bytes:
 def _type_confusion(scalar_first: bool = False, scalar_module: str = "numpy.core.multiarray") -> bytes:
     # One object field, flags 0: numpy does not know the void holds a pointer, so scalar() copies
     # the bytes in; repr() of the value then dereferences 0x4141414141414141.
-    return _numpy_void_pickle(fields=b"}" + _object_field("a", 0), names=("a",), flags=0, scalar_first=scalar_first,
-                              scalar_module=scalar_module)
+    return _numpy_void_pickle(
+        fields=b"}" + _object_field("a", 0),
+        names=("a",),
+        flags=0,
+        scalar_first=scalar_first,
+        scalar_module=scalar_module,
+    )
 
 
 def _overlapping_fields() -> bytes:
     # Two object fields overlapping (offsets 0 and 4) and NPY_USE_GETITEM: crashes inside pickle.loads.
-    return _numpy_void_pickle(fields=b"}" + _object_field("a", 0) + _object_field("b", 4), names=("a", "b"),
-                              flags=0x20, scalar_first=False)
+    return _numpy_void_pickle(
+        fields=b"}" + _object_field("a", 0) + _object_field("b", 4), names=("a", "b"), flags=0x20, scalar_first=False
+    )
 
 
 M64 = 2**64
@@ -283,6 +325,7 @@ P1, P2, P5 = 11400714785074694791, 14029467366897019727, 2870177450012600261
 def colliding_pairs(n: int) -> list[tuple[int, int]]:
     """n distinct (a, b) tuples of ints with one and the same hash (CPython's tuple hash is
     xxHash-like and invertible; int hashes are the ints mod 2**61 - 1)."""
+
     def rotl(x):
         return ((x << 31) | (x >> 33)) & (M64 - 1)
 
@@ -318,13 +361,19 @@ def _opcodes_of(keys, *, opener: bytes, per_key: bytes, closer: bytes) -> bytes:
 CRASHERS = {
     # name: (pickle, expected outcome: ("refused", module, name) / ("limit", what) / ("malformed",))
     "numpy-dtype-build-type-confusion": (_type_confusion(), ("refused", "numpy", "dtype")),
-    "numpy-scalar-first-type-confusion": (_type_confusion(scalar_first=True), ("refused", "numpy.core.multiarray",
-                                                                                "scalar")),
-    "numpy-2-spelling-type-confusion": (_type_confusion(scalar_first=True, scalar_module="numpy._core.multiarray"),
-                                        ("refused", "numpy._core.multiarray", "scalar")),
+    "numpy-scalar-first-type-confusion": (
+        _type_confusion(scalar_first=True),
+        ("refused", "numpy.core.multiarray", "scalar"),
+    ),
+    "numpy-2-spelling-type-confusion": (
+        _type_confusion(scalar_first=True, scalar_module="numpy._core.multiarray"),
+        ("refused", "numpy._core.multiarray", "scalar"),
+    ),
     "numpy-overlapping-object-fields": (_overlapping_fields(), ("refused", "numpy", "dtype")),
-    "deque(range(10**12), 1)": (pickle.dumps(Reduce(collections.deque, (range(10**12), 1))),
-                                ("refused", "collections", "deque")),
+    "deque(range(10**12), 1)": (
+        pickle.dumps(Reduce(collections.deque, (range(10**12), 1))),
+        ("refused", "collections", "deque"),
+    ),
     "list(range(10**10))": (pickle.dumps(Reduce(list, (range(10**10),))), ("refused", "builtins", "range")),
     "bytes(10**11)": (pickle.dumps(Reduce(bytes, (10**11,))), ("refused", "builtins", "bytes")),
     "2,000,000 opcodes": (b"\x80\x05" + b"N0" * 1_000_000 + b"N.", ("limit", "opcodes")),
@@ -333,23 +382,41 @@ CRASHERS = {
     "a tuple nested 900,000 deep as a dict key": (b"\x80\x02}N" + b"\x85" * 900_000 + b"Ns.", ("limit", "tuples")),
     "BYTEARRAY8 of 2**40 bytes": (b"\x80\x05\x96" + struct.pack("<Q", 2**40) + b".", ("malformed",)),
     # 20,000 distinct keys with one hash: plain pickle spends minutes comparing them.
-    "dict of colliding tuples (SETITEMS)": (_opcodes_of(colliding_pairs(20_000), opener=b"}", per_key=b"N",
-                                                        closer=b"u"), ("limit", "hash")),
-    "dict of colliding tuples (DICT)": (_opcodes_of(colliding_pairs(20_000), opener=b"", per_key=b"N", closer=b"d"),
-                                        ("limit", "hash")),
-    "set of colliding tuples (ADDITEMS)": (_opcodes_of(colliding_pairs(20_000), opener=b"\x8f", per_key=b"",
-                                                       closer=b"\x90"), ("limit", "hash")),
-    "frozenset of colliding tuples": (_opcodes_of(colliding_pairs(20_000), opener=b"", per_key=b"", closer=b"\x91"),
-                                      ("limit", "hash")),
-    "set(list) of colliding tuples (REDUCE)": (pickle.dumps(Reduce(set, (colliding_pairs(20_000),)), protocol=5),
-                                               ("limit", "hash")),
-    "dict(list of pairs) of colliding keys": (pickle.dumps(Reduce(dict, ([(p, 0) for p in colliding_pairs(20_000)],)),
-                                                            protocol=5), ("limit", "hash")),
+    "dict of colliding tuples (SETITEMS)": (
+        _opcodes_of(colliding_pairs(20_000), opener=b"}", per_key=b"N", closer=b"u"),
+        ("limit", "hash"),
+    ),
+    "dict of colliding tuples (DICT)": (
+        _opcodes_of(colliding_pairs(20_000), opener=b"", per_key=b"N", closer=b"d"),
+        ("limit", "hash"),
+    ),
+    "set of colliding tuples (ADDITEMS)": (
+        _opcodes_of(colliding_pairs(20_000), opener=b"\x8f", per_key=b"", closer=b"\x90"),
+        ("limit", "hash"),
+    ),
+    "frozenset of colliding tuples": (
+        _opcodes_of(colliding_pairs(20_000), opener=b"", per_key=b"", closer=b"\x91"),
+        ("limit", "hash"),
+    ),
+    "set(list) of colliding tuples (REDUCE)": (
+        pickle.dumps(Reduce(set, (colliding_pairs(20_000),)), protocol=5),
+        ("limit", "hash"),
+    ),
+    "dict(list of pairs) of colliding keys": (
+        pickle.dumps(Reduce(dict, ([(p, 0) for p in colliding_pairs(20_000)],)), protocol=5),
+        ("limit", "hash"),
+    ),
     "frozenset through tblib's unpickle_exception": (
-        pickle.dumps(Reduce(tblib.pickling_support.unpickle_exception, (frozenset, (colliding_pairs(20_000),), None,
-                                                                       None)), protocol=5), ("limit", "hash")),
-    "colliding keys one SETITEM at a time": (_setitem_one_by_one(colliding_pairs(MAX_EQUAL_HASHES + 1)),
-                                             ("limit", "hash")),
+        pickle.dumps(
+            Reduce(tblib.pickling_support.unpickle_exception, (frozenset, (colliding_pairs(20_000),), None, None)),
+            protocol=5,
+        ),
+        ("limit", "hash"),
+    ),
+    "colliding keys one SETITEM at a time": (
+        _setitem_one_by_one(colliding_pairs(MAX_EQUAL_HASHES + 1)),
+        ("limit", "hash"),
+    ),
 }
 
 _CHILD = textwrap.dedent("""
@@ -381,8 +448,9 @@ _CHILD = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def crashers() -> dict:
     cases = json.dumps({name: data.hex() for name, (data, _) in CRASHERS.items()})
-    proc = subprocess.run([sys.executable, "-c", _CHILD], input=cases, capture_output=True, text=True, cwd=ROOT,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD], input=cases, capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
     assert proc.returncode == 0, f"the loader's child process died ({proc.returncode}):\n{proc.stderr[-4000:]}"
     return json.loads(proc.stdout)
 
@@ -408,8 +476,9 @@ def _plain_load_in_child(data: bytes, then: str = "") -> subprocess.CompletedPro
     return subprocess.run([sys.executable, "-c", code], input=data, capture_output=True, timeout=120)
 
 
-@pytest.mark.parametrize("name, then", [("numpy-dtype-build-type-confusion", "repr(value)"),
-                                        ("numpy-overlapping-object-fields", "")])
+@pytest.mark.parametrize(
+    "name, then", [("numpy-dtype-build-type-confusion", "repr(value)"), ("numpy-overlapping-object-fields", "")]
+)
 def test_the_numpy_pickles_do_crash_a_plain_loader(name, then):
     # The control for the refusals above: these are real attacks on this numpy, not malformed bytes.
     proc = _plain_load_in_child(CRASHERS[name][0], then)
@@ -463,11 +532,12 @@ def test_the_memo_bound():
 def test_the_tuple_depth_bound():
     at_bound = hardened(b"\x80\x02N" + b"\x85" * MAX_HASHABLE_DEPTH + b".")
     assert hash(at_bound) is not None
-    for past in (b"\x80\x02N" + b"\x85" * (MAX_HASHABLE_DEPTH + 1) + b".",   # TUPLE1
-                 b"\x80\x02(N" + b"\x85" * MAX_HASHABLE_DEPTH + b"t.",         # TUPLE
-                 b"\x80\x02NN" + b"\x85" * MAX_HASHABLE_DEPTH + b"\x86.",      # TUPLE2
-                 b"\x80\x02(N" + b"\x85" * MAX_HASHABLE_DEPTH + b"\x85t.",     # TUPLE1 past it inside a MARK
-                 ):
+    for past in (
+        b"\x80\x02N" + b"\x85" * (MAX_HASHABLE_DEPTH + 1) + b".",  # TUPLE1
+        b"\x80\x02(N" + b"\x85" * MAX_HASHABLE_DEPTH + b"t.",  # TUPLE
+        b"\x80\x02NN" + b"\x85" * MAX_HASHABLE_DEPTH + b"\x86.",  # TUPLE2
+        b"\x80\x02(N" + b"\x85" * MAX_HASHABLE_DEPTH + b"\x85t.",  # TUPLE1 past it inside a MARK
+    ):
         with pytest.raises(PickleLimitError, match="tuples"):
             hardened(past)
     # tuple(list-of-tall-tuple), through an allowed constructor: measured too
@@ -488,9 +558,18 @@ def test_a_bytearray8_longer_than_the_pickle_is_refused_before_allocating():
 
 
 def test_malformed_pickles_are_unpickling_errors():
-    for data in (b"", b"\x80", b"\x80\x05", b"\x80\x05N", b"0.", b"\x80\x05\xff.", b"\x80\x04h\x07.", b"(a.",
-                 b"\x80\x02cbuiltins\ncomplex\nK\x01K\x02K\x03\x87R.",   # an allowed call with wrong arguments
-                 b"\x80\x02cbuiltins\nValueError\nU\x01x\x85R]b."):      # an exception's state that is no dict
+    for data in (
+        b"",
+        b"\x80",
+        b"\x80\x05",
+        b"\x80\x05N",
+        b"0.",
+        b"\x80\x05\xff.",
+        b"\x80\x04h\x07.",
+        b"(a.",
+        b"\x80\x02cbuiltins\ncomplex\nK\x01K\x02K\x03\x87R.",  # an allowed call with wrong arguments
+        b"\x80\x02cbuiltins\nValueError\nU\x01x\x85R]b.",
+    ):  # an exception's state that is no dict
         with pytest.raises(pickle.UnpicklingError) as info:
             hardened(data)
         assert not isinstance(info.value, PickleRefusedError), data
@@ -514,8 +593,12 @@ def test_an_invalid_datetime_is_malformed_and_a_valid_one_loads():
     year_zero = b"\x80\x02cdatetime\ndatetime\nC\n\x00\x00\x01\x01\x00\x00\x00\x00\x00\x00\x85R."
     with pytest.raises(pickle.UnpicklingError, match="ValueError"):
         hardened(year_zero)
-    for value in (datetime.datetime(2030, 1, 2, 3, 4, 5, 6), datetime.datetime(2030, 1, 2, tzinfo=datetime.UTC),
-                  datetime.datetime(1, 1, 1), datetime.datetime(9999, 12, 31, 23, 59, 59, 999999)):
+    for value in (
+        datetime.datetime(2030, 1, 2, 3, 4, 5, 6),
+        datetime.datetime(2030, 1, 2, tzinfo=datetime.UTC),
+        datetime.datetime(1, 1, 1),
+        datetime.datetime(9999, 12, 31, 23, 59, 59, 999999),
+    ):
         loaded = hardened(pickle.dumps(value, protocol=5))
         assert type(loaded) is datetime.datetime and loaded == value
 
@@ -623,15 +706,34 @@ def _chained_neuro_error():
 EXCEPTIONS = [
     ("ValueError", lambda: ValueError("x"), ValueError, ("x",), {}),
     ("KeyError", lambda: KeyError("k"), KeyError, ("k",), {}),
-    ("OSError", lambda: FileNotFoundError(2, "No such file", "/x"), FileNotFoundError, (2, "No such file"),
-     {"filename": "/x", "errno": 2}),
-    ("neuro-config-error", lambda: ConfigFieldError("model.yaml", "experts", "must be positive"), ConfigFieldError,
-     ("model.yaml: field 'experts' must be positive",),
-     {"path": "model.yaml", "field": "experts", "problem": "must be positive"}),
-    ("neuro-security-error", lambda: RequestRefusedError("run", "client", "tcp://1.2.3.4:5", "never"),
-     RequestRefusedError, None, {"op": "run", "role": "client", "peer": "tcp://1.2.3.4:5", "why": "never"}),
-    ("neuro-pickle-limit-error", lambda: PickleLimitError("opcodes", 10, "tls://x:1"), PickleLimitError, None,
-     {"what": "opcodes", "limit": 10, "peer": "tls://x:1"}),
+    (
+        "OSError",
+        lambda: FileNotFoundError(2, "No such file", "/x"),
+        FileNotFoundError,
+        (2, "No such file"),
+        {"filename": "/x", "errno": 2},
+    ),
+    (
+        "neuro-config-error",
+        lambda: ConfigFieldError("model.yaml", "experts", "must be positive"),
+        ConfigFieldError,
+        ("model.yaml: field 'experts' must be positive",),
+        {"path": "model.yaml", "field": "experts", "problem": "must be positive"},
+    ),
+    (
+        "neuro-security-error",
+        lambda: RequestRefusedError("run", "client", "tcp://1.2.3.4:5", "never"),
+        RequestRefusedError,
+        None,
+        {"op": "run", "role": "client", "peer": "tcp://1.2.3.4:5", "why": "never"},
+    ),
+    (
+        "neuro-pickle-limit-error",
+        lambda: PickleLimitError("opcodes", 10, "tls://x:1"),
+        PickleLimitError,
+        None,
+        {"what": "opcodes", "limit": 10, "peer": "tls://x:1"},
+    ),
 ]
 
 
@@ -684,14 +786,17 @@ def test_naming_a_type_many_times_scans_the_pickle_once(monkeypatch):
     assert len(calls) == 1
 
 
-@pytest.mark.parametrize("data, calls", [
-    (pickle.dumps(bytes), False),
-    (pickle.dumps({"a": [1, (2, 3)]}), False),
-    (pickle.dumps(np.int64(1)), True),
-    (pickle.dumps(Reduce(len, ("x",)), protocol=0), True),
-    (b"\x80\x05not a pickle", True),  # unreadable counts as dangerous
-    (b"", True),
-])
+@pytest.mark.parametrize(
+    "data, calls",
+    [
+        (pickle.dumps(bytes), False),
+        (pickle.dumps({"a": [1, (2, 3)]}), False),
+        (pickle.dumps(np.int64(1)), True),
+        (pickle.dumps(Reduce(len, ("x",)), protocol=0), True),
+        (b"\x80\x05not a pickle", True),  # unreadable counts as dangerous
+        (b"", True),
+    ],
+)
 def test_calls_anything(data, calls):
     assert calls_anything(data) is calls
 
@@ -699,41 +804,130 @@ def test_calls_anything(data, calls):
 # ---- globals_named -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("value, expected", [
-    (Task("k", serve_expert_call, b"x"),
-     [("dask._task_spec", "Task"), ("neuro_dask.client.dispatch.tasks", "serve_expert_call")]),
-    ([np.int64(1), ValueError("x")],
-     # distributed installs tblib's pickling for every exception class when it is imported
-     [(np.int64(1).__reduce__()[0].__module__, "scalar"), ("numpy", "dtype"),
-      ("tblib.pickling_support", "unpickle_exception_with_attrs"), ("builtins", "ValueError")]),
-    ({"a": [1, 2]}, []),
-    (bytes, [("builtins", "bytes")]),
-], ids=["task", "scalar-then-exception", "plain", "bytes"])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (
+            Task("k", serve_expert_call, b"x"),
+            [("dask._task_spec", "Task"), ("neuro_dask.client.dispatch.tasks", "serve_expert_call")],
+        ),
+        (
+            [np.int64(1), ValueError("x")],
+            # distributed installs tblib's pickling for every exception class when it is imported
+            [
+                (np.int64(1).__reduce__()[0].__module__, "scalar"),
+                ("numpy", "dtype"),
+                ("tblib.pickling_support", "unpickle_exception_with_attrs"),
+                ("builtins", "ValueError"),
+            ],
+        ),
+        ({"a": [1, 2]}, []),
+        (bytes, [("builtins", "bytes")]),
+    ],
+    ids=["task", "scalar-then-exception", "plain", "bytes"],
+)
 def test_globals_named_lists_the_globals_in_order(value, expected):
     assert globals_named(dpickle.dumps(value)) == expected
 
 
 # ---- allow-list hygiene --------------------------------------------------------------------------
 
-DANGEROUS_BUILTINS = frozenset({
-    "eval", "exec", "compile", "getattr", "setattr", "delattr", "__import__", "open", "input", "breakpoint",
-    "globals", "vars", "locals", "exit", "quit", "help", "memoryview", "bytes", "bytearray", "type", "object",
-    "SystemExit", "KeyboardInterrupt", "BaseException", "GeneratorExit",
-    # value-proportional cost, or a C layout read unchecked
-    "range", "str", "int", "float", "iter", "map", "filter", "zip", "enumerate", "reversed", "sorted", "sum",
-    "UnicodeDecodeError", "UnicodeEncodeError", "UnicodeTranslateError",
-})
-DANGEROUS_MODULES = ("os", "posix", "nt", "subprocess", "_posixsubprocess", "sys", "operator", "_operator",
-                     "importlib", "pickle", "_pickle", "shutil", "marshal", "types", "ctypes", "runpy", "code",
-                     "pty", "socket", "cloudpickle", "builtins.__import__",
-                     # C objects from raw bytes, codecs by name, task graphs and serialized objects
-                     "numpy", "_codecs", "codecs", "copyreg", "itertools", "dask._task_spec", "dask._expr",
-                     "distributed.protocol", "distributed.utils_comm", "torch")
-DANGEROUS_EXACT = frozenset({
-    ("functools", "partial"), ("functools", "reduce"), ("io", "open"), ("_io", "open"), ("codecs", "open"),
-    ("dask.utils", "apply"), ("dask.core", "get"), ("dask.local", "get_sync"), ("copyreg", "__newobj__"),
-    ("collections", "deque"), ("datetime", "datetime"), ("datetime", "date"), ("datetime", "time"),
-})
+DANGEROUS_BUILTINS = frozenset(
+    {
+        "eval",
+        "exec",
+        "compile",
+        "getattr",
+        "setattr",
+        "delattr",
+        "__import__",
+        "open",
+        "input",
+        "breakpoint",
+        "globals",
+        "vars",
+        "locals",
+        "exit",
+        "quit",
+        "help",
+        "memoryview",
+        "bytes",
+        "bytearray",
+        "type",
+        "object",
+        "SystemExit",
+        "KeyboardInterrupt",
+        "BaseException",
+        "GeneratorExit",
+        # value-proportional cost, or a C layout read unchecked
+        "range",
+        "str",
+        "int",
+        "float",
+        "iter",
+        "map",
+        "filter",
+        "zip",
+        "enumerate",
+        "reversed",
+        "sorted",
+        "sum",
+        "UnicodeDecodeError",
+        "UnicodeEncodeError",
+        "UnicodeTranslateError",
+    }
+)
+DANGEROUS_MODULES = (
+    "os",
+    "posix",
+    "nt",
+    "subprocess",
+    "_posixsubprocess",
+    "sys",
+    "operator",
+    "_operator",
+    "importlib",
+    "pickle",
+    "_pickle",
+    "shutil",
+    "marshal",
+    "types",
+    "ctypes",
+    "runpy",
+    "code",
+    "pty",
+    "socket",
+    "cloudpickle",
+    "builtins.__import__",
+    # C objects from raw bytes, codecs by name, task graphs and serialized objects
+    "numpy",
+    "_codecs",
+    "codecs",
+    "copyreg",
+    "itertools",
+    "dask._task_spec",
+    "dask._expr",
+    "distributed.protocol",
+    "distributed.utils_comm",
+    "torch",
+)
+DANGEROUS_EXACT = frozenset(
+    {
+        ("functools", "partial"),
+        ("functools", "reduce"),
+        ("io", "open"),
+        ("_io", "open"),
+        ("codecs", "open"),
+        ("dask.utils", "apply"),
+        ("dask.core", "get"),
+        ("dask.local", "get_sync"),
+        ("copyreg", "__newobj__"),
+        ("collections", "deque"),
+        ("datetime", "datetime"),
+        ("datetime", "date"),
+        ("datetime", "time"),
+    }
+)
 
 
 def _dangerous(module: str, name: str) -> bool:
@@ -744,14 +938,33 @@ def _dangerous(module: str, name: str) -> bool:
     return (module, name) in DANGEROUS_EXACT
 
 
-@pytest.mark.parametrize("entry", [("builtins", "eval"), ("os", "system"), ("posix", "system"), ("sys", "exit"),
-                                   ("functools", "partial"), ("operator", "attrgetter"), ("importlib", "reload"),
-                                   ("types", "FunctionType"), ("ctypes", "CDLL"), ("io", "open"),
-                                   ("dask.utils", "apply"), ("marshal", "loads"), ("numpy", "dtype"),
-                                   ("numpy._core.multiarray", "scalar"), ("builtins", "range"),
-                                   ("collections", "deque"), ("_codecs", "encode"), ("copyreg", "_reconstructor"),
-                                   ("dask._task_spec", "Task"), ("distributed.protocol.serialize", "ToPickle"),
-                                   ("distributed.utils_comm", "WrappedKey"), ("builtins", "UnicodeDecodeError")])
+@pytest.mark.parametrize(
+    "entry",
+    [
+        ("builtins", "eval"),
+        ("os", "system"),
+        ("posix", "system"),
+        ("sys", "exit"),
+        ("functools", "partial"),
+        ("operator", "attrgetter"),
+        ("importlib", "reload"),
+        ("types", "FunctionType"),
+        ("ctypes", "CDLL"),
+        ("io", "open"),
+        ("dask.utils", "apply"),
+        ("marshal", "loads"),
+        ("numpy", "dtype"),
+        ("numpy._core.multiarray", "scalar"),
+        ("builtins", "range"),
+        ("collections", "deque"),
+        ("_codecs", "encode"),
+        ("copyreg", "_reconstructor"),
+        ("dask._task_spec", "Task"),
+        ("distributed.protocol.serialize", "ToPickle"),
+        ("distributed.utils_comm", "WrappedKey"),
+        ("builtins", "UnicodeDecodeError"),
+    ],
+)
 def test_the_hygiene_check_recognises_dangerous_names(entry):
     assert _dangerous(*entry)
     assert not is_allowed(*entry)
@@ -783,24 +996,32 @@ def test_every_allowed_global_resolves_here(entry):
 
 def test_no_numpy_global_is_allowed_in_either_spelling():
     assert [e for e in ALLOWED_GLOBALS if e[0].split(".")[0] == "numpy"] == []
-    for module in ("numpy", "numpy.core.multiarray", "numpy._core.multiarray", "numpy.core.numeric",
-                   "numpy._core.numeric"):
+    for module in (
+        "numpy",
+        "numpy.core.multiarray",
+        "numpy._core.multiarray",
+        "numpy.core.numeric",
+        "numpy._core.numeric",
+    ):
         for name in ("dtype", "ndarray", "_reconstruct", "scalar", "_frombuffer"):
             assert not is_allowed(module, name)
 
 
-@pytest.mark.parametrize("module, name, expected", [
-    ("neuro_dask.errors", "ConfigFieldError", True),
-    ("neuro_dask.errors", "_rebuild", True),
-    ("neuro_dask.security.errors", "PickleRefusedError", True),
-    ("neuro_dask.security.errors", "PlainDataRefusedError", True),
-    ("neuro_dask.errors", "NeuroDaskError.__subclasses__", False),
-    ("neuro_dask.errors", "Iterable", False),            # imported into the module, not an error
-    ("neuro_dask.security.errors", "pickle", False),     # a module imported there
-    ("neuro_dask.settings", "SecuritySettings", False),  # not an error module
-    ("neuro_dask.client.dispatch.tasks", "serve_expert_call", False),  # no task graphs: never called by a pickle
-    ("neuro_dask.client.dispatch.tasks", "msgpack", False),
-])
+@pytest.mark.parametrize(
+    "module, name, expected",
+    [
+        ("neuro_dask.errors", "ConfigFieldError", True),
+        ("neuro_dask.errors", "_rebuild", True),
+        ("neuro_dask.security.errors", "PickleRefusedError", True),
+        ("neuro_dask.security.errors", "PlainDataRefusedError", True),
+        ("neuro_dask.errors", "NeuroDaskError.__subclasses__", False),
+        ("neuro_dask.errors", "Iterable", False),  # imported into the module, not an error
+        ("neuro_dask.security.errors", "pickle", False),  # a module imported there
+        ("neuro_dask.settings", "SecuritySettings", False),  # not an error module
+        ("neuro_dask.client.dispatch.tasks", "serve_expert_call", False),  # no task graphs: never called by a pickle
+        ("neuro_dask.client.dispatch.tasks", "msgpack", False),
+    ],
+)
 def test_neuro_dask_entries(module, name, expected):
     assert is_allowed(module, name) is expected
 
@@ -827,8 +1048,11 @@ def _build_on_global(module: str, name: str, attributes: dict) -> bytes:
 def test_a_pickle_cannot_rewrite_an_allowed_class():
     before = (TaskRefusedError.__module__, TaskRefusedError.__qualname__)
     assert before == ("neuro_dask.security.errors", "TaskRefusedError")
-    data = _build_on_global("neuro_dask.security.errors", "TaskRefusedError",
-                            {"__module__": "neuro_dask.client.dispatch.tasks", "__qualname__": "serve_expert_call"})
+    data = _build_on_global(
+        "neuro_dask.security.errors",
+        "TaskRefusedError",
+        {"__module__": "neuro_dask.client.dispatch.tasks", "__qualname__": "serve_expert_call"},
+    )
     try:
         with pytest.raises(PickleRefusedError, match="state applied to it"):
             hardened(data)

@@ -9,13 +9,13 @@ from tiny_models import ARCHITECTURES
 
 from neuro_dask.errors import ConfigFieldError
 from neuro_dask.model.moe import run_expert
+from neuro_dask.protocol.wire import ExpertRequest
 from neuro_dask.runtime.expert_host import ExpertHost
 from neuro_dask.runtime.expert_memory import ExpertMemory
 from neuro_dask.runtime.runners import PRECISIONS, choose_precision, expert_nbytes, prepare_expert
 from neuro_dask.settings import WorkerSettings
 from neuro_dask.store.remote import ExpertFileCache
 from neuro_dask.store.shard_store import ShardStore
-from neuro_dask.protocol.wire import ExpertRequest
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -49,13 +49,16 @@ def test_onnx_weights_as_inputs_gives_the_same_result(sharded):
     torch.testing.assert_close(onnx_expert(w, weights_as_inputs=True)(x), onnx_expert(w)(x))
 
 
-@pytest.mark.parametrize("available, best", [
-    (["AzureExecutionProvider", "CPUExecutionProvider"], "CPUExecutionProvider"),
-    (["CPUExecutionProvider", "CUDAExecutionProvider"], "CUDAExecutionProvider"),
-    (["CoreMLExecutionProvider", "CPUExecutionProvider"], "CoreMLExecutionProvider"),
-    (["OpenVINOExecutionProvider", "DmlExecutionProvider", "CPUExecutionProvider"], "OpenVINOExecutionProvider"),
-    (["DmlExecutionProvider"], "DmlExecutionProvider"),
-])
+@pytest.mark.parametrize(
+    "available, best",
+    [
+        (["AzureExecutionProvider", "CPUExecutionProvider"], "CPUExecutionProvider"),
+        (["CPUExecutionProvider", "CUDAExecutionProvider"], "CUDAExecutionProvider"),
+        (["CoreMLExecutionProvider", "CPUExecutionProvider"], "CoreMLExecutionProvider"),
+        (["OpenVINOExecutionProvider", "DmlExecutionProvider", "CPUExecutionProvider"], "OpenVINOExecutionProvider"),
+        (["DmlExecutionProvider"], "DmlExecutionProvider"),
+    ],
+)
 def test_best_provider_first_and_cpu_last(available, best):
     providers = pick_providers(available)
     assert providers[0] == best and providers[-1] == "CPUExecutionProvider"
@@ -96,11 +99,14 @@ def test_expert_nbytes_is_what_a_runner_holds(precision):
     assert prepare_expert(w, precision).nbytes() == expert_nbytes(d, i, precision)
 
 
-@pytest.mark.parametrize("settings, field", [
-    (dict(backend="tensorrt"), "backend"),
-    (dict(precision="fp8"), "precision"),
-    (dict(backend="onnx", precision="int8"), "precision"),
-])
+@pytest.mark.parametrize(
+    "settings, field",
+    [
+        (dict(backend="tensorrt"), "backend"),
+        (dict(precision="fp8"), "precision"),
+        (dict(backend="onnx", precision="int8"), "precision"),
+    ],
+)
 def test_worker_settings_refuse_bad_backend_or_precision(settings, field):
     with pytest.raises(ConfigFieldError, match=field):
         WorkerSettings.load(**settings)
@@ -112,15 +118,20 @@ def test_worker_settings_accept_onnx_and_quantized():
     assert WorkerSettings.load().precision == "float32"  # mixed precisions need client-side tolerances
 
 
-@pytest.mark.parametrize("backend, precision, atol", [
-    ("torch", "float32", 1e-6), ("onnx", "float32", 1e-4), ("torch", "int8", 0.25), ("torch", "bfloat16", 0.1),
-])
+@pytest.mark.parametrize(
+    "backend, precision, atol",
+    [
+        ("torch", "float32", 1e-6),
+        ("onnx", "float32", 1e-4),
+        ("torch", "int8", 0.25),
+        ("torch", "bfloat16", 0.1),
+    ],
+)
 def test_expert_host_serves_each_backend_and_counts_its_bytes(sharded, tmp_path, backend, precision, atol):
     root = sharded("mixtral")
     store = ShardStore(root)
     cfg = store.config
-    host = ExpertHost(ExpertFileCache(tmp_path / "cache"), ExpertMemory(1 << 30), backend=backend,
-                      precision=precision)
+    host = ExpertHost(ExpertFileCache(tmp_path / "cache"), ExpertMemory(1 << 30), backend=backend, precision=precision)
     result = host.load("m", str(root), [(0, 0), (0, 1)])
     assert result.loaded == ((0, 0), (0, 1)) and not result.failed
     per_expert = expert_nbytes(cfg.hidden_size, cfg.moe_intermediate_size, precision)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from neuro_dask.security.events import security_log
 from neuro_dask.security.guards import GuardedHandlers, RateBook
-from neuro_dask.security.identity import peer_key as _rate_key
 from neuro_dask.security.identity import PeerIdentity
+from neuro_dask.security.identity import peer_key as _rate_key
 from neuro_dask.security.roles import scheduler_decision
 
 
@@ -18,9 +18,14 @@ class FakeComm:
 
 def _handlers(clock):
     rates = RateBook(6, clock)  # requests: 6 a minute (a burst of 1); control ops: 60 a minute
-    return GuardedHandlers({"neuro_request_begin": lambda model, request: {"status": "OK", "request": request},
-                            "neuro_routes": lambda model: {"status": "OK"}},
-                           lambda op, role: scheduler_decision(op, role, roles_required=False), rates=rates)
+    return GuardedHandlers(
+        {
+            "neuro_request_begin": lambda model, request: {"status": "OK", "request": request},
+            "neuro_routes": lambda model: {"status": "OK"},
+        },
+        lambda op, role: scheduler_decision(op, role, roles_required=False),
+        rates=rates,
+    )
 
 
 def _begin(handlers, comm):
@@ -62,8 +67,9 @@ def test_a_worker_certificate_speaks_only_for_its_own_worker():
 
     from neuro_dask.security.guards import _names_itself
 
-    scheduler = SimpleNamespace(workers={"tls://a:1": SimpleNamespace(name="alice"),
-                                         "tls://b:1": SimpleNamespace(name="bob")})
+    scheduler = SimpleNamespace(
+        workers={"tls://a:1": SimpleNamespace(name="alice"), "tls://b:1": SimpleNamespace(name="bob")}
+    )
     alice = PeerIdentity("worker", "alice")
     assert _names_itself(scheduler, "neuro_pause", alice, {"worker": "tls://a:1"}) is None
     assert "its own worker" in _names_itself(scheduler, "neuro_pause", alice, {"worker": "tls://b:1"})

@@ -10,20 +10,20 @@ import numpy as np
 import pytest
 import torch
 
+from neuro_dask.client.dispatch.private_executor import owner_of, plan_pairs
 from neuro_dask.client.dispatch.routes import RouteTable
 from neuro_dask.model.moe import ExpertWeights, run_expert
 from neuro_dask.privacy import FRAC_BITS, FixedPointOverflowError, decode, encode, reconstruct, split
 from neuro_dask.privacy.fixed_point import ring_matmul
-from neuro_dask.privacy.private_executor import owner_of, plan_pairs
 from neuro_dask.privacy.share_wire import (
     decode_share_request,
     decode_share_response,
     encode_share_request,
     encode_share_response,
 )
+from neuro_dask.protocol.wire import WireFormatError
 from neuro_dask.runtime.private_runner import IntegerExpert
 from neuro_dask.trust.replication import Standing
-from neuro_dask.protocol.wire import WireFormatError
 
 F = FRAC_BITS
 
@@ -75,8 +75,11 @@ def test_linear_map_on_shares_equals_plaintext_within_the_fixed_point_bound():
     s0, s1 = split(encode(x), seeded_bytes(3))
     y = decode(reconstruct(ring_matmul(s0, w_int), ring_matmul(s1, w_int)), 2 * F)
     exact = x @ w.t()
-    bound = (2.0 ** -(F + 1) * (w.abs().sum(1)[None, :] + x.abs().sum(1)[:, None])
-             + d * 2.0 ** -(2 * F + 2) + 2.0**-52 * exact.abs())
+    bound = (
+        2.0 ** -(F + 1) * (w.abs().sum(1)[None, :] + x.abs().sum(1)[:, None])
+        + d * 2.0 ** -(2 * F + 2)
+        + 2.0**-52 * exact.abs()
+    )
     assert ((y - exact).abs() <= bound).all()
     # and the shares' products alone are nothing like the answer
     assert (decode(ring_matmul(s0, w_int), 2 * F) - exact).abs().median() > 1e6
@@ -85,8 +88,9 @@ def test_linear_map_on_shares_equals_plaintext_within_the_fixed_point_bound():
 def test_swiglu_expert_on_shares_matches_run_expert():
     g = torch.Generator().manual_seed(4)
     d, i = 32, 48
-    w = ExpertWeights(torch.randn(i, d, generator=g) * 0.1, torch.randn(i, d, generator=g) * 0.1,
-                      torch.randn(d, i, generator=g) * 0.1)
+    w = ExpertWeights(
+        torch.randn(i, d, generator=g) * 0.1, torch.randn(i, d, generator=g) * 0.1, torch.randn(d, i, generator=g) * 0.1
+    )
     x = torch.randn(9, d, generator=g)
     expert = IntegerExpert.from_weights(w, F)
     rb = seeded_bytes(5)
@@ -99,6 +103,7 @@ def test_swiglu_expert_on_shares_matches_run_expert():
 
 
 # ---- a worker's view is independent of the input ----------------------------------------------
+
 
 def chi2_sf(stat: float, df: int) -> float:
     """Upper tail of chi-square by Wilson-Hilferty (accurate to ~1e-3 for df in the hundreds)."""
@@ -154,6 +159,7 @@ def test_the_uniformity_check_does_detect_a_leaky_view():
 
 # ---- wire -------------------------------------------------------------------------------------
 
+
 def test_share_messages_round_trip_and_refuse_malformed():
     g = {3: torch.arange(12, dtype=torch.int64).reshape(3, 4) - 6, 7: torch.full((2, 4), -(2**63), dtype=torch.int64)}
     msg = encode_share_request("m", 1, "gate_up", F, g)
@@ -165,8 +171,14 @@ def test_share_messages_round_trip_and_refuse_malformed():
     assert out[7].shape == (2, 8)
     with pytest.raises(WireFormatError):
         decode_share_response({**resp, "data": bytes(resp["data"])}, g, 4)
-    for bad in ({**msg, "step": "silu"}, {**msg, "data": b"x"}, {**msg, "experts": [3, 3]},
-                {**msg, "frac_bits": 99}, {**msg, "layer": True}, "nope"):
+    for bad in (
+        {**msg, "step": "silu"},
+        {**msg, "data": b"x"},
+        {**msg, "experts": [3, 3]},
+        {**msg, "frac_bits": 99},
+        {**msg, "layer": True},
+        "nope",
+    ):
         with pytest.raises(WireFormatError):
             decode_share_request(bad)
     with pytest.raises(WireFormatError):
@@ -176,6 +188,7 @@ def test_share_messages_round_trip_and_refuse_malformed():
 
 
 # ---- pairs of distinct owners -----------------------------------------------------------------
+
 
 def table(routes, owners):
     return RouteTable(1, routes, {w: Standing(owner=o) for w, o in owners.items()})
@@ -192,12 +205,15 @@ def test_pairs_use_two_distinct_owners_and_spread_load():
     assert {pairs[0][0], pairs[1][0]} == {"a", "b"}  # the second expert goes to the less loaded alice worker
 
 
-@pytest.mark.parametrize("routes,owners,exclude,expected", [
-    ({(0, 0): ("a", "b")}, {"a": "alice", "b": "alice"}, set(), {0: ["alice"]}),
-    ({(0, 0): ("a", "b")}, {"a": "alice", "b": "bob"}, {"b"}, {0: ["alice"]}),
-    ({(0, 0): ("a",)}, {}, set(), {0: ["a"]}),
-    ({(0, 0): ()}, {}, set(), {0: []}),
-])
+@pytest.mark.parametrize(
+    "routes,owners,exclude,expected",
+    [
+        ({(0, 0): ("a", "b")}, {"a": "alice", "b": "alice"}, set(), {0: ["alice"]}),
+        ({(0, 0): ("a", "b")}, {"a": "alice", "b": "bob"}, {"b"}, {0: ["alice"]}),
+        ({(0, 0): ("a",)}, {}, set(), {0: ["a"]}),
+        ({(0, 0): ()}, {}, set(), {0: []}),
+    ],
+)
 def test_experts_without_two_owners_are_short(routes, owners, exclude, expected):
     pairs, short = plan_pairs(table(routes, owners), 0, {0: 1}, exclude)
     assert pairs == {} and short == expected
@@ -210,8 +226,8 @@ def test_limb_gemms_equal_the_int64_ring_matmul_bit_for_bit(k, n):
     from neuro_dask.privacy.fixed_point import limb_exact, ring_matmul, ring_matmul_limbs
 
     g = torch.Generator().manual_seed(k)
-    a = torch.randint(-2**63, 2**63 - 1, (7, k), generator=g, dtype=torch.int64)
-    a[0, 0], a[-1, -1] = -2**63, 2**63 - 1
+    a = torch.randint(-(2**63), 2**63 - 1, (7, k), generator=g, dtype=torch.int64)
+    a[0, 0], a[-1, -1] = -(2**63), 2**63 - 1
     w = encode(torch.randn(k, n, generator=g) * 3.0)
     assert limb_exact(w)
     assert torch.equal(ring_matmul_limbs(a, w.to(torch.float64)), ring_matmul(a, w))

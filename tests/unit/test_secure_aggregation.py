@@ -38,8 +38,11 @@ def _federation(n, seed=0, codec=None):
 def _reveals(parts, agg, round_id):
     """What an honest coordinator does: ask every survivor once, relaying its sealed shares."""
     survivors = set(agg.survivors)
-    return {p.participant_id: p.reveal(round_id, agg.dropped, agg.survivors, agg.sealed_for(p.participant_id))
-            for p in parts if p.participant_id in survivors}
+    return {
+        p.participant_id: p.reveal(round_id, agg.dropped, agg.survivors, agg.sealed_for(p.participant_id))
+        for p in parts
+        if p.participant_id in survivors
+    }
 
 
 def _updates(n, length, seed=0, scale=1.0):
@@ -60,7 +63,7 @@ def test_sum_is_exact(n, length, scale):
     with np.errstate(over="ignore"):
         expected = codec.decode(sum(codec.encode(x) for x in xs))
     assert np.array_equal(total, expected)  # bit-exact: the masks cancel over Z_2^64
-    assert np.max(np.abs(total - sum(xs))) <= n * 2.0 ** -codec.frac_bits
+    assert np.max(np.abs(total - sum(xs))) <= n * 2.0**-codec.frac_bits
 
 
 @pytest.mark.parametrize("dropped", [["p3"], ["p0"], ["p1", "p4"]])
@@ -197,9 +200,15 @@ def test_declaring_a_delivered_update_dropped_does_not_unmask_it():
     agg.begin(0, ids)
     masked = {p.participant_id: p.mask(update, 0, ids) for p in parts}
     honest = [p for p in parts if p.participant_id != "p2"]
-    lied = {p.participant_id: p.reveal(0, ["p2"], [q.participant_id for q in honest], {
-        q: masked[q].sealed_shares[p.participant_id] for q in ("p0", "p1", "p3") if q != p.participant_id})
-        for p in honest}
+    lied = {
+        p.participant_id: p.reveal(
+            0,
+            ["p2"],
+            [q.participant_id for q in honest],
+            {q: masked[q].sealed_shares[p.participant_id] for q in ("p0", "p1", "p3") if q != p.participant_id},
+        )
+        for p in honest
+    }
     stripped = masked["p2"].values.copy()
     with np.errstate(over="ignore"):
         for s, r in lied.items():
@@ -236,7 +245,7 @@ def test_a_survivor_whose_vector_arrived_but_who_never_answers_the_unmasking_is_
     answers = _reveals(parts, agg, 0)
     del answers["p3"]
     total = agg.finish({**answers, "p3": Reveal("p3", {}, {})})  # p3's answer lost: 4 of 5 shares each
-    assert np.max(np.abs(total - sum(xs))) <= 5 * 2.0 ** -agg.codec.frac_bits
+    assert np.max(np.abs(total - sum(xs))) <= 5 * 2.0**-agg.codec.frac_bits
 
 
 @pytest.mark.parametrize("n, t", [(1, 1), (3, 2), (5, 3), (10, 6)])

@@ -125,9 +125,18 @@ def _expected(allowed: frozenset[str] | str, role: str | None, roles_required: b
 
 
 def _cases(table):
-    return [pytest.param(op, role, required, _expected(allowed, role, required),
-                         id=f"{op}-{role or 'no-cert'}-{'required' if required else 'optional'}")
-            for op, allowed in table.items() for role in EVERY_ROLE for required in (True, False)]
+    return [
+        pytest.param(
+            op,
+            role,
+            required,
+            _expected(allowed, role, required),
+            id=f"{op}-{role or 'no-cert'}-{'required' if required else 'optional'}",
+        )
+        for op, allowed in table.items()
+        for role in EVERY_ROLE
+        for required in (True, False)
+    ]
 
 
 @pytest.mark.parametrize("op, role, required, allowed", _cases(SCHEDULER_TABLE))
@@ -151,59 +160,68 @@ def test_nanny_decision(op, role, required, allowed):
     assert bool(decision.why) is not allowed
 
 
-@pytest.mark.parametrize("kind, op, role, allowed", [
-    # a client's stream carries a client's heartbeats, never a worker's reports or a task graph
-    ("client", "heartbeat-client", "client", True),
-    ("client", "close-client", "client", True),
-    ("client", "update-graph", "client", False),
-    ("client", "update-graph", "operator", False),
-    ("client", "worker-status-change", "client", False),
-    ("client", "subscribe-topic", "client", False),
-    ("client", "subscribe-topic", "operator", True),
-    # a worker's stream: its keep-alives, its own status and events; no task reports
-    ("worker", "keep-alive", "worker", True),
-    ("worker", "worker-status-change", "worker", True),
-    ("worker", "log-event", "worker", True),
-    ("worker", "task-finished", "worker", False),
-    ("worker", "heartbeat-client", "worker", False),
-    # a stream opened with connection_stream carries nothing a client or worker may send
-    ("any", "worker-status-change", "operator", False),
-    ("any", "log-event", "client", False),
-    ("any", "log-event", "worker", False),
-    ("any", "subscribe-topic", "operator", True),
-    ("client", "no-such-op", "operator", False),
-])
+@pytest.mark.parametrize(
+    "kind, op, role, allowed",
+    [
+        # a client's stream carries a client's heartbeats, never a worker's reports or a task graph
+        ("client", "heartbeat-client", "client", True),
+        ("client", "close-client", "client", True),
+        ("client", "update-graph", "client", False),
+        ("client", "update-graph", "operator", False),
+        ("client", "worker-status-change", "client", False),
+        ("client", "subscribe-topic", "client", False),
+        ("client", "subscribe-topic", "operator", True),
+        # a worker's stream: its keep-alives, its own status and events; no task reports
+        ("worker", "keep-alive", "worker", True),
+        ("worker", "worker-status-change", "worker", True),
+        ("worker", "log-event", "worker", True),
+        ("worker", "task-finished", "worker", False),
+        ("worker", "heartbeat-client", "worker", False),
+        # a stream opened with connection_stream carries nothing a client or worker may send
+        ("any", "worker-status-change", "operator", False),
+        ("any", "log-event", "client", False),
+        ("any", "log-event", "worker", False),
+        ("any", "subscribe-topic", "operator", True),
+        ("client", "no-such-op", "operator", False),
+    ],
+)
 def test_scheduler_stream_decisions(kind, op, role, allowed):
     decision = roles.stream_decision(roles.SCHEDULER_STREAMS, kind, op, role, roles_required=True, server="scheduler")
     assert decision.allowed is allowed, decision.why
 
 
-@pytest.mark.parametrize("kind, op, role, allowed", [
-    ("scheduler", "close", "scheduler", True),
-    ("scheduler", "compute-task", "scheduler", True),
-    ("scheduler", "close", "client", False),  # a certificate other than the scheduler's on that comm
-    ("any", "close", "client", False),
-    ("any", "close", "worker", False),
-    ("any", "close", "operator", False),
-    ("any", "close", "scheduler", True),
-    ("any", "worker-status-change", "client", False),
-])
+@pytest.mark.parametrize(
+    "kind, op, role, allowed",
+    [
+        ("scheduler", "close", "scheduler", True),
+        ("scheduler", "compute-task", "scheduler", True),
+        ("scheduler", "close", "client", False),  # a certificate other than the scheduler's on that comm
+        ("any", "close", "client", False),
+        ("any", "close", "worker", False),
+        ("any", "close", "operator", False),
+        ("any", "close", "scheduler", True),
+        ("any", "worker-status-change", "client", False),
+    ],
+)
 def test_worker_stream_decisions(kind, op, role, allowed):
     decision = roles.stream_decision(roles.WORKER_STREAMS, kind, op, role, roles_required=True, server="worker")
     assert decision.allowed is allowed, decision.why
 
 
-@pytest.mark.parametrize("decide, op, role, required, words", [
-    (roles.scheduler_decision, "run_function", "operator", False, "never"),
-    (roles.scheduler_decision, "retire_workers", None, True, "certificate"),
-    (roles.scheduler_decision, "register-worker", "client", True, "only a worker certificate"),
-    (roles.scheduler_decision, "register-client", "worker", True, "certificate is a worker's"),
-    (roles.scheduler_decision, "neuro_publish", "client", True, "operator"),
-    (roles.scheduler_decision, "no_such_op", "operator", True, "deny by default"),
-    (roles.worker_decision, "run", "scheduler", True, "never"),
-    (roles.worker_decision, "neuro_assign", "client", True, "only the scheduler"),
-    (roles.worker_decision, "neuro_expert", None, True, "certificate"),
-])
+@pytest.mark.parametrize(
+    "decide, op, role, required, words",
+    [
+        (roles.scheduler_decision, "run_function", "operator", False, "never"),
+        (roles.scheduler_decision, "retire_workers", None, True, "certificate"),
+        (roles.scheduler_decision, "register-worker", "client", True, "only a worker certificate"),
+        (roles.scheduler_decision, "register-client", "worker", True, "certificate is a worker's"),
+        (roles.scheduler_decision, "neuro_publish", "client", True, "operator"),
+        (roles.scheduler_decision, "no_such_op", "operator", True, "deny by default"),
+        (roles.worker_decision, "run", "scheduler", True, "never"),
+        (roles.worker_decision, "neuro_assign", "client", True, "only the scheduler"),
+        (roles.worker_decision, "neuro_expert", None, True, "certificate"),
+    ],
+)
 def test_refusals_say_why(decide, op, role, required, words):
     decision = decide(op, role, roles_required=required)
     assert not decision.allowed and words in decision.why
@@ -226,8 +244,16 @@ def test_an_op_classified_twice_is_a_bug_in_the_table():
         roles._table(a=(NEVER, ("x",)), b=(frozenset({"client"}), ("x",)))
 
 
-@pytest.mark.parametrize("table", [roles.SCHEDULER_HANDLERS, roles.WORKER_HANDLERS, roles.NANNY_HANDLERS,
-                                   *roles.SCHEDULER_STREAMS.values(), *roles.WORKER_STREAMS.values()])
+@pytest.mark.parametrize(
+    "table",
+    [
+        roles.SCHEDULER_HANDLERS,
+        roles.WORKER_HANDLERS,
+        roles.NANNY_HANDLERS,
+        *roles.SCHEDULER_STREAMS.values(),
+        *roles.WORKER_STREAMS.values(),
+    ],
+)
 def test_every_never_op_is_refused_to_everyone(table):
     for op, rule in table.items():
         if rule == NEVER:
@@ -248,23 +274,28 @@ def _len_task():
     return Task("inner", len, "abc")
 
 
-@pytest.mark.parametrize("spec, refused", [
-    (Task("k", serve_expert_call, b"req"), None),
-    (Task("k", len, "abc"), "builtins.len"),
-    (Task("k", serve_expert_call, _len_task()), "builtins.len"),
-    (Task("k", serve_expert_call, b"req", extra=_len_task()), "builtins.len"),
-    (Task("k", serve_expert_call, Task("mid", serve_expert_call, _len_task())), "builtins.len"),
-    (Task("k", serve_expert_call, Task("mid", serve_expert_call, b"req")), None),
-    # A container node runs the tasks inside it: refused, though its own function is Dask's.
-    (Task("k", serve_expert_call, List(_len_task())), "dask._task_spec.NestedContainer.to_container"),
-    (Task("k", print, "x"), "builtins.print"),
-], ids=["expert", "len", "nested-arg", "nested-kwarg", "two-deep", "nested-expert", "List", "print"])
+@pytest.mark.parametrize(
+    "spec, refused",
+    [
+        (Task("k", serve_expert_call, b"req"), None),
+        (Task("k", len, "abc"), "builtins.len"),
+        (Task("k", serve_expert_call, _len_task()), "builtins.len"),
+        (Task("k", serve_expert_call, b"req", extra=_len_task()), "builtins.len"),
+        (Task("k", serve_expert_call, Task("mid", serve_expert_call, _len_task())), "builtins.len"),
+        (Task("k", serve_expert_call, Task("mid", serve_expert_call, b"req")), None),
+        # A container node runs the tasks inside it: refused, though its own function is Dask's.
+        (Task("k", serve_expert_call, List(_len_task())), "dask._task_spec.NestedContainer.to_container"),
+        (Task("k", print, "x"), "builtins.print"),
+    ],
+    ids=["expert", "len", "nested-arg", "nested-kwarg", "two-deep", "nested-expert", "List", "print"],
+)
 def test_refused_function(spec, refused):
     assert refused_function(spec) == refused
 
 
-@pytest.mark.parametrize("spec", [DataNode("d", 1), None, "a string", b"bytes", {"k": 1}],
-                         ids=["DataNode", "None", "str", "bytes", "dict"])
+@pytest.mark.parametrize(
+    "spec", [DataNode("d", 1), None, "a string", b"bytes", {"k": 1}], ids=["DataNode", "None", "str", "bytes", "dict"]
+)
 def test_anything_but_a_task_is_refused(spec):
     refused = refused_function(spec)
     assert refused is not None and type(spec).__name__ in refused
@@ -317,8 +348,10 @@ def _worker_handlers(calls):
         calls.append(("echo", comm, data))
         return data
 
-    return GuardedHandlers({"echo": echo, "neuro_assign": neuro_assign},
-                           decide=lambda op, role: roles.worker_decision(op, role, roles_required=True))
+    return GuardedHandlers(
+        {"echo": echo, "neuro_assign": neuro_assign},
+        decide=lambda op, role: roles.worker_decision(op, role, roles_required=True),
+    )
 
 
 def test_the_certificates_name_their_roles(peercerts):
@@ -358,7 +391,8 @@ def test_a_client_refusal_is_recorded_with_its_identity_and_address(peercerts, e
     reply = handlers["neuro_assign"](comm, x=1)
     assert reply["status"] == "uncaught-error"
     assert [(e.kind, e.identity, e.peer) for e in events.events()] == [
-        ("refused-op", "client:client", "tls://198.51.100.4:5555")]
+        ("refused-op", "client:client", "tls://198.51.100.4:5555")
+    ]
     assert events.counts == {"refused-op": 1}
 
 
@@ -402,30 +436,55 @@ def test_guarded_handlers_look_up_like_a_dict(peercerts, events):
 # ---- a worker's name is the name on its certificate ----------------------------------------------
 
 
-@pytest.mark.parametrize("op, identity, name, expected", [
-    ("register-worker", PeerIdentity("worker", "worker-1"), "evil", "worker-1"),
-    ("register-worker", PeerIdentity("worker", "worker-1"), None, "worker-1"),
-    ("register-worker", PeerIdentity("worker", "worker-1"), "worker-1", "worker-1"),
-    ("register-worker", PeerIdentity("client", "client"), "evil", "evil"),
-    ("register-worker", None, "evil", "evil"),
-    ("heartbeat_worker", PeerIdentity("worker", "worker-1"), "evil", "evil"),
-])
+@pytest.mark.parametrize(
+    "op, identity, name, expected",
+    [
+        ("register-worker", PeerIdentity("worker", "worker-1"), "evil", "worker-1"),
+        ("register-worker", PeerIdentity("worker", "worker-1"), None, "worker-1"),
+        ("register-worker", PeerIdentity("worker", "worker-1"), "worker-1", "worker-1"),
+        ("register-worker", PeerIdentity("client", "client"), "evil", "evil"),
+        ("register-worker", None, "evil", "evil"),
+        ("heartbeat_worker", PeerIdentity("worker", "worker-1"), "evil", "evil"),
+    ],
+)
 def test_bind_worker_name(op, identity, name, expected):
     msg = {"name": name, "address": "tls://203.0.113.9:1"}
     _bind_worker_name(op, identity, msg)
     assert msg["name"] == expected
 
 
-METRICS = {"memory": 1 << 20, "cpu": 1.0, "managed_bytes": 0, "spilled_bytes": {"memory": 0, "disk": 0},
-           "bandwidth": {"total": 1e8, "workers": {}, "types": {}}, "digests_total_since_heartbeat": {},
-           "time": 1.0e9, "task_counts": {}}
+METRICS = {
+    "memory": 1 << 20,
+    "cpu": 1.0,
+    "managed_bytes": 0,
+    "spilled_bytes": {"memory": 0, "disk": 0},
+    "bandwidth": {"total": 1e8, "workers": {}, "types": {}},
+    "digests_total_since_heartbeat": {},
+    "time": 1.0e9,
+    "task_counts": {},
+}
 
 
 def _registration(name, address):
     """What distributed 2026.8's worker sends with register-worker."""
-    return dict(address=address, status="init", server_id="Worker-1", nthreads=1, name=name, now=1.0e9,
-                resources={}, memory_limit=None, metrics=METRICS, services={}, local_directory="/tmp/w",
-                versions={"python": "3.11"}, nanny=None, extra={}, stimulus_id="worker-connect-1", pid=42)
+    return dict(
+        address=address,
+        status="init",
+        server_id="Worker-1",
+        nthreads=1,
+        name=name,
+        now=1.0e9,
+        resources={},
+        memory_limit=None,
+        metrics=METRICS,
+        services={},
+        local_directory="/tmp/w",
+        versions={"python": "3.11"},
+        nanny=None,
+        extra={},
+        stimulus_id="worker-connect-1",
+        pid=42,
+    )
 
 
 def test_register_worker_through_the_guard_takes_the_certificate_name(peercerts, events):
@@ -438,9 +497,11 @@ def test_register_worker_through_the_guard_takes_the_certificate_name(peercerts,
     def bind(op, identity, msg):
         _bind_worker_name(op, identity, msg)
 
-    handlers = GuardedHandlers({"register-worker": register_worker},
-                               decide=lambda op, role: roles.scheduler_decision(op, role, roles_required=True),
-                               check=bind)
+    handlers = GuardedHandlers(
+        {"register-worker": register_worker},
+        decide=lambda op, role: roles.scheduler_decision(op, role, roles_required=True),
+        check=bind,
+    )
     reply = handlers["register-worker"](FakeComm(peercerts["worker-1"]), **_registration("evil", "tls://203.0.113.9:1"))
     assert reply == {"status": "OK"} and registered == ["worker-1"]
     # A client certificate may not register a worker at all.

@@ -68,9 +68,17 @@ def test_signing_error_is_a_neuro_dask_error():
     assert issubclass(SigningError, NeuroDaskError)
 
 
-@pytest.mark.parametrize("attack", [
-    "other key", "data changed", "data extended", "signature flipped", "signature truncated", "empty signature",
-])
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "other key",
+        "data changed",
+        "data extended",
+        "signature flipped",
+        "signature truncated",
+        "empty signature",
+    ],
+)
 def test_verify_refuses_tampering(signer, attack):
     sig, key, data = signer.sign(DATA), signer.public_der, DATA
     if attack == "other key":
@@ -88,19 +96,36 @@ def test_verify_refuses_tampering(signer, attack):
     assert verify(key, data, sig) is False
 
 
-@pytest.mark.parametrize("public_der, data, signature", [
-    (None, DATA, b"x"), ("a string", DATA, b"x"), (123, DATA, b"x"), ([1, 2], DATA, b"x"),
-    (b"", DATA, b"x"), (b"\x30\x03garbage DER", DATA, b"x"), (b"\x00" * 91, DATA, b"x"),
-    (b"\x30" * (signing.MAX_PUBLIC_DER + 1), DATA, b"x"),
-])
+@pytest.mark.parametrize(
+    "public_der, data, signature",
+    [
+        (None, DATA, b"x"),
+        ("a string", DATA, b"x"),
+        (123, DATA, b"x"),
+        ([1, 2], DATA, b"x"),
+        (b"", DATA, b"x"),
+        (b"\x30\x03garbage DER", DATA, b"x"),
+        (b"\x00" * 91, DATA, b"x"),
+        (b"\x30" * (signing.MAX_PUBLIC_DER + 1), DATA, b"x"),
+    ],
+)
 def test_verify_never_raises_on_bad_keys(public_der, data, signature):
     assert verify(public_der, data, signature) is False
 
 
-@pytest.mark.parametrize("data, signature", [
-    ("text, not bytes", b"x"), (None, b"x"), (12, b"x"), (DATA, None), (DATA, "sig"), (DATA, 0),
-    (DATA, b"\x30" * (signing.MAX_SIGNATURE + 1)), (DATA, b"\x00" * (1 << 20)),
-])
+@pytest.mark.parametrize(
+    "data, signature",
+    [
+        ("text, not bytes", b"x"),
+        (None, b"x"),
+        (12, b"x"),
+        (DATA, None),
+        (DATA, "sig"),
+        (DATA, 0),
+        (DATA, b"\x30" * (signing.MAX_SIGNATURE + 1)),
+        (DATA, b"\x00" * (1 << 20)),
+    ],
+)
 def test_verify_never_raises_on_bad_data_or_signature(signer, data, signature):
     assert verify(signer.public_der, data, signature) is False
 
@@ -114,9 +139,11 @@ def test_verify_refuses_keys_of_other_types_and_curves(rsa_key):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.one_of(st.binary(max_size=200), st.text(max_size=20), st.integers(), st.none()),
-       st.one_of(st.binary(max_size=200), st.text(max_size=20), st.none()),
-       st.one_of(st.binary(max_size=100), st.integers(), st.none()))
+@given(
+    st.one_of(st.binary(max_size=200), st.text(max_size=20), st.integers(), st.none()),
+    st.one_of(st.binary(max_size=200), st.text(max_size=20), st.none()),
+    st.one_of(st.binary(max_size=100), st.integers(), st.none()),
+)
 def test_verify_answers_a_bool_whatever_the_input(public_der, data, signature):
     assert verify(public_der, data, signature) in (True, False)
 
@@ -184,8 +211,9 @@ def test_from_pem_file_reads_a_certificate_and_its_key_together(certs_dir, tmp_p
     both.write_bytes((certs_dir / "worker-alice.pem").read_bytes() + (certs_dir / "worker-alice.key").read_bytes())
     assert Signer.from_pem_file(both).public_der == Signer.from_pem_file(certs_dir / "worker-alice.key").public_der
     reversed_order = tmp_path / "reversed.pem"
-    reversed_order.write_bytes((certs_dir / "worker-alice.key").read_bytes()
-                               + (certs_dir / "worker-alice.pem").read_bytes())
+    reversed_order.write_bytes(
+        (certs_dir / "worker-alice.key").read_bytes() + (certs_dir / "worker-alice.pem").read_bytes()
+    )
     assert Signer.from_pem_file(reversed_order).public_der == Signer.from_pem_file(both).public_der
 
 
@@ -196,19 +224,22 @@ def test_from_pem_file_reads_a_sec1_key(tmp_path):
     assert Signer.from_pem_file(path).public_der == spki(key)
 
 
-@pytest.mark.parametrize("case, match", [
-    ("missing file", "cannot read"),
-    ("empty file", "exactly one PEM private key, found 0"),
-    ("certificate only", "exactly one PEM private key, found 0"),
-    ("two keys", "exactly one PEM private key, found 2"),
-    ("another's certificate", "not the key's own"),
-    ("two certificates", "2 certificates"),
-    ("encrypted key", "encrypted"),
-    ("rsa key", "not EC P-256"),
-    ("p384 key", "not EC P-256"),
-    ("garbage in a key block", "not a usable"),
-    ("huge file", "not a PEM key file"),
-])
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("missing file", "cannot read"),
+        ("empty file", "exactly one PEM private key, found 0"),
+        ("certificate only", "exactly one PEM private key, found 0"),
+        ("two keys", "exactly one PEM private key, found 2"),
+        ("another's certificate", "not the key's own"),
+        ("two certificates", "2 certificates"),
+        ("encrypted key", "encrypted"),
+        ("rsa key", "not EC P-256"),
+        ("p384 key", "not EC P-256"),
+        ("garbage in a key block", "not a usable"),
+        ("huge file", "not a PEM key file"),
+    ],
+)
 def test_from_pem_file_refuses(case, match, certs_dir, tmp_path, rsa_key):
     alice_key = (certs_dir / "worker-alice.key").read_bytes()
     alice_cert = (certs_dir / "worker-alice.pem").read_bytes()
@@ -219,8 +250,9 @@ def test_from_pem_file_refuses(case, match, certs_dir, tmp_path, rsa_key):
         "two keys": alice_key + (certs_dir / "worker-bob.key").read_bytes(),
         "another's certificate": bob_cert + alice_key,
         "two certificates": alice_cert + bob_cert + alice_key,
-        "encrypted key": pem(ec.generate_private_key(ec.SECP256R1()),
-                             encryption=serialization.BestAvailableEncryption(b"pw")),
+        "encrypted key": pem(
+            ec.generate_private_key(ec.SECP256R1()), encryption=serialization.BestAvailableEncryption(b"pw")
+        ),
         "rsa key": pem(rsa_key),
         "p384 key": pem(ec.generate_private_key(ec.SECP384R1())),
         "garbage in a key block": b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
@@ -240,11 +272,22 @@ def test_public_der_from_pem_and_der_certificates(certs_dir):
     pem_bytes = (certs_dir / "worker-alice.pem").read_bytes()
     der_bytes = x509.load_pem_x509_certificate(pem_bytes).public_bytes(serialization.Encoding.DER)
     assert public_der_from_certificate(pem_bytes) == public_der_from_certificate(der_bytes)
-    assert public_der_from_certificate(memoryview(der_bytes)) == check_public_der(public_der_from_certificate(der_bytes))
+    assert public_der_from_certificate(memoryview(der_bytes)) == check_public_der(
+        public_der_from_certificate(der_bytes)
+    )
 
 
-@pytest.mark.parametrize("cert", [None, "text", b"", b"not a certificate", b"-----BEGIN CERTIFICATE-----\nAA\n",
-                                  b"\x30" * (signing.MAX_CERTIFICATE + 1)])
+@pytest.mark.parametrize(
+    "cert",
+    [
+        None,
+        "text",
+        b"",
+        b"not a certificate",
+        b"-----BEGIN CERTIFICATE-----\nAA\n",
+        b"\x30" * (signing.MAX_CERTIFICATE + 1),
+    ],
+)
 def test_public_der_from_certificate_refuses_anything_else(cert):
     with pytest.raises(SigningError):
         public_der_from_certificate(cert)
@@ -254,9 +297,16 @@ def test_public_der_from_certificate_refuses_a_non_p256_key(rsa_key):
     from cryptography.x509.oid import NameOID
 
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rsa")])
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(rsa_key.public_key())
-            .serial_number(1).not_valid_before(T0).not_valid_after(T0.replace(year=2031))
-            .sign(rsa_key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(rsa_key.public_key())
+        .serial_number(1)
+        .not_valid_before(T0)
+        .not_valid_after(T0.replace(year=2031))
+        .sign(rsa_key, hashes.SHA256())
+    )
     with pytest.raises(SigningError, match="not EC P-256"):
         public_der_from_certificate(cert.public_bytes(serialization.Encoding.DER))
 

@@ -72,8 +72,9 @@ def test_multi_file_checkpoint_with_index(hf_checkpoint, tmp_path):
     multi.mkdir()
     for file, keys in parts.items():
         save_file({k: tensors[k] for k in keys}, str(multi / file))
-    (multi / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {k: f for f, ks in parts.items() for k in ks}}))
+    (multi / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {k: f for f, ks in parts.items() for k in ks}})
+    )
     shutil.copy(src / "config.json", multi / "config.json")
     one = shard_checkpoint(src, tmp_path / "one")
     two = shard_checkpoint(multi, tmp_path / "two")
@@ -100,6 +101,7 @@ def test_reader_slices_one_expert_and_half_of_it(tmp_path):
 
 
 # ---- bad input: each gives a specific NeuroDaskError that names the file or field ----------------
+
 
 def _copy(src, dst):
     shutil.copytree(src, dst)

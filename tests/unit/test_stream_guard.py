@@ -19,9 +19,16 @@ from neuro_dask.security.guards import _names_itself, guard_streams
 def peercerts(tmp_path_factory):
     folder = tmp_path_factory.mktemp("certs")
     create_ca(folder)
-    return {name: as_peercert(load_certificate(issue(folder, role, name)[0]))
-            for role, name in (("client", "alice"), ("worker", "w1"), ("worker", "w2"), ("operator", "op"),
-                               ("scheduler", "scheduler"))}
+    return {
+        name: as_peercert(load_certificate(issue(folder, role, name)[0]))
+        for role, name in (
+            ("client", "alice"),
+            ("worker", "w1"),
+            ("worker", "w2"),
+            ("operator", "op"),
+            ("scheduler", "scheduler"),
+        )
+    }
 
 
 @pytest.fixture
@@ -53,17 +60,26 @@ def _server(calls, kind="worker"):
     def handler(name):
         def record(**kwargs):
             calls.append((name, kwargs))
+
         return record
 
-    server = SimpleNamespace(handlers={"connection_stream": None},
-                             listeners=[SimpleNamespace(prefix="tls://")],
-                             stream_handlers={op: handler(op) for op in ("worker-status-change", "keep-alive",
-                                                                         "close", "heartbeat-client", "log-event")})
+    server = SimpleNamespace(
+        handlers={"connection_stream": None},
+        listeners=[SimpleNamespace(prefix="tls://")],
+        stream_handlers={
+            op: handler(op) for op in ("worker-status-change", "keep-alive", "close", "heartbeat-client", "log-event")
+        },
+    )
     return server
 
 
-def _run(server, comm, extra=None, streams=roles.SCHEDULER_STREAMS,
-         kind_of=lambda comm, extra: "worker" if "worker" in extra else "client" if "client" in extra else "any"):
+def _run(
+    server,
+    comm,
+    extra=None,
+    streams=roles.SCHEDULER_STREAMS,
+    kind_of=lambda comm, extra: "worker" if "worker" in extra else "client" if "client" in extra else "any",
+):
     guard_streams(server, streams, "scheduler", kind_of)
     asyncio.run(server.handle_stream(comm, extra))
 
@@ -71,9 +87,15 @@ def _run(server, comm, extra=None, streams=roles.SCHEDULER_STREAMS,
 def test_a_worker_stream_cannot_change_another_workers_status(peercerts, events):
     calls: list = []
     server = _server(calls)
-    comm = StreamComm([[{"op": "worker-status-change", "worker": "tls://victim:1", "status": "paused",
-                         "stimulus_id": "s"},
-                        {"op": "worker-status-change", "status": "paused", "stimulus_id": "s2"}]], peercerts["w1"])
+    comm = StreamComm(
+        [
+            [
+                {"op": "worker-status-change", "worker": "tls://victim:1", "status": "paused", "stimulus_id": "s"},
+                {"op": "worker-status-change", "status": "paused", "stimulus_id": "s2"},
+            ]
+        ],
+        peercerts["w1"],
+    )
     _run(server, comm, {"worker": "tls://w1:1"})
     # Only the second message ran, and for the stream's own worker.
     assert calls == [("worker-status-change", {"status": "paused", "stimulus_id": "s2", "worker": "tls://w1:1"})]
@@ -85,9 +107,16 @@ def test_a_worker_stream_cannot_change_another_workers_status(peercerts, events)
 def test_a_client_stream_cannot_carry_worker_or_task_operations(peercerts, events):
     calls: list = []
     server = _server(calls)
-    comm = StreamComm([[{"op": "worker-status-change", "status": "paused", "stimulus_id": "s"},
-                        {"op": "update-graph", "graph": b"..."},
-                        {"op": "heartbeat-client"}]], peercerts["alice"])
+    comm = StreamComm(
+        [
+            [
+                {"op": "worker-status-change", "status": "paused", "stimulus_id": "s"},
+                {"op": "update-graph", "graph": b"..."},
+                {"op": "heartbeat-client"},
+            ]
+        ],
+        peercerts["alice"],
+    )
     _run(server, comm, {"client": "Client-1"})
     assert calls == [("heartbeat-client", {"client": "Client-1"})]
     details = [e.detail for e in events.events("refused-op")]
@@ -97,8 +126,9 @@ def test_a_client_stream_cannot_carry_worker_or_task_operations(peercerts, event
 def test_connection_stream_carries_nothing_a_client_may_send(peercerts, events):
     calls: list = []
     server = _server(calls)
-    comm = StreamComm([[{"op": "close"}, {"op": "log-event", "topic": "neuro-trust", "msg": {"forged": True}}]],
-                      peercerts["alice"])
+    comm = StreamComm(
+        [[{"op": "close"}, {"op": "log-event", "topic": "neuro-trust", "msg": {"forged": True}}]], peercerts["alice"]
+    )
     _run(server, comm)
     assert calls == []
     assert len(events.events("refused-op")) == 2
@@ -107,10 +137,17 @@ def test_connection_stream_carries_nothing_a_client_may_send(peercerts, events):
 def test_a_worker_stream_message_of_the_wrong_shape_is_refused(peercerts, events):
     calls: list = []
     server = _server(calls)
-    comm = StreamComm([[{"op": "worker-status-change", "status": "dont_reply", "stimulus_id": "s"},
-                        {"op": "keep-alive", "extra": "x" * 10},
-                        "not a map",
-                        {"op": "keep-alive"}]], peercerts["w1"])
+    comm = StreamComm(
+        [
+            [
+                {"op": "worker-status-change", "status": "dont_reply", "stimulus_id": "s"},
+                {"op": "keep-alive", "extra": "x" * 10},
+                "not a map",
+                {"op": "keep-alive"},
+            ]
+        ],
+        peercerts["w1"],
+    )
     _run(server, comm, {"worker": "tls://w1:1"})
     assert calls == [("keep-alive", {"worker": "tls://w1:1"})]
     assert len(events.events("refused-op")) == 3
@@ -141,7 +178,9 @@ def test_close_stream_ends_the_loop(peercerts):
 def test_a_worker_certificate_names_only_its_own_worker(op, field):
     from neuro_dask.security.identity import PeerIdentity
 
-    scheduler = SimpleNamespace(workers={"tls://a:1": SimpleNamespace(name="w1"), "tls://b:1": SimpleNamespace(name="w2")})
+    scheduler = SimpleNamespace(
+        workers={"tls://a:1": SimpleNamespace(name="w1"), "tls://b:1": SimpleNamespace(name="w2")}
+    )
     w1 = PeerIdentity("worker", "w1")
     assert _names_itself(scheduler, op, w1, {field: "tls://a:1"}) is None
     assert "its own worker" in _names_itself(scheduler, op, w1, {field: "tls://b:1"})

@@ -25,20 +25,26 @@ from neuro_dask.model.moe import run_expert
 from neuro_dask.runtime import hf_experts
 from neuro_dask.runtime.hf_experts import (
     STORED,
-    ExpertLayoutError,
     TransformersExpert,
     choose_precision,
     experts_template,
-    read_expert_tensors,
-    swiglu_weights,
     transformers_runner,
 )
+from neuro_dask.store.expert_files import ExpertLayoutError, read_expert_tensors, swiglu_weights
 from neuro_dask.store.manifest import LAYOUT_TRANSFORMERS, Manifest
-from neuro_dask.store.sharder import shard_checkpoint
 from neuro_dask.store.shard_store import ShardStore
+from neuro_dask.store.sharder import shard_checkpoint
 
-SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-             vocab_size=128, max_position_embeddings=256, initializer_range=0.15)
+SIZES = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=128,
+    max_position_embeddings=256,
+    initializer_range=0.15,
+)
 
 
 def _model(model_type: str, **extra):
@@ -53,8 +59,14 @@ def _qwen3():
 
 
 def _gpt_oss():
-    return _model("gpt_oss", num_local_experts=4, num_experts_per_tok=2, intermediate_size=32,
-                  layer_types=["sliding_attention", "full_attention"], sliding_window=8)
+    return _model(
+        "gpt_oss",
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        intermediate_size=32,
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=8,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +98,12 @@ def test_registered_function_equals_transformers_own_experts_and_skips_unrouted_
     def dispatch(layer, groups):
         assert layer == 1
         gate, up = experts.gate_up_proj.chunk(2, dim=1)
-        return {e: run_expert(rows, type("W", (), {"gate_proj": gate[e], "up_proj": up[e],
-                                                   "down_proj": experts.down_proj[e]})) for e, rows in groups.items()}
+        return {
+            e: run_expert(
+                rows, type("W", (), {"gate_proj": gate[e], "up_proj": up[e], "down_proj": experts.down_proj[e]})
+            )
+            for e, rows in groups.items()
+        }
 
     experts._neuro_layer = 1
     with expert_calls(dispatch):
@@ -95,8 +111,9 @@ def test_registered_function_equals_transformers_own_experts_and_skips_unrouted_
     torch.testing.assert_close(out, reference, atol=1e-6, rtol=1e-5)
     routed = torch.tensor([True, False] * 5)
     sent = []
-    with expert_calls(lambda layer, groups: sent.append(sum(r.shape[0] for r in groups.values())) or
-                      dispatch(layer, groups), routed):
+    with expert_calls(
+        lambda layer, groups: sent.append(sum(r.shape[0] for r in groups.values())) or dispatch(layer, groups), routed
+    ):
         partial = neuro_experts_forward(experts, x, index, weights)
     assert sent == [5 * 2]  # only the routed rows' top-2 choices crossed the executor
     torch.testing.assert_close(partial[routed], reference[routed], atol=1e-6, rtol=1e-5)
@@ -161,10 +178,11 @@ def test_transformers_layout_store_generates_as_transformers_does(qwen3_store):
     model = nd.load(root / "sh")
     assert isinstance(model.hf, type(hf))  # a real PreTrainedModel
     reference = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
-    assert torch.equal(model.generate(ids, mask, max_new_tokens=10)[:, ids.shape[1]:], reference[:, ids.shape[1]:])
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=10)[:, ids.shape[1] :], reference[:, ids.shape[1] :])
     with torch.no_grad():
-        torch.testing.assert_close(model(ids, mask)[mask.bool()], hf(ids, attention_mask=mask).logits[mask.bool()],
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            model(ids, mask)[mask.bool()], hf(ids, attention_mask=mask).logits[mask.bool()], atol=1e-4, rtol=1e-4
+        )
 
 
 def test_transformers_native_generate_runs_with_streamers_and_prompt_lookup(qwen3_store):
@@ -231,8 +249,9 @@ def test_plain_swiglu_experts_run_on_the_onnx_backend_too(qwen3_store):
     manifest = Manifest.read(root / "sh")
     x = torch.randn(3, 64)
     reference = hf.model.layers[1].mlp.experts(x, torch.full((3, 1), 5), torch.ones(3, 1))
-    runner = transformers_runner(root / "sh" / manifest.expert(1, 5).path, manifest.experts_spec, manifest.config,
-                                 1, "float32", backend="onnx")
+    runner = transformers_runner(
+        root / "sh" / manifest.expert(1, 5).path, manifest.experts_spec, manifest.config, 1, "float32", backend="onnx"
+    )
     assert type(runner).__name__ == "OnnxExpert"
     torch.testing.assert_close(runner(x), reference, atol=1e-5, rtol=1e-4)
 
@@ -261,8 +280,9 @@ def test_precisions_that_do_not_apply_fall_back_and_say_so(gpt_oss_store, caplog
     manifest = Manifest.read(root / "sh")
     hf_experts._WARNED.clear()
     with caplog.at_level(logging.WARNING, logger="neuro_dask.runtime.hf_experts"):
-        runner = transformers_runner(root / "sh" / manifest.expert(0, 0).path, manifest.experts_spec,
-                                     manifest.config, 0, "int8")
+        runner = transformers_runner(
+            root / "sh" / manifest.expert(0, 0).path, manifest.experts_spec, manifest.config, 0, "int8"
+        )
     assert runner.precision == "bfloat16"
     assert "int8 on torch does not apply" in caplog.text and "biases" in caplog.text
 
@@ -325,8 +345,14 @@ def test_stored_quantized_experts_answer_as_their_dequantized_form(tmp_path):
     at each call; the answer is the dequantized expert's."""
     from neuro_dask.testing.quantized_checkpoints import write_mxfp4_checkpoint
 
-    model = _model("gpt_oss", num_local_experts=4, num_experts_per_tok=2, intermediate_size=64,
-                   layer_types=["sliding_attention", "full_attention"], sliding_window=8)
+    model = _model(
+        "gpt_oss",
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        intermediate_size=64,
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=8,
+    )
     model.save_pretrained(tmp_path / "float")
     write_mxfp4_checkpoint(tmp_path / "float", tmp_path / "mxfp4")
     manifest = shard_checkpoint(tmp_path / "mxfp4", tmp_path / "sh")

@@ -13,10 +13,11 @@ import torch
 
 from neuro_dask.client.dispatch.routes import ExpertUnavailableError, RouteTable
 from neuro_dask.client.dispatch.transports import HedgeView, LateReply, Reply
-from neuro_dask.client.dispatch.trusted import TrustedLayerRunner, TrustPolicy, _Unit
+from neuro_dask.client.dispatch.trusted import TrustedLayerRunner, TrustPolicy
+from neuro_dask.protocol.wire import decode_request, encode_response
+from neuro_dask.trust.layer_quorums import UnitState
 from neuro_dask.trust.quorum import Quorum, QuorumExhaustedError, QuorumPolicy
 from neuro_dask.trust.replication import ReplicationPolicy, Standing
-from neuro_dask.protocol.wire import decode_request, encode_response
 
 TRUSTED, EST, NEW = Standing(trusted=True), Standing(established=True, consecutive_valid=10_000), Standing()
 
@@ -54,22 +55,35 @@ class ScriptedTransport:
         replies = {}
         for w, call in calls.items():
             if w not in slow:
-                replies[w] = Reply(((w, self.respond(w, call.msg)),), 0.001, False, w, calls=(call.msg["call"],),
-                                   durations=(0.001,))
+                replies[w] = Reply(
+                    ((w, self.respond(w, call.msg)),), 0.001, False, w, calls=(call.msg["call"],), durations=(0.001,)
+                )
                 continue
-            view = HedgeView(frozenset(call.msg["experts"]), frozenset(slow), frozenset(),
-                             {e: frozenset(ws) for e, ws in answered.items()})
+            view = HedgeView(
+                frozenset(call.msg["experts"]),
+                frozenset(slow),
+                frozenset(),
+                {e: frozenset(ws) for e, ws in answered.items()},
+            )
             alternates, settled = call.alternates(view)
             if not alternates and not settled:  # nobody to hedge to: the straggler's answer is waited for
-                replies[w] = Reply(((w, self.respond(w, call.msg)),), 0.05, False, w, calls=(call.msg["call"],),
-                                   durations=(0.05,))
+                replies[w] = Reply(
+                    ((w, self.respond(w, call.msg)),), 0.05, False, w, calls=(call.msg["call"],), durations=(0.05,)
+                )
                 continue
             budget.count_hedge(len(alternates))
             self.sent += [(aw, list(m["experts"])) for aw, m in alternates]
             self._late.append(LateReply(w, call.msg["call"], self.respond(w, call.msg), 0.05))
-            replies[w] = Reply(tuple((aw, self.respond(aw, m)) for aw, m in alternates), 0.01, True, w,
-                               abandoned=(call.msg["call"],), settled=frozenset(settled),
-                               calls=tuple(m["call"] for _, m in alternates), durations=(0.001,) * len(alternates))
+            replies[w] = Reply(
+                tuple((aw, self.respond(aw, m)) for aw, m in alternates),
+                0.01,
+                True,
+                w,
+                abandoned=(call.msg["call"],),
+                settled=frozenset(settled),
+                calls=tuple(m["call"] for _, m in alternates),
+                durations=(0.001,) * len(alternates),
+            )
         return replies
 
     def busy(self) -> set[str]:
@@ -136,16 +150,17 @@ def test_a_check_is_never_waived_for_a_checker_without_a_record():
     assert r.accepted_from == {("b", "n"): 1}  # the newcomer alone would not do: b's answer was waited for
 
 
-def unit(expert: int, candidates: list[str], tried: set[str], hedged: set[str] = frozenset()) -> _Unit:
+def unit(expert: int, candidates: list[str], tried: set[str], hedged: set[str] = frozenset()) -> UnitState:
     q = Quorum(QuorumPolicy(), counts=lambda w: True)
-    return _Unit(expert, torch.zeros(1, 4), q, candidates, tried=set(tried), hedge_hosts=set(hedged))
+    return UnitState(expert, 1, q, candidates, tried=set(tried), hedge_hosts=set(hedged))
 
 
 def test_hedge_targets_skip_tried_hedged_slow_and_same_owner_hosts_and_prefer_idle_ones():
     standing = {"p": Standing(owner="o1"), "twin": Standing(owner="o1")}.get
     units = {0: unit(0, ["p", "tried", "hedged", "slow", "twin", "busy", "idle"], {"p", "tried"}, {"hedged"})}
-    picked = TrustedLayerRunner._alternates("p", [0], units, lambda w: standing(w) or Standing(),
-                                            avoid=frozenset({"slow"}), occupied=frozenset({"busy"}))
+    picked = TrustedLayerRunner._alternates(
+        "p", [0], units, lambda w: standing(w) or Standing(), avoid=frozenset({"slow"}), occupied=frozenset({"busy"})
+    )
     assert picked == {"idle": [0]}
     assert units[0].hedge_hosts == {"hedged", "idle"}
 
@@ -156,10 +171,13 @@ def test_no_hedge_target_for_one_unit_means_no_hedge_and_nothing_recorded():
     assert units[0].hedge_hosts == set()
 
 
-@pytest.mark.parametrize("behave, standing", [
-    ({"a": "dead", "b": "dead"}, {"a": TRUSTED, "b": EST}),  # every host gone
-    ({"a": "dead"}, {"a": TRUSTED, "n": NEW}),  # the only answer is a newcomer's: it cannot decide alone
-])
+@pytest.mark.parametrize(
+    "behave, standing",
+    [
+        ({"a": "dead", "b": "dead"}, {"a": TRUSTED, "b": EST}),  # every host gone
+        ({"a": "dead"}, {"a": TRUSTED, "n": NEW}),  # the only answer is a newcomer's: it cannot decide alone
+    ],
+)
 def test_too_few_live_hosts_is_an_availability_wait_not_an_exhausted_quorum(behave, standing):
     r, _ = runner(behave, spot_check=1.0)
     with pytest.raises(ExpertUnavailableError):  # the executor waits for fresh routes and runs it again
@@ -173,11 +191,14 @@ def test_a_dispute_nobody_can_settle_exhausts_the_quorum():
         r.run(0, ROWS, routes(["n1", "n2", "e"], standing), {"e"})
 
 
-@pytest.mark.parametrize("precision, behave, expected", [
-    ("float32", "int8", "invalid"),   # a float32 replica must match closely: 0.05 off is wrong
-    ("int8", "int8", "validated"),    # an int8 replica is judged within int8's measured error
-    ("int8", "wrong", "invalid"),     # and still caught when it is really wrong
-])
+@pytest.mark.parametrize(
+    "precision, behave, expected",
+    [
+        ("float32", "int8", "invalid"),  # a float32 replica must match closely: 0.05 off is wrong
+        ("int8", "int8", "validated"),  # an int8 replica is judged within int8's measured error
+        ("int8", "wrong", "invalid"),  # and still caught when it is really wrong
+    ],
+)
 def test_replicas_at_another_precision_are_judged_within_its_tolerance(precision, behave, expected):
     from dataclasses import replace
 

@@ -20,8 +20,13 @@ def test_first_version_is_current_later_ones_are_candidates():
     assert c.publish("adder", "v2", 2) == ("candidate", [])
     assert c.publish("adder", "v3", 3) == ("candidate", ["v2"])  # an unadopted candidate is replaced ...
     assert "v2" in c.retiring  # ... and retires
-    assert c.channels["adder"].as_dict() == {"name": "adder", "current": "v1", "candidate": "v3", "approved": None,
-                                             "history": ["v1"]}
+    assert c.channels["adder"].as_dict() == {
+        "name": "adder",
+        "current": "v1",
+        "candidate": "v3",
+        "approved": None,
+        "history": ["v1"],
+    }
 
 
 def test_adoption_needs_the_served_candidate():

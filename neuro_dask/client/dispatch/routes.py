@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from neuro_dask.errors import NeuroDaskError
 from neuro_dask.trust.latency import LatencyBook, tier_of
@@ -13,8 +14,10 @@ from neuro_dask.trust.replication import Standing
 class ExpertUnavailableError(NeuroDaskError):
     def __init__(self, model: str, layer: int, experts: Iterable[int], waited: float, why: str | None = None):
         self.model, self.layer, self.experts, self.waited = model, layer, sorted(experts), waited
-        advice = why or ("start more workers with `--preload neuro_worker`, or check the scheduler's events for "
-                         "workers that failed to load them")
+        advice = why or (
+            "start more workers with `--preload neuro_worker`, or check the scheduler's events for "
+            "workers that failed to load them"
+        )
         super().__init__(
             f"no live worker serves expert(s) {self.experts} of layer {layer} of model {model!r} "
             f"(waited {waited:.1f} s): {advice}"
@@ -30,16 +33,22 @@ def why_unserved(workers: Mapping[str, Mapping[str, Any]], expert_bytes: int, re
     paused = {w.get("name", a): w.get("paused") for a, w in workers.items() if w.get("paused")}
     if len(paused) == len(workers):
         causes = "; ".join(f"{n}: {why}" for n, why in sorted(paused.items())[:5])
-        return (f"every worker ({len(workers)}) is paused because its machine is busy ({causes}). Idle-only "
-                "workers serve again once their machines are idle; start workers with --no-idle-only to serve on "
-                "busy machines")
+        return (
+            f"every worker ({len(workers)}) is paused because its machine is busy ({causes}). Idle-only "
+            "workers serve again once their machines are idle; start workers with --no-idle-only to serve on "
+            "busy machines"
+        )
     budget = sum(int(w.get("memory_budget") or 0) for w in workers.values() if not w.get("paused"))
     if expert_bytes and budget < expert_bytes * replicas_wanted:
-        return (f"the serving workers' memory budgets total {budget / 2**20:.0f} MiB but the model's experts need "
-                f"{expert_bytes / 2**20:.0f} MiB: add workers or raise --memory-budget")
+        return (
+            f"the serving workers' memory budgets total {budget / 2**20:.0f} MiB but the model's experts need "
+            f"{expert_bytes / 2**20:.0f} MiB: add workers or raise --memory-budget"
+        )
     if paused:
-        return (f"{len(paused)} of {len(workers)} workers are paused (their machines are busy); the others are "
-                "still loading")
+        return (
+            f"{len(paused)} of {len(workers)} workers are paused (their machines are busy); the others are "
+            "still loading"
+        )
     return None
 
 
@@ -49,8 +58,11 @@ class ExpertsUnloadableError(ExpertUnavailableError):
     def __init__(self, model: str, layer: int, experts: Iterable[int], waited: float, why: str):
         super().__init__(model, layer, experts, waited)
         self.why = why
-        Exception.__init__(self, f"every live worker failed to load expert(s) {self.experts} of layer {layer} of model "
-                                 f"{model!r}: {why or 'no reason given'}")
+        Exception.__init__(
+            self,
+            f"every live worker failed to load expert(s) {self.experts} of layer {layer} of model "
+            f"{model!r}: {why or 'no reason given'}",
+        )
 
 
 @dataclass(frozen=True)
@@ -66,12 +78,25 @@ class RouteTable:
     def from_message(cls, msg: Mapping[str, Any]) -> RouteTable:
         routes = {(int(l), int(e)): tuple(ws) for l, e, ws in msg["routes"]}
         raw = msg.get("standing") or {}
-        standing = {w: Standing(bool(s["trusted"]), bool(s["established"]), int(s["consecutive_valid"]),
-                                str(s.get("owner") or ""), str(s.get("precision") or "float32"))
-                    for w, s in raw.items()}
+        standing = {
+            w: Standing(
+                bool(s["trusted"]),
+                bool(s["established"]),
+                int(s["consecutive_valid"]),
+                str(s.get("owner") or ""),
+                str(s.get("precision") or "float32"),
+            )
+            for w, s in raw.items()
+        }
         routable = frozenset(w for w, s in raw.items() if s.get("routable", True)) if raw else None
-        return cls(int(msg["version"]), routes, standing, routable, dict(msg.get("params") or {}),
-                   bool(msg.get("hardened", False)))
+        return cls(
+            int(msg["version"]),
+            routes,
+            standing,
+            routable,
+            dict(msg.get("params") or {}),
+            bool(msg.get("hardened", False)),
+        )
 
     def standing_of(self, worker: str) -> Standing:
         return self.standing.get(worker, Standing())
@@ -93,8 +118,9 @@ class RouteTable:
         s = self.standing_of(worker)
         return tier_of(s.trusted, s.established, self.routable is None or worker in self.routable)
 
-    def plan(self, layer: int, rows: Mapping[int, int], exclude: set[str] = frozenset(),
-             latency: LatencyBook | None = None) -> tuple[dict[str, list[int]], list[int]]:
+    def plan(
+        self, layer: int, rows: Mapping[int, int], exclude: set[str] = frozenset(), latency: LatencyBook | None = None
+    ) -> tuple[dict[str, list[int]], list[int]]:
         """Group a layer's experts by worker: one message per worker per layer.
 
         rows: expert -> how many rows it carries. Without `latency`, each expert goes to the

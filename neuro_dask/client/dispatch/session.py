@@ -11,18 +11,19 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from distributed import Client
 from tqdm import tqdm
 
+from neuro_dask.client.assembly import assemble_model
 from neuro_dask.client.dispatch.executor import DistributedExecutor
 from neuro_dask.client.dispatch.routes import ExpertsUnloadableError, ExpertUnavailableError, RouteTable, why_unserved
 from neuro_dask.client.dispatch.transports import make_transport
 from neuro_dask.errors import NeuroDaskError
-from neuro_dask.model.assembly import assemble_model
 from neuro_dask.model.model import MoEModel
 from neuro_dask.security.redact import redact_url
 from neuro_dask.settings import ClientSettings, SecuritySettings
@@ -49,7 +50,8 @@ class TransportUnavailableError(NeuroDaskError):
         super().__init__(
             f"the scheduler at {address} runs hardened mode, which refuses Dask task graphs from clients "
             "(they are pickles, and a network of strangers loads none): use transport='direct' "
-            "(the default; also for batches: model.map pipelines its calls)")
+            "(the default; also for batches: model.map pipelines its calls)"
+        )
 
 
 def _is_local(path_or_url: str | Path) -> bool:
@@ -59,7 +61,7 @@ def _is_local(path_or_url: str | Path) -> bool:
 
 def _local_path(path_or_url: str | Path) -> Path:
     text = str(path_or_url)
-    return Path(text[len("file://"):] if text.startswith("file://") else text).resolve()
+    return Path(text[len("file://") :] if text.startswith("file://") else text).resolve()
 
 
 def store_url_for(path_or_url: str | Path) -> str:
@@ -93,7 +95,9 @@ def publish(client: Client, store_url: str, model_id: str | None = None, channel
     if model_id is not None and not channel and _is_published(client, model_id):
         return {"status": "OK", "model": model_id}
     try:
-        reply = client.sync(client.scheduler.neuro_publish, store_url=store_url, **({"channel": channel} if channel else {}))
+        reply = client.sync(
+            client.scheduler.neuro_publish, store_url=store_url, **({"channel": channel} if channel else {})
+        )
     except Exception as exc:  # distributed raises a bare ValueError/KeyError for an unknown handler
         if "only the operator" in str(exc) and model_id is not None:
             return _published_by_operator(client, store_url, model_id)
@@ -105,9 +109,14 @@ def publish(client: Client, store_url: str, model_id: str | None = None, channel
     return reply
 
 
-def wait_until_served(client: Client, model_id: str, timeout: float, clock=time.monotonic,
-                      redundancy_grace: float = 10.0,
-                      on_progress: Callable[[int, int, str | None], None] | None = None) -> RouteTable:
+def wait_until_served(
+    client: Client,
+    model_id: str,
+    timeout: float,
+    clock=time.monotonic,
+    redundancy_grace: float = 10.0,
+    on_progress: Callable[[int, int, str | None], None] | None = None,
+) -> RouteTable:
     """Poll the scheduler until every expert has a serving replica; a progress bar on a terminal.
 
     Once every expert is served, wait up to `redundancy_grace` more seconds for the planned
@@ -150,11 +159,17 @@ def wait_until_served(client: Client, model_id: str, timeout: float, clock=time.
                 bar.close()
             if unloadable:  # every worker tried: say why now rather than after the timeout
                 layer, why = unloadable[0][0], str(unloadable[0][2])
-                raise ExpertsUnloadableError(model_id, layer, [e for l, e, _ in unloadable if l == layer],
-                                             clock() - started, why)
+                raise ExpertsUnloadableError(
+                    model_id, layer, [e for l, e, _ in unloadable if l == layer], clock() - started, why
+                )
             layer = missing[0][0]
-            raise ExpertUnavailableError(model_id, layer, [e for l, e in missing if l == layer], clock() - started,
-                                         note or _stall_reason(client, model_id))
+            raise ExpertUnavailableError(
+                model_id,
+                layer,
+                [e for l, e in missing if l == layer],
+                clock() - started,
+                note or _stall_reason(client, model_id),
+            )
         time.sleep(0.05)  # poll: workers report loaded experts as they finish
 
 
@@ -183,9 +198,11 @@ def _is_published(client: Client, model_id: str) -> bool:
 def _published_by_operator(client: Client, store_url: str, model_id: str) -> dict[str, Any]:
     if not _is_published(client, model_id):
         raise NeuroDaskError(
-            f"{redact_url(store_url)} ({model_id}) is not published on {client.scheduler.address}, and on this hardened "
+            f"{redact_url(store_url)} ({model_id}) is not published on {client.scheduler.address}, "
+            "and on this hardened "
             "network only the operator publishes models: ask them to run "
-            f"`neuro-dask publish {redact_url(store_url)} --scheduler {client.scheduler.address} --tls DIR`")
+            f"`neuro-dask publish {redact_url(store_url)} --scheduler {client.scheduler.address} --tls DIR`"
+        )
     return {"status": "OK", "model": model_id}
 
 
@@ -198,14 +215,23 @@ def _check_private(store: ShardStore) -> None:
     if store.manifest.layout == LAYOUT_TRANSFORMERS and not is_swiglu(spec):
         from neuro_dask.errors import ConfigError
 
-        raise ConfigError(f"privacy='private' cannot serve {store.manifest.architecture}: {describe_refusal(spec)}, "
-                          "and secret shares pass through linear maps and a SiLU-gated product only "
-                          "(docs/privacy.md); load it with privacy='standard'")
+        raise ConfigError(
+            f"privacy='private' cannot serve {store.manifest.architecture}: {describe_refusal(spec)}, "
+            "and secret shares pass through linear maps and a SiLU-gated product only "
+            "(docs/privacy.md); load it with privacy='standard'"
+        )
 
 
-def load_distributed(path_or_url: str | Path, client: Client, *, transport: str | None = None,
-                     dtype: torch.dtype = torch.float32, verify: bool = True, privacy: str = "standard",
-                     device: str | torch.device = "cpu") -> MoEModel:
+def load_distributed(
+    path_or_url: str | Path,
+    client: Client,
+    *,
+    transport: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    verify: bool = True,
+    privacy: str = "standard",
+    device: str | torch.device = "cpu",
+) -> MoEModel:
     settings = ClientSettings.load(transport=transport)
     if SecuritySettings.load().hardened:
         from neuro_dask.security.hardening import harden
@@ -219,11 +245,14 @@ def load_distributed(path_or_url: str | Path, client: Client, *, transport: str 
     table = wait_until_served(client, model_id, settings.load_timeout)
     if table.hardened and settings.transport == "futures":
         raise TransportUnavailableError(client.scheduler.address)
-    executor = DistributedExecutor(client, model_id, make_transport(settings.transport, client, settings.connect_timeout, settings), settings)
+    executor = DistributedExecutor(
+        client, model_id, make_transport(settings.transport, client, settings.connect_timeout, settings), settings
+    )
     if privacy == "private":
-        from neuro_dask.privacy.private_executor import PrivateExecutor
+        from neuro_dask.client.dispatch.private_executor import PrivateExecutor
 
         executor = PrivateExecutor(executor)
     model = assemble_model(store, executor, dtype, device)
+    model.use_requests(executor.requests)  # the scheduler begins, bills and ends its requests
     log.info("loaded %s as %s over %s; experts on workers", redact_url(store_url), model_id, settings.transport)
     return model

@@ -18,8 +18,9 @@ def serve_expert_call(request: bytes) -> bytes:
     if adapter is None:
         from neuro_dask.protocol.wire import encode_error
 
-        return msgpack.packb(encode_error(f"{worker.address} was not started with --preload neuro_worker"),
-                             use_bin_type=True)
+        return msgpack.packb(
+            encode_error(f"{worker.address} was not started with --preload neuro_worker"), use_bin_type=True
+        )
     response, delay = adapter.serve(msgpack.unpackb(request, raw=False))
     if delay:  # a straggle drill: the task thread is what a futures call waits on
         time.sleep(delay)

@@ -29,8 +29,9 @@ import random
 import time
 import uuid
 from collections import Counter, deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import Any, Protocol
 
 import msgpack
 from distributed import Client, wait
@@ -41,7 +42,9 @@ from neuro_dask.trust.latency import LatencyBook, SimulatedLatency
 
 log = logging.getLogger(__name__)
 
-Outcome = Mapping[str, Any] | BaseException
+# What one call ended with: the worker's response message, or the exception that stands for a
+# failed call (refused connection, timeout). Not to be confused with a trust Outcome (trusted.py).
+WorkerAnswer = Mapping[str, Any] | BaseException
 
 
 class CallTimeoutError(TimeoutError):
@@ -77,7 +80,7 @@ class Reply:
     """How one primary call ended: the answers that together cover its work (the primary's
     alone, or hedges' that each cover part of it), or the failures when nothing covered it."""
 
-    parts: tuple[tuple[str, Outcome], ...]  # (who answered, what)
+    parts: tuple[tuple[str, WorkerAnswer], ...]  # (who answered, what)
     seconds: float  # from the round's start until the work was covered (or given up)
     hedged: bool  # duplicates went out
     primary: str = ""
@@ -98,7 +101,7 @@ class LateReply:
 
     worker: str
     call: str  # the request's call id
-    outcome: Outcome
+    outcome: WorkerAnswer
     seconds: float
 
 
@@ -122,8 +125,14 @@ PeerPatience = Callable[[list[float], int], "float | None"]  # (peers' seconds, 
 class _Round:
     """The primaries of one round, sent together: who is slow right now, and how patient to be."""
 
-    def __init__(self, started: float, primaries: dict[str, asyncio.Future], calls: Mapping[str, HedgedCall],
-                 peer_patience: PeerPatience | None, loop: asyncio.AbstractEventLoop):
+    def __init__(
+        self,
+        started: float,
+        primaries: dict[str, asyncio.Future],
+        calls: Mapping[str, HedgedCall],
+        peer_patience: PeerPatience | None,
+        loop: asyncio.AbstractEventLoop,
+    ):
         self.started = started
         self.primaries = primaries
         self.calls = calls
@@ -158,8 +167,12 @@ class _Round:
         elapsed = self._loop.time() - self.started
         in_flight = {w for w, task in self.primaries.items() if not task.done()}
         overdue = {w for w in in_flight if elapsed >= self.patience(self.calls[w])}
-        return HedgeView(missing, frozenset(overdue), frozenset(in_flight | set(lingering)),
-                         {e: frozenset(ws) for e, ws in self.answered.items()})
+        return HedgeView(
+            missing,
+            frozenset(overdue),
+            frozenset(in_flight | set(lingering)),
+            {e: frozenset(ws) for e, ws in self.answered.items()},
+        )
 
 
 class HedgeBudget(Protocol):
@@ -175,10 +188,15 @@ class Transport(Protocol):
     latency: LatencyBook  # every answered call's round trip, per worker
     route_latency: LatencyBook | None  # the same book when neuro.client.latency-aware, else None
 
-    def call_many(self, calls: Mapping[str, dict[str, Any]], timeout: float) -> dict[str, Outcome]: ...
+    def call_many(self, calls: Mapping[str, dict[str, Any]], timeout: float) -> dict[str, WorkerAnswer]: ...
 
-    def call_hedged(self, calls: Mapping[str, HedgedCall], timeout: float, budget: HedgeBudget,
-                    peer_patience: PeerPatience | None = None) -> dict[str, Reply]: ...
+    def call_hedged(
+        self,
+        calls: Mapping[str, HedgedCall],
+        timeout: float,
+        budget: HedgeBudget,
+        peer_patience: PeerPatience | None = None,
+    ) -> dict[str, Reply]: ...
 
     def busy(self) -> set[str]: ...
 
@@ -215,15 +233,20 @@ class DirectTransport(_Measured):
         # Our own pool deserializes msgpack only. distributed still loads `__Pickled__` frames
         # whatever the deserializers say (dask/distributed#9283): hardened mode (nd.harden())
         # puts those behind the allow-list too.
-        self.pool = ConnectionPool(limit=256, deserializers=["msgpack"], serializers=["msgpack"],
-                                   connection_args=client.connection_args, timeout=connect_timeout)
+        self.pool = ConnectionPool(
+            limit=256,
+            deserializers=["msgpack"],
+            serializers=["msgpack"],
+            connection_args=client.connection_args,
+            timeout=connect_timeout,
+        )
         self.connect_timeout = connect_timeout
         self._started = False
         self._lingering: Counter[str] = Counter()  # worker -> abandoned calls still running there
         # Answers of abandoned calls, oldest first; appended on the event loop, drained by the caller.
         self.late: deque[LateReply] = deque(maxlen=10_000)
 
-    async def _call(self, worker: str, msg: dict[str, Any], timeout: float) -> Outcome:
+    async def _call(self, worker: str, msg: dict[str, Any], timeout: float) -> WorkerAnswer:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
@@ -236,7 +259,7 @@ class DirectTransport(_Measured):
             self.latency.observe(worker, loop.time() - started, _rows(msg))
         return outcome
 
-    async def _send(self, worker: str, msg: dict[str, Any], rtt: float) -> Outcome:
+    async def _send(self, worker: str, msg: dict[str, Any], rtt: float) -> WorkerAnswer:
         if rtt:
             await asyncio.sleep(rtt / 2)  # simulated: the way out
         outcome = await self.pool(worker).neuro_expert(**msg)
@@ -251,16 +274,17 @@ class DirectTransport(_Measured):
                 await started
             self._started = True
 
-    async def _call_all(self, calls: Mapping[str, dict[str, Any]], timeout: float) -> dict[str, Outcome]:
+    async def _call_all(self, calls: Mapping[str, dict[str, Any]], timeout: float) -> dict[str, WorkerAnswer]:
         await self._ensure_started()
         results = await asyncio.gather(*(self._call(w, m, timeout) for w, m in calls.items()))
         return dict(zip(calls, results, strict=True))
 
-    def call_many(self, calls: Mapping[str, dict[str, Any]], timeout: float) -> dict[str, Outcome]:
+    def call_many(self, calls: Mapping[str, dict[str, Any]], timeout: float) -> dict[str, WorkerAnswer]:
         return self.client.sync(self._call_all, calls, timeout)
 
-    async def _hedged_one(self, worker: str, call: HedgedCall, timeout: float,
-                          budget: HedgeBudget, rnd: _Round) -> Reply:
+    async def _hedged_one(
+        self, worker: str, call: HedgedCall, timeout: float, budget: HedgeBudget, rnd: _Round
+    ) -> Reply:
         """The primary; each time the newest message has waited out its patience (the call's
         `hedge_after`, or sooner by its round's peers) with part of the work still unanswered,
         that part goes to fresh alternates (workers that together host it), while hosts and the
@@ -273,8 +297,8 @@ class DirectTransport(_Measured):
         need = frozenset(int(e) for e in call.msg["experts"])
         flights = [_Flight(worker, call.msg, rnd.primaries[worker], rnd.started)]
         in_flight = {flights[0].task: flights[0]}
-        answered: list[tuple[_Flight, Outcome, float]] = []
-        failed: list[tuple[_Flight, Outcome, float]] = []
+        answered: list[tuple[_Flight, WorkerAnswer, float]] = []
+        failed: list[tuple[_Flight, WorkerAnswer, float]] = []
         covered: set[int] = set()
         settled: set[int] = set()
         mode = "patient"  # patient: hedge when patience runs out; stuck: no host free, retry when a peer
@@ -282,8 +306,9 @@ class DirectTransport(_Measured):
             timeout_s = max(0.0, flights[-1].sent + rnd.patience(call) - loop.time()) if mode == "patient" else None
             listen = mode != "capped" and timeout_s != 0.0
             woken = asyncio.ensure_future(rnd.progress.wait()) if listen else None  # a peer answered
-            done, _ = await asyncio.wait(set(in_flight) | ({woken} if woken else set()), timeout=timeout_s,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                set(in_flight) | ({woken} if woken else set()), timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
             if woken is not None:
                 woken.cancel()
                 done.discard(woken)
@@ -298,8 +323,14 @@ class DirectTransport(_Measured):
                     covered |= flight.experts
                     rnd.note_answer(flight.worker, flight.experts)
             if covered | settled >= need:
-                return self._ended(worker, answered, len(flights) > 1, in_flight.values(), loop.time() - rnd.started,
-                                   frozenset(settled - covered))
+                return self._ended(
+                    worker,
+                    answered,
+                    len(flights) > 1,
+                    in_flight.values(),
+                    loop.time() - rnd.started,
+                    frozenset(settled - covered),
+                )
             if done or mode == "capped" or (mode == "patient" and loop.time() < flights[-1].sent + rnd.patience(call)):
                 continue  # a failure, or a peer's answer that moved the patience
             if not budget.may_hedge():
@@ -321,15 +352,30 @@ class DirectTransport(_Measured):
                 in_flight[flight.task] = flight
         return self._ended(worker, answered + failed, len(flights) > 1, (), loop.time() - rnd.started)
 
-    def _ended(self, primary: str, parts: list[tuple[_Flight, Outcome, float]], hedged: bool,
-               still_flying: Iterable[_Flight], seconds: float, settled: frozenset[int] = frozenset()) -> Reply:
+    def _ended(
+        self,
+        primary: str,
+        parts: list[tuple[_Flight, WorkerAnswer, float]],
+        hedged: bool,
+        still_flying: Iterable[_Flight],
+        seconds: float,
+        settled: frozenset[int] = frozenset(),
+    ) -> Reply:
         abandoned = []
         for flight in still_flying:
             self._abandon(flight.worker, flight.msg, flight.task, flight.sent)
             if "call" in flight.msg:
                 abandoned.append(flight.msg["call"])
-        return Reply(tuple((f.worker, o) for f, o, _ in parts), seconds, hedged, primary, tuple(abandoned),
-                     settled, tuple(f.msg.get("call") for f, _, _ in parts), tuple(d for _, _, d in parts))
+        return Reply(
+            tuple((f.worker, o) for f, o, _ in parts),
+            seconds,
+            hedged,
+            primary,
+            tuple(abandoned),
+            settled,
+            tuple(f.msg.get("call") for f, _, _ in parts),
+            tuple(d for _, _, d in parts),
+        )
 
     def _abandon(self, worker: str, msg: dict[str, Any], task: asyncio.Future, started: float) -> None:
         """Leave a losing call to finish on its own; tell its worker to drop it if not started."""
@@ -369,8 +415,9 @@ class DirectTransport(_Measured):
             late.append(self.late.popleft())
         return late
 
-    async def _hedged_all(self, calls: Mapping[str, HedgedCall], timeout: float, budget: HedgeBudget,
-                          peer_patience: PeerPatience | None) -> dict[str, Reply]:
+    async def _hedged_all(
+        self, calls: Mapping[str, HedgedCall], timeout: float, budget: HedgeBudget, peer_patience: PeerPatience | None
+    ) -> dict[str, Reply]:
         await self._ensure_started()
         loop = asyncio.get_running_loop()
         primaries = {w: asyncio.ensure_future(self._call(w, c.msg, timeout)) for w, c in calls.items()}
@@ -378,8 +425,13 @@ class DirectTransport(_Measured):
         replies = await asyncio.gather(*(self._hedged_one(w, c, timeout, budget, rnd) for w, c in calls.items()))
         return dict(zip(calls, replies, strict=True))
 
-    def call_hedged(self, calls: Mapping[str, HedgedCall], timeout: float, budget: HedgeBudget,
-                    peer_patience: PeerPatience | None = None) -> dict[str, Reply]:
+    def call_hedged(
+        self,
+        calls: Mapping[str, HedgedCall],
+        timeout: float,
+        budget: HedgeBudget,
+        peer_patience: PeerPatience | None = None,
+    ) -> dict[str, Reply]:
         return self.client.sync(self._hedged_all, calls, timeout, budget, peer_patience)
 
     def close(self) -> None:
@@ -394,14 +446,20 @@ class FuturesTransport(_Measured):
     name = "futures"
     _counter = itertools.count()
 
-    def __init__(self, client: Client, connect_timeout: float = 3.0, settings: Any = None,
-                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
+    def __init__(
+        self,
+        client: Client,
+        connect_timeout: float = 3.0,
+        settings: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
         self.client = client
         self._session = uuid.uuid4().hex[:8]
         self.clock, self.sleep = clock, sleep  # the caller's thread, never the event loop
         self._setup_latency(settings)
 
-    def call_many(self, calls: Mapping[str, dict[str, Any]], timeout: float) -> dict[str, Outcome]:
+    def call_many(self, calls: Mapping[str, dict[str, Any]], timeout: float) -> dict[str, WorkerAnswer]:
         futures = {}
         rtt = {w: self._simulated(w) for w in calls}
         start = self.clock()
@@ -413,8 +471,12 @@ class FuturesTransport(_Measured):
             key = f"neuro-expert-{msg['layer']}-{self._session}-{next(self._counter)}"
             sent[worker] = self.clock()
             futures[worker] = self.client.submit(
-                serve_expert_call, msgpack.packb(msg, use_bin_type=True), key=key,
-                workers=[worker], allow_other_workers=False, pure=False,
+                serve_expert_call,
+                msgpack.packb(msg, use_bin_type=True),
+                key=key,
+                workers=[worker],
+                allow_other_workers=False,
+                pure=False,
             )
             futures[worker].add_done_callback(lambda _f, w=worker: done_at.setdefault(w, self.clock()))
         try:
@@ -427,7 +489,7 @@ class FuturesTransport(_Measured):
             self.sleep(pause)  # simulated: the answers' way back
         for w, t in finished.items():
             self.latency.observe(w, t + rtt[w] / 2 - sent[w] + rtt[w] / 2, _rows(calls[w]))
-        out: dict[str, Outcome] = {}
+        out: dict[str, WorkerAnswer] = {}
         for worker, fut in futures.items():
             if fut.status == "finished":
                 try:
@@ -442,14 +504,21 @@ class FuturesTransport(_Measured):
             fut.cancel()  # a pinned task stranded on a dead worker must not linger
         return out
 
-    def call_hedged(self, calls: Mapping[str, HedgedCall], timeout: float, budget: HedgeBudget,
-                    peer_patience: PeerPatience | None = None) -> dict[str, Reply]:
+    def call_hedged(
+        self,
+        calls: Mapping[str, HedgedCall],
+        timeout: float,
+        budget: HedgeBudget,
+        peer_patience: PeerPatience | None = None,
+    ) -> dict[str, Reply]:
         """No hedging on the futures transport (offline batches): every call waits for its deadline."""
         started = time.monotonic()
         outcomes = self.call_many({w: c.msg for w, c in calls.items()}, timeout)
         elapsed = time.monotonic() - started
-        return {w: Reply(((w, outcome),), elapsed, False, w, calls=(calls[w].msg.get("call"),), durations=(elapsed,))
-                for w, outcome in outcomes.items()}
+        return {
+            w: Reply(((w, outcome),), elapsed, False, w, calls=(calls[w].msg.get("call"),), durations=(elapsed,))
+            for w, outcome in outcomes.items()
+        }
 
     def busy(self) -> set[str]:
         return set()
@@ -461,7 +530,7 @@ class FuturesTransport(_Measured):
         pass
 
 
-def _failed(outcome: Outcome) -> bool:
+def _failed(outcome: WorkerAnswer) -> bool:
     return isinstance(outcome, BaseException) or (isinstance(outcome, Mapping) and outcome.get("status") != "OK")
 
 

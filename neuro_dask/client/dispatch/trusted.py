@@ -1,96 +1,67 @@
-"""One MoE layer's expert calls under the trust policy: replicas, quorums, fallbacks, outcomes.
+"""One MoE layer's expert calls under the trust policy, carried out: the decisions are trust/'s.
 
-Each (layer, expert) is a unit of work with its own Quorum. Replication (trust/replication.py)
-picks the unit's workers; units are then grouped by worker so that one message per worker per
-round still carries all of that worker's units. Rounds repeat until every unit is accepted:
-disagreement or errors add one replica at a time; an exhausted unit falls back to a trusted
-worker or raises QuorumExhaustedError. Every validated, invalid or failed reply becomes an
-Outcome the client reports; the scheduler moves reputation only on evidence: a validated
-reply counts as far as the worker's signed receipts go, and a reply the quorum refuted becomes
-a Dispute carrying the worker's signed answer, which the scheduler recomputes and judges itself
-(neuro_dask/scheduler/evidence_desk.py). Late, timed-out and failed replies change this client's routing
-(its suspects), never anyone's reputation.
+The rules live in pure modules: trust/layer_quorums.py decides, unit by unit, whom to send to,
+when an answer is accepted, when a trusted worker decides and when to give up;
+trust/late_checks.py judges answers that come after the decision; trust/verdicts.py says what
+each reply's outcome is and when a refuted reply is proven; trust/policy.py applies the
+governed parameters. This runner only carries those decisions out: it orders the candidates
+(routing), packs each round's units into one message per worker (hedged to alternates when the
+primary is slow), decodes the replies and feeds them to the machine, turns its GiveUp into the
+errors the executor waits or fails on, and its proofs into Disputes the scheduler recomputes
+and judges itself (neuro_dask/scheduler/evidence_desk.py). Late, timed-out and failed replies
+change this client's routing (its suspects), never anyone's reputation.
 """
 
 from __future__ import annotations
 
 import random
 import uuid
-from collections import Counter, OrderedDict
-from dataclasses import dataclass, field, replace
+from collections import Counter
+from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Callable, Mapping
+from typing import Any
 
 import torch
 
 from neuro_dask.client.dispatch.routes import ExpertUnavailableError, RouteTable
-from neuro_dask.client.dispatch.transports import CallTimeoutError, HedgedCall, HedgeView, Transport
-from neuro_dask.trust.hedging import HedgePolicy, LatencyTracker
-from neuro_dask.trust.latency import LatencyBook
-from neuro_dask.trust.quorum import Accepted, Exhausted, Quorum, QuorumExhaustedError, QuorumPolicy
-from neuro_dask.trust.replication import ReplicationPolicy, Standing, plan_call
-from neuro_dask.trust.validation import ValidationPolicy, agree, tolerance_for
+from neuro_dask.client.dispatch.transports import CallTimeoutError, HedgedCall, HedgeView, Reply, Transport
 from neuro_dask.protocol.wire import decode_response, encode_request
+from neuro_dask.trust.hedging import LatencyTracker
+from neuro_dask.trust.late_checks import Awaited, LateBook, judge_late
+from neuro_dask.trust.latency import LatencyBook
+from neuro_dask.trust.layer_quorums import (
+    Decision,
+    GiveUp,
+    LayerQuorums,
+    Prove,
+    Send,
+    TrustTally,
+    UnitState,
+    hedge_targets,
+)
+from neuro_dask.trust.policy import TrustPolicy, governed
+from neuro_dask.trust.quorum import QuorumExhaustedError
+from neuro_dask.trust.verdicts import Dispute, Outcome, evidence_of, proof
 
-AWAIT_LIMIT = 1024  # abandoned calls remembered for a late comparison; older ones are forgotten
+# The trust types callers (the executor, settings, the private executor) import from here.
+__all__ = ["Dispute", "Outcome", "TrustPolicy", "TrustedLayerRunner", "evidence_of"]
 
+_Unit = UnitState  # a unit's trust state, under the name the routing tests build it by
 
-@dataclass(frozen=True)
-class Outcome:
-    worker: str
-    kind: str  # validated | invalid | late | timeout | error
-    cause_id: str
-    layer: int
-    expert: int
-    rows: int = 0  # validated: (token, expert) pairs computed
-
-
-@dataclass(frozen=True)
-class Dispute:
-    """A reply the quorum refuted, with what the scheduler needs to judge it: the worker's signed
-    answer and the bytes it signs (trust/disputes.py's Evidence wire form)."""
-
-    worker: str
-    layer: int
-    expert: int
-    evidence: dict
-
-
-def evidence_of(msg: Mapping, response: Mapping, expert: int) -> dict | None:
-    """The evidence wire form for `expert` of one call (its request `msg`, the worker's
-    `response`), or None when the answer carries no receipt to hold the worker to."""
-    receipt = response.get("receipt") if isinstance(response, Mapping) else None
-    if not isinstance(receipt, Mapping):
-        return None
-    return {"receipt": dict(receipt), "expert": int(expert), "dtype": msg["dtype"], "hidden": int(msg["hidden"]),
-            "inputs": bytes(msg["data"]), "outputs": bytes(response["data"])}
-
-
-@dataclass
-class TrustPolicy:
-    quorum: QuorumPolicy = field(default_factory=QuorumPolicy)
-    replication: ReplicationPolicy = field(default_factory=ReplicationPolicy)
-    validation: ValidationPolicy = field(default_factory=ValidationPolicy)
-    hedging: HedgePolicy = field(default_factory=HedgePolicy)
-
-
-@dataclass
-class _Unit:
-    expert: int
-    rows: torch.Tensor
-    quorum: Quorum
-    candidates: list[str]
-    tried: set[str] = field(default_factory=set)
-    owners: set[str] = field(default_factory=set)
-    hedge_hosts: set[str] = field(default_factory=set)  # where this unit's hedges went
-    result: torch.Tensor | None = None
-    answers: dict = field(default_factory=dict)  # worker -> (its reply, the call id), every round
+Work = Mapping[int, list[str]]  # expert -> the workers its unit goes to this round
 
 
 class TrustedLayerRunner:
-    def __init__(self, model_id: str, transport: Transport, policy: TrustPolicy, rng: random.Random,
-                 latency: LatencyTracker | None = None, count_wire: Callable[[int, int], None] | None = None,
-                 on_receipt: Callable[[str, Mapping], None] | None = None):
+    def __init__(
+        self,
+        model_id: str,
+        transport: Transport,
+        policy: TrustPolicy,
+        rng: random.Random,
+        latency: LatencyTracker | None = None,
+        count_wire: Callable[[int, int], None] | None = None,
+        on_receipt: Callable[[str, Mapping], None] | None = None,
+    ):
         self.model_id = model_id
         self.on_receipt = on_receipt or (lambda worker, response: None)  # each answer's signed receipt
         self.disputes: list[Dispute] = []  # refuted replies, for the scheduler to judge
@@ -101,114 +72,103 @@ class TrustedLayerRunner:
         self.policy = policy
         self.rng = rng
         self.latency = latency or LatencyTracker(policy.hedging)
-        self.replicas_sent = 0
-        self.units = 0
-        self.unchecked = 0
-        self.accepted_from: Counter[tuple[str, ...]] = Counter()  # which workers' agreement decided
-        # Abandoned calls (hedge losers) whose answer may still come: call id -> (cause, layer, units, msg)
-        self._awaiting: OrderedDict[str, tuple[str, int, list[_Unit], dict]] = OrderedDict()
-        self.late_checked = 0
+        self.tally = TrustTally()
+        self._late = LateBook()  # abandoned calls (hedge losers) whose answer may still come
+
+    # Counts across layers, kept by the machine (the drills and the dashboard read them here).
+    replicas_sent = property(lambda self: self.tally.replicas_sent)
+    units = property(lambda self: self.tally.units)
+    unchecked = property(lambda self: self.tally.unchecked)
+    late_checked = property(lambda self: self.tally.late_checked)
+
+    @property
+    def accepted_from(self) -> Counter[tuple[str, ...]]:
+        """Which workers' agreement decided, and how often."""
+        return self.tally.accepted_from
 
     @property
     def hedges(self) -> int:
         """Extra calls sent as hedges (rule 3 of trust/hedging.py caps them)."""
         return self.latency.hedges
 
-    def run(self, layer: int, groups: Mapping[int, torch.Tensor], routes: RouteTable,
-            exclude: set[str], stamp: Mapping | None = None) -> tuple[dict[int, torch.Tensor], list[Outcome]]:
+    def run(
+        self,
+        layer: int,
+        groups: Mapping[int, torch.Tensor],
+        routes: RouteTable,
+        exclude: set[str],
+        stamp: Mapping | None = None,
+    ) -> tuple[dict[int, torch.Tensor], list[Outcome]]:
         """`stamp`: the fields every call carries (the request id and its ticket)."""
         self._stamp = dict(stamp or {})
         self._calls = {}
         self.apply_params(routes.params)
-        standing = routes.standing_of
+        outcomes = self.check_late()
+        machine = self._machine(layer, routes)
+        work = self._plan(machine, groups, routes, exclude)
+        while work:
+            self._send(machine, groups, work)
+            work = self._carry_out(machine, machine.close_round())
+        return machine.results(), outcomes + machine.outcomes
+
+    def _machine(self, layer: int, routes: RouteTable) -> LayerQuorums:
         anchorless = not any(s.trusted or s.established for s in routes.standing.values())
-        outcomes: list[Outcome] = self.check_late()
+        return LayerQuorums(layer, uuid.uuid4().hex[:12], self.policy, routes.standing_of, anchorless, self.tally)
+
+    def _plan(
+        self, machine: LayerQuorums, groups: Mapping[int, torch.Tensor], routes: RouteTable, exclude: set[str]
+    ) -> dict[int, list[str]]:
+        """Open a unit per expert, the primary chosen here (routing), its replicas by the machine."""
         busy = self.transport.busy()
-        units: dict[int, _Unit] = {}
         planned_rows: dict[str, int] = {}
+        work: dict[int, list[str]] = {}
         for expert, rows in groups.items():
-            candidates = self._primary_first([w for w in routes.ranked(layer, expert) if w not in exclude],
-                                             routes, planned_rows, busy, self._route_latency)
+            hosts = [w for w in routes.ranked(machine.layer, expert) if w not in exclude]
+            candidates = self._primary_first(hosts, routes, planned_rows, busy, self._route_latency)
             if not candidates:
-                raise ExpertUnavailableError(self.model_id, layer, [expert], 0.0)
+                raise ExpertUnavailableError(self.model_id, machine.layer, [expert], 0.0)
             planned_rows[candidates[0]] = planned_rows.get(candidates[0], 0) + rows.shape[0]
-            plan = plan_call(candidates, standing, self.policy.replication, self.rng)
-            self.unchecked += plan.unchecked
-            # Replicas at different precisions (int8 next to float32) agree only within their
-            # measured error: the tolerance of the loosest precision among the candidates.
-            validation = tolerance_for({standing(w).precision for w in candidates}, self.policy.validation)
-            quorum = Quorum(self.policy.quorum, counts=lambda w: standing(w).trusted or standing(w).established,
-                            quorum=plan.quorum, validation=validation, anchorless=anchorless,
-                            owner_of=lambda w: standing(w).owner or w)
-            units[expert] = _Unit(expert, rows, quorum, candidates)
-            for w in plan.workers:
-                self._assign(units[expert], w, standing)
-        self.units += len(units)
-        cause = uuid.uuid4().hex[:12]
-        round_work = {e: list(u.tried) for e, u in units.items()}
-        while round_work:
-            replies, lost = self._send(layer, cause, units, round_work, standing)
-            outcomes += [Outcome(w, "late", cause, layer, -1) for w in lost]
-            round_work = {}
-            for expert, unit in units.items():
-                if unit.result is not None:
-                    continue
-                for worker, (reply, _call) in replies.get(expert, {}).items():
-                    if isinstance(reply, BaseException):
-                        unit.quorum.add_error(worker)
-                        kind = "timeout" if isinstance(reply, (CallTimeoutError, TimeoutError)) else "error"
-                        outcomes.append(Outcome(worker, kind, cause, layer, expert))
-                    else:
-                        unit.quorum.add_result(worker, {expert: reply})
-                    unit.answers[worker] = (reply, _call)
-                decision = unit.quorum.decide()
-                if isinstance(decision, Accepted):
-                    unit.result = decision.canonical[expert]
-                    self.accepted_from[tuple(sorted(decision.valid))] += 1
-                    n = unit.rows.shape[0]
-                    outcomes += [Outcome(w, "validated", cause, layer, expert, n) for w in decision.valid]
-                    outcomes += [Outcome(w, "invalid", cause, layer, expert) for w in decision.invalid]
-                    self._dispute(layer, expert, decision.invalid, unit.answers)
-                    continue
-                exhausted = isinstance(decision, Exhausted)
-                nxt = None if exhausted else self._next_worker(unit, standing, fallback=False)
-                if nxt is None:
-                    # Fallback (quorum rule 4): a trusted worker's answer decides, as it is.
-                    anchored = next((g for g in unit.quorum.groups if any(standing(w).trusted for w, _ in g)), None)
-                    if anchored is not None:
-                        unit.result = anchored[0][1][expert]
-                        valid = {w for w, _ in anchored}
-                        self.accepted_from[tuple(sorted(valid))] += 1
-                        n = unit.rows.shape[0]
-                        # The trusted worker's answer decided: whoever disagreed is refuted by it.
-                        wrong = [w for g in unit.quorum.groups for w, _ in g if w not in valid]
-                        outcomes += [Outcome(w, "validated", cause, layer, expert, n) if w in valid else
-                                     Outcome(w, "invalid", cause, layer, expert)
-                                     for g in unit.quorum.groups for w, _ in g]
-                        self._dispute(layer, expert, wrong, unit.answers)
-                        continue
-                    nxt = self._next_worker(unit, standing, fallback=True)
-                    if nxt is None and len(unit.quorum.groups) <= 1:
-                        # No dispute, just too few live hosts that can decide (dead, unreachable,
-                        # or without a record): a matter of availability, so the caller waits
-                        # for fresh routes (replacements, re-placed experts) and runs it again.
-                        raise ExpertUnavailableError(self.model_id, layer, [expert], 0.0)
-                    if nxt is None:
-                        groups, errors = len(unit.quorum.groups), len(unit.quorum.errors)
-                        raise QuorumExhaustedError(layer, [expert], sum(map(len, unit.quorum.groups)), groups, errors)
-                    unit.quorum = Quorum(self.policy.quorum, counts=lambda w: True, quorum=1,
-                                         validation=self.policy.validation)
-                self._assign(unit, nxt, standing)
-                round_work[expert] = [nxt]
-        return {e: u.result for e, u in units.items()}, outcomes
+            work[expert] = [send.worker for send in machine.open(expert, rows.shape[0], candidates, self.rng)]
+        machine.start()
+        return work
+
+    def _carry_out(self, machine: LayerQuorums, decisions: list[Decision]) -> dict[int, list[str]]:
+        """Proofs become disputes, sends the next round's work; a GiveUp raises. Accepts need
+        nothing done: the machine holds the results."""
+        work: dict[int, list[str]] = {}
+        for decision in decisions:
+            if isinstance(decision, Send):
+                work.setdefault(decision.expert, []).append(decision.worker)
+            elif isinstance(decision, Prove):
+                self._prove(decision)
+            elif isinstance(decision, GiveUp):
+                raise self._give_up_error(machine.layer, decision)
+        return work
+
+    def _give_up_error(self, layer: int, giving_up: GiveUp) -> Exception:
+        if giving_up.unavailable:  # the caller waits for fresh routes (replacements, re-placed experts)
+            return ExpertUnavailableError(self.model_id, layer, [giving_up.expert], 0.0)
+        return QuorumExhaustedError(layer, [giving_up.expert], giving_up.results, giving_up.groups, giving_up.errors)
+
+    def _prove(self, refuted: Prove) -> None:
+        """A refuted reply with a receipt becomes a Dispute: the scheduler judges it."""
+        msg, _experts, answer = self._calls.get(refuted.call, (None, None, None))
+        dispute = proof(refuted.worker, refuted.layer, refuted.expert, msg, answer)
+        if dispute is not None:
+            self.disputes.append(dispute)
 
     @property
     def _route_latency(self) -> LatencyBook | None:
         return getattr(self.transport, "route_latency", None)
 
     @staticmethod
-    def _primary_first(candidates: list[str], routes: RouteTable, planned_rows: Mapping[str, int],
-                       busy: set[str] = frozenset(), latency: LatencyBook | None = None) -> list[str]:
+    def _primary_first(
+        candidates: list[str],
+        routes: RouteTable,
+        planned_rows: Mapping[str, int],
+        busy: set[str] = frozenset(),
+        latency: LatencyBook | None = None,
+    ) -> list[str]:
         """The primary is the routable candidate that is not still busy with an abandoned call
         (a new call would queue behind it) and has the fewest rows planned in this layer (ties:
         the scheduler's order), so a layer's work spreads over workers instead of piling on the
@@ -227,193 +187,176 @@ class TrustedLayerRunner:
             primary = min(routable, key=lambda w: (w in busy, planned_rows.get(w, 0)))
         return [primary] + [w for w in ordered if w != primary]
 
-    def _dispute(self, layer: int, expert: int, wrong, answers: Mapping) -> None:
-        """Each refuted reply with a receipt becomes a Dispute: the scheduler judges it."""
-        for worker in wrong:
-            _reply, call = answers.get(worker, (None, None))
-            entry = self._calls.get(call)
-            if entry is None or entry[2] is None:
-                continue
-            evidence = evidence_of(entry[0], entry[2], expert)
-            if evidence is not None:
-                self.disputes.append(Dispute(worker, layer, expert, evidence))
+    _alternates = staticmethod(hedge_targets)  # hedge targets: a rule of trust/layer_quorums.py
 
     def take_disputes(self) -> list[Dispute]:
         disputes, self.disputes = self.disputes, []
         return disputes
 
     def apply_params(self, params: Mapping[str, int]) -> None:
-        """Governed trust parameters handed out with the routes (ledger on): spot-check, quorum."""
-        if not params:
-            return
-        replication = replace(self.policy.replication, spot_check=params.get("spot_check_bps", 0) / 10_000
-                              or self.policy.replication.spot_check,
-                              min_quorum=int(params.get("min_quorum", self.policy.replication.min_quorum)))
-        quorum = replace(self.policy.quorum, min_quorum=replication.min_quorum,
-                         target_replicas=max(self.policy.quorum.target_replicas, replication.min_quorum),
-                         max_total_replicas=max(self.policy.quorum.max_total_replicas, replication.min_quorum))
-        self.policy = replace(self.policy, replication=replication, quorum=quorum)
+        """Governed trust parameters handed out with the routes (ledger on): spot-check, quorum
+        (trust/policy.py)."""
+        self.policy = governed(self.policy, params)
 
     def check_late(self) -> list[Outcome]:
-        """Quorum rule: a result that arrives after the decision is still compared, and credited
-        only if it agrees with the canonical result (under the same cause id, so a primary that
-        was late earns correctness but not timeliness)."""
+        """Answers of abandoned calls that came after all, judged against what was accepted
+        (trust/late_checks.py): credited only if they agree, under the cause id of their call."""
         outcomes = []
         for late in self.transport.drain_late():
-            entry = self._awaiting.pop(late.call, None)
-            if entry is None:
+            awaited = self._late.claim(late.call)
+            if awaited is None or not awaited.decided():
                 continue
-            cause, layer, units, msg = entry
-            decided = [u for u in units if u.result is not None]
-            if not decided:
-                continue
-            try:
-                if isinstance(late.outcome, BaseException):
-                    raise late.outcome
-                got = decode_response(late.outcome, {u.expert: u.rows for u in units})
-            except Exception:  # dropped on our request, or failed: nothing to compare
+            got = self._decode_late(late.outcome, awaited)
+            if got is None:
                 continue
             self.count_wire(0, len(late.outcome["data"]))
             self.on_receipt(late.worker, late.outcome)
-            self.late_checked += 1
-            for u in decided:
-                ok = agree({u.expert: u.result}, {u.expert: got[u.expert]}, self.policy.validation)
-                outcomes.append(Outcome(late.worker, "validated", cause, layer, u.expert, u.rows.shape[0]) if ok else
-                                Outcome(late.worker, "invalid", cause, layer, u.expert))
-                evidence = None if ok else evidence_of(msg, late.outcome, u.expert)
-                if evidence is not None:
-                    self.disputes.append(Dispute(late.worker, layer, u.expert, evidence))
+            self.tally.late_checked += 1
+            judged, disputes = judge_late(awaited, late.worker, got, late.outcome, self.policy.validation)
+            outcomes += judged
+            self.disputes += disputes
         return outcomes
 
-    def _await_late(self, call: str, cause: str, layer: int, units: list[_Unit]) -> None:
-        self._awaiting[call] = (cause, layer, units, self._calls.get(call, ({}, None, None))[0])
-        while len(self._awaiting) > AWAIT_LIMIT:
-            self._awaiting.popitem(last=False)
+    @staticmethod
+    def _decode_late(outcome: Any, awaited: Awaited) -> dict[int, torch.Tensor] | None:
+        """The late answer's outputs, or None when it was dropped on our request or failed."""
+        if isinstance(outcome, BaseException):
+            return None
+        try:
+            return decode_response(outcome, awaited.inputs)
+        except Exception:  # malformed: nothing to compare
+            return None
 
-    def _assign(self, unit: _Unit, worker: str, standing: Callable[[str], Standing]) -> None:
-        unit.tried.add(worker)
-        unit.owners.add(standing(worker).owner or worker)
-        self.replicas_sent += 1
+    # --- one round on the wire ------------------------------------------------------------
 
-    def _next_worker(self, unit: _Unit, standing: Callable[[str], Standing], fallback: bool) -> str | None:
-        """One more replica: an untried worker of a new owner, workers with a record first;
-        on exhaustion only a trusted worker (rule 4 of the quorum)."""
-        fresh = [w for w in unit.candidates if w not in unit.tried]
-        if fallback:  # a trusted worker that has not answered yet (it may have lost a hedge race)
-            answered = {w for g in unit.quorum.groups for w, _ in g} | set(unit.quorum.errors)
-            return next((w for w in unit.candidates if standing(w).trusted and w not in answered), None)
-        new_owner = [w for w in fresh if (standing(w).owner or w) not in unit.owners] or fresh
-        anchored = [w for w in new_owner if standing(w).trusted or standing(w).established]
-        return (anchored or new_owner or [None])[0]
-
-    def _send(self, layer: int, cause: str, units: Mapping[int, _Unit], work: Mapping[int, list[str]],
-              standing: Callable[[str], Standing]) -> tuple[dict[int, dict[str, tuple]], list[str]]:
+    def _send(self, machine: LayerQuorums, groups: Mapping[int, torch.Tensor], work: Work) -> None:
         """One round: every worker's units in one message, hedged to alternate hosts when the
-        primary is slower than its latency estimate; replies split back per unit.
-        Returns (expert -> {responder: (outputs or failure, call id)}, primaries that lost to a hedge)."""
+        primary is slower than its latency estimate; every reply fed back to the machine."""
         by_worker: dict[str, list[int]] = {}
         for expert, workers in work.items():
             for w in workers:
                 by_worker.setdefault(w, []).append(expert)
-        calls = {}
         covers: dict[str, list[int]] = {}  # call id -> the experts it carries
-        for w, es in by_worker.items():
-            rows = sum(units[e].rows.shape[0] for e in es)
-            calls[w] = HedgedCall(self._request(layer, units, es, covers), self.latency.hedge_after(w, rows),
-                                  partial(self._hedge_requests, layer, w, es, units, standing, covers))
-            self.latency.count_call()
-        timeout = max(self.latency.deadline(w, sum(units[e].rows.shape[0] for e in es)) for w, es in by_worker.items())
-
+        calls = {w: self._hedged_call(machine, groups, w, es, covers) for w, es in by_worker.items()}
+        timeout = max(self.latency.deadline(w, self._rows(groups, es)) for w, es in by_worker.items())
         answers = self.transport.call_hedged(calls, timeout, self.latency, self.latency.peer_patience)
-        replies: dict[int, dict[str, tuple]] = {}
-        lost: list[str] = []
         for w in by_worker:
-            reply = answers[w]
-            if not reply.by_primary:
-                lost.append(w)
-            for call in reply.abandoned:  # the losing side may still answer: compare it then
-                self._await_late(call, cause, layer, [units[e] for e in covers[call]])
-            for e in reply.settled:  # its other replica's answer stands alone (quorum rule 7)
-                units[e].quorum.waive()
-            for (responder, outcome), call, seconds in zip(reply.parts, reply.calls, reply.durations, strict=True):
-                mine = covers[call]
-                sent = {e: units[e].rows for e in mine}
-                for e in mine:
-                    units[e].tried.add(responder)
-                try:
-                    if isinstance(outcome, BaseException):
-                        raise outcome
-                    decoded = decode_response(outcome, sent)
-                    self.count_wire(0, len(outcome["data"]))
-                    self.latency.observe(responder, seconds, sum(x.shape[0] for x in sent.values()))
-                    self.on_receipt(responder, outcome)
-                    msg, experts, _ = self._calls[call]
-                    self._calls[call] = (msg, experts, outcome)
-                    for e in mine:
-                        replies.setdefault(e, {})[responder] = (decoded[e], call)
-                except Exception as exc:  # refused, closed, timed out or malformed: a failed reply
-                    for e in mine:
-                        replies.setdefault(e, {})[responder] = (exc, call)
-        return replies, lost
+            self._receive(machine, groups, w, answers[w], covers)
 
-    def _request(self, layer: int, units: Mapping[int, _Unit], experts: list[int],
-                 covers: dict[str, list[int]]) -> dict:
+    def _hedged_call(
+        self,
+        machine: LayerQuorums,
+        groups: Mapping[int, torch.Tensor],
+        worker: str,
+        experts: list[int],
+        covers: dict[str, list[int]],
+    ) -> HedgedCall:
+        msg = self._request(machine.layer, groups, experts, covers)
+        self.latency.count_call()
+        return HedgedCall(
+            msg,
+            self.latency.hedge_after(worker, self._rows(groups, experts)),
+            partial(self._hedge_requests, machine, groups, worker, experts, covers),
+        )
+
+    @staticmethod
+    def _rows(groups: Mapping[int, torch.Tensor], experts: list[int]) -> int:
+        return sum(groups[e].shape[0] for e in experts)
+
+    def _receive(
+        self,
+        machine: LayerQuorums,
+        groups: Mapping[int, torch.Tensor],
+        primary: str,
+        reply: Reply,
+        covers: Mapping[str, list[int]],
+    ) -> None:
+        """One primary's reply: whether it lost, what was abandoned or settled, and every answer part."""
+        if not reply.by_primary:
+            machine.lost(primary)
+        for call in reply.abandoned:  # the losing side may still answer: compare it then
+            self._late.expect(
+                call,
+                Awaited(
+                    machine.cause,
+                    machine.layer,
+                    [machine.units[e] for e in covers[call]],
+                    self._calls.get(call, ({}, None, None))[0],
+                    {e: groups[e] for e in covers[call]},
+                ),
+            )
+        for e in reply.settled:  # its other replica's answer stands alone (quorum rule 7)
+            machine.waive(e)
+        for (responder, outcome), call, seconds in zip(reply.parts, reply.calls, reply.durations, strict=True):
+            self._receive_part(machine, groups, responder, outcome, call, seconds, covers[call])
+
+    def _receive_part(
+        self,
+        machine: LayerQuorums,
+        groups: Mapping[int, torch.Tensor],
+        responder: str,
+        outcome: Any,
+        call: str,
+        seconds: float,
+        experts: list[int],
+    ) -> None:
+        for e in experts:
+            machine.tried_by(e, responder)
+        try:
+            decoded = self._accept_answer(responder, outcome, call, seconds, {e: groups[e] for e in experts})
+        except Exception as exc:  # refused, closed, timed out or malformed: a failed reply
+            kind = "timeout" if isinstance(exc, (CallTimeoutError, TimeoutError)) else "error"
+            for e in experts:
+                machine.failed(e, responder, kind, call)
+            return
+        for e in experts:
+            machine.answered(e, responder, decoded[e], call)
+
+    def _accept_answer(
+        self, responder: str, outcome: Any, call: str, seconds: float, sent: Mapping[int, torch.Tensor]
+    ) -> dict[int, torch.Tensor]:
+        """Decode one answer and book it (bytes, latency, receipt, the call's record); raises
+        whatever makes it a failed reply."""
+        if isinstance(outcome, BaseException):
+            raise outcome
+        decoded = decode_response(outcome, sent)
+        self.count_wire(0, len(outcome["data"]))
+        self.latency.observe(responder, seconds, sum(x.shape[0] for x in sent.values()))
+        self.on_receipt(responder, outcome)
+        msg, experts, _ = self._calls[call]
+        self._calls[call] = (msg, experts, outcome)
+        return decoded
+
+    def _request(
+        self, layer: int, groups: Mapping[int, torch.Tensor], experts: list[int], covers: dict[str, list[int]]
+    ) -> dict:
         call = uuid.uuid4().hex
         covers[call] = experts
-        msg = encode_request(self.model_id, layer, {e: units[e].rows for e in experts}, call=call)
+        msg = encode_request(self.model_id, layer, {e: groups[e] for e in experts}, call=call)
         msg.update(self._stamp)
         self._calls[call] = (msg, experts, None)  # (message, experts, the answer once it came)
         self.count_wire(len(msg["data"]), 0)
         return msg
 
-    def _hedge_requests(self, layer: int, worker: str, experts: list[int], units: Mapping[int, _Unit],
-                        standing: Callable[[str], Standing], covers: dict[str, list[int]],
-                        view: HedgeView) -> tuple[tuple[tuple[str, dict], ...], frozenset[int]]:
+    def _hedge_requests(
+        self,
+        machine: LayerQuorums,
+        groups: Mapping[int, torch.Tensor],
+        worker: str,
+        experts: list[int],
+        covers: dict[str, list[int]],
+        view: HedgeView,
+    ) -> tuple[tuple[tuple[str, dict], ...], frozenset[int]]:
         """Called by the transport when a hedge is due (on its event loop, while `run` waits):
         (hedge messages for the message's unanswered experts, experts settled without one)."""
-        todo = [e for e in experts if e in view.missing]
-        settled = frozenset(e for e in todo if self._settled_elsewhere(units[e], worker, view, standing))
-        todo = [e for e in todo if e not in settled]
         book = self._route_latency
-        picked = self._alternates(worker, todo, units, standing, view.avoid, view.occupied,
-                                  book.estimate if book is not None else None) if todo else {}
-        if todo and not picked:
-            return (), frozenset()
-        return tuple((aw, self._request(layer, units, aes, covers)) for aw, aes in picked.items()), settled
-
-    @staticmethod
-    def _settled_elsewhere(unit: _Unit, worker: str, view: HedgeView, standing: Callable[[str], Standing]) -> bool:
-        """Quorum rule 7: `worker` only made a replicated unit's quorum, and another replica that
-        counts has already answered for it, so that answer can stand alone if `worker` is late."""
-        if unit.quorum.anchorless or unit.quorum.quorum < 2:
-            return False
-        return any(w != worker and w in unit.tried and (standing(w).trusted or standing(w).established)
-                   for w in view.answered.get(unit.expert, ()))
-
-    @staticmethod
-    def _alternates(worker: str, experts: list[int], units: Mapping[int, _Unit],
-                    standing: Callable[[str], Standing], avoid: frozenset[str] = frozenset(),
-                    occupied: frozenset[str] = frozenset(),
-                    estimate: Callable[[str], float | None] | None = None) -> dict[str, list[int]]:
-        """Hedge targets covering every unit of the message: for each unit a host not yet used
-        or hedged to for it, of another owner than the primary and not slow right now (`avoid`), idle hosts
-        before occupied ones (the hedge might queue behind their call), reusing a target
-        already picked when it can (fewer messages); with latency estimates, the closest first
-        within idle and within occupied hosts (unmeasured ones count as close). Empty when some
-        unit has no such host."""
-        owner = standing(worker).owner or worker
-        picked: dict[str, list[int]] = {}
-        for e in experts:
-            hosts = [w for w in units[e].candidates if w not in units[e].tried and w not in units[e].hedge_hosts
-                     and w != worker and w not in avoid and (standing(w).owner or w) != owner]
-            hosts = [w for w in hosts if w not in occupied] + [w for w in hosts if w in occupied]
-            if estimate is not None:  # sorted is stable: the order above breaks ties
-                hosts.sort(key=lambda w: (w in occupied, estimate(w) or 0.0))
-            if not hosts:
-                return {}
-            target = next((w for w in hosts if w in picked), hosts[0])
-            picked.setdefault(target, []).append(e)
-        for target, es in picked.items():
-            for e in es:
-                units[e].hedge_hosts.add(target)
-        return picked
+        picked, settled = machine.hedge_due(
+            worker,
+            experts,
+            view.missing,
+            view.answered,
+            view.avoid,
+            view.occupied,
+            book.estimate if book is not None else None,
+        )
+        return tuple((aw, self._request(machine.layer, groups, aes, covers)) for aw, aes in picked.items()), settled

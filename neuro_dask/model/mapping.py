@@ -92,8 +92,16 @@ def _run_batch(model, task: str, rows: list[list[int]], max_new_tokens: int, opt
     return texts
 
 
-def run_prompts(model, prompts: list, task: str, batch_size: int, max_new_tokens: int, progress: bool,
-                options: dict, limits: RequestLimits | None = None) -> list:
+def run_prompts(
+    model,
+    prompts: list,
+    task: str,
+    batch_size: int,
+    max_new_tokens: int,
+    progress: bool,
+    options: dict,
+    limits: RequestLimits | None = None,
+) -> list:
     """Results in the prompts' order: text (generate), log-likelihood (score), or MapFailure."""
     if task not in ("generate", "score"):
         raise ValueError(f"task must be 'generate' or 'score', not {task!r}")
@@ -103,15 +111,16 @@ def run_prompts(model, prompts: list, task: str, batch_size: int, max_new_tokens
     ready: list[tuple[int, list[int]]] = []
     for i, prompt in enumerate(prompts):
         try:
-            ready.append((i, _prepare(model, prompt, max_new_tokens if task == "generate" else 0, i,
-                                      limits.max_prompt_tokens)))
+            ready.append(
+                (i, _prepare(model, prompt, max_new_tokens if task == "generate" else 0, i, limits.max_prompt_tokens))
+            )
         except (ValueError, NeuroDaskError) as exc:
             results[i] = MapFailure(prompt, str(exc))
     stats = model.last_map_stats = []
     bar = _progress(len(prompts), progress)
     bar.update(len(prompts) - len(ready))
     for start in range(0, len(ready), batch_size):
-        chunk = ready[start:start + batch_size]
+        chunk = ready[start : start + batch_size]
         began = time.perf_counter()
         try:
             out = _run_batch(model, task, [ids for _, ids in chunk], max_new_tokens, options)
@@ -139,18 +148,27 @@ def _partition_scheduler() -> str | None:
     """Where the input's partitions are computed: with Dask's default (your cluster, if one is
     active) normally; in this process when hardened mode is on, because a hardened network's
     volunteers run neuro_dask's expert tasks only, never a data pipeline (docs/security.md)."""
-    from neuro_dask.security.hardening import is_installed
+    from neuro_dask.security.mode import hardened
 
-    return "threads" if is_installed() else None
+    return "threads" if hardened() else None
 
 
-def map_collection(model, collection, task: str = "generate", batch_size: int = 32, max_new_tokens: int = 32,
-                   progress: bool = True, **options):
+def map_collection(
+    model,
+    collection,
+    task: str = "generate",
+    batch_size: int = 32,
+    max_new_tokens: int = 32,
+    progress: bool = True,
+    **options,
+):
     if task not in ("generate", "score"):
         raise ValueError(f"task must be 'generate' or 'score', not {task!r}")
     limits = request_limits(task, batch_size, max_new_tokens)  # before any partition is computed
-    run = lambda prompts: run_prompts(model, prompts, task, batch_size, max_new_tokens, progress, options,  # noqa: E731
-                                      limits)
+
+    def run(prompts):
+        return run_prompts(model, prompts, task, batch_size, max_new_tokens, progress, options, limits)
+
     if isinstance(collection, (list, tuple)):
         return run(list(collection))
     kind = type(collection).__module__.split(".")[0] + "." + type(collection).__name__
@@ -165,7 +183,7 @@ def map_collection(model, collection, task: str = "generate", batch_size: int = 
         flat = run([x for p in parts for x in p])
         out, i = [], 0
         for p in parts:
-            out.append(flat[i:i + len(p)])
+            out.append(flat[i : i + len(p)])
             i += len(p)
         return db.from_delayed([_delayed(chunk) for chunk in out])
     if kind.startswith("dask") and type(collection).__name__ == "Series":
@@ -176,14 +194,17 @@ def map_collection(model, collection, task: str = "generate", batch_size: int = 
         flat = run([x for p in parts for x in p.tolist()])
         out, i = [], 0
         for p in parts:
-            out.append(pd.Series(flat[i:i + len(p)], index=p.index, name=p.name, dtype=object))
+            out.append(pd.Series(flat[i : i + len(p)], index=p.index, name=p.name, dtype=object))
             i += len(p)
         import dask
 
         # Results are objects (str, float or MapFailure): Dask must not turn them into pyarrow strings.
         with dask.config.set({"dataframe.convert-string": False}):
-            return dd.from_delayed([_delayed(s) for s in out], meta=pd.Series([], name=collection.name, dtype=object),
-                                   divisions=collection.divisions if collection.known_divisions else None)
+            return dd.from_delayed(
+                [_delayed(s) for s in out],
+                meta=pd.Series([], name=collection.name, dtype=object),
+                divisions=collection.divisions if collection.known_divisions else None,
+            )
     raise MapInputError(kind)
 
 

@@ -18,9 +18,10 @@ a disagreement is settled by a third split, and the liar found by re-asking one 
 shares of a third worker (`_verify`). An expert with no second disjoint pair runs unverified
 (counted in `stats["unverified"]`).
 
-It wraps a DistributedExecutor and borrows its routes, suspects, ledger requests and settings;
-calls go over Dask comms to each worker's `neuro_expert_share` handler (the direct transport
-path whatever neuro.client.transport says).
+It wraps a DistributedExecutor and uses its public side: routes, suspects, reports (load, call
+records, judged replies, receipts, disputes) and its request scope, priced at the private tier
+(`requests`); calls go over Dask comms to each worker's `neuro_expert_share` handler (the direct
+transport path whatever neuro.client.transport says).
 With a ledger, requests are held at the private tier's price; each share holder signs a receipt
 for every share it computes, and the request's fee pays the rows those receipts show.
 """
@@ -31,18 +32,23 @@ import asyncio
 import logging
 import os
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from functools import cached_property
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from neuro_dask.client.dispatch.executor import DistributedExecutor
+from neuro_dask.client.dispatch.requests import PaidRequests
 from neuro_dask.client.dispatch.routes import ExpertUnavailableError, RouteTable
-from neuro_dask.client.dispatch.trusted import Outcome
+from neuro_dask.client.dispatch.trusted import Dispute, Outcome
 from neuro_dask.errors import NeuroDaskError
 from neuro_dask.privacy.fixed_point import FRAC_BITS, decode, encode
 from neuro_dask.privacy.share_wire import decode_share_response, encode_share_request
 from neuro_dask.privacy.sharing import RandomBytes, reconstruct, split
+from neuro_dask.protocol.records import CallReport
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +63,8 @@ class PrivateTierUnavailableError(NeuroDaskError):
             f"privacy='private' needs every expert served by workers of at least 2 distinct owners, but expert(s) "
             f"{self.experts} of layer {layer} of model {model!r} have live replicas of owner(s) "
             f"{ {e: self.owners.get(e, []) for e in self.experts} }: start workers of another owner "
-            "(`--neuro-owner ID`), raise the scheduler's --neuro-replicas, or use the standard tier")
+            "(`--neuro-owner ID`), raise the scheduler's --neuro-replicas, or use the standard tier"
+        )
 
 
 def owner_of(routes: RouteTable, worker: str) -> str:
@@ -65,9 +72,13 @@ def owner_of(routes: RouteTable, worker: str) -> str:
     return routes.standing_of(worker).owner or worker
 
 
-def plan_pairs(routes: RouteTable, layer: int, rows: Mapping[int, int], exclude: set[str] = frozenset(),
-               avoid: Mapping[int, set[str]] | None = None
-               ) -> tuple[dict[int, tuple[str, str]], dict[int, list[str]]]:
+def plan_pairs(
+    routes: RouteTable,
+    layer: int,
+    rows: Mapping[int, int],
+    exclude: set[str] = frozenset(),
+    avoid: Mapping[int, set[str]] | None = None,
+) -> tuple[dict[int, tuple[str, str]], dict[int, list[str]]]:
     """Pure: expert -> (worker of share 0, worker of share 1) of distinct owners, spreading rows
     over the least-loaded replicas; and expert -> its live owners for experts without a pair.
     `exclude`: workers not to use at all; `avoid[e]`: workers not to use for expert e (those
@@ -113,58 +124,77 @@ class PrivateQuorumError(NeuroDaskError):
 
     def __init__(self, layer: int, expert: int, step: str, pairs):
         self.layer, self.expert, self.step, self.pairs = layer, expert, step, [tuple(p) for p in pairs]
-        super().__init__(f"layer {layer} expert {expert} ({step}): the share holders {self.pairs} disagreed and no "
-                         "further independent pair of distinct owners was available to decide; nothing unverified "
-                         "was used. Start more workers of other owners, or raise --neuro-replicas")
+        super().__init__(
+            f"layer {layer} expert {expert} ({step}): the share holders {self.pairs} disagreed and no "
+            "further independent pair of distinct owners was available to decide; nothing unverified "
+            "was used. Start more workers of other owners, or raise --neuro-replicas"
+        )
 
 
 class PrivateExecutor:
-    """Runs a layer's experts on secret shares; everything else is the wrapped executor's."""
+    """Runs a layer's experts on secret shares, over the wrapped DistributedExecutor's routes."""
 
     privacy = "private"
 
-    def __init__(self, base: Any, frac_bits: int = FRAC_BITS, random_bytes: RandomBytes = os.urandom):
-        self.__dict__["base"] = base  # before __getattr__ could look for it
+    def __init__(self, base: DistributedExecutor, frac_bits: int = FRAC_BITS, random_bytes: RandomBytes = os.urandom):
+        self.base = base
         self.frac_bits = frac_bits
         self.random_bytes = random_bytes
         self._stats_lock = threading.Lock()
         self._layer = threading.local()  # this thread's layer call: workers used, messages, outcome
-        self.stats = {"layers": 0, "round_trips": 0, "messages": 0, "bytes_sent": 0, "bytes_received": 0,
-                      "worker_compute_s": 0.0, "rows": 0, "verified": 0, "unverified": 0, "disputes": 0,
-                      "caught": 0}
+        self.stats = {
+            "layers": 0,
+            "round_trips": 0,
+            "messages": 0,
+            "bytes_sent": 0,
+            "bytes_received": 0,
+            "worker_compute_s": 0.0,
+            "rows": 0,
+            "verified": 0,
+            "unverified": 0,
+            "disputes": 0,
+            "caught": 0,
+        }
 
-    def __getattr__(self, name: str) -> Any:  # settings, routes, begin_request, close, ... of the base
-        return getattr(self.__dict__["base"], name)
+    # ---- what it shares with the wrapped executor -------------------------------------------
 
     @property
-    def request(self) -> str:
-        return self.base.request
-
-    @request.setter
-    def request(self, value: str) -> None:
-        self.base.request = value
+    def model_id(self) -> str:
+        return self.base.model_id
 
     @property
-    def stamp(self) -> dict:
-        return self.base.stamp
+    def settings(self):
+        return self.base.settings
 
-    @stamp.setter
-    def stamp(self, value: dict) -> None:
-        self.base.stamp = value
+    @property
+    def routes(self) -> RouteTable:
+        return self.base.routes
 
-    def begin_request(self, expert_tokens: int) -> None:
-        """Held at the private tier's price (configs/neuro.yaml `price-per-private-expert-token`)."""
-        self.base.begin_request(expert_tokens, tier="private")
+    @cached_property
+    def requests(self) -> PaidRequests:
+        """The wrapped executor's requests, held at the private tier's price (configs/neuro.yaml
+        `price-per-private-expert-token`)."""
+        return self.base.requests.priced_at("private")
+
+    @property
+    def settlements(self) -> list[dict]:
+        return self.base.settlements
+
+    def fetch_routes(self) -> RouteTable:
+        return self.base.fetch_routes()
+
+    def flush_reports(self) -> None:
+        self.base.flush_reports()
+
+    def close(self) -> None:
+        self.base.close()
 
     # ---- one layer ----------------------------------------------------------------------------
 
     def run_layer(self, layer: int, groups: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         base = self.base
         started = base.clock()
-        with base._lock:
-            base._refresh_in_background(started)  # new replicas, reputation; reports load
-            for e, rows in groups.items():
-                base.load[(layer, e)] = base.load.get((layer, e), 0) + rows.shape[0]
+        base.start_layer(layer, groups)  # new replicas, reputation; reports load
         f = self.frac_bits
         call = self._layer
         call.workers, call.messages, call.outcome, call.checked = set(), 0, "failed", False
@@ -187,15 +217,14 @@ class PrivateExecutor:
     def _record_call(self, layer: int, experts: int, seconds: float) -> None:
         """One record per layer for the dashboard's call stream, as the standard tier's (transport
         "private"; outcome ok, checked, caught or failed), sent with the next route refresh."""
-        base, call = self.base, self._layer
-        base.layer_seconds.append(seconds)
-        with base._lock:
-            if len(base.calls) < 500:
-                base.calls.append([layer, experts, sorted(call.workers), seconds, call.messages, 0, call.outcome,
-                                   "private"])
+        call = self._layer
+        self.base.record_call(
+            CallReport(layer, experts, tuple(sorted(call.workers)), seconds, call.messages, 0, call.outcome, "private")
+        )
 
-    def _step(self, layer: int, step: str, secrets: dict[int, torch.Tensor], width: int | None
-              ) -> dict[int, torch.Tensor]:
+    def _step(
+        self, layer: int, step: str, secrets: dict[int, torch.Tensor], width: int | None
+    ) -> dict[int, torch.Tensor]:
         """The step's exact ring values: from one split, or, with neuro.client.trust, agreed on by
         two independent splits on worker-disjoint pairs (a third settles a disagreement)."""
         first = self._shared_step(layer, step, secrets, width)
@@ -203,8 +232,9 @@ class PrivateExecutor:
             return {e: c.total for e, c in first.items()}
         return self._verify(layer, step, secrets, width, first)
 
-    def _verify(self, layer: int, step: str, secrets: dict[int, torch.Tensor], width: int | None,
-                first: dict[int, Computed]) -> dict[int, torch.Tensor]:
+    def _verify(
+        self, layer: int, step: str, secrets: dict[int, torch.Tensor], width: int | None, first: dict[int, Computed]
+    ) -> dict[int, torch.Tensor]:
         """Private quorum. Shares are random, so a second split reveals nothing more; the linear
         map is exact on the ring, so honest splits reconstruct to identical integers and one
         wrong share changes the sum. Agreement validates all four holders; a disagreement is
@@ -232,14 +262,23 @@ class PrivateExecutor:
         self._report_judged(layer, step, outcomes)
         return results
 
-    def _settle(self, layer: int, step: str, expert: int, secret: torch.Tensor, width: int | None,
-                opinions: tuple[Computed, Computed]) -> tuple[torch.Tensor, list[tuple[str, str, int]]]:
+    def _settle(
+        self,
+        layer: int,
+        step: str,
+        expert: int,
+        secret: torch.Tensor,
+        width: int | None,
+        opinions: tuple[Computed, Computed],
+    ) -> tuple[torch.Tensor, list[tuple[str, str, int]]]:
         """A third split decides. It avoids both disputed pairs where enough workers host the
         expert; else one pair, then the other: a third split without the liar matches the honest
         one bit for bit, one with it matches neither (its error depends on the random share)."""
         c1, c2 = opinions
         for avoid in ({*c1.pair, *c2.pair}, set(c1.pair), set(c2.pair)):
-            c3 = self._shared_step(layer, step, {expert: secret}, width, avoid={expert: avoid}, required=False).get(expert)
+            c3 = self._shared_step(layer, step, {expert: secret}, width, avoid={expert: avoid}, required=False).get(
+                expert
+            )
             if c3 is None:
                 continue
             agree = [c for c in opinions if torch.equal(c.total, c3.total)]
@@ -258,21 +297,34 @@ class PrivateExecutor:
                 return good.total, judged
         raise PrivateQuorumError(layer, expert, step, [c.pair for c in opinions])
 
-    def _find_liar(self, layer: int, step: str, expert: int, width: int | None, bad: Computed,
-                   truth: torch.Tensor, honest: list[str]) -> tuple[str | None, list[str]]:
+    def _find_liar(
+        self,
+        layer: int,
+        step: str,
+        expert: int,
+        width: int | None,
+        bad: Computed,
+        truth: torch.Tensor,
+        honest: list[str],
+    ) -> tuple[str | None, list[str]]:
         """Re-ask share 0 of the losing split of a worker that may see it (not share 1's holder,
         nor of its owner), one known honest first: the same answer means share 1's holder lied;
         an answer that with share 1's makes the truth means share 0's holder lied. (None, ...)
         when no witness settles it (no one is judged then); the witnesses asked come second."""
         base = self.base
         w0, w1 = bad.pair
-        ranked = [w for w in base.routes.ranked(layer, expert)
-                  if w not in (w0, w1) and owner_of(base.routes, w) != owner_of(base.routes, w1)]
+        ranked = [
+            w
+            for w in base.routes.ranked(layer, expert)
+            if w not in (w0, w1) and owner_of(base.routes, w) != owner_of(base.routes, w1)
+        ]
         asked: list[str] = []
         for witness in sorted(ranked, key=lambda w: w not in honest)[:2]:
             asked.append(witness)
-            msg = {**encode_share_request(base.model_id, layer, step, self.frac_bits, {expert: bad.shares[0]}),
-                   **base.stamp}
+            msg = {
+                **encode_share_request(base.model_id, layer, step, self.frac_bits, {expert: bad.shares[0]}),
+                **self.requests.stamp(),
+            }
             reply = base.client.sync(self._call_all, {witness: msg}, base.settings.deadline)[witness]
             try:
                 if isinstance(reply, BaseException):
@@ -281,7 +333,7 @@ class PrivateExecutor:
             except Exception as exc:
                 log.info("private quorum: witness %s did not answer (%s)", witness, exc)
                 continue
-            base._note_receipt(witness, reply)
+            base.reports.note_receipt(witness, reply)
             if torch.equal(answer, bad.answers[0]):
                 return w1, asked
             if torch.equal(reconstruct(answer, bad.answers[1]), truth):
@@ -292,8 +344,6 @@ class PrivateExecutor:
         """The liar's signed answer to the scheduler, which recomputes it on a referee (the map is
         exact, so an honest referee's bytes are identical). The referee must not see the other
         share of the split: its holder, and the witnesses that were shown share 0, are excluded."""
-        from neuro_dask.client.dispatch.trusted import Dispute
-
         index = bad.pair.index(liar)
         if not bad.calls:
             return
@@ -302,29 +352,40 @@ class PrivateExecutor:
         if not isinstance(receipt, dict):
             return
         others = [bad.pair[1 - index]] + (witnesses if index == 1 else [])
-        evidence = {"receipt": dict(receipt), "expert": int(expert), "dtype": "int64", "hidden": int(msg["width"]),
-                    "inputs": bytes(msg["data"]), "outputs": bytes(response["data"]), "exclude": others}
-        self.base._file_disputes([Dispute(liar, layer, expert, evidence)])
+        evidence = {
+            "receipt": dict(receipt),
+            "expert": int(expert),
+            "dtype": "int64",
+            "hidden": int(msg["width"]),
+            "inputs": bytes(msg["data"]),
+            "outputs": bytes(response["data"]),
+            "exclude": others,
+        }
+        self.base.reports.file_disputes([Dispute(liar, layer, expert, evidence)])
 
     def _report_judged(self, layer: int, step: str, outcomes: list[tuple[str, str, int]]) -> None:
         """Validated share holders are reported (credited up to their receipts); a caught one is
         skipped by this client for the cooldown. Its lie cannot be proven to the scheduler without
         revealing the secret, so it costs it nothing beyond this client's routing and pay."""
-        base = self.base
         if not outcomes:
             return
-        with base._lock:
-            for w, kind, e in outcomes:
-                base.outcomes.append((Outcome(w, kind, f"private:{step}:{layer}:{e}", layer, e), base.request))
-                if kind == "invalid":
-                    base.suspects[w] = base.clock() + base.settings.suspect_cooldown
+        self.base.note_outcomes([Outcome(w, kind, f"private:{step}:{layer}:{e}", layer, e) for w, kind, e in outcomes])
+        for w in {w for w, kind, _ in outcomes if kind == "invalid"}:
+            self.base.suspect(w)
 
     def _count(self, key: str) -> None:
         with self._stats_lock:
             self.stats[key] += 1
 
-    def _shared_step(self, layer: int, step: str, secrets: dict[int, torch.Tensor], width: int | None,
-                     avoid: Mapping[int, set[str]] | None = None, required: bool = True) -> dict[int, Computed]:
+    def _shared_step(
+        self,
+        layer: int,
+        step: str,
+        secrets: dict[int, torch.Tensor],
+        width: int | None,
+        avoid: Mapping[int, set[str]] | None = None,
+        required: bool = True,
+    ) -> dict[int, Computed]:
         """Apply the step's linear map to every secret through two non-colluding workers;
         `width`: the outputs' columns (None: any even width, the same from both workers).
         `avoid`: workers not to use per expert; with `required=False`, experts that find no pair
@@ -332,7 +393,7 @@ class PrivateExecutor:
         base = self.base
         pending = dict(secrets)
         results: dict[int, Computed] = {}
-        exclude: set[str] = set(base.suspects)
+        exclude: set[str] = base.suspected()
         waited_since: float | None = None
         while pending:
             pairs, short = plan_pairs(base.routes, layer, {e: x.shape[0] for e, x in pending.items()}, exclude, avoid)
@@ -346,9 +407,11 @@ class PrivateExecutor:
             for e, workers in pairs.items():
                 for worker, share in zip(workers, split(pending[e], self.random_bytes), strict=True):
                     per_worker.setdefault(worker, {})[e] = share  # a fresh split per expert and try
-            stamp = base.stamp
-            calls = {w: {**encode_share_request(base.model_id, layer, step, self.frac_bits, g), **stamp}
-                     for w, g in per_worker.items()}
+            stamp = self.requests.stamp()
+            calls = {
+                w: {**encode_share_request(base.model_id, layer, step, self.frac_bits, g), **stamp}
+                for w, g in per_worker.items()
+            }
             outcomes = base.client.sync(self._call_all, calls, base.settings.deadline)
             answers: dict[str, dict[int, torch.Tensor]] = {}
             for worker, sent in per_worker.items():
@@ -357,13 +420,17 @@ class PrivateExecutor:
                     if isinstance(outcome, BaseException):
                         raise outcome
                     answers[worker] = decode_share_response(outcome, sent, width)
-                    base._note_receipt(worker, outcome)  # share rows are paid by the signed receipts
+                    base.reports.note_receipt(worker, outcome)  # share rows are paid by the signed receipts
                 except Exception as exc:  # refused, closed, timed out or malformed: a failed call
-                    log.warning("private layer %d %s: call to %s failed (%s); re-sharing its experts elsewhere",
-                                layer, step, worker, exc)
+                    log.warning(
+                        "private layer %d %s: call to %s failed (%s); re-sharing its experts elsewhere",
+                        layer,
+                        step,
+                        worker,
+                        exc,
+                    )
                     exclude.add(worker)
-                    with base._lock:
-                        base.suspects[worker] = base.clock() + base.settings.suspect_cooldown
+                    base.suspect(worker)
                     continue
                 with self._stats_lock:
                     self.stats["bytes_sent"] += len(calls[worker]["data"])
@@ -380,11 +447,17 @@ class PrivateExecutor:
                 if w0 in answers and w1 in answers:  # else both shares are re-sent, freshly split
                     a, b = answers[w0][e], answers[w1][e]
                     if a.shape != b.shape or a.shape[1] % 2 and width is None:
-                        raise NeuroDaskError(f"layer {layer} expert {e}: workers {w0} and {w1} answered shares of "
-                                             f"shapes {tuple(a.shape)} and {tuple(b.shape)}; they serve different "
-                                             "weights for the same expert")
-                    results[e] = Computed((w0, w1), (per_worker[w0][e], per_worker[w1][e]), (a, b),
-                                          ((calls[w0], outcomes[w0]), (calls[w1], outcomes[w1])))
+                        raise NeuroDaskError(
+                            f"layer {layer} expert {e}: workers {w0} and {w1} answered shares of "
+                            f"shapes {tuple(a.shape)} and {tuple(b.shape)}; they serve different "
+                            "weights for the same expert"
+                        )
+                    results[e] = Computed(
+                        (w0, w1),
+                        (per_worker[w0][e], per_worker[w1][e]),
+                        (a, b),
+                        ((calls[w0], outcomes[w0]), (calls[w1], outcomes[w1])),
+                    )
                     del pending[e]
         return results
 
@@ -411,14 +484,17 @@ class PrivateExecutor:
             base.routes = base.fetch_routes()
         except (OSError, NeuroDaskError) as exc:
             log.debug("private tier: could not fetch routes: %s", exc)
-        base.suspects.clear()
+        base.forgive_suspects()
         return since
 
 
 def make_private(model: Any, **options: Any) -> Any:
     """Switch a distributed model to the private tier in place (same as nd.load(..., privacy="private"))."""
-    if getattr(model.executor, "privacy", "standard") != "private":
-        if not hasattr(model.executor, "fetch_routes"):
-            raise NeuroDaskError("the private tier needs a distributed model: nd.load(path, client=client)")
-        model.executor = PrivateExecutor(model.executor, **options)
+    if isinstance(model.executor, PrivateExecutor):
+        return model
+    if not isinstance(model.executor, DistributedExecutor):
+        raise NeuroDaskError("the private tier needs a distributed model: nd.load(path, client=client)")
+    private = PrivateExecutor(model.executor, **options)
+    model.executor = private
+    model.use_requests(private.requests)
     return model

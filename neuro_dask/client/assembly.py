@@ -5,7 +5,8 @@ network); it knows nothing of either."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -18,8 +19,9 @@ from neuro_dask.store.manifest import LAYOUT_TRANSFORMERS
 from neuro_dask.store.shard_store import ShardStore
 
 
-def assemble_model(store: ShardStore, executor: ExpertExecutor, dtype: torch.dtype,
-                   device: str | torch.device = "cpu") -> MoEModel:
+def assemble_model(
+    store: ShardStore, executor: ExpertExecutor, dtype: torch.dtype, device: str | torch.device = "cpu"
+) -> MoEModel:
     """Trunk and tokenizer from the store, experts behind `executor`."""
     cfg = store.config
     where = str(store.path(store.manifest.trunk))
@@ -33,8 +35,10 @@ def assemble_model(store: ShardStore, executor: ExpertExecutor, dtype: torch.dty
         if torch.device(device).type != "cpu":
             from neuro_dask.errors import ConfigError
 
-            raise ConfigError(f"device={device!r}: the hand-written trunk of {cfg.model_type} runs on the CPU; "
-                              "shard with `neuro-dask shard --layout transformers` to run the trunk on a GPU")
+            raise ConfigError(
+                f"device={device!r}: the hand-written trunk of {cfg.model_type} runs on the CPU; "
+                "shard with `neuro-dask shard --layout transformers` to run the trunk on a GPU"
+            )
         trunk = build_trunk(cfg, store.read_trunk(), dtype, where)
         cls = MoEModel
     tok_path = store.tokenizer_path()
@@ -55,9 +59,14 @@ def transformers_local_executor(store: ShardStore, dtype: torch.dtype, device: s
 
     precision = "bfloat16" if dtype == torch.bfloat16 else "float32"
     spec, raw = store.manifest.experts_spec or {}, store.manifest.config
-    return RunnerExecutor({(a.layer, a.expert): transformers_runner(store.expert_path(a.layer, a.expert), spec, raw,
-                                                                    a.layer, precision, device)
-                           for a in store.manifest.experts})
+    return RunnerExecutor(
+        {
+            (a.layer, a.expert): transformers_runner(
+                store.expert_path(a.layer, a.expert), spec, raw, a.layer, precision, device
+            )
+            for a in store.manifest.experts
+        }
+    )
 
 
 def build_trunk(cfg: MoEConfig, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, where: str) -> Trunk:
