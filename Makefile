@@ -41,7 +41,7 @@ demo: $(VENV)/.runtime
 test: lint test-fast test-slow
 
 lint: $(VENV)/.test
-	@echo "== make test, step 0: ruff (lint and format check, pyproject.toml [tool.ruff]) =="
+	@echo "== make test, step 1 of 3: ruff (lint and format check, pyproject.toml [tool.ruff]) =="
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
@@ -49,11 +49,11 @@ lint: $(VENV)/.test
 PYTEST := $(BIN)/python -m pytest --durations=10 --durations-min=5
 
 test-fast: $(VENV)/.test
-	@echo "== make test, step 1 of 2: the default suite (pytest -m 'not slow'; about 6 minutes on 2 cores) =="
+	@echo "== make test, step 2 of 3: the default suite (pytest -m 'not slow'; about 8 minutes on 2 cores) =="
 	$(PYTEST) -m "not slow"
 
 test-slow: $(VENV)/.test
-	@echo "== make test, step 2 of 2: the slow suite (pytest -m slow; about 4 minutes on 2 cores) =="
+	@echo "== make test, step 3 of 3: the slow suite (pytest -m slow; about 4 minutes on 2 cores) =="
 	$(PYTEST) -m slow
 
 bench: $(VENV)/.test
