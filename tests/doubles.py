@@ -11,6 +11,17 @@ class CountingExecutor:
         self.inner = inner
         self.calls = 0
 
+    @property
+    def model_id(self):
+        return self.inner.model_id
+
+    @property
+    def tier(self):
+        return self.inner.tier
+
+    def counters(self):
+        return self.inner.counters()
+
     def run_layer(self, layer, groups):
         self.calls += 1
         return self.inner.run_layer(layer, groups)

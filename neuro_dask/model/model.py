@@ -498,15 +498,13 @@ class MoEModel:
     @property
     def model_id(self) -> str | None:
         """The id the scheduler serves this model under (its manifest's); None for a local model."""
-        return getattr(self.executor, "model_id", None)
+        return self.executor.model_id
 
     @property
     def tier(self) -> str:
         """Where the experts run: "local" (this process), "standard" (on workers) or "private"
         (on workers, on secret shares: `nd.load(..., privacy="private")`)."""
-        if getattr(self.executor, "privacy", None) == "private":
-            return "private"
-        return "local" if self.model_id is None else "standard"
+        return self.executor.tier
 
     def stats(self) -> dict[str, Any]:
         """Counters of this model's expert calls so far, as a plain dict (a snapshot: later calls
@@ -522,28 +520,7 @@ class MoEModel:
           trust on "verified", "unverified", "disputes", "caught" (steps checked by two
           independent splits, steps that could not be, disagreements, liars reported).
         """
-        executor = self.executor
-        out: dict[str, Any] = {"tier": self.tier, "model_id": self.model_id}
-        counters = getattr(executor, "stats", None)
-        if isinstance(counters, dict):  # the private tier counts for itself
-            lock = getattr(executor, "_stats_lock", None) or contextlib.nullcontext()
-            with lock:
-                out.update(counters)
-            return out
-        seconds = getattr(executor, "layer_seconds", None)
-        if seconds is not None:
-            timed = sorted(list(seconds))
-            out["layers"] = len(timed)
-            out["layer_ms_p50"] = 1000 * timed[len(timed) // 2] if timed else None
-        wire = getattr(executor, "wire_bytes", None)
-        if isinstance(wire, dict):
-            out["bytes_sent"], out["bytes_received"] = int(wire.get("sent", 0)), int(wire.get("received", 0))
-        trusted = getattr(executor, "trusted", None)
-        if trusted is not None:
-            out.update(
-                {name: int(getattr(trusted, name, 0)) for name in ("units", "replicas_sent", "unchecked", "hedges")}
-            )
-        return out
+        return {"tier": self.tier, "model_id": self.model_id, **self.executor.counters()}
 
     def close(self) -> None:
         """Release the executor's connections (a distributed model); a local model has none."""

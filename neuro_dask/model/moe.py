@@ -47,7 +47,18 @@ def run_expert(x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
 
 class ExpertExecutor(Protocol):
     """Runs one layer's expert calls. In process (LocalExpertExecutor, runtime/local.py), on workers
-    (client/dispatch/executor.py) and on secret shares (client/dispatch/private_executor.py)."""
+    (client/dispatch/executor.py) and on secret shares (client/dispatch/private_executor.py).
+
+    It also says what it is, for `MoEModel.model_id`, `.tier` and `.stats()`: the scheduler's id of
+    the model (None in process), where the experts run ("local", "standard" or "private"), and a
+    snapshot of its own counters (`counters()`, {} in process)."""
+
+    model_id: str | None
+    tier: str
+
+    def counters(self) -> dict[str, Any]:
+        """A snapshot of this executor's call counters (a new dict each time)."""
+        ...
 
     def run_layer(self, layer: int, groups: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """groups: expert id -> rows [n_e, D]; returns expert id -> outputs [n_e, D]."""
@@ -190,11 +201,17 @@ class LocalExpertExecutor:
     `weights` maps (layer, expert) to ExpertWeights; a store-backed mapping may load lazily.
     """
 
+    model_id = None
+    tier = "local"
+
     def __init__(self, weights: Mapping[tuple[int, int], ExpertWeights]):
         self.weights = weights
 
     def run_layer(self, layer: int, groups: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         return {e: run_expert(rows, self.weights[(layer, e)]) for e, rows in groups.items()}
+
+    def counters(self) -> dict[str, Any]:
+        return {}  # nothing crosses a network in process
 
     def close(self) -> None:
         pass  # nothing held beyond the weights, which the garbage collector frees

@@ -23,11 +23,17 @@ from neuro_dask.store.shard_store import ShardStore
 class RunnerExecutor:
     """ExpertExecutor over prepared runners: (layer, expert) -> runner."""
 
+    model_id = None
+    tier = "local"
+
     def __init__(self, runners: Mapping[tuple[int, int], ExpertRunner]):
         self.runners = runners
 
     def run_layer(self, layer: int, groups: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         return {e: self.runners[(layer, e)](rows) for e, rows in groups.items()}
+
+    def counters(self) -> dict:
+        return {}  # nothing crosses a network in process
 
     def nbytes(self) -> int:
         return sum(r.nbytes() for r in self.runners.values())

@@ -125,13 +125,11 @@ def test_a_local_model_has_no_id_and_nothing_to_count(model):
 
 
 def test_standard_tier_stats_from_the_distributed_executor(model):
+    from neuro_dask.client.dispatch.executor import DistributedExecutor, standard_counters
+
     trusted = SimpleNamespace(units=7, replicas_sent=9, unchecked=2, hedges=1, disputes=[])
-    model.executor = SimpleNamespace(
-        model_id="mixtral-1",
-        layer_seconds=deque([0.003, 0.001, 0.002]),
-        wire_bytes={"sent": 100, "received": 80},
-        trusted=trusted,
-    )
+    counted = standard_counters(deque([0.003, 0.001, 0.002]), {"sent": 100, "received": 80}, trusted)
+    model.executor = SimpleNamespace(model_id="mixtral-1", tier=DistributedExecutor.tier, counters=lambda: counted)
     assert model.model_id == "mixtral-1" and model.tier == "standard"
     assert model.stats() == {
         "tier": "standard",
@@ -145,12 +143,7 @@ def test_standard_tier_stats_from_the_distributed_executor(model):
         "unchecked": 2,
         "hedges": 1,
     }
-    model.executor = SimpleNamespace(
-        model_id="m", layer_seconds=deque(), wire_bytes={"sent": 0, "received": 0}, trusted=None
-    )  # trust off
-    assert model.stats() == {
-        "tier": "standard",
-        "model_id": "m",
+    assert standard_counters(deque(), {"sent": 0, "received": 0}, None) == {  # trust off
         "layers": 0,
         "layer_ms_p50": None,
         "bytes_sent": 0,
@@ -175,7 +168,7 @@ def test_private_tier_stats_are_a_snapshot_of_its_counters(model):
 def test_a_following_model_reports_its_current_version(model):
     from neuro_dask.client.following import FollowingModel
 
-    model.executor = SimpleNamespace(model_id="v1", layer_seconds=deque(), wire_bytes={}, trusted=None)
+    model.executor = SimpleNamespace(model_id="v1", tier="standard", counters=dict)
     following = FollowingModel.__new__(FollowingModel)
     following.__dict__["model"] = model
     assert following.model_id == "v1" and following.stats()["model_id"] == "v1" and following.tier == "standard"

@@ -26,6 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from distributed import Client
@@ -60,11 +61,31 @@ class RoutesUnavailableError(ExpertUnavailableError):
         )
 
 
+TRUST_COUNTERS = ("units", "replicas_sent", "unchecked", "hedges")
+
+
+def standard_counters(layer_seconds: Iterable[float], wire_bytes: Mapping[str, int], trusted: Any) -> dict[str, Any]:
+    """`MoEModel.stats()` of the standard tier: layer calls and their median time, the hidden
+    states' bytes both ways, and with trust on the trust runner's counts."""
+    timed = sorted(layer_seconds)
+    out: dict[str, Any] = {
+        "layers": len(timed),
+        "layer_ms_p50": 1000 * timed[len(timed) // 2] if timed else None,
+        "bytes_sent": int(wire_bytes.get("sent", 0)),
+        "bytes_received": int(wire_bytes.get("received", 0)),
+    }
+    if trusted is not None:
+        out.update({name: int(getattr(trusted, name)) for name in TRUST_COUNTERS})
+    return out
+
+
 class DistributedExecutor:
     """ExpertExecutor over the network (model/moe.py). Pipelined micro-batches
     (neuro.client.micro-batches) call run_layer from several threads at once: shared state
     changes under a lock, per-call state is per thread, and the trust runner (quorum
     bookkeeping, hedge budget) takes one layer at a time."""
+
+    tier = "standard"
 
     def __init__(
         self,
@@ -105,6 +126,9 @@ class DistributedExecutor:
         self._lock = threading.RLock()
         self._trusted_lock = threading.Lock()
         self._layer = threading.local()  # this thread's layer call: workers that answered, its outcome
+
+    def counters(self) -> dict[str, Any]:
+        return standard_counters(list(self.layer_seconds), self.wire_bytes, self.trusted)
 
     @property
     def settlements(self) -> list[dict]:

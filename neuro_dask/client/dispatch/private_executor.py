@@ -135,6 +135,7 @@ class PrivateExecutor:
     """Runs a layer's experts on secret shares, over the wrapped DistributedExecutor's routes."""
 
     privacy = "private"
+    tier = "private"
 
     def __init__(self, base: DistributedExecutor, frac_bits: int = FRAC_BITS, random_bytes: RandomBytes = os.urandom):
         self.base = base
@@ -182,6 +183,11 @@ class PrivateExecutor:
 
     def fetch_routes(self) -> RouteTable:
         return self.base.fetch_routes()
+
+    def counters(self) -> dict[str, Any]:
+        """The private tier counts for itself (shares, round trips, verified steps): a snapshot."""
+        with self._stats_lock:
+            return dict(self.stats)
 
     def flush_reports(self) -> None:
         self.base.flush_reports()
