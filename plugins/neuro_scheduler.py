@@ -64,7 +64,20 @@ from neuro_dask.dashboard.pages import register as register_dashboard_pages
 from neuro_dask.dashboard.views import NetworkView, WorkerView
 from neuro_dask.errors import NeuroDaskError
 from neuro_dask.ledger.service import LedgerService
-from neuro_dask.protocol.records import OutcomeReport, RecordError
+from neuro_dask.protocol.messages import (
+    Dispute,
+    ExpertsLoaded,
+    Pause,
+    ReportCalls,
+    ReportLoad,
+    ReportOutcomes,
+    RequestBegin,
+    RequestEnd,
+    Routes,
+    Unreachable,
+    VolunteerStatus,
+    receiver,
+)
 from neuro_dask.scheduler import reports, routing
 from neuro_dask.scheduler import requests as request_rules
 from neuro_dask.scheduler.coordinator import Coordinator, DropExperts, LoadExperts, PublishedModel
@@ -158,23 +171,31 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             {
                 "neuro_adopt": self.handle_adopt,
                 "neuro_channels": self.channels_status,
-                "neuro_request_begin": self.request_begin,
-                "neuro_request_end": self.request_end,
-                "neuro_report_outcomes": self.report_outcomes,
                 "neuro_trust": self.trust,
                 "neuro_publish": self.publish,
-                "neuro_routes": self.routes,
-                "neuro_experts_loaded": self.experts_loaded,
-                "neuro_unreachable": self.unreachable,
-                "neuro_report_load": self.report_load,
                 "neuro_status": self.status,
                 "neuro_ledger_report": self.handle_ledger_report,
-                "neuro_report_calls": self.report_calls,
-                "neuro_pause": self.pause,
-                "neuro_dispute": self.dispute,
             }
         )
-        scheduler.handlers["neuro_volunteer"] = self.volunteer  # `neuro-dask worker-status`
+        # Peers' operations: each reads its typed message (protocol/messages.py) before the method runs.
+        scheduler.handlers.update(
+            {
+                m.OP: receiver(m, method)
+                for m, method in (
+                    (RequestBegin, self.request_begin),
+                    (RequestEnd, self.request_end),
+                    (ReportOutcomes, self.report_outcomes),
+                    (Routes, self.routes),
+                    (ExpertsLoaded, self.experts_loaded),
+                    (Unreachable, self.unreachable),
+                    (ReportLoad, self.report_load),
+                    (ReportCalls, self.report_calls),
+                    (Pause, self.pause),
+                    (Dispute, self.dispute),
+                    (VolunteerStatus, self.volunteer),  # `neuro-dask worker-status`
+                )
+            }
+        )
         scheduler.extensions["neuro"] = self
         neuro_metrics.register(self)
 
@@ -230,10 +251,10 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         change = self.reputation.join(name, capacity.owner, trusted=trusted, now=time.time())
         self._publish_change(change)
         if self.reputation.record(name).trusted:
-            self._enact(self.coordinator.set_anchor(worker))  # not a member yet: no re-plan before the join's
+            self.enact(self.coordinator.set_anchor(worker))  # not a member yet: no re-plan before the join's
         if self.ledger is not None:
             self._in_ledger(self.ledger.join, name, capacity.owner)
-        self._enact(self.coordinator.worker_joined(capacity))
+        self.enact(self.coordinator.worker_joined(capacity))
 
     def remove_worker(self, scheduler, worker: str, **kwargs) -> None:
         name = self.identity.pop(worker, None)
@@ -258,7 +279,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             del self._precisions[key]
         if name is not None:
             self.reputation.leave(name, time.time())
-        self._enact(self.coordinator.worker_left(worker))
+        self.enact(self.coordinator.worker_left(worker))
 
     # ---- handlers ------------------------------------------------------------------------------
 
@@ -281,7 +302,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         if model_id not in self.coordinator.models:
             log.info("publishing %s from %s: %d experts", model_id, redact_url(store_url), len(experts))
             self.scheduler.log_event("neuro", {"action": "publish", "model": model_id, "store": redact_url(store_url)})
-            self._enact(
+            self.enact(
                 self.coordinator.model_published(PublishedModel(model_id, store_url, experts, summarize(manifest)))
             )
         self._save_state()
@@ -324,13 +345,12 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         stores = {m: p.store_url for m, p in self.coordinator.models.items() if m in self.channels.channel_of}
         return {"status": "OK", **status, "stores": stores}
 
-    async def request_begin(
-        self, comm, model: str, request: str = "", account: str = "", expert_tokens: int = 0, tier: str = "standard"
-    ) -> dict[str, Any]:
+    async def request_begin(self, comm, msg: RequestBegin) -> dict[str, Any]:
         """Lease the version (a retiring one stays published until its requests end), hold the
         fee (with a ledger: from an account the calling certificate may charge), and sign the
         request's ticket. The request id is the scheduler's, whatever the client proposed: ids
         and their receipts are never reused."""
+        model, account, expert_tokens, tier = msg.model, msg.account, msg.expert_tokens, msg.tier
         if not request_rules.may_begin(model, self.coordinator.models, self.channels.retired):
             return {
                 "status": "error",
@@ -377,8 +397,9 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         self._requests[request] = {"who": who, "client": client, "expert_tokens": int(expert_tokens), "tier": tier}
         return {**held, **version, "request": request, "ticket": ticket}
 
-    async def request_end(self, comm, request: str) -> dict[str, Any]:
+    async def request_end(self, comm, msg: RequestEnd) -> dict[str, Any]:
         """Only the client that began a request ends it: the verified receipts settle it."""
+        request = msg.request
         identity = comm_identity(comm)
         begun = self._requests.get(request)
         if begun is None:
@@ -420,11 +441,12 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         for model in retired:
             log.info("retiring model %s: its requests have ended", model)
             self._event("neuro", {"action": "retire", "model": model, "channel": self.channels.retired[model]})
-            self._enact(self.coordinator.model_retired(model))
+            self.enact(self.coordinator.model_retired(model))
         if retired or passed:
             self._save_state()
 
-    def routes(self, model: str) -> dict[str, Any]:
+    def routes(self, msg: Routes) -> dict[str, Any]:
+        model = msg.model
         if model not in self.coordinator.models:
             return {"status": "error", "message": f"model {model!r} is not published on this scheduler"}
         snap = self.coordinator.routes(model)
@@ -447,12 +469,11 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             "unloadable": routing.unloadable_reasons(model, unloadable, self._load_errors),
         }
 
-    def experts_loaded(
-        self, comm, worker: str, model: str, loaded: list, failed: list, precision: str = "float32"
-    ) -> dict[str, Any]:
+    def experts_loaded(self, comm, msg: ExpertsLoaded) -> dict[str, Any]:
+        worker, model, failed = msg.worker, msg.model, msg.failed
         # Clients compare replicas within the tolerance of their precisions (trust/validation.py).
-        self._precisions[(worker, model)] = str(precision)
-        ignored = self.coordinator.experts_loaded(worker, model, [tuple(p) for p in loaded])
+        self._precisions[(worker, model)] = msg.precision
+        ignored = self.coordinator.experts_loaded(worker, model, list(msg.loaded))
         if ignored:  # only assigned experts count: the rest is a claim without an assignment behind it
             report(
                 "claims",
@@ -474,11 +495,12 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             self.scheduler.log_event(
                 "neuro", {"action": "load-failed", "worker": worker, "model": model, "failed": failed[:20]}
             )
-            self._enact(self.coordinator.load_failed(worker, model, [(l, e) for l, e, _ in failed]))
+            self.enact(self.coordinator.load_failed(worker, model, [(l, e) for l, e, _ in failed]))
         return {"status": "OK", "ignored": ignored}
 
-    def pause(self, worker: str, paused: bool, reason: str = "") -> dict[str, Any]:
+    def pause(self, msg: Pause) -> dict[str, Any]:
         """An idle-only worker's owner is busy (or no longer): leave it out of routes until it resumes."""
+        worker, paused, reason = msg.worker, msg.paused, msg.reason
         if worker not in self.coordinator.workers:
             return {"status": "error", "message": f"{worker} is not a neuro worker of this scheduler"}
         was = worker in self.paused
@@ -499,11 +521,11 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             )
         return {"status": "OK"}
 
-    def unreachable(self, worker: str, model: str, experts: list) -> dict[str, Any]:
+    def unreachable(self, msg: Unreachable) -> dict[str, Any]:
         """A client got no answer: its own routing already skips the worker. Routes for everyone
         change only if the scheduler's own probe fails too (neuro_dask/trust/probes.py)."""
-        if worker in self.coordinator.workers and model in self.coordinator.models:
-            self.probes.report(worker, model, [tuple(p) for p in experts])
+        if msg.worker in self.coordinator.workers and msg.model in self.coordinator.models:
+            self.probes.report(msg.worker, msg.model, list(msg.experts))
         return {"status": "OK", "probe": "scheduled"}
 
     def _start_probes(self) -> None:
@@ -551,7 +573,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
                 },
             )
             if failed and probe.worker in self.coordinator.workers:
-                self._enact(self.coordinator.worker_unreachable(probe.worker, probe.model, failed))
+                self.enact(self.coordinator.worker_unreachable(probe.worker, probe.model, failed))
                 name = self.identity.get(probe.worker)
                 if name is not None:
                     change = self.reputation.timeout(name, probe_cause(uuid.uuid4().hex), time.time())
@@ -591,16 +613,16 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def report_load(self, model: str, load: list) -> dict[str, Any]:
+    def report_load(self, msg: ReportLoad) -> dict[str, Any]:
         """How often clients called each expert (placement gives hot ones an extra replica): only
         published experts count, each report at most max-rows per expert (a claim that only moves
         where replicas go, bounded so one client cannot make every expert hot at once)."""
-        published = self.coordinator.models.get(model)
+        published = self.coordinator.models.get(msg.model)
         if published is None:
-            return {"status": "error", "message": f"model {model!r} is not published on this scheduler"}
+            return {"status": "error", "message": f"model {msg.model!r} is not published on this scheduler"}
         cap = float(SecuritySettings.load().max_rows)
-        counted = reports.counted_load(model, load, published.experts, cap)
-        self._enact(self.coordinator.report_load(counted))
+        counted = reports.counted_load(msg.model, msg.load, published.experts, cap)
+        self.enact(self.coordinator.report_load(counted))
         return {"status": "OK"}
 
     # ---- reputation ----------------------------------------------------------------------------
@@ -617,7 +639,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             self._standings[address] = (r, dict(standing))
         return standing
 
-    def report_outcomes(self, comm, model: str, outcomes: list, receipts: list = (), batch: str = "") -> dict[str, Any]:
+    def report_outcomes(self, comm, msg: ReportOutcomes) -> dict[str, Any]:
         """Clients present the workers' signed receipts (each verified, for the presenting client's
         own request, once: trust/receipts.py) and report judged replies [worker, kind, cause_id,
         layer, expert, rows, request]. Only `validated` moves reputation, and only as far as that
@@ -625,7 +647,8 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         proves a wrong answer with neuro_dispute); late, timeout and error are the client's own
         observations: counted for the dashboard, never against the worker."""
         identity = comm_identity(comm)
-        offered = self.desk.offer(receipts, identity.name if identity is not None else None)
+        model = msg.model
+        offered = self.desk.offer(list(msg.receipts), identity.name if identity is not None else None)
         if receipts_refused(offered):
             self._event(
                 "neuro-security",
@@ -639,11 +662,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             )
         now = time.time()
         credited = 0
-        for raw in outcomes:
-            try:
-                row = OutcomeReport.from_msg(raw)
-            except RecordError:
-                continue  # a hardened scheduler's schema refuses these before; an open one skips them
+        for row in msg.outcomes:  # rows that were not OutcomeReports are already left out
             worker, kind, cause_id, layer, expert, request = (
                 row.worker,
                 row.kind,
@@ -676,7 +695,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             self._save_reputation()
         return {"status": "OK", "receipts": dict(offered), "credited": credited}
 
-    async def dispute(self, comm, model: str, evidence: dict) -> dict[str, Any]:
+    async def dispute(self, comm, msg: Dispute) -> dict[str, Any]:
         """A client's complaint that a worker answered wrongly, with that worker's signed answer:
         the scheduler checks it and recomputes the rows on referees it picks before anything
         moves. Proven: the worker's reputation (and, if an operator-trusted referee recomputed
@@ -684,6 +703,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         strike; too many and its complaints are refused (neuro.scheduler.max-unproven-reports)."""
         identity = comm_identity(comm)
         peer = getattr(comm, "peer_address", "")
+        model, evidence = msg.model, msg.evidence
         result = await self.desk.settle_dispute(
             evidence,
             identity.name if identity is not None else None,
@@ -812,18 +832,12 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         self.scheduler.log_event(topic, msg)
         self.events.append({"time": time.time(), "topic": topic, **msg})
 
-    def report_calls(self, model: str, calls: list, transport: str = "") -> dict[str, Any]:
-        """Layer-call records for the dashboard (CallRecord.from_report): untrusted plain data,
-        each field checked, a malformed record dropped. They move no reputation and no money: a
-        client that lies skews only what the dashboard shows (calls, tokens/s, latency)."""
+    def report_calls(self, msg: ReportCalls) -> dict[str, Any]:
+        """Layer-call records for the dashboard: untrusted plain data, each field checked (a
+        malformed record is already dropped, not the batch). They move no reputation and no
+        money: a client that lies skews only what the dashboard shows (calls, tokens/s, latency)."""
         now = time.time()
-        records = []
-        for raw in (calls if isinstance(calls, (list, tuple)) else ())[:1_000]:
-            try:
-                records.append(CallRecord.from_report(raw, model, now))
-            except (TypeError, ValueError):
-                continue  # a malformed record is dropped, not the batch
-        self.feed.add_calls(records)
+        self.feed.add_calls([CallRecord.of(call, msg.model, now) for call in msg.calls])
         return {"status": "OK"}
 
     async def _sample(self) -> None:
@@ -1015,16 +1029,16 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             return {"status": "error", "message": "this scheduler runs no ledger (set neuro.ledger.url)"}
         return {"status": "OK", "report": await self._in_ledger(self.ledger.report)}
 
-    async def volunteer(self, worker: str) -> dict[str, Any]:
+    async def volunteer(self, msg: VolunteerStatus) -> dict[str, Any]:
         """One worker's reputation and ledger figures (neuro_dask/volunteer/status.py)."""
         from neuro_dask.volunteer.status import scheduler_report
 
-        return await scheduler_report(self, worker)
+        return await scheduler_report(self, msg.worker)
 
     def trust(self, worker: str, trusted: bool = True) -> dict[str, Any]:
         address, name = routing.resolve_worker(self.identity, worker)
         self._publish_change(self.reputation.mark_trusted(name, trusted))
-        self._enact(self.coordinator.set_anchor(address, trusted))
+        self.enact(self.coordinator.set_anchor(address, trusted))
         self._save_reputation()
         return {"status": "OK", "worker": name, "trusted": trusted}
 
@@ -1121,13 +1135,20 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
 
     # ---- actions -> messages -------------------------------------------------------------------
 
-    def _enact(self, actions) -> None:
+    @property
+    def tasks_in_flight(self) -> int:
+        """Sends and probes still running on the event loop (0: every decision so far is carried out)."""
+        return len(self._tasks)
+
+    def enact(self, actions) -> None:
+        """Carry out the coordinator's decisions: each LoadExperts or DropExperts goes to its worker (send_action)."""
         for action in actions:
-            task = asyncio.get_running_loop().create_task(self._send(action))
+            task = asyncio.get_running_loop().create_task(self.send_action(action))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _send(self, action: LoadExperts | DropExperts) -> None:
+    async def send_action(self, action: LoadExperts | DropExperts) -> None:
+        """One decision to its worker (a simulation replaces this with workers of its own)."""
         try:
             if isinstance(action, LoadExperts):
                 await self.scheduler.rpc(action.worker).neuro_assign(

@@ -45,6 +45,7 @@ from tqdm import tqdm
 from neuro_dask import console
 from neuro_dask.console import loaded_line, worker_banner
 from neuro_dask.errors import NeuroDaskError
+from neuro_dask.protocol.messages import Cancel, ExpertsLoaded, WorkerStatus, receiver
 from neuro_dask.protocol.wire import WireFormatError, decode_request, encode_error, encode_response
 from neuro_dask.runtime.drop_list import DropList
 from neuro_dask.runtime.expert_host import ExpertHost
@@ -104,11 +105,11 @@ class NeuroWorker:
         w.handlers.update(
             {
                 "neuro_expert": self.handle_expert,
-                "neuro_cancel": self.handle_cancel,
+                Cancel.OP: receiver(Cancel, self.handle_cancel),
                 "neuro_expert_share": self.handle_expert_share,
                 "neuro_assign": self.handle_assign,
                 "neuro_drop": self.handle_drop,
-                "neuro_status": self.handle_status,
+                WorkerStatus.OP: receiver(WorkerStatus, self.handle_status),
             }
         )
         w.startup_information["neuro"] = lambda _w: self.info()
@@ -255,10 +256,10 @@ class NeuroWorker:
         except (NeuroDaskError, KeyError, TypeError, ValueError) as exc:
             return encode_error(f"could not sign the answer: {exc}")
 
-    def handle_cancel(self, comm, calls: list) -> dict[str, Any]:
+    def handle_cancel(self, comm, msg: Cancel) -> dict[str, Any]:
         """The client won a hedge race elsewhere: skip these calls of its own if they have not started."""
         caller, _ = _caller(comm)
-        for key in admission.cancel_keys(caller, calls):
+        for key in admission.cancel_keys(caller, msg.calls):
             self.dropped.add(key)
         return {"status": "OK"}
 
@@ -293,13 +294,13 @@ class NeuroWorker:
                 "neuro", {"action": "load-failed", "model": model, "failed": failed[: admission.MAX_FAILED_IN_EVENT]}
             )
         try:
-            await self.worker.scheduler.neuro_experts_loaded(
-                worker=self.worker.address,
-                model=model,
-                loaded=[list(p) for p in result.loaded],
-                failed=failed,
-                precision=admission.reported_precision(self.host.status(), model),
-            )
+            await ExpertsLoaded(
+                self.worker.address,
+                model,
+                tuple(result.loaded),
+                tuple(failed),
+                admission.reported_precision(self.host.status(), model),
+            ).send(self.worker.scheduler)
         except Exception as exc:
             if self.worker.status == Status.running:  # while closing, the scheduler is gone anyway
                 log.warning("could not tell the scheduler which experts are loaded: %s", exc)
@@ -309,7 +310,7 @@ class NeuroWorker:
         console.say("dropped %d experts of %s (placed elsewhere)", len(experts), model)
         return {"status": "OK"}
 
-    def handle_status(self) -> dict[str, Any]:
+    def handle_status(self, msg: WorkerStatus) -> dict[str, Any]:
         # the host's per-model precision (what `auto` chose) wins over the configured setting
         return {
             **self.info(),

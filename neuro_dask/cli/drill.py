@@ -18,6 +18,7 @@ from distributed import Client, Worker
 from neuro_dask.client.cluster import local_cluster
 from neuro_dask.client.loading import load
 from neuro_dask.ledger.policy import format_neuro
+from neuro_dask.protocol.messages import WorkerStatus
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,7 @@ def _calls_served(client: Client, worker: Worker) -> int:
     its `after` calls to crash at all, so it counts as exercised."""
     if worker.status.name != "running":
         return worker.extensions["neuro"].adversary.calls if "neuro" in worker.extensions else 1
-    return client.sync(client.rpc(worker.address).neuro_status)["calls_served"]
+    return client.sync(WorkerStatus().send, client.rpc(worker.address))["calls_served"]
 
 
 def run_drill(

@@ -351,6 +351,17 @@ class Gateway:
         with self._lock:
             self._active.discard(flag)
 
+    @property
+    def in_flight(self) -> int:
+        """Generations running now (each holds a cancel flag until it ends)."""
+        with self._lock:
+            return len(self._active)
+
+    def cancelled(self) -> int:
+        """Generations in flight told to stop (a client went away, or the server closes)."""
+        with self._lock:
+            return sum(flag.is_set() for flag in self._active)
+
     def cancel_all(self) -> None:
         with self._lock:
             for flag in self._active:

@@ -37,6 +37,7 @@ from typing import Any
 
 from neuro_dask import console
 from neuro_dask.console import pause_line, resume_line
+from neuro_dask.protocol.messages import ExpertsLoaded, Pause
 from neuro_dask.volunteer.idle_policy import IdleMonitor, IdleSignals
 
 log = logging.getLogger("neuro_dask.worker.idle")
@@ -309,7 +310,7 @@ class IdleGuard:
 
     async def tell_scheduler(self, paused: bool, reason: str) -> None:
         try:
-            await self.worker.scheduler.neuro_pause(worker=self.worker.address, paused=paused, reason=reason)
+            await Pause(self.worker.address, paused, reason).send(self.worker.scheduler)
         except Exception as exc:  # the scheduler is away: calls are refused here anyway
             log.warning("idle-only: could not tell the scheduler: %s", exc)
 
@@ -318,12 +319,11 @@ class IdleGuard:
         host = self.adapter.host
         for model, pairs in host.hosted().items():
             try:
-                await self.worker.scheduler.neuro_experts_loaded(
-                    worker=self.worker.address,
-                    model=model,
-                    loaded=[list(p) for p in pairs],
-                    failed=[],
+                await ExpertsLoaded(
+                    self.worker.address,
+                    model,
+                    tuple(pairs),
                     precision=host.status().get("precision", {}).get(model, "float32"),
-                )
+                ).send(self.worker.scheduler)
             except Exception as exc:
                 log.warning("idle-only: could not re-report experts of %s: %s", model, exc)

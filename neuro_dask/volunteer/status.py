@@ -12,6 +12,7 @@ import socket
 from typing import Any
 
 from neuro_dask.errors import NeuroDaskError
+from neuro_dask.protocol.messages import VolunteerStatus, WorkerStatus
 
 
 class WorkerNotFoundError(NeuroDaskError):
@@ -96,7 +97,7 @@ def collect(client, worker: str | None = None) -> dict[str, Any]:
     if worker is None:
         return collect_all(client)[0]
     try:
-        sched = client.sync(client.scheduler.neuro_volunteer, worker=worker)
+        sched = client.sync(VolunteerStatus(worker).send, client.scheduler)
     except Exception as exc:  # refused (a client certificate) or an older plugin
         sched = {"status": "error", "message": str(exc)}
     address = sched.get("address") if sched.get("status") == "OK" else None
@@ -104,7 +105,7 @@ def collect(client, worker: str | None = None) -> dict[str, Any]:
         address = next((a for a, n in _names(client).items() if worker in (a, n)), None)
     if address is None:
         raise WorkerNotFoundError(worker, client.scheduler.address, sorted(_names(client).values()))
-    own = client.sync(client.rpc(address).neuro_status)
+    own = client.sync(WorkerStatus().send, client.rpc(address))
     paused = own.get("paused") or ""
     if isinstance(paused, bool):
         paused = own.get("pause_reason") or ("paused" if paused else "")

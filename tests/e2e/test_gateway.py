@@ -376,7 +376,7 @@ class SlowModel:
 
 def test_a_client_that_goes_away_mid_stream_stops_its_generation(server, api, monkeypatch):
     # The second token comes only once the server has noticed the client is gone.
-    slow = SlowModel(server.gateway.model, release=lambda: any(f.is_set() for f in list(server.gateway._active)))
+    slow = SlowModel(server.gateway.model, release=lambda: server.gateway.cancelled() > 0)
     monkeypatch.setattr(server.gateway, "model", slow)
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     conn.request(
@@ -390,13 +390,13 @@ def test_a_client_that_goes_away_mid_stream_stops_its_generation(server, api, mo
     assert resp.read(6) == b"data: "
     conn.close()  # mid-stream
     poll_until(
-        lambda: slow.closed and not server.gateway._active,
+        lambda: slow.closed and not server.gateway.in_flight,
         30,
         "the gateway to end the abandoned generation",
         interval=0.02,
     )
     assert slow.closed and slow.produced < 45, slow.produced
-    assert not server.gateway._active
+    assert not server.gateway.in_flight
     monkeypatch.undo()
     assert answer(api, PROBLEMS[0]).choices[0].text.strip() == PROBLEMS[0].answer  # still serving
 

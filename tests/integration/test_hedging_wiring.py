@@ -18,15 +18,15 @@ def test_a_worker_skips_a_call_it_was_told_to_drop(sharded, tmp_path):
             rows = {0: torch.randn(2, model.config.hidden_size)}
 
             async def calls():
-                await transport._ensure_started()
+                await transport.start()
                 # The drop may reach a worker before the call it names (they travel on different
                 # connections); either way the call is skipped when its turn comes.
-                await transport._tell_drop(worker, "abandoned")
-                dropped = await transport._call(
+                await transport.cancel(worker, "abandoned")
+                dropped = await transport.call(
                     worker, encode_request(model.executor.model_id, 0, rows, call="abandoned"), 10
                 )
-                kept = await transport._call(worker, encode_request(model.executor.model_id, 0, rows, call="kept"), 10)
-                again = await transport._call(
+                kept = await transport.call(worker, encode_request(model.executor.model_id, 0, rows, call="kept"), 10)
+                again = await transport.call(
                     worker, encode_request(model.executor.model_id, 0, rows, call="abandoned"), 10
                 )
                 return dropped, kept, again

@@ -11,6 +11,7 @@ from polling import poll_until
 from tiny_models import padded_batch
 
 import neuro_dask as nd
+from neuro_dask.protocol.messages import Routes
 from neuro_dask.protocol.wire import encode_request
 from neuro_dask.volunteer.idle import register_sampler
 from neuro_dask.volunteer.idle_policy import IdleSignals
@@ -79,7 +80,7 @@ def test_busy_worker_pauses_is_routed_around_and_resumes(sharded, tmp_path):
             assert not [e for e in events if e["action"] == "unreachable"]
             (last,) = [e for e in events if e["action"] in ("pause", "resume")][-1:]
             assert last["action"] == "pause" and "CPU" in last["reason"]
-            routes = plugin.routes(model_id)["routes"]
+            routes = plugin.routes(Routes(model_id))["routes"]
             assert all(address not in workers for _, _, workers in routes)
             assert all(workers for _, _, workers in routes)  # every expert still has a replica
             refused = _direct_call(client, address, model_id, layer, expert, hidden)
@@ -97,7 +98,7 @@ def test_busy_worker_pauses_is_routed_around_and_resumes(sharded, tmp_path):
                 60,
                 "the resumed worker's experts to be routed again",
             )
-            assert any(address in workers for _, _, workers in plugin.routes(model_id)["routes"])
+            assert any(address in workers for _, _, workers in plugin.routes(Routes(model_id))["routes"])
             events = _worker_events(client, address)
             assert [e for e in events if e["action"] in ("pause", "resume")][-1]["action"] == "resume"
             answer = _direct_call(client, address, model_id, layer, expert, hidden)

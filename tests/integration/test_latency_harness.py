@@ -116,7 +116,7 @@ def test_simulated_delay_never_blocks_the_loop_and_a_close_hedge_wins(sharded, t
                 return encode_request(model.executor.model_id, 0, rows, call=call)
 
             async def concurrent():
-                await transport._ensure_started()
+                await transport.start()
                 loop = asyncio.get_running_loop()
                 started = loop.time()
                 ticks = 0
@@ -129,9 +129,9 @@ def test_simulated_delay_never_blocks_the_loop_and_a_close_hedge_wins(sharded, t
 
                 ticker = asyncio.ensure_future(tick())
                 a, b, c = await asyncio.gather(
-                    transport._call(far, msg("x"), 5),
-                    transport._call(far, msg("y"), 5),
-                    transport._call(near, msg("z"), 5),
+                    transport.call(far, msg("x"), 5),
+                    transport.call(far, msg("y"), 5),
+                    transport.call(near, msg("z"), 5),
                 )
                 ticker.cancel()
                 return loop.time() - started, ticks, (a, b, c)

@@ -11,6 +11,7 @@ import random
 
 from polling import async_poll_until
 
+from neuro_dask.protocol.messages import ExpertsLoaded
 from neuro_dask.scheduler.coordinator import LoadExperts, PublishedModel
 from neuro_dask.testing.simulated import (
     disconnect,
@@ -27,9 +28,9 @@ async def _network(s, n: int):
     async def send(action) -> None:  # the simulated worker loads at once and reports
         sent.append(action)
         if isinstance(action, LoadExperts):
-            plugin.experts_loaded(None, action.worker, action.model, [list(p) for p in action.experts], [])
+            plugin.experts_loaded(None, ExpertsLoaded(action.worker, action.model, tuple(action.experts)))
 
-    plugin._send = send
+    plugin.send_action = send
     connected = {}
     for i, cap in enumerate(simulated_capacities(n, random.Random(0))):
         task, comm, _ = await register_simulated_worker(s, cap, f"sim-{i}")
@@ -38,7 +39,7 @@ async def _network(s, n: int):
 
 
 async def _settle(plugin) -> None:
-    await async_poll_until(lambda: not plugin._tasks, 60, "the sends of the last decision", interval=0.001)
+    await async_poll_until(lambda: not plugin.tasks_in_flight, 60, "the sends of the last decision", interval=0.001)
 
 
 def test_simulated_workers_join_serve_routes_and_leave_through_dask():
@@ -52,7 +53,7 @@ def test_simulated_workers_join_serve_routes_and_leave_through_dask():
                 s.workers[a].extra["neuro"]["memory_budget"] == plugin.coordinator.workers[a].memory_budget
                 for a in connected
             )
-            plugin._enact(
+            plugin.enact(
                 plugin.coordinator.model_published(
                     PublishedModel("mx", "memory://none", mixtral_shaped_experts(layers=4))
                 )

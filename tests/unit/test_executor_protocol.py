@@ -18,6 +18,7 @@ from neuro_dask.client.dispatch.reports import MAX_PENDING_CALLS, Reports
 from neuro_dask.client.dispatch.requests import PaidRequests, PaymentRefusedError
 from neuro_dask.errors import NeuroDaskError
 from neuro_dask.model.moe import NoRequests
+from neuro_dask.protocol.messages import RequestBegin
 from neuro_dask.protocol.records import CallReport, OutcomeReport
 from neuro_dask.settings import ClientSettings
 
@@ -208,7 +209,8 @@ def test_paid_requests_begin_stamp_lanes_and_end_with_the_reports_flushed_first(
     assert scope.micro_batches == 3 and scope.stamp() == {} and scope.account == "alice"
     with scope.charging("bob"):
         scope.begin(40)
-    assert scheduler.sent[-1] == ("begin", {"model": "m", "account": "bob", "expert_tokens": 40, "tier": "standard"})
+    kind, msg = scheduler.sent[-1]
+    assert kind == "begin" and RequestBegin.from_msg(msg) == RequestBegin("m", "bob", 40, "standard")
     assert scope.stamp() == {"request": "req-1", "ticket": {"sig": b"s"}} and scope.current_version == "v2"
     seen = []
     stamp = scope.stamp()

@@ -28,6 +28,8 @@ from distributed import Client
 from neuro_dask.client.dispatch.routes import RouteTable
 from neuro_dask.client.dispatch.trusted import Dispute
 from neuro_dask.errors import NeuroDaskError
+from neuro_dask.protocol import messages
+from neuro_dask.protocol.messages import ReportCalls, ReportLoad, ReportOutcomes, Routes, Unreachable
 from neuro_dask.protocol.records import CallReport, OutcomeReport
 from neuro_dask.settings import ClientSettings
 
@@ -195,12 +197,8 @@ class Reports:
 
     def report_unreachable(self, worker: str, layer: int, experts: list[int]) -> None:
         try:
-            self.client.sync(
-                self.client.scheduler.neuro_unreachable,
-                worker=worker,
-                model=self.model_id,
-                experts=[[layer, e] for e in experts],
-            )
+            message = Unreachable(worker, self.model_id, tuple((layer, e) for e in experts))
+            self.client.sync(message.send, self.client.scheduler)
         except Exception:  # reporting is best effort; the call itself is already being re-sent
             log.debug("could not report %s as unreachable", worker, exc_info=True)
 
@@ -212,15 +210,13 @@ class Reports:
     async def _refresh(self, batch: ReportBatch) -> RouteTable:
         """The batch first (so the routes already reflect it), then the routes."""
         await self._upload(batch)
-        return RouteTable.from_message(await self.client.scheduler.neuro_routes(model=self.model_id))
+        return RouteTable.from_message(await Routes(self.model_id).send(self.client.scheduler))
 
     async def _upload(self, batch: ReportBatch) -> None:
         scheduler = self.client.scheduler
         if batch.load:
             try:
-                await scheduler.neuro_report_load(
-                    model=self.model_id, load=[[l, e, n] for (l, e), n in batch.load.items()]
-                )
+                await ReportLoad(self.model_id, tuple((l, e, n) for (l, e), n in batch.load.items())).send(scheduler)
             except Exception:
                 log.debug("could not report expert load", exc_info=True)
         receipts = self._take_receipts()
@@ -228,26 +224,20 @@ class Reports:
             await self._send_outcomes(batch.outcomes, receipts)
         if batch.calls:
             try:
-                await scheduler.neuro_report_calls(
-                    model=self.model_id, calls=[c.to_msg() for c in batch.calls], transport=self.transport_name
-                )
+                await ReportCalls(self.model_id, tuple(batch.calls), self.transport_name).send(scheduler)
             except Exception:  # the dashboard's feed is best effort
                 log.debug("could not report calls", exc_info=True)
 
     async def _send_outcomes(self, outcomes: list[OutcomeReport], receipts: list[dict]) -> None:
         try:
-            await self.client.scheduler.neuro_report_outcomes(
-                model=self.model_id,
-                batch=uuid.uuid4().hex,
-                receipts=list(receipts),
-                outcomes=[o.to_msg() for o in outcomes],
-            )
+            report = ReportOutcomes(self.model_id, tuple(outcomes), tuple(receipts), uuid.uuid4().hex)
+            await report.send(self.client.scheduler)
         except Exception:  # best effort; the output is already decided
             log.debug("could not report trust outcomes", exc_info=True)
 
     async def _dispute(self, dispute: Dispute) -> None:
         try:
-            reply = await self.client.scheduler.neuro_dispute(model=self.model_id, evidence=dispute.evidence)
+            reply = await messages.Dispute(self.model_id, dispute.evidence).send(self.client.scheduler)
         except Exception as exc:  # the scheduler is away: the worker stays skipped here
             reply = {"status": "error", "message": str(exc)}
         with self._lock:

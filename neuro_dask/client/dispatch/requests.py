@@ -24,6 +24,7 @@ from typing import Any
 from distributed import Client
 
 from neuro_dask.errors import NeuroDaskError
+from neuro_dask.protocol.messages import RequestBegin, RequestEnd
 from neuro_dask.scheduler.versions import RetiredVersionError
 from neuro_dask.settings import ClientSettings
 
@@ -133,13 +134,8 @@ class PaidRequests:
         """Before any work: the scheduler leases this model version for the request, quotes and
         holds the fee at the tier's price (when it runs a ledger), or refuses, and then nothing is
         sent. Its reply names the request and carries the ticket every call of it shows the workers."""
-        reply = self.client.sync(
-            self.client.scheduler.neuro_request_begin,
-            model=self.model_id,
-            account=self.account or "",
-            expert_tokens=int(expert_tokens),
-            tier=self.tier,
-        )
+        begin = RequestBegin(self.model_id, self.account or "", int(expert_tokens), self.tier)
+        reply = self.client.sync(begin.send, self.client.scheduler)
         if reply.get("retired"):
             raise RetiredVersionError(self.model_id, str(reply.get("channel")), reply.get("current"))
         if reply.get("unpublished"):
@@ -160,7 +156,7 @@ class PaidRequests:
         charged = self._threads.charged
         self._flush()
         self._adopt({})
-        reply = self.client.sync(self.client.scheduler.neuro_request_end, request=request)
+        reply = self.client.sync(RequestEnd(request).send, self.client.scheduler)
         self._forget(request)  # presented with the flush: nothing of this request is kept
         if not charged:
             return

@@ -38,6 +38,7 @@ from distributed import Client, wait
 from distributed.core import ConnectionPool
 
 from neuro_dask.client.dispatch.tasks import serve_expert_call
+from neuro_dask.protocol.messages import Cancel
 from neuro_dask.trust.latency import LatencyBook, SimulatedLatency
 
 log = logging.getLogger(__name__)
@@ -246,7 +247,8 @@ class DirectTransport(_Measured):
         # Answers of abandoned calls, oldest first; appended on the event loop, drained by the caller.
         self.late: deque[LateReply] = deque(maxlen=10_000)
 
-    async def _call(self, worker: str, msg: dict[str, Any], timeout: float) -> WorkerAnswer:
+    async def call(self, worker: str, msg: dict[str, Any], timeout: float) -> WorkerAnswer:
+        """One expert call, on the event loop: its answer, or the error it ended with (a timeout: CallTimeoutError)."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
@@ -267,7 +269,8 @@ class DirectTransport(_Measured):
             await asyncio.sleep(rtt / 2)  # simulated: the way back
         return outcome
 
-    async def _ensure_started(self) -> None:
+    async def start(self) -> None:
+        """Open the connection pool (once; every call needs it)."""
         if not self._started:
             started = self.pool.start()
             if asyncio.iscoroutine(started):
@@ -275,8 +278,8 @@ class DirectTransport(_Measured):
             self._started = True
 
     async def _call_all(self, calls: Mapping[str, dict[str, Any]], timeout: float) -> dict[str, WorkerAnswer]:
-        await self._ensure_started()
-        results = await asyncio.gather(*(self._call(w, m, timeout) for w, m in calls.items()))
+        await self.start()
+        results = await asyncio.gather(*(self.call(w, m, timeout) for w, m in calls.items()))
         return dict(zip(calls, results, strict=True))
 
     def call_many(self, calls: Mapping[str, dict[str, Any]], timeout: float) -> dict[str, WorkerAnswer]:
@@ -347,7 +350,7 @@ class DirectTransport(_Measured):
             mode = "patient"
             now = loop.time()
             for w, m in alternates:
-                flight = _Flight(w, m, asyncio.ensure_future(self._call(w, m, timeout)), now)
+                flight = _Flight(w, m, asyncio.ensure_future(self.call(w, m, timeout)), now)
                 flights.append(flight)
                 in_flight[flight.task] = flight
         return self._ended(worker, answered + failed, len(flights) > 1, (), loop.time() - rnd.started)
@@ -394,14 +397,15 @@ class DirectTransport(_Measured):
 
         task.add_done_callback(finished)
         if call_id is not None:
-            loop.create_task(self._tell_drop(worker, call_id))
+            loop.create_task(self.cancel(worker, call_id))
 
-    async def _tell_drop(self, worker: str, call_id: str) -> None:
+    async def cancel(self, worker: str, call_id: str) -> None:
+        """Tell `worker` to skip call `call_id` if it has not started it (a lost hedge race); best effort."""
         rtt = self._simulated(worker)
         if rtt:
             await asyncio.sleep(rtt / 2)  # simulated: a one-way message
         try:
-            await asyncio.wait_for(self.pool(worker).neuro_cancel(calls=[call_id]), self.connect_timeout)
+            await asyncio.wait_for(Cancel((call_id,)).send(self.pool(worker)), self.connect_timeout)
         except Exception:  # best effort: the call may already be done, or the worker gone
             log.debug("could not tell %s to drop call %s", worker, call_id, exc_info=True)
 
@@ -418,9 +422,9 @@ class DirectTransport(_Measured):
     async def _hedged_all(
         self, calls: Mapping[str, HedgedCall], timeout: float, budget: HedgeBudget, peer_patience: PeerPatience | None
     ) -> dict[str, Reply]:
-        await self._ensure_started()
+        await self.start()
         loop = asyncio.get_running_loop()
-        primaries = {w: asyncio.ensure_future(self._call(w, c.msg, timeout)) for w, c in calls.items()}
+        primaries = {w: asyncio.ensure_future(self.call(w, c.msg, timeout)) for w, c in calls.items()}
         rnd = _Round(loop.time(), primaries, calls, peer_patience, loop)
         replies = await asyncio.gather(*(self._hedged_one(w, c, timeout, budget, rnd) for w, c in calls.items()))
         return dict(zip(calls, replies, strict=True))
