@@ -20,6 +20,13 @@ Projection per token:
   client_head + 32 x (client_layer + overhead + rtt + transfer + expert)
 Printed beside Petals' published single-batch figures (README: about 1 s per step for BLOOM-176B
 over the Internet; up to 6 steps/s for Llama 2 70B). Results: benchmarks/results/projection.json.
+
+With speculative decoding (docs/performance.md), one pass verifies `--drafts` tokens and yields
+the tokens per pass that benchmarks/bench_speculative.py measured at a 20 ms round trip (read
+from benchmarks/results/speculative.json; each draft kind and workload), for the GPU column
+with a bfloat16 wire: a pass costs what a plain step costs plus, per layer, the extra rows'
+transfer, and the drafting (`--draft-ms` per drafted token, assumed: a small draft model on the
+client's GPU). ms/token = pass / tokens per pass.
 """
 
 from __future__ import annotations
@@ -83,6 +90,8 @@ def main(argv=None) -> int:
     p.add_argument("--mbit", type=float, default=100.0, help="assumed uplink, Mbit/s")
     p.add_argument("--gpu-expert-ms", type=float, default=0.5, help="assumed GPU time of one expert call")
     p.add_argument("--gpu-client-layer-ms", type=float, default=1.0, help="assumed GPU time of one client layer")
+    p.add_argument("--drafts", type=int, default=4, help="speculative: draft tokens verified per pass")
+    p.add_argument("--draft-ms", type=float, default=2.0, help="speculative: assumed ms to draft one token")
     args = p.parse_args(argv)
     one = client_ms_per_token(1, args.context, args.repeats)
     three = client_ms_per_token(3, args.context, args.repeats)
@@ -108,7 +117,9 @@ def main(argv=None) -> int:
                     "gpu_client_and_workers_ms_per_token": 2.0 + LAYERS * per_layer_all_gpu,
                 }
             )
+    speculative = speculative_projection(rows, args.drafts, args.draft_ms, head_ms=2.0)
     result = {
+        "speculative": speculative,
         "measured": {
             "client_layer_ms": layer,
             "client_head_ms": head,
@@ -141,10 +152,47 @@ def main(argv=None) -> int:
             f"{r['gpu_workers_ms_per_token']:22.0f} "
             f"{r['gpu_client_and_workers_ms_per_token']:23.0f}"
         )
+    if speculative:
+        print(f"speculative ({args.drafts} drafts per pass; GPU client and workers, bfloat16 wire; ms/token):")
+        for s in speculative:
+            cells = "  ".join(
+                f"{rtt} ms: {ms:5.0f}{'*' if rtt in s['plain_wins'] else ' '}" for rtt, ms in s["ms_per_token"].items()
+            )
+            print(f"  {s['kind']:<28s} {s['tokens_per_pass']:4.2f} tokens/pass   {cells}")
+        print("  * drafting does not pay there: the controller decodes plainly")
     print("Petals (published, single batch): BLOOM-176B about 1000 ms/token; Llama 2 70B about 167 ms/token")
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "projection.json").write_text(json.dumps(result, indent=2))
     return 0
+
+
+def speculative_projection(rows: list[dict], drafts: int, draft_ms: float, head_ms: float) -> list[dict]:
+    """ms/token of the GPU column (bfloat16 wire) when each pass verifies `drafts` tokens and yields
+    the tokens per pass measured by bench_speculative.py at 20 ms, per draft kind and workload."""
+    measured = HERE / "results" / "speculative.json"
+    if not measured.exists():
+        return []
+    at = json.loads(measured.read_text())["rtt_ms"]
+    at20 = at.get("20.0") or at.get("20") or {}
+    gpu = {r["rtt_ms"]: r for r in rows if r["wire"] == "bfloat16"}
+    out = [{"kind": "plain", "tokens_per_pass": 1.0, "ms_per_token": {}}]
+    for workload, kinds in at20.items():
+        for kind, r in kinds.items():
+            if kind != "plain":
+                out.append({"kind": f"{kind} ({workload})", "tokens_per_pass": r["tokens_per_pass"]["median"]})
+    for s in out:
+        s["ms_per_token"] = {}
+        k = 0 if s["kind"] == "plain" else drafts
+        s["plain_wins"] = []
+        for rtt, r in gpu.items():
+            step = r["gpu_client_and_workers_ms_per_token"]
+            extra_transfer = LAYERS * r["transfer_ms"] * k
+            ms = (step + extra_transfer + draft_ms * k) / s["tokens_per_pass"]
+            if ms > step:  # the controller drafts nothing where drafting does not pay
+                s["plain_wins"].append(rtt)
+                ms = step
+            s["ms_per_token"][rtt] = ms
+    return out
 
 
 if __name__ == "__main__":

@@ -246,6 +246,8 @@ class ClientSettings:
     wire_dtype: str | None = None
     latency_aware: bool = True
     simulated_latency: Any = None
+    speculative: str | None = None
+    draft_max: int = 8
 
     def trust_policy(self):
         """The trust cores' policies from these settings (each validates its own fields)."""
@@ -282,6 +284,14 @@ class ClientSettings:
         if isinstance(self.micro_batches, bool) or not isinstance(self.micro_batches, int) or self.micro_batches < 1:
             raise ConfigFieldError(
                 "neuro.client", "micro-batches", f"must be a positive integer, got {self.micro_batches!r}"
+            )
+        if self.speculative not in (None, "off", "prompt-lookup", "self"):
+            raise ConfigFieldError(
+                "neuro.client", "speculative", f"must be null, off, prompt-lookup or self, got {self.speculative!r}"
+            )
+        if isinstance(self.draft_max, bool) or not isinstance(self.draft_max, int) or not 1 <= self.draft_max <= 64:
+            raise ConfigFieldError(
+                "neuro.client", "draft-max", f"must be an integer in [1, 64], got {self.draft_max!r}"
             )
         if self.wire_dtype not in (None, "float32", "bfloat16", "float16"):
             raise ConfigFieldError(

@@ -24,6 +24,7 @@ become messages to workers. Handlers:
   neuro_status()                        workers, models and placement, for tools and tests
   neuro_ledger_report()                 the transparency report
   neuro_report_calls(model, calls, transport)   clients report recent expert calls (dashboard)
+  neuro_report_passes(model, passes)    clients report speculative passes: drafted, kept (dashboard)
 Model versions (neuro_dask/scheduler/versions.py): a replaced version is retired (its experts dropped)
 once its requests have ended; with version-adoption: vote, passed `adopt:CHANNEL:MODEL`
 proposals in the ledger adopt versions.
@@ -71,6 +72,7 @@ from neuro_dask.protocol.messages import (
     ReportCalls,
     ReportLoad,
     ReportOutcomes,
+    ReportPasses,
     RequestBegin,
     RequestEnd,
     Routes,
@@ -190,6 +192,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
                     (Unreachable, self.unreachable),
                     (ReportLoad, self.report_load),
                     (ReportCalls, self.report_calls),
+                    (ReportPasses, self.report_passes),
                     (Pause, self.pause),
                     (Dispute, self.dispute),
                     (VolunteerStatus, self.volunteer),  # `neuro-dask worker-status`
@@ -838,6 +841,12 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         money: a client that lies skews only what the dashboard shows (calls, tokens/s, latency)."""
         now = time.time()
         self.feed.add_calls([CallRecord.of(call, msg.model, now) for call in msg.calls])
+        return {"status": "OK"}
+
+    def report_passes(self, msg: ReportPasses) -> dict[str, Any]:
+        """Speculative decoding passes, for the overview's tokens-per-pass figure (each row checked,
+        a malformed one dropped). A client that lies skews that figure and nothing else."""
+        self.feed.add_passes(msg.model, msg.passes, time.time())
         return {"status": "OK"}
 
     async def _sample(self) -> None:

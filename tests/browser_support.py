@@ -276,7 +276,8 @@ def dashboard_scenario(sharded_model, cache_dir, prompts: int = 6, tokens: int =
             client.wait_for_workers(4, timeout=120)
             with nd.load(sharded_model, client=client) as model:
                 for i in range(rounds):  # two at least (load to show), then until the perturber was caught
-                    model.generate(rows, max_new_tokens=tokens)
+                    # speculative: the overview's tokens-per-pass figure has passes to show
+                    model.generate(rows, max_new_tokens=tokens, speculative="self")
                     if i >= 1 and any(e.get("action") == "invalid" for e in trust_events(client)):
                         break
                 model.executor.flush_reports()  # calls, load and outcomes to the scheduler now

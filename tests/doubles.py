@@ -28,3 +28,22 @@ class CountingExecutor:
 
     def close(self):
         self.inner.close()
+
+
+class RoundTripExecutor(CountingExecutor):
+    """A local executor that waits `seconds` per layer call, as a network would, and says it is
+    remote ("standard"): what speculative decoding's controller needs to see before drafting."""
+
+    def __init__(self, inner, seconds: float = 0.002):
+        super().__init__(inner)
+        self.seconds = seconds
+
+    @property
+    def tier(self):
+        return "standard"
+
+    def run_layer(self, layer, groups):
+        import time
+
+        time.sleep(self.seconds)  # the simulated round trip, not a poll
+        return super().run_layer(layer, groups)

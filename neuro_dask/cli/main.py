@@ -36,6 +36,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         model = load(path)
         print(f"loaded {path} in {time.perf_counter() - started:.2f} s; experts run in this process")
+        _speculate(model, args, path)
         return _ask(model, args)
     from neuro_dask.client.cluster import connect
     from neuro_dask.client.loading import load
@@ -60,6 +61,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             f"published {path.name}: {len(routes)} experts on {len(workers)} workers, "
             f"{args.transport or 'direct'} transport, ready in {time.perf_counter() - started:.1f} s"
         )
+        _speculate(model, args, path)
         return _ask(model, args)
     finally:
         if model is not None:
@@ -67,6 +69,37 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def _speculate(model, args: argparse.Namespace, path: Path) -> None:
+    """--speculative KIND [--draft-model DIR]: the model's default decoding (docs/performance.md)."""
+    kind = getattr(args, "speculative", None)
+    if kind in (None, "off"):
+        return
+    draft = None
+    if kind == "draft-model":
+        from neuro_dask.client.loading import load
+        from neuro_dask.demo.addition import ASSET_DIR
+        from neuro_dask.demo.train import DRAFT_ASSET_DIR
+
+        folder = args.draft_model or (DRAFT_ASSET_DIR if Path(path).resolve() == ASSET_DIR.resolve() else None)
+        if folder is None:
+            raise NeuroDaskError("--speculative draft-model needs --draft-model DIR (a local model, same tokenizer)")
+        draft = load(folder)
+        print(f"speculative decoding: drafts from {folder}, in this process")
+    else:
+        print(f"speculative decoding: {kind} drafts")
+    model.speculate(kind, draft)
+
+
+def _speculation_line(model) -> str | None:
+    s = model.stats().get("speculation")
+    if not s:
+        return None
+    return (
+        f"speculative decoding: {s['tokens_per_pass']:.2f} tokens per pass over the layers "
+        f"({s['kept']} of {s['drafted']} drafted tokens kept, {s['passes']} passes)"
+    )
 
 
 def _require_tokenizer(path: Path) -> None:
@@ -94,6 +127,9 @@ def _ask(model, args: argparse.Namespace) -> int:
     if args.prompt:
         for prompt, answer in zip(args.prompt, model.generate_text(args.prompt, max_new_tokens=args.max_new_tokens)):
             print(f"{prompt}{answer}")
+        line = _speculation_line(model)
+        if line:
+            print(line)
         return 0
     problems = sample_problems(args.n, random.Random(args.seed), held_out=True)
     started = time.perf_counter()
@@ -107,6 +143,9 @@ def _ask(model, args: argparse.Namespace) -> int:
         f"exact match on {len(problems)} held-out problems: {accuracy:.1%} "
         f"({elapsed:.2f} s, {tokens / elapsed:.0f} tokens/s)"
     )
+    line = _speculation_line(model)
+    if line:
+        print(line)
     return 0 if accuracy >= args.min_accuracy else 1
 
 
@@ -407,23 +446,60 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         tls=args.tls,
         channel=args.channel,
         privacy=args.privacy,
+        speculate=lambda model: _speculate(model, args, Path(args.model) if args.model else _bundled()),
+    )
+
+
+def _bundled() -> Path:
+    from neuro_dask.demo.addition import ASSET_DIR
+
+    return ASSET_DIR
+
+
+def _add_speculation_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--speculative",
+        choices=["off", "prompt-lookup", "self", "draft-model"],
+        default=None,
+        help="draft tokens and verify several per pass over the layers: the same output, fewer network "
+        "round trips (default: neuro.client.speculative, off)",
+    )
+    parser.add_argument(
+        "--draft-model",
+        metavar="DIR",
+        help="with --speculative draft-model: a sharded draft model with the same tokenizer "
+        "(default for the bundled adder: the bundled adder-draft)",
     )
 
 
 def _cmd_train_demo(args: argparse.Namespace) -> int:
     from neuro_dask.demo.addition import ASSET_DIR
-    from neuro_dask.demo.train import TrainSettings, train_and_ship
+    from neuro_dask.demo.train import (
+        DRAFT_ASSET_DIR,
+        DRAFT_HF_CONFIG,
+        DRAFT_TRAIN_STEPS,
+        HF_CONFIG,
+        TrainSettings,
+        train_and_ship,
+    )
 
-    out = Path(args.out)
-    if out.resolve() == Path(ASSET_DIR).resolve() and not args.replace_bundled:
+    out = Path(args.out or ("neuro-adder-draft" if args.draft else "neuro-adder"))
+    bundled = {Path(ASSET_DIR).resolve(), Path(DRAFT_ASSET_DIR).resolve()}
+    if out.resolve() in bundled and not args.replace_bundled:
         raise NeuroDaskError(
-            f"{out} is the bundled demo model: pass --replace-bundled to overwrite it, or choose another --out"
+            f"{out} is a bundled demo model: pass --replace-bundled to overwrite it, or choose another --out"
         )
     settings = TrainSettings(minutes=args.minutes, seed=args.seed)
+    if args.draft:
+        settings = TrainSettings(minutes=args.minutes, seed=args.seed, steps=DRAFT_TRAIN_STEPS)
     started = time.perf_counter()
-    print(f"training the demo model into {out} (up to {args.minutes:g} minutes) ...", flush=True)
+    what = "the demo model's draft" if args.draft else "the demo model"
+    print(f"training {what} into {out} (up to {args.minutes:g} minutes) ...", flush=True)
     train_and_ship(
-        settings, out, progress=lambda msg: print(f"[{time.perf_counter() - started:6.0f} s] {msg}", flush=True)
+        settings,
+        out,
+        progress=lambda msg: print(f"[{time.perf_counter() - started:6.0f} s] {msg}", flush=True),
+        hf_config=DRAFT_HF_CONFIG if args.draft else HF_CONFIG,
     )
     return 0
 
@@ -466,6 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prompt", nargs="+", help="ask these prompts instead, e.g. 123+456=")
     d.add_argument("--max-new-tokens", type=int, default=5, help="with --prompt: tokens per answer (default 5)")
     d.add_argument("--min-accuracy", type=float, default=0.95, help="exit 1 below this accuracy")
+    _add_speculation_arguments(d)
     d.set_defaults(func=_cmd_demo)
 
     s = sub.add_parser("shard", help="split an HF checkpoint into a trunk and one file per expert")
@@ -682,6 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument("--workers", type=int, default=3, help="worker processes of the local cluster (default 3)")
     sv.add_argument("--transport", choices=["direct", "futures"], help="how expert calls travel (default direct)")
+    _add_speculation_arguments(sv)
     sv.set_defaults(func=_cmd_serve)
 
     t = sub.add_parser(
@@ -691,8 +769,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="initial weights and training data (default 0)")
     t.add_argument(
         "--out",
-        default="neuro-adder",
-        help="output folder (default: ./neuro-adder); use it with `neuro-dask demo --model DIR`",
+        default=None,
+        help="output folder (default: ./neuro-adder, or ./neuro-adder-draft with --draft); "
+        "use it with `neuro-dask demo --model DIR` (--draft-model DIR)",
+    )
+    t.add_argument(
+        "--draft",
+        action="store_true",
+        help="train the small draft model for speculative decoding (same tokenizer and layers, width 32)",
     )
     t.add_argument(
         "--replace-bundled",

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from neuro_dask.gateway.server import Gateway, GatewayConfigError, GatewayServer, configured_api_keys, default_model_id
 
@@ -32,12 +34,14 @@ def serve(
     tls: str | None = None,
     channel: str | None = None,
     privacy: str = "standard",
+    speculate: Callable[[Any], None] | None = None,
 ) -> int:
     """Load the model (on `scheduler`'s cluster, or an embedded local one) and serve it until
     interrupted (Ctrl-C or SIGTERM). Without a model: the bundled adder. `tls`: a folder with a
     client certificate for a hardened network (docs/security.md). `channel`: serve that
     channel's current version, following it to each new one between requests (nd.follow).
-    `privacy="private"`: every expert call on secret shares (docs/privacy.md)."""
+    `privacy="private"`: every expert call on secret shares (docs/privacy.md). `speculate`: sets
+    the model's speculative decoding (model.speculate) before it serves."""
     import signal
 
     from neuro_dask.client.cluster import connect
@@ -58,6 +62,8 @@ def serve(
             model = follow(channel, client, transport=transport, privacy=privacy)
         else:
             model = load(path, client=client, transport=transport, privacy=privacy)
+        if speculate is not None:
+            speculate(model)
         gateway = Gateway(model, model_id=model_id or channel or default_model_id(str(path)), api_keys=keys)
         try:
             server = GatewayServer(gateway, host, port).start()

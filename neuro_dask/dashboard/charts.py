@@ -492,7 +492,7 @@ class Overview:
     (paused, out of routing), throughput, caught wrong results, failures, latency over time, and
     the latest events."""
 
-    FIGURES = ("experts", "workers", "tokens", "calls", "caught", "errors")
+    FIGURES = ("experts", "workers", "tokens", "calls", "speculation", "caught", "errors")
 
     def __init__(self, plugin, window: float = 60.0):
         self.plugin, self.window = plugin, window
@@ -500,7 +500,7 @@ class Overview:
             k: Div(
                 text="",
                 name=f"overview-{k}",
-                width=200,
+                width=172,  # seven cards side by side within 1,366 px
                 styles={"border": "1px solid #ddd", "border-radius": "6px", "padding": "8px", "margin": "4px"},
             )
             for k in self.FIGURES
@@ -535,11 +535,26 @@ class Overview:
                 "color": "#666666",
             },
         )
+        # Speculative decoding: tokens each pass over the layers yielded (1 = plain decoding).
+        self.passes = ColumnDataSource({"time": [], "tokens_per_pass": [], "kept_share": []})
+        self.passes_fig = figure(
+            title="speculative decoding: tokens per pass over the layers, per 5 s (1 = plain decoding)",
+            x_axis_type="datetime",
+            height=200,
+            sizing_mode="stretch_width",
+            tools="save,reset,xwheel_zoom,xpan",
+            name="overview-passes",
+            visible=False,
+        )
+        _time_axis(self.passes_fig)
+        self.passes_fig.line("time", "tokens_per_pass", source=self.passes, color=Category10_10[2], line_width=2)
+        self.passes_fig.scatter("time", "tokens_per_pass", source=self.passes, color=Category10_10[2], size=7)
         self.events = TrustFeed(plugin, limit=12, name="overview-events", actions=views.RECENT_ACTIONS, height=330)
         self.root = column(
             row(*self.cards.values()),
             self.fig,
             self.empty,
+            self.passes_fig,
             Div(text='<b>recent events</b> (all of them: <a href="neuro/trust">Trust</a>)'),
             self.events.root,
             sizing_mode="stretch_width",
@@ -564,6 +579,7 @@ class Overview:
             ),
             "tokens": self._throughput(o),
             "calls": (f"{o.calls_per_s:g}", f"layer calls/s (last {self.window:g} s)", ""),
+            "speculation": self._speculation(o),
             "caught": (
                 f"{o.caught}",
                 f"wrong results caught; {o.proven} proven by recomputation",
@@ -584,7 +600,18 @@ class Overview:
         self.latency.data = views.latency_over_time(self.plugin.feed)
         self.empty.visible = not self.latency.data["time"]
         self.fig.visible = not self.empty.visible
+        self.passes.data = views.tokens_per_pass_over_time(self.plugin.feed)
+        self.passes_fig.visible = bool(self.passes.data["time"])
         self.events.update()
+
+    def _speculation(self, o: views.Overview) -> tuple[str, str, str]:
+        if o.tokens_per_pass is None:
+            return "-", f"tokens per pass: no speculative decoding (last {self.window:g} s)", "#666666"
+        return (
+            f"{o.tokens_per_pass:.2f}",
+            f"tokens per pass (speculative decoding: {o.speculative_passes} passes, last {self.window:g} s)",
+            "",
+        )
 
     def _throughput(self, o: views.Overview) -> tuple[str, str, str]:
         """Tokens/s where the clients' call records carry their rows (forward passes/s beside

@@ -6,6 +6,8 @@
 - latency: a cumulative histogram of reported layer-call seconds (Prometheus buckets).
 - reputation: each worker's score sampled over time (for the trust page's chart).
 - economy: the ledger's transparency report sampled over time (for the economy page).
+- passes: the latest speculative decoding passes clients report (time, model, drafted, kept),
+  for the overview's tokens-per-pass figure.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from neuro_dask.protocol.records import CallReport
+from neuro_dask.protocol.records import CallReport, PassReport
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
@@ -72,6 +74,7 @@ class Feed:
     latency_sum: float = 0.0
     reputation: dict[str, deque] = field(default_factory=dict)  # worker name -> (time, score)
     economy: deque = field(default_factory=deque)  # (time, report)
+    passes: deque = field(default_factory=deque)  # (time, model, drafted, kept)
 
     def add_calls(self, records: Iterable[CallRecord]) -> None:
         for r in records:
@@ -82,6 +85,16 @@ class Feed:
             self.count(f"quorum_{r.outcome}")  # ok, checked, caught, retried, failed (neuro_quorum_total)
         while len(self.calls) > self.max_calls:
             self.calls.popleft()
+
+    def add_passes(self, model: str, passes: Iterable[PassReport], now: float) -> None:
+        """Speculative passes a client reports (its own word: they move nothing but this figure)."""
+        for p in passes:
+            self.passes.append((now, str(model), p.drafted, p.kept))
+            self.count("speculative_passes")
+            self.count("speculative_drafted", p.drafted)
+            self.count("speculative_kept", p.kept)
+        while len(self.passes) > self.max_calls:
+            self.passes.popleft()
 
     def count(self, kind: str, n: int = 1) -> None:
         self.counts[kind] = self.counts.get(kind, 0) + n

@@ -27,6 +27,9 @@ Series (every one also labelled `scheduler`):
                                                        late, timeout, error
   neuro_hedges_total                                   hedged (duplicate) expert calls sent
   neuro_quorum_total{outcome}                          quorum decisions by outcome
+  neuro_speculative_passes_total                       speculative decoding passes clients report
+  neuro_speculative_tokens_total{kind}                 their draft tokens: drafted, kept (a pass
+                                                       yields kept + 1 tokens per sequence)
   neuro_layer_latency_seconds (histogram)              layer-call seconds, as clients report
   neuro_ledger_enabled                                 1 if the scheduler runs a ledger
   neuro_ledger_units{quantity}                         the ledger report's totals in the smallest
@@ -215,6 +218,12 @@ def families(snapshots: Iterable[Samples]) -> list:
     calls = CounterMetricFamily("neuro_calls", "Judged expert calls by outcome kind", labels=["scheduler", "kind"])
     hedges = CounterMetricFamily("neuro_hedges", "Hedged (duplicate) expert calls clients sent", labels=["scheduler"])
     quorum = CounterMetricFamily("neuro_quorum", "Quorum decisions by outcome", labels=["scheduler", "outcome"])
+    passes = CounterMetricFamily(
+        "neuro_speculative_passes", "Speculative decoding passes that clients report", labels=["scheduler"]
+    )
+    drafts = CounterMetricFamily(
+        "neuro_speculative_tokens", "Draft tokens of speculative passes: drafted, kept", labels=["scheduler", "kind"]
+    )
     latency = HistogramMetricFamily(
         "neuro_layer_latency_seconds", "Layer-call latency that clients report", labels=["scheduler"]
     )
@@ -242,6 +251,9 @@ def families(snapshots: Iterable[Samples]) -> list:
             for kind in CALL_KINDS:
                 calls.add_metric([s.scheduler, kind], s.counts.get(kind, 0.0))
             hedges.add_metric([s.scheduler], s.counts.get(HEDGES, 0.0))
+            passes.add_metric([s.scheduler], s.counts.get("speculative_passes", 0.0))
+            for kind in ("drafted", "kept"):
+                drafts.add_metric([s.scheduler, kind], s.counts.get(f"speculative_{kind}", 0.0))
             for key, value in sorted(s.counts.items()):
                 if key.startswith(QUORUM_PREFIX) and len(key) > len(QUORUM_PREFIX):
                     quorum.add_metric([s.scheduler, key[len(QUORUM_PREFIX) :]], value)
@@ -262,6 +274,8 @@ def families(snapshots: Iterable[Samples]) -> list:
         calls,
         hedges,
         quorum,
+        passes,
+        drafts,
         latency,
         ledger_on,
         ledger_units,

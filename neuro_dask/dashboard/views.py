@@ -594,6 +594,8 @@ class Overview:
     proven: int  # wrong results proven by recomputation (disputes)
     layer_calls: int  # layer calls reported since the scheduler started
     failed: int  # of those, failed (no valid answer within the budget)
+    tokens_per_pass: float | None = None  # speculative passes over the window: tokens each yielded; None: none
+    speculative_passes: int = 0  # speculative passes over the window
 
     @property
     def error_rate(self) -> float:
@@ -626,7 +628,32 @@ def overview(view: NetworkView, feed: Feed, now: float, window: float = 60.0) ->
         proven=int(counts.get("invalid", 0)),
         layer_calls=int(layer_calls),
         failed=int(counts.get("quorum_failed", 0)),
+        tokens_per_pass=tokens_per_pass([p for p in feed.passes if now - window <= p[0] <= now]),
+        speculative_passes=sum(1 for p in feed.passes if now - window <= p[0] <= now),
     )
+
+
+def tokens_per_pass(passes: Sequence[tuple[float, str, int, int]]) -> float | None:
+    """Tokens a speculative pass yielded per row, on average: the drafts it kept, plus the one the
+    model adds each pass (plain decoding: 1). None without speculative passes."""
+    if not passes:
+        return None
+    return round(sum(kept + 1 for _, _, _, kept in passes) / len(passes), 2)
+
+
+def tokens_per_pass_over_time(feed: Feed, bin_seconds: float = 5.0) -> dict[str, list]:
+    """Tokens per speculative pass, and drafts kept per drafted, per time bin (ms since epoch)."""
+    bins: dict[int, list[tuple[int, int]]] = {}
+    for t, _, drafted, kept in feed.passes:
+        bins.setdefault(int(t // bin_seconds), []).append((drafted, kept))
+    cols: dict[str, list] = {"time": [], "tokens_per_pass": [], "kept_share": []}
+    for b in sorted(bins):
+        rows = bins[b]
+        drafted = sum(d for d, _ in rows)
+        cols["time"].append(1000 * b * bin_seconds)
+        cols["tokens_per_pass"].append(round(sum(k + 1 for _, k in rows) / len(rows), 3))
+        cols["kept_share"].append(round(sum(k for _, k in rows) / drafted, 3) if drafted else 0.0)
+    return cols
 
 
 def tokens_per_s(passes: Sequence[CallRecord], experts_per_token: Mapping[str, int], window: float) -> float | None:

@@ -93,10 +93,11 @@ def exact_match(predictions: Iterable[str], problems: Iterable[Problem]) -> floa
     return sum(p.strip() == q.answer for p, q in pairs) / max(len(pairs), 1)
 
 
-def evaluate(model, problems: list[Problem], batch_size: int = 256) -> tuple[float, list[str]]:
-    """Greedy answers through model.generate_text; returns (exact-match accuracy, answers)."""
+def evaluate(model, problems: list[Problem], batch_size: int = 256, **options) -> tuple[float, list[str]]:
+    """Greedy answers through model.generate_text (with `options`, e.g. speculative=); returns
+    (exact-match accuracy, answers)."""
     answers: list[str] = []
     for start in range(0, len(problems), batch_size):
         chunk = problems[start : start + batch_size]
-        answers += model.generate_text([p.prompt for p in chunk], max_new_tokens=MAX_DIGITS + 2)
+        answers += model.generate_text([p.prompt for p in chunk], max_new_tokens=MAX_DIGITS + 2, **options)
     return exact_match(answers, problems), answers

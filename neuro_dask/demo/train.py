@@ -72,6 +72,23 @@ HF_CONFIG = {
     "torch_dtype": "float32",
 }
 
+# The adder's draft model for speculative decoding (`neuro-dask train-demo --draft`): the same
+# tokenizer and task at half the width, 2 experts, about a quarter of the adder's parameters. A
+# 2-layer draft reached 92% on held-out problems and agreed with the adder on 56% of answers;
+# carries need the depth: this one reaches 100% in about 4,500 steps (7 minutes on 2 cores) and
+# agrees with the adder on 98.7% of answers (99.7% of tokens).
+DRAFT_HF_CONFIG = {
+    **HF_CONFIG,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_local_experts": 2,
+    "num_experts_per_tok": 2,
+}
+DRAFT_TRAIN_STEPS = 10_000
+DRAFT_ASSET_DIR = ASSET_DIR.parent / "adder-draft"
+
 
 @dataclass(frozen=True)
 class TrainSettings:
@@ -131,8 +148,8 @@ def _balance_loss(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor
     return total / max(len(router_logits), 1)
 
 
-def train(settings: TrainSettings, progress: Callable[[str], None] = log.info) -> MoEModel:
-    cfg = MoEConfig.from_hf(HF_CONFIG)
+def train(settings: TrainSettings, progress: Callable[[str], None] = log.info, hf_config: dict = HF_CONFIG) -> MoEModel:
+    cfg = MoEConfig.from_hf(hf_config)
     model, params = _init_model(cfg, settings.seed)
     captured: list[torch.Tensor] = []
     for layer in model.trunk.layers:
@@ -184,7 +201,7 @@ def train(settings: TrainSettings, progress: Callable[[str], None] = log.info) -
     return model
 
 
-def write_hf_checkpoint(model: MoEModel, out: Path) -> None:
+def write_hf_checkpoint(model: MoEModel, out: Path, hf_config: dict = HF_CONFIG) -> None:
     """config.json, generation_config.json, model.safetensors (Mixtral's own key names), tokenizer.json,
     tokenizer_config.json (with the chat template)."""
     cfg = model.config
@@ -201,7 +218,7 @@ def write_hf_checkpoint(model: MoEModel, out: Path) -> None:
         for field, tensor in w.as_dict().items():
             tensors[f"model.layers.{layer}.block_sparse_moe.experts.{e}.{leaf[field]}.weight"] = tensor.detach().clone()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(HF_CONFIG, indent=2))
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2))
     gen = {
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": list(cfg.eos_token_id)[0],
@@ -212,11 +229,16 @@ def write_hf_checkpoint(model: MoEModel, out: Path) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2))
 
 
-def train_and_ship(settings: TrainSettings, out: Path = ASSET_DIR, progress: Callable[[str], None] = log.info) -> Path:
+def train_and_ship(
+    settings: TrainSettings,
+    out: Path = ASSET_DIR,
+    progress: Callable[[str], None] = log.info,
+    hf_config: dict = HF_CONFIG,
+) -> Path:
     started = time.monotonic()
-    model = train(settings, progress)
+    model = train(settings, progress, hf_config)
     with tempfile.TemporaryDirectory() as tmp:
-        write_hf_checkpoint(model, Path(tmp))
+        write_hf_checkpoint(model, Path(tmp), hf_config)
         if out.exists():
             shutil.rmtree(out)
         shard_checkpoint(tmp, out)

@@ -40,6 +40,24 @@ class KVCache:
         self._pending = t
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def truncate(self, length: int) -> None:
+        """Forget every slot from `length` on (speculative decoding: drafts the model rejected)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} slots to {length}")
+        self.length = length
+
+    def keep(self, start: int, slots: list[int]) -> None:
+        """Move `slots` (written from `start` on) to start, start+1, ... and forget the rest: the
+        path a tree verification kept (model/speculation.py's DraftTree)."""
+        if any(not start <= s < self.length for s in slots):
+            raise ValueError(f"slots {slots} are not among the written slots {start}..{self.length - 1}")
+        index = torch.tensor(slots, dtype=torch.long)
+        end = start + len(slots)
+        for layer in range(len(self.keys)):
+            self.keys[layer][:, :, start:end] = self.keys[layer].index_select(2, index)
+            self.values[layer][:, :, start:end] = self.values[layer].index_select(2, index)
+        self.length = end
+
     def advance(self) -> None:
         """Commit the slots written by this step's layers."""
         self.length += self._pending

@@ -119,6 +119,12 @@ def select_next(logits: torch.Tensor, opts: SamplingOptions, generator: torch.Ge
     """logits [B, V] -> next tokens [B]. Warpers in transformers' order: temperature, top-k, top-p."""
     if not opts.do_sample:
         return logits.argmax(dim=-1)
+    probs = next_token_probs(logits, opts)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def next_token_probs(logits: torch.Tensor, opts: SamplingOptions) -> torch.Tensor:
+    """logits [B, V] -> the distribution sampling draws from [B, V] (float32), after the warpers."""
     scores = logits.float() / opts.temperature
     if opts.top_k is not None and opts.top_k < scores.shape[-1]:
         kth = torch.topk(scores, opts.top_k, dim=-1).values[..., -1:]
@@ -130,8 +136,7 @@ def select_next(logits: torch.Tensor, opts: SamplingOptions, generator: torch.Ge
         remove_sorted[..., -1] = False  # always keep the most likely token
         remove = remove_sorted.scatter(-1, order, remove_sorted)
         scores = scores.masked_fill(remove, float("-inf"))
-    probs = scores.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return scores.softmax(dim=-1)
 
 
 def make_generator(seed: int | None) -> torch.Generator | None:

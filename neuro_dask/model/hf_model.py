@@ -3,13 +3,15 @@
 The trunk is a transformers `PreTrainedModel` (`model.hf`) whose experts call neuro_dask
 (model/hf_trunk.py); everything MoEModel offers (generate, stream, score, map, concurrent
 generations sharing expert calls, micro-batch lanes, requests paid on a ledger) works on top,
-because MoEModel only asks its trunk for three things: prefill, decode one step, and full logits.
+because MoEModel only asks its trunk for a few things: prefill, decode one step, full logits,
+and for speculative decoding, a pass over several new tokens and a cache rollback.
 `model.hf` is a real transformers model: its own `generate` (streamers, logits processors,
 assistant models, prompt lookup) runs with the experts on the network too.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +20,9 @@ import torch
 from neuro_dask.model.generation import Batch, positions_from_mask
 from neuro_dask.model.hf_trunk import ExpertCalls, expert_calls, experts_modules
 from neuro_dask.model.model import MoEModel
+
+log = logging.getLogger(__name__)
+_TOLD: set[str] = set()  # reasons already logged once
 
 
 @dataclass
@@ -58,6 +63,7 @@ class TransformersMoEModel(MoEModel):
         routed: torch.Tensor | None,
         cache: Any = None,
         last_only: bool = True,
+        use_cache: bool | None = None,
     ):
         device = self.device
         with expert_calls(self._dispatch, None if routed is None else routed.to(device)):
@@ -66,7 +72,7 @@ class TransformersMoEModel(MoEModel):
                 attention_mask=key_valid.to(device, torch.long),
                 position_ids=positions.to(device),
                 cache=cache,
-                use_cache=last_only,
+                use_cache=last_only if use_cache is None else use_cache,
                 logits_to_keep=1 if last_only else 0,
             )
 
@@ -77,6 +83,48 @@ class TransformersMoEModel(MoEModel):
     def _decode(self, ids, positions, key_valid, cache, routed):
         out = self._run(ids, positions, key_valid, routed, cache)
         return out.logits[:, -1].float().cpu()
+
+    def _verify(self, ids, positions, key_valid, cache, routed):
+        """Several new tokens per row -> the logits after each [B, T, V], the cache extended."""
+        if hasattr(cache, "activate_past_recording"):  # sliding-window layers keep what a rollback needs
+            cache.activate_past_recording()
+        out = self._run(ids, positions, key_valid, routed, cache, last_only=False, use_cache=True)
+        return out.logits.float().cpu()
+
+    def supports_trees(self) -> bool:
+        return False  # transformers builds its own masks: drafts are verified as chains
+
+    def speculation_unsupported(self) -> str:
+        # transformers' own rule for assisted generation: a stateful model (recurrent, linear
+        # attention or compressed layers) cannot take back the tokens a state has absorbed.
+        if getattr(self.trunk, "_is_stateful", False):
+            return f"{type(self.trunk).__name__} keeps a state that cannot be rolled back past rejected drafts"
+        return ""
+
+    def _can_roll_back(self, cache) -> bool:
+        """Whether drafts may be verified on this cache and taken back: transformers' own caches
+        crop (a model's own cache class that overrides crop may not: MiniMax's linear-attention
+        cache refuses). A sparse-attention indexer's cache (DeepSeek-V3.2's DSA and its kin) is
+        refused too: its indexer picks each query's keys from the whole pass, so verifying
+        several tokens at once does not give the logits one-at-a-time decoding gives (measured
+        on axk2 and hy_v4 in tests/golden). Such models decode plainly."""
+        from transformers.cache_utils import Cache
+
+        crop = getattr(type(cache), "crop", None)
+        why = ""
+        if crop is None or crop.__module__ != Cache.__module__:
+            why = f"{type(cache).__name__} cannot be rolled back"
+        elif any(hasattr(layer, "indexer_keys") for layer in getattr(cache, "layers", ())):
+            why = "its sparse-attention indexer selects keys differently for a pass of several tokens"
+        if why and why not in _TOLD:
+            _TOLD.add(why)
+            log.warning("speculative decoding: %s; decoding plainly", why)
+        return not why
+
+    def _rollback(self, cache, length: int) -> None:
+        """Keep the cache's first `length` positions (transformers' Cache.crop takes how many to drop)."""
+        drop = int(cache.get_seq_length()) - int(length)
+        cache.crop(-max(drop, 0))  # crop(0) trims what a sliding window kept for a rollback
 
     def _forward_logits(self, batch: Batch) -> torch.Tensor:
         out = self._run(batch.ids, positions_from_mask(batch.mask), batch.mask, batch.mask, last_only=False)

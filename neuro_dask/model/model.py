@@ -33,13 +33,19 @@ from neuro_dask.model.generation import (
 )
 from neuro_dask.model.layers import RotaryEmbedding, attention_mask
 from neuro_dask.model.moe import ExpertExecutor, NoRequests, RequestScope, combine, group_by_expert, route_tokens
+from neuro_dask.model.speculation import DraftLength
+from neuro_dask.model.speculative import SpeculationStats, resolve_drafter, speculative_steps
 from neuro_dask.model.tokenizer import Tokenizer
 from neuro_dask.model.trunk import Trunk, TrunkLayer
 from neuro_dask.security.limits import RequestLimits, check_request_limits
-from neuro_dask.settings import SecuritySettings
+from neuro_dask.settings import ClientSettings, SecuritySettings
 
 log = logging.getLogger(__name__)
 _LANES_LOCK = threading.Lock()
+_TOLD: set[str] = set()  # reasons already logged once
+# A speculative generation may carry this many positions through its passes per token it asks
+# for (drafts the model rejects included): what its request holds for, and where drafting stops.
+SPECULATIVE_FEED = 3
 
 PromptIds = torch.Tensor | Sequence[Sequence[int]]
 
@@ -101,6 +107,12 @@ class MoEModel:
         self.micro_batches = self.requests.micro_batches
         self._lanes: list[StepCoalescer] = []
         self._lane = threading.local()
+        # Speculative decoding (model/speculative.py): drafts built once per kind, the draft
+        # length each kind's passes have earned, and the counters.
+        self.speculation = SpeculationStats()
+        self._drafters: dict[tuple, Any] = {}
+        self._draft_lengths: dict[str, DraftLength] = {}
+        self._speculate: tuple[Any, Any] | None = None  # this model's default (speculate())
 
     def use_requests(self, requests: RequestScope) -> None:
         """Begin and end this model's requests through `requests` (a distributed model's, once its
@@ -143,8 +155,10 @@ class MoEModel:
         key_valid: torch.Tensor,
         cache: KVCache | None,
         routed: torch.Tensor,
+        tree: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """ids, positions, routed [B, T]; key_valid [B, S] -> final-normed hidden [B, T, D].
+        `tree` [T, T] bool: which of the new tokens each may see (a draft tree), instead of causal.
 
         `routed` marks the tokens whose expert outputs matter; pads and finished rows are
         never sent to an expert, which matters once an expert call crosses the network.
@@ -153,6 +167,9 @@ class MoEModel:
         rope = self.rotary(positions, h.dtype)
         start = cache.length if cache is not None else 0
         mask = attention_mask(key_valid, start, ids.shape[1], self.config.sliding_window)
+        if tree is not None:
+            new = slice(start, start + ids.shape[1])
+            mask[:, :, :, new] = tree[None, None] & key_valid[:, None, None, new]
         for layer in self.trunk.layers:
             h = h + layer.self_attn(layer.input_layernorm(h), rope, mask, cache, layer.index)
             x = layer.post_attention_layernorm(h)
@@ -218,6 +235,8 @@ class MoEModel:
         top_p: float | None = None,
         seed: int | None = None,
         stop_token_ids: Sequence[int] = (),
+        speculative: Any = "config",
+        draft_model: Any = None,
     ) -> Iterator[torch.Tensor] | Iterator[TextStep]:
         """Ids in: yield the next token of every row [B] per step; finished rows get the pad id.
         A prompt string in: yield a `TextStep(token, text)` per new token, `text` being what it
@@ -226,18 +245,26 @@ class MoEModel:
         Ends when every row has produced an EOS or stop token, or after max_new_tokens.
         A call above neuro.security's limits (prompt length, max_new_tokens, prompts) raises
         LimitExceededError before any work.
+
+        `speculative` (default: neuro.client.speculative): None for plain decoding;
+        "prompt-lookup", "self" or "draft-model" (with `draft_model=`, a local model of the same
+        vocabulary) to draft tokens and verify several per pass over the layers, with the same
+        output as plain decoding (greedy: token for token; sampling: the same distribution).
         """
         opts = SamplingOptions(do_sample, temperature, top_k, top_p)
+        drafter = self._drafter(speculative, draft_model)
         if max_new_tokens < 0:
             raise GenerationOptionError("max_new_tokens", max_new_tokens, "must be >= 0")
         if isinstance(input_ids, str):
             ids = self.require_tokenizer().encode(input_ids)
-            steps = self.stream([ids], None, max_new_tokens, do_sample, temperature, top_k, top_p, seed, stop_token_ids)
+            steps = self.stream(
+                [ids], None, max_new_tokens, do_sample, temperature, top_k, top_p, seed, stop_token_ids, drafter
+            )
             return self._text_steps(steps, set(self.generation.eos_token_ids) | set(stop_token_ids))
         batch = self._batch(input_ids, attention_mask)
         self._check_limits(batch, max_new_tokens)
         check_length(batch.mask, max_new_tokens, self.config.max_position_embeddings)
-        return self._stream(batch, max_new_tokens, opts, make_generator(seed), stop_token_ids)
+        return self._stream(batch, max_new_tokens, opts, make_generator(seed), stop_token_ids, drafter=drafter)
 
     def _text_steps(self, steps: Iterator[torch.Tensor], stops: set[int]) -> Iterator[TextStep]:
         """Decode as tokens come: each step's text is what the answer so far adds to the last."""
@@ -259,8 +286,10 @@ class MoEModel:
         generator: torch.Generator | None,
         stop_token_ids: Sequence[int],
         charge: bool = True,
+        drafter: Any = None,
     ) -> Iterator[torch.Tensor]:
-        """`charge`: hold and settle this generation as a request (False: a lane of one that is)."""
+        """`charge`: hold and settle this generation as a request (False: a lane of one that is).
+        `drafter`: speculative decoding with these drafts (None: plain, one token per pass)."""
         if max_new_tokens == 0:
             return
         b, t = batch.ids.shape
@@ -271,8 +300,26 @@ class MoEModel:
         positions = positions_from_mask(batch.mask)
         unfinished = torch.ones(b, dtype=torch.bool)
         coalescer = self._coalescer()
-        request = self._request(b * (t + max_new_tokens)) if charge else contextlib.nullcontext()
+        fed = max_new_tokens * (SPECULATIVE_FEED if drafter is not None else 1)  # positions passes may carry
+        request = self._request(b * (t + fed)) if charge else contextlib.nullcontext()
         with torch.inference_mode(), full_collections_deferred(), request, coalescer.participant():
+            if drafter is not None:
+                session = drafter.start([batch.ids[r][batch.mask[r]].tolist() for r in range(b)], max_new_tokens)
+                yield from speculative_steps(
+                    self,
+                    batch,
+                    max_new_tokens,
+                    opts,
+                    generator,
+                    stops,
+                    session,
+                    self._draft_length(drafter.name),
+                    self._note_pass,
+                    coalescer,
+                    fed,
+                    trees=self.supports_trees(),
+                )
+                return
             logits, cache = self._prefill(batch.ids, positions, key_valid[:, :t], batch.mask, t + max_new_tokens)
             next_pos = positions[:, -1:] + 1
             for step in range(max_new_tokens):
@@ -316,6 +363,91 @@ class MoEModel:
         hidden = self._hidden(ids, positions, key_valid, cache, routed)
         return self.trunk.lm_head(hidden[:, -1]).float()
 
+    def _verify(
+        self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor, cache: KVCache, routed: torch.Tensor
+    ) -> torch.Tensor:
+        """Several new tokens per row [B, T] -> the logits after each [B, T, V] (float32), cached."""
+        hidden = self._hidden(ids, positions, key_valid, cache, routed)
+        return self.trunk.lm_head(hidden).float()
+
+    def _rollback(self, cache: KVCache, length: int) -> None:
+        """Keep the cache's first `length` slots (the tokens a verification pass kept)."""
+        cache.truncate(length)
+
+    def _can_roll_back(self, cache: KVCache) -> bool:
+        return True  # KVCache.truncate and keep
+
+    def supports_trees(self) -> bool:
+        """Whether a pass may verify a tree of drafts (a mask over them, and a cache whose slots
+        can be moved): the hand-written trunk, without a sliding window."""
+        return self.config.sliding_window is None
+
+    def _verify_tree(self, ids, positions, key_valid, cache: KVCache, routed, tree: torch.Tensor) -> torch.Tensor:
+        """The root and a draft tree's nodes [1, N+1] -> the logits after each [1, N+1, V]."""
+        hidden = self._hidden(ids, positions, key_valid, cache, routed, tree)
+        return self.trunk.lm_head(hidden).float()
+
+    def _keep(self, cache: KVCache, start: int, slots: list[int]) -> None:
+        cache.keep(start, slots)
+
+    # ---- speculative decoding -----------------------------------------------------------------
+
+    def speculate(self, speculative: Any = "prompt-lookup", draft_model: Any = None) -> None:
+        """Make speculative decoding this model's default (for generate, stream, map and a gateway
+        serving it): a kind ("prompt-lookup", "self", "draft-model" with `draft_model=`), a
+        Drafter, or None to decode plainly whatever neuro.client.speculative says. The drafts are
+        built now, so a wrong choice fails here rather than at the first request."""
+        self._drafter(speculative, draft_model)
+        self._speculate = (speculative, draft_model)
+
+    def _drafter(self, speculative: Any, draft_model: Any = None) -> Any:
+        """The drafts `speculative=` asks for, built once per kind (a self-draft loads a copy)."""
+        if isinstance(speculative, str) and speculative == "config":
+            if self._speculate is not None:
+                speculative, draft_model = self._speculate
+            else:
+                speculative = ClientSettings.load().speculative
+        if speculative is None and draft_model is not None:
+            speculative = "draft-model"
+        if speculative is None or speculative is False or speculative == "off":
+            return None
+        reason = self.speculation_unsupported()
+        if reason:
+            if reason not in _TOLD:
+                _TOLD.add(reason)
+                log.warning("speculative decoding is off for this model (plain decoding instead): %s", reason)
+            return None
+        if hasattr(speculative, "start"):
+            return speculative
+        key = (speculative, id(draft_model))
+        with _LANES_LOCK:
+            drafter = self._drafters.get(key)
+        if drafter is None:
+            drafter = resolve_drafter(speculative, self, draft_model)
+            with _LANES_LOCK:
+                drafter = self._drafters.setdefault(key, drafter)
+        return drafter
+
+    def _note_pass(self, drafted: int, kept: int) -> None:
+        self.speculation.record(drafted, kept)
+        self.requests.note_pass(drafted, kept)  # the dashboard's tokens-per-pass figure
+
+    def speculation_unsupported(self) -> str:
+        """Why this model cannot roll its cache back past rejected drafts ("" when it can)."""
+        return ""
+
+    def _draft_length(self, name: str) -> DraftLength:
+        with _LANES_LOCK:
+            lengths = self._draft_lengths.get(name)
+            if lengths is None:
+                # Before any pass is measured: over a network a drafted token costs little beside a
+                # pass's round trips; in process it costs about as much as a pass, so a local
+                # model starts plain and drafts only once its passes show that it pays.
+                prior = 1.0 if self.tier == "local" else 0.05
+                lengths = DraftLength(max_k=ClientSettings.load().draft_max, extra_fraction=prior)
+                self._draft_lengths[name] = lengths
+            return lengths
+
     @contextlib.contextmanager
     def _request(self, tokens: int) -> Iterator[None]:
         """One request from start to end: a scope that charges for work (a scheduler with a ledger)
@@ -338,8 +470,11 @@ class MoEModel:
         top_p: float | None = None,
         seed: int | None = None,
         stop_token_ids: Sequence[int] = (),
+        speculative: Any = "config",
+        draft_model: Any = None,
     ) -> torch.Tensor:
         """LongTensor [B, T + new], prompt included (left-padded), as transformers returns it.
+        `speculative`, `draft_model`: as for `stream` (the same output, fewer passes).
 
         Calls from several threads with the same decoding options (and no seed) are batched
         together (model/batching.py): each caller gets exactly its own rows back. A call above
@@ -348,6 +483,7 @@ class MoEModel:
         batch = self._batch(input_ids, attention_mask)
         prompt = torch.where(batch.mask, batch.ids, torch.full_like(batch.ids, self.generation.pad_or_eos))
         SamplingOptions(do_sample, temperature, top_k, top_p)  # refuse bad options before queueing
+        drafter = self._drafter(speculative, draft_model)
         if max_new_tokens < 0:
             raise GenerationOptionError("max_new_tokens", max_new_tokens, "must be >= 0")
         self._check_limits(batch, max_new_tokens)
@@ -358,11 +494,11 @@ class MoEModel:
         rows = [batch.ids[r][batch.mask[r]].tolist() for r in range(batch.ids.shape[0])]
         if do_sample and seed is not None:  # a seeded sample must not depend on who else is asking
             new = self._generate_rows(
-                (do_sample, temperature, top_k, top_p, seed, tuple(stop_token_ids)), rows, max_new_tokens
+                (do_sample, temperature, top_k, top_p, seed, tuple(stop_token_ids), drafter), rows, max_new_tokens
             )
         else:
             # One batch is one paid request: only calls paid by the same account share it.
-            key = (do_sample, temperature, top_k, top_p, None, tuple(stop_token_ids), self._payer())
+            key = (do_sample, temperature, top_k, top_p, None, tuple(stop_token_ids), drafter, self._payer())
             new = self.batcher.generate(key, rows, max_new_tokens)
         steps = self._steps_taken(new, stop_token_ids, max_new_tokens)
         if steps == 0:
@@ -400,7 +536,7 @@ class MoEModel:
     def _lane_rows(
         self, key: tuple, rows: list[list[int]], max_new_tokens: int, charge: bool = True
     ) -> list[torch.Tensor]:
-        do_sample, temperature, top_k, top_p, seed, stops = key[:6]
+        do_sample, temperature, top_k, top_p, seed, stops, drafter = key[:7]
         batch = self._batch(rows, None)  # every caller's rows: checked per call in generate, not here
         check_length(batch.mask, max_new_tokens, self.config.max_position_embeddings)
         steps = list(
@@ -411,6 +547,7 @@ class MoEModel:
                 make_generator(seed),
                 stops,
                 charge=charge,
+                drafter=drafter,
             )
         )
         pad = self.generation.pad_or_eos
@@ -520,7 +657,11 @@ class MoEModel:
           trust on "verified", "unverified", "disputes", "caught" (steps checked by two
           independent splits, steps that could not be, disagreements, liars reported).
         """
-        return {"tier": self.tier, "model_id": self.model_id, **self.executor.counters()}
+        stats = {"tier": self.tier, "model_id": self.model_id, **self.executor.counters()}
+        speculation = self.speculation.snapshot()
+        if speculation["passes"]:
+            stats["speculation"] = speculation
+        return stats
 
     def close(self) -> None:
         """Release the executor's connections (a distributed model); a local model has none."""

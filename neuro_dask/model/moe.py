@@ -96,6 +96,10 @@ class RequestScope(Protocol):
         """Inside the block, this thread's calls work for the request `stamp` names (a lane's thread)."""
         ...
 
+    def note_pass(self, drafted: int, kept: int) -> None:
+        """A speculative decoding pass of this thread's request verified `drafted` tokens, kept `kept`."""
+        ...
+
     def charging(self, account: str | None) -> contextlib.AbstractContextManager[None]:
         """Inside the block, requests this thread begins are paid by `account`."""
         ...
@@ -130,6 +134,9 @@ class NoRequests:
     @contextlib.contextmanager
     def lane(self, stamp: Mapping[str, Any]) -> Iterator[None]:
         yield
+
+    def note_pass(self, drafted: int, kept: int) -> None:
+        pass  # nobody watches a local model's passes but its own stats()
 
     def charging(self, account: str | None) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()

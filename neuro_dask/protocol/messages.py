@@ -9,7 +9,7 @@ before that, in its guards (security/guards.py, through schemas.py, which derive
 from MESSAGES), so that a refused message is also counted against the peer.
 
 Scheduler operations (clients): Routes, RequestBegin, RequestEnd, ReportOutcomes, ReportLoad,
-ReportCalls, Unreachable, Dispute. Scheduler operations (workers, for themselves):
+ReportCalls, ReportPasses, Unreachable, Dispute. Scheduler operations (workers, for themselves):
 ExpertsLoaded, Pause; VolunteerStatus (a worker or the operator). Worker operations (clients):
 Cancel, WorkerStatus. The expert calls themselves (neuro_expert, neuro_expert_share) carry a
 tensor frame: protocol/wire.py is their codec on both ends, and schemas.py holds their shape.
@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
-from neuro_dask.protocol.records import CallReport, OutcomeReport, RecordError
+from neuro_dask.protocol.records import CallReport, OutcomeReport, PassReport, RecordError
 from neuro_dask.protocol.shapes import (
     ADDRESS,
     EXPERT,
@@ -102,7 +102,7 @@ class Message:
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, (OutcomeReport, CallReport)):
+    if isinstance(value, (OutcomeReport, CallReport, PassReport)):
         return value.to_msg()
     if isinstance(value, (tuple, list)):
         return [_plain(v) for v in value]
@@ -226,6 +226,27 @@ class ReportCalls(Message):
 
 
 @dataclass(frozen=True)
+class ReportPasses(Message):
+    """Speculative decoding passes for the dashboard's tokens-per-pass figure. `dropped`: rows
+    that were not PassReports."""
+
+    model: str
+    passes: tuple[PassReport, ...]
+    dropped: int = 0
+
+    OP: ClassVar[str] = "neuro_report_passes"
+    SCHEMA: ClassVar[Record] = Record({"model": MODEL, "passes": ListOf(Opaque(max_items=8, max_depth=2), 1_000)})
+
+    def to_msg(self) -> dict[str, Any]:
+        return {"model": self.model, "passes": [p.to_msg() for p in self.passes]}
+
+    @classmethod
+    def _read(cls, msg: Mapping[str, Any]) -> ReportPasses:
+        passes, dropped = _records(PassReport, msg["passes"])
+        return cls(msg["model"], passes, dropped)
+
+
+@dataclass(frozen=True)
 class Unreachable(Message):
     """The client got no answer from `worker` for these (layer, expert) pairs: the scheduler probes it."""
 
@@ -334,6 +355,7 @@ MESSAGES: tuple[type[Message], ...] = (
     ReportOutcomes,
     ReportLoad,
     ReportCalls,
+    ReportPasses,
     Unreachable,
     Dispute,
     ExpertsLoaded,

@@ -9,6 +9,8 @@ clients have always sent and what the hardened schemas (schemas.py) check before
   [layer, experts, workers, seconds, replicas, hedges, outcome, transport, rows, request]; a
   record that does not know its rows and request (older clients, the private tier) sends the
   first 8 fields only.
+- PassReport, a row of neuro_report_passes' `passes`: one speculative decoding pass,
+  [drafted, kept, request].
 - Refusal: what a worker's error answer means to a client, as a code rather than as text.
 
 `to_msg()` gives the wire form; `from_msg(raw)` reads a peer's data, which is untrusted: every field
@@ -40,6 +42,7 @@ CALL_REQUEST_CHARS = 64
 CALL_MAX_ROWS = 1 << 24
 CALL_MAX_COUNT = 1 << 20  # experts, replicas, hedges in one layer call
 CALL_MAX_SECONDS = 86_400
+PASS_MAX_DRAFTED = 4_096  # draft tokens one pass may verify (a tree of 2 x 64 is far below)
 
 
 class RecordError(NeuroDaskError, ValueError):
@@ -193,6 +196,29 @@ class CallReport:
             _int(name, "rows", rows, -1, CALL_MAX_ROWS),
             _request_id(name, request, CALL_REQUEST_CHARS),
         )
+
+
+@dataclass(frozen=True)
+class PassReport:
+    """One speculative decoding pass over the layers, for the dashboard: how many draft tokens it
+    verified and how many it kept (it yielded kept + 1 tokens per row). It moves nothing but the
+    dashboard's tokens-per-pass figure."""
+
+    drafted: int
+    kept: int
+    request: str = ""
+
+    NAME = "a pass record"
+
+    def to_msg(self) -> list:
+        return [self.drafted, self.kept, self.request]
+
+    @classmethod
+    def from_msg(cls, raw: object) -> PassReport:
+        drafted, kept, request = _fields(cls.NAME, raw, (3,))
+        drafted = _int(cls.NAME, "drafted", drafted, 0, PASS_MAX_DRAFTED)
+        kept = _int(cls.NAME, "kept", kept, 0, drafted)
+        return cls(drafted, kept, _request_id(cls.NAME, request, CALL_REQUEST_CHARS))
 
 
 # ---- a worker's refusals -------------------------------------------------------------------------------

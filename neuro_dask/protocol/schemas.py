@@ -185,6 +185,7 @@ RATE_CLASSES: dict[str, str] = {
     "neuro_report_outcomes": "reports",
     "neuro_report_load": "reports",
     "neuro_report_calls": "reports",
+    "neuro_report_passes": "reports",
     "neuro_request_end": "requests",
 }
 DEFAULT_RATE_CLASS = "control"

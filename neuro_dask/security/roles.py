@@ -114,6 +114,7 @@ SCHEDULER_HANDLERS: dict[str, Rule] = _table(
             "neuro_report_outcomes",
             "neuro_report_load",
             "neuro_report_calls",
+            "neuro_report_passes",
             "neuro_unreachable",
             "neuro_dispute",
             "neuro_channels",

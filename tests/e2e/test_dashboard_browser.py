@@ -129,6 +129,7 @@ def test_the_overview_figures_match_the_schedulers_state(browser, scenario):
             "overview-experts": f"<b>{total - len(pending)} / {total}</b>",
             "overview-workers": f"<b>{serving} / {len(status['workers'])}</b>",
             "overview-caught": f"<b>{plugin.feed.counts.get('quorum_caught', 0)}</b>",
+            "overview-speculation": f"<b>{_tokens_per_pass(plugin)}</b>",
         }
 
     def matches():  # placement may still be moving the killed worker's experts: poll until both agree
@@ -137,6 +138,16 @@ def test_the_overview_figures_match_the_schedulers_state(browser, scenario):
 
     _poll(matches, 60, f"the overview to show {expected()}")
     assert f"/ {len(scenario['client'].scheduler_info()['workers'])}</b>" in model_text(browser, "overview-workers")
+
+
+def _tokens_per_pass(plugin) -> str:
+    """The overview card's figure, from the feed: speculative passes over the last 60 s."""
+    import time
+
+    from neuro_dask.dashboard import views
+
+    o = views.overview(plugin.dashboard_view(), plugin.feed, time.time())
+    return "-" if o.tokens_per_pass is None else f"{o.tokens_per_pass:.2f}"
 
 
 def test_dask_own_status_page_still_renders(browser, scenario, tmp_path):

@@ -185,3 +185,19 @@ def test_the_calls_page_filters_by_request_and_layer():
     assert views.calls_columns(feed, request="aaaa", layer="1")["request"] == ["aaaa1111"]
     assert views.calls_columns(feed, layer="1")["request"] == ["-", "bbbb2222", "aaaa1111"]
     assert views.calls_columns(feed)["rows"] == [8, 8, 8, 8]
+
+
+def test_tokens_per_pass_counts_the_kept_drafts_and_the_models_own_token():
+    from neuro_dask.dashboard import views
+    from neuro_dask.dashboard.feed import Feed
+    from neuro_dask.protocol.records import PassReport
+
+    feed = Feed()
+    assert views.tokens_per_pass([]) is None
+    feed.add_passes("m", [PassReport(4, 4), PassReport(4, 0)], now=100.0)
+    feed.add_passes("m", [PassReport(2, 1)], now=107.0)
+    assert views.tokens_per_pass(list(feed.passes)) == round((5 + 1 + 2) / 3, 2)
+    cols = views.tokens_per_pass_over_time(feed, bin_seconds=5.0)
+    assert cols["time"] == [100_000.0, 105_000.0]
+    assert cols["tokens_per_pass"] == [3.0, 2.0] and cols["kept_share"] == [0.5, 0.5]
+    assert feed.counts["speculative_passes"] == 3 and feed.counts["speculative_kept"] == 5

@@ -47,6 +47,9 @@ class RecordingScope:
     def stamp(self) -> dict:
         return dict(getattr(self._thread, "stamp", {}))
 
+    def note_pass(self, drafted, kept) -> None:
+        self.events.append(("pass", drafted, kept))
+
     @contextlib.contextmanager
     def lane(self, stamp):
         before = self.stamp()

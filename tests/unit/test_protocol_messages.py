@@ -16,6 +16,7 @@ from neuro_dask.protocol.messages import (
     ReportCalls,
     ReportLoad,
     ReportOutcomes,
+    ReportPasses,
     RequestBegin,
     RequestEnd,
     Routes,
@@ -24,7 +25,7 @@ from neuro_dask.protocol.messages import (
     WorkerStatus,
     receiver,
 )
-from neuro_dask.protocol.records import CallReport, OutcomeReport
+from neuro_dask.protocol.records import CallReport, OutcomeReport, PassReport
 from neuro_dask.protocol.shapes import SchemaError
 
 W = "tcp://127.0.0.1:4000"
@@ -38,6 +39,7 @@ SAMPLES = [
     ReportOutcomes("adder-1234", (OUTCOME,), ({"worker": "w1", "rows": 3},), "batch-1"),
     ReportLoad("adder-1234", ((0, 1, 3.0), (1, 7, 0.5))),
     ReportCalls("adder-1234", (CALL,), "direct"),
+    ReportPasses("adder-1234", (PassReport(4, 3, "req-1"), PassReport(0, 0))),
     Unreachable(W, "adder-1234", ((0, 1), (0, 2))),
     Dispute("adder-1234", {"receipt": {"a": 1}, "expert": 3}),
     ExpertsLoaded(W, "adder-1234", ((0, 1),), ((0, 2, "out of memory"),), "int8"),
@@ -105,6 +107,12 @@ def test_a_malformed_row_costs_only_that_row():
 
     calls = ReportCalls.from_msg({"model": "m", "calls": [CALL.to_msg(), [1, 2], "nonsense"]})
     assert calls.calls == (CALL,) and calls.dropped == 2
+
+
+def test_a_pass_cannot_keep_more_than_it_drafted_nor_draft_without_bound():
+    raw = {"model": "m", "passes": [[4, 5, ""], [5000, 1, ""], [3, -1, ""], [2, 2, "../x"], [8, 8, "r-1"]]}
+    report = ReportPasses.from_msg(raw)
+    assert report.passes == (PassReport(8, 8, "r-1"),) and report.dropped == 4
 
 
 def test_a_call_report_of_an_older_client_reads_with_rows_unsaid():

@@ -40,6 +40,7 @@ SCHEDULER_TABLE: dict[str, frozenset[str] | str] = {
     "register-client": CLIENTS,
     "neuro_routes": CLIENTS,
     "neuro_report_calls": CLIENTS,
+    "neuro_report_passes": CLIENTS,
     "neuro_report_outcomes": CLIENTS,
     "neuro_unreachable": CLIENTS,
     "neuro_dispute": CLIENTS,

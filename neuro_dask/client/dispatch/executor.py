@@ -104,7 +104,12 @@ class DistributedExecutor:
         self.sleep = sleep
         self.reports = Reports(client, model_id, transport.name, settings, clock)
         self.requests = PaidRequests(
-            client, model_id, settings, flush=self.flush_reports, forget=self.reports.forget_request
+            client,
+            model_id,
+            settings,
+            flush=self.flush_reports,
+            forget=self.reports.forget_request,
+            passes=self.reports.add_pass,
         )
         self.routes = self.fetch_routes()
         self.suspects: dict[str, float] = {}  # worker -> until when it is skipped

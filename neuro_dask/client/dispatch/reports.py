@@ -29,8 +29,8 @@ from neuro_dask.client.dispatch.routes import RouteTable
 from neuro_dask.client.dispatch.trusted import Dispute
 from neuro_dask.errors import NeuroDaskError
 from neuro_dask.protocol import messages
-from neuro_dask.protocol.messages import ReportCalls, ReportLoad, ReportOutcomes, Routes, Unreachable
-from neuro_dask.protocol.records import CallReport, OutcomeReport
+from neuro_dask.protocol.messages import ReportCalls, ReportLoad, ReportOutcomes, ReportPasses, Routes, Unreachable
+from neuro_dask.protocol.records import CallReport, OutcomeReport, PassReport
 from neuro_dask.settings import ClientSettings
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class ReportBatch:
     load: dict[tuple[int, int], int] = field(default_factory=dict)  # (layer, expert) -> rows
     outcomes: list[OutcomeReport] = field(default_factory=list)
     calls: list[CallReport] = field(default_factory=list)
+    passes: list[PassReport] = field(default_factory=list)
 
 
 class Reports:
@@ -86,6 +87,11 @@ class Reports:
         with self._lock:
             if len(self._pending.calls) < MAX_PENDING_CALLS:
                 self._pending.calls.append(call)
+
+    def add_pass(self, report: PassReport) -> None:
+        with self._lock:
+            if len(self._pending.passes) < MAX_PENDING_CALLS:
+                self._pending.passes.append(report)
 
     def note_receipt(self, worker: str, response: Any) -> None:
         """Keep a worker's newest receipt per request (they are cumulative: the newest says it all)."""
@@ -227,6 +233,11 @@ class Reports:
                 await ReportCalls(self.model_id, tuple(batch.calls), self.transport_name).send(scheduler)
             except Exception:  # the dashboard's feed is best effort
                 log.debug("could not report calls", exc_info=True)
+        if batch.passes:
+            try:
+                await ReportPasses(self.model_id, tuple(batch.passes)).send(scheduler)
+            except Exception:  # the dashboard's feed is best effort
+                log.debug("could not report speculative passes", exc_info=True)
 
     async def _send_outcomes(self, outcomes: list[OutcomeReport], receipts: list[dict]) -> None:
         try:

@@ -25,6 +25,7 @@ from distributed import Client
 
 from neuro_dask.errors import NeuroDaskError
 from neuro_dask.protocol.messages import RequestBegin, RequestEnd
+from neuro_dask.protocol.records import PassReport
 from neuro_dask.scheduler.versions import RetiredVersionError
 from neuro_dask.settings import ClientSettings
 
@@ -53,7 +54,8 @@ class PaidRequests:
     """Requests of one distributed model, begun and ended with the scheduler.
 
     `flush` reports everything the client buffered (receipts, outcomes, load) before an end;
-    `forget` drops what was kept of an ended request (its receipts). `priced_at(tier)` is the same
+    `forget` drops what was kept of an ended request (its receipts); `passes` takes the records of
+    speculative passes (for the dashboard). `priced_at(tier)` is the same
     scope billed at another tier's price (the private tier's), sharing every thread's state.
     """
 
@@ -65,13 +67,14 @@ class PaidRequests:
         flush: Callable[[], None],
         forget: Callable[[str], None],
         tier: str = "standard",
+        passes: Callable[[PassReport], None] | None = None,
     ):
         self.client = client
         self.model_id = model_id
         self.settings = settings
         self.micro_batches = int(settings.micro_batches or 1)
         self.tier = tier
-        self._flush, self._forget = flush, forget
+        self._flush, self._forget, self._passes = flush, forget, passes
         self._threads = _ThreadRequest()
         self.settlements: list[dict] = []  # what the scheduler charged, per request
         self._heard: dict[str, str] = {}  # "current": the channel's current version, as last heard
@@ -98,6 +101,11 @@ class PaidRequests:
     def _adopt(self, stamp: Mapping[str, Any]) -> None:
         self._threads.id = str(stamp.get("request", ""))
         self._threads.ticket = stamp.get("ticket")
+
+    def note_pass(self, drafted: int, kept: int) -> None:
+        """A speculative pass of this thread's request, for the dashboard (reported with the next batch)."""
+        if self._passes is not None:
+            self._passes(PassReport(int(drafted), int(kept), self._threads.id))
 
     @contextlib.contextmanager
     def lane(self, stamp: Mapping[str, Any]) -> Iterator[None]:
