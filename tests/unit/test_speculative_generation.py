@@ -18,11 +18,13 @@ ADDER = "neuro_dask/assets/adder"
 PROMPTS = ["12+345=", "999+1=", "7+8=", "450+450="]
 
 
-def _remote_like():
-    """The adder with a 2 ms wait per layer call: over a network, where drafting pays (a model
-    whose experts run in process starts plain and drafts only once it measures that it pays)."""
+def _remote_like(seconds: float = 0.002):
+    """The adder with a wait per layer call: over a network, where drafting pays (a model whose
+    experts run in process starts plain and drafts only once it measures that it pays). Tests
+    whose assertions need the controller to draft long use 20 ms: a pass then costs far more
+    than a drafted token even on a machine busy with other work."""
     model = nd.load(ADDER)
-    model.executor = RoundTripExecutor(model.executor)
+    model.executor = RoundTripExecutor(model.executor, seconds)
     return model
 
 
@@ -51,7 +53,7 @@ def test_greedy_speculative_generation_is_plain_greedy_token_for_token(adder, dr
 
 
 def test_a_good_draft_yields_many_tokens_per_pass_and_counts_them(draft):
-    model = _remote_like()
+    model = _remote_like(0.02)
     counting = model.executor
     ids = model.tokenizer.encode_batch(["123+456="])
     plain = _plain(model, ids)
@@ -243,7 +245,7 @@ class ForcedTree:
 
 
 def test_tree_passes_give_plain_greedy_and_sampled_output(draft):
-    model = _remote_like()
+    model = _remote_like(0.02)
     drafter = TreeDrafter(draft)
     for prompt in PROMPTS:
         ids = [model.tokenizer.encode(prompt)]
