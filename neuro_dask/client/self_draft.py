@@ -78,7 +78,8 @@ def self_draft(
 ):
     """A ModelDraft over a local copy of `model` (its sharded folder, `model.source`): the trunk,
     and the experts `memory_budget` bytes allow, hottest first by `load` (calls per (layer,
-    expert)), in `dtype` (default: draft_dtype)."""
+    expert); default: the rows the model routed to each so far, `model.expert_load`), in `dtype`
+    (default: draft_dtype)."""
     try:
         store = ShardStore(model.source, verify=True)
     except Exception as exc:
@@ -97,7 +98,9 @@ def self_draft(
     cfg = store.config
     every = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.num_experts)]
     bytes_each = 3 * cfg.hidden_size * cfg.moe_intermediate_size * dtype.itemsize
-    chosen = within_budget(hottest_first(every, load or {}), bytes_each, memory_budget)
+    if load is None:
+        load = dict(model.expert_load)
+    chosen = within_budget(hottest_first(every, load), bytes_each, memory_budget)
     weights = {key: store.read_expert(key[0], key[1], dtype) for key in chosen}
     log.info("self-draft: %d of %d experts copied in %s", len(chosen), len(every), dtype)
     return ModelDraft(assemble_model(store, PartialExpertExecutor(weights), dtype, "cpu"))

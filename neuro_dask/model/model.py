@@ -10,7 +10,8 @@ import contextlib
 import logging
 import math
 import threading
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -113,6 +114,8 @@ class MoEModel:
         self._drafters: dict[tuple, Any] = {}
         self._draft_lengths: dict[str, DraftLength] = {}
         self._speculate: tuple[Any, Any] | None = None  # this model's default (speculate())
+        # Rows routed to each (layer, expert) so far: which experts a self-draft copies first.
+        self.expert_load: Counter[tuple[int, int]] = Counter()
 
     def use_requests(self, requests: RequestScope) -> None:
         """Begin and end this model's requests through `requests` (a distributed model's, once its
@@ -187,11 +190,17 @@ class MoEModel:
                 layer.router(rows), self.config.num_experts_per_tok, self.config.norm_topk_prob
             )
             groups = group_by_expert(rows, experts)
+            self._count_load(layer.index, groups.inputs)
             outputs = self._coalescer().run_layer(layer.index, groups.inputs)
             moe = combine(groups, outputs, weights, rows)
             shared = layer.shared_output(rows)
             out[routed] = moe if shared is None else moe + shared
         return out
+
+    def _count_load(self, layer: int, inputs: Mapping[int, torch.Tensor]) -> None:
+        load = self.expert_load
+        for e, rows in inputs.items():
+            load[(layer, e)] += rows.shape[0]
 
     # ---- public API ---------------------------------------------------------------------------
 
@@ -396,7 +405,10 @@ class MoEModel:
         """Make speculative decoding this model's default (for generate, stream, map and a gateway
         serving it): a kind ("prompt-lookup", "self", "draft-model" with `draft_model=`), a
         Drafter, or None to decode plainly whatever neuro.client.speculative says. The drafts are
-        built now, so a wrong choice fails here rather than at the first request."""
+        built now, so a wrong choice fails here rather than at the first request; calling it
+        again rebuilds them (a self-draft then copies the experts hottest by now)."""
+        with _LANES_LOCK:
+            self._drafters.pop((speculative, id(draft_model)), None)
         self._drafter(speculative, draft_model)
         self._speculate = (speculative, draft_model)
 

@@ -255,3 +255,19 @@ def test_tree_passes_give_plain_greedy_and_sampled_output(draft):
     kw = dict(max_new_tokens=8, do_sample=True, temperature=1.5, seed=3)
     a = model.generate([model.tokenizer.encode("5+5=")], speculative=drafter, **kw)
     assert torch.equal(a, model.generate([model.tokenizer.encode("5+5=")], speculative=drafter, **kw))
+
+
+def test_a_self_draft_copies_the_experts_the_model_used_most_first():
+    from neuro_dask.client.self_draft import PartialExpertExecutor, self_draft
+
+    model = nd.load(ADDER)
+    model.generate(model.tokenizer.encode_batch(PROMPTS), max_new_tokens=6, speculative=None)
+    assert sum(model.expert_load.values()) > 0
+    hottest = sorted(model.expert_load, key=lambda k: (-model.expert_load[k], k))[:3]
+    one = 3 * model.config.hidden_size * model.config.moe_intermediate_size * 4  # an expert in float32
+    draft = self_draft(model, memory_budget=3 * one, dtype=torch.float32).draft
+    assert isinstance(draft.executor, PartialExpertExecutor)
+    assert sorted(draft.executor.weights) == sorted(hottest)
+    ids = model.tokenizer.encode_batch(PROMPTS)
+    # a draft missing most experts drafts badly, and the output is still plain decoding's
+    assert torch.equal(model.generate(ids, max_new_tokens=8, speculative=ModelDraft(draft)), _plain(model, ids, 8))
