@@ -92,6 +92,20 @@ def _fit(table: DataTable, data: dict, **fixed) -> None:
         table.height = height
 
 
+def _over_time(title: str, name: str, height: int):
+    """A figure of values over wall-clock time, as wide as the page."""
+    fig = figure(
+        title=title,
+        x_axis_type="datetime",
+        height=height,
+        sizing_mode="stretch_width",
+        tools="save,reset,xwheel_zoom,xpan",
+        name=name,
+    )
+    _time_axis(fig)
+    return fig
+
+
 def _time_axis(fig, min_span_s: float = 60.0) -> None:
     """A clock on the x axis (values: ms since the epoch) that reads well with one point, a few
     or hours of them: never narrower than `min_span_s` (one point alone would make Bokeh zoom to
@@ -506,15 +520,7 @@ class Overview:
             for k in self.FIGURES
         }
         self.latency = ColumnDataSource({"time": [], "p50": [], "p95": []})
-        self.fig = figure(
-            title="layer-call latency (ms): p50 and p95 per 5 s",
-            x_axis_type="datetime",
-            height=260,
-            sizing_mode="stretch_width",
-            tools="save,reset,xwheel_zoom,xpan",
-            name="overview-latency",
-        )
-        _time_axis(self.fig)
+        self.fig = _over_time("layer-call latency (ms): p50 and p95 per 5 s", "overview-latency", 260)
         self.fig.line("time", "p50", source=self.latency, color=Category10_10[0], line_width=2, legend_label="p50")
         self.fig.line("time", "p95", source=self.latency, color=Category10_10[1], line_width=2, legend_label="p95")
         # points too: calls arrive in batches, and one bin is one point, which no line draws
@@ -537,16 +543,9 @@ class Overview:
         )
         # Speculative decoding: tokens each pass over the layers yielded (1 = plain decoding).
         self.passes = ColumnDataSource({"time": [], "tokens_per_pass": [], "kept_share": []})
-        self.passes_fig = figure(
-            title="speculative decoding: tokens per pass over the layers, per 5 s (1 = plain decoding)",
-            x_axis_type="datetime",
-            height=200,
-            sizing_mode="stretch_width",
-            tools="save,reset,xwheel_zoom,xpan",
-            name="overview-passes",
-            visible=False,
-        )
-        _time_axis(self.passes_fig)
+        title = "speculative decoding: tokens per pass over the layers, per 5 s (1 = plain decoding)"
+        self.passes_fig = _over_time(title, "overview-passes", 200)
+        self.passes_fig.visible = False
         self.passes_fig.line("time", "tokens_per_pass", source=self.passes, color=Category10_10[2], line_width=2)
         self.passes_fig.scatter("time", "tokens_per_pass", source=self.passes, color=Category10_10[2], size=7)
         self.events = TrustFeed(plugin, limit=12, name="overview-events", actions=views.RECENT_ACTIONS, height=330)
