@@ -483,3 +483,22 @@ def test_neuro_dask_serve_prints_url_model_and_curl(cluster_model, tmp_path):
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "Traceback" not in err
+
+
+def test_a_gateway_serving_a_speculating_model_answers_the_same(api, model):
+    import neuro_dask as nd
+    from neuro_dask.demo.train import DRAFT_ASSET_DIR
+
+    plain = api.completions.create(model="adder", prompt="123+456=", max_tokens=6, temperature=0)
+    model.speculate("draft-model", draft_model=nd.load(DRAFT_ASSET_DIR))
+    try:
+        before = model.speculation.snapshot()["passes"]
+        fast = api.completions.create(model="adder", prompt="123+456=", max_tokens=6, temperature=0)
+        stream = api.completions.create(model="adder", prompt="908+97=", max_tokens=6, temperature=0, stream=True)
+        streamed = "".join(chunk.choices[0].text for chunk in stream)
+        assert model.speculation.snapshot()["passes"] > before  # the gateway's generations speculated
+    finally:
+        model.speculate(None)
+    assert fast.choices[0].text == plain.choices[0].text == "579"
+    assert streamed == "1005"
+    assert fast.usage.completion_tokens == plain.usage.completion_tokens
