@@ -96,6 +96,11 @@ def _speculation_line(model) -> str | None:
     s = model.stats().get("speculation")
     if not s:
         return None
+    if not s["drafted"]:
+        return (
+            "speculative decoding drafted nothing: here a drafted token costs about what a pass over the "
+            "layers costs (it pays where the experts are across a network)"
+        )
     return (
         f"speculative decoding: {s['tokens_per_pass']:.2f} tokens per pass over the layers "
         f"({s['kept']} of {s['drafted']} drafted tokens kept, {s['passes']} passes)"
@@ -391,6 +396,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
     )
     with _model_for(args) as model:
+        _speculate(model, args, Path(args.path))
         if args.stream:
             for prompt in args.prompt:
                 print(prompt, end="", flush=True)
@@ -401,6 +407,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         texts = model.generate_text(args.prompt, max_new_tokens=args.max_new_tokens, **options)
         for prompt, text in zip(args.prompt, texts):
             print(f"{prompt}{text}")
+        line = _speculation_line(model)
+        if line:
+            print(line)
     return 0
 
 
@@ -574,6 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, help="with --sample: keep the likeliest tokens up to this probability")
     g.add_argument("--seed", type=int, help="with --sample: the random seed (reproducible answers)")
     g.add_argument("--stream", action="store_true", help="print each token as it comes")
+    _add_speculation_arguments(g)
     sco = sub.add_parser("score", help="log-likelihood and perplexity of texts under a sharded model")
     sco.add_argument("path", help="a sharded model folder or URL; with --scheduler, one the workers can read")
     sco.add_argument("text", nargs="+", help="one or more texts to score")

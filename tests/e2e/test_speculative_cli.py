@@ -26,3 +26,12 @@ def test_a_draft_model_flag_without_a_draft_is_refused_with_a_reason():
     out = run_cli("demo", "--local", "--model", str(DRAFT_ASSET_DIR), "--speculative", "draft-model")
     assert out.returncode != 0
     assert "--draft-model DIR" in out.stdout, out.stdout
+
+
+def test_generate_in_process_says_why_it_drafted_nothing():
+    from neuro_dask.demo.addition import ASSET_DIR
+
+    out = run_cli("generate", str(ASSET_DIR), "123+456=", "--max-new-tokens", "6", "--speculative", "self")
+    assert out.returncode == 0, out.stdout
+    assert "123+456=579" in out.stdout
+    assert "drafted nothing" in out.stdout and "across a network" in out.stdout, out.stdout
