@@ -11,7 +11,6 @@ assistant models, prompt lookup) runs with the experts on the network too.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,10 +18,7 @@ import torch
 
 from neuro_dask.model.generation import Batch, positions_from_mask
 from neuro_dask.model.hf_trunk import ExpertCalls, expert_calls, experts_modules
-from neuro_dask.model.model import MoEModel
-
-log = logging.getLogger(__name__)
-_TOLD: set[str] = set()  # reasons already logged once
+from neuro_dask.model.model import MoEModel, plain_decoding_because
 
 
 @dataclass
@@ -116,9 +112,8 @@ class TransformersMoEModel(MoEModel):
             why = f"{type(cache).__name__} cannot be rolled back"
         elif any(hasattr(layer, "indexer_keys") for layer in getattr(cache, "layers", ())):
             why = "its sparse-attention indexer selects keys differently for a pass of several tokens"
-        if why and why not in _TOLD:
-            _TOLD.add(why)
-            log.warning("speculative decoding: %s; decoding plainly", why)
+        if why:
+            plain_decoding_because(why)
         return not why
 
     def _rollback(self, cache, length: int) -> None:

@@ -44,6 +44,15 @@ from neuro_dask.settings import ClientSettings, SecuritySettings
 log = logging.getLogger(__name__)
 _LANES_LOCK = threading.Lock()
 _TOLD: set[str] = set()  # reasons already logged once
+
+
+def plain_decoding_because(reason: str) -> None:
+    """Say once per process why a model decodes plainly although speculation was asked for."""
+    if reason not in _TOLD:
+        _TOLD.add(reason)
+        log.warning("speculative decoding is off for this model (plain decoding instead): %s", reason)
+
+
 # A speculative generation may carry this many positions through its passes per token it asks
 # for (drafts the model rejects included): what its request holds for, and where drafting stops.
 SPECULATIVE_FEED = 3
@@ -425,9 +434,7 @@ class MoEModel:
             return None
         reason = self.speculation_unsupported()
         if reason:
-            if reason not in _TOLD:
-                _TOLD.add(reason)
-                log.warning("speculative decoding is off for this model (plain decoding instead): %s", reason)
+            plain_decoding_because(reason)
             return None
         if hasattr(speculative, "start"):
             return speculative
