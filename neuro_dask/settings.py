@@ -285,9 +285,11 @@ class ClientSettings:
             raise ConfigFieldError(
                 "neuro.client", "micro-batches", f"must be a positive integer, got {self.micro_batches!r}"
             )
-        if self.speculative not in (None, "off", "prompt-lookup", "self"):
+        if self.speculative not in (None, "off", "prompt-lookup", "self", "mtp"):
             raise ConfigFieldError(
-                "neuro.client", "speculative", f"must be null, off, prompt-lookup or self, got {self.speculative!r}"
+                "neuro.client",
+                "speculative",
+                f"must be null, off, prompt-lookup, self or mtp, got {self.speculative!r}",
             )
         if isinstance(self.draft_max, bool) or not isinstance(self.draft_max, int) or not 1 <= self.draft_max <= 64:
             raise ConfigFieldError(

@@ -468,7 +468,7 @@ def _bundled() -> Path:
 def _add_speculation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--speculative",
-        choices=["off", "prompt-lookup", "self", "draft-model"],
+        choices=["off", "prompt-lookup", "self", "mtp", "draft-model"],
         default=None,
         help="draft tokens and verify several per pass over the layers: the same output, fewer network "
         "round trips (default: neuro.client.speculative, off)",

@@ -49,6 +49,7 @@ def assemble_model(
         tokenizer=Tokenizer.from_file(tok_path) if tok_path else None,
         generation=generation_defaults(cfg, store.manifest.generation_config),
         source=str(store.root),
+        store=store,
     )
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from neuro_dask.client import mtp_draft as _mtp_draft  # noqa: F401 - registers speculative="mtp"
 from neuro_dask.client import self_draft as _self_draft  # noqa: F401 - registers speculative="self"
 from neuro_dask.client.assembly import assemble_model, transformers_local_executor
 from neuro_dask.model.model import MoEModel

@@ -81,7 +81,7 @@ def self_draft(
     expert); default: the rows the model routed to each so far, `model.expert_load`), in `dtype`
     (default: draft_dtype)."""
     try:
-        store = ShardStore(model.source, verify=True)
+        store = model.store or ShardStore(model.source, verify=True)
     except Exception as exc:
         raise SpeculationError(f"a self-draft reads the model's store ({model.source}): {exc}") from exc
     scale = model.dtype.itemsize / 4  # the store's files are float32 or narrower: an upper bound

@@ -11,6 +11,9 @@ assistant models, prompt lookup) runs with the experts on the network too.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +22,15 @@ import torch
 from neuro_dask.model.generation import Batch, positions_from_mask
 from neuro_dask.model.hf_trunk import ExpertCalls, expert_calls, experts_modules
 from neuro_dask.model.model import MoEModel, plain_decoding_because
+
+_RECORD = threading.local()  # this thread's list of final hidden states, inside final_hidden()
+_HOOK_LOCK = threading.Lock()
+
+
+def _record_final_norm(_module, _args, output) -> None:
+    seen = getattr(_RECORD, "seen", None)
+    if seen is not None:
+        seen.append(output)
 
 
 @dataclass
@@ -86,6 +98,25 @@ class TransformersMoEModel(MoEModel):
             cache.activate_past_recording()
         out = self._run(ids, positions, key_valid, routed, cache, last_only=False, use_cache=True)
         return out.logits.float().cpu()
+
+    @contextlib.contextmanager
+    def final_hidden(self) -> Iterator[list[torch.Tensor]]:
+        """The final norm's output [B, T, D] of every pass this thread runs inside the block
+        (what a multi-token-prediction layer reads: client/mtp_draft.py). Other threads'
+        passes on the same model are not recorded."""
+        norm = getattr(self.trunk.base_model, "norm", None)
+        if norm is None:
+            raise AttributeError(f"{type(self.trunk).__name__} has no final norm to read hidden states from")
+        with _HOOK_LOCK:
+            if not getattr(norm, "_neuro_recorded", False):
+                norm.register_forward_hook(_record_final_norm)
+                norm._neuro_recorded = True
+        previous = getattr(_RECORD, "seen", None)
+        _RECORD.seen = seen = []
+        try:
+            yield seen
+        finally:
+            _RECORD.seen = previous
 
     def supports_trees(self) -> bool:
         return False  # transformers builds its own masks: drafts are verified as chains

@@ -103,6 +103,8 @@ class MoEModel:
     tokenizer: Tokenizer | None = None
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
     source: str = "<memory>"
+    # The ShardStore this model was assembled from (None: built in memory); drafts read more of it.
+    store: Any = field(default=None, repr=False, compare=False)
     # Where requests begin and end (a scheduler with a ledger bills them); a local model's are free.
     requests: RequestScope = field(default_factory=NoRequests)
 
@@ -265,9 +267,10 @@ class MoEModel:
         LimitExceededError before any work.
 
         `speculative` (default: neuro.client.speculative): None for plain decoding;
-        "prompt-lookup", "self" or "draft-model" (with `draft_model=`, a local model of the same
-        vocabulary) to draft tokens and verify several per pass over the layers, with the same
-        output as plain decoding (greedy: token for token; sampling: the same distribution).
+        "prompt-lookup", "self", "mtp" (a checkpoint's multi-token-prediction layer) or
+        "draft-model" (with `draft_model=`, a local model of the same vocabulary) to draft tokens
+        and verify several per pass over the layers, with the same output as plain decoding
+        (greedy: token for token; sampling: the same distribution).
         """
         opts = SamplingOptions(do_sample, temperature, top_k, top_p)
         drafter = self._drafter(speculative, draft_model)
@@ -412,7 +415,7 @@ class MoEModel:
 
     def speculate(self, speculative: Any = "prompt-lookup", draft_model: Any = None) -> None:
         """Make speculative decoding this model's default (for generate, stream, map and a gateway
-        serving it): a kind ("prompt-lookup", "self", "draft-model" with `draft_model=`), a
+        serving it): a kind ("prompt-lookup", "self", "mtp", "draft-model" with `draft_model=`), a
         Drafter, or None to decode plainly whatever neuro.client.speculative says. The drafts are
         built now, so a wrong choice fails here rather than at the first request; calling it
         again rebuilds them (a self-draft then copies the experts hottest by now)."""

@@ -11,12 +11,15 @@ Drafts (`Drafter`: one `DraftSession` per generation, advanced in lockstep with 
 - `PromptLookup` (speculation.py): n-grams of the context, free.
 - `ModelDraft`: any local causal MoEModel with the same vocabulary (a small trained draft, or
   the model's own trunk with local low-precision copies of its experts: `self_draft`).
+- `MtpDraft` (client/mtp_draft.py): the checkpoint's multi-token-prediction layer, which reads
+  the model's final hidden states (a session that `wants_hidden` gets them with each commit).
 
 Shape legend: B batch, K drafts per row, T prompt length, V vocabulary.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -47,8 +50,11 @@ class DraftSession(Protocol):
         """Up to k draft tokens per row, after everything committed so far."""
         ...
 
-    def commit(self, tokens: torch.Tensor) -> None:
-        """tokens [B, n]: what every row's context gained (the same n for every row)."""
+    def commit(self, tokens: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
+        """tokens [B, n]: what every row's context gained (the same n for every row). Only a
+        session whose `wants_hidden` is true is given hidden [B, h, D]: the model's final hidden
+        states of the positions its pass kept, the last of which is the one right before
+        tokens[:, -1] (after the prefill, every prompt position's)."""
         ...
 
 
@@ -123,15 +129,7 @@ class _ModelSession:
         """The greedy chain, with the draft's second choice beside each token when width > 1."""
         if k == 0 or self.pending.shape[1] == 0:
             return None
-        first, second = self._chain(k)
-        if width < 2:
-            return DraftTree.chain(first[0].tolist())
-        tokens, parents, main = [], [], 0
-        for i in range(k):
-            tokens += [int(first[0, i]), int(second[0, i])]
-            parents += [main, main]
-            main = len(tokens) - 1  # the chain's node at this depth (the sibling is a leaf)
-        return DraftTree(tuple(tokens), tuple(parents))
+        return chain_tree(*self._chain(k), width)
 
     def _chain(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The draft's greedy chain of k tokens per row [B, k], and its second choices [B, k]."""
@@ -163,6 +161,19 @@ class _ModelSession:
 
     def commit(self, tokens: torch.Tensor) -> None:
         self.pending = torch.cat([self.pending, tokens], dim=1)
+
+
+def chain_tree(first: torch.Tensor, second: torch.Tensor, width: int) -> DraftTree:
+    """A draft's greedy chain first [1, k] as a tree, with its second choices second [1, k]
+    beside each token when width > 1 (each a leaf)."""
+    if width < 2:
+        return DraftTree.chain(first[0].tolist())
+    tokens, parents, main = [], [], 0
+    for i in range(first.shape[1]):
+        tokens += [int(first[0, i]), int(second[0, i])]
+        parents += [main, main]
+        main = len(tokens) - 1  # the chain's node at this depth (the sibling is a leaf)
+    return DraftTree(tuple(tokens), tuple(parents))
 
 
 @dataclass(eq=False)  # one per draft model: generations batch together by it (hashed by identity)
@@ -238,7 +249,10 @@ def speculative_steps(
     key_valid[:, :t] = batch.mask
     positions = positions_from_mask(batch.mask)
     unfinished = torch.ones(b, dtype=torch.bool)
-    logits, cache = model._prefill(batch.ids, positions, key_valid[:, :t], batch.mask, t + max_new_tokens)
+    states = getattr(session, "wants_hidden", False)  # an MTP draft reads the model's own states
+    with _hidden_of(model, states) as seen:
+        logits, cache = model._prefill(batch.ids, positions, key_valid[:, :t], batch.mask, t + max_new_tokens)
+    hidden = seen[-1] if seen else None  # [B, T, D]: the states before each token of `new`, and earlier
     next_pos = positions[:, -1:] + 1
     filled, emitted, fed = t, 0, 1
     new = select_next(logits, opts, generator)[:, None]  # [B, 1]: this pass's tokens
@@ -259,7 +273,10 @@ def speculative_steps(
             new = select_next(logits, opts, generator)[:, None]
             filled, fed, next_pos = filled + 1, fed + 1, next_pos + 1
             continue
-        session.commit(new)
+        if states:
+            session.commit(new, hidden)
+        else:  # a Drafter written before hidden states were offered takes the tokens alone
+            session.commit(new)
         started = time.perf_counter()
         if trees and b == 1:
             limit = min(max_new_tokens - emitted, feed_limit - fed) - 1
@@ -267,7 +284,9 @@ def speculative_steps(
             with coalescer.idle():
                 tree = session.propose_tree(depth, width) if depth and limit > 0 else None
             if tree is not None and tree.size <= limit:
-                new, used = _tree_pass(model, tree, last, next_pos, key_valid, filled, cache, opts, generator)
+                with _hidden_of(model, states) as seen:
+                    new, used = _tree_pass(model, tree, last, next_pos, key_valid, filled, cache, opts, generator)
+                hidden = seen[-1][:, [0, *used]] if seen else None
                 main, sibling = tree_outcome(tree, used)
                 lengths.observe(depth, main, time.perf_counter() - started, nodes=tree.size, sibling=sibling)
                 note_pass(tree.size, len(used))
@@ -283,13 +302,14 @@ def speculative_steps(
         k = drafts.shape[1]
         ids = torch.cat([last[:, None], drafts], dim=1)  # [B, K+1]
         key_valid[:, filled : filled + k + 1] = True
-        logits = model._verify(
-            ids,
-            next_pos + torch.arange(k + 1),
-            key_valid[:, : filled + k + 1],
-            cache,
-            unfinished[:, None].expand(b, k + 1),
-        )
+        with _hidden_of(model, states) as seen:
+            logits = model._verify(
+                ids,
+                next_pos + torch.arange(k + 1),
+                key_valid[:, : filled + k + 1],
+                cache,
+                unfinished[:, None].expand(b, k + 1),
+            )
         verdict = verify(logits, drafts, opts, generator)
         m = committed(verdict, unfinished)
         # The slots of rejected drafts: out of the cache and out of attention's sight (a rollback
@@ -302,6 +322,12 @@ def speculative_steps(
         lengths.observe(k, m, time.perf_counter() - started)
         note_pass(k, m)
         new = verdict.tokens[:, : m + 1]
+        hidden = seen[-1][:, : m + 1] if seen else None
+
+
+def _hidden_of(model: Any, wanted: bool):
+    """A block in which the model's passes record their final hidden states (if `wanted`)."""
+    return model.final_hidden() if wanted else contextlib.nullcontext([])
 
 
 def _tree_pass(model, tree: DraftTree, last, next_pos, key_valid, filled: int, cache, opts, generator):
@@ -335,8 +361,9 @@ def tree_outcome(tree: DraftTree, path: list[int]) -> tuple[int, bool | None]:
 
 # ---- choosing a draft ---------------------------------------------------------------------------------------
 
-# Drafts built from a model by name. "self" is registered by neuro_dask/client/self_draft.py (it
-# reads the model's store, which is the client's business); loading a model imports it.
+# Drafts built from a model by name. "self" and "mtp" are registered by neuro_dask/client/
+# self_draft.py and mtp_draft.py (they read the model's store, which is the client's business);
+# loading a model imports them.
 _FACTORIES: dict[str, Callable[..., Drafter]] = {"prompt-lookup": lambda model: PromptLookupDrafter()}
 
 
@@ -351,7 +378,8 @@ def draft_kinds() -> tuple[str, ...]:
 def resolve_drafter(choice: Any, model: Any, draft_model: Any = None) -> Drafter | None:
     """`speculative=` of generate/stream/map: None or False (plain decoding), True or
     "prompt-lookup", "draft-model" (with `draft_model=`, a local model with the same
-    vocabulary), "self" (the model's trunk with local low-precision expert copies), or a Drafter."""
+    vocabulary), "self" (the model's trunk with local low-precision expert copies), "mtp" (the
+    checkpoint's multi-token-prediction layer: client/mtp_draft.py), or a Drafter."""
     if choice is None or choice is False or choice in ("off", "none", ""):
         return None
     if choice is True:

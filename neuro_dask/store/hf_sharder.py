@@ -269,16 +269,19 @@ def _names(full: str, pattern: str) -> bool:
 
 
 class TransformersSharder:
-    def __init__(self, src: Path, progress: Progress | None = None):
+    def __init__(self, src: Path, progress: Progress | None = None, extra_layers: int = 0):
+        """`extra_layers`: build the model with that many decoder layers more than its config
+        says, to read the layers a checkpoint ships after its last (store/mtp_sharder.py)."""
         self.src = Path(src)
         self.tick = progress or (lambda _msg: None)
         self.ckpt = HFCheckpoint(self.src, parse_config=False)
         self.raw = self.ckpt.raw_config
+        self.model_raw = _with_layers(self.raw, extra_layers) if extra_layers else self.raw
         self.format = format_of(self.raw.get("quantization_config"))
         q = self.raw.get("quantization_config") or {}
         self.block = list(q.get("weight_block_size") or [128, 128]) if self.format == FORMAT_FP8_BLOCK else None
         self.trunk_dtype = _dtype_of(self.raw)
-        self.model = build_skeleton(self.raw, torch.float32)
+        self.model = build_skeleton(self.model_raw, torch.float32)
         self.layers = experts_layout(self.model)
         if not self.layers:
             raise UnsupportedModelError(
@@ -392,18 +395,20 @@ class TransformersSharder:
     # ---- the whole store ----------------------------------------------------------------------
 
     def shard(self, dst: Path) -> Manifest:
+        from neuro_dask.store.mtp_sharder import MtpSharder
+
         dst = Path(dst)
         dst.mkdir(parents=True, exist_ok=True)
-        if self.map.unused:
-            log.warning("%d checkpoint tensors are not used, e.g. %s", len(self.map.unused), self.map.unused[:3])
+        mtp = MtpSharder.of(self)
+        unused = [k for k in self.map.unused if mtp is None or not mtp.owns(k)]
+        if unused:
+            log.warning("%d checkpoint tensors are not used, e.g. %s", len(unused), unused[:3])
         specs = self.trunk_specs()
         artifacts = [_write_streaming(dst, TRUNK_PATH, specs, self.trunk_tensors(specs), ROLE_TRUNK)]
         self.tick(TRUNK_PATH)
-        for layer, spec in sorted(self.layers.items()):
-            for expert in range(spec.num_experts):
-                rel = expert_path(layer, expert)
-                artifacts.append(_write(dst, rel, self.expert_tensors(spec, expert), ROLE_EXPERT, layer, expert))
-                self.tick(rel)
+        artifacts += self.write_experts(dst, sorted(self.layers), ROLE_EXPERT)
+        if mtp is not None:
+            artifacts += mtp.write(dst)
         for name in self.ckpt.tokenizer_files:
             shutil.copyfile(self.src / name, dst / name)
             artifacts.append(Artifact(name, ROLE_TOKENIZER, sha256_file(dst / name), (dst / name).stat().st_size))
@@ -427,8 +432,25 @@ class TransformersSharder:
         )
         return manifest
 
+    def write_experts(self, dst: Path, layers: list[int], role: str) -> list[Artifact]:
+        """One file per expert of `layers`, each announced to the progress bar as it lands."""
+        artifacts = []
+        for layer in layers:
+            spec = self.layers[layer]
+            for expert in range(spec.num_experts):
+                rel = expert_path(layer, expert)
+                artifacts.append(_write(dst, rel, self.expert_tensors(spec, expert), role, layer, expert))
+                self.tick(rel)
+        return artifacts
+
     def count(self) -> int:
-        return 1 + sum(s.num_experts for s in self.layers.values())
+        """Files `shard` writes (the progress bar's total): the trunk and every expert, and the
+        multi-token-prediction layers' when the checkpoint ships them."""
+        from neuro_dask.store.mtp_sharder import mtp_layers
+
+        mtp = mtp_layers(self.raw, self.ckpt.names)
+        per_layer = max((s.num_experts for s in self.layers.values()), default=0)
+        return 1 + sum(s.num_experts for s in self.layers.values()) + (1 + per_layer * len(mtp) if mtp else 0)
 
 
 def _shape_of(sharder: TransformersSharder, full: str) -> tuple[int, ...]:
@@ -455,6 +477,10 @@ def _check_mxfp4(blocks: torch.Tensor, shape: tuple[int, ...], full: str) -> Non
 
 def _natural(key: str) -> list:
     return [int(p) if p.isdigit() else p for p in key.split(".")]
+
+
+def _with_layers(raw: dict[str, Any], extra: int) -> dict[str, Any]:
+    return {**raw, "num_hidden_layers": int(raw.get("num_hidden_layers") or 0) + extra}
 
 
 def _dtype_of(raw: dict[str, Any]) -> torch.dtype:

@@ -18,6 +18,10 @@ MANIFEST_NAME = "manifest.json"
 ROLE_TRUNK = "trunk"
 ROLE_EXPERT = "expert"
 ROLE_TOKENIZER = "tokenizer"
+# Multi-token-prediction layers a checkpoint ships after its decoder layers (DeepSeek-V3's
+# num_nextn_predict_layers): the client's draft, never placed on workers (store/mtp_sharder.py).
+ROLE_MTP = "mtp"
+ROLE_MTP_EXPERT = "mtp-expert"
 
 LAYOUT_NEURO = "neuro"  # the hand-written trunk's canonical names; experts as gate/up/down (model/keymap.py)
 LAYOUT_TRANSFORMERS = "transformers"  # transformers' own names and experts layout (store/hf_sharder.py)
@@ -125,6 +129,18 @@ class Manifest:
     @property
     def experts(self) -> tuple[Artifact, ...]:
         return tuple(a for a in self.artifacts if a.role == ROLE_EXPERT)
+
+    @property
+    def mtp(self) -> Artifact | None:
+        """The multi-token-prediction layers' tensors but their routed experts, if the store has them."""
+        return self._by_key.get((ROLE_MTP, None, None, None))
+
+    def mtp_expert(self, layer: int, expert: int) -> Artifact:
+        return self._get(ROLE_MTP_EXPERT, layer, expert)
+
+    @property
+    def mtp_experts(self) -> tuple[Artifact, ...]:
+        return tuple(a for a in self.artifacts if a.role == ROLE_MTP_EXPERT)
 
     def tokenizer(self, name: str = "tokenizer.json") -> Artifact | None:
         return self._by_key.get((ROLE_TOKENIZER, None, None, name))

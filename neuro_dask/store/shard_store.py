@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import logging
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from neuro_dask.errors import TensorShapeError
+from neuro_dask.errors import ManifestError, TensorShapeError
 from neuro_dask.model.config import MoEConfig
 from neuro_dask.model.keymap import expert_shapes
 from neuro_dask.model.moe import ExpertWeights
-from neuro_dask.store.manifest import LAYOUT_TRANSFORMERS, Artifact, Manifest
+from neuro_dask.store.manifest import LAYOUT_TRANSFORMERS, ROLE_EXPERT, ROLE_MTP_EXPERT, Artifact, Manifest
 from neuro_dask.store.safetensors_io import read_tensors, verify_sha256
 
 log = logging.getLogger(__name__)
@@ -30,14 +32,21 @@ def read_expert_file(path: Path, config: MoEConfig, dtype: torch.dtype | None = 
 
 
 class ShardStore:
-    def __init__(self, root: str | Path, verify: bool = True):
+    def __init__(self, root: str | Path, verify: bool = True, fetch: Callable[[Artifact], Path] | None = None):
+        """`fetch`: for a client's partial mirror of a remote store, where a file the mirror
+        lacks comes from (a verified download: store/remote.py); None: every file is here."""
         self.root = Path(root)
         self.manifest = Manifest.read(self.root)
         self.config = self.manifest.model_config
         self.verify = verify
+        self.fetch = fetch
 
     def path(self, artifact: Artifact) -> Path:
-        return self.root / artifact.path
+        path = self.root / artifact.path
+        if self.fetch is not None and not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.fetch(artifact), path)
+        return path
 
     def _read(self, artifact: Artifact) -> dict[str, torch.Tensor]:
         path = self.path(artifact)
@@ -48,18 +57,29 @@ class ShardStore:
     def read_trunk(self) -> dict[str, torch.Tensor]:
         return self._read(self.manifest.trunk)
 
-    def expert_path(self, layer: int, expert: int) -> Path:
-        """The expert's file, sha256-verified when this store verifies."""
-        artifact = self.manifest.expert(layer, expert)
+    def read_mtp(self) -> dict[str, torch.Tensor]:
+        """The multi-token-prediction layers' tensors (ManifestError if the store has none)."""
+        artifact = self.manifest.mtp
+        if artifact is None:
+            raise ManifestError(str(self.root), "has no multi-token-prediction layers")
+        return self._read(artifact)
+
+    def expert_path(self, layer: int, expert: int, role: str = ROLE_EXPERT) -> Path:
+        """The expert's file (a multi-token-prediction layer's with role=ROLE_MTP_EXPERT),
+        sha256-verified when this store verifies."""
+        by_role = self.manifest.mtp_expert if role == ROLE_MTP_EXPERT else self.manifest.expert
+        artifact = by_role(layer, expert)
         path = self.path(artifact)
         if self.verify:
             verify_sha256(path, artifact.sha256)
         return path
 
-    def read_expert(self, layer: int, expert: int, dtype: torch.dtype | None = None) -> ExpertWeights:
+    def read_expert(
+        self, layer: int, expert: int, dtype: torch.dtype | None = None, role: str = ROLE_EXPERT
+    ) -> ExpertWeights:
         """One expert as SwiGLU weights (a transformers-layout store's plain SwiGLU experts too;
         other layouts raise ExpertLayoutError: run them with runtime/hf_experts.py)."""
-        path = self.expert_path(layer, expert)
+        path = self.expert_path(layer, expert, role)
         if self.manifest.layout == LAYOUT_TRANSFORMERS:
             from neuro_dask.store.expert_files import read_expert_tensors, swiglu_weights
 

@@ -624,3 +624,41 @@ def buildable() -> tuple[str, ...]:
 def skipped() -> dict[str, str]:
     """Model type -> why it has no tiny model here (computed by trying each hooked type)."""
     return dict(_status()[1])
+
+
+def write_tiny_mtp_checkpoint(model_type: str, root: Path, seed: int = 0, **overrides: Any) -> Path:
+    """A tiny checkpoint laid out as DeepSeek-V3 publishes one: N decoder layers, then one
+    multi-token-prediction layer `model.layers.{N}` that transformers itself never loads (its
+    decoder layer, enorm, hnorm, eh_proj and shared head, and copies of the embedding and output
+    head). The extra layer is transformers' own random init of an (N+1)-layer model; its own
+    tensors are seeded random. Returns root."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    n = tiny_config(model_type, **overrides).num_hidden_layers
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    model = build_tiny_model(model_type, seed, **{**overrides, "num_hidden_layers": n + 1})
+    model.save_pretrained(root, safe_serialization=True)
+    config_path = root / "config.json"
+    raw = json.loads(config_path.read_text())
+    raw.update(num_hidden_layers=n, num_nextn_predict_layers=1)
+    config_path.write_text(json.dumps(raw, indent=2))
+    d = model.config.hidden_size
+    gen = torch.Generator().manual_seed(seed + 7)
+    prefix = f"model.layers.{n}."
+    own = {
+        "enorm.weight": 1 + 0.1 * torch.randn(d, generator=gen),
+        "hnorm.weight": 1 + 0.1 * torch.randn(d, generator=gen),
+        "eh_proj.weight": torch.randn(d, 2 * d, generator=gen) / (2 * d) ** 0.5,
+        "shared_head.norm.weight": 1 + 0.1 * torch.randn(d, generator=gen),
+        "embed_tokens.weight": model.get_input_embeddings().weight.detach().clone(),
+        "shared_head.head.weight": model.get_output_embeddings().weight.detach().clone(),
+    }
+    weights = root / "model.safetensors"
+    tensors = load_file(weights)
+    tensors.update({prefix + name: t.contiguous() for name, t in own.items()})
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return root

@@ -131,6 +131,15 @@ def test_settings_take_dask_config_with_either_spelling_and_reject_unknown_keys(
         parse_bytes("lots", "memory-budget")
 
 
+def test_the_speculative_setting_takes_every_draft_kind_a_model_builds_alone():
+    from neuro_dask.settings import ClientSettings
+
+    for kind in (None, "off", "prompt-lookup", "self", "mtp"):
+        assert ClientSettings.load(speculative=kind).speculative == kind
+    with pytest.raises(ConfigFieldError, match="prompt-lookup, self or mtp"):
+        ClientSettings.load(speculative="draft-model")  # it needs a draft model, which no setting names
+
+
 def test_configs_example_lists_exactly_the_settings_and_defaults_the_code_has():
     from pathlib import Path
 

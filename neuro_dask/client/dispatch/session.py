@@ -6,6 +6,7 @@ the experts stay on the workers. The model returned has exactly the local model'
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -85,7 +86,8 @@ def open_store(path_or_url: str | Path, verify: bool, cache_dir: Path | None = N
         target = mirror / artifact.path
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(cache.fetch(url, artifact), target)
-    return url, ShardStore(mirror, verify=verify)
+    # what else the client reads (a draft's expert copies, an MTP layer) comes when first read
+    return url, ShardStore(mirror, verify=verify, fetch=functools.partial(cache.fetch, url))
 
 
 def publish(client: Client, store_url: str, model_id: str | None = None, channel: str = "") -> dict[str, Any]:
