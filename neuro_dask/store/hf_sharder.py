@@ -39,6 +39,7 @@ from neuro_dask.store.manifest import (
     Manifest,
     expert_path,
 )
+from neuro_dask.store.mtp_sharder import MtpSharder, mtp_layers
 from neuro_dask.store.safetensors_io import DTYPE_NAMES, StreamingWriter, sha256_file
 
 log = logging.getLogger(__name__)
@@ -395,11 +396,10 @@ class TransformersSharder:
     # ---- the whole store ----------------------------------------------------------------------
 
     def shard(self, dst: Path) -> Manifest:
-        from neuro_dask.store.mtp_sharder import MtpSharder
-
         dst = Path(dst)
         dst.mkdir(parents=True, exist_ok=True)
-        mtp = MtpSharder.of(self)
+        layers = mtp_layers(self.raw, self.ckpt.names)
+        mtp = MtpSharder(TransformersSharder(self.src, self.tick, extra_layers=len(layers)), layers) if layers else None
         unused = [k for k in self.map.unused if mtp is None or not mtp.owns(k)]
         if unused:
             log.warning("%d checkpoint tensors are not used, e.g. %s", len(unused), unused[:3])
@@ -432,6 +432,9 @@ class TransformersSharder:
         )
         return manifest
 
+    def write_file(self, dst: Path, rel: str, tensors: dict[str, torch.Tensor], role: str) -> Artifact:
+        return _write(dst, rel, tensors, role)
+
     def write_experts(self, dst: Path, layers: list[int], role: str) -> list[Artifact]:
         """One file per expert of `layers`, each announced to the progress bar as it lands."""
         artifacts = []
@@ -446,8 +449,6 @@ class TransformersSharder:
     def count(self) -> int:
         """Files `shard` writes (the progress bar's total): the trunk and every expert, and the
         multi-token-prediction layers' when the checkpoint ships them."""
-        from neuro_dask.store.mtp_sharder import mtp_layers
-
         mtp = mtp_layers(self.raw, self.ckpt.names)
         per_layer = max((s.num_experts for s in self.layers.values()), default=0)
         return 1 + sum(s.num_experts for s in self.layers.values()) + (1 + per_layer * len(mtp) if mtp else 0)

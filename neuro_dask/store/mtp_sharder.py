@@ -66,30 +66,21 @@ def mtp_layers(raw: dict[str, Any], names: set[str] | frozenset[str]) -> list[in
 
 
 class MtpSharder:
-    """Writes a checkpoint's multi-token-prediction layers into a store (the module docstring)."""
+    """Writes a checkpoint's multi-token-prediction layers into a store (the module docstring).
 
-    def __init__(self, base, layers: list[int]):
-        from neuro_dask.store.hf_sharder import TransformersSharder
+    `ext` is the checkpoint's TransformersSharder built with these layers as ordinary decoder
+    layers (`extra_layers`): transformers' conversion rules then map their attention and
+    experts as any layer's."""
 
+    def __init__(self, ext, layers: list[int]):
+        self.ext = ext
         self.layers = layers
-        # The same checkpoint read as a model with these layers as ordinary decoder layers:
-        # transformers' conversion rules then map their attention and experts as any layer's.
-        self.ext = TransformersSharder(base.src, base.tick, extra_layers=len(layers))
-
-    @classmethod
-    def of(cls, base) -> MtpSharder | None:
-        layers = mtp_layers(base.raw, base.ckpt.names)
-        if not layers:
-            return None
-        return cls(base, layers)
 
     def owns(self, key: str) -> bool:
         """Whether a checkpoint tensor belongs to these layers (so it is not 'unused')."""
         return any(key.startswith(f"model.layers.{layer}.") for layer in self.layers)
 
     def write(self, dst: Path) -> list[Artifact]:
-        from neuro_dask.store.hf_sharder import _write
-
         tensors: dict[str, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
             prefix = f"model.layers.{layer}."
@@ -98,7 +89,7 @@ class MtpSharder:
                     tensors[f"{i}.{name[len(prefix) :]}"] = self.ext._whole(name)
             for own in MTP_OWN:
                 tensors[f"{i}.{own}"] = self._own(prefix + own)
-        artifacts = [_write(Path(dst), MTP_PATH, tensors, ROLE_MTP)]
+        artifacts = [self.ext.write_file(Path(dst), MTP_PATH, tensors, ROLE_MTP)]
         self.ext.tick(MTP_PATH)
         artifacts += self.ext.write_experts(Path(dst), self.layers, ROLE_MTP_EXPERT)
         log.info("kept %d multi-token-prediction layer(s) for drafting: %s", len(self.layers), self.layers)
