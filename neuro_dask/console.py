@@ -58,7 +58,13 @@ def mib(n: int | float) -> str:
 
 
 def scheduler_banner(
-    address: str, dashboard: str | None, hardened: bool, ledger: str | None, replicas: int, tls_dir_hint: str = "DIR"
+    address: str,
+    dashboard: str | None,
+    hardened: bool,
+    ledger: str | None,
+    replicas: int,
+    tls_dir_hint: str = "DIR",
+    relay: str | None = None,
 ) -> list[str]:
     """The scheduler's first lines: where it listens, where its dashboard is, how workers join
     and how a model gets published."""
@@ -74,6 +80,11 @@ def scheduler_banner(
         f"volunteers join with:  neuro-dask worker {address}{tls_flag}"
         f"   (or: dask worker {address} --preload neuro_worker)"
     )
+    if relay:
+        lines.append(
+            f"volunteers behind a NAT (no port opened) add:  --relay {relay}"
+            "   (the relay copies bytes between the endpoints; it cannot read them under TLS)"
+        )
     lines.append(f"publish a model with:  neuro-dask publish MODEL_DIR --scheduler {address}{tls_flag}")
     if tls:
         lines.append(

@@ -91,6 +91,7 @@ class WorkerSettings:
     nice: int = 10
     max_threads: Any = "auto"
     vram_fraction: Any = "auto"
+    relay: str | None = None  # HOST:PORT of a relay to listen through, behind a NAT (RelayedWorker)
 
     BACKENDS = ("torch", "onnx")
     PRECISIONS = ("auto", "float32", "bfloat16", "int8", "int4")
@@ -132,6 +133,9 @@ class WorkerSettings:
                 "vram-fraction",
                 f"must be auto, null or a fraction in (0, 1], got {self.vram_fraction!r}",
             )
+
+        if self.relay is not None:
+            relay_listen_address(self.relay, "neuro.worker")
 
     @classmethod
     def load(cls, **overrides) -> WorkerSettings:
@@ -194,6 +198,8 @@ class SchedulerSettings:
     unproven_window: float = 3600.0
     probe_interval: float = 5.0  # a reported worker is probed at most this often
     probe_timeout: float = 10.0
+    # A relay for volunteers behind a NAT (neuro_dask/relay/), in the scheduler's process.
+    relay: str | None = None  # HOST:PORT to listen on; null: none (`neuro-dask relay` runs one alone)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "trusted", tuple(str(w) for w in self.trusted or ()))
@@ -203,6 +209,8 @@ class SchedulerSettings:
                 raise ConfigFieldError(
                     "neuro.scheduler", name.replace("_", "-"), f"must be a positive number of seconds, got {value!r}"
                 )
+        if self.relay is not None:
+            relay_listen_address(self.relay)
         for name in ("open_requests_per_client", "max_unproven_reports"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -213,6 +221,15 @@ class SchedulerSettings:
     @classmethod
     def load(cls, **overrides) -> SchedulerSettings:
         return _build(cls, "scheduler", overrides)
+
+
+def relay_listen_address(text: object, section: str = "neuro.scheduler") -> tuple[str, int]:
+    """neuro.scheduler.relay (or `--neuro-relay`, `neuro-dask relay --listen`) and
+    neuro.worker.relay: HOST:PORT, or :PORT for every interface."""
+    host, sep, port = str(text).rpartition(":")
+    if not isinstance(text, str) or not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigFieldError(section, "relay", f"must be HOST:PORT or :PORT, got {text!r}")
+    return (host.strip("[]") or "0.0.0.0"), int(port)
 
 
 # Answers that travel as bfloat16 or float16 are rounded after the expert ran: two honest

@@ -105,7 +105,7 @@ from neuro_dask.scheduler.versions import (
 from neuro_dask.security.hardening import comm_identity, report
 from neuro_dask.security.identity import describe
 from neuro_dask.security.redact import redact_secrets, redact_url
-from neuro_dask.settings import SchedulerSettings, SecuritySettings
+from neuro_dask.settings import SchedulerSettings, SecuritySettings, relay_listen_address
 from neuro_dask.store.remote import read_manifest
 from neuro_dask.store.summary import summarize
 from neuro_dask.trust.disputes import Referee
@@ -125,6 +125,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
     def __init__(self, scheduler, settings: SchedulerSettings, ledger_url: str | None = None):
         self.scheduler = scheduler
         self.settings = settings
+        self.relay = None  # a relay for volunteers behind a NAT, started with the plugin (neuro.scheduler.relay)
         # Ledger calls touch disk: one thread runs them in order, off the event loop.
         self.ledger = LedgerService.open(ledger_url, now=time.time()) if ledger_url else None
         self.ledger_url = ledger_url
@@ -213,12 +214,18 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
                     "roles are not enforced; start with --tls DIR before opening the port (docs/security.md)"
                 )
         await self._restore_state()
+        if self.settings.relay is not None:
+            from neuro_dask.relay.server import Relay
+
+            host, port = relay_listen_address(self.settings.relay)
+            self.relay = await Relay(host, port).start()
         for line in scheduler_banner(
             scheduler.address,
             _dashboard_link(scheduler),
             self.hardened,
             redact_url(self.ledger_url) if self.ledger_url else None,
             self.settings.replicas,
+            relay=self.relay.address if self.relay is not None else None,
         ):
             console.say(line)
         self._sampler.start()
@@ -228,6 +235,8 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             await self._refresh_ledger()
 
     async def close(self) -> None:
+        if self.relay is not None:  # each volunteer is told when to come back, spread out
+            await self.relay.stop()
         if self._unsubscribe_security is not None:
             self._unsubscribe_security()
         self._sampler.stop()
@@ -1200,7 +1209,13 @@ def _log_failure(future: asyncio.Future) -> None:
 @click.option(
     "--neuro-hardened/--neuro-no-hardened", default=None, help="hardened mode (default: neuro.security.hardened)"
 )
-def dask_setup(scheduler, neuro_replicas, neuro_ledger, neuro_hardened) -> None:
+@click.option(
+    "--neuro-relay",
+    default=None,
+    metavar="HOST:PORT",
+    help="run a relay for volunteers behind a NAT on HOST:PORT (default: neuro.scheduler.relay, none)",
+)
+def dask_setup(scheduler, neuro_replicas, neuro_ledger, neuro_hardened, neuro_relay) -> None:
     import dask.config
 
     console.enable(bool(dask.config.get("neuro.console", default=True)))
@@ -1211,7 +1226,7 @@ def dask_setup(scheduler, neuro_replicas, neuro_ledger, neuro_hardened) -> None:
         from neuro_dask.dashboard.access import protect_dashboard
 
         protect_dashboard(scheduler, security.dashboard_token)
-    settings = SchedulerSettings.load(replicas=neuro_replicas)
+    settings = SchedulerSettings.load(replicas=neuro_replicas, **({"relay": neuro_relay} if neuro_relay else {}))
     ledger_url = neuro_ledger or dask.config.get("neuro.ledger.url", default=None)
     plugin = NeuroSchedulerPlugin(scheduler, settings, ledger_url)
     if security.hardened:

@@ -206,6 +206,8 @@ def scheduler_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
     argv = [sys.executable, "-m", "dask", "scheduler", "--preload", "neuro_scheduler"]
     if args.replicas:
         argv += ["--neuro-replicas", str(args.replicas)]
+    if args.relay:
+        argv += ["--neuro-relay", args.relay]
     argv += _hardened_flag(args)
     if tls := _tls_folder(args):
         argv += _tls_args("scheduler", tls)
@@ -250,9 +252,50 @@ def worker_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
         argv += _tls_args("worker", tls, args.name)
     if args.name and not _has_flag(extra, "--name"):
         argv += ["--name", args.name]
-    if not _has_flag(extra, "--dashboard-address") and not _has_flag(extra, "--no-dashboard"):
-        argv += ["--dashboard-address", "127.0.0.1:0"]  # a volunteer's worker page stays on its machine
+    if args.relay:
+        argv += ["--worker-class", "neuro_dask.relay.worker.RelayedWorker"]
+        if not _has_flag(extra, "--host"):
+            argv += ["--host", "127.0.0.1"]  # the nanny: on this machine only
+    if not _has_flag(extra, "--dashboard-address"):
+        # A volunteer's worker page stays on its machine; with --no-dashboard its HTTP server
+        # (/health, /metrics) still listens, so it gets the same address.
+        argv += ["--dashboard-address", "127.0.0.1:0"]
     return argv + extra
+
+
+def _cmd_relay(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from neuro_dask.relay.server import Relay
+    from neuro_dask.settings import relay_listen_address
+
+    host, port = relay_listen_address(args.listen)
+    # the operator sees volunteers come and go
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    relay_log = logging.getLogger("neuro_dask.relay")
+    relay_log.addHandler(handler)
+    relay_log.setLevel(logging.INFO)
+    relay_log.propagate = False
+
+    async def run() -> None:
+        relay = await Relay(host, port, comeback_spread=args.comeback_spread).start()
+        shown = relay.address if host not in ("0.0.0.0", "::") else f"THIS_HOST:{relay.port}"
+        print(f"neuro-dask relay at {relay.address}", flush=True)
+        print(f"volunteers behind a NAT join with:  neuro-dask worker SCHEDULER --relay {shown}", flush=True)
+        print("it copies bytes between the endpoints; with TLS on the network it cannot read them", flush=True)
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stopping.set)
+        await stopping.wait()
+        count = len(relay.book.volunteers)
+        print(f"stopping: {count} volunteer(s) told when to come back (within {args.comeback_spread:g} s)", flush=True)
+        await relay.stop()
+
+    asyncio.run(run())
+    return 0
 
 
 def _cmd_scheduler(args: argparse.Namespace, extra: list[str]) -> int:
@@ -263,6 +306,8 @@ def _cmd_scheduler(args: argparse.Namespace, extra: list[str]) -> int:
 def _cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
     # The nanny's preload reads hardened mode from config (it gets no preload arguments).
     env = {**os.environ, "DASK_NEURO__SECURITY__HARDENED": "True" if args.hardened else "False"}
+    if args.relay:  # the worker listens through the relay (neuro_dask/relay/worker.py)
+        env["DASK_NEURO__WORKER__RELAY"] = args.relay
     os.execve(sys.executable, worker_argv(args, extra), env)
     return 0  # not reached
 
@@ -646,6 +691,11 @@ def build_parser() -> argparse.ArgumentParser:
         "It prints its address, its dashboard and the command workers join with.",
     )
     sc.add_argument("--replicas", type=int, help="target replicas per expert")
+    sc.add_argument(
+        "--relay",
+        metavar="HOST:PORT",
+        help="also run a relay for volunteers behind a NAT on HOST:PORT (:PORT: every interface)",
+    )
     _add_security_arguments(sc, "scheduler")
     sc.set_defaults(func=_cmd_scheduler, passthrough=True)
 
@@ -686,8 +736,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="this worker's name; with --tls, the NAME of the worker-NAME.pem to use "
         "(its ledger identity; default: the folder's only worker certificate)",
     )
+    w.add_argument(
+        "--relay",
+        metavar="HOST:PORT",
+        help="behind a NAT: open no port and be reached through this relay (`neuro-dask relay`, "
+        "or a scheduler started with --relay); docs/distributed.md",
+    )
     _add_security_arguments(w, "worker")
     w.set_defaults(func=_cmd_worker, passthrough=True)
+
+    rl = sub.add_parser(
+        "relay",
+        help="operator: a relay that volunteers behind a NAT keep a connection to (they open no port)",
+    )
+    rl.add_argument("--listen", default=":8788", metavar="HOST:PORT", help="where to listen (default :8788)")
+    rl.add_argument(
+        "--comeback-spread",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on shutdown, volunteers are told to come back spread over this many seconds (default 30)",
+    )
+    rl.set_defaults(func=_cmd_relay)
 
     ws = sub.add_parser(
         "worker-status",

@@ -36,6 +36,10 @@ Series (every one also labelled `scheduler`):
                                                        unit: minted, burned, treasury,
                                                        staked_total, fees, rewards, slashed, ...
   neuro_ledger_accounts, neuro_ledger_entries          the ledger's account and entry counts
+  neuro_relay_volunteers                               volunteers registered with the scheduler's relay
+  neuro_relay_open_connections                         connections the relay splices now
+  neuro_relay_connections_total{outcome}               spliced, refused
+  neuro_relay_bytes_total                              bytes the relay copied (both directions)
 
 What the collector reads from a plugin is all in `_samples(plugin)`; every read tolerates a
 missing or failing attribute (its series is then empty). Besides the plugin's own state
@@ -49,6 +53,8 @@ missing or failing attribute (its series is then empty). Besides the plugin's ow
   plugin.ledger_report: Mapping[str, int]    a cached copy of LedgerService.report(), refreshed
                                              in the background: a scrape never touches the
                                              database. Replace it, don't mutate it in place.
+  plugin.relay.counters                      the relay's RelayCounters (relay/server.py), if the
+                                             scheduler runs a relay
 
 A scrape runs on the scheduler's event loop: it only copies small dicts and reads reputation
 records, no I/O.
@@ -101,6 +107,17 @@ class Samples:
     latency_sum: float = 0.0
     ledger_enabled: bool = False
     ledger: Mapping[str, float] = field(default_factory=dict)
+    relay: Mapping[str, float] | None = None  # None: the scheduler runs no relay
+
+
+RELAY_FIELDS = ("volunteers", "spliced_now", "spliced_total", "refused_total", "bytes_total")
+
+
+def _relay(plugin: Any) -> Mapping[str, float] | None:
+    counters = getattr(_attr(plugin, "relay", None), "counters", None)
+    if counters is None:
+        return None
+    return {name: _number(getattr(counters, name, 0)) for name in RELAY_FIELDS}
 
 
 def _samples(plugin: Any) -> Samples:
@@ -135,6 +152,7 @@ def _samples(plugin: Any) -> Samples:
         latency_sum=_number(_attr(plugin, "latency_sum", 0.0)),
         ledger_enabled=_attr(plugin, "ledger", None) is not None,
         ledger=_numbers(_attr(plugin, "ledger_report", None)),
+        relay=_relay(plugin),
     )
 
 
@@ -237,6 +255,16 @@ def families(snapshots: Iterable[Samples]) -> list:
         k: GaugeMetricFamily(f"neuro_ledger_{k}", f"Ledger {k} (cached report)", labels=["scheduler"])
         for k in LEDGER_COUNTS
     }
+    relay_volunteers = GaugeMetricFamily(
+        "neuro_relay_volunteers", "Volunteers registered with the scheduler's relay", labels=["scheduler"]
+    )
+    relay_now = GaugeMetricFamily(
+        "neuro_relay_open_connections", "Connections the relay splices now", labels=["scheduler"]
+    )
+    relay_total = CounterMetricFamily(
+        "neuro_relay_connections", "Connections the relay spliced or refused", labels=["scheduler", "outcome"]
+    )
+    relay_bytes = CounterMetricFamily("neuro_relay_bytes", "Bytes the relay copied", labels=["scheduler"])
 
     for s in snapshots:
         for w in s.workers:
@@ -265,6 +293,12 @@ def families(snapshots: Iterable[Samples]) -> list:
                 ledger_counts[quantity].add_metric([s.scheduler], value)
             else:
                 ledger_units.add_metric([s.scheduler, quantity], value)
+        if s.relay is not None:
+            relay_volunteers.add_metric([s.scheduler], s.relay["volunteers"])
+            relay_now.add_metric([s.scheduler], s.relay["spliced_now"])
+            relay_total.add_metric([s.scheduler, "spliced"], s.relay["spliced_total"])
+            relay_total.add_metric([s.scheduler, "refused"], s.relay["refused_total"])
+            relay_bytes.add_metric([s.scheduler], s.relay["bytes_total"])
     return [
         reputation,
         trusted,
@@ -280,6 +314,10 @@ def families(snapshots: Iterable[Samples]) -> list:
         ledger_on,
         ledger_units,
         *ledger_counts.values(),
+        relay_volunteers,
+        relay_now,
+        relay_total,
+        relay_bytes,
     ]
 
 

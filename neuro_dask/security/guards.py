@@ -401,7 +401,10 @@ def roles_required_for(server) -> bool:
     hardened mode does not read (ws://, ucx://) fails every operation closed."""
     listeners = getattr(server, "listeners", []) or []
     check_listeners(server)
-    return any(getattr(listener, "prefix", "") == "tls://" for listener in listeners)
+    return any(
+        getattr(listener, "prefix", "") == "tls://" or getattr(listener, "encrypted", False) is True
+        for listener in listeners
+    )
 
 
 def _scheduler_stream_kind(_comm, extra: dict) -> str:

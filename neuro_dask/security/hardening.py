@@ -76,7 +76,8 @@ _reading_comm: contextvars.ContextVar[Any] = contextvars.ContextVar("neuro_readi
 # else, workers, clients and peers without a certificate, sends plain data (plain_wire.py).
 PICKLE_ROLES = frozenset({"scheduler", "operator"})
 # The comm kinds hardened mode covers; a server listening on another kind would bypass the checks.
-COVERED_PREFIXES = ("tcp://", "tls://", "inproc://")
+# relay:// comms are distributed's own TCP and TLS comms over a relayed stream (relay/comm.py).
+COVERED_PREFIXES = ("tcp://", "tls://", "inproc://", "relay://")
 
 _installed: dict[tuple[str, str], Any] = {}
 _max_message_bytes: list[int] = [0]

@@ -141,6 +141,20 @@ def test_every_series_from_a_fake_plugin():
     assert all(lab["scheduler"] == sched for _, lab, _ in s)
 
 
+def test_a_schedulers_relay_has_its_series_and_none_without_one():
+    from neuro_dask.relay.server import RelayCounters
+
+    counters = RelayCounters(volunteers=3, spliced_now=2, spliced_total=40, refused_total=5, bytes_total=123456)
+    s = parse(exposition(fake_plugin(relay=SimpleNamespace(counters=counters)), fake_plugin("tcp://norelay:1")))
+    sched = "tcp://10.0.0.1:8786"
+    assert value(s, "neuro_relay_volunteers", scheduler=sched) == 3
+    assert value(s, "neuro_relay_open_connections", scheduler=sched) == 2
+    assert value(s, "neuro_relay_connections_total", scheduler=sched, outcome="spliced") == 40
+    assert value(s, "neuro_relay_connections_total", scheduler=sched, outcome="refused") == 5
+    assert value(s, "neuro_relay_bytes_total", scheduler=sched) == 123456
+    assert not [lab for n, lab, _ in s if n.startswith("neuro_relay") and lab["scheduler"] == "tcp://norelay:1"]
+
+
 def test_missing_or_failing_figures_empty_their_series_only():
     class Broken(FakePlugin):
         @property

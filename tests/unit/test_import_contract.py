@@ -24,6 +24,8 @@ PURE_MODULES = (
     "settings",
     "console",
     "volunteer.idle_policy",
+    "relay.protocol",
+    "relay.book",
     "volunteer.admission",
     "security.allowlist",
     "security.certs",

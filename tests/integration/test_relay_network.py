@@ -1,0 +1,162 @@
+"""Volunteers reached through a relay (relay/comm.py, relay/server.py), on loopback.
+
+Workers listen on `relay://`: they open no port, and everything that reaches them (the
+scheduler's RPCs, a client's expert calls over either transport, other workers' transfers)
+comes through connections they dialled to the relay. The NAT itself is built with network
+namespaces in tests/slow/test_home_nat.py; here the relay's wiring, its TLS blindness and a
+volunteer's return after the relay restarts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import dask
+import pytest
+from distributed import Client, Worker
+from polling import poll_until
+from relay_helpers import RelayThread
+
+import neuro_dask as nd
+from neuro_dask.client.cluster import local_cluster
+from neuro_dask.relay.comm import RelayConnector
+
+pytestmark = pytest.mark.timeout(300)
+ADDER = "neuro_dask/assets/adder"
+PROMPTS = ["12+345=", "999+1=", "7+8="]
+
+
+def add_relayed_worker(client, scheduler_address, name, relay_port, security=None, preload=True):
+    async def start():
+        return await Worker(
+            scheduler_address,
+            nthreads=1,
+            name=name,
+            protocol="relay",
+            host="127.0.0.1",
+            port=relay_port,
+            security=security,
+            preload=["neuro_worker"] if preload else [],
+            preload_argv=[["--neuro-no-benchmark"]] if preload else [],
+        )
+
+    return client.sync(start)
+
+
+@contextlib.contextmanager
+def relayed_cluster(tmp_path, n_workers=2):
+    """A scheduler on loopback TCP, and `n_workers` volunteers that listen only on the relay."""
+    with (
+        RelayThread() as relay,
+        dask.config.set({"neuro.worker.cache-dir": str(tmp_path / "cache")}),
+        local_cluster(n_workers=0, processes=False, worker_args=[], dashboard_address="127.0.0.1:0") as cluster,
+        Client(cluster) as client,
+    ):
+        workers = [
+            add_relayed_worker(client, cluster.scheduler_address, f"home-{i}", relay.port) for i in range(n_workers)
+        ]
+        try:
+            yield relay, cluster, client, workers
+        finally:
+            for w in workers:
+                client.sync(w.close)
+
+
+def test_tasks_transfers_and_direct_gathers_all_go_through_the_relay(tmp_path):
+    with relayed_cluster(tmp_path) as (relay, _, client, (a, b)):
+        assert a.address.startswith(f"relay://{relay.address}/") and b.address != a.address
+        x = client.submit(lambda v: v + 1, 1, workers=[a.address])
+        y = client.submit(lambda v: v * 10, x, workers=[b.address])  # b fetches x from a
+        assert client.gather(y, direct=True) == 20  # and the client fetches y from b
+        counters = relay.relay.counters
+        assert counters.volunteers == 2 and counters.spliced_total >= 2  # b from a, the client from b
+        assert set(counters.by_volunteer) == {a.address.rsplit("/", 1)[1], b.address.rsplit("/", 1)[1]}
+
+
+@pytest.mark.parametrize("transport", ["direct", "futures"])
+def test_a_generation_over_relayed_volunteers_equals_the_local_run(tmp_path, transport):
+    expected = nd.load(ADDER).generate_text(PROMPTS, max_new_tokens=6)
+    with relayed_cluster(tmp_path) as (relay, _, client, _workers):
+        with nd.load(ADDER, client=client, transport=transport) as model:
+            got = model.generate_text(PROMPTS, max_new_tokens=6)
+            routes = model.executor.routes.routes
+    assert got == expected
+    assert all(w.startswith("relay://") for ws in routes.values() for w in ws)
+    assert relay.relay.counters.bytes_total > 0
+
+
+def test_a_volunteer_comes_back_through_a_restarted_relay_with_its_address(tmp_path):
+    with relayed_cluster(tmp_path, n_workers=1) as (relay, _, client, (w,)):
+        listener = w.listener
+        address = w.address
+        relay.restart()  # each volunteer is told when to come back, within comeback_spread
+        poll_until(lambda: listener.reconnects >= 1, timeout=30, what="the volunteer re-registered")
+        assert w.address == address
+        fut = client.submit(lambda v: v + 1, 41, workers=[address], pure=False)
+        assert client.gather(fut, direct=True) == 42
+
+
+def test_the_relay_refuses_an_unknown_volunteer_at_once(tmp_path):
+    from distributed.comm.core import CommClosedError
+
+    with RelayThread() as relay:
+        connector = RelayConnector()
+        with pytest.raises(CommClosedError, match="no volunteer with this id"):
+            relay.run(connector.connect(f"{relay.address}/aaaaaaaaaaaaaaaaaaaa"))
+        assert relay.relay.counters.refused_total == 1
+
+
+def _tap(relay, seen: bytearray) -> None:
+    """Keep a copy of every byte the relay splices."""
+    original = relay._copy
+
+    async def copy(vid, reader, writer):
+        class Tap:
+            async def read(self, n):
+                chunk = await reader.read(n)
+                seen.extend(chunk)
+                return chunk
+
+        return await original(vid, Tap(), writer)
+
+    relay._copy = copy
+
+
+async def _round_trip_through_relay(relay_port: int, security: dict, value: str) -> str:
+    """A scheduler, one volunteer on the relay, a client: `value` to the volunteer and back."""
+    from distributed import Scheduler
+
+    tls = security["scheduler"] is not None
+    async with Scheduler(
+        host="127.0.0.1", protocol="tls" if tls else "tcp", dashboard_address=":0", security=security["scheduler"]
+    ) as s:
+        async with Worker(
+            s.address, nthreads=1, protocol="relay", host="127.0.0.1", port=relay_port, security=security["worker"]
+        ) as w:
+            async with Client(s.address, asynchronous=True, security=security["client"]) as c:
+                doubled = c.submit(lambda m: m * 2, value, workers=[w.address])
+                return await c.gather(doubled, direct=True)
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_with_tls_the_relay_sees_only_ciphertext(tmp_path, tls):
+    """The same task with and without TLS: without, the relay copies a marker in the clear (the
+    check can fail); with, the handshake runs between the endpoints and the relay, which holds
+    no key, never sees it."""
+    import asyncio
+
+    from cluster_helpers import make_certs
+
+    from neuro_dask.security.tls import security_for
+
+    marker = "NEURO-RELAY-PLAINTEXT-MARKER"
+    certs = make_certs(tmp_path / "certs", workers=1)
+    names = {"scheduler": "scheduler", "worker": "worker-1", "client": "client"}
+    security = {role: (security_for(role, certs, name) if tls else None) for role, name in names.items()}
+    seen = bytearray()
+    with RelayThread() as relay:
+        _tap(relay.relay, seen)
+        assert asyncio.run(_round_trip_through_relay(relay.port, security, marker)) == marker * 2
+        assert relay.relay.counters.spliced_total >= 1  # the client's direct gather from the volunteer
+    assert len(seen) > 200
+    assert (marker.encode() in bytes(seen)) is (not tls)
