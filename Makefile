@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 PIN    := -c constraints.txt
 
-.PHONY: setup setup-test browser demo test lint test-fast test-slow bench clean
+.PHONY: setup setup-test browser nat-tools demo test lint test-fast test-slow bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,7 @@ $(VENV)/.runtime: $(BIN)/python pyproject.toml constraints.txt
 $(VENV)/.test: $(VENV)/.runtime
 	$(PIP) install --quiet $(PIN) -e '.[test]'
 	$(MAKE) --no-print-directory browser
+	$(MAKE) --no-print-directory nat-tools
 	touch $@
 
 # Headless Chromium for the dashboard's browser test (Debian's packages). Without root or apt the
@@ -30,6 +31,15 @@ browser:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
 			>/dev/null) || echo "could not install chromium: the dashboard's browser test will skip"; \
 	else echo "no root or apt-get: chromium not installed, the dashboard's browser test will skip"; fi
+
+# iptables for the home-NAT test (tests/slow/test_home_nat.py: network namespaces, NAT routers).
+# Without root or apt the test skips and says why.
+nat-tools:
+	@if command -v iptables >/dev/null && command -v ip >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables iproute2 \
+			>/dev/null) || echo "could not install iptables: the home-NAT test will skip"; \
+	else echo "no root or apt-get: iptables not installed, the home-NAT test will skip"; fi
 
 setup: $(VENV)/.runtime
 setup-test: $(VENV)/.test
@@ -53,7 +63,7 @@ test-fast: $(VENV)/.test
 	$(PYTEST) -m "not slow"
 
 test-slow: $(VENV)/.test
-	@echo "== make test, step 3 of 3: the slow suite (pytest -m slow; about 4 minutes on 2 cores) =="
+	@echo "== make test, step 3 of 3: the slow suite (pytest -m slow; about 5 minutes on 2 cores) =="
 	$(PYTEST) -m slow
 
 bench: $(VENV)/.test

@@ -56,8 +56,10 @@ class Relay:
         ping: float = 10.0,
         dial_timeout: float = 10.0,
         comeback_spread: float = 30.0,
+        header_timeout: float = HEADER_TIMEOUT,
     ):
         self.host, self.port = host, port
+        self.header_timeout = header_timeout
         self.ping = ping
         self.comeback_spread = comeback_spread
         self.book = RelayBook(time.monotonic, dial_timeout=dial_timeout)
@@ -115,7 +117,7 @@ class Relay:
         writer.transport.set_write_buffer_limits(high=4 * CHUNK)
         try:
             try:
-                line = await asyncio.wait_for(reader.readline(), HEADER_TIMEOUT)
+                line = await asyncio.wait_for(reader.readline(), self.header_timeout)
                 header = decode(line, TO_RELAY)
             except (TimeoutError, HeaderError, ValueError, ConnectionError) as exc:
                 self.counters.refused_total += 1

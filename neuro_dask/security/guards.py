@@ -307,9 +307,17 @@ def _names_itself(scheduler, op: str, identity: PeerIdentity | None, msg: dict) 
     ws = scheduler.workers.get(named) if isinstance(named, str) else None
     if ws is None and op == "neuro_volunteer":  # worker-status may name the worker by its name
         ws = next((w for w in scheduler.workers.values() if str(w.name) == named), None)
+    if ws is None and op in HARMLESS_WHEN_UNKNOWN and isinstance(named, str):
+        # No worker holds that address: the scheduler answers "already-removed" or "missing" and
+        # changes nothing. A nanny unregisters its worker after the scheduler already removed it
+        # (its router dropped the connection); refusing that stopped the nanny restarting it.
+        return None
     if ws is None or str(ws.name) != identity.name:
         return "a worker certificate may speak only for its own worker"
     return None
+
+
+HARMLESS_WHEN_UNKNOWN = frozenset({"unregister", "heartbeat_worker"})
 
 
 def _event_topic(scheduler, identity: PeerIdentity | None, msg: dict) -> str | None:

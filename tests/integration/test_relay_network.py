@@ -160,3 +160,56 @@ def test_with_tls_the_relay_sees_only_ciphertext(tmp_path, tls):
         assert relay.relay.counters.spliced_total >= 1  # the client's direct gather from the volunteer
     assert len(seen) > 200
     assert (marker.encode() in bytes(seen)) is (not tls)
+
+
+# ---- hostile peers at the relay -------------------------------------------------------------------
+
+
+def _raw(relay, line: bytes, wait: float = 5.0) -> bytes:
+    """Send one line to the relay; what it answers before it closes (b'' if nothing)."""
+    import socket
+
+    host, port = relay.address.split(":")
+    with socket.create_connection((host, int(port)), timeout=wait) as sock:
+        sock.sendall(line)
+        chunks = []
+        while chunk := sock.recv(4096):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def test_the_relay_hangs_up_on_lines_it_does_not_know_and_on_silence():
+    import socket
+
+    from neuro_dask.relay.protocol import encode
+
+    with RelayThread(header_timeout=0.5) as relay:
+        assert _raw(relay, b"GET / HTTP/1.1\r\n\r\n") == b""
+        assert _raw(relay, b'{"op":"dial","token":"aaaaaaaaaaaaaaaaaaaaaaaa"}\n') == b""  # the relay's own line
+        assert _raw(relay, encode("accept", token="a" * 24)) == b""  # an accept nobody asked for
+        host, port = relay.address.split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as idle:  # says nothing at all
+            assert idle.recv(10) == b""  # closed after header_timeout
+        poll_until(lambda: relay.relay.counters.refused_total >= 4, 10, "every refusal counted")
+        assert relay.relay.counters.spliced_total == 0
+
+
+def test_a_second_registration_with_the_same_key_replaces_the_first():
+    import secrets
+    import socket
+
+    from neuro_dask.relay.protocol import FROM_RELAY, decode, encode
+
+    key = secrets.token_urlsafe(32)
+    with RelayThread() as relay:
+        host, port = relay.address.split(":")
+        first = socket.create_connection((host, int(port)), timeout=10)
+        first.sendall(encode("register", key=key))
+        vid = decode(first.makefile("rb").readline(), FROM_RELAY)["id"]
+        second = socket.create_connection((host, int(port)), timeout=10)
+        second.sendall(encode("register", key=key))
+        assert decode(second.makefile("rb").readline(), FROM_RELAY)["id"] == vid
+        assert first.recv(10) == b""  # the older connection is closed
+        assert relay.relay.counters.volunteers == 1
+        first.close()
+        second.close()

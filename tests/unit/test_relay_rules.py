@@ -188,3 +188,20 @@ def test_reconnect_backoff_grows_is_capped_and_jittered():
     assert all(0.25 <= d <= 0.5 for d in first)
     assert all(15.0 <= d <= 30.0 for d in later)
     assert len(set(later)) > 50
+
+
+# ---- hardened mode reads relay comms --------------------------------------------------------------
+
+
+def test_hardened_mode_covers_relay_listeners_and_enforces_roles_when_they_run_tls():
+    from types import SimpleNamespace
+
+    from neuro_dask.security.guards import roles_required_for
+
+    plain = SimpleNamespace(prefix="relay://", encrypted=False)
+    tls = SimpleNamespace(prefix="relay://", encrypted=True)
+    assert roles_required_for(SimpleNamespace(listeners=[plain])) is False
+    assert roles_required_for(SimpleNamespace(listeners=[tls])) is True
+    assert roles_required_for(SimpleNamespace(listeners=[SimpleNamespace(prefix="tls://")])) is True
+    with pytest.raises(RuntimeError, match="not ws://"):
+        roles_required_for(SimpleNamespace(listeners=[SimpleNamespace(prefix="ws://")]))

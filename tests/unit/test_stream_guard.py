@@ -184,5 +184,9 @@ def test_a_worker_certificate_names_only_its_own_worker(op, field):
     w1 = PeerIdentity("worker", "w1")
     assert _names_itself(scheduler, op, w1, {field: "tls://a:1"}) is None
     assert "its own worker" in _names_itself(scheduler, op, w1, {field: "tls://b:1"})
-    assert "its own worker" in _names_itself(scheduler, op, w1, {field: "tls://nobody:1"})
+    unknown = _names_itself(scheduler, op, w1, {field: "tls://nobody:1"})
+    if op in ("unregister", "heartbeat_worker"):  # an address nobody holds: the scheduler changes nothing
+        assert unknown is None
+    else:
+        assert "its own worker" in unknown
     assert "its own worker" in _names_itself(scheduler, op, w1, {field: ["tls://a:1"]})
