@@ -62,7 +62,7 @@ from neuro_dask.console import scheduler_banner
 from neuro_dask.dashboard import metrics as neuro_metrics
 from neuro_dask.dashboard.feed import CallRecord, Feed
 from neuro_dask.dashboard.pages import register as register_dashboard_pages
-from neuro_dask.dashboard.views import NetworkView, WorkerView
+from neuro_dask.dashboard.views import RELAY_FIGURES, NetworkView, WorkerView
 from neuro_dask.errors import NeuroDaskError
 from neuro_dask.ledger.service import LedgerService
 from neuro_dask.protocol.messages import (
@@ -970,7 +970,14 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             model=model,
             versions=self.channels.status(time.time()),
             experts_per_token=k,
+            relay=self._relay_figures(),
         )
+
+    def _relay_figures(self) -> dict[str, float] | None:
+        if self.relay is None:
+            return None
+        counters = self.relay.counters
+        return {name: float(getattr(counters, name)) for name in RELAY_FIGURES}
 
     # ---- ledger --------------------------------------------------------------------------------
 

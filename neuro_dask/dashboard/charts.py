@@ -87,7 +87,9 @@ def _fit(table: DataTable, data: dict, **fixed) -> None:
     if table.width != width:
         table.width = width
     rows = len(next(iter(data.values()), ()))
-    height = max(90, min(table.tags[0], 32 + 25 * rows))
+    # 17 px for the horizontal scrollbar a table wider than the window gets (long relay:// addresses):
+    # without it the last row hides under the bar
+    height = max(90, min(table.tags[0], 32 + 25 * rows + 17))
     if table.height != height:
         table.height = height
 
@@ -165,6 +167,8 @@ class NetworkTable:
             f"{t['out_of_routing']} out of routing; <b>{t['owners']}</b> owners, {t['trusted']} "
             f"operator-trusted; <b>{t['gpus']}</b> GPUs; {t['memory_gib']} GiB RAM, "
             f"{t['vram_gib']} GiB VRAM, {t['expert_memory_gib']} GiB given to experts"
+            + (f"; {t['relayed']} behind a NAT, reached through a relay" if t["relayed"] else "")
+            + (f"<br>{relay}" if (relay := views.relay_summary(view)) else "")
         )
 
 

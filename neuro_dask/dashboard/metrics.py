@@ -71,6 +71,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from neuro_dask.dashboard.views import RELAY_FIGURES
+
 log = logging.getLogger("neuro_dask.dashboard.metrics")
 
 COMPONENTS = ("score", "correctness", "timeliness", "speed", "uptime")
@@ -110,14 +112,11 @@ class Samples:
     relay: Mapping[str, float] | None = None  # None: the scheduler runs no relay
 
 
-RELAY_FIELDS = ("volunteers", "spliced_now", "spliced_total", "refused_total", "bytes_total")
-
-
 def _relay(plugin: Any) -> Mapping[str, float] | None:
     counters = getattr(_attr(plugin, "relay", None), "counters", None)
     if counters is None:
         return None
-    return {name: _number(getattr(counters, name, 0)) for name in RELAY_FIELDS}
+    return {name: _number(getattr(counters, name, 0)) for name in RELAY_FIGURES}
 
 
 def _samples(plugin: Any) -> Samples:

@@ -57,9 +57,16 @@ class NetworkView:
     model: str = ""
     versions: Mapping = field(default_factory=dict)  # ModelChannels.status(): channels, retiring, retired
     experts_per_token: Mapping[str, int] = field(default_factory=dict)  # model -> k, from its published config
+    relay: Mapping[str, float] | None = None  # the scheduler's relay's counters (RELAY_FIGURES); None: no relay
 
 
 NONE = "-"  # what a cell shows where there is no figure (never NaN: an idle worker has no latency)
+RELAY_FIGURES = ("volunteers", "spliced_now", "spliced_total", "refused_total", "bytes_total")
+
+
+def worker_path(address: str) -> str:
+    """How callers reach a worker: through the relay it dialled (relay://), or straight to it."""
+    return "relayed" if str(address).startswith("relay://") else "direct"
 
 
 def _quantile(values: Sequence[float], q: float) -> float:
@@ -105,6 +112,7 @@ def latency_by_worker(calls: Iterable[CallRecord]) -> dict[str, list[float]]:
 NETWORK_COLUMNS = (
     "name",
     "address",
+    "path",
     "owner",
     "status",
     "trust",
@@ -140,6 +148,8 @@ TITLES = {
     "calls_link": "calls",
 }
 HINTS = {
+    "path": "how callers reach it: direct (it listens where they can dial), or relayed (behind a NAT: "
+    "through the relay it dialled; docs/distributed.md)",
     "score": "reputation score in [0, 1]: min(correct, weighted geometric mean of the four components)",
     "correctness": "reputation component: correct results, slow to earn and quick to lose",
     "timeliness": "reputation component: answers within their deadline",
@@ -201,6 +211,7 @@ def network_columns(view: NetworkView, feed: Feed) -> dict[str, list]:
         mine = latency.get(w.address, [])
         cols["name"].append(w.name)
         cols["address"].append(w.address)
+        cols["path"].append(worker_path(w.address))
         cols["owner"].append(w.owner or w.name)
         cols["status"].append(w.status)
         cols["trust"].append(
@@ -242,7 +253,21 @@ def network_totals(view: NetworkView) -> dict[str, float]:
         "expert_memory_gib": round(sum(w.budget for w in ws) / GiB, 1),
         "owners": len({w.owner or w.name for w in ws}),
         "trusted": sum(w.trusted for w in ws),
+        "relayed": sum(worker_path(w.address) == "relayed" for w in ws),
     }
+
+
+def relay_summary(view: NetworkView) -> str:
+    """One line on the scheduler's relay ('' without one)."""
+    if view.relay is None:
+        return ""
+    r = view.relay
+    mib = r.get("bytes_total", 0) / 2**20
+    return (
+        f"relay: {int(r.get('volunteers', 0))} volunteers registered, {int(r.get('spliced_now', 0))} connections "
+        f"open, {int(r.get('spliced_total', 0))} spliced and {int(r.get('refused_total', 0))} refused so far, "
+        f"{mib:.1f} MiB copied"
+    )
 
 
 HEATMAP_COLUMNS = ("layer", "expert", "x", "y", "replicas", "target", "load", "heat", "short", "ink_heat", "ink_target")

@@ -43,6 +43,7 @@ def test_network_columns_rank_by_reputation_and_name_the_trust_tier():
         "expert_memory_gib": 12.0,
         "owners": 3,
         "trusted": 1,
+        "relayed": 0,
     }
 
 
@@ -201,3 +202,20 @@ def test_tokens_per_pass_counts_the_kept_drafts_and_the_models_own_token():
     assert cols["time"] == [100_000.0, 105_000.0]
     assert cols["tokens_per_pass"] == [3.0, 2.0] and cols["kept_share"] == [0.5, 0.5]
     assert feed.counts["speculative_passes"] == 3 and feed.counts["speculative_kept"] == 5
+
+
+def test_the_network_table_says_which_workers_are_reached_through_a_relay():
+    view = views.NetworkView(
+        workers=[
+            worker("home", score=0.5, address="relay://10.0.0.1:8788/abcdefghijklmnopqrst"),
+            worker("lab", score=0.4),
+        ],
+        relay={"volunteers": 3, "spliced_now": 2, "spliced_total": 40, "refused_total": 1, "bytes_total": 3 * 2**20},
+    )
+    cols = views.network_columns(view, Feed())
+    assert cols["path"] == ["relayed", "direct"]
+    assert views.network_totals(view)["relayed"] == 1
+    assert views.relay_summary(view) == (
+        "relay: 3 volunteers registered, 2 connections open, 40 spliced and 1 refused so far, 3.0 MiB copied"
+    )
+    assert views.relay_summary(views.NetworkView()) == ""
