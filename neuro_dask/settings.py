@@ -92,6 +92,7 @@ class WorkerSettings:
     max_threads: Any = "auto"
     vram_fraction: Any = "auto"
     relay: str | None = None  # HOST:PORT of a relay to listen through, behind a NAT (RelayedWorker)
+    relay_punch: bool = True  # behind a relay: let callers the relay introduces dial in by hole punching
 
     BACKENDS = ("torch", "onnx")
     PRECISIONS = ("auto", "float32", "bfloat16", "int8", "int4")
@@ -265,6 +266,7 @@ class ClientSettings:
     simulated_latency: Any = None
     speculative: str | None = None
     draft_max: int = 8
+    relay_punch: bool = True  # reach a relayed volunteer directly by TCP hole punching where the NATs allow
 
     def trust_policy(self):
         """The trust cores' policies from these settings (each validates its own fields)."""

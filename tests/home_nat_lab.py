@@ -152,9 +152,15 @@ class HomeLab:
     def log(self, proc: subprocess.Popen) -> str:
         return next(path for p, path in self.procs if p is proc).read_text(errors="replace")
 
-    def run(self, where: str, *argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    def run(
+        self, where: str, *argv: str, timeout: float = 300, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess:
         return subprocess.run(
-            ["ip", "netns", "exec", self.ns[where], *argv], capture_output=True, text=True, timeout=timeout
+            ["ip", "netns", "exec", self.ns[where], *argv],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=dict(os.environ, **(env or {})),
         )
 
     # ---- what the routers saw -------------------------------------------------------------------------
@@ -168,6 +174,19 @@ class HomeLab:
                 if "ctstate NEW" in line and "DROP" in line:
                     total += int(line.split()[0])
         return total
+
+    def connection_origins(self, router: str) -> set[str]:
+        """Where each TCP connection the router tracks was opened from (its first packet's
+        source): a home's own addresses only, if nothing ever dialled in. A hole-punched
+        connection counts as the home's: the router saw the home's own packet first (the
+        other side's arriving earlier was dropped, see inbound_attempts)."""
+        text = self.ip(router, "cat", "/proc/net/nf_conntrack").stdout
+        origins = set()
+        for line in text.splitlines():
+            fields = line.split()
+            if "tcp" in fields:
+                origins.add(next(f[len("src=") :] for f in fields if f.startswith("src=")))
+        return origins
 
     def nat_translations(self, router: str) -> int:
         """Packets the router's MASQUERADE rule translated: traffic the home sent out."""

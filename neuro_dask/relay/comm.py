@@ -11,6 +11,10 @@ in Dask or neuro_dask knows. Registered under Dask's comm backend entry point
 With TLS configured (connection args carry an `ssl_context`), the TLS handshake runs between
 the caller and the volunteer over the splice, with the same certificates and roles as a
 direct connection: the relay sees only ciphertext and holds no key.
+
+Before it goes through the relay, a caller tries to reach the volunteer directly by TCP hole
+punching (relay/punch.py; `neuro.client.relay-punch`, and the volunteer's
+`neuro.worker.relay-punch`); where that fails it takes the relay, and remembers (PATHS).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import contextlib
 import logging
 import secrets
 import ssl
+import time
 
 from distributed.comm.core import BaseListener, CommClosedError, Connector, FatalCommClosedError
 from distributed.comm.registry import Backend, backends
@@ -27,6 +32,7 @@ from distributed.comm.tcp import MAX_BUFFER_SIZE, TCP, TLS
 from tornado.iostream import IOStream, StreamClosedError
 from tornado.tcpclient import TCPClient
 
+from neuro_dask.relay import punch
 from neuro_dask.relay.book import reconnect_delay
 from neuro_dask.relay.protocol import FROM_RELAY, MAX_LINE, HeaderError, decode, encode
 
@@ -61,12 +67,36 @@ def _tls_context(connection_args: dict) -> ssl.SSLContext | None:
     return ctx
 
 
+# Which way this process last reached each volunteer: (relay host, port, id) -> (path, until).
+# A failed hole punch is not tried again for a while: each costs up to 2 x PUNCH_DEADLINE.
+PATHS: dict[tuple[str, int, str], tuple[str, float]] = {}
+PATH_MEMORY = 600.0  # seconds
+STATS = {"punched": 0, "relayed": 0, "punch_failed": 0}
+
+
+def _punching() -> bool:
+    import dask.config
+
+    return bool(dask.config.get("neuro.client.relay-punch", default=True))
+
+
 class RelayConnector(Connector):
     async def connect(self, address: str, deserialize: bool = True, **connection_args):
         host, port, vid = split_location(address)
         if not vid:
             raise FatalCommClosedError(f"{PREFIX + address} names a relay, not a volunteer (relay://HOST:PORT/ID)")
         ctx = _tls_context(connection_args)
+        key = (host, port, vid)
+        path, until = PATHS.get(key, ("", 0.0))
+        if _punching() and not (path == "relayed" and time.monotonic() < until):
+            stream = await self._punched(host, port, vid)
+            if stream is not None:
+                PATHS[key] = ("punched", time.monotonic() + PATH_MEMORY)
+                STATS["punched"] += 1
+                return await _comm(stream, address, ctx, False, deserialize, connection_args)
+            PATHS[key] = ("relayed", time.monotonic() + PATH_MEMORY)
+            STATS["punch_failed"] += 1
+        STATS["relayed"] += 1
         try:
             stream = await _dial(host, port)
             await stream.write(encode("connect", id=vid))
@@ -78,18 +108,52 @@ class RelayConnector(Connector):
         if reply.op == "refused":
             stream.close()
             raise CommClosedError(f"relay {host}:{port} refused {vid}: {reply['reason']}")
-        local = "tcp://" + _sockname(stream)
-        if ctx is None:
-            return TCP(stream, local, PREFIX + address, deserialize)
+        return await _comm(stream, address, ctx, False, deserialize, connection_args)
+
+    async def _punched(self, host: str, port: int, vid: str) -> IOStream | None:
+        """A direct connection to the volunteer through both NATs, or None (then: the relay)."""
+        started = time.perf_counter()
         try:
-            stream = await stream.start_tls(
-                False, ssl_options=ctx, server_hostname=connection_args.get("server_hostname")
+            local, reply = await asyncio.wait_for(
+                punch.exchange((host, port), encode("punch", id=vid), frozenset({"peer", "refused"})),
+                punch.PUNCH_DEADLINE,
             )
-        except ssl.SSLError as exc:
-            raise FatalCommClosedError(f"TLS with {PREFIX + address} failed: {exc}") from exc
-        except StreamClosedError as exc:
-            raise CommClosedError(f"TLS with {PREFIX + address}: {exc}") from exc
-        return TLS(stream, local, PREFIX + address, deserialize)
+            if reply.op == "refused":
+                return None
+            sock = await punch.simultaneous_open(local, reply["addr"])
+        except (TimeoutError, OSError, HeaderError) as exc:
+            log.info("relay: no hole punched to %s (%s); through the relay", vid, exc)
+            return None
+        log.info("relay: reached %s directly (hole punched) in %.0f ms", vid, (time.perf_counter() - started) * 1e3)
+        return IOStream(sock, max_buffer_size=MAX_BUFFER_SIZE)
+
+
+async def _comm(stream: IOStream, address: str, ctx, server_side: bool, deserialize: bool, connection_args=None):
+    """Dask's own TCP comm over `stream`, or its TLS comm after a handshake between the endpoints."""
+    if server_side:  # this volunteer, and whoever the stream comes from
+        local, peer = PREFIX + address, "tcp://" + _sockname(stream, peer=True)
+    else:
+        local, peer = "tcp://" + _sockname(stream), PREFIX + address
+    if ctx is None:
+        return TCP(stream, local, peer, deserialize)
+    try:
+        if server_side:
+            stream = await stream.start_tls(True, ssl_options=ctx)
+            await stream.wait_for_handshake()
+        else:
+            hostname = (connection_args or {}).get("server_hostname")
+            stream = await stream.start_tls(False, ssl_options=ctx, server_hostname=hostname)
+    except ssl.SSLError as exc:
+        raise FatalCommClosedError(f"TLS with {peer} failed: {exc}") from exc
+    except (StreamClosedError, OSError) as exc:
+        raise CommClosedError(f"TLS with {peer}: {exc}") from exc
+    return TLS(stream, local, peer, deserialize)
+
+
+def _volunteer_punches() -> bool:
+    import dask.config
+
+    return bool(dask.config.get("neuro.worker.relay-punch", default=True))
 
 
 class RelayListener(BaseListener):
@@ -112,6 +176,7 @@ class RelayListener(BaseListener):
         self._tasks: set[asyncio.Task] = set()
         self._stopped = False
         self.reconnects = 0
+        self.punch = _volunteer_punches()
 
     async def start(self) -> None:
         """Register with the relay (an unreachable relay fails the worker's start, clearly)."""
@@ -160,6 +225,8 @@ class RelayListener(BaseListener):
                 header = decode(bytes(line), FROM_RELAY - {"registered", "connected", "refused"})
                 if header.op == "dial":
                     self._spawn(self._accept(header["token"]))
+                elif header.op == "introduce":
+                    self._spawn(self._introduced(header["token"], header["peer"]))
                 elif header.op == "bye":
                     return float(header["retry_after"])
         except (TimeoutError, StreamClosedError, OSError, HeaderError) as exc:
@@ -180,14 +247,33 @@ class RelayListener(BaseListener):
         try:
             stream = await _dial(self.host, self.port)
             await stream.write(encode("accept", token=token))
-            if self.ctx is not None:
-                stream = await stream.start_tls(True, ssl_options=self.ctx)
-                await stream.wait_for_handshake()
         except (StreamClosedError, OSError) as exc:
             log.info("relay: could not accept a connection: %s", exc)
             return
-        peer = f"{PREFIX}{self.host}:{self.port}/caller"
-        comm = (TLS if self.ctx is not None else TCP)(stream, self.contact_address, peer, self.deserialize)
+        await self._serve(stream)
+
+    async def _introduced(self, token: str, peer: str) -> None:
+        """The relay introduced a caller for hole punching: dial each other at once."""
+        if not self.punch:
+            return  # the caller goes through the relay when its wait ends
+        try:
+            local, _ = await asyncio.wait_for(
+                punch.exchange((self.host, self.port), encode("introduced", token=token), frozenset({"peer"})),
+                punch.PUNCH_DEADLINE,
+            )
+            sock = await punch.simultaneous_open(local, peer)
+        except (TimeoutError, OSError, HeaderError) as exc:
+            log.info("relay: no hole punched from %s: %s", peer, exc)
+            return
+        await self._serve(IOStream(sock, max_buffer_size=MAX_BUFFER_SIZE))
+
+    async def _serve(self, stream: IOStream) -> None:
+        """A caller's stream (relayed or punched): TLS if the network uses it, then Dask's handshake."""
+        try:
+            comm = await _comm(stream, self.contact_address[len(PREFIX) :], self.ctx, True, self.deserialize)
+        except (CommClosedError, FatalCommClosedError) as exc:
+            log.info("relay: a connection failed its TLS handshake: %s", exc)
+            return
         comm.allow_offload = self.allow_offload
         try:
             await self.on_connection(comm)
@@ -250,9 +336,9 @@ class RelayBackend(Backend):
         return f"{PREFIX}{host}:{port}"
 
 
-def _sockname(stream: IOStream) -> str:
+def _sockname(stream: IOStream, peer: bool = False) -> str:
     with contextlib.suppress(Exception):
-        host, port = stream.socket.getsockname()[:2]
+        host, port = (stream.socket.getpeername() if peer else stream.socket.getsockname())[:2]
         return f"{host}:{port}"
     return "?"
 

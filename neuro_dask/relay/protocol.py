@@ -13,6 +13,15 @@ out). Before splicing, each side sends one JSON line; after it, the relay only c
   caller             -> {"op": "connect", "id": I}         <- {"op": "connected"} (then spliced)
                                                            <- {"op": "refused", "reason": R}
 
+Hole punching (both behind NATs, neither dialable): the relay introduces the two, each learns
+the other's public address as the relay saw it, and both dial each other at once from the port
+they used to reach the relay (a TCP simultaneous open: each NAT lets the other's packets in as
+replies to its own).
+
+  caller             -> {"op": "punch", "id": I}           <- {"op": "peer", "addr": "IP:PORT"}
+  volunteer control                                        <- {"op": "introduce", "token": T, "peer": "IP:PORT"}
+  volunteer (new)    -> {"op": "introduced", "token": T}   <- {"op": "peer", "addr": "IP:PORT"}
+
 Every line comes from a peer the relay does not trust (and the relay's lines come from a relay
 the endpoints do not trust): each is parsed in full here, bounded in size, and anything else
 is refused. Pure: no sockets.
@@ -22,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import ipaddress
 import json
 import math
 import re
@@ -57,6 +67,20 @@ def _seconds(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= MAX_DELAY
 
 
+def _endpoint(v: Any) -> bool:
+    """ "IP:PORT" (IPv6 as [IP]:PORT): an address as the relay saw it, nothing else."""
+    if not isinstance(v, str) or len(v) > 64:
+        return False
+    host, sep, port = v.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        return False
+    try:
+        ipaddress.ip_address(host[1:-1] if host.startswith("[") and host.endswith("]") else host)
+    except ValueError:
+        return False
+    return True
+
+
 def _reason(v: Any) -> bool:
     return isinstance(v, str) and 0 < len(v) <= 200 and v.isprintable()
 
@@ -67,6 +91,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "ping": {},
     "accept": {"token": _string(TOKEN_RE)},
     "connect": {"id": _string(ID_RE)},
+    "punch": {"id": _string(ID_RE)},
+    "introduced": {"token": _string(TOKEN_RE)},
     # from the relay
     "registered": {"id": _string(ID_RE), "ping": _seconds},
     "pong": {},
@@ -74,8 +100,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "bye": {"retry_after": _seconds},
     "connected": {},
     "refused": {"reason": _reason},
+    "introduce": {"token": _string(TOKEN_RE), "peer": _endpoint},
+    "peer": {"addr": _endpoint},
 }
-TO_RELAY = frozenset({"register", "ping", "accept", "connect"})
+TO_RELAY = frozenset({"register", "ping", "accept", "connect", "punch", "introduced"})
 FROM_RELAY = frozenset(SCHEMAS) - TO_RELAY
 
 

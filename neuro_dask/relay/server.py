@@ -32,6 +32,7 @@ class RelayCounters:
     spliced_now: int = 0
     spliced_total: int = 0
     refused_total: int = 0
+    introduced_total: int = 0  # caller-volunteer pairs introduced for hole punching
     bytes_total: int = 0
     by_volunteer: dict[str, int] = field(default_factory=dict)  # bytes through each volunteer's splices
 
@@ -128,9 +129,11 @@ class Relay:
                 await self._serve_volunteer(header["key"], reader, writer)
             elif header.op == "connect":
                 await self._serve_caller(header["id"], reader, writer)
-            elif header.op == "accept":
+            elif header.op == "punch":
+                await self._introduce(header["id"], writer)
+            elif header.op in ("accept", "introduced"):
                 self._answer_dial(header["token"], reader, writer)
-                return  # the caller's side splices both
+                return  # the caller's side splices both, or introduces them
             else:
                 writer.close()
         except asyncio.CancelledError:
@@ -197,6 +200,42 @@ class Relay:
         writer.write(encode("connected"))  # before any of the volunteer's bytes: the caller reads one line
         await self._splice(vid, (reader, writer), (v_reader, v_writer))
 
+    async def _introduce(self, vid: str, writer) -> None:
+        """Hole punching: tell the volunteer where the caller is (as this relay sees it), wait
+        for the volunteer's fresh connection to learn where the volunteer is, tell each the
+        other's address, and hang up; they then dial each other at once."""
+        caller = _peer(writer)
+        try:
+            token = self.book.open_dial(vid, writer)
+        except RelayRefusal as exc:
+            self.counters.refused_total += 1
+            writer.write(encode("refused", reason=str(exc)))
+            writer.close()
+            return
+        answered: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._waiting[token] = answered
+        self.book.volunteers[vid].send(encode("introduce", token=token, peer=caller))
+        try:
+            _, v_writer = await asyncio.wait_for(answered, self.book.dial_timeout)
+        except TimeoutError:
+            self.counters.refused_total += 1
+            writer.write(encode("refused", reason="the volunteer did not answer in time"))
+            writer.close()
+            return
+        finally:
+            self._waiting.pop(token, None)
+            self.book.dials.pop(token, None)
+        self._spliced.discard(v_writer)
+        self._writers.add(v_writer)
+        v_writer.write(encode("peer", addr=caller))
+        writer.write(encode("peer", addr=_peer(v_writer)))
+        self.counters.introduced_total += 1
+        for w in (writer, v_writer):
+            with contextlib.suppress(ConnectionError, OSError):
+                await w.drain()
+            w.close()
+            self._writers.discard(w)
+
     def _answer_dial(self, token: str, reader, writer) -> None:
         dial = self.book.take_dial(token)
         answered = self._waiting.get(token)
@@ -248,4 +287,7 @@ class Relay:
 
 def _peer(writer: asyncio.StreamWriter) -> str:
     peer = writer.get_extra_info("peername")
-    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
+    if not isinstance(peer, tuple):
+        return "?"
+    host = f"[{peer[0]}]" if ":" in str(peer[0]) else peer[0]
+    return f"{host}:{peer[1]}"

@@ -22,6 +22,21 @@ from neuro_dask.client.cluster import local_cluster
 from neuro_dask.relay.comm import RelayConnector
 
 pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(autouse=True)
+def through_the_relay(request):
+    """These tests take the relayed path (on loopback every hole punch would succeed); the
+    punching tests below turn it back on."""
+    from neuro_dask.relay import comm
+
+    comm.PATHS.clear()
+    punch = "punching" in request.node.name
+    with dask.config.set({"neuro.client.relay-punch": punch}):
+        yield
+    comm.PATHS.clear()
+
+
 ADDER = "neuro_dask/assets/adder"
 PROMPTS = ["12+345=", "999+1=", "7+8="]
 
@@ -213,3 +228,23 @@ def test_a_second_registration_with_the_same_key_replaces_the_first():
         assert relay.relay.counters.volunteers == 1
         first.close()
         second.close()
+
+
+# ---- hole punching ------------------------------------------------------------------------------------
+
+
+def test_hole_punching_refused_by_the_volunteer_falls_back_to_the_relay_and_is_not_retried(tmp_path):
+    """(Hole punching itself needs NATs that drop unsolicited packets, as home routers do: on
+    loopback the kernel answers them with a reset. tests/slow/test_home_nat.py punches through
+    real NAT routers.)"""
+    from neuro_dask.relay import comm
+
+    with dask.config.set({"neuro.worker.relay-punch": False}):
+        with relayed_cluster(tmp_path, n_workers=1) as (relay, _, client, (w,)):
+            before = dict(comm.STATS)
+            fut = client.submit(lambda v: v + 1, 1, workers=[w.address])
+            assert client.gather(fut, direct=True) == 2
+            assert {path for path, _ in comm.PATHS.values()} == {"relayed"}
+            assert relay.relay.counters.introduced_total == 0  # the volunteer never answered the introduction
+            assert relay.relay.counters.spliced_total >= 1
+            assert comm.STATS["punch_failed"] - before["punch_failed"] == 1

@@ -1,0 +1,76 @@
+"""TCP hole punching: two peers behind NATs, introduced by the relay, dial each other at once.
+
+Each side dials the relay from a fresh socket on a port it can reuse; the relay tells each the
+other's address as it saw it (the NAT's public address and port for that socket). Both then
+dial that address from the same local port at the same time: each side's NAT has just seen its
+own outgoing packets to the other, so it lets the other's packets in as their replies (a TCP
+simultaneous open, which Linux and the NATs built on it handle). No port is forwarded and the
+routers' rules for new inbound connections are never met. Where a NAT changes the port per
+destination (a symmetric NAT) it fails, and the caller goes through the relay instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from neuro_dask.relay.protocol import MAX_LINE, Header, HeaderError, decode
+
+PUNCH_DEADLINE = 3.0  # seconds for the introduction and for the simultaneous open, each
+
+
+def _reusable(family: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if hasattr(socket, "SO_REUSEPORT"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.setblocking(False)
+    return sock
+
+
+async def exchange(relay: tuple[str, int], line: bytes, allowed: frozenset[str]) -> tuple[tuple, Header]:
+    """Dial the relay from a fresh reusable port, send one header line, read its one-line answer.
+    Returns (the local address the peer is to be dialled from, the answer)."""
+    loop = asyncio.get_running_loop()
+    family, _, _, _, address = (await loop.getaddrinfo(*relay, type=socket.SOCK_STREAM))[0]
+    sock = _reusable(family)
+    try:
+        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+        await loop.sock_connect(sock, address)
+        await loop.sock_sendall(sock, line)
+        reply = b""
+        while not reply.endswith(b"\n"):
+            chunk = await loop.sock_recv(sock, MAX_LINE - len(reply))
+            if not chunk:
+                raise ConnectionError("the relay hung up before answering")
+            reply += chunk
+            if len(reply) >= MAX_LINE and not reply.endswith(b"\n"):
+                raise HeaderError("the relay's answer is not one line")
+        return sock.getsockname(), decode(reply, allowed)
+    finally:
+        sock.close()
+
+
+def split_endpoint(endpoint: str) -> tuple[str, int]:
+    host, _, port = endpoint.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+async def simultaneous_open(local: tuple, peer: str, deadline: float = PUNCH_DEADLINE) -> socket.socket:
+    """Dial `peer` ("IP:PORT") from `local` until it answers or `deadline` seconds pass: the
+    first attempts may meet a NAT that has not yet seen its own side's packets."""
+    loop = asyncio.get_running_loop()
+    host, port = split_endpoint(peer)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    end = loop.time() + deadline
+    while True:
+        sock = _reusable(family)
+        try:
+            sock.bind(local[:2])
+            await asyncio.wait_for(loop.sock_connect(sock, (host, port)), max(0.05, end - loop.time()))
+            return sock
+        except (TimeoutError, OSError) as exc:
+            sock.close()
+            if loop.time() >= end:
+                raise ConnectionError(f"no simultaneous open with {peer} within {deadline:g} s: {exc!r}") from None
+            await asyncio.sleep(0.05)
