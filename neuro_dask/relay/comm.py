@@ -72,6 +72,7 @@ def _tls_context(connection_args: dict) -> ssl.SSLContext | None:
 PATHS: dict[tuple[str, int, str], tuple[str, float]] = {}
 PATH_MEMORY = 600.0  # seconds
 STATS = {"punched": 0, "relayed": 0, "punch_failed": 0}
+MAX_PUNCHES = 8  # hole punches a volunteer runs at once, whatever its relay asks
 
 
 def _punching() -> bool:
@@ -177,6 +178,7 @@ class RelayListener(BaseListener):
         self._stopped = False
         self.reconnects = 0
         self.punch = _volunteer_punches()
+        self.punching = 0  # hole punches in flight
 
     async def start(self) -> None:
         """Register with the relay (an unreachable relay fails the worker's start, clearly)."""
@@ -254,8 +256,17 @@ class RelayListener(BaseListener):
 
     async def _introduced(self, token: str, peer: str) -> None:
         """The relay introduced a caller for hole punching: dial each other at once."""
-        if not self.punch:
-            return  # the caller goes through the relay when its wait ends
+        if not self.punch or self.punching >= MAX_PUNCHES:
+            # Off, or a relay (not trusted) asking for many at once: each would have this machine
+            # send packets to an address the relay names. The caller goes through the relay.
+            return
+        self.punching += 1
+        try:
+            await self._punch_back(token, peer)
+        finally:
+            self.punching -= 1
+
+    async def _punch_back(self, token: str, peer: str) -> None:
         try:
             local, _ = await asyncio.wait_for(
                 punch.exchange((self.host, self.port), encode("introduced", token=token), frozenset({"peer"})),

@@ -248,3 +248,52 @@ def test_hole_punching_refused_by_the_volunteer_falls_back_to_the_relay_and_is_n
             assert relay.relay.counters.introduced_total == 0  # the volunteer never answered the introduction
             assert relay.relay.counters.spliced_total >= 1
             assert comm.STATS["punch_failed"] - before["punch_failed"] == 1
+
+
+def test_a_hostile_relay_cannot_make_a_volunteer_dial_out_without_bound(monkeypatch):
+    """A relay is not trusted: one that sends a flood of introductions (each naming an address
+    the volunteer would send packets to) gets at most MAX_PUNCHES in flight."""
+    import asyncio
+
+    from neuro_dask.relay import comm, punch
+    from neuro_dask.relay.protocol import TO_RELAY, decode, encode
+
+    most = [0]
+
+    async def slow_open(local, peer, deadline=punch.PUNCH_DEADLINE):
+        most[0] = max(most[0], listener.punching)
+        await asyncio.sleep(0.3)
+        raise ConnectionError("nobody there")
+
+    async def fake_exchange(relay, line, allowed):
+        return ("0.0.0.0", 0), decode(encode("peer", addr="127.0.0.1:9"), allowed | {"peer"})
+
+    monkeypatch.setattr(punch, "simultaneous_open", slow_open)
+    monkeypatch.setattr(punch, "exchange", fake_exchange)
+
+    async def hostile_relay(reader, writer):
+        decode(await reader.readline(), TO_RELAY)  # the registration
+        writer.write(encode("registered", id="a" * 20, ping=30))
+        for i in range(50):
+            writer.write(encode("introduce", token=f"t{i:03d}" + "x" * 20, peer="203.0.113.7:443"))
+        await writer.drain()
+        await asyncio.sleep(1.0)
+        writer.close()
+
+    async def run():
+        nonlocal listener
+        server = await asyncio.start_server(hostile_relay, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+
+        async def handle(comm_):
+            pass
+
+        listener = comm.RelayListener(f"127.0.0.1:{port}", handle)
+        await listener.start()
+        await asyncio.sleep(1.2)
+        listener.stop()
+        server.close()
+
+    listener = None
+    asyncio.run(run())
+    assert most[0] == comm.MAX_PUNCHES

@@ -48,6 +48,10 @@ def test_every_header_round_trips():
         "bye": {"retry_after": 12.5},
         "connected": {},
         "refused": {"reason": "no volunteer with this id"},
+        "punch": {"id": vid},
+        "introduced": {"token": token},
+        "introduce": {"token": token, "peer": "203.0.113.7:40123"},
+        "peer": {"addr": "[2001:db8::1]:443"},
     }
     for op, fields in lines.items():
         header = decode(encode(op, **fields), TO_RELAY | FROM_RELAY)
@@ -84,6 +88,15 @@ def test_the_relay_refuses_any_other_line(line, why):
 def test_a_volunteer_refuses_a_relay_that_would_send_it_away_forever(fields):
     line = json.dumps({"op": "bye", **fields}).encode() + b"\n"
     with pytest.raises(HeaderError, match="retry_after"):
+        decode(line, FROM_RELAY)
+
+
+@pytest.mark.parametrize(
+    "addr", ["example.com:80", "10.0.0.1", "10.0.0.1:0", "10.0.0.1:70000", "999.1.1.1:80", "[::1:80", 7, "a" * 80]
+)
+def test_a_peer_address_is_an_ip_and_a_port_and_nothing_else(addr):
+    line = json.dumps({"op": "peer", "addr": addr}).encode() + b"\n"
+    with pytest.raises(HeaderError, match="addr"):
         decode(line, FROM_RELAY)
 
 
