@@ -68,7 +68,7 @@ def _tls_context(connection_args: dict) -> ssl.SSLContext | None:
 
 
 # Which way this process last reached each volunteer: (relay host, port, id) -> (path, until).
-# A failed hole punch is not tried again for a while: each costs up to 2 x PUNCH_DEADLINE.
+# A failed hole punch is not tried again for a while: each costs up to 2 x PUNCH_DEADLINE (1.5 s).
 PATHS: dict[tuple[str, int, str], tuple[str, float]] = {}
 PATH_MEMORY = 600.0  # seconds
 STATS = {"punched": 0, "relayed": 0, "punch_failed": 0}
@@ -90,12 +90,14 @@ class RelayConnector(Connector):
         key = (host, port, vid)
         path, until = PATHS.get(key, ("", 0.0))
         if _punching() and not (path == "relayed" and time.monotonic() < until):
+            # Relayed until a punch proves otherwise: a connect timed out mid-punch (its caller's
+            # deadline) must not punch again on every retry.
+            PATHS[key] = ("relayed", time.monotonic() + PATH_MEMORY)
             stream = await self._punched(host, port, vid)
             if stream is not None:
                 PATHS[key] = ("punched", time.monotonic() + PATH_MEMORY)
                 STATS["punched"] += 1
                 return await _comm(stream, address, ctx, False, deserialize, connection_args)
-            PATHS[key] = ("relayed", time.monotonic() + PATH_MEMORY)
             STATS["punch_failed"] += 1
         STATS["relayed"] += 1
         try:

@@ -16,7 +16,10 @@ import socket
 
 from neuro_dask.relay.protocol import MAX_LINE, Header, HeaderError, decode
 
-PUNCH_DEADLINE = 3.0  # seconds for the introduction and for the simultaneous open, each
+# Seconds for the introduction and for the simultaneous open, each. A punch that works takes a
+# few round trips (the two sides' packets cross within one); the whole attempt must leave the
+# caller's connect timeout (neuro.client.connect-timeout, 3 s) room for the relay after it.
+PUNCH_DEADLINE = 0.75
 
 
 def _reusable(family: int) -> socket.socket:

@@ -177,54 +177,47 @@ class Relay:
             writer.close()
 
     async def _serve_caller(self, vid: str, reader, writer) -> None:
+        answer = await self._ask_volunteer(vid, writer, lambda token: encode("dial", token=token))
+        if answer is None:
+            return
+        v_reader, v_writer = answer
+        writer.write(encode("connected"))  # before any of the volunteer's bytes: the caller reads one line
+        await self._splice(vid, (reader, writer), (v_reader, v_writer))
+
+    async def _ask_volunteer(self, vid: str, writer, line) -> tuple | None:
+        """Send the volunteer `line(token)` over its control connection and wait for the fresh
+        connection it answers with (its reader and writer); None, the caller told why, if the
+        volunteer is not here or does not answer in time."""
         try:
             token = self.book.open_dial(vid, writer)
         except RelayRefusal as exc:
             self.counters.refused_total += 1
             writer.write(encode("refused", reason=str(exc)))
             writer.close()
-            return
+            return None
         answered: asyncio.Future = asyncio.get_running_loop().create_future()
         self._waiting[token] = answered
-        self.book.volunteers[vid].send(encode("dial", token=token))
+        self.book.volunteers[vid].send(line(token))
         try:
-            v_reader, v_writer = await asyncio.wait_for(answered, self.book.dial_timeout)
+            return await asyncio.wait_for(answered, self.book.dial_timeout)
         except TimeoutError:
             self.counters.refused_total += 1
             writer.write(encode("refused", reason="the volunteer did not answer in time"))
             writer.close()
-            return
+            return None
         finally:
             self._waiting.pop(token, None)
             self.book.dials.pop(token, None)
-        writer.write(encode("connected"))  # before any of the volunteer's bytes: the caller reads one line
-        await self._splice(vid, (reader, writer), (v_reader, v_writer))
 
     async def _introduce(self, vid: str, writer) -> None:
         """Hole punching: tell the volunteer where the caller is (as this relay sees it), wait
         for the volunteer's fresh connection to learn where the volunteer is, tell each the
         other's address, and hang up; they then dial each other at once."""
         caller = _peer(writer)
-        try:
-            token = self.book.open_dial(vid, writer)
-        except RelayRefusal as exc:
-            self.counters.refused_total += 1
-            writer.write(encode("refused", reason=str(exc)))
-            writer.close()
+        answer = await self._ask_volunteer(vid, writer, lambda token: encode("introduce", token=token, peer=caller))
+        if answer is None:
             return
-        answered: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._waiting[token] = answered
-        self.book.volunteers[vid].send(encode("introduce", token=token, peer=caller))
-        try:
-            _, v_writer = await asyncio.wait_for(answered, self.book.dial_timeout)
-        except TimeoutError:
-            self.counters.refused_total += 1
-            writer.write(encode("refused", reason="the volunteer did not answer in time"))
-            writer.close()
-            return
-        finally:
-            self._waiting.pop(token, None)
-            self.book.dials.pop(token, None)
+        _, v_writer = answer
         self._spliced.discard(v_writer)
         self._writers.add(v_writer)
         v_writer.write(encode("peer", addr=caller))
