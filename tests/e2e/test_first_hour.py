@@ -26,12 +26,15 @@ UNCLEAN = ("ERROR", "Traceback", "CRITICAL", "still alive after", "killing")
 
 
 def _stop(processes: Processes) -> None:
-    """Ctrl-C, as a person at a terminal stops a command: SIGINT to each process group."""
-    for proc, _ in processes.procs:
+    """Ctrl-C, as a person at a terminal stops a command: SIGINT to each process group, the last
+    started first (volunteers before their scheduler), each stopped before the next. Stopped all
+    at once, a worker may hear its scheduler close before its own Ctrl-C and, as designed, start
+    waiting for the scheduler to come back, its heartbeat failing (distributed logs that as an
+    ERROR): a race, not what this checks."""
+    for proc, _ in reversed(processes.procs):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)
-    for proc, _ in processes.procs:
-        proc.wait(60)
+            proc.wait(60)
 
 
 def _wait_for_text(processes: Processes, proc, text: str, what: str, timeout: float = 120) -> str:
