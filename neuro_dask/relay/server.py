@@ -34,7 +34,7 @@ class RelayCounters:
     refused_total: int = 0
     introduced_total: int = 0  # caller-volunteer pairs introduced for hole punching
     bytes_total: int = 0
-    by_volunteer: dict[str, int] = field(default_factory=dict)  # bytes through each volunteer's splices
+    by_volunteer: dict[str, int] = field(default_factory=dict)  # bytes through each connected volunteer's splices
 
 
 class _Control:
@@ -173,6 +173,7 @@ class Relay:
         finally:
             if self.book.unregister(vid, control):
                 log.info("relay: volunteer %s gone", vid)
+                self.counters.by_volunteer.pop(vid, None)  # a volunteer restarted elsewhere has a new id
             self.counters.volunteers = len(self.book.volunteers)
             writer.close()
 

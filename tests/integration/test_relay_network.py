@@ -252,48 +252,56 @@ def test_hole_punching_refused_by_the_volunteer_falls_back_to_the_relay_and_is_n
 
 def test_a_hostile_relay_cannot_make_a_volunteer_dial_out_without_bound(monkeypatch):
     """A relay is not trusted: one that sends a flood of introductions (each naming an address
-    the volunteer would send packets to) gets at most MAX_PUNCHES in flight."""
+    the volunteer would send packets to) gets at most MAX_PUNCHES in flight. The punches are held
+    open until every introduction has been read, so the count in flight is the cap's doing."""
     import asyncio
+
+    from polling import async_poll_until
 
     from neuro_dask.relay import comm, punch
     from neuro_dask.relay.protocol import TO_RELAY, decode, encode
 
-    most = [0]
+    flood = 50
 
-    async def slow_open(local, peer, deadline=punch.PUNCH_DEADLINE):
-        most[0] = max(most[0], listener.punching)
-        await asyncio.sleep(0.3)
+    async def held_open(local, peer, deadline=punch.PUNCH_DEADLINE):
+        await release.wait()
         raise ConnectionError("nobody there")
 
     async def fake_exchange(relay, line, allowed):
         return ("0.0.0.0", 0), decode(encode("peer", addr="127.0.0.1:9"), allowed | {"peer"})
 
-    monkeypatch.setattr(punch, "simultaneous_open", slow_open)
+    monkeypatch.setattr(punch, "simultaneous_open", held_open)
     monkeypatch.setattr(punch, "exchange", fake_exchange)
 
     async def hostile_relay(reader, writer):
         decode(await reader.readline(), TO_RELAY)  # the registration
         writer.write(encode("registered", id="a" * 20, ping=30))
-        for i in range(50):
+        for i in range(flood):
             writer.write(encode("introduce", token=f"t{i:03d}" + "x" * 20, peer="203.0.113.7:443"))
         await writer.drain()
-        await asyncio.sleep(1.0)
+        await finished.wait()
         writer.close()
 
     async def run():
-        nonlocal listener
         server = await asyncio.start_server(hostile_relay, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
+        listener = comm.RelayListener(f"127.0.0.1:{server.sockets[0].getsockname()[1]}", lambda c: None)
+        read = []
+        introduced = listener._introduced
 
-        async def handle(comm_):
-            pass
+        async def counting(token, peer):
+            read.append(token)
+            await introduced(token, peer)
 
-        listener = comm.RelayListener(f"127.0.0.1:{port}", handle)
+        listener._introduced = counting
         await listener.start()
-        await asyncio.sleep(1.2)
+        await async_poll_until(lambda: len(read) == flood, 30, "every introduction read")
+        in_flight = listener.punching
+        release.set()
+        await async_poll_until(lambda: listener.punching == 0, 30, "the held punches ended")
+        finished.set()
         listener.stop()
         server.close()
+        return in_flight
 
-    listener = None
-    asyncio.run(run())
-    assert most[0] == comm.MAX_PUNCHES
+    release, finished = asyncio.Event(), asyncio.Event()
+    assert asyncio.run(run()) == comm.MAX_PUNCHES
