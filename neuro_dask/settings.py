@@ -201,10 +201,14 @@ class SchedulerSettings:
     probe_timeout: float = 10.0
     # A relay for volunteers behind a NAT (neuro_dask/relay/), in the scheduler's process.
     relay: str | None = None  # HOST:PORT to listen on; null: none (`neuro-dask relay` runs one alone)
+    # A scheduler that shuts down tells each volunteer when to come back (volunteer/comeback.py):
+    # this many a second, over at most comeback_spread seconds.
+    comeback_rate: float = 20.0
+    comeback_spread: float = 30.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "trusted", tuple(str(w) for w in self.trusted or ()))
-        for name in ("hold_seconds", "unproven_window", "probe_interval", "probe_timeout"):
+        for name in ("hold_seconds", "unproven_window", "probe_interval", "probe_timeout", "comeback_rate"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigFieldError(
@@ -212,6 +216,9 @@ class SchedulerSettings:
                 )
         if self.relay is not None:
             relay_listen_address(self.relay)
+        spread = self.comeback_spread
+        if isinstance(spread, bool) or not isinstance(spread, (int, float)) or not 0 <= spread <= 3600:
+            raise ConfigFieldError("neuro.scheduler", "comeback-spread", f"must be 0 to 3600 seconds, got {spread!r}")
         for name in ("open_requests_per_client", "max_unproven_reports"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

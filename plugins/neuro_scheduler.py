@@ -42,6 +42,7 @@ request, validated work is paid, and proven fraud is slashed (neuro_dask/ledger/
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -103,7 +104,7 @@ from neuro_dask.scheduler.versions import (
     ready_adoptions,
 )
 from neuro_dask.security.hardening import comm_identity, report
-from neuro_dask.security.identity import describe
+from neuro_dask.security.identity import describe, peer_key
 from neuro_dask.security.redact import redact_secrets, redact_url
 from neuro_dask.settings import SchedulerSettings, SecuritySettings, relay_listen_address
 from neuro_dask.store.remote import read_manifest
@@ -112,6 +113,7 @@ from neuro_dask.trust.disputes import Referee
 from neuro_dask.trust.probes import ProbeBook
 from neuro_dask.trust.receipts import BookError
 from neuro_dask.trust.reputation import Reputation, ReputationPolicy
+from neuro_dask.volunteer.comeback import COMEBACK_OP, comeback_delays, comeback_spread
 
 log = logging.getLogger("neuro_dask.scheduler")
 
@@ -218,7 +220,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             from neuro_dask.relay.server import Relay
 
             host, port = relay_listen_address(self.settings.relay)
-            self.relay = await Relay(host, port).start()
+            self.relay = await Relay(host, port, comeback_spread=self.settings.comeback_spread).start()
         for line in scheduler_banner(
             scheduler.address,
             _dashboard_link(scheduler),
@@ -233,6 +235,19 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         if self._ledger_tick is not None:
             self._ledger_tick.start()
             await self._refresh_ledger()
+
+    async def before_close(self) -> None:
+        """Tell each volunteer when to come back, spread out (BOINC's next_rpc_delay): Dask then
+        tells every worker to close, and their nannies start fresh ones that wait for this
+        scheduler to return and then for their delay (volunteer/reconnect.py)."""
+        streams = [c for a, c in self.scheduler.stream_comms.items() if a in self.identity and not c.closed()]
+        spread = comeback_spread(len(streams), self.settings.comeback_rate, self.settings.comeback_spread)
+        for comm, delay in zip(streams, comeback_delays(len(streams), spread), strict=True):
+            with contextlib.suppress(Exception):  # a worker gone meanwhile
+                comm.send({"op": COMEBACK_OP, "after": round(delay, 3)})
+        if streams:
+            back = f"within {spread:.1f} s of this scheduler's return"
+            console.say(f"told {len(streams)} volunteer(s) to come back {back}")
 
     async def close(self) -> None:
         if self.relay is not None:  # each volunteer is told when to come back, spread out
@@ -844,12 +859,15 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         self.scheduler.log_event(topic, msg)
         self.events.append({"time": time.time(), "topic": topic, **msg})
 
-    def report_calls(self, msg: ReportCalls) -> dict[str, Any]:
-        """Layer-call records for the dashboard: untrusted plain data, each field checked (a
-        malformed record is already dropped, not the batch). They move no reputation and no
-        money: a client that lies skews only what the dashboard shows (calls, tokens/s, latency)."""
+    def report_calls(self, comm, msg: ReportCalls) -> dict[str, Any]:
+        """Layer-call records, and how the client reaches the workers it called, for the
+        dashboard: untrusted plain data, each field checked (a malformed record is already
+        dropped, not the batch). They move no reputation and no money: a client that lies skews
+        only what the dashboard shows (calls, tokens/s, latency, paths)."""
         now = time.time()
         self.feed.add_calls([CallRecord.of(call, msg.model, now) for call in msg.calls])
+        if msg.paths:
+            self.feed.add_paths(peer_key(comm_identity(comm), getattr(comm, "peer_address", "")), msg.paths, now)
         return {"status": "OK"}
 
     def report_passes(self, msg: ReportPasses) -> dict[str, Any]:

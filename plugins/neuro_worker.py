@@ -58,7 +58,8 @@ from neuro_dask.store.remote import ExpertFileCache
 from neuro_dask.testing import AdversaryCrash, make_adversary
 from neuro_dask.trust.receipts import EvidenceError
 from neuro_dask.volunteer import admission
-from neuro_dask.volunteer.reconnect import restart_on_scheduler_loss
+from neuro_dask.volunteer.comeback import worker_file
+from neuro_dask.volunteer.reconnect import restart_on_scheduler_loss, wait_as_told
 
 log = logging.getLogger("neuro_dask.worker")
 
@@ -402,9 +403,11 @@ async def dask_setup(
             worker.loop.add_callback(worker.close, reason="neuro-hardening-failed", nanny=True)
             raise
     _leave_ctrl_c_to_the_nanny(worker)
+    note = worker_file(settings.resolved_cache_dir(), "comeback", worker.name, ".json") if worker.nanny else None
+    await wait_as_told(worker, note)  # back after a scheduler restart: paced (neuro_dask/volunteer/comeback.py)
     adapter = NeuroWorker(worker, settings, security)
     await adapter.start()
-    restart_on_scheduler_loss(worker)  # outlive a scheduler restart (neuro_dask/volunteer/reconnect.py)
+    restart_on_scheduler_loss(worker, note)  # outlive a scheduler restart (neuro_dask/volunteer/reconnect.py)
 
 
 def _leave_ctrl_c_to_the_nanny(worker) -> None:

@@ -8,6 +8,8 @@
 - economy: the ledger's transparency report sampled over time (for the economy page).
 - passes: the latest speculative decoding passes clients report (time, model, drafted, kept),
   for the overview's tokens-per-pass figure.
+- paths: how each client reaches each relayed worker (relayed, punched, lan) and the round trip
+  it measured, as clients report it with their calls (for the network page's path column).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from neuro_dask.protocol.records import CallReport, PassReport
+from neuro_dask.protocol.records import CallReport, PassReport, PathReport
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
@@ -75,6 +77,9 @@ class Feed:
     reputation: dict[str, deque] = field(default_factory=dict)  # worker name -> (time, score)
     economy: deque = field(default_factory=deque)  # (time, report)
     passes: deque = field(default_factory=deque)  # (time, model, drafted, kept)
+    paths: dict[str, dict[str, tuple[str, float, float]]] = field(default_factory=dict)  # worker -> client -> row
+    max_path_workers: int = 4_096
+    max_path_clients: int = 64  # per worker
 
     def add_calls(self, records: Iterable[CallRecord]) -> None:
         for r in records:
@@ -95,6 +100,27 @@ class Feed:
             self.count("speculative_kept", p.kept)
         while len(self.passes) > self.max_calls:
             self.passes.popleft()
+
+    def add_paths(self, client: str, paths: Iterable[PathReport], now: float) -> None:
+        """How `client` (peer_key: its certificate, or its host) reaches workers: (path, rtt ms,
+        when), the newest kept. Its own word: it moves nothing but the path column."""
+        for p in paths:
+            by_client = self.paths.pop(p.worker, {})  # re-inserted: the dict stays oldest-first
+            by_client.pop(client, None)
+            by_client[client] = (p.path, p.rtt_ms, now)
+            while len(by_client) > self.max_path_clients:
+                by_client.pop(next(iter(by_client)))
+            self.paths[p.worker] = by_client
+        while len(self.paths) > self.max_path_workers:
+            self.paths.pop(next(iter(self.paths)))
+
+    def paths_to(self, worker: str, now: float, window: float = 600.0) -> dict[str, int]:
+        """{path: clients} of the clients that reported reaching `worker` within `window` s."""
+        out: dict[str, int] = {}
+        for path, _, when in self.paths.get(worker, {}).values():
+            if now - when <= window:
+                out[path] = out.get(path, 0) + 1
+        return out
 
     def count(self, kind: str, n: int = 1) -> None:
         self.counts[kind] = self.counts.get(kind, 0) + n

@@ -69,6 +69,16 @@ def worker_path(address: str) -> str:
     return "relayed" if str(address).startswith("relay://") else "direct"
 
 
+def path_cell(address: str, clients: Mapping[str, int]) -> str:
+    """The path column: how the worker listens, and for a relayed one, how the clients that
+    called it lately reach it ("relayed: punched 2, relayed 1")."""
+    listens = worker_path(address)
+    if listens == "direct" or not clients:
+        return listens
+    order = ("punched", "lan", "relayed")
+    return f"{listens}: " + ", ".join(f"{p} {clients[p]}" for p in order if clients.get(p))
+
+
 def _quantile(values: Sequence[float], q: float) -> float:
     if not values:
         return math.nan
@@ -149,7 +159,8 @@ TITLES = {
 }
 HINTS = {
     "path": "how callers reach it: direct (it listens where they can dial), or relayed (behind a NAT: "
-    "through the relay it dialled; docs/distributed.md)",
+    "through the relay it dialled); for a relayed one, how many clients lately reached it punched (a "
+    "hole punched through both NATs), lan (the same router) or relayed (docs/distributed.md)",
     "score": "reputation score in [0, 1]: min(correct, weighted geometric mean of the four components)",
     "correctness": "reputation component: correct results, slow to earn and quick to lose",
     "timeliness": "reputation component: answers within their deadline",
@@ -204,14 +215,15 @@ def _chars(text: str) -> float:
     return sum(1.4 if ch.isupper() or ch in "mw%" else 1.0 for ch in text)
 
 
-def network_columns(view: NetworkView, feed: Feed) -> dict[str, list]:
+def network_columns(view: NetworkView, feed: Feed, now: float | None = None) -> dict[str, list]:
+    now = time.time() if now is None else now
     latency = latency_by_worker(list(feed.calls)[-5_000:])
     cols: dict[str, list] = {c: [] for c in NETWORK_COLUMNS}
     for w in sorted(view.workers, key=lambda w: (-w.score, w.name)):
         mine = latency.get(w.address, [])
         cols["name"].append(w.name)
         cols["address"].append(w.address)
-        cols["path"].append(worker_path(w.address))
+        cols["path"].append(path_cell(w.address, feed.paths_to(w.address, now)))
         cols["owner"].append(w.owner or w.name)
         cols["status"].append(w.status)
         cols["trust"].append(

@@ -673,7 +673,9 @@ class MoEModel:
         * "standard": "layers" (layer calls, as timed: the most recent 100,000), "layer_ms_p50",
           "bytes_sent" and "bytes_received" (the hidden states' payload, both ways), and with the
           trust layer on (neuro.client.trust) "units" (expert calls judged), "replicas_sent",
-          "unchecked" (accepted on a trusted worker's word alone), "hedges".
+          "unchecked" (accepted on a trusted worker's word alone), "hedges"; over the direct
+          transport, "latency": the latency book's estimate per worker ("ewma_ms", "samples") and
+          "paths", how each is reached (direct, relayed, punched or lan: docs/distributed.md).
         * "private": "layers", "rows" ((token, expert) pairs sent as shares), "round_trips",
           "messages", "bytes_sent", "bytes_received" (the shares), "worker_compute_s", and with
           trust on "verified", "unverified", "disputes", "caught" (steps checked by two

@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
-from neuro_dask.protocol.records import CallReport, OutcomeReport, PassReport, RecordError
+from neuro_dask.protocol.records import MAX_PATHS, CallReport, OutcomeReport, PassReport, PathReport, RecordError
 from neuro_dask.protocol.shapes import (
     ADDRESS,
     EXPERT,
@@ -102,7 +102,7 @@ class Message:
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, (OutcomeReport, CallReport, PassReport)):
+    if isinstance(value, (OutcomeReport, CallReport, PassReport, PathReport)):
         return value.to_msg()
     if isinstance(value, (tuple, list)):
         return [_plain(v) for v in value]
@@ -204,25 +204,33 @@ class ReportLoad(Message):
 
 @dataclass(frozen=True)
 class ReportCalls(Message):
-    """Layer calls for the dashboard's call stream. `dropped`: records that were not CallReports."""
+    """Layer calls for the dashboard's call stream, and how this client reaches the workers it
+    called (`paths`: PathReports; relayed workers only). `dropped`: records that were not
+    CallReports or PathReports."""
 
     model: str
     calls: tuple[CallReport, ...]
     transport: str = ""
+    paths: tuple[PathReport, ...] = ()
     dropped: int = 0
 
     OP: ClassVar[str] = "neuro_report_calls"
     SCHEMA: ClassVar[Record] = Record(
-        {"model": MODEL, "calls": ListOf(Opaque(max_items=256, max_depth=3), 1_000)}, {"transport": Str(32)}
+        {"model": MODEL, "calls": ListOf(Opaque(max_items=256, max_depth=3), 1_000)},
+        {"transport": Str(32), "paths": ListOf(Opaque(max_items=4, max_depth=1, max_str=256), MAX_PATHS)},
     )
 
     def to_msg(self) -> dict[str, Any]:
-        return {"model": self.model, "calls": [c.to_msg() for c in self.calls], "transport": self.transport}
+        msg = {"model": self.model, "calls": [c.to_msg() for c in self.calls], "transport": self.transport}
+        if self.paths:
+            msg["paths"] = [p.to_msg() for p in self.paths]
+        return msg
 
     @classmethod
     def _read(cls, msg: Mapping[str, Any]) -> ReportCalls:
         calls, dropped = _records(CallReport, msg["calls"])
-        return cls(msg["model"], calls, msg.get("transport", ""), dropped)
+        paths, bad_paths = _records(PathReport, msg.get("paths", ()))
+        return cls(msg["model"], calls, msg.get("transport", ""), paths, dropped + bad_paths)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ clients have always sent and what the hardened schemas (schemas.py) check before
   first 8 fields only.
 - PassReport, a row of neuro_report_passes' `passes`: one speculative decoding pass,
   [drafted, kept, request].
+- PathReport, a row of neuro_report_calls' optional `paths`: how this client reaches a worker,
+  [worker, path, rtt_ms].
 - Refusal: what a worker's error answer means to a client, as a code rather than as text.
 
 `to_msg()` gives the wire form; `from_msg(raw)` reads a peer's data, which is untrusted: every field
@@ -42,6 +44,9 @@ CALL_REQUEST_CHARS = 64
 CALL_MAX_ROWS = 1 << 24
 CALL_MAX_COUNT = 1 << 20  # experts, replicas, hedges in one layer call
 CALL_MAX_SECONDS = 86_400
+PATH_KINDS = ("direct", "relayed", "punched", "lan")  # how a client reaches a worker (relay/comm.py)
+MAX_PATHS = 256  # path rows in one report
+PATH_MAX_MS = 600_000.0
 PASS_MAX_DRAFTED = 4_096  # draft tokens one pass may verify (a tree of 2 x 64 is far below)
 
 
@@ -219,6 +224,32 @@ class PassReport:
         drafted = _int(cls.NAME, "drafted", drafted, 0, PASS_MAX_DRAFTED)
         kept = _int(cls.NAME, "kept", kept, 0, drafted)
         return cls(drafted, kept, _request_id(cls.NAME, request, CALL_REQUEST_CHARS))
+
+
+@dataclass(frozen=True)
+class PathReport:
+    """How this client reaches one worker: `direct` (the worker listens where it can dial),
+    `relayed`, `punched` (through both NATs) or `lan` (one router), and the round trip it measured
+    on that path (-1: not measured). For the dashboard; it moves nothing else."""
+
+    worker: str
+    path: str
+    rtt_ms: float = -1.0
+
+    NAME = "a path record"
+
+    def to_msg(self) -> list:
+        return [self.worker, self.path, self.rtt_ms]
+
+    @classmethod
+    def from_msg(cls, raw: object) -> PathReport:
+        worker, path, rtt_ms = _fields(cls.NAME, raw, (3,))
+        if path not in PATH_KINDS:
+            raise RecordError(cls.NAME, f"path must be one of {', '.join(PATH_KINDS)}, got {str(path)[:80]!r}")
+        ok = isinstance(rtt_ms, (int, float)) and not isinstance(rtt_ms, bool)
+        if not ok or not (rtt_ms == -1 or 0 <= rtt_ms <= PATH_MAX_MS):
+            raise RecordError(cls.NAME, f"rtt_ms must be -1 or in [0, {PATH_MAX_MS:g}], got {str(rtt_ms)[:80]!r}")
+        return cls(_str(cls.NAME, "worker", worker, CALL_WORKER_CHARS), path, float(rtt_ms))
 
 
 # ---- a worker's refusals -------------------------------------------------------------------------------

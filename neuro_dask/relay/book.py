@@ -5,7 +5,6 @@ Pure: the server (relay/server.py) owns the sockets and asks this book what to d
 
 from __future__ import annotations
 
-import random
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,21 +73,3 @@ class RelayBook:
         now = self.clock()
         late = [t for t, d in self.dials.items() if now - d.created > self.dial_timeout]
         return [self.dials.pop(t) for t in late]
-
-
-def comeback_delays(count: int, spread: float, rng: random.Random | None = None) -> list[float]:
-    """When each of `count` volunteers should come back after the relay goes away, spread evenly
-    over `spread` seconds (BOINC's next_rpc_delay): a restart must not bring them all back in
-    the same second. Shuffled, so no volunteer is always first."""
-    rng = rng or random.Random()
-    delays = [spread * (i + rng.random()) / max(count, 1) for i in range(count)]
-    rng.shuffle(delays)
-    return delays
-
-
-def reconnect_delay(attempt: int, base: float = 0.5, cap: float = 30.0, rng: random.Random | None = None) -> float:
-    """Exponential backoff with jitter for a volunteer that lost the relay without being told
-    when to come back (the relay crashed, the router dropped it): half fixed, half random."""
-    rng = rng or random.Random()
-    ceiling = min(cap, base * (2 ** min(attempt, 30)))
-    return ceiling * (0.5 + 0.5 * rng.random())

@@ -22,9 +22,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import os
 import secrets
 import ssl
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from distributed.comm.core import BaseListener, CommClosedError, Connector, FatalCommClosedError
 from distributed.comm.registry import Backend, backends
@@ -33,8 +37,17 @@ from tornado.iostream import IOStream, StreamClosedError
 from tornado.tcpclient import TCPClient
 
 from neuro_dask.relay import punch
-from neuro_dask.relay.book import reconnect_delay
-from neuro_dask.relay.protocol import FROM_RELAY, MAX_LINE, HeaderError, decode, encode
+from neuro_dask.relay.protocol import (
+    FROM_RELAY,
+    KEY_RE,
+    MAX_LINE,
+    HeaderError,
+    decode,
+    encode,
+    faster_path,
+    punch_candidates,
+)
+from neuro_dask.volunteer.comeback import reconnect_delay
 
 log = logging.getLogger(__name__)
 
@@ -67,18 +80,61 @@ def _tls_context(connection_args: dict) -> ssl.SSLContext | None:
     return ctx
 
 
-# Which way this process last reached each volunteer: (relay host, port, id) -> (path, until).
-# A failed hole punch is not tried again for a while: each costs up to 2 x PUNCH_DEADLINE (1.5 s).
-PATHS: dict[tuple[str, int, str], tuple[str, float]] = {}
+@dataclass
+class PathChoice:
+    """How this process reaches one volunteer, and the round trips that decided it."""
+
+    path: str  # relayed | punched (through both NATs) | lan (one router, its LAN)
+    until: float  # time.monotonic() after which the paths are measured again
+    rtt_ms: dict[str, float] = field(default_factory=dict)  # path -> measured round trip
+
+
+# Which way this process reaches each volunteer: (relay host, port, id) -> PathChoice. The first
+# connection measures the relayed and the punched path side by side (PROBES round trips each)
+# and keeps the faster (protocol.faster_path); later ones take it without measuring, until
+# PATH_MEMORY passes. A failed hole punch costs up to 2 x PUNCH_DEADLINE (1.5 s): not retried.
+# Worst case, the first connection waits 2 x PUNCH_DEADLINE + PROBE_DEADLINE (2.5 s), inside the
+# direct transport's 3 s connect timeout.
+PATHS: dict[tuple[str, int, str], PathChoice] = {}
 PATH_MEMORY = 600.0  # seconds
-STATS = {"punched": 0, "relayed": 0, "punch_failed": 0}
+PROBES = 3
+PROBE_DEADLINE = 1.0  # seconds for PROBES round trips on a new stream (a relay may lie about probes)
+STATS = {"punched": 0, "lan": 0, "relayed": 0, "punch_failed": 0, "measured": 0}
 MAX_PUNCHES = 8  # hole punches a volunteer runs at once, whatever its relay asks
+
+
+def paths() -> dict[str, dict]:
+    """{relay:// address: {"path", "rtt_ms"}} for every volunteer this process has reached
+    (the latency book and the dashboard's per-client path)."""
+    return {
+        f"{PREFIX}{host}:{port}/{vid}": {"path": c.path, "rtt_ms": dict(c.rtt_ms)}
+        for (host, port, vid), c in list(PATHS.items())
+    }
 
 
 def _punching() -> bool:
     import dask.config
 
     return bool(dask.config.get("neuro.client.relay-punch", default=True))
+
+
+async def _probe(stream: IOStream, probes: int) -> float:
+    """The fastest of `probes` round trips on a new stream, in ms (nan for none)."""
+    best = math.nan
+    for _ in range(probes):
+        started = time.perf_counter()
+        await stream.write(encode("probe"))
+        await _read_header(stream, frozenset({"echo"}))
+        ms = (time.perf_counter() - started) * 1e3
+        best = ms if math.isnan(best) else min(best, ms)
+    return best
+
+
+async def _echo(stream: IOStream, probes: int) -> None:
+    """The volunteer's side of _probe."""
+    for _ in range(probes):
+        await _read_header(stream, frozenset({"probe"}))
+        await stream.write(encode("echo"))
 
 
 class RelayConnector(Connector):
@@ -88,47 +144,150 @@ class RelayConnector(Connector):
             raise FatalCommClosedError(f"{PREFIX + address} names a relay, not a volunteer (relay://HOST:PORT/ID)")
         ctx = _tls_context(connection_args)
         key = (host, port, vid)
-        path, until = PATHS.get(key, ("", 0.0))
-        if _punching() and not (path == "relayed" and time.monotonic() < until):
-            # Relayed until a punch proves otherwise: a connect timed out mid-punch (its caller's
-            # deadline) must not punch again on every retry.
-            PATHS[key] = ("relayed", time.monotonic() + PATH_MEMORY)
-            stream = await self._punched(host, port, vid)
-            if stream is not None:
-                PATHS[key] = ("punched", time.monotonic() + PATH_MEMORY)
-                STATS["punched"] += 1
-                return await _comm(stream, address, ctx, False, deserialize, connection_args)
-            STATS["punch_failed"] += 1
-        STATS["relayed"] += 1
+        task = _adopt(key) or asyncio.create_task(self._open(host, port, vid))
         try:
-            stream = await _dial(host, port)
-            await stream.write(encode("connect", id=vid))
-            reply = await _read_header(stream, frozenset({"connected", "refused"}))
-        except (StreamClosedError, OSError) as exc:
-            raise CommClosedError(f"relay {host}:{port} for {vid}: {exc}") from exc
-        except HeaderError as exc:
-            raise CommClosedError(f"relay {host}:{port} answered nonsense: {exc}") from exc
-        if reply.op == "refused":
-            stream.close()
-            raise CommClosedError(f"relay {host}:{port} refused {vid}: {reply['reason']}")
+            # Dask cuts each connect attempt at a fifth of its timeout and tries again: a punch or
+            # a measurement cut off goes on, and the next attempt takes its stream (_adopt).
+            stream = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            _orphan(key, task)
+            raise
         return await _comm(stream, address, ctx, False, deserialize, connection_args)
 
-    async def _punched(self, host: str, port: int, vid: str) -> IOStream | None:
-        """A direct connection to the volunteer through both NATs, or None (then: the relay)."""
+    async def _open(self, host: str, port: int, vid: str) -> IOStream:
+        """A stream to the volunteer: measured on the first connection (and after PATH_MEMORY),
+        then along the path that measured fastest."""
+        key = (host, port, vid)
+        known = PATHS.get(key)
+        if known is None or time.monotonic() >= known.until:
+            stream, PATHS[key] = await self._measured(host, port, vid)
+            return stream
+        if known.path != "relayed" and _punching():
+            punched = await self._punched(host, port, vid, 0)
+            if punched is not None:
+                STATS[punched[1]] += 1
+                return punched[0]
+            STATS["punch_failed"] += 1
+            known.path = "relayed"  # until the next measurement
+        STATS["relayed"] += 1
+        return (await self._relayed(host, port, vid, 0))[0]
+
+    async def _measured(self, host: str, port: int, vid: str) -> tuple[IOStream, PathChoice]:
+        """Both paths at once, PROBES round trips on each: the faster stream, the other closed.
+        (With punching off, the relayed path alone, timed once for the latency book.)"""
+        punching = _punching()
+        tries = [self._relayed(host, port, vid, PROBES if punching else 1)]  # one path: its round trip, once
+        if punching:
+            tries.append(self._punched(host, port, vid, PROBES))
+        relayed, *punched = await asyncio.gather(*tries, return_exceptions=True)
+        found: dict[str, tuple[IOStream, float]] = {}
+        if not isinstance(relayed, BaseException):
+            found["relayed"] = relayed
+        if punched and isinstance(punched[0], tuple):
+            stream, kind, rtt = punched[0]
+            found[kind] = (stream, rtt)
+        elif punched:
+            STATS["punch_failed"] += 1
+        if not found:
+            raise relayed
+        rtt_ms = {kind: round(rtt, 3) for kind, (_, rtt) in found.items()}
+        best = faster_path(rtt_ms)
+        for kind, (stream, _) in found.items():
+            if kind != best:
+                stream.close()
+        STATS[best] += 1
+        STATS["measured"] += 1
+        log.info("relay: %s reached %s (round trips, ms: %s)", vid, best, rtt_ms)
+        return found[best][0], PathChoice(best, time.monotonic() + PATH_MEMORY, rtt_ms)
+
+    async def _relayed(self, host: str, port: int, vid: str, probes: int) -> tuple[IOStream, float]:
+        stream = None
+        try:
+            stream = await _dial(host, port)
+            await stream.write(encode("connect", id=vid, probes=probes))
+            reply = await _read_header(stream, frozenset({"connected", "refused"}))
+            if reply.op == "refused":
+                raise CommClosedError(f"relay {host}:{port} refused {vid}: {reply['reason']}")
+            return stream, await _probe(stream, probes)
+        except (StreamClosedError, OSError) as exc:
+            _close(stream)
+            raise CommClosedError(f"relay {host}:{port} for {vid}: {exc}") from exc
+        except HeaderError as exc:
+            _close(stream)
+            raise CommClosedError(f"relay {host}:{port} answered nonsense: {exc}") from exc
+        except BaseException:
+            _close(stream)
+            raise
+
+    async def _punched(self, host: str, port: int, vid: str, probes: int) -> tuple[IOStream, str, float] | None:
+        """A direct connection to the volunteer through both NATs (or over the LAN they share),
+        its kind and measured round trip; None where none opens (then: the relay)."""
         started = time.perf_counter()
         try:
             local, reply = await asyncio.wait_for(
-                punch.exchange((host, port), encode("punch", id=vid), frozenset({"peer", "refused"})),
+                punch.exchange(
+                    (host, port),
+                    lambda lan: encode("punch", id=vid, lan=lan, probes=probes),
+                    frozenset({"peer", "refused"}),
+                ),
                 punch.PUNCH_DEADLINE,
             )
             if reply.op == "refused":
                 return None
-            sock = await punch.simultaneous_open(local, reply["addr"])
+            sock, where = await punch.first_open(local, punch_candidates(reply))
         except (TimeoutError, OSError, HeaderError) as exc:
             log.info("relay: no hole punched to %s (%s); through the relay", vid, exc)
             return None
-        log.info("relay: reached %s directly (hole punched) in %.0f ms", vid, (time.perf_counter() - started) * 1e3)
-        return IOStream(sock, max_buffer_size=MAX_BUFFER_SIZE)
+        kind = "punched" if where == reply["addr"] else "lan"
+        stream = IOStream(sock, max_buffer_size=MAX_BUFFER_SIZE)
+        try:
+            rtt = await asyncio.wait_for(_probe(stream, probes), PROBE_DEADLINE)
+        except (TimeoutError, StreamClosedError, OSError, HeaderError) as exc:
+            stream.close()
+            log.info("relay: the path punched to %s did not answer its probes (%s)", vid, exc)
+            return None
+        except BaseException:
+            stream.close()
+            raise
+        log.debug("relay: reached %s directly (%s) in %.0f ms", vid, kind, (time.perf_counter() - started) * 1e3)
+        return stream, kind, rtt
+
+
+# Streams being opened whose connect attempt was cut off: (relay host, port, id) -> tasks. The
+# next attempt to the same volunteer adopts one; one nobody adopts is closed after ORPHAN_LIFE.
+ORPHANS: dict[tuple[str, int, str], list[asyncio.Task]] = {}
+ORPHAN_LIFE = 10.0  # seconds
+
+
+def _adopt(key: tuple[str, int, str]) -> asyncio.Task | None:
+    tasks = ORPHANS.get(key, [])
+    while tasks:
+        task = tasks.pop(0)
+        if not task.done() or (not task.cancelled() and task.exception() is None):
+            return task
+    ORPHANS.pop(key, None)
+    return None
+
+
+def _orphan(key: tuple[str, int, str], task: asyncio.Task) -> None:
+    ORPHANS.setdefault(key, []).append(task)
+
+    def expire() -> None:
+        if task in ORPHANS.get(key, []):
+            ORPHANS[key].remove(task)
+            task.add_done_callback(_close_result)
+
+    asyncio.get_running_loop().call_later(ORPHAN_LIFE, expire)
+
+
+def _close_result(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is None:
+        task.result().close()
+
+
+def _close(stream: IOStream | None) -> None:
+    if stream is not None:
+        stream.close()
 
 
 async def _comm(stream: IOStream, address: str, ctx, server_side: bool, deserialize: bool, connection_args=None):
@@ -171,7 +330,8 @@ class RelayListener(BaseListener):
         self.deserialize = deserialize
         self.allow_offload = connection_args.get("allow_offload", True)
         self.ctx = _tls_context(connection_args)
-        self.key = secrets.token_urlsafe(32)  # proves this listener's claim to its id
+        # proves this listener's claim to its id; kept in a file, the id outlives the process
+        self.key = load_or_create_key(connection_args.get("relay_key_file"))
         self.vid = ""
         self.ping = 10.0
         self._control: IOStream | None = None
@@ -228,9 +388,9 @@ class RelayListener(BaseListener):
                 line = await asyncio.wait_for(stream.read_until(b"\n", max_bytes=MAX_LINE), 3 * self.ping)
                 header = decode(bytes(line), FROM_RELAY - {"registered", "connected", "refused"})
                 if header.op == "dial":
-                    self._spawn(self._accept(header["token"]))
+                    self._spawn(self._accept(header["token"], header["probes"]))
                 elif header.op == "introduce":
-                    self._spawn(self._introduced(header["token"], header["peer"]))
+                    self._spawn(self._introduced(header["token"], header["probes"]))
                 elif header.op == "bye":
                     return float(header["retry_after"])
         except (TimeoutError, StreamClosedError, OSError, HeaderError) as exc:
@@ -246,7 +406,7 @@ class RelayListener(BaseListener):
                 await asyncio.sleep(self.ping)
                 await stream.write(encode("ping"))
 
-    async def _accept(self, token: str) -> None:
+    async def _accept(self, token: str, probes: int) -> None:
         """The relay announced a caller: dial it back, accept, and hand the comm to Dask."""
         try:
             stream = await _dial(self.host, self.port)
@@ -254,9 +414,9 @@ class RelayListener(BaseListener):
         except (StreamClosedError, OSError) as exc:
             log.info("relay: could not accept a connection: %s", exc)
             return
-        await self._serve(stream)
+        await self._serve(stream, probes)
 
-    async def _introduced(self, token: str, peer: str) -> None:
+    async def _introduced(self, token: str, probes: int) -> None:
         """The relay introduced a caller for hole punching: dial each other at once."""
         if not self.punch or self.punching >= MAX_PUNCHES:
             # Off, or a relay (not trusted) asking for many at once: each would have this machine
@@ -264,28 +424,49 @@ class RelayListener(BaseListener):
             return
         self.punching += 1
         try:
-            await self._punch_back(token, peer)
+            await self._punch_back(token, probes)
         finally:
             self.punching -= 1
 
-    async def _punch_back(self, token: str, peer: str) -> None:
+    async def _punch_back(self, token: str, probes: int) -> None:
+        """Dial the caller's public address (and its LAN one, behind the same router) at once;
+        serve each that opens (the caller keeps one and closes the rest)."""
         try:
-            local, _ = await asyncio.wait_for(
-                punch.exchange((self.host, self.port), encode("introduced", token=token), frozenset({"peer"})),
+            local, peer = await asyncio.wait_for(
+                punch.exchange(
+                    (self.host, self.port), lambda lan: encode("introduced", token=token, lan=lan), frozenset({"peer"})
+                ),
                 punch.PUNCH_DEADLINE,
             )
-            sock = await punch.simultaneous_open(local, peer)
         except (TimeoutError, OSError, HeaderError) as exc:
-            log.info("relay: no hole punched from %s: %s", peer, exc)
+            log.info("relay: no introduction for a hole punch: %s", exc)
             return
-        await self._serve(IOStream(sock, max_buffer_size=MAX_BUFFER_SIZE))
 
-    async def _serve(self, stream: IOStream) -> None:
-        """A caller's stream (relayed or punched): TLS if the network uses it, then Dask's handshake."""
+        async def dial(candidate: str) -> None:
+            try:
+                if candidate == peer["addr"]:
+                    sock = await punch.simultaneous_open(local, candidate)
+                else:  # the caller's LAN address: it dials, this side listens (punch.accept_from)
+                    sock = await punch.accept_from(local, candidate)
+            except OSError as exc:
+                log.debug("relay: no hole punched from %s: %s", candidate, exc)
+                return
+            self._spawn(self._serve(IOStream(sock, max_buffer_size=MAX_BUFFER_SIZE), probes))
+
+        await asyncio.gather(*(dial(c) for c in punch_candidates(peer)))
+
+    async def _serve(self, stream: IOStream, probes: int) -> None:
+        """A caller's stream (relayed or punched): its probes answered, TLS if the network uses
+        it, then Dask's handshake."""
         try:
+            await asyncio.wait_for(_echo(stream, probes), PROBE_DEADLINE)
             comm = await _comm(stream, self.contact_address[len(PREFIX) :], self.ctx, True, self.deserialize)
-        except (CommClosedError, FatalCommClosedError) as exc:
+        except (CommClosedError, FatalCommClosedError) as exc:  # before OSError: they are OSErrors
             log.info("relay: a connection failed its TLS handshake: %s", exc)
+            return
+        except (TimeoutError, StreamClosedError, OSError, HeaderError) as exc:
+            log.debug("relay: a connection closed during its probes: %r", exc)
+            stream.close()
             return
         comm.allow_offload = self.allow_offload
         try:
@@ -325,6 +506,25 @@ class RelayListener(BaseListener):
     @property
     def contact_address(self) -> str:
         return f"{PREFIX}{self.host}:{self.port}/{self.vid}"
+
+
+def load_or_create_key(path: str | None) -> str:
+    """The relay key in `path` (created, owner-only, if missing or not a key); a fresh one
+    without a path."""
+    if not path:
+        return secrets.token_urlsafe(32)
+    file = Path(path)
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        key = file.read_text().strip()
+        if KEY_RE.match(key):
+            return key
+    key = secrets.token_urlsafe(32)
+    file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(file.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(key + "\n")
+    os.replace(file.with_suffix(".tmp"), file)
+    return key
 
 
 class RelayBackend(Backend):

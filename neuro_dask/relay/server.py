@@ -15,8 +15,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from neuro_dask.relay.book import RelayBook, RelayRefusal, comeback_delays
-from neuro_dask.relay.protocol import MAX_LINE, TO_RELAY, HeaderError, decode, encode
+from neuro_dask.relay.book import RelayBook, RelayRefusal
+from neuro_dask.relay.protocol import MAX_LINE, TO_RELAY, Header, HeaderError, decode, encode
+from neuro_dask.volunteer.comeback import comeback_delays
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +129,11 @@ class Relay:
             if header.op == "register":
                 await self._serve_volunteer(header["key"], reader, writer)
             elif header.op == "connect":
-                await self._serve_caller(header["id"], reader, writer)
+                await self._serve_caller(header["id"], header["probes"], reader, writer)
             elif header.op == "punch":
-                await self._introduce(header["id"], writer)
+                await self._introduce(header, writer)
             elif header.op in ("accept", "introduced"):
-                self._answer_dial(header["token"], reader, writer)
+                self._answer_dial(header, reader, writer)
                 return  # the caller's side splices both, or introduces them
             else:
                 writer.close()
@@ -177,18 +178,19 @@ class Relay:
             self.counters.volunteers = len(self.book.volunteers)
             writer.close()
 
-    async def _serve_caller(self, vid: str, reader, writer) -> None:
-        answer = await self._ask_volunteer(vid, writer, lambda token: encode("dial", token=token))
+    async def _serve_caller(self, vid: str, probes: int, reader, writer) -> None:
+        line = lambda token: encode("dial", token=token, probes=probes)  # noqa: E731
+        answer = await self._ask_volunteer(vid, writer, line, "accept")
         if answer is None:
             return
-        v_reader, v_writer = answer
+        v_reader, v_writer, _ = answer
         writer.write(encode("connected"))  # before any of the volunteer's bytes: the caller reads one line
         await self._splice(vid, (reader, writer), (v_reader, v_writer))
 
-    async def _ask_volunteer(self, vid: str, writer, line) -> tuple | None:
+    async def _ask_volunteer(self, vid: str, writer, line, answer_op: str) -> tuple | None:
         """Send the volunteer `line(token)` over its control connection and wait for the fresh
-        connection it answers with (its reader and writer); None, the caller told why, if the
-        volunteer is not here or does not answer in time."""
+        connection it answers with (its reader, writer and header line); None, the caller told
+        why, if the volunteer is not here or does not answer in time."""
         try:
             token = self.book.open_dial(vid, writer)
         except RelayRefusal as exc:
@@ -200,29 +202,37 @@ class Relay:
         self._waiting[token] = answered
         self.book.volunteers[vid].send(line(token))
         try:
-            return await asyncio.wait_for(answered, self.book.dial_timeout)
+            answer = await asyncio.wait_for(answered, self.book.dial_timeout)
         except TimeoutError:
-            self.counters.refused_total += 1
-            writer.write(encode("refused", reason="the volunteer did not answer in time"))
-            writer.close()
-            return None
+            answer = None
         finally:
             self._waiting.pop(token, None)
             self.book.dials.pop(token, None)
+        if answer is not None and answer[2].op == answer_op:
+            return answer
+        if answer is not None:  # a dial answered as an introduction, or the reverse
+            self._spliced.discard(answer[1])
+            self._writers.discard(answer[1])
+            answer[1].close()
+        self.counters.refused_total += 1
+        writer.write(encode("refused", reason="the volunteer did not answer in time"))
+        writer.close()
+        return None
 
-    async def _introduce(self, vid: str, writer) -> None:
-        """Hole punching: tell the volunteer where the caller is (as this relay sees it), wait
-        for the volunteer's fresh connection to learn where the volunteer is, tell each the
-        other's address, and hang up; they then dial each other at once."""
-        caller = _peer(writer)
-        answer = await self._ask_volunteer(vid, writer, lambda token: encode("introduce", token=token, peer=caller))
+    async def _introduce(self, punch: Header, writer) -> None:
+        """Hole punching: ask the volunteer for a fresh connection, which shows where it is (as
+        this relay sees it), tell each the other's public and LAN addresses and its own public
+        one, and hang up; they then dial each other at once."""
+        line = lambda token: encode("introduce", token=token, probes=punch["probes"])  # noqa: E731
+        answer = await self._ask_volunteer(punch["id"], writer, line, "introduced")
         if answer is None:
             return
-        _, v_writer = answer
+        _, v_writer, introduced = answer
         self._spliced.discard(v_writer)
         self._writers.add(v_writer)
-        v_writer.write(encode("peer", addr=caller))
-        writer.write(encode("peer", addr=_peer(v_writer)))
+        caller, volunteer = _peer(writer), _peer(v_writer)
+        v_writer.write(encode("peer", addr=caller, lan=punch["lan"], you=volunteer))
+        writer.write(encode("peer", addr=volunteer, lan=introduced["lan"], you=caller))
         self.counters.introduced_total += 1
         for w in (writer, v_writer):
             with contextlib.suppress(ConnectionError, OSError):
@@ -230,7 +240,8 @@ class Relay:
             w.close()
             self._writers.discard(w)
 
-    def _answer_dial(self, token: str, reader, writer) -> None:
+    def _answer_dial(self, header: Header, reader, writer) -> None:
+        token = header["token"]
         dial = self.book.take_dial(token)
         answered = self._waiting.get(token)
         if dial is None or answered is None or answered.done():
@@ -238,7 +249,7 @@ class Relay:
             writer.close()
             return
         self._spliced.add(writer)  # its caller's splice owns it from here
-        answered.set_result((reader, writer))
+        answered.set_result((reader, writer, header))
 
     async def _splice(self, vid: str, a, b) -> None:
         self.counters.spliced_now += 1

@@ -356,6 +356,7 @@ WORKER_STREAMS: dict[str, dict[str, Rule]] = {
                 "remove-worker",
                 "steal-request",
                 "worker-status-change",
+                "neuro-comeback",  # when to come back after this scheduler shuts down
             ),
         ),
         never=(NEVER, ("shuffle-fail",)),
@@ -375,6 +376,7 @@ WORKER_STREAMS: dict[str, dict[str, Rule]] = {
                 "remove-worker",
                 "steal-request",
                 "worker-status-change",
+                "neuro-comeback",  # when to come back after this scheduler shuts down
             ),
         ),
         never=(NEVER, ("shuffle-fail",)),

@@ -109,12 +109,18 @@ class LatencyBook:
             return min(near, key=lambda w: (not used(w), load.get(w, 0)))  # min is stable: scheduler's order
         return min(near, key=lambda w: load.get(w, 0))
 
-    def snapshot(self) -> dict[str, Any]:
-        return {
+    def snapshot(self, paths: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """The estimates, and `paths`: how each measured worker is reached (direct, relayed,
+        punched, lan: relay/comm.py's choice), given by the shell that knows."""
+        out = {
             "ewma_ms": {w: 1000 * s for w, s in sorted(self.ewma.items())},
             "samples": dict(self.samples),
             "explored": self.explored,
         }
+        if paths is not None:
+            listens = {w: "relayed" if w.startswith("relay://") else "direct" for w in self.ewma}
+            out["paths"] = {w: paths.get(w, listens[w]) for w in sorted(self.ewma)}
+        return out
 
 
 def tier_of(trusted: bool, established: bool, routable: bool) -> int:

@@ -187,3 +187,40 @@ def test_a_scheduler_restart_brings_workers_back_and_a_generation_in_flight_ends
                 fetched = [client.sync(client.rpc(a).neuro_status)["bytes_fetched"] for a in status(client)["workers"]]
                 assert fetched == [0, 0]  # restarted worker processes re-load from their caches
                 assert torch.equal(again.generate(ids, mask, max_new_tokens=24), expected_short)
+
+
+def test_a_scheduler_that_shuts_down_tells_each_volunteer_when_to_come_back(processes, sharded, tmp_path):
+    """BOINC's next_rpc_delay: a scheduler stopped (Ctrl-C, an upgrade) first tells each worker
+    a delay, spread over the volunteers at neuro.scheduler.comeback-rate a second; each worker's
+    nanny starts a fresh one that waits for the scheduler, then for its own delay, then joins."""
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    processes.check_alive = lambda: None  # the scheduler is stopped on purpose
+    names = ("vol-a", "vol-b", "vol-c")
+    rate = 1.0  # a second apart on average (the default, 20 a second, is too quick to see here)
+    os.environ["DASK_NEURO__SCHEDULER__COMEBACK_RATE"] = str(rate)
+    try:
+        scheduler = start_scheduler(processes, port, tmp_path / "reputation.json")
+    finally:
+        del os.environ["DASK_NEURO__SCHEDULER__COMEBACK_RATE"]
+    workers = {name: start_worker(processes, address, name, tmp_path / f"cache-{name}") for name in names}
+    with Client(address, timeout=60) as client:
+        client.wait_for_workers(len(names), timeout=120)
+    scheduler.send_signal(signal.SIGINT)
+    assert scheduler.wait(60) is not None
+    assert "told 3 volunteer(s) to come back within 3.0 s" in processes.log(scheduler)
+    start_scheduler(processes, port, tmp_path / "reputation.json")
+    told = {}
+
+    def all_told():
+        for name, proc in workers.items():
+            for line in processes.log(proc).splitlines():
+                if "is back: joining in" in line:
+                    told[name] = float(line.split("joining in ")[1].split(" s")[0])
+        return len(told) == len(names)
+
+    processes.wait_for(all_told, 120, "each volunteer to say when it joins")
+    assert all(0 <= d <= len(names) / rate for d in told.values()) and len(set(told.values())) == len(names), told
+    with Client(address, timeout=60) as client:
+        client.wait_for_workers(len(names), timeout=120)
+        assert sorted(str(w["name"]) for w in client.scheduler_info()["workers"].values()) == list(names)

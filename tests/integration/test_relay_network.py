@@ -10,6 +10,7 @@ volunteer's return after the relay restarts.
 from __future__ import annotations
 
 import contextlib
+import time
 
 import dask
 import pytest
@@ -91,10 +92,20 @@ def test_tasks_transfers_and_direct_gathers_all_go_through_the_relay(tmp_path):
 @pytest.mark.parametrize("transport", ["direct", "futures"])
 def test_a_generation_over_relayed_volunteers_equals_the_local_run(tmp_path, transport):
     expected = nd.load(ADDER).generate_text(PROMPTS, max_new_tokens=6)
-    with relayed_cluster(tmp_path) as (relay, _, client, _workers):
+    with relayed_cluster(tmp_path) as (relay, cluster, client, workers):
         with nd.load(ADDER, client=client, transport=transport) as model:
             got = model.generate_text(PROMPTS, max_new_tokens=6)
             routes = model.executor.routes.routes
+            stats = model.stats()
+        if transport == "direct":  # the latency book says how each volunteer is reached
+            assert stats["latency"]["paths"] == {w.address: "relayed" for w in workers}, stats["latency"]
+            # and the client told the scheduler, with its call reports
+            feed = cluster.scheduler.extensions["neuro"].feed
+            poll_until(
+                lambda: all(feed.paths_to(w.address, time.time()) == {"relayed": 1} for w in workers),
+                30,
+                "each volunteer's path as the client reported it",
+            )
     assert got == expected
     assert all(w.startswith("relay://") for ws in routes.values() for w in ws)
     assert relay.relay.counters.bytes_total > 0
@@ -109,6 +120,41 @@ def test_a_volunteer_comes_back_through_a_restarted_relay_with_its_address(tmp_p
         assert w.address == address
         fut = client.submit(lambda v: v + 1, 41, workers=[address], pure=False)
         assert client.gather(fut, direct=True) == 42
+
+
+def test_a_named_volunteer_restarted_comes_back_at_the_same_relay_address(tmp_path):
+    """Its key is kept in its cache folder (owner-only), so a worker its nanny restarts keeps its
+    relay:// address; another name, or no name, gets its own."""
+    import stat
+
+    from neuro_dask.relay.worker import RelayedWorker
+
+    def start(name):
+        async def go():
+            return await RelayedWorker(cluster.scheduler_address, nthreads=1, name=name)
+
+        return client.sync(go)
+
+    with (
+        RelayThread() as relay,
+        dask.config.set({"neuro.worker.relay": relay.address, "neuro.worker.cache-dir": str(tmp_path / "cache")}),
+        local_cluster(n_workers=0, processes=False, worker_args=[], dashboard_address="127.0.0.1:0") as cluster,
+        Client(cluster) as client,
+    ):
+        first = start("alice's laptop")
+        address = first.address
+        client.sync(first.close)
+        again = start("alice's laptop")
+        other, unnamed = start("bob"), start(None)
+        try:
+            assert again.address == address and address.startswith(f"relay://{relay.address}/")
+            assert len({address, other.address, unnamed.address}) == 3
+            assert client.submit(lambda v: v + 1, 1, workers=[again.address]).result(timeout=60) == 2
+            [key_file] = (tmp_path / "cache" / "relay-keys").glob("alice*.key")
+            assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        finally:
+            for w in (again, other, unnamed):
+                client.sync(w.close)
 
 
 def test_the_relay_refuses_an_unknown_volunteer_at_once(tmp_path):
@@ -230,6 +276,29 @@ def test_a_second_registration_with_the_same_key_replaces_the_first():
         second.close()
 
 
+def test_a_caller_that_asks_for_probes_and_sends_garbage_loses_only_its_own_stream(tmp_path):
+    """A path's probes are read from a caller the volunteer does not trust: anything but a probe
+    line (or silence past the deadline) closes that stream, and the volunteer serves on."""
+    import socket
+
+    from neuro_dask.relay.comm import split_location
+    from neuro_dask.relay.protocol import FROM_RELAY, ON_STREAM, decode, encode
+
+    with relayed_cluster(tmp_path, n_workers=1) as (relay, _, client, (w,)):
+        host, port, vid = split_location(w.address[len("relay://") :])
+        for junk in (b"GARBAGE\n", b'{"op":"echo"}\n', b"x" * 5000):
+            with socket.create_connection((host, port), timeout=30) as sock:
+                sock.sendall(encode("connect", id=vid, probes=2))
+                reader = sock.makefile("rb")
+                assert decode(reader.readline(), FROM_RELAY).op == "connected"
+                sock.sendall(encode("probe"))
+                assert decode(reader.readline(), ON_STREAM).op == "echo"  # a real probe is answered
+                sock.sendall(junk)
+                assert reader.read() == b""  # then the volunteer hung up
+        fut = client.submit(lambda v: v * 3, 5, workers=[w.address])
+        assert client.gather(fut, direct=True) == 15
+
+
 # ---- hole punching ------------------------------------------------------------------------------------
 
 
@@ -244,7 +313,10 @@ def test_hole_punching_refused_by_the_volunteer_falls_back_to_the_relay_and_is_n
             before = dict(comm.STATS)
             fut = client.submit(lambda v: v + 1, 1, workers=[w.address])
             assert client.gather(fut, direct=True) == 2
-            assert {path for path, _ in comm.PATHS.values()} == {"relayed"}
+            assert {c.path for c in comm.PATHS.values()} == {"relayed"}
+            # the relayed path was measured on the first connection (its round trips, on loopback)
+            assert all(0 < c.rtt_ms["relayed"] < 1_000 for c in comm.PATHS.values())
+            assert comm.paths()[w.address]["path"] == "relayed"
             assert relay.relay.counters.introduced_total == 0  # the volunteer never answered the introduction
             assert relay.relay.counters.spliced_total >= 1
             assert comm.STATS["punch_failed"] - before["punch_failed"] == 1
@@ -268,7 +340,9 @@ def test_a_hostile_relay_cannot_make_a_volunteer_dial_out_without_bound(monkeypa
         raise ConnectionError("nobody there")
 
     async def fake_exchange(relay, line, allowed):
-        return ("0.0.0.0", 0), decode(encode("peer", addr="127.0.0.1:9"), allowed | {"peer"})
+        line(f"0.0.0.0:{40000}")  # what the volunteer would have said
+        peer = encode("peer", addr="127.0.0.1:9", lan="192.168.1.9:40000", you="127.0.0.1:10")
+        return ("0.0.0.0", 0), decode(peer, allowed | {"peer"})
 
     monkeypatch.setattr(punch, "simultaneous_open", held_open)
     monkeypatch.setattr(punch, "exchange", fake_exchange)
@@ -277,7 +351,7 @@ def test_a_hostile_relay_cannot_make_a_volunteer_dial_out_without_bound(monkeypa
         decode(await reader.readline(), TO_RELAY)  # the registration
         writer.write(encode("registered", id="a" * 20, ping=30))
         for i in range(flood):
-            writer.write(encode("introduce", token=f"t{i:03d}" + "x" * 20, peer="203.0.113.7:443"))
+            writer.write(encode("introduce", token=f"t{i:03d}" + "x" * 20, probes=0))
         await writer.drain()
         await finished.wait()
         writer.close()
@@ -288,9 +362,9 @@ def test_a_hostile_relay_cannot_make_a_volunteer_dial_out_without_bound(monkeypa
         read = []
         introduced = listener._introduced
 
-        async def counting(token, peer):
+        async def counting(token, probes):
             read.append(token)
-            await introduced(token, peer)
+            await introduced(token, probes)
 
         listener._introduced = counting
         await listener.start()

@@ -57,6 +57,7 @@ DATA_SCIENTIST = textwrap.dedent(
                 out[transport + "_routes"] = sorted({w for ws in model.executor.routes.routes.values() for w in ws})
     from neuro_dask.relay import comm
     out["paths"] = dict(comm.STATS)
+    out["path_of"] = {a: p["path"] for a, p in comm.paths().items()}
     print("RESULT " + json.dumps(out), flush=True)
     """
 )
@@ -77,11 +78,11 @@ def _transports(certs: str) -> tuple[str, ...]:
     return ("direct",) if certs else ("direct", "futures")
 
 
-def _generate(lab, certs: str) -> dict:
+def _generate(lab, certs: str, where: str = "h3") -> dict:
     """The data scientist's generation over each transport. On the open network its client
     reaches the volunteers by hole punching; on the TLS one it keeps to the relay."""
     result = lab.run(
-        "h3",
+        where,
         sys.executable,
         "-c",
         DATA_SCIENTIST,
@@ -97,6 +98,14 @@ def _generate(lab, certs: str) -> dict:
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     assert result.returncode == 0 and lines, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads(lines[-1][len("RESULT ") :])
+
+
+def _home_of(lab, workers: list, address: str) -> str:
+    """Which home a relayed volunteer's address belongs to, by the address in its log."""
+    vid = address.rsplit("/", 1)[1]
+    homes = {home for (home, _), proc in zip(VOLUNTEERS, workers, strict=True) if vid in lab.log(proc)}
+    assert len(homes) == 1, (address, homes)
+    return homes.pop()
 
 
 def _no_punching(tls_dir: str) -> dict[str, str]:
@@ -190,6 +199,13 @@ def test_volunteers_at_home_serve_through_the_relay_and_nothing_dials_in(tmp_pat
             assert first["paths"]["punched"] == 0 and first["paths"]["relayed"] >= 1
         else:  # straight to the volunteers, through both NATs
             assert first["paths"]["punched"] >= 2 and first["paths"]["punch_failed"] == 0, first["paths"]
+            assert set(first["path_of"].values()) == {"punched"}, first["path_of"]
+            # a data scientist on home 1's own LAN reaches home 1's volunteers over that LAN
+            # (its router does not loop traffic for its public address back in), home 2's punched
+            at_home = _generate(lab, certs, where="h1b")
+            assert all(at_home[t] == expected for t in _transports(certs))
+            homes = {_home_of(lab, workers, w): path for w, path in at_home["path_of"].items()}
+            assert homes == {"h1": "lan", "h2": "punched"}, at_home["path_of"]
         _assert_nothing_dialled_in(lab, punched=not tls)
 
         # home 1's router resets every connection through it, then comes back

@@ -219,3 +219,29 @@ def test_the_network_table_says_which_workers_are_reached_through_a_relay():
         "relay: 3 volunteers registered, 2 connections open, 40 spliced and 1 refused so far, 3.0 MiB copied"
     )
     assert views.relay_summary(views.NetworkView()) == ""
+
+
+def test_the_path_column_shows_how_the_clients_that_called_a_relayed_worker_reach_it():
+    from neuro_dask.protocol.records import PathReport
+
+    home = "relay://10.0.0.1:8788/abcdefghijklmnopqrst"
+    view = views.NetworkView(workers=[worker("home", score=0.5, address=home), worker("lab", score=0.4)])
+    feed = Feed()
+    feed.add_paths("client:alice", [PathReport(home, "punched", 21.0)], now=1_000.0)
+    feed.add_paths("10.0.0.9", [PathReport(home, "lan", 0.3)], now=1_000.0)
+    feed.add_paths("10.0.0.7", [PathReport(home, "relayed", 40.0)], now=100.0)  # reported long ago
+    feed.add_paths("client:alice", [PathReport(home, "punched", 19.0)], now=1_010.0)  # alice again: one client
+    cols = views.network_columns(view, feed, now=1_020.0)
+    assert cols["path"] == ["relayed: punched 1, lan 1", "direct"]
+    assert feed.paths_to(home, now=1_020.0, window=10_000.0) == {"punched": 1, "lan": 1, "relayed": 1}
+
+
+def test_path_reports_are_bounded_however_many_workers_and_clients_report():
+    from neuro_dask.protocol.records import PathReport
+
+    feed = Feed(max_path_workers=10, max_path_clients=3)
+    for c in range(20):
+        feed.add_paths(f"10.0.0.{c}", [PathReport(f"relay://r:1/{w:020d}", "relayed") for w in range(30)], now=c)
+    assert len(feed.paths) == 10 and all(len(by_client) == 3 for by_client in feed.paths.values())
+    # the newest clients are kept
+    assert set(feed.paths["relay://r:1/" + f"{29:020d}"]) == {"10.0.0.17", "10.0.0.18", "10.0.0.19"}

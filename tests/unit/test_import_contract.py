@@ -26,6 +26,7 @@ PURE_MODULES = (
     "volunteer.idle_policy",
     "relay.protocol",
     "relay.book",
+    "volunteer.comeback",
     "volunteer.admission",
     "security.allowlist",
     "security.certs",

@@ -25,10 +25,11 @@ from neuro_dask.protocol.messages import (
     WorkerStatus,
     receiver,
 )
-from neuro_dask.protocol.records import CallReport, OutcomeReport, PassReport
+from neuro_dask.protocol.records import CallReport, OutcomeReport, PassReport, PathReport
 from neuro_dask.protocol.shapes import SchemaError
 
 W = "tcp://127.0.0.1:4000"
+RELAYED = "relay://203.0.113.1:8788/abcdefghijklmnopqrst"
 OUTCOME = OutcomeReport(W, "validated", "call-1", 2, 5, 3, "req-1")
 CALL = CallReport(1, 2, (W,), 0.01, 2, 0, "ok", "direct", 12, "req-1")
 
@@ -39,6 +40,7 @@ SAMPLES = [
     ReportOutcomes("adder-1234", (OUTCOME,), ({"worker": "w1", "rows": 3},), "batch-1"),
     ReportLoad("adder-1234", ((0, 1, 3.0), (1, 7, 0.5))),
     ReportCalls("adder-1234", (CALL,), "direct"),
+    ReportCalls("adder-1234", (CALL,), "direct", (PathReport(RELAYED, "punched", 12.5), PathReport(W, "direct"))),
     ReportPasses("adder-1234", (PassReport(4, 3, "req-1"), PassReport(0, 0))),
     Unreachable(W, "adder-1234", ((0, 1), (0, 2))),
     Dispute("adder-1234", {"receipt": {"a": 1}, "expert": 3}),
@@ -90,6 +92,7 @@ def test_the_hardened_schema_of_each_operation_is_its_messages(message):
         (ReportLoad, {"model": "m", "load": [[0, 1, float("inf")]]}, "load[0][2]"),
         (ExpertsLoaded, {"worker": W, "model": "m", "loaded": [[True, 1]], "failed": []}, "loaded[0][0]"),
         (Cancel, {"calls": ["x"] * 1_001}, "calls"),
+        (ReportCalls, {"model": "m", "calls": [], "paths": [[RELAYED, "punched", 1.0]] * 257}, "paths"),
         (WorkerStatus, {"everything": True}, "everything"),
     ],
 )
@@ -113,6 +116,22 @@ def test_a_pass_cannot_keep_more_than_it_drafted_nor_draft_without_bound():
     raw = {"model": "m", "passes": [[4, 5, ""], [5000, 1, ""], [3, -1, ""], [2, 2, "../x"], [8, 8, "r-1"]]}
     report = ReportPasses.from_msg(raw)
     assert report.passes == (PassReport(8, 8, "r-1"),) and report.dropped == 4
+
+
+def test_a_path_row_that_is_not_one_of_the_paths_costs_only_that_row():
+    """A client's paths move nothing but the dashboard's path column; each row is still checked."""
+    good = [RELAYED, "lan", 0.4]
+    bad = [
+        [RELAYED, "teleported", 1.0],  # not a path
+        [RELAYED, "punched", -5.0],  # a negative round trip
+        [RELAYED, "punched", float("nan")],
+        [RELAYED, "punched", True],
+        ["x" * 230, "punched", 1.0],  # an address beyond the bound
+        [RELAYED, "punched"],
+    ]
+    report = ReportCalls.from_msg({"model": "m", "calls": [CALL.to_msg()], "paths": [good, *bad]})
+    assert report.paths == (PathReport(RELAYED, "lan", 0.4),) and report.dropped == len(bad)
+    assert report.calls == (CALL,)
 
 
 def test_a_call_report_of_an_older_client_reads_with_rows_unsaid():

@@ -4,19 +4,21 @@ who holds which id, single-use dials, and when volunteers come back."""
 from __future__ import annotations
 
 import json
-import random
 import secrets
 
 import pytest
 
-from neuro_dask.relay.book import RelayBook, RelayRefusal, comeback_delays, reconnect_delay
+from neuro_dask.relay.book import RelayBook, RelayRefusal
 from neuro_dask.relay.protocol import (
     FROM_RELAY,
     MAX_LINE,
+    ON_STREAM,
     TO_RELAY,
     HeaderError,
     decode,
     encode,
+    faster_path,
+    punch_candidates,
     volunteer_id,
 )
 
@@ -41,20 +43,22 @@ def test_every_header_round_trips():
         "register": {"key": KEY},
         "ping": {},
         "accept": {"token": token},
-        "connect": {"id": vid},
+        "connect": {"id": vid, "probes": 3},
         "registered": {"id": vid, "ping": 10.0},
         "pong": {},
-        "dial": {"token": token},
+        "dial": {"token": token, "probes": 0},
         "bye": {"retry_after": 12.5},
         "connected": {},
         "refused": {"reason": "no volunteer with this id"},
-        "punch": {"id": vid},
-        "introduced": {"token": token},
-        "introduce": {"token": token, "peer": "203.0.113.7:40123"},
-        "peer": {"addr": "[2001:db8::1]:443"},
+        "punch": {"id": vid, "lan": "192.168.1.2:40123", "probes": 3},
+        "introduced": {"token": token, "lan": "192.168.1.3:50000"},
+        "introduce": {"token": token, "probes": 3},
+        "peer": {"addr": "[2001:db8::1]:443", "lan": "[fe80::1]:40000", "you": "203.0.113.7:40123"},
+        "probe": {},
+        "echo": {},
     }
     for op, fields in lines.items():
-        header = decode(encode(op, **fields), TO_RELAY | FROM_RELAY)
+        header = decode(encode(op, **fields), TO_RELAY | FROM_RELAY | ON_STREAM)
         assert header.op == op and header.fields == fields
 
 
@@ -68,9 +72,13 @@ def test_every_header_round_trips():
         (b"[" * 1000 + b"\n", "JSON object"),
         (b'{"op":"dial","token":"aaaaaaaaaaaaaaaaaaaa"}\n', "not allowed"),  # a relay's line, sent to the relay
         (b'{"op":"connect"}\n', "exactly"),
-        (b'{"op":"connect","id":"aaaaaaaaaaaaaaaaaaaa","extra":1}\n', "exactly"),
-        (b'{"op":"connect","id":"../../etc/passwdxxxx"}\n', "bad id"),
-        (b'{"op":"connect","id":7}\n', "bad id"),
+        (b'{"op":"connect","id":"aaaaaaaaaaaaaaaaaaaa","probes":0,"extra":1}\n', "exactly"),
+        (b'{"op":"connect","id":"../../etc/passwdxxxx","probes":0}\n', "bad id"),
+        (b'{"op":"connect","id":7,"probes":0}\n', "bad id"),
+        (b'{"op":"connect","id":"aaaaaaaaaaaaaaaaaaaa","probes":9}\n', "bad probes"),  # more echoes than allowed
+        (b'{"op":"connect","id":"aaaaaaaaaaaaaaaaaaaa","probes":true}\n', "bad probes"),
+        (b'{"op":"punch","id":"aaaaaaaaaaaaaaaaaaaa","lan":"localhost:80","probes":0}\n', "bad lan"),
+        (b'{"op":"probe"}\n', "not allowed"),  # a stream's line, sent to the relay
         (b'{"op":"register","key":"short"}\n', "bad key"),
         (b'{"op":"accept","token":"has spaces in it!!"}\n', "bad token"),
         (b'{"op":"shutdown"}\n', "not allowed"),
@@ -95,7 +103,7 @@ def test_a_volunteer_refuses_a_relay_that_would_send_it_away_forever(fields):
     "addr", ["example.com:80", "10.0.0.1", "10.0.0.1:0", "10.0.0.1:70000", "999.1.1.1:80", "[::1:80", 7, "a" * 80]
 )
 def test_a_peer_address_is_an_ip_and_a_port_and_nothing_else(addr):
-    line = json.dumps({"op": "peer", "addr": addr}).encode() + b"\n"
+    line = json.dumps({"op": "peer", "addr": addr, "lan": "192.168.1.2:40000", "you": "10.0.0.2:1234"}).encode() + b"\n"
     with pytest.raises(HeaderError, match="addr"):
         decode(line, FROM_RELAY)
 
@@ -112,7 +120,59 @@ def test_the_id_is_the_keys_and_does_not_reveal_it():
     assert volunteer_id(KEY) == volunteer_id(KEY)
     assert volunteer_id(KEY) != volunteer_id(secrets.token_urlsafe(32))
     assert KEY[:8] not in volunteer_id(KEY)
-    decode(encode("connect", id=volunteer_id(KEY)), TO_RELAY)  # a valid id on the wire
+    decode(encode("connect", id=volunteer_id(KEY), probes=0), TO_RELAY)  # a valid id on the wire
+
+
+# ---- where a hole punch dials, and which path is kept ----------------------------------------------
+
+
+def _peer(addr: str, lan: str, you: str):
+    return decode(encode("peer", addr=addr, lan=lan, you=you), FROM_RELAY)
+
+
+def test_a_punch_dials_the_public_address_and_the_lan_one_only_behind_the_same_router():
+    # two homes: public addresses differ, so the peer's LAN address means nothing here
+    assert punch_candidates(_peer("203.0.113.7:40001", "192.168.1.2:40001", "198.51.100.9:5000")) == [
+        "203.0.113.7:40001"
+    ]
+    # one router: the relay saw one public address for both
+    assert punch_candidates(_peer("203.0.113.7:40001", "192.168.1.2:40001", "203.0.113.7:40002")) == [
+        "203.0.113.7:40001",
+        "192.168.1.2:40001",
+    ]
+    assert punch_candidates(_peer("[2001:db8::7]:40001", "[fe80::2]:40001", "[2001:db8::7]:40002"))[1] == (
+        "[fe80::2]:40001"
+    )
+
+
+@pytest.mark.parametrize(
+    "lan",
+    [
+        "127.0.0.1:40001",  # this machine's own services
+        "[::1]:40001",
+        "0.0.0.0:40001",
+        "192.168.1.1:22",  # a well-known port: never one a socket bound to port 0 gets
+        "192.168.1.1:80",
+        "8.8.8.8:40001",  # not a LAN address at all
+    ],
+)
+def test_a_lying_relay_cannot_point_a_lan_dial_at_local_services_or_the_internet(lan):
+    assert punch_candidates(_peer("203.0.113.7:40001", lan, "203.0.113.7:40002")) == ["203.0.113.7:40001"]
+
+
+@pytest.mark.parametrize(
+    "rtt, kept",
+    [
+        ({"relayed": 40.0, "punched": 20.0}, "punched"),
+        ({"relayed": 0.21, "punched": 0.35}, "punched"),  # noise-sized: one link beats two
+        ({"relayed": 10.0, "punched": 60.0}, "relayed"),  # a punched path round the world
+        ({"relayed": 40.0, "punched": 20.0, "lan": 0.4}, "lan"),
+        ({"relayed": 5.0}, "relayed"),
+        ({"punched": 5.0}, "punched"),
+    ],
+)
+def test_the_faster_path_is_kept_and_two_links_must_clearly_win(rtt, kept):
+    assert faster_path(rtt) == kept
 
 
 # ---- who holds which id --------------------------------------------------------------------------
@@ -184,23 +244,6 @@ def test_one_volunteer_cannot_be_flooded_with_waiting_dials():
 
 
 # ---- pacing -------------------------------------------------------------------------------------------
-
-
-def test_comeback_delays_spread_volunteers_over_the_window():
-    delays = comeback_delays(1000, 30.0, random.Random(1))
-    assert len(delays) == 1000 and all(0 <= d <= 30.0 for d in delays)
-    per_second = [sum(1 for d in delays if s <= d < s + 1) for s in range(30)]
-    assert max(per_second) <= 40  # evenly: about 33 a second, never a stampede
-    assert comeback_delays(0, 30.0) == []
-
-
-def test_reconnect_backoff_grows_is_capped_and_jittered():
-    rng = random.Random(2)
-    first = [reconnect_delay(0, rng=rng) for _ in range(100)]
-    later = [reconnect_delay(20, rng=rng) for _ in range(100)]
-    assert all(0.25 <= d <= 0.5 for d in first)
-    assert all(15.0 <= d <= 30.0 for d in later)
-    assert len(set(later)) > 50
 
 
 # ---- hardened mode reads relay comms --------------------------------------------------------------

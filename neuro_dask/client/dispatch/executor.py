@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from distributed import Client
 
-from neuro_dask.client.dispatch.reports import Reports
+from neuro_dask.client.dispatch.reports import Reports, known_paths
 from neuro_dask.client.dispatch.requests import PaidRequests, PaymentRefusedError
 from neuro_dask.client.dispatch.routes import ExpertUnavailableError, RouteTable
 from neuro_dask.client.dispatch.transports import Transport
@@ -133,7 +133,11 @@ class DistributedExecutor:
         self._layer = threading.local()  # this thread's layer call: workers that answered, its outcome
 
     def counters(self) -> dict[str, Any]:
-        return standard_counters(list(self.layer_seconds), self.wire_bytes, self.trusted)
+        out = standard_counters(list(self.layer_seconds), self.wire_bytes, self.trusted)
+        book = getattr(self.transport, "latency", None)
+        if book is not None:
+            out["latency"] = book.snapshot(paths={w: path for w, (path, _) in known_paths().items()})
+        return out
 
     @property
     def settlements(self) -> list[dict]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import sys
 import threading
 import uuid
 from collections import deque
@@ -30,7 +31,7 @@ from neuro_dask.client.dispatch.trusted import Dispute
 from neuro_dask.errors import NeuroDaskError
 from neuro_dask.protocol import messages
 from neuro_dask.protocol.messages import ReportCalls, ReportLoad, ReportOutcomes, ReportPasses, Routes, Unreachable
-from neuro_dask.protocol.records import CallReport, OutcomeReport, PassReport
+from neuro_dask.protocol.records import MAX_PATHS, CallReport, OutcomeReport, PassReport, PathReport
 from neuro_dask.settings import ClientSettings
 
 log = logging.getLogger(__name__)
@@ -230,7 +231,8 @@ class Reports:
             await self._send_outcomes(batch.outcomes, receipts)
         if batch.calls:
             try:
-                await ReportCalls(self.model_id, tuple(batch.calls), self.transport_name).send(scheduler)
+                paths = relay_paths(batch.calls)
+                await ReportCalls(self.model_id, tuple(batch.calls), self.transport_name, paths).send(scheduler)
             except Exception:  # the dashboard's feed is best effort
                 log.debug("could not report calls", exc_info=True)
         if batch.passes:
@@ -260,3 +262,20 @@ class Reports:
             dispute.expert,
             reply.get("verdict") or reply.get("message"),
         )
+
+
+def known_paths() -> dict[str, tuple[str, float]]:
+    """{relay:// address: (path, its measured round trip in ms or -1)} for every relayed worker
+    this process reached (relay/comm.py measures it on the first connection); nothing where it
+    reached none (Dask loads the relay backend only when a relay:// address is dialled)."""
+    relay = sys.modules.get("neuro_dask.relay.comm")
+    if relay is None:
+        return {}
+    return {w: (p["path"], p["rtt_ms"].get(p["path"], -1.0)) for w, p in relay.paths().items()}
+
+
+def relay_paths(calls) -> tuple[PathReport, ...]:
+    """How this process reaches the relayed workers these calls went to, for the dashboard."""
+    known = known_paths()
+    seen = sorted({w for call in calls for w in call.workers if w in known})[:MAX_PATHS]
+    return tuple(PathReport(w, *known[w]) for w in seen)
