@@ -177,6 +177,46 @@ def _cmd_drill(args: argparse.Namespace) -> int:
     return 0 if report.identical and report.wrong_accepted == 0 else 1
 
 
+def _cmd_soak(args: argparse.Namespace) -> int:
+    from neuro_dask.soak.plan import SoakPlan
+    from neuro_dask.soak.run import soak
+
+    faultless = args.fault_free
+    plan = SoakPlan(
+        minutes=args.minutes,
+        workers=args.workers,
+        adversarial=0.0 if faultless else args.adversarial,
+        kill_every=0.0 if faultless else args.kill_every,
+        hogs=args.hogs,
+        scheduler_restart_at=None if args.no_scheduler_restart or faultless else 0.5,
+        concurrency=args.concurrency,
+        seed=args.seed,
+        trust=not args.no_trust,
+    )
+    out = Path(args.out or f"soak-{time.strftime('%Y%m%d-%H%M%S')}")
+    summary = soak(plan, out, say=lambda line: print(time.strftime("%H:%M:%S"), line, flush=True))
+    figures = summary["network"]
+    print(
+        f"{summary['requests']} requests: {summary['correct']} correct ({100 * summary['completion_rate']:.2f}%), "
+        f"{summary['wrong']} wrong, {summary['failed']} failed; per request p50 {summary['p50_s']:.2f} s, "
+        f"p99 {summary['p99_s']:.2f} s; per layer p50 {_ms(figures.get('layer_p50_s'))}, "
+        f"p99 {_ms(figures.get('layer_p99_s'))}"
+    )
+    for kind, n in summary["failures"].items():
+        print(f"  failed: {n} x {kind}")
+    if args.compare:
+        base = json.loads(Path(args.compare).read_text())
+        summary["p99_vs_fault_free"] = summary["p99_s"] / base["p99_s"]
+        print(f"p99 per request {summary['p99_vs_fault_free']:.2f} x the fault-free run's ({base['p99_s']:.2f} s)")
+        (out / "soak.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(f"written: {out / 'soak.json'} and {out / 'soak.svg'}")
+    return 0 if summary["wrong"] == 0 and summary["completion_rate"] >= args.min_completion else 1
+
+
+def _ms(seconds) -> str:
+    return "-" if seconds is None else f"{1000 * seconds:.1f} ms"
+
+
 def _has_flag(extra: list[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in extra)
 
@@ -682,6 +722,26 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--json", action="store_true", help="the report as JSON")
     dr.set_defaults(func=_cmd_drill)
 
+    so = sub.add_parser("soak", help="a network of real processes under churn, adversaries and CPU hogs, measured")
+    so.add_argument("--minutes", type=float, default=3.0, help="how long the load runs (default 3)")
+    so.add_argument("--workers", type=int, default=6, help="volunteer processes (default 6)")
+    so.add_argument("--adversarial", type=float, default=0.3, help="fraction of volunteers that misbehave (0.3)")
+    so.add_argument("--kill-every", type=float, default=10.0, help="mean seconds between SIGKILLs (default 10; 0 none)")
+    so.add_argument("--hogs", type=int, default=2, help="CPU-burning processes beside the network (default 2)")
+    so.add_argument("--no-scheduler-restart", action="store_true", help="do not restart the scheduler halfway")
+    so.add_argument("--concurrency", type=int, default=3, help="request threads (default 3)")
+    so.add_argument(
+        "--fault-free", action="store_true", help="no kills, no adversaries, no restart: the baseline (hogs still run)"
+    )
+    so.add_argument("--compare", metavar="SOAK_JSON", help="a fault-free run's soak.json: print the p99 ratio to it")
+    so.add_argument("--no-trust", action="store_true", help="clients without quorums (a baseline: wrong answers pass)")
+    so.add_argument("--seed", type=int, default=0, help="the chaos schedule, the roles and the problems (default 0)")
+    so.add_argument("--out", help="folder for the logs, soak.json and soak.svg (default ./soak-TIME)")
+    so.add_argument(
+        "--min-completion", type=float, default=0.999, help="exit 1 below this completion rate (default 0.999)"
+    )
+    so.set_defaults(func=_cmd_soak)
+
     sc = sub.add_parser(
         "scheduler",
         help="start a network's scheduler: dask scheduler --preload neuro_scheduler",
@@ -872,6 +932,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 # What `neuro-dask COMMAND --help` says first, where the one-line help is not enough.
 DESCRIPTIONS = {
+    "soak": "A soak of the whole system: a scheduler, volunteers (a fraction adversarial), the OpenAI-compatible "
+    "gateway and CPU hogs as real processes, while request threads ask the bundled adder through the gateway "
+    "and through generate/map, every answer checked against the local model; volunteers are SIGKILLed at "
+    "random (and come back) and the scheduler restarts once. Prints the completion rate, wrong answers, "
+    "latency per request and per layer, and every failure's kind; writes soak.json and a plot, soak.svg.",
     "drill": "A fire drill for the trust machinery: a local cluster where some workers misbehave (return perturbed "
     "results, collude, defect after earning trust, straggle or crash) while a client generates. The report "
     "says whether the answers were identical to an all-honest run, how many wrong results were accepted "

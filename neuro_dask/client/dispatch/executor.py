@@ -4,7 +4,7 @@ Per layer: plan one message per worker (RouteTable.plan), send them all at once,
 valid answer, and re-plan what failed onto other replicas. A worker that failed a call becomes
 a suspect: skipped by every layer for `suspect_cooldown` seconds (so a dead worker costs one
 failed call, not one per layer) and reported to the scheduler. Experts with no live replica make it ask
-the scheduler for fresh routes, for at most `missing_expert_wait` seconds, then raise
+the scheduler for fresh routes until `missing_expert_wait` seconds pass without progress, then raise
 ExpertUnavailableError: never a hang.
 
 Every call carries the request's id and the ticket the scheduler signed for it (workers of a
@@ -33,7 +33,7 @@ from distributed import Client
 
 from neuro_dask.client.dispatch.reports import Reports, known_paths
 from neuro_dask.client.dispatch.requests import PaidRequests, PaymentRefusedError
-from neuro_dask.client.dispatch.routes import ExpertUnavailableError, RouteTable
+from neuro_dask.client.dispatch.routes import ExpertUnavailableError, RouteTable, RouteWait, routed_count
 from neuro_dask.client.dispatch.transports import Transport
 from neuro_dask.client.dispatch.trusted import Outcome, TrustedLayerRunner
 from neuro_dask.errors import NeuroDaskError
@@ -62,6 +62,7 @@ class RoutesUnavailableError(ExpertUnavailableError):
 
 
 TRUST_COUNTERS = ("units", "replicas_sent", "unchecked", "hedges")
+MAX_WAIT_FACTOR = 6  # a recovering network is waited for up to 6 x missing-expert-wait in all
 
 
 def standard_counters(layer_seconds: Iterable[float], wire_bytes: Mapping[str, int], trusted: Any) -> dict[str, Any]:
@@ -240,13 +241,13 @@ class DistributedExecutor:
         pending = dict(groups)
         results: dict[int, torch.Tensor] = {}
         exclude: set[str] = self.suspected()
-        waited_since: float | None = None
+        waited: RouteWait | None = None
         while pending:
             plan, unroutable = self.routes.plan(
                 layer, {e: x.shape[0] for e, x in pending.items()}, exclude, latency=self.transport.route_latency
             )
             if unroutable and not plan:
-                waited_since = self._wait_for_routes(layer, unroutable, waited_since)
+                waited = self._wait_for_routes(layer, unroutable, waited)
                 exclude = set()  # fresh routes: give every worker, suspects too, another chance
                 self.forgive_suspects()
                 continue
@@ -300,7 +301,7 @@ class DistributedExecutor:
     def _run_trusted(self, layer: int, groups: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """Quorums and adaptive replication; a worker caught returning a wrong result is skipped
         at once and reported at once, everything else is reported with the next route refresh."""
-        waited_since: float | None = None
+        waited: RouteWait | None = None
         while True:
             try:
                 results, outcomes = self.trusted.run(
@@ -308,7 +309,7 @@ class DistributedExecutor:
                 )
                 break
             except ExpertUnavailableError as exc:
-                waited_since = self._wait_for_routes(layer, exc.experts, waited_since)
+                waited = self._wait_for_routes(layer, exc.experts, waited)
                 self.forgive_suspects()
             except QuorumExhaustedError:
                 if not self.suspected():
@@ -327,23 +328,27 @@ class DistributedExecutor:
             self.reports.file_disputes(disputes)
         return results
 
-    def _wait_for_routes(self, layer: int, unroutable: list[int], since: float | None) -> float:
+    def _wait_for_routes(self, layer: int, unroutable: list[int], wait: RouteWait | None) -> RouteWait:
+        """Poll the scheduler's routes until the experts are served again; raise once the network
+        stops recovering (RouteWait: `missing-expert-wait` without progress, 6x that in all)."""
         now = self.clock()
-        since = now if since is None else since
+        base = self.settings.missing_expert_wait
+        if wait is None:
+            wait = RouteWait(now, base, MAX_WAIT_FACTOR * base)
         why = getattr(self._layer, "routes_failure", None)
-        if now - since >= self.settings.missing_expert_wait:
+        if wait.expired(now, None if why is not None else routed_count(self.routes)):
             if why is not None:
                 raise RoutesUnavailableError(
-                    self.model_id, layer, unroutable, now - since, self.client.scheduler.address, why
+                    self.model_id, layer, unroutable, wait.waited(now), self.client.scheduler.address, why
                 )
-            raise ExpertUnavailableError(self.model_id, layer, unroutable, now - since)
+            raise ExpertUnavailableError(self.model_id, layer, unroutable, wait.waited(now))
         self.sleep(0.05)  # poll: the scheduler re-places experts as soon as it hears of a loss
         try:
             self.routes = self.fetch_routes()
             self._layer.routes_failure = None
         except (OSError, NeuroDaskError) as exc:  # the scheduler is away or restarted: keep waiting
             self._layer.routes_failure = str(exc) or type(exc).__name__
-        return since
+        return wait
 
     # ---- reports and the end ------------------------------------------------------------------
 

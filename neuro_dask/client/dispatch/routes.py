@@ -52,6 +52,39 @@ def why_unserved(workers: Mapping[str, Mapping[str, Any]], expert_bytes: int, re
     return None
 
 
+@dataclass
+class RouteWait:
+    """How long a layer waits for experts to get routes again. `base` seconds without progress,
+    where progress is the network routing more of the model's experts than at any earlier look
+    in this wait (workers coming back after a scheduler restart, replacements loading): each
+    resets the clock, so a network that is visibly recovering, however slowly its busy machines
+    start, is waited for; one that is not gives up after `base`. Never longer than `cap` in all.
+    Pure: the executor passes the time and the routed count."""
+
+    started: float
+    base: float
+    cap: float
+    best: int = -1
+    progressed: float = field(default=0.0)
+
+    def __post_init__(self) -> None:
+        self.progressed = self.started
+
+    def expired(self, now: float, routed: int | None) -> bool:
+        """`routed`: experts with a live route in the latest routes (None: no routes came)."""
+        if routed is not None and routed > self.best:
+            self.best, self.progressed = routed, now
+        return now - self.progressed >= self.base or now - self.started >= self.cap
+
+    def waited(self, now: float) -> float:
+        return now - self.started
+
+
+def routed_count(table: RouteTable) -> int:
+    """How many of the model's experts have at least one route."""
+    return sum(1 for workers in table.routes.values() if workers)
+
+
 class ExpertsUnloadableError(ExpertUnavailableError):
     """Every live worker tried and failed to load these experts: waiting longer changes nothing."""
 
