@@ -186,8 +186,11 @@ class Load:
         if via == "generate":
             return list(self.model.generate_text(batch, max_new_tokens=self.plan.max_new_tokens))
         if via == "map":
-            out = self.model.map(batch, max_new_tokens=self.plan.max_new_tokens, batch_size=2, progress=False)
-            return [a if isinstance(a, str) else repr(a) for a in out]
+            out = list(self.model.map(batch, max_new_tokens=self.plan.max_new_tokens, batch_size=2, progress=False))
+            failed = [a for a in out if not isinstance(a, str)]
+            if failed:  # a MapFailure is a request the network lost, not a wrong answer
+                raise RuntimeError(f"map failed a prompt: {failed[0]!r}"[:300])
+            return out
         return [self._gateway(batch[0])]
 
     def _gateway(self, prompt: str) -> str:

@@ -56,6 +56,15 @@ def valid_delay(value: object) -> float | None:
     return float(value) if 0 <= value <= MAX_DELAY else None
 
 
+def read_comeback(fields: object) -> float | None:
+    """The `neuro-comeback` stream message's fields (without its op), read as plain data: exactly
+    {"after": seconds within [0, MAX_DELAY]}, else None (the message is ignored: the worker
+    comes back on its own backoff, as after a crash)."""
+    if not isinstance(fields, dict) or set(fields) != {"after"}:
+        return None
+    return valid_delay(fields["after"])
+
+
 @dataclass(frozen=True)
 class ComebackNote:
     """What a worker that lost its scheduler leaves for the worker its nanny starts next."""

@@ -25,7 +25,7 @@ import logging
 import time
 from pathlib import Path
 
-from neuro_dask.volunteer.comeback import COMEBACK_OP, ComebackNote, reconnect_delay, valid_delay
+from neuro_dask.volunteer.comeback import COMEBACK_OP, ComebackNote, read_comeback, reconnect_delay
 
 log = logging.getLogger("neuro_dask.worker")
 
@@ -44,8 +44,8 @@ def restart_on_scheduler_loss(worker, note_file: Path | None = None) -> None:
     close_op = worker.stream_handlers["close"]
     told: dict[str, float | None] = {"after": None}
 
-    def comeback(after=None, **_ignored) -> None:
-        told["after"] = valid_delay(after)
+    def comeback(**fields) -> None:  # the scheduler's only (security/roles.py): still read as data
+        told["after"] = read_comeback(fields)
 
     def leave_note() -> None:
         if note_file is None:

@@ -206,6 +206,13 @@ def test_a_scheduler_that_shuts_down_tells_each_volunteer_when_to_come_back(proc
     workers = {name: start_worker(processes, address, name, tmp_path / f"cache-{name}") for name in names}
     with Client(address, timeout=60) as client:
         client.wait_for_workers(len(names), timeout=120)
+        # A nanny still starting when its scheduler closes fails to start (distributed's own
+        # registration comm): stop only once every nanny has finished starting.
+        processes.wait_for(
+            lambda: client.run_on_scheduler(lambda dask_scheduler: not dask_scheduler._starting_nannies),
+            60,
+            "every nanny to finish starting",
+        )
     scheduler.send_signal(signal.SIGINT)
     assert scheduler.wait(60) is not None
     assert "told 3 volunteer(s) to come back within 3.0 s" in processes.log(scheduler)

@@ -13,6 +13,7 @@ from neuro_dask.volunteer.comeback import (
     ComebackNote,
     comeback_delays,
     comeback_spread,
+    read_comeback,
     reconnect_delay,
     valid_delay,
     worker_file,
@@ -78,3 +79,56 @@ def test_each_named_worker_has_its_own_file_and_a_name_cannot_leave_the_folder(t
     assert a != b and a.parent == b.parent == evil.parent == tmp_path / "comeback"
     assert worker_file(tmp_path, "comeback", None, ".json") is None
     assert worker_file(tmp_path, "comeback", 7, ".json") == worker_file(tmp_path, "comeback", "7", ".json")
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"after": -1},
+        {"after": 10**9},  # sent away for ever
+        {"after": float("nan")},
+        {"after": "5"},
+        {"after": True},
+        {"after": 5, "also": "run this"},  # an unknown field: the whole message is ignored
+        ["after", 5],
+    ],
+)
+def test_a_comeback_message_is_read_as_plain_data_and_anything_else_is_ignored(fields):
+    assert read_comeback(fields) is None
+
+
+def test_a_comeback_message_of_its_shape_is_its_delay():
+    assert read_comeback({"after": 1.5}) == 1.5 and read_comeback({"after": 0}) == 0.0
+
+
+def test_a_worker_keeps_only_a_well_formed_delay_for_the_worker_after_it(tmp_path):
+    """The stream handler the preload installs (volunteer/reconnect.py), fed hostile messages:
+    the note it leaves for the next worker process holds no delay from them."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from neuro_dask.volunteer.comeback import COMEBACK_OP
+    from neuro_dask.volunteer.reconnect import restart_on_scheduler_loss
+
+    closed = []
+
+    async def close(**kwargs):
+        closed.append(kwargs)
+
+    worker = SimpleNamespace(
+        nanny="tcp://127.0.0.1:1",
+        stream_handlers={"close": close},
+        scheduler=SimpleNamespace(address="tcp://10.0.0.1:8786"),
+        close=close,
+    )
+    note = tmp_path / "comeback" / "w.json"
+    restart_on_scheduler_loss(worker, note)
+    handler = worker.stream_handlers[COMEBACK_OP]
+    handler(after=2.5)
+    handler(after=10**9, extra=1)  # hostile: replaces the good one with nothing
+    asyncio.run(worker.stream_handlers["close"](reason="scheduler-close"))
+    assert closed and ComebackNote.from_json(note.read_text(), note.stat().st_mtime).after is None
+    handler(after=2.5)
+    asyncio.run(worker.stream_handlers["close"](reason="scheduler-close"))
+    assert ComebackNote.from_json(note.read_text(), note.stat().st_mtime).after == 2.5

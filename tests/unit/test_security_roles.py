@@ -202,6 +202,12 @@ def test_scheduler_stream_decisions(kind, op, role, allowed):
         ("any", "close", "operator", False),
         ("any", "close", "scheduler", True),
         ("any", "worker-status-change", "client", False),
+        # when to come back after a scheduler restart: only the scheduler may say
+        ("scheduler", "neuro-comeback", "scheduler", True),
+        ("scheduler", "neuro-comeback", "client", False),
+        ("any", "neuro-comeback", "worker", False),
+        ("any", "neuro-comeback", "operator", False),
+        ("any", "neuro-comeback", "client", False),
     ],
 )
 def test_worker_stream_decisions(kind, op, role, allowed):
