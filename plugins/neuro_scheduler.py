@@ -106,6 +106,7 @@ from neuro_dask.scheduler.versions import (
 from neuro_dask.security.hardening import comm_identity, report
 from neuro_dask.security.identity import describe, peer_key
 from neuro_dask.security.redact import redact_secrets, redact_url
+from neuro_dask.security.signing import Signer
 from neuro_dask.settings import SchedulerSettings, SecuritySettings, relay_listen_address
 from neuro_dask.store.remote import read_manifest
 from neuro_dask.store.summary import summarize
@@ -160,10 +161,8 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         # Tickets out, receipts and disputes in (neuro_dask/scheduler/evidence_desk.py); signed with the
         # scheduler certificate's key on a TLS network.
         security = getattr(scheduler, "security", None)
-        from neuro_dask.runtime.receipting import load_signer
-
         self.desk = EvidenceDesk(
-            load_signer(getattr(security, "tls_scheduler_key", None) or getattr(security, "tls_scheduler_cert", None)),
+            ticket_signer(security, settings.state_file),
             tickets_required=self.ledger is not None and not settings.free_tier,
             max_unproven=settings.max_unproven_reports,
             unproven_window=settings.unproven_window,
@@ -1206,6 +1205,18 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
                 )
         except Exception as exc:  # the worker is gone or going: remove_worker will re-plan
             log.info("could not send %s to %s: %s", type(action).__name__, action.worker, exc)
+
+
+def ticket_signer(security, state_file: str | None) -> Signer:
+    """The key the scheduler signs tickets with: its TLS certificate's on a TLS network; else the
+    one kept next to its state file (`<state-file>.ticket-key`), so that the tickets of requests
+    in flight stay valid across a restart; else one made for this process."""
+    from neuro_dask.runtime.receipting import load_signer
+
+    tls_key = getattr(security, "tls_scheduler_key", None) or getattr(security, "tls_scheduler_cert", None)
+    if tls_key or not state_file:
+        return load_signer(tls_key)
+    return Signer.kept_in(f"{state_file}.ticket-key")
 
 
 def _dashboard_link(scheduler) -> str | None:

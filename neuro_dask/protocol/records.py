@@ -259,10 +259,13 @@ class PathReport:
 # refusals a client treats as routine (its routes are merely behind the network).
 PAUSED_PREFIX = "paused:"  # the owner is using the machine (idle-only workers: volunteer/idle.py)
 NOT_HOSTED_MARK = "is not hosted here"  # the expert moved (runtime/expert_host.py's ExpertNotHostedError)
+NO_KEY_MARK = "has no scheduler key yet"  # registered, its assignment (with the ticket key) not yet in
 REFUSED_PREFIX = "worker refused the call: "  # how protocol/wire.py's decode_response words a refusal
 
-PAUSED, NOT_HOSTED, OTHER = "paused", "not-hosted", "other"
-ROUTINE_CODES = frozenset({PAUSED, NOT_HOSTED})
+PAUSED, NOT_HOSTED, NO_KEY, OTHER = "paused", "not-hosted", "no-key", "other"
+# Routine: the refuser does no work and earns nothing for it, so a worker that lies about being
+# paused, moved or keyless only loses calls; the client re-sends elsewhere without suspecting it.
+ROUTINE_CODES = frozenset({PAUSED, NOT_HOSTED, NO_KEY})
 
 
 @dataclass(frozen=True)
@@ -283,6 +286,8 @@ class Refusal:
             return cls(PAUSED, message)
         if NOT_HOSTED_MARK in message:
             return cls(NOT_HOSTED, message)
+        if NO_KEY_MARK in message:
+            return cls(NO_KEY, message)
         return cls(OTHER, message)
 
     @classmethod

@@ -174,7 +174,8 @@ def plan_placement(
        load that expert: a bad store path, a corrupt file); the expert goes elsewhere.
     10. `anchors` (operator-trusted workers) take a replica of every expert they have room for,
        after the previous pairs and before any other new replica; the replica counts toward the
-       expert's target.
+       expert's target, and is added beyond it where the previous pairs already meet it (an
+       anchor that comes back last still anchors every quorum; nothing is moved for it).
 
     Bad input (duplicate worker addresses or expert keys, negative or non-finite load) raises
     ConfigError. Cost: O(E log E + E * R * log W) heap work in the usual case. Measured (one
@@ -331,10 +332,12 @@ def _anchor(
     order: Sequence[ExpertSpec], anchors: Sequence[str], targets: Mapping[ExpertKey, int], draft: _PlanDraft
 ) -> None:
     """Rule 10: every anchor (an operator-trusted worker) hosts every expert it has room for, so
-    each expert has a replica whose result can decide a quorum and serve as the fallback."""
+    each expert has a replica whose result can decide a quorum and serve as the fallback, even
+    where the other workers' previous replicas already meet the target (an anchor back from a
+    restart after the others: without its copies, two replicas that disagree cannot be decided)."""
     for addr in anchors:
         for spec in order:
-            if len(draft.hosts[spec.key]) < targets[spec.key] and draft.can_host(addr, spec):
+            if draft.can_host(addr, spec):
                 draft.assign(addr, spec)
 
 

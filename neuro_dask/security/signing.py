@@ -26,6 +26,11 @@ Rules
    DER, and refuses (SigningError) anything that is not a certificate with an EC P-256 key: such
    a key could never verify anything here, so failing early says what is wrong.
 
+6. `Signer.kept_in(path)` reads the key in `path`, or makes one and writes it there (PKCS#8,
+   mode 0600, atomically) when the file does not exist: the key of a scheduler without a TLS
+   certificate, kept next to its state file so that tickets it signed stay valid across its
+   restart.
+
 ECDSA signatures are malleable ((r, s) and (r, n - s) both verify): never use a signature's
 bytes as the identity of what it signs, except as a cache key whose value is checked equal to
 the signed content (trust/receipts.py's ticket cache does so).
@@ -101,6 +106,24 @@ class Signer:
     @classmethod
     def generate(cls) -> Signer:
         return cls(ec.generate_private_key(ec.SECP256R1()))
+
+    @classmethod
+    def kept_in(cls, path: str | os.PathLike) -> Signer:
+        """The key in `path`, made and written there first if the file does not exist (rule 6):
+        a scheduler without a certificate keeps its ticket key across restarts this way."""
+        path = Path(path)
+        if path.exists():
+            return cls.from_pem_file(path)
+        signer = cls.generate()
+        pem = signer._key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        tmp = path.with_name(f"{path.name}.partial")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(pem)
+        os.replace(tmp, path)  # atomic: a crash mid-write leaves no half key behind
+        return signer
 
     @classmethod
     def from_pem_file(cls, path: str | os.PathLike) -> Signer:

@@ -8,11 +8,12 @@ reputation kept in files across its restart), `plan.workers` volunteers (`dask w
 neuro_worker` with nannies, each with its own cache folder; a fraction adversarial through
 neuro.worker.adversary), the OpenAI-compatible gateway (`neuro-dask serve --scheduler`), and CPU
 hogs. This process is the data scientist: it loads the bundled adder on the network and runs
-`plan.concurrency` threads of requests, each either an OpenAI-client completion through the
-gateway or a notebook-style `generate_text`/`map` call, and checks every answer against the
-local model's. The chaos thread SIGKILLs volunteers (a machine switched off: nanny and worker
-together) and starts them again `rejoin_after` seconds later under the same name and cache, and
-stops and restarts the scheduler once.
+`plan.concurrency` threads of requests, each either a completion through the gateway (with the
+`openai` package's client where it is installed, else the same HTTP by hand) or a notebook-style
+`generate_text`/`map` call, and checks every answer against the local model's. The chaos thread
+SIGKILLs volunteers (a machine switched off: nanny and worker together) and starts them again
+`rejoin_after` seconds later under the same name and cache, and stops and restarts the
+scheduler once. With trust off (`--no-trust`, a baseline) no worker is operator-trusted either.
 """
 
 from __future__ import annotations
@@ -62,7 +63,10 @@ class Network:
         self.port, self.dashboard, self.gateway_port = _free_port(), _free_port(), _free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
         self.roles = plan.roles()
-        self.trusted = f"w{plan.trusted_index()}"
+        # With trust off there is no operator-trusted worker either: the adversaries then get
+        # primary work (a trusted anchor ranks first and would take every call), so the
+        # baseline shows what their wrong results do to answers.
+        self.trusted = f"w{plan.trusted_index()}" if plan.trust else None
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -86,7 +90,7 @@ class Network:
         env = {
             "DASK_NEURO__SCHEDULER__REPUTATION_FILE": str(self.folder / "reputation.json"),
             "DASK_NEURO__SCHEDULER__STATE_FILE": str(self.folder / "scheduler-state.json"),
-            "DASK_NEURO__SCHEDULER__TRUSTED": json.dumps([self.trusted]),
+            "DASK_NEURO__SCHEDULER__TRUSTED": json.dumps([self.trusted] if self.trusted else []),
         }
         argv = [sys.executable, "-m", "dask", "scheduler", "--host", "127.0.0.1", "--port", str(self.port)]
         argv += ["--dashboard-address", f"127.0.0.1:{self.dashboard}", "--preload", "neuro_scheduler"]
@@ -163,6 +167,7 @@ class Load:
         self.plan, self.network, self.model, self.expected, self.model_id = plan, network, model, expected, model_id
         self.records: list[RequestRecord] = []
         self._lock = threading.Lock()
+        self._openai = openai_client(network.gateway_port)
         self.start = time.monotonic()
 
     def run(self, until: float, index: int) -> None:
@@ -194,6 +199,11 @@ class Load:
         return [self._gateway(batch[0])]
 
     def _gateway(self, prompt: str) -> str:
+        if self._openai is not None:  # the way a user's program asks: the official client, no retries
+            answer = self._openai.completions.create(
+                model=self.model_id, prompt=prompt, max_tokens=self.plan.max_new_tokens, temperature=0
+            )
+            return answer.choices[0].text
         body = {"model": self.model_id, "prompt": prompt, "max_tokens": self.plan.max_new_tokens, "temperature": 0}
         request = urllib.request.Request(
             f"http://127.0.0.1:{self.network.gateway_port}/v1/completions",
@@ -202,6 +212,17 @@ class Load:
         )
         with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT) as r:
             return json.loads(r.read())["choices"][0]["text"]
+
+
+def openai_client(port: int):
+    """The `openai` package's client for the gateway (the test extras install it), or None where
+    it is not installed: the soak then speaks the same HTTP with urllib. max_retries=0, so a
+    failed request counts as failed instead of being retried out of sight."""
+    try:
+        from openai import OpenAI
+    except ImportError:
+        return None
+    return OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="soak", timeout=REQUEST_TIMEOUT, max_retries=0)
 
 
 def chaos(network: Network, plan: SoakPlan, start: float, stop: threading.Event, say: Callable[[str], None]) -> None:
@@ -236,7 +257,8 @@ def soak(plan: SoakPlan, folder: Path, say: Callable[[str], None] = print) -> di
     say(f"reference answers of {len(pool)} problems from the local model ...")
     expected = dict(zip(pool, nd.load(ASSET_DIR).generate_text(pool, max_new_tokens=plan.max_new_tokens), strict=True))
     roles = ", ".join(f"w{i} {r}" for i, r in enumerate(network.roles))
-    say(f"starting a scheduler, {plan.workers} volunteers ({roles}; {network.trusted} operator-trusted) ...")
+    anchor = f"{network.trusted} operator-trusted" if network.trusted else "none operator-trusted: trust off"
+    say(f"starting a scheduler, {plan.workers} volunteers ({roles}; {anchor}) ...")
     try:
         network.start_scheduler()
         for slot in range(plan.workers):

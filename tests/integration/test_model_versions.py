@@ -208,6 +208,10 @@ def test_the_gateway_serves_a_channel_across_a_version_switch(tmp_path, v2_store
             gateway.model.close()
 
 
+def ticket_key(dask_scheduler) -> bytes:
+    return dask_scheduler.plugins["neuro"].desk.signer.public_der
+
+
 def test_a_restarted_scheduler_serves_its_models_and_channels_again(tmp_path, v2_store):
     """neuro.scheduler.state-file: published models and channels survive a scheduler restart."""
     import os
@@ -224,8 +228,12 @@ def test_a_restarted_scheduler_serves_its_models_and_channels_again(tmp_path, v2
                 60,
                 "v2 to be served and adopted",
             )
+            first_key = client.run_on_scheduler(ticket_key)
         assert stat.S_IMODE(os.stat(state).st_mode) == 0o600  # it holds store URLs
+        key_file = tmp_path / "scheduler-state.json.ticket-key"
+        assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600 and b"PRIVATE KEY" in key_file.read_bytes()
         with neuro_cluster(3, tmp_path=tmp_path) as (_, client):  # a new scheduler, same state file
+            assert client.run_on_scheduler(ticket_key) == first_key  # tickets in flight stay valid
             versions = client.sync(client.scheduler.neuro_channels)
             assert versions["channels"]["adder"]["current"] == v2 and v1 in versions["retiring"]
             with nd.follow("adder", client) as model:  # v2's experts placed again on the new workers

@@ -533,3 +533,20 @@ def test_anchors_take_a_replica_of_every_expert_that_fits():
     small = [W("a", 250), W("b"), W("c")]
     q = plan_placement(experts(4), small, PlacementPolicy(replicas=2), anchors={"a"})
     assert sum("a" in q.workers_for(e.key) for e in experts(4)) == 2  # only what fits its budget
+
+
+def test_an_anchor_that_joins_last_still_takes_every_expert_and_nothing_moves_for_it():
+    """After a scheduler restart the operator-trusted worker may come back after the others have
+    re-taken both replicas of every expert: it still hosts a copy of each, as a third replica."""
+    ws = [W(f"w{i}") for i in range(4)]
+    before = plan_placement(experts(8), ws, PlacementPolicy(replicas=2))
+    anchor = W("trusted")
+    after = plan_placement(experts(8), [*ws, anchor], PlacementPolicy(replicas=2), previous=before, anchors={"trusted"})
+    for e in experts(8):
+        assert set(after.workers_for(e.key)) == set(before.workers_for(e.key)) | {"trusted"}
+    assert not after.under_replicated and not after.unplaced
+    gone = [w for w in ws if w.address != before.workers_for(experts(8)[0].key)[0]]  # a host leaves
+    later = plan_placement(
+        experts(8), [*gone, anchor], PlacementPolicy(replicas=2), previous=after, anchors={"trusted"}
+    )
+    assert all("trusted" in later.workers_for(e.key) and len(later.workers_for(e.key)) >= 2 for e in experts(8))

@@ -6,6 +6,7 @@ import pytest
 
 from neuro_dask.client.dispatch.trusted import Outcome
 from neuro_dask.protocol.records import (
+    NO_KEY,
     NOT_HOSTED,
     OTHER,
     PAUSED,
@@ -93,6 +94,12 @@ def test_a_workers_refusal_is_read_as_a_code():
     assert moved.code == NOT_HOSTED and moved.routine
     ticket = Refusal.from_msg({"status": "error", "message": "ticket expired"})
     assert ticket.code == OTHER and not ticket.routine
+    from neuro_dask.trust.receipts import TicketChecker, TicketError
+
+    with pytest.raises(TicketError) as no_key:  # a worker registered, its ticket key not yet in
+        TicketChecker(lambda: 0.0).check({"any": "ticket"}, "m", None)
+    keyless = Refusal.from_msg({"status": "error", "message": str(no_key.value)})
+    assert keyless.code == NO_KEY and keyless.routine  # the worker's own words, read as routine
     assert Refusal.from_msg({"status": "OK", "data": b""}) is None
     assert Refusal.from_msg(TimeoutError("late")) is None and Refusal.from_msg(None) is None
     assert Refusal.from_msg({"status": "closing"}).code == OTHER

@@ -224,6 +224,27 @@ def test_from_pem_file_reads_a_sec1_key(tmp_path):
     assert Signer.from_pem_file(path).public_der == spki(key)
 
 
+def test_kept_in_makes_a_private_key_once_and_reads_it_back(tmp_path):
+    import os
+    import stat
+
+    path = tmp_path / "state.json.ticket-key"
+    first = Signer.kept_in(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600  # a private key: its owner's only
+    assert not list(tmp_path.glob("*.partial"))
+    again = Signer.kept_in(path)
+    assert again.public_der == first.public_der
+    assert verify(again.public_der, b"ticket", first.sign(b"ticket"))
+
+
+def test_kept_in_refuses_a_file_that_is_not_a_key_instead_of_replacing_it(tmp_path):
+    path = tmp_path / "state.json.ticket-key"
+    path.write_text("not a key")
+    with pytest.raises(SigningError, match="exactly one PEM private key"):
+        Signer.kept_in(path)
+    assert path.read_text() == "not a key"  # an operator's file is never overwritten
+
+
 @pytest.mark.parametrize(
     "case, match",
     [

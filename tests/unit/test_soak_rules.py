@@ -97,23 +97,3 @@ def test_the_plot_is_an_svg_with_a_mark_per_request_and_a_line_per_fault():
     assert svg.count("<circle") == 2 and ">x</text>" in svg
     assert svg.count('stroke="#bbb"') == len(faults)
     assert "a &lt;title&gt; &amp; more" in svg
-
-
-# ---- waiting for a recovering network (client/dispatch/routes.py) ------------------------------------
-
-
-def test_a_layer_waits_while_the_network_recovers_and_gives_up_once_it_stops():
-    from neuro_dask.client.dispatch.routes import RouteWait
-
-    wait = RouteWait(started=0.0, base=20.0, cap=120.0)
-    assert not wait.expired(0.0, None)  # the scheduler is away: its routes did not come
-    assert not wait.expired(15.0, 0)  # it is back, no worker yet: progress from nothing
-    assert not wait.expired(30.0, 4)  # workers re-register: more experts routed
-    assert not wait.expired(49.0, 4)  # no progress for 19 s
-    assert wait.expired(50.0, 4)  # 20 s without progress
-    stalled = RouteWait(started=0.0, base=20.0, cap=120.0)
-    assert not stalled.expired(0.0, 3) and stalled.expired(20.0, 3)  # a network that is not recovering
-    slow = RouteWait(started=0.0, base=20.0, cap=120.0)
-    assert not any(slow.expired(t, int(t)) for t in range(0, 120, 5))  # progress every 5 s...
-    assert slow.expired(120.0, 200)  # ...but never past the cap
-    assert slow.waited(120.0) == 120.0

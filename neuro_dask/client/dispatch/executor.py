@@ -63,6 +63,7 @@ class RoutesUnavailableError(ExpertUnavailableError):
 
 TRUST_COUNTERS = ("units", "replicas_sent", "unchecked", "hedges")
 MAX_WAIT_FACTOR = 6  # a recovering network is waited for up to 6 x missing-expert-wait in all
+SLOW_FETCH = 1.0  # seconds: a route fetch this slow waited for a scheduler that was away
 
 
 def standard_counters(layer_seconds: Iterable[float], wire_bytes: Mapping[str, int], trusted: Any) -> dict[str, Any]:
@@ -311,10 +312,11 @@ class DistributedExecutor:
             except ExpertUnavailableError as exc:
                 waited = self._wait_for_routes(layer, exc.experts, waited)
                 self.forgive_suspects()
-            except QuorumExhaustedError:
-                if not self.suspected():
-                    raise
-                self.forgive_suspects()  # a skipped trusted worker may be what the quorum lacks
+            except QuorumExhaustedError as exc:
+                if self.suspected():
+                    self.forgive_suspects()  # a skipped trusted worker may be what the quorum lacks
+                    continue
+                waited = self._wait_for_more_replicas(exc, waited)
         kinds = {o.kind for o in outcomes}
         self._layer.workers = {o.worker for o in outcomes if o.kind == "validated"}
         self._layer.outcome = "caught" if "invalid" in kinds else "checked" if len(outcomes) > len(groups) else "ok"
@@ -330,25 +332,62 @@ class DistributedExecutor:
 
     def _wait_for_routes(self, layer: int, unroutable: list[int], wait: RouteWait | None) -> RouteWait:
         """Poll the scheduler's routes until the experts are served again; raise once the network
-        stops recovering (RouteWait: `missing-expert-wait` without progress, 6x that in all)."""
+        stops recovering (RouteWait: `missing-expert-wait` without progress, 6x that in all; a
+        scheduler that cannot be reached counts as a restart in progress)."""
         now = self.clock()
-        base = self.settings.missing_expert_wait
         if wait is None:
-            wait = RouteWait(now, base, MAX_WAIT_FACTOR * base)
-        why = getattr(self._layer, "routes_failure", None)
-        if wait.expired(now, None if why is not None else routed_count(self.routes)):
+            wait = self._new_wait(now)
+            self._layer.routes_failure, self._layer.routed = None, routed_count(self.routes)
+        if wait.expired(now, getattr(self._layer, "routed", routed_count(self.routes))):
+            why = self._layer.routes_failure
             if why is not None:
                 raise RoutesUnavailableError(
                     self.model_id, layer, unroutable, wait.waited(now), self.client.scheduler.address, why
                 )
             raise ExpertUnavailableError(self.model_id, layer, unroutable, wait.waited(now))
         self.sleep(0.05)  # poll: the scheduler re-places experts as soon as it hears of a loss
+        self._look()
+        return wait
+
+    def _wait_for_more_replicas(self, exhausted: QuorumExhaustedError, wait: RouteWait | None) -> RouteWait:
+        """A quorum that could not decide (its replicas disagree, none of them trusted) is asked
+        again once the network routes more replicas than now: after a scheduler restart the
+        trusted worker that anchors it may not be back yet. Raises `exhausted` once the network
+        stops changing (RouteWait: `missing-expert-wait` without progress)."""
+        now = self.clock()
+        wait = wait or self._new_wait(now)
+        wait.expired(now, routed_count(self.routes))  # the count the quorum failed with
+        while True:
+            self.sleep(0.05)  # poll: returning workers register within seconds
+            routed = self._look()
+            now = self.clock()
+            if routed is not None and wait.grew(routed):
+                wait.expired(now, routed)
+                return wait
+            if wait.expired(now, routed):
+                raise exhausted
+
+    def _new_wait(self, now: float) -> RouteWait:
+        base = self.settings.missing_expert_wait
+        return RouteWait(now, base, MAX_WAIT_FACTOR * base)
+
+    def _look(self) -> int | None:
+        """Fetch the scheduler's routes; the routed count RouteWait judges progress by: None while
+        the scheduler is away (unreachable, or answering only after SLOW_FETCH: Dask's connect
+        retries a closed port until its timeout, so slow routes come from a scheduler that was
+        restarting meanwhile), 0 while it answers without routes for the model (it restarted and
+        does not know it). The count, and why a fetch failed (for the error a wait ends with),
+        are kept for this thread's next look at them."""
+        asked = self.clock()
         try:
             self.routes = self.fetch_routes()
-            self._layer.routes_failure = None
-        except (OSError, NeuroDaskError) as exc:  # the scheduler is away or restarted: keep waiting
-            self._layer.routes_failure = str(exc) or type(exc).__name__
-        return wait
+            why, routed = None, None if self.clock() - asked >= SLOW_FETCH else routed_count(self.routes)
+        except OSError as exc:
+            why, routed = str(exc) or type(exc).__name__, None
+        except NeuroDaskError as exc:
+            why, routed = str(exc) or type(exc).__name__, 0
+        self._layer.routes_failure, self._layer.routed = why, routed
+        return routed
 
     # ---- reports and the end ------------------------------------------------------------------
 

@@ -54,35 +54,49 @@ def why_unserved(workers: Mapping[str, Mapping[str, Any]], expert_bytes: int, re
 
 @dataclass
 class RouteWait:
-    """How long a layer waits for experts to get routes again. `base` seconds without progress,
-    where progress is the network routing more of the model's experts than at any earlier look
-    in this wait (workers coming back after a scheduler restart, replacements loading): each
-    resets the clock, so a network that is visibly recovering, however slowly its busy machines
-    start, is waited for; one that is not gives up after `base`. Never longer than `cap` in all.
+    """How long a layer waits for its experts to get (enough) routes again. It gives up after
+    `base` seconds without progress, or `cap` seconds in all. Progress is either
+    - the scheduler being away (its routes did not come, or came only after a long wait): a
+      restart in progress, whose end the wait cannot judge, so only the cap bounds it; or
+    - the network in motion: a different number of replicas routed than at the previous look
+      (workers re-registering after a scheduler restart, replacements loading, and also workers
+      leaving a scheduler that shuts down).
+    Each resets the clock, so a network that is visibly changing, however slowly its busy
+    machines start, is waited for; one that stands still gives up after `base`. Progress is
+    counted from the previous look, not from the best before the wait: the routes a client held
+    before a restart say nothing about how fast the new scheduler's fill up.
     Pure: the executor passes the time and the routed count."""
 
     started: float
     base: float
     cap: float
-    best: int = -1
+    last: int = -1
     progressed: float = field(default=0.0)
 
     def __post_init__(self) -> None:
         self.progressed = self.started
 
     def expired(self, now: float, routed: int | None) -> bool:
-        """`routed`: experts with a live route in the latest routes (None: no routes came)."""
-        if routed is not None and routed > self.best:
-            self.best, self.progressed = routed, now
+        """`routed`: replicas with a live route in the latest routes (None: the scheduler is away)."""
+        if routed is None or routed != self.last:
+            self.progressed = now
+        if routed is not None:
+            self.last = routed
         return now - self.progressed >= self.base or now - self.started >= self.cap
+
+    def grew(self, routed: int) -> bool:
+        """Whether `routed` is more than at the previous look (a quorum that could not decide
+        asks again only once there is someone new to ask)."""
+        return routed > self.last
 
     def waited(self, now: float) -> float:
         return now - self.started
 
 
 def routed_count(table: RouteTable) -> int:
-    """How many of the model's experts have at least one route."""
-    return sum(1 for workers in table.routes.values() if workers)
+    """How many (expert, worker) routes the model has: the replicas, not only the experts with
+    one, so a returning worker that adds a second replica counts as progress."""
+    return sum(len(workers) for workers in table.routes.values())
 
 
 class ExpertsUnloadableError(ExpertUnavailableError):
