@@ -159,13 +159,20 @@ def hedge_targets(
     estimate: Callable[[str], float | None] | None = None,
 ) -> dict[str, list[int]]:
     """Hedge targets covering every unit of the message: for each unit a host not yet used
-    or hedged to for it, of another owner than the primary and not slow right now (`avoid`), idle hosts
-    before occupied ones (the hedge might queue behind their call), reusing a target
-    already picked when it can (fewer messages); with latency estimates, the closest first
-    within idle and within occupied hosts (unmeasured ones count as close). Empty when some
-    unit has no such host; the units record the hosts picked."""
+    or hedged to for it, of another owner than the primary, idle hosts first, then occupied
+    ones (the hedge might queue behind their call), then hosts whose own message of this round
+    is overdue (`avoid`: slow right now, or only their answer is late on the network while they
+    are idle, which the client cannot tell apart; with two replicas per expert such a host is
+    often the only one left, and waiting on the straggler is certain to be slow), reusing a
+    target already picked when it can (fewer messages); with latency estimates, the closest
+    first within each of those groups (unmeasured ones count as close). Empty when some unit
+    has no such host; the units record the hosts picked."""
     primary_owner = owner(worker, standing)
     picked: dict[str, list[int]] = {}
+
+    def rank(w: str) -> int:
+        return 2 if w in avoid else 1 if w in occupied else 0
+
     for e in experts:
         hosts = [
             w
@@ -173,12 +180,11 @@ def hedge_targets(
             if w not in units[e].tried
             and w not in units[e].hedge_hosts
             and w != worker
-            and w not in avoid
             and owner(w, standing) != primary_owner
         ]
-        hosts = [w for w in hosts if w not in occupied] + [w for w in hosts if w in occupied]
-        if estimate is not None:  # sorted is stable: the order above breaks ties
-            hosts.sort(key=lambda w: (w in occupied, estimate(w) or 0.0))
+        hosts.sort(key=rank)  # stable: the candidates' order breaks ties
+        if estimate is not None:
+            hosts.sort(key=lambda w: (rank(w), estimate(w) or 0.0))
         if not hosts:
             return {}
         target = next((w for w in hosts if w in picked), hosts[0])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import dask
+import pytest
 import torch
 from cluster_helpers import add_worker, neuro_cluster, scheduler_status, trust_events
 from tiny_models import padded_batch
@@ -12,12 +13,25 @@ from tiny_models import padded_batch
 import neuro_dask as nd
 
 TRUST = {"neuro.scheduler.trusted": ["0"], "neuro.client.trust": True, "neuro.client.seed": 0}
+# The design card's path (per-layer expert futures) carries the same quorums and hedges as the
+# direct one: every drill runs over both.
+TRANSPORTS = pytest.mark.parametrize("transport", ["direct", "futures"])
 
 
-def _drill(sharded, tmp_path, adversary: dict, honest: int = 7, bad: int = 3, prompts: int = 10, tokens: int = 32):
+def _drill(
+    sharded,
+    tmp_path,
+    adversary: dict,
+    honest: int = 7,
+    bad: int = 3,
+    prompts: int = 10,
+    tokens: int = 32,
+    transport: str = "direct",
+):
     rows = [padded_batch((3 + i % 7,), seed=100 + i)[0][0].tolist() for i in range(prompts)]
     reference = nd.load(sharded("mixtral")).generate(rows, max_new_tokens=tokens)
-    with dask.config.set(TRUST), neuro_cluster(honest, tmp_path=tmp_path) as (cluster, client):
+    settings = {**TRUST, "neuro.client.transport": transport}
+    with dask.config.set(settings), neuro_cluster(honest, tmp_path=tmp_path) as (cluster, client):
         adversaries = [
             add_worker(
                 client,
@@ -48,16 +62,24 @@ def _wrong_accepted(runner, bad_addresses):
     return sum(n for group, n in runner.accepted_from.items() if set(group) <= bad_addresses)
 
 
-def test_thirty_percent_perturbing_changes_nothing(sharded, tmp_path):
-    out, reference, runner, bad, status = _drill(sharded, tmp_path, {"mode": "perturb", "scale": 0.05})
+@TRANSPORTS
+def test_thirty_percent_perturbing_changes_nothing(sharded, tmp_path, transport):
+    out, reference, runner, bad, status = _drill(
+        sharded, tmp_path, {"mode": "perturb", "scale": 0.05}, transport=transport
+    )
+    assert model_transport(runner) == transport
     assert torch.equal(out, reference)
     assert _wrong_accepted(runner, bad) == 0
     assert runner.replicas_sent / runner.units <= 3
     assert all(not status[a]["trust_routable"] for a in bad)
 
 
-def test_colluders_with_identical_wrong_results_never_win(sharded, tmp_path):
-    out, reference, runner, bad, status = _drill(sharded, tmp_path, {"mode": "collude", "scale": 0.05})
+@TRANSPORTS
+def test_colluders_with_identical_wrong_results_never_win(sharded, tmp_path, transport):
+    out, reference, runner, bad, status = _drill(
+        sharded, tmp_path, {"mode": "collude", "scale": 0.05}, transport=transport
+    )
+    assert model_transport(runner) == transport
     assert torch.equal(out, reference)
     assert _wrong_accepted(runner, bad) == 0
     assert all(not status[a]["trust_established"] for a in bad)
@@ -111,12 +133,13 @@ def test_reputation_survives_a_scheduler_restart(sharded, tmp_path):
     assert records["0"]["trust_trusted"]
 
 
-def test_stragglers_are_hedged_within_the_cap_and_change_nothing(sharded, tmp_path):
+@TRANSPORTS
+def test_stragglers_are_hedged_within_the_cap_and_change_nothing(sharded, tmp_path, transport):
     rows = [padded_batch((3 + i % 7,), seed=400 + i)[0][0].tolist() for i in range(6)]
     reference = nd.load(sharded("mixtral")).generate(rows, max_new_tokens=16)
     straggle = json.dumps({"mode": "straggle", "probability": 0.2, "delay": 0.05})
     with (
-        dask.config.set(TRUST),
+        dask.config.set({**TRUST, "neuro.client.transport": transport}),
         neuro_cluster(4, replicas=3, tmp_path=tmp_path, worker_args=["--neuro-adversary", straggle]) as (_, client),
     ):
         with nd.load(sharded("mixtral"), client=client) as model:
@@ -124,7 +147,26 @@ def test_stragglers_are_hedged_within_the_cap_and_change_nothing(sharded, tmp_pa
             out = model.generate(rows, max_new_tokens=16)
             runner = model.executor.trusted
             latency = runner.latency
+    assert model_transport(runner) == transport
     assert torch.equal(out, reference)
     # The cap is checked before each hedge, and one hedge may need up to 3 messages (one per host).
     assert 0 < latency.hedges <= 0.1 * latency.calls + 3
     assert runner.late_checked > 0  # abandoned stragglers answered after all, and were compared
+
+
+@TRANSPORTS
+def test_crashing_workers_change_nothing(sharded, tmp_path, transport):
+    """Adversaries that serve honestly for a while and then exit mid-generation: their calls
+    are re-sent to live replicas, the output is the local one."""
+    out, reference, runner, bad, status = _drill(
+        sharded, tmp_path, {"mode": "crash", "after": 20}, honest=4, bad=2, transport=transport
+    )
+    assert model_transport(runner) == transport
+    # A crasher answers honestly until it exits, so answers accepted from it alone are right;
+    # what counts is that the calls it took down with it were re-sent and nothing changed.
+    assert torch.equal(out, reference)
+    assert not bad & set(status)  # both crashed and left
+
+
+def model_transport(runner) -> str:
+    return runner.transport.name

@@ -155,7 +155,7 @@ def unit(expert: int, candidates: list[str], tried: set[str], hedged: set[str] =
     return UnitState(expert, 1, q, candidates, tried=set(tried), hedge_hosts=set(hedged))
 
 
-def test_hedge_targets_skip_tried_hedged_slow_and_same_owner_hosts_and_prefer_idle_ones():
+def test_hedge_targets_skip_tried_hedged_and_same_owner_hosts_and_prefer_idle_then_busy_then_slow_ones():
     standing = {"p": Standing(owner="o1"), "twin": Standing(owner="o1")}.get
     units = {0: unit(0, ["p", "tried", "hedged", "slow", "twin", "busy", "idle"], {"p", "tried"}, {"hedged"})}
     picked = TrustedLayerRunner._alternates(
@@ -163,6 +163,17 @@ def test_hedge_targets_skip_tried_hedged_slow_and_same_owner_hosts_and_prefer_id
     )
     assert picked == {"idle": [0]}
     assert units[0].hedge_hosts == {"hedged", "idle"}
+    # The idle host taken, the busy one is next, and a host whose own message is overdue is
+    # last, but not excluded: with two replicas it is often the only host left.
+    again = TrustedLayerRunner._alternates(
+        "p", [0], units, lambda w: standing(w) or Standing(), avoid=frozenset({"slow"}), occupied=frozenset({"busy"})
+    )
+    assert again == {"busy": [0]}
+    last = TrustedLayerRunner._alternates(
+        "p", [0], units, lambda w: standing(w) or Standing(), avoid=frozenset({"slow"}), occupied=frozenset({"busy"})
+    )
+    assert last == {"slow": [0]}
+    assert TrustedLayerRunner._alternates("p", [0], units, lambda w: standing(w) or Standing()) == {}
 
 
 def test_no_hedge_target_for_one_unit_means_no_hedge_and_nothing_recorded():

@@ -9,6 +9,9 @@ ever unpickles what a worker returns: responses are plain msgpack (ints, strings
 - futures: one pinned Dask future per worker call with a distinct key (visible on Dask's
            dashboard, resilient through the scheduler; for large offline batches).
 
+With trust on, both carry a layer's quorum replicas and hedges the same way (`call_hedged`,
+one piece of code in `_Hedging` over each transport's single async `call`).
+
 Both measure every answered call's round trip into `latency` (trust/latency.py's LatencyBook),
 which RouteTable.plan and the trusted runner use to prefer close replicas when
 neuro.client.latency-aware is on (`route_latency` is the book then, None otherwise). With
@@ -225,34 +228,25 @@ def _rows(msg: Mapping[str, Any]) -> int:
     return int(sum(msg.get("counts") or ())) or 1
 
 
-class DirectTransport(_Measured):
-    name = "direct"
+class _Hedging(_Measured):
+    """What both transports share above one call: a layer's calls sent at once, each hedged to
+    alternates when its patience runs out (trust/hedging.py's rules), losers abandoned and their
+    late answers kept for comparison. A transport provides `_deliver` (one call there and back,
+    on the event loop), `start` and `cancel` (tell a worker to drop a call it has not started;
+    best effort)."""
 
-    def __init__(self, client: Client, connect_timeout: float = 3.0, settings: Any = None):
-        self.client = client
-        self._setup_latency(settings)
-        # Our own pool deserializes msgpack only. distributed still loads `__Pickled__` frames
-        # whatever the deserializers say (dask/distributed#9283): hardened mode (nd.harden())
-        # puts those behind the allow-list too.
-        self.pool = ConnectionPool(
-            limit=256,
-            deserializers=["msgpack"],
-            serializers=["msgpack"],
-            connection_args=client.connection_args,
-            timeout=connect_timeout,
-        )
-        self.connect_timeout = connect_timeout
-        self._started = False
+    def _setup_hedging(self) -> None:
         self._lingering: Counter[str] = Counter()  # worker -> abandoned calls still running there
         # Answers of abandoned calls, oldest first; appended on the event loop, drained by the caller.
         self.late: deque[LateReply] = deque(maxlen=10_000)
 
     async def call(self, worker: str, msg: dict[str, Any], timeout: float) -> WorkerAnswer:
-        """One expert call, on the event loop: its answer, or the error it ended with (a timeout: CallTimeoutError)."""
+        """One expert call, on the event loop: its answer, or the error it ended with (a timeout:
+        CallTimeoutError); an answered call's round trip goes into the latency book."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            outcome = await asyncio.wait_for(self._send(worker, msg, self._simulated(worker)), timeout)
+            outcome = await asyncio.wait_for(self._deliver(worker, msg, self._simulated(worker)), timeout)
         except TimeoutError:
             return CallTimeoutError(worker, timeout)
         except Exception as exc:  # connection refused, comm closed, remote error: all a failed call
@@ -261,29 +255,15 @@ class DirectTransport(_Measured):
             self.latency.observe(worker, loop.time() - started, _rows(msg))
         return outcome
 
-    async def _send(self, worker: str, msg: dict[str, Any], rtt: float) -> WorkerAnswer:
-        if rtt:
-            await asyncio.sleep(rtt / 2)  # simulated: the way out
-        outcome = await self.pool(worker).neuro_expert(**msg)
-        if rtt:
-            await asyncio.sleep(rtt / 2)  # simulated: the way back
-        return outcome
+    async def _deliver(self, worker: str, msg: dict[str, Any], rtt: float) -> WorkerAnswer:
+        """Carry one call to `worker` and its answer back, with the simulated round trip `rtt`."""
+        raise NotImplementedError
 
     async def start(self) -> None:
-        """Open the connection pool (once; every call needs it)."""
-        if not self._started:
-            started = self.pool.start()
-            if asyncio.iscoroutine(started):
-                await started
-            self._started = True
+        raise NotImplementedError
 
-    async def _call_all(self, calls: Mapping[str, dict[str, Any]], timeout: float) -> dict[str, WorkerAnswer]:
-        await self.start()
-        results = await asyncio.gather(*(self.call(w, m, timeout) for w, m in calls.items()))
-        return dict(zip(calls, results, strict=True))
-
-    def call_many(self, calls: Mapping[str, dict[str, Any]], timeout: float) -> dict[str, WorkerAnswer]:
-        return self.client.sync(self._call_all, calls, timeout)
+    async def cancel(self, worker: str, call_id: str) -> None:
+        raise NotImplementedError
 
     async def _hedged_one(
         self, worker: str, call: HedgedCall, timeout: float, budget: HedgeBudget, rnd: _Round
@@ -399,16 +379,6 @@ class DirectTransport(_Measured):
         if call_id is not None:
             loop.create_task(self.cancel(worker, call_id))
 
-    async def cancel(self, worker: str, call_id: str) -> None:
-        """Tell `worker` to skip call `call_id` if it has not started it (a lost hedge race); best effort."""
-        rtt = self._simulated(worker)
-        if rtt:
-            await asyncio.sleep(rtt / 2)  # simulated: a one-way message
-        try:
-            await asyncio.wait_for(Cancel((call_id,)).send(self.pool(worker)), self.connect_timeout)
-        except Exception:  # best effort: the call may already be done, or the worker gone
-            log.debug("could not tell %s to drop call %s", worker, call_id, exc_info=True)
-
     def busy(self) -> set[str]:
         """Workers still working on an abandoned call (they would queue a new one behind it)."""
         return set(self._lingering)
@@ -438,6 +408,61 @@ class DirectTransport(_Measured):
     ) -> dict[str, Reply]:
         return self.client.sync(self._hedged_all, calls, timeout, budget, peer_patience)
 
+
+class DirectTransport(_Hedging):
+    name = "direct"
+
+    def __init__(self, client: Client, connect_timeout: float = 3.0, settings: Any = None):
+        self.client = client
+        self._setup_latency(settings)
+        # Our own pool deserializes msgpack only. distributed still loads `__Pickled__` frames
+        # whatever the deserializers say (dask/distributed#9283): hardened mode (nd.harden())
+        # puts those behind the allow-list too.
+        self.pool = ConnectionPool(
+            limit=256,
+            deserializers=["msgpack"],
+            serializers=["msgpack"],
+            connection_args=client.connection_args,
+            timeout=connect_timeout,
+        )
+        self.connect_timeout = connect_timeout
+        self._started = False
+        self._setup_hedging()
+
+    async def _deliver(self, worker: str, msg: dict[str, Any], rtt: float) -> WorkerAnswer:
+        if rtt:
+            await asyncio.sleep(rtt / 2)  # simulated: the way out
+        outcome = await self.pool(worker).neuro_expert(**msg)
+        if rtt:
+            await asyncio.sleep(rtt / 2)  # simulated: the way back
+        return outcome
+
+    async def start(self) -> None:
+        """Open the connection pool (once; every call needs it)."""
+        if not self._started:
+            started = self.pool.start()
+            if asyncio.iscoroutine(started):
+                await started
+            self._started = True
+
+    async def _call_all(self, calls: Mapping[str, dict[str, Any]], timeout: float) -> dict[str, WorkerAnswer]:
+        await self.start()
+        results = await asyncio.gather(*(self.call(w, m, timeout) for w, m in calls.items()))
+        return dict(zip(calls, results, strict=True))
+
+    def call_many(self, calls: Mapping[str, dict[str, Any]], timeout: float) -> dict[str, WorkerAnswer]:
+        return self.client.sync(self._call_all, calls, timeout)
+
+    async def cancel(self, worker: str, call_id: str) -> None:
+        """Tell `worker` to skip call `call_id` if it has not started it (a lost hedge race); best effort."""
+        rtt = self._simulated(worker)
+        if rtt:
+            await asyncio.sleep(rtt / 2)  # simulated: a one-way message
+        try:
+            await asyncio.wait_for(Cancel((call_id,)).send(self.pool(worker)), self.connect_timeout)
+        except Exception:  # best effort: the call may already be done, or the worker gone
+            log.debug("could not tell %s to drop call %s", worker, call_id, exc_info=True)
+
     def close(self) -> None:
         if self._started:
             try:
@@ -446,7 +471,7 @@ class DirectTransport(_Measured):
                 log.debug("closing the direct transport's pool failed", exc_info=True)
 
 
-class FuturesTransport(_Measured):
+class FuturesTransport(_Hedging):
     name = "futures"
     _counter = itertools.count()
 
@@ -462,6 +487,7 @@ class FuturesTransport(_Measured):
         self._session = uuid.uuid4().hex[:8]
         self.clock, self.sleep = clock, sleep  # the caller's thread, never the event loop
         self._setup_latency(settings)
+        self._setup_hedging()
 
     def call_many(self, calls: Mapping[str, dict[str, Any]], timeout: float) -> dict[str, WorkerAnswer]:
         futures = {}
@@ -472,16 +498,8 @@ class FuturesTransport(_Measured):
         for worker, msg in sorted(calls.items(), key=lambda kv: rtt[kv[0]]):  # each after its half delay
             if (pause := start + rtt[worker] / 2 - self.clock()) > 0:
                 self.sleep(pause)
-            key = f"neuro-expert-{msg['layer']}-{self._session}-{next(self._counter)}"
             sent[worker] = self.clock()
-            futures[worker] = self.client.submit(
-                serve_expert_call,
-                msgpack.packb(msg, use_bin_type=True),
-                key=key,
-                workers=[worker],
-                allow_other_workers=False,
-                pure=False,
-            )
+            futures[worker] = self._submit(worker, msg)
             futures[worker].add_done_callback(lambda _f, w=worker: done_at.setdefault(w, self.clock()))
         try:
             wait(list(futures.values()), timeout=max(0.0, start + timeout - self.clock()), return_when="ALL_COMPLETED")
@@ -508,27 +526,40 @@ class FuturesTransport(_Measured):
             fut.cancel()  # a pinned task stranded on a dead worker must not linger
         return out
 
-    def call_hedged(
-        self,
-        calls: Mapping[str, HedgedCall],
-        timeout: float,
-        budget: HedgeBudget,
-        peer_patience: PeerPatience | None = None,
-    ) -> dict[str, Reply]:
-        """No hedging on the futures transport (offline batches): every call waits for its deadline."""
-        started = time.monotonic()
-        outcomes = self.call_many({w: c.msg for w, c in calls.items()}, timeout)
-        elapsed = time.monotonic() - started
-        return {
-            w: Reply(((w, outcome),), elapsed, False, w, calls=(calls[w].msg.get("call"),), durations=(elapsed,))
-            for w, outcome in outcomes.items()
-        }
+    async def start(self) -> None:
+        """Nothing to open: futures go through the client's own connection to the scheduler."""
 
-    def busy(self) -> set[str]:
-        return set()
+    async def _deliver(self, worker: str, msg: dict[str, Any], rtt: float) -> WorkerAnswer:
+        """One future pinned to `worker` (the trusted runner's quorums and hedges use this)."""
+        if rtt:
+            await asyncio.sleep(rtt / 2)  # simulated: the way out
+        future = self._submit(worker, msg)
+        try:
+            await future._state.wait()
+            if future.status != "finished":
+                # The remote exception is not fetched: that would unpickle what a worker sent.
+                return RuntimeError(f"expert task on {worker} {future.status}")
+            packed = (await self.client._gather([future]))[0]
+        finally:
+            if future.status == "pending":  # timed out: a task pinned to a dead worker must not linger
+                await self.client._cancel([future])
+        if rtt:
+            await asyncio.sleep(rtt / 2)  # simulated: the way back
+        return msgpack.unpackb(packed, raw=False)
 
-    def drain_late(self) -> list[LateReply]:
-        return []
+    def _submit(self, worker: str, msg: dict[str, Any]):
+        return self.client.submit(
+            serve_expert_call,
+            msgpack.packb(msg, use_bin_type=True),
+            key=f"neuro-expert-{msg['layer']}-{self._session}-{next(self._counter)}",
+            workers=[worker],
+            allow_other_workers=False,
+            pure=False,
+        )
+
+    async def cancel(self, worker: str, call_id: str) -> None:
+        """A losing hedge's future is left to finish: its late answer is compared and credited
+        like the direct transport's (cancelling it would lose that)."""
 
     def close(self) -> None:
         pass
