@@ -10,7 +10,7 @@ ever unpickles what a worker returns: responses are plain msgpack (ints, strings
            dashboard, resilient through the scheduler; for large offline batches).
 
 With trust on, both carry a layer's quorum replicas and hedges the same way (`call_hedged`,
-one piece of code in `_Hedging` over each transport's single async `call`).
+one piece of code in `_Hedging` over each transport's single async `_deliver`).
 
 Both measure every answered call's round trip into `latency` (trust/latency.py's LatencyBook),
 which RouteTable.plan and the trusted runner use to prefer close replicas when
