@@ -489,6 +489,7 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
             "params": self._trust_params,
             "routes": ranked,
             "standing": standing,
+            "anchored": self.reputation.anchored(time.time()),  # quorum rule 6 only where False
             "hardened": self.hardened,
             "missing": [list(k) for k in snap.missing],
             "pending": [list(k) for k in snap.pending],
@@ -1141,7 +1142,9 @@ class NeuroSchedulerPlugin(SchedulerPlugin):
         path = self.settings.reputation_file
         if path and os.path.exists(path):
             with open(path) as fh:
-                return Reputation.from_dict(json.load(fh), policy)
+                reputation = Reputation.from_dict(json.load(fh), policy)
+            reputation.all_absent(time.time())  # present again only once they join this scheduler
+            return reputation
         return Reputation(policy)
 
     def _save_reputation(self) -> None:

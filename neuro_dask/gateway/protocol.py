@@ -146,6 +146,7 @@ _EXCEPTION_MAP: dict[str, tuple[int, str, str | None]] = {
     "InsufficientFundsError": (429, "insufficient_quota", "insufficient_quota"),
     "ExpertUnavailableError": (503, SERVER_ERROR, "experts_unavailable"),
     "QuorumExhaustedError": (503, SERVER_ERROR, "experts_unavailable"),
+    "SchedulerAwayError": (503, SERVER_ERROR, "scheduler_unavailable"),
 }
 
 

@@ -17,8 +17,10 @@ Rules:
   5. A result that arrives after the decision is judged against the canonical result: credited
      only if it agrees (trust/late_checks.py, `late_verdict`).
   6. `anchorless=True` (no trusted worker and no established one exists yet, as at a network's
-     first start) lets agreement of `quorum` results from distinct owners count. It guarantees
-     only that no single owner changed the output; the dispatcher logs that plainly.
+     first start) lets agreement of `quorum` results from distinct owners count, and never fewer
+     than `min_quorum` owners: one owner's word alone (an expert only it hosts) is accepted from
+     nobody without a record, so a newcomer cannot earn one unchecked. It guarantees only that
+     no single owner changed the output; the dispatcher logs that plainly.
   7. A replica abandoned unanswered (it lost a hedge race while another replica of the call had
      already answered) may be waived: the call then needs one result fewer, never below 1, and
      still a counting one. A check whose subject did not answer in time checks nothing, and the
@@ -122,7 +124,10 @@ class Quorum:
             return False
         if any(self.counts(w) for w, _ in group):
             return True
-        return self.anchorless and len({self.owner_of(w) for w, _ in group}) >= self.quorum
+        # Rule 6 guarantees only that no single owner changed the output, so it needs min_quorum
+        # owners even where the call's own quorum is 1 (an unreplicated call, a waived replica).
+        owners = len({self.owner_of(w) for w, _ in group})
+        return self.anchorless and owners >= max(self.quorum, self.policy.min_quorum)
 
     def decide(self, outstanding: int = 0) -> Decision:
         """outstanding: replicas sent that have not answered yet (they may still complete a quorum)."""

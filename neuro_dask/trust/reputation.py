@@ -95,6 +95,9 @@ LATE_MEMORY = 64  # late cause_ids remembered per worker; bounds memory when a v
 _WEIGHT_TOLERANCE = 1e-9
 
 
+ANCHOR_MEMORY = 600.0  # seconds an absent anchor still anchors the network (a restart, a blip)
+
+
 @dataclass(frozen=True)
 class ReputationPolicy:
     """How reputation is earned and lost.
@@ -282,6 +285,13 @@ class Reputation:
         rec = self._advance(self._get(worker), now)
         self._records[worker] = replace(rec, present=False)
 
+    def all_absent(self, now: float) -> None:
+        """A restarted scheduler has seen nobody yet: every record is absent since its last event
+        (`now` for a record that has none), until its worker joins again."""
+        for worker, rec in self._records.items():
+            if rec.present:
+                self._records[worker] = replace(rec, present=False, updated_at=rec.updated_at or float(now))
+
     def mark_trusted(self, worker: str, trusted: bool = True) -> ReputationChange:
         """Operator (un)marks a pre-trusted peer. The score is unchanged; routing and establishment are."""
         rec = self._get(worker)
@@ -383,6 +393,16 @@ class Reputation:
     def workers(self) -> list[str]:
         """Every worker with a record, sorted."""
         return sorted(self._records)
+
+    def anchored(self, now: float, memory: float = ANCHOR_MEMORY) -> bool:
+        """Whether the network has an anchor: a trusted or established worker present now, or
+        absent for less than `memory` seconds. Only a network without one may let newcomers'
+        agreement decide (quorum rule 6): after a scheduler restart the first volunteers back
+        are not a first start, and must wait to be checked by the anchors coming back too."""
+        return any(
+            r.established and (r.present or (r.updated_at is not None and now - r.updated_at < memory))
+            for r in self._records.values()
+        )
 
     def __contains__(self, worker: object) -> bool:
         return worker in self._records

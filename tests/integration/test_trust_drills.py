@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import dask
 import pytest
 import torch
 from cluster_helpers import add_worker, neuro_cluster, scheduler_status, trust_events
+from polling import poll_until
 from tiny_models import padded_batch
 
 import neuro_dask as nd
@@ -170,3 +172,44 @@ def test_crashing_workers_change_nothing(sharded, tmp_path, transport):
 
 def model_transport(runner) -> str:
     return runner.transport.name
+
+
+@pytest.mark.parametrize("colluders", [1, 2])
+def test_colluders_back_first_after_a_scheduler_restart_wait_for_the_anchor(sharded, tmp_path, colluders):
+    """A 3-minute soak found this: after a scheduler restart the colluder came back first and
+    hosted every expert alone. One colluder: its word alone was accepted (an anchorless network's
+    only owner) and credited until it was established. Two of different owners: they agree, and
+    an anchorless network takes that agreement. The scheduler's reputation file knows the trusted
+    worker, which is only on its way back: the network is not anchorless, the layer waits for it,
+    and the answer is the honest one."""
+    settings = {**TRUST, "neuro.scheduler.reputation-file": str(tmp_path / "reputation.json")}
+    rows = [padded_batch((5,), seed=400)[0][0].tolist()]
+    reference = nd.load(sharded("mixtral")).generate(rows, max_new_tokens=6)
+    collude = json.dumps({"mode": "collude", "scale": 1.0, "group": "cabal"})
+    with dask.config.set(settings):
+        with neuro_cluster(2, tmp_path=tmp_path) as (_, client), nd.load(sharded("mixtral"), client=client) as model:
+            model.generate(rows, max_new_tokens=6)  # worker "0" (trusted) and "1" earn records
+        with neuro_cluster(0, tmp_path=tmp_path) as (cluster, client):
+            bad = [
+                add_worker(client, cluster.scheduler_address, f"bad{i}", "--neuro-adversary", collude,
+                           "--neuro-owner", f"mallory{i}")
+                for i in range(colluders)
+            ]  # fmt: skip
+            client.wait_for_workers(colluders)
+            try:
+                with nd.load(sharded("mixtral"), client=client) as model:
+                    done: list = []
+                    generation = threading.Thread(target=lambda: done.append(model.generate(rows, max_new_tokens=6)))
+                    generation.start()
+                    poll_until(lambda: model.executor.trusted.units > 0, 60, "the generation's first layer call")
+                    anchor = add_worker(client, cluster.scheduler_address, "0")
+                    generation.join(timeout=120)
+                    assert done, "the generation did not finish once the trusted worker was back"
+                    assert torch.equal(done[0], reference)
+                    assert _wrong_accepted(model.executor.trusted, {w.address for w in bad}) == 0
+                records = {w["name"]: w for w in scheduler_status(client)["workers"].values()}
+                assert all(records[f"bad{i}"]["trust_consecutive_valid"] == 0 for i in range(colluders))
+                client.sync(anchor.close)
+            finally:
+                for w in bad:
+                    client.sync(w.close)

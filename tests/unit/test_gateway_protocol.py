@@ -302,6 +302,11 @@ def test_neuro_dask_errors_map_to_statuses():
     err = error_for_exception(PaymentRefusedError("no funds"))
     assert (err.status, err.code, err.message) == (429, "insufficient_quota", "no funds")
 
+    from neuro_dask.client.dispatch.scheduler_away import SchedulerAwayError
+
+    away = error_for_exception(SchedulerAwayError("request begin", "tcp://s:1", 120.0, OSError("refused")))
+    assert (away.status, away.code) == (503, "scheduler_unavailable") and "tcp://s:1" in away.message
+
 
 def test_an_unexpected_error_is_a_500_that_hides_its_details():
     err = error_for_exception(KeyError("secret path /etc/x"))

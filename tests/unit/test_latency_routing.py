@@ -197,3 +197,15 @@ def test_simulated_delays_are_seeded_and_bounded():
     assert a == b and all(0.005 <= s <= 0.015 for s in a) and len(set(a)) > 50
     assert sim.sample("far", random.Random(0)) == 0.03
     assert SimulatedLatency(0.001, 0.01).sample("x", random.Random(0)) >= 0.0
+
+
+def test_a_route_table_is_anchorless_only_when_nothing_routed_or_known_anchors_it():
+    routes = {(0, 0): ["a", "b"]}
+    assert table(routes, {"a": newcomer(), "b": newcomer()}).anchorless
+    known = RouteTable.from_message(
+        {"version": 1, "routes": [[0, 0, ["a"]]], "standing": {"a": newcomer()}, "anchored": True}
+    )
+    assert not known.anchorless  # the scheduler knows an anchor that is not back yet
+    assert not table(routes, {"a": newcomer(), "b": newcomer(established=True)}).anchorless
+    lying = RouteTable.from_message({"version": 1, "routes": [], "anchored": "yes"})
+    assert not lying.anchored  # only a real True counts

@@ -129,6 +129,20 @@ def test_anchorless_mode_accepts_agreement_of_distinct_owners_only():
     assert isinstance(q.decide(), Accepted)
 
 
+def test_anchorless_mode_never_takes_one_owners_word_even_for_an_unreplicated_call():
+    # The hole a scheduler restart opened: the first volunteer back (a colluder) hosted every
+    # expert alone, its calls went out unreplicated (quorum 1), and its answers were accepted
+    # and credited until it was established and only spot-checked.
+    lone = quorum(q=1, anchorless=True)
+    lone.add_result("mallory", res())
+    assert isinstance(lone.decide(), NeedMore)
+    lone.add_result("bob1", res())
+    assert isinstance(lone.decide(), Accepted)
+    anchored = quorum(q=1)  # outside anchorless mode an established worker's lone answer stands
+    anchored.add_result("est1", res())
+    assert isinstance(anchored.decide(), Accepted)
+
+
 def test_late_results_are_credited_only_if_they_agree():
     q = quorum()
     q.add_result("est1", res())

@@ -547,3 +547,32 @@ def test_score_always_in_unit_interval(events):
             assert rec.score <= POLICY.initial * (1 - POLICY.invalid_penalty)
             assert rec.routable == rec.trusted
     assert Reputation.from_dict(json.loads(json.dumps(rep.to_dict())), POLICY) == rep
+
+
+# ---- anchors: whether newcomers' agreement may decide (quorum rule 6) -------------------------
+
+
+def test_a_network_is_anchored_while_an_anchor_is_present_or_briefly_away():
+    from neuro_dask.trust.reputation import ANCHOR_MEMORY
+
+    rep = fresh("new1", "new2")
+    assert not rep.anchored(now=0.0)  # a first start: nobody has a record
+    validate(rep, "est", POLICY.establish_after, now=0.0)
+    assert rep.anchored(now=0.0)
+    rep.leave("est", now=100.0)
+    assert rep.anchored(now=100.0 + ANCHOR_MEMORY - 1)  # a scheduler restart, a network blip
+    assert not rep.anchored(now=100.0 + ANCHOR_MEMORY)  # gone for good: newcomers must bootstrap again
+    rep.mark_trusted("op")
+    assert rep.anchored(now=1e9)  # an operator-trusted worker, present
+
+
+def test_a_restarted_scheduler_counts_its_saved_workers_absent_since_their_last_event():
+    rep = established_worker("est")
+    saved = Reputation.from_dict(json.loads(json.dumps(rep.to_dict())))
+    last = saved.record("est").updated_at
+    assert saved.record("est").present
+    saved.all_absent(now=last + 5)
+    assert not saved.record("est").present and saved.record("est").updated_at == last
+    assert saved.anchored(now=last + 5)  # still an anchor while it may be on its way back
+    saved.join("est", now=last + 6)
+    assert saved.record("est").present and saved.established("est")  # the record is kept

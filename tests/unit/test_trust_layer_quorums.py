@@ -176,6 +176,14 @@ CASES = {
         [{"a": 1.0, "b": 1.0}],
         [[("send", "a", "primary"), ("send", "b", "replica")], [("accept", ("a", "b"), "quorum")]],
     ),
+    "anchorless: a lone host's word is an availability wait, never accepted": (
+        {"a": NEW},
+        ["a"],
+        ALWAYS,
+        TrustPolicy(),
+        [{"a": 1.0}],
+        [[("send", "a", "primary")], [("unavailable", 1, 1, 0)]],
+    ),
 }
 
 

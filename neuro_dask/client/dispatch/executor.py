@@ -33,7 +33,13 @@ from distributed import Client
 
 from neuro_dask.client.dispatch.reports import Reports, known_paths
 from neuro_dask.client.dispatch.requests import PaidRequests, PaymentRefusedError
-from neuro_dask.client.dispatch.routes import ExpertUnavailableError, RouteTable, RouteWait, routed_count
+from neuro_dask.client.dispatch.routes import (
+    MAX_WAIT_FACTOR,
+    ExpertUnavailableError,
+    RouteTable,
+    RouteWait,
+    routed_count,
+)
 from neuro_dask.client.dispatch.transports import Transport
 from neuro_dask.client.dispatch.trusted import Outcome, TrustedLayerRunner
 from neuro_dask.errors import NeuroDaskError
@@ -62,7 +68,6 @@ class RoutesUnavailableError(ExpertUnavailableError):
 
 
 TRUST_COUNTERS = ("units", "replicas_sent", "unchecked", "hedges")
-MAX_WAIT_FACTOR = 6  # a recovering network is waited for up to 6 x missing-expert-wait in all
 SLOW_FETCH = 1.0  # seconds: a route fetch this slow waited for a scheduler that was away
 
 

@@ -18,11 +18,14 @@ import contextlib
 import copy
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from distributed import Client
 
+from neuro_dask.client.dispatch.routes import MAX_WAIT_FACTOR
+from neuro_dask.client.dispatch.scheduler_away import SchedulerAwayError, call_through_restart
 from neuro_dask.errors import NeuroDaskError
 from neuro_dask.protocol.messages import RequestBegin, RequestEnd
 from neuro_dask.protocol.records import PassReport
@@ -68,8 +71,11 @@ class PaidRequests:
         forget: Callable[[str], None],
         tier: str = "standard",
         passes: Callable[[PassReport], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ):
         self.client = client
+        self.clock, self.sleep = clock, sleep
         self.model_id = model_id
         self.settings = settings
         self.micro_batches = int(settings.micro_batches or 1)
@@ -143,7 +149,7 @@ class PaidRequests:
         holds the fee at the tier's price (when it runs a ledger), or refuses, and then nothing is
         sent. Its reply names the request and carries the ticket every call of it shows the workers."""
         begin = RequestBegin(self.model_id, self.account or "", int(expert_tokens), self.tier)
-        reply = self.client.sync(begin.send, self.client.scheduler)
+        reply = self._ask(begin.send, "request begin")
         if reply.get("retired"):
             raise RetiredVersionError(self.model_id, str(reply.get("channel")), reply.get("current"))
         if reply.get("unpublished"):
@@ -155,6 +161,18 @@ class PaidRequests:
         self._threads.charged = reply.get("ledger") is not False
         self._adopt({"request": str(reply["request"]), "ticket": reply.get("ticket")})
 
+    def _ask(self, send: Callable[[Any], Any], what: str) -> dict:
+        """The scheduler's reply to `send`, asked again while it restarts (scheduler_away.py), for
+        as long as a layer waits for a restarting network (MAX_WAIT_FACTOR x missing-expert-wait)."""
+        return call_through_restart(
+            lambda: self.client.sync(send, self.client.scheduler),
+            what=what,
+            scheduler=str(getattr(self.client.scheduler, "address", "")),
+            cap=MAX_WAIT_FACTOR * self.settings.missing_expert_wait,
+            clock=self.clock,
+            sleep=self.sleep,
+        )
+
     def end(self) -> None:
         """After the work: present the workers' receipts and report every judged reply, then end
         the request: the scheduler settles it by the receipts it verified and ends the lease."""
@@ -164,7 +182,11 @@ class PaidRequests:
         charged = self._threads.charged
         self._flush()
         self._adopt({})
-        reply = self.client.sync(RequestEnd(request).send, self.client.scheduler)
+        try:
+            reply = self._ask(RequestEnd(request).send, "request end")
+        except SchedulerAwayError as exc:  # the answer is already the caller's: do not lose it
+            log.warning("request %s not ended: %s; its lease expires and settles it", request, exc)
+            reply = {"status": "error", "message": str(exc)}
         self._forget(request)  # presented with the flush: nothing of this request is kept
         if not charged:
             return

@@ -52,6 +52,9 @@ def why_unserved(workers: Mapping[str, Mapping[str, Any]], expert_bytes: int, re
     return None
 
 
+MAX_WAIT_FACTOR = 6  # a recovering network (or a restarting scheduler) is waited for up to 6 x missing-expert-wait
+
+
 @dataclass
 class RouteWait:
     """How long a layer waits for its experts to get (enough) routes again. It gives up after
@@ -120,6 +123,7 @@ class RouteTable:
     routable: frozenset[str] | None = None  # None: every listed worker may get primary work
     params: Mapping[str, int] = field(default_factory=dict)  # governed trust parameters (ledger on)
     hardened: bool = False  # the scheduler runs hardened mode: plain data only, no Dask task graphs
+    anchored: bool = False  # the scheduler knows an anchor, present or briefly away (Reputation.anchored)
 
     @classmethod
     def from_message(cls, msg: Mapping[str, Any]) -> RouteTable:
@@ -143,7 +147,14 @@ class RouteTable:
             routable,
             dict(msg.get("params") or {}),
             bool(msg.get("hardened", False)),
+            msg.get("anchored") is True,
         )
+
+    @property
+    def anchorless(self) -> bool:
+        """No anchor (a trusted or established worker) is routed, nor known to the scheduler: a
+        network's first start, where newcomers' agreement must decide (quorum rule 6)."""
+        return not self.anchored and not any(s.trusted or s.established for s in self.standing.values())
 
     def standing_of(self, worker: str) -> Standing:
         return self.standing.get(worker, Standing())

@@ -112,8 +112,8 @@ class TrustedLayerRunner:
         return machine.results(), outcomes + machine.outcomes
 
     def _machine(self, layer: int, routes: RouteTable) -> LayerQuorums:
-        anchorless = not any(s.trusted or s.established for s in routes.standing.values())
-        return LayerQuorums(layer, uuid.uuid4().hex[:12], self.policy, routes.standing_of, anchorless, self.tally)
+        cause = uuid.uuid4().hex[:12]
+        return LayerQuorums(layer, cause, self.policy, routes.standing_of, routes.anchorless, self.tally)
 
     def _plan(
         self, machine: LayerQuorums, groups: Mapping[int, torch.Tensor], routes: RouteTable, exclude: set[str]
