@@ -149,6 +149,14 @@ def settled_elsewhere(
     return any(w != worker and w in unit.tried and counts(standing(w)) for w in answered.get(unit.expert, ()))
 
 
+def settles_elsewhere_later(unit: UnitState, worker: str, standing: StandingOf) -> bool:
+    """Quorum rule 7, ahead: `worker` only made a replicated unit's quorum, and another replica
+    that counts is still on its way; once it answers, that answer can stand alone."""
+    if unit.quorum.anchorless or unit.quorum.quorum < 2:
+        return False
+    return any(w != worker and counts(standing(w)) for w in unit.tried)
+
+
 def hedge_targets(
     worker: str,
     experts: list[int],
@@ -157,6 +165,7 @@ def hedge_targets(
     avoid: frozenset[str] = frozenset(),
     occupied: frozenset[str] = frozenset(),
     estimate: Callable[[str], float | None] | None = None,
+    may_wait: frozenset[int] = frozenset(),
 ) -> dict[str, list[int]]:
     """Hedge targets covering every unit of the message: for each unit a host not yet used
     or hedged to for it, of another owner than the primary, idle hosts first, then occupied
@@ -165,8 +174,10 @@ def hedge_targets(
     are idle, which the client cannot tell apart; with two replicas per expert such a host is
     often the only one left, and waiting on the straggler is certain to be slow), reusing a
     target already picked when it can (fewer messages); with latency estimates, the closest
-    first within each of those groups (unmeasured ones count as close). Empty when some unit
-    has no such host; the units record the hosts picked."""
+    first within each of those groups (unmeasured ones count as close). A unit of `may_wait`
+    without such a host is left out (another replica of it is on its way); any other unit
+    without one goes to the late worker itself once more; empty when a unit has nothing left,
+    or when no unit has a target. The units record the hosts picked."""
     primary_owner = owner(worker, standing)
     picked: dict[str, list[int]] = {}
 
@@ -185,6 +196,12 @@ def hedge_targets(
         hosts.sort(key=rank)  # stable: the candidates' order breaks ties
         if estimate is not None:
             hosts.sort(key=lambda w: (rank(w), estimate(w) or 0.0))
+        if not hosts and e in may_wait:
+            continue
+        if not hosts and worker not in units[e].hedge_hosts:
+            # Every other host is asked already: ask the late worker itself once more, on a fresh
+            # call (a slow path, a lost answer); its answer is still its own, whichever comes first.
+            hosts = [worker]
         if not hosts:
             return {}
         target = next((w for w in hosts if w in picked), hosts[0])
@@ -272,14 +289,26 @@ class LayerQuorums:
         estimate: Callable[[str], float | None] | None,
     ) -> tuple[dict[str, list[int]], frozenset[int]]:
         """`worker`'s message is slow: (hedge targets for its unanswered units, units settled without
-        one). Nothing at all when some unanswered unit has no target."""
-        todo = [e for e in experts if e in missing]
-        settled = frozenset(e for e in todo if settled_elsewhere(self.units[e], worker, answered, self.standing))
-        todo = [e for e in todo if e not in settled]
-        picked = hedge_targets(worker, todo, self.units, self.standing, avoid, occupied, estimate) if todo else {}
-        if todo and not picked:
+        one). Units whose other replicas that count are asked already may go without a target;
+        nothing at all when another unanswered unit has none."""
+        settled = self.settled(worker, experts, missing, answered)
+        todo = [e for e in experts if e in missing and e not in settled]
+        # A unit whose only other hosts are already asked waits for them (quorum rule 7 settles
+        # it when one that counts answers) instead of holding back the hedge of the others.
+        may_wait = frozenset(e for e in todo if settles_elsewhere_later(self.units[e], worker, self.standing))
+        targets = hedge_targets(worker, todo, self.units, self.standing, avoid, occupied, estimate, may_wait)
+        if todo and not targets:
             return {}, frozenset()
-        return picked, settled
+        return targets, settled
+
+    def settled(
+        self, worker: str, experts: list[int], missing: frozenset[int], answered: Mapping[int, Iterable[str]]
+    ) -> frozenset[int]:
+        """`worker`'s late message's units that another replica's answer already settles (rule 7)."""
+        units = self.units
+        return frozenset(
+            e for e in experts if e in missing and settled_elsewhere(units[e], worker, answered, self.standing)
+        )
 
     # --- judging a round ------------------------------------------------------------------
 

@@ -232,6 +232,42 @@ def test_a_waived_check_lets_the_counting_answer_stand_alone():
     assert [summary(d) for d in machine.close_round()] == [("accept", ("c",), "quorum")]
 
 
+def test_a_checked_unit_without_a_free_host_waits_for_its_checker_and_never_holds_back_the_others():
+    # The straggler bench's commonest stuck layer: the slow message carries a spot-checked unit
+    # (both of its hosts asked already) and an unchecked one; the unchecked one has a free host.
+    standing = {"p": EST, "c": EST, "x": EST}
+    machine = LayerQuorums(3, "cause", TrustPolicy(), standing.__getitem__, anchorless=False)
+    machine.open(0, 2, ["p", "c"], FixedRng(ALWAYS))  # checked: p and c asked
+    machine.open(1, 2, ["p", "x"], FixedRng(NEVER))  # unchecked: x is free
+    machine.start()
+    due = machine.hedge_due("p", [0, 1], frozenset({0, 1}), {}, frozenset(), frozenset(), None)
+    assert due == ({"x": [1]}, frozenset())  # 0 waits for c, 1 is hedged at once
+    assert machine.settled("p", [0, 1], frozenset({0}), {}) == frozenset()
+    assert machine.settled("p", [0, 1], frozenset({0}), {0: {"c"}}) == {0}  # c answered: it stands alone
+
+
+@pytest.mark.parametrize(
+    "checker, anchorless",
+    [
+        (NEW, False),  # a checker without a record cannot stand alone
+        (EST, True),  # rule 7 never applies anchorless
+    ],
+)
+def test_a_unit_with_every_host_asked_and_no_checker_to_stand_alone_asks_the_late_worker_again_once(
+    checker, anchorless
+):
+    # With two hosts per expert, a unit whose other host is asked already has no fresh host: a
+    # new call to the late worker itself answers a slow path or a lost answer; only once.
+    standing = {"p": EST, "c": checker, "x": EST}
+    machine = LayerQuorums(3, "cause", TrustPolicy(), standing.__getitem__, anchorless=anchorless)
+    machine.open(0, 2, ["p", "c"], FixedRng(ALWAYS))
+    machine.open(1, 2, ["p", "x"], FixedRng(NEVER))
+    machine.start()
+    due = machine.hedge_due("p", [0, 1], frozenset({0, 1}), {}, frozenset(), frozenset(), None)
+    assert due == ({"p": [0], "x": [1]}, frozenset())
+    assert machine.hedge_due("p", [0, 1], frozenset({0, 1}), {}, frozenset(), frozenset(), None) == ({}, frozenset())
+
+
 def test_the_tally_counts_sends_units_and_acceptances():
     tally = TrustTally()
     standing = {"a": EST, "b": NEW}

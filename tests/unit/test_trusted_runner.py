@@ -173,11 +173,13 @@ def test_hedge_targets_skip_tried_hedged_and_same_owner_hosts_and_prefer_idle_th
         "p", [0], units, lambda w: standing(w) or Standing(), avoid=frozenset({"slow"}), occupied=frozenset({"busy"})
     )
     assert last == {"slow": [0]}
+    again_p = TrustedLayerRunner._alternates("p", [0], units, lambda w: standing(w) or Standing())
+    assert again_p == {"p": [0]}  # every other host asked: the late worker itself, on a fresh call
     assert TrustedLayerRunner._alternates("p", [0], units, lambda w: standing(w) or Standing()) == {}
 
 
 def test_no_hedge_target_for_one_unit_means_no_hedge_and_nothing_recorded():
-    units = {0: unit(0, ["p", "x"], {"p"}), 1: unit(1, ["p"], {"p"})}
+    units = {0: unit(0, ["p", "x"], {"p"}), 1: unit(1, ["p"], {"p"}, {"p"})}  # 1: p asked again already
     assert TrustedLayerRunner._alternates("p", [0, 1], units, lambda w: Standing()) == {}
     assert units[0].hedge_hosts == set()
 

@@ -77,6 +77,8 @@ class HedgedCall:
     # Chosen only when a hedge is due, from what the round looks like then: (alternates to send,
     # experts settled by answers already in, which need no hedge).
     alternates: Callable[[HedgeView], tuple[Alternates, frozenset[int]]] = lambda view: ((), frozenset())
+    # Once the call is late: its experts another replica's answer settles by now (quorum rule 7).
+    settles: Callable[[HedgeView], frozenset[int]] = lambda view: frozenset()
 
 
 @dataclass(frozen=True)
@@ -305,6 +307,8 @@ class _Hedging(_Measured):
                     answered.append(entry)
                     covered |= flight.experts
                     rnd.note_answer(flight.worker, flight.experts)
+            if len(flights) > 1 and not covered | settled >= need:  # late, partly hedged: the rest may settle
+                settled |= call.settles(rnd.view(need - covered - settled, self._lingering))
             if covered | settled >= need:
                 return self._ended(
                     worker,

@@ -257,6 +257,7 @@ class TrustedLayerRunner:
             msg,
             self.latency.hedge_after(worker, self._rows(groups, experts)),
             partial(self._hedge_requests, machine, groups, worker, experts, covers),
+            lambda view: machine.settled(worker, experts, view.missing, view.answered),
         )
 
     @staticmethod
