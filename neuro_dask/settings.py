@@ -288,7 +288,11 @@ class ClientSettings:
             ReplicationPolicy(spot_check=self.spot_check, min_quorum=self.min_quorum),
             ValidationPolicy(self.atol, max(self.rtol, WIRE_RTOL.get(self.wire_dtype, 0.0)), self.exact),
             HedgePolicy(
-                hedge_quantile=self.hedge_quantile, hedge_cap=self.hedge_cap, peer_factor=self.hedge_peer_factor
+                hedge_quantile=self.hedge_quantile,
+                hedge_cap=self.hedge_cap,
+                peer_factor=self.hedge_peer_factor,
+                min_deadline=min(0.5, self.deadline),
+                max_deadline=self.deadline,
             ),
         )
 

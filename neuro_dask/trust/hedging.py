@@ -17,8 +17,12 @@ Rules:
   3. Hedges are capped: the extra calls hedges send may reach at most `hedge_cap` (default 10%)
      of calls (checked before each hedge; a hedge of k messages counts k); past the cap a slow
      call waits for its answer or its deadline instead.
-  4. Deadline: `deadline_factor` x the same estimate, never below `min_deadline`; a call past it
-     is re-sent (and counted late if it answers after all).
+  4. Deadline: `deadline_factor` x the same estimate, within [`min_deadline`, `max_deadline`]
+     (neuro.client.deadline, 10 s); a call past it
+     is re-sent (and counted late if it answers after all). Each timeout in a row doubles the
+     worker's deadline (up to `max_deadline`) until it answers again: a machine that became
+     busy is waited for instead of timed out call after call at 10 x what it used to take.
+     Timeouts stay out of the estimate itself, so they never delay the hedges of rule 2.
 Time is passed in, never read here.
 """
 
@@ -40,6 +44,7 @@ class HedgePolicy:
     hedge_cap: float = 0.10
     deadline_factor: float = 10.0
     min_deadline: float = 0.5
+    max_deadline: float = 10.0  # neuro.client.deadline: a hung worker is not waited for longer
     default_latency: float = 0.05  # seconds for a call of one row, before anything is measured
     window: int = 200
     min_samples: int = 10
@@ -49,8 +54,8 @@ class HedgePolicy:
             raise ConfigError("hedge_quantile must be in (0, 1) and hedge_cap in [0, 1]")
         if self.peer_factor < 1 or not 0 < self.peer_quorum <= 1:
             raise ConfigError("peer_factor must be >= 1 and peer_quorum in (0, 1]")
-        if self.hedge_slack < 1 or self.deadline_factor < 1 or self.min_deadline <= 0:
-            raise ConfigError("hedge_slack and deadline_factor must be >= 1, min_deadline > 0")
+        if self.hedge_slack < 1 or self.deadline_factor < 1 or not 0 < self.min_deadline <= self.max_deadline:
+            raise ConfigError("hedge_slack and deadline_factor must be >= 1, 0 < min_deadline <= max_deadline")
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -65,11 +70,17 @@ class LatencyTracker:
     everyone: deque = field(default_factory=lambda: deque(maxlen=1000))
     calls: int = 0
     hedges: int = 0
+    timeouts: dict[str, int] = field(default_factory=dict)  # worker -> timeouts since its last answer
 
     def observe(self, worker: str, seconds: float, rows: int) -> None:
         sample = (seconds, max(rows, 1))
         self.per_worker.setdefault(worker, deque(maxlen=self.policy.window)).append(sample)
         self.everyone.append(sample)
+        self.timeouts.pop(worker, None)
+
+    def timed_out(self, worker: str) -> None:
+        """Rule 4's backoff: `worker` gave no answer by its deadline."""
+        self.timeouts[worker] = self.timeouts.get(worker, 0) + 1
 
     def _estimate(self, worker: str, rows: int) -> float:
         mine = self.per_worker.get(worker)
@@ -97,7 +108,9 @@ class LatencyTracker:
 
     def deadline(self, worker: str, rows: int) -> float:
         """Rule 4."""
-        return max(self.policy.min_deadline, self._estimate(worker, rows) * self.policy.deadline_factor)
+        estimate = self._estimate(worker, rows) * self.policy.deadline_factor
+        backoff = 2 ** min(self.timeouts.get(worker, 0), 10)
+        return min(self.policy.max_deadline, max(self.policy.min_deadline, estimate) * backoff)
 
     def count_call(self) -> None:
         self.calls += 1

@@ -78,6 +78,21 @@ def test_latency_quantile_drives_hedge_time_and_deadline():
     assert t.hedge_after("fresh", 1) == pytest.approx(0.020)  # falls back to everyone's
 
 
+def test_timeouts_in_a_row_double_the_deadline_up_to_the_cap_and_an_answer_resets_it():
+    t = LatencyTracker(HedgePolicy(min_samples=5, deadline_factor=10, min_deadline=0.5, max_deadline=10.0))
+    for _ in range(20):
+        t.observe("w", 0.001, rows=1)
+    patience = t.hedge_after("w", 1)
+    deadlines = [t.deadline("w", 1)]
+    for _ in range(6):
+        t.timed_out("w")
+        deadlines.append(t.deadline("w", 1))
+    assert deadlines == pytest.approx([0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0])  # capped: a hung worker
+    assert t.hedge_after("w", 1) == patience  # timeouts never delay its hedges
+    t.observe("w", 0.001, rows=1)
+    assert t.deadline("w", 1) == pytest.approx(0.5)
+
+
 def test_hedges_are_capped_at_ten_percent_of_calls():
     t = LatencyTracker()
     hedged = 0
@@ -90,7 +105,14 @@ def test_hedges_are_capped_at_ten_percent_of_calls():
 
 
 @pytest.mark.parametrize(
-    "kw", [dict(hedge_quantile=1.0), dict(hedge_cap=1.5), dict(hedge_slack=0.5), dict(min_deadline=0)]
+    "kw",
+    [
+        dict(hedge_quantile=1.0),
+        dict(hedge_cap=1.5),
+        dict(hedge_slack=0.5),
+        dict(min_deadline=0),
+        dict(min_deadline=2.0, max_deadline=1.0),
+    ],
 )
 def test_bad_hedge_policy(kw):
     with pytest.raises(ConfigError):

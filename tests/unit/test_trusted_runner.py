@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from neuro_dask.client.dispatch.routes import ExpertUnavailableError, RouteTable
-from neuro_dask.client.dispatch.transports import HedgeView, LateReply, Reply
+from neuro_dask.client.dispatch.transports import CallTimeoutError, HedgeView, LateReply, Reply
 from neuro_dask.client.dispatch.trusted import TrustedLayerRunner, TrustPolicy
 from neuro_dask.protocol.wire import decode_request, encode_response
 from neuro_dask.trust.layer_quorums import UnitState
@@ -25,7 +25,8 @@ TRUSTED, EST, NEW = Standing(trusted=True), Standing(established=True, consecuti
 class ScriptedTransport:
     """behave: worker -> "ok" | "wrong" | "int8" (off by 0.05, as a quantized replica) |
     "slow" (loses a hedge race, answers late and right) |
-    "slow-wrong" (the same, but its late answer is wrong) | "dead" (connection refused)."""
+    "slow-wrong" (the same, but its late answer is wrong) | "dead" (connection refused) |
+    "timeout" (no answer by the deadline)."""
 
     name = "scripted"
 
@@ -37,6 +38,8 @@ class ScriptedTransport:
     def respond(self, worker: str, msg: dict) -> dict | BaseException:
         if self.behave.get(worker) == "dead":
             return ConnectionRefusedError(f"{worker} is gone")
+        if self.behave.get(worker) == "timeout":
+            return CallTimeoutError(worker, self.timeout)
         outputs = {e: x * 2 for e, x in decode_request(msg).inputs.items()}
         if self.behave.get(worker, "ok").endswith("wrong"):
             outputs = {e: y + 1 for e, y in outputs.items()}
@@ -45,6 +48,7 @@ class ScriptedTransport:
         return encode_response(outputs)
 
     def call_hedged(self, calls, timeout, budget, peer_patience=None):
+        self.timeout = timeout
         slow = {w for w in calls if self.behave.get(w, "ok").startswith("slow")}
         answered: dict[int, set[str]] = {}
         for w, call in calls.items():
@@ -221,3 +225,20 @@ def test_replicas_at_another_precision_are_judged_within_its_tolerance(precision
     # The accepted answer is the anchor's, or one that agrees with it within the tolerance.
     torch.testing.assert_close(results[0], ROWS[0] * 2, atol=0.25 if expected == "validated" else 0, rtol=0)
     assert kinds(outcomes, "b") == [expected]
+
+
+def test_a_worker_that_keeps_timing_out_gets_a_longer_deadline_instead_of_timing_out_forever():
+    # A machine that became busy: its calls now take longer than 10 x what they used to. Each
+    # timeout is booked at its deadline, so once timeouts pass the estimate's tail share the
+    # deadline grows with them, where before it stayed at 10 x the old estimate.
+    r, _ = runner({"b": "timeout"}, spot_check=0.0)
+    for _ in range(50):
+        r.latency.observe("b", 0.01, 2)  # the healthy past: 10 ms calls
+    before = r.latency.deadline("b", 2)
+    table = routes(["b", "a"], {"a": EST, "b": EST})
+    seen = [before]
+    for _ in range(40):
+        r.run(0, ROWS, table, set())  # b times out and a answers instead
+        seen.append(r.latency.deadline("b", 2))
+    assert before == pytest.approx(0.5)  # 10 x 10 ms, raised to the 0.5 s floor
+    assert seen == sorted(seen) and seen[-1] > before  # it grew, and never shrank meanwhile

@@ -53,7 +53,7 @@ WorkerAnswer = Mapping[str, Any] | BaseException
 
 class CallTimeoutError(TimeoutError):
     def __init__(self, worker: str, timeout: float):
-        self.worker = worker
+        self.worker, self.timeout = worker, timeout
         super().__init__(f"worker {worker} gave no answer within the {timeout:.1f} s deadline")
 
 

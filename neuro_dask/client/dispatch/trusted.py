@@ -307,6 +307,8 @@ class TrustedLayerRunner:
             decoded = self._accept_answer(responder, outcome, call, seconds, {e: groups[e] for e in experts})
         except Exception as exc:  # refused, closed, timed out or malformed: a failed reply
             kind = "timeout" if isinstance(exc, (CallTimeoutError, TimeoutError)) else "error"
+            if isinstance(exc, CallTimeoutError):
+                self.latency.timed_out(responder)  # its next deadline doubles (hedging rule 4)
             for e in experts:
                 machine.failed(e, responder, kind, call)
             return
